@@ -1,0 +1,158 @@
+//! The gRPC face of the service: `capability.v1.CapabilityService`, `grpc.health.v1` and server reflection.
+
+pub mod client;
+pub mod convert;
+mod status;
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{net::TcpListener, time::Instant};
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    Request, Response, Status,
+    metadata::MetadataMap,
+    transport::{Server, server::TcpIncoming},
+};
+use tonic_health::ServingStatus;
+
+use crate::query::Queries;
+use pb::capability_service_server::{CapabilityService, CapabilityServiceServer};
+
+/// The generated protobuf types and the encoded descriptor set served by reflection.
+#[allow(clippy::large_enum_variant)] // generated code: a oneof's variants differ in size by nature
+pub mod pb {
+    tonic::include_proto!("capability.v1");
+
+    /// The contract's descriptors, for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/capability_descriptor.bin"));
+}
+
+/// The part of a call's deadline kept for answering in time: a status is sent before the caller gives up.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
+
+/// `capability.v1.CapabilityService`.
+pub struct CapabilityApi {
+    queries: Arc<Queries>,
+    /// The budget of a QueryCapability whose caller set no deadline.
+    query_timeout: Duration,
+}
+
+impl CapabilityApi {
+    pub fn new(queries: Arc<Queries>, query_timeout: Duration) -> CapabilityApi {
+        CapabilityApi { queries, query_timeout }
+    }
+}
+
+#[tonic::async_trait]
+impl CapabilityService for CapabilityApi {
+    #[tracing::instrument(skip_all, fields(request_id))]
+    async fn query_capability(
+        &self,
+        request: Request<pb::QueryCapabilityRequest>,
+    ) -> Result<Response<pb::QueryCapabilityResponse>, Status> {
+        let deadline = deadline(request.metadata(), self.query_timeout);
+        let query = convert::query_request(request.into_inner()).map_err(status::invalid_request)?;
+        match self.queries.query(query, deadline).await {
+            Ok(accepted) => {
+                tracing::Span::current().record("request_id", accepted.request_id.as_str());
+                tracing::info!("query accepted by Sinch");
+                Ok(Response::new(convert::query_response(accepted)))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "query failed");
+                Err(e.into())
+            }
+        }
+    }
+
+    type WatchCapabilityStream = futures::stream::Empty<Result<pb::WatchCapabilityResponse, Status>>;
+
+    async fn watch_capability(
+        &self,
+        _request: Request<pb::WatchCapabilityRequest>,
+    ) -> Result<Response<Self::WatchCapabilityStream>, Status> {
+        Err(Status::unimplemented(
+            "WatchCapability is not available in this version",
+        ))
+    }
+}
+
+/// When the call must be answered: the caller's `grpc-timeout` less a margin, or the default budget.
+fn deadline(metadata: &MetadataMap, default: Duration) -> Instant {
+    let timeout = metadata
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .map(|t| t.saturating_sub(DEADLINE_MARGIN.min(t / 10)))
+        .unwrap_or(default);
+    Instant::now() + timeout
+}
+
+/// Parses the `grpc-timeout` header: at most 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Serves gRPC on `listener` until `shutdown` is cancelled: health turns NOT_SERVING first, then the server stops
+/// accepting and lets in-flight calls finish (the caller bounds that wait).
+pub async fn serve(
+    listener: TcpListener,
+    api: CapabilityApi,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<CapabilityServiceServer<CapabilityApi>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().expect("the embedded descriptor set is valid");
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .expect("the embedded descriptor set is valid");
+    let signal = async move {
+        shutdown.cancelled().await;
+        health.set_not_serving::<CapabilityServiceServer<CapabilityApi>>().await;
+        health.set_service_status("", ServingStatus::NotServing).await;
+        tracing::info!("gRPC health is NOT_SERVING; draining");
+    };
+    Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(CapabilityServiceServer::new(api))
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal)
+        .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_in_every_unit() {
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout("S"), None);
+    }
+}

@@ -1,0 +1,83 @@
+//! The one place where errors become gRPC statuses: canonical codes, a message that says what went wrong, and
+//! `ErrorInfo` / `BadRequest` / `RetryInfo` details (AIP-193).
+
+use std::{collections::HashMap, time::Duration};
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+use crate::{grpc::convert::FieldViolation, query::QueryError, upstream};
+
+/// The `ErrorInfo.domain` of every error this service raises.
+pub const DOMAIN: &str = "capability-facade";
+
+/// INVALID_ARGUMENT for a request that failed validation; every violation is listed.
+pub fn invalid_request(violations: Vec<FieldViolation>) -> Status {
+    let message = violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let mut details = ErrorDetails::new();
+    for v in violations {
+        details.add_bad_request_violation(v.field, v.description);
+    }
+    details.set_error_info("INVALID_REQUEST", DOMAIN, HashMap::new());
+    Status::with_error_details(Code::InvalidArgument, format!("invalid request: {message}"), details)
+}
+
+impl From<QueryError> for Status {
+    fn from(error: QueryError) -> Status {
+        match error {
+            QueryError::Conflict { .. } => {
+                let details = ErrorDetails::with_error_info("REQUEST_ID_REUSED", DOMAIN, HashMap::new());
+                Status::with_error_details(Code::AlreadyExists, error.to_string(), details)
+            }
+            QueryError::Upstream(e) => upstream_status(e),
+        }
+    }
+}
+
+fn upstream_status(error: upstream::Error) -> Status {
+    use upstream::Error as E;
+    let message = error.to_string();
+    let mut details = ErrorDetails::new();
+    let (code, reason) = match &error {
+        E::Api(api) => {
+            let code = match api.http_status {
+                400 | 422 => Code::InvalidArgument,
+                404 => Code::NotFound,
+                409 => Code::Aborted,
+                429 => Code::ResourceExhausted,
+                500..=599 => Code::Unavailable,
+                _ => Code::FailedPrecondition,
+            };
+            if code == Code::ResourceExhausted {
+                details.set_retry_info(Some(api.retry_after.unwrap_or(Duration::from_secs(1))));
+            }
+            (code, "UPSTREAM_ERROR")
+        }
+        E::Credentials(_) => (Code::Internal, "UPSTREAM_CREDENTIALS_REJECTED"),
+        E::Connect(_) => (Code::Unavailable, "UPSTREAM_UNREACHABLE"),
+        E::Malformed { .. } => (Code::Unavailable, "UPSTREAM_MALFORMED_RESPONSE"),
+        E::DeadlineExceeded => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
+        E::RateLimited { retry_after } => {
+            details.set_retry_info(Some(*retry_after));
+            (Code::ResourceExhausted, "RATE_LIMITED")
+        }
+    };
+    let mut metadata = HashMap::new();
+    if let E::Api(api) | E::Credentials(api) = &error {
+        metadata.insert("http_status".to_owned(), api.http_status.to_string());
+        metadata.insert("sinch_status".to_owned(), api.status.clone());
+        metadata.insert("sinch_message".to_owned(), api.message.clone());
+    }
+    details.set_error_info(reason, DOMAIN, metadata);
+    let message = match code {
+        Code::Internal => {
+            format!("{message} (this service's Sinch credentials are misconfigured; not the caller's fault)")
+        }
+        _ => message,
+    };
+    Status::with_error_details(code, message, details)
+}

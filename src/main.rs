@@ -1,0 +1,76 @@
+//! The process: reads configuration, sets up logging, binds the listeners and turns signals into a shutdown.
+
+use std::process::ExitCode;
+
+use capability_facade::{
+    Listeners,
+    cli::{self, Cli, Command},
+    config::{self, Config, ServeArgs, Upstream},
+    telemetry,
+};
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        None => serve(cli.serve).await,
+        Some(Command::Query(args)) => cli::query(args).await,
+        Some(Command::Sandbox(args)) => {
+            telemetry::init(config::LogFormat::Text);
+            cli::sandbox(args, shutdown_on_signal()).await
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    let config = match Config::from_args(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("capability-facade: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(config.log_format);
+    if config.upstream == Upstream::Sandbox {
+        tracing::warn!(
+            "SANDBOX MODE: {} is not set, so queries go to the built-in Sinch emulator and no real contact is \
+             queried; set SINCH_PROJECT_ID, SINCH_KEY_ID and SINCH_KEY_SECRET for production",
+            config::KEY_ID
+        );
+    }
+    let grpc = match TcpListener::bind(config.grpc_addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("{}: cannot listen on {}: {e}", config::GRPC_ADDR, config.grpc_addr);
+            return ExitCode::FAILURE;
+        }
+    };
+    let grpc_addr = grpc.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(grpc = %grpc_addr, "listening");
+    match capability_facade::run(config, Listeners { grpc }, shutdown_on_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "the service failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A token cancelled on the first SIGTERM or SIGINT.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("cannot listen for SIGTERM");
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        }
+        cancel.cancel();
+    });
+    token
+}

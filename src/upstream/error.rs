@@ -1,0 +1,59 @@
+//! What can go wrong talking to Sinch, as specific causes. Mapping them to gRPC codes happens in `grpc/`.
+
+use std::time::Duration;
+
+/// An error answer from Sinch, with what Sinch said about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub http_status: u16,
+    /// Sinch's status name (`INVALID_ARGUMENT`, `UNAUTHENTICATED`, …); empty when the body did not say.
+    pub status: String,
+    /// Sinch's message, or the start of a body that was not Sinch's error JSON.
+    pub message: String,
+    /// How long Sinch asked us to wait (`Retry-After`), on 429.
+    pub retry_after: Option<Duration>,
+}
+
+/// Why a query did not reach an answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// Sinch answered with an error status (after retries, for retryable ones).
+    #[error("Sinch answered {} {}: {}", .0.http_status, .0.status, .0.message)]
+    Api(ApiError),
+    /// Sinch refused this service's own credentials (401/403 on the API or the token endpoint).
+    #[error("Sinch refused this service's credentials ({} {}): {}", .0.http_status, .0.status, .0.message)]
+    Credentials(ApiError),
+    /// Sinch could not be reached (connect, TLS, reset), after retries.
+    #[error("Sinch could not be reached: {0}")]
+    Connect(String),
+    /// Sinch answered, but not with the documented JSON.
+    #[error("Sinch answered {status} with a body that is not the documented JSON: {detail}")]
+    Malformed { status: u16, detail: String },
+    /// The caller's deadline passed before Sinch answered.
+    #[error("the deadline passed before Sinch answered")]
+    DeadlineExceeded,
+    /// This replica's own rate limit (`SINCH_RATE_LIMIT`) would hold the query past the caller's deadline.
+    #[error("over this replica's rate limit towards Sinch; retry in {:?}", .retry_after)]
+    RateLimited { retry_after: Duration },
+}
+
+impl Error {
+    /// Whether sending the same request again may succeed: 429, 500/502/503/504 and connection errors.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::Api(e) => matches!(e.http_status, 429 | 500 | 502 | 503 | 504),
+            Error::Connect(_) => true,
+            _ => false,
+        }
+    }
+
+    /// The wait Sinch asked for, if any.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::Api(e) => e.retry_after,
+            Error::RateLimited { retry_after } => Some(*retry_after),
+            _ => None,
+        }
+    }
+}

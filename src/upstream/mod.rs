@@ -1,0 +1,281 @@
+//! The Sinch client: sends `capability:query` with credentials, this replica's rate limit, and retries bounded by
+//! the caller's deadline.
+
+mod auth;
+mod error;
+pub mod wire;
+
+use std::{num::NonZeroU32, sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use governor::{DefaultDirectRateLimiter, Quota, clock::Clock};
+use rand::Rng;
+use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER, WWW_AUTHENTICATE};
+use tokio::time::Instant;
+
+pub use error::{ApiError, Error};
+
+use crate::{
+    capability::{Query, QueryAccepted},
+    config::SinchConfig,
+};
+use auth::Auth;
+use wire::{ErrorJson, QueryJson};
+
+/// How retryable failures are retried: jittered exponential back-off, at most `max_attempts` sends in all, never
+/// past the caller's deadline.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 5,
+            base: Duration::from_millis(50),
+            cap: Duration::from_secs(2),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The pause before send number `attempt + 1` (`attempt` ≥ 1): half of `base·2^(attempt-1)` (capped), plus a
+    /// random part of the other half, so that replicas retrying together spread out.
+    fn backoff(&self, attempt: u32) -> Duration {
+        let exp = self.base.saturating_mul(1 << (attempt - 1).min(16)).min(self.cap);
+        let half = exp / 2;
+        half + half.mul_f64(rand::rng().random::<f64>())
+    }
+}
+
+/// A client of one Sinch project. Cheap to share: one connection pool, one token, one rate limiter.
+pub struct SinchClient {
+    http: reqwest::Client,
+    /// `{api_url}/v1/projects/{project}/capability:query`, built once.
+    query_url: String,
+    auth: Auth,
+    /// At most `SINCH_RATE_LIMIT` sends per second leave this replica, retries included.
+    limiter: DefaultDirectRateLimiter,
+    retry: RetryPolicy,
+}
+
+/// How one send ended.
+enum Attempt {
+    Done(QueryAccepted),
+    /// Sinch said our token expired: drop it and send once more.
+    TokenExpired(Arc<reqwest::header::HeaderValue>, Error),
+    Failed(Error),
+}
+
+impl SinchClient {
+    pub fn new(config: &SinchConfig, rate_limit: NonZeroU32, retry: RetryPolicy) -> Result<SinchClient, String> {
+        // reqwest is built without a default TLS provider so that ring is used; install it once per process.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("capability-facade/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let auth = Auth::new(config).map_err(|_| "the Sinch key id or secret cannot be sent in a header".to_owned())?;
+        Ok(SinchClient {
+            http,
+            query_url: format!("{}/v1/projects/{}/capability:query", config.api_url, config.project_id),
+            auth,
+            limiter: DefaultDirectRateLimiter::direct(Quota::per_second(rate_limit)),
+            retry,
+        })
+    }
+
+    /// Sends `query` to Sinch, retrying what may succeed on a second try, and gives up at `deadline`.
+    pub async fn query(&self, query: &Query, deadline: Instant) -> Result<QueryAccepted, Error> {
+        let body = Bytes::from(serde_json::to_vec(&QueryJson::from(query)).expect("query JSON always serialises"));
+        let mut attempt = 0;
+        let mut token_retried = false;
+        loop {
+            attempt += 1;
+            self.admit(deadline).await?;
+            let outcome = tokio::time::timeout_at(deadline, self.send(body.clone()))
+                .await
+                .map_err(|_| Error::DeadlineExceeded)?;
+            let error = match outcome {
+                Attempt::Done(accepted) => return Ok(accepted),
+                Attempt::TokenExpired(used, error) => {
+                    self.auth.expired(&used);
+                    if token_retried {
+                        return Err(error);
+                    }
+                    token_retried = true;
+                    attempt -= 1;
+                    continue;
+                }
+                Attempt::Failed(error) => error,
+            };
+            if !error.is_retryable() || attempt >= self.retry.max_attempts {
+                return Err(error);
+            }
+            let pause = error.retry_after().unwrap_or_else(|| self.retry.backoff(attempt));
+            if Instant::now() + pause >= deadline {
+                return Err(error);
+            }
+            tracing::debug!(attempt, ?pause, error = %error, "retrying the Sinch query");
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// Waits for this replica's rate limit to admit one more send, or fails at once if that wait would pass the
+    /// deadline.
+    async fn admit(&self, deadline: Instant) -> Result<(), Error> {
+        loop {
+            let Err(not_until) = self.limiter.check() else {
+                return Ok(());
+            };
+            let wait = not_until.wait_time_from(governor::clock::DefaultClock::default().now());
+            if Instant::now() + wait > deadline {
+                return Err(Error::RateLimited { retry_after: wait });
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn send(&self, body: Bytes) -> Attempt {
+        let auth = match self.auth.header(&self.http).await {
+            Ok(auth) => auth,
+            Err(e) => return Attempt::Failed(e),
+        };
+        let response = match self
+            .http
+            .post(&self.query_url)
+            .header(reqwest::header::AUTHORIZATION, auth.as_ref().clone())
+            .header(CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => return Attempt::Failed(Error::Connect(error_chain(&e))),
+        };
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = match response.bytes().await {
+            Ok(b) => b,
+            Err(e) => return Attempt::Failed(Error::Connect(error_chain(&e))),
+        };
+        if status == 200 {
+            return match serde_json::from_slice::<QueryJson>(&body) {
+                Ok(answer) if !answer.request_id.is_empty() => Attempt::Done(answer.into()),
+                Ok(_) => Attempt::Failed(Error::Malformed {
+                    status,
+                    detail: "the answer has no request_id".into(),
+                }),
+                Err(e) => Attempt::Failed(Error::Malformed {
+                    status,
+                    detail: format!("{e} (body starts {:?})", preview(&body)),
+                }),
+            };
+        }
+        let error = classify(status, &body, retry_after(&headers), false);
+        let expired = status == 401
+            && matches!(self.auth, Auth::OAuth2(_))
+            && headers
+                .get(WWW_AUTHENTICATE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.to_ascii_lowercase().contains("expired"));
+        if expired {
+            Attempt::TokenExpired(auth, error)
+        } else {
+            Attempt::Failed(error)
+        }
+    }
+}
+
+/// Turns an error answer into an [`Error`]. 401 and 403 mean our credentials (as do 400s of the token endpoint,
+/// which is how OAuth2 reports `invalid_client`).
+fn classify(status: u16, body: &[u8], retry_after: Option<Duration>, token_endpoint: bool) -> Error {
+    let (sinch_status, message) = match serde_json::from_slice::<ErrorJson>(body) {
+        Ok(e) => (e.error.status, e.error.message),
+        Err(_) => match serde_json::from_slice::<serde_json::Value>(body) {
+            // OAuth2 style: {"error": "invalid_client", "error_description": "…"}
+            Ok(v) if v.get("error").is_some_and(serde_json::Value::is_string) => (
+                v["error"].as_str().unwrap_or_default().to_owned(),
+                v.get("error_description")
+                    .and_then(|d| d.as_str())
+                    .unwrap_or_default()
+                    .to_owned(),
+            ),
+            _ => (String::new(), format!("body starts {:?}", preview(body))),
+        },
+    };
+    let api = ApiError {
+        http_status: status,
+        status: sinch_status,
+        message,
+        retry_after,
+    };
+    match status {
+        401 | 403 => Error::Credentials(api),
+        400 if token_endpoint => Error::Credentials(api),
+        _ => Error::Api(api),
+    }
+}
+
+/// `Retry-After` in seconds (Sinch sends seconds; an HTTP date is ignored).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?;
+    let seconds: f64 = value.trim().parse().ok()?;
+    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds.min(3600.0)))
+}
+
+/// The start of a body, for error messages; never the whole of it.
+fn preview(body: &[u8]) -> String {
+    String::from_utf8_lossy(&body[..body.len().min(120)]).into_owned()
+}
+
+/// An error and its causes on one line: reqwest's own message rarely says what failed.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_stays_within_its_cap() {
+        let policy = RetryPolicy::default();
+        for attempt in 1..20 {
+            let exp = policy.base.saturating_mul(1 << (attempt - 1).min(16)).min(policy.cap);
+            let pause = policy.backoff(attempt);
+            assert!(pause >= exp / 2 && pause <= exp, "attempt {attempt}: {pause:?}");
+        }
+    }
+
+    #[test]
+    fn errors_are_classified_from_sinch_bodies_and_oauth_bodies() {
+        let sinch = br#"{"error":{"code":400,"message":"Invalid argument","status":"INVALID_ARGUMENT","details":[]}}"#;
+        let Error::Api(e) = classify(400, sinch, None, false) else {
+            panic!()
+        };
+        assert_eq!(
+            (e.status.as_str(), e.message.as_str()),
+            ("INVALID_ARGUMENT", "Invalid argument")
+        );
+        let oauth = br#"{"error":"invalid_client","error_description":"bad key"}"#;
+        assert!(matches!(classify(400, oauth, None, true), Error::Credentials(e) if e.status == "invalid_client"));
+        assert!(matches!(classify(403, b"<html>", None, false), Error::Credentials(_)));
+        assert!(classify(503, b"<html>", None, false).is_retryable());
+        assert!(!classify(404, b"", None, false).is_retryable());
+    }
+}
