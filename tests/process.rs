@@ -1,0 +1,245 @@
+//! The process as operators and other languages see it: configuration errors, --help, health, reflection,
+//! shutdown, and a Python client generated from the proto.
+
+mod common;
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use capability_facade::grpc::pb::{self, capability_service_client::CapabilityServiceClient};
+use common::{Binary, FakeSinch, KEY_ID, KEY_SECRET, PROJECT, Service, WEBHOOK_SECRET, contact, query};
+use tokio_stream::StreamExt;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+const SERVICE_NAME: &str = "capability.v1.CapabilityService";
+
+fn binary() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_capability-facade"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
+    command
+}
+
+fn against_fake(fake: &FakeSinch) -> Vec<(&'static str, String)> {
+    vec![
+        ("SINCH_PROJECT_ID", PROJECT.into()),
+        ("SINCH_KEY_ID", KEY_ID.into()),
+        ("SINCH_KEY_SECRET", KEY_SECRET.into()),
+        ("SINCH_API_URL", fake.url()),
+        ("SINCH_AUTH_URL", format!("{}/oauth2/token", fake.url())),
+        ("SINCH_WEBHOOK_SECRETS", WEBHOOK_SECRET.into()),
+    ]
+}
+
+#[test]
+fn a_bad_value_stops_the_process_before_it_binds_naming_the_variable() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let cases = [
+        ("SINCH_REGION", "mars"),
+        ("CAPABILITY_RETENTION", "a while"),
+        ("SINCH_RATE_LIMIT", "-3"),
+        ("CAPABILITY_GRPC_ADDR", "localhost"),
+    ];
+    for (variable, value) in cases {
+        let output = binary()
+            .env("SINCH_KEY_ID", "k")
+            .env("SINCH_KEY_SECRET", "TOPSECRET")
+            .env("SINCH_PROJECT_ID", "p")
+            .env("SINCH_WEBHOOK_SECRETS", "w")
+            .env("CAPABILITY_ADMIN_ADDR", taken.local_addr().unwrap().to_string())
+            .env(variable, value)
+            .output()
+            .unwrap();
+        assert_eq!(output.status.code(), Some(2), "{variable}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(variable), "{variable}: {stderr}");
+        assert!(!stderr.contains("TOPSECRET"), "{stderr}");
+    }
+}
+
+#[test]
+fn help_lists_every_variable_and_no_secret() {
+    let output = binary()
+        .arg("--help")
+        .env("SINCH_KEY_SECRET", "TOPSECRET")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&output.stdout);
+    for variable in [
+        "CAPABILITY_GRPC_ADDR",
+        "CAPABILITY_WEBHOOK_ADDR",
+        "CAPABILITY_ADMIN_ADDR",
+        "SINCH_PROJECT_ID",
+        "SINCH_KEY_ID",
+        "SINCH_KEY_SECRET",
+        "SINCH_REGION",
+        "SINCH_AUTH",
+        "SINCH_API_URL",
+        "SINCH_AUTH_URL",
+        "SINCH_WEBHOOK_SECRETS",
+        "CAPABILITY_INSECURE_WEBHOOKS",
+        "SINCH_RATE_LIMIT",
+        "CAPABILITY_REDIS_URL",
+        "CAPABILITY_REDIS_PREFIX",
+        "CAPABILITY_RETENTION",
+        "CAPABILITY_SHUTDOWN_GRACE",
+        "CAPABILITY_LOG_FORMAT",
+    ] {
+        assert!(help.contains(variable), "--help lists {variable}");
+    }
+    assert!(!help.contains("TOPSECRET"));
+}
+
+#[tokio::test]
+async fn health_serves_both_names_and_reflection_lists_the_service_in_both_versions() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[]).await;
+    let mut health = HealthClient::new(service.channel().await);
+    for name in ["", SERVICE_NAME] {
+        let status = health
+            .check(HealthCheckRequest { service: name.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .status();
+        assert_eq!(status, ServingStatus::Serving, "{name:?}");
+    }
+
+    use tonic_reflection::pb::{v1, v1alpha};
+    let mut v1_client = v1::server_reflection_client::ServerReflectionClient::new(service.channel().await);
+    let request = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut answers = v1_client
+        .server_reflection_info(tokio_stream::once(request))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        answers.next().await.unwrap().unwrap().message_response
+    else {
+        panic!("a service list")
+    };
+    assert!(list.service.iter().any(|s| s.name == SERVICE_NAME), "{list:?}");
+
+    let mut alpha = v1alpha::server_reflection_client::ServerReflectionClient::new(service.channel().await);
+    let request = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(SERVICE_NAME.into()),
+        ),
+    };
+    let mut answers = alpha
+        .server_reflection_info(tokio_stream::once(request))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = answers.next().await.unwrap().unwrap().message_response.unwrap();
+    assert!(
+        matches!(response, v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(ref f)
+            if !f.file_descriptor_proto.is_empty()),
+        "{response:?}"
+    );
+}
+
+#[tokio::test]
+async fn on_shutdown_health_turns_not_serving_and_in_flight_calls_finish() {
+    let fake = FakeSinch::start().await;
+    fake.set_echo_delay(Duration::from_millis(500));
+    let service = Service::against(&fake, &[]).await;
+    let mut health = HealthClient::new(service.channel().await);
+    let mut watch = health
+        .watch(HealthCheckRequest {
+            service: SERVICE_NAME.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(watch.next().await.unwrap().unwrap().status(), ServingStatus::Serving);
+
+    let mut client = service.client().await;
+    let in_flight = tokio::spawn(async move { client.query_capability(query(contact("C"), "in-flight")).await });
+    while fake.queries().is_empty() {
+        tokio::task::yield_now().await;
+    }
+    service.shutdown.cancel();
+    assert_eq!(watch.next().await.unwrap().unwrap().status(), ServingStatus::NotServing);
+    let answer = in_flight.await.unwrap().expect("the in-flight call finished");
+    assert_eq!(answer.into_inner().request_id, "in-flight");
+}
+
+#[tokio::test]
+async fn sigterm_drains_the_real_binary_and_exits_zero() {
+    let fake = FakeSinch::start().await;
+    fake.set_echo_delay(Duration::from_millis(500));
+    let mut process = Binary::spawn(&against_fake(&fake)).await;
+    let mut client = CapabilityServiceClient::connect(process.url()).await.unwrap();
+    let in_flight = tokio::spawn(async move { client.query_capability(query(contact("C"), "drained")).await });
+    while fake.queries().is_empty() {
+        tokio::task::yield_now().await;
+    }
+    process.signal("TERM");
+    let answer = in_flight.await.unwrap().expect("the in-flight call finished");
+    assert_eq!(answer.into_inner().request_id, "drained");
+    let status = process.wait_exit(Duration::from_secs(10)).await.expect("exited");
+    assert!(status.success(), "{status:?}: {}", process.log_text());
+}
+
+#[tokio::test]
+async fn without_credentials_the_binary_serves_against_its_sandbox_and_says_so_first() {
+    let process = Binary::spawn(&[]).await;
+    let first = process.log.lock().unwrap()[0].clone();
+    assert!(first.contains("SANDBOX"), "{first}");
+    let mut client = CapabilityServiceClient::connect(process.url()).await.unwrap();
+    let answer = client
+        .query_capability(query(common::identities(&[(pb::Channel::Whatsapp, "46712312312")]), ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.request_id.len(), 26);
+    let status = client
+        .query_capability(query(common::identities(&[(pb::Channel::Unspecified, "1")]), ""))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+}
+
+/// A Python virtualenv with grpcio, made once per checkout under target/ (a lock keeps parallel tests apart).
+fn python() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/polyglot");
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = "test -x venv/bin/python && venv/bin/python -c 'import grpc, grpc_tools' 2>/dev/null || \
+                  { python3 -m venv venv && venv/bin/pip install --quiet grpcio grpcio-tools; }";
+    let status = Command::new("flock")
+        .current_dir(&dir)
+        .args(["venv.lock", "sh", "-c", script])
+        .status()
+        .expect("flock and python3 are installed");
+    assert!(status.success(), "the Python virtualenv could not be made");
+    dir.join("venv/bin/python")
+}
+
+#[tokio::test]
+async fn a_python_client_generated_from_the_proto_calls_the_binary() {
+    let python = python();
+    let process = Binary::spawn(&[]).await;
+    let proto_root = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
+    let output = tokio::process::Command::new(python)
+        .args([
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/polyglot/query_client.py"),
+            proto_root,
+            &process.grpc_addr.to_string(),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -1,0 +1,439 @@
+//! QueryCapability end to end: the real service against a fake Sinch, both on loopback ports.
+
+mod common;
+
+use std::time::Duration;
+
+use base64::Engine;
+use capability_facade::grpc::pb::{self, Channel};
+use common::{Canned, FakeSinch, KEY_ID, KEY_SECRET, PROJECT, Service, contact, identities, query};
+use tonic::{Code, Request};
+use tonic_types::StatusExt;
+
+fn basic() -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{KEY_ID}:{KEY_SECRET}"))
+    )
+}
+
+#[tokio::test]
+async fn both_recipient_forms_go_on_the_wire_as_sinch_documents() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+
+    let by_contact = client
+        .query_capability(query(contact("CONTACT-1"), "req-contact"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(by_contact.request_id, "req-contact");
+    assert_eq!(by_contact.recipient, Some(contact("CONTACT-1")));
+
+    let by_identity = client
+        .query_capability(query(
+            identities(&[(Channel::Whatsapp, "46712312312"), (Channel::Rcs, "46712312312")]),
+            "",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+
+    let sent = fake.queries();
+    assert_eq!(sent.len(), 2);
+    assert_eq!(sent[0].path, format!("/v1/projects/{PROJECT}/capability:query"));
+    assert_eq!(sent[0].header("content-type"), "application/json");
+    assert_eq!(sent[0].header("authorization"), "Bearer token-1");
+    assert_eq!(
+        sent[0].json(),
+        serde_json::json!({"app_id": "APP-1", "recipient": {"contact_id": "CONTACT-1"}, "request_id": "req-contact"})
+    );
+    let generated = sent[1].json()["request_id"].as_str().unwrap().to_owned();
+    assert!(ulid::Ulid::from_string(&generated).is_ok(), "{generated} is a ULID");
+    assert_eq!(
+        by_identity.request_id, generated,
+        "the generated id is the one sent to Sinch"
+    );
+    assert_eq!(
+        sent[1].json(),
+        serde_json::json!({"app_id": "APP-1", "request_id": generated, "recipient": {"identified_by": {
+            "channel_identities": [{"channel": "WHATSAPP", "identity": "46712312312"},
+                                   {"channel": "RCS", "identity": "46712312312"}]}}})
+    );
+    let echoed = by_identity.recipient.unwrap();
+    let Some(pb::recipient::Recipient::IdentifiedBy(by)) = echoed.recipient else {
+        panic!("identified_by echoed")
+    };
+    assert_eq!(by.channel_identities[0].channel(), Channel::Whatsapp);
+    assert_eq!(by.channel_identities[0].channel_raw, "WHATSAPP");
+}
+
+#[tokio::test]
+async fn invalid_requests_fail_with_the_field_named_and_nothing_reaches_sinch() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let mut no_app = query(contact("C"), "");
+    no_app.app_id.clear();
+    let cases: Vec<(pb::QueryCapabilityRequest, &str)> = vec![
+        (no_app, "app_id"),
+        (
+            pb::QueryCapabilityRequest {
+                recipient: None,
+                ..query(contact("C"), "")
+            },
+            "recipient",
+        ),
+        (query(contact(""), ""), "recipient.contact_id"),
+        (query(identities(&[]), ""), "recipient.identified_by.channel_identities"),
+        (
+            query(identities(&[(Channel::Unspecified, "1")]), ""),
+            "recipient.identified_by.channel_identities[0].channel",
+        ),
+        (
+            query(identities(&[(Channel::Sms, "1"), (Channel::Sms, "")]), ""),
+            "recipient.identified_by.channel_identities[1].identity",
+        ),
+        (query(contact("C"), &"r".repeat(129)), "request_id"),
+    ];
+    for (request, field) in cases {
+        let status = client.query_capability(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert!(status.message().contains(field), "{field}: {}", status.message());
+        let violations = status
+            .get_details_bad_request()
+            .expect("BadRequest details")
+            .field_violations;
+        assert!(violations.iter().any(|v| v.field == field), "{field}: {violations:?}");
+    }
+    assert!(fake.requests().is_empty(), "nothing was sent: {:?}", fake.requests());
+}
+
+#[tokio::test]
+async fn a_repeated_request_id_returns_the_first_answer_without_a_second_query() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let request = query(identities(&[(Channel::Sms, "46700000001")]), "idem-1");
+    let first = client.query_capability(request.clone()).await.unwrap().into_inner();
+    let second = client.query_capability(request).await.unwrap().into_inner();
+    assert_eq!(first, second);
+    assert_eq!(fake.queries().len(), 1);
+
+    let status = client
+        .query_capability(query(identities(&[(Channel::Sms, "46700000002")]), "idem-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists);
+    assert!(status.message().contains("idem-1") && status.message().contains("different query"));
+    assert_eq!(fake.queries().len(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_repeats_of_a_request_id_send_one_query() {
+    let fake = FakeSinch::start().await;
+    fake.set_echo_delay(Duration::from_millis(300));
+    let service = Service::against(&fake, &[]).await;
+    let client = service.client().await;
+    let request = query(contact("CONTACT-9"), "idem-concurrent");
+    let calls = (0..16).map(|_| {
+        let mut client = client.clone();
+        let request = request.clone();
+        tokio::spawn(async move { client.query_capability(request).await.map(|r| r.into_inner()) })
+    });
+    let answers: Vec<_> = futures::future::join_all(calls).await;
+    for answer in &answers {
+        assert_eq!(answer.as_ref().unwrap().as_ref().unwrap().request_id, "idem-concurrent");
+    }
+    assert_eq!(fake.queries().len(), 1);
+}
+
+#[tokio::test]
+async fn a_failed_attempt_is_not_remembered_so_a_retry_reaches_sinch() {
+    let fake = FakeSinch::start().await;
+    fake.script_queries([Canned::sinch_error(400, "INVALID_ARGUMENT", "no such channel")]);
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let request = query(contact("C"), "idem-retry");
+    assert!(client.query_capability(request.clone()).await.is_err());
+    assert!(client.query_capability(request).await.is_ok());
+    assert_eq!(fake.queries().len(), 2);
+}
+
+#[tokio::test]
+async fn one_token_serves_every_call_and_is_asked_for_as_oauth2_requires() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[]).await;
+    let client = service.client().await;
+    let calls = (0..20).map(|i| {
+        let mut client = client.clone();
+        tokio::spawn(async move { client.query_capability(query(contact(&format!("C{i}")), "")).await })
+    });
+    for r in futures::future::join_all(calls).await {
+        r.unwrap().unwrap();
+    }
+    let tokens = fake.token_requests();
+    assert_eq!(tokens.len(), 1, "one token for 20 concurrent calls");
+    assert_eq!(tokens[0].header("authorization"), basic());
+    assert_eq!(tokens[0].header("content-type"), "application/x-www-form-urlencoded");
+    assert_eq!(&tokens[0].body[..], b"grant_type=client_credentials");
+    assert!(
+        fake.queries()
+            .iter()
+            .all(|q| q.header("authorization") == "Bearer token-1")
+    );
+}
+
+#[tokio::test]
+async fn the_token_is_refreshed_before_it_expires() {
+    let fake = FakeSinch::start().await;
+    fake.set_token_lifetime(2); // refreshed after half its life, 1 s
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    client.query_capability(query(contact("C"), "")).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await; // let the token reach its refresh time
+    client.query_capability(query(contact("C"), "")).await.unwrap();
+    let used: Vec<_> = fake
+        .queries()
+        .iter()
+        .map(|q| q.header("authorization").to_owned())
+        .collect();
+    assert_eq!(used, ["Bearer token-1", "Bearer token-2"]);
+    assert_eq!(fake.token_requests().len(), 2);
+}
+
+#[tokio::test]
+async fn an_expired_token_is_dropped_and_the_query_sent_once_more() {
+    let fake = FakeSinch::start().await;
+    fake.script_queries([
+        Canned::sinch_error(401, "UNAUTHENTICATED", "Request had invalid credentials.").header(
+            "www-authenticate",
+            "Bearer error=\"invalid_token\", error_description=\"The access token expired\"",
+        ),
+    ]);
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    client.query_capability(query(contact("C"), "r-expired")).await.unwrap();
+    let used: Vec<_> = fake
+        .queries()
+        .iter()
+        .map(|q| q.header("authorization").to_owned())
+        .collect();
+    assert_eq!(used, ["Bearer token-1", "Bearer token-2"]);
+    assert_eq!(fake.queries()[0].body, fake.queries()[1].body);
+}
+
+#[tokio::test]
+async fn refused_credentials_are_reported_as_ours_not_the_callers() {
+    let fake = FakeSinch::start().await;
+    fake.script_queries([Canned::sinch_error(
+        401,
+        "UNAUTHENTICATED",
+        "Request had invalid credentials.",
+    )]);
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let status = client.query_capability(query(contact("C"), "")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Internal);
+    assert!(status.message().contains("credentials"), "{}", status.message());
+    assert_eq!(fake.queries().len(), 1, "a plain 401 is not retried");
+
+    fake.script_tokens([Canned::new(
+        401,
+        r#"{"error":"invalid_client","error_description":"Bad client credentials"}"#,
+    )]);
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let status = client.query_capability(query(contact("C"), "")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Internal);
+    assert!(
+        status.message().contains("Bad client credentials"),
+        "{}",
+        status.message()
+    );
+}
+
+#[tokio::test]
+async fn basic_mode_sends_the_key_on_every_call_and_never_asks_for_a_token() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &["--sinch-auth=basic"]).await;
+    let mut client = service.client().await;
+    for _ in 0..2 {
+        client.query_capability(query(contact("C"), "")).await.unwrap();
+    }
+    assert!(fake.token_requests().is_empty());
+    assert!(fake.queries().iter().all(|q| q.header("authorization") == basic()));
+}
+
+#[tokio::test]
+async fn a_503_is_retried_with_the_same_request_id() {
+    let fake = FakeSinch::start().await;
+    fake.script_queries([
+        Canned::sinch_error(503, "UNAVAILABLE", "try later"),
+        Canned::new(502, "<html>bad gateway</html>"),
+    ]);
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let answer = client
+        .query_capability(query(contact("C"), ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let sent = fake.queries();
+    assert_eq!(sent.len(), 3);
+    assert!(
+        sent.iter()
+            .all(|q| q.json()["request_id"] == answer.request_id.as_str())
+    );
+}
+
+#[tokio::test]
+async fn a_429_is_retried_after_the_time_sinch_asks_for() {
+    let fake = FakeSinch::start().await;
+    fake.script_queries([Canned::sinch_error(429, "RESOURCE_EXHAUSTED", "slow down").header("retry-after", "1")]);
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let started = std::time::Instant::now();
+    client.query_capability(query(contact("C"), "")).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_secs(1), "Retry-After was honoured");
+    assert_eq!(fake.queries().len(), 2);
+}
+
+#[tokio::test]
+async fn a_400_is_not_retried_and_carries_sinchs_words() {
+    let fake = FakeSinch::start().await;
+    fake.script_queries([Canned::sinch_error(
+        400,
+        "INVALID_ARGUMENT",
+        "Invalid value for channel",
+    )]);
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let status = client.query_capability(query(contact("C"), "")).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("Invalid value for channel"));
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.metadata["http_status"], "400");
+    assert_eq!(info.metadata["sinch_status"], "INVALID_ARGUMENT");
+    assert_eq!(info.metadata["sinch_message"], "Invalid value for channel");
+    assert_eq!(fake.queries().len(), 1);
+}
+
+#[tokio::test]
+async fn each_upstream_failure_maps_to_its_code() {
+    let retry_forever = |canned: Canned| std::iter::repeat_n(canned, 10);
+    let cases: Vec<(Vec<Canned>, Code, &str)> = vec![
+        (
+            vec![Canned::sinch_error(404, "NOT_FOUND", "App not found")],
+            Code::NotFound,
+            "App not found",
+        ),
+        (
+            retry_forever(Canned::sinch_error(429, "RESOURCE_EXHAUSTED", "quota").header("retry-after", "0")).collect(),
+            Code::ResourceExhausted,
+            "quota",
+        ),
+        (
+            retry_forever(Canned::sinch_error(500, "INTERNAL", "boom")).collect(),
+            Code::Unavailable,
+            "boom",
+        ),
+        (
+            vec![Canned::sinch_error(
+                403,
+                "PERMISSION_DENIED",
+                "BILLING_CREDIT_LIMIT_BREACHED",
+            )],
+            Code::Internal,
+            "BILLING",
+        ),
+        (
+            vec![Canned::new(200, "<html><body>proxy login</body></html>")],
+            Code::Unavailable,
+            "not the documented JSON",
+        ),
+        (
+            vec![Canned::new(200, r#"{"app_id":"APP-1","recipient":{"conta"#)],
+            Code::Unavailable,
+            "not the documented JSON",
+        ),
+    ];
+    for (script, code, words) in cases {
+        let fake = FakeSinch::start().await;
+        fake.script_queries(script);
+        let service = Service::against(&fake, &[]).await;
+        let mut client = service.client().await;
+        let status = client.query_capability(query(contact("C"), "")).await.unwrap_err();
+        assert_eq!(status.code(), code, "{status:?}");
+        assert!(status.message().contains(words), "{code:?}: {}", status.message());
+        if code == Code::ResourceExhausted {
+            assert!(
+                status.get_details_retry_info().is_some(),
+                "RetryInfo on RESOURCE_EXHAUSTED"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_sinch_is_unavailable() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let service = Service::start(common::config(&url, &[])).await;
+    let mut client = service.client().await;
+    let status = client.query_capability(query(contact("C"), "")).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}
+
+#[tokio::test]
+async fn the_callers_deadline_bounds_the_call_and_its_retries() {
+    let fake = FakeSinch::start().await;
+    fake.set_echo_delay(Duration::from_secs(5));
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let mut request = Request::new(query(contact("C"), ""));
+    request.set_timeout(Duration::from_millis(300));
+    let started = std::time::Instant::now();
+    let status = client.query_capability(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+
+    let fake = FakeSinch::start().await;
+    fake.script_queries(std::iter::repeat_n(
+        Canned::sinch_error(503, "UNAVAILABLE", "down"),
+        100,
+    ));
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let mut request = Request::new(query(contact("C"), ""));
+    request.set_timeout(Duration::from_millis(400));
+    let started = std::time::Instant::now();
+    let status = client.query_capability(request).await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_millis(400),
+        "answered before the deadline"
+    );
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(fake.queries().len() >= 2, "retried while time remained");
+}
+
+#[tokio::test]
+async fn over_the_rate_limit_callers_wait_within_their_deadline_then_are_told_to_retry() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &["--sinch-rate-limit=1"]).await;
+    let mut client = service.client().await;
+    client.query_capability(query(contact("C"), "")).await.unwrap();
+    let mut request = Request::new(query(contact("C"), ""));
+    request.set_timeout(Duration::from_millis(200));
+    let status = client.query_capability(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let retry = status.get_details_retry_info().expect("RetryInfo").retry_delay.unwrap();
+    assert!(retry > Duration::ZERO && retry <= Duration::from_secs(1), "{retry:?}");
+    // A caller with time to spare waits its turn instead.
+    let mut request = Request::new(query(contact("C"), ""));
+    request.set_timeout(Duration::from_secs(3));
+    client.query_capability(request).await.unwrap();
+    assert_eq!(fake.queries().len(), 2);
+}
