@@ -1,6 +1,6 @@
 //! Domain types of a capability query and its results. No transport crate appears here.
 
-use std::fmt;
+use std::{fmt, time::SystemTime};
 
 /// The longest `request_id` a caller may choose (AIP-155 allows any string; we bound it).
 pub const MAX_REQUEST_ID_LEN: usize = 128;
@@ -71,6 +71,65 @@ pub struct QueryAccepted {
     pub app_id: String,
     pub recipient: Recipient,
     pub request_id: String,
+}
+
+/// One capability result, as Sinch reported it in a CAPABILITY callback. Every field is optional at Sinch;
+/// missing text is empty here. Enumerated values are kept as Sinch spelled them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Notification {
+    pub request_id: String,
+    pub contact_id: String,
+    pub channel: String,
+    pub identity: String,
+    pub capability_status: String,
+    pub channel_capabilities: Vec<String>,
+    pub reason: Option<Reason>,
+    pub channel_recipient_identities: Vec<RecipientIdentity>,
+    pub app_id: String,
+    pub project_id: String,
+    pub accepted_time: Option<SystemTime>,
+    pub event_time: Option<SystemTime>,
+    pub message_metadata: String,
+    pub correlation_id: String,
+    /// When a replica of this service first received the callback.
+    pub received_time: SystemTime,
+    /// A digest of the callback's body: two deliveries of the same callback have the same digest.
+    pub digest: u64,
+}
+
+impl fmt::Debug for Notification {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Notification")
+            .field("request_id", &self.request_id)
+            .field("channel", &self.channel)
+            .field("identity", &mask(&self.identity))
+            .field("capability_status", &self.capability_status)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a recipient is not (fully) reachable on a channel.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reason {
+    pub code: String,
+    pub description: String,
+    pub sub_code: String,
+    pub channel_code: String,
+}
+
+/// A recipient's identity on a channel, as a notification reports it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RecipientIdentity {
+    pub channel: String,
+    pub identity: String,
+    pub app_id: String,
+    pub display_name: String,
+}
+
+impl fmt::Debug for RecipientIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.channel, mask(&self.identity))
+    }
 }
 
 /// Masks an identity or phone number for logs: the first four and last two characters stay, the rest become

@@ -98,6 +98,36 @@ pub struct ServeArgs {
     /// Time budget of a QueryCapability whose caller set no deadline (retries included).
     #[arg(long, env = QUERY_TIMEOUT, default_value = "10s")]
     pub query_timeout: String,
+    /// How far a callback's signature timestamp may be from now, either way.
+    #[arg(long, env = WEBHOOK_TOLERANCE, default_value = "5m")]
+    pub webhook_tolerance: String,
+    /// The largest callback body accepted, in bytes.
+    #[arg(long, env = WEBHOOK_MAX_BODY, default_value = "1048576")]
+    pub webhook_max_body: String,
+    /// The longest a webhook request may take, body included.
+    #[arg(long, env = WEBHOOK_TIMEOUT, default_value = "10s")]
+    pub webhook_timeout: String,
+    /// The longest quiet spell on a WatchCapability stream before a heartbeat.
+    #[arg(long, env = HEARTBEAT, default_value = "15s")]
+    pub heartbeat: String,
+    /// The wait of a WatchCapability request that sets none (capped by the retention).
+    #[arg(long, env = WATCH_WAIT, default_value = "60s")]
+    pub watch_wait: String,
+    /// The most WatchCapability streams open at once on this replica.
+    #[arg(long, env = MAX_WATCHES, default_value = "250000")]
+    pub max_watches: String,
+    /// The most requests tracked at once; past it the oldest are evicted.
+    #[arg(long, env = MAX_REQUESTS, default_value = "500000")]
+    pub max_requests: String,
+    /// Sandbox: the delay between a query and its callbacks.
+    #[arg(long, env = SANDBOX_CALLBACK_DELAY, default_value = "150ms")]
+    pub sandbox_callback_delay: String,
+    /// Sandbox: send every callback twice, as Sinch's redelivery may.
+    #[arg(long, env = SANDBOX_DUPLICATES, default_value = "false")]
+    pub sandbox_duplicates: String,
+    /// Sandbox: send a query's callbacks in reverse order.
+    #[arg(long, env = SANDBOX_REORDER, default_value = "false")]
+    pub sandbox_reorder: String,
 }
 
 pub const GRPC_ADDR: &str = "CAPABILITY_GRPC_ADDR";
@@ -120,6 +150,16 @@ pub const SHUTDOWN_GRACE: &str = "CAPABILITY_SHUTDOWN_GRACE";
 pub const LOG_FORMAT: &str = "CAPABILITY_LOG_FORMAT";
 pub const IDEMPOTENCY_WINDOW: &str = "CAPABILITY_IDEMPOTENCY_WINDOW";
 pub const QUERY_TIMEOUT: &str = "CAPABILITY_QUERY_TIMEOUT";
+pub const WEBHOOK_TOLERANCE: &str = "CAPABILITY_WEBHOOK_TOLERANCE";
+pub const WEBHOOK_MAX_BODY: &str = "CAPABILITY_WEBHOOK_MAX_BODY";
+pub const WEBHOOK_TIMEOUT: &str = "CAPABILITY_WEBHOOK_TIMEOUT";
+pub const HEARTBEAT: &str = "CAPABILITY_HEARTBEAT";
+pub const WATCH_WAIT: &str = "CAPABILITY_WATCH_WAIT";
+pub const MAX_WATCHES: &str = "CAPABILITY_MAX_WATCHES";
+pub const MAX_REQUESTS: &str = "CAPABILITY_MAX_REQUESTS";
+pub const SANDBOX_CALLBACK_DELAY: &str = "CAPABILITY_SANDBOX_CALLBACK_DELAY";
+pub const SANDBOX_DUPLICATES: &str = "CAPABILITY_SANDBOX_DUPLICATES";
+pub const SANDBOX_REORDER: &str = "CAPABILITY_SANDBOX_REORDER";
 
 const DEFAULT_AUTH_URL: &str = "https://auth.sinch.com/oauth2/token";
 
@@ -158,6 +198,23 @@ pub struct Config {
     pub log_format: LogFormat,
     pub idempotency_window: Duration,
     pub query_timeout: Duration,
+    pub webhook_tolerance: Duration,
+    pub webhook_max_body: usize,
+    pub webhook_timeout: Duration,
+    pub heartbeat: Duration,
+    pub watch_wait: Duration,
+    pub max_watches: usize,
+    pub max_requests: usize,
+    /// How the in-process sandbox sends callbacks (sandbox mode only).
+    pub sandbox: SandboxKnobs,
+}
+
+/// The sandbox's fault knobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SandboxKnobs {
+    pub callback_delay: Duration,
+    pub duplicates: bool,
+    pub reorder: bool,
 }
 
 /// Where queries are sent.
@@ -258,6 +315,18 @@ impl Config {
             log_format,
             idempotency_window: parse_duration(IDEMPOTENCY_WINDOW, &args.idempotency_window)?,
             query_timeout: parse_duration(QUERY_TIMEOUT, &args.query_timeout)?,
+            webhook_tolerance: parse_duration(WEBHOOK_TOLERANCE, &args.webhook_tolerance)?,
+            webhook_max_body: parse_count(WEBHOOK_MAX_BODY, &args.webhook_max_body)?,
+            webhook_timeout: parse_duration(WEBHOOK_TIMEOUT, &args.webhook_timeout)?,
+            heartbeat: parse_positive_duration(HEARTBEAT, &args.heartbeat)?,
+            watch_wait: parse_duration(WATCH_WAIT, &args.watch_wait)?,
+            max_watches: parse_count(MAX_WATCHES, &args.max_watches)?,
+            max_requests: parse_count(MAX_REQUESTS, &args.max_requests)?,
+            sandbox: SandboxKnobs {
+                callback_delay: parse_duration(SANDBOX_CALLBACK_DELAY, &args.sandbox_callback_delay)?,
+                duplicates: parse_bool(SANDBOX_DUPLICATES, &args.sandbox_duplicates)?,
+                reorder: parse_bool(SANDBOX_REORDER, &args.sandbox_reorder)?,
+            },
         })
     }
 }
@@ -334,6 +403,24 @@ pub fn parse_duration(variable: &'static str, value: &str) -> Result<Duration, C
     })
 }
 
+fn parse_positive_duration(variable: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    let duration = parse_duration(variable, value)?;
+    if duration.is_zero() {
+        return Err(invalid(variable, "must be above zero"));
+    }
+    Ok(duration)
+}
+
+fn parse_count(variable: &'static str, value: &str) -> Result<usize, ConfigError> {
+    match value.trim().parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(invalid(
+            variable,
+            format!("expected a whole number above 0, got {value:?}"),
+        )),
+    }
+}
+
 fn parse_bool(variable: &'static str, value: &str) -> Result<bool, ConfigError> {
     match value.to_ascii_lowercase().as_str() {
         "true" | "1" | "yes" => Ok(true),
@@ -401,6 +488,10 @@ mod tests {
             ("--log-format=xml", LOG_FORMAT),
             ("--redis-url=http://x", REDIS_URL),
             ("--insecure-webhooks=perhaps", INSECURE_WEBHOOKS),
+            ("--heartbeat=0s", HEARTBEAT),
+            ("--max-watches=none", MAX_WATCHES),
+            ("--webhook-max-body=0", WEBHOOK_MAX_BODY),
+            ("--sandbox-reorder=sometimes", SANDBOX_REORDER),
         ];
         for (flag, variable) in cases {
             let mut flags = creds.to_vec();

@@ -5,10 +5,12 @@
 //! - [`config`]: environment and flags, validated before any port is bound.
 //! - [`capability`]: domain types; no transport crate.
 //! - [`query`]: QueryCapability's behaviour: request_id, idempotency, forwarding.
-//! - [`upstream`]: the Sinch client (auth, rate limit, retries); the only user of reqwest.
+//! - [`upstream`]: the Sinch client (auth, rate limit, retries).
+//! - [`webhook`]: the callback receiver: verify, parse, hand on to the hub.
+//! - [`hub`]: per-request notifications, offsets, dedupe, retention, watches.
 //! - [`grpc`]: the tonic service, proto ⇄ domain conversion, errors → statuses; the only user of tonic.
-//! - [`sandbox`]: the built-in Sinch emulator.
-//! - [`cli`]: the command-line clients (`query`) and the `sandbox` command.
+//! - [`sandbox`]: the built-in Sinch emulator, callbacks included.
+//! - [`cli`]: the command-line clients (`query`, `watch`, `check`) and the `sandbox` command.
 //!
 //! [`run`] wires the parts on listeners the caller bound, until a shutdown token is cancelled.
 #![forbid(unsafe_code)]
@@ -18,17 +20,24 @@ pub mod capability;
 pub mod cli;
 pub mod config;
 pub mod grpc;
+pub mod hub;
 pub mod query;
 pub mod sandbox;
 pub mod telemetry;
 pub mod upstream;
+pub mod webhook;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
+};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use config::{Config, SinchConfig, Upstream};
+use config::{Config, Secret, SinchConfig, Upstream};
+use hub::{Hub, HubConfig};
+use sandbox::callbacks::CallbackTarget;
 
 /// A boxed error: nobody branches on why the service could not run.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -36,39 +45,95 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The sockets the service serves on, bound by the caller (`main`, or a test on port 0).
 pub struct Listeners {
     pub grpc: TcpListener,
+    pub webhook: TcpListener,
 }
 
 /// Runs the service until `shutdown` is cancelled, then drains for at most `config.shutdown_grace`.
 pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), BoxError> {
-    // Stopped only after the gRPC server drained, so that in-flight queries still reach it.
-    let sandbox_shutdown = CancellationToken::new();
-    let _stop_sandbox = sandbox_shutdown.clone().drop_guard();
+    // Stopped once the servers drained, so that in-flight queries still reach the sandbox and the hub.
+    let background = CancellationToken::new();
+    let _stop_background = background.clone().drop_guard();
+    let hub = Arc::new(Hub::new(HubConfig {
+        retention: config.retention,
+        max_requests: config.max_requests,
+    }));
+    tokio::spawn(hub.clone().run_purge(background.clone()));
+
+    let mut secrets = config.webhook_secrets.clone();
     let sinch = match &config.upstream {
         Upstream::Sinch(sinch) => sinch.clone(),
-        Upstream::Sandbox => start_sandbox(sandbox_shutdown.clone()).await?,
+        Upstream::Sandbox => {
+            let secret = Secret::new(ulid::Ulid::new().to_string());
+            secrets.push(secret.clone());
+            let target = CallbackTarget {
+                url: format!("http://{}{}", loopback(listeners.webhook.local_addr()?), webhook::PATH),
+                secret,
+                knobs: config.sandbox,
+            };
+            start_sandbox(target, background.clone()).await?
+        }
     };
+    if secrets.is_empty() {
+        tracing::warn!("INSECURE: no webhook secret is set, so callbacks are accepted without a signature");
+    }
+
     let client = upstream::SinchClient::new(&sinch, config.rate_limit, upstream::RetryPolicy::default())?;
-    let queries = Arc::new(query::Queries::new(client, config.idempotency_window));
-    let api = grpc::CapabilityApi::new(queries, config.query_timeout);
-    let server = grpc::serve(listeners.grpc, api, shutdown.clone());
+    let queries = Arc::new(query::Queries::new(client, config.idempotency_window, hub.clone()));
+    let watch = grpc::WatchSettings {
+        default_wait: config.watch_wait,
+        max_wait: config.retention,
+        heartbeat: config.heartbeat,
+        max_watches: config.max_watches,
+    };
+    let api = grpc::CapabilityApi::new(queries, config.query_timeout, hub.clone(), watch, shutdown.clone());
+    let receiver = Arc::new(webhook::Receiver::new(
+        webhook::WebhookConfig {
+            secrets,
+            tolerance: config.webhook_tolerance,
+            max_body: config.webhook_max_body,
+            request_timeout: config.webhook_timeout,
+        },
+        hub,
+    ));
+
+    let grpc = grpc::serve(listeners.grpc, api, shutdown.clone());
+    let webhook = webhook::serve(listeners.webhook, webhook::router(receiver), shutdown.clone());
+    let servers = async {
+        let (grpc, webhook) = tokio::join!(grpc, webhook);
+        grpc?;
+        webhook?;
+        Ok::<(), BoxError>(())
+    };
     let grace = config.shutdown_grace;
     let hard_deadline = async {
         shutdown.cancelled().await;
         tokio::time::sleep(grace).await;
     };
     tokio::select! {
-        result = server => result?,
+        result = servers => result?,
         () = hard_deadline => tracing::warn!(?grace, "the drain took longer than the shutdown grace; stopping now"),
     }
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Starts the in-process sandbox on a loopback port and returns how to reach it.
-async fn start_sandbox(shutdown: CancellationToken) -> Result<SinchConfig, BoxError> {
+/// The address to reach a listener from this host: its own, or loopback when it listens on every address.
+fn loopback(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port()),
+        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port()),
+        _ => addr,
+    }
+}
+
+/// Starts the in-process sandbox on a loopback port, posting callbacks to `target`; returns how to reach it.
+async fn start_sandbox(target: CallbackTarget, shutdown: CancellationToken) -> Result<SinchConfig, BoxError> {
     let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let addr = listener.local_addr()?;
-    let sandbox = sandbox::SandboxConfig::generated();
+    let sandbox = sandbox::SandboxConfig {
+        callbacks: Some(target),
+        ..sandbox::SandboxConfig::generated()
+    };
     let sinch = SinchConfig {
         project_id: sandbox.project_id.clone(),
         key_id: sandbox.key_id.clone(),

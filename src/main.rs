@@ -41,20 +41,30 @@ async fn serve(args: ServeArgs) -> ExitCode {
             config::KEY_ID
         );
     }
-    let grpc = match TcpListener::bind(config.grpc_addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!("{}: cannot listen on {}: {e}", config::GRPC_ADDR, config.grpc_addr);
-            return ExitCode::FAILURE;
-        }
+    let (grpc, webhook) = match (
+        bind(config::GRPC_ADDR, config.grpc_addr).await,
+        bind(config::WEBHOOK_ADDR, config.webhook_addr).await,
+    ) {
+        (Some(grpc), Some(webhook)) => (grpc, webhook),
+        _ => return ExitCode::FAILURE,
     };
-    let grpc_addr = grpc.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    tracing::info!(grpc = %grpc_addr, "listening");
-    match capability_facade::run(config, Listeners { grpc }, shutdown_on_signal()).await {
+    let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(grpc = %addr(&grpc), webhook = %addr(&webhook), "listening");
+    match capability_facade::run(config, Listeners { grpc, webhook }, shutdown_on_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "the service failed");
             ExitCode::FAILURE
+        }
+    }
+}
+
+async fn bind(variable: &str, addr: std::net::SocketAddr) -> Option<TcpListener> {
+    match TcpListener::bind(addr).await {
+        Ok(listener) => Some(listener),
+        Err(e) => {
+            tracing::error!("{variable}: cannot listen on {addr}: {e}");
+            None
         }
     }
 }

@@ -11,6 +11,7 @@ use tokio::{sync::OnceCell, time::Instant};
 
 use crate::{
     capability::{Query, QueryAccepted, Recipient},
+    hub::Hub,
     upstream::{self, SinchClient},
 };
 
@@ -39,14 +40,22 @@ pub enum QueryError {
 pub struct Queries {
     upstream: SinchClient,
     idempotency: Idempotency,
+    /// Told of each query before it is sent, so that callbacks racing the answer find its expected channels.
+    hub: Arc<Hub>,
 }
 
 impl Queries {
-    pub fn new(upstream: SinchClient, idempotency_window: Duration) -> Queries {
+    pub fn new(upstream: SinchClient, idempotency_window: Duration, hub: Arc<Hub>) -> Queries {
         Queries {
             upstream,
             idempotency: Idempotency::new(idempotency_window),
+            hub,
         }
+    }
+
+    async fn forward(&self, query: &Query, deadline: Instant) -> Result<QueryAccepted, upstream::Error> {
+        self.hub.record_query(&query.request_id, query.expected_channels());
+        self.upstream.query(query, deadline).await
     }
 
     /// Sends the query to Sinch unless the same request_id already did (or is doing) so.
@@ -57,7 +66,7 @@ impl Queries {
                 recipient: request.recipient,
                 request_id: ulid::Ulid::new().to_string(),
             };
-            return Ok(self.upstream.query(&query, deadline).await?);
+            return Ok(self.forward(&query, deadline).await?);
         };
         let query = Query {
             app_id: request.app_id,
@@ -65,10 +74,7 @@ impl Queries {
             request_id,
         };
         let entry = self.idempotency.claim(&query)?;
-        let answer = entry
-            .answer
-            .get_or_try_init(|| self.upstream.query(&query, deadline))
-            .await?;
+        let answer = entry.answer.get_or_try_init(|| self.forward(&query, deadline)).await?;
         Ok(answer.clone())
     }
 }

@@ -2,8 +2,9 @@
 //! its path in the request, as `google.rpc.BadRequest` expects.
 
 use crate::{
-    capability::{ChannelIdentity, MAX_REQUEST_ID_LEN, QueryAccepted, Recipient},
+    capability::{ChannelIdentity, MAX_REQUEST_ID_LEN, Notification, QueryAccepted, Recipient},
     grpc::pb,
+    hub::{CompletionReason, WatchEvent},
     query::QueryRequest,
 };
 
@@ -19,7 +20,7 @@ pub struct FieldViolation {
     pub description: String,
 }
 
-fn violation(field: impl Into<String>, description: impl Into<String>) -> FieldViolation {
+pub fn violation(field: impl Into<String>, description: impl Into<String>) -> FieldViolation {
     FieldViolation {
         field: field.into(),
         description: description.into(),
@@ -46,20 +47,8 @@ pub fn query_request(request: pb::QueryCapabilityRequest) -> Result<QueryRequest
             identities(&mut violations, by.channel_identities).map(Recipient::IdentifiedBy)
         }
     };
-    let request_id = if request.request_id.is_empty() {
-        None
-    } else {
-        let chars = request.request_id.chars().count();
-        if chars > MAX_REQUEST_ID_LEN {
-            violations.push(violation(
-                "request_id",
-                format!("at most {MAX_REQUEST_ID_LEN} characters, got {chars}"),
-            ));
-        } else if request.request_id.chars().any(char::is_control) {
-            violations.push(violation("request_id", "must not contain control characters"));
-        }
-        Some(request.request_id)
-    };
+    violations.extend(check_request_id(&request.request_id, false).err());
+    let request_id = (!request.request_id.is_empty()).then_some(request.request_id);
     match recipient {
         Some(recipient) if violations.is_empty() => Ok(QueryRequest {
             app_id: request.app_id,
@@ -67,6 +56,26 @@ pub fn query_request(request: pb::QueryCapabilityRequest) -> Result<QueryRequest
             request_id,
         }),
         _ => Err(violations),
+    }
+}
+
+/// Checks a request_id: at most 128 characters, no control characters, and present when `required`.
+pub fn check_request_id(request_id: &str, required: bool) -> Result<(), FieldViolation> {
+    let chars = request_id.chars().count();
+    if chars == 0 && required {
+        Err(violation(
+            "request_id",
+            "required: the request_id returned by QueryCapability",
+        ))
+    } else if chars > MAX_REQUEST_ID_LEN {
+        Err(violation(
+            "request_id",
+            format!("at most {MAX_REQUEST_ID_LEN} characters, got {chars}"),
+        ))
+    } else if request_id.chars().any(char::is_control) {
+        Err(violation("request_id", "must not contain control characters"))
+    } else {
+        Ok(())
     }
 }
 
@@ -205,6 +214,94 @@ pub fn query_response(accepted: QueryAccepted) -> pb::QueryCapabilityResponse {
         recipient: Some(recipient(accepted.recipient)),
         request_id: accepted.request_id,
     }
+}
+
+/// The typed status for Sinch's spelling; `Unspecified` for one this contract does not list.
+pub fn typed_status(sinch: &str) -> pb::CapabilityStatus {
+    match sinch {
+        "CAPABILITY_UNKNOWN" => pb::CapabilityStatus::Unknown,
+        "CAPABILITY_FULL" => pb::CapabilityStatus::Full,
+        "CAPABILITY_PARTIAL" => pb::CapabilityStatus::Partial,
+        "NO_CAPABILITY" => pb::CapabilityStatus::NoCapability,
+        _ => pb::CapabilityStatus::Unspecified,
+    }
+}
+
+/// A notification as the contract carries it, at its offset.
+pub fn notification(offset: u64, n: &Notification) -> pb::CapabilityNotification {
+    pb::CapabilityNotification {
+        offset,
+        request_id: n.request_id.clone(),
+        contact_id: n.contact_id.clone(),
+        channel: typed_channel(&n.channel).into(),
+        channel_raw: n.channel.clone(),
+        identity: n.identity.clone(),
+        capability_status: typed_status(&n.capability_status).into(),
+        capability_status_raw: n.capability_status.clone(),
+        channel_capabilities: n.channel_capabilities.clone(),
+        reason: n.reason.as_ref().map(|r| pb::Reason {
+            code: r.code.clone(),
+            description: r.description.clone(),
+            sub_code: r.sub_code.clone(),
+            channel_code: r.channel_code.clone(),
+        }),
+        channel_recipient_identities: n
+            .channel_recipient_identities
+            .iter()
+            .map(|r| pb::ChannelRecipientIdentity {
+                channel_identity: Some(channel_identity(ChannelIdentity {
+                    channel: r.channel.clone(),
+                    identity: r.identity.clone(),
+                    app_id: r.app_id.clone(),
+                })),
+                display_name: r.display_name.clone(),
+            })
+            .collect(),
+        app_id: n.app_id.clone(),
+        project_id: n.project_id.clone(),
+        accepted_time: n.accepted_time.map(Into::into),
+        event_time: n.event_time.map(Into::into),
+        message_metadata: n.message_metadata.clone(),
+        correlation_id: n.correlation_id.clone(),
+        receive_time: Some(n.received_time.into()),
+    }
+}
+
+/// A watch event as a stream message, or the status that ends the stream.
+pub fn watch_event(event: WatchEvent) -> Result<pb::WatchCapabilityResponse, tonic::Status> {
+    use pb::watch_capability_response::Event;
+    let event = match event {
+        WatchEvent::Notification {
+            offset,
+            notification: n,
+        } => Event::Notification(notification(offset, &n)),
+        WatchEvent::Heartbeat { last_offset } => Event::Heartbeat(pb::Heartbeat { last_offset }),
+        WatchEvent::Completed {
+            reason,
+            last_offset,
+            pending,
+        } => Event::Completion(pb::Completion {
+            reason: match reason {
+                CompletionReason::AllChannelsReported => pb::CompletionReason::AllChannelsReported,
+                CompletionReason::WaitElapsed => pb::CompletionReason::WaitElapsed,
+            }
+            .into(),
+            last_offset,
+            pending_channels: pending,
+        }),
+        WatchEvent::ShuttingDown { last_offset } => {
+            return Err(tonic::Status::unavailable(format!(
+                "the server is shutting down; last_offset={last_offset}: watch again (on any replica) with \
+                 after_offset={last_offset}"
+            )));
+        }
+        WatchEvent::Evicted { last_offset } => {
+            return Err(tonic::Status::aborted(format!(
+                "this request was evicted from the server (too many tracked requests); last_offset={last_offset}"
+            )));
+        }
+    };
+    Ok(pb::WatchCapabilityResponse { event: Some(event) })
 }
 
 #[cfg(test)]

@@ -4,9 +4,10 @@ pub mod client;
 pub mod convert;
 mod status;
 
-use std::{sync::Arc, time::Duration};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
-use tokio::{net::TcpListener, time::Instant};
+use futures::Stream;
+use tokio::{net::TcpListener, sync::Semaphore, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tonic::{
     Request, Response, Status,
@@ -15,7 +16,10 @@ use tonic::{
 };
 use tonic_health::ServingStatus;
 
-use crate::query::Queries;
+use crate::{
+    hub::{Hub, WatchLimits},
+    query::Queries,
+};
 use pb::capability_service_server::{CapabilityService, CapabilityServiceServer};
 
 /// The generated protobuf types and the encoded descriptor set served by reflection.
@@ -30,18 +34,69 @@ pub mod pb {
 /// The part of a call's deadline kept for answering in time: a status is sent before the caller gives up.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
 
+/// How watches behave on this replica.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchSettings {
+    /// The wait of a request that sets none.
+    pub default_wait: Duration,
+    /// The longest wait granted (the retention: nothing is replayable for longer).
+    pub max_wait: Duration,
+    /// The longest quiet spell on a stream before a heartbeat.
+    pub heartbeat: Duration,
+    /// The most watches open at once on this replica.
+    pub max_watches: usize,
+}
+
 /// `capability.v1.CapabilityService`.
 pub struct CapabilityApi {
     queries: Arc<Queries>,
     /// The budget of a QueryCapability whose caller set no deadline.
     query_timeout: Duration,
+    hub: Arc<Hub>,
+    watch: WatchSettings,
+    /// One permit per open watch.
+    watch_permits: Arc<Semaphore>,
+    /// Cancelled when the server begins to shut down: watches end, new ones are refused.
+    shutdown: CancellationToken,
 }
 
 impl CapabilityApi {
-    pub fn new(queries: Arc<Queries>, query_timeout: Duration) -> CapabilityApi {
-        CapabilityApi { queries, query_timeout }
+    pub fn new(
+        queries: Arc<Queries>,
+        query_timeout: Duration,
+        hub: Arc<Hub>,
+        watch: WatchSettings,
+        shutdown: CancellationToken,
+    ) -> CapabilityApi {
+        CapabilityApi {
+            queries,
+            query_timeout,
+            hub,
+            watch_permits: Arc::new(Semaphore::new(watch.max_watches.min(Semaphore::MAX_PERMITS))),
+            watch,
+            shutdown,
+        }
+    }
+
+    /// The request's wait, defaulted and capped.
+    fn wait(&self, wait: Option<prost_types::Duration>) -> Result<Duration, Status> {
+        let Some(wait) = wait else {
+            return Ok(self.watch.default_wait.min(self.watch.max_wait));
+        };
+        let invalid = |problem: &str| status::invalid_request(vec![convert::violation("wait", problem)]);
+        if wait.seconds < 0 || wait.nanos < 0 {
+            return Err(invalid("must not be negative"));
+        }
+        if wait.nanos >= 1_000_000_000 {
+            return Err(invalid("nanos must be below one second"));
+        }
+        let wait = Duration::new(wait.seconds as u64, wait.nanos as u32);
+        Ok(wait.min(self.watch.max_wait))
     }
 }
+
+/// The messages of one WatchCapability stream; owns the watch, so dropping the stream frees its subscription.
+pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchCapabilityResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl CapabilityService for CapabilityApi {
@@ -65,15 +120,42 @@ impl CapabilityService for CapabilityApi {
         }
     }
 
-    type WatchCapabilityStream = futures::stream::Empty<Result<pb::WatchCapabilityResponse, Status>>;
+    type WatchCapabilityStream = WatchStream;
 
+    #[tracing::instrument(skip_all, fields(request_id))]
     async fn watch_capability(
         &self,
-        _request: Request<pb::WatchCapabilityRequest>,
+        request: Request<pb::WatchCapabilityRequest>,
     ) -> Result<Response<Self::WatchCapabilityStream>, Status> {
-        Err(Status::unimplemented(
-            "WatchCapability is not available in this version",
-        ))
+        let request = request.into_inner();
+        tracing::Span::current().record("request_id", request.request_id.as_str());
+        convert::check_request_id(&request.request_id, true).map_err(|v| status::invalid_request(vec![v]))?;
+        let wait = self.wait(request.wait)?;
+        if self.shutdown.is_cancelled() {
+            return Err(Status::unavailable(format!(
+                "the server is shutting down: watch on another replica (after_offset={})",
+                request.after_offset
+            )));
+        }
+        let permit = self.watch_permits.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "this replica already serves {} watches, its maximum; retry on another replica or later",
+                self.watch.max_watches
+            ))
+        })?;
+        let limits = WatchLimits {
+            wait,
+            heartbeat: self.watch.heartbeat,
+            shutdown: self.shutdown.clone(),
+        };
+        let watch = self.hub.watch(&request.request_id, request.after_offset, limits);
+        tracing::debug!(after_offset = request.after_offset, ?wait, "watch opened");
+        let stream = futures::stream::unfold(Some((watch, permit)), |state| async move {
+            let (mut watch, permit) = state?;
+            let event = watch.next().await?;
+            Some((convert::watch_event(event), Some((watch, permit))))
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }
 

@@ -1,6 +1,9 @@
 //! The built-in Sinch emulator: the OAuth2 token endpoint and `capability:query`, validating requests and
 //! answering errors the way Sinch does. In-process when no credentials are configured; standalone with
-//! `capability-facade sandbox` as an upstream for load tests.
+//! `capability-facade sandbox` as an upstream for load tests. After each accepted query it posts one signed
+//! CAPABILITY callback per channel to the configured receiver (see [`callbacks`] for the outcomes).
+
+pub mod callbacks;
 
 use std::{
     collections::HashMap,
@@ -22,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Secret,
+    sandbox::callbacks::CallbackTarget,
     upstream::wire::{ErrorBody, ErrorJson, QueryJson, RecipientJson, TokenJson},
 };
 
@@ -50,6 +54,8 @@ pub struct SandboxConfig {
     pub key_secret: Secret,
     /// The `expires_in` of the tokens it issues.
     pub token_lifetime: Duration,
+    /// Where callbacks go; none are sent without one.
+    pub callbacks: Option<CallbackTarget>,
 }
 
 impl SandboxConfig {
@@ -60,6 +66,7 @@ impl SandboxConfig {
             key_id: format!("sandbox-key-{}", ulid::Ulid::new()),
             key_secret: Secret::new(ulid::Ulid::new().to_string()),
             token_lifetime: Duration::from_secs(3600),
+            callbacks: None,
         }
     }
 }
@@ -70,6 +77,8 @@ struct Sandbox {
     basic: String,
     /// Issued tokens and when each expires.
     tokens: Mutex<HashMap<String, Instant>>,
+    /// Posts the callbacks.
+    http: reqwest::Client,
 }
 
 /// Serves the sandbox on `listener` until `shutdown` is cancelled.
@@ -90,6 +99,10 @@ pub fn router(config: SandboxConfig) -> Router {
         config,
         basic,
         tokens: Mutex::new(HashMap::new()),
+        http: {
+            crate::upstream::install_crypto_provider();
+            reqwest::Client::new()
+        },
     });
     Router::new()
         .route("/oauth2/token", post(token))
@@ -175,6 +188,10 @@ async fn query(
     }
     if query.request_id.is_empty() {
         query.request_id = ulid::Ulid::new().to_string();
+    }
+    if let Some(target) = &sandbox.config.callbacks {
+        let bodies = callbacks::bodies(&sandbox.config.project_id, &query);
+        tokio::spawn(callbacks::deliver(sandbox.http.clone(), target.clone(), bodies));
     }
     axum::Json(query).into_response()
 }

@@ -72,8 +72,7 @@ enum Attempt {
 
 impl SinchClient {
     pub fn new(config: &SinchConfig, rate_limit: NonZeroU32, retry: RetryPolicy) -> Result<SinchClient, String> {
-        // reqwest is built without a default TLS provider so that ring is used; install it once per process.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        install_crypto_provider();
         let http = reqwest::Client::builder()
             .user_agent(concat!("capability-facade/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(Duration::from_secs(5))
@@ -192,6 +191,12 @@ impl SinchClient {
             Attempt::Failed(error)
         }
     }
+}
+
+/// reqwest is built without a default TLS provider so that ring is used: install it (once per process) before
+/// building any client.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// Turns an error answer into an [`Error`]. 401 and 403 mean our credentials (as do 400s of the token endpoint,

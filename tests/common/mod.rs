@@ -267,6 +267,7 @@ pub fn config(fake_url: &str, extra: &[&str]) -> Config {
 /// The real service, in-process, on loopback ports.
 pub struct Service {
     pub grpc_addr: SocketAddr,
+    pub webhook_addr: SocketAddr,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<Result<(), capability_facade::BoxError>>,
 }
@@ -275,10 +276,17 @@ impl Service {
     pub async fn start(config: Config) -> Service {
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc_addr = grpc.local_addr().unwrap();
+        let webhook = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let webhook_addr = webhook.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(capability_facade::run(config, Listeners { grpc }, shutdown.clone()));
+        let task = tokio::spawn(capability_facade::run(
+            config,
+            Listeners { grpc, webhook },
+            shutdown.clone(),
+        ));
         Service {
             grpc_addr,
+            webhook_addr,
             shutdown,
             task,
         }
@@ -341,6 +349,7 @@ pub fn query(recipient: pb::Recipient, request_id: &str) -> pb::QueryCapabilityR
 pub struct Binary {
     pub child: tokio::process::Child,
     pub grpc_addr: SocketAddr,
+    pub webhook_addr: SocketAddr,
     /// Every log line so far.
     pub log: Arc<Mutex<Vec<String>>>,
 }
@@ -352,6 +361,8 @@ impl Binary {
             .env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("CAPABILITY_GRPC_ADDR", "127.0.0.1:0")
+            .env("CAPABILITY_WEBHOOK_ADDR", "127.0.0.1:0")
+            .env("CAPABILITY_ADMIN_ADDR", "127.0.0.1:0")
             .env("CAPABILITY_LOG_FORMAT", "json")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -372,17 +383,23 @@ impl Binary {
                     && v["message"] == "listening"
                     && let Some(tx) = tx.take()
                 {
-                    let _ = tx.send(v["grpc"].as_str().unwrap().parse::<SocketAddr>().unwrap());
+                    let addr = |name: &str| v[name].as_str().unwrap().parse::<SocketAddr>().unwrap();
+                    let _ = tx.send((addr("grpc"), addr("webhook")));
                 }
                 lines.lock().unwrap().push(line);
             }
         });
-        let grpc_addr = tokio::time::timeout(Duration::from_secs(30), rx)
+        let (grpc_addr, webhook_addr) = tokio::time::timeout(Duration::from_secs(30), rx)
             .await
             .ok()
             .and_then(Result::ok)
             .unwrap_or_else(|| panic!("the binary did not report its address: {:?}", log.lock().unwrap()));
-        Binary { child, grpc_addr, log }
+        Binary {
+            child,
+            grpc_addr,
+            webhook_addr,
+            log,
+        }
     }
 
     pub fn url(&self) -> String {

@@ -1,0 +1,209 @@
+//! The webhook receiver: `POST /webhooks/sinch` verifies Sinch's signature over the raw bytes, parses the
+//! callback and hands the notification on; it answers 200 only once the notification is safely handed on.
+//! `GET /healthz` answers 200. Nothing else is served here.
+
+mod nonces;
+pub mod parse;
+pub mod signature;
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::timeout::TimeoutLayer;
+
+use crate::{
+    capability::{Notification, mask},
+    config::Secret,
+    hub::Hub,
+};
+pub use nonces::Nonces;
+use parse::Callback;
+
+/// The only path Sinch posts to.
+pub const PATH: &str = "/webhooks/sinch";
+
+/// How the receiver checks callbacks.
+#[derive(Debug, Clone)]
+pub struct WebhookConfig {
+    /// Any of these verifies a callback; empty only when unsigned callbacks were explicitly allowed.
+    pub secrets: Vec<Secret>,
+    /// How far a callback's timestamp may be from now, either way.
+    pub tolerance: Duration,
+    /// The largest body accepted.
+    pub max_body: usize,
+    /// The longest a request may take, body included.
+    pub request_timeout: Duration,
+}
+
+/// The receiver's state, shared by every request.
+pub struct Receiver {
+    config: WebhookConfig,
+    nonces: Nonces,
+    hub: Arc<Hub>,
+}
+
+impl Receiver {
+    pub fn new(config: WebhookConfig, hub: Arc<Hub>) -> Receiver {
+        let nonces = Nonces::new(config.tolerance * 2);
+        Receiver { config, nonces, hub }
+    }
+}
+
+/// Why a callback was refused. Outward answers stay generic; the details go to the log.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("the content type is not application/json")]
+    UnsupportedMediaType,
+    #[error("the signature headers are missing: {0}")]
+    MissingSignature(&'static str),
+    #[error("the signature algorithm {0:?} is not HmacSHA256")]
+    UnsupportedAlgorithm(String),
+    #[error("the signature does not verify with any configured secret")]
+    BadSignature,
+    #[error("the timestamp is {0} s away from now, beyond the tolerance")]
+    Stale(i64),
+    #[error("the timestamp is not Unix seconds")]
+    BadTimestamp,
+    #[error("the nonce was already used")]
+    Replayed,
+    #[error(transparent)]
+    Malformed(#[from] parse::ParseError),
+}
+
+impl WebhookError {
+    /// The `result` label of the webhook counter.
+    fn result(&self) -> &'static str {
+        match self {
+            WebhookError::UnsupportedMediaType | WebhookError::Malformed(_) => "malformed",
+            WebhookError::Stale(_) => "stale",
+            WebhookError::Replayed => "replayed",
+            _ => "bad_signature",
+        }
+    }
+}
+
+impl IntoResponse for WebhookError {
+    fn into_response(self) -> Response {
+        let (status, message) = match &self {
+            WebhookError::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "expected application/json"),
+            WebhookError::Malformed(parse::ParseError::Utf8) => (StatusCode::BAD_REQUEST, "body is not UTF-8"),
+            WebhookError::Malformed(_) => (StatusCode::BAD_REQUEST, "body is not a Sinch callback"),
+            WebhookError::Stale(_) | WebhookError::BadTimestamp => (StatusCode::UNAUTHORIZED, "stale or bad timestamp"),
+            WebhookError::Replayed => (StatusCode::UNAUTHORIZED, "nonce already used"),
+            _ => (StatusCode::UNAUTHORIZED, "bad or missing signature"),
+        };
+        (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
+    }
+}
+
+/// The receiver's routes: `POST /webhooks/sinch` and `GET /healthz`; 404 elsewhere, 405 for a wrong method.
+pub fn router(receiver: Arc<Receiver>) -> Router {
+    let timeout = receiver.config.request_timeout;
+    let max_body = receiver.config.max_body;
+    Router::new()
+        .route(PATH, post(receive))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
+        .with_state(receiver)
+}
+
+/// Serves `router` on `listener` until `shutdown`; requests in flight finish.
+pub async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) -> std::io::Result<()> {
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+#[tracing::instrument(skip_all, fields(request_id, channel))]
+async fn receive(State(receiver): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes) -> Response {
+    match handle(&receiver, &headers, &body) {
+        Ok(result) => {
+            metrics::counter!("capability_webhooks_total", "result" => result).increment(1);
+            StatusCode::OK.into_response()
+        }
+        Err(error) => {
+            metrics::counter!("capability_webhooks_total", "result" => error.result()).increment(1);
+            tracing::warn!(%error, "callback refused");
+            error.into_response()
+        }
+    }
+}
+
+/// Verifies, parses and hands on one callback; the `result` label on success.
+fn handle(receiver: &Receiver, headers: &HeaderMap, body: &[u8]) -> Result<&'static str, WebhookError> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Err(WebhookError::UnsupportedMediaType);
+    }
+    verify(receiver, headers, body)?;
+    let notification: Arc<Notification> = match parse::parse(body, SystemTime::now())? {
+        Callback::Capability(notification) => Arc::from(notification),
+        Callback::OtherTrigger => return Ok("ignored"),
+        Callback::WithoutRequestId => {
+            tracing::warn!("a capability callback without request_id: acknowledged, not delivered");
+            return Ok("without_request_id");
+        }
+    };
+    let span = tracing::Span::current();
+    span.record("request_id", notification.request_id.as_str());
+    span.record("channel", notification.channel.as_str());
+    let published = receiver.hub.publish(notification.clone());
+    tracing::debug!(?published, identity = %mask(&notification.identity), "callback accepted");
+    Ok("accepted")
+}
+
+/// Checks the signature headers and claims the nonce (nothing to check when unsigned callbacks are allowed).
+fn verify(receiver: &Receiver, headers: &HeaderMap, body: &[u8]) -> Result<(), WebhookError> {
+    if receiver.config.secrets.is_empty() {
+        return Ok(());
+    }
+    let get = |name: &'static str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .ok_or(WebhookError::MissingSignature(name))
+    };
+    let signature = get(signature::SIGNATURE)?;
+    let timestamp = get(signature::TIMESTAMP)?;
+    let nonce = get(signature::NONCE)?;
+    if let Some(algorithm) = headers.get(signature::ALGORITHM) {
+        let algorithm = algorithm.to_str().unwrap_or_default();
+        if !algorithm.eq_ignore_ascii_case(signature::HMAC_SHA256) {
+            return Err(WebhookError::UnsupportedAlgorithm(algorithm.to_owned()));
+        }
+    }
+    let secrets = receiver.config.secrets.iter().map(Secret::expose);
+    if !signature::verify(secrets, body, nonce, timestamp, signature) {
+        return Err(WebhookError::BadSignature);
+    }
+    let sent: i64 = timestamp.trim().parse().map_err(|_| WebhookError::BadTimestamp)?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64;
+    let skew = now.saturating_sub(sent);
+    if skew.unsigned_abs() > receiver.config.tolerance.as_secs() {
+        return Err(WebhookError::Stale(skew));
+    }
+    if !receiver.nonces.claim(nonce) {
+        return Err(WebhookError::Replayed);
+    }
+    Ok(())
+}
