@@ -18,6 +18,8 @@ async fn main() -> ExitCode {
     match cli.command {
         None => serve(cli.serve).await,
         Some(Command::Query(args)) => cli::query(args).await,
+        Some(Command::Watch(args)) => cli::watch(args).await,
+        Some(Command::Check(args)) => cli::check(args).await,
         Some(Command::Sandbox(args)) => {
             telemetry::init(config::LogFormat::Text);
             cli::sandbox(args, shutdown_on_signal()).await

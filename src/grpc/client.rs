@@ -27,6 +27,21 @@ impl Client {
             .query_capability(request)
             .await
             .map(tonic::Response::into_inner)
-            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+            .map_err(describe)
     }
+}
+
+/// The messages of a watch, with statuses as readable errors.
+pub type Watching = futures::stream::BoxStream<'static, Result<pb::WatchCapabilityResponse, String>>;
+
+impl Client {
+    pub async fn watch(&mut self, request: pb::WatchCapabilityRequest) -> Result<Watching, String> {
+        use futures::StreamExt;
+        let stream = self.0.watch_capability(request).await.map_err(describe)?.into_inner();
+        Ok(stream.map(|item| item.map_err(describe)).boxed())
+    }
+}
+
+fn describe(status: tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
 }

@@ -260,6 +260,9 @@ pub fn config(fake_url: &str, extra: &[&str]) -> Config {
         format!("--sinch-webhook-secrets={WEBHOOK_SECRET}"),
         "--log-format=text".to_owned(),
     ];
+    // A flag given in `extra` replaces the default of the same name.
+    let name = |flag: &str| flag.split('=').next().unwrap_or_default().to_owned();
+    flags.retain(|f| !extra.iter().any(|e| name(e) == name(f)));
     flags.extend(extra.iter().map(|s| s.to_string()));
     Config::from_args(&TestCli::parse_from(flags).serve).expect("valid test configuration")
 }
@@ -425,5 +428,117 @@ impl Binary {
 
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
+    }
+}
+
+/// A configuration with no credentials: the in-process sandbox, with extra flags.
+pub fn sandbox_config(extra: &[&str]) -> Config {
+    let mut flags = vec![
+        "test".to_owned(),
+        "--grpc-addr=127.0.0.1:0".to_owned(),
+        "--log-format=text".to_owned(),
+    ];
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    Config::from_args(&TestCli::parse_from(flags).serve).expect("valid test configuration")
+}
+
+/// Signs as Sinch does, independently of the service's own code.
+pub fn sign(secret: &str, body: &[u8], nonce: &str, timestamp: &str) -> String {
+    use base64::Engine;
+    use hmac::{KeyInit, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body);
+    mac.update(format!(".{nonce}.{timestamp}").as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// The headers of a genuine callback: fresh nonce, current timestamp, signed with `secret`.
+pub fn signed_headers(secret: &str, body: &[u8]) -> Vec<(&'static str, String)> {
+    let nonce = ulid::Ulid::new().to_string();
+    let timestamp = unix_now().to_string();
+    vec![
+        ("content-type", "application/json".into()),
+        ("x-sinch-webhook-signature", sign(secret, body, &nonce, &timestamp)),
+        ("x-sinch-webhook-signature-timestamp", timestamp),
+        ("x-sinch-webhook-signature-nonce", nonce),
+        ("x-sinch-webhook-signature-algorithm", "HmacSHA256".into()),
+    ]
+}
+
+/// A CAPABILITY callback body, as Sinch sends it.
+pub fn capability_body(request_id: &str, channel: &str, identity: &str, status: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "app_id": "APP-1", "accepted_time": "2026-11-22T10:00:00.123456Z", "event_time": "2026-11-22T10:00:00Z",
+        "project_id": "", "message_metadata": "",
+        "capability_notification": {"request_id": request_id, "channel": channel, "identity": identity,
+            "capability_status": status}
+    }))
+    .unwrap()
+}
+
+/// Posts a body with these headers to the webhook; returns the status.
+pub async fn post_webhook(addr: SocketAddr, body: Vec<u8>, headers: &[(&str, String)]) -> u16 {
+    let mut request = reqwest_client()
+        .post(format!("http://{addr}/webhooks/sinch"))
+        .body(body);
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    request.send().await.unwrap().status().as_u16()
+}
+
+/// Posts a genuine callback (signed with the test secret).
+pub async fn deliver(addr: SocketAddr, body: Vec<u8>) -> u16 {
+    let headers = signed_headers(WEBHOOK_SECRET, &body);
+    post_webhook(addr, body, &headers).await
+}
+
+pub fn reqwest_client() -> reqwest::Client {
+    capability_facade::upstream::install_crypto_provider();
+    reqwest::Client::new()
+}
+
+pub fn watch_request(request_id: &str, after_offset: u64, wait: Option<Duration>) -> pb::WatchCapabilityRequest {
+    pb::WatchCapabilityRequest {
+        request_id: request_id.into(),
+        after_offset,
+        wait: wait.map(|w| prost_types::Duration {
+            seconds: w.as_secs() as i64,
+            nanos: w.subsec_nanos() as i32,
+        }),
+    }
+}
+
+/// Reads a watch to its end: the notifications (offset, channel, raw status), then how it ended.
+pub async fn drain(
+    mut stream: tonic::Streaming<pb::WatchCapabilityResponse>,
+) -> (Vec<(u64, String, String)>, Result<pb::Completion, tonic::Status>) {
+    use pb::watch_capability_response::Event;
+    let mut seen = Vec::new();
+    loop {
+        match stream.message().await {
+            Ok(Some(pb::WatchCapabilityResponse {
+                event: Some(Event::Notification(n)),
+            })) => seen.push((n.offset, n.channel_raw, n.capability_status_raw)),
+            Ok(Some(pb::WatchCapabilityResponse {
+                event: Some(Event::Completion(c)),
+            })) => {
+                assert!(
+                    stream.message().await.unwrap().is_none(),
+                    "the stream ends after its completion"
+                );
+                return (seen, Ok(c));
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("the stream ended without a completion"),
+            Err(status) => return (seen, Err(status)),
+        }
     }
 }
