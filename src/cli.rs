@@ -7,9 +7,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::{Secret, ServeArgs},
+    config::{SandboxKnobs, Secret, ServeArgs},
     grpc::{client::Client, convert, pb},
-    sandbox::{self, SandboxConfig},
+    sandbox::{self, SandboxConfig, callbacks::CallbackTarget},
 };
 
 /// capability-facade: ask Sinch on which channels a contact can be reached, over gRPC.
@@ -101,6 +101,21 @@ pub struct SandboxArgs {
     /// The key secret clients must present.
     #[arg(long, default_value = "sandbox-secret", hide_default_value = true)]
     pub key_secret: Secret,
+    /// Where to post the callbacks of each query (the service's `/webhooks/sinch`); none are sent without it.
+    #[arg(long, requires = "webhook_secret")]
+    pub callback_url: Option<String>,
+    /// The secret to sign callbacks with (the service's SINCH_WEBHOOK_SECRETS).
+    #[arg(long)]
+    pub webhook_secret: Option<Secret>,
+    /// The delay between a query and its callbacks.
+    #[arg(long, default_value = "150ms", value_parser = humantime::parse_duration)]
+    pub callback_delay: Duration,
+    /// Send every callback twice.
+    #[arg(long)]
+    pub duplicates: bool,
+    /// Send a query's callbacks in reverse order.
+    #[arg(long)]
+    pub reorder: bool,
 }
 
 fn parse_identity(value: &str) -> Result<pb::ChannelIdentity, String> {
@@ -303,10 +318,23 @@ pub async fn sandbox(args: SandboxArgs, shutdown: CancellationToken) -> ExitCode
     };
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(%addr, project_id = %args.project_id, key_id = %args.key_id, "Sinch sandbox listening");
+    let callbacks = args
+        .callback_url
+        .zip(args.webhook_secret)
+        .map(|(url, secret)| CallbackTarget {
+            url,
+            secret,
+            knobs: SandboxKnobs {
+                callback_delay: args.callback_delay,
+                duplicates: args.duplicates,
+                reorder: args.reorder,
+            },
+        });
     let config = SandboxConfig {
         project_id: args.project_id,
         key_id: args.key_id,
         key_secret: args.key_secret,
+        callbacks,
         ..SandboxConfig::generated()
     };
     match sandbox::serve(listener, config, shutdown).await {

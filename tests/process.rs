@@ -207,32 +207,45 @@ async fn without_credentials_the_binary_serves_against_its_sandbox_and_says_so_f
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
 }
 
-/// A Python virtualenv with grpcio, made once per checkout under target/ (a lock keeps parallel tests apart).
-fn python() -> PathBuf {
+/// Runs `script` once per checkout in target/polyglot (a lock keeps parallel tests apart); returns the folder.
+fn prepared(lock: &str, script: &str) -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/polyglot");
     std::fs::create_dir_all(&dir).unwrap();
-    let script = "test -x venv/bin/python && venv/bin/python -c 'import grpc, grpc_tools' 2>/dev/null || \
-                  { python3 -m venv venv && venv/bin/pip install --quiet grpcio grpcio-tools; }";
     let status = Command::new("flock")
         .current_dir(&dir)
-        .args(["venv.lock", "sh", "-c", script])
+        .args([lock, "sh", "-c", script])
         .status()
-        .expect("flock and python3 are installed");
-    assert!(status.success(), "the Python virtualenv could not be made");
-    dir.join("venv/bin/python")
+        .expect("flock is installed");
+    assert!(status.success(), "could not prepare {lock}");
+    dir
 }
 
-#[tokio::test]
-async fn a_python_client_generated_from_the_proto_calls_the_binary() {
-    let python = python();
+/// A Python virtualenv with grpcio.
+fn python() -> PathBuf {
+    prepared(
+        "venv.lock",
+        "test -x venv/bin/python && venv/bin/python -c 'import grpc, grpc_tools' 2>/dev/null || \
+         { python3 -m venv venv && venv/bin/pip install --quiet grpcio grpcio-tools; }",
+    )
+    .join("venv/bin/python")
+}
+
+/// node_modules with @grpc/grpc-js and @grpc/proto-loader.
+fn node_modules() -> PathBuf {
+    prepared(
+        "node.lock",
+        "test -d node/node_modules/@grpc/proto-loader || \
+         npm install --silent --no-audit --no-fund --prefix node @grpc/grpc-js @grpc/proto-loader",
+    )
+    .join("node/node_modules")
+}
+
+async fn run_client(program: PathBuf, script: &str, env: &[(&str, PathBuf)]) {
     let process = Binary::spawn(&[]).await;
     let proto_root = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
-    let output = tokio::process::Command::new(python)
-        .args([
-            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/polyglot/query_client.py"),
-            proto_root,
-            &process.grpc_addr.to_string(),
-        ])
+    let output = tokio::process::Command::new(program)
+        .args([script, proto_root, &process.grpc_addr.to_string()])
+        .envs(env.iter().map(|(k, v)| (*k, v)))
         .output()
         .await
         .unwrap();
@@ -242,4 +255,16 @@ async fn a_python_client_generated_from_the_proto_calls_the_binary() {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+#[tokio::test]
+async fn a_python_client_generated_from_the_proto_checks_against_the_binary() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/polyglot/query_client.py");
+    run_client(python(), script, &[]).await;
+}
+
+#[tokio::test]
+async fn a_node_client_loading_the_proto_at_run_time_checks_against_the_binary() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/polyglot/check.js");
+    run_client("node".into(), script, &[("NODE_PATH", node_modules())]).await;
 }

@@ -1,4 +1,5 @@
-"""A Python caller generated from the proto alone: queries the running service and checks the error contract.
+"""A Python caller generated from the proto alone: queries the running service, watches the answer to its
+completion, and checks the error contract.
 
 Usage: query_client.py PROTO_ROOT ADDRESS
 """
@@ -34,6 +35,16 @@ def main() -> None:
         ), timeout=10)
         assert len(answer.request_id) == 26, answer
         assert answer.recipient.identified_by.channel_identities[0].channel == pb.CHANNEL_WHATSAPP
+
+        seen, completion = [], None
+        for message in stub.WatchCapability(pb.WatchCapabilityRequest(request_id=answer.request_id), timeout=20):
+            event = message.WhichOneof("event")
+            if event == "notification":
+                seen.append((message.notification.offset, message.notification.capability_status))
+            elif event == "completion":
+                completion = message.completion
+        assert seen == [(1, pb.CAPABILITY_STATUS_FULL)], seen
+        assert completion.reason == pb.COMPLETION_REASON_ALL_CHANNELS_REPORTED, completion
 
         try:
             stub.QueryCapability(pb.QueryCapabilityRequest(recipient=pb.Recipient(contact_id="c")), timeout=10)
