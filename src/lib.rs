@@ -8,6 +8,7 @@
 //! - [`upstream`]: the Sinch client (auth, rate limit, retries).
 //! - [`webhook`]: the callback receiver: verify, parse, hand on to the hub.
 //! - [`hub`]: per-request notifications, offsets, dedupe, retention, watches.
+//! - [`backplane`]: where events go: the hub directly, or a Redis stream every replica reads.
 //! - [`grpc`]: the tonic service, proto ⇄ domain conversion, errors → statuses; the only user of tonic.
 //! - [`sandbox`]: the built-in Sinch emulator, callbacks included.
 //! - [`cli`]: the command-line clients (`query`, `watch`, `check`) and the `sandbox` command.
@@ -16,6 +17,7 @@
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod backplane;
 pub mod capability;
 pub mod cli;
 pub mod config;
@@ -35,6 +37,7 @@ use std::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use backplane::{Backplane, RedisBackplane, RedisConfig};
 use config::{Config, Secret, SinchConfig, Upstream};
 use hub::{Hub, HubConfig};
 use sandbox::callbacks::CallbackTarget;
@@ -77,8 +80,29 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         tracing::warn!("INSECURE: no webhook secret is set, so callbacks are accepted without a signature");
     }
 
+    let nonce_window = config.webhook_tolerance * 2;
+    let backplane = Arc::new(match &config.redis_url {
+        None => Backplane::local(hub.clone(), nonce_window),
+        Some(url) => {
+            let redis = Arc::new(RedisBackplane::new(RedisConfig {
+                url: url.clone(),
+                prefix: config.redis_prefix.clone(),
+                retention: config.retention,
+                nonce_window,
+                idempotency_window: config.idempotency_window,
+            })?);
+            tokio::spawn(redis.clone().run_reader(hub.clone(), background.clone()));
+            Backplane::Redis(redis)
+        }
+    });
+
     let client = upstream::SinchClient::new(&sinch, config.rate_limit, upstream::RetryPolicy::default())?;
-    let queries = Arc::new(query::Queries::new(client, config.idempotency_window, hub.clone()));
+    let queries = Arc::new(query::Queries::new(
+        client,
+        config.idempotency_window,
+        hub.clone(),
+        backplane.clone(),
+    ));
     let watch = grpc::WatchSettings {
         default_wait: config.watch_wait,
         max_wait: config.retention,
@@ -93,7 +117,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             max_body: config.webhook_max_body,
             request_timeout: config.webhook_timeout,
         },
-        hub,
+        backplane,
     ));
 
     let grpc = grpc::serve(listeners.grpc, api, shutdown.clone());

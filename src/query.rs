@@ -10,9 +10,10 @@ use std::{
 use tokio::{sync::OnceCell, time::Instant};
 
 use crate::{
+    backplane::{Backplane, IdempotencyClaim},
     capability::{Query, QueryAccepted, Recipient},
     hub::Hub,
-    upstream::{self, SinchClient},
+    upstream::{self, SinchClient, wire::QueryJson},
 };
 
 /// A validated query as the caller asked it; `request_id` is `None` when the caller left it to us.
@@ -39,23 +40,69 @@ pub enum QueryError {
 /// Forwards queries; shared by every call.
 pub struct Queries {
     upstream: SinchClient,
+    /// Concurrent repeats within this replica wait for one answer.
     idempotency: Idempotency,
     /// Told of each query before it is sent, so that callbacks racing the answer find its expected channels.
     hub: Arc<Hub>,
+    /// Shares query records and request_ids with the other replicas.
+    backplane: Arc<Backplane>,
 }
 
+/// The longest pause between two looks at a request_id another replica is sending.
+const PENDING_POLL_MAX: Duration = Duration::from_millis(200);
+
 impl Queries {
-    pub fn new(upstream: SinchClient, idempotency_window: Duration, hub: Arc<Hub>) -> Queries {
+    pub fn new(
+        upstream: SinchClient,
+        idempotency_window: Duration,
+        hub: Arc<Hub>,
+        backplane: Arc<Backplane>,
+    ) -> Queries {
         Queries {
             upstream,
             idempotency: Idempotency::new(idempotency_window),
             hub,
+            backplane,
         }
     }
 
     async fn forward(&self, query: &Query, deadline: Instant) -> Result<QueryAccepted, upstream::Error> {
-        self.hub.record_query(&query.request_id, query.expected_channels());
+        let expected = query.expected_channels();
+        self.backplane
+            .record_query(&query.request_id, expected.as_deref())
+            .await;
+        self.hub.record_query(&query.request_id, expected);
         self.upstream.query(query, deadline).await
+    }
+
+    /// Sends a query with a caller-chosen request_id unless another replica did or is doing so.
+    async fn forward_once(&self, query: &Query, deadline: Instant) -> Result<QueryAccepted, QueryError> {
+        let fingerprint = serde_json::to_string(&QueryJson::from(query)).expect("query JSON always serialises");
+        let mut pause = Duration::from_millis(10);
+        loop {
+            match self.backplane.claim_request_id(&query.request_id, &fingerprint).await {
+                IdempotencyClaim::Owner => {
+                    let result = self.forward(query, deadline).await;
+                    self.backplane
+                        .settle_request_id(&query.request_id, &fingerprint, result.as_ref().ok())
+                        .await;
+                    return Ok(result?);
+                }
+                IdempotencyClaim::Answered(answer) => return Ok(answer),
+                IdempotencyClaim::Conflict => {
+                    return Err(QueryError::Conflict {
+                        request_id: query.request_id.clone(),
+                    });
+                }
+                IdempotencyClaim::Pending => {
+                    if Instant::now() + pause >= deadline {
+                        return Err(upstream::Error::DeadlineExceeded.into());
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(PENDING_POLL_MAX);
+                }
+            }
+        }
     }
 
     /// Sends the query to Sinch unless the same request_id already did (or is doing) so.
@@ -74,7 +121,10 @@ impl Queries {
             request_id,
         };
         let entry = self.idempotency.claim(&query)?;
-        let answer = entry.answer.get_or_try_init(|| self.forward(&query, deadline)).await?;
+        let answer = entry
+            .answer
+            .get_or_try_init(|| self.forward_once(&query, deadline))
+            .await?;
         Ok(answer.clone())
     }
 }

@@ -65,6 +65,16 @@ impl From<&Query> for QueryJson {
     }
 }
 
+impl From<&QueryAccepted> for QueryJson {
+    fn from(q: &QueryAccepted) -> Self {
+        QueryJson {
+            app_id: q.app_id.clone(),
+            recipient: (&q.recipient).into(),
+            request_id: q.request_id.clone(),
+        }
+    }
+}
+
 impl From<QueryJson> for QueryAccepted {
     fn from(q: QueryJson) -> Self {
         QueryAccepted {

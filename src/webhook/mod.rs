@@ -2,7 +2,6 @@
 //! callback and hands the notification on; it answers 200 only once the notification is safely handed on.
 //! `GET /healthz` answers 200. Nothing else is served here.
 
-mod nonces;
 pub mod parse;
 pub mod signature;
 
@@ -24,11 +23,10 @@ use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::{
+    backplane::{Accepted, Backplane, Unavailable},
     capability::{Notification, mask},
     config::Secret,
-    hub::Hub,
 };
-pub use nonces::Nonces;
 use parse::Callback;
 
 /// The only path Sinch posts to.
@@ -50,14 +48,13 @@ pub struct WebhookConfig {
 /// The receiver's state, shared by every request.
 pub struct Receiver {
     config: WebhookConfig,
-    nonces: Nonces,
-    hub: Arc<Hub>,
+    /// Where accepted notifications go (and where nonces are claimed).
+    backplane: Arc<Backplane>,
 }
 
 impl Receiver {
-    pub fn new(config: WebhookConfig, hub: Arc<Hub>) -> Receiver {
-        let nonces = Nonces::new(config.tolerance * 2);
-        Receiver { config, nonces, hub }
+    pub fn new(config: WebhookConfig, backplane: Arc<Backplane>) -> Receiver {
+        Receiver { config, backplane }
     }
 }
 
@@ -80,6 +77,8 @@ pub enum WebhookError {
     Replayed,
     #[error(transparent)]
     Malformed(#[from] parse::ParseError),
+    #[error(transparent)]
+    Unavailable(#[from] Unavailable),
 }
 
 impl WebhookError {
@@ -89,6 +88,7 @@ impl WebhookError {
             WebhookError::UnsupportedMediaType | WebhookError::Malformed(_) => "malformed",
             WebhookError::Stale(_) => "stale",
             WebhookError::Replayed => "replayed",
+            WebhookError::Unavailable(_) => "unavailable",
             _ => "bad_signature",
         }
     }
@@ -102,6 +102,7 @@ impl IntoResponse for WebhookError {
             WebhookError::Malformed(_) => (StatusCode::BAD_REQUEST, "body is not a Sinch callback"),
             WebhookError::Stale(_) | WebhookError::BadTimestamp => (StatusCode::UNAUTHORIZED, "stale or bad timestamp"),
             WebhookError::Replayed => (StatusCode::UNAUTHORIZED, "nonce already used"),
+            WebhookError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "cannot hand on now; retry"),
             _ => (StatusCode::UNAUTHORIZED, "bad or missing signature"),
         };
         (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
@@ -129,7 +130,7 @@ pub async fn serve(listener: TcpListener, router: Router, shutdown: Cancellation
 
 #[tracing::instrument(skip_all, fields(request_id, channel))]
 async fn receive(State(receiver): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes) -> Response {
-    match handle(&receiver, &headers, &body) {
+    match handle(&receiver, &headers, &body).await {
         Ok(result) => {
             metrics::counter!("capability_webhooks_total", "result" => result).increment(1);
             StatusCode::OK.into_response()
@@ -143,7 +144,7 @@ async fn receive(State(receiver): State<Arc<Receiver>>, headers: HeaderMap, body
 }
 
 /// Verifies, parses and hands on one callback; the `result` label on success.
-fn handle(receiver: &Receiver, headers: &HeaderMap, body: &[u8]) -> Result<&'static str, WebhookError> {
+async fn handle(receiver: &Receiver, headers: &HeaderMap, body: &[u8]) -> Result<&'static str, WebhookError> {
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -152,27 +153,35 @@ fn handle(receiver: &Receiver, headers: &HeaderMap, body: &[u8]) -> Result<&'sta
     if !json {
         return Err(WebhookError::UnsupportedMediaType);
     }
-    verify(receiver, headers, body)?;
-    let notification: Arc<Notification> = match parse::parse(body, SystemTime::now())? {
-        Callback::Capability(notification) => Arc::from(notification),
-        Callback::OtherTrigger => return Ok("ignored"),
+    let nonce = verify(receiver, headers, body)?;
+    let (notification, result) = match parse::parse(body, SystemTime::now())? {
+        Callback::Capability(notification) => (Some(Arc::<Notification>::from(notification)), "accepted"),
+        Callback::OtherTrigger => (None, "ignored"),
         Callback::WithoutRequestId => {
             tracing::warn!("a capability callback without request_id: acknowledged, not delivered");
-            return Ok("without_request_id");
+            (None, "without_request_id")
         }
     };
-    let span = tracing::Span::current();
-    span.record("request_id", notification.request_id.as_str());
-    span.record("channel", notification.channel.as_str());
-    let published = receiver.hub.publish(notification.clone());
-    tracing::debug!(?published, identity = %mask(&notification.identity), "callback accepted");
-    Ok("accepted")
+    if let Some(n) = &notification {
+        let span = tracing::Span::current();
+        span.record("request_id", n.request_id.as_str());
+        span.record("channel", n.channel.as_str());
+        tracing::debug!(identity = %mask(&n.identity), "callback verified");
+    }
+    match receiver
+        .backplane
+        .accept(nonce, notification.map(|n| (n, body)))
+        .await?
+    {
+        Accepted::Published => Ok(result),
+        Accepted::Replayed => Err(WebhookError::Replayed),
+    }
 }
 
-/// Checks the signature headers and claims the nonce (nothing to check when unsigned callbacks are allowed).
-fn verify(receiver: &Receiver, headers: &HeaderMap, body: &[u8]) -> Result<(), WebhookError> {
+/// Checks the signature headers; returns the nonce to claim (none when unsigned callbacks are allowed).
+fn verify<'h>(receiver: &Receiver, headers: &'h HeaderMap, body: &[u8]) -> Result<Option<&'h str>, WebhookError> {
     if receiver.config.secrets.is_empty() {
-        return Ok(());
+        return Ok(None);
     }
     let get = |name: &'static str| {
         headers
@@ -202,8 +211,5 @@ fn verify(receiver: &Receiver, headers: &HeaderMap, body: &[u8]) -> Result<(), W
     if skew.unsigned_abs() > receiver.config.tolerance.as_secs() {
         return Err(WebhookError::Stale(skew));
     }
-    if !receiver.nonces.claim(nonce) {
-        return Err(WebhookError::Replayed);
-    }
-    Ok(())
+    Ok(Some(nonce))
 }

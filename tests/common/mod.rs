@@ -1,6 +1,8 @@
 //! Test harness: a fake Sinch on a loopback port, the real service in-process on port 0, and the real binary.
 #![allow(dead_code)] // each test crate uses its own part of the harness
 
+pub mod redis;
+
 use std::{
     collections::VecDeque,
     net::SocketAddr,

@@ -1,4 +1,4 @@
-//! Nonces seen within the signature window: a callback's nonce is accepted once.
+//! Nonces seen by this replica within the signature window, for a single replica: a nonce is accepted once.
 
 use std::{
     collections::{HashSet, VecDeque},

@@ -1,0 +1,189 @@
+//! Many replicas sharing a real Redis: any replica serves any watch, with the same offsets, through outages.
+
+mod common;
+
+use std::time::Duration;
+
+use capability_facade::grpc::pb::{Channel, CompletionReason};
+use common::{
+    FakeSinch, Service, WEBHOOK_SECRET, capability_body, deliver, drain, identities, post_webhook, query,
+    redis::RedisServer, signed_headers, watch_request,
+};
+use tonic::Code;
+
+async fn replica(fake: &FakeSinch, redis: &RedisServer) -> Service {
+    Service::against(fake, &[&format!("--redis-url={}", redis.url())]).await
+}
+
+fn body(request_id: &str, channel: &str) -> Vec<u8> {
+    capability_body(request_id, channel, "46700000001", "CAPABILITY_FULL")
+}
+
+/// Watches `request_id` on `service` until the wait elapses or the answer completes.
+async fn watch_all(service: &Service, request_id: &str, after: u64, wait: Duration) -> Vec<(u64, String, String)> {
+    let mut client = service.client().await;
+    let stream = client
+        .watch_capability(watch_request(request_id, after, Some(wait)))
+        .await
+        .unwrap()
+        .into_inner();
+    drain(stream).await.0
+}
+
+#[tokio::test]
+async fn a_callback_on_one_replica_reaches_a_watch_on_another_live_and_replayed() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let (a, b) = (replica(&fake, &redis).await, replica(&fake, &redis).await);
+    let mut client_b = b.client().await;
+    client_b
+        .query_capability(query(
+            identities(&[(Channel::Sms, "46700000001"), (Channel::Rcs, "46700000001")]),
+            "cross",
+        ))
+        .await
+        .unwrap();
+    let live = client_b
+        .watch_capability(watch_request("cross", 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deliver(a.webhook_addr, body("cross", "SMS")).await, 200);
+    assert_eq!(deliver(a.webhook_addr, body("cross", "RCS")).await, 200);
+    let (seen, end) = drain(live).await;
+    assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(
+        end.unwrap().reason(),
+        CompletionReason::AllChannelsReported,
+        "the query went through B, the callbacks through A"
+    );
+    // A later watch on either replica replays the same.
+    for replica in [&a, &b] {
+        let replayed = watch_all(replica, "cross", 0, Duration::from_secs(5)).await;
+        assert_eq!(replayed, seen);
+    }
+}
+
+#[tokio::test]
+async fn every_replica_numbers_the_notifications_alike_and_resumes_for_the_other() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let (a, b) = (replica(&fake, &redis).await, replica(&fake, &redis).await);
+    let channels = ["SMS", "RCS", "WHATSAPP", "VIBERBM", "MMS", "TELEGRAM"];
+    for (i, channel) in channels.iter().enumerate() {
+        let target = if i % 2 == 0 { &a } else { &b };
+        assert_eq!(deliver(target.webhook_addr, body("same", channel)).await, 200);
+        // A redelivery through the other replica changes nothing.
+        let other = if i % 2 == 0 { &b } else { &a };
+        assert_eq!(deliver(other.webhook_addr, body("same", channel)).await, 200);
+    }
+    let wait = Duration::from_millis(700);
+    let on_a = watch_all(&a, "same", 0, wait).await;
+    let on_b = watch_all(&b, "same", 0, wait).await;
+    assert_eq!(on_a.len(), channels.len(), "{on_a:?}");
+    assert_eq!(on_a, on_b);
+    let resumed = watch_all(&b, "same", 4, Duration::from_millis(300)).await;
+    assert_eq!(resumed, on_a[4..]);
+}
+
+#[tokio::test]
+async fn request_ids_and_nonces_hold_across_replicas() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    fake.set_echo_delay(Duration::from_millis(200));
+    let (a, b) = (replica(&fake, &redis).await, replica(&fake, &redis).await);
+    let request = query(identities(&[(Channel::Sms, "46700000001")]), "shared-id");
+    let (mut on_a, mut on_b) = (a.client().await, b.client().await);
+    let (first, second) = tokio::join!(
+        on_a.query_capability(request.clone()),
+        on_b.query_capability(request.clone())
+    );
+    assert_eq!(first.unwrap().into_inner(), second.unwrap().into_inner());
+    assert_eq!(
+        on_b.query_capability(request).await.unwrap().into_inner().request_id,
+        "shared-id"
+    );
+    assert_eq!(
+        fake.queries().len(),
+        1,
+        "one query reached Sinch for three calls on two replicas"
+    );
+    let status = on_b
+        .query_capability(query(identities(&[(Channel::Sms, "46700000002")]), "shared-id"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists);
+
+    let callback = body("nonce", "SMS");
+    let headers = signed_headers(WEBHOOK_SECRET, &callback);
+    assert_eq!(post_webhook(a.webhook_addr, callback.clone(), &headers).await, 200);
+    assert_eq!(post_webhook(b.webhook_addr, callback, &headers).await, 401);
+}
+
+#[tokio::test]
+async fn through_a_redis_outage_callbacks_are_refused_then_redelivered_exactly_once() {
+    let mut redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let (a, b) = (replica(&fake, &redis).await, replica(&fake, &redis).await);
+    let mut client_b = b.client().await;
+    client_b
+        .query_capability(query(
+            identities(&[(Channel::Sms, "46700000001"), (Channel::Rcs, "46700000001")]),
+            "outage",
+        ))
+        .await
+        .unwrap();
+    let watch = client_b
+        .watch_capability(watch_request("outage", 0, Some(Duration::from_secs(20))))
+        .await
+        .unwrap()
+        .into_inner();
+
+    redis.kill().await;
+    assert_eq!(
+        deliver(a.webhook_addr, body("outage", "SMS")).await,
+        503,
+        "not acknowledged while Redis is down"
+    );
+    let mut client_a = a.client().await;
+    client_a
+        .query_capability(query(identities(&[(Channel::Mms, "46700000001")]), ""))
+        .await
+        .expect("queries keep working without Redis");
+
+    redis.restart().await;
+    // Sinch redelivers until acknowledged; the connection manager reconnects on its own.
+    let mut status = 503;
+    for _ in 0..100 {
+        status = deliver(a.webhook_addr, body("outage", "SMS")).await;
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200, "accepted once Redis is back");
+    assert_eq!(deliver(b.webhook_addr, body("outage", "RCS")).await, 200);
+    let (seen, end) = drain(watch).await;
+    assert_eq!(
+        seen.into_iter().map(|s| (s.0, s.1)).collect::<Vec<_>>(),
+        [(1, "SMS".to_owned()), (2, "RCS".to_owned())],
+        "the open watch got each notification exactly once"
+    );
+    assert_eq!(end.unwrap().reason(), CompletionReason::AllChannelsReported);
+}
+
+#[tokio::test]
+async fn a_new_replica_rebuilds_the_retained_events_from_redis() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let a = replica(&fake, &redis).await;
+    for channel in ["SMS", "RCS", "WHATSAPP"] {
+        assert_eq!(deliver(a.webhook_addr, body("rebuild", channel)).await, 200);
+    }
+    let before = watch_all(&a, "rebuild", 0, Duration::from_millis(500)).await;
+    drop(a);
+    let c = replica(&fake, &redis).await;
+    let after = watch_all(&c, "rebuild", 0, Duration::from_millis(500)).await;
+    assert_eq!(before.len(), 3);
+    assert_eq!(after, before);
+}
