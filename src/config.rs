@@ -89,6 +89,10 @@ pub struct ServeArgs {
     /// Hard bound on the drain after SIGTERM.
     #[arg(long, env = SHUTDOWN_GRACE, default_value = "20s")]
     pub shutdown_grace: String,
+    /// After SIGTERM, how long the listeners keep accepting (answering UNAVAILABLE to new watches, serving
+    /// queries and callbacks) before they stop; part of the shutdown grace.
+    #[arg(long, env = DRAIN_DELAY, default_value = "1s")]
+    pub drain_delay: String,
     /// Log format: text or json. Default: text on a terminal, json otherwise.
     #[arg(long, env = LOG_FORMAT)]
     pub log_format: Option<String>,
@@ -116,6 +120,15 @@ pub struct ServeArgs {
     /// The most WatchCapability streams open at once on this replica.
     #[arg(long, env = MAX_WATCHES, default_value = "250000")]
     pub max_watches: String,
+    /// QueryCapability calls in flight at once on this replica; beyond, RESOURCE_EXHAUSTED at once (load shedding).
+    #[arg(long, env = MAX_INFLIGHT_QUERIES, default_value = "2048")]
+    pub max_inflight_queries: String,
+    /// HTTP/2 streams one connection may carry at once (a mesh sidecar multiplexes many callers on few).
+    #[arg(long, env = MAX_STREAMS_PER_CONNECTION, default_value = "10000")]
+    pub max_streams_per_connection: String,
+    /// Close gRPC connections older than this (GOAWAY, open streams may finish); 0 = never.
+    #[arg(long, env = MAX_CONNECTION_AGE, default_value = "0s")]
+    pub max_connection_age: String,
     /// The most requests tracked at once; past it the oldest are evicted.
     #[arg(long, env = MAX_REQUESTS, default_value = "500000")]
     pub max_requests: String,
@@ -148,6 +161,7 @@ pub const REDIS_PREFIX: &str = "CAPABILITY_REDIS_PREFIX";
 pub const RETENTION: &str = "CAPABILITY_RETENTION";
 pub const SHUTDOWN_GRACE: &str = "CAPABILITY_SHUTDOWN_GRACE";
 pub const LOG_FORMAT: &str = "CAPABILITY_LOG_FORMAT";
+pub const DRAIN_DELAY: &str = "CAPABILITY_DRAIN_DELAY";
 pub const IDEMPOTENCY_WINDOW: &str = "CAPABILITY_IDEMPOTENCY_WINDOW";
 pub const QUERY_TIMEOUT: &str = "CAPABILITY_QUERY_TIMEOUT";
 pub const WEBHOOK_TOLERANCE: &str = "CAPABILITY_WEBHOOK_TOLERANCE";
@@ -157,6 +171,9 @@ pub const HEARTBEAT: &str = "CAPABILITY_HEARTBEAT";
 pub const WATCH_WAIT: &str = "CAPABILITY_WATCH_WAIT";
 pub const MAX_WATCHES: &str = "CAPABILITY_MAX_WATCHES";
 pub const MAX_REQUESTS: &str = "CAPABILITY_MAX_REQUESTS";
+pub const MAX_INFLIGHT_QUERIES: &str = "CAPABILITY_MAX_INFLIGHT_QUERIES";
+pub const MAX_STREAMS_PER_CONNECTION: &str = "CAPABILITY_MAX_STREAMS_PER_CONNECTION";
+pub const MAX_CONNECTION_AGE: &str = "CAPABILITY_MAX_CONNECTION_AGE";
 pub const SANDBOX_CALLBACK_DELAY: &str = "CAPABILITY_SANDBOX_CALLBACK_DELAY";
 pub const SANDBOX_DUPLICATES: &str = "CAPABILITY_SANDBOX_DUPLICATES";
 pub const SANDBOX_REORDER: &str = "CAPABILITY_SANDBOX_REORDER";
@@ -195,6 +212,7 @@ pub struct Config {
     pub redis_prefix: String,
     pub retention: Duration,
     pub shutdown_grace: Duration,
+    pub drain_delay: Duration,
     pub log_format: LogFormat,
     pub idempotency_window: Duration,
     pub query_timeout: Duration,
@@ -205,6 +223,10 @@ pub struct Config {
     pub watch_wait: Duration,
     pub max_watches: usize,
     pub max_requests: usize,
+    pub max_inflight_queries: usize,
+    pub max_streams_per_connection: u32,
+    /// `None`: connections live as long as their peers keep them.
+    pub max_connection_age: Option<Duration>,
     /// How the in-process sandbox sends callbacks (sandbox mode only).
     pub sandbox: SandboxKnobs,
 }
@@ -312,6 +334,7 @@ impl Config {
             redis_prefix: args.redis_prefix.clone(),
             retention: parse_duration(RETENTION, &args.retention)?,
             shutdown_grace: parse_duration(SHUTDOWN_GRACE, &args.shutdown_grace)?,
+            drain_delay: parse_duration(DRAIN_DELAY, &args.drain_delay)?,
             log_format,
             idempotency_window: parse_duration(IDEMPOTENCY_WINDOW, &args.idempotency_window)?,
             query_timeout: parse_duration(QUERY_TIMEOUT, &args.query_timeout)?,
@@ -322,6 +345,14 @@ impl Config {
             watch_wait: parse_duration(WATCH_WAIT, &args.watch_wait)?,
             max_watches: parse_count(MAX_WATCHES, &args.max_watches)?,
             max_requests: parse_count(MAX_REQUESTS, &args.max_requests)?,
+            max_inflight_queries: parse_count(MAX_INFLIGHT_QUERIES, &args.max_inflight_queries)?,
+            max_streams_per_connection: u32::try_from(parse_count(
+                MAX_STREAMS_PER_CONNECTION,
+                &args.max_streams_per_connection,
+            )?)
+            .map_err(|_| invalid(MAX_STREAMS_PER_CONNECTION, "too large"))?,
+            max_connection_age: Some(parse_duration(MAX_CONNECTION_AGE, &args.max_connection_age)?)
+                .filter(|age| !age.is_zero()),
             sandbox: SandboxKnobs {
                 callback_delay: parse_duration(SANDBOX_CALLBACK_DELAY, &args.sandbox_callback_delay)?,
                 duplicates: parse_bool(SANDBOX_DUPLICATES, &args.sandbox_duplicates)?,

@@ -11,12 +11,14 @@
 //! - [`backplane`]: where events go: the hub directly, or a Redis stream every replica reads.
 //! - [`grpc`]: the tonic service, proto ⇄ domain conversion, errors → statuses; the only user of tonic.
 //! - [`sandbox`]: the built-in Sinch emulator, callbacks included.
+//! - [`admin`]: metrics and probes on the admin port.
 //! - [`cli`]: the command-line clients (`query`, `watch`, `check`) and the `sandbox` command.
 //!
 //! [`run`] wires the parts on listeners the caller bound, until a shutdown token is cancelled.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod admin;
 pub mod backplane;
 pub mod capability;
 pub mod cli;
@@ -49,6 +51,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub struct Listeners {
     pub grpc: TcpListener,
     pub webhook: TcpListener,
+    pub admin: TcpListener,
 }
 
 /// Runs the service until `shutdown` is cancelled, then drains for at most `config.shutdown_grace`.
@@ -109,7 +112,26 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         heartbeat: config.heartbeat,
         max_watches: config.max_watches,
     };
-    let api = grpc::CapabilityApi::new(queries, config.query_timeout, hub.clone(), watch, shutdown.clone());
+    let api = grpc::CapabilityApi::new(
+        queries,
+        config.max_inflight_queries,
+        config.query_timeout,
+        hub.clone(),
+        watch,
+        shutdown.clone(),
+    );
+    let transport = grpc::TransportSettings {
+        max_streams_per_connection: config.max_streams_per_connection,
+        max_connection_age: config.max_connection_age,
+        max_connection_age_grace: config.retention,
+    };
+    let admin = Arc::new(admin::Admin {
+        metrics: telemetry::metrics(),
+        hub: hub.clone(),
+        backplane: backplane.clone(),
+        shutdown: shutdown.clone(),
+    });
+    tokio::spawn(admin::serve(listeners.admin, admin::router(admin), background.clone()));
     let receiver = Arc::new(webhook::Receiver::new(
         webhook::WebhookConfig {
             secrets,
@@ -120,8 +142,19 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         backplane,
     ));
 
-    let grpc = grpc::serve(listeners.grpc, api, shutdown.clone());
-    let webhook = webhook::serve(listeners.webhook, webhook::router(receiver), shutdown.clone());
+    // Shutdown in three steps: decide (`shutdown`: health, readiness and watches react at once), stop accepting
+    // after the drain delay (`stop`), and wait at most the grace for what is in flight.
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let (shutdown, stop, delay) = (shutdown.clone(), stop.clone(), config.drain_delay);
+        async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(delay).await;
+            stop.cancel();
+        }
+    });
+    let grpc = grpc::serve(listeners.grpc, api, transport, shutdown.clone(), stop.clone());
+    let webhook = webhook::serve(listeners.webhook, webhook::router(receiver), stop);
     let servers = async {
         let (grpc, webhook) = tokio::join!(grpc, webhook);
         grpc?;

@@ -43,16 +43,18 @@ async fn serve(args: ServeArgs) -> ExitCode {
             config::KEY_ID
         );
     }
-    let (grpc, webhook) = match (
+    let (grpc, webhook, admin) = match (
         bind(config::GRPC_ADDR, config.grpc_addr).await,
         bind(config::WEBHOOK_ADDR, config.webhook_addr).await,
+        bind(config::ADMIN_ADDR, config.admin_addr).await,
     ) {
-        (Some(grpc), Some(webhook)) => (grpc, webhook),
+        (Some(grpc), Some(webhook), Some(admin)) => (grpc, webhook, admin),
         _ => return ExitCode::FAILURE,
     };
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    tracing::info!(grpc = %addr(&grpc), webhook = %addr(&webhook), "listening");
-    match capability_facade::run(config, Listeners { grpc, webhook }, shutdown_on_signal()).await {
+    tracing::info!(grpc = %addr(&grpc), webhook = %addr(&webhook), admin = %addr(&admin), "listening");
+    let listeners = Listeners { grpc, webhook, admin };
+    match capability_facade::run(config, listeners, shutdown_on_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "the service failed");

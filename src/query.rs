@@ -13,6 +13,7 @@ use crate::{
     backplane::{Backplane, IdempotencyClaim},
     capability::{Query, QueryAccepted, Recipient},
     hub::Hub,
+    telemetry::TraceParent,
     upstream::{self, SinchClient, wire::QueryJson},
 };
 
@@ -66,23 +67,34 @@ impl Queries {
         }
     }
 
-    async fn forward(&self, query: &Query, deadline: Instant) -> Result<QueryAccepted, upstream::Error> {
+    async fn forward(
+        &self,
+        query: &Query,
+        deadline: Instant,
+        trace: Option<&TraceParent>,
+    ) -> Result<QueryAccepted, upstream::Error> {
         let expected = query.expected_channels();
         self.backplane
             .record_query(&query.request_id, expected.as_deref())
             .await;
         self.hub.record_query(&query.request_id, expected);
-        self.upstream.query(query, deadline).await
+        let traceparent = trace.map(TraceParent::child);
+        self.upstream.query(query, deadline, traceparent.as_deref()).await
     }
 
     /// Sends a query with a caller-chosen request_id unless another replica did or is doing so.
-    async fn forward_once(&self, query: &Query, deadline: Instant) -> Result<QueryAccepted, QueryError> {
+    async fn forward_once(
+        &self,
+        query: &Query,
+        deadline: Instant,
+        trace: Option<&TraceParent>,
+    ) -> Result<QueryAccepted, QueryError> {
         let fingerprint = serde_json::to_string(&QueryJson::from(query)).expect("query JSON always serialises");
         let mut pause = Duration::from_millis(10);
         loop {
             match self.backplane.claim_request_id(&query.request_id, &fingerprint).await {
                 IdempotencyClaim::Owner => {
-                    let result = self.forward(query, deadline).await;
+                    let result = self.forward(query, deadline, trace).await;
                     self.backplane
                         .settle_request_id(&query.request_id, &fingerprint, result.as_ref().ok())
                         .await;
@@ -105,15 +117,21 @@ impl Queries {
         }
     }
 
-    /// Sends the query to Sinch unless the same request_id already did (or is doing) so.
-    pub async fn query(&self, request: QueryRequest, deadline: Instant) -> Result<QueryAccepted, QueryError> {
+    /// Sends the query to Sinch unless the same request_id already did (or is doing) so. `trace` is the caller's
+    /// trace context, continued on the call to Sinch.
+    pub async fn query(
+        &self,
+        request: QueryRequest,
+        deadline: Instant,
+        trace: Option<&TraceParent>,
+    ) -> Result<QueryAccepted, QueryError> {
         let Some(request_id) = request.request_id else {
             let query = Query {
                 app_id: request.app_id,
                 recipient: request.recipient,
                 request_id: ulid::Ulid::new().to_string(),
             };
-            return Ok(self.forward(&query, deadline).await?);
+            return Ok(self.forward(&query, deadline, trace).await?);
         };
         let query = Query {
             app_id: request.app_id,
@@ -123,7 +141,7 @@ impl Queries {
         let entry = self.idempotency.claim(&query)?;
         let answer = entry
             .answer
-            .get_or_try_init(|| self.forward_once(&query, deadline))
+            .get_or_try_init(|| self.forward_once(&query, deadline, trace))
             .await?;
         Ok(answer.clone())
     }

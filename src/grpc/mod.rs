@@ -4,10 +4,18 @@ pub mod client;
 pub mod convert;
 mod status;
 
-use std::{pin::Pin, sync::Arc, time::Duration};
+use std::{
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use futures::Stream;
-use tokio::{net::TcpListener, sync::Semaphore, time::Instant};
+use tokio::{
+    net::TcpListener,
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 use tonic::{
     Request, Response, Status,
@@ -17,8 +25,9 @@ use tonic::{
 use tonic_health::ServingStatus;
 
 use crate::{
-    hub::{Hub, WatchLimits},
+    hub::{Hub, Watch, WatchEvent, WatchLimits},
     query::Queries,
+    telemetry::TraceParent,
 };
 use pb::capability_service_server::{CapabilityService, CapabilityServiceServer};
 
@@ -30,6 +39,12 @@ pub mod pb {
     /// The contract's descriptors, for server reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/capability_descriptor.bin"));
 }
+
+/// HTTP/2 pings on an idle connection: below the idle timeouts of common proxies and load balancers (60 s and
+/// more), so that a connection carrying only quiet watches is not cut; a peer that does not answer within
+/// `KEEPALIVE_TIMEOUT` is gone.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The part of a call's deadline kept for answering in time: a status is sent before the caller gives up.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
@@ -47,9 +62,21 @@ pub struct WatchSettings {
     pub max_watches: usize,
 }
 
+/// How the gRPC server treats connections.
+#[derive(Debug, Clone, Copy)]
+pub struct TransportSettings {
+    /// HTTP/2 streams one connection may carry at once.
+    pub max_streams_per_connection: u32,
+    /// Connections older than this get a GOAWAY; open streams then have `max_connection_age_grace`.
+    pub max_connection_age: Option<Duration>,
+    pub max_connection_age_grace: Duration,
+}
+
 /// `capability.v1.CapabilityService`.
 pub struct CapabilityApi {
     queries: Arc<Queries>,
+    /// One permit per QueryCapability in flight: beyond, calls are shed at once instead of queueing.
+    query_permits: Arc<Semaphore>,
     /// The budget of a QueryCapability whose caller set no deadline.
     query_timeout: Duration,
     hub: Arc<Hub>,
@@ -63,6 +90,7 @@ pub struct CapabilityApi {
 impl CapabilityApi {
     pub fn new(
         queries: Arc<Queries>,
+        max_inflight_queries: usize,
         query_timeout: Duration,
         hub: Arc<Hub>,
         watch: WatchSettings,
@@ -70,6 +98,7 @@ impl CapabilityApi {
     ) -> CapabilityApi {
         CapabilityApi {
             queries,
+            query_permits: Arc::new(Semaphore::new(max_inflight_queries.min(Semaphore::MAX_PERMITS))),
             query_timeout,
             hub,
             watch_permits: Arc::new(Semaphore::new(watch.max_watches.min(Semaphore::MAX_PERMITS))),
@@ -95,29 +124,67 @@ impl CapabilityApi {
     }
 }
 
+/// A watch and its place among this replica's open watches, counted in `capability_active_watches`.
+struct OpenWatch {
+    watch: Watch,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl OpenWatch {
+    fn new(watch: Watch, permit: OwnedSemaphorePermit) -> OpenWatch {
+        metrics::gauge!("capability_active_watches").increment(1.0);
+        OpenWatch { watch, _permit: permit }
+    }
+}
+
+impl Drop for OpenWatch {
+    fn drop(&mut self) {
+        metrics::gauge!("capability_active_watches").decrement(1.0);
+    }
+}
+
 /// The messages of one WatchCapability stream; owns the watch, so dropping the stream frees its subscription.
 pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchCapabilityResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl CapabilityService for CapabilityApi {
-    #[tracing::instrument(skip_all, fields(request_id))]
+    #[tracing::instrument(skip_all, fields(request_id, trace_id))]
     async fn query_capability(
         &self,
         request: Request<pb::QueryCapabilityRequest>,
     ) -> Result<Response<pb::QueryCapabilityResponse>, Status> {
         let deadline = deadline(request.metadata(), self.query_timeout);
-        let query = convert::query_request(request.into_inner()).map_err(status::invalid_request)?;
-        match self.queries.query(query, deadline).await {
-            Ok(accepted) => {
-                tracing::Span::current().record("request_id", accepted.request_id.as_str());
-                tracing::info!("query accepted by Sinch");
-                Ok(Response::new(convert::query_response(accepted)))
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "query failed");
-                Err(e.into())
-            }
+        let trace = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceParent::parse);
+        let span = tracing::Span::current();
+        if let Some(trace) = &trace {
+            span.record("trace_id", trace.trace_id());
         }
+        let permit = self.query_permits.try_acquire();
+        let result = match convert::query_request(request.into_inner()) {
+            Err(violations) => Err(status::invalid_request(violations)),
+            Ok(_) if permit.is_err() => Err(status::overloaded()),
+            Ok(query) => {
+                let recipient = format!("{:?}", query.recipient);
+                match self.queries.query(query, deadline, trace.as_ref()).await {
+                    Ok(accepted) => {
+                        span.record("request_id", accepted.request_id.as_str());
+                        tracing::info!(%recipient, "query accepted by Sinch");
+                        Ok(Response::new(convert::query_response(accepted)))
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, %recipient, "query failed");
+                        Err(e.into())
+                    }
+                }
+            }
+        };
+        let outcome = result.as_ref().map_or_else(|s| status::code_label(s.code()), |_| "ok");
+        metrics::counter!("capability_queries_total", "outcome" => outcome).increment(1);
+        result
     }
 
     type WatchCapabilityStream = WatchStream;
@@ -148,12 +215,22 @@ impl CapabilityService for CapabilityApi {
             heartbeat: self.watch.heartbeat,
             shutdown: self.shutdown.clone(),
         };
-        let watch = self.hub.watch(&request.request_id, request.after_offset, limits);
+        let watch = OpenWatch::new(
+            self.hub.watch(&request.request_id, request.after_offset, limits),
+            permit,
+        );
         tracing::debug!(after_offset = request.after_offset, ?wait, "watch opened");
-        let stream = futures::stream::unfold(Some((watch, permit)), |state| async move {
-            let (mut watch, permit) = state?;
-            let event = watch.next().await?;
-            Some((convert::watch_event(event), Some((watch, permit))))
+        let stream = futures::stream::unfold(Some(watch), |state| async move {
+            let mut open = state?;
+            let event = open.watch.next().await?;
+            if let WatchEvent::Notification { notification, .. } = &event {
+                metrics::counter!("capability_notifications_delivered_total").increment(1);
+                let latency = SystemTime::now()
+                    .duration_since(notification.received_time)
+                    .unwrap_or_default();
+                metrics::histogram!("capability_delivery_latency_seconds").record(latency);
+            }
+            Some((convert::watch_event(event), Some(open)))
         });
         Ok(Response::new(Box::pin(stream)))
     }
@@ -188,12 +265,14 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-/// Serves gRPC on `listener` until `shutdown` is cancelled: health turns NOT_SERVING first, then the server stops
-/// accepting and lets in-flight calls finish (the caller bounds that wait).
+/// Serves gRPC on `listener`. When `shutdown` is cancelled health turns NOT_SERVING at once; when `stop` is
+/// cancelled the server stops accepting and lets in-flight calls finish (the caller bounds that wait).
 pub async fn serve(
     listener: TcpListener,
     api: CapabilityApi,
+    transport: TransportSettings,
     shutdown: CancellationToken,
+    stop: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CapabilityServiceServer<CapabilityApi>>().await;
@@ -207,15 +286,23 @@ pub async fn serve(
     let reflection_v1alpha = reflection()
         .build_v1alpha()
         .expect("the embedded descriptor set is valid");
-    let signal = async move {
+    tokio::spawn(async move {
         shutdown.cancelled().await;
         health.set_not_serving::<CapabilityServiceServer<CapabilityApi>>().await;
         health.set_service_status("", ServingStatus::NotServing).await;
         tracing::info!("gRPC health is NOT_SERVING; draining");
-    };
-    Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+    });
+    let signal = stop.cancelled_owned();
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(transport.max_streams_per_connection);
+    if let Some(age) = transport.max_connection_age {
+        builder = builder
+            .max_connection_age(age)
+            .max_connection_age_grace(transport.max_connection_age_grace);
+    }
+    builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -26,6 +26,18 @@ pub fn invalid_request(violations: Vec<FieldViolation>) -> Status {
     Status::with_error_details(Code::InvalidArgument, format!("invalid request: {message}"), details)
 }
 
+/// RESOURCE_EXHAUSTED for a call shed because this replica has too many in flight.
+pub fn overloaded() -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_retry_info(Some(Duration::from_millis(100)));
+    details.set_error_info("OVERLOADED", DOMAIN, HashMap::new());
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        "this replica has too many queries in flight; retry shortly (another replica may answer)",
+        details,
+    )
+}
+
 impl From<QueryError> for Status {
     fn from(error: QueryError) -> Status {
         match error {
@@ -80,4 +92,27 @@ fn upstream_status(error: upstream::Error) -> Status {
         _ => message,
     };
     Status::with_error_details(code, message, details)
+}
+
+/// A metrics label for a status code.
+pub fn code_label(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "ok",
+        Code::Cancelled => "cancelled",
+        Code::Unknown => "unknown",
+        Code::InvalidArgument => "invalid_argument",
+        Code::DeadlineExceeded => "deadline_exceeded",
+        Code::NotFound => "not_found",
+        Code::AlreadyExists => "already_exists",
+        Code::PermissionDenied => "permission_denied",
+        Code::ResourceExhausted => "resource_exhausted",
+        Code::FailedPrecondition => "failed_precondition",
+        Code::Aborted => "aborted",
+        Code::OutOfRange => "out_of_range",
+        Code::Unimplemented => "unimplemented",
+        Code::Internal => "internal",
+        Code::Unavailable => "unavailable",
+        Code::DataLoss => "data_loss",
+        Code::Unauthenticated => "unauthenticated",
+    }
 }

@@ -118,6 +118,13 @@ impl TokenCache {
 
     /// Asks the token endpoint; called with `refresh` held.
     async fn fetch(&self, http: &reqwest::Client) -> Result<Arc<HeaderValue>, Error> {
+        let result = self.request_token(http).await;
+        let label = if result.is_ok() { "ok" } else { "error" };
+        metrics::counter!("capability_token_refreshes_total", "result" => label).increment(1);
+        result
+    }
+
+    async fn request_token(&self, http: &reqwest::Client) -> Result<Arc<HeaderValue>, Error> {
         let started = Instant::now();
         let response = http
             .post(&self.url)

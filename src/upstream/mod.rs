@@ -92,14 +92,20 @@ impl SinchClient {
     }
 
     /// Sends `query` to Sinch, retrying what may succeed on a second try, and gives up at `deadline`.
-    pub async fn query(&self, query: &Query, deadline: Instant) -> Result<QueryAccepted, Error> {
+    /// `traceparent`, when given, is sent with every attempt (W3C trace context).
+    pub async fn query(
+        &self,
+        query: &Query,
+        deadline: Instant,
+        traceparent: Option<&str>,
+    ) -> Result<QueryAccepted, Error> {
         let body = Bytes::from(serde_json::to_vec(&QueryJson::from(query)).expect("query JSON always serialises"));
         let mut attempt = 0;
         let mut token_retried = false;
         loop {
             attempt += 1;
             self.admit(deadline).await?;
-            let outcome = tokio::time::timeout_at(deadline, self.send(body.clone()))
+            let outcome = tokio::time::timeout_at(deadline, self.send(body.clone(), traceparent))
                 .await
                 .map_err(|_| Error::DeadlineExceeded)?;
             let error = match outcome {
@@ -123,6 +129,7 @@ impl SinchClient {
                 return Err(error);
             }
             tracing::debug!(attempt, ?pause, error = %error, "retrying the Sinch query");
+            metrics::counter!("capability_upstream_retries_total").increment(1);
             tokio::time::sleep(pause).await;
         }
     }
@@ -142,24 +149,32 @@ impl SinchClient {
         }
     }
 
-    async fn send(&self, body: Bytes) -> Attempt {
+    async fn send(&self, body: Bytes, traceparent: Option<&str>) -> Attempt {
         let auth = match self.auth.header(&self.http).await {
             Ok(auth) => auth,
             Err(e) => return Attempt::Failed(e),
         };
-        let response = match self
+        let mut request = self
             .http
             .post(&self.query_url)
             .header(reqwest::header::AUTHORIZATION, auth.as_ref().clone())
             .header(CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await
-        {
+            .body(body);
+        if let Some(traceparent) = traceparent {
+            request = request.header("traceparent", traceparent);
+        }
+        let started = Instant::now();
+        let response = match request.send().await {
             Ok(r) => r,
-            Err(e) => return Attempt::Failed(Error::Connect(error_chain(&e))),
+            Err(e) => {
+                metrics::histogram!("capability_upstream_request_duration_seconds", "status" => "error")
+                    .record(started.elapsed());
+                return Attempt::Failed(Error::Connect(error_chain(&e)));
+            }
         };
         let status = response.status().as_u16();
+        metrics::histogram!("capability_upstream_request_duration_seconds", "status" => status_label(status))
+            .record(started.elapsed());
         let headers = response.headers().clone();
         let body = match response.bytes().await {
             Ok(b) => b,
@@ -226,6 +241,21 @@ fn classify(status: u16, body: &[u8], retry_after: Option<Duration>, token_endpo
         401 | 403 => Error::Credentials(api),
         400 if token_endpoint => Error::Credentials(api),
         _ => Error::Api(api),
+    }
+}
+
+/// A bounded label for an HTTP status.
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        429 => "429",
+        402 | 405..=428 | 430..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
     }
 }
 

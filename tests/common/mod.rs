@@ -273,6 +273,7 @@ pub fn config(fake_url: &str, extra: &[&str]) -> Config {
 pub struct Service {
     pub grpc_addr: SocketAddr,
     pub webhook_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<Result<(), capability_facade::BoxError>>,
 }
@@ -283,15 +284,15 @@ impl Service {
         let grpc_addr = grpc.local_addr().unwrap();
         let webhook = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let webhook_addr = webhook.local_addr().unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(capability_facade::run(
-            config,
-            Listeners { grpc, webhook },
-            shutdown.clone(),
-        ));
+        let listeners = Listeners { grpc, webhook, admin };
+        let task = tokio::spawn(capability_facade::run(config, listeners, shutdown.clone()));
         Service {
             grpc_addr,
             webhook_addr,
+            admin_addr,
             shutdown,
             task,
         }
@@ -355,6 +356,7 @@ pub struct Binary {
     pub child: tokio::process::Child,
     pub grpc_addr: SocketAddr,
     pub webhook_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     /// Every log line so far.
     pub log: Arc<Mutex<Vec<String>>>,
 }
@@ -389,12 +391,12 @@ impl Binary {
                     && let Some(tx) = tx.take()
                 {
                     let addr = |name: &str| v[name].as_str().unwrap().parse::<SocketAddr>().unwrap();
-                    let _ = tx.send((addr("grpc"), addr("webhook")));
+                    let _ = tx.send((addr("grpc"), addr("webhook"), addr("admin")));
                 }
                 lines.lock().unwrap().push(line);
             }
         });
-        let (grpc_addr, webhook_addr) = tokio::time::timeout(Duration::from_secs(30), rx)
+        let (grpc_addr, webhook_addr, admin_addr) = tokio::time::timeout(Duration::from_secs(30), rx)
             .await
             .ok()
             .and_then(Result::ok)
@@ -403,6 +405,7 @@ impl Binary {
             child,
             grpc_addr,
             webhook_addr,
+            admin_addr,
             log,
         }
     }

@@ -1,0 +1,225 @@
+//! What operators see: metrics after real traffic, trace context on the Sinch call, masked logs, and the
+//! shutdown drill on the real binary.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use capability_facade::grpc::pb::{Channel, capability_service_client::CapabilityServiceClient};
+use common::{
+    Binary, FakeSinch, KEY_ID, KEY_SECRET, PROJECT, Service, WEBHOOK_SECRET, capability_body, deliver, drain,
+    identities, query, reqwest_client, watch_request,
+};
+use tonic::{Code, Request};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+fn against_fake(fake: &FakeSinch) -> Vec<(&'static str, String)> {
+    vec![
+        ("SINCH_PROJECT_ID", PROJECT.into()),
+        ("SINCH_KEY_ID", KEY_ID.into()),
+        ("SINCH_KEY_SECRET", KEY_SECRET.into()),
+        ("SINCH_API_URL", fake.url()),
+        ("SINCH_AUTH_URL", format!("{}/oauth2/token", fake.url())),
+        ("SINCH_WEBHOOK_SECRETS", WEBHOOK_SECRET.into()),
+    ]
+}
+
+#[tokio::test]
+async fn metrics_after_real_traffic_carry_every_series() {
+    let fake = FakeSinch::start().await;
+    fake.script_queries([common::Canned::sinch_error(503, "UNAVAILABLE", "blip")]);
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    client
+        .query_capability(query(identities(&[(Channel::Sms, "46700000001")]), "metrics"))
+        .await
+        .unwrap();
+    let _ = client.query_capability(query(identities(&[]), "")).await;
+    let stream = client
+        .watch_capability(watch_request("metrics", 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        deliver(
+            service.webhook_addr,
+            capability_body("metrics", "SMS", "46700000001", "CAPABILITY_FULL")
+        )
+        .await,
+        200
+    );
+    let (seen, _) = drain(stream).await;
+    assert_eq!(seen.len(), 1);
+    let bad = capability_body("metrics", "SMS", "46700000001", "CAPABILITY_FULL");
+    let headers = [("content-type", "application/json".to_owned())];
+    assert_eq!(common::post_webhook(service.webhook_addr, bad, &headers).await, 401);
+
+    let http = reqwest_client();
+    let admin = |path: &str| format!("http://{}{path}", service.admin_addr);
+    let metrics = http.get(admin("/metrics")).send().await.unwrap().text().await.unwrap();
+    for series in [
+        r#"capability_queries_total{outcome="ok"}"#,
+        r#"capability_queries_total{outcome="invalid_argument"}"#,
+        "capability_upstream_request_duration_seconds_bucket",
+        "capability_upstream_retries_total",
+        r#"capability_token_refreshes_total{result="ok"}"#,
+        r#"capability_webhooks_total{result="accepted"}"#,
+        r#"capability_webhooks_total{result="bad_signature"}"#,
+        "capability_notifications_delivered_total",
+        "capability_delivery_latency_seconds_bucket",
+        "capability_active_watches",
+        "capability_retained_requests",
+    ] {
+        assert!(metrics.contains(series), "/metrics lacks {series}:\n{metrics}");
+    }
+    assert_eq!(http.get(admin("/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(http.get(admin("/readyz")).send().await.unwrap().status(), 200);
+    service.shutdown.cancel();
+    let not_ready = http.get(admin("/readyz")).send().await.unwrap();
+    assert_eq!(not_ready.status(), 503, "not ready once shutdown began");
+}
+
+#[tokio::test]
+async fn the_callers_trace_context_reaches_sinch_in_the_same_trace() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let mut request = Request::new(query(identities(&[(Channel::Sms, "46700000001")]), ""));
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    request
+        .metadata_mut()
+        .insert("traceparent", traceparent.parse().unwrap());
+    client.query_capability(request).await.unwrap();
+    let sent = fake.queries()[0].header("traceparent").to_owned();
+    assert!(sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"), "{sent:?}");
+    assert!(sent.ends_with("-01"), "{sent:?}");
+    assert_ne!(
+        sent, traceparent,
+        "the call to Sinch is a new span of the caller's trace"
+    );
+
+    client
+        .query_capability(query(identities(&[(Channel::Sms, "46700000001")]), ""))
+        .await
+        .unwrap();
+    assert_eq!(
+        fake.queries()[1].header("traceparent"),
+        "",
+        "no trace context is invented"
+    );
+}
+
+#[tokio::test]
+async fn logs_mask_identities_and_never_show_secrets_or_tokens() {
+    let fake = FakeSinch::start().await;
+    let mut env = against_fake(&fake);
+    env.push(("RUST_LOG", "info,capability_facade=debug".into()));
+    let process = Binary::spawn(&env).await;
+    let mut client = CapabilityServiceClient::connect(process.url()).await.unwrap();
+    client
+        .query_capability(query(identities(&[(Channel::Whatsapp, "46712312312")]), "masked"))
+        .await
+        .unwrap();
+    let _ = client
+        .query_capability(query(identities(&[(Channel::Whatsapp, "46712312312")]), "masked-2"))
+        .await;
+    let body = capability_body("masked", "WHATSAPP", "46712312312", "CAPABILITY_FULL");
+    assert_eq!(deliver(process.webhook_addr, body).await, 200);
+    let stream = client
+        .watch_capability(watch_request("masked", 0, Some(Duration::ZERO)))
+        .await
+        .unwrap()
+        .into_inner();
+    let (seen, _) = drain(stream).await;
+    assert_eq!(seen.len(), 1);
+    let log = process.log_text();
+    assert!(log.contains("4671*****12"), "identities appear masked:\n{log}");
+    for secret in ["46712312312", KEY_SECRET, WEBHOOK_SECRET, "token-1"] {
+        assert!(!log.contains(secret), "the log shows {secret:?}:\n{log}");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_ends_watches_refuses_new_ones_and_exits_in_time_even_with_a_stuck_reader() {
+    let fake = FakeSinch::start().await;
+    let mut env = against_fake(&fake);
+    env.push(("CAPABILITY_SHUTDOWN_GRACE", "3s".into()));
+    env.push(("CAPABILITY_DRAIN_DELAY", "1s".into()));
+    let mut process = Binary::spawn(&env).await;
+    let channel = tonic::transport::Channel::from_shared(process.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = CapabilityServiceClient::new(channel.clone());
+
+    // A stuck reader: its stream holds far more than HTTP/2 flow control lets through, and it never reads.
+    let stuck_client = CapabilityServiceClient::connect(process.url()).await.unwrap();
+    let big = "x".repeat(16 * 1024);
+    for i in 0..16 {
+        let body = serde_json::to_vec(
+            &serde_json::json!({"app_id": "A", "project_id": "", "message_metadata": big,
+            "capability_notification": {"request_id": "stuck", "channel": format!("C{i}"), "identity": "1"}}),
+        )
+        .unwrap();
+        assert_eq!(deliver(process.webhook_addr, body).await, 200);
+    }
+    let stuck = stuck_client
+        .clone()
+        .watch_capability(watch_request("stuck", 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+
+    // A reading watch, and the health service's view.
+    assert_eq!(
+        deliver(
+            process.webhook_addr,
+            capability_body("live", "SMS", "46700000001", "CAPABILITY_FULL")
+        )
+        .await,
+        200
+    );
+    let mut live = client
+        .watch_capability(watch_request("live", 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(live.message().await.unwrap().is_some());
+    let mut health = HealthClient::new(channel.clone())
+        .watch(HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        health.message().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
+    );
+
+    let signalled = Instant::now();
+    process.signal("TERM");
+    assert_eq!(
+        health.message().await.unwrap().unwrap().status(),
+        ServingStatus::NotServing
+    );
+    let status = live.message().await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(status.message().contains("last_offset=1"), "{}", status.message());
+    if let Err(status) = client.watch_capability(watch_request("late", 0, None)).await {
+        assert_eq!(status.code(), Code::Unavailable, "a new watch is refused: {status:?}");
+    } else {
+        panic!("a watch opened after SIGTERM was accepted");
+    }
+
+    let exit = process
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("the process exited");
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        signalled.elapsed() < Duration::from_secs(6),
+        "exited within the grace despite the stuck reader: {:?}",
+        signalled.elapsed()
+    );
+    drop(stuck);
+}
