@@ -93,6 +93,9 @@ pub struct ServeArgs {
     /// queries and callbacks) before they stop; part of the shutdown grace.
     #[arg(long, env = DRAIN_DELAY, default_value = "1s")]
     pub drain_delay: String,
+    /// Export traces over OTLP/gRPC to this collector (for example http://otel-collector:4317); off when unset.
+    #[arg(long, env = OTLP_ENDPOINT)]
+    pub otlp_endpoint: Option<String>,
     /// Log format: text or json. Default: text on a terminal, json otherwise.
     #[arg(long, env = LOG_FORMAT)]
     pub log_format: Option<String>,
@@ -162,6 +165,7 @@ pub const RETENTION: &str = "CAPABILITY_RETENTION";
 pub const SHUTDOWN_GRACE: &str = "CAPABILITY_SHUTDOWN_GRACE";
 pub const LOG_FORMAT: &str = "CAPABILITY_LOG_FORMAT";
 pub const DRAIN_DELAY: &str = "CAPABILITY_DRAIN_DELAY";
+pub const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 pub const IDEMPOTENCY_WINDOW: &str = "CAPABILITY_IDEMPOTENCY_WINDOW";
 pub const QUERY_TIMEOUT: &str = "CAPABILITY_QUERY_TIMEOUT";
 pub const WEBHOOK_TOLERANCE: &str = "CAPABILITY_WEBHOOK_TOLERANCE";
@@ -214,6 +218,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub drain_delay: Duration,
     pub log_format: LogFormat,
+    /// Where to export traces, when set.
+    pub otlp_endpoint: Option<String>,
     pub idempotency_window: Duration,
     pub query_timeout: Duration,
     pub webhook_tolerance: Duration,
@@ -335,6 +341,10 @@ impl Config {
             retention: parse_duration(RETENTION, &args.retention)?,
             shutdown_grace: parse_duration(SHUTDOWN_GRACE, &args.shutdown_grace)?,
             drain_delay: parse_duration(DRAIN_DELAY, &args.drain_delay)?,
+            otlp_endpoint: match args.otlp_endpoint.as_deref() {
+                None | Some("") => None,
+                Some(url) => Some(parse_url(OTLP_ENDPOINT, url)?),
+            },
             log_format,
             idempotency_window: parse_duration(IDEMPOTENCY_WINDOW, &args.idempotency_window)?,
             query_timeout: parse_duration(QUERY_TIMEOUT, &args.query_timeout)?,

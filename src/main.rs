@@ -21,7 +21,7 @@ async fn main() -> ExitCode {
         Some(Command::Watch(args)) => cli::watch(args).await,
         Some(Command::Check(args)) => cli::check(args).await,
         Some(Command::Sandbox(args)) => {
-            telemetry::init(config::LogFormat::Text);
+            let _telemetry = telemetry::init(config::LogFormat::Text, None);
             cli::sandbox(args, shutdown_on_signal()).await
         }
     }
@@ -35,7 +35,13 @@ async fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(config.log_format);
+    let _telemetry = match telemetry::init(config.log_format, config.otlp_endpoint.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("capability-facade: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if config.upstream == Upstream::Sandbox {
         tracing::warn!(
             "SANDBOX MODE: {} is not set, so queries go to the built-in Sinch emulator and no real contact is \

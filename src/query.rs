@@ -13,7 +13,7 @@ use crate::{
     backplane::{Backplane, IdempotencyClaim},
     capability::{Query, QueryAccepted, Recipient},
     hub::Hub,
-    telemetry::TraceParent,
+    telemetry::{self, TraceParent},
     upstream::{self, SinchClient, wire::QueryJson},
 };
 
@@ -78,7 +78,7 @@ impl Queries {
             .record_query(&query.request_id, expected.as_deref())
             .await;
         self.hub.record_query(&query.request_id, expected);
-        let traceparent = trace.map(TraceParent::child);
+        let traceparent = telemetry::outgoing_traceparent(trace);
         self.upstream.query(query, deadline, traceparent.as_deref()).await
     }
 

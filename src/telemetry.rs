@@ -1,21 +1,71 @@
-//! Logging (text on a terminal, JSON lines otherwise; `RUST_LOG` filters, default `info`) and the Prometheus
-//! recorder behind every `capability_*` metric.
+//! Logging (text on a terminal, JSON lines otherwise; `RUST_LOG` filters, default `info`), OTLP trace export
+//! (when `OTEL_EXPORTER_OTLP_ENDPOINT` is set), W3C trace context, and the Prometheus recorder behind every
+//! `capability_*` metric.
 
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::{EnvFilter, fmt};
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider};
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::{EnvFilter, Layer, fmt, layer::SubscriberExt, util::SubscriberInitExt};
 
 use crate::config::LogFormat;
 
-/// Installs the global subscriber; call once, first thing in the process.
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+/// Flushes exported spans when dropped: keep it until the process ends.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take()
+            && let Err(e) = provider.shutdown()
+        {
+            eprintln!("capability-facade: flushing traces failed: {e}");
+        }
     }
+}
+
+/// Installs the global subscriber; call once, first thing in the process, inside the Tokio runtime.
+/// With `otlp_endpoint`, spans are also exported over OTLP/gRPC.
+pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> Result<Telemetry, String> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = match format {
+        LogFormat::Text => fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    let provider = otlp_endpoint.map(otlp).transpose()?;
+    let traces = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("capability-facade")));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(logs)
+        .with(traces)
+        .init();
+    Ok(Telemetry { provider })
+}
+
+fn otlp(endpoint: &str) -> Result<SdkTracerProvider, String> {
+    use opentelemetry_otlp::WithExportConfig;
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint)
+        .build()
+        .map_err(|e| format!("OTEL_EXPORTER_OTLP_ENDPOINT: cannot export to {endpoint}: {e}"))?;
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name("capability-facade")
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build())
 }
 
 /// Latency buckets, in seconds: from 100 µs (a hub delivery) to 10 s (a slow upstream with retries).
@@ -41,6 +91,7 @@ pub fn metrics() -> PrometheusHandle {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TraceParent {
     trace_id: String,
+    parent_id: String,
     flags: String,
 }
 
@@ -59,6 +110,7 @@ impl TraceParent {
             && parent_id.bytes().any(|b| b != b'0');
         valid.then(|| TraceParent {
             trace_id: trace_id.to_owned(),
+            parent_id: parent_id.to_owned(),
             flags: flags.to_owned(),
         })
     }
@@ -72,6 +124,36 @@ impl TraceParent {
         let span_id = rand::random::<u64>().max(1);
         format!("00-{}-{span_id:016x}-{}", self.trace_id, self.flags)
     }
+
+    /// Makes this context the parent of `span` in exported traces.
+    pub fn adopt(&self, span: &tracing::Span) {
+        let (Ok(trace_id), Ok(span_id), Ok(flags)) = (
+            TraceId::from_hex(&self.trace_id),
+            SpanId::from_hex(&self.parent_id),
+            u8::from_str_radix(&self.flags, 16),
+        ) else {
+            return;
+        };
+        let remote = SpanContext::new(trace_id, span_id, TraceFlags::new(flags), true, TraceState::NONE);
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+    }
+}
+
+/// The `traceparent` of an outgoing call made in the current span: the span itself when traces are exported,
+/// otherwise a new span of the caller's trace, if the caller sent one.
+pub fn outgoing_traceparent(caller: Option<&TraceParent>) -> Option<String> {
+    let context = tracing::Span::current().context();
+    let span = context.span();
+    let current = span.span_context();
+    if current.is_valid() {
+        return Some(format!(
+            "00-{}-{}-{:02x}",
+            current.trace_id(),
+            current.span_id(),
+            current.trace_flags().to_u8()
+        ));
+    }
+    caller.map(TraceParent::child)
 }
 
 #[cfg(test)]

@@ -223,3 +223,60 @@ async fn sigterm_ends_watches_refuses_new_ones_and_exits_in_time_even_with_a_stu
     );
     drop(stuck);
 }
+
+#[tokio::test]
+async fn with_an_otlp_endpoint_spans_are_exported_in_the_callers_trace() {
+    use std::sync::{Arc, Mutex};
+
+    use axum::{Router, body::Bytes, routing::post};
+    // A collector stand-in: records the body of every OTLP/gRPC export and answers OK.
+    let exports: Arc<Mutex<Vec<Bytes>>> = Arc::default();
+    let recorded = exports.clone();
+    let router = Router::new().route(
+        "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+        post(move |body: Bytes| async move {
+            recorded.lock().unwrap().push(body);
+            (
+                [("content-type", "application/grpc"), ("grpc-status", "0")],
+                vec![0u8; 5],
+            )
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let collector = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+
+    let fake = FakeSinch::start().await;
+    let mut env = against_fake(&fake);
+    env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}")));
+    let mut process = Binary::spawn(&env).await;
+    let mut client = CapabilityServiceClient::connect(process.url()).await.unwrap();
+    let mut request = Request::new(query(identities(&[(Channel::Sms, "46700000001")]), ""));
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01").parse().unwrap(),
+    );
+    client.query_capability(request).await.unwrap();
+    drop(client);
+    process.signal("TERM");
+    assert!(process.wait_exit(Duration::from_secs(10)).await.unwrap().success());
+
+    let sent = fake.queries()[0].header("traceparent").to_owned();
+    assert!(sent.starts_with(&format!("00-{trace_id}-")), "{sent}");
+    let exported: Vec<u8> = exports.lock().unwrap().concat();
+    let raw_trace_id: Vec<u8> = (0..16)
+        .map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).unwrap())
+        .collect();
+    assert!(
+        exported
+            .windows(raw_trace_id.len())
+            .any(|w| w == raw_trace_id.as_slice()),
+        "the exported spans belong to the caller's trace ({} bytes exported)",
+        exported.len()
+    );
+    assert!(
+        exported.windows(16).any(|w| w == b"query_capability"),
+        "the RPC span was exported"
+    );
+}

@@ -23,6 +23,7 @@ use tonic::{
     transport::{Server, server::TcpIncoming},
 };
 use tonic_health::ServingStatus;
+use tracing::Instrument;
 
 use crate::{
     hub::{Hub, Watch, WatchEvent, WatchLimits},
@@ -124,6 +125,32 @@ impl CapabilityApi {
     }
 }
 
+impl CapabilityApi {
+    async fn query(
+        &self,
+        request: Request<pb::QueryCapabilityRequest>,
+        trace: Option<&TraceParent>,
+    ) -> Result<Response<pb::QueryCapabilityResponse>, Status> {
+        let deadline = deadline(request.metadata(), self.query_timeout);
+        let Ok(_permit) = self.query_permits.try_acquire() else {
+            return Err(status::overloaded());
+        };
+        let query = convert::query_request(request.into_inner()).map_err(status::invalid_request)?;
+        let recipient = format!("{:?}", query.recipient);
+        match self.queries.query(query, deadline, trace).await {
+            Ok(accepted) => {
+                tracing::Span::current().record("request_id", accepted.request_id.as_str());
+                tracing::info!(%recipient, "query accepted by Sinch");
+                Ok(Response::new(convert::query_response(accepted)))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, %recipient, "query failed");
+                Err(e.into())
+            }
+        }
+    }
+}
+
 /// A watch and its place among this replica's open watches, counted in `capability_active_watches`.
 struct OpenWatch {
     watch: Watch,
@@ -148,40 +175,26 @@ pub type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchCapabilityRespo
 
 #[tonic::async_trait]
 impl CapabilityService for CapabilityApi {
-    #[tracing::instrument(skip_all, fields(request_id, trace_id))]
     async fn query_capability(
         &self,
         request: Request<pb::QueryCapabilityRequest>,
     ) -> Result<Response<pb::QueryCapabilityResponse>, Status> {
-        let deadline = deadline(request.metadata(), self.query_timeout);
         let trace = request
             .metadata()
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
             .and_then(TraceParent::parse);
-        let span = tracing::Span::current();
+        // Made here rather than by `#[instrument]`: the caller's context must be its parent before it is entered.
+        let span = tracing::info_span!(
+            "query_capability",
+            request_id = tracing::field::Empty,
+            trace_id = tracing::field::Empty
+        );
         if let Some(trace) = &trace {
             span.record("trace_id", trace.trace_id());
+            trace.adopt(&span);
         }
-        let permit = self.query_permits.try_acquire();
-        let result = match convert::query_request(request.into_inner()) {
-            Err(violations) => Err(status::invalid_request(violations)),
-            Ok(_) if permit.is_err() => Err(status::overloaded()),
-            Ok(query) => {
-                let recipient = format!("{:?}", query.recipient);
-                match self.queries.query(query, deadline, trace.as_ref()).await {
-                    Ok(accepted) => {
-                        span.record("request_id", accepted.request_id.as_str());
-                        tracing::info!(%recipient, "query accepted by Sinch");
-                        Ok(Response::new(convert::query_response(accepted)))
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, %recipient, "query failed");
-                        Err(e.into())
-                    }
-                }
-            }
-        };
+        let result = self.query(request, trace.as_ref()).instrument(span).await;
         let outcome = result.as_ref().map_or_else(|s| status::code_label(s.code()), |_| "ok");
         metrics::counter!("capability_queries_total", "outcome" => outcome).increment(1);
         result
