@@ -7,22 +7,11 @@ use std::time::{Duration, Instant};
 
 use capability_facade::grpc::pb::{Channel, capability_service_client::CapabilityServiceClient};
 use common::{
-    Binary, FakeSinch, KEY_ID, KEY_SECRET, PROJECT, Service, WEBHOOK_SECRET, capability_body, deliver, drain,
-    identities, query, reqwest_client, watch_request,
+    Binary, FakeSinch, KEY_SECRET, Service, WEBHOOK_SECRET, capability_body, deliver, drain, identities, query,
+    reqwest_client, watch_request,
 };
 use tonic::{Code, Request};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
-
-fn against_fake(fake: &FakeSinch) -> Vec<(&'static str, String)> {
-    vec![
-        ("SINCH_PROJECT_ID", PROJECT.into()),
-        ("SINCH_KEY_ID", KEY_ID.into()),
-        ("SINCH_KEY_SECRET", KEY_SECRET.into()),
-        ("SINCH_API_URL", fake.url()),
-        ("SINCH_AUTH_URL", format!("{}/oauth2/token", fake.url())),
-        ("SINCH_WEBHOOK_SECRETS", WEBHOOK_SECRET.into()),
-    ]
-}
 
 #[tokio::test]
 async fn metrics_after_real_traffic_carry_every_series() {
@@ -112,7 +101,7 @@ async fn the_callers_trace_context_reaches_sinch_in_the_same_trace() {
 #[tokio::test]
 async fn logs_mask_identities_and_never_show_secrets_or_tokens() {
     let fake = FakeSinch::start().await;
-    let mut env = against_fake(&fake);
+    let mut env = common::binary_env(&fake);
     env.push(("RUST_LOG", "info,capability_facade=debug".into()));
     let process = Binary::spawn(&env).await;
     let mut client = CapabilityServiceClient::connect(process.url()).await.unwrap();
@@ -142,7 +131,7 @@ async fn logs_mask_identities_and_never_show_secrets_or_tokens() {
 #[tokio::test]
 async fn sigterm_ends_watches_refuses_new_ones_and_exits_in_time_even_with_a_stuck_reader() {
     let fake = FakeSinch::start().await;
-    let mut env = against_fake(&fake);
+    let mut env = common::binary_env(&fake);
     env.push(("CAPABILITY_SHUTDOWN_GRACE", "3s".into()));
     env.push(("CAPABILITY_DRAIN_DELAY", "1s".into()));
     let mut process = Binary::spawn(&env).await;
@@ -247,7 +236,7 @@ async fn with_an_otlp_endpoint_spans_are_exported_in_the_callers_trace() {
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
 
     let fake = FakeSinch::start().await;
-    let mut env = against_fake(&fake);
+    let mut env = common::binary_env(&fake);
     env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}")));
     let mut process = Binary::spawn(&env).await;
     let mut client = CapabilityServiceClient::connect(process.url()).await.unwrap();

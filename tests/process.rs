@@ -6,7 +6,7 @@ mod common;
 use std::{path::PathBuf, process::Command, time::Duration};
 
 use capability_facade::grpc::pb::{self, capability_service_client::CapabilityServiceClient};
-use common::{Binary, FakeSinch, KEY_ID, KEY_SECRET, PROJECT, Service, WEBHOOK_SECRET, contact, query};
+use common::{Binary, FakeSinch, Service, contact, query};
 use tokio_stream::StreamExt;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
@@ -18,17 +18,6 @@ fn binary() -> Command {
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default());
     command
-}
-
-fn against_fake(fake: &FakeSinch) -> Vec<(&'static str, String)> {
-    vec![
-        ("SINCH_PROJECT_ID", PROJECT.into()),
-        ("SINCH_KEY_ID", KEY_ID.into()),
-        ("SINCH_KEY_SECRET", KEY_SECRET.into()),
-        ("SINCH_API_URL", fake.url()),
-        ("SINCH_AUTH_URL", format!("{}/oauth2/token", fake.url())),
-        ("SINCH_WEBHOOK_SECRETS", WEBHOOK_SECRET.into()),
-    ]
 }
 
 #[test]
@@ -175,7 +164,7 @@ async fn on_shutdown_health_turns_not_serving_and_in_flight_calls_finish() {
 async fn sigterm_drains_the_real_binary_and_exits_zero() {
     let fake = FakeSinch::start().await;
     fake.set_echo_delay(Duration::from_millis(500));
-    let mut process = Binary::spawn(&against_fake(&fake)).await;
+    let mut process = Binary::spawn(&common::binary_env(&fake)).await;
     let mut client = CapabilityServiceClient::connect(process.url()).await.unwrap();
     let in_flight = tokio::spawn(async move { client.query_capability(query(contact("C"), "drained")).await });
     while fake.queries().is_empty() {

@@ -17,6 +17,16 @@ fn basic() -> String {
     )
 }
 
+/// Starts a service against a fake Sinch scripted with `script` and returns the status of one query.
+async fn failing_query(script: impl IntoIterator<Item = Canned>) -> (FakeSinch, tonic::Status) {
+    let fake = FakeSinch::start().await;
+    fake.script_queries(script);
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let status = client.query_capability(query(contact("C"), "")).await.unwrap_err();
+    (fake, status)
+}
+
 #[tokio::test]
 async fn both_recipient_forms_go_on_the_wire_as_sinch_documents() {
     let fake = FakeSinch::start().await;
@@ -226,15 +236,12 @@ async fn an_expired_token_is_dropped_and_the_query_sent_once_more() {
 
 #[tokio::test]
 async fn refused_credentials_are_reported_as_ours_not_the_callers() {
-    let fake = FakeSinch::start().await;
-    fake.script_queries([Canned::sinch_error(
+    let (fake, status) = failing_query([Canned::sinch_error(
         401,
         "UNAUTHENTICATED",
         "Request had invalid credentials.",
-    )]);
-    let service = Service::against(&fake, &[]).await;
-    let mut client = service.client().await;
-    let status = client.query_capability(query(contact("C"), "")).await.unwrap_err();
+    )])
+    .await;
     assert_eq!(status.code(), Code::Internal);
     assert!(status.message().contains("credentials"), "{}", status.message());
     assert_eq!(fake.queries().len(), 1, "a plain 401 is not retried");
@@ -302,15 +309,12 @@ async fn a_429_is_retried_after_the_time_sinch_asks_for() {
 
 #[tokio::test]
 async fn a_400_is_not_retried_and_carries_sinchs_words() {
-    let fake = FakeSinch::start().await;
-    fake.script_queries([Canned::sinch_error(
+    let (fake, status) = failing_query([Canned::sinch_error(
         400,
         "INVALID_ARGUMENT",
         "Invalid value for channel",
-    )]);
-    let service = Service::against(&fake, &[]).await;
-    let mut client = service.client().await;
-    let status = client.query_capability(query(contact("C"), "")).await.unwrap_err();
+    )])
+    .await;
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("Invalid value for channel"));
     let info = status.get_details_error_info().expect("ErrorInfo");
@@ -360,11 +364,7 @@ async fn each_upstream_failure_maps_to_its_code() {
         ),
     ];
     for (script, code, words) in cases {
-        let fake = FakeSinch::start().await;
-        fake.script_queries(script);
-        let service = Service::against(&fake, &[]).await;
-        let mut client = service.client().await;
-        let status = client.query_capability(query(contact("C"), "")).await.unwrap_err();
+        let (_fake, status) = failing_query(script).await;
         assert_eq!(status.code(), code, "{status:?}");
         assert!(status.message().contains(words), "{code:?}: {}", status.message());
         if code == Code::ResourceExhausted {

@@ -197,16 +197,7 @@ async fn unknown_enumeration_values_are_delivered_with_their_raw_strings() {
     }))
     .unwrap();
     assert_eq!(deliver(service.webhook_addr, body).await, 200);
-    let mut client = service.client().await;
-    let mut stream = client
-        .watch_capability(watch_request("unknown-values", 0, None))
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(pb::watch_capability_response::Event::Notification(n)) = stream.message().await.unwrap().unwrap().event
-    else {
-        panic!("a notification")
-    };
+    let n = common::first_notification(&service, "unknown-values").await;
     assert_eq!(
         (n.channel(), n.channel_raw.as_str()),
         (Channel::Unspecified, "CARRIER_PIGEON")
@@ -240,16 +231,7 @@ async fn every_field_of_a_callback_reaches_the_watcher() {
     }))
     .unwrap();
     assert_eq!(deliver(service.webhook_addr, body).await, 200);
-    let mut client = service.client().await;
-    let mut stream = client
-        .watch_capability(watch_request("all-fields", 0, None))
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(pb::watch_capability_response::Event::Notification(n)) = stream.message().await.unwrap().unwrap().event
-    else {
-        panic!("a notification")
-    };
+    let n = common::first_notification(&service, "all-fields").await;
     assert_eq!(n.offset, 1);
     assert_eq!(n.contact_id, "CONTACT");
     assert_eq!((n.channel(), n.identity.as_str()), (Channel::Whatsapp, "12345678910"));

@@ -47,8 +47,9 @@ pub mod pb {
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The part of a call's deadline kept for answering in time: a status is sent before the caller gives up.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(5);
+/// The part of a call's deadline kept for answering in time (a tenth of it, at most this): the status must reach
+/// the caller before its own timer fires, or it sees a bare timeout instead of what went wrong.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
 
 /// How watches behave on this replica.
 #[derive(Debug, Clone, Copy)]

@@ -547,3 +547,29 @@ pub async fn drain(
         }
     }
 }
+
+/// The environment that points the real binary at `fake`.
+pub fn binary_env(fake: &FakeSinch) -> Vec<(&'static str, String)> {
+    vec![
+        ("SINCH_PROJECT_ID", PROJECT.into()),
+        ("SINCH_KEY_ID", KEY_ID.into()),
+        ("SINCH_KEY_SECRET", KEY_SECRET.into()),
+        ("SINCH_API_URL", fake.url()),
+        ("SINCH_AUTH_URL", format!("{}/oauth2/token", fake.url())),
+        ("SINCH_WEBHOOK_SECRETS", WEBHOOK_SECRET.into()),
+    ]
+}
+
+/// Watches `request_id` and returns the first notification.
+pub async fn first_notification(service: &Service, request_id: &str) -> pb::CapabilityNotification {
+    let mut client = service.client().await;
+    let mut stream = client
+        .watch_capability(watch_request(request_id, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    match stream.message().await.unwrap().unwrap().event {
+        Some(pb::watch_capability_response::Event::Notification(n)) => n,
+        other => panic!("expected a notification, got {other:?}"),
+    }
+}
