@@ -10,7 +10,7 @@
 mod watch;
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     hash::BuildHasher,
     sync::{
         Arc, Mutex, MutexGuard,
@@ -61,6 +61,8 @@ struct Record {
     expected: Option<Vec<String>>,
     /// Notification at offset `i + 1` is at index `i`.
     notifications: Vec<Arc<Notification>>,
+    /// The digests of `notifications`, to drop exact duplicates in constant time.
+    digests: HashSet<u64>,
     /// How many watches read this record; a watched record is never purged.
     watchers: usize,
     last_activity: Instant,
@@ -128,6 +130,7 @@ impl Hub {
                         generation,
                         expected: None,
                         notifications: Vec::new(),
+                        digests: HashSet::new(),
                         watchers: 0,
                         last_activity: now,
                         changed: Arc::new(Notify::new()),
@@ -158,7 +161,7 @@ impl Hub {
     pub fn publish(&self, notification: Arc<Notification>) -> Published {
         let key = notification.clone();
         let published = self.with_record(&key.request_id, |record| {
-            if record.notifications.iter().any(|n| n.digest == notification.digest) {
+            if !record.digests.insert(notification.digest) {
                 return Published::Duplicate;
             }
             record.notifications.push(notification);

@@ -1,0 +1,427 @@
+//! The benchmark harness: measures the facade against the physical limits on this machine, in one run, and
+//! writes `docs/bench/results.md` and the curves beside it. `bench --smoke` is a ≤ 60 s version that CI runs so
+//! that the harness cannot rot. See BENCHMARKS.md for how to read and reproduce the figures.
+#![forbid(unsafe_code)]
+
+mod baselines;
+mod procs;
+mod scenarios;
+
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand};
+use scenarios::{Load, Posting, SECRET};
+
+#[derive(Parser)]
+#[command(name = "bench", about = "Benchmarks capability-facade against bare baselines")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// A short run (≤ 60 s) that only proves the harness works.
+    #[arg(long)]
+    smoke: bool,
+    /// How many times each measurement runs; the report gives medians.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Where results.md and the curves go.
+    #[arg(long, default_value = "docs/bench")]
+    out: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The bare tonic unary baseline (started by the harness).
+    Echo {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// The bare HTTP POST baseline (started by the harness).
+    BareHttp {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+/// How big a run is.
+struct Plan {
+    duration: Duration,
+    runs: usize,
+    query_workers: usize,
+    watcher_counts: Vec<usize>,
+    idle_watches: usize,
+    idle_connections: usize,
+    cross_watchers: usize,
+    cross_rate: u64,
+    latency_rate: u64,
+    retained_steps: Vec<u64>,
+}
+
+impl Plan {
+    fn new(smoke: bool, runs: usize) -> Plan {
+        if smoke {
+            Plan {
+                duration: Duration::from_millis(1500),
+                runs: 1,
+                query_workers: 16,
+                watcher_counts: vec![1, 100],
+                idle_watches: 2_000,
+                idle_connections: 10,
+                cross_watchers: 100,
+                cross_rate: 500,
+                latency_rate: 500,
+                retained_steps: vec![500, 1_000],
+            }
+        } else {
+            Plan {
+                duration: Duration::from_secs(10),
+                runs: runs.max(1),
+                query_workers: 64,
+                watcher_counts: vec![1, 1_000, 10_000],
+                idle_watches: 100_000,
+                idle_connections: 100,
+                cross_watchers: 1_000,
+                cross_rate: 5_000,
+                latency_rate: 5_000,
+                retained_steps: vec![25_000, 50_000, 75_000, 100_000],
+            }
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Echo { listen }) => return baselines::echo(listen).await,
+        Some(Command::BareHttp { listen }) => return baselines::bare_http(listen).await,
+        None => {}
+    }
+    let plan = Plan::new(cli.smoke, cli.runs);
+    let started = Instant::now();
+    let mut report = Report::default();
+    for run in 1..=plan.runs {
+        eprintln!("== run {run} of {}", plan.runs);
+        queries(&plan, &mut report).await;
+        delivery(&plan, &mut report).await;
+        idle(&plan, &mut report).await;
+        cross_replica(&plan, &mut report).await;
+        if run == 1 {
+            report.memory = memory_vs_retained(&plan).await;
+        }
+    }
+    std::fs::create_dir_all(&cli.out).expect("the output folder can be made");
+    let markdown = report.markdown(&plan, started.elapsed());
+    std::fs::write(cli.out.join("results.md"), &markdown).expect("results.md is written");
+    report.plot(&cli.out);
+    println!("{markdown}");
+}
+
+/// Every measurement, by name, one value per run.
+#[derive(Default)]
+struct Report {
+    values: Vec<(String, Vec<f64>)>,
+    /// (retained requests, RSS bytes), from the first run.
+    memory: Vec<(u64, u64)>,
+}
+
+impl Report {
+    fn add(&mut self, name: &str, value: f64) {
+        eprintln!("   {name}: {value:.1}");
+        match self.values.iter_mut().find(|(n, _)| n == name) {
+            Some((_, values)) => values.push(value),
+            None => self.values.push((name.to_owned(), vec![value])),
+        }
+    }
+
+    fn load(&mut self, name: &str, load: &Load) {
+        self.add(&format!("{name} ops/s"), load.rate());
+        self.add(&format!("{name} p50 µs"), load.p50_us() as f64);
+        self.add(&format!("{name} p99 µs"), load.p99_us() as f64);
+        if load.errors > 0 {
+            self.add(&format!("{name} errors"), load.errors as f64);
+        }
+    }
+
+    fn median(&self, name: &str) -> f64 {
+        let Some((_, values)) = self.values.iter().find(|(n, _)| n == name) else {
+            return f64::NAN;
+        };
+        let mut sorted = values.clone();
+        sorted.sort_by(f64::total_cmp);
+        sorted[sorted.len() / 2]
+    }
+
+    fn markdown(&self, plan: &Plan, took: Duration) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "Medians of {} run(s), {} s per measurement, {} CPUs; the whole run took {:.0} s.\n",
+            plan.runs,
+            plan.duration.as_secs_f64(),
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            took.as_secs_f64()
+        );
+        let _ = writeln!(out, "| measurement | median | runs |\n|---|---:|---|");
+        for (name, values) in &self.values {
+            let runs: Vec<String> = values.iter().map(|v| format!("{v:.0}")).collect();
+            let _ = writeln!(out, "| {name} | {:.0} | {} |", self.median(name), runs.join(", "));
+        }
+        let ratio = |a: &str, b: &str| self.median(a) / self.median(b);
+        let _ = writeln!(out, "\n| ratio | value |\n|---|---:|");
+        let _ = writeln!(
+            out,
+            "| facade / direct query throughput | {:.2} |",
+            ratio("query facade ops/s", "query direct ops/s")
+        );
+        let _ = writeln!(
+            out,
+            "| facade / echo query throughput | {:.2} |",
+            ratio("query facade ops/s", "query echo ops/s")
+        );
+        let _ = writeln!(
+            out,
+            "| query p50 added over direct (µs) | {:.0} |",
+            self.median("query facade p50 µs") - self.median("query direct p50 µs")
+        );
+        let most = plan.watcher_counts.last().copied().unwrap_or(1);
+        for watchers in [1, most] {
+            let _ = writeln!(
+                out,
+                "| delivery ({watchers} watchers) / bare HTTP throughput | {:.2} |",
+                ratio(&format!("delivery {watchers} watchers deliveries/s"), "bare http ops/s")
+            );
+        }
+        if !self.memory.is_empty() {
+            let _ = writeln!(out, "\n| retained requests | RSS MiB |\n|---:|---:|");
+            for (retained, rss) in &self.memory {
+                let _ = writeln!(out, "| {retained} | {:.1} |", *rss as f64 / 1048576.0);
+            }
+        }
+        out
+    }
+
+    fn plot(&self, out: &std::path::Path) {
+        use plotters::prelude::*;
+        let throughput: Vec<(f64, f64)> = self
+            .values
+            .iter()
+            .filter_map(|(name, _)| {
+                let watchers = name.strip_prefix("delivery ")?.strip_suffix(" watchers deliveries/s")?;
+                Some((watchers.parse().ok()?, self.median(name)))
+            })
+            .collect();
+        let path = out.join("throughput-vs-watchers.svg");
+        let root = SVGBackend::new(&path, (640, 400)).into_drawing_area();
+        root.fill(&WHITE).expect("draws");
+        let top = throughput.iter().map(|p| p.1).fold(1.0, f64::max) * 1.2;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("Callback → stream deliveries/s vs watchers", ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(64)
+            .build_cartesian_2d((0.5f64..20_000f64).log_scale(), 0f64..top)
+            .expect("draws");
+        chart
+            .configure_mesh()
+            .x_desc("watchers (one request_id each)")
+            .y_desc("deliveries/s")
+            .draw()
+            .expect("draws");
+        chart
+            .draw_series(LineSeries::new(throughput.iter().copied(), &BLUE))
+            .expect("draws");
+        chart
+            .draw_series(throughput.iter().map(|p| Circle::new(*p, 4, BLUE.filled())))
+            .expect("draws");
+        root.present().expect("writes the SVG");
+
+        let memory: Vec<(f64, f64)> = self
+            .memory
+            .iter()
+            .map(|(r, rss)| (*r as f64, *rss as f64 / 1048576.0))
+            .collect();
+        let path = out.join("memory-vs-retained.svg");
+        let root = SVGBackend::new(&path, (640, 400)).into_drawing_area();
+        root.fill(&WHITE).expect("draws");
+        let right = memory.iter().map(|p| p.0).fold(1.0, f64::max) * 1.05;
+        let top = memory.iter().map(|p| p.1).fold(1.0, f64::max) * 1.2;
+        let mut chart = ChartBuilder::on(&root)
+            .caption("Facade RSS vs retained requests", ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0f64..right, 0f64..top)
+            .expect("draws");
+        chart
+            .configure_mesh()
+            .x_desc("retained requests (one notification each)")
+            .y_desc("RSS (MiB)")
+            .draw()
+            .expect("draws");
+        chart
+            .draw_series(LineSeries::new(memory.iter().copied(), &RED))
+            .expect("draws");
+        chart
+            .draw_series(memory.iter().map(|p| Circle::new(*p, 4, RED.filled())))
+            .expect("draws");
+        root.present().expect("writes the SVG");
+    }
+}
+
+/// QueryCapability through the facade, the same query to the sandbox directly, and a bare tonic echo.
+async fn queries(plan: &Plan, report: &mut Report) {
+    let sandbox = procs::sandbox().await;
+    let sinch = format!("http://{}", sandbox.addrs[0]);
+    let facade = procs::facade(&[
+        ("SINCH_PROJECT_ID", "sandbox-project".into()),
+        ("SINCH_KEY_ID", "sandbox-key".into()),
+        ("SINCH_KEY_SECRET", "sandbox-secret".into()),
+        ("SINCH_API_URL", sinch.clone()),
+        ("SINCH_AUTH_URL", format!("{sinch}/oauth2/token")),
+        ("SINCH_WEBHOOK_SECRETS", SECRET.into()),
+        ("SINCH_RATE_LIMIT", "1000000".into()),
+    ])
+    .await;
+    let echo = procs::baseline("echo").await;
+    let warmup = plan.duration / 5;
+    let workers = plan.query_workers;
+    scenarios::grpc_queries(facade.addrs[0], workers, 4, warmup).await;
+    let load = scenarios::grpc_queries(facade.addrs[0], workers, 4, plan.duration).await;
+    report.load("query facade", &load);
+    scenarios::http_queries(sandbox.addrs[0], workers, warmup).await;
+    let load = scenarios::http_queries(sandbox.addrs[0], workers, plan.duration).await;
+    report.load("query direct", &load);
+    scenarios::grpc_queries(echo.addrs[0], workers, 4, warmup).await;
+    let load = scenarios::grpc_queries(echo.addrs[0], workers, 4, plan.duration).await;
+    report.load("query echo", &load);
+}
+
+/// Env of a facade in sandbox mode whose webhook the harness can sign for.
+fn delivery_env() -> Vec<(&'static str, String)> {
+    vec![("SINCH_WEBHOOK_SECRETS", SECRET.into())]
+}
+
+/// Callback → stream, flat out with 1 … N watchers, at a fixed rate for latency, and the bare HTTP baseline.
+async fn delivery(plan: &Plan, report: &mut Report) {
+    let posters = 32;
+    for &count in &plan.watcher_counts {
+        let facade = procs::facade(&delivery_env()).await;
+        let watchers = scenarios::open_watchers(&facade.addrs[..1], "w", count, count.min(100)).await;
+        let flat_out = Posting {
+            posters,
+            rate: None,
+            limit: None,
+            duration: plan.duration,
+        };
+        let started = Instant::now();
+        let posted = scenarios::post_callbacks(facade.addrs[1], "w", count, flat_out).await;
+        let last = watchers.wait_for(posted.ok, Duration::from_secs(30)).await;
+        let delivered = watchers.delivered.load(std::sync::atomic::Ordering::Relaxed);
+        report.add(
+            &format!("delivery {count} watchers deliveries/s"),
+            delivered as f64 / (last - started).as_secs_f64(),
+        );
+        if delivered != posted.ok {
+            report.add(
+                &format!("delivery {count} watchers missing"),
+                (posted.ok - delivered) as f64,
+            );
+        }
+        if Some(&count) == plan.watcher_counts.last() {
+            watchers.reset();
+            let paced = Posting {
+                rate: Some(plan.latency_rate),
+                ..flat_out
+            };
+            let posted = scenarios::post_callbacks(facade.addrs[1], "w", count, paced).await;
+            watchers.wait_for(posted.ok, Duration::from_secs(30)).await;
+            let latency = watchers.latency.lock().unwrap().clone();
+            let name = format!("delivery at {}/s ({count} watchers)", plan.latency_rate);
+            report.add(&format!("{name} p50 µs"), latency.value_at_quantile(0.5) as f64);
+            report.add(&format!("{name} p99 µs"), latency.value_at_quantile(0.99) as f64);
+        }
+    }
+    let bare = procs::baseline("bare-http").await;
+    let flat_out = Posting {
+        posters,
+        rate: None,
+        limit: None,
+        duration: plan.duration,
+    };
+    let load = scenarios::post_callbacks(bare.addrs[0], "w", 1, flat_out).await;
+    report.load("bare http", &load);
+}
+
+/// Many idle watches on one replica: resident memory per stream.
+async fn idle(plan: &Plan, report: &mut Report) {
+    let facade = procs::facade(&delivery_env()).await;
+    // Warm the allocator and the runtime with a first batch, then measure from there.
+    drop(scenarios::idle_watches(facade.addrs[0], 1_000, plan.idle_connections).await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = facade.rss();
+    let streams = scenarios::idle_watches(facade.addrs[0], plan.idle_watches, plan.idle_connections).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = facade.rss();
+    report.add(
+        &format!("idle watches ({}) RSS bytes per stream", plan.idle_watches),
+        after.saturating_sub(before) as f64 / streams.len() as f64,
+    );
+    report.add("idle watches total RSS MiB", after as f64 / 1048576.0);
+}
+
+/// Three replicas sharing a Redis: callbacks into one, watchers on the two others.
+async fn cross_replica(plan: &Plan, report: &mut Report) {
+    let redis = procs::redis().await;
+    let mut env = delivery_env();
+    env.push(("CAPABILITY_REDIS_URL", format!("redis://{}", redis.addrs[0])));
+    let replicas = [
+        procs::facade(&env).await,
+        procs::facade(&env).await,
+        procs::facade(&env).await,
+    ];
+    let others = [replicas[1].addrs[0], replicas[2].addrs[0]];
+    let watchers = scenarios::open_watchers(&others, "x", plan.cross_watchers, 10).await;
+    let paced = Posting {
+        posters: 32,
+        rate: Some(plan.cross_rate),
+        limit: None,
+        duration: plan.duration,
+    };
+    let posted = scenarios::post_callbacks(replicas[0].addrs[1], "x", plan.cross_watchers, paced).await;
+    watchers.wait_for(posted.ok, Duration::from_secs(30)).await;
+    let latency = watchers.latency.lock().unwrap().clone();
+    let name = format!("cross-replica at {}/s (3 replicas)", plan.cross_rate);
+    report.add(&format!("{name} p50 µs"), latency.value_at_quantile(0.5) as f64);
+    report.add(&format!("{name} p99 µs"), latency.value_at_quantile(0.99) as f64);
+    let delivered = watchers.delivered.load(std::sync::atomic::Ordering::Relaxed);
+    if delivered != posted.ok {
+        report.add(&format!("{name} missing"), (posted.ok - delivered) as f64);
+    }
+}
+
+/// RSS of a fresh replica as it retains more and more requests (one notification each).
+async fn memory_vs_retained(plan: &Plan) -> Vec<(u64, u64)> {
+    let facade = procs::facade(&delivery_env()).await;
+    let mut points = vec![(0, facade.rss())];
+    let mut retained = 0;
+    for (step, &target) in plan.retained_steps.iter().enumerate() {
+        let count = target - retained;
+        let posting = Posting {
+            posters: 32,
+            rate: None,
+            limit: Some(count),
+            duration: Duration::from_secs(600),
+        };
+        let prefix = format!("m{step}-");
+        let posted = scenarios::post_callbacks(facade.addrs[1], &prefix, count as usize, posting).await;
+        retained += posted.ok;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        points.push((retained, facade.rss()));
+    }
+    points
+}

@@ -1,0 +1,349 @@
+//! Load generators: gRPC queries (facade or echo), HTTP queries (the sandbox directly), signed callbacks (the
+//! facade's webhook or the bare HTTP server), watchers that time each notification, and idle watches.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use base64::Engine;
+use capability_facade::{
+    grpc::pb::{self, capability_service_client::CapabilityServiceClient},
+    webhook::signature,
+};
+use hdrhistogram::Histogram;
+use tonic::transport::Channel;
+
+/// The secret the facade under test is given, so that the generator can sign.
+pub const SECRET: &str = "bench-webhook-secret";
+
+/// What a load run measured; latencies in microseconds.
+pub struct Load {
+    pub ok: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    pub latency: Histogram<u64>,
+}
+
+impl Load {
+    pub fn rate(&self) -> f64 {
+        self.ok as f64 / self.seconds
+    }
+
+    pub fn p50_us(&self) -> u64 {
+        self.latency.value_at_quantile(0.5)
+    }
+
+    pub fn p99_us(&self) -> u64 {
+        self.latency.value_at_quantile(0.99)
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+}
+
+/// Runs `workers` copies of `op` for `duration` (or until `op` says `None`), each timing its own calls, and
+/// merges what they measured.
+async fn closed_loop<F, Fut>(workers: usize, duration: Duration, op: F) -> Load
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Option<bool>> + Send,
+{
+    let started = Instant::now();
+    let end = started + duration;
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| {
+            let op = op.clone();
+            tokio::spawn(async move {
+                let (mut latency, mut ok, mut errors) = (histogram(), 0u64, 0u64);
+                while Instant::now() < end {
+                    let t = Instant::now();
+                    match op(w).await {
+                        Some(true) => {
+                            ok += 1;
+                            latency.saturating_record(t.elapsed().as_micros() as u64);
+                        }
+                        Some(false) => errors += 1,
+                        None => break,
+                    }
+                }
+                (latency, ok, errors)
+            })
+        })
+        .collect();
+    let mut load = Load {
+        ok: 0,
+        errors: 0,
+        seconds: 0.0,
+        latency: histogram(),
+    };
+    for task in tasks {
+        let (latency, ok, errors) = task.await.expect("a worker panicked");
+        load.latency.add(latency).expect("same bounds");
+        load.ok += ok;
+        load.errors += errors;
+    }
+    load.seconds = started.elapsed().as_secs_f64();
+    load
+}
+
+pub async fn channels(addr: SocketAddr, count: usize) -> Vec<Channel> {
+    let mut channels = Vec::with_capacity(count);
+    for _ in 0..count {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .expect("the gRPC server accepts");
+        channels.push(channel);
+    }
+    channels
+}
+
+fn query_request() -> pb::QueryCapabilityRequest {
+    pb::QueryCapabilityRequest {
+        app_id: "bench-app".into(),
+        recipient: Some(pb::Recipient {
+            recipient: Some(pb::recipient::Recipient::IdentifiedBy(pb::IdentifiedBy {
+                channel_identities: vec![pb::ChannelIdentity {
+                    channel: pb::Channel::Sms.into(),
+                    identity: "46700000001".into(),
+                    ..Default::default()
+                }],
+            })),
+        }),
+        request_id: String::new(),
+    }
+}
+
+/// QueryCapability in a closed loop against a gRPC server (the facade or the echo baseline).
+pub async fn grpc_queries(addr: SocketAddr, workers: usize, connections: usize, duration: Duration) -> Load {
+    let channels = channels(addr, connections).await;
+    closed_loop(workers, duration, move |w| {
+        let mut client = CapabilityServiceClient::new(channels[w % channels.len()].clone());
+        async move { Some(client.query_capability(query_request()).await.is_ok()) }
+    })
+    .await
+}
+
+/// The same query sent to the sandbox directly over HTTP, as the facade sends it.
+pub async fn http_queries(sandbox: SocketAddr, workers: usize, duration: Duration) -> Load {
+    capability_facade::upstream::install_crypto_provider();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(workers)
+        .tcp_nodelay(true)
+        .build()
+        .unwrap();
+    let url = format!("http://{sandbox}/v1/projects/sandbox-project/capability:query");
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("sandbox-key:sandbox-secret")
+    );
+    closed_loop(workers, duration, move |_| {
+        let body = serde_json::json!({"app_id": "bench-app", "request_id": ulid::Ulid::new().to_string(),
+            "recipient": {"identified_by": {"channel_identities": [{"channel": "SMS", "identity": "46700000001"}]}}});
+        let request = http
+            .post(&url)
+            .header("authorization", &auth)
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        async move { Some(matches!(request.send().await, Ok(r) if r.status().is_success())) }
+    })
+    .await
+}
+
+fn now_nanos() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos()
+}
+
+/// Watches of distinct request_ids (`{prefix}{i}`) that time each notification from its send time.
+pub struct Watchers {
+    pub delivered: Arc<AtomicU64>,
+    pub latency: Arc<Mutex<Histogram<u64>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Watchers {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Watchers {
+    /// Waits until `expected` notifications were delivered, or `limit` passed; returns when the last arrived.
+    pub async fn wait_for(&self, expected: u64, limit: Duration) -> Instant {
+        let started = Instant::now();
+        while self.delivered.load(Ordering::Relaxed) < expected && started.elapsed() < limit {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Instant::now()
+    }
+
+    pub fn reset(&self) {
+        self.delivered.store(0, Ordering::Relaxed);
+        self.latency.lock().unwrap().reset();
+    }
+}
+
+/// Opens `count` watches spread over the `grpc` servers (`connections` HTTP/2 connections to each).
+pub async fn open_watchers(grpc: &[SocketAddr], prefix: &str, count: usize, connections: usize) -> Watchers {
+    let mut all = Vec::new();
+    for addr in grpc {
+        all.extend(channels(*addr, connections).await);
+    }
+    let delivered = Arc::new(AtomicU64::new(0));
+    let latency = Arc::new(Mutex::new(histogram()));
+    let mut tasks = Vec::with_capacity(count);
+    for chunk in (0..count).collect::<Vec<_>>().chunks(500) {
+        let opened = futures::future::join_all(chunk.iter().map(|&i| {
+            let mut client = CapabilityServiceClient::new(all[i % all.len()].clone());
+            let request = pb::WatchCapabilityRequest {
+                request_id: format!("{prefix}{i}"),
+                after_offset: 0,
+                wait: Some(prost_types::Duration { seconds: 600, nanos: 0 }),
+            };
+            async move {
+                client
+                    .watch_capability(request)
+                    .await
+                    .expect("the watch opens")
+                    .into_inner()
+            }
+        }))
+        .await;
+        for mut stream in opened {
+            let (delivered, latency) = (delivered.clone(), latency.clone());
+            tasks.push(tokio::spawn(async move {
+                while let Ok(Some(message)) = stream.message().await {
+                    if let Some(pb::watch_capability_response::Event::Notification(n)) = message.event
+                        && let Ok(sent) = n.correlation_id.parse::<u128>()
+                    {
+                        let micros = (now_nanos().saturating_sub(sent) / 1000) as u64;
+                        latency.lock().unwrap().saturating_record(micros.max(1));
+                        delivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+    }
+    Watchers {
+        delivered,
+        latency,
+        tasks,
+    }
+}
+
+/// How callbacks are posted.
+#[derive(Debug, Clone, Copy)]
+pub struct Posting {
+    /// Concurrent connections.
+    pub posters: usize,
+    /// Callbacks per second in all; flat out when `None`.
+    pub rate: Option<u64>,
+    /// Stop after this many callbacks.
+    pub limit: Option<u64>,
+    pub duration: Duration,
+}
+
+/// Posts signed CAPABILITY callbacks for request_ids `{prefix}{0..ids}` to `target`. Each carries its send time
+/// (`correlation_id`, ns) and a unique sequence number, so none is a duplicate.
+pub async fn post_callbacks(target: SocketAddr, prefix: &str, ids: usize, posting: Posting) -> Load {
+    let Posting {
+        posters,
+        rate,
+        limit,
+        duration,
+    } = posting;
+    capability_facade::upstream::install_crypto_provider();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(posters)
+        .tcp_nodelay(true)
+        .build()
+        .unwrap();
+    let url = format!("http://{target}/webhooks/sinch");
+    let seq = Arc::new(AtomicU64::new(0));
+    let prefix = prefix.to_owned();
+    let started = Instant::now();
+    // At a fixed rate each poster keeps its own schedule: call k of poster w is due at start + k·posters/rate.
+    let interval = rate.map(|r| Duration::from_secs_f64(posters as f64 / r as f64));
+    let counters: Vec<Arc<AtomicU64>> = (0..posters).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    closed_loop(posters, duration, move |w| {
+        let n = seq.fetch_add(1, Ordering::Relaxed);
+        let done = limit.is_some_and(|l| n >= l);
+        let due = interval.map(|i| {
+            let k = counters[w].fetch_add(1, Ordering::Relaxed);
+            started + i * k as u32 + i.mul_f64(w as f64 / posters as f64)
+        });
+        let request_id = format!("{prefix}{}", n as usize % ids.max(1));
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            if done {
+                return None;
+            }
+            if let Some(due) = due {
+                tokio::time::sleep_until(due.into()).await;
+            }
+            let body = serde_json::to_vec(&serde_json::json!({
+                "app_id": "bench-app", "project_id": "", "correlation_id": now_nanos().to_string(),
+                "message_metadata": n.to_string(),
+                "capability_notification": {"request_id": request_id, "channel": "SMS",
+                    "identity": "46700000001", "capability_status": "CAPABILITY_FULL"}}))
+            .expect("JSON serialises");
+            let nonce = format!("bench-{n}-{}", ulid::Ulid::new());
+            let timestamp = (now_nanos() / 1_000_000_000).to_string();
+            let signed = signature::sign(SECRET, &body, &nonce, &timestamp);
+            let sent = http
+                .post(&url)
+                .header("content-type", "application/json")
+                .header(signature::SIGNATURE, signed)
+                .header(signature::TIMESTAMP, timestamp)
+                .header(signature::NONCE, nonce)
+                .body(body)
+                .send()
+                .await;
+            Some(matches!(sent, Ok(r) if r.status().is_success()))
+        }
+    })
+    .await
+}
+
+/// Opens `count` watches and keeps them open (quiet) until the returned streams are dropped.
+pub async fn idle_watches(
+    grpc: SocketAddr,
+    count: usize,
+    connections: usize,
+) -> Vec<tonic::Streaming<pb::WatchCapabilityResponse>> {
+    let channels = channels(grpc, connections).await;
+    let mut streams = Vec::with_capacity(count);
+    for chunk in (0..count).collect::<Vec<_>>().chunks(1000) {
+        let opened = futures::future::join_all(chunk.iter().map(|&i| {
+            let mut client = CapabilityServiceClient::new(channels[i % channels.len()].clone());
+            let request = pb::WatchCapabilityRequest {
+                request_id: format!("idle{i}"),
+                after_offset: 0,
+                wait: Some(prost_types::Duration { seconds: 600, nanos: 0 }),
+            };
+            async move {
+                client
+                    .watch_capability(request)
+                    .await
+                    .expect("the watch opens")
+                    .into_inner()
+            }
+        }))
+        .await;
+        streams.extend(opened);
+    }
+    streams
+}
