@@ -1,6 +1,7 @@
 //! The gRPC face of the service: `capability.v1.CapabilityService`, `grpc.health.v1` and server reflection.
 
 pub mod client;
+pub mod codec;
 pub mod convert;
 mod status;
 

@@ -136,13 +136,20 @@ impl Watch {
                     pending: Vec::new(),
                 });
             }
+            // One timer per watch: the next heartbeat or the end of the wait, whichever comes first.
+            let wakes_for_heartbeat = self.next_heartbeat < self.wait_until;
+            let timer = if wakes_for_heartbeat {
+                self.next_heartbeat
+            } else {
+                self.wait_until
+            };
             tokio::select! {
                 () = &mut notified => {}
-                () = tokio::time::sleep_until(self.next_heartbeat) => {
-                    self.next_heartbeat = Instant::now() + self.limits.heartbeat;
-                    return Some(WatchEvent::Heartbeat { last_offset: self.last_offset });
-                }
-                () = tokio::time::sleep_until(self.wait_until) => {
+                () = tokio::time::sleep_until(timer) => {
+                    if wakes_for_heartbeat {
+                        self.next_heartbeat = Instant::now() + self.limits.heartbeat;
+                        return Some(WatchEvent::Heartbeat { last_offset: self.last_offset });
+                    }
                     return self.finish(WatchEvent::Completed {
                         reason: CompletionReason::WaitElapsed,
                         last_offset: self.last_offset,
