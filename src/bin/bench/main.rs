@@ -316,6 +316,8 @@ async fn queries(plan: &Plan, report: &mut Report) {
     report.load("query facade, 1 worker", &load);
     let load = scenarios::http_queries(sandbox.addrs[0], 1, plan.duration / 2).await;
     report.load("query direct, 1 worker", &load);
+    let load = scenarios::grpc_queries(echo.addrs[0], 1, 1, plan.duration / 2).await;
+    report.load("query echo, 1 worker", &load);
 }
 
 /// Env of a facade in sandbox mode whose webhook the harness can sign for.
