@@ -285,7 +285,7 @@ impl Subscription {
         let Some(record) = shard.records.get(&self.key).filter(|r| r.generation == self.generation) else {
             return Snapshot {
                 notifications: Vec::new(),
-                first_offset: self.cursor + 1,
+                first_offset: self.cursor.saturating_add(1),
                 pending: None,
                 gone: true,
             };
@@ -299,7 +299,7 @@ impl Subscription {
                 .cloned()
                 .collect()
         });
-        let first_offset = self.cursor + 1;
+        let first_offset = self.cursor.saturating_add(1);
         self.cursor = self.cursor.max(record.notifications.len() as u64);
         Snapshot {
             notifications,

@@ -246,6 +246,25 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_after_offset_beyond_anything_waits_without_overflowing() {
+        let hub = hub();
+        hub.publish(notification("r", "SMS", 1));
+        let limits = WatchLimits {
+            wait: Duration::from_secs(1),
+            ..WatchLimits::for_tests()
+        };
+        let mut watch = hub.watch("r", u64::MAX, limits);
+        assert!(matches!(
+            watch.next().await,
+            Some(WatchEvent::Completed {
+                reason: CompletionReason::WaitElapsed,
+                last_offset: u64::MAX,
+                ..
+            })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn shutdown_ends_a_watch_with_its_last_offset() {
         let hub = hub();
         hub.publish(notification("r", "SMS", 1));
