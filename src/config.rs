@@ -93,6 +93,10 @@ pub struct ServeArgs {
     /// queries and callbacks) before they stop; part of the shutdown grace.
     #[arg(long, env = DRAIN_DELAY, default_value = "1s")]
     pub drain_delay: String,
+    /// Comma-separated bearer tokens; when set, CapabilityService calls must carry `authorization: Bearer <one
+    /// of them>` (health and reflection stay open). Off by default: in a mesh, mTLS identifies callers.
+    #[arg(long, env = GRPC_TOKENS, hide_env_values = true)]
+    pub grpc_tokens: Option<Secret>,
     /// Export traces over OTLP/gRPC to this collector (for example http://otel-collector:4317); off when unset.
     #[arg(long, env = OTLP_ENDPOINT)]
     pub otlp_endpoint: Option<String>,
@@ -166,6 +170,7 @@ pub const SHUTDOWN_GRACE: &str = "CAPABILITY_SHUTDOWN_GRACE";
 pub const LOG_FORMAT: &str = "CAPABILITY_LOG_FORMAT";
 pub const DRAIN_DELAY: &str = "CAPABILITY_DRAIN_DELAY";
 pub const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+pub const GRPC_TOKENS: &str = "CAPABILITY_GRPC_TOKENS";
 pub const IDEMPOTENCY_WINDOW: &str = "CAPABILITY_IDEMPOTENCY_WINDOW";
 pub const QUERY_TIMEOUT: &str = "CAPABILITY_QUERY_TIMEOUT";
 pub const WEBHOOK_TOLERANCE: &str = "CAPABILITY_WEBHOOK_TOLERANCE";
@@ -220,6 +225,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Where to export traces, when set.
     pub otlp_endpoint: Option<String>,
+    /// Bearer tokens callers must present; empty when caller authentication is off.
+    pub grpc_tokens: Vec<Secret>,
     pub idempotency_window: Duration,
     pub query_timeout: Duration,
     pub webhook_tolerance: Duration,
@@ -283,14 +290,7 @@ impl Config {
     /// Checks every value; the first one that cannot be used is the error.
     pub fn from_args(args: &ServeArgs) -> Result<Config, ConfigError> {
         let upstream = upstream(args)?;
-        let webhook_secrets: Vec<Secret> = args
-            .sinch_webhook_secrets
-            .iter()
-            .flat_map(|s| s.expose().split(','))
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(Secret::new)
-            .collect();
+        let webhook_secrets = split_secrets(args.sinch_webhook_secrets.as_ref());
         let insecure_webhooks = parse_bool(INSECURE_WEBHOOKS, &args.insecure_webhooks)?;
         if webhook_secrets.is_empty() && !insecure_webhooks && upstream != Upstream::Sandbox {
             return Err(invalid(
@@ -341,6 +341,7 @@ impl Config {
             retention: parse_duration(RETENTION, &args.retention)?,
             shutdown_grace: parse_duration(SHUTDOWN_GRACE, &args.shutdown_grace)?,
             drain_delay: parse_duration(DRAIN_DELAY, &args.drain_delay)?,
+            grpc_tokens: split_secrets(args.grpc_tokens.as_ref()),
             otlp_endpoint: match args.otlp_endpoint.as_deref() {
                 None | Some("") => None,
                 Some(url) => Some(parse_url(OTLP_ENDPOINT, url)?),
@@ -370,6 +371,17 @@ impl Config {
             },
         })
     }
+}
+
+/// The non-empty entries of a comma-separated secret.
+fn split_secrets(value: Option<&Secret>) -> Vec<Secret> {
+    value
+        .iter()
+        .flat_map(|s| s.expose().split(','))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(Secret::new)
+        .collect()
 }
 
 fn upstream(args: &ServeArgs) -> Result<Upstream, ConfigError> {

@@ -121,6 +121,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         shutdown.clone(),
     );
     let transport = grpc::TransportSettings {
+        tokens: config.grpc_tokens.clone(),
         max_streams_per_connection: config.max_streams_per_connection,
         max_connection_age: config.max_connection_age,
         max_connection_age_grace: config.retention,

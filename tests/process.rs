@@ -257,3 +257,30 @@ async fn a_node_client_loading_the_proto_at_run_time_checks_against_the_binary()
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/polyglot/check.js");
     run_client("node".into(), script, &[("NODE_PATH", node_modules())]).await;
 }
+
+#[tokio::test]
+async fn with_tokens_configured_only_callers_presenting_one_are_served() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &["--grpc-tokens=old-token, new-token"]).await;
+    let channel = service.channel().await;
+    let call = |token: Option<&str>| {
+        let mut client = CapabilityServiceClient::new(channel.clone());
+        let mut request = tonic::Request::new(query(contact("C"), ""));
+        if let Some(token) = token {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        }
+        async move { client.query_capability(request).await.map(|_| ()).map_err(|s| s.code()) }
+    };
+    assert_eq!(call(None).await, Err(tonic::Code::Unauthenticated));
+    assert_eq!(call(Some("guess")).await, Err(tonic::Code::Unauthenticated));
+    assert_eq!(call(Some("new-token")).await, Ok(()));
+    assert_eq!(call(Some("old-token")).await, Ok(()));
+    assert_eq!(fake.queries().len(), 2, "refused calls never reached Sinch");
+    let health = HealthClient::new(channel)
+        .check(HealthCheckRequest { service: String::new() })
+        .await
+        .expect("health stays open to probes");
+    assert_eq!(health.into_inner().status(), ServingStatus::Serving);
+}

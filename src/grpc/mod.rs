@@ -26,7 +26,10 @@ use tonic::{
 use tonic_health::ServingStatus;
 use tracing::Instrument;
 
+use subtle::ConstantTimeEq;
+
 use crate::{
+    config::Secret,
     hub::{Hub, Watch, WatchEvent, WatchLimits},
     query::Queries,
     telemetry::TraceParent,
@@ -65,9 +68,11 @@ pub struct WatchSettings {
     pub max_watches: usize,
 }
 
-/// How the gRPC server treats connections.
-#[derive(Debug, Clone, Copy)]
+/// How the gRPC server treats connections and callers.
+#[derive(Debug, Clone)]
 pub struct TransportSettings {
+    /// When not empty, CapabilityService calls must carry `authorization: Bearer <one of these>`.
+    pub tokens: Vec<Secret>,
     /// HTTP/2 streams one connection may carry at once.
     pub max_streams_per_connection: u32,
     /// Connections older than this get a GOAWAY; open streams then have `max_connection_age_grace`.
@@ -318,13 +323,40 @@ pub async fn serve(
             .max_connection_age(age)
             .max_connection_age_grace(transport.max_connection_age_grace);
     }
+    let tokens = transport.tokens;
     builder
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(CapabilityServiceServer::new(api))
+        .add_service(CapabilityServiceServer::with_interceptor(api, move |request| {
+            authenticate(&tokens, request)
+        }))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal)
         .await
+}
+
+/// Lets a call through when caller authentication is off, or when it carries one of the tokens (compared in
+/// constant time).
+fn authenticate(tokens: &[Secret], request: Request<()>) -> Result<Request<()>, Status> {
+    if tokens.is_empty() {
+        return Ok(request);
+    }
+    let presented = request
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| Status::unauthenticated("this service requires authorization: Bearer <token>"))?;
+    let known = tokens.iter().fold(subtle::Choice::from(0), |found, t| {
+        found | t.expose().as_bytes().ct_eq(presented.as_bytes())
+    });
+    if bool::from(known) {
+        Ok(request)
+    } else {
+        Err(Status::unauthenticated(
+            "the bearer token is not one this service accepts",
+        ))
+    }
 }
 
 #[cfg(test)]
