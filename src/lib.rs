@@ -155,7 +155,12 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         }
     });
     let grpc = grpc::serve(listeners.grpc, api, transport, shutdown.clone(), stop.clone());
-    let webhook = webhook::serve(listeners.webhook, webhook::router(receiver), stop);
+    let webhook = webhook::serve(
+        listeners.webhook,
+        webhook::router(receiver),
+        config.webhook_timeout,
+        stop,
+    );
     let servers = async {
         let (grpc, webhook) = tokio::join!(grpc, webhook);
         grpc?;

@@ -442,3 +442,20 @@ async fn hostile_grpc_calls_get_their_code_and_harm_nothing() {
     }
     assert!(fake.queries().is_empty(), "nothing hostile reached Sinch");
 }
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &["--webhook-timeout=300ms"]).await;
+    let mut slow = tokio::net::TcpStream::connect(service.webhook_addr).await.unwrap();
+    slow.write_all(b"POST /webhooks/sinch HTTP/1.1\r\nhost: x\r\ncontent-type: appl")
+        .await
+        .unwrap();
+    // The server closes the connection (after a 408 or at once); reading then ends.
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the connection was still open after 10 s");
+    let channel = service.channel().await;
+    still_serving(&service, &channel, "a slow client").await;
+}
