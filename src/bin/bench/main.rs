@@ -218,7 +218,6 @@ impl Report {
     }
 
     fn plot(&self, out: &std::path::Path) {
-        use plotters::prelude::*;
         let throughput: Vec<(f64, f64)> = self
             .values
             .iter()
@@ -227,62 +226,84 @@ impl Report {
                 Some((watchers.parse().ok()?, self.median(name)))
             })
             .collect();
-        let path = out.join("throughput-vs-watchers.svg");
-        let root = SVGBackend::new(&path, (640, 400)).into_drawing_area();
-        root.fill(&WHITE).expect("draws");
-        let top = throughput.iter().map(|p| p.1).fold(1.0, f64::max) * 1.2;
-        let mut chart = ChartBuilder::on(&root)
-            .caption("Callback → stream deliveries/s vs watchers", ("sans-serif", 18))
-            .margin(12)
-            .x_label_area_size(36)
-            .y_label_area_size(64)
-            .build_cartesian_2d((0.5f64..20_000f64).log_scale(), 0f64..top)
-            .expect("draws");
-        chart
-            .configure_mesh()
-            .x_desc("watchers (one request_id each)")
-            .y_desc("deliveries/s")
-            .draw()
-            .expect("draws");
-        chart
-            .draw_series(LineSeries::new(throughput.iter().copied(), &BLUE))
-            .expect("draws");
-        chart
-            .draw_series(throughput.iter().map(|p| Circle::new(*p, 4, BLUE.filled())))
-            .expect("draws");
-        root.present().expect("writes the SVG");
-
+        chart(
+            &out.join("throughput-vs-watchers.svg"),
+            (
+                "Callback → stream deliveries/s vs watchers",
+                "watchers (one request_id each)",
+                "deliveries/s",
+            ),
+            &throughput,
+            true,
+        );
         let memory: Vec<(f64, f64)> = self
             .memory
             .iter()
             .map(|(r, rss)| (*r as f64, *rss as f64 / 1048576.0))
             .collect();
-        let path = out.join("memory-vs-retained.svg");
-        let root = SVGBackend::new(&path, (640, 400)).into_drawing_area();
-        root.fill(&WHITE).expect("draws");
-        let right = memory.iter().map(|p| p.0).fold(1.0, f64::max) * 1.05;
-        let top = memory.iter().map(|p| p.1).fold(1.0, f64::max) * 1.2;
-        let mut chart = ChartBuilder::on(&root)
-            .caption("Facade RSS vs retained requests", ("sans-serif", 18))
+        chart(
+            &out.join("memory-vs-retained.svg"),
+            (
+                "Facade RSS vs retained requests",
+                "retained requests (one notification each)",
+                "RSS (MiB)",
+            ),
+            &memory,
+            false,
+        );
+    }
+}
+
+/// Draws `points` as a line with markers into an SVG; `log_x` for a logarithmic x axis.
+fn chart(path: &std::path::Path, (caption, x_desc, y_desc): (&str, &str, &str), points: &[(f64, f64)], log_x: bool) {
+    use plotters::{coord::types::RangedCoordf64, prelude::*};
+    fn draw<X>(
+        root: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+        (caption, x_desc, y_desc): (&str, &str, &str),
+        x: X,
+        y: RangedCoordf64,
+        points: &[(f64, f64)],
+    ) where
+        X: Ranged<ValueType = f64> + plotters::coord::ranged1d::ValueFormatter<f64>,
+    {
+        let mut chart = ChartBuilder::on(root)
+            .caption(caption, ("sans-serif", 18))
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(64)
-            .build_cartesian_2d(0f64..right, 0f64..top)
+            .build_cartesian_2d(x, y)
             .expect("draws");
         chart
             .configure_mesh()
-            .x_desc("retained requests (one notification each)")
-            .y_desc("RSS (MiB)")
+            .x_desc(x_desc)
+            .y_desc(y_desc)
             .draw()
             .expect("draws");
         chart
-            .draw_series(LineSeries::new(memory.iter().copied(), &RED))
+            .draw_series(LineSeries::new(points.iter().copied(), &BLUE))
             .expect("draws");
         chart
-            .draw_series(memory.iter().map(|p| Circle::new(*p, 4, RED.filled())))
+            .draw_series(points.iter().map(|p| Circle::new(*p, 4, BLUE.filled())))
             .expect("draws");
-        root.present().expect("writes the SVG");
     }
+    let root = SVGBackend::new(path, (640, 400)).into_drawing_area();
+    root.fill(&WHITE).expect("draws");
+    let top = points.iter().map(|p| p.1).fold(1.0, f64::max) * 1.2;
+    let right = points.iter().map(|p| p.0).fold(1.0, f64::max) * 1.05;
+    let y: RangedCoordf64 = (0f64..top).into();
+    if log_x {
+        let x: LogCoord<f64> = (0.5f64..right * 2.0).log_scale().into();
+        draw(&root, (caption, x_desc, y_desc), x, y, points);
+    } else {
+        draw(
+            &root,
+            (caption, x_desc, y_desc),
+            RangedCoordf64::from(0f64..right),
+            y,
+            points,
+        );
+    }
+    root.present().expect("writes the SVG");
 }
 
 /// QueryCapability through the facade, the same query to the sandbox directly, and a bare tonic echo.

@@ -205,37 +205,19 @@ pub async fn open_watchers(grpc: &[SocketAddr], prefix: &str, count: usize, conn
     let delivered = Arc::new(AtomicU64::new(0));
     let latency = Arc::new(Mutex::new(histogram()));
     let mut tasks = Vec::with_capacity(count);
-    for chunk in (0..count).collect::<Vec<_>>().chunks(500) {
-        let opened = futures::future::join_all(chunk.iter().map(|&i| {
-            let mut client = CapabilityServiceClient::new(all[i % all.len()].clone());
-            let request = pb::WatchCapabilityRequest {
-                request_id: format!("{prefix}{i}"),
-                after_offset: 0,
-                wait: Some(prost_types::Duration { seconds: 600, nanos: 0 }),
-            };
-            async move {
-                client
-                    .watch_capability(request)
-                    .await
-                    .expect("the watch opens")
-                    .into_inner()
-            }
-        }))
-        .await;
-        for mut stream in opened {
-            let (delivered, latency) = (delivered.clone(), latency.clone());
-            tasks.push(tokio::spawn(async move {
-                while let Ok(Some(message)) = stream.message().await {
-                    if let Some(pb::watch_capability_response::Event::Notification(n)) = message.event
-                        && let Ok(sent) = n.correlation_id.parse::<u128>()
-                    {
-                        let micros = (now_nanos().saturating_sub(sent) / 1000) as u64;
-                        latency.lock().unwrap().saturating_record(micros.max(1));
-                        delivered.fetch_add(1, Ordering::Relaxed);
-                    }
+    for mut stream in open_streams(&all, prefix, count).await {
+        let (delivered, latency) = (delivered.clone(), latency.clone());
+        tasks.push(tokio::spawn(async move {
+            while let Ok(Some(message)) = stream.message().await {
+                if let Some(pb::watch_capability_response::Event::Notification(n)) = message.event
+                    && let Ok(sent) = n.correlation_id.parse::<u128>()
+                {
+                    let micros = (now_nanos().saturating_sub(sent) / 1000) as u64;
+                    latency.lock().unwrap().saturating_record(micros.max(1));
+                    delivered.fetch_add(1, Ordering::Relaxed);
                 }
-            }));
-        }
+            }
+        }));
     }
     Watchers {
         delivered,
@@ -324,13 +306,21 @@ pub async fn idle_watches(
     count: usize,
     connections: usize,
 ) -> Vec<tonic::Streaming<pb::WatchCapabilityResponse>> {
-    let channels = channels(grpc, connections).await;
+    open_streams(&channels(grpc, connections).await, "idle", count).await
+}
+
+/// Opens watches of `{prefix}0` … `{prefix}{count-1}` spread over `channels`, 500 at a time.
+async fn open_streams(
+    channels: &[Channel],
+    prefix: &str,
+    count: usize,
+) -> Vec<tonic::Streaming<pb::WatchCapabilityResponse>> {
     let mut streams = Vec::with_capacity(count);
-    for chunk in (0..count).collect::<Vec<_>>().chunks(1000) {
+    for chunk in (0..count).collect::<Vec<_>>().chunks(500) {
         let opened = futures::future::join_all(chunk.iter().map(|&i| {
             let mut client = CapabilityServiceClient::new(channels[i % channels.len()].clone());
             let request = pb::WatchCapabilityRequest {
-                request_id: format!("idle{i}"),
+                request_id: format!("{prefix}{i}"),
                 after_offset: 0,
                 wait: Some(prost_types::Duration { seconds: 600, nanos: 0 }),
             };
