@@ -187,3 +187,71 @@ async fn a_new_replica_rebuilds_the_retained_events_from_redis() {
     assert_eq!(before.len(), 3);
     assert_eq!(after, before);
 }
+
+#[tokio::test]
+async fn a_watcher_whose_replica_is_sigkilled_resumes_on_another_and_misses_nothing() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let mut env = common::binary_env(&fake);
+    env.push(("CAPABILITY_REDIS_URL", redis.url()));
+    let mut a = common::Binary::spawn(&env).await;
+    let b = common::Binary::spawn(&env).await;
+    let mut on_b = tonic_client(&b.url()).await;
+    on_b.query_capability(query(
+        identities(&[
+            (Channel::Sms, "46700000001"),
+            (Channel::Rcs, "46700000001"),
+            (Channel::Whatsapp, "46700000001"),
+        ]),
+        "killed",
+    ))
+    .await
+    .unwrap();
+
+    let mut watch = tonic_client(&a.url())
+        .await
+        .watch_capability(watch_request("killed", 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deliver(b.webhook_addr, body("killed", "SMS")).await, 200);
+    let mut last_offset = 0;
+    while last_offset == 0 {
+        if let Some(capability_facade::grpc::pb::watch_capability_response::Event::Notification(n)) =
+            watch.message().await.unwrap().unwrap().event
+        {
+            last_offset = n.offset;
+        }
+    }
+    assert_eq!(last_offset, 1);
+
+    a.child.kill().await.unwrap();
+    assert!(
+        watch.message().await.is_err(),
+        "the stream of the killed replica breaks"
+    );
+    for channel in ["RCS", "WHATSAPP"] {
+        assert_eq!(deliver(b.webhook_addr, body("killed", channel)).await, 200);
+    }
+    let resumed = tonic_client(&b.url())
+        .await
+        .watch_capability(watch_request("killed", last_offset, None))
+        .await
+        .unwrap()
+        .into_inner();
+    let (seen, end) = drain(resumed).await;
+    assert_eq!(
+        seen.into_iter().map(|s| (s.0, s.1)).collect::<Vec<_>>(),
+        [(2, "RCS".to_owned()), (3, "WHATSAPP".to_owned())],
+        "the rest, each once"
+    );
+    assert_eq!(end.unwrap().reason(), CompletionReason::AllChannelsReported);
+}
+
+async fn tonic_client(
+    url: &str,
+) -> capability_facade::grpc::pb::capability_service_client::CapabilityServiceClient<tonic::transport::Channel> {
+    capability_facade::grpc::pb::capability_service_client::CapabilityServiceClient::connect(url.to_owned())
+        .await
+        .unwrap()
+}
