@@ -437,3 +437,47 @@ async fn over_the_rate_limit_callers_wait_within_their_deadline_then_are_told_to
     client.query_capability(request).await.unwrap();
     assert_eq!(fake.queries().len(), 2);
 }
+
+#[tokio::test]
+async fn a_token_endpoint_down_at_start_is_retried_within_the_deadline() {
+    let fake = FakeSinch::start().await;
+    fake.script_tokens(std::iter::repeat_n(Canned::new(503, "<html>maintenance</html>"), 2));
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let mut request = Request::new(query(contact("C"), ""));
+    request.set_timeout(Duration::from_secs(5));
+    client
+        .query_capability(request)
+        .await
+        .expect("answered once the token came");
+    assert_eq!(fake.token_requests().len(), 3);
+    assert_eq!(fake.queries().len(), 1, "nothing was sent without a token");
+}
+
+#[tokio::test]
+async fn a_token_endpoint_down_mid_run_costs_nothing_until_the_token_expires_then_recovers() {
+    let fake = FakeSinch::start().await;
+    fake.set_token_lifetime(2); // refreshed from 1 s, expired at 2 s
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    client.query_capability(query(contact("C"), "")).await.unwrap();
+    fake.script_tokens(std::iter::repeat_n(Canned::new(503, "down"), 1000));
+    tokio::time::sleep(Duration::from_millis(1100)).await; // past the refresh time, before expiry
+    client
+        .query_capability(query(contact("C"), ""))
+        .await
+        .expect("the current token is still valid");
+    assert_eq!(fake.queries()[1].header("authorization"), "Bearer token-1");
+    tokio::time::sleep(Duration::from_millis(1000)).await; // past expiry
+    let mut request = Request::new(query(contact("C"), ""));
+    request.set_timeout(Duration::from_millis(500));
+    let status = client.query_capability(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("503"), "{}", status.message());
+    fake.clear_token_script();
+    client
+        .query_capability(query(contact("C"), ""))
+        .await
+        .expect("recovered once the token endpoint is back");
+    assert_eq!(fake.queries().last().unwrap().header("authorization"), "Bearer token-2");
+}

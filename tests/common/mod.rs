@@ -158,6 +158,11 @@ impl FakeSinch {
         self.state.token_script.lock().unwrap().extend(answers);
     }
 
+    /// Forgets the token answers not given yet: the token endpoint is back.
+    pub fn clear_token_script(&self) {
+        self.state.token_script.lock().unwrap().clear();
+    }
+
     pub fn set_echo_delay(&self, delay: Duration) {
         *self.state.echo_delay.lock().unwrap() = delay;
     }
