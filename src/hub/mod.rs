@@ -91,10 +91,6 @@ impl Hub {
         }
     }
 
-    pub fn config(&self) -> HubConfig {
-        self.config
-    }
-
     /// How many requests are tracked.
     pub fn len(&self) -> usize {
         self.count.load(Ordering::Relaxed)

@@ -92,11 +92,6 @@ impl Watch {
         }
     }
 
-    /// The offset of the last notification handed out.
-    pub fn last_offset(&self) -> u64 {
-        self.last_offset
-    }
-
     /// The next event; `None` after the last one.
     pub async fn next(&mut self) -> Option<WatchEvent> {
         if self.finished {
