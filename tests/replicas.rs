@@ -19,6 +19,27 @@ fn body(request_id: &str, channel: &str) -> Vec<u8> {
     capability_body(request_id, channel, "46700000001", "CAPABILITY_FULL")
 }
 
+/// Queries `request_id` (SMS and RCS) through `service` and opens a watch of it there.
+async fn query_and_watch(
+    service: &Service,
+    request_id: &str,
+    wait: Option<Duration>,
+) -> tonic::Streaming<capability_facade::grpc::pb::WatchCapabilityResponse> {
+    let mut client = service.client().await;
+    client
+        .query_capability(query(
+            identities(&[(Channel::Sms, "46700000001"), (Channel::Rcs, "46700000001")]),
+            request_id,
+        ))
+        .await
+        .unwrap();
+    client
+        .watch_capability(watch_request(request_id, 0, wait))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// Watches `request_id` on `service` until the wait elapses or the answer completes.
 async fn watch_all(service: &Service, request_id: &str, after: u64, wait: Duration) -> Vec<(u64, String, String)> {
     let mut client = service.client().await;
@@ -35,19 +56,7 @@ async fn a_callback_on_one_replica_reaches_a_watch_on_another_live_and_replayed(
     let redis = RedisServer::start().await;
     let fake = FakeSinch::start().await;
     let (a, b) = (replica(&fake, &redis).await, replica(&fake, &redis).await);
-    let mut client_b = b.client().await;
-    client_b
-        .query_capability(query(
-            identities(&[(Channel::Sms, "46700000001"), (Channel::Rcs, "46700000001")]),
-            "cross",
-        ))
-        .await
-        .unwrap();
-    let live = client_b
-        .watch_capability(watch_request("cross", 0, None))
-        .await
-        .unwrap()
-        .into_inner();
+    let live = query_and_watch(&b, "cross", None).await;
     assert_eq!(deliver(a.webhook_addr, body("cross", "SMS")).await, 200);
     assert_eq!(deliver(a.webhook_addr, body("cross", "RCS")).await, 200);
     let (seen, end) = drain(live).await;
@@ -125,19 +134,7 @@ async fn through_a_redis_outage_callbacks_are_refused_then_redelivered_exactly_o
     let mut redis = RedisServer::start().await;
     let fake = FakeSinch::start().await;
     let (a, b) = (replica(&fake, &redis).await, replica(&fake, &redis).await);
-    let mut client_b = b.client().await;
-    client_b
-        .query_capability(query(
-            identities(&[(Channel::Sms, "46700000001"), (Channel::Rcs, "46700000001")]),
-            "outage",
-        ))
-        .await
-        .unwrap();
-    let watch = client_b
-        .watch_capability(watch_request("outage", 0, Some(Duration::from_secs(20))))
-        .await
-        .unwrap()
-        .into_inner();
+    let watch = query_and_watch(&b, "outage", Some(Duration::from_secs(20))).await;
 
     redis.kill().await;
     assert_eq!(
