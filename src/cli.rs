@@ -329,6 +329,7 @@ pub async fn sandbox(args: SandboxArgs, shutdown: CancellationToken) -> ExitCode
                 duplicates: args.duplicates,
                 reorder: args.reorder,
             },
+            trust_own_listener: false,
         });
     let config = SandboxConfig {
         project_id: args.project_id,

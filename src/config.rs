@@ -5,6 +5,8 @@ use std::{fmt, net::SocketAddr, num::NonZeroU32, str::FromStr, time::Duration};
 
 use clap::Args;
 
+use crate::tls::{TlsError, TlsFiles};
+
 /// A value that must never be printed: its `Debug` and `Display` show `***`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -97,6 +99,16 @@ pub struct ServeArgs {
     /// of them>` (health and reflection stay open). Off by default: in a mesh, mTLS identifies callers.
     #[arg(long, env = GRPC_TOKENS, hide_env_values = true)]
     pub grpc_tokens: Option<Secret>,
+    /// A PEM certificate chain: when set (with CAPABILITY_TLS_KEY), the gRPC and webhook ports serve TLS only.
+    /// Leave unset inside a mesh, whose sidecars encrypt.
+    #[arg(long, env = TLS_CERT)]
+    pub tls_cert: Option<String>,
+    /// The PEM private key of CAPABILITY_TLS_CERT.
+    #[arg(long, env = TLS_KEY)]
+    pub tls_key: Option<String>,
+    /// A PEM file of CA certificates: when set, gRPC callers must present a certificate issued by one (mutual TLS).
+    #[arg(long, env = TLS_CLIENT_CA)]
+    pub tls_client_ca: Option<String>,
     /// Export traces over OTLP/gRPC to this collector (for example http://otel-collector:4317); off when unset.
     #[arg(long, env = OTLP_ENDPOINT)]
     pub otlp_endpoint: Option<String>,
@@ -171,6 +183,9 @@ pub const LOG_FORMAT: &str = "CAPABILITY_LOG_FORMAT";
 pub const DRAIN_DELAY: &str = "CAPABILITY_DRAIN_DELAY";
 pub const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 pub const GRPC_TOKENS: &str = "CAPABILITY_GRPC_TOKENS";
+pub const TLS_CERT: &str = "CAPABILITY_TLS_CERT";
+pub const TLS_KEY: &str = "CAPABILITY_TLS_KEY";
+pub const TLS_CLIENT_CA: &str = "CAPABILITY_TLS_CLIENT_CA";
 pub const IDEMPOTENCY_WINDOW: &str = "CAPABILITY_IDEMPOTENCY_WINDOW";
 pub const QUERY_TIMEOUT: &str = "CAPABILITY_QUERY_TIMEOUT";
 pub const WEBHOOK_TOLERANCE: &str = "CAPABILITY_WEBHOOK_TOLERANCE";
@@ -227,6 +242,8 @@ pub struct Config {
     pub otlp_endpoint: Option<String>,
     /// Bearer tokens callers must present; empty when caller authentication is off.
     pub grpc_tokens: Vec<Secret>,
+    /// TLS on the gRPC and webhook ports (and mutual TLS on gRPC), when configured.
+    pub tls: Option<TlsFiles>,
     pub idempotency_window: Duration,
     pub query_timeout: Duration,
     pub webhook_tolerance: Duration,
@@ -342,6 +359,7 @@ impl Config {
             shutdown_grace: parse_duration(SHUTDOWN_GRACE, &args.shutdown_grace)?,
             drain_delay: parse_duration(DRAIN_DELAY, &args.drain_delay)?,
             grpc_tokens: split_secrets(args.grpc_tokens.as_ref()),
+            tls: tls(args)?,
             otlp_endpoint: match args.otlp_endpoint.as_deref() {
                 None | Some("") => None,
                 Some(url) => Some(parse_url(OTLP_ENDPOINT, url)?),
@@ -382,6 +400,41 @@ fn split_secrets(value: Option<&Secret>) -> Vec<Secret> {
         .filter(|s| !s.is_empty())
         .map(Secret::new)
         .collect()
+}
+
+/// Reads and checks the TLS files, when TLS is asked for.
+fn tls(args: &ServeArgs) -> Result<Option<TlsFiles>, ConfigError> {
+    let set = |value: &Option<String>| value.clone().filter(|v| !v.is_empty());
+    let (cert, key, client_ca) = (set(&args.tls_cert), set(&args.tls_key), set(&args.tls_client_ca));
+    let (cert, key) = match (cert, key) {
+        (None, None) => {
+            return match client_ca {
+                Some(_) => Err(invalid(
+                    TLS_CLIENT_CA,
+                    format!("mutual TLS needs TLS: set {TLS_CERT} and {TLS_KEY} too"),
+                )),
+                None => Ok(None),
+            };
+        }
+        (Some(_), None) => return Err(invalid(TLS_KEY, format!("required when {TLS_CERT} is set"))),
+        (None, Some(_)) => return Err(invalid(TLS_CERT, format!("required when {TLS_KEY} is set"))),
+        (Some(cert), Some(key)) => (cert, key),
+    };
+    let read = |variable: &'static str, path: &str| {
+        std::fs::read(path).map_err(|e| invalid(variable, format!("cannot read {path:?}: {e}")))
+    };
+    let cert = read(TLS_CERT, &cert)?;
+    let key = String::from_utf8(read(TLS_KEY, &key)?).map_err(|_| invalid(TLS_KEY, "not a PEM file"))?;
+    let client_ca = client_ca.map(|path| read(TLS_CLIENT_CA, &path)).transpose()?;
+    let files = TlsFiles::load(cert, Secret::new(key), client_ca).map_err(|e| {
+        let variable = match e {
+            TlsError::Certificate(_) => TLS_CERT,
+            TlsError::Key(_) => TLS_KEY,
+            TlsError::ClientCa(_) => TLS_CLIENT_CA,
+        };
+        invalid(variable, e.to_string())
+    })?;
+    Ok(Some(files))
 }
 
 fn upstream(args: &ServeArgs) -> Result<Upstream, ConfigError> {

@@ -12,6 +12,7 @@
 //! - [`grpc`]: the tonic service, proto ⇄ domain conversion, errors → statuses; the only user of tonic.
 //! - [`sandbox`]: the built-in Sinch emulator, callbacks included.
 //! - [`admin`]: metrics and probes on the admin port.
+//! - [`tls`]: optional TLS on the gRPC and webhook ports, and mutual TLS for callers.
 //! - [`cli`]: the command-line clients (`query`, `watch`, `check`) and the `sandbox` command.
 //!
 //! [`run`] wires the parts on listeners the caller bound, until a shutdown token is cancelled.
@@ -28,6 +29,7 @@ pub mod hub;
 pub mod query;
 pub mod sandbox;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 pub mod webhook;
 
@@ -72,9 +74,15 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             let secret = Secret::new(ulid::Ulid::new().to_string());
             secrets.push(secret.clone());
             let target = CallbackTarget {
-                url: format!("http://{}{}", loopback(listeners.webhook.local_addr()?), webhook::PATH),
+                url: format!(
+                    "{}://{}{}",
+                    if config.tls.is_some() { "https" } else { "http" },
+                    loopback(listeners.webhook.local_addr()?),
+                    webhook::PATH
+                ),
                 secret,
                 knobs: config.sandbox,
+                trust_own_listener: config.tls.is_some(),
             };
             start_sandbox(target, background.clone()).await?
         }
@@ -125,6 +133,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         max_streams_per_connection: config.max_streams_per_connection,
         max_connection_age: config.max_connection_age,
         max_connection_age_grace: config.retention,
+        tls: config.tls.clone(),
     };
     let admin = Arc::new(admin::Admin {
         metrics: telemetry::metrics(),
@@ -155,9 +164,11 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         }
     });
     let grpc = grpc::serve(listeners.grpc, api, transport, shutdown.clone(), stop.clone());
+    let webhook_tls = config.tls.as_ref().map(tls::TlsFiles::webhook_config).transpose()?;
     let webhook = webhook::serve(
         listeners.webhook,
         webhook::router(receiver),
+        webhook_tls,
         config.webhook_timeout,
         stop,
     );

@@ -62,7 +62,12 @@ async fn serve(args: ServeArgs) -> ExitCode {
         _ => return ExitCode::FAILURE,
     };
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    tracing::info!(grpc = %addr(&grpc), webhook = %addr(&webhook), admin = %addr(&admin), "listening");
+    let tls = match &config.tls {
+        None => "off",
+        Some(tls) if tls.client_ca.is_some() => "grpc+webhook, mutual on grpc",
+        Some(_) => "grpc+webhook",
+    };
+    tracing::info!(grpc = %addr(&grpc), webhook = %addr(&webhook), admin = %addr(&admin), tls, "listening");
     let listeners = Listeners { grpc, webhook, admin };
     match capability_facade::run(config, listeners, shutdown_on_signal()).await {
         Ok(()) => ExitCode::SUCCESS,

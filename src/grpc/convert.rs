@@ -1,6 +1,8 @@
 //! Protobuf ⇄ domain conversion, with the validation of what callers send. Every violation names its field by
 //! its path in the request, as `google.rpc.BadRequest` expects.
 
+use std::time::Duration;
+
 use crate::{
     capability::{ChannelIdentity, MAX_REQUEST_ID_LEN, Notification, QueryAccepted, Recipient},
     grpc::pb,
@@ -57,6 +59,20 @@ pub fn query_request(request: pb::QueryCapabilityRequest) -> Result<QueryRequest
         }),
         _ => Err(violations),
     }
+}
+
+/// A WatchCapability's wait: `default` when absent, never above `max`; negative or malformed durations refused.
+pub fn wait(wait: Option<prost_types::Duration>, default: Duration, max: Duration) -> Result<Duration, FieldViolation> {
+    let Some(wait) = wait else {
+        return Ok(default.min(max));
+    };
+    if wait.seconds < 0 || wait.nanos < 0 {
+        return Err(violation("wait", "must not be negative"));
+    }
+    if wait.nanos >= 1_000_000_000 {
+        return Err(violation("wait", "nanos must be below one second"));
+    }
+    Ok(Duration::new(wait.seconds as u64, wait.nanos as u32).min(max))
 }
 
 /// Checks a request_id: at most 128 characters, no control characters, and present when `required`.
@@ -158,10 +174,12 @@ fn channel_name(violations: &mut Vec<FieldViolation>, path: &str, channel: i32, 
 }
 
 fn check_text(violations: &mut Vec<FieldViolation>, field: &str, value: &str, required: bool) {
-    if value.trim().is_empty() {
+    if value.is_empty() {
         if required {
             violations.push(violation(field, "required"));
         }
+    } else if value.trim().is_empty() {
+        violations.push(violation(field, "must not be blank (leave it empty to omit it)"));
     } else if value.len() > MAX_FIELD_LEN {
         violations.push(violation(
             field,
@@ -379,5 +397,17 @@ mod tests {
         let mut request = by(vec![identity(pb::Channel::Sms, "", "1")]);
         request.request_id = "é".repeat(128);
         assert!(query_request(request).is_ok());
+    }
+
+    /// Found by the fuzzer: a whitespace-only optional field skipped every check, so a lone newline travelled
+    /// to Sinch as an identity's app_id.
+    #[test]
+    fn a_blank_optional_field_is_refused_rather_than_forwarded() {
+        let mut newline = identity(pb::Channel::Sms, "", "1");
+        newline.app_id = "\n".into();
+        assert_eq!(
+            fields(by(vec![newline])),
+            ["recipient.identified_by.channel_identities[0].app_id"]
+        );
     }
 }

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{
     Request, Response, Status,
     metadata::MetadataMap,
-    transport::{Server, server::TcpIncoming},
+    transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming},
 };
 use tonic_health::ServingStatus;
 use tracing::Instrument;
@@ -33,6 +33,7 @@ use crate::{
     hub::{Hub, Watch, WatchEvent, WatchLimits},
     query::Queries,
     telemetry::TraceParent,
+    tls::TlsFiles,
 };
 use pb::capability_service_server::{CapabilityService, CapabilityServiceServer};
 
@@ -50,6 +51,8 @@ pub mod pb {
 /// `KEEPALIVE_TIMEOUT` is gone.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest a TLS handshake may take: a client that stalls in it is cut off.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The part of a call's deadline kept for answering in time (a tenth of it, at most this): the status must reach
 /// the caller before its own timer fires, or it sees a bare timeout instead of what went wrong.
@@ -78,6 +81,8 @@ pub struct TransportSettings {
     /// Connections older than this get a GOAWAY; open streams then have `max_connection_age_grace`.
     pub max_connection_age: Option<Duration>,
     pub max_connection_age_grace: Duration,
+    /// TLS, and mutual TLS when a client CA is set; plain HTTP/2 when `None`.
+    pub tls: Option<TlsFiles>,
 }
 
 /// `capability.v1.CapabilityService`.
@@ -114,25 +119,6 @@ impl CapabilityApi {
             shutdown,
         }
     }
-
-    /// The request's wait, defaulted and capped.
-    fn wait(&self, wait: Option<prost_types::Duration>) -> Result<Duration, Status> {
-        let Some(wait) = wait else {
-            return Ok(self.watch.default_wait.min(self.watch.max_wait));
-        };
-        let invalid = |problem: &str| status::invalid_request(vec![convert::violation("wait", problem)]);
-        if wait.seconds < 0 || wait.nanos < 0 {
-            return Err(invalid("must not be negative"));
-        }
-        if wait.nanos >= 1_000_000_000 {
-            return Err(invalid("nanos must be below one second"));
-        }
-        let wait = Duration::new(wait.seconds as u64, wait.nanos as u32);
-        Ok(wait.min(self.watch.max_wait))
-    }
-}
-
-impl CapabilityApi {
     async fn query(
         &self,
         request: Request<pb::QueryCapabilityRequest>,
@@ -218,7 +204,8 @@ impl CapabilityService for CapabilityApi {
         let request = request.into_inner();
         tracing::Span::current().record("request_id", request.request_id.as_str());
         convert::check_request_id(&request.request_id, true).map_err(|v| status::invalid_request(vec![v]))?;
-        let wait = self.wait(request.wait)?;
+        let wait = convert::wait(request.wait, self.watch.default_wait, self.watch.max_wait)
+            .map_err(|v| status::invalid_request(vec![v]))?;
         if self.shutdown.is_cancelled() {
             return Err(Status::unavailable(format!(
                 "the server is shutting down: watch on another replica (after_offset={})",
@@ -318,6 +305,15 @@ pub async fn serve(
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .max_concurrent_streams(transport.max_streams_per_connection);
+    if let Some(tls) = &transport.tls {
+        let mut config = ServerTlsConfig::new()
+            .identity(Identity::from_pem(&tls.cert_chain, tls.key.expose()))
+            .timeout(TLS_HANDSHAKE_TIMEOUT);
+        if let Some(ca) = &tls.client_ca {
+            config = config.client_ca_root(Certificate::from_pem(ca));
+        }
+        builder = builder.tls_config(config)?;
+    }
     if let Some(age) = transport.max_connection_age {
         builder = builder
             .max_connection_age(age)

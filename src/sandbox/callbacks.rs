@@ -23,6 +23,9 @@ pub struct CallbackTarget {
     /// The secret the callbacks are signed with.
     pub secret: Secret,
     pub knobs: SandboxKnobs,
+    /// Accept the receiver's certificate whatever it is: only for the in-process sandbox posting to its own
+    /// process's TLS listener on loopback, whose certificate need not name 127.0.0.1. The callbacks are signed.
+    pub trust_own_listener: bool,
 }
 
 /// Demo contacts for contact_id queries: (contact id, [(channel, identity)]).

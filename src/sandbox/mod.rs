@@ -95,13 +95,17 @@ pub fn router(config: SandboxConfig) -> Router {
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(credentials)
     );
+    let trust_own_listener = config.callbacks.as_ref().is_some_and(|t| t.trust_own_listener);
     let state = Arc::new(Sandbox {
         config,
         basic,
         tokens: Mutex::new(HashMap::new()),
         http: {
             crate::upstream::install_crypto_provider();
-            reqwest::Client::new()
+            reqwest::Client::builder()
+                .danger_accept_invalid_certs(trust_own_listener)
+                .build()
+                .expect("a client without custom roots always builds")
         },
     });
     Router::new()

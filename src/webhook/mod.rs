@@ -121,7 +121,8 @@ pub fn router(receiver: Arc<Receiver>) -> Router {
         .with_state(receiver)
 }
 
-/// Serves `router` on `listener` until `shutdown`, then lets requests in flight finish (the caller bounds that).
+/// Serves `router` on `listener` until `shutdown`, then lets requests in flight finish (the caller bounds that);
+/// over TLS when `tls` is set (the handshake, too, must finish within `header_timeout`).
 ///
 /// Served with hyper directly rather than `axum::serve`, which sets no timer: without one, hyper's header-read
 /// timeout never applies and a client trickling its headers holds a connection for ever. Here a request's
@@ -129,6 +130,7 @@ pub fn router(receiver: Arc<Receiver>) -> Router {
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
     header_timeout: Duration,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -143,6 +145,8 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(header_timeout);
     builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let graceful = GracefulShutdown::new();
     loop {
         let stream = tokio::select! {
@@ -158,12 +162,24 @@ pub async fn serve(
             () = shutdown.cancelled() => break,
         };
         let _ = stream.set_nodelay(true);
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(router.clone()))
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let (builder, router, watcher, acceptor) =
+            (builder.clone(), router.clone(), graceful.watcher(), acceptor.clone());
         tokio::spawn(async move {
-            let _ = connection.await;
+            let service = TowerToHyperService::new(router);
+            match acceptor {
+                None => {
+                    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let _ = watcher.watch(connection.into_owned()).await;
+                }
+                Some(acceptor) => match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        let _ = watcher.watch(connection.into_owned()).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "webhook TLS handshake failed"),
+                    Err(_) => tracing::debug!("webhook TLS handshake timed out"),
+                },
+            }
         });
     }
     graceful.shutdown().await;
@@ -187,16 +203,8 @@ async fn receive(State(receiver): State<Arc<Receiver>>, headers: HeaderMap, body
 
 /// Verifies, parses and hands on one callback; the `result` label on success.
 async fn handle(receiver: &Receiver, headers: &HeaderMap, body: &[u8]) -> Result<&'static str, WebhookError> {
-    let json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
-    if !json {
-        return Err(WebhookError::UnsupportedMediaType);
-    }
-    let nonce = verify(receiver, headers, body)?;
-    let (notification, result) = match parse::parse(body, SystemTime::now())? {
+    let Checked { nonce, callback } = check(&receiver.config, headers, body, SystemTime::now())?;
+    let (notification, result) = match callback {
         Callback::Capability(notification) => (Some(Arc::<Notification>::from(notification)), "accepted"),
         Callback::OtherTrigger => (None, "ignored"),
         Callback::WithoutRequestId => {
@@ -220,9 +228,43 @@ async fn handle(receiver: &Receiver, headers: &HeaderMap, body: &[u8]) -> Result
     }
 }
 
+/// A callback that passed every check that needs nothing but the request itself.
+#[derive(Debug)]
+pub struct Checked<'h> {
+    /// The nonce to claim when handing on (none when unsigned callbacks are allowed).
+    pub nonce: Option<&'h str>,
+    pub callback: Callback,
+}
+
+/// Checks the content type and the signature headers at `now`, then parses the body. What it accepts is
+/// genuine; the nonce still has to be claimed.
+pub fn check<'h>(
+    config: &WebhookConfig,
+    headers: &'h HeaderMap,
+    body: &[u8],
+    now: SystemTime,
+) -> Result<Checked<'h>, WebhookError> {
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    if !json {
+        return Err(WebhookError::UnsupportedMediaType);
+    }
+    let nonce = verify(config, headers, body, now)?;
+    let callback = parse::parse(body, now)?;
+    Ok(Checked { nonce, callback })
+}
+
 /// Checks the signature headers; returns the nonce to claim (none when unsigned callbacks are allowed).
-fn verify<'h>(receiver: &Receiver, headers: &'h HeaderMap, body: &[u8]) -> Result<Option<&'h str>, WebhookError> {
-    if receiver.config.secrets.is_empty() {
+fn verify<'h>(
+    config: &WebhookConfig,
+    headers: &'h HeaderMap,
+    body: &[u8],
+    now: SystemTime,
+) -> Result<Option<&'h str>, WebhookError> {
+    if config.secrets.is_empty() {
         return Ok(None);
     }
     let get = |name: &'static str| {
@@ -240,17 +282,14 @@ fn verify<'h>(receiver: &Receiver, headers: &'h HeaderMap, body: &[u8]) -> Resul
             return Err(WebhookError::UnsupportedAlgorithm(algorithm.to_owned()));
         }
     }
-    let secrets = receiver.config.secrets.iter().map(Secret::expose);
+    let secrets = config.secrets.iter().map(Secret::expose);
     if !signature::verify(secrets, body, nonce, timestamp, signature) {
         return Err(WebhookError::BadSignature);
     }
     let sent: i64 = timestamp.trim().parse().map_err(|_| WebhookError::BadTimestamp)?;
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs() as i64;
+    let now = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
     let skew = now.saturating_sub(sent);
-    if skew.unsigned_abs() > receiver.config.tolerance.as_secs() {
+    if skew.unsigned_abs() > config.tolerance.as_secs() {
         return Err(WebhookError::Stale(skew));
     }
     Ok(Some(nonce))

@@ -24,7 +24,7 @@ use axum::{
 };
 use capability_facade::{
     Listeners,
-    config::{Config, ServeArgs},
+    config::{Config, ConfigError, ServeArgs},
     grpc::pb::{self, capability_service_client::CapabilityServiceClient},
 };
 use clap::Parser;
@@ -256,6 +256,11 @@ struct TestCli {
 
 /// A configuration pointing at `fake`, with extra flags.
 pub fn config(fake_url: &str, extra: &[&str]) -> Config {
+    try_config(fake_url, extra).expect("valid test configuration")
+}
+
+/// [`config`], or why it is refused.
+pub fn try_config(fake_url: &str, extra: &[&str]) -> Result<Config, ConfigError> {
     let mut flags = vec![
         "test".to_owned(),
         "--grpc-addr=127.0.0.1:0".to_owned(),
@@ -271,7 +276,7 @@ pub fn config(fake_url: &str, extra: &[&str]) -> Config {
     let name = |flag: &str| flag.split('=').next().unwrap_or_default().to_owned();
     flags.retain(|f| !extra.iter().any(|e| name(e) == name(f)));
     flags.extend(extra.iter().map(|s| s.to_string()));
-    Config::from_args(&TestCli::parse_from(flags).serve).expect("valid test configuration")
+    Config::from_args(&TestCli::parse_from(flags).serve)
 }
 
 /// The real service, in-process, on loopback ports.

@@ -1,0 +1,91 @@
+//! Optional TLS on the gRPC and webhook listeners, for deployments outside a mesh (inside one, the sidecars
+//! encrypt and this stays off), and optional mutual TLS on the gRPC port to authenticate callers.
+//!
+//! The PEM files are read and checked once, at start-up, by [`TlsFiles::load`]: a bad file stops the process
+//! with the name of its variable before any port is bound.
+
+use std::sync::Arc;
+
+use rustls::{
+    RootCertStore, ServerConfig,
+    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    server::WebPkiClientVerifier,
+};
+
+use crate::config::Secret;
+
+/// The PEM files TLS is served with.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// The server's certificate chain, leaf first.
+    pub cert_chain: Vec<u8>,
+    /// The server's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Secret,
+    /// When set, gRPC callers must present a certificate issued by one of these CAs (mutual TLS).
+    pub client_ca: Option<Vec<u8>>,
+}
+
+/// Which file is wrong, and how.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("the certificate chain: {0}")]
+    Certificate(String),
+    #[error("the private key: {0}")]
+    Key(String),
+    #[error("the client CA: {0}")]
+    ClientCa(String),
+}
+
+impl TlsFiles {
+    /// Parses and checks the PEM texts: at least one certificate, a key that matches it, a usable client CA.
+    pub fn load(cert_chain: Vec<u8>, key: Secret, client_ca: Option<Vec<u8>>) -> Result<TlsFiles, TlsError> {
+        let files = TlsFiles {
+            cert_chain,
+            key,
+            client_ca,
+        };
+        files.webhook_config()?;
+        if let Some(ca) = &files.client_ca {
+            client_verifier(ca)?;
+        }
+        Ok(files)
+    }
+
+    /// The webhook listener's TLS: HTTP/2 or HTTP/1.1 by ALPN, no client certificate (Sinch presents none).
+    pub fn webhook_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
+        let certs = CertificateDer::pem_slice_iter(&self.cert_chain)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::Certificate(format!("not PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(TlsError::Certificate("no CERTIFICATE block found".into()));
+        }
+        let key = PrivateKeyDer::from_pem_slice(self.key.expose().as_bytes())
+            .map_err(|e| TlsError::Key(format!("no usable PRIVATE KEY block: {e}")))?;
+        let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::Certificate(e.to_string()))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|e| TlsError::Key(format!("does not go with the certificate: {e}")))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+/// Checks that `ca` holds at least one CA certificate a client certificate can be verified against.
+fn client_verifier(ca: &[u8]) -> Result<(), TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca) {
+        let cert = cert.map_err(|e| TlsError::ClientCa(format!("not PEM: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| TlsError::ClientCa(format!("not a usable CA certificate: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(TlsError::ClientCa("no CERTIFICATE block found".into()));
+    }
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::new(rustls::crypto::ring::default_provider()))
+        .build()
+        .map_err(|e| TlsError::ClientCa(e.to_string()))?;
+    Ok(())
+}

@@ -1,0 +1,272 @@
+//! Optional TLS on the gRPC and webhook ports, for deployments outside a mesh, and mutual TLS for gRPC callers.
+//! Certificates come from a throw-away CA generated per test.
+mod common;
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use capability_facade::{
+    config::{self, ConfigError},
+    grpc::pb::{self, Channel, capability_service_client::CapabilityServiceClient},
+};
+use common::{FakeSinch, Service, identities, query, watch_request};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use tonic::transport::{self, Certificate, ClientTlsConfig, Endpoint, Identity};
+
+/// A CA, a server certificate for localhost and 127.0.0.1, a client certificate from the same CA, and one from
+/// a stranger's CA; PEM files in a directory removed on drop.
+struct Pki {
+    dir: PathBuf,
+    ca: String,
+    client: (String, String),
+    stranger: (String, String),
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let ca = ca("test CA");
+        let server = leaf(&ca, &["localhost", "127.0.0.1"]);
+        let client = leaf(&ca, &["caller.example"]);
+        let stranger = leaf(&self::ca("stranger CA"), &["caller.example"]);
+        let dir = std::env::temp_dir().join(format!("capability-tls-{}", ulid::Ulid::new()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("server.pem"), &server.0).unwrap();
+        std::fs::write(dir.join("server.key"), &server.1).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        Pki {
+            dir,
+            ca: ca.pem(),
+            client,
+            stranger,
+        }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+
+    /// The flags that turn TLS on, and mutual TLS when `mutual`.
+    fn flags(&self, mutual: bool) -> Vec<String> {
+        let mut flags = vec![
+            format!("--tls-cert={}", self.path("server.pem")),
+            format!("--tls-key={}", self.path("server.key")),
+        ];
+        if mutual {
+            flags.push(format!("--tls-client-ca={}", self.path("ca.pem")));
+        }
+        flags
+    }
+
+    /// A gRPC client that trusts the CA, presenting `identity` when given.
+    async fn client(
+        &self,
+        addr: SocketAddr,
+        identity: Option<&(String, String)>,
+    ) -> Result<CapabilityServiceClient<transport::Channel>, transport::Error> {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca))
+            .domain_name("localhost");
+        if let Some((cert, key)) = identity {
+            tls = tls.identity(Identity::from_pem(cert, key));
+        }
+        let channel = Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(tls)?
+            .connect()
+            .await?;
+        Ok(CapabilityServiceClient::new(channel))
+    }
+
+    /// An HTTPS client that trusts the CA.
+    fn https(&self) -> reqwest::Client {
+        capability_facade::upstream::install_crypto_provider();
+        reqwest::Client::builder()
+            .add_root_certificate(reqwest::Certificate::from_pem(self.ca.as_bytes()).unwrap())
+            .build()
+            .unwrap()
+    }
+}
+
+impl Drop for Pki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+}
+
+/// A certificate for `names` issued by `ca`: (certificate PEM, key PEM).
+fn leaf(ca: &CertifiedIssuer<'static, KeyPair>, names: &[&str]) -> (String, String) {
+    let key = KeyPair::generate().unwrap();
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let cert = CertificateParams::new(names).unwrap().signed_by(&key, ca).unwrap();
+    (cert.pem(), key.serialize_pem())
+}
+
+fn flags(owned: &[String]) -> Vec<&str> {
+    owned.iter().map(String::as_str).collect()
+}
+
+/// One QueryCapability through `client`: its request_id, or the status.
+async fn ask(client: &mut CapabilityServiceClient<transport::Channel>) -> Result<String, tonic::Status> {
+    let answer = client
+        .query_capability(query(identities(&[(Channel::Whatsapp, "46712312312")]), ""))
+        .await?;
+    Ok(answer.into_inner().request_id)
+}
+
+#[tokio::test]
+async fn with_tls_both_ports_serve_tls_only_and_a_callback_reaches_its_watcher() {
+    let pki = Pki::new();
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &flags(&pki.flags(false))).await;
+
+    let mut client = pki.client(service.grpc_addr, None).await.unwrap();
+    let request_id = ask(&mut client).await.unwrap();
+    let mut stream = client
+        .watch_capability(watch_request(&request_id, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    let body = common::capability_body(&request_id, "WHATSAPP", "46712312312", "CAPABILITY_FULL");
+    let mut post = pki
+        .https()
+        .post(format!("https://{}/webhooks/sinch", service.webhook_addr))
+        .body(body.clone());
+    for (name, value) in common::signed_headers(common::WEBHOOK_SECRET, &body) {
+        post = post.header(name, value);
+    }
+    assert_eq!(post.send().await.unwrap().status(), 200);
+    match stream.message().await.unwrap().unwrap().event {
+        Some(pb::watch_capability_response::Event::Notification(n)) => assert_eq!(n.channel_raw, "WHATSAPP"),
+        other => panic!("expected the notification, got {other:?}"),
+    }
+
+    // Plaintext is refused on both ports.
+    let plain_grpc = async {
+        let channel = Endpoint::from_shared(format!("http://{}", service.grpc_addr))
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
+        ask(&mut CapabilityServiceClient::new(channel))
+            .await
+            .map_err(|s| s.to_string())
+    };
+    assert!(plain_grpc.await.is_err(), "a plaintext gRPC call was served");
+    let plain_webhook = common::reqwest_client()
+        .post(format!("http://{}/webhooks/sinch", service.webhook_addr))
+        .body(body)
+        .send()
+        .await;
+    assert!(
+        plain_webhook.is_err(),
+        "a plaintext webhook was answered: {plain_webhook:?}"
+    );
+}
+
+#[tokio::test]
+async fn mutual_tls_admits_only_callers_with_a_certificate_from_the_client_ca() {
+    let pki = Pki::new();
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &flags(&pki.flags(true))).await;
+
+    let mut trusted = pki.client(service.grpc_addr, Some(&pki.client)).await.unwrap();
+    assert!(
+        ask(&mut trusted).await.is_ok(),
+        "a caller with a certificate from the client CA"
+    );
+
+    for (who, identity) in [
+        ("no certificate", None),
+        ("a stranger's certificate", Some(&pki.stranger)),
+    ] {
+        // The handshake fails at connect or, in TLS 1.3, with the first call; either way nothing is served.
+        if let Ok(mut client) = pki.client(service.grpc_addr, identity).await {
+            let refused = ask(&mut client).await.unwrap_err();
+            assert!(format!("{refused:?}").contains("alert"), "{who}: {refused:?}");
+        }
+    }
+    assert_eq!(fake.queries().len(), 1, "only the trusted caller's query reached Sinch");
+
+    // Sinch presents no certificate: the webhook port asks for none.
+    let health = pki
+        .https()
+        .get(format!("https://{}/healthz", service.webhook_addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+}
+
+#[tokio::test]
+async fn the_in_process_sandbox_posts_its_callbacks_over_tls() {
+    let pki = Pki::new();
+    let service = Service::start(common::sandbox_config(&flags(&pki.flags(false)))).await;
+    let mut client = pki.client(service.grpc_addr, None).await.unwrap();
+    let request_id = ask(&mut client).await.unwrap();
+    let stream = client
+        .watch_capability(watch_request(&request_id, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    let (seen, end) = common::drain(stream).await;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(end.is_ok(), "{end:?}");
+}
+
+#[test]
+fn a_tls_misconfiguration_names_its_variable_before_anything_starts() {
+    let pki = Pki::new();
+    let (cert, key) = (pki.path("server.pem"), pki.path("server.key"));
+    std::fs::write(pki.dir.join("other.key"), KeyPair::generate().unwrap().serialize_pem()).unwrap();
+    std::fs::write(pki.dir.join("garbage.pem"), "not a certificate").unwrap();
+    let rows: [(&str, Vec<String>, &str); 6] = [
+        (
+            "a certificate without key",
+            vec![format!("--tls-cert={cert}")],
+            config::TLS_KEY,
+        ),
+        (
+            "a key without certificate",
+            vec![format!("--tls-key={key}")],
+            config::TLS_CERT,
+        ),
+        (
+            "a client CA without TLS",
+            vec![format!("--tls-client-ca={}", pki.path("ca.pem"))],
+            config::TLS_CLIENT_CA,
+        ),
+        (
+            "a missing certificate file",
+            vec![
+                format!("--tls-cert={}", pki.path("absent.pem")),
+                format!("--tls-key={key}"),
+            ],
+            config::TLS_CERT,
+        ),
+        (
+            "a file without a certificate",
+            vec![
+                format!("--tls-cert={}", pki.path("garbage.pem")),
+                format!("--tls-key={key}"),
+            ],
+            config::TLS_CERT,
+        ),
+        (
+            "a key of another certificate",
+            vec![
+                format!("--tls-cert={cert}"),
+                format!("--tls-key={}", pki.path("other.key")),
+            ],
+            config::TLS_KEY,
+        ),
+    ];
+    for (row, extra, variable) in rows {
+        let error: ConfigError = common::try_config("http://127.0.0.1:9", &flags(&extra)).unwrap_err();
+        assert_eq!(error.variable, variable, "{row}: {}", error.problem);
+    }
+}
