@@ -10,6 +10,8 @@ use tokio::{
 pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
+    /// Where an append-only file keeps every acknowledged write across restarts; `None`: nothing is kept.
+    durable: Option<std::path::PathBuf>,
 }
 
 impl RedisServer {
@@ -19,7 +21,23 @@ impl RedisServer {
             .local_addr()
             .unwrap()
             .port();
-        let mut server = RedisServer { port, child: None };
+        let mut server = RedisServer {
+            port,
+            child: None,
+            durable: None,
+        };
+        server.restart().await;
+        server
+    }
+
+    /// A server configured as production runs it: every write on disk (AOF, fsync always) before it is
+    /// acknowledged, so that a restart keeps what was acknowledged.
+    pub async fn start_durable() -> RedisServer {
+        let mut server = RedisServer::start().await;
+        server.kill().await;
+        let dir = std::env::temp_dir().join(format!("capability-redis-{}", server.port));
+        std::fs::create_dir_all(&dir).unwrap();
+        server.durable = Some(dir);
         server.restart().await;
         server
     }
@@ -28,19 +46,18 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// Starts redis-server on the same port (nothing is kept from before) and waits until it accepts.
+    /// Starts redis-server on the same port (nothing is kept from before unless durable) and waits until it
+    /// accepts.
     pub async fn restart(&mut self) {
-        let mut child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+        let mut command = Command::new("redis-server");
+        command.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""]);
+        match &self.durable {
+            None => command.args(["--appendonly", "no"]),
+            Some(dir) => command
+                .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                .arg(dir),
+        };
+        let mut child = command
             .args(["--loglevel", "notice", "--daemonize", "no"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -67,6 +84,14 @@ impl RedisServer {
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().await.unwrap();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.durable {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }

@@ -54,7 +54,10 @@ pub async fn run(plan: &SoakPlan) -> (String, bool) {
     capability_facade::upstream::install_crypto_provider();
     let facade = procs::facade(&[
         ("SINCH_WEBHOOK_SECRETS", SECRET.into()),
-        ("CAPABILITY_RETENTION", humantime::format_duration(plan.retention).to_string()),
+        (
+            "CAPABILITY_RETENTION",
+            humantime::format_duration(plan.retention).to_string(),
+        ),
         ("CAPABILITY_WATCH_WAIT", "30s".into()),
     ])
     .await;
@@ -71,7 +74,8 @@ pub async fn run(plan: &SoakPlan) -> (String, bool) {
     let watchers: Vec<_> = (0..plan.watches)
         .map(|slot| {
             let client = CapabilityServiceClient::new(channels[slot % channels.len()].clone());
-            let (stop, next, delivered, duplicated) = (stop.clone(), next.clone(), delivered.clone(), duplicated.clone());
+            let (stop, next, delivered, duplicated) =
+                (stop.clone(), next.clone(), delivered.clone(), duplicated.clone());
             let stride = plan.watches as u64;
             tokio::spawn(async move {
                 let mut k = slot as u64;
@@ -285,11 +289,19 @@ fn report(
     );
     let _ = writeln!(out, "| count | value |\n|---|---|");
     let seconds = plan.duration.as_secs_f64();
-    let _ = writeln!(out, "| callbacks posted | {posted} ({:.0}/s) |", posted as f64 / seconds);
+    let _ = writeln!(
+        out,
+        "| callbacks posted | {posted} ({:.0}/s) |",
+        posted as f64 / seconds
+    );
     let _ = writeln!(out, "| acknowledged 200 | {acked} |");
     let _ = writeln!(out, "| refused after 5 tries | {refused} |");
     let _ = writeln!(out, "| delivered to a watcher | {delivered} |");
-    let _ = writeln!(out, "| lost (acked − delivered) | {} |", acked as i64 - delivered as i64);
+    let _ = writeln!(
+        out,
+        "| lost (acked − delivered) | {} |",
+        acked as i64 - delivered as i64
+    );
     let _ = writeln!(out, "| duplicated | {duplicated} |");
     let _ = writeln!(
         out,
@@ -322,7 +334,10 @@ fn report(
         mib(after_retention.rss),
         after_retention.fds
     );
-    let _ = writeln!(out, "\n| t (s) | RSS MiB | fds | retained requests | open watches |\n|---|---|---|---|---|");
+    let _ = writeln!(
+        out,
+        "\n| t (s) | RSS MiB | fds | retained requests | open watches |\n|---|---|---|---|---|"
+    );
     for s in samples.iter().chain([end_of_load, after_retention]) {
         let _ = writeln!(
             out,
