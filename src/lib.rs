@@ -91,15 +91,13 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         tracing::warn!("INSECURE: no webhook secret is set, so callbacks are accepted without a signature");
     }
 
-    let nonce_window = config.webhook_tolerance * 2;
     let backplane = Arc::new(match &config.redis_url {
-        None => Backplane::local(hub.clone(), nonce_window),
+        None => Backplane::local(hub.clone()),
         Some(url) => {
             let redis = Arc::new(RedisBackplane::new(RedisConfig {
                 url: url.clone(),
                 prefix: config.redis_prefix.clone(),
                 retention: config.retention,
-                nonce_window,
                 idempotency_window: config.idempotency_window,
             })?);
             tokio::spawn(redis.clone().run_reader(hub.clone(), background.clone()));

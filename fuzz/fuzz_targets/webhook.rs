@@ -111,7 +111,22 @@ fuzz_target!(|data: &[u8]| {
             assert!(genuine, "accepted a callback not signed with the secret over this body");
             assert!(algorithm_ok, "accepted another algorithm");
             assert!(timely, "accepted a stale or unreadable timestamp");
-            assert_eq!(checked.nonce, nonce_text, "the nonce claimed is not the one sent");
+            assert_eq!(
+                checked.nonce.map(|n| n.value),
+                nonce_text,
+                "the nonce claimed is not the one sent"
+            );
+            // Remembered at least while a replay's timestamp would pass, and not much longer.
+            let remember_for = checked.nonce.map_or(Duration::ZERO, |n| n.remember_for);
+            let valid_for = TOLERANCE.as_secs() as i64 - i64::from(skew);
+            assert!(
+                remember_for.as_secs() as i64 > valid_for,
+                "forgotten while still replayable"
+            );
+            assert!(
+                remember_for <= TOLERANCE * 2 + Duration::from_secs(1),
+                "kept far too long"
+            );
             if let Callback::Capability(notification) = &checked.callback {
                 assert!(!notification.request_id.is_empty(), "a notification without request_id");
                 assert_eq!(notification.received_time, now);

@@ -17,6 +17,14 @@ use crate::{
 use nonces::Nonces;
 pub use redis_stream::{RedisBackplane, RedisConfig};
 
+/// A signed callback's nonce, and how long it must be remembered: as long as its timestamp would still pass the
+/// tolerance check (after that a replay fails on its timestamp anyway).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nonce<'a> {
+    pub value: &'a str,
+    pub remember_for: Duration,
+}
+
 /// What became of an accepted callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accepted {
@@ -53,23 +61,23 @@ pub enum Backplane {
 }
 
 impl Backplane {
-    /// A single-replica backplane; a nonce is remembered for `nonce_window`.
-    pub fn local(hub: Arc<Hub>, nonce_window: Duration) -> Backplane {
+    /// A single-replica backplane.
+    pub fn local(hub: Arc<Hub>) -> Backplane {
         Backplane::Local {
             hub,
-            nonces: Nonces::new(nonce_window),
+            nonces: Nonces::default(),
         }
     }
 
     /// Claims the callback's nonce (when signed) and hands its notification on (when it has one), as one step.
     pub async fn accept(
         &self,
-        nonce: Option<&str>,
+        nonce: Option<Nonce<'_>>,
         notification: Option<(Arc<Notification>, &[u8])>,
     ) -> Result<Accepted, Unavailable> {
         match self {
             Backplane::Local { hub, nonces } => {
-                if nonce.is_some_and(|n| !nonces.claim(n)) {
+                if nonce.is_some_and(|n| !nonces.claim(n.value, n.remember_for)) {
                     return Ok(Accepted::Replayed);
                 }
                 if let Some((notification, _)) = notification {

@@ -18,7 +18,7 @@ use redis::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Accepted, IdempotencyClaim, Unavailable};
+use super::{Accepted, IdempotencyClaim, Nonce, Unavailable};
 use crate::{
     capability::{Notification, QueryAccepted},
     config::Secret,
@@ -61,8 +61,6 @@ pub struct RedisConfig {
     pub prefix: String,
     /// Events older than this are trimmed, and a starting replica reads back this far.
     pub retention: Duration,
-    /// How long a nonce is remembered.
-    pub nonce_window: Duration,
     /// How long a request_id is remembered.
     pub idempotency_window: Duration,
 }
@@ -109,18 +107,18 @@ impl RedisBackplane {
 
     pub(super) async fn accept(
         &self,
-        nonce: Option<&str>,
+        nonce: Option<Nonce<'_>>,
         notification: Option<(Arc<Notification>, &[u8])>,
     ) -> Result<Accepted, Unavailable> {
         let mut invocation = self.accept.prepare_invoke();
         invocation
             .key(
                 nonce
-                    .map(|n| format!("{}:nonce:{n}", self.config.prefix))
+                    .map(|n| format!("{}:nonce:{}", self.config.prefix, n.value))
                     .unwrap_or_default(),
             )
             .key(&self.stream)
-            .arg(self.config.nonce_window.as_millis() as u64)
+            .arg(nonce.map_or(1, |n| n.remember_for.as_millis().max(1) as u64))
             .arg(self.minid())
             .arg(ulid::Ulid::new().to_string());
         if let Some((notification, body)) = notification {

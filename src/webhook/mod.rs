@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::{
-    backplane::{Accepted, Backplane, Unavailable},
+    backplane::{Accepted, Backplane, Nonce, Unavailable},
     capability::{Notification, mask},
     config::Secret,
 };
@@ -232,7 +232,7 @@ async fn handle(receiver: &Receiver, headers: &HeaderMap, body: &[u8]) -> Result
 #[derive(Debug)]
 pub struct Checked<'h> {
     /// The nonce to claim when handing on (none when unsigned callbacks are allowed).
-    pub nonce: Option<&'h str>,
+    pub nonce: Option<Nonce<'h>>,
     pub callback: Callback,
 }
 
@@ -257,13 +257,14 @@ pub fn check<'h>(
     Ok(Checked { nonce, callback })
 }
 
-/// Checks the signature headers; returns the nonce to claim (none when unsigned callbacks are allowed).
+/// Checks the signature headers; returns the nonce to claim (none when unsigned callbacks are allowed), to be
+/// remembered while its timestamp stays within the tolerance (and a second more, for rounding).
 fn verify<'h>(
     config: &WebhookConfig,
     headers: &'h HeaderMap,
     body: &[u8],
     now: SystemTime,
-) -> Result<Option<&'h str>, WebhookError> {
+) -> Result<Option<Nonce<'h>>, WebhookError> {
     if config.secrets.is_empty() {
         return Ok(None);
     }
@@ -289,8 +290,12 @@ fn verify<'h>(
     let sent: i64 = timestamp.trim().parse().map_err(|_| WebhookError::BadTimestamp)?;
     let now = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
     let skew = now.saturating_sub(sent);
-    if skew.unsigned_abs() > config.tolerance.as_secs() {
+    let tolerance = config.tolerance.as_secs();
+    if skew.unsigned_abs() > tolerance {
         return Err(WebhookError::Stale(skew));
     }
-    Ok(Some(nonce))
+    Ok(Some(Nonce {
+        value: nonce,
+        remember_for: Duration::from_secs(tolerance.saturating_add_signed(-skew) + 1),
+    }))
 }

@@ -64,6 +64,10 @@ enum Command {
         retention: Duration,
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         sample_every: Duration,
+        /// From when RSS must be level: the hub fills for one retention, the nonces for one webhook tolerance
+        /// (5 minutes by default).
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        warm_up: Duration,
         /// Where the report goes (markdown).
         #[arg(long, default_value = "target/soak.md")]
         out: PathBuf,
@@ -128,6 +132,7 @@ async fn main() {
             watches,
             retention,
             sample_every,
+            warm_up,
             out,
         }) => {
             let plan = soak::SoakPlan {
@@ -136,6 +141,7 @@ async fn main() {
                 watches,
                 retention,
                 sample_every,
+                warm_up,
             };
             let (report, kept) = soak::run(&plan).await;
             std::fs::write(&out, &report).expect("the soak report is written");

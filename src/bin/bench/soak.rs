@@ -37,6 +37,8 @@ pub struct SoakPlan {
     pub watches: usize,
     pub retention: Duration,
     pub sample_every: Duration,
+    /// From when memory must be level: the hub fills for one retention, the nonces for one webhook tolerance.
+    pub warm_up: Duration,
 }
 
 /// One sample of the process.
@@ -273,8 +275,7 @@ fn report(
     drain: Option<Duration>,
 ) -> String {
     let mib = |b: u64| b as f64 / 1048576.0;
-    // Warm-up: the hub fills for one retention; from then on memory must stay level.
-    let warm: Vec<&Sample> = samples.iter().filter(|s| s.at >= plan.retention * 2).collect();
+    let warm: Vec<&Sample> = samples.iter().filter(|s| s.at >= plan.warm_up).collect();
     let (first, last) = (warm.first(), warm.last());
     let max = warm.iter().map(|s| s.rss).max().unwrap_or(0);
     let min = warm.iter().map(|s| s.rss).min().unwrap_or(0);
@@ -310,7 +311,8 @@ fn report(
     );
     let _ = writeln!(
         out,
-        "| RSS after warm-up (≥ 2 × retention): first / last / min / max MiB | {:.1} / {:.1} / {:.1} / {:.1} |",
+        "| RSS after warm-up ({}): first / last / min / max MiB | {:.1} / {:.1} / {:.1} / {:.1} |",
+        humantime::format_duration(plan.warm_up),
         first.map_or(0.0, |s| mib(s.rss)),
         last.map_or(0.0, |s| mib(s.rss)),
         mib(min),
