@@ -8,7 +8,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::{SandboxKnobs, Secret, ServeArgs},
-    grpc::{client::Client, convert, pb},
+    grpc::{
+        client::{Client, Connection},
+        convert, pb,
+    },
     sandbox::{self, SandboxConfig, callbacks::CallbackTarget},
 };
 
@@ -36,12 +39,48 @@ pub enum Command {
     Sandbox(SandboxArgs),
 }
 
+/// Where the service is, and how to present ourselves to it.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectArgs {
+    /// The service's gRPC address: http://host:port, or https://host:port when it serves TLS.
+    #[arg(long, env = "CAPABILITY_ADDR", default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    /// A bearer token, when the service requires one (CAPABILITY_GRPC_TOKENS).
+    #[arg(long, env = "CAPABILITY_TOKEN", hide_env_values = true)]
+    pub token: Option<Secret>,
+    /// A PEM file of CA certificates to trust for an https address (default: the public web roots).
+    #[arg(long, env = "CAPABILITY_TLS_CA")]
+    pub tls_ca: Option<String>,
+    /// A PEM client certificate, when the service requires mutual TLS (with --tls-key).
+    #[arg(long, env = "CAPABILITY_TLS_CLIENT_CERT", requires = "tls_key")]
+    pub tls_cert: Option<String>,
+    /// The PEM key of --tls-cert.
+    #[arg(long, env = "CAPABILITY_TLS_CLIENT_KEY", requires = "tls_cert")]
+    pub tls_key: Option<String>,
+}
+
+impl ConnectArgs {
+    async fn connect(&self) -> Result<Client, String> {
+        let read = |path: &str| std::fs::read(path).map_err(|e| format!("cannot read {path:?}: {e}"));
+        let identity = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            _ => None,
+        };
+        Client::connect(Connection {
+            addr: self.addr.clone(),
+            token: self.token.clone(),
+            ca: self.tls_ca.as_deref().map(read).transpose()?,
+            identity,
+        })
+        .await
+    }
+}
+
 /// Who and what to ask.
 #[derive(Debug, Clone, Args)]
 pub struct QueryArgs {
-    /// The service's gRPC address.
-    #[arg(long, env = "CAPABILITY_ADDR", default_value = "http://127.0.0.1:50051")]
-    pub addr: String,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
     /// The Sinch app to query through (any value works against the sandbox).
     #[arg(long, env = "SINCH_APP_ID", default_value = "sandbox-app")]
     pub app_id: String,
@@ -61,9 +100,8 @@ pub struct QueryArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct WatchArgs {
-    /// The service's gRPC address.
-    #[arg(long, env = "CAPABILITY_ADDR", default_value = "http://127.0.0.1:50051")]
-    pub addr: String,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
     /// The request_id returned by `query`.
     pub request_id: String,
     /// Only results after this offset.
@@ -157,7 +195,7 @@ impl QueryArgs {
 /// `capability-facade query`: prints the request_id (or a JSON object with `--json`).
 pub async fn query(args: QueryArgs) -> ExitCode {
     let result = async {
-        let mut client = Client::connect(&args.addr).await?;
+        let mut client = args.connect.connect().await?;
         client.query(args.request()).await
     }
     .await;
@@ -187,7 +225,7 @@ pub async fn watch(args: WatchArgs) -> ExitCode {
         after_offset: args.after_offset,
         wait: Some(prost_duration(args.wait)),
     };
-    let mut client = match Client::connect(&args.addr).await {
+    let mut client = match args.connect.connect().await {
         Ok(c) => c,
         Err(e) => {
             eprintln!("watch failed: {e}");
@@ -200,7 +238,7 @@ pub async fn watch(args: WatchArgs) -> ExitCode {
 /// `capability-facade check`: query, then watch.
 pub async fn check(args: CheckArgs) -> ExitCode {
     let json = args.query.json;
-    let mut client = match Client::connect(&args.query.addr).await {
+    let mut client = match args.query.connect.connect().await {
         Ok(c) => c,
         Err(e) => {
             eprintln!("check failed: {e}");

@@ -32,6 +32,8 @@ impl Pki {
         std::fs::write(dir.join("server.pem"), &server.0).unwrap();
         std::fs::write(dir.join("server.key"), &server.1).unwrap();
         std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+        std::fs::write(dir.join("client.pem"), &client.0).unwrap();
+        std::fs::write(dir.join("client.key"), &client.1).unwrap();
         Pki {
             dir,
             ca: ca.pem(),
@@ -216,6 +218,53 @@ async fn the_in_process_sandbox_posts_its_callbacks_over_tls() {
     let (seen, end) = common::drain(stream).await;
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert!(end.is_ok(), "{end:?}");
+}
+
+#[tokio::test]
+async fn the_cli_checks_over_mutual_tls_with_a_token_against_the_real_binary() {
+    let pki = Pki::new();
+    let binary = common::Binary::spawn(&[
+        ("CAPABILITY_TLS_CERT", pki.path("server.pem")),
+        ("CAPABILITY_TLS_KEY", pki.path("server.key")),
+        ("CAPABILITY_TLS_CLIENT_CA", pki.path("ca.pem")),
+        ("CAPABILITY_GRPC_TOKENS", "s3cret-token".into()),
+    ])
+    .await;
+    let addr = format!("https://{}", binary.grpc_addr);
+    let check = |extra: &[String]| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_capability-facade"));
+        command
+            .env_clear()
+            .args(["check", "--addr", &addr, "--identity", "WHATSAPP:46712312312"])
+            .arg(format!("--tls-ca={}", pki.path("ca.pem")))
+            .args(extra);
+        async move { command.output().await.unwrap() }
+    };
+    let identity = [
+        format!("--tls-cert={}", pki.path("client.pem")),
+        format!("--tls-key={}", pki.path("client.key")),
+    ];
+
+    let output = check(&[identity.to_vec(), vec!["--token=s3cret-token".into()]].concat()).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("FULL"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let without_token = check(&identity).await;
+    assert!(!without_token.status.success());
+    assert!(
+        String::from_utf8_lossy(&without_token.stderr).contains("Unauthenticated"),
+        "{}",
+        String::from_utf8_lossy(&without_token.stderr)
+    );
+    let without_certificate = check(&["--token=s3cret-token".into()]).await;
+    assert!(
+        !without_certificate.status.success(),
+        "no client certificate, no answer"
+    );
 }
 
 #[test]

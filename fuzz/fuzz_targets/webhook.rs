@@ -118,7 +118,8 @@ fuzz_target!(|data: &[u8]| {
             );
             // Remembered at least while a replay's timestamp would pass, and not much longer.
             let remember_for = checked.nonce.map_or(Duration::ZERO, |n| n.remember_for);
-            let valid_for = TOLERANCE.as_secs() as i64 - i64::from(skew);
+            // The timestamp is `skew` seconds from now: a replay passes for another tolerance + skew seconds.
+            let valid_for = TOLERANCE.as_secs() as i64 + i64::from(skew);
             assert!(
                 remember_for.as_secs() as i64 > valid_for,
                 "forgotten while still replayable"

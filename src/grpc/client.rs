@@ -2,28 +2,75 @@
 
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::{
+    Request,
+    metadata::MetadataValue,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
 
 use super::pb::{self, capability_service_client::CapabilityServiceClient};
+use crate::config::Secret;
+
+/// Where the service is and how to present ourselves to it.
+pub struct Connection {
+    /// `http://host:port`, or `https://host:port` for a service that serves TLS.
+    pub addr: String,
+    /// Sent as `authorization: Bearer <token>` on every call.
+    pub token: Option<Secret>,
+    /// PEM CA certificates to trust over https (the public web roots when `None`).
+    pub ca: Option<Vec<u8>>,
+    /// A PEM client certificate and key, for mutual TLS.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+}
 
 /// A connected client.
-pub struct Client(CapabilityServiceClient<Channel>);
+pub struct Client {
+    inner: CapabilityServiceClient<Channel>,
+    token: Option<Secret>,
+}
 
 impl Client {
-    /// Connects to `addr` (`http://host:port`).
-    pub async fn connect(addr: &str) -> Result<Client, String> {
-        let endpoint = Endpoint::from_shared(addr.to_owned())
+    pub async fn connect(connection: Connection) -> Result<Client, String> {
+        let addr = &connection.addr;
+        let mut endpoint = Endpoint::from_shared(addr.clone())
             .map_err(|e| format!("{addr:?} is not a valid address: {e}"))?
             .connect_timeout(Duration::from_secs(5));
+        if addr.starts_with("https://") {
+            let mut tls = match &connection.ca {
+                Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
+                None => ClientTlsConfig::new().with_webpki_roots(),
+            };
+            if let Some((cert, key)) = &connection.identity {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| format!("cannot use these TLS settings: {e}"))?;
+        }
         let channel = endpoint
             .connect()
             .await
             .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
-        Ok(Client(CapabilityServiceClient::new(channel)))
+        Ok(Client {
+            inner: CapabilityServiceClient::new(channel),
+            token: connection.token,
+        })
+    }
+
+    /// `message` as a request, with the bearer token when there is one.
+    fn request<T>(&self, message: T) -> Result<Request<T>, String> {
+        let mut request = Request::new(message);
+        if let Some(token) = &self.token {
+            let value = MetadataValue::try_from(format!("Bearer {}", token.expose()))
+                .map_err(|_| "the token is not a valid header value".to_owned())?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
     }
 
     pub async fn query(&mut self, request: pb::QueryCapabilityRequest) -> Result<pb::QueryCapabilityResponse, String> {
-        self.0
+        let request = self.request(request)?;
+        self.inner
             .query_capability(request)
             .await
             .map(tonic::Response::into_inner)
@@ -37,7 +84,13 @@ pub type Watching = futures::stream::BoxStream<'static, Result<pb::WatchCapabili
 impl Client {
     pub async fn watch(&mut self, request: pb::WatchCapabilityRequest) -> Result<Watching, String> {
         use futures::StreamExt;
-        let stream = self.0.watch_capability(request).await.map_err(describe)?.into_inner();
+        let request = self.request(request)?;
+        let stream = self
+            .inner
+            .watch_capability(request)
+            .await
+            .map_err(describe)?
+            .into_inner();
         Ok(stream.map(|item| item.map_err(describe)).boxed())
     }
 }
