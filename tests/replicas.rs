@@ -252,3 +252,60 @@ async fn tonic_client(
         .await
         .unwrap()
 }
+
+/// Redis without persistence, SIGKILLed and restarted empty while replica B had not yet read what replica A
+/// acknowledged (B is stopped with SIGSTOP to hold that moment open): A appends its recent events again once
+/// it sees Redis came back without its data, so B's watcher still gets each of them once, and A holds no copies.
+#[tokio::test]
+async fn events_lost_by_a_redis_restarted_empty_are_appended_again_by_the_replica_that_accepted_them() {
+    let mut redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let mut env = common::binary_env(&fake);
+    env.push(("CAPABILITY_REDIS_URL", redis.url()));
+    let a = common::Binary::spawn(&env).await;
+    let b = common::Binary::spawn(&env).await;
+    // Both readers have connected (and learnt the epoch) once each serves a replay of what the other accepted.
+    assert_eq!(deliver(a.webhook_addr, body("warm-up", "SMS")).await, 200);
+    for replica in [&a, &b] {
+        let seen = replay_until(replica, "warm-up", 1).await;
+        assert_eq!(seen.len(), 1);
+    }
+
+    b.signal("STOP");
+    for channel in ["SMS", "RCS", "WHATSAPP"] {
+        assert_eq!(deliver(a.webhook_addr, body("emptied", channel)).await, 200);
+    }
+    assert_eq!(replay_until(&a, "emptied", 3).await.len(), 3, "A's own reader had them");
+    redis.kill().await;
+    redis.restart().await;
+    b.signal("CONT");
+
+    let on_b = replay_until(&b, "emptied", 3).await;
+    let mut channels: Vec<&str> = on_b.iter().map(|(_, channel, _)| channel.as_str()).collect();
+    channels.sort_unstable();
+    assert_eq!(channels, ["RCS", "SMS", "WHATSAPP"], "each once on B: {on_b:?}");
+    assert!(
+        a.log_text().contains("appended this replica's recent events again"),
+        "{}",
+        a.log_text()
+    );
+    assert_eq!(replay_until(&a, "emptied", 3).await.len(), 3, "A dropped the copies");
+}
+
+/// Replays `request_id` on `binary` (wait 0) until it holds at least `count` notifications, for at most 20 s.
+async fn replay_until(binary: &common::Binary, request_id: &str, count: usize) -> Vec<(u64, String, String)> {
+    let mut client = tonic_client(&binary.url()).await;
+    let started = std::time::Instant::now();
+    loop {
+        let stream = client
+            .watch_capability(watch_request(request_id, 0, Some(Duration::ZERO)))
+            .await
+            .unwrap()
+            .into_inner();
+        let (seen, _) = drain(stream).await;
+        if seen.len() >= count || started.elapsed() > Duration::from_secs(20) {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -3,11 +3,12 @@
 //! connection of its own.
 
 use std::{
+    collections::VecDeque,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use rand::Rng;
@@ -31,6 +32,11 @@ use crate::{
 const BLOCK: Duration = Duration::from_secs(2);
 /// The most entries one `XREAD` returns.
 const BATCH: usize = 1024;
+/// How long this replica keeps the events it appended, to append them again should Redis come back empty: far
+/// longer than any reader lags behind a live Redis.
+const RECENT: Duration = Duration::from_secs(10);
+/// The most events kept for that, whatever the rate.
+const MAX_RECENT: usize = 100_000;
 /// How long a claim on a request_id lasts while its query is in flight: a replica that dies (or a caller that
 /// cancels) mid-query blocks the request_id no longer than this. Once answered, the record lasts the window.
 const PENDING_CLAIM: Duration = Duration::from_secs(30);
@@ -76,7 +82,16 @@ pub struct RedisBackplane {
     accept: Script,
     /// The reader's last view of Redis, for logs and the `capability_backplane_up` gauge.
     up: AtomicBool,
+    /// `{prefix}:epoch`: a value set once per Redis dataset; a different value means Redis lost its data.
+    epoch_key: String,
+    /// The epoch this replica last saw.
+    epoch: Mutex<Option<String>>,
+    /// The events this replica appended lately, oldest first, as their stream fields.
+    recent: Mutex<VecDeque<(Instant, Fields)>>,
 }
+
+/// A stream entry's field/value pairs.
+type Fields = Vec<(&'static str, Vec<u8>)>;
 
 impl RedisBackplane {
     /// Prepares the backplane; connections are made lazily, so a replica starts while Redis is down.
@@ -94,10 +109,70 @@ impl RedisBackplane {
             client,
             commands,
             stream: format!("{}:events", config.prefix),
+            epoch_key: format!("{}:epoch", config.prefix),
             config,
             accept: Script::new(ACCEPT),
             up: AtomicBool::new(false),
+            epoch: Mutex::new(None),
+            recent: Mutex::new(VecDeque::new()),
         })
+    }
+
+    /// Keeps `fields` among the recent events, forgetting those past [`RECENT`].
+    fn remember(&self, fields: Fields) {
+        let now = Instant::now();
+        let mut recent = self.recent.lock().expect("recent lock poisoned");
+        while recent
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > RECENT || recent.len() >= MAX_RECENT)
+        {
+            recent.pop_front();
+        }
+        recent.push_back((now, fields));
+    }
+
+    /// Whether Redis lost its data since this replica last looked (its epoch changed or vanished); sets one
+    /// when there is none.
+    async fn lost_data(&self, conn: &mut redis::aio::MultiplexedConnection) -> redis::RedisResult<bool> {
+        let _: Option<String> = redis::cmd("SET")
+            .arg(&self.epoch_key)
+            .arg(ulid::Ulid::new().to_string())
+            .arg("NX")
+            .query_async(conn)
+            .await?;
+        let current: Option<String> = redis::cmd("GET").arg(&self.epoch_key).query_async(conn).await?;
+        let mut known = self.epoch.lock().expect("epoch lock poisoned");
+        let lost = known.is_some() && *known != current;
+        *known = current;
+        Ok(lost)
+    }
+
+    /// Appends this replica's recent events again, after Redis lost them: readers that had them drop the
+    /// copies (the hub ignores a body it holds), readers that missed them catch up.
+    async fn republish(&self, conn: &mut redis::aio::MultiplexedConnection) -> redis::RedisResult<usize> {
+        let events: Vec<Fields> = {
+            let recent = self.recent.lock().expect("recent lock poisoned");
+            recent.iter().map(|(_, fields)| fields.clone()).collect()
+        };
+        if events.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for fields in &events {
+            let command = pipe
+                .cmd("XADD")
+                .arg(&self.stream)
+                .arg("MINID")
+                .arg("~")
+                .arg(self.minid())
+                .arg("*");
+            for (name, value) in fields {
+                command.arg(*name).arg(value.as_slice());
+            }
+            command.ignore();
+        }
+        pipe.query_async::<()>(conn).await?;
+        Ok(events.len())
     }
 
     fn minid(&self) -> String {
@@ -121,18 +196,19 @@ impl RedisBackplane {
             .arg(nonce.map_or(1, |n| n.remember_for.as_millis().max(1) as u64))
             .arg(self.minid())
             .arg(ulid::Ulid::new().to_string());
-        if let Some((notification, body)) = notification {
+        let fields: Option<Fields> = notification.map(|(notification, body)| {
             let received = notification
                 .received_time
                 .duration_since(UNIX_EPOCH)
                 .unwrap_or_default();
-            invocation
-                .arg("k")
-                .arg("n")
-                .arg("b")
-                .arg(body)
-                .arg("t")
-                .arg(received.as_micros() as u64);
+            vec![
+                ("k", b"n".to_vec()),
+                ("b", body.to_vec()),
+                ("t", (received.as_micros() as u64).to_string().into_bytes()),
+            ]
+        });
+        for (name, value) in fields.iter().flatten() {
+            invocation.arg(*name).arg(value.as_slice());
         }
         // A connection found broken (Redis restarted) is replaced by the manager: try once more on it. The token
         // makes the second try harmless if the first one ran but its answer was lost.
@@ -144,30 +220,44 @@ impl RedisBackplane {
             result = invocation.invoke_async::<i64>(&mut conn).await;
         }
         match result {
-            Ok(1) => Ok(Accepted::Published),
+            Ok(1) => {
+                if let Some(fields) = fields {
+                    self.remember(fields);
+                }
+                Ok(Accepted::Published)
+            }
             Ok(_) => Ok(Accepted::Replayed),
             Err(e) => Err(Unavailable(e.to_string())),
         }
     }
 
     pub(super) async fn record_query(&self, request_id: &str, expected: Option<&[String]>) -> redis::RedisResult<()> {
-        redis::cmd("XADD")
+        let fields: Fields = vec![
+            ("k", b"q".to_vec()),
+            ("r", request_id.as_bytes().to_vec()),
+            (
+                "e",
+                if expected.is_some() {
+                    b"1".to_vec()
+                } else {
+                    b"0".to_vec()
+                },
+            ),
+            ("c", expected.map(|c| c.join(",")).unwrap_or_default().into_bytes()),
+        ];
+        let mut command = redis::cmd("XADD");
+        command
             .arg(&self.stream)
             .arg("MINID")
             .arg("~")
             .arg(self.minid())
-            .arg("*")
-            .arg("k")
-            .arg("q")
-            .arg("r")
-            .arg(request_id)
-            .arg("e")
-            .arg(if expected.is_some() { "1" } else { "0" })
-            .arg("c")
-            .arg(expected.map(|c| c.join(",")).unwrap_or_default())
-            .query_async::<String>(&mut self.commands.clone())
-            .await
-            .map(drop)
+            .arg("*");
+        for (name, value) in &fields {
+            command.arg(*name).arg(value.as_slice());
+        }
+        command.query_async::<String>(&mut self.commands.clone()).await?;
+        self.remember(fields);
+        Ok(())
     }
 
     fn idempotency_key(&self, request_id: &str) -> String {
@@ -249,7 +339,11 @@ impl RedisBackplane {
             .set_connection_timeout(Some(Duration::from_secs(1)))
             .set_response_timeout(Some(BLOCK + Duration::from_secs(3)));
         loop {
-            let error = match self.client.get_multiplexed_async_connection_with_config(&config).await {
+            let connected = match self.client.get_multiplexed_async_connection_with_config(&config).await {
+                Ok(mut conn) => self.recover(&mut conn).await.map(|()| conn),
+                Err(e) => Err(e),
+            };
+            let error = match connected {
                 Ok(mut conn) => loop {
                     let mut command = redis::cmd("XREAD");
                     command
@@ -287,6 +381,18 @@ impl RedisBackplane {
             }
             pause = (pause * 2).min(Duration::from_secs(5));
         }
+    }
+
+    /// On (re)connecting: when Redis came back without its data, appends this replica's recent events again.
+    async fn recover(&self, conn: &mut redis::aio::MultiplexedConnection) -> redis::RedisResult<()> {
+        if self.lost_data(conn).await? {
+            let count = self.republish(conn).await?;
+            tracing::warn!(
+                count,
+                "Redis came back without its data: appended this replica's recent events again"
+            );
+        }
+        Ok(())
     }
 
     fn set_up(&self, up: bool, error: Option<&redis::RedisError>) {
