@@ -92,7 +92,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     }
 
     let backplane = Arc::new(match &config.redis_url {
-        None => Backplane::local(hub.clone()),
+        None => Backplane::local(hub.clone(), shutdown.clone()),
         Some(url) => {
             let redis = Arc::new(RedisBackplane::new(RedisConfig {
                 url: url.clone(),

@@ -278,3 +278,20 @@ async fn without_a_secret_unsigned_callbacks_are_accepted_only_when_asked_for() 
     let headers = [("content-type", "application/json".to_owned())];
     assert_eq!(post_webhook(service.webhook_addr, body, &headers).await, 200);
 }
+
+/// One replica without Redis keeps events in memory only: once it starts shutting down (its watches have ended)
+/// a callback is refused with 503, so that Sinch redelivers it to the replica that replaces this one rather
+/// than it being acknowledged and lost with the process.
+#[tokio::test]
+async fn a_single_replica_refuses_callbacks_once_it_is_shutting_down() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &["--drain-delay=10s"]).await;
+    let body = |channel: &str| capability_body("draining", channel, "46700000001", "CAPABILITY_FULL");
+    assert_eq!(deliver(service.webhook_addr, body("SMS")).await, 200);
+    service.shutdown.cancel();
+    assert_eq!(
+        deliver(service.webhook_addr, body("RCS")).await,
+        503,
+        "still listening, no longer accepting"
+    );
+}

@@ -10,6 +10,8 @@ mod redis_stream;
 
 use std::{sync::Arc, time::Duration};
 
+use tokio_util::sync::CancellationToken;
+
 use crate::{
     capability::{Notification, QueryAccepted},
     hub::Hub,
@@ -55,17 +57,23 @@ pub enum IdempotencyClaim {
 /// Where events go.
 pub enum Backplane {
     /// One replica: straight into the hub.
-    Local { hub: Arc<Hub>, nonces: Nonces },
+    Local {
+        hub: Arc<Hub>,
+        nonces: Nonces,
+        /// Cancelled when the replica starts shutting down: its watches end, and what it holds dies with it.
+        draining: CancellationToken,
+    },
     /// Many replicas sharing a Redis stream.
     Redis(Arc<RedisBackplane>),
 }
 
 impl Backplane {
-    /// A single-replica backplane.
-    pub fn local(hub: Arc<Hub>) -> Backplane {
+    /// A single-replica backplane; it refuses callbacks once `draining` is cancelled.
+    pub fn local(hub: Arc<Hub>, draining: CancellationToken) -> Backplane {
         Backplane::Local {
             hub,
             nonces: Nonces::default(),
+            draining,
         }
     }
 
@@ -76,7 +84,14 @@ impl Backplane {
         notification: Option<(Arc<Notification>, &[u8])>,
     ) -> Result<Accepted, Unavailable> {
         match self {
-            Backplane::Local { hub, nonces } => {
+            Backplane::Local { hub, nonces, draining } => {
+                // Nobody could receive it here any more and nothing outlives this process: let Sinch redeliver
+                // it to the replica that replaces this one.
+                if draining.is_cancelled() {
+                    return Err(Unavailable(
+                        "this replica is shutting down and keeps events in memory only".into(),
+                    ));
+                }
                 if nonce.is_some_and(|n| !nonces.claim(n.value, n.remember_for)) {
                     return Ok(Accepted::Replayed);
                 }
