@@ -52,22 +52,8 @@ enum Command {
     /// The soak (docs/RELIABILITY.md): steady callbacks and open watches for a long time; exits 1 when a
     /// callback acknowledged 200 was lost or duplicated, or the hub kept anything past the retention.
     Soak {
-        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
-        duration: Duration,
-        /// Callbacks per second.
-        #[arg(long, default_value_t = 5_000)]
-        rate: u64,
-        /// Watches open at all times.
-        #[arg(long, default_value_t = 1_000)]
-        watches: usize,
-        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
-        retention: Duration,
-        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-        sample_every: Duration,
-        /// From when RSS must be level: the hub fills for one retention, the nonces for one webhook tolerance
-        /// (5 minutes by default).
-        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
-        warm_up: Duration,
+        #[command(flatten)]
+        plan: soak::SoakPlan,
         /// Where the report goes (markdown).
         #[arg(long, default_value = "target/soak.md")]
         out: PathBuf,
@@ -126,23 +112,7 @@ async fn main() {
     match cli.command {
         Some(Command::Echo { listen }) => return baselines::echo(listen).await,
         Some(Command::BareHttp { listen }) => return baselines::bare_http(listen).await,
-        Some(Command::Soak {
-            duration,
-            rate,
-            watches,
-            retention,
-            sample_every,
-            warm_up,
-            out,
-        }) => {
-            let plan = soak::SoakPlan {
-                duration,
-                rate,
-                watches,
-                retention,
-                sample_every,
-                warm_up,
-            };
+        Some(Command::Soak { plan, out }) => {
             let (report, kept) = soak::run(&plan).await;
             std::fs::write(&out, &report).expect("the soak report is written");
             println!("{report}");

@@ -132,14 +132,37 @@ pub async fn grpc_queries(addr: SocketAddr, workers: usize, connections: usize, 
     .await
 }
 
-/// The same query sent to the sandbox directly over HTTP, as the facade sends it.
-pub async fn http_queries(sandbox: SocketAddr, workers: usize, duration: Duration) -> Load {
+/// An HTTP client keeping up to `connections` idle connections, without Nagle's delay.
+pub fn http_client(connections: usize) -> reqwest::Client {
     capability_facade::upstream::install_crypto_provider();
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(workers)
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(connections)
         .tcp_nodelay(true)
         .build()
-        .unwrap();
+        .expect("a plain HTTP client builds")
+}
+
+/// Posts `body` to the webhook at `url`, signed as Sinch signs it (fresh nonce, current time); whether it was
+/// acknowledged.
+pub async fn post_signed(http: &reqwest::Client, url: &str, body: Vec<u8>) -> bool {
+    let nonce = ulid::Ulid::new().to_string();
+    let timestamp = (now_nanos() / 1_000_000_000).to_string();
+    let signed = signature::sign(SECRET, &body, &nonce, &timestamp);
+    let sent = http
+        .post(url)
+        .header("content-type", "application/json")
+        .header(signature::SIGNATURE, signed)
+        .header(signature::TIMESTAMP, timestamp)
+        .header(signature::NONCE, nonce)
+        .body(body)
+        .send()
+        .await;
+    matches!(sent, Ok(r) if r.status().is_success())
+}
+
+/// The same query sent to the sandbox directly over HTTP, as the facade sends it.
+pub async fn http_queries(sandbox: SocketAddr, workers: usize, duration: Duration) -> Load {
+    let http = http_client(workers);
     let url = format!("http://{sandbox}/v1/projects/sandbox-project/capability:query");
     let auth = format!(
         "Basic {}",
@@ -247,12 +270,7 @@ pub async fn post_callbacks(target: SocketAddr, prefix: &str, ids: usize, postin
         limit,
         duration,
     } = posting;
-    capability_facade::upstream::install_crypto_provider();
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(posters)
-        .tcp_nodelay(true)
-        .build()
-        .unwrap();
+    let http = http_client(posters);
     let url = format!("http://{target}/webhooks/sinch");
     let seq = Arc::new(AtomicU64::new(0));
     let prefix = prefix.to_owned();
@@ -282,19 +300,7 @@ pub async fn post_callbacks(target: SocketAddr, prefix: &str, ids: usize, postin
                 "capability_notification": {"request_id": request_id, "channel": "SMS",
                     "identity": "46700000001", "capability_status": "CAPABILITY_FULL"}}))
             .expect("JSON serialises");
-            let nonce = format!("bench-{n}-{}", ulid::Ulid::new());
-            let timestamp = (now_nanos() / 1_000_000_000).to_string();
-            let signed = signature::sign(SECRET, &body, &nonce, &timestamp);
-            let sent = http
-                .post(&url)
-                .header("content-type", "application/json")
-                .header(signature::SIGNATURE, signed)
-                .header(signature::TIMESTAMP, timestamp)
-                .header(signature::NONCE, nonce)
-                .body(body)
-                .send()
-                .await;
-            Some(matches!(sent, Ok(r) if r.status().is_success()))
+            Some(post_signed(&http, &url, body).await)
         }
     })
     .await

@@ -17,10 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use capability_facade::{
-    grpc::pb::{self, capability_service_client::CapabilityServiceClient},
-    webhook::signature,
-};
+use capability_facade::grpc::pb::{self, capability_service_client::CapabilityServiceClient};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -31,13 +28,24 @@ use crate::{
 const CHANNELS: [&str; 3] = ["SMS", "RCS", "WHATSAPP"];
 
 /// How long and how hard.
+#[derive(Debug, clap::Args)]
 pub struct SoakPlan {
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     pub duration: Duration,
+    /// Callbacks per second.
+    #[arg(long, default_value_t = 5_000)]
     pub rate: u64,
+    /// Watches open at all times.
+    #[arg(long, default_value_t = 1_000)]
     pub watches: usize,
+    /// The service's CAPABILITY_RETENTION.
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     pub retention: Duration,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub sample_every: Duration,
-    /// From when memory must be level: the hub fills for one retention, the nonces for one webhook tolerance.
+    /// From when RSS must be level: the hub fills for one retention, the nonces for one webhook tolerance
+    /// (5 minutes by default).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     pub warm_up: Duration,
 }
 
@@ -175,11 +183,7 @@ async fn watch_one(
 /// first request not yet started. Counters: [posted, acknowledged 200, refused].
 async fn post(webhook: SocketAddr, rate: u64, duration: Duration, next: Arc<AtomicU64>, counters: [Arc<AtomicU64>; 3]) {
     let posters = 32usize;
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(posters)
-        .tcp_nodelay(true)
-        .build()
-        .expect("a client");
+    let http = scenarios::http_client(posters);
     let url = format!("http://{webhook}/webhooks/sinch");
     let per_request = CHANNELS.len() as u64;
     let requests_per_second = rate as f64 / per_request as f64;
@@ -218,23 +222,7 @@ async fn deliver(http: &reqwest::Client, url: &str, k: u64, channel: &str) -> bo
             "identity": "46700000001", "capability_status": "CAPABILITY_FULL"}}))
     .expect("JSON serialises");
     for _ in 0..5 {
-        let nonce = ulid::Ulid::new().to_string();
-        let timestamp = (std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs())
-        .to_string();
-        let signed = signature::sign(SECRET, &body, &nonce, &timestamp);
-        let sent = http
-            .post(url)
-            .header("content-type", "application/json")
-            .header(signature::SIGNATURE, signed)
-            .header(signature::TIMESTAMP, timestamp)
-            .header(signature::NONCE, nonce)
-            .body(body.clone())
-            .send()
-            .await;
-        if matches!(sent, Ok(r) if r.status().is_success()) {
+        if scenarios::post_signed(http, url, body.clone()).await {
             return true;
         }
     }
