@@ -162,11 +162,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         }
     });
     let grpc = grpc::serve(listeners.grpc, api, transport, shutdown.clone(), stop.clone());
-    let webhook_tls = config.tls.as_ref().map(tls::TlsFiles::webhook_config).transpose()?;
     let webhook = webhook::serve(
         listeners.webhook,
         webhook::router(receiver),
-        webhook_tls,
+        config.tls.as_ref().map(|tls| tls.webhook.clone()),
         config.webhook_timeout,
         stop,
     );

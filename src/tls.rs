@@ -15,7 +15,7 @@ use rustls::{
 use crate::config::Secret;
 
 /// The PEM files TLS is served with.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TlsFiles {
     /// The server's certificate chain, leaf first.
     pub cert_chain: Vec<u8>,
@@ -23,6 +23,9 @@ pub struct TlsFiles {
     pub key: Secret,
     /// When set, gRPC callers must present a certificate issued by one of these CAs (mutual TLS).
     pub client_ca: Option<Vec<u8>>,
+    /// The webhook listener's TLS, built from the same files: HTTP/2 or HTTP/1.1 by ALPN, no client
+    /// certificate (Sinch presents none).
+    pub webhook: Arc<ServerConfig>,
 }
 
 /// Which file is wrong, and how.
@@ -36,40 +39,50 @@ pub enum TlsError {
     ClientCa(String),
 }
 
+impl std::fmt::Debug for TlsFiles {
+    /// Says what is configured, never the key material.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsFiles")
+            .field("cert_chain_bytes", &self.cert_chain.len())
+            .field("mutual", &self.client_ca.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl TlsFiles {
     /// Parses and checks the PEM texts: at least one certificate, a key that matches it, a usable client CA.
     pub fn load(cert_chain: Vec<u8>, key: Secret, client_ca: Option<Vec<u8>>) -> Result<TlsFiles, TlsError> {
-        let files = TlsFiles {
+        let webhook = webhook_config(&cert_chain, &key)?;
+        if let Some(ca) = &client_ca {
+            client_verifier(ca)?;
+        }
+        Ok(TlsFiles {
             cert_chain,
             key,
             client_ca,
-        };
-        files.webhook_config()?;
-        if let Some(ca) = &files.client_ca {
-            client_verifier(ca)?;
-        }
-        Ok(files)
+            webhook,
+        })
     }
+}
 
-    /// The webhook listener's TLS: HTTP/2 or HTTP/1.1 by ALPN, no client certificate (Sinch presents none).
-    pub fn webhook_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
-        let certs = CertificateDer::pem_slice_iter(&self.cert_chain)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| TlsError::Certificate(format!("not PEM: {e}")))?;
-        if certs.is_empty() {
-            return Err(TlsError::Certificate("no CERTIFICATE block found".into()));
-        }
-        let key = PrivateKeyDer::from_pem_slice(self.key.expose().as_bytes())
-            .map_err(|e| TlsError::Key(format!("no usable PRIVATE KEY block: {e}")))?;
-        let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Certificate(e.to_string()))?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .map_err(|e| TlsError::Key(format!("does not go with the certificate: {e}")))?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(Arc::new(config))
+/// The server config of `cert_chain` and `key`; fails when either is unusable or they do not match.
+fn webhook_config(cert_chain: &[u8], key: &Secret) -> Result<Arc<ServerConfig>, TlsError> {
+    let certs = CertificateDer::pem_slice_iter(cert_chain)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Certificate(format!("not PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(TlsError::Certificate("no CERTIFICATE block found".into()));
     }
+    let key = PrivateKeyDer::from_pem_slice(key.expose().as_bytes())
+        .map_err(|e| TlsError::Key(format!("no usable PRIVATE KEY block: {e}")))?;
+    let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Certificate(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::Key(format!("does not go with the certificate: {e}")))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// Checks that `ca` holds at least one CA certificate a client certificate can be verified against.

@@ -18,6 +18,14 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{
+        conn::auto::Builder,
+        graceful::{GracefulShutdown, Watcher},
+    },
+    service::TowerToHyperService,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
@@ -134,11 +142,6 @@ pub async fn serve(
     header_timeout: Duration,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    use hyper_util::{
-        rt::{TokioExecutor, TokioIo, TokioTimer},
-        server::{conn::auto::Builder, graceful::GracefulShutdown},
-        service::TowerToHyperService,
-    };
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -165,25 +168,27 @@ pub async fn serve(
         let (builder, router, watcher, acceptor) =
             (builder.clone(), router.clone(), graceful.watcher(), acceptor.clone());
         tokio::spawn(async move {
-            let service = TowerToHyperService::new(router);
-            match acceptor {
-                None => {
-                    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    let _ = watcher.watch(connection.into_owned()).await;
-                }
-                Some(acceptor) => match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => {
-                        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                        let _ = watcher.watch(connection.into_owned()).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(error = %e, "webhook TLS handshake failed"),
-                    Err(_) => tracing::debug!("webhook TLS handshake timed out"),
-                },
+            let Some(acceptor) = acceptor else {
+                return serve_connection(&builder, stream, router, watcher).await;
+            };
+            match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(stream)) => serve_connection(&builder, stream, router, watcher).await,
+                Ok(Err(e)) => tracing::debug!(error = %e, "webhook TLS handshake failed"),
+                Err(_) => tracing::debug!("webhook TLS handshake timed out"),
             }
         });
     }
     graceful.shutdown().await;
     Ok(())
+}
+
+/// Serves one connection (plain or TLS) until it closes or the graceful shutdown it is watched by ends it.
+async fn serve_connection<I>(builder: &Builder<TokioExecutor>, io: I, router: Router, watcher: Watcher)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(router));
+    let _ = watcher.watch(connection.into_owned()).await;
 }
 
 #[tracing::instrument(skip_all, fields(request_id, channel))]
