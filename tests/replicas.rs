@@ -264,23 +264,26 @@ async fn events_lost_by_a_redis_restarted_empty_are_appended_again_by_the_replic
     env.push(("CAPABILITY_REDIS_URL", redis.url()));
     let a = common::Binary::spawn(&env).await;
     let b = common::Binary::spawn(&env).await;
-    // Both readers have connected (and learnt the epoch) once each serves a replay of what the other accepted.
+    // Both readers have connected (and learnt the epoch) once each delivers what the other accepted.
     assert_eq!(deliver(a.webhook_addr, body("warm-up", "SMS")).await, 200);
     for replica in [&a, &b] {
-        let seen = replay_until(replica, "warm-up", 1).await;
-        assert_eq!(seen.len(), 1);
+        assert_eq!(first_notifications(replica, "warm-up", 1).await.len(), 1);
     }
 
     b.signal("STOP");
     for channel in ["SMS", "RCS", "WHATSAPP"] {
         assert_eq!(deliver(a.webhook_addr, body("emptied", channel)).await, 200);
     }
-    assert_eq!(replay_until(&a, "emptied", 3).await.len(), 3, "A's own reader had them");
+    assert_eq!(
+        first_notifications(&a, "emptied", 3).await.len(),
+        3,
+        "A's own reader had them"
+    );
     redis.kill().await;
     redis.restart().await;
     b.signal("CONT");
 
-    let on_b = replay_until(&b, "emptied", 3).await;
+    let on_b = first_notifications(&b, "emptied", 3).await;
     let mut channels: Vec<&str> = on_b.iter().map(|(_, channel, _)| channel.as_str()).collect();
     channels.sort_unstable();
     assert_eq!(channels, ["RCS", "SMS", "WHATSAPP"], "each once on B: {on_b:?}");
@@ -289,23 +292,39 @@ async fn events_lost_by_a_redis_restarted_empty_are_appended_again_by_the_replic
         "{}",
         a.log_text()
     );
-    assert_eq!(replay_until(&a, "emptied", 3).await.len(), 3, "A dropped the copies");
-}
-
-/// Replays `request_id` on `binary` (wait 0) until it holds at least `count` notifications, for at most 20 s.
-async fn replay_until(binary: &common::Binary, request_id: &str, count: usize) -> Vec<(u64, String, String)> {
-    let mut client = tonic_client(&binary.url()).await;
-    let started = std::time::Instant::now();
-    loop {
-        let stream = client
-            .watch_capability(watch_request(request_id, 0, Some(Duration::ZERO)))
+    // A marker after the copies in stream order: once both replicas delivered it, they applied the copies.
+    assert_eq!(deliver(a.webhook_addr, body("marker", "SMS")).await, 200);
+    for (name, replica) in [("A", &a), ("B", &b)] {
+        assert_eq!(first_notifications(replica, "marker", 1).await.len(), 1);
+        let replay = tonic_client(&replica.url())
+            .await
+            .watch_capability(watch_request("emptied", 0, Some(Duration::ZERO)))
             .await
             .unwrap()
             .into_inner();
-        let (seen, _) = drain(stream).await;
-        if seen.len() >= count || started.elapsed() > Duration::from_secs(20) {
-            return seen;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(drain(replay).await.0.len(), 3, "{name} dropped the copies");
     }
+}
+
+/// Watches `request_id` on `binary` until `count` notifications arrived (or a 20 s wait ended); returns them.
+async fn first_notifications(binary: &common::Binary, request_id: &str, count: usize) -> Vec<(u64, String, String)> {
+    use capability_facade::grpc::pb::watch_capability_response::Event;
+    let mut stream = tonic_client(&binary.url())
+        .await
+        .watch_capability(watch_request(request_id, 0, Some(Duration::from_secs(20))))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = Vec::new();
+    while seen.len() < count {
+        match stream.message().await {
+            Ok(Some(message)) => match message.event {
+                Some(Event::Notification(n)) => seen.push((n.offset, n.channel_raw, n.capability_status_raw)),
+                Some(Event::Heartbeat(_)) => {}
+                _ => break,
+            },
+            _ => break,
+        }
+    }
+    seen
 }
