@@ -119,6 +119,7 @@ impl CapabilityApi {
             shutdown,
         }
     }
+
     async fn query(
         &self,
         request: Request<pb::QueryCapabilityRequest>,
