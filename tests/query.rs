@@ -4,17 +4,13 @@ mod common;
 
 use std::time::Duration;
 
-use base64::Engine;
 use capability_facade::grpc::pb::{self, Channel};
-use common::{Canned, FakeSinch, KEY_ID, KEY_SECRET, PROJECT, Service, contact, identities, query};
+use common::{Canned, FakeSinch, KEY_ID, KEY_SECRET, PROJECT, Service, basic_auth, contact, identities, query};
 use tonic::{Code, Request};
 use tonic_types::StatusExt;
 
 fn basic() -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{KEY_ID}:{KEY_SECRET}"))
-    )
+    basic_auth(KEY_ID, KEY_SECRET)
 }
 
 /// Starts a service against a fake Sinch scripted with `script` and returns the status of one query.

@@ -329,7 +329,7 @@ fn chart(path: &std::path::Path, (caption, x_desc, y_desc): (&str, &str, &str), 
 /// QueryCapability through the facade, the same query to the sandbox directly, and a bare tonic echo.
 async fn queries(plan: &Plan, report: &mut Report) {
     let sandbox = procs::sandbox().await;
-    let sinch = format!("http://{}", sandbox.addrs[0]);
+    let sinch = format!("http://{}", sandbox.ready);
     let facade = procs::facade(&[
         ("SINCH_PROJECT_ID", "sandbox-project".into()),
         ("SINCH_KEY_ID", "sandbox-key".into()),
@@ -343,21 +343,21 @@ async fn queries(plan: &Plan, report: &mut Report) {
     let echo = procs::baseline("echo").await;
     let warmup = plan.duration / 5;
     let workers = plan.query_workers;
-    scenarios::grpc_queries(facade.addrs[0], workers, 4, warmup).await;
-    let load = scenarios::grpc_queries(facade.addrs[0], workers, 4, plan.duration).await;
+    scenarios::grpc_queries(facade.grpc_addr, workers, 4, warmup).await;
+    let load = scenarios::grpc_queries(facade.grpc_addr, workers, 4, plan.duration).await;
     report.load("query facade", &load);
-    scenarios::http_queries(sandbox.addrs[0], workers, warmup).await;
-    let load = scenarios::http_queries(sandbox.addrs[0], workers, plan.duration).await;
+    scenarios::http_queries(sandbox.ready, workers, warmup).await;
+    let load = scenarios::http_queries(sandbox.ready, workers, plan.duration).await;
     report.load("query direct", &load);
-    scenarios::grpc_queries(echo.addrs[0], workers, 4, warmup).await;
-    let load = scenarios::grpc_queries(echo.addrs[0], workers, 4, plan.duration).await;
+    scenarios::grpc_queries(echo.ready, workers, 4, warmup).await;
+    let load = scenarios::grpc_queries(echo.ready, workers, 4, plan.duration).await;
     report.load("query echo", &load);
     // Added latency is what one call costs more, not queueing on a saturated machine: one caller at a time.
-    let load = scenarios::grpc_queries(facade.addrs[0], 1, 1, plan.duration / 2).await;
+    let load = scenarios::grpc_queries(facade.grpc_addr, 1, 1, plan.duration / 2).await;
     report.load("query facade, 1 worker", &load);
-    let load = scenarios::http_queries(sandbox.addrs[0], 1, plan.duration / 2).await;
+    let load = scenarios::http_queries(sandbox.ready, 1, plan.duration / 2).await;
     report.load("query direct, 1 worker", &load);
-    let load = scenarios::grpc_queries(echo.addrs[0], 1, 1, plan.duration / 2).await;
+    let load = scenarios::grpc_queries(echo.ready, 1, 1, plan.duration / 2).await;
     report.load("query echo, 1 worker", &load);
 }
 
@@ -371,7 +371,7 @@ async fn delivery(plan: &Plan, report: &mut Report) {
     let posters = 32;
     for &count in &plan.watcher_counts {
         let facade = procs::facade(&delivery_env()).await;
-        let watchers = scenarios::open_watchers(&facade.addrs[..1], "w", count, count.min(100)).await;
+        let watchers = scenarios::open_watchers(&[facade.grpc_addr], "w", count, count.min(100)).await;
         let flat_out = Posting {
             posters,
             rate: None,
@@ -379,7 +379,7 @@ async fn delivery(plan: &Plan, report: &mut Report) {
             duration: plan.duration,
         };
         let started = Instant::now();
-        let posted = scenarios::post_callbacks(facade.addrs[1], "w", count, flat_out).await;
+        let posted = scenarios::post_callbacks(facade.webhook_addr, "w", count, flat_out).await;
         let last = watchers.wait_for(posted.ok, Duration::from_secs(30)).await;
         let delivered = watchers.delivered.load(std::sync::atomic::Ordering::Relaxed);
         report.add(
@@ -398,7 +398,7 @@ async fn delivery(plan: &Plan, report: &mut Report) {
                 rate: Some(plan.latency_rate),
                 ..flat_out
             };
-            let posted = scenarios::post_callbacks(facade.addrs[1], "w", count, paced).await;
+            let posted = scenarios::post_callbacks(facade.webhook_addr, "w", count, paced).await;
             watchers.wait_for(posted.ok, Duration::from_secs(30)).await;
             let latency = watchers.latency.lock().unwrap().clone();
             let name = format!("delivery at {}/s ({count} watchers)", plan.latency_rate);
@@ -413,7 +413,7 @@ async fn delivery(plan: &Plan, report: &mut Report) {
         limit: None,
         duration: plan.duration,
     };
-    let load = scenarios::post_callbacks(bare.addrs[0], "w", 1, flat_out).await;
+    let load = scenarios::post_callbacks(bare.ready, "w", 1, flat_out).await;
     report.load("bare http", &load);
 }
 
@@ -421,12 +421,12 @@ async fn delivery(plan: &Plan, report: &mut Report) {
 async fn idle(plan: &Plan, report: &mut Report) {
     let facade = procs::facade(&delivery_env()).await;
     // Warm the allocator and the runtime with a first batch, then measure from there.
-    drop(scenarios::idle_watches(facade.addrs[0], 1_000, plan.idle_connections).await);
+    drop(scenarios::idle_watches(facade.grpc_addr, 1_000, plan.idle_connections).await);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = facade.rss();
-    let streams = scenarios::idle_watches(facade.addrs[0], plan.idle_watches, plan.idle_connections).await;
+    let before = procs::rss(facade.pid());
+    let streams = scenarios::idle_watches(facade.grpc_addr, plan.idle_watches, plan.idle_connections).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = facade.rss();
+    let after = procs::rss(facade.pid());
     report.add(
         &format!("idle watches ({}) RSS bytes per stream", plan.idle_watches),
         after.saturating_sub(before) as f64 / streams.len() as f64,
@@ -436,15 +436,15 @@ async fn idle(plan: &Plan, report: &mut Report) {
 
 /// Three replicas sharing a Redis: callbacks into one, watchers on the two others.
 async fn cross_replica(plan: &Plan, report: &mut Report) {
-    let redis = procs::redis().await;
+    let redis = testkit::RedisServer::start().await;
     let mut env = delivery_env();
-    env.push(("CAPABILITY_REDIS_URL", format!("redis://{}", redis.addrs[0])));
+    env.push(("CAPABILITY_REDIS_URL", redis.url()));
     let replicas = [
         procs::facade(&env).await,
         procs::facade(&env).await,
         procs::facade(&env).await,
     ];
-    let others = [replicas[1].addrs[0], replicas[2].addrs[0]];
+    let others = [replicas[1].grpc_addr, replicas[2].grpc_addr];
     let watchers = scenarios::open_watchers(&others, "x", plan.cross_watchers, 10).await;
     let paced = Posting {
         posters: 32,
@@ -452,7 +452,7 @@ async fn cross_replica(plan: &Plan, report: &mut Report) {
         limit: None,
         duration: plan.duration,
     };
-    let posted = scenarios::post_callbacks(replicas[0].addrs[1], "x", plan.cross_watchers, paced).await;
+    let posted = scenarios::post_callbacks(replicas[0].webhook_addr, "x", plan.cross_watchers, paced).await;
     watchers.wait_for(posted.ok, Duration::from_secs(30)).await;
     let latency = watchers.latency.lock().unwrap().clone();
     let name = format!("cross-replica at {}/s (3 replicas)", plan.cross_rate);
@@ -467,7 +467,7 @@ async fn cross_replica(plan: &Plan, report: &mut Report) {
 /// RSS of a fresh replica as it retains more and more requests (one notification each).
 async fn memory_vs_retained(plan: &Plan) -> Vec<(u64, u64)> {
     let facade = procs::facade(&delivery_env()).await;
-    let mut points = vec![(0, facade.rss())];
+    let mut points = vec![(0, procs::rss(facade.pid()))];
     let mut retained = 0;
     for (step, &target) in plan.retained_steps.iter().enumerate() {
         let count = target - retained;
@@ -478,10 +478,10 @@ async fn memory_vs_retained(plan: &Plan) -> Vec<(u64, u64)> {
             duration: Duration::from_secs(600),
         };
         let prefix = format!("m{step}-");
-        let posted = scenarios::post_callbacks(facade.addrs[1], &prefix, count as usize, posting).await;
+        let posted = scenarios::post_callbacks(facade.webhook_addr, &prefix, count as usize, posting).await;
         retained += posted.ok;
         tokio::time::sleep(Duration::from_millis(300)).await;
-        points.push((retained, facade.rss()));
+        points.push((retained, procs::rss(facade.pid())));
     }
     points
 }

@@ -10,12 +10,9 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use base64::Engine;
-use capability_facade::{
-    grpc::pb::{self, capability_service_client::CapabilityServiceClient},
-    webhook::signature,
-};
+use capability_facade::grpc::pb::{self, capability_service_client::CapabilityServiceClient};
 use hdrhistogram::Histogram;
+use testkit::CapabilityCallback;
 use tonic::transport::Channel;
 
 /// The secret the facade under test is given, so that the generator can sign.
@@ -142,32 +139,16 @@ pub fn http_client(connections: usize) -> reqwest::Client {
         .expect("a plain HTTP client builds")
 }
 
-/// Posts `body` to the webhook at `url`, signed as Sinch signs it (fresh nonce, current time); whether it was
-/// acknowledged.
+/// Posts `body` to the webhook at `url`, signed as Sinch signs it with [`SECRET`]; whether it was acknowledged.
 pub async fn post_signed(http: &reqwest::Client, url: &str, body: Vec<u8>) -> bool {
-    let nonce = ulid::Ulid::new().to_string();
-    let timestamp = (now_nanos() / 1_000_000_000).to_string();
-    let signed = signature::sign(SECRET, &body, &nonce, &timestamp);
-    let sent = http
-        .post(url)
-        .header("content-type", "application/json")
-        .header(signature::SIGNATURE, signed)
-        .header(signature::TIMESTAMP, timestamp)
-        .header(signature::NONCE, nonce)
-        .body(body)
-        .send()
-        .await;
-    matches!(sent, Ok(r) if r.status().is_success())
+    matches!(testkit::post_signed(http, url, SECRET, body).await, Ok(status) if status.is_success())
 }
 
 /// The same query sent to the sandbox directly over HTTP, as the facade sends it.
 pub async fn http_queries(sandbox: SocketAddr, workers: usize, duration: Duration) -> Load {
     let http = http_client(workers);
     let url = format!("http://{sandbox}/v1/projects/sandbox-project/capability:query");
-    let auth = format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode("sandbox-key:sandbox-secret")
-    );
+    let auth = testkit::basic_auth("sandbox-key", "sandbox-secret");
     closed_loop(workers, duration, move |_| {
         let body = serde_json::json!({"app_id": "bench-app", "request_id": ulid::Ulid::new().to_string(),
             "recipient": {"identified_by": {"channel_identities": [{"channel": "SMS", "identity": "46700000001"}]}}});
@@ -271,7 +252,7 @@ pub async fn post_callbacks(target: SocketAddr, prefix: &str, ids: usize, postin
         duration,
     } = posting;
     let http = http_client(posters);
-    let url = format!("http://{target}/webhooks/sinch");
+    let url = testkit::webhook_url(target);
     let seq = Arc::new(AtomicU64::new(0));
     let prefix = prefix.to_owned();
     let started = Instant::now();
@@ -294,12 +275,11 @@ pub async fn post_callbacks(target: SocketAddr, prefix: &str, ids: usize, postin
             if let Some(due) = due {
                 tokio::time::sleep_until(due.into()).await;
             }
-            let body = serde_json::to_vec(&serde_json::json!({
-                "app_id": "bench-app", "project_id": "", "correlation_id": now_nanos().to_string(),
-                "message_metadata": n.to_string(),
-                "capability_notification": {"request_id": request_id, "channel": "SMS",
-                    "identity": "46700000001", "capability_status": "CAPABILITY_FULL"}}))
-            .expect("JSON serialises");
+            let body = CapabilityCallback::new(&request_id, "SMS", "46700000001", "CAPABILITY_FULL")
+                .app_id("bench-app")
+                .correlation_id(&now_nanos().to_string())
+                .message_metadata(&n.to_string())
+                .body();
             Some(post_signed(&http, &url, body).await)
         }
     })

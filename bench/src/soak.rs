@@ -20,8 +20,10 @@ use std::{
 use capability_facade::grpc::pb::{self, capability_service_client::CapabilityServiceClient};
 use tokio_util::sync::CancellationToken;
 
+use testkit::{Binary, CapabilityCallback};
+
 use crate::{
-    procs::{self, Proc},
+    procs,
     scenarios::{self, SECRET},
 };
 
@@ -71,7 +73,7 @@ pub async fn run(plan: &SoakPlan) -> (String, bool) {
         ("CAPABILITY_WATCH_WAIT", "30s".into()),
     ])
     .await;
-    let (grpc, webhook, admin) = (facade.addrs[0], facade.addrs[1], facade.addrs[2]);
+    let (grpc, webhook, admin) = (facade.grpc_addr, facade.webhook_addr, facade.admin_addr);
     let stop = CancellationToken::new();
     let posted = Arc::new(AtomicU64::new(0));
     let acked = Arc::new(AtomicU64::new(0));
@@ -184,7 +186,7 @@ async fn watch_one(
 async fn post(webhook: SocketAddr, rate: u64, duration: Duration, next: Arc<AtomicU64>, counters: [Arc<AtomicU64>; 3]) {
     let posters = 32usize;
     let http = scenarios::http_client(posters);
-    let url = format!("http://{webhook}/webhooks/sinch");
+    let url = testkit::webhook_url(webhook);
     let per_request = CHANNELS.len() as u64;
     let requests_per_second = rate as f64 / per_request as f64;
     let started = Instant::now();
@@ -216,11 +218,10 @@ async fn post(webhook: SocketAddr, rate: u64, duration: Duration, next: Arc<Atom
 
 /// Posts one callback, retrying as Sinch does (up to five times) while it is refused; whether it was acked.
 async fn deliver(http: &reqwest::Client, url: &str, k: u64, channel: &str) -> bool {
-    let body = serde_json::to_vec(&serde_json::json!({
-        "app_id": "soak-app", "project_id": "soak",
-        "capability_notification": {"request_id": format!("soak-{k}"), "channel": channel,
-            "identity": "46700000001", "capability_status": "CAPABILITY_FULL"}}))
-    .expect("JSON serialises");
+    let body = CapabilityCallback::new(&format!("soak-{k}"), channel, "46700000001", "CAPABILITY_FULL")
+        .app_id("soak-app")
+        .project_id("soak")
+        .body();
     for _ in 0..5 {
         if scenarios::post_signed(http, url, body.clone()).await {
             return true;
@@ -229,7 +230,7 @@ async fn deliver(http: &reqwest::Client, url: &str, k: u64, channel: &str) -> bo
     false
 }
 
-async fn sample(facade: &Proc, admin: SocketAddr, at: Duration) -> Sample {
+async fn sample(facade: &Binary, admin: SocketAddr, at: Duration) -> Sample {
     let fds = std::fs::read_dir(format!("/proc/{}/fd", facade.pid())).map_or(0, Iterator::count);
     let metrics = reqwest::get(format!("http://{admin}/metrics"))
         .await
@@ -247,7 +248,7 @@ async fn sample(facade: &Proc, admin: SocketAddr, at: Duration) -> Sample {
     };
     Sample {
         at,
-        rss: facade.rss(),
+        rss: procs::rss(facade.pid()),
         fds,
         retained: gauge("capability_retained_requests"),
         watches: gauge("capability_active_watches"),

@@ -1,0 +1,89 @@
+//! A real redis-server for one test or benchmark, on a free loopback port, that the caller can kill and restart.
+
+use std::path::PathBuf;
+
+use tokio::process::{Child, Command};
+
+use crate::process::{free_port, kill_now, spawn_until};
+
+/// One redis-server on 127.0.0.1; killed (and its directory removed) when dropped.
+pub struct RedisServer {
+    /// Its port, the same across restarts.
+    pub port: u16,
+    /// The running server; `None` while killed.
+    child: Option<Child>,
+    /// Where an append-only file keeps every acknowledged write across restarts; `None`: nothing is kept.
+    durable: Option<PathBuf>,
+}
+
+impl RedisServer {
+    /// A server that keeps nothing on disk: a restart empties it.
+    pub async fn start() -> RedisServer {
+        RedisServer::start_with(None).await
+    }
+
+    /// A server configured as production runs it: every write on disk (AOF, fsync always) before it is
+    /// acknowledged, so that a restart keeps what was acknowledged.
+    pub async fn start_durable() -> RedisServer {
+        let dir = std::env::temp_dir().join(format!("testkit-redis-{}", ulid::Ulid::new()));
+        std::fs::create_dir_all(&dir).expect("the AOF directory can be made");
+        RedisServer::start_with(Some(dir)).await
+    }
+
+    async fn start_with(durable: Option<PathBuf>) -> RedisServer {
+        let mut server = RedisServer {
+            port: free_port(),
+            child: None,
+            durable,
+        };
+        server.restart().await;
+        server
+    }
+
+    /// `redis://127.0.0.1:port`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts redis-server on the same port (nothing is kept from before unless durable) and waits until it
+    /// accepts connections.
+    pub async fn restart(&mut self) {
+        let mut command = Command::new("redis-server");
+        command.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""]);
+        match &self.durable {
+            None => command.args(["--appendonly", "no"]),
+            Some(dir) => command
+                .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                .arg(dir),
+        };
+        command.args(["--loglevel", "notice", "--daemonize", "no"]);
+        self.child = Some(ready(command).await);
+    }
+
+    /// SIGKILL: no goodbye to clients.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.expect("redis-server can be killed");
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            kill_now(child);
+        }
+        if let Some(dir) = &self.durable {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Spawns a configured redis-server and waits until it accepts connections.
+pub(crate) async fn ready(command: Command) -> Child {
+    spawn_until(command, |line| {
+        line.contains("Ready to accept connections").then_some(())
+    })
+    .await
+    .child
+}
