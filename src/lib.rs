@@ -13,16 +13,15 @@
 //! - [`sandbox`]: the built-in Sinch emulator, callbacks included.
 //! - [`admin`]: metrics and probes on the admin port.
 //! - [`tls`]: optional TLS on the gRPC and webhook ports, and mutual TLS for callers.
-//! - [`cli`]: the command-line clients (`query`, `watch`, `check`) and the `sandbox` command.
 //!
-//! [`run`] wires the parts on listeners the caller bound, until a shutdown token is cancelled.
+//! [`run`] wires the parts on listeners the caller bound, until a shutdown token is cancelled. The command line
+//! (serving, the client commands, the standalone sandbox) belongs to the binary, `src/main.rs` and `src/cli/`.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 pub mod admin;
 pub mod backplane;
 pub mod capability;
-pub mod cli;
 pub mod config;
 pub mod grpc;
 pub mod hub;

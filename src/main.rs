@@ -1,14 +1,17 @@
-//! The process: reads configuration, sets up logging, binds the listeners and turns signals into a shutdown.
+//! The process: reads configuration, sets up logging, binds the listeners and turns signals into a shutdown; the
+//! other commands are in [`cli`].
+
+mod cli;
 
 use std::process::ExitCode;
 
 use capability_facade::{
     Listeners,
-    cli::{self, Cli, Command},
     config::{self, Config, ServeArgs, Upstream},
     telemetry,
 };
 use clap::Parser;
+use cli::{Cli, Command};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
