@@ -297,10 +297,13 @@ async fn a_429_is_retried_after_the_time_sinch_asks_for() {
     fake.script_queries([Canned::sinch_error(429, "RESOURCE_EXHAUSTED", "slow down").header("retry-after", "1")]);
     let service = Service::against(&fake, &[]).await;
     let mut client = service.client().await;
-    let started = std::time::Instant::now();
     client.query_capability(query(contact("C"), "")).await.unwrap();
-    assert!(started.elapsed() >= Duration::from_secs(1), "Retry-After was honoured");
-    assert_eq!(fake.queries().len(), 2);
+    let sent = fake.queries();
+    assert_eq!(sent.len(), 2);
+    // A lower bound on the pause the service made, measured where it shows: between the two arrivals at Sinch. A
+    // slow machine only lengthens it; it is short only if Retry-After was not honoured.
+    let pause = sent[1].at - sent[0].at;
+    assert!(pause >= Duration::from_secs(1), "Retry-After was honoured: {pause:?}");
 }
 
 #[tokio::test]
@@ -389,12 +392,12 @@ async fn the_callers_deadline_bounds_the_call_and_its_retries() {
     fake.set_echo_delay(Duration::from_secs(5));
     let service = Service::against(&fake, &[]).await;
     let mut client = service.client().await;
+    // tonic's client ends a call at its deadline on its own, as CANCELLED "Timeout expired"; so the status the
+    // service sends is what proves that it, not the caller's timer, ended the call in time.
     let mut request = Request::new(query(contact("C"), ""));
     request.set_timeout(Duration::from_millis(300));
-    let started = std::time::Instant::now();
     let status = client.query_capability(request).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    assert!(started.elapsed() < Duration::from_secs(2));
 
     let fake = FakeSinch::start().await;
     fake.script_queries(std::iter::repeat_n(
@@ -405,13 +408,10 @@ async fn the_callers_deadline_bounds_the_call_and_its_retries() {
     let mut client = service.client().await;
     let mut request = Request::new(query(contact("C"), ""));
     request.set_timeout(Duration::from_millis(400));
-    let started = std::time::Instant::now();
     let status = client.query_capability(request).await.unwrap_err();
-    assert!(
-        started.elapsed() < Duration::from_millis(400),
-        "answered before the deadline"
-    );
+    // Sinch's own error, not the caller's timer: the service stopped retrying and answered before the deadline.
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("down"), "{}", status.message());
     assert!(fake.queries().len() >= 2, "retried while time remained");
 }
 
