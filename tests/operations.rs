@@ -1,5 +1,5 @@
-//! What operators see: metrics after real traffic, trace context on the Sinch call, masked logs, and the
-//! shutdown drill on the real binary.
+//! What operators see: trace context on the Sinch call, masked logs, and the shutdown drill on the real binary.
+//! Metrics have a test binary of their own (tests/metrics.rs).
 
 mod common;
 
@@ -8,65 +8,10 @@ use std::time::{Duration, Instant};
 use capability_facade::grpc::pb::{Channel, capability_service_client::CapabilityServiceClient};
 use common::{
     Binary, FakeSinch, KEY_SECRET, Service, WEBHOOK_SECRET, capability_body, deliver, drain, identities, query,
-    reqwest_client, watch_request,
+    watch_request,
 };
 use tonic::{Code, Request};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
-
-#[tokio::test]
-async fn metrics_after_real_traffic_carry_every_series() {
-    let fake = FakeSinch::start().await;
-    fake.script_queries([common::Canned::sinch_error(503, "UNAVAILABLE", "blip")]);
-    let service = Service::against(&fake, &[]).await;
-    let mut client = service.client().await;
-    client
-        .query_capability(query(identities(&[(Channel::Sms, "46700000001")]), "metrics"))
-        .await
-        .unwrap();
-    let _ = client.query_capability(query(identities(&[]), "")).await;
-    let stream = client
-        .watch_capability(watch_request("metrics", 0, None))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        deliver(
-            service.webhook_addr,
-            capability_body("metrics", "SMS", "46700000001", "CAPABILITY_FULL")
-        )
-        .await,
-        200
-    );
-    let (seen, _) = drain(stream).await;
-    assert_eq!(seen.len(), 1);
-    let bad = capability_body("metrics", "SMS", "46700000001", "CAPABILITY_FULL");
-    let headers = [("content-type", "application/json".to_owned())];
-    assert_eq!(common::post_webhook(service.webhook_addr, bad, &headers).await, 401);
-
-    let http = reqwest_client();
-    let admin = |path: &str| format!("http://{}{path}", service.admin_addr);
-    let metrics = http.get(admin("/metrics")).send().await.unwrap().text().await.unwrap();
-    for series in [
-        r#"capability_queries_total{outcome="ok"}"#,
-        r#"capability_queries_total{outcome="invalid_argument"}"#,
-        "capability_upstream_request_duration_seconds_bucket",
-        "capability_upstream_retries_total",
-        r#"capability_token_refreshes_total{result="ok"}"#,
-        r#"capability_webhooks_total{result="accepted"}"#,
-        r#"capability_webhooks_total{result="bad_signature"}"#,
-        "capability_notifications_delivered_total",
-        "capability_delivery_latency_seconds_bucket",
-        "capability_active_watches",
-        "capability_retained_requests",
-    ] {
-        assert!(metrics.contains(series), "/metrics lacks {series}:\n{metrics}");
-    }
-    assert_eq!(http.get(admin("/healthz")).send().await.unwrap().status(), 200);
-    assert_eq!(http.get(admin("/readyz")).send().await.unwrap().status(), 200);
-    service.shutdown.cancel();
-    let not_ready = http.get(admin("/readyz")).send().await.unwrap();
-    assert_eq!(not_ready.status(), 503, "not ready once shutdown began");
-}
 
 #[tokio::test]
 async fn the_callers_trace_context_reaches_sinch_in_the_same_trace() {
