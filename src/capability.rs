@@ -1,9 +1,134 @@
 //! Domain types of a capability query and its results. No transport crate appears here.
+//!
+//! Channels and statuses are enums with an `Other` variant that keeps what Sinch sent, so a value Sinch adds
+//! tomorrow travels on unchanged. Each enum is generated from one list that holds, per value, Sinch's spelling
+//! and the number of the contract's enum value: the only place the three meet.
 
 use std::{fmt, time::SystemTime};
 
 /// The longest `request_id` a caller may choose (AIP-155 allows any string; we bound it).
 pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Declares a Sinch enumeration: the variants, Sinch's spelling of each and its number in the contract.
+macro_rules! sinch_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = ($number:literal, $sinch:literal),)+ }) => {
+        $(#[$meta])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)+
+            /// A value this version does not know, as Sinch spelled it.
+            Other(Box<str>),
+        }
+
+        impl $name {
+            /// Every value this version knows, in the contract's order.
+            pub const KNOWN: &'static [$name] = &[$($name::$variant,)+];
+
+            /// The value Sinch spells `sinch`; `Other` when this version does not know it.
+            pub fn from_sinch(sinch: &str) -> $name {
+                match sinch {
+                    $($sinch => $name::$variant,)+
+                    other => $name::Other(other.into()),
+                }
+            }
+
+            /// Sinch's spelling.
+            pub fn as_sinch(&self) -> &str {
+                match self {
+                    $($name::$variant => $sinch,)+
+                    $name::Other(raw) => raw,
+                }
+            }
+
+            /// The number of the contract's enum value; 0 (`…_UNSPECIFIED`) for `Other`.
+            pub fn number(&self) -> i32 {
+                match self {
+                    $($name::$variant => $number,)+
+                    $name::Other(_) => 0,
+                }
+            }
+
+            /// The value whose contract number is `number`; `None` for 0 and numbers this version does not know.
+            pub fn from_number(number: i32) -> Option<$name> {
+                match number {
+                    $($number => Some($name::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_sinch())
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_sinch())
+            }
+        }
+    };
+}
+
+sinch_enum! {
+    /// A messaging channel of the Sinch Conversation API.
+    Channel {
+        /// WhatsApp Business.
+        Whatsapp = (1, "WHATSAPP"),
+        /// Rich Communication Services.
+        Rcs = (2, "RCS"),
+        /// SMS.
+        Sms = (3, "SMS"),
+        /// Facebook Messenger.
+        Messenger = (4, "MESSENGER"),
+        /// Viber Business Messages.
+        Viberbm = (5, "VIBERBM"),
+        /// MMS.
+        Mms = (6, "MMS"),
+        /// Instagram.
+        Instagram = (7, "INSTAGRAM"),
+        /// Telegram.
+        Telegram = (8, "TELEGRAM"),
+        /// KakaoTalk.
+        Kakaotalk = (9, "KAKAOTALK"),
+        /// KakaoTalk chat.
+        Kakaotalkchat = (10, "KAKAOTALKCHAT"),
+        /// LINE.
+        Line = (11, "LINE"),
+        /// WeChat.
+        Wechat = (12, "WECHAT"),
+        /// Apple Messages for Business.
+        Applebc = (13, "APPLEBC"),
+        /// Viber, as one of Sinch's SDKs spells it.
+        Viber = (14, "VIBER"),
+    }
+}
+
+sinch_enum! {
+    /// Whether a recipient can be reached on a channel.
+    CapabilityStatus {
+        /// Sinch could not tell.
+        Unknown = (1, "CAPABILITY_UNKNOWN"),
+        /// Reachable with every capability of the channel.
+        Full = (2, "CAPABILITY_FULL"),
+        /// Reachable with some capabilities.
+        Partial = (3, "CAPABILITY_PARTIAL"),
+        /// Not reachable on the channel.
+        NoCapability = (4, "NO_CAPABILITY"),
+    }
+}
+
+impl Channel {
+    /// Whether `raw` could be a channel name as Sinch spells them: upper-case letters, digits and `_`, 1 to 64.
+    pub fn is_well_formed(raw: &str) -> bool {
+        !raw.is_empty()
+            && raw.len() <= 64
+            && raw
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+    }
+}
 
 /// A capability query, validated, with its `request_id` decided.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,13 +144,12 @@ impl Query {
         self.app_id == other.app_id && self.recipient == other.recipient
     }
 
-    /// The channels that will report, when they are known in advance (identified_by queries), as Sinch spells
-    /// them, each once.
-    pub fn expected_channels(&self) -> Option<Vec<String>> {
+    /// The channels that will report, when they are known in advance (identified_by queries), each once, sorted.
+    pub fn expected_channels(&self) -> Option<Vec<Channel>> {
         match &self.recipient {
             Recipient::ContactId(_) => None,
             Recipient::IdentifiedBy(ids) => {
-                let mut channels: Vec<String> = ids.iter().map(|id| id.channel.clone()).collect();
+                let mut channels: Vec<Channel> = ids.iter().map(|id| id.channel.clone()).collect();
                 channels.sort();
                 channels.dedup();
                 Some(channels)
@@ -50,10 +174,10 @@ impl fmt::Debug for Recipient {
     }
 }
 
-/// One identity of a recipient on one channel. `channel` is spelled as Sinch spells it ("WHATSAPP").
-#[derive(Clone, PartialEq, Eq)]
+/// One identity of a recipient on one channel.
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct ChannelIdentity {
-    pub channel: String,
+    pub channel: Channel,
     pub identity: String,
     /// For app-scoped identities; empty when not set.
     pub app_id: String,
@@ -74,14 +198,14 @@ pub struct QueryAccepted {
 }
 
 /// One capability result, as Sinch reported it in a CAPABILITY callback. Every field is optional at Sinch;
-/// missing text is empty here. Enumerated values are kept as Sinch spelled them.
+/// missing text is empty here, a missing channel or status is `Other("")`.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Notification {
     pub request_id: String,
     pub contact_id: String,
-    pub channel: String,
+    pub channel: Channel,
     pub identity: String,
-    pub capability_status: String,
+    pub capability_status: CapabilityStatus,
     pub channel_capabilities: Vec<String>,
     pub reason: Option<Reason>,
     pub channel_recipient_identities: Vec<RecipientIdentity>,
@@ -93,8 +217,6 @@ pub struct Notification {
     pub correlation_id: String,
     /// When a replica of this service first received the callback.
     pub received_time: SystemTime,
-    /// A digest of the callback's body: two deliveries of the same callback have the same digest.
-    pub digest: u64,
 }
 
 impl fmt::Debug for Notification {
@@ -120,7 +242,7 @@ pub struct Reason {
 /// A recipient's identity on a channel, as a notification reports it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct RecipientIdentity {
-    pub channel: String,
+    pub channel: Channel,
     pub identity: String,
     pub app_id: String,
     pub display_name: String,
@@ -161,7 +283,7 @@ mod tests {
     #[test]
     fn debug_output_never_shows_an_identity() {
         let r = Recipient::IdentifiedBy(vec![ChannelIdentity {
-            channel: "WHATSAPP".into(),
+            channel: Channel::Whatsapp,
             identity: "46712312312".into(),
             app_id: String::new(),
         }]);
@@ -172,21 +294,36 @@ mod tests {
 
     #[test]
     fn expected_channels_are_known_only_for_identities() {
-        let id = |channel: &str| ChannelIdentity {
-            channel: channel.into(),
+        let id = |channel: Channel| ChannelIdentity {
+            channel,
             identity: "1".into(),
             app_id: String::new(),
         };
         let q = Query {
             app_id: "a".into(),
-            recipient: Recipient::IdentifiedBy(vec![id("RCS"), id("WHATSAPP"), id("RCS")]),
+            recipient: Recipient::IdentifiedBy(vec![id(Channel::Rcs), id(Channel::Whatsapp), id(Channel::Rcs)]),
             request_id: "r".into(),
         };
-        assert_eq!(q.expected_channels(), Some(vec!["RCS".into(), "WHATSAPP".into()]));
+        assert_eq!(q.expected_channels(), Some(vec![Channel::Whatsapp, Channel::Rcs]));
         let q = Query {
             recipient: Recipient::ContactId("c".into()),
             ..q
         };
         assert_eq!(q.expected_channels(), None);
+    }
+
+    #[test]
+    fn every_known_value_reads_back_from_its_spelling_and_its_number() {
+        for channel in Channel::KNOWN {
+            assert_eq!(&Channel::from_sinch(channel.as_sinch()), channel);
+            assert_eq!(Channel::from_number(channel.number()).as_ref(), Some(channel));
+        }
+        for status in CapabilityStatus::KNOWN {
+            assert_eq!(&CapabilityStatus::from_sinch(status.as_sinch()), status);
+            assert_eq!(CapabilityStatus::from_number(status.number()).as_ref(), Some(status));
+        }
+        let new = Channel::from_sinch("CARRIER_PIGEON");
+        assert_eq!((new.as_sinch(), new.number()), ("CARRIER_PIGEON", 0));
+        assert_eq!(Channel::from_number(0), None);
     }
 }

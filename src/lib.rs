@@ -2,31 +2,35 @@
 //! reached, and streams the asynchronous answers back to callers.
 //!
 //! # Layout
-//! - [`config`]: environment and flags, validated before any port is bound.
-//! - [`capability`]: domain types; no transport crate.
+//! - [`config`]: typed settings per part, parsed from the environment and flags, checked before any port is bound.
+//! - [`secret`]: values never printed.
+//! - [`capability`]: domain types (channels, statuses, queries, notifications); no transport crate.
 //! - [`query`]: QueryCapability's behaviour: request_id, idempotency, forwarding.
 //! - [`upstream`]: the Sinch client (auth, rate limit, retries).
-//! - [`webhook`]: the callback receiver: verify, parse, hand on to the hub.
-//! - [`hub`]: per-request notifications, offsets, dedupe, retention, watches.
-//! - [`backplane`]: where events go: the hub directly, or a Redis stream every replica reads.
+//! - [`webhook`]: the callback receiver: verify, parse, append to the event log.
+//! - [`log`]: the event log, in process or on Redis (one node or a cluster): the one road into every hub.
+//! - [`hub`]: fed only by the log: per-request notifications at the log's offsets, retention, watches.
 //! - [`grpc`]: the tonic service, proto ⇄ domain conversion, errors → statuses; the only user of tonic.
 //! - [`sandbox`]: the built-in Sinch emulator, callbacks included.
 //! - [`admin`]: metrics and probes on the admin port.
 //! - [`tls`]: optional TLS on the gRPC and webhook ports, and mutual TLS for callers.
+//! - [`telemetry`]: logs, traces and the metrics recorder.
 //!
-//! [`run`] wires the parts on listeners the caller bound, until a shutdown token is cancelled. The command line
-//! (serving, the client commands, the standalone sandbox) belongs to the binary, `src/main.rs` and `src/cli/`.
+//! [`Service::build`] is the composition root: typed configuration in, every component built and checked, no
+//! port bound. [`Service::run`] serves on listeners the caller bound until a shutdown token is cancelled, with
+//! every task it spawns tracked and awaited.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
 pub mod admin;
-pub mod backplane;
 pub mod capability;
 pub mod config;
 pub mod grpc;
 pub mod hub;
+pub mod log;
 pub mod query;
 pub mod sandbox;
+pub mod secret;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
@@ -35,18 +39,31 @@ pub mod webhook;
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
+    time::Duration,
 };
 
+use futures::{FutureExt, future::FusedFuture};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use backplane::{Backplane, RedisBackplane, RedisConfig};
-use config::{Config, Secret, SinchConfig, Upstream};
+use config::{Config, ConfigError, Upstream, invalid};
 use hub::{Hub, HubConfig};
-use sandbox::callbacks::CallbackTarget;
+use log::{Consumer, EventLog, Retention, redis::RedisLog};
+use secret::Secret;
 
-/// A boxed error: nobody branches on why the service could not run.
+/// A boxed error: nobody branches on why the service stopped.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the service cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A setting cannot be used; the process exits 2 naming its variable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Something outside the configuration failed (the sandbox's loopback port could not be bound).
+    #[error("{0}")]
+    Other(String),
+}
 
 /// The sockets the service serves on, bound by the caller (`main`, or a test on port 0).
 pub struct Listeners {
@@ -55,136 +72,238 @@ pub struct Listeners {
     pub admin: TcpListener,
 }
 
-/// Runs the service until `shutdown` is cancelled, then drains for at most `config.shutdown_grace`.
-pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), BoxError> {
-    // Stopped once the servers drained, so that in-flight queries still reach the sandbox and the hub.
-    let background = CancellationToken::new();
-    let _stop_background = background.clone().drop_guard();
-    let hub = Arc::new(Hub::new(HubConfig {
-        retention: config.retention,
-        max_requests: config.max_requests,
-    }));
-    tokio::spawn(hub.clone().run_purge(background.clone()));
+/// Every component, built and checked; nothing listens yet.
+pub struct Service {
+    config: Config,
+    hub: Arc<Hub>,
+    log: Arc<EventLog>,
+    queries: Arc<query::Queries>,
+    tls: Option<tls::TlsFiles>,
+    /// The secrets that verify callbacks (the sandbox's own, in sandbox mode).
+    webhook_secrets: Vec<Secret>,
+    /// The in-process sandbox, on its loopback port, when no credentials are configured.
+    sandbox: Option<(TcpListener, sandbox::SandboxConfig, Secret)>,
+    /// Cancelled once the servers drained: background tasks (log readers, purge, sandbox, admin) stop.
+    background: CancellationToken,
+    /// Cancelled when the replica starts shutting down (the caller's token, adopted by `run`).
+    draining: CancellationToken,
+}
 
-    let mut secrets = config.webhook_secrets.clone();
-    let sinch = match &config.upstream {
-        Upstream::Sinch(sinch) => sinch.clone(),
-        Upstream::Sandbox => {
-            let secret = Secret::new(ulid::Ulid::new().to_string());
-            secrets.push(secret.clone());
-            let target = CallbackTarget {
+impl Service {
+    /// Builds every component from `config` and checks what can only be checked by building it: the TLS files,
+    /// the Sinch client, the Redis URL (and, when Redis answers, its version). Binds no port of the service's.
+    pub async fn build(config: Config) -> Result<Service, StartError> {
+        config.check()?;
+        for variable in config.trimmed_secrets() {
+            tracing::info!("{variable}: a trailing line break was trimmed from the value");
+        }
+        let tls = tls::TlsFiles::read(&config.tls)?;
+        let mut webhook_secrets = config.webhook.secrets.secrets.clone();
+        let (sinch, sandbox) = match config.upstream()? {
+            Upstream::Sinch(sinch) => (sinch, None),
+            Upstream::Sandbox => {
+                let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+                    .await
+                    .map_err(|e| StartError::Other(format!("the in-process sandbox cannot listen on loopback: {e}")))?;
+                let addr = listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
+                let prepared = sandbox::SandboxConfig::generated();
+                let sinch = prepared.client_config(&format!("http://{addr}"), config.sinch.rate_limit);
+                let secret = Secret::new(ulid::Ulid::new().to_string());
+                webhook_secrets.push(secret.clone());
+                (sinch, Some((listener, prepared, secret)))
+            }
+        };
+        let client = upstream::SinchClient::new(&sinch, upstream::RetryPolicy::default())
+            .map_err(|e| invalid(config::KEY_ID, e.to_string()))?;
+
+        let retention = config.retention.retention;
+        let hub = Arc::new(Hub::new(HubConfig {
+            retention,
+            max_requests: config.retention.max_requests as usize,
+        }));
+        let consumers: Vec<Arc<dyn Consumer>> = vec![hub.clone()];
+        let draining = CancellationToken::new();
+        let log = Arc::new(match config.redis_url() {
+            None => EventLog::local(Retention { retention }, consumers, draining.clone()),
+            Some(url) => {
+                let settings = log::redis::RedisSettings {
+                    url: url.clone(),
+                    prefix: config.redis.prefix.clone(),
+                    shards: config.redis.shards,
+                    retention,
+                    idempotency_window: config.query.idempotency_window,
+                    pending_claim: Duration::from_secs(30),
+                };
+                let redis = RedisLog::prepare(settings, consumers)
+                    .await
+                    .map_err(|e| invalid(config::REDIS_URL, e.to_string()))?;
+                EventLog::redis(redis)
+            }
+        });
+        let queries = Arc::new(query::Queries::new(
+            client,
+            config.query.idempotency_window,
+            config.query.idempotency_max_entries,
+            log.clone(),
+        ));
+        Ok(Service {
+            config,
+            hub,
+            log,
+            queries,
+            tls,
+            webhook_secrets,
+            sandbox,
+            background: CancellationToken::new(),
+            draining,
+        })
+    }
+
+    /// Serves on `listeners` until `shutdown` is cancelled, then drains for at most the shutdown grace.
+    pub async fn run(self, listeners: Listeners, shutdown: CancellationToken) -> Result<(), BoxError> {
+        let Service {
+            config,
+            hub,
+            log,
+            queries,
+            tls,
+            webhook_secrets,
+            sandbox,
+            background,
+            draining,
+        } = self;
+        let tasks = TaskTracker::new();
+        let _stop_background = background.clone().drop_guard();
+        tasks.spawn({
+            let (shutdown, draining) = (shutdown.clone(), draining.clone());
+            async move {
+                shutdown.cancelled().await;
+                draining.cancel();
+            }
+        });
+        tasks.spawn(hub.clone().run_purge(background.clone()));
+        log.start(&tasks, background.clone());
+
+        if let Some((listener, mut prepared, secret)) = sandbox {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            prepared.callbacks = Some(sandbox::callbacks::CallbackTarget {
                 url: format!(
-                    "{}://{}{}",
-                    if config.tls.is_some() { "https" } else { "http" },
+                    "{scheme}://{}{}",
                     loopback(listeners.webhook.local_addr()?),
                     webhook::PATH
                 ),
                 secret,
                 knobs: config.sandbox,
-                trust_own_listener: config.tls.is_some(),
-            };
-            start_sandbox(target, background.clone()).await?
+                trust_own_listener: tls.is_some(),
+            });
+            tracing::info!(addr = %listener.local_addr()?, "in-process Sinch sandbox listening");
+            let stop = background.clone();
+            tasks.spawn(async move {
+                if let Err(e) = sandbox::serve(listener, prepared, stop).await {
+                    tracing::error!(error = %e, "the in-process sandbox stopped");
+                }
+            });
         }
-    };
-    if secrets.is_empty() {
-        tracing::warn!("INSECURE: no webhook secret is set, so callbacks are accepted without a signature");
+        if webhook_secrets.is_empty() {
+            tracing::warn!("INSECURE: no webhook secret is set, so callbacks are accepted without a signature");
+        }
+
+        let api = grpc::CapabilityApi::new(
+            queries,
+            config.query.max_inflight as usize,
+            config.query.timeout,
+            hub.clone(),
+            grpc::WatchSettings {
+                default_wait: config.watch.default_wait,
+                // Nothing is replayable for longer than the retention.
+                max_wait: config.retention.retention,
+                heartbeat: config.watch.heartbeat,
+                max_watches: config.watch.max_watches,
+            },
+            shutdown.clone(),
+        );
+        let transport = grpc::TransportSettings {
+            tokens: config.grpc.tokens.secrets.clone(),
+            max_streams_per_connection: config.grpc.max_streams_per_connection,
+            max_connection_age: Some(config.grpc.max_connection_age).filter(|age| !age.is_zero()),
+            // A watch lasts at most the retention: open streams may finish on an aged connection.
+            max_connection_age_grace: config.retention.retention,
+            tls: tls.clone(),
+        };
+        let admin = Arc::new(admin::Admin {
+            metrics: telemetry::metrics(),
+            hub,
+            log: log.clone(),
+            shutdown: shutdown.clone(),
+        });
+        tasks.spawn(admin::serve(listeners.admin, admin::router(admin), background.clone()));
+        let receiver = Arc::new(webhook::Receiver::new(
+            webhook::WebhookConfig {
+                secrets: webhook_secrets,
+                tolerance: config.webhook.tolerance,
+                max_body: config.webhook.max_body as usize,
+                request_timeout: config.webhook.timeout,
+            },
+            log,
+        ));
+
+        // Shutdown in three steps: decide (`shutdown`: health, readiness and watches react at once), stop accepting
+        // after the drain delay (`stop`), and wait at most the grace for what is in flight.
+        let stop = CancellationToken::new();
+        tasks.spawn({
+            let (shutdown, stop, delay) = (shutdown.clone(), stop.clone(), config.shutdown.drain_delay);
+            async move {
+                shutdown.cancelled().await;
+                tokio::time::sleep(delay).await;
+                stop.cancel();
+            }
+        });
+        let grpc = grpc::serve(listeners.grpc, api, transport, shutdown.clone(), stop.clone());
+        let webhook = webhook::serve(
+            listeners.webhook,
+            webhook::router(receiver),
+            tls.as_ref().map(|tls| tls.webhook.clone()),
+            config.webhook.timeout,
+            stop.clone(),
+        );
+        let servers = async {
+            let (grpc, webhook) = tokio::join!(grpc, webhook);
+            grpc?;
+            webhook?;
+            Ok::<(), BoxError>(())
+        };
+        let grace = config.shutdown.grace;
+        let mut hard_deadline = Box::pin(
+            async {
+                shutdown.cancelled().await;
+                tokio::time::sleep(grace).await;
+            }
+            .fuse(),
+        );
+        let result = tokio::select! {
+            result = servers => result,
+            () = &mut hard_deadline => Ok(()),
+        };
+        // The servers are done: stop the background and wait for it, within what is left of the grace.
+        background.cancel();
+        tasks.close();
+        if !hard_deadline.is_terminated() {
+            tokio::select! {
+                () = tasks.wait() => {}
+                () = &mut hard_deadline => {}
+            }
+        }
+        if hard_deadline.is_terminated() {
+            tracing::warn!(?grace, "the drain took longer than the shutdown grace; stopping now");
+        }
+        tracing::info!("stopped");
+        result
     }
+}
 
-    let backplane = Arc::new(match &config.redis_url {
-        None => Backplane::local(hub.clone(), shutdown.clone()),
-        Some(url) => {
-            let redis = Arc::new(RedisBackplane::new(RedisConfig {
-                url: url.clone(),
-                prefix: config.redis_prefix.clone(),
-                retention: config.retention,
-                idempotency_window: config.idempotency_window,
-            })?);
-            tokio::spawn(redis.clone().run_reader(hub.clone(), background.clone()));
-            Backplane::Redis(redis)
-        }
-    });
-
-    let client = upstream::SinchClient::new(&sinch, config.rate_limit, upstream::RetryPolicy::default())?;
-    let queries = Arc::new(query::Queries::new(
-        client,
-        config.idempotency_window,
-        hub.clone(),
-        backplane.clone(),
-    ));
-    let watch = grpc::WatchSettings {
-        default_wait: config.watch_wait,
-        max_wait: config.retention,
-        heartbeat: config.heartbeat,
-        max_watches: config.max_watches,
-    };
-    let api = grpc::CapabilityApi::new(
-        queries,
-        config.max_inflight_queries,
-        config.query_timeout,
-        hub.clone(),
-        watch,
-        shutdown.clone(),
-    );
-    let transport = grpc::TransportSettings {
-        tokens: config.grpc_tokens.clone(),
-        max_streams_per_connection: config.max_streams_per_connection,
-        max_connection_age: config.max_connection_age,
-        max_connection_age_grace: config.retention,
-        tls: config.tls.clone(),
-    };
-    let admin = Arc::new(admin::Admin {
-        metrics: telemetry::metrics(),
-        hub: hub.clone(),
-        backplane: backplane.clone(),
-        shutdown: shutdown.clone(),
-    });
-    tokio::spawn(admin::serve(listeners.admin, admin::router(admin), background.clone()));
-    let receiver = Arc::new(webhook::Receiver::new(
-        webhook::WebhookConfig {
-            secrets,
-            tolerance: config.webhook_tolerance,
-            max_body: config.webhook_max_body,
-            request_timeout: config.webhook_timeout,
-        },
-        backplane,
-    ));
-
-    // Shutdown in three steps: decide (`shutdown`: health, readiness and watches react at once), stop accepting
-    // after the drain delay (`stop`), and wait at most the grace for what is in flight.
-    let stop = CancellationToken::new();
-    tokio::spawn({
-        let (shutdown, stop, delay) = (shutdown.clone(), stop.clone(), config.drain_delay);
-        async move {
-            shutdown.cancelled().await;
-            tokio::time::sleep(delay).await;
-            stop.cancel();
-        }
-    });
-    let grpc = grpc::serve(listeners.grpc, api, transport, shutdown.clone(), stop.clone());
-    let webhook = webhook::serve(
-        listeners.webhook,
-        webhook::router(receiver),
-        config.tls.as_ref().map(|tls| tls.webhook.clone()),
-        config.webhook_timeout,
-        stop,
-    );
-    let servers = async {
-        let (grpc, webhook) = tokio::join!(grpc, webhook);
-        grpc?;
-        webhook?;
-        Ok::<(), BoxError>(())
-    };
-    let grace = config.shutdown_grace;
-    let hard_deadline = async {
-        shutdown.cancelled().await;
-        tokio::time::sleep(grace).await;
-    };
-    tokio::select! {
-        result = servers => result?,
-        () = hard_deadline => tracing::warn!(?grace, "the drain took longer than the shutdown grace; stopping now"),
-    }
-    tracing::info!("stopped");
-    Ok(())
+/// Builds and runs the service: [`Service::build`], then [`Service::run`].
+pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> Result<(), BoxError> {
+    Service::build(config).await?.run(listeners, shutdown).await
 }
 
 /// The address to reach a listener from this host: its own, or loopback when it listens on every address.
@@ -194,29 +313,4 @@ fn loopback(addr: SocketAddr) -> SocketAddr {
         IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port()),
         _ => addr,
     }
-}
-
-/// Starts the in-process sandbox on a loopback port, posting callbacks to `target`; returns how to reach it.
-async fn start_sandbox(target: CallbackTarget, shutdown: CancellationToken) -> Result<SinchConfig, BoxError> {
-    let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
-    let addr = listener.local_addr()?;
-    let sandbox = sandbox::SandboxConfig {
-        callbacks: Some(target),
-        ..sandbox::SandboxConfig::generated()
-    };
-    let sinch = SinchConfig {
-        project_id: sandbox.project_id.clone(),
-        key_id: sandbox.key_id.clone(),
-        key_secret: sandbox.key_secret.clone(),
-        auth: config::AuthMode::OAuth2,
-        api_url: format!("http://{addr}"),
-        auth_url: format!("http://{addr}/oauth2/token"),
-    };
-    tokio::spawn(async move {
-        if let Err(e) = sandbox::serve(listener, sandbox, shutdown).await {
-            tracing::error!(error = %e, "the in-process sandbox stopped");
-        }
-    });
-    tracing::info!(%addr, "in-process Sinch sandbox listening");
-    Ok(sinch)
 }

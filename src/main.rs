@@ -6,11 +6,11 @@ mod cli;
 use std::process::ExitCode;
 
 use capability_facade::{
-    Listeners,
-    config::{self, Config, ServeArgs, Upstream},
+    Listeners, Service, StartError,
+    config::{self, Config, Upstream},
     telemetry,
 };
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use cli::{Cli, Command};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -21,7 +21,17 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // A setting of the service: say which variable, never a secret's value, and exit 2 before binding.
+            if let Some(problem) = config::describe(&Cli::command(), &e) {
+                eprintln!("capability-facade: invalid configuration: {problem}");
+                return ExitCode::from(2);
+            }
+            e.exit()
+        }
+    };
     match cli.command {
         None => serve(cli.serve).await,
         Some(Command::Query(args)) => cli::query(args).await,
@@ -34,45 +44,52 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn serve(args: ServeArgs) -> ExitCode {
-    let config = match Config::from_args(&args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("capability-facade: invalid configuration: {e}");
-            return ExitCode::from(2);
-        }
+async fn serve(config: Config) -> ExitCode {
+    let invalid = |problem: &dyn std::fmt::Display| {
+        eprintln!("capability-facade: invalid configuration: {problem}");
+        ExitCode::from(2)
     };
-    let _telemetry = match telemetry::init(config.log_format, config.otlp_endpoint.as_deref()) {
+    if let Err(e) = config.check() {
+        return invalid(&e);
+    }
+    let otlp = config.telemetry.otlp_endpoint.as_ref().map(url::Url::as_str);
+    let _telemetry = match telemetry::init(config.log_format(), otlp) {
         Ok(t) => t,
-        Err(e) => {
-            eprintln!("capability-facade: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return invalid(&e),
     };
-    if config.upstream == Upstream::Sandbox {
+    if config.upstream() == Ok(Upstream::Sandbox) {
         tracing::warn!(
             "SANDBOX MODE: {} is not set, so queries go to the built-in Sinch emulator and no real contact is \
              queried; set SINCH_PROJECT_ID, SINCH_KEY_ID and SINCH_KEY_SECRET for production",
             config::KEY_ID
         );
     }
+    let listen = config.listen.clone();
+    let tls = match (&config.tls.cert, &config.tls.client_ca) {
+        (None, _) => "off",
+        (Some(_), Some(_)) => "grpc+webhook, mutual on grpc",
+        (Some(_), None) => "grpc+webhook",
+    };
+    let service = match Service::build(config).await {
+        Ok(service) => service,
+        Err(StartError::Config(e)) => return invalid(&e),
+        Err(e) => {
+            tracing::error!(error = %e, "the service cannot start");
+            return ExitCode::FAILURE;
+        }
+    };
     let (grpc, webhook, admin) = match (
-        bind(config::GRPC_ADDR, config.grpc_addr).await,
-        bind(config::WEBHOOK_ADDR, config.webhook_addr).await,
-        bind(config::ADMIN_ADDR, config.admin_addr).await,
+        bind(config::GRPC_ADDR, listen.grpc).await,
+        bind(config::WEBHOOK_ADDR, listen.webhook).await,
+        bind(config::ADMIN_ADDR, listen.admin).await,
     ) {
         (Some(grpc), Some(webhook), Some(admin)) => (grpc, webhook, admin),
         _ => return ExitCode::FAILURE,
     };
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    let tls = match &config.tls {
-        None => "off",
-        Some(tls) if tls.client_ca.is_some() => "grpc+webhook, mutual on grpc",
-        Some(_) => "grpc+webhook",
-    };
     tracing::info!(grpc = %addr(&grpc), webhook = %addr(&webhook), admin = %addr(&admin), tls, "listening");
     let listeners = Listeners { grpc, webhook, admin };
-    match capability_facade::run(config, listeners, shutdown_on_signal()).await {
+    match service.run(listeners, shutdown_on_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "the service failed");

@@ -1,18 +1,14 @@
 //! QueryCapability's behaviour apart from transport: the request_id is decided before anything is sent, a
-//! caller-chosen request_id makes the call idempotent for a window, and the query is forwarded to Sinch.
+//! caller-chosen request_id makes the call idempotent for a window, the query's record is appended to the event
+//! log, and the query is forwarded to Sinch.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use tokio::{sync::OnceCell, time::Instant};
 
 use crate::{
-    backplane::{Backplane, IdempotencyClaim},
     capability::{Query, QueryAccepted, Recipient},
-    hub::Hub,
+    log::{EventLog, IdempotencyClaim, QueryRecorded},
     telemetry::{self, TraceParent},
     upstream::{self, SinchClient, wire::QueryJson},
 };
@@ -43,27 +39,21 @@ pub struct Queries {
     upstream: SinchClient,
     /// Concurrent repeats within this replica wait for one answer.
     idempotency: Idempotency,
-    /// Told of each query before it is sent, so that callbacks racing the answer find its expected channels.
-    hub: Arc<Hub>,
-    /// Shares query records and request_ids with the other replicas.
-    backplane: Arc<Backplane>,
+    /// Takes each query's record before it is sent, so that callbacks racing the answer find its expected
+    /// channels; shares request_ids with the other replicas.
+    log: Arc<EventLog>,
 }
 
 /// The longest pause between two looks at a request_id another replica is sending.
 const PENDING_POLL_MAX: Duration = Duration::from_millis(200);
 
 impl Queries {
-    pub fn new(
-        upstream: SinchClient,
-        idempotency_window: Duration,
-        hub: Arc<Hub>,
-        backplane: Arc<Backplane>,
-    ) -> Queries {
+    /// `idempotency_window` and `max_entries` bound what this replica remembers of caller-chosen request_ids.
+    pub fn new(upstream: SinchClient, idempotency_window: Duration, max_entries: u64, log: Arc<EventLog>) -> Queries {
         Queries {
             upstream,
-            idempotency: Idempotency::new(idempotency_window),
-            hub,
-            backplane,
+            idempotency: Idempotency::new(idempotency_window, max_entries),
+            log,
         }
     }
 
@@ -73,11 +63,14 @@ impl Queries {
         deadline: Instant,
         trace: Option<&TraceParent>,
     ) -> Result<QueryAccepted, upstream::Error> {
-        let expected = query.expected_channels();
-        self.backplane
-            .record_query(&query.request_id, expected.as_deref())
-            .await;
-        self.hub.record_query(&query.request_id, expected);
+        let record = QueryRecorded {
+            request_id: query.request_id.clone(),
+            expected: query.expected_channels(),
+        };
+        if let Err(e) = self.log.record_query(record).await {
+            tracing::warn!(request_id = %query.request_id, error = %e, "the query's record could not be logged: \
+                its watches will not know its expected channels and end at their wait");
+        }
         let traceparent = telemetry::outgoing_traceparent(trace);
         self.upstream.query(query, deadline, traceparent.as_deref()).await
     }
@@ -92,15 +85,25 @@ impl Queries {
         let fingerprint = serde_json::to_string(&QueryJson::from(query)).expect("query JSON always serialises");
         let mut pause = Duration::from_millis(10);
         loop {
-            match self.backplane.claim_request_id(&query.request_id, &fingerprint).await {
+            match self.log.claim_request_id(&query.request_id, &fingerprint).await {
                 IdempotencyClaim::Owner => {
                     let result = self.forward(query, deadline, trace).await;
-                    self.backplane
-                        .settle_request_id(&query.request_id, &fingerprint, result.as_ref().ok())
+                    let answer = result
+                        .as_ref()
+                        .ok()
+                        .map(|a| serde_json::to_string(&QueryJson::from(a)).expect("query JSON always serialises"));
+                    self.log
+                        .settle_request_id(&query.request_id, &fingerprint, answer.as_deref())
                         .await;
                     return Ok(result?);
                 }
-                IdempotencyClaim::Answered(answer) => return Ok(answer),
+                IdempotencyClaim::Answered(answer) => match serde_json::from_str::<QueryJson>(&answer) {
+                    Ok(answer) => return Ok(answer.into()),
+                    Err(e) => {
+                        tracing::warn!(request_id = %query.request_id, error = %e, "an unreadable idempotency record in Redis: sending the query");
+                        return Ok(self.forward(query, deadline, trace).await?);
+                    }
+                },
                 IdempotencyClaim::Conflict => {
                     return Err(QueryError::Conflict {
                         request_id: query.request_id.clone(),
@@ -125,6 +128,8 @@ impl Queries {
         deadline: Instant,
         trace: Option<&TraceParent>,
     ) -> Result<QueryAccepted, QueryError> {
+        // The rate limit first: a caller cannot fill the idempotency records faster than it may query.
+        self.upstream.admit(deadline).await?;
         let Some(request_id) = request.request_id else {
             let query = Query {
                 app_id: request.app_id,
@@ -147,16 +152,10 @@ impl Queries {
     }
 }
 
-/// Remembers caller-chosen request_ids for a window.
+/// Remembers caller-chosen request_ids for a window, at most `max_entries` of them (the least recently used go
+/// first past that).
 struct Idempotency {
-    window: Duration,
-    state: Mutex<IdempotencyState>,
-}
-
-struct IdempotencyState {
-    entries: HashMap<String, Arc<Entry>>,
-    /// Entries in the order they expire (all live for the same window).
-    expiry: VecDeque<(Instant, String, Arc<Entry>)>,
+    entries: moka::sync::Cache<String, Arc<Entry>>,
 }
 
 struct Entry {
@@ -168,46 +167,30 @@ struct Entry {
 }
 
 impl Idempotency {
-    fn new(window: Duration) -> Idempotency {
+    fn new(window: Duration, max_entries: u64) -> Idempotency {
         Idempotency {
-            window,
-            state: Mutex::new(IdempotencyState {
-                entries: HashMap::new(),
-                expiry: VecDeque::new(),
-            }),
+            entries: moka::sync::Cache::builder()
+                .max_capacity(max_entries)
+                .time_to_live(window)
+                .build(),
         }
     }
 
     /// The entry of `query.request_id`, created if new; a conflict if it was used for another question.
     fn claim(&self, query: &Query) -> Result<Arc<Entry>, QueryError> {
-        let now = Instant::now();
-        let mut state = self.state.lock().expect("idempotency lock poisoned");
-        while let Some((expires, _, _)) = state.expiry.front()
-            && *expires <= now
-        {
-            let (_, id, entry) = state.expiry.pop_front().expect("front exists");
-            if state.entries.get(&id).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
-                state.entries.remove(&id);
-            }
-        }
-        if let Some(entry) = state.entries.get(&query.request_id) {
-            return if entry.query.same_question(query) {
-                Ok(entry.clone())
-            } else {
-                Err(QueryError::Conflict {
-                    request_id: query.request_id.clone(),
-                })
-            };
-        }
-        let entry = Arc::new(Entry {
-            query: query.clone(),
-            answer: OnceCell::new(),
+        let entry = self.entries.get_with_by_ref(&query.request_id, || {
+            Arc::new(Entry {
+                query: query.clone(),
+                answer: OnceCell::new(),
+            })
         });
-        state.entries.insert(query.request_id.clone(), entry.clone());
-        state
-            .expiry
-            .push_back((now + self.window, query.request_id.clone(), entry.clone()));
-        Ok(entry)
+        if entry.query.same_question(query) {
+            Ok(entry)
+        } else {
+            Err(QueryError::Conflict {
+                request_id: query.request_id.clone(),
+            })
+        }
     }
 }
 
@@ -223,18 +206,25 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_request_id_is_remembered_for_the_window_then_forgotten() {
-        let ids = Idempotency::new(Duration::from_secs(3600));
+    #[test]
+    fn a_request_id_is_one_question_until_forgotten() {
+        let ids = Idempotency::new(Duration::from_secs(3600), 100);
         let first = ids.claim(&query("r1", "c1")).unwrap();
         assert!(Arc::ptr_eq(&first, &ids.claim(&query("r1", "c1")).unwrap()));
         assert!(matches!(
             ids.claim(&query("r1", "c2")),
             Err(QueryError::Conflict { .. })
         ));
-        tokio::time::advance(Duration::from_secs(3601)).await;
-        let again = ids.claim(&query("r1", "c2")).unwrap();
-        assert!(!Arc::ptr_eq(&first, &again));
-        assert_eq!(ids.state.lock().unwrap().entries.len(), 1);
+        assert_eq!(ids.entries.policy().time_to_live(), Some(Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn the_records_are_bounded_whatever_callers_send() {
+        let ids = Idempotency::new(Duration::from_secs(3600), 1_000);
+        for i in 0..20_000 {
+            ids.claim(&query(&format!("r{i}"), "c")).unwrap();
+        }
+        ids.entries.run_pending_tasks();
+        assert!(ids.entries.entry_count() <= 1_000, "{}", ids.entries.entry_count());
     }
 }

@@ -12,7 +12,10 @@ use rustls::{
     server::WebPkiClientVerifier,
 };
 
-use crate::config::Secret;
+use crate::{
+    config::{ConfigError, TLS_CERT, TLS_CLIENT_CA, TLS_KEY, TlsSettings, invalid},
+    secret::Secret,
+};
 
 /// The PEM files TLS is served with.
 #[derive(Clone)]
@@ -50,6 +53,34 @@ impl std::fmt::Debug for TlsFiles {
 }
 
 impl TlsFiles {
+    /// Reads and checks the files `settings` name; `None` when TLS is off. An error names the variable of the
+    /// file that is wrong.
+    pub fn read(settings: &TlsSettings) -> Result<Option<TlsFiles>, ConfigError> {
+        let (Some(cert), Some(key)) = (&settings.cert, &settings.key) else {
+            return Ok(None);
+        };
+        let read = |variable: &'static str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| invalid(variable, format!("cannot read {}: {e}", path.display())))
+        };
+        let cert = read(TLS_CERT, cert)?;
+        let key = String::from_utf8(read(TLS_KEY, key)?).map_err(|_| invalid(TLS_KEY, "not a PEM file"))?;
+        let client_ca = settings
+            .client_ca
+            .as_deref()
+            .map(|path| read(TLS_CLIENT_CA, path))
+            .transpose()?;
+        TlsFiles::load(cert, Secret::new(key), client_ca)
+            .map(Some)
+            .map_err(|e| {
+                let variable = match e {
+                    TlsError::Certificate(_) => TLS_CERT,
+                    TlsError::Key(_) => TLS_KEY,
+                    TlsError::ClientCa(_) => TLS_CLIENT_CA,
+                };
+                invalid(variable, e.to_string())
+            })
+    }
+
     /// Parses and checks the PEM texts: at least one certificate, a key that matches it, a usable client CA.
     pub fn load(cert_chain: Vec<u8>, key: Secret, client_ca: Option<Vec<u8>>) -> Result<TlsFiles, TlsError> {
         let webhook = webhook_config(&cert_chain, &key)?;

@@ -49,7 +49,7 @@ async fn metrics_after_real_traffic_carry_every_series() {
         ("capability_upstream_retries_total", 1),
         (r#"capability_token_refreshes_total{result="ok"}"#, 1),
         (r#"capability_webhooks_total{result="accepted"}"#, 1),
-        (r#"capability_webhooks_total{result="bad_signature"}"#, 1),
+        (r#"capability_webhooks_total{result="missing_signature"}"#, 1),
         ("capability_notifications_delivered_total", 1),
         ("capability_delivery_latency_seconds_count", 1),
     ] {

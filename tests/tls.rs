@@ -267,8 +267,8 @@ async fn the_cli_checks_over_mutual_tls_with_a_token_against_the_real_binary() {
     );
 }
 
-#[test]
-fn a_tls_misconfiguration_names_its_variable_before_anything_starts() {
+#[tokio::test]
+async fn a_tls_misconfiguration_names_its_variable_before_anything_starts() {
     let pki = Pki::new();
     let (cert, key) = (pki.path("server.pem"), pki.path("server.key"));
     std::fs::write(pki.dir.join("other.key"), KeyPair::generate().unwrap().serialize_pem()).unwrap();
@@ -315,7 +315,7 @@ fn a_tls_misconfiguration_names_its_variable_before_anything_starts() {
         ),
     ];
     for (row, extra, variable) in rows {
-        let error: ConfigError = common::try_config("http://127.0.0.1:9", &flags(&extra)).unwrap_err();
+        let error: ConfigError = common::start_error("http://127.0.0.1:9", &flags(&extra)).await;
         assert_eq!(error.variable, variable, "{row}: {}", error.problem);
     }
 }

@@ -10,7 +10,7 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use capability_facade::{
-    config::Secret,
+    secret::Secret,
     webhook::{WebhookConfig, WebhookError, check, parse::Callback, signature},
 };
 use http::{HeaderMap, HeaderValue, header};

@@ -1,5 +1,5 @@
 //! The admin port, for the cluster only: `GET /metrics` (Prometheus text), `GET /healthz` (the process is alive)
-//! and `GET /readyz` (it takes traffic: 503 once shutdown began).
+//! and `GET /readyz` (it takes traffic: once the event log was read back, and until shutdown begins).
 
 use std::sync::Arc;
 
@@ -14,13 +14,13 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{backplane::Backplane, hub::Hub};
+use crate::{hub::Hub, log::EventLog};
 
 /// What the admin port reports on.
 pub struct Admin {
     pub metrics: PrometheusHandle,
     pub hub: Arc<Hub>,
-    pub backplane: Arc<Backplane>,
+    pub log: Arc<EventLog>,
     /// Cancelled when shutdown begins.
     pub shutdown: CancellationToken,
 }
@@ -42,8 +42,9 @@ pub async fn serve(listener: TcpListener, router: Router, stop: CancellationToke
 
 async fn metrics(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
     metrics::gauge!("capability_retained_requests").set(admin.hub.len() as f64);
-    if let Backplane::Redis(redis) = admin.backplane.as_ref() {
-        metrics::gauge!("capability_backplane_up").set(if redis.is_up() { 1.0 } else { 0.0 });
+    let log = admin.log.health();
+    if log.backend != "local" {
+        metrics::gauge!("capability_backplane_up").set(if log.up { 1.0 } else { 0.0 });
     }
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -51,20 +52,22 @@ async fn metrics(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
     )
 }
 
-/// Ready unless shutting down. A Redis outage does not make a replica unready: queries still work, and taking
-/// every replica out of the Service would only turn a partial outage into a full one.
+/// Ready once the event log was read back (so that replays are complete), until shutdown begins. A Redis
+/// outage does not make a replica unready: queries still work, and taking every replica out of the Service would
+/// only turn a partial outage into a full one; a replica that finds Redis down at start runs degraded.
 async fn ready(State(admin): State<Arc<Admin>>) -> impl IntoResponse {
-    let backplane = match admin.backplane.as_ref() {
-        Backplane::Local { .. } => "local",
-        Backplane::Redis(redis) if redis.is_up() => "redis: up",
-        Backplane::Redis(_) => "redis: down",
+    let log = admin.log.health();
+    let state = match (log.backend, log.up) {
+        ("local", _) => "local".to_owned(),
+        (backend, true) => format!("{backend}: up"),
+        (backend, false) => format!("{backend}: down"),
     };
-    if admin.shutdown.is_cancelled() {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("shutting down\nbackplane {backplane}\n"),
-        )
+    let (status, verdict) = if admin.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+    } else if !log.caught_up {
+        (StatusCode::SERVICE_UNAVAILABLE, "reading back the event log")
     } else {
-        (StatusCode::OK, format!("ready\nbackplane {backplane}\n"))
-    }
+        (StatusCode::OK, "ready")
+    };
+    (status, format!("{verdict}\nevent log {state}\n"))
 }

@@ -1,5 +1,5 @@
 //! The command line: serving (the default), the client commands for people, and the standalone sandbox. A part of
-//! the binary, not of the library: the library exports what these commands use (`config::ServeArgs`, the gRPC
+//! the binary, not of the library: the library exports what these commands use (`config::Config`, the gRPC
 //! client, the sandbox).
 
 mod client;
@@ -8,11 +8,13 @@ mod sandbox;
 use std::{net::SocketAddr, time::Duration};
 
 use capability_facade::{
-    config::{Secret, ServeArgs},
+    capability::Channel,
+    config::Config,
     grpc::{
         client::{Client, Connection},
-        convert, pb,
+        pb,
     },
+    secret::Secret,
 };
 use clap::{Args, Parser, Subcommand};
 
@@ -28,7 +30,7 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
     #[command(flatten)]
-    pub serve: ServeArgs,
+    pub serve: Config,
 }
 
 #[derive(Debug, Subcommand)]
@@ -164,16 +166,14 @@ fn parse_identity(value: &str) -> Result<pb::ChannelIdentity, String> {
     let (channel, identity) = value
         .split_once(':')
         .ok_or_else(|| format!("expected CHANNEL:IDENTITY, got {value:?}"))?;
-    let channel = channel.trim().to_ascii_uppercase();
-    let typed = convert::typed_channel(&channel);
+    let channel = Channel::from_sinch(&channel.trim().to_ascii_uppercase());
     Ok(pb::ChannelIdentity {
-        channel: typed.into(),
+        channel: channel.number(),
         identity: identity.trim().to_owned(),
         app_id: String::new(),
-        channel_raw: if typed == pb::Channel::Unspecified {
-            channel
-        } else {
-            String::new()
+        channel_raw: match channel {
+            Channel::Other(raw) => raw.into(),
+            _ => String::new(),
         },
     })
 }

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use capability_facade::{
-    config::SandboxKnobs,
+    config::SandboxSettings,
     sandbox::{self, SandboxConfig, callbacks::CallbackTarget},
 };
 use tokio::net::TcpListener;
@@ -28,7 +28,7 @@ pub async fn sandbox(args: SandboxArgs, shutdown: CancellationToken) -> ExitCode
         .map(|(url, secret)| CallbackTarget {
             url,
             secret,
-            knobs: SandboxKnobs {
+            knobs: SandboxSettings {
                 callback_delay: args.callback_delay,
                 duplicates: args.duplicates,
                 reorder: args.reorder,

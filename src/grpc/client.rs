@@ -9,7 +9,7 @@ use tonic::{
 };
 
 use super::pb::{self, capability_service_client::CapabilityServiceClient};
-use crate::config::Secret;
+use crate::secret::Secret;
 
 /// Where the service is and how to present ourselves to it.
 pub struct Connection {

@@ -3,10 +3,12 @@
 
 use std::time::Duration;
 
+use prost::Message;
+
 use crate::{
-    capability::{ChannelIdentity, MAX_REQUEST_ID_LEN, Notification, QueryAccepted, Recipient},
+    capability::{Channel, ChannelIdentity, MAX_REQUEST_ID_LEN, QueryAccepted, Recipient},
     grpc::pb,
-    hub::{CompletionReason, WatchEvent},
+    hub::CompletionReason,
     query::QueryRequest,
 };
 
@@ -117,7 +119,7 @@ fn identities(violations: &mut Vec<FieldViolation>, ids: Vec<pb::ChannelIdentity
             check_text(violations, &format!("{FIELD}[{i}].identity"), &id.identity, true);
             check_text(violations, &format!("{FIELD}[{i}].app_id"), &id.app_id, false);
             ChannelIdentity {
-                channel: channel.unwrap_or_default(),
+                channel: channel.unwrap_or(Channel::Other("".into())),
                 identity: id.identity,
                 app_id: id.app_id,
             }
@@ -126,12 +128,12 @@ fn identities(violations: &mut Vec<FieldViolation>, ids: Vec<pb::ChannelIdentity
     (violations.len() == before).then_some(converted)
 }
 
-/// The channel as Sinch spells it, from the typed value or the raw one.
-fn channel_name(violations: &mut Vec<FieldViolation>, path: &str, channel: i32, raw: &str) -> Option<String> {
-    let typed = match pb::Channel::try_from(channel) {
-        Ok(pb::Channel::Unspecified) => None,
-        Ok(c) => Some(sinch_channel(c)),
-        Err(_) => {
+/// The channel, from the typed value or the raw one.
+fn channel_name(violations: &mut Vec<FieldViolation>, path: &str, channel: i32, raw: &str) -> Option<Channel> {
+    let typed = match Channel::from_number(channel) {
+        Some(c) => Some(c),
+        None if channel == pb::Channel::Unspecified as i32 => None,
+        None => {
             violations.push(violation(
                 format!("{path}.channel"),
                 format!("{channel} is not a Channel value; use channel_raw for channels this contract does not list"),
@@ -147,28 +149,24 @@ fn channel_name(violations: &mut Vec<FieldViolation>, path: &str, channel: i32, 
             ));
             None
         }
-        (Some(t), "") => Some(t.to_owned()),
+        (Some(t), "") => Some(t),
         (typed, raw) => {
-            if raw.is_empty()
-                || raw.len() > 64
-                || !raw
-                    .bytes()
-                    .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
-            {
+            if !Channel::is_well_formed(raw) {
                 violations.push(violation(
                     format!("{path}.channel_raw"),
                     "must be a channel name as Sinch spells it: upper-case letters, digits and '_', at most 64",
                 ));
                 return None;
             }
-            if typed.is_some_and(|t| t != raw) {
+            let named = Channel::from_sinch(raw);
+            if typed.is_some_and(|t| t != named) {
                 violations.push(violation(
                     format!("{path}.channel_raw"),
                     "names a different channel than channel; set one of them, or both alike",
                 ));
                 return None;
             }
-            Some(raw.to_owned())
+            Some(named)
         }
     }
 }
@@ -190,22 +188,6 @@ fn check_text(violations: &mut Vec<FieldViolation>, field: &str, value: &str, re
     }
 }
 
-/// Sinch's spelling of a typed channel: the enum name without its `CHANNEL_` prefix.
-pub fn sinch_channel(channel: pb::Channel) -> &'static str {
-    channel
-        .as_str_name()
-        .strip_prefix("CHANNEL_")
-        .expect("every Channel value is prefixed")
-}
-
-/// The typed channel for Sinch's spelling; `Unspecified` for one this contract does not list.
-pub fn typed_channel(sinch: &str) -> pb::Channel {
-    if sinch.is_empty() || sinch.len() > 64 {
-        return pb::Channel::Unspecified;
-    }
-    pb::Channel::from_str_name(&format!("CHANNEL_{sinch}")).unwrap_or(pb::Channel::Unspecified)
-}
-
 pub fn recipient(recipient: Recipient) -> pb::Recipient {
     pb::Recipient {
         recipient: Some(match recipient {
@@ -219,10 +201,10 @@ pub fn recipient(recipient: Recipient) -> pb::Recipient {
 
 pub fn channel_identity(id: ChannelIdentity) -> pb::ChannelIdentity {
     pb::ChannelIdentity {
-        channel: typed_channel(&id.channel).into(),
+        channel: id.channel.number(),
+        channel_raw: id.channel.as_sinch().to_owned(),
         identity: id.identity,
         app_id: id.app_id,
-        channel_raw: id.channel,
     }
 }
 
@@ -234,92 +216,29 @@ pub fn query_response(accepted: QueryAccepted) -> pb::QueryCapabilityResponse {
     }
 }
 
-/// The typed status for Sinch's spelling; `Unspecified` for one this contract does not list.
-pub fn typed_status(sinch: &str) -> pb::CapabilityStatus {
-    match sinch {
-        "CAPABILITY_UNKNOWN" => pb::CapabilityStatus::Unknown,
-        "CAPABILITY_FULL" => pb::CapabilityStatus::Full,
-        "CAPABILITY_PARTIAL" => pb::CapabilityStatus::Partial,
-        "NO_CAPABILITY" => pb::CapabilityStatus::NoCapability,
-        _ => pb::CapabilityStatus::Unspecified,
-    }
+/// A notification the hub keeps (its compact encoding is the contract's `CapabilityNotification` without
+/// `offset` and `request_id`) as the contract carries it.
+pub fn notification(offset: u64, request_id: &str, body: &[u8]) -> pb::CapabilityNotification {
+    let mut n = pb::CapabilityNotification::decode(body).unwrap_or_else(|e| {
+        tracing::error!(error = %e, "a held notification does not decode; sending what is known");
+        pb::CapabilityNotification::default()
+    });
+    n.offset = offset;
+    n.request_id = request_id.to_owned();
+    n
 }
 
-/// A notification as the contract carries it, at its offset.
-pub fn notification(offset: u64, n: &Notification) -> pb::CapabilityNotification {
-    pb::CapabilityNotification {
-        offset,
-        request_id: n.request_id.clone(),
-        contact_id: n.contact_id.clone(),
-        channel: typed_channel(&n.channel).into(),
-        channel_raw: n.channel.clone(),
-        identity: n.identity.clone(),
-        capability_status: typed_status(&n.capability_status).into(),
-        capability_status_raw: n.capability_status.clone(),
-        channel_capabilities: n.channel_capabilities.clone(),
-        reason: n.reason.as_ref().map(|r| pb::Reason {
-            code: r.code.clone(),
-            description: r.description.clone(),
-            sub_code: r.sub_code.clone(),
-            channel_code: r.channel_code.clone(),
-        }),
-        channel_recipient_identities: n
-            .channel_recipient_identities
-            .iter()
-            .map(|r| pb::ChannelRecipientIdentity {
-                channel_identity: Some(channel_identity(ChannelIdentity {
-                    channel: r.channel.clone(),
-                    identity: r.identity.clone(),
-                    app_id: r.app_id.clone(),
-                })),
-                display_name: r.display_name.clone(),
-            })
-            .collect(),
-        app_id: n.app_id.clone(),
-        project_id: n.project_id.clone(),
-        accepted_time: n.accepted_time.map(Into::into),
-        event_time: n.event_time.map(Into::into),
-        message_metadata: n.message_metadata.clone(),
-        correlation_id: n.correlation_id.clone(),
-        receive_time: Some(n.received_time.into()),
+/// How a completed watch ended, as the contract says it.
+pub fn completion(reason: CompletionReason, last_offset: u64, pending: Vec<Channel>) -> pb::Completion {
+    pb::Completion {
+        reason: match reason {
+            CompletionReason::AllChannelsReported => pb::CompletionReason::AllChannelsReported,
+            CompletionReason::WaitElapsed => pb::CompletionReason::WaitElapsed,
+        }
+        .into(),
+        last_offset,
+        pending_channels: pending.iter().map(|c| c.as_sinch().to_owned()).collect(),
     }
-}
-
-/// A watch event as a stream message, or the status that ends the stream.
-pub fn watch_event(event: WatchEvent) -> Result<pb::WatchCapabilityResponse, tonic::Status> {
-    use pb::watch_capability_response::Event;
-    let event = match event {
-        WatchEvent::Notification {
-            offset,
-            notification: n,
-        } => Event::Notification(notification(offset, &n)),
-        WatchEvent::Heartbeat { last_offset } => Event::Heartbeat(pb::Heartbeat { last_offset }),
-        WatchEvent::Completed {
-            reason,
-            last_offset,
-            pending,
-        } => Event::Completion(pb::Completion {
-            reason: match reason {
-                CompletionReason::AllChannelsReported => pb::CompletionReason::AllChannelsReported,
-                CompletionReason::WaitElapsed => pb::CompletionReason::WaitElapsed,
-            }
-            .into(),
-            last_offset,
-            pending_channels: pending,
-        }),
-        WatchEvent::ShuttingDown { last_offset } => {
-            return Err(tonic::Status::unavailable(format!(
-                "the server is shutting down; last_offset={last_offset}: watch again (on any replica) with \
-                 after_offset={last_offset}"
-            )));
-        }
-        WatchEvent::Evicted { last_offset } => {
-            return Err(tonic::Status::aborted(format!(
-                "this request was evicted from the server (too many tracked requests); last_offset={last_offset}"
-            )));
-        }
-    };
-    Ok(pb::WatchCapabilityResponse { event: Some(event) })
 }
 
 #[cfg(test)]
@@ -355,11 +274,67 @@ mod tests {
             .collect()
     }
 
+    /// The domain's list of channels and statuses and the contract's enums are one list: same numbers, and the
+    /// contract's names are Sinch's spellings with the enum's prefix.
     #[test]
-    fn channels_map_both_ways_by_name() {
-        assert_eq!(sinch_channel(pb::Channel::Whatsapp), "WHATSAPP");
-        assert_eq!(typed_channel("KAKAOTALKCHAT"), pb::Channel::Kakaotalkchat);
-        assert_eq!(typed_channel("CARRIER_PIGEON"), pb::Channel::Unspecified);
+    fn the_contracts_enums_are_the_domains_lists() {
+        use crate::capability::CapabilityStatus;
+        for channel in Channel::KNOWN {
+            let typed = pb::Channel::try_from(channel.number()).unwrap();
+            assert_eq!(typed.as_str_name(), format!("CHANNEL_{}", channel.as_sinch()));
+        }
+        assert_eq!(
+            Channel::KNOWN.len() + 1,
+            pb::Channel::Viber as usize + 1,
+            "every contract value is known"
+        );
+        let statuses = [
+            ("CAPABILITY_STATUS_UNKNOWN", CapabilityStatus::Unknown),
+            ("CAPABILITY_STATUS_FULL", CapabilityStatus::Full),
+            ("CAPABILITY_STATUS_PARTIAL", CapabilityStatus::Partial),
+            ("CAPABILITY_STATUS_NO_CAPABILITY", CapabilityStatus::NoCapability),
+        ];
+        for (name, status) in &statuses {
+            assert_eq!(
+                pb::CapabilityStatus::try_from(status.number()).unwrap().as_str_name(),
+                *name
+            );
+        }
+        assert_eq!(CapabilityStatus::KNOWN.len(), statuses.len());
+    }
+
+    /// The hub keeps the log's compact encoding and sends it as it stands: it must read as the contract's message.
+    #[test]
+    fn the_logs_encoding_of_a_notification_reads_as_the_contracts() {
+        use crate::log::codec;
+        let n = codec::tests::full_notification("r1");
+        let sent = notification(7, "r1", &codec::encode_body(&n));
+        assert_eq!(sent.offset, 7);
+        assert_eq!(sent.request_id, "r1");
+        assert_eq!(sent.channel, pb::Channel::Whatsapp as i32);
+        assert_eq!(sent.channel_raw, "WHATSAPP");
+        assert_eq!(sent.capability_status, pb::CapabilityStatus::Partial as i32);
+        assert_eq!(sent.capability_status_raw, "CAPABILITY_PARTIAL");
+        assert_eq!(sent.identity, n.identity);
+        assert_eq!(sent.contact_id, n.contact_id);
+        assert_eq!(sent.channel_capabilities, n.channel_capabilities);
+        let reason = sent.reason.unwrap();
+        assert_eq!(
+            (reason.code.as_str(), reason.channel_code.as_str()),
+            ("RECIPIENT_NOT_OPTED_IN", "131047")
+        );
+        let recipient = &sent.channel_recipient_identities[0];
+        assert_eq!(recipient.display_name, "John");
+        let id = recipient.channel_identity.as_ref().unwrap();
+        assert_eq!((id.channel, id.channel_raw.as_str()), (0, "NEWCHAN"));
+        assert_eq!((sent.app_id.as_str(), sent.project_id.as_str()), ("APP", "PRJ"));
+        assert_eq!(sent.accepted_time, n.accepted_time.map(Into::into));
+        assert_eq!(sent.event_time, n.event_time.map(Into::into));
+        assert_eq!(sent.receive_time, Some(n.received_time.into()));
+        assert_eq!(
+            (sent.message_metadata.as_str(), sent.correlation_id.as_str()),
+            ("meta", "corr")
+        );
     }
 
     #[test]
@@ -368,7 +343,7 @@ mod tests {
         let Recipient::IdentifiedBy(ids) = q.recipient else {
             panic!()
         };
-        assert_eq!(ids[0].channel, "NEWCHAN");
+        assert_eq!(ids[0].channel, Channel::from_sinch("NEWCHAN"));
     }
 
     #[test]

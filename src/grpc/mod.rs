@@ -29,9 +29,9 @@ use tracing::Instrument;
 use subtle::ConstantTimeEq;
 
 use crate::{
-    config::Secret,
     hub::{Hub, Watch, WatchEvent, WatchLimits},
     query::Queries,
+    secret::Secret,
     telemetry::TraceParent,
     tls::TlsFiles,
 };
@@ -68,7 +68,7 @@ pub struct WatchSettings {
     /// The longest quiet spell on a stream before a heartbeat.
     pub heartbeat: Duration,
     /// The most watches open at once on this replica.
-    pub max_watches: usize,
+    pub max_watches: u64,
 }
 
 /// How the gRPC server treats connections and callers.
@@ -114,7 +114,7 @@ impl CapabilityApi {
             query_permits: Arc::new(Semaphore::new(max_inflight_queries.min(Semaphore::MAX_PERMITS))),
             query_timeout,
             hub,
-            watch_permits: Arc::new(Semaphore::new(watch.max_watches.min(Semaphore::MAX_PERMITS))),
+            watch_permits: Arc::new(Semaphore::new((watch.max_watches as usize).min(Semaphore::MAX_PERMITS))),
             watch,
             shutdown,
         }
@@ -208,17 +208,13 @@ impl CapabilityService for CapabilityApi {
         let wait = convert::wait(request.wait, self.watch.default_wait, self.watch.max_wait)
             .map_err(|v| status::invalid_request(vec![v]))?;
         if self.shutdown.is_cancelled() {
-            return Err(Status::unavailable(format!(
-                "the server is shutting down: watch on another replica (after_offset={})",
-                request.after_offset
-            )));
+            return Err(status::shutting_down(request.after_offset));
         }
-        let permit = self.watch_permits.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "this replica already serves {} watches, its maximum; retry on another replica or later",
-                self.watch.max_watches
-            ))
-        })?;
+        let permit = self
+            .watch_permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| status::too_many_watches(self.watch.max_watches))?;
         let limits = WatchLimits {
             wait,
             heartbeat: self.watch.heartbeat,
@@ -232,17 +228,39 @@ impl CapabilityService for CapabilityApi {
         let stream = futures::stream::unfold(Some(watch), |state| async move {
             let mut open = state?;
             let event = open.watch.next().await?;
-            if let WatchEvent::Notification { notification, .. } = &event {
-                metrics::counter!("capability_notifications_delivered_total").increment(1);
-                let latency = SystemTime::now()
-                    .duration_since(notification.received_time)
-                    .unwrap_or_default();
-                metrics::histogram!("capability_delivery_latency_seconds").record(latency);
-            }
-            Some((convert::watch_event(event), Some(open)))
+            Some((watch_message(event), Some(open)))
         });
         Ok(Response::new(Box::pin(stream)))
     }
+}
+
+/// A watch event as a stream message, or the status that ends the stream.
+fn watch_message(event: WatchEvent) -> Result<pb::WatchCapabilityResponse, Status> {
+    use pb::watch_capability_response::Event;
+    let event = match event {
+        WatchEvent::Notification {
+            offset,
+            request_id,
+            body,
+        } => {
+            let n = convert::notification(offset, &request_id, &body);
+            metrics::counter!("capability_notifications_delivered_total").increment(1);
+            if let Some(received) = n.receive_time.and_then(|t| SystemTime::try_from(t).ok()) {
+                let latency = SystemTime::now().duration_since(received).unwrap_or_default();
+                metrics::histogram!("capability_delivery_latency_seconds").record(latency);
+            }
+            Event::Notification(n)
+        }
+        WatchEvent::Heartbeat { last_offset } => Event::Heartbeat(pb::Heartbeat { last_offset }),
+        WatchEvent::Completed {
+            reason,
+            last_offset,
+            pending,
+        } => Event::Completion(convert::completion(reason, last_offset, pending)),
+        WatchEvent::ShuttingDown { last_offset } => return Err(status::shutting_down(last_offset)),
+        WatchEvent::Evicted { last_offset } => return Err(status::evicted(last_offset)),
+    };
+    Ok(pb::WatchCapabilityResponse { event: Some(event) })
 }
 
 /// When the call must be answered: the caller's `grpc-timeout` less a margin, or the default budget.
@@ -343,16 +361,14 @@ fn authenticate(tokens: &[Secret], request: Request<()>) -> Result<Request<()>, 
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| Status::unauthenticated("this service requires authorization: Bearer <token>"))?;
+        .ok_or_else(|| status::unauthenticated(false))?;
     let known = tokens.iter().fold(subtle::Choice::from(0), |found, t| {
         found | t.expose().as_bytes().ct_eq(presented.as_bytes())
     });
     if bool::from(known) {
         Ok(request)
     } else {
-        Err(Status::unauthenticated(
-            "the bearer token is not one this service accepts",
-        ))
+        Err(status::unauthenticated(true))
     }
 }
 

@@ -26,6 +26,39 @@ pub fn invalid_request(violations: Vec<FieldViolation>) -> Status {
     Status::with_error_details(Code::InvalidArgument, format!("invalid request: {message}"), details)
 }
 
+/// UNAVAILABLE for a watch cut by this replica's shutdown: the caller resumes elsewhere after `last_offset`.
+pub fn shutting_down(last_offset: u64) -> Status {
+    Status::unavailable(format!(
+        "the server is shutting down; last_offset={last_offset}: watch again (on any replica) with \
+         after_offset={last_offset}"
+    ))
+}
+
+/// ABORTED for a watch whose request left this replica while watched.
+pub fn evicted(last_offset: u64) -> Status {
+    Status::aborted(format!(
+        "this request was evicted from the server (too many tracked requests, or it expired); \
+         last_offset={last_offset}"
+    ))
+}
+
+/// RESOURCE_EXHAUSTED for a watch beyond this replica's maximum.
+pub fn too_many_watches(max: u64) -> Status {
+    Status::resource_exhausted(format!(
+        "this replica already serves {max} watches, its maximum (CAPABILITY_MAX_WATCHES); retry on another \
+         replica or later"
+    ))
+}
+
+/// UNAUTHENTICATED for a call without an accepted bearer token.
+pub fn unauthenticated(presented: bool) -> Status {
+    if presented {
+        Status::unauthenticated("the bearer token is not one this service accepts")
+    } else {
+        Status::unauthenticated("this service requires authorization: Bearer <token>")
+    }
+}
+
 /// RESOURCE_EXHAUSTED for a call shed because this replica has too many in flight.
 pub fn overloaded() -> Status {
     let mut details = ErrorDetails::new();

@@ -1,17 +1,28 @@
-//! The hub: what this replica knows of each `request_id` — the query's expected channels, its notifications
-//! numbered by arrival (offsets 1, 2, 3 …) with exact duplicates dropped — and the watches reading them.
+//! The hub: what this replica holds of each `request_id` — the query's expected channels and its notifications
+//! at the offsets the log gave them — and the watches reading them. It is fed only by the event log
+//! ([`crate::log`]), in log order, and decides nothing the log decides: offsets, duplicates and the cap come
+//! with each entry, and time is the log's.
 //!
 //! Records live in shards, each behind a std mutex held only for map and vector operations, never across an
-//! `.await`. A watch keeps no queue of its own: it holds a cursor (the last offset it sent) and reads what is past
-//! it from the record when the record's `Notify` wakes it, so a slow or idle watch costs a few words of memory.
-//! Records are removed by one purge task `retention` after their last activity (not while watched), and past
-//! `max_requests` the oldest are evicted first.
+//! `.await`. A record is keyed by a 128-bit keyed hash of its request_id (two SipHash keys drawn at start: a
+//! sender cannot make two request_ids collide), so that it stores no copy of the string.
+//!
+//! What is kept, the same on every replica because it is decided by log time:
+//! - a notification, until `retention` after its time in the log;
+//! - a record, while any of its events is kept (or while it is watched);
+//! - at most `max_requests` records with events: past that the record created first in the log goes first.
+//!
+//! A watch keeps no queue of its own: it holds a cursor (the last offset it sent) and reads what is past it when
+//! the record wakes it, so a slow or idle watch costs a few words. A watch of a request nobody has heard of
+//! waits in a shell that counts towards no cap but the watches' own, so watches of made-up request_ids cannot
+//! push real results out.
 
+mod channels;
 mod watch;
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
-    hash::BuildHasher,
+    collections::{HashMap, VecDeque},
+    hash::{BuildHasher, RandomState},
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, AtomicUsize, Ordering},
@@ -19,10 +30,14 @@ use std::{
     time::Duration,
 };
 
-use tokio::{sync::Notify, time::Instant};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::capability::Notification;
+use crate::{
+    capability::Channel,
+    log::{Consumer, Entry, NotificationEntry},
+};
+use channels::ChannelSet;
 pub use watch::{CompletionReason, Watch, WatchEvent, WatchLimits};
 
 const SHARDS: usize = 64;
@@ -30,68 +45,75 @@ const SHARDS: usize = 64;
 /// How much the hub keeps.
 #[derive(Debug, Clone, Copy)]
 pub struct HubConfig {
-    /// How long a request is kept after its last activity.
+    /// How long a notification is kept after its time in the log.
     pub retention: Duration,
-    /// The most requests tracked at once; past it the oldest are evicted.
+    /// The most requests with events held at once; past it the oldest are evicted.
     pub max_requests: usize,
 }
 
 /// Per-request fan-out with retention and replay.
 pub struct Hub {
     shards: Box<[Mutex<Shard>]>,
-    /// Picks a request's shard.
-    hasher: std::hash::RandomState,
-    /// Every record by creation order (its generation), to evict the oldest at the cap.
-    order: Mutex<BTreeMap<u64, Arc<str>>>,
+    /// The keys of the request-id hash.
+    keys: (RandomState, RandomState),
+    /// Records with events in the order the log created them (generation, key), to evict the oldest at the
+    /// cap. Entries of records already gone are skipped when met.
+    order: Mutex<VecDeque<(u64, u128)>>,
     next_generation: AtomicU64,
-    /// How many records exist.
+    /// How many records with events exist.
     count: AtomicUsize,
-    config: HubConfig,
+    /// The log's clock: the latest time it reported, in milliseconds since the Unix epoch.
+    now_ms: AtomicU64,
+    retention_ms: u64,
+    max_requests: usize,
 }
 
 #[derive(Default)]
 struct Shard {
-    records: HashMap<Arc<str>, Record>,
+    records: HashMap<u128, Record>,
 }
 
 struct Record {
     /// Tells a watch that the record it reads is the one it subscribed to (not a later one of the same id).
     generation: u64,
-    /// The channels an identified_by query will report, sorted; `None` when unknown.
-    expected: Option<Vec<String>>,
-    /// Notification at offset `i + 1` is at index `i`.
-    notifications: Vec<Arc<Notification>>,
-    /// The digests of `notifications`, to drop exact duplicates in constant time.
-    digests: HashSet<u64>,
-    /// How many watches read this record; a watched record is never purged.
-    watchers: usize,
-    last_activity: Instant,
-    /// Woken on every change (a notification, the query record, removal).
-    changed: Arc<Notify>,
+    /// Whether the log has given this record an event (else it is a watch's shell).
+    real: bool,
+    /// The log time of its latest event.
+    last_ms: u64,
+    /// The channels its query will report; `None` when unknown.
+    expected: Option<ChannelSet>,
+    /// The channels that reported.
+    reported: ChannelSet,
+    /// By offset, ascending; offsets may start above 1 (a replica that started after the first ones expired).
+    notifications: Vec<Held>,
+    /// How many watches read this record; a watched record stays (empty) when its events expire.
+    watchers: u32,
+    /// Woken on every change (a notification, the query record, removal); made when first watched.
+    changed: Option<Arc<Notify>>,
 }
 
-/// What publishing did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Published {
-    /// Stored at this offset and visible to every watch.
-    New { offset: u64 },
-    /// An exact duplicate of a notification already held (Sinch redelivers); dropped.
-    Duplicate,
+/// A notification as the hub keeps it: about 32 bytes and its compact encoding.
+struct Held {
+    offset: u64,
+    time_ms: u64,
+    body: Arc<[u8]>,
 }
 
 impl Hub {
     pub fn new(config: HubConfig) -> Hub {
         Hub {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            hasher: std::hash::RandomState::new(),
-            order: Mutex::new(BTreeMap::new()),
+            keys: (RandomState::new(), RandomState::new()),
+            order: Mutex::new(VecDeque::new()),
             next_generation: AtomicU64::new(1),
             count: AtomicUsize::new(0),
-            config,
+            now_ms: AtomicU64::new(0),
+            retention_ms: config.retention.as_millis() as u64,
+            max_requests: config.max_requests,
         }
     }
 
-    /// How many requests are tracked.
+    /// How many requests with events are held.
     pub fn len(&self) -> usize {
         self.count.load(Ordering::Relaxed)
     }
@@ -100,88 +122,109 @@ impl Hub {
         self.len() == 0
     }
 
-    fn shard(&self, request_id: &str) -> MutexGuard<'_, Shard> {
-        let index = self.hasher.hash_one(request_id) as usize % SHARDS;
-        self.shards[index].lock().expect("hub shard poisoned")
+    fn key(&self, request_id: &str) -> u128 {
+        (u128::from(self.keys.0.hash_one(request_id)) << 64) | u128::from(self.keys.1.hash_one(request_id))
     }
 
-    /// Applies `change` to the record of `request_id`, creating it if needed, then wakes its watches.
-    fn with_record<T>(&self, request_id: &str, change: impl FnOnce(&mut Record) -> T) -> T {
-        let now = Instant::now();
-        let (result, changed, created) = {
-            let mut shard = self.shard(request_id);
-            let mut created = false;
-            let record = match shard.records.get_mut(request_id) {
-                Some(record) => record,
-                None => {
-                    created = true;
-                    let key: Arc<str> = Arc::from(request_id);
-                    let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-                    self.order
-                        .lock()
-                        .expect("hub order poisoned")
-                        .insert(generation, key.clone());
-                    self.count.fetch_add(1, Ordering::Relaxed);
-                    shard.records.entry(key).or_insert(Record {
-                        generation,
-                        expected: None,
-                        notifications: Vec::new(),
-                        digests: HashSet::new(),
-                        watchers: 0,
-                        last_activity: now,
-                        changed: Arc::new(Notify::new()),
-                    })
-                }
-            };
-            record.last_activity = now;
-            let result = change(record);
-            (result, record.changed.clone(), created)
+    fn shard(&self, key: u128) -> MutexGuard<'_, Shard> {
+        self.shards[(key % SHARDS as u128) as usize]
+            .lock()
+            .expect("hub shard poisoned")
+    }
+
+    fn new_record(&self, real: bool, last_ms: u64) -> Record {
+        Record {
+            generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
+            real,
+            last_ms,
+            expected: None,
+            reported: ChannelSet::default(),
+            notifications: Vec::new(),
+            watchers: 0,
+            changed: None,
+        }
+    }
+
+    /// Applies a log entry to the record of `request_id`, creating it (or making a shell real) as needed.
+    fn apply_to(&self, request_id: &str, time_ms: u64, change: impl FnOnce(&mut Record)) {
+        let key = self.key(request_id);
+        let mut became_real = None;
+        let woken = {
+            let mut shard = self.shard(key);
+            let expired = shard
+                .records
+                .get(&key)
+                .is_some_and(|r| r.real && r.last_ms.saturating_add(self.retention_ms) <= time_ms);
+            if expired {
+                // Every event of it expired by the log's clock before this one: the log started the request
+                // again, and so does the hub (the purge had not come round yet).
+                let old = shard.records.remove(&key).expect("present");
+                self.forget(&old);
+            }
+            let record = shard
+                .records
+                .entry(key)
+                .or_insert_with(|| self.new_record(false, time_ms));
+            if !record.real {
+                record.real = true;
+                became_real = Some(record.generation);
+            }
+            record.last_ms = record.last_ms.max(time_ms);
+            change(record);
+            record.changed.clone()
         };
-        changed.notify_waiters();
-        if created {
+        if let Some(notify) = woken {
+            notify.notify_waiters();
+        }
+        if let Some(generation) = became_real {
+            self.order
+                .lock()
+                .expect("hub order poisoned")
+                .push_back((generation, key));
+            self.count.fetch_add(1, Ordering::Relaxed);
             self.evict_over_cap();
         }
-        result
     }
 
-    /// Records a query that went through this service: its expected channels, when known.
-    pub fn record_query(&self, request_id: &str, expected: Option<Vec<String>>) {
-        self.with_record(request_id, |record| {
-            if expected.is_some() {
-                record.expected = expected;
+    fn apply_notification(&self, n: &NotificationEntry) {
+        let mut duplicate = false;
+        self.apply_to(&n.notification.request_id, n.time_ms, |record| {
+            if record.notifications.last().is_some_and(|last| last.offset >= n.offset) {
+                // Appended again after Redis lost its data, and already held.
+                duplicate = true;
+                return;
             }
+            record.reported.insert(&n.notification.channel);
+            record.notifications.reserve_exact(1);
+            record.notifications.push(Held {
+                offset: n.offset,
+                time_ms: n.time_ms,
+                body: n.body.clone(),
+            });
         });
-    }
-
-    /// Stores a notification under its request_id at the next offset, unless it is an exact duplicate.
-    pub fn publish(&self, notification: Arc<Notification>) -> Published {
-        let key = notification.clone();
-        let published = self.with_record(&key.request_id, |record| {
-            if !record.digests.insert(notification.digest) {
-                return Published::Duplicate;
-            }
-            record.notifications.push(notification);
-            Published::New {
-                offset: record.notifications.len() as u64,
-            }
-        });
-        match published {
-            Published::New { .. } => metrics::counter!("capability_notifications_published_total").increment(1),
-            Published::Duplicate => metrics::counter!("capability_notifications_duplicate_total").increment(1),
+        if duplicate {
+            metrics::counter!("capability_notifications_duplicate_total").increment(1);
+        } else {
+            metrics::counter!("capability_notifications_published_total").increment(1);
         }
-        published
     }
 
     /// Opens a watch of `request_id` that first replays what is past `after_offset`.
     pub fn watch(self: &Arc<Self>, request_id: &str, after_offset: u64, limits: WatchLimits) -> Watch {
-        let (generation, changed) = self.with_record(request_id, |record| {
+        let key = self.key(request_id);
+        let (generation, changed) = {
+            let mut shard = self.shard(key);
+            let now = self.now_ms.load(Ordering::Relaxed);
+            let record = shard.records.entry(key).or_insert_with(|| self.new_record(false, now));
             record.watchers += 1;
-            (record.generation, record.changed.clone())
-        });
+            let changed = record.changed.get_or_insert_with(|| Arc::new(Notify::new())).clone();
+            (record.generation, changed)
+        };
         Watch::new(
             Subscription {
                 hub: self.clone(),
-                key: request_id.into(),
+                key,
+                request_id: request_id.into(),
                 generation,
                 changed,
                 cursor: after_offset,
@@ -190,73 +233,124 @@ impl Hub {
         )
     }
 
-    /// Removes every record idle for longer than the retention and not watched; returns how many.
+    /// Removes what the log's clock says has expired: notifications older than the retention, and records with
+    /// nothing left that nobody watches. Returns how many records went.
     pub fn purge(&self) -> usize {
-        let now = Instant::now();
-        let retention = self.config.retention;
+        let now = self.now_ms.load(Ordering::Relaxed);
         let mut removed = 0;
         for shard in self.shards.iter() {
+            let mut woken = Vec::new();
             let mut shard = shard.lock().expect("hub shard poisoned");
             shard.records.retain(|_, record| {
-                let keep = record.watchers > 0 || now.duration_since(record.last_activity) < retention;
-                if !keep {
-                    self.forget(record);
+                let kept_from = record
+                    .notifications
+                    .partition_point(|held| held.time_ms.saturating_add(self.retention_ms) <= now);
+                if kept_from > 0 {
+                    record.notifications.drain(..kept_from);
+                    record.notifications.shrink_to_fit();
+                }
+                let expired = record.last_ms.saturating_add(self.retention_ms) <= now;
+                if !expired || record.watchers > 0 {
+                    return true;
+                }
+                if record.real {
+                    self.count.fetch_sub(1, Ordering::Relaxed);
                     removed += 1;
                 }
-                keep
+                woken.extend(record.changed.clone());
+                false
             });
+            drop(shard);
+            woken.iter().for_each(|notify| notify.notify_waiters());
         }
+        self.trim_order();
         if removed > 0 {
             metrics::counter!("capability_requests_expired_total").increment(removed as u64);
         }
         removed
     }
 
-    /// Purges every `retention / 10` (at least each 50 ms, at most each second) until `shutdown`.
-    pub async fn run_purge(self: Arc<Self>, shutdown: CancellationToken) {
-        let period = (self.config.retention / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    /// Purges every `retention / 10` (at least each 50 ms, at most each second) until `stop`.
+    pub async fn run_purge(self: Arc<Self>, stop: CancellationToken) {
+        let period =
+            (Duration::from_millis(self.retention_ms) / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
         let mut tick = tokio::time::interval(period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => { self.purge(); }
-                () = shutdown.cancelled() => return,
+                () = stop.cancelled() => return,
             }
         }
     }
 
-    /// Evicts the oldest records while there are more than `max_requests`.
+    /// Evicts the records the log created first while more than `max_requests` have events.
     fn evict_over_cap(&self) {
-        while self.count.load(Ordering::Relaxed) > self.config.max_requests {
-            let Some((generation, key)) = self.order.lock().expect("hub order poisoned").pop_first() else {
+        while self.count.load(Ordering::Relaxed) > self.max_requests {
+            let Some((generation, key)) = self.order.lock().expect("hub order poisoned").pop_front() else {
                 return;
             };
-            let mut shard = self.shard(&key);
+            let mut shard = self.shard(key);
             if shard.records.get(&key).is_some_and(|r| r.generation == generation) {
                 let record = shard.records.remove(&key).expect("present");
-                self.count.fetch_sub(1, Ordering::Relaxed);
-                record.changed.notify_waiters();
+                drop(shard);
+                self.forget(&record);
                 metrics::counter!("capability_requests_evicted_total").increment(1);
-                tracing::warn!(request_id = %key, "evicted: more requests than the configured maximum");
+                tracing::warn!("a request was evicted: more requests than CAPABILITY_MAX_REQUESTS");
             }
         }
     }
 
-    /// Bookkeeping for a record being removed from its shard (its shard lock is held).
+    /// Bookkeeping for a record removed from its shard.
     fn forget(&self, record: &Record) {
-        self.order
-            .lock()
-            .expect("hub order poisoned")
-            .remove(&record.generation);
-        self.count.fetch_sub(1, Ordering::Relaxed);
-        record.changed.notify_waiters();
+        if record.real {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+        if let Some(notify) = &record.changed {
+            notify.notify_waiters();
+        }
+    }
+
+    /// Drops order entries of records already gone, from the front (the oldest go first, so they gather there).
+    fn trim_order(&self) {
+        let mut order = self.order.lock().expect("hub order poisoned");
+        while let Some(&(generation, key)) = order.front() {
+            let live = self
+                .shard(key)
+                .records
+                .get(&key)
+                .is_some_and(|r| r.generation == generation);
+            if live {
+                break;
+            }
+            order.pop_front();
+        }
+    }
+}
+
+impl Consumer for Hub {
+    fn apply(&self, entry: &Entry) {
+        match entry {
+            Entry::Query { time_ms, query } => self.apply_to(&query.request_id, *time_ms, |record| {
+                if let Some(expected) = &query.expected {
+                    record.expected = Some(expected.iter().collect());
+                }
+            }),
+            Entry::Notification(n) => self.apply_notification(n),
+        }
+        self.now_ms.fetch_max(entry.time_ms(), Ordering::Relaxed);
+    }
+
+    fn advance(&self, now_ms: u64) {
+        self.now_ms.fetch_max(now_ms, Ordering::Relaxed);
     }
 }
 
 /// A watch's hold on a record: a cursor into its notifications. Dropping it releases the record.
 pub(crate) struct Subscription {
     hub: Arc<Hub>,
-    key: Arc<str>,
+    key: u128,
+    request_id: Arc<str>,
     generation: u64,
     changed: Arc<Notify>,
     /// The offset of the last notification taken.
@@ -265,41 +359,39 @@ pub(crate) struct Subscription {
 
 /// What a subscription found past its cursor.
 pub(crate) struct Snapshot {
-    pub notifications: Vec<Arc<Notification>>,
-    /// The first offset in `notifications`.
-    pub first_offset: u64,
+    /// (offset, compact encoding), ascending.
+    pub notifications: Vec<(u64, Arc<[u8]>)>,
     /// `Some(pending)` when the expected channels are known; complete when `pending` is empty.
-    pub pending: Option<Vec<String>>,
-    /// The record was evicted while watched.
+    pub pending: Option<Vec<Channel>>,
+    /// The record was evicted or expired while watched.
     pub gone: bool,
 }
 
 impl Subscription {
     /// Takes every notification past the cursor, and says whether the answer is complete.
     fn take(&mut self) -> Snapshot {
-        let shard = self.hub.shard(&self.key);
+        let shard = self.hub.shard(self.key);
         let Some(record) = shard.records.get(&self.key).filter(|r| r.generation == self.generation) else {
             return Snapshot {
                 notifications: Vec::new(),
-                first_offset: self.cursor.saturating_add(1),
                 pending: None,
                 gone: true,
             };
         };
-        let start = (self.cursor as usize).min(record.notifications.len());
-        let notifications = record.notifications[start..].to_vec();
-        let pending = record.expected.as_ref().map(|expected| {
-            expected
-                .iter()
-                .filter(|channel| !record.notifications.iter().any(|n| &n.channel == *channel))
-                .cloned()
-                .collect()
-        });
-        let first_offset = self.cursor.saturating_add(1);
-        self.cursor = self.cursor.max(record.notifications.len() as u64);
+        let start = record.notifications.partition_point(|held| held.offset <= self.cursor);
+        let notifications: Vec<(u64, Arc<[u8]>)> = record.notifications[start..]
+            .iter()
+            .map(|held| (held.offset, held.body.clone()))
+            .collect();
+        if let Some((last, _)) = notifications.last() {
+            self.cursor = *last;
+        }
+        let pending = record
+            .expected
+            .as_ref()
+            .map(|expected| expected.without(&record.reported));
         Snapshot {
             notifications,
-            first_offset,
             pending,
             gone: false,
         }
@@ -308,94 +400,161 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        let mut shard = self.hub.shard(&self.key);
+        let mut shard = self.hub.shard(self.key);
         if let Some(record) = shard
             .records
             .get_mut(&self.key)
             .filter(|r| r.generation == self.generation)
         {
             record.watchers -= 1;
-            record.last_activity = Instant::now();
+            if record.watchers == 0 {
+                record.changed = None;
+                if !record.real {
+                    shard.records.remove(&self.key);
+                }
+            }
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::SystemTime;
-
     use super::*;
+    use crate::{
+        capability::{CapabilityStatus, Notification},
+        log::{QueryRecorded, codec},
+    };
 
-    pub(super) fn notification(request_id: &str, channel: &str, digest: u64) -> Arc<Notification> {
-        Arc::new(Notification {
-            request_id: request_id.into(),
-            contact_id: String::new(),
-            channel: channel.into(),
-            identity: "46712312312".into(),
-            capability_status: "CAPABILITY_FULL".into(),
-            channel_capabilities: Vec::new(),
-            reason: None,
-            channel_recipient_identities: Vec::new(),
-            app_id: String::new(),
-            project_id: String::new(),
-            accepted_time: None,
-            event_time: None,
-            message_metadata: String::new(),
-            correlation_id: String::new(),
-            received_time: SystemTime::now(),
-            digest,
+    pub(super) fn notification(request_id: &str, channel: Channel, offset: u64, time_ms: u64) -> Entry {
+        let notification = Notification {
+            channel,
+            capability_status: CapabilityStatus::Full,
+            ..codec::tests::full_notification(request_id)
+        };
+        Entry::Notification(NotificationEntry {
+            time_ms,
+            offset,
+            body: codec::encode_body(&notification).into(),
+            notification: Arc::new(notification),
         })
     }
 
-    fn hub(retention_s: u64, max_requests: usize) -> Arc<Hub> {
+    pub(super) fn query(request_id: &str, expected: &[Channel], time_ms: u64) -> Entry {
+        Entry::Query {
+            time_ms,
+            query: QueryRecorded {
+                request_id: request_id.into(),
+                expected: Some(expected.to_vec()),
+            },
+        }
+    }
+
+    pub(super) fn hub(retention_s: u64, max_requests: usize) -> Arc<Hub> {
         Arc::new(Hub::new(HubConfig {
             retention: Duration::from_secs(retention_s),
             max_requests,
         }))
     }
 
+    fn offsets(hub: &Arc<Hub>, request_id: &str) -> Vec<u64> {
+        let key = hub.key(request_id);
+        hub.shard(key)
+            .records
+            .get(&key)
+            .map(|r| r.notifications.iter().map(|h| h.offset).collect())
+            .unwrap_or_default()
+    }
+
     #[test]
-    fn offsets_follow_arrival_and_duplicates_are_dropped() {
+    fn offsets_are_the_logs_and_entries_seen_again_are_dropped() {
         let hub = hub(600, 10);
-        assert_eq!(hub.publish(notification("r", "SMS", 1)), Published::New { offset: 1 });
-        assert_eq!(hub.publish(notification("r", "RCS", 2)), Published::New { offset: 2 });
-        assert_eq!(hub.publish(notification("r", "SMS", 1)), Published::Duplicate);
+        hub.apply(&notification("r", Channel::Sms, 1, 1_000));
+        hub.apply(&notification("r", Channel::Rcs, 2, 1_001));
+        hub.apply(&notification("r", Channel::Rcs, 2, 1_002));
+        hub.apply(&notification("late-start", Channel::Sms, 7, 1_003));
+        assert_eq!(offsets(&hub, "r"), [1, 2]);
         assert_eq!(
-            hub.publish(notification("other", "SMS", 1)),
-            Published::New { offset: 1 }
+            offsets(&hub, "late-start"),
+            [7],
+            "a replica that started late holds the log's offsets"
         );
         assert_eq!(hub.len(), 2);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn records_expire_after_their_last_activity_unless_watched() {
+    #[test]
+    fn each_notification_expires_by_its_own_time_in_the_log_watched_or_not() {
         let hub = hub(60, 10);
-        hub.publish(notification("idle", "SMS", 1));
-        hub.publish(notification("watched", "SMS", 1));
-        let watch = hub.watch("watched", 0, WatchLimits::for_tests());
-        tokio::time::advance(Duration::from_secs(59)).await;
+        hub.apply(&notification("r", Channel::Sms, 1, 0));
+        hub.apply(&notification("r", Channel::Rcs, 2, 30_000));
+        let watch = hub.watch("r", 0, WatchLimits::for_tests());
+        hub.advance(59_999);
         assert_eq!(hub.purge(), 0);
-        tokio::time::advance(Duration::from_secs(2)).await;
-        assert_eq!(hub.purge(), 1, "the idle record went, the watched one stayed");
+        assert_eq!(offsets(&hub, "r"), [1, 2]);
+        hub.advance(60_000);
+        hub.purge();
+        assert_eq!(
+            offsets(&hub, "r"),
+            [2],
+            "the first went at its own time, although watched"
+        );
+        hub.advance(90_000);
+        hub.purge();
+        assert!(offsets(&hub, "r").is_empty());
+        assert_eq!(hub.len(), 1, "a watched record stays, empty");
         drop(watch);
-        tokio::time::advance(Duration::from_secs(61)).await;
         assert_eq!(hub.purge(), 1);
         assert!(hub.is_empty());
         assert!(hub.order.lock().unwrap().is_empty());
     }
 
     #[test]
-    fn past_the_cap_the_oldest_request_goes_first() {
+    fn a_record_busy_for_ever_still_lets_its_old_notifications_go() {
+        let hub = hub(60, 10);
+        for second in 0..600 {
+            hub.apply(&notification("busy", Channel::Sms, second + 1, second * 1_000));
+            hub.purge();
+        }
+        assert_eq!(offsets(&hub, "busy").len(), 60, "one retention's worth, not ten");
+    }
+
+    #[test]
+    fn past_the_cap_the_request_the_log_created_first_goes_first() {
         let hub = hub(600, 2);
-        hub.publish(notification("first", "SMS", 1));
-        hub.publish(notification("second", "SMS", 1));
-        hub.publish(notification("first", "RCS", 2)); // activity does not change age
-        hub.publish(notification("third", "SMS", 1));
+        hub.apply(&notification("first", Channel::Sms, 1, 1));
+        hub.apply(&notification("second", Channel::Sms, 1, 2));
+        hub.apply(&notification("first", Channel::Rcs, 2, 3));
+        hub.apply(&notification("third", Channel::Sms, 1, 4));
         assert_eq!(hub.len(), 2);
+        assert!(offsets(&hub, "first").is_empty(), "activity does not change age");
+        assert_eq!(offsets(&hub, "second"), [1]);
+    }
+
+    #[test]
+    fn watches_of_unknown_requests_never_push_real_results_out() {
+        let hub = hub(600, 2);
+        hub.apply(&notification("real-1", Channel::Sms, 1, 1));
+        hub.apply(&notification("real-2", Channel::Sms, 1, 2));
+        let watches: Vec<Watch> = (0..1_000)
+            .map(|i| hub.watch(&format!("made-up-{i}"), 0, WatchLimits::for_tests()))
+            .collect();
+        assert_eq!(hub.len(), 2);
+        assert_eq!(offsets(&hub, "real-1"), [1]);
+        assert_eq!(offsets(&hub, "real-2"), [1]);
+        drop(watches);
+        let shells: usize = hub.shards.iter().map(|s| s.lock().unwrap().records.len()).sum();
+        assert_eq!(shells, 2, "a shell goes with its last watch");
+    }
+
+    #[test]
+    fn an_entry_after_the_whole_record_expired_starts_it_again() {
+        let hub = hub(60, 10);
+        hub.apply(&notification("r", Channel::Sms, 1, 0));
+        hub.apply(&notification("r", Channel::Sms, 2, 10_000));
+        hub.apply(&notification("r", Channel::Rcs, 1, 70_000));
         assert_eq!(
-            hub.publish(notification("first", "SMS", 1)),
-            Published::New { offset: 1 }
+            offsets(&hub, "r"),
+            [1],
+            "the log numbered it 1 again, and so does the hub"
         );
-        assert_eq!(hub.len(), 2, "first came back as new, second was evicted");
     }
 }

@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::Subscription;
-use crate::capability::Notification;
+use crate::capability::Channel;
 
 /// The bounds of one watch.
 #[derive(Debug, Clone)]
@@ -41,9 +41,12 @@ pub enum CompletionReason {
 /// What a watch hands its caller, in order.
 #[derive(Debug, Clone)]
 pub enum WatchEvent {
+    /// A notification: the request it answers, its offset, and its compact encoding (the contract's
+    /// `CapabilityNotification` without `offset` and `request_id`).
     Notification {
         offset: u64,
-        notification: Arc<Notification>,
+        request_id: Arc<str>,
+        body: Arc<[u8]>,
     },
     Heartbeat {
         last_offset: u64,
@@ -53,13 +56,13 @@ pub enum WatchEvent {
         reason: CompletionReason,
         last_offset: u64,
         /// The expected channels that had not reported (with `WaitElapsed`).
-        pending: Vec<String>,
+        pending: Vec<Channel>,
     },
     /// The server is shutting down: resume elsewhere after `last_offset`.
     ShuttingDown {
         last_offset: u64,
     },
-    /// The request was evicted (too many tracked requests) while watched.
+    /// The request was evicted (too many tracked requests), or expired and started again, while watched.
     Evicted {
         last_offset: u64,
     },
@@ -69,7 +72,7 @@ pub enum WatchEvent {
 pub struct Watch {
     subscription: Subscription,
     /// Notifications taken from the record but not yet handed out.
-    buffered: VecDeque<(u64, Arc<Notification>)>,
+    buffered: VecDeque<(u64, Arc<[u8]>)>,
     /// The offset of the last notification handed out.
     last_offset: u64,
     wait_until: Instant,
@@ -99,10 +102,14 @@ impl Watch {
         }
         let changed = self.subscription.changed.clone();
         loop {
-            if let Some((offset, notification)) = self.buffered.pop_front() {
+            if let Some((offset, body)) = self.buffered.pop_front() {
                 self.last_offset = offset;
                 self.next_heartbeat = Instant::now() + self.limits.heartbeat;
-                return Some(WatchEvent::Notification { offset, notification });
+                return Some(WatchEvent::Notification {
+                    offset,
+                    request_id: self.subscription.request_id.clone(),
+                    body,
+                });
             }
             if self.limits.shutdown.is_cancelled() {
                 return self.finish(WatchEvent::ShuttingDown {
@@ -115,8 +122,7 @@ impl Watch {
             notified.as_mut().enable();
             let snapshot = self.subscription.take();
             if !snapshot.notifications.is_empty() {
-                self.buffered
-                    .extend((snapshot.first_offset..).zip(snapshot.notifications));
+                self.buffered.extend(snapshot.notifications);
                 continue;
             }
             if snapshot.gone {
@@ -164,15 +170,9 @@ impl Watch {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Hub, HubConfig, tests::notification};
+    use super::super::tests::{hub, notification, query};
     use super::*;
-
-    fn hub() -> Arc<Hub> {
-        Arc::new(Hub::new(HubConfig {
-            retention: Duration::from_secs(600),
-            max_requests: 100,
-        }))
-    }
+    use crate::log::Consumer;
 
     fn offset(event: Option<WatchEvent>) -> u64 {
         match event {
@@ -183,14 +183,14 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn replays_then_delivers_live_then_completes_when_every_channel_reported() {
-        let hub = hub();
-        hub.record_query("r", Some(vec!["RCS".into(), "SMS".into()]));
-        hub.publish(notification("r", "SMS", 1));
+        let hub = hub(600, 100);
+        hub.apply(&query("r", &[Channel::Rcs, Channel::Sms], 1));
+        hub.apply(&notification("r", Channel::Sms, 1, 2));
         let mut watch = hub.watch("r", 0, WatchLimits::for_tests());
         assert_eq!(offset(watch.next().await), 1);
         let publisher = {
             let hub = hub.clone();
-            tokio::spawn(async move { hub.publish(notification("r", "RCS", 2)) })
+            tokio::spawn(async move { hub.apply(&notification("r", Channel::Rcs, 2, 3)) })
         };
         assert_eq!(offset(watch.next().await), 2);
         publisher.await.unwrap();
@@ -207,9 +207,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn after_offset_skips_what_the_caller_has() {
-        let hub = hub();
-        for (i, channel) in ["SMS", "RCS", "MMS"].into_iter().enumerate() {
-            hub.publish(notification("r", channel, i as u64));
+        let hub = hub(600, 100);
+        for (i, channel) in [Channel::Sms, Channel::Rcs, Channel::Mms].into_iter().enumerate() {
+            hub.apply(&notification("r", channel, i as u64 + 1, 1));
         }
         let mut watch = hub.watch("r", 2, WatchLimits::for_tests());
         assert_eq!(offset(watch.next().await), 3);
@@ -217,9 +217,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_quiet_watch_sends_heartbeats_then_ends_when_its_wait_elapses() {
-        let hub = hub();
-        hub.record_query("r", Some(vec!["SMS".into(), "RCS".into()]));
-        hub.publish(notification("r", "SMS", 1));
+        let hub = hub(600, 100);
+        hub.apply(&query("r", &[Channel::Sms, Channel::Rcs], 1));
+        hub.apply(&notification("r", Channel::Sms, 1, 2));
         let limits = WatchLimits {
             wait: Duration::from_secs(40),
             ..WatchLimits::for_tests()
@@ -236,14 +236,14 @@ mod tests {
             panic!("completion")
         };
         assert_eq!(reason, CompletionReason::WaitElapsed);
-        assert_eq!(pending, ["RCS"]);
+        assert_eq!(pending, [Channel::Rcs]);
         assert_eq!(started.elapsed(), Duration::from_secs(40));
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_after_offset_beyond_anything_waits_without_overflowing() {
-        let hub = hub();
-        hub.publish(notification("r", "SMS", 1));
+        let hub = hub(600, 100);
+        hub.apply(&notification("r", Channel::Sms, 1, 1));
         let limits = WatchLimits {
             wait: Duration::from_secs(1),
             ..WatchLimits::for_tests()
@@ -261,8 +261,8 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn shutdown_ends_a_watch_with_its_last_offset() {
-        let hub = hub();
-        hub.publish(notification("r", "SMS", 1));
+        let hub = hub(600, 100);
+        hub.apply(&notification("r", Channel::Sms, 1, 1));
         let limits = WatchLimits::for_tests();
         let shutdown = limits.shutdown.clone();
         let mut watch = hub.watch("r", 0, limits);
@@ -275,11 +275,26 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_watched_request_evicted_ends_its_watch() {
+        let hub = hub(600, 1);
+        hub.apply(&notification("r", Channel::Sms, 1, 1));
+        let mut watch = hub.watch("r", 0, WatchLimits::for_tests());
+        assert_eq!(offset(watch.next().await), 1);
+        hub.apply(&notification("newer", Channel::Sms, 1, 2));
+        assert!(matches!(
+            watch.next().await,
+            Some(WatchEvent::Evicted { last_offset: 1 })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn dropping_a_watch_frees_its_subscription_at_once() {
-        let hub = hub();
+        let hub = hub(600, 100);
+        hub.apply(&notification("r", Channel::Sms, 1, 1));
         let watch = hub.watch("r", 0, WatchLimits::for_tests());
-        assert_eq!(hub.shard("r").records["r"].watchers, 1);
+        let key = hub.key("r");
+        assert_eq!(hub.shard(key).records[&key].watchers, 1);
         drop(watch);
-        assert_eq!(hub.shard("r").records["r"].watchers, 0);
+        assert_eq!(hub.shard(key).records[&key].watchers, 0);
     }
 }

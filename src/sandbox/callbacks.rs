@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{Value, json};
 
 use crate::{
-    config::{SandboxKnobs, Secret},
+    config::SandboxSettings,
+    secret::Secret,
     upstream::wire::{QueryJson, RecipientJson},
     webhook::signature,
 };
@@ -22,7 +23,7 @@ pub struct CallbackTarget {
     pub url: String,
     /// The secret the callbacks are signed with.
     pub secret: Secret,
-    pub knobs: SandboxKnobs,
+    pub knobs: SandboxSettings,
     /// Accept the receiver's certificate whatever it is: only for the in-process sandbox posting to its own
     /// process's TLS listener on loopback, whose certificate need not name 127.0.0.1. The callbacks are signed.
     pub trust_own_listener: bool,

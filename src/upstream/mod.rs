@@ -5,7 +5,7 @@ mod auth;
 mod error;
 pub mod wire;
 
-use std::{num::NonZeroU32, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, Quota, clock::Clock};
@@ -70,8 +70,19 @@ enum Attempt {
     Failed(Error),
 }
 
+/// Why a client cannot be built from its configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BuildError {
+    #[error("the HTTP client cannot be built: {0}")]
+    Http(String),
+    #[error("the key id or secret cannot be sent in an HTTP header")]
+    Credentials,
+    #[error("the project id does not make a valid URL with the API URL: {0}")]
+    Url(String),
+}
+
 impl SinchClient {
-    pub fn new(config: &SinchConfig, rate_limit: NonZeroU32, retry: RetryPolicy) -> Result<SinchClient, String> {
+    pub fn new(config: &SinchConfig, retry: RetryPolicy) -> Result<SinchClient, BuildError> {
         install_crypto_provider();
         let http = reqwest::Client::builder()
             .user_agent(concat!("capability-facade/", env!("CARGO_PKG_VERSION")))
@@ -80,20 +91,21 @@ impl SinchClient {
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
             .build()
-            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
-        let auth = Auth::new(config).map_err(|_| "the Sinch key id or secret cannot be sent in a header".to_owned())?;
+            .map_err(|e| BuildError::Http(e.to_string()))?;
+        let auth = Auth::new(config).map_err(|_| BuildError::Credentials)?;
         let query_url = format!("{}/v1/projects/{}/capability:query", config.api_url, config.project_id);
-        let query_url = reqwest::Url::parse(&query_url).map_err(|e| format!("{query_url:?} is not a URL: {e}"))?;
+        let query_url = reqwest::Url::parse(&query_url).map_err(|e| BuildError::Url(e.to_string()))?;
         Ok(SinchClient {
             http,
             query_url,
             auth,
-            limiter: DefaultDirectRateLimiter::direct(Quota::per_second(rate_limit)),
+            limiter: DefaultDirectRateLimiter::direct(Quota::per_second(config.rate_limit)),
             retry,
         })
     }
 
     /// Sends `query` to Sinch, retrying what may succeed on a second try, and gives up at `deadline`.
+    /// The caller has [`admit`](Self::admit)ted the first send; each retry is admitted here.
     /// `traceparent`, when given, is sent with every attempt (W3C trace context).
     pub async fn query(
         &self,
@@ -106,7 +118,9 @@ impl SinchClient {
         let mut token_retried = false;
         loop {
             attempt += 1;
-            self.admit(deadline).await?;
+            if attempt > 1 {
+                self.admit(deadline).await?;
+            }
             let outcome = tokio::time::timeout_at(deadline, self.send(body.clone(), traceparent))
                 .await
                 .map_err(|_| Error::DeadlineExceeded)?;
@@ -138,7 +152,7 @@ impl SinchClient {
 
     /// Waits for this replica's rate limit to admit one more send, or fails at once if that wait would pass the
     /// deadline.
-    async fn admit(&self, deadline: Instant) -> Result<(), Error> {
+    pub async fn admit(&self, deadline: Instant) -> Result<(), Error> {
         loop {
             let Err(not_until) = self.limiter.check() else {
                 return Ok(());

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::capability::{ChannelIdentity, Query, QueryAccepted, Recipient};
+use crate::capability::{Channel, ChannelIdentity, Query, QueryAccepted, Recipient};
 
 /// The body of `POST /v1/projects/{project}/capability:query`, and Sinch's answer to it.
 #[derive(Debug, Serialize, Deserialize)]
@@ -93,7 +93,7 @@ impl From<&Recipient> for RecipientJson {
                 channel_identities: ids
                     .iter()
                     .map(|id| IdentityJson {
-                        channel: id.channel.clone(),
+                        channel: id.channel.as_sinch().to_owned(),
                         identity: id.identity.clone(),
                         app_id: id.app_id.clone(),
                     })
@@ -111,7 +111,7 @@ impl From<RecipientJson> for Recipient {
                 channel_identities
                     .into_iter()
                     .map(|id| ChannelIdentity {
-                        channel: id.channel,
+                        channel: Channel::from_sinch(&id.channel),
                         identity: id.identity,
                         app_id: id.app_id,
                     })
@@ -138,7 +138,7 @@ mod tests {
         );
         let q = Query {
             recipient: Recipient::IdentifiedBy(vec![ChannelIdentity {
-                channel: "WHATSAPP".into(),
+                channel: Channel::Whatsapp,
                 identity: "46712312312".into(),
                 app_id: String::new(),
             }]),

@@ -1,5 +1,5 @@
 //! The webhook receiver: `POST /webhooks/sinch` verifies Sinch's signature over the raw bytes, parses the
-//! callback and hands the notification on; it answers 200 only once the notification is safely handed on.
+//! callback and appends the notification to the event log; it answers 200 only once the log has taken it.
 //! `GET /healthz` answers 200. Nothing else is served here.
 
 pub mod parse;
@@ -31,9 +31,9 @@ use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::{
-    backplane::{Accepted, Backplane, Nonce, Unavailable},
-    capability::{Notification, mask},
-    config::Secret,
+    capability::mask,
+    log::{Accepted, EventLog, Nonce, Unavailable},
+    secret::Secret,
 };
 use parse::Callback;
 
@@ -57,12 +57,12 @@ pub struct WebhookConfig {
 pub struct Receiver {
     config: WebhookConfig,
     /// Where accepted notifications go (and where nonces are claimed).
-    backplane: Arc<Backplane>,
+    log: Arc<EventLog>,
 }
 
 impl Receiver {
-    pub fn new(config: WebhookConfig, backplane: Arc<Backplane>) -> Receiver {
-        Receiver { config, backplane }
+    pub fn new(config: WebhookConfig, log: Arc<EventLog>) -> Receiver {
+        Receiver { config, log }
     }
 }
 
@@ -90,29 +90,47 @@ pub enum WebhookError {
 }
 
 impl WebhookError {
-    /// The `result` label of the webhook counter.
-    fn result(&self) -> &'static str {
+    /// The `result` label of the webhook counter, the HTTP status and the generic body text: the one place where
+    /// a refusal becomes an answer.
+    fn answer(&self) -> (&'static str, StatusCode, &'static str) {
         match self {
-            WebhookError::UnsupportedMediaType | WebhookError::Malformed(_) => "malformed",
-            WebhookError::Stale(_) => "stale",
-            WebhookError::Replayed => "replayed",
-            WebhookError::Unavailable(_) => "unavailable",
-            _ => "bad_signature",
+            WebhookError::UnsupportedMediaType => (
+                "unsupported_media_type",
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "expected application/json",
+            ),
+            WebhookError::MissingSignature(_) => (
+                "missing_signature",
+                StatusCode::UNAUTHORIZED,
+                "bad or missing signature",
+            ),
+            WebhookError::UnsupportedAlgorithm(_) => (
+                "unsupported_algorithm",
+                StatusCode::UNAUTHORIZED,
+                "bad or missing signature",
+            ),
+            WebhookError::BadSignature => ("bad_signature", StatusCode::UNAUTHORIZED, "bad or missing signature"),
+            WebhookError::Stale(_) => ("stale", StatusCode::UNAUTHORIZED, "stale or bad timestamp"),
+            WebhookError::BadTimestamp => ("bad_timestamp", StatusCode::UNAUTHORIZED, "stale or bad timestamp"),
+            WebhookError::Replayed => ("replayed", StatusCode::UNAUTHORIZED, "nonce already used"),
+            WebhookError::Malformed(parse::ParseError::Utf8) => {
+                ("malformed", StatusCode::BAD_REQUEST, "body is not UTF-8")
+            }
+            WebhookError::Malformed(parse::ParseError::Json { .. }) => {
+                ("malformed", StatusCode::BAD_REQUEST, "body is not a Sinch callback")
+            }
+            WebhookError::Unavailable(_) => (
+                "unavailable",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "cannot hand on now; retry",
+            ),
         }
     }
 }
 
 impl IntoResponse for WebhookError {
     fn into_response(self) -> Response {
-        let (status, message) = match &self {
-            WebhookError::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "expected application/json"),
-            WebhookError::Malformed(parse::ParseError::Utf8) => (StatusCode::BAD_REQUEST, "body is not UTF-8"),
-            WebhookError::Malformed(_) => (StatusCode::BAD_REQUEST, "body is not a Sinch callback"),
-            WebhookError::Stale(_) | WebhookError::BadTimestamp => (StatusCode::UNAUTHORIZED, "stale or bad timestamp"),
-            WebhookError::Replayed => (StatusCode::UNAUTHORIZED, "nonce already used"),
-            WebhookError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "cannot hand on now; retry"),
-            _ => (StatusCode::UNAUTHORIZED, "bad or missing signature"),
-        };
+        let (_, status, message) = self.answer();
         (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
     }
 }
@@ -199,7 +217,8 @@ async fn receive(State(receiver): State<Arc<Receiver>>, headers: HeaderMap, body
             StatusCode::OK.into_response()
         }
         Err(error) => {
-            metrics::counter!("capability_webhooks_total", "result" => error.result()).increment(1);
+            let (result, _, _) = error.answer();
+            metrics::counter!("capability_webhooks_total", "result" => result).increment(1);
             tracing::warn!(%error, "callback refused");
             error.into_response()
         }
@@ -209,26 +228,34 @@ async fn receive(State(receiver): State<Arc<Receiver>>, headers: HeaderMap, body
 /// Verifies, parses and hands on one callback; the `result` label on success.
 async fn handle(receiver: &Receiver, headers: &HeaderMap, body: &[u8]) -> Result<&'static str, WebhookError> {
     let Checked { nonce, callback } = check(&receiver.config, headers, body, SystemTime::now())?;
-    let (notification, result) = match callback {
-        Callback::Capability(notification) => (Some(Arc::<Notification>::from(notification)), "accepted"),
+    let (notification, nothing_to_append) = match callback {
+        Callback::Capability(notification) => (Some(*notification), "accepted"),
         Callback::OtherTrigger => (None, "ignored"),
         Callback::WithoutRequestId => {
             tracing::warn!("a capability callback without request_id: acknowledged, not delivered");
             (None, "without_request_id")
         }
     };
-    if let Some(n) = &notification {
+    let request_id = notification.as_ref().map(|n| {
         let span = tracing::Span::current();
         span.record("request_id", n.request_id.as_str());
-        span.record("channel", n.channel.as_str());
+        span.record("channel", n.channel.as_sinch());
         tracing::debug!(identity = %mask(&n.identity), "callback verified");
-    }
-    match receiver
-        .backplane
-        .accept(nonce, notification.map(|n| (n, body)))
-        .await?
-    {
-        Accepted::Published => Ok(result),
+        n.request_id.clone()
+    });
+    match receiver.log.accept(nonce, notification).await? {
+        Accepted::Appended { .. } => Ok("accepted"),
+        Accepted::Duplicate => Ok("duplicate"),
+        Accepted::Capped { first } => {
+            if first {
+                tracing::warn!(
+                    request_id = request_id.as_deref().unwrap_or_default(),
+                    "a request received more notifications than it may hold: the excess is acknowledged and dropped"
+                );
+            }
+            Ok("capped")
+        }
+        Accepted::NothingToAppend => Ok(nothing_to_append),
         Accepted::Replayed => Err(WebhookError::Replayed),
     }
 }

@@ -1,11 +1,11 @@
 //! A verified callback body → a [`Notification`]. Unknown fields are ignored, unknown enumeration values kept as
 //! Sinch spelled them, `null` treated as absent.
 
-use std::{hash::Hasher, time::SystemTime};
+use std::time::SystemTime;
 
 use serde::Deserialize;
 
-use crate::capability::{Notification, Reason, RecipientIdentity};
+use crate::capability::{CapabilityStatus, Channel, Notification, Reason, RecipientIdentity};
 
 /// What a verified callback turned out to be.
 #[derive(Debug)]
@@ -18,13 +18,35 @@ pub enum Callback {
     OtherTrigger,
 }
 
-/// Why a body could not be read.
+/// Why a body could not be read. It says where, never what: serde's own messages quote the offending value,
+/// which may be a phone number.
 #[derive(Debug, thiserror::Error)]
 pub enum ParseError {
     #[error("the body is not valid UTF-8")]
     Utf8,
-    #[error("the body is not the JSON of a Sinch callback: {0}")]
-    Json(#[from] serde_json::Error),
+    #[error("the body is not the JSON of a Sinch callback ({category} at line {line}, column {column})")]
+    Json {
+        /// `syntax`, `data` (a field of the wrong type) or `eof`.
+        category: &'static str,
+        line: usize,
+        column: usize,
+    },
+}
+
+impl From<serde_json::Error> for ParseError {
+    fn from(e: serde_json::Error) -> ParseError {
+        let category = match e.classify() {
+            serde_json::error::Category::Io => "io",
+            serde_json::error::Category::Syntax => "syntax",
+            serde_json::error::Category::Data => "data",
+            serde_json::error::Category::Eof => "eof",
+        };
+        ParseError::Json {
+            category,
+            line: e.line(),
+            column: e.column(),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -71,14 +93,6 @@ struct ChannelIdentityJson {
     app_id: Option<String>,
 }
 
-/// A digest of the exact bytes of a body; equal for redeliveries of the same callback, on every replica.
-pub fn digest(body: &[u8]) -> u64 {
-    // SipHash with fixed keys: deterministic across the replicas, which all run the same binary.
-    let mut hasher = std::hash::DefaultHasher::new();
-    hasher.write(body);
-    hasher.finish()
-}
-
 /// Reads a verified body.
 pub fn parse(body: &[u8], received_time: SystemTime) -> Result<Callback, ParseError> {
     let text = std::str::from_utf8(body).map_err(|_| ParseError::Utf8)?;
@@ -93,9 +107,9 @@ pub fn parse(body: &[u8], received_time: SystemTime) -> Result<Callback, ParseEr
     Ok(Callback::Capability(Box::new(Notification {
         request_id,
         contact_id: capability.contact_id.unwrap_or_default(),
-        channel: capability.channel.unwrap_or_default(),
+        channel: Channel::from_sinch(&capability.channel.unwrap_or_default()),
         identity: capability.identity.unwrap_or_default(),
-        capability_status: capability.capability_status.unwrap_or_default(),
+        capability_status: CapabilityStatus::from_sinch(&capability.capability_status.unwrap_or_default()),
         channel_capabilities: capability.channel_capabilities.unwrap_or_default(),
         reason: capability.reason.map(|r| Reason {
             code: r.code.unwrap_or_default(),
@@ -110,7 +124,7 @@ pub fn parse(body: &[u8], received_time: SystemTime) -> Result<Callback, ParseEr
             .map(|r| {
                 let id = r.channel_identity;
                 RecipientIdentity {
-                    channel: id.as_ref().and_then(|i| i.channel.clone()).unwrap_or_default(),
+                    channel: Channel::from_sinch(id.as_ref().and_then(|i| i.channel.as_deref()).unwrap_or_default()),
                     identity: id.as_ref().and_then(|i| i.identity.clone()).unwrap_or_default(),
                     app_id: id.and_then(|i| i.app_id).unwrap_or_default(),
                     display_name: r.display_name.unwrap_or_default(),
@@ -124,7 +138,6 @@ pub fn parse(body: &[u8], received_time: SystemTime) -> Result<Callback, ParseEr
         message_metadata: json.message_metadata.unwrap_or_default(),
         correlation_id: json.correlation_id.unwrap_or_default(),
         received_time,
-        digest: digest(body),
     })))
 }
 
@@ -165,8 +178,8 @@ mod tests {
         };
         assert_eq!(n.request_id, "01EQBF91XWP9PW1J8EWRYZ1GK2");
         assert_eq!(n.contact_id, "01EKA07N79THJ20ZSN6AS30TMW");
-        assert_eq!((n.channel.as_str(), n.identity.as_str()), ("WHATSAPP", "12345678910"));
-        assert_eq!(n.capability_status, "CAPABILITY_PARTIAL");
+        assert_eq!((&n.channel, n.identity.as_str()), (&Channel::Whatsapp, "12345678910"));
+        assert_eq!(n.capability_status, CapabilityStatus::Partial);
         assert_eq!(n.channel_capabilities, ["TEXT", "MEDIA"]);
         let reason = n.reason.as_ref().unwrap();
         assert_eq!(
@@ -212,14 +225,26 @@ mod tests {
             Callback::Capability(_)
         ));
         let wrong = br#"{"app_id":"a","capability_notification":{"request_id":42}}"#;
-        assert!(matches!(parse(wrong, SystemTime::now()), Err(ParseError::Json(_))));
+        assert!(matches!(
+            parse(wrong, SystemTime::now()),
+            Err(ParseError::Json { category: "data", .. })
+        ));
         assert!(matches!(
             parse(b"{\"app_id\":\"\xff\"}", SystemTime::now()),
             Err(ParseError::Utf8)
         ));
         assert!(matches!(
             parse(b"{\"app_id\":", SystemTime::now()),
-            Err(ParseError::Json(_))
+            Err(ParseError::Json { category: "eof", .. })
         ));
+    }
+
+    #[test]
+    fn a_parse_error_names_where_never_the_value() {
+        let body =
+            br#"{"app_id":"a","capability_notification":{"request_id":"r","channel_capabilities":"46788888888"}}"#;
+        let message = parse(body, SystemTime::now()).unwrap_err().to_string();
+        assert!(!message.contains("46788888888"), "{message}");
+        assert!(message.contains("line 1"), "{message}");
     }
 }

@@ -7,7 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use capability_facade::{
     Listeners,
-    config::{Config, ConfigError, ServeArgs},
+    config::{Config, ConfigError},
     grpc::pb::{self, capability_service_client::CapabilityServiceClient},
 };
 use clap::Parser;
@@ -30,7 +30,7 @@ pub const WEBHOOK_SECRET: &str = "whsec-1";
 #[derive(Parser)]
 struct TestCli {
     #[command(flatten)]
-    serve: ServeArgs,
+    serve: Config,
 }
 
 /// A configuration pointing at `fake`, with extra flags.
@@ -55,7 +55,22 @@ pub fn try_config(fake_url: &str, extra: &[&str]) -> Result<Config, ConfigError>
     let name = |flag: &str| flag.split('=').next().unwrap_or_default().to_owned();
     flags.retain(|f| !extra.iter().any(|e| name(e) == name(f)));
     flags.extend(extra.iter().map(|s| s.to_string()));
-    Config::from_args(&TestCli::parse_from(flags).serve)
+    let config = TestCli::parse_from(flags).serve;
+    config.check().map(|()| config)
+}
+
+/// Why the service configured with `extra` (against a fake Sinch at `fake_url`) refuses to start: a setting
+/// refused when parsed or checked, or one found unusable when its component is built — before any port.
+pub async fn start_error(fake_url: &str, extra: &[&str]) -> ConfigError {
+    let config = match try_config(fake_url, extra) {
+        Ok(config) => config,
+        Err(e) => return e,
+    };
+    match capability_facade::Service::build(config).await {
+        Err(capability_facade::StartError::Config(e)) => e,
+        Err(e) => panic!("refused, but not for a setting: {e}"),
+        Ok(_) => panic!("the service was built"),
+    }
 }
 
 /// The real service, in-process, on loopback ports.
@@ -173,7 +188,9 @@ pub fn sandbox_config(extra: &[&str]) -> Config {
         "--log-format=text".to_owned(),
     ];
     flags.extend(extra.iter().map(|s| s.to_string()));
-    Config::from_args(&TestCli::parse_from(flags).serve).expect("valid test configuration")
+    let config = TestCli::parse_from(flags).serve;
+    config.check().expect("valid test configuration");
+    config
 }
 
 /// Posts a body with these headers to the webhook; returns the status.

@@ -1,0 +1,729 @@
+//! Configuration: environment variables, with flags of the same meaning, parsed by clap into one typed settings
+//! struct per part ([`values`] holds the parsers: bounded durations, URLs, secrets). [`Config::check`] adds
+//! the rules that span settings. Everything here is checked before any port is bound; what can only be
+//! checked by building a component (a Redis that answers, TLS files) is checked by the composition root, also
+//! before binding. Every error names its environment variable ([`variable_of`]).
+
+pub mod values;
+
+use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
+
+use clap::{Args, ValueEnum};
+
+use crate::secret::Secret;
+use values::{
+    DAY, HOUR, HttpUrl, MINUTE, MS, SECOND, SecretList, SecretListParser, SecretParser, SecretValue, Text, ZERO,
+    duration,
+};
+
+/// The serving process's whole configuration.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    #[command(flatten)]
+    pub listen: ListenSettings,
+    #[command(flatten)]
+    pub sinch: SinchSettings,
+    #[command(flatten)]
+    pub webhook: WebhookSettings,
+    #[command(flatten)]
+    pub redis: RedisSettings,
+    #[command(flatten)]
+    pub retention: RetentionSettings,
+    #[command(flatten)]
+    pub watch: WatchSettings,
+    #[command(flatten)]
+    pub query: QuerySettings,
+    #[command(flatten)]
+    pub grpc: GrpcSettings,
+    #[command(flatten)]
+    pub tls: TlsSettings,
+    #[command(flatten)]
+    pub telemetry: TelemetrySettings,
+    #[command(flatten)]
+    pub shutdown: ShutdownSettings,
+    #[command(flatten)]
+    pub sandbox: SandboxSettings,
+}
+
+/// Where the three listeners listen.
+#[derive(Debug, Clone, Args)]
+pub struct ListenSettings {
+    /// gRPC listen address (CapabilityService, health, reflection). Port 0 picks a free port.
+    #[arg(id = "grpc-addr", long = "grpc-addr", env = GRPC_ADDR, default_value = "0.0.0.0:50051")]
+    pub grpc: SocketAddr,
+    /// Webhook listen address (POST /webhooks/sinch, GET /healthz).
+    #[arg(id = "webhook-addr", long = "webhook-addr", env = WEBHOOK_ADDR, default_value = "0.0.0.0:8080")]
+    pub webhook: SocketAddr,
+    /// Admin listen address (metrics and probes); never expose it outside the cluster.
+    #[arg(id = "admin-addr", long = "admin-addr", env = ADMIN_ADDR, default_value = "0.0.0.0:9090")]
+    pub admin: SocketAddr,
+}
+
+/// Sinch's regions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Region {
+    Us,
+    Eu,
+    Br,
+}
+
+/// How to authenticate to Sinch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// A cached OAuth2 bearer token.
+    #[value(name = "oauth2")]
+    OAuth2,
+    /// HTTP Basic with the key on every call (tests and prototypes).
+    Basic,
+}
+
+/// How to reach Sinch.
+#[derive(Debug, Clone, Args)]
+pub struct SinchSettings {
+    /// Sinch project id. Required with SINCH_KEY_ID.
+    #[arg(id = "sinch-project-id", long = "sinch-project-id", env = PROJECT_ID, value_parser = Text)]
+    pub project_id: Option<String>,
+    /// Sinch access key id. When unset, the service runs against the built-in sandbox.
+    #[arg(id = "sinch-key-id", long = "sinch-key-id", env = KEY_ID, value_parser = Text)]
+    pub key_id: Option<String>,
+    /// Sinch access key secret. Required with SINCH_KEY_ID.
+    #[arg(id = "sinch-key-secret", long = "sinch-key-secret", env = KEY_SECRET, hide_env_values = true, value_parser = SecretParser)]
+    pub key_secret: Option<SecretValue>,
+    /// Sinch region. Must match the app's region.
+    #[arg(id = "sinch-region", long = "sinch-region", env = REGION, value_enum, default_value = "us")]
+    pub region: Region,
+    /// How to authenticate to Sinch.
+    #[arg(id = "sinch-auth", long = "sinch-auth", env = AUTH, value_enum, default_value = "oauth2")]
+    pub auth: AuthMode,
+    /// Overrides the regional API base URL (tests, proxies).
+    #[arg(id = "sinch-api-url", long = "sinch-api-url", env = API_URL, value_parser = HttpUrl)]
+    pub api_url: Option<url::Url>,
+    /// Overrides the OAuth2 token URL.
+    #[arg(id = "sinch-auth-url", long = "sinch-auth-url", env = AUTH_URL, value_parser = HttpUrl)]
+    pub auth_url: Option<url::Url>,
+    /// Queries per second this replica may send to Sinch (Sinch allows 800 per project).
+    #[arg(id = "sinch-rate-limit", long = "sinch-rate-limit", env = RATE_LIMIT, default_value = "800",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub rate_limit: u32,
+}
+
+/// How callbacks are checked.
+#[derive(Debug, Clone, Args)]
+pub struct WebhookSettings {
+    /// Comma-separated webhook secrets; any one verifies a callback (rotation).
+    #[arg(id = "sinch-webhook-secrets", long = "sinch-webhook-secrets", env = WEBHOOK_SECRETS, hide_env_values = true,
+          value_parser = SecretListParser, default_value = "")]
+    pub secrets: SecretList,
+    /// Accept unsigned callbacks when no webhook secret is set (never in production).
+    #[arg(id = "insecure-webhooks", long = "insecure-webhooks", env = INSECURE_WEBHOOKS, default_value = "false",
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub insecure: bool,
+    /// How far a callback's signature timestamp may be from now, either way (1s to 1h).
+    #[arg(id = "webhook-tolerance", long = "webhook-tolerance", env = WEBHOOK_TOLERANCE, default_value = "5m",
+          value_parser = duration(SECOND, HOUR))]
+    pub tolerance: Duration,
+    /// The largest callback body accepted, in bytes (1 KiB to 64 MiB).
+    #[arg(id = "webhook-max-body", long = "webhook-max-body", env = WEBHOOK_MAX_BODY, default_value = "1048576",
+          value_parser = clap::value_parser!(u64).range(1024..=64 * 1024 * 1024))]
+    pub max_body: u64,
+    /// The longest a webhook request may take, body included (100ms to 10m).
+    #[arg(id = "webhook-timeout", long = "webhook-timeout", env = WEBHOOK_TIMEOUT, default_value = "10s",
+          value_parser = duration(100 * MS, 10 * MINUTE))]
+    pub timeout: Duration,
+}
+
+/// Where replicas share events and state.
+#[derive(Debug, Clone, Args)]
+pub struct RedisSettings {
+    /// Redis: `redis://host:port` (or `rediss://`), or a Redis Cluster: several comma-separated node URLs, or
+    /// one `redis+cluster://host:port` seed. When set, replicas share events, idempotency keys and nonces.
+    #[arg(id = "redis-url", long = "redis-url", env = REDIS_URL, hide_env_values = true, value_parser = SecretParser)]
+    pub url: Option<SecretValue>,
+    /// Prefix of every key this service keeps in Redis (letters, digits, `_`, `-`, `.`, `:`).
+    #[arg(id = "redis-prefix", long = "redis-prefix", env = REDIS_PREFIX, default_value = "capability", value_parser = Text)]
+    pub prefix: String,
+    /// How many streams the event log is split into (by a stable hash of request_id), so that a Redis Cluster
+    /// spreads them over its nodes (1 to 1024).
+    #[arg(id = "redis-shards", long = "redis-shards", env = REDIS_SHARDS, default_value = "1",
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub shards: u16,
+}
+
+/// How long results are kept, and how many.
+#[derive(Debug, Clone, Args)]
+pub struct RetentionSettings {
+    /// How long a result stays replayable after it arrived (1s to 7d).
+    #[arg(id = "retention", long = "retention", env = RETENTION, default_value = "10m", value_parser = duration(SECOND, 7 * DAY))]
+    pub retention: Duration,
+    /// The most requests with results held at once; past it the oldest are evicted.
+    #[arg(id = "max-requests", long = "max-requests", env = MAX_REQUESTS, default_value = "500000",
+          value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub max_requests: u64,
+}
+
+/// How WatchCapability streams behave.
+#[derive(Debug, Clone, Args)]
+pub struct WatchSettings {
+    /// The longest quiet spell on a WatchCapability stream before a heartbeat (10ms to 1h).
+    #[arg(id = "heartbeat", long = "heartbeat", env = HEARTBEAT, default_value = "15s", value_parser = duration(10 * MS, HOUR))]
+    pub heartbeat: Duration,
+    /// The wait of a WatchCapability request that sets none (capped by the retention).
+    #[arg(id = "watch-wait", long = "watch-wait", env = WATCH_WAIT, default_value = "60s", value_parser = duration(ZERO, 7 * DAY))]
+    pub default_wait: Duration,
+    /// The most WatchCapability streams open at once on this replica.
+    #[arg(id = "max-watches", long = "max-watches", env = MAX_WATCHES, default_value = "250000",
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub max_watches: u64,
+}
+
+/// How QueryCapability behaves.
+#[derive(Debug, Clone, Args)]
+pub struct QuerySettings {
+    /// How long a caller-chosen request_id makes QueryCapability idempotent (1s to 7d).
+    #[arg(id = "idempotency-window", long = "idempotency-window", env = IDEMPOTENCY_WINDOW, default_value = "1h",
+          value_parser = duration(SECOND, 7 * DAY))]
+    pub idempotency_window: Duration,
+    /// The most caller-chosen request_ids this replica remembers; past it the least recently used go first
+    /// (with Redis, every request_id is also remembered there for the whole window).
+    #[arg(id = "idempotency-max-entries", long = "idempotency-max-entries", env = IDEMPOTENCY_MAX_ENTRIES, default_value = "100000",
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub idempotency_max_entries: u64,
+    /// Time budget of a QueryCapability whose caller set no deadline, retries included (10ms to 10m).
+    #[arg(id = "query-timeout", long = "query-timeout", env = QUERY_TIMEOUT, default_value = "10s", value_parser = duration(10 * MS, 10 * MINUTE))]
+    pub timeout: Duration,
+    /// QueryCapability calls in flight at once on this replica; beyond, RESOURCE_EXHAUSTED at once.
+    #[arg(id = "max-inflight-queries", long = "max-inflight-queries", env = MAX_INFLIGHT_QUERIES, default_value = "2048",
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_inflight: u64,
+}
+
+/// How the gRPC server treats connections and callers.
+#[derive(Debug, Clone, Args)]
+pub struct GrpcSettings {
+    /// Comma-separated bearer tokens; when set, CapabilityService calls must carry `authorization: Bearer <one
+    /// of them>` (health and reflection stay open). Off by default: in a mesh, mTLS identifies callers.
+    #[arg(id = "grpc-tokens", long = "grpc-tokens", env = GRPC_TOKENS, hide_env_values = true, value_parser = SecretListParser,
+          default_value = "")]
+    pub tokens: SecretList,
+    /// HTTP/2 streams one connection may carry at once (a mesh sidecar multiplexes many callers on few).
+    #[arg(id = "max-streams-per-connection", long = "max-streams-per-connection", env = MAX_STREAMS_PER_CONNECTION, default_value = "10000",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_streams_per_connection: u32,
+    /// Close gRPC connections older than this (GOAWAY, open streams may finish); 0 = never (at most 30d).
+    #[arg(id = "max-connection-age", long = "max-connection-age", env = MAX_CONNECTION_AGE, default_value = "0s",
+          value_parser = duration(ZERO, 30 * DAY))]
+    pub max_connection_age: Duration,
+}
+
+/// Optional TLS on the gRPC and webhook ports.
+#[derive(Debug, Clone, Args)]
+pub struct TlsSettings {
+    /// A PEM certificate chain: when set (with CAPABILITY_TLS_KEY), the gRPC and webhook ports serve TLS only.
+    /// Leave unset inside a mesh, whose sidecars encrypt.
+    #[arg(id = "tls-cert", long = "tls-cert", env = TLS_CERT)]
+    pub cert: Option<PathBuf>,
+    /// The PEM private key of CAPABILITY_TLS_CERT.
+    #[arg(id = "tls-key", long = "tls-key", env = TLS_KEY)]
+    pub key: Option<PathBuf>,
+    /// A PEM file of CA certificates: when set, gRPC callers must present a certificate issued by one (mutual TLS).
+    #[arg(id = "tls-client-ca", long = "tls-client-ca", env = TLS_CLIENT_CA)]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Log lines as text or JSON.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs and traces.
+#[derive(Debug, Clone, Args)]
+pub struct TelemetrySettings {
+    /// Export traces over OTLP/gRPC to this collector (for example http://otel-collector:4317); off when unset.
+    #[arg(id = "otlp-endpoint", long = "otlp-endpoint", env = OTLP_ENDPOINT, value_parser = HttpUrl)]
+    pub otlp_endpoint: Option<url::Url>,
+    /// Log format. Default: text on a terminal, json otherwise.
+    #[arg(id = "log-format", long = "log-format", env = LOG_FORMAT, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+/// The drain after SIGTERM.
+#[derive(Debug, Clone, Args)]
+pub struct ShutdownSettings {
+    /// Hard bound on the drain after SIGTERM (at most 10m).
+    #[arg(id = "shutdown-grace", long = "shutdown-grace", env = SHUTDOWN_GRACE, default_value = "20s", value_parser = duration(ZERO, 10 * MINUTE))]
+    pub grace: Duration,
+    /// After SIGTERM, how long the listeners keep accepting (answering UNAVAILABLE to new watches, serving
+    /// queries and callbacks) before they stop; part of the shutdown grace (at most 5m).
+    #[arg(id = "drain-delay", long = "drain-delay", env = DRAIN_DELAY, default_value = "1s", value_parser = duration(ZERO, 5 * MINUTE))]
+    pub drain_delay: Duration,
+}
+
+/// The in-process sandbox's knobs (sandbox mode only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Args)]
+pub struct SandboxSettings {
+    /// Sandbox: the delay between a query and its callbacks (at most 1h).
+    #[arg(id = "sandbox-callback-delay", long = "sandbox-callback-delay", env = SANDBOX_CALLBACK_DELAY, default_value = "150ms",
+          value_parser = duration(ZERO, HOUR))]
+    pub callback_delay: Duration,
+    /// Sandbox: send every callback twice, as Sinch's redelivery may.
+    #[arg(id = "sandbox-duplicates", long = "sandbox-duplicates", env = SANDBOX_DUPLICATES, default_value = "false",
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub duplicates: bool,
+    /// Sandbox: send a query's callbacks in reverse order.
+    #[arg(id = "sandbox-reorder", long = "sandbox-reorder", env = SANDBOX_REORDER, default_value = "false",
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub reorder: bool,
+}
+
+pub const GRPC_ADDR: &str = "CAPABILITY_GRPC_ADDR";
+pub const WEBHOOK_ADDR: &str = "CAPABILITY_WEBHOOK_ADDR";
+pub const ADMIN_ADDR: &str = "CAPABILITY_ADMIN_ADDR";
+pub const PROJECT_ID: &str = "SINCH_PROJECT_ID";
+pub const KEY_ID: &str = "SINCH_KEY_ID";
+pub const KEY_SECRET: &str = "SINCH_KEY_SECRET";
+pub const REGION: &str = "SINCH_REGION";
+pub const AUTH: &str = "SINCH_AUTH";
+pub const API_URL: &str = "SINCH_API_URL";
+pub const AUTH_URL: &str = "SINCH_AUTH_URL";
+pub const WEBHOOK_SECRETS: &str = "SINCH_WEBHOOK_SECRETS";
+pub const INSECURE_WEBHOOKS: &str = "CAPABILITY_INSECURE_WEBHOOKS";
+pub const RATE_LIMIT: &str = "SINCH_RATE_LIMIT";
+pub const REDIS_URL: &str = "CAPABILITY_REDIS_URL";
+pub const REDIS_PREFIX: &str = "CAPABILITY_REDIS_PREFIX";
+pub const REDIS_SHARDS: &str = "CAPABILITY_REDIS_SHARDS";
+pub const RETENTION: &str = "CAPABILITY_RETENTION";
+pub const SHUTDOWN_GRACE: &str = "CAPABILITY_SHUTDOWN_GRACE";
+pub const LOG_FORMAT: &str = "CAPABILITY_LOG_FORMAT";
+pub const DRAIN_DELAY: &str = "CAPABILITY_DRAIN_DELAY";
+pub const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+pub const GRPC_TOKENS: &str = "CAPABILITY_GRPC_TOKENS";
+pub const TLS_CERT: &str = "CAPABILITY_TLS_CERT";
+pub const TLS_KEY: &str = "CAPABILITY_TLS_KEY";
+pub const TLS_CLIENT_CA: &str = "CAPABILITY_TLS_CLIENT_CA";
+pub const IDEMPOTENCY_WINDOW: &str = "CAPABILITY_IDEMPOTENCY_WINDOW";
+pub const IDEMPOTENCY_MAX_ENTRIES: &str = "CAPABILITY_IDEMPOTENCY_MAX_ENTRIES";
+pub const QUERY_TIMEOUT: &str = "CAPABILITY_QUERY_TIMEOUT";
+pub const WEBHOOK_TOLERANCE: &str = "CAPABILITY_WEBHOOK_TOLERANCE";
+pub const WEBHOOK_MAX_BODY: &str = "CAPABILITY_WEBHOOK_MAX_BODY";
+pub const WEBHOOK_TIMEOUT: &str = "CAPABILITY_WEBHOOK_TIMEOUT";
+pub const HEARTBEAT: &str = "CAPABILITY_HEARTBEAT";
+pub const WATCH_WAIT: &str = "CAPABILITY_WATCH_WAIT";
+pub const MAX_WATCHES: &str = "CAPABILITY_MAX_WATCHES";
+pub const MAX_REQUESTS: &str = "CAPABILITY_MAX_REQUESTS";
+pub const MAX_INFLIGHT_QUERIES: &str = "CAPABILITY_MAX_INFLIGHT_QUERIES";
+pub const MAX_STREAMS_PER_CONNECTION: &str = "CAPABILITY_MAX_STREAMS_PER_CONNECTION";
+pub const MAX_CONNECTION_AGE: &str = "CAPABILITY_MAX_CONNECTION_AGE";
+pub const SANDBOX_CALLBACK_DELAY: &str = "CAPABILITY_SANDBOX_CALLBACK_DELAY";
+pub const SANDBOX_DUPLICATES: &str = "CAPABILITY_SANDBOX_DUPLICATES";
+pub const SANDBOX_REORDER: &str = "CAPABILITY_SANDBOX_REORDER";
+
+const DEFAULT_AUTH_URL: &str = "https://auth.sinch.com/oauth2/token";
+
+/// A configuration value that cannot be used, named by its variable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{variable}: {problem}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub problem: String,
+}
+
+/// A [`ConfigError`].
+pub fn invalid(variable: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        variable,
+        problem: problem.into(),
+    }
+}
+
+/// Where queries are sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Upstream {
+    /// The built-in sandbox, started in-process (no credentials were configured).
+    Sandbox,
+    /// A Sinch deployment (or anything that speaks its API at the configured URLs).
+    Sinch(SinchConfig),
+}
+
+/// How to reach and authenticate to Sinch, resolved from [`SinchSettings`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinchConfig {
+    pub project_id: String,
+    pub key_id: String,
+    pub key_secret: Secret,
+    pub auth: AuthMode,
+    /// The API base URL, without a trailing slash.
+    pub api_url: String,
+    /// The OAuth2 token endpoint.
+    pub auth_url: String,
+    pub rate_limit: NonZeroU32,
+}
+
+impl Config {
+    /// The rules that span settings; the first one broken is the error.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let upstream = self.upstream()?;
+        if self.webhook.secrets.secrets.is_empty() && !self.webhook.insecure && upstream != Upstream::Sandbox {
+            return Err(invalid(
+                WEBHOOK_SECRETS,
+                format!(
+                    "no webhook secret is set, so callbacks could not be verified; set the secret registered with \
+                     Sinch, or {INSECURE_WEBHOOKS}=true to accept unsigned callbacks (never in production)"
+                ),
+            ));
+        }
+        let prefix = &self.redis.prefix;
+        if prefix.is_empty()
+            || !prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':'))
+        {
+            return Err(invalid(
+                REDIS_PREFIX,
+                format!(
+                    "expected letters, digits, '_', '-', '.' or ':' (no braces: the prefix goes into hash tags), got {prefix:?}"
+                ),
+            ));
+        }
+        if self.shutdown.drain_delay > self.shutdown.grace {
+            return Err(invalid(
+                DRAIN_DELAY,
+                format!("must not be longer than {SHUTDOWN_GRACE} (the drain is part of it)"),
+            ));
+        }
+        match (&self.tls.cert, &self.tls.key, &self.tls.client_ca) {
+            (None, None, Some(_)) => Err(invalid(
+                TLS_CLIENT_CA,
+                format!("mutual TLS needs TLS: set {TLS_CERT} and {TLS_KEY} too"),
+            )),
+            (Some(_), None, _) => Err(invalid(TLS_KEY, format!("required when {TLS_CERT} is set"))),
+            (None, Some(_), _) => Err(invalid(TLS_CERT, format!("required when {TLS_KEY} is set"))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Where queries go: the sandbox when no key id is set, else Sinch with complete credentials.
+    pub fn upstream(&self) -> Result<Upstream, ConfigError> {
+        let s = &self.sinch;
+        let Some(key_id) = s.key_id.clone().filter(|k| !k.is_empty()) else {
+            return Ok(Upstream::Sandbox);
+        };
+        let project_id = s
+            .project_id
+            .clone()
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| invalid(PROJECT_ID, format!("required when {KEY_ID} is set")))?;
+        let key_secret = s
+            .key_secret
+            .as_ref()
+            .map(|v| v.secret.clone())
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| invalid(KEY_SECRET, format!("required when {KEY_ID} is set")))?;
+        let region = match s.region {
+            Region::Us => "us",
+            Region::Eu => "eu",
+            Region::Br => "br",
+        };
+        let trimmed = |url: &url::Url| url.as_str().trim_end_matches('/').to_owned();
+        Ok(Upstream::Sinch(SinchConfig {
+            project_id,
+            key_id,
+            key_secret,
+            auth: s.auth,
+            api_url: s
+                .api_url
+                .as_ref()
+                .map(trimmed)
+                .unwrap_or_else(|| format!("https://{region}.conversation.api.sinch.com")),
+            auth_url: s
+                .auth_url
+                .as_ref()
+                .map(trimmed)
+                .unwrap_or_else(|| DEFAULT_AUTH_URL.to_owned()),
+            rate_limit: NonZeroU32::new(s.rate_limit).expect("the parser refuses 0"),
+        }))
+    }
+
+    /// The variables whose secret had a trailing line break trimmed, to be said once in the log.
+    pub fn trimmed_secrets(&self) -> Vec<&'static str> {
+        [
+            (KEY_SECRET, self.sinch.key_secret.as_ref().is_some_and(|v| v.trimmed)),
+            (WEBHOOK_SECRETS, self.webhook.secrets.trimmed),
+            (REDIS_URL, self.redis.url.as_ref().is_some_and(|v| v.trimmed)),
+            (GRPC_TOKENS, self.grpc.tokens.trimmed),
+        ]
+        .into_iter()
+        .filter_map(|(variable, trimmed)| trimmed.then_some(variable))
+        .collect()
+    }
+
+    /// The Redis URL, when one is set.
+    pub fn redis_url(&self) -> Option<&Secret> {
+        self.redis.url.as_ref().map(|v| &v.secret).filter(|s| !s.is_empty())
+    }
+
+    /// The log format: the configured one, else text on a terminal and JSON otherwise.
+    pub fn log_format(&self) -> LogFormat {
+        self.telemetry.log_format.unwrap_or_else(|| {
+            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                LogFormat::Text
+            } else {
+                LogFormat::Json
+            }
+        })
+    }
+}
+
+/// The environment variable of the argument a clap error is about, looked up in `command`'s definitions (the
+/// one table from setting to variable is the `env` of each argument).
+pub fn variable_of(command: &clap::Command, error: &clap::Error) -> Option<(&'static str, bool)> {
+    let clap::error::ContextValue::String(invalid) = error.get(clap::error::ContextKind::InvalidArg)? else {
+        return None;
+    };
+    fn find<'c>(command: &'c clap::Command, invalid: &str) -> Option<&'c clap::Arg> {
+        command
+            .get_arguments()
+            .find(|a| a.to_string() == invalid)
+            .or_else(|| command.get_subcommands().find_map(|sub| find(sub, invalid)))
+    }
+    // Arguments print as the error printed them only once the command is built.
+    let mut command = command.clone();
+    command.build();
+    let arg = find(&command, invalid)?;
+    let env = arg.get_env()?.to_str()?;
+    let variable = ALL_VARIABLES.iter().find(|v| **v == env)?;
+    Some((variable, arg.is_hide_env_values_set()))
+}
+
+/// Every variable of the serving configuration.
+pub const ALL_VARIABLES: &[&str] = &[
+    GRPC_ADDR,
+    WEBHOOK_ADDR,
+    ADMIN_ADDR,
+    PROJECT_ID,
+    KEY_ID,
+    KEY_SECRET,
+    REGION,
+    AUTH,
+    API_URL,
+    AUTH_URL,
+    WEBHOOK_SECRETS,
+    INSECURE_WEBHOOKS,
+    RATE_LIMIT,
+    REDIS_URL,
+    REDIS_PREFIX,
+    REDIS_SHARDS,
+    RETENTION,
+    SHUTDOWN_GRACE,
+    LOG_FORMAT,
+    DRAIN_DELAY,
+    OTLP_ENDPOINT,
+    GRPC_TOKENS,
+    TLS_CERT,
+    TLS_KEY,
+    TLS_CLIENT_CA,
+    IDEMPOTENCY_WINDOW,
+    IDEMPOTENCY_MAX_ENTRIES,
+    QUERY_TIMEOUT,
+    WEBHOOK_TOLERANCE,
+    WEBHOOK_MAX_BODY,
+    WEBHOOK_TIMEOUT,
+    HEARTBEAT,
+    WATCH_WAIT,
+    MAX_WATCHES,
+    MAX_REQUESTS,
+    MAX_INFLIGHT_QUERIES,
+    MAX_STREAMS_PER_CONNECTION,
+    MAX_CONNECTION_AGE,
+    SANDBOX_CALLBACK_DELAY,
+    SANDBOX_DUPLICATES,
+    SANDBOX_REORDER,
+];
+
+/// A clap error about the serving configuration as one line naming the variable, never a secret's value.
+pub fn describe(command: &clap::Command, error: &clap::Error) -> Option<ConfigError> {
+    let (variable, secret) = variable_of(command, error)?;
+    let problem = match (error.get(clap::error::ContextKind::InvalidValue), secret) {
+        (_, true) => std::error::Error::source(error)
+            .map(ToString::to_string)
+            .unwrap_or_else(|| first_line(error)),
+        (Some(clap::error::ContextValue::String(value)), false) => {
+            let valid = match error.get(clap::error::ContextKind::ValidValue) {
+                Some(clap::error::ContextValue::Strings(valid)) => format!(" (expected one of {})", valid.join(", ")),
+                _ => String::new(),
+            };
+            match std::error::Error::source(error) {
+                Some(source) => format!("{value:?}: {source}"),
+                None => format!("{value:?} is not a valid value{valid}"),
+            }
+        }
+        _ => first_line(error),
+    };
+    Some(invalid(variable, problem))
+}
+
+/// The first line of clap's rendering of `error`, without its `error: ` prefix.
+fn first_line(error: &clap::Error) -> String {
+    let rendered = error.to_string();
+    let line = rendered.lines().next().unwrap_or_default();
+    line.strip_prefix("error: ").unwrap_or(line).to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn parse(flags: &[&str]) -> Result<Config, ConfigError> {
+        let args = std::iter::once("test").chain(flags.iter().copied());
+        let config = Cli::try_parse_from(args)
+            .map_err(|e| describe(&Cli::command(), &e).unwrap_or_else(|| panic!("no variable in {e}")))?
+            .config;
+        config.check()?;
+        Ok(config)
+    }
+
+    const CREDS: [&str; 4] = [
+        "--sinch-key-id=k",
+        "--sinch-key-secret=s",
+        "--sinch-project-id=p",
+        "--sinch-webhook-secrets=w",
+    ];
+
+    fn with_creds(flag: &str) -> Result<Config, ConfigError> {
+        let mut flags = CREDS.to_vec();
+        flags.push(flag);
+        parse(&flags)
+    }
+
+    #[test]
+    fn no_credentials_means_sandbox() {
+        assert_eq!(parse(&[]).unwrap().upstream().unwrap(), Upstream::Sandbox);
+    }
+
+    #[test]
+    fn credentials_build_the_regional_urls() {
+        let c = with_creds("--sinch-region=eu").unwrap();
+        let Upstream::Sinch(s) = c.upstream().unwrap() else {
+            panic!("not sinch")
+        };
+        assert_eq!(s.api_url, "https://eu.conversation.api.sinch.com");
+        assert_eq!(s.auth_url, DEFAULT_AUTH_URL);
+        assert_eq!(s.auth, AuthMode::OAuth2);
+        let c = with_creds("--sinch-api-url=http://127.0.0.1:9/").unwrap();
+        let Upstream::Sinch(s) = c.upstream().unwrap() else {
+            panic!("not sinch")
+        };
+        assert_eq!(s.api_url, "http://127.0.0.1:9");
+    }
+
+    #[test]
+    fn each_bad_value_names_its_variable() {
+        let cases: &[(&str, &str)] = &[
+            ("--grpc-addr=nowhere", GRPC_ADDR),
+            ("--admin-addr=localhost", ADMIN_ADDR),
+            ("--sinch-region=mars", REGION),
+            ("--sinch-auth=magic", AUTH),
+            ("--sinch-api-url=ftp://x", API_URL),
+            ("--sinch-rate-limit=0", RATE_LIMIT),
+            ("--sinch-rate-limit=-3", RATE_LIMIT),
+            ("--retention=forever", RETENTION),
+            ("--retention=10000000000h", RETENTION),
+            ("--retention=0s", RETENTION),
+            ("--shutdown-grace=-1s", SHUTDOWN_GRACE),
+            ("--heartbeat=-5s", HEARTBEAT),
+            ("--heartbeat=0s", HEARTBEAT),
+            ("--log-format=xml", LOG_FORMAT),
+            ("--insecure-webhooks=perhaps", INSECURE_WEBHOOKS),
+            ("--max-watches=none", MAX_WATCHES),
+            ("--webhook-max-body=0", WEBHOOK_MAX_BODY),
+            ("--sandbox-reorder=sometimes", SANDBOX_REORDER),
+            ("--redis-shards=0", REDIS_SHARDS),
+            ("--redis-prefix={x}", REDIS_PREFIX),
+            ("--drain-delay=1m", DRAIN_DELAY),
+            ("--max-connection-age=100000d", MAX_CONNECTION_AGE),
+        ];
+        for (flag, variable) in cases {
+            assert_eq!(with_creds(flag).unwrap_err().variable, *variable, "{flag}");
+        }
+    }
+
+    #[test]
+    fn a_secret_with_a_control_character_is_refused_without_showing_it() {
+        let error = with_creds("--sinch-key-secret=TOP\u{7}SECRET").unwrap_err();
+        assert_eq!(error.variable, KEY_SECRET);
+        assert!(!error.to_string().contains("TOP"), "{error}");
+        let error = parse(&["--grpc-tokens=a,b\u{1}c"]).unwrap_err();
+        assert_eq!(error.variable, GRPC_TOKENS);
+        let trimmed = parse(&[&CREDS[..3], &["--sinch-webhook-secrets=w\n"]].concat()).unwrap();
+        assert_eq!(trimmed.webhook.secrets.secrets, [Secret::new("w")]);
+        assert_eq!(trimmed.trimmed_secrets(), [WEBHOOK_SECRETS]);
+    }
+
+    #[test]
+    fn credentials_must_be_complete() {
+        assert_eq!(parse(&["--sinch-key-id=k"]).unwrap_err().variable, PROJECT_ID);
+        assert_eq!(
+            parse(&["--sinch-key-id=k", "--sinch-project-id=p"])
+                .unwrap_err()
+                .variable,
+            KEY_SECRET
+        );
+    }
+
+    #[test]
+    fn real_sinch_needs_a_webhook_secret_or_an_explicit_opt_out() {
+        let creds = &CREDS[..3];
+        assert_eq!(parse(creds).unwrap_err().variable, WEBHOOK_SECRETS);
+        let mut insecure = creds.to_vec();
+        insecure.push("--insecure-webhooks=true");
+        assert!(parse(&insecure).unwrap().webhook.secrets.secrets.is_empty());
+    }
+
+    #[test]
+    fn tls_files_come_in_pairs() {
+        assert_eq!(parse(&["--tls-cert=c.pem"]).unwrap_err().variable, TLS_KEY);
+        assert_eq!(parse(&["--tls-key=k.pem"]).unwrap_err().variable, TLS_CERT);
+        assert_eq!(parse(&["--tls-client-ca=ca.pem"]).unwrap_err().variable, TLS_CLIENT_CA);
+    }
+
+    #[test]
+    fn webhook_secrets_split_on_commas() {
+        let c = parse(&["--sinch-webhook-secrets=a, b,,c"]).unwrap();
+        let secrets: Vec<&str> = c.webhook.secrets.secrets.iter().map(Secret::expose).collect();
+        assert_eq!(secrets, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn debug_output_hides_every_secret() {
+        let c = parse(&[
+            "--sinch-key-id=k",
+            "--sinch-key-secret=TOPSECRET1",
+            "--sinch-project-id=p",
+            "--sinch-webhook-secrets=TOPSECRET2",
+            "--redis-url=redis://:TOPSECRET3@localhost",
+            "--grpc-tokens=TOPSECRET4",
+        ])
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("TOPSECRET"), "{shown}");
+    }
+
+    #[test]
+    fn every_variable_is_in_the_table() {
+        let command = Cli::command();
+        for arg in command.get_arguments() {
+            if let Some(env) = arg.get_env() {
+                assert!(ALL_VARIABLES.contains(&env.to_str().unwrap()), "{env:?}");
+            }
+        }
+    }
+}

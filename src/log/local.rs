@@ -1,0 +1,265 @@
+//! The in-process log of a single replica: appends are numbered, deduplicated and capped under one lock, and
+//! handed to every consumer before the lock is released, so consumers see entries in log order and an
+//! acknowledged callback is already visible to every watch.
+
+mod nonces;
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use super::{
+    Accepted, Consumer, Digest, Entry, MAX_NOTIFICATIONS_PER_REQUEST, Nonce, NotificationEntry, NotificationReceived,
+    QueryRecorded, Retention, Unavailable, codec, wall_clock_ms,
+};
+use nonces::Nonces;
+
+/// How often the consumers' clocks advance when nothing is appended.
+const TICK: Duration = Duration::from_secs(1);
+
+/// See the module documentation.
+pub struct LocalLog {
+    state: Mutex<State>,
+    consumers: Vec<Arc<dyn Consumer>>,
+    nonces: Nonces,
+    retention_ms: u64,
+    /// Cancelled when the replica starts shutting down: its watches end, and what it holds dies with it.
+    draining: CancellationToken,
+    /// The log's clock; replaced in tests.
+    clock: fn() -> u64,
+}
+
+#[derive(Default)]
+struct State {
+    /// What each request holds: its offsets and digests, until `retention` after its last event.
+    requests: HashMap<String, RequestState>,
+    /// The requests by expiry, to forget them once expired.
+    expiries: BTreeSet<(u64, String)>,
+    /// The log's time of the last entry: never goes back, even when the wall clock does.
+    last_ms: u64,
+}
+
+#[derive(Default)]
+struct RequestState {
+    /// The offset of its last notification.
+    last_offset: u64,
+    digests: Vec<Digest>,
+    /// Notifications dropped because of the cap.
+    capped: u64,
+    expires_ms: u64,
+}
+
+impl LocalLog {
+    pub fn new(retention: Retention, consumers: Vec<Arc<dyn Consumer>>, draining: CancellationToken) -> LocalLog {
+        LocalLog {
+            state: Mutex::default(),
+            consumers,
+            nonces: Nonces::default(),
+            retention_ms: retention.retention.as_millis() as u64,
+            draining,
+            clock: wall_clock_ms,
+        }
+    }
+
+    /// Advances the consumers' clocks every [`TICK`] until `stop`.
+    pub fn start(&self, tasks: &TaskTracker, stop: CancellationToken) {
+        let consumers = self.consumers.clone();
+        let clock = self.clock;
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let now = clock();
+                        consumers.iter().for_each(|c| c.advance(now));
+                    }
+                    () = stop.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    pub fn accept(
+        &self,
+        nonce: Option<Nonce<'_>>,
+        notification: Option<NotificationReceived>,
+    ) -> Result<Accepted, Unavailable> {
+        // Nobody could receive it here any more and nothing outlives this process: let Sinch redeliver it to
+        // the replica that replaces this one.
+        if self.draining.is_cancelled() {
+            return Err(Unavailable(
+                "this replica is shutting down and keeps events in memory only".into(),
+            ));
+        }
+        if nonce.is_some_and(|n| !self.nonces.claim(n.value, n.remember_for)) {
+            return Ok(Accepted::Replayed);
+        }
+        let Some(received) = notification else {
+            return Ok(Accepted::NothingToAppend);
+        };
+        let mut state = self.state.lock().expect("log lock poisoned");
+        let now = state.tick((self.clock)());
+        let request = state.touch(&received.notification.request_id, now + self.retention_ms);
+        if request.digests.contains(&received.digest) {
+            return Ok(Accepted::Duplicate);
+        }
+        if request.last_offset >= MAX_NOTIFICATIONS_PER_REQUEST {
+            request.capped += 1;
+            return Ok(Accepted::Capped {
+                first: request.capped == 1,
+            });
+        }
+        request.last_offset += 1;
+        request.digests.push(received.digest);
+        let offset = request.last_offset;
+        let entry = Entry::Notification(NotificationEntry {
+            time_ms: now,
+            offset,
+            body: codec::encode_body(&received.notification).into(),
+            notification: Arc::new(received.notification),
+        });
+        self.consumers.iter().for_each(|c| c.apply(&entry));
+        Ok(Accepted::Appended { offset })
+    }
+
+    pub fn record_query(&self, query: QueryRecorded) -> Result<(), Unavailable> {
+        let mut state = self.state.lock().expect("log lock poisoned");
+        let now = state.tick((self.clock)());
+        state.touch(&query.request_id, now + self.retention_ms);
+        let entry = Entry::Query { time_ms: now, query };
+        self.consumers.iter().for_each(|c| c.apply(&entry));
+        Ok(())
+    }
+}
+
+impl State {
+    /// Moves the log's clock to `wall` (never back) and forgets the requests expired by then.
+    fn tick(&mut self, wall: u64) -> u64 {
+        self.last_ms = self.last_ms.max(wall);
+        while let Some((expires, _)) = self.expiries.first()
+            && *expires <= self.last_ms
+        {
+            let (_, request_id) = self.expiries.pop_first().expect("first exists");
+            self.requests.remove(&request_id);
+        }
+        self.last_ms
+    }
+
+    /// The state of `request_id`, created if new, now kept until `expires_ms`.
+    fn touch(&mut self, request_id: &str, expires_ms: u64) -> &mut RequestState {
+        if !self.requests.contains_key(request_id) {
+            self.requests.insert(request_id.to_owned(), RequestState::default());
+        }
+        let request = self.requests.get_mut(request_id).expect("inserted");
+        if request.expires_ms != expires_ms {
+            self.expiries.remove(&(request.expires_ms, request_id.to_owned()));
+            self.expiries.insert((expires_ms, request_id.to_owned()));
+            request.expires_ms = expires_ms;
+        }
+        request
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+    use crate::{
+        capability::{CapabilityStatus, Channel},
+        log::codec::tests::full_notification,
+    };
+
+    /// Records what it was fed.
+    #[derive(Default)]
+    struct Recorder(Mutex<Vec<(u64, String, u64)>>);
+
+    impl Consumer for Recorder {
+        fn apply(&self, entry: &Entry) {
+            let seen = match entry {
+                Entry::Query { query, .. } => (0, query.request_id.clone(), entry.time_ms()),
+                Entry::Notification(n) => (n.offset, n.notification.request_id.clone(), n.time_ms),
+            };
+            self.0.lock().unwrap().push(seen);
+        }
+        fn advance(&self, _: u64) {}
+    }
+
+    static NOW: AtomicU64 = AtomicU64::new(1_000_000);
+
+    fn log(consumer: Arc<Recorder>) -> LocalLog {
+        LocalLog {
+            clock: || NOW.load(Ordering::SeqCst),
+            ..LocalLog::new(
+                Retention {
+                    retention: Duration::from_secs(60),
+                },
+                vec![consumer],
+                CancellationToken::new(),
+            )
+        }
+    }
+
+    fn received(request_id: &str, status: CapabilityStatus) -> Option<NotificationReceived> {
+        let notification = crate::capability::Notification {
+            capability_status: status,
+            channel: Channel::Sms,
+            ..full_notification(request_id)
+        };
+        Some(NotificationReceived {
+            digest: Digest::of(&notification),
+            notification,
+        })
+    }
+
+    #[test]
+    fn offsets_dedupe_the_cap_and_expiry_are_decided_at_append() {
+        let recorder = Arc::new(Recorder::default());
+        let log = log(recorder.clone());
+        let full = || received("r", CapabilityStatus::Full);
+        assert_eq!(log.accept(None, full()).unwrap(), Accepted::Appended { offset: 1 });
+        assert_eq!(log.accept(None, full()).unwrap(), Accepted::Duplicate);
+        assert_eq!(
+            log.accept(None, received("r", CapabilityStatus::NoCapability)).unwrap(),
+            Accepted::Appended { offset: 2 },
+            "another outcome is news"
+        );
+        for status in 3..=MAX_NOTIFICATIONS_PER_REQUEST {
+            let mut n = received("r", CapabilityStatus::Full).unwrap();
+            n.notification.identity = status.to_string();
+            n.digest = Digest::of(&n.notification);
+            assert_eq!(
+                log.accept(None, Some(n)).unwrap(),
+                Accepted::Appended { offset: status }
+            );
+        }
+        let mut over = received("r", CapabilityStatus::Full).unwrap();
+        over.notification.identity = "over".into();
+        over.digest = Digest::of(&over.notification);
+        assert_eq!(
+            log.accept(None, Some(over.clone())).unwrap(),
+            Accepted::Capped { first: true }
+        );
+        assert_eq!(log.accept(None, Some(over)).unwrap(), Accepted::Capped { first: false });
+        assert_eq!(recorder.0.lock().unwrap().len(), MAX_NOTIFICATIONS_PER_REQUEST as usize);
+
+        NOW.fetch_add(60_000, Ordering::SeqCst);
+        assert_eq!(
+            log.accept(None, full()).unwrap(),
+            Accepted::Appended { offset: 1 },
+            "a request idle for the retention starts again"
+        );
+    }
+
+    #[test]
+    fn a_replica_shutting_down_refuses_to_take_callbacks() {
+        let log = log(Arc::new(Recorder::default()));
+        log.draining.cancel();
+        assert!(log.accept(None, received("r", CapabilityStatus::Full)).is_err());
+    }
+}

@@ -1,0 +1,271 @@
+//! The event log: the one road by which events reach this replica's hub (and every other consumer), in log
+//! order, in every mode.
+//!
+//! The webhook appends each verified notification, QueryCapability appends each query's record; nothing else
+//! feeds a hub. The log decides what a hub could not decide alike on every replica:
+//! - **offsets**: a notification's offset within its request is assigned when it is appended, atomically with
+//!   the dedupe check, and travels with the entry, so every replica numbers it the same whenever it reads it;
+//! - **duplicates**: a notification with the same [`Digest`] as one its request already holds is acknowledged
+//!   and dropped, whatever its bytes;
+//! - **the cap**: past [`MAX_NOTIFICATIONS_PER_REQUEST`] notifications a request takes no more (acknowledged,
+//!   dropped, counted);
+//! - **time**: each entry carries the log's time (Redis's clock with Redis); retention counts from it.
+//!
+//! Two implementations: in process ([`local`]) for one replica, and Redis Streams ([`redis`]) for many, on a
+//! single node or a Redis Cluster, optionally split into shards by a stable hash of request_id.
+
+pub mod codec;
+mod local;
+pub mod redis;
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+pub use codec::{Digest, Event, NotificationReceived, QueryRecorded};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::capability::Notification;
+use local::LocalLog;
+use redis::RedisLog;
+
+/// The most notifications one request takes. Sinch sends one per channel identity; a query has at most 100
+/// identities but a handful in practice.
+pub const MAX_NOTIFICATIONS_PER_REQUEST: u64 = 64;
+
+/// An event at its place in the log, as every consumer sees it.
+#[derive(Debug, Clone)]
+pub enum Entry {
+    /// A query went through this service.
+    Query {
+        /// The log's time of the entry, in milliseconds since the Unix epoch.
+        time_ms: u64,
+        query: QueryRecorded,
+    },
+    /// A notification, new to its request.
+    Notification(NotificationEntry),
+}
+
+/// A notification as the log numbered it.
+#[derive(Debug, Clone)]
+pub struct NotificationEntry {
+    /// The log's time of the entry, in milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// Its position within its request: 1 for the first, then 2, 3 … — assigned by the log.
+    pub offset: u64,
+    pub notification: Arc<Notification>,
+    /// Its compact encoding (the contract's `CapabilityNotification` without `offset` and `request_id`).
+    pub body: Arc<[u8]>,
+}
+
+impl Entry {
+    /// The log's time of the entry, in milliseconds since the Unix epoch.
+    pub fn time_ms(&self) -> u64 {
+        match self {
+            Entry::Query { time_ms, .. } => *time_ms,
+            Entry::Notification(n) => n.time_ms,
+        }
+    }
+
+    /// Builds the entry of a decoded event read at `time_ms`; `offset` is the one the log assigned.
+    fn from_decoded(decoded: codec::Decoded, time_ms: u64, offset: u64) -> Entry {
+        match decoded.event {
+            Event::QueryRecorded(query) => Entry::Query { time_ms, query },
+            Event::NotificationReceived(n) => Entry::Notification(NotificationEntry {
+                time_ms,
+                offset,
+                body: decoded
+                    .body
+                    .unwrap_or_else(|| codec::encode_body(&n.notification))
+                    .into(),
+                notification: Arc::new(n.notification),
+            }),
+        }
+    }
+}
+
+/// What the log feeds: the hub, the cache.
+pub trait Consumer: Send + Sync {
+    /// Takes one entry. Entries of one request come in log order, each once.
+    fn apply(&self, entry: &Entry);
+    /// The log's clock reached `now_ms`: what is older than the retention before it may go.
+    fn advance(&self, now_ms: u64);
+}
+
+/// A signed callback's nonce, and how long it must be remembered: as long as its timestamp would still pass the
+/// tolerance check (after that a replay fails on its timestamp anyway).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Nonce<'a> {
+    pub value: &'a str,
+    pub remember_for: Duration,
+}
+
+/// What became of an accepted callback. Every variant but `Replayed` is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    /// Appended at this offset of its request: every replica will deliver it.
+    Appended { offset: u64 },
+    /// Its request already holds the same result: dropped.
+    Duplicate,
+    /// Its request holds [`MAX_NOTIFICATIONS_PER_REQUEST`] notifications already: dropped. `first` is true the
+    /// first time this happens to the request.
+    Capped { first: bool },
+    /// Nothing to append (another trigger, or no request_id); the nonce was claimed.
+    NothingToAppend,
+    /// The nonce was used before: refused.
+    Replayed,
+}
+
+/// The log could not take the event; the callback must not be acknowledged.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("the event log is unavailable: {0}")]
+pub struct Unavailable(pub String);
+
+/// The shared state of a caller-chosen request_id. The question (its fingerprint) and the answer are the
+/// caller's text, kept as they were given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotencyClaim {
+    /// Nobody has sent this query: the caller sends it, then records the answer (or releases the claim).
+    Owner,
+    /// Another replica is sending it now.
+    Pending,
+    /// Already answered, with this answer.
+    Answered(String),
+    /// The request_id was used for a different query.
+    Conflict,
+}
+
+/// How the log is doing, for probes and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Health {
+    /// `local` or `redis`.
+    pub backend: &'static str,
+    /// Whether the log is reachable (always true in process).
+    pub up: bool,
+    /// Whether this replica has read back the retained log once since it started (or found Redis unreachable
+    /// at its first attempt, and runs degraded).
+    pub caught_up: bool,
+}
+
+/// How long an event stays replayable after its time in the log.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub retention: Duration,
+}
+
+/// The event log of this replica.
+pub enum EventLog {
+    Local(Box<LocalLog>),
+    Redis(Arc<RedisLog>),
+}
+
+impl EventLog {
+    /// An in-process log feeding `consumers`; it refuses callbacks once `draining` is cancelled.
+    pub fn local(retention: Retention, consumers: Vec<Arc<dyn Consumer>>, draining: CancellationToken) -> EventLog {
+        EventLog::Local(Box::new(LocalLog::new(retention, consumers, draining)))
+    }
+
+    /// A Redis log (see [`RedisLog::prepare`]).
+    pub fn redis(redis: RedisLog) -> EventLog {
+        EventLog::Redis(Arc::new(redis))
+    }
+
+    /// Starts what the log runs in the background (Redis: one reader per shard; in process: a clock tick)
+    /// until `stop`.
+    pub fn start(&self, tasks: &TaskTracker, stop: CancellationToken) {
+        match self {
+            EventLog::Local(local) => local.start(tasks, stop),
+            EventLog::Redis(redis) => redis.clone().start(tasks, stop),
+        }
+    }
+
+    /// Claims the callback's nonce (when signed) and appends its notification (when it has one), as one step.
+    pub async fn accept(
+        &self,
+        nonce: Option<Nonce<'_>>,
+        notification: Option<Notification>,
+    ) -> Result<Accepted, Unavailable> {
+        let notification = notification.map(|notification| NotificationReceived {
+            digest: Digest::of(&notification),
+            notification,
+        });
+        let accepted = match self {
+            EventLog::Local(local) => local.accept(nonce, notification),
+            EventLog::Redis(redis) => redis.accept(nonce, notification).await,
+        }?;
+        let label = match accepted {
+            Accepted::Appended { .. } => "appended",
+            Accepted::Duplicate => "duplicate",
+            Accepted::Capped { .. } => "capped",
+            Accepted::NothingToAppend => return Ok(accepted),
+            Accepted::Replayed => "replayed",
+        };
+        metrics::counter!("capability_log_appends_total", "result" => label).increment(1);
+        Ok(accepted)
+    }
+
+    /// Appends a query's record.
+    pub async fn record_query(&self, query: QueryRecorded) -> Result<(), Unavailable> {
+        match self {
+            EventLog::Local(local) => local.record_query(query),
+            EventLog::Redis(redis) => redis.record_query(query).await,
+        }
+    }
+
+    /// Claims a caller-chosen request_id across replicas. In process, or when Redis is down, every claim is
+    /// `Owner`: idempotency then holds within this replica only.
+    pub async fn claim_request_id(&self, request_id: &str, fingerprint: &str) -> IdempotencyClaim {
+        let EventLog::Redis(redis) = self else {
+            return IdempotencyClaim::Owner;
+        };
+        match redis.claim_request_id(request_id, fingerprint).await {
+            Ok(claim) => claim,
+            Err(e) => {
+                tracing::warn!(%request_id, error = %e, "idempotency holds within this replica only while Redis is down");
+                IdempotencyClaim::Owner
+            }
+        }
+    }
+
+    /// Records the answer of a claimed request_id, or releases the claim when the query failed.
+    pub async fn settle_request_id(&self, request_id: &str, fingerprint: &str, answer: Option<&str>) {
+        if let EventLog::Redis(redis) = self
+            && let Err(e) = redis.settle_request_id(request_id, fingerprint, answer).await
+        {
+            tracing::warn!(%request_id, error = %e, "could not record the idempotency answer in Redis");
+        }
+    }
+
+    /// How the log is doing.
+    pub fn health(&self) -> Health {
+        match self {
+            EventLog::Local(_) => Health {
+                backend: "local",
+                up: true,
+                caught_up: true,
+            },
+            EventLog::Redis(redis) => redis.health(),
+        }
+    }
+}
+
+/// Now, in milliseconds since the Unix epoch, by this replica's clock.
+fn wall_clock_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// Counts an entry a reader could not use, and says why once per reason and process (a rolling upgrade may
+/// bring many).
+fn skipped(error: &codec::DecodeError) {
+    static SAID: [std::sync::Once; 2] = [std::sync::Once::new(), std::sync::Once::new()];
+    let (reason, said) = match error {
+        codec::DecodeError::Empty | codec::DecodeError::Malformed(_) => ("malformed", &SAID[0]),
+        codec::DecodeError::UnknownVersion(_) => ("unknown_version", &SAID[1]),
+    };
+    metrics::counter!("capability_log_skipped_total", "reason" => reason).increment(1);
+    said.call_once(|| tracing::warn!(%error, "a log entry this build cannot read was skipped (counted in capability_log_skipped_total)"));
+}

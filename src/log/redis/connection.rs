@@ -1,0 +1,283 @@
+//! Reaching Redis: one node or a Redis Cluster, from `CAPABILITY_REDIS_URL`, and the server version check.
+//!
+//! The URL names one node (`redis://host:port`, `rediss://` for TLS) or a cluster: several comma-separated
+//! node URLs (`redis://a:6379,redis://b:6379`), or one seed node with the `redis+cluster://` (or
+//! `rediss+cluster://`) scheme. A cluster client learns every other node from the seeds.
+
+use std::time::Duration;
+
+use redis::{
+    AsyncConnectionConfig, Client, ConnectionInfo, IntoConnectionInfo, RedisFuture, Value,
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
+    cluster::{ClusterClient, ClusterConfig},
+    cluster_async::ClusterConnection,
+};
+
+/// The oldest Redis this service works with: `XADD … MINID` came with 6.2.
+pub const MIN_VERSION: (u32, u32) = (6, 2);
+
+/// Why `CAPABILITY_REDIS_URL` cannot be used. Messages never contain the URL (it may carry a password).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UrlError {
+    #[error("empty")]
+    Empty,
+    #[error("entry {0} is not a redis://, rediss://, redis+cluster:// or rediss+cluster:// URL with a host")]
+    Malformed(usize),
+    #[error("entry {0}: {1}")]
+    Unusable(usize, String),
+}
+
+/// Where Redis is.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Single(ConnectionInfo),
+    Cluster(Vec<ConnectionInfo>),
+}
+
+impl Target {
+    /// Reads `CAPABILITY_REDIS_URL`.
+    pub fn parse(url: &str) -> Result<Target, UrlError> {
+        let parts: Vec<&str> = url.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+        if parts.is_empty() {
+            return Err(UrlError::Empty);
+        }
+        let mut cluster = parts.len() > 1;
+        let mut nodes = Vec::with_capacity(parts.len());
+        for (i, part) in parts.iter().enumerate() {
+            let entry = i + 1;
+            let (scheme, rest) = part.split_once("://").ok_or(UrlError::Malformed(entry))?;
+            let scheme = match scheme {
+                "redis" | "rediss" => scheme,
+                "redis+cluster" => {
+                    cluster = true;
+                    "redis"
+                }
+                "rediss+cluster" => {
+                    cluster = true;
+                    "rediss"
+                }
+                _ => return Err(UrlError::Malformed(entry)),
+            };
+            let plain = format!("{scheme}://{rest}");
+            if redis::parse_redis_url(&plain)
+                .and_then(|u| u.host_str().map(str::len))
+                .unwrap_or(0)
+                == 0
+            {
+                return Err(UrlError::Malformed(entry));
+            }
+            let info = plain
+                .as_str()
+                .into_connection_info()
+                .map_err(|e| UrlError::Unusable(entry, format!("{:?}", e.kind())))?;
+            nodes.push(info);
+        }
+        Ok(if cluster {
+            Target::Cluster(nodes)
+        } else {
+            Target::Single(nodes.pop().expect("one node"))
+        })
+    }
+
+    /// Every node named in the URL.
+    fn nodes(&self) -> Vec<ConnectionInfo> {
+        match self {
+            Target::Single(node) => vec![node.clone()],
+            Target::Cluster(nodes) => nodes.clone(),
+        }
+    }
+}
+
+/// A connection that sends any command to the right node: a connection manager for one node, a cluster
+/// connection (which routes by key) for a cluster. Both reconnect by themselves.
+#[derive(Clone)]
+pub enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+    /// A connection of its own, for a blocking reader.
+    Dedicated(MultiplexedConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Cluster(c) => c.req_packed_command(cmd),
+            Connection::Dedicated(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Dedicated(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Connection::Single(c) => c.get_db(),
+            Connection::Cluster(c) => c.get_db(),
+            Connection::Dedicated(c) => c.get_db(),
+        }
+    }
+}
+
+/// How to open connections to the target.
+pub struct Connector {
+    target: Target,
+    single: Option<Client>,
+    cluster: Option<ClusterClient>,
+}
+
+/// How long a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a command (not a blocking read) may take.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Connector {
+    /// Prepares clients for `target`; nothing is connected yet.
+    pub fn new(target: Target) -> Result<Connector, UrlError> {
+        let unusable = |e: redis::RedisError| UrlError::Unusable(1, format!("{:?}", e.kind()));
+        let (single, cluster) = match &target {
+            Target::Single(info) => (Some(Client::open(info.clone()).map_err(unusable)?), None),
+            Target::Cluster(nodes) => (
+                None,
+                Some(
+                    ClusterClient::builder(nodes.clone())
+                        .connection_timeout(CONNECT_TIMEOUT)
+                        .response_timeout(RESPONSE_TIMEOUT)
+                        .retries(2)
+                        .build()
+                        .map_err(unusable)?,
+                ),
+            ),
+        };
+        Ok(Connector {
+            target,
+            single,
+            cluster,
+        })
+    }
+
+    /// The shared connection for commands; connects lazily, so a replica starts while Redis is down.
+    pub fn commands(&self) -> Result<Connection, redis::RedisError> {
+        if let Some(client) = &self.single {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_response_timeout(Some(RESPONSE_TIMEOUT))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_secs(2));
+            return ConnectionManager::new_lazy_with_config(client.clone(), config).map(Connection::Single);
+        }
+        let cluster = self.cluster.as_ref().expect("single or cluster");
+        let config = ClusterConfig::new()
+            .set_connection_timeout(CONNECT_TIMEOUT)
+            .set_response_timeout(RESPONSE_TIMEOUT);
+        Ok(Connection::Cluster(
+            cluster.get_pending_async_connection_with_config(config),
+        ))
+    }
+
+    /// A new connection of its own, whose commands may block up to `block` (for `XREAD BLOCK`).
+    pub async fn dedicated(&self, block: Duration) -> Result<Connection, redis::RedisError> {
+        let response = block + RESPONSE_TIMEOUT;
+        if let Some(client) = &self.single {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_response_timeout(Some(response));
+            return client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+                .map(Connection::Dedicated);
+        }
+        let cluster = self.cluster.as_ref().expect("single or cluster");
+        let config = ClusterConfig::new()
+            .set_connection_timeout(CONNECT_TIMEOUT)
+            .set_response_timeout(response);
+        cluster
+            .get_async_connection_with_config(config)
+            .await
+            .map(Connection::Cluster)
+    }
+
+    /// The lowest server version among the nodes named in the URL; `Ok(None)` when none answers (the service
+    /// then starts degraded and connects later).
+    pub async fn server_version(&self) -> Result<Option<(u32, u32)>, redis::RedisError> {
+        let mut lowest: Option<(u32, u32)> = None;
+        for node in self.target.nodes() {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_response_timeout(Some(RESPONSE_TIMEOUT));
+            let Ok(mut conn) = Client::open(node)?
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+            else {
+                continue;
+            };
+            let info: String = redis::cmd("INFO").arg("server").query_async(&mut conn).await?;
+            let version = info
+                .lines()
+                .find_map(|l| l.strip_prefix("redis_version:"))
+                .and_then(parse_version);
+            if let Some(version) = version {
+                lowest = Some(lowest.map_or(version, |l| l.min(version)));
+            }
+        }
+        Ok(lowest)
+    }
+}
+
+/// `major.minor[.patch]` → (major, minor).
+fn parse_version(text: &str) -> Option<(u32, u32)> {
+    let mut parts = text.trim().split('.');
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_url_is_one_node_and_several_or_a_cluster_scheme_are_a_cluster() {
+        assert!(matches!(Target::parse("redis://127.0.0.1:6379"), Ok(Target::Single(_))));
+        assert!(matches!(
+            Target::parse("redis://:pw@127.0.0.1:6379/2"),
+            Ok(Target::Single(_))
+        ));
+        assert!(matches!(
+            Target::parse("redis://a:1, redis://b:2"),
+            Ok(Target::Cluster(nodes)) if nodes.len() == 2
+        ));
+        assert!(matches!(
+            Target::parse("redis+cluster://a:1"),
+            Ok(Target::Cluster(nodes)) if nodes.len() == 1
+        ));
+    }
+
+    #[test]
+    fn unusable_urls_say_which_entry_without_repeating_it() {
+        assert_eq!(Target::parse("").unwrap_err(), UrlError::Empty);
+        assert_eq!(Target::parse("http://x").unwrap_err(), UrlError::Malformed(1));
+        assert_eq!(Target::parse("redis://a:1,nohost").unwrap_err(), UrlError::Malformed(2));
+        assert_eq!(Target::parse("redis://").unwrap_err(), UrlError::Malformed(1));
+        let message = Target::parse("redis://:secretpw@a:1,postgres://:secretpw@b")
+            .unwrap_err()
+            .to_string();
+        assert!(!message.contains("secretpw"), "{message}");
+    }
+
+    #[test]
+    fn versions_compare_by_major_then_minor() {
+        assert_eq!(parse_version("7.0.15"), Some((7, 0)));
+        assert!(parse_version("6.0.9").unwrap() < MIN_VERSION);
+        assert!(parse_version("6.2.0").unwrap() >= MIN_VERSION);
+        assert_eq!(parse_version("x"), None);
+    }
+}

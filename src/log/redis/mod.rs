@@ -1,0 +1,684 @@
+//! The Redis log: Redis Streams on one node or a Redis Cluster, shared by every replica.
+//!
+//! The log is split into `CAPABILITY_REDIS_SHARDS` streams by a stable hash of request_id (SHA-256, first 8
+//! bytes, modulo the shard count). Every key of one shard shares its hash tag, `{prefix:N}`, so that a cluster
+//! keeps a shard on one slot and one Lua script may touch them together:
+//!
+//! | key | what |
+//! |---|---|
+//! | `{prefix:N}:events` | the stream; entries `e` (an encoded event) and `o` (a notification's offset) |
+//! | `{prefix:N}:r:<hash of request_id>` | a request's state: `n` its last offset, `x` how many were capped, `d:<digest>` → offset |
+//! | `{prefix:N}:n:<hash of nonce>` | a claimed nonce, for as long as its timestamp would pass |
+//! | `{prefix:N}:epoch` | a value set once per dataset: another value means Redis lost its data |
+//! | `prefix:idem:<hash of request_id>` | a caller-chosen request_id's claim and answer (no tag: spread over slots) |
+//!
+//! Appending a notification is one script: it checks the epoch, claims the nonce, drops a duplicate digest or
+//! a request over the cap, assigns the next offset and `XADD`s (trimmed by `MINID`, by Redis's clock) — one
+//! round trip. Each replica runs one reader per shard (`XREAD BLOCK` on a connection of its own) that feeds its
+//! consumers in stream order; a starting or reconnecting reader reads back the retained stream.
+
+mod connection;
+
+use std::{
+    collections::VecDeque,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use rand::Rng;
+use redis::{Script, streams::StreamReadReply};
+use sha2::{Digest as _, Sha256};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use super::{
+    Accepted, Consumer, Entry, Health, IdempotencyClaim, MAX_NOTIFICATIONS_PER_REQUEST, Nonce, NotificationReceived,
+    QueryRecorded, Unavailable, codec, skipped, wall_clock_ms,
+};
+use crate::secret::Secret;
+use connection::{Connection, Connector, Target};
+pub use connection::{MIN_VERSION, UrlError};
+
+/// How long one `XREAD` blocks before it asks again.
+const BLOCK: Duration = Duration::from_secs(2);
+/// The most entries one `XREAD` returns.
+const BATCH: usize = 1024;
+/// How long this replica keeps the events it appended, to append them again should Redis come back empty: far
+/// longer than any reader lags behind a live Redis.
+const RECENT: Duration = Duration::from_secs(10);
+/// The most events kept for that, per shard, whatever the rate.
+const MAX_RECENT: usize = 100_000;
+
+/// Appends a notification. KEYS: epoch, stream, request state, [nonce]. ARGV: the epoch this replica knows,
+/// this attempt's token, the nonce's time to live (ms), the retention (ms), the cap, the digest (hex), the
+/// encoded event. Returns {1, offset} appended, {0, offset} a duplicate of the result at that offset, {2, n}
+/// over the cap for the n-th time, {-1} the nonce was used by another callback, {-3} the epoch differs.
+/// A retry of an attempt whose answer was lost finds its own token on the nonce and its digest: a duplicate.
+const APPEND: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-3} end
+if KEYS[4] then
+  if not redis.call('SET', KEYS[4], ARGV[2], 'NX', 'PX', ARGV[3]) then
+    if redis.call('GET', KEYS[4]) ~= ARGV[2] then return {-1} end
+  end
+end
+local field = 'd:' .. ARGV[6]
+local known = redis.call('HGET', KEYS[3], field)
+if known then return {0, tonumber(known)} end
+local n = tonumber(redis.call('HGET', KEYS[3], 'n') or '0')
+if n >= tonumber(ARGV[5]) then
+  local x = redis.call('HINCRBY', KEYS[3], 'x', 1)
+  redis.call('PEXPIRE', KEYS[3], ARGV[4])
+  return {2, x}
+end
+n = n + 1
+redis.call('HSET', KEYS[3], 'n', n, field, n)
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
+local t = redis.call('TIME')
+local minid = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[4]))
+redis.call('XADD', KEYS[2], 'MINID', '~', minid, '*', 'e', ARGV[7], 'o', n)
+return {1, n}
+";
+
+/// Claims a nonce alone (a callback with nothing to append). KEYS: nonce. ARGV: token, time to live (ms).
+/// Returns 1 when claimed (or claimed before by this same attempt), 0 when another callback used it.
+const CLAIM_NONCE: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
+return 0
+";
+
+/// Appends again, at its original offset, a notification that Redis lost. KEYS: stream, request state.
+/// ARGV: retention (ms), offset, digest (hex), encoded event. Returns 1 when appended, 0 when Redis has it.
+const RESTORE: &str = r"
+local field = 'd:' .. ARGV[3]
+if redis.call('HEXISTS', KEYS[2], field) == 1 then return 0 end
+redis.call('HSET', KEYS[2], field, ARGV[2])
+if tonumber(ARGV[2]) > tonumber(redis.call('HGET', KEYS[2], 'n') or '0') then
+  redis.call('HSET', KEYS[2], 'n', ARGV[2])
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+local t = redis.call('TIME')
+local minid = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[1]))
+redis.call('XADD', KEYS[1], 'MINID', '~', minid, '*', 'e', ARGV[4], 'o', ARGV[2])
+return 1
+";
+
+/// How to reach Redis and what to keep there.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: Secret,
+    /// Prefix of every key; no braces (it becomes part of hash tags).
+    pub prefix: String,
+    /// How many streams the log is split into.
+    pub shards: u16,
+    /// How long events stay in the streams and replayable.
+    pub retention: Duration,
+    /// How long a request_id is remembered once answered.
+    pub idempotency_window: Duration,
+    /// How long a claim on a request_id lasts while its query is in flight.
+    pub pending_claim: Duration,
+}
+
+/// Why Redis cannot be used; found before any port is bound.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("{0}")]
+    Url(#[from] UrlError),
+    #[error("Redis {found_major}.{found_minor} is too old: this service needs {}.{} or later (XADD … MINID)", MIN_VERSION.0, MIN_VERSION.1)]
+    TooOld { found_major: u32, found_minor: u32 },
+    #[error("Redis answered the version check with an error: {0}")]
+    Check(String),
+}
+
+/// One stream of the log and what this replica knows of it.
+struct Shard {
+    stream: String,
+    epoch_key: String,
+    /// `{prefix:N}`, the hash tag of every key of the shard.
+    tag: String,
+    /// The epoch this replica last saw; `None` before the first look.
+    epoch: Mutex<Option<String>>,
+    /// Held while this replica checks the epoch (and appends its recent events again after a loss).
+    recovering: tokio::sync::Mutex<()>,
+    /// The events this replica appended lately, oldest first.
+    recent: Mutex<VecDeque<(Instant, Recent)>>,
+    /// Whether this shard's reader has read back the retained stream (or found Redis down at first).
+    caught_up: AtomicBool,
+}
+
+/// An event this replica appended, as it must be appended again after a loss.
+#[derive(Clone)]
+enum Recent {
+    Query {
+        event: Vec<u8>,
+    },
+    Notification {
+        event: Vec<u8>,
+        offset: u64,
+        digest: String,
+        request_key: String,
+    },
+}
+
+/// The Redis side of the log.
+pub struct RedisLog {
+    connector: Connector,
+    /// Commands (scripts, XADD, SET, GET); reconnects by itself.
+    commands: Connection,
+    settings: RedisSettings,
+    shards: Vec<Shard>,
+    consumers: Vec<Arc<dyn Consumer>>,
+    append: Script,
+    claim_nonce: Script,
+    restore: Script,
+    /// The readers' last view of Redis, for logs, probes and the `capability_backplane_up` gauge.
+    up: AtomicBool,
+}
+
+impl RedisLog {
+    /// Checks the URL and, when Redis answers, its version; connects lazily, so an unreachable Redis still
+    /// starts (degraded) and is connected to when it comes.
+    pub async fn prepare(settings: RedisSettings, consumers: Vec<Arc<dyn Consumer>>) -> Result<RedisLog, PrepareError> {
+        let target = Target::parse(settings.url.expose())?;
+        let connector = Connector::new(target)?;
+        match connector.server_version().await {
+            Ok(Some((major, minor))) if (major, minor) < MIN_VERSION => {
+                return Err(PrepareError::TooOld {
+                    found_major: major,
+                    found_minor: minor,
+                });
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => tracing::warn!("Redis does not answer: starting degraded, connecting when it comes"),
+            Err(e) => return Err(PrepareError::Check(e.to_string())),
+        }
+        let commands = connector
+            .commands()
+            .map_err(|e| PrepareError::Url(UrlError::Unusable(1, e.to_string())))?;
+        let shards = (0..settings.shards.max(1))
+            .map(|i| {
+                let tag = format!("{{{}:{i}}}", settings.prefix);
+                Shard {
+                    stream: format!("{tag}:events"),
+                    epoch_key: format!("{tag}:epoch"),
+                    tag,
+                    epoch: Mutex::new(None),
+                    recovering: tokio::sync::Mutex::new(()),
+                    recent: Mutex::new(VecDeque::new()),
+                    caught_up: AtomicBool::new(false),
+                }
+            })
+            .collect();
+        Ok(RedisLog {
+            connector,
+            commands,
+            settings,
+            shards,
+            consumers,
+            append: Script::new(APPEND),
+            claim_nonce: Script::new(CLAIM_NONCE),
+            restore: Script::new(RESTORE),
+            up: AtomicBool::new(false),
+        })
+    }
+
+    /// Starts one reader per shard, feeding the consumers, until `stop`.
+    pub fn start(self: Arc<Self>, tasks: &TaskTracker, stop: CancellationToken) {
+        for shard in 0..self.shards.len() {
+            tasks.spawn(self.clone().read(shard, stop.clone()));
+        }
+    }
+
+    fn shard_of(&self, key: &str) -> usize {
+        let hash = Sha256::digest(key.as_bytes());
+        let n = u64::from_be_bytes(hash[..8].try_into().expect("8 bytes"));
+        (n % self.shards.len() as u64) as usize
+    }
+
+    pub(super) async fn accept(
+        &self,
+        nonce: Option<Nonce<'_>>,
+        notification: Option<NotificationReceived>,
+    ) -> Result<Accepted, Unavailable> {
+        let token = ulid::Ulid::new().to_string();
+        let Some(received) = notification else {
+            let Some(nonce) = nonce else {
+                return Ok(Accepted::NothingToAppend);
+            };
+            let shard = &self.shards[self.shard_of(nonce.value)];
+            let mut invocation = self.claim_nonce.prepare_invoke();
+            invocation
+                .key(format!("{}:n:{}", shard.tag, hashed(nonce.value)))
+                .arg(&token)
+                .arg(ttl_ms(nonce.remember_for));
+            let claimed: i64 = retried(
+                |mut conn| {
+                    let invocation = &invocation;
+                    async move { invocation.invoke_async(&mut conn).await }
+                },
+                &self.commands,
+            )
+            .await
+            .map_err(|e| Unavailable(e.to_string()))?;
+            return Ok(if claimed == 1 {
+                Accepted::NothingToAppend
+            } else {
+                Accepted::Replayed
+            });
+        };
+        let index = self.shard_of(&received.notification.request_id);
+        let shard = &self.shards[index];
+        let request_key = format!("{}:r:{}", shard.tag, hashed(&received.notification.request_id));
+        let digest = received.digest.hex();
+        let event = codec::encode(&codec::Event::NotificationReceived(Box::new(received)));
+        for attempt in 0..2 {
+            let epoch = match self.known_epoch(index) {
+                Some(epoch) => epoch,
+                None => self.recover(index).await.map_err(|e| Unavailable(e.to_string()))?,
+            };
+            let mut invocation = self.append.prepare_invoke();
+            invocation.key(&shard.epoch_key).key(&shard.stream).key(&request_key);
+            if let Some(nonce) = nonce {
+                invocation.key(format!("{}:n:{}", shard.tag, hashed(nonce.value)));
+            }
+            invocation
+                .arg(&epoch)
+                .arg(&token)
+                .arg(nonce.map_or(1, |n| ttl_ms(n.remember_for)))
+                .arg(self.settings.retention.as_millis() as u64)
+                .arg(MAX_NOTIFICATIONS_PER_REQUEST)
+                .arg(&digest)
+                .arg(event.as_slice());
+            let answer: Vec<i64> = retried(
+                |mut conn| {
+                    let invocation = &invocation;
+                    async move { invocation.invoke_async(&mut conn).await }
+                },
+                &self.commands,
+            )
+            .await
+            .map_err(|e| Unavailable(e.to_string()))?;
+            match answer.as_slice() {
+                [1, offset] => {
+                    let offset = *offset as u64;
+                    shard.remember(Recent::Notification {
+                        event,
+                        offset,
+                        digest,
+                        request_key,
+                    });
+                    return Ok(Accepted::Appended { offset });
+                }
+                [0, _] => return Ok(Accepted::Duplicate),
+                [2, n] => return Ok(Accepted::Capped { first: *n == 1 }),
+                [-1] => return Ok(Accepted::Replayed),
+                [-3] if attempt == 0 => {
+                    self.recover(index).await.map_err(|e| Unavailable(e.to_string()))?;
+                }
+                other => {
+                    return Err(Unavailable(format!(
+                        "unexpected answer from the append script: {other:?}"
+                    )));
+                }
+            }
+        }
+        Err(Unavailable("Redis changed its dataset twice during one append".into()))
+    }
+
+    pub(super) async fn record_query(&self, query: QueryRecorded) -> Result<(), Unavailable> {
+        let shard = &self.shards[self.shard_of(&query.request_id)];
+        let event = codec::encode(&codec::Event::QueryRecorded(query));
+        let minid = wall_clock_ms().saturating_sub(self.settings.retention.as_millis() as u64);
+        let mut command = redis::cmd("XADD");
+        command
+            .arg(&shard.stream)
+            .arg("MINID")
+            .arg("~")
+            .arg(minid)
+            .arg("*")
+            .arg("e")
+            .arg(event.as_slice());
+        retried(
+            |mut conn| {
+                let command = &command;
+                async move { command.query_async::<String>(&mut conn).await }
+            },
+            &self.commands,
+        )
+        .await
+        .map_err(|e| Unavailable(e.to_string()))?;
+        shard.remember(Recent::Query { event });
+        Ok(())
+    }
+
+    fn known_epoch(&self, shard: usize) -> Option<String> {
+        self.shards[shard].epoch.lock().expect("epoch lock poisoned").clone()
+    }
+
+    /// Looks at the shard's epoch (setting one when there is none). When it changed since this replica last
+    /// looked, Redis lost its data: this replica appends its recent events of the shard again, each
+    /// notification at its original offset, so that readers that missed them catch up and the request's next
+    /// offset follows on. Returns the current epoch.
+    async fn recover(&self, index: usize) -> redis::RedisResult<String> {
+        let shard = &self.shards[index];
+        let _one_at_a_time = shard.recovering.lock().await;
+        let mut conn = self.commands.clone();
+        let _: Option<String> = redis::cmd("SET")
+            .arg(&shard.epoch_key)
+            .arg(ulid::Ulid::new().to_string())
+            .arg("NX")
+            .query_async(&mut conn)
+            .await?;
+        let current: String = redis::cmd("GET").arg(&shard.epoch_key).query_async(&mut conn).await?;
+        let known = self.known_epoch(index);
+        if known.as_ref() == Some(&current) {
+            return Ok(current);
+        }
+        if known.is_some() {
+            let count = self.republish(shard, &mut conn).await?;
+            tracing::warn!(
+                shard = index,
+                count,
+                "Redis came back without its data: appended this replica's recent events again"
+            );
+        }
+        *shard.epoch.lock().expect("epoch lock poisoned") = Some(current.clone());
+        Ok(current)
+    }
+
+    async fn republish(&self, shard: &Shard, conn: &mut Connection) -> redis::RedisResult<usize> {
+        let events: Vec<Recent> = shard
+            .recent
+            .lock()
+            .expect("recent lock poisoned")
+            .iter()
+            .map(|(_, e)| e.clone())
+            .collect();
+        let retention = self.settings.retention.as_millis() as u64;
+        for event in &events {
+            match event {
+                Recent::Query { event } => {
+                    let minid = wall_clock_ms().saturating_sub(retention);
+                    redis::cmd("XADD")
+                        .arg(&shard.stream)
+                        .arg("MINID")
+                        .arg("~")
+                        .arg(minid)
+                        .arg("*")
+                        .arg("e")
+                        .arg(event.as_slice())
+                        .query_async::<String>(conn)
+                        .await?;
+                }
+                Recent::Notification {
+                    event,
+                    offset,
+                    digest,
+                    request_key,
+                } => {
+                    self.restore
+                        .key(&shard.stream)
+                        .key(request_key)
+                        .arg(retention)
+                        .arg(*offset)
+                        .arg(digest)
+                        .arg(event.as_slice())
+                        .invoke_async::<i64>(conn)
+                        .await?;
+                }
+            }
+        }
+        Ok(events.len())
+    }
+
+    /// Feeds the consumers with every entry of one shard, from `now − retention` on, until `stop`. Reconnects
+    /// with jittered back-off after an outage and resumes after the last entry it saw: no gap, no repeat.
+    async fn read(self: Arc<Self>, index: usize, stop: CancellationToken) {
+        let shard = &self.shards[index];
+        let mut last_id: Option<String> = None;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let connected = async {
+                let mut conn = self.connector.dedicated(BLOCK).await?;
+                self.recover(index).await?;
+                if last_id.is_none() {
+                    let start = redis_time_ms(&mut conn)
+                        .await?
+                        .saturating_sub(self.settings.retention.as_millis() as u64);
+                    last_id = Some(format!("{start}-0"));
+                }
+                Ok::<_, redis::RedisError>(conn)
+            };
+            let connected = tokio::select! {
+                connected = connected => connected,
+                () = stop.cancelled() => return,
+            };
+            let error = match connected {
+                Ok(mut conn) => loop {
+                    let from = last_id.clone().expect("set on connecting");
+                    let read = async {
+                        let reply: Option<StreamReadReply> = redis::cmd("XREAD")
+                            .arg("COUNT")
+                            .arg(BATCH)
+                            .arg("BLOCK")
+                            .arg(BLOCK.as_millis() as u64)
+                            .arg("STREAMS")
+                            .arg(&shard.stream)
+                            .arg(&from)
+                            .query_async(&mut conn)
+                            .await?;
+                        let ids: Vec<_> = reply.into_iter().flat_map(|r| r.keys).flat_map(|k| k.ids).collect();
+                        let now = if ids.is_empty() {
+                            Some(redis_time_ms(&mut conn).await?)
+                        } else {
+                            None
+                        };
+                        Ok::<_, redis::RedisError>((ids, now))
+                    };
+                    let reply = tokio::select! {
+                        reply = read => reply,
+                        () = stop.cancelled() => return,
+                    };
+                    match reply {
+                        Ok((ids, now)) => {
+                            self.set_up(true, None);
+                            pause = Duration::from_millis(50);
+                            let full = ids.len() >= BATCH;
+                            let mut latest = now;
+                            for id in ids {
+                                latest = Some(self.apply(&id));
+                                last_id = Some(id.id);
+                            }
+                            if let Some(now) = latest {
+                                self.consumers.iter().for_each(|c| c.advance(now));
+                            }
+                            if !full {
+                                shard.caught_up.store(true, Ordering::Relaxed);
+                            }
+                        }
+                        Err(e) => break e,
+                    }
+                },
+                Err(e) => {
+                    // Found Redis down at start: run degraded rather than stay unready.
+                    shard.caught_up.store(true, Ordering::Relaxed);
+                    e
+                }
+            };
+            self.set_up(false, Some(&error));
+            let jittered = pause.mul_f64(0.5 + rand::rng().random::<f64>() * 0.5);
+            tokio::select! {
+                () = tokio::time::sleep(jittered) => {}
+                () = stop.cancelled() => return,
+            }
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    /// Decodes one stream entry and feeds it to the consumers; returns its time.
+    fn apply(&self, id: &redis::streams::StreamId) -> u64 {
+        let time_ms = id
+            .id
+            .split_once('-')
+            .and_then(|(ms, _)| ms.parse().ok())
+            .unwrap_or_default();
+        let decoded = id
+            .get::<Vec<u8>>("e")
+            .ok_or(codec::DecodeError::Empty)
+            .and_then(|bytes| codec::decode(&bytes));
+        match decoded {
+            Ok(decoded) => {
+                let offset = id.get::<u64>("o").unwrap_or_default();
+                let entry = Entry::from_decoded(decoded, time_ms, offset);
+                if matches!(&entry, Entry::Notification(n) if n.offset == 0) {
+                    skipped(&codec::DecodeError::Malformed("a notification without offset".into()));
+                } else {
+                    self.consumers.iter().for_each(|c| c.apply(&entry));
+                }
+            }
+            Err(e) => skipped(&e),
+        }
+        time_ms
+    }
+
+    fn set_up(&self, up: bool, error: Option<&redis::RedisError>) {
+        if self.up.swap(up, Ordering::Relaxed) != up {
+            metrics::gauge!("capability_backplane_up").set(if up { 1.0 } else { 0.0 });
+            match error {
+                None => tracing::info!(
+                    shards = self.shards.len(),
+                    "event log connected: reading the Redis streams"
+                ),
+                Some(e) => tracing::error!(error = %e, "event log lost: Redis unreachable; reconnecting"),
+            }
+        }
+    }
+
+    pub(super) fn health(&self) -> Health {
+        Health {
+            backend: "redis",
+            up: self.up.load(Ordering::Relaxed),
+            caught_up: self.shards.iter().all(|s| s.caught_up.load(Ordering::Relaxed)),
+        }
+    }
+
+    fn idempotency_key(&self, request_id: &str) -> String {
+        format!("{}:idem:{}", self.settings.prefix, hashed(request_id))
+    }
+
+    pub(super) async fn claim_request_id(
+        &self,
+        request_id: &str,
+        fingerprint: &str,
+    ) -> redis::RedisResult<IdempotencyClaim> {
+        let key = self.idempotency_key(request_id);
+        let mut conn = self.commands.clone();
+        let pending = serde_json::json!({ "q": fingerprint }).to_string();
+        let set: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(&pending)
+            .arg("NX")
+            .arg("PX")
+            .arg(self.settings.pending_claim.as_millis() as u64)
+            .query_async(&mut conn)
+            .await?;
+        if set.is_some() {
+            return Ok(IdempotencyClaim::Owner);
+        }
+        let Some(stored) = redis::cmd("GET")
+            .arg(&key)
+            .query_async::<Option<String>>(&mut conn)
+            .await?
+        else {
+            // The other claim was released between our SET and GET: ask again.
+            return Ok(IdempotencyClaim::Pending);
+        };
+        let stored: serde_json::Value = serde_json::from_str(&stored).unwrap_or_default();
+        if stored["q"] != fingerprint {
+            return Ok(IdempotencyClaim::Conflict);
+        }
+        Ok(match stored["a"].as_str() {
+            Some(answer) => IdempotencyClaim::Answered(answer.to_owned()),
+            None => IdempotencyClaim::Pending,
+        })
+    }
+
+    pub(super) async fn settle_request_id(
+        &self,
+        request_id: &str,
+        fingerprint: &str,
+        answer: Option<&str>,
+    ) -> redis::RedisResult<()> {
+        let key = self.idempotency_key(request_id);
+        let mut conn = self.commands.clone();
+        match answer {
+            Some(answer) => {
+                let stored = serde_json::json!({ "q": fingerprint, "a": answer }).to_string();
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg(stored)
+                    .arg("XX")
+                    .arg("PX")
+                    .arg(self.settings.idempotency_window.as_millis() as u64)
+                    .query_async::<Option<String>>(&mut conn)
+                    .await
+                    .map(drop)
+            }
+            None => redis::cmd("DEL")
+                .arg(&key)
+                .query_async::<i64>(&mut conn)
+                .await
+                .map(drop),
+        }
+    }
+}
+
+impl Shard {
+    /// Keeps `event` among the recent events, forgetting those past [`RECENT`].
+    fn remember(&self, event: Recent) {
+        let now = Instant::now();
+        let mut recent = self.recent.lock().expect("recent lock poisoned");
+        while recent
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > RECENT || recent.len() >= MAX_RECENT)
+        {
+            recent.pop_front();
+        }
+        recent.push_back((now, event));
+    }
+}
+
+/// Runs `command` on the shared connection; when the connection was found broken (Redis restarted), once more
+/// on the one the manager replaced it with. Every command sent this way is safe to repeat.
+async fn retried<T, F, Fut>(command: F, connection: &Connection) -> redis::RedisResult<T>
+where
+    F: Fn(Connection) -> Fut,
+    Fut: Future<Output = redis::RedisResult<T>>,
+{
+    match command(connection.clone()).await {
+        Err(e) if e.is_io_error() || e.is_connection_dropped() => command(connection.clone()).await,
+        result => result,
+    }
+}
+
+/// Redis's clock, in milliseconds since the Unix epoch.
+async fn redis_time_ms(conn: &mut Connection) -> redis::RedisResult<u64> {
+    let (seconds, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await?;
+    Ok(seconds * 1000 + micros / 1000)
+}
+
+/// A fixed-size, stable stand-in for a caller- or Sinch-chosen string in a key: no raw value in Redis keys,
+/// and no key longer than it needs to be.
+fn hashed(value: &str) -> String {
+    Sha256::digest(value.as_bytes())[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A positive number of milliseconds.
+fn ttl_ms(duration: Duration) -> u64 {
+    (duration.as_millis() as u64).max(1)
+}
