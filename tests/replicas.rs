@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use capability_facade::grpc::pb::{Channel, CompletionReason};
 use common::{
-    FakeSinch, Service, WEBHOOK_SECRET, capability_body, deliver, drain, identities, post_webhook, query,
-    redis::RedisServer, signed_headers, watch_request,
+    FakeSinch, Service, WEBHOOK_SECRET, capability_body, deliver, drain, held, identities, post_webhook, query, ready,
+    redis::RedisServer, signed_headers, until_marker, watch_request,
 };
 use tonic::Code;
 
@@ -86,12 +86,13 @@ async fn every_replica_numbers_the_notifications_alike_and_resumes_for_the_other
         let other = if i % 2 == 0 { &b } else { &a };
         assert_eq!(deliver(other.webhook_addr, body("same", channel)).await, 200);
     }
-    let wait = Duration::from_millis(700);
-    let on_a = watch_all(&a, "same", 0, wait).await;
-    let on_b = watch_all(&b, "same", 0, wait).await;
+    // Each replica has read everything once it has read the last one.
+    let last = channels[channels.len() - 1];
+    let on_a = until_marker(&a, "same", 0, last).await;
+    let on_b = until_marker(&b, "same", 0, last).await;
     assert_eq!(on_a.len(), channels.len(), "{on_a:?}");
     assert_eq!(on_a, on_b);
-    let resumed = watch_all(&b, "same", 4, Duration::from_millis(300)).await;
+    let resumed = until_marker(&b, "same", 4, last).await;
     assert_eq!(resumed, on_a[4..]);
 }
 
@@ -177,10 +178,12 @@ async fn a_new_replica_rebuilds_the_retained_events_from_redis() {
     for channel in ["SMS", "RCS", "WHATSAPP"] {
         assert_eq!(deliver(a.webhook_addr, body("rebuild", channel)).await, 200);
     }
-    let before = watch_all(&a, "rebuild", 0, Duration::from_millis(500)).await;
+    let before = until_marker(&a, "rebuild", 0, "WHATSAPP").await;
     drop(a);
     let c = replica(&fake, &redis).await;
-    let after = watch_all(&c, "rebuild", 0, Duration::from_millis(500)).await;
+    // Ready means read back: what it holds then is the whole retained log.
+    ready(&c).await;
+    let after = held(&c, "rebuild", 0).await;
     assert_eq!(before.len(), 3);
     assert_eq!(after, before);
 }

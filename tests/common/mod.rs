@@ -8,6 +8,7 @@ use std::{net::SocketAddr, time::Duration};
 use capability_facade::{
     Listeners,
     config::{Config, ConfigError},
+    grpc::pb::watch_capability_response::Event,
     grpc::pb::{self, capability_service_client::CapabilityServiceClient},
 };
 use clap::Parser;
@@ -276,4 +277,65 @@ pub async fn first_notification(service: &Service, request_id: &str) -> pb::Capa
         Some(pb::watch_capability_response::Event::Notification(n)) => n,
         other => panic!("expected a notification, got {other:?}"),
     }
+}
+
+/// Every notification of `request_id` held by `service` now (a watch that replays and ends at once).
+pub async fn held(service: &Service, request_id: &str, after: u64) -> Vec<(u64, String, String)> {
+    let mut client = service.client().await;
+    let stream = client
+        .watch_capability(watch_request(request_id, after, Some(Duration::ZERO)))
+        .await
+        .unwrap()
+        .into_inner();
+    drain(stream).await.0
+}
+
+/// Reads a watch of `request_id` on `service` after `after` until the notification on `marker` (posted last)
+/// arrives; fails when it has not within 10 s.
+pub async fn until_marker(service: &Service, request_id: &str, after: u64, marker: &str) -> Vec<(u64, String, String)> {
+    let mut client = service.client().await;
+    let mut stream = client
+        .watch_capability(watch_request(request_id, after, Some(Duration::from_secs(30))))
+        .await
+        .unwrap()
+        .into_inner();
+    let read = async {
+        let mut seen = Vec::new();
+        loop {
+            let message = stream
+                .message()
+                .await
+                .unwrap()
+                .expect("the stream ended before the marker");
+            if let Some(Event::Notification(n)) = message.event {
+                let done = n.channel_raw == marker;
+                seen.push((n.offset, n.channel_raw, n.capability_status_raw));
+                if done {
+                    return seen;
+                }
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("the marker did not arrive within 10 s")
+}
+
+/// Waits until `/readyz` says the replica has read the log back.
+pub async fn ready(service: &Service) {
+    let http = reqwest_client();
+    let url = format!("http://{}/readyz", service.admin_addr);
+    let poll = async {
+        loop {
+            if let Ok(r) = http.get(&url).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), poll)
+        .await
+        .expect("the replica became ready within 10 s");
 }

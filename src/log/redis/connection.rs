@@ -133,7 +133,9 @@ impl ConnectionLike for Connection {
 pub struct Connector {
     target: Target,
     single: Option<Client>,
-    cluster: Option<ClusterClient>,
+    /// For commands, and for blocking reads (whose response timeout must outlast the block: a cluster client
+    /// applies its own to every connection it makes).
+    cluster: Option<(ClusterClient, ClusterClient)>,
 }
 
 /// How long a connection attempt may take.
@@ -142,21 +144,25 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Connector {
-    /// Prepares clients for `target`; nothing is connected yet.
-    pub fn new(target: Target) -> Result<Connector, UrlError> {
+    /// Prepares clients for `target`, whose blocking reads block up to `block`; nothing is connected yet.
+    pub fn new(target: Target, block: Duration) -> Result<Connector, UrlError> {
         let unusable = |e: redis::RedisError| UrlError::Unusable(1, format!("{:?}", e.kind()));
+        let cluster = |nodes: &[ConnectionInfo], response: Duration| {
+            ClusterClient::builder(nodes.to_vec())
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(response)
+                .retries(2)
+                .build()
+                .map_err(unusable)
+        };
         let (single, cluster) = match &target {
             Target::Single(info) => (Some(Client::open(info.clone()).map_err(unusable)?), None),
             Target::Cluster(nodes) => (
                 None,
-                Some(
-                    ClusterClient::builder(nodes.clone())
-                        .connection_timeout(CONNECT_TIMEOUT)
-                        .response_timeout(RESPONSE_TIMEOUT)
-                        .retries(2)
-                        .build()
-                        .map_err(unusable)?,
-                ),
+                Some((
+                    cluster(nodes, RESPONSE_TIMEOUT)?,
+                    cluster(nodes, block + RESPONSE_TIMEOUT)?,
+                )),
             ),
         };
         Ok(Connector {
@@ -176,7 +182,7 @@ impl Connector {
                 .set_max_delay(Duration::from_secs(2));
             return ConnectionManager::new_lazy_with_config(client.clone(), config).map(Connection::Single);
         }
-        let cluster = self.cluster.as_ref().expect("single or cluster");
+        let (cluster, _) = self.cluster.as_ref().expect("single or cluster");
         let config = ClusterConfig::new()
             .set_connection_timeout(CONNECT_TIMEOUT)
             .set_response_timeout(RESPONSE_TIMEOUT);
@@ -197,11 +203,11 @@ impl Connector {
                 .await
                 .map(Connection::Dedicated);
         }
-        let cluster = self.cluster.as_ref().expect("single or cluster");
+        let (_, blocking) = self.cluster.as_ref().expect("single or cluster");
         let config = ClusterConfig::new()
             .set_connection_timeout(CONNECT_TIMEOUT)
             .set_response_timeout(response);
-        cluster
+        blocking
             .get_async_connection_with_config(config)
             .await
             .map(Connection::Cluster)

@@ -23,7 +23,7 @@ use std::{
     collections::VecDeque,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU8, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -173,8 +173,9 @@ pub struct RedisLog {
     append: Script,
     claim_nonce: Script,
     restore: Script,
-    /// The readers' last view of Redis, for logs, probes and the `capability_backplane_up` gauge.
-    up: AtomicBool,
+    /// The readers' last view of Redis, for logs, probes and the `capability_backplane_up` gauge: 0 not yet
+    /// known, 1 up, 2 down.
+    up: AtomicU8,
 }
 
 impl RedisLog {
@@ -182,7 +183,7 @@ impl RedisLog {
     /// starts (degraded) and is connected to when it comes.
     pub async fn prepare(settings: RedisSettings, consumers: Vec<Arc<dyn Consumer>>) -> Result<RedisLog, PrepareError> {
         let target = Target::parse(settings.url.expose())?;
-        let connector = Connector::new(target)?;
+        let connector = Connector::new(target, BLOCK)?;
         match connector.server_version().await {
             Ok(Some((major, minor))) if (major, minor) < MIN_VERSION => {
                 return Err(PrepareError::TooOld {
@@ -220,7 +221,7 @@ impl RedisLog {
             append: Script::new(APPEND),
             claim_nonce: Script::new(CLAIM_NONCE),
             restore: Script::new(RESTORE),
-            up: AtomicBool::new(false),
+            up: AtomicU8::new(0),
         })
     }
 
@@ -544,7 +545,8 @@ impl RedisLog {
     }
 
     fn set_up(&self, up: bool, error: Option<&redis::RedisError>) {
-        if self.up.swap(up, Ordering::Relaxed) != up {
+        let state = if up { 1 } else { 2 };
+        if self.up.swap(state, Ordering::Relaxed) != state {
             metrics::gauge!("capability_backplane_up").set(if up { 1.0 } else { 0.0 });
             match error {
                 None => tracing::info!(
@@ -559,7 +561,7 @@ impl RedisLog {
     pub(super) fn health(&self) -> Health {
         Health {
             backend: "redis",
-            up: self.up.load(Ordering::Relaxed),
+            up: self.up.load(Ordering::Relaxed) == 1,
             caught_up: self.shards.iter().all(|s| s.caught_up.load(Ordering::Relaxed)),
         }
     }

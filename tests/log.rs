@@ -1,0 +1,340 @@
+//! The event log as replicas share it: offsets decided by the log whatever each replica purged or when it
+//! started, semantic dedupe, the per-request cap, watches of made-up request_ids, versions a build does not know,
+//! a Redis Cluster, and what is refused at start.
+
+mod common;
+
+use std::{collections::HashMap, time::Duration};
+
+use capability_facade::grpc::pb;
+use common::{
+    FakeSinch, Service, deliver, held, post_webhook, ready, reqwest_client, signed_headers, until_marker, watch_request,
+};
+use rand::Rng;
+use testkit::{RedisCluster, RedisServer};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+/// A callback whose outcome is (request_id, channel, identity, status); `variant` changes only what is not the
+/// outcome (times, metadata), as a redelivery or a second registration of the same query does.
+fn callback(request_id: &str, channel: &str, status: &str, variant: u32) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "app_id": "APP-1",
+        "accepted_time": format!("2026-11-22T10:00:{:02}.{variant:06}Z", variant % 60),
+        "event_time": "2026-11-22T10:00:00Z",
+        "project_id": "",
+        "message_metadata": format!("delivery {variant}"),
+        "capability_notification": {"request_id": request_id, "channel": channel, "identity": "46700000001",
+            "capability_status": status}
+    }))
+    .unwrap()
+}
+
+fn full(request_id: &str, channel: &str) -> Vec<u8> {
+    callback(request_id, channel, "CAPABILITY_FULL", 0)
+}
+
+async fn redis_replica(fake: &FakeSinch, url: &str, extra: &[&str]) -> Service {
+    let mut flags = vec![format!("--redis-url={url}")];
+    flags.extend(extra.iter().map(|s| s.to_string()));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let service = Service::against(fake, &flags).await;
+    ready(&service).await;
+    service
+}
+
+#[tokio::test]
+async fn offsets_are_the_logs_whatever_each_replica_purged_or_when_it_started() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let retention = ["--retention=3s"];
+    let a = redis_replica(&fake, &redis.url(), &retention).await;
+    let b = redis_replica(&fake, &redis.url(), &retention).await;
+    assert_eq!(deliver(a.webhook_addr, full("late", "SMS")).await, 200);
+    assert_eq!(until_marker(&b, "late", 0, "SMS").await[0].0, 1);
+    // Two seconds apart: the first expires a retention after its own time, the second a while later.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(deliver(b.webhook_addr, full("late", "RCS")).await, 200);
+    assert_eq!(until_marker(&a, "late", 1, "RCS").await[0].0, 2);
+    let purged = async {
+        while held(&a, "late", 0).await.first().is_some_and(|n| n.0 == 1) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), purged)
+        .await
+        .expect("A let the first notification go at its own time");
+    // A replica started now reads back only the second, and numbers it as the others do.
+    let c = redis_replica(&fake, &redis.url(), &retention).await;
+    assert_eq!(held(&c, "late", 0).await.iter().map(|n| n.0).collect::<Vec<_>>(), [2]);
+    assert_eq!(deliver(c.webhook_addr, full("late", "WHATSAPP")).await, 200);
+    for replica in [&a, &b, &c] {
+        let resumed = until_marker(replica, "late", 2, "WHATSAPP").await;
+        assert_eq!(resumed, [(3, "WHATSAPP".into(), "CAPABILITY_FULL".into())]);
+    }
+}
+
+#[tokio::test]
+async fn the_same_outcome_in_other_bytes_is_delivered_once_and_a_new_outcome_is_news() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let single = Service::against(&fake, &[]).await;
+    let (a, b) = (
+        redis_replica(&fake, &redis.url(), &[]).await,
+        redis_replica(&fake, &redis.url(), &[]).await,
+    );
+    for (post_to, watch_on) in [(&single, &single), (&a, &b)] {
+        for variant in 0..3 {
+            // Sinch's second registration of a retried query: new accepted_time and metadata, same result.
+            let target = if variant % 2 == 0 { post_to } else { watch_on };
+            assert_eq!(
+                deliver(
+                    target.webhook_addr,
+                    callback("twice", "SMS", "CAPABILITY_FULL", variant)
+                )
+                .await,
+                200
+            );
+        }
+        assert_eq!(
+            deliver(post_to.webhook_addr, callback("twice", "SMS", "NO_CAPABILITY", 9)).await,
+            200
+        );
+        assert_eq!(deliver(post_to.webhook_addr, full("twice", "MARKER")).await, 200);
+        let seen = until_marker(watch_on, "twice", 0, "MARKER").await;
+        assert_eq!(
+            seen,
+            [
+                (1, "SMS".into(), "CAPABILITY_FULL".into()),
+                (2, "SMS".into(), "NO_CAPABILITY".into()),
+                (3, "MARKER".into(), "CAPABILITY_FULL".into()),
+            ]
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_request_takes_at_most_64_notifications_and_the_excess_is_acknowledged() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[]).await;
+    for i in 0..70 {
+        let body = callback("flood", &format!("CHANNEL{i}"), "CAPABILITY_FULL", 0);
+        assert_eq!(deliver(service.webhook_addr, body).await, 200, "notification {i}");
+    }
+    let kept = held(&service, "flood", 0).await;
+    assert_eq!(kept.len(), 64);
+    assert_eq!(
+        kept.last().unwrap(),
+        &(64, "CHANNEL63".into(), "CAPABILITY_FULL".into())
+    );
+}
+
+#[tokio::test]
+async fn watches_of_made_up_request_ids_never_push_real_results_out() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &["--max-requests=3"]).await;
+    let mut client = service.client().await;
+    let mut made_up = Vec::new();
+    for _ in 0..200 {
+        let id = format!("made-up-{}", rand::rng().random::<u64>());
+        let stream = client
+            .watch_capability(watch_request(&id, 0, Some(Duration::from_secs(30))))
+            .await
+            .unwrap()
+            .into_inner();
+        made_up.push(stream);
+    }
+    for id in ["real-1", "real-2", "real-3"] {
+        assert_eq!(deliver(service.webhook_addr, full(id, "SMS")).await, 200);
+    }
+    for _ in 0..200 {
+        let id = format!("made-up-{}", rand::rng().random::<u64>());
+        made_up.push(
+            client
+                .watch_capability(watch_request(&id, 0, Some(Duration::from_secs(30))))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    for id in ["real-1", "real-2", "real-3"] {
+        assert_eq!(
+            held(&service, id, 0).await.len(),
+            1,
+            "{id} survived 400 made-up watches"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_entry_of_a_version_this_build_does_not_know_is_skipped_and_counted() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let service = redis_replica(&fake, &redis.url(), &["--redis-prefix=versions"]).await;
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let from_the_future = [2u8, 0x0a, 0x03, b'n', b'e', b'w'];
+    let _: String = redis::cmd("XADD")
+        .arg("{versions:0}:events")
+        .arg("*")
+        .arg("e")
+        .arg(&from_the_future[..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        deliver(service.webhook_addr, full("after-the-future", "SMS")).await,
+        200
+    );
+    assert_eq!(until_marker(&service, "after-the-future", 0, "SMS").await.len(), 1);
+    let metrics = reqwest_client()
+        .get(format!("http://{}/metrics", service.admin_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"capability_log_skipped_total{reason="unknown_version"} 1"#),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_replica_is_ready_only_once_it_read_the_log_back() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let a = redis_replica(&fake, &redis.url(), &[]).await;
+    for i in 0..500 {
+        assert_eq!(
+            deliver(a.webhook_addr, full(&format!("backlog-{}", i % 50), &format!("C{i}"))).await,
+            200
+        );
+    }
+    let b = redis_replica(&fake, &redis.url(), &[]).await;
+    for i in 0..50 {
+        assert_eq!(
+            held(&b, &format!("backlog-{i}"), 0).await.len(),
+            10,
+            "backlog-{i} replayed in full"
+        );
+    }
+}
+
+#[tokio::test]
+async fn replicas_share_one_log_on_a_redis_cluster_sharded_by_request_id() {
+    let cluster = RedisCluster::start(3).await;
+    let fake = FakeSinch::start().await;
+    let urls = cluster.urls().join(",");
+    let seed = format!("redis+cluster://{}", cluster.urls()[0].trim_start_matches("redis://"));
+    let shards = ["--redis-shards=4"];
+    let replicas = [
+        redis_replica(&fake, &urls, &shards).await,
+        redis_replica(&fake, &urls, &shards).await,
+        redis_replica(&fake, &seed, &shards).await,
+    ];
+    let channels = ["SMS", "RCS", "WHATSAPP", "VIBERBM", "MMS"];
+    let requests: Vec<String> = (0..12).map(|i| format!("cluster-{i}")).collect();
+    let mut rng = rand::rng();
+    for request in &requests {
+        for channel in channels {
+            let target = &replicas[rng.random_range(0..replicas.len())];
+            assert_eq!(deliver(target.webhook_addr, full(request, channel)).await, 200);
+            // A redelivery through another replica changes nothing.
+            let other = &replicas[rng.random_range(0..replicas.len())];
+            assert_eq!(deliver(other.webhook_addr, full(request, channel)).await, 200);
+        }
+        assert_eq!(deliver(replicas[0].webhook_addr, full(request, "MARKER")).await, 200);
+    }
+    let mut numbered: HashMap<&str, Vec<(u64, String, String)>> = HashMap::new();
+    for request in &requests {
+        for replica in &replicas {
+            let seen = until_marker(replica, request, 0, "MARKER").await;
+            assert_eq!(seen.len(), channels.len() + 1, "{request}: {seen:?}");
+            let first = numbered.entry(request).or_insert_with(|| seen.clone());
+            assert_eq!(first, &seen, "{request} is numbered alike on every replica");
+        }
+        // Resumed on another replica after offset 3: exactly the rest.
+        let resumed = until_marker(&replicas[2], request, 3, "MARKER").await;
+        assert_eq!(resumed, numbered[request.as_str()][3..]);
+    }
+
+    let body = full("cluster-nonce", "SMS");
+    let headers = signed_headers(common::WEBHOOK_SECRET, &body);
+    assert_eq!(
+        post_webhook(replicas[0].webhook_addr, body.clone(), &headers).await,
+        200
+    );
+    assert_eq!(
+        post_webhook(replicas[1].webhook_addr, body, &headers).await,
+        401,
+        "a nonce holds across replicas"
+    );
+
+    let request = common::query(
+        common::identities(&[(pb::Channel::Sms, "46700000001")]),
+        "cluster-idempotent",
+    );
+    for replica in &replicas {
+        let answer = replica.client().await.query_capability(request.clone()).await.unwrap();
+        assert_eq!(answer.into_inner().request_id, "cluster-idempotent");
+    }
+    assert_eq!(fake.queries().len(), 1, "one query for three calls on three replicas");
+}
+
+/// Speaks just enough RESP to say it is an old Redis: every INFO answers `redis_version:<version>`.
+async fn old_redis(version: &'static str) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buffer = vec![0; 4096];
+                while let Ok(n) = socket.read(&mut buffer).await {
+                    if n == 0 {
+                        return;
+                    }
+                    let request = String::from_utf8_lossy(&buffer[..n]).to_ascii_uppercase();
+                    // One answer per command in what arrived (a pipeline sends several).
+                    for command in request.split("\r\n*").filter(|c| !c.trim().is_empty()) {
+                        let answer = if command.contains("INFO") {
+                            let info = format!("# Server\r\nredis_version:{version}\r\n");
+                            format!("${}\r\n{info}\r\n", info.len())
+                        } else {
+                            "+OK\r\n".to_owned()
+                        };
+                        if socket.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_redis_too_old_or_an_unusable_url_is_refused_before_any_port_and_an_absent_one_starts_degraded() {
+    let fake = FakeSinch::start().await;
+    let port = old_redis("6.0.9").await;
+    let error = common::start_error(&fake.url(), &[&format!("--redis-url=redis://127.0.0.1:{port}")]).await;
+    assert_eq!(error.variable, "CAPABILITY_REDIS_URL");
+    assert!(error.problem.contains("6.0 is too old"), "{}", error.problem);
+    for url in ["http://127.0.0.1:6379", "redis://", "redis://a:1,nohost"] {
+        let error = common::start_error(&fake.url(), &[&format!("--redis-url={url}")]).await;
+        assert_eq!(error.variable, "CAPABILITY_REDIS_URL", "{url}");
+    }
+    let nobody = testkit::free_port();
+    let degraded = Service::against(&fake, &[&format!("--redis-url=redis://127.0.0.1:{nobody}")]).await;
+    ready(&degraded).await;
+    let answer = degraded
+        .client()
+        .await
+        .query_capability(common::query(common::contact("c"), ""))
+        .await;
+    assert!(answer.is_ok(), "queries still work without Redis: {answer:?}");
+}
