@@ -73,8 +73,8 @@ fn query(bytes: &[u8]) {
             assert_eq!(channel_identities.len(), sent.len());
             for (read, sent) in channel_identities.iter().zip(sent) {
                 assert_eq!(
-                    (&read.channel, &read.identity, &read.app_id),
-                    (&sent.channel, &sent.identity, &sent.app_id)
+                    (read.channel.as_str(), &read.identity, &read.app_id),
+                    (sent.channel.as_sinch(), &sent.identity, &sent.app_id)
                 );
             }
         }
