@@ -2,25 +2,30 @@
 
 use crate::capability::Channel;
 
-/// A set of channels in a few bytes: most records hold one to three known channels.
+/// A set of channels in 16 bytes: most records hold one to three known channels and no other.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(super) struct ChannelSet {
     /// Bit `n` for the known channel whose contract number is `n`.
     known: u32,
-    /// Channels this version does not know, by Sinch's spelling.
-    other: Vec<Box<str>>,
+    /// Channels this version does not know, by Sinch's spelling; allocated only when there is one.
+    other: Option<Box<Vec<Box<str>>>>,
 }
 
 impl ChannelSet {
     pub(super) fn insert(&mut self, channel: &Channel) {
         match channel {
             Channel::Other(raw) => {
-                if !self.other.iter().any(|o| o == raw) {
-                    self.other.push(raw.clone());
+                let other = self.other.get_or_insert_default();
+                if !other.iter().any(|o| o == raw) {
+                    other.push(raw.clone());
                 }
             }
             known => self.known |= 1 << known.number(),
         }
+    }
+
+    fn others(&self) -> &[Box<str>] {
+        self.other.as_deref().map_or(&[], Vec::as_slice)
     }
 
     /// The channels of `self` that are not in `other`, known ones in the contract's order first.
@@ -31,9 +36,9 @@ impl ChannelSet {
             .filter(|c| known & (1 << c.number()) != 0)
             .cloned()
             .chain(
-                self.other
+                self.others()
                     .iter()
-                    .filter(|raw| !other.other.contains(raw))
+                    .filter(|raw| !other.others().contains(raw))
                     .map(|raw| Channel::Other(raw.clone())),
             )
             .collect()

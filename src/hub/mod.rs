@@ -5,7 +5,8 @@
 //!
 //! Records live in shards, each behind a std mutex held only for map and vector operations, never across an
 //! `.await`. A record is keyed by a 128-bit keyed hash of its request_id (two SipHash keys drawn at start: a
-//! sender cannot make two request_ids collide), so that it stores no copy of the string.
+//! sender cannot make two request_ids collide), so that it stores no copy of the string; it holds about 100
+//! bytes, and each notification 32 bytes and its compact encoding.
 //!
 //! What is kept, the same on every replica because it is decided by log time:
 //! - a notification, until `retention` after its time in the log;
@@ -58,7 +59,7 @@ pub struct Hub {
     keys: (RandomState, RandomState),
     /// Records with events in the order the log created them (generation, key), to evict the oldest at the
     /// cap. Entries of records already gone are skipped when met.
-    order: Mutex<VecDeque<(u64, u128)>>,
+    order: Mutex<VecDeque<(u64, Key)>>,
     next_generation: AtomicU64,
     /// How many records with events exist.
     count: AtomicUsize,
@@ -68,9 +69,12 @@ pub struct Hub {
     max_requests: usize,
 }
 
+/// A keyed 128-bit hash of a request_id, as two halves (8-byte aligned, where a `u128` would pad every record).
+type Key = [u64; 2];
+
 #[derive(Default)]
 struct Shard {
-    records: HashMap<u128, Record>,
+    records: HashMap<Key, Record>,
 }
 
 struct Record {
@@ -85,7 +89,8 @@ struct Record {
     /// The channels that reported.
     reported: ChannelSet,
     /// By offset, ascending; offsets may start above 1 (a replica that started after the first ones expired).
-    notifications: Vec<Held>,
+    /// A boxed slice, exactly as long as it needs to be: rebuilt on each change (a request holds a handful).
+    notifications: Box<[Held]>,
     /// How many watches read this record; a watched record stays (empty) when its events expire.
     watchers: u32,
     /// Woken on every change (a notification, the query record, removal); made when first watched.
@@ -122,12 +127,12 @@ impl Hub {
         self.len() == 0
     }
 
-    fn key(&self, request_id: &str) -> u128 {
-        (u128::from(self.keys.0.hash_one(request_id)) << 64) | u128::from(self.keys.1.hash_one(request_id))
+    fn key(&self, request_id: &str) -> Key {
+        [self.keys.0.hash_one(request_id), self.keys.1.hash_one(request_id)]
     }
 
-    fn shard(&self, key: u128) -> MutexGuard<'_, Shard> {
-        self.shards[(key % SHARDS as u128) as usize]
+    fn shard(&self, key: Key) -> MutexGuard<'_, Shard> {
+        self.shards[(key[0] % SHARDS as u64) as usize]
             .lock()
             .expect("hub shard poisoned")
     }
@@ -139,7 +144,7 @@ impl Hub {
             last_ms,
             expected: None,
             reported: ChannelSet::default(),
-            notifications: Vec::new(),
+            notifications: Box::default(),
             watchers: 0,
             changed: None,
         }
@@ -195,12 +200,14 @@ impl Hub {
                 return;
             }
             record.reported.insert(&n.notification.channel);
-            record.notifications.reserve_exact(1);
-            record.notifications.push(Held {
+            let held = Held {
                 offset: n.offset,
                 time_ms: n.time_ms,
                 body: n.body.clone(),
-            });
+            };
+            let mut notifications = std::mem::take(&mut record.notifications).into_vec();
+            notifications.push(held);
+            record.notifications = notifications.into_boxed_slice();
         });
         if duplicate {
             metrics::counter!("capability_notifications_duplicate_total").increment(1);
@@ -246,8 +253,9 @@ impl Hub {
                     .notifications
                     .partition_point(|held| held.time_ms.saturating_add(self.retention_ms) <= now);
                 if kept_from > 0 {
-                    record.notifications.drain(..kept_from);
-                    record.notifications.shrink_to_fit();
+                    let mut notifications = std::mem::take(&mut record.notifications).into_vec();
+                    notifications.drain(..kept_from);
+                    record.notifications = notifications.into_boxed_slice();
                 }
                 let expired = record.last_ms.saturating_add(self.retention_ms) <= now;
                 if !expired || record.watchers > 0 {
@@ -349,7 +357,7 @@ impl Consumer for Hub {
 /// A watch's hold on a record: a cursor into its notifications. Dropping it releases the record.
 pub(crate) struct Subscription {
     hub: Arc<Hub>,
-    key: u128,
+    key: Key,
     request_id: Arc<str>,
     generation: u64,
     changed: Arc<Notify>,

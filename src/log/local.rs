@@ -5,7 +5,8 @@
 mod nonces;
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::HashMap,
+    hash::{BuildHasher, RandomState},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -13,8 +14,8 @@ use std::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
-    Accepted, Consumer, Digest, Entry, MAX_NOTIFICATIONS_PER_REQUEST, Nonce, NotificationEntry, NotificationReceived,
-    QueryRecorded, Retention, Unavailable, codec, wall_clock_ms,
+    Accepted, Consumer, Digest, Entry, Limits, Nonce, NotificationEntry, NotificationReceived, QueryRecorded,
+    Unavailable, codec, wall_clock_ms,
 };
 use nonces::Nonces;
 
@@ -27,6 +28,7 @@ pub struct LocalLog {
     consumers: Vec<Arc<dyn Consumer>>,
     nonces: Nonces,
     retention_ms: u64,
+    max_per_request: u64,
     /// Cancelled when the replica starts shutting down: its watches end, and what it holds dies with it.
     draining: CancellationToken,
     /// The log's clock; replaced in tests.
@@ -35,31 +37,36 @@ pub struct LocalLog {
 
 #[derive(Default)]
 struct State {
-    /// What each request holds: its offsets and digests, until `retention` after its last event.
-    requests: HashMap<String, RequestState>,
-    /// The requests by expiry, to forget them once expired.
-    expiries: BTreeSet<(u64, String)>,
+    /// The keys of the request-id hash (a record stores no copy of the string).
+    keys: (RandomState, RandomState),
+    /// What each request holds, by a keyed 128-bit hash of its request_id: its offsets and digests, until
+    /// `retention` after its last event.
+    requests: HashMap<[u64; 2], RequestState>,
     /// The log's time of the last entry: never goes back, even when the wall clock does.
     last_ms: u64,
+    /// When expired requests are next swept out.
+    next_sweep_ms: u64,
 }
 
 #[derive(Default)]
 struct RequestState {
     /// The offset of its last notification.
-    last_offset: u64,
-    digests: Vec<Digest>,
+    last_offset: u32,
     /// Notifications dropped because of the cap.
-    capped: u64,
-    expires_ms: u64,
+    capped: u32,
+    /// The log time of its last event.
+    last_ms: u64,
+    digests: Vec<Digest>,
 }
 
 impl LocalLog {
-    pub fn new(retention: Retention, consumers: Vec<Arc<dyn Consumer>>, draining: CancellationToken) -> LocalLog {
+    pub fn new(limits: Limits, consumers: Vec<Arc<dyn Consumer>>, draining: CancellationToken) -> LocalLog {
         LocalLog {
             state: Mutex::default(),
             consumers,
             nonces: Nonces::default(),
-            retention_ms: retention.retention.as_millis() as u64,
+            retention_ms: limits.retention.as_millis() as u64,
+            max_per_request: limits.max_per_request,
             draining,
             clock: wall_clock_ms,
         }
@@ -103,20 +110,21 @@ impl LocalLog {
             return Ok(Accepted::NothingToAppend);
         };
         let mut state = self.state.lock().expect("log lock poisoned");
-        let now = state.tick((self.clock)());
-        let request = state.touch(&received.notification.request_id, now + self.retention_ms);
+        let now = state.tick((self.clock)(), self.retention_ms);
+        let request = state.touch(&received.notification.request_id, now, self.retention_ms);
         if request.digests.contains(&received.digest) {
             return Ok(Accepted::Duplicate);
         }
-        if request.last_offset >= MAX_NOTIFICATIONS_PER_REQUEST {
-            request.capped += 1;
+        if u64::from(request.last_offset) >= self.max_per_request {
+            request.capped = request.capped.saturating_add(1);
             return Ok(Accepted::Capped {
                 first: request.capped == 1,
             });
         }
         request.last_offset += 1;
+        request.digests.reserve_exact(1);
         request.digests.push(received.digest);
-        let offset = request.last_offset;
+        let offset = u64::from(request.last_offset);
         let entry = Entry::Notification(NotificationEntry {
             time_ms: now,
             offset,
@@ -129,8 +137,8 @@ impl LocalLog {
 
     pub fn record_query(&self, query: QueryRecorded) -> Result<(), Unavailable> {
         let mut state = self.state.lock().expect("log lock poisoned");
-        let now = state.tick((self.clock)());
-        state.touch(&query.request_id, now + self.retention_ms);
+        let now = state.tick((self.clock)(), self.retention_ms);
+        state.touch(&query.request_id, now, self.retention_ms);
         let entry = Entry::Query { time_ms: now, query };
         self.consumers.iter().for_each(|c| c.apply(&entry));
         Ok(())
@@ -138,29 +146,28 @@ impl LocalLog {
 }
 
 impl State {
-    /// Moves the log's clock to `wall` (never back) and forgets the requests expired by then.
-    fn tick(&mut self, wall: u64) -> u64 {
+    /// Moves the log's clock to `wall` (never back); forgets, about ten times per retention, the requests whose
+    /// last event is older than the retention (a sweep rather than an index: an index would cost more memory
+    /// per request than the sweep costs time).
+    fn tick(&mut self, wall: u64, retention_ms: u64) -> u64 {
         self.last_ms = self.last_ms.max(wall);
-        while let Some((expires, _)) = self.expiries.first()
-            && *expires <= self.last_ms
-        {
-            let (_, request_id) = self.expiries.pop_first().expect("first exists");
-            self.requests.remove(&request_id);
+        let now = self.last_ms;
+        if now >= self.next_sweep_ms {
+            self.requests
+                .retain(|_, r| r.last_ms.saturating_add(retention_ms) > now);
+            self.next_sweep_ms = now + (retention_ms / 10).clamp(1_000, 60_000);
         }
-        self.last_ms
+        now
     }
 
-    /// The state of `request_id`, created if new, now kept until `expires_ms`.
-    fn touch(&mut self, request_id: &str, expires_ms: u64) -> &mut RequestState {
-        if !self.requests.contains_key(request_id) {
-            self.requests.insert(request_id.to_owned(), RequestState::default());
+    /// The state of `request_id`, created if new or expired (swept or not), its last event now at `now`.
+    fn touch(&mut self, request_id: &str, now: u64, retention_ms: u64) -> &mut RequestState {
+        let key = [self.keys.0.hash_one(request_id), self.keys.1.hash_one(request_id)];
+        let request = self.requests.entry(key).or_default();
+        if request.last_ms.saturating_add(retention_ms) <= now {
+            *request = RequestState::default();
         }
-        let request = self.requests.get_mut(request_id).expect("inserted");
-        if request.expires_ms != expires_ms {
-            self.expiries.remove(&(request.expires_ms, request_id.to_owned()));
-            self.expiries.insert((expires_ms, request_id.to_owned()));
-            request.expires_ms = expires_ms;
-        }
+        request.last_ms = now;
         request
     }
 }
@@ -191,13 +198,15 @@ mod tests {
     }
 
     static NOW: AtomicU64 = AtomicU64::new(1_000_000);
+    const CAP: u64 = 64;
 
     fn log(consumer: Arc<Recorder>) -> LocalLog {
         LocalLog {
             clock: || NOW.load(Ordering::SeqCst),
             ..LocalLog::new(
-                Retention {
+                Limits {
                     retention: Duration::from_secs(60),
+                    max_per_request: CAP,
                 },
                 vec![consumer],
                 CancellationToken::new(),
@@ -229,7 +238,7 @@ mod tests {
             Accepted::Appended { offset: 2 },
             "another outcome is news"
         );
-        for status in 3..=MAX_NOTIFICATIONS_PER_REQUEST {
+        for status in 3..=CAP {
             let mut n = received("r", CapabilityStatus::Full).unwrap();
             n.notification.identity = status.to_string();
             n.digest = Digest::of(&n.notification);
@@ -246,7 +255,7 @@ mod tests {
             Accepted::Capped { first: true }
         );
         assert_eq!(log.accept(None, Some(over)).unwrap(), Accepted::Capped { first: false });
-        assert_eq!(recorder.0.lock().unwrap().len(), MAX_NOTIFICATIONS_PER_REQUEST as usize);
+        assert_eq!(recorder.0.lock().unwrap().len(), CAP as usize);
 
         NOW.fetch_add(60_000, Ordering::SeqCst);
         assert_eq!(

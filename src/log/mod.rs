@@ -7,8 +7,8 @@
 //!   the dedupe check, and travels with the entry, so every replica numbers it the same whenever it reads it;
 //! - **duplicates**: a notification with the same [`Digest`] as one its request already holds is acknowledged
 //!   and dropped, whatever its bytes;
-//! - **the cap**: past [`MAX_NOTIFICATIONS_PER_REQUEST`] notifications a request takes no more (acknowledged,
-//!   dropped, counted);
+//! - **the cap**: past `CAPABILITY_MAX_NOTIFICATIONS_PER_REQUEST` notifications (64 by default) a request takes
+//!   no more (acknowledged, dropped, counted);
 //! - **time**: each entry carries the log's time (Redis's clock with Redis); retention counts from it.
 //!
 //! Two implementations: in process ([`local`]) for one replica, and Redis Streams ([`redis`]) for many, on a
@@ -29,10 +29,6 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::capability::Notification;
 use local::LocalLog;
 use redis::RedisLog;
-
-/// The most notifications one request takes. Sinch sends one per channel identity; a query has at most 100
-/// identities but a handful in practice.
-pub const MAX_NOTIFICATIONS_PER_REQUEST: u64 = 64;
 
 /// An event at its place in the log, as every consumer sees it.
 #[derive(Debug, Clone)]
@@ -108,7 +104,7 @@ pub enum Accepted {
     Appended { offset: u64 },
     /// Its request already holds the same result: dropped.
     Duplicate,
-    /// Its request holds [`MAX_NOTIFICATIONS_PER_REQUEST`] notifications already: dropped. `first` is true the
+    /// Its request holds as many notifications as it may already: dropped. `first` is true the
     /// first time this happens to the request.
     Capped { first: bool },
     /// Nothing to append (another trigger, or no request_id); the nonce was claimed.
@@ -148,10 +144,13 @@ pub struct Health {
     pub caught_up: bool,
 }
 
-/// How long an event stays replayable after its time in the log.
+/// What the log keeps.
 #[derive(Debug, Clone, Copy)]
-pub struct Retention {
+pub struct Limits {
+    /// How long an event stays replayable after its time in the log.
     pub retention: Duration,
+    /// The most notifications one request takes. Sinch sends one per channel identity: a handful in practice.
+    pub max_per_request: u64,
 }
 
 /// The event log of this replica.
@@ -162,8 +161,8 @@ pub enum EventLog {
 
 impl EventLog {
     /// An in-process log feeding `consumers`; it refuses callbacks once `draining` is cancelled.
-    pub fn local(retention: Retention, consumers: Vec<Arc<dyn Consumer>>, draining: CancellationToken) -> EventLog {
-        EventLog::Local(Box::new(LocalLog::new(retention, consumers, draining)))
+    pub fn local(limits: Limits, consumers: Vec<Arc<dyn Consumer>>, draining: CancellationToken) -> EventLog {
+        EventLog::Local(Box::new(LocalLog::new(limits, consumers, draining)))
     }
 
     /// A Redis log (see [`RedisLog::prepare`]).

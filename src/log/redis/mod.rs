@@ -34,8 +34,8 @@ use sha2::{Digest as _, Sha256};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
-    Accepted, Consumer, Entry, Health, IdempotencyClaim, MAX_NOTIFICATIONS_PER_REQUEST, Nonce, NotificationReceived,
-    QueryRecorded, Unavailable, codec, skipped, wall_clock_ms,
+    Accepted, Consumer, Entry, Health, IdempotencyClaim, Nonce, NotificationReceived, QueryRecorded, Unavailable,
+    codec, skipped, wall_clock_ms,
 };
 use crate::secret::Secret;
 use connection::{Connection, Connector, Target};
@@ -115,6 +115,8 @@ pub struct RedisSettings {
     pub shards: u16,
     /// How long events stay in the streams and replayable.
     pub retention: Duration,
+    /// The most notifications one request takes.
+    pub max_per_request: u64,
     /// How long a request_id is remembered once answered.
     pub idempotency_window: Duration,
     /// How long a claim on a request_id lasts while its query is in flight.
@@ -289,7 +291,7 @@ impl RedisLog {
                 .arg(&token)
                 .arg(nonce.map_or(1, |n| ttl_ms(n.remember_for)))
                 .arg(self.settings.retention.as_millis() as u64)
-                .arg(MAX_NOTIFICATIONS_PER_REQUEST)
+                .arg(self.settings.max_per_request)
                 .arg(&digest)
                 .arg(event.as_slice());
             let answer: Vec<i64> = retried(
