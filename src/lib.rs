@@ -48,7 +48,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use config::{Config, ConfigError, Upstream, invalid};
 use hub::{Hub, HubConfig};
-use log::{Consumer, EventLog, Retention, redis::RedisLog};
+use log::{Consumer, EventLog, Limits, redis::RedisLog};
 use secret::Secret;
 
 /// A boxed error: nobody branches on why the service stopped.
@@ -124,13 +124,21 @@ impl Service {
         let consumers: Vec<Arc<dyn Consumer>> = vec![hub.clone()];
         let draining = CancellationToken::new();
         let log = Arc::new(match config.redis_url() {
-            None => EventLog::local(Retention { retention }, consumers, draining.clone()),
+            None => EventLog::local(
+                Limits {
+                    retention,
+                    max_per_request: config.retention.max_notifications_per_request,
+                },
+                consumers,
+                draining.clone(),
+            ),
             Some(url) => {
                 let settings = log::redis::RedisSettings {
                     url: url.clone(),
                     prefix: config.redis.prefix.clone(),
                     shards: config.redis.shards,
                     retention,
+                    max_per_request: config.retention.max_notifications_per_request,
                     idempotency_window: config.query.idempotency_window,
                     pending_claim: Duration::from_secs(30),
                 };

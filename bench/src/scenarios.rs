@@ -275,7 +275,8 @@ pub async fn post_callbacks(target: SocketAddr, prefix: &str, ids: usize, postin
             if let Some(due) = due {
                 tokio::time::sleep_until(due.into()).await;
             }
-            let body = CapabilityCallback::new(&request_id, "SMS", "46700000001", "CAPABILITY_FULL")
+            // A distinct identity for each: every callback is a new result, not a duplicate of the last.
+            let body = CapabilityCallback::new(&request_id, "SMS", &format!("46{n:011}"), "CAPABILITY_FULL")
                 .app_id("bench-app")
                 .correlation_id(&now_nanos().to_string())
                 .message_metadata(&n.to_string())

@@ -159,6 +159,12 @@ pub struct RetentionSettings {
     #[arg(id = "max-requests", long = "max-requests", env = MAX_REQUESTS, default_value = "500000",
           value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub max_requests: u64,
+    /// The most notifications one request takes (Sinch sends one per channel identity); the excess is
+    /// acknowledged, dropped and counted.
+    #[arg(id = "max-notifications-per-request", long = "max-notifications-per-request",
+          env = MAX_NOTIFICATIONS_PER_REQUEST, default_value = "64",
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_notifications_per_request: u64,
 }
 
 /// How WatchCapability streams behave.
@@ -312,6 +318,7 @@ pub const HEARTBEAT: &str = "CAPABILITY_HEARTBEAT";
 pub const WATCH_WAIT: &str = "CAPABILITY_WATCH_WAIT";
 pub const MAX_WATCHES: &str = "CAPABILITY_MAX_WATCHES";
 pub const MAX_REQUESTS: &str = "CAPABILITY_MAX_REQUESTS";
+pub const MAX_NOTIFICATIONS_PER_REQUEST: &str = "CAPABILITY_MAX_NOTIFICATIONS_PER_REQUEST";
 pub const MAX_INFLIGHT_QUERIES: &str = "CAPABILITY_MAX_INFLIGHT_QUERIES";
 pub const MAX_STREAMS_PER_CONNECTION: &str = "CAPABILITY_MAX_STREAMS_PER_CONNECTION";
 pub const MAX_CONNECTION_AGE: &str = "CAPABILITY_MAX_CONNECTION_AGE";
@@ -533,6 +540,7 @@ pub const ALL_VARIABLES: &[&str] = &[
     WATCH_WAIT,
     MAX_WATCHES,
     MAX_REQUESTS,
+    MAX_NOTIFICATIONS_PER_REQUEST,
     MAX_INFLIGHT_QUERIES,
     MAX_STREAMS_PER_CONNECTION,
     MAX_CONNECTION_AGE,
