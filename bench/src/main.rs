@@ -143,7 +143,12 @@ async fn main() {
             cross_replica(&plan, &mut report).await;
         }
         if run == 1 && wanted("memory") {
-            report.memory = memory_vs_retained(&plan).await;
+            report
+                .memory
+                .push(("a single replica", memory_vs_retained(&plan, None).await));
+            let redis = testkit::RedisServer::start().await;
+            let series = memory_vs_retained(&plan, Some(redis.url())).await;
+            report.memory.push(("a replica with Redis", series));
         }
     }
     std::fs::create_dir_all(&cli.out).expect("the output folder can be made");
@@ -157,8 +162,8 @@ async fn main() {
 #[derive(Default)]
 struct Report {
     values: Vec<(String, Vec<f64>)>,
-    /// (retained requests, RSS bytes), from the first run.
-    memory: Vec<(u64, u64)>,
+    /// By setting: (retained notifications, RSS bytes), from the first run.
+    memory: Vec<(&'static str, Vec<(u64, u64)>)>,
 }
 
 impl Report {
@@ -228,12 +233,15 @@ impl Report {
                 ratio(&format!("delivery {watchers} watchers deliveries/s"), "bare http ops/s")
             );
         }
-        if let Some(&(_, empty)) = self.memory.first() {
+        for (setting, points) in &self.memory {
+            let Some(&(_, empty)) = points.first() else {
+                continue;
+            };
             let _ = writeln!(
                 out,
-                "\n| retained notifications (3 per request) | RSS MiB | bytes per notification above an empty replica |\n|---:|---:|---:|"
+                "\n| {setting}: retained notifications (3 per request) | RSS MiB | bytes per notification above an empty replica |\n|---:|---:|---:|"
             );
-            for (retained, rss) in &self.memory {
+            for (retained, rss) in points {
                 let per = if *retained == 0 {
                     "".to_owned()
                 } else {
@@ -266,13 +274,15 @@ impl Report {
         );
         let memory: Vec<(f64, f64)> = self
             .memory
-            .iter()
+            .first()
+            .into_iter()
+            .flat_map(|(_, points)| points)
             .map(|(r, rss)| (*r as f64, *rss as f64 / 1048576.0))
             .collect();
         chart(
             &out.join("memory-vs-retained.svg"),
             (
-                "Facade RSS vs retained notifications",
+                "Facade RSS vs retained notifications (a single replica)",
                 "retained notifications (three per request)",
                 "RSS (MiB)",
             ),
@@ -478,9 +488,13 @@ async fn cross_replica(plan: &Plan, report: &mut Report) {
 }
 
 /// RSS of a fresh replica as it retains more and more notifications, three per request (one per channel
-/// identity, as Sinch sends them), each a signed callback whose nonce is remembered too.
-async fn memory_vs_retained(plan: &Plan) -> Vec<(u64, u64)> {
-    let facade = procs::facade(&delivery_env()).await;
+/// identity, as Sinch sends them), each a signed callback whose nonce is remembered too. Alone, the replica also
+/// keeps the log's state (offsets, digests) and the nonces; with `redis`, those live in Redis and the replica
+/// holds only its hub.
+async fn memory_vs_retained(plan: &Plan, redis: Option<String>) -> Vec<(u64, u64)> {
+    let mut env = delivery_env();
+    env.extend(redis.map(|url| ("CAPABILITY_REDIS_URL", url)));
+    let facade = procs::facade(&env).await;
     let mut points = vec![(0, procs::rss(facade.pid()))];
     let mut retained = 0;
     for (step, &target) in plan.retained_steps.iter().enumerate() {
@@ -495,8 +509,30 @@ async fn memory_vs_retained(plan: &Plan) -> Vec<(u64, u64)> {
         let requests = (count as usize).div_ceil(3);
         let posted = scenarios::post_callbacks(facade.webhook_addr, &prefix, requests, posting).await;
         retained += posted.ok;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        held(facade.admin_addr, retained).await;
         points.push((retained, procs::rss(facade.pid())));
     }
     points
+}
+
+/// Waits (at most a minute) until the replica's hub has taken `count` notifications from the log.
+async fn held(admin: std::net::SocketAddr, count: u64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
+        let metrics = match reqwest::get(format!("http://{admin}/metrics")).await {
+            Ok(response) => response.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        };
+        let published = metrics.lines().find_map(|l| {
+            l.strip_prefix("capability_notifications_published_total ")?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        });
+        if published.is_some_and(|p| p as u64 >= count) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("   the hub did not report {count} notifications within a minute; measuring anyway");
 }

@@ -242,6 +242,11 @@ pub struct Posting {
     pub duration: Duration,
 }
 
+/// The app and project of posted callbacks, as long as Sinch's (a ULID and a UUID), so that what a replica
+/// keeps per notification is measured at its real size.
+const CALLBACK_APP_ID: &str = "01KBQ3M8Z6T1V0R9C5XW2YHJ4N";
+const CALLBACK_PROJECT_ID: &str = "5f1c0a6e-3b2d-4e8f-9a71-0c6d2e4b8f13";
+
 /// Posts signed CAPABILITY callbacks for request_ids `{prefix}{0..ids}` to `target`. Each carries its send time
 /// (`correlation_id`, ns) and a unique sequence number, so none is a duplicate.
 pub async fn post_callbacks(target: SocketAddr, prefix: &str, ids: usize, posting: Posting) -> Load {
@@ -277,7 +282,8 @@ pub async fn post_callbacks(target: SocketAddr, prefix: &str, ids: usize, postin
             }
             // A distinct identity for each: every callback is a new result, not a duplicate of the last.
             let body = CapabilityCallback::new(&request_id, "SMS", &format!("46{n:011}"), "CAPABILITY_FULL")
-                .app_id("bench-app")
+                .app_id(CALLBACK_APP_ID)
+                .project_id(CALLBACK_PROJECT_ID)
                 .correlation_id(&now_nanos().to_string())
                 .message_metadata(&n.to_string())
                 .body();

@@ -6,7 +6,7 @@ use std::time::Duration;
 use prost::Message;
 
 use crate::{
-    capability::{Channel, ChannelIdentity, MAX_REQUEST_ID_LEN, QueryAccepted, Recipient},
+    capability::{CapabilityStatus, Channel, ChannelIdentity, MAX_REQUEST_ID_LEN, QueryAccepted, Recipient},
     grpc::pb,
     hub::CompletionReason,
     query::QueryRequest,
@@ -225,7 +225,34 @@ pub fn notification(offset: u64, request_id: &str, body: &[u8]) -> pb::Capabilit
     });
     n.offset = offset;
     n.request_id = request_id.to_owned();
+    spell_out(
+        &mut n.channel_raw,
+        Channel::from_number(n.channel).as_ref().map(Channel::as_sinch),
+    );
+    spell_out(
+        &mut n.capability_status_raw,
+        CapabilityStatus::from_number(n.capability_status)
+            .as_ref()
+            .map(CapabilityStatus::as_sinch),
+    );
+    for id in n
+        .channel_recipient_identities
+        .iter_mut()
+        .filter_map(|r| r.channel_identity.as_mut())
+    {
+        spell_out(
+            &mut id.channel_raw,
+            Channel::from_number(id.channel).as_ref().map(Channel::as_sinch),
+        );
+    }
     n
+}
+
+/// Sets a `…_raw` field the log left empty (it keeps only spellings the enum cannot carry) to the known value's.
+fn spell_out(raw: &mut String, known: Option<&str>) {
+    if let (true, Some(known)) = (raw.is_empty(), known) {
+        known.clone_into(raw);
+    }
 }
 
 /// How a completed watch ended, as the contract says it.
@@ -278,7 +305,6 @@ mod tests {
     /// contract's names are Sinch's spellings with the enum's prefix.
     #[test]
     fn the_contracts_enums_are_the_domains_lists() {
-        use crate::capability::CapabilityStatus;
         for channel in Channel::KNOWN {
             let typed = pb::Channel::try_from(channel.number()).unwrap();
             assert_eq!(typed.as_str_name(), format!("CHANNEL_{}", channel.as_sinch()));
@@ -308,7 +334,8 @@ mod tests {
     fn the_logs_encoding_of_a_notification_reads_as_the_contracts() {
         use crate::log::codec;
         let n = codec::tests::full_notification("r1");
-        let sent = notification(7, "r1", &codec::encode_body(&n));
+        let body = [codec::encode_body(&n), codec::encode_receive_time(1_700_000_000_123)].concat();
+        let sent = notification(7, "r1", &body);
         assert_eq!(sent.offset, 7);
         assert_eq!(sent.request_id, "r1");
         assert_eq!(sent.channel, pb::Channel::Whatsapp as i32);
@@ -330,7 +357,7 @@ mod tests {
         assert_eq!((sent.app_id.as_str(), sent.project_id.as_str()), ("APP", "PRJ"));
         assert_eq!(sent.accepted_time, n.accepted_time.map(Into::into));
         assert_eq!(sent.event_time, n.event_time.map(Into::into));
-        assert_eq!(sent.receive_time, Some(n.received_time.into()));
+        assert_eq!(sent.receive_time, Some(codec::log_time(1_700_000_000_123).into()));
         assert_eq!(
             (sent.message_metadata.as_str(), sent.correlation_id.as_str()),
             ("meta", "corr")

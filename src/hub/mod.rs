@@ -6,7 +6,7 @@
 //! Records live in shards, each behind a std mutex held only for map and vector operations, never across an
 //! `.await`. A record is keyed by a 128-bit keyed hash of its request_id (two SipHash keys drawn at start: a
 //! sender cannot make two request_ids collide), so that it stores no copy of the string; it holds about 100
-//! bytes, and each notification 32 bytes and its compact encoding.
+//! bytes, and its notifications lie back to back in one buffer, 20 bytes and the compact encoding each.
 //!
 //! What is kept, the same on every replica because it is decided by log time:
 //! - a notification, until `retention` after its time in the log;
@@ -19,10 +19,11 @@
 //! push real results out.
 
 mod channels;
+mod held;
 mod watch;
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, HashSet, VecDeque},
     hash::{BuildHasher, RandomState},
     sync::{
         Arc, Mutex, MutexGuard,
@@ -36,12 +37,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     capability::Channel,
-    log::{Consumer, Entry, NotificationEntry},
+    log::{Consumer, Entry, NotificationEntry, codec},
 };
 use channels::ChannelSet;
+use held::HeldList;
 pub use watch::{CompletionReason, Watch, WatchEvent, WatchLimits};
 
 const SHARDS: usize = 64;
+/// The most distinct (app, project) pairs kept once for all; past it (Sinch sends from a project's few apps),
+/// notifications keep theirs inline.
+const MAX_SOURCES: usize = 1024;
 
 /// How much the hub keeps.
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +72,8 @@ pub struct Hub {
     now_ms: AtomicU64,
     retention_ms: u64,
     max_requests: usize,
+    /// The encoded (app_id, project_id) of the records' notifications, each kept once ([`codec::encode_source`]).
+    sources: Mutex<HashSet<Arc<[u8]>>>,
 }
 
 /// A keyed 128-bit hash of a request_id, as two halves (8-byte aligned, where a `u128` would pad every record).
@@ -89,19 +96,31 @@ struct Record {
     /// The channels that reported.
     reported: ChannelSet,
     /// By offset, ascending; offsets may start above 1 (a replica that started after the first ones expired).
-    /// A boxed slice, exactly as long as it needs to be: rebuilt on each change (a request holds a handful).
-    notifications: Box<[Held]>,
+    notifications: HeldList,
+    /// The app and project of its first notification, as the hub shares them: a notification from the same is
+    /// kept without them.
+    source: Option<Arc<[u8]>>,
     /// How many watches read this record; a watched record stays (empty) when its events expire.
     watchers: u32,
     /// Woken on every change (a notification, the query record, removal); made when first watched.
     changed: Option<Arc<Notify>>,
 }
 
-/// A notification as the hub keeps it: about 32 bytes and its compact encoding.
-struct Held {
-    offset: u64,
-    time_ms: u64,
-    body: Arc<[u8]>,
+impl Record {
+    /// Its notifications past `cursor` as (offset, compact encoding), each with its app and project again and
+    /// its receive time, the log's.
+    fn after(&self, cursor: u64) -> Vec<(u64, Arc<[u8]>)> {
+        self.notifications
+            .iter()
+            .filter(|held| held.offset > cursor)
+            .map(|held| {
+                let source = if held.sourced { self.source.as_deref() } else { None };
+                let received = codec::encode_receive_time(held.time_ms);
+                let body: Vec<u8> = [held.body, source.unwrap_or_default(), &received].concat();
+                (held.offset, Arc::from(body))
+            })
+            .collect()
+    }
 }
 
 impl Hub {
@@ -115,6 +134,7 @@ impl Hub {
             now_ms: AtomicU64::new(0),
             retention_ms: config.retention.as_millis() as u64,
             max_requests: config.max_requests,
+            sources: Mutex::default(),
         }
     }
 
@@ -144,7 +164,8 @@ impl Hub {
             last_ms,
             expected: None,
             reported: ChannelSet::default(),
-            notifications: Box::default(),
+            notifications: HeldList::default(),
+            source: None,
             watchers: 0,
             changed: None,
         }
@@ -191,23 +212,39 @@ impl Hub {
         }
     }
 
+    /// The shared copy of `source`; `None` when [`MAX_SOURCES`] others are held.
+    fn shared_source(&self, source: &[u8]) -> Option<Arc<[u8]>> {
+        let mut sources = self.sources.lock().expect("hub sources poisoned");
+        if let Some(shared) = sources.get(source) {
+            return Some(shared.clone());
+        }
+        if sources.len() >= MAX_SOURCES {
+            return None;
+        }
+        let shared: Arc<[u8]> = source.into();
+        sources.insert(shared.clone());
+        Some(shared)
+    }
+
     fn apply_notification(&self, n: &NotificationEntry) {
+        let source = codec::encode_source(&n.notification);
         let mut duplicate = false;
         self.apply_to(&n.notification.request_id, n.time_ms, |record| {
-            if record.notifications.last().is_some_and(|last| last.offset >= n.offset) {
+            if record.notifications.last_offset().is_some_and(|last| last >= n.offset) {
                 // Appended again after Redis lost its data, and already held.
                 duplicate = true;
                 return;
             }
             record.reported.insert(&n.notification.channel);
-            let held = Held {
-                offset: n.offset,
-                time_ms: n.time_ms,
-                body: n.body.clone(),
-            };
-            let mut notifications = std::mem::take(&mut record.notifications).into_vec();
-            notifications.push(held);
-            record.notifications = notifications.into_boxed_slice();
+            if record.source.is_none() {
+                record.source = self.shared_source(&source);
+            }
+            if record.source.as_deref() == Some(&source[..]) {
+                let stripped = codec::encode_body_without_source(&n.notification);
+                record.notifications.push(n.offset, n.time_ms, &stripped, true);
+            } else {
+                record.notifications.push(n.offset, n.time_ms, &n.body, false);
+            }
         });
         if duplicate {
             metrics::counter!("capability_notifications_duplicate_total").increment(1);
@@ -249,14 +286,9 @@ impl Hub {
             let mut woken = Vec::new();
             let mut shard = shard.lock().expect("hub shard poisoned");
             shard.records.retain(|_, record| {
-                let kept_from = record
+                record
                     .notifications
-                    .partition_point(|held| held.time_ms.saturating_add(self.retention_ms) <= now);
-                if kept_from > 0 {
-                    let mut notifications = std::mem::take(&mut record.notifications).into_vec();
-                    notifications.drain(..kept_from);
-                    record.notifications = notifications.into_boxed_slice();
-                }
+                    .drop_while(|held| held.time_ms.saturating_add(self.retention_ms) <= now);
                 let expired = record.last_ms.saturating_add(self.retention_ms) <= now;
                 if !expired || record.watchers > 0 {
                     return true;
@@ -272,6 +304,10 @@ impl Hub {
             woken.iter().for_each(|notify| notify.notify_waiters());
         }
         self.trim_order();
+        self.sources
+            .lock()
+            .expect("hub sources poisoned")
+            .retain(|source| Arc::strong_count(source) > 1);
         if removed > 0 {
             metrics::counter!("capability_requests_expired_total").increment(removed as u64);
         }
@@ -386,11 +422,7 @@ impl Subscription {
                 gone: true,
             };
         };
-        let start = record.notifications.partition_point(|held| held.offset <= self.cursor);
-        let notifications: Vec<(u64, Arc<[u8]>)> = record.notifications[start..]
-            .iter()
-            .map(|held| (held.offset, held.body.clone()))
-            .collect();
+        let notifications = record.after(self.cursor);
         if let Some((last, _)) = notifications.last() {
             self.cursor = *last;
         }
@@ -430,13 +462,18 @@ mod tests {
     use super::*;
     use crate::{
         capability::{CapabilityStatus, Notification},
-        log::{QueryRecorded, codec},
+        log::QueryRecorded,
     };
 
     pub(super) fn notification(request_id: &str, channel: Channel, offset: u64, time_ms: u64) -> Entry {
+        from_app(request_id, channel, offset, time_ms, "APP")
+    }
+
+    fn from_app(request_id: &str, channel: Channel, offset: u64, time_ms: u64, app_id: &str) -> Entry {
         let notification = Notification {
             channel,
             capability_status: CapabilityStatus::Full,
+            app_id: app_id.into(),
             ..codec::tests::full_notification(request_id)
         };
         Entry::Notification(NotificationEntry {
@@ -563,6 +600,35 @@ mod tests {
             offsets(&hub, "r"),
             [1],
             "the log numbered it 1 again, and so does the hub"
+        );
+    }
+
+    /// Each app and project is kept once, not in every notification; what a watch reads is what Sinch sent.
+    #[test]
+    fn notifications_read_back_with_their_own_app_whatever_the_records_first() {
+        let hub = hub(600, 10);
+        hub.apply(&from_app("r", Channel::Sms, 1, 1, "APP-A"));
+        hub.apply(&from_app("r", Channel::Rcs, 2, 2, "APP-B"));
+        hub.apply(&from_app("r", Channel::Viber, 3, 3, "APP-A"));
+        hub.apply(&from_app("other", Channel::Sms, 1, 4, "APP-A"));
+        let key = hub.key("r");
+        let bodies = hub.shard(key).records[&key].after(0);
+        let apps: Vec<(u64, String, String)> = bodies
+            .iter()
+            .map(|(offset, body)| {
+                let n = codec::decode_body("r".into(), body).unwrap();
+                (*offset, n.app_id, n.project_id)
+            })
+            .collect();
+        let app = |offset: u64, app: &str| (offset, app.to_owned(), "PRJ".to_owned());
+        assert_eq!(apps, [app(1, "APP-A"), app(2, "APP-B"), app(3, "APP-A")]);
+        assert_eq!(hub.sources.lock().unwrap().len(), 1, "APP-A once for both records");
+        drop(bodies);
+        hub.advance(2_000_000);
+        hub.purge();
+        assert!(
+            hub.sources.lock().unwrap().is_empty(),
+            "a source goes with its last record"
         );
     }
 }

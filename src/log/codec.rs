@@ -7,7 +7,8 @@
 //! A notification's fields are encoded with the field numbers and types of the contract's
 //! `capability.v1.CapabilityNotification` (all but `offset` and `request_id`): the bytes a hub keeps for a
 //! notification are, as they stand, a valid encoding of that message, ready to be completed with the two
-//! fields the hub knows and sent.
+//! fields the hub knows and sent. To stay small they carry the `…_raw` spellings only where the enum's number
+//! is 0 (a value the contract does not name); the gRPC side spells known values out before sending.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -169,15 +170,38 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
     }
 }
 
-/// A notification's fields but `request_id`, encoded as the contract's `CapabilityNotification` encodes them.
+/// A notification's fields but `request_id` and `received_time` (see [`encode_receive_time`]), encoded as the
+/// contract's `CapabilityNotification` encodes them.
 pub fn encode_body(n: &Notification) -> Vec<u8> {
-    let body = NotificationBody {
+    body(n, true).encode_to_vec()
+}
+
+/// The same without `app_id` and `project_id`, which [`encode_source`] encodes: the two, concatenated, are
+/// [`encode_body`]'s message (protobuf fields may come in any order). A hub keeps a notification so, and each
+/// source once.
+pub fn encode_body_without_source(n: &Notification) -> Vec<u8> {
+    body(n, false).encode_to_vec()
+}
+
+/// A notification's `app_id` and `project_id` as [`encode_body`] encodes them.
+pub fn encode_source(n: &Notification) -> Vec<u8> {
+    NotificationBody {
+        app_id: n.app_id.clone(),
+        project_id: n.project_id.clone(),
+        ..NotificationBody::default()
+    }
+    .encode_to_vec()
+}
+
+fn body(n: &Notification, with_source: bool) -> NotificationBody {
+    let source = |value: &String| if with_source { value.clone() } else { String::new() };
+    NotificationBody {
         contact_id: n.contact_id.clone(),
         channel: n.channel.number(),
-        channel_raw: n.channel.as_sinch().to_owned(),
+        channel_raw: raw_unless_known(n.channel.number(), n.channel.as_sinch()),
         identity: n.identity.clone(),
         capability_status: n.capability_status.number(),
-        capability_status_raw: n.capability_status.as_sinch().to_owned(),
+        capability_status_raw: raw_unless_known(n.capability_status.number(), n.capability_status.as_sinch()),
         channel_capabilities: n.channel_capabilities.clone(),
         reason: n.reason.as_ref().map(|r| ReasonV1 {
             code: r.code.clone(),
@@ -193,20 +217,35 @@ pub fn encode_body(n: &Notification) -> Vec<u8> {
                     channel: r.channel.number(),
                     identity: r.identity.clone(),
                     app_id: r.app_id.clone(),
-                    channel_raw: r.channel.as_sinch().to_owned(),
+                    channel_raw: raw_unless_known(r.channel.number(), r.channel.as_sinch()),
                 }),
                 display_name: r.display_name.clone(),
             })
             .collect(),
-        app_id: n.app_id.clone(),
-        project_id: n.project_id.clone(),
+        app_id: source(&n.app_id),
+        project_id: source(&n.project_id),
         accepted_time: n.accepted_time.map(timestamp),
         event_time: n.event_time.map(timestamp),
         message_metadata: n.message_metadata.clone(),
         correlation_id: n.correlation_id.clone(),
-        receive_time: Some(timestamp(n.received_time)),
-    };
-    body.encode_to_vec()
+        receive_time: None,
+    }
+}
+
+/// The contract's `receive_time` of a notification the log recorded at `time_ms`, encoded as [`encode_body`]
+/// would: the log's time is the receive time (to the millisecond, the same on every replica), so a body does not
+/// carry it and a hub appends it when it sends one.
+pub fn encode_receive_time(time_ms: u64) -> Vec<u8> {
+    NotificationBody {
+        receive_time: Some(timestamp(log_time(time_ms))),
+        ..NotificationBody::default()
+    }
+    .encode_to_vec()
+}
+
+/// A log time (milliseconds since the Unix epoch) as a [`SystemTime`].
+pub fn log_time(time_ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(time_ms)
 }
 
 /// Reads what [`encode_body`] wrote back into a notification of `request_id`.
@@ -215,9 +254,10 @@ pub fn decode_body(request_id: String, bytes: &[u8]) -> Result<Notification, pro
     Ok(Notification {
         request_id,
         contact_id: b.contact_id,
-        channel: Channel::from_sinch(&b.channel_raw),
+        channel: Channel::from_number(b.channel).unwrap_or_else(|| Channel::from_sinch(&b.channel_raw)),
         identity: b.identity,
-        capability_status: CapabilityStatus::from_sinch(&b.capability_status_raw),
+        capability_status: CapabilityStatus::from_number(b.capability_status)
+            .unwrap_or_else(|| CapabilityStatus::from_sinch(&b.capability_status_raw)),
         channel_capabilities: b.channel_capabilities,
         reason: b.reason.map(|r| Reason {
             code: r.code,
@@ -231,7 +271,7 @@ pub fn decode_body(request_id: String, bytes: &[u8]) -> Result<Notification, pro
             .map(|r| {
                 let id = r.channel_identity.unwrap_or_default();
                 RecipientIdentity {
-                    channel: Channel::from_sinch(&id.channel_raw),
+                    channel: Channel::from_number(id.channel).unwrap_or_else(|| Channel::from_sinch(&id.channel_raw)),
                     identity: id.identity,
                     app_id: id.app_id,
                     display_name: r.display_name,
@@ -246,6 +286,12 @@ pub fn decode_body(request_id: String, bytes: &[u8]) -> Result<Notification, pro
         correlation_id: b.correlation_id,
         received_time: b.receive_time.map(system_time).unwrap_or(UNIX_EPOCH),
     })
+}
+
+/// The spelling a stored notification keeps: only for values the contract's enum does not name (number 0), as
+/// the enum's number already says the rest; [`crate::grpc`] spells them out again for the caller.
+fn raw_unless_known(number: i32, sinch: &str) -> String {
+    if number == 0 { sinch.to_owned() } else { String::new() }
 }
 
 fn timestamp(time: SystemTime) -> prost_types::Timestamp {
@@ -396,7 +442,8 @@ pub(crate) mod tests {
             event_time: Some(UNIX_EPOCH + Duration::from_secs(1_605_629_145)),
             message_metadata: "meta".into(),
             correlation_id: "corr".into(),
-            received_time: UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
+            // A body does not carry it: the log's time is the receive time (see `encode_receive_time`).
+            received_time: UNIX_EPOCH,
         }
     }
 
@@ -467,4 +514,27 @@ pub(crate) mod tests {
 
     /// Computed independently: `python3 -c` over the same length-prefixed fields with hashlib.sha256.
     const PINNED_DIGEST: &str = "c2a1a76697ebe6efdcf1c799af035008";
+
+    #[test]
+    fn a_body_without_its_source_then_the_source_and_the_log_time_is_the_whole_notification() {
+        let n = full_notification("r1");
+        let joined = [
+            encode_body_without_source(&n),
+            encode_source(&n),
+            encode_receive_time(1_700_000_000_123),
+        ]
+        .concat();
+        let read = decode_body("r1".into(), &joined).unwrap();
+        assert_eq!(
+            read,
+            Notification {
+                received_time: log_time(1_700_000_000_123),
+                ..n.clone()
+            }
+        );
+        assert_eq!(
+            encode_body_without_source(&n).len() + encode_source(&n).len(),
+            encode_body(&n).len()
+        );
+    }
 }

@@ -17,6 +17,7 @@ use super::{
     Accepted, Consumer, Digest, Entry, Limits, Nonce, NotificationEntry, NotificationReceived, QueryRecorded,
     Unavailable, codec, wall_clock_ms,
 };
+use crate::capability::Notification;
 use nonces::Nonces;
 
 /// How often the consumers' clocks advance when nothing is appended.
@@ -50,13 +51,13 @@ struct State {
 
 #[derive(Default)]
 struct RequestState {
-    /// The offset of its last notification.
-    last_offset: u32,
     /// Notifications dropped because of the cap.
     capped: u32,
     /// The log time of its last event.
     last_ms: u64,
-    digests: Vec<Digest>,
+    /// The digests of its notifications, by offset (the first is offset 1): exactly as long as needed, as a
+    /// request holds a handful.
+    digests: Box<[Digest]>,
 }
 
 impl LocalLog {
@@ -115,21 +116,25 @@ impl LocalLog {
         if request.digests.contains(&received.digest) {
             return Ok(Accepted::Duplicate);
         }
-        if u64::from(request.last_offset) >= self.max_per_request {
+        if request.digests.len() as u64 >= self.max_per_request {
             request.capped = request.capped.saturating_add(1);
             return Ok(Accepted::Capped {
                 first: request.capped == 1,
             });
         }
-        request.last_offset += 1;
-        request.digests.reserve_exact(1);
-        request.digests.push(received.digest);
-        let offset = u64::from(request.last_offset);
+        let mut digests = std::mem::take(&mut request.digests).into_vec();
+        digests.reserve_exact(1);
+        digests.push(received.digest);
+        request.digests = digests.into_boxed_slice();
+        let offset = request.digests.len() as u64;
         let entry = Entry::Notification(NotificationEntry {
             time_ms: now,
             offset,
             body: codec::encode_body(&received.notification).into(),
-            notification: Arc::new(received.notification),
+            notification: Arc::new(Notification {
+                received_time: codec::log_time(now),
+                ..received.notification
+            }),
         });
         self.consumers.iter().for_each(|c| c.apply(&entry));
         Ok(Accepted::Appended { offset })

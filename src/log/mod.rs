@@ -51,7 +51,8 @@ pub struct NotificationEntry {
     /// Its position within its request: 1 for the first, then 2, 3 … — assigned by the log.
     pub offset: u64,
     pub notification: Arc<Notification>,
-    /// Its compact encoding (the contract's `CapabilityNotification` without `offset` and `request_id`).
+    /// Its compact encoding (the contract's `CapabilityNotification` without `offset`, `request_id` and
+    /// `receive_time`).
     pub body: Arc<[u8]>,
 }
 
@@ -75,7 +76,10 @@ impl Entry {
                     .body
                     .unwrap_or_else(|| codec::encode_body(&n.notification))
                     .into(),
-                notification: Arc::new(n.notification),
+                notification: Arc::new(Notification {
+                    received_time: codec::log_time(time_ms),
+                    ..n.notification
+                }),
             }),
         }
     }
