@@ -39,7 +39,6 @@ pub mod webhook;
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
-    time::Duration,
 };
 
 use futures::{FutureExt, future::FusedFuture};
@@ -113,8 +112,12 @@ impl Service {
                 (sinch, Some((listener, prepared, secret)))
             }
         };
-        let client = upstream::SinchClient::new(&sinch, upstream::RetryPolicy::default())
-            .map_err(|e| invalid(config::KEY_ID, e.to_string()))?;
+        let client = upstream::SinchClient::new(
+            &sinch,
+            upstream::RetryPolicy::default(),
+            upstream::TokenRetry::default(),
+        )
+        .map_err(|e| invalid(config::KEY_ID, e.to_string()))?;
 
         let retention = config.retention.retention;
         let hub = Arc::new(Hub::new(HubConfig {
@@ -140,7 +143,7 @@ impl Service {
                     retention,
                     max_per_request: config.retention.max_notifications_per_request,
                     idempotency_window: config.query.idempotency_window,
-                    pending_claim: Duration::from_secs(30),
+                    pending_claim: query::PENDING_CLAIM,
                 };
                 let redis = RedisLog::prepare(settings, consumers)
                     .await

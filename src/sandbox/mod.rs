@@ -118,6 +118,7 @@ fn sinch_error(status: StatusCode, sinch_status: &str, message: impl Into<String
             code: status.as_u16(),
             message: message.into(),
             status: sinch_status.to_owned(),
+            details: Vec::new(),
         },
     };
     (status, axum::Json(body)).into_response()
@@ -154,6 +155,7 @@ async fn token(State(sandbox): State<Arc<Sandbox>>, headers: HeaderMap, body: By
         access_token: token,
         token_type: "bearer".to_owned(),
         expires_in: lifetime.as_secs(),
+        scope: String::new(),
     })
     .into_response()
 }
