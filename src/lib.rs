@@ -101,14 +101,27 @@ impl Service {
         let (sinch, sandbox) = match config.upstream()? {
             Upstream::Sinch(sinch) => (sinch, None),
             Upstream::Sandbox => {
-                let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-                    .await
-                    .map_err(|e| StartError::Other(format!("the in-process sandbox cannot listen on loopback: {e}")))?;
+                let wanted = config.sandbox.addr;
+                let listener = TcpListener::bind(wanted).await.map_err(|e| {
+                    StartError::Other(format!(
+                        "{}: the in-process sandbox cannot listen on {wanted}: {e} (set another address, or \
+                         127.0.0.1:0 for a free port)",
+                        config::SANDBOX_ADDR
+                    ))
+                })?;
                 let addr = listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
-                let prepared = sandbox::SandboxConfig::generated();
+                let prepared = sandbox::SandboxConfig::new(config.sandbox.clone(), None);
                 let sinch = prepared.client_config(&format!("http://{addr}"), config.sinch.rate_limit);
-                let secret = Secret::new(ulid::Ulid::new().to_string());
-                webhook_secrets.push(secret.clone());
+                // The in-process webhook is registered with the first configured secret, so that the doctor and
+                // `webhook` commands can compare and restore it; without one, a generated secret.
+                let secret = match webhook_secrets.first() {
+                    Some(configured) => configured.clone(),
+                    None => {
+                        let generated = Secret::new(ulid::Ulid::new().to_string());
+                        webhook_secrets.push(generated.clone());
+                        generated
+                    }
+                };
                 (sinch, Some((listener, prepared, secret)))
             }
         };
@@ -197,17 +210,19 @@ impl Service {
 
         if let Some((listener, mut prepared, secret)) = sandbox {
             let scheme = if tls.is_some() { "https" } else { "http" };
-            prepared.callbacks = Some(sandbox::callbacks::CallbackTarget {
-                url: format!(
+            // The service's own webhook, registered for every app the sandbox comes to know, as an operator
+            // registers it at Sinch.
+            prepared.default_webhook = Some(sandbox::webhooks::Destination {
+                target: format!(
                     "{scheme}://{}{}",
                     loopback(listeners.webhook.local_addr()?),
                     webhook::PATH
                 ),
                 secret,
-                knobs: config.sandbox,
-                trust_own_listener: tls.is_some(),
             });
-            tracing::info!(addr = %listener.local_addr()?, "in-process Sinch sandbox listening");
+            prepared.trust_own_listener = tls.is_some();
+            tracing::info!(addr = %listener.local_addr()?, project_id = sandbox::PROJECT_ID,
+                key_id = sandbox::KEY_ID, "in-process Sinch sandbox listening");
             let stop = background.clone();
             tasks.spawn(async move {
                 if let Err(e) = sandbox::serve(listener, prepared, stop).await {

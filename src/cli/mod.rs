@@ -5,11 +5,11 @@
 mod client;
 mod sandbox;
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use capability_facade::{
     capability::Channel,
-    config::Config,
+    config::{Config, SandboxSettings},
     grpc::{
         client::{Client, Connection},
         pb,
@@ -133,33 +133,16 @@ pub struct CheckArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct SandboxArgs {
-    /// Where to listen.
-    #[arg(long, default_value = "127.0.0.1:9000")]
-    pub listen: SocketAddr,
-    /// The project id it serves.
-    #[arg(long, default_value = "sandbox-project")]
-    pub project_id: String,
-    /// The key id clients must present.
-    #[arg(long, default_value = "sandbox-key")]
-    pub key_id: String,
-    /// The key secret clients must present.
-    #[arg(long, default_value = "sandbox-secret", hide_default_value = true)]
-    pub key_secret: Secret,
-    /// Where to post the callbacks of each query (the service's `/webhooks/sinch`); none are sent without it.
+    #[command(flatten)]
+    pub knobs: SandboxSettings,
+    /// Where to post the callbacks of each query (the service's `/webhooks/sinch`): registered as a webhook
+    /// (trigger CAPABILITY) of every app when it comes to exist. Without it, only webhooks created through the
+    /// Webhooks API receive callbacks.
     #[arg(long, requires = "webhook_secret")]
     pub callback_url: Option<String>,
-    /// The secret to sign callbacks with (the service's SINCH_WEBHOOK_SECRETS).
+    /// The secret of that webhook, which signs its callbacks (the service's SINCH_WEBHOOK_SECRETS).
     #[arg(long)]
     pub webhook_secret: Option<Secret>,
-    /// The delay between a query and its callbacks.
-    #[arg(long, default_value = "150ms", value_parser = humantime::parse_duration)]
-    pub callback_delay: Duration,
-    /// Send every callback twice.
-    #[arg(long)]
-    pub duplicates: bool,
-    /// Send a query's callbacks in reverse order.
-    #[arg(long)]
-    pub reorder: bool,
 }
 
 fn parse_identity(value: &str) -> Result<pb::ChannelIdentity, String> {

@@ -63,6 +63,53 @@ pub struct ErrorJson {
     pub error: ErrorBody,
 }
 
+/// A webhook of Sinch's Webhooks API. Sinch sends every key (`secret` and `client_credentials` may be empty or
+/// null); the secret comes back in clear text, so a value of this type is never logged.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct WebhookJson {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub app_id: String,
+    #[serde(default)]
+    pub target: String,
+    #[serde(default)]
+    pub target_type: String,
+    #[serde(default)]
+    pub secret: String,
+    #[serde(default)]
+    pub triggers: Vec<String>,
+    #[serde(default)]
+    pub client_credentials: Option<Value>,
+}
+
+impl std::fmt::Debug for WebhookJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookJson")
+            .field("id", &self.id)
+            .field("app_id", &self.app_id)
+            .field("target", &self.target)
+            .field("target_type", &self.target_type)
+            .field("secret", &if self.secret.is_empty() { "(none)" } else { "(set)" })
+            .field("triggers", &self.triggers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WebhookJson {
+    /// Whether this webhook receives CAPABILITY callbacks.
+    pub fn wants_capability(&self) -> bool {
+        self.target_type != "DISMISS" && self.triggers.iter().any(|t| t == "CAPABILITY")
+    }
+}
+
+/// `{"webhooks": […]}`; an app without webhooks may answer `{}`.
+#[derive(Debug, Default, Deserialize)]
+pub struct WebhookListJson {
+    #[serde(default)]
+    pub webhooks: Vec<WebhookJson>,
+}
+
 /// The longest wait an error may ask for that is taken as it is.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
 

@@ -114,6 +114,7 @@ impl Binary {
             .env("CAPABILITY_GRPC_ADDR", "127.0.0.1:0")
             .env("CAPABILITY_WEBHOOK_ADDR", "127.0.0.1:0")
             .env("CAPABILITY_ADMIN_ADDR", "127.0.0.1:0")
+            .env("CAPABILITY_SANDBOX_ADDR", "127.0.0.1:0")
             .env("CAPABILITY_LOG_FORMAT", "json");
         for (k, v) in env {
             command.env(k, v);

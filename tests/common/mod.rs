@@ -186,6 +186,7 @@ pub fn sandbox_config(extra: &[&str]) -> Config {
     let mut flags = vec![
         "test".to_owned(),
         "--grpc-addr=127.0.0.1:0".to_owned(),
+        "--sandbox-addr=127.0.0.1:0".to_owned(),
         "--log-format=text".to_owned(),
     ];
     flags.extend(extra.iter().map(|s| s.to_string()));
