@@ -6,7 +6,8 @@
 //! - [`secret`]: values never printed.
 //! - [`capability`]: domain types (channels, statuses, queries, notifications); no transport crate.
 //! - [`query`]: QueryCapability's behaviour: request_id, idempotency, forwarding.
-//! - [`upstream`]: the Sinch client (auth, rate limit, retries).
+//! - [`upstream`]: the Sinch client (auth, rate limit, retries; the Webhooks and Apps APIs).
+//! - [`registration`]: the service's CAPABILITY webhook at Sinch, as the doctor and the start-up check see it.
 //! - [`webhook`]: the callback receiver: verify, parse, append to the event log.
 //! - [`log`]: the event log, in process or on Redis (one node or a cluster): the one road into every hub.
 //! - [`hub`]: fed only by the log: per-request notifications at the log's offsets, retention, watches.
@@ -29,6 +30,7 @@ pub mod grpc;
 pub mod hub;
 pub mod log;
 pub mod query;
+pub mod registration;
 pub mod sandbox;
 pub mod secret;
 pub mod telemetry;
@@ -77,6 +79,8 @@ pub struct Service {
     hub: Arc<Hub>,
     log: Arc<EventLog>,
     queries: Arc<query::Queries>,
+    /// The Sinch client (shared with `queries`), for the start-up check of the webhook registration.
+    upstream: Arc<upstream::SinchClient>,
     tls: Option<tls::TlsFiles>,
     /// The secrets that verify callbacks (the sandbox's own, in sandbox mode).
     webhook_secrets: Vec<Secret>,
@@ -125,12 +129,14 @@ impl Service {
                 (sinch, Some((listener, prepared, secret)))
             }
         };
-        let client = upstream::SinchClient::new(
-            &sinch,
-            upstream::RetryPolicy::default(),
-            upstream::TokenRetry::default(),
-        )
-        .map_err(|e| invalid(config::KEY_ID, e.to_string()))?;
+        let client = Arc::new(
+            upstream::SinchClient::new(
+                &sinch,
+                upstream::RetryPolicy::default(),
+                upstream::TokenRetry::default(),
+            )
+            .map_err(|e| invalid(config::KEY_ID, e.to_string()))?,
+        );
 
         let retention = config.retention.retention;
         let hub = Arc::new(Hub::new(HubConfig {
@@ -165,7 +171,7 @@ impl Service {
             }
         });
         let queries = Arc::new(query::Queries::new(
-            client,
+            client.clone(),
             config.query.idempotency_window,
             config.query.idempotency_max_entries,
             log.clone(),
@@ -175,6 +181,7 @@ impl Service {
             hub,
             log,
             queries,
+            upstream: client,
             tls,
             webhook_secrets,
             sandbox,
@@ -190,6 +197,7 @@ impl Service {
             hub,
             log,
             queries,
+            upstream,
             tls,
             webhook_secrets,
             sandbox,
@@ -232,6 +240,18 @@ impl Service {
         }
         if webhook_secrets.is_empty() {
             tracing::warn!("INSECURE: no webhook secret is set, so callbacks are accepted without a signature");
+        }
+        if let Some(target) = config.registration.public_webhook_url.clone()
+            && !config.registration.app_ids.is_empty()
+        {
+            let (apps, secrets) = (config.registration.app_ids.clone(), webhook_secrets.clone());
+            let stop = background.clone();
+            tasks.spawn(async move {
+                tokio::select! {
+                    () = registration::check_at_start(&upstream, target.as_str(), &apps, &secrets) => {}
+                    () = stop.cancelled() => {}
+                }
+            });
         }
 
         let api = grpc::CapabilityApi::new(
@@ -333,7 +353,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
 }
 
 /// The address to reach a listener from this host: its own, or loopback when it listens on every address.
-fn loopback(addr: SocketAddr) -> SocketAddr {
+pub fn loopback(addr: SocketAddr) -> SocketAddr {
     match addr.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port()),
         IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port()),

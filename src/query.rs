@@ -36,7 +36,7 @@ pub enum QueryError {
 
 /// Forwards queries; shared by every call.
 pub struct Queries {
-    upstream: SinchClient,
+    upstream: Arc<SinchClient>,
     /// Concurrent repeats within this replica wait for one answer.
     idempotency: Idempotency,
     /// Takes each query's record before it is sent, so that callbacks racing the answer find its expected
@@ -57,7 +57,12 @@ const PENDING_POLL_MAX: Duration = Duration::from_millis(200);
 
 impl Queries {
     /// `idempotency_window` and `max_entries` bound what this replica remembers of caller-chosen request_ids.
-    pub fn new(upstream: SinchClient, idempotency_window: Duration, max_entries: u64, log: Arc<EventLog>) -> Queries {
+    pub fn new(
+        upstream: Arc<SinchClient>,
+        idempotency_window: Duration,
+        max_entries: u64,
+        log: Arc<EventLog>,
+    ) -> Queries {
         Queries {
             upstream,
             idempotency: Idempotency::new(idempotency_window, max_entries),

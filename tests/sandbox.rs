@@ -7,75 +7,13 @@ mod common;
 use std::{net::SocketAddr, time::Duration};
 
 use capability_facade::{
-    config::SandboxSettings,
     grpc::pb::{Channel, CompletionReason},
-    sandbox::{self, SandboxConfig, webhooks::Destination},
+    sandbox,
 };
-use clap::Parser;
-use common::{Service, drain, identities, query, watch_request};
+use common::{Sandbox, Service, drain, identities, query, watch_request};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::Code;
 use tonic_types::StatusExt;
-
-#[derive(Parser)]
-struct Knobs {
-    #[command(flatten)]
-    knobs: SandboxSettings,
-}
-
-/// A standalone sandbox on a free port with these knob flags; stopped when dropped.
-struct Sandbox {
-    url: String,
-    _stop: DropGuard,
-}
-
-impl Sandbox {
-    async fn start(flags: &[&str], default_webhook: Option<Destination>) -> Sandbox {
-        let knobs = Knobs::parse_from(std::iter::once("sandbox").chain(flags.iter().copied())).knobs;
-        knobs.check().expect("valid knobs");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let stop = CancellationToken::new();
-        tokio::spawn(sandbox::serve(
-            listener,
-            SandboxConfig::new(knobs, default_webhook),
-            stop.clone(),
-        ));
-        Sandbox {
-            url,
-            _stop: stop.drop_guard(),
-        }
-    }
-
-    /// A service against this sandbox, verifying callbacks with `secret`.
-    async fn service(&self, secret: &str, extra: &[&str]) -> Service {
-        let mut flags = vec![
-            format!("--sinch-project-id={}", sandbox::PROJECT_ID),
-            format!("--sinch-key-id={}", sandbox::KEY_ID),
-            format!("--sinch-key-secret={}", sandbox::KEY_SECRET),
-            format!("--sinch-webhook-secrets={secret}"),
-        ];
-        flags.extend(extra.iter().map(|s| s.to_string()));
-        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        Service::start(common::config(&self.url, &flags)).await
-    }
-
-    /// Calls the sandbox's API as an SDK does (HTTP Basic); returns the status and the JSON body.
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let url = format!("{}/v1/projects/{}{path}", self.url, sandbox::PROJECT_ID);
-        let mut request = common::reqwest_client()
-            .request(method, url)
-            .basic_auth(sandbox::KEY_ID, Some(sandbox::KEY_SECRET));
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
-    }
-}
 
 fn receiver(addr: SocketAddr) -> String {
     format!("http://{addr}/webhooks/sinch")

@@ -3,6 +3,7 @@
 //! client, the sandbox).
 
 mod client;
+mod doctor;
 mod sandbox;
 
 use std::time::Duration;
@@ -19,6 +20,7 @@ use capability_facade::{
 use clap::{Args, Parser, Subcommand};
 
 pub use client::{check, query, watch};
+pub use doctor::{doctor, webhook};
 pub use sandbox::sandbox;
 
 /// capability-facade: ask Sinch on which channels a contact can be reached, over gRPC.
@@ -43,6 +45,76 @@ pub enum Command {
     Check(CheckArgs),
     /// Run the Sinch sandbox on its own, as an upstream for load tests.
     Sandbox(SandboxArgs),
+    /// Check the app's CAPABILITY webhook at Sinch end to end: ✓ or ✗ with the fix for each step.
+    Doctor(DoctorArgs),
+    /// List, register or change the app's webhooks through Sinch's Webhooks API.
+    Webhook(WebhookArgs),
+}
+
+/// Which app and which webhook URL, with the service's configuration (credentials, region, secrets).
+#[derive(Debug, Clone, Args)]
+pub struct RegistrationArgs {
+    #[command(flatten)]
+    pub serve: Config,
+    /// The Sinch app.
+    #[arg(long, env = "SINCH_APP_ID", default_value = "sandbox-app")]
+    pub app_id: String,
+    /// The URL Sinch posts callbacks to (this service's /webhooks/sinch, as seen from the internet). Default:
+    /// CAPABILITY_PUBLIC_WEBHOOK_URL; in sandbox mode, this machine's webhook port.
+    #[arg(long)]
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub registration: RegistrationArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct WebhookArgs {
+    #[command(subcommand)]
+    pub command: WebhookCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebhookCommand {
+    /// The app's webhooks (secrets shown only as ours, other or none).
+    List(RegistrationArgs),
+    /// Creates or updates the webhook of --target: trigger CAPABILITY, the first of SINCH_WEBHOOK_SECRETS;
+    /// idempotent.
+    Ensure(RegistrationArgs),
+    /// Changes one webhook's target, triggers or secret.
+    Update(UpdateArgs),
+    /// Deletes one webhook.
+    Delete(DeleteArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UpdateArgs {
+    #[command(flatten)]
+    pub serve: Config,
+    /// The webhook's id (see `webhook list`).
+    #[arg(long)]
+    pub id: String,
+    /// A new target URL.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// New triggers, comma-separated (for example CAPABILITY,MESSAGE_DELIVERY).
+    #[arg(long, value_delimiter = ',')]
+    pub triggers: Vec<String>,
+    /// A new secret.
+    #[arg(long, hide_env_values = true)]
+    pub secret: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DeleteArgs {
+    #[command(flatten)]
+    pub serve: Config,
+    /// The webhook's id (see `webhook list`).
+    #[arg(long)]
+    pub id: String,
 }
 
 /// Where the service is, and how to present ourselves to it.

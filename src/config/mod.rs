@@ -55,8 +55,7 @@ pub struct RegistrationSettings {
     /// there, and warns when not.
     #[arg(id = "public-webhook-url", long = "public-webhook-url", env = PUBLIC_WEBHOOK_URL, value_parser = HttpUrl)]
     pub public_webhook_url: Option<url::Url>,
-    /// Comma-separated Sinch app ids this service queries for. In sandbox mode, the in-process sandbox registers
-    /// the service's webhook for each at start.
+    /// Comma-separated Sinch app ids this service queries for: the apps whose webhook is checked at start.
     #[arg(id = "app-ids", long = "app-ids", env = APP_IDS, value_delimiter = ',', value_parser = Text)]
     pub app_ids: Vec<String>,
 }

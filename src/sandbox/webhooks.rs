@@ -18,10 +18,8 @@ use governor::{DefaultDirectRateLimiter, Quota};
 use serde_json::{Value, json};
 
 use super::{Sandbox, sinch_error, unauthenticated};
-use crate::{secret::Secret, upstream::wire::WebhookJson as Webhook};
+use crate::{registration::MAX_WEBHOOKS_PER_APP, secret::Secret, upstream::wire::WebhookJson as Webhook};
 
-/// Sinch's limit of webhooks per app.
-pub const MAX_WEBHOOKS_PER_APP: usize = 5;
 /// The longest target Sinch accepts.
 const MAX_TARGET_LEN: usize = 742;
 /// Every trigger Sinch's SDKs know.

@@ -1,6 +1,7 @@
 //! The Sinch client: sends `capability:query` with credentials, this replica's rate limit, and retries bounded by
 //! the caller's deadline.
 
+mod apps;
 mod auth;
 mod error;
 pub mod wire;
@@ -57,6 +58,8 @@ pub struct SinchClient {
     http: reqwest::Client,
     /// `{api_url}/v1/projects/{project}/capability:query`, parsed once (parsing it per call showed in profiles).
     query_url: reqwest::Url,
+    /// `{api_url}/v1/projects/{project}`, the root of the Webhooks and Apps APIs.
+    project_url: reqwest::Url,
     auth: Auth,
     /// At most `SINCH_RATE_LIMIT` sends per second leave this replica, retries included.
     limiter: DefaultDirectRateLimiter,
@@ -100,9 +103,12 @@ impl SinchClient {
         let auth = Auth::new(config, token_retry).map_err(|_| BuildError::Credentials)?;
         let query_url = format!("{}/v1/projects/{}/capability:query", config.api_url, config.project_id);
         let query_url = reqwest::Url::parse(&query_url).map_err(|e| BuildError::Url(e.to_string()))?;
+        let project_url = format!("{}/v1/projects/{}", config.api_url, config.project_id);
+        let project_url = reqwest::Url::parse(&project_url).map_err(|e| BuildError::Url(e.to_string()))?;
         Ok(SinchClient {
             http,
             query_url,
+            project_url,
             auth,
             limiter: DefaultDirectRateLimiter::direct(Quota::per_second(config.rate_limit)),
             retry,

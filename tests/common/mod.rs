@@ -5,6 +5,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
+use capability_facade::sandbox::{self, SandboxConfig, webhooks::Destination};
 use capability_facade::{
     Listeners,
     config::{Config, ConfigError},
@@ -12,12 +13,14 @@ use capability_facade::{
     grpc::pb::{self, capability_service_client::CapabilityServiceClient},
 };
 use clap::Parser;
+use serde_json::Value;
 pub use testkit::{
     Canned, FakeSinch, KEY_ID, KEY_SECRET, PROJECT, basic_auth, capability_body, sign, signed_headers, unix_now,
     webhook_url,
 };
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
+use tokio_util::sync::DropGuard;
 use tonic::transport::Channel;
 
 /// A real redis-server, as `common::redis::RedisServer`.
@@ -339,4 +342,62 @@ pub async fn ready(service: &Service) {
     tokio::time::timeout(Duration::from_secs(10), poll)
         .await
         .expect("the replica became ready within 10 s");
+}
+
+#[derive(Parser)]
+struct SandboxKnobs {
+    #[command(flatten)]
+    knobs: capability_facade::config::SandboxSettings,
+}
+
+/// A standalone sandbox on a free port with these knob flags; stopped when dropped.
+pub struct Sandbox {
+    pub url: String,
+    _stop: DropGuard,
+}
+
+impl Sandbox {
+    pub async fn start(flags: &[&str], default_webhook: Option<Destination>) -> Sandbox {
+        let knobs = SandboxKnobs::parse_from(std::iter::once("sandbox").chain(flags.iter().copied())).knobs;
+        knobs.check().expect("valid knobs");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        tokio::spawn(sandbox::serve(
+            listener,
+            SandboxConfig::new(knobs, default_webhook),
+            stop.clone(),
+        ));
+        Sandbox {
+            url,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    /// A service against this sandbox, verifying callbacks with `secret`.
+    pub async fn service(&self, secret: &str, extra: &[&str]) -> Service {
+        let mut flags = vec![
+            format!("--sinch-project-id={}", sandbox::PROJECT_ID),
+            format!("--sinch-key-id={}", sandbox::KEY_ID),
+            format!("--sinch-key-secret={}", sandbox::KEY_SECRET),
+            format!("--sinch-webhook-secrets={secret}"),
+        ];
+        flags.extend(extra.iter().map(|s| s.to_string()));
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        Service::start(config(&self.url, &flags)).await
+    }
+
+    /// Calls the sandbox's API as an SDK does (HTTP Basic); returns the status and the JSON body.
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let url = format!("{}/v1/projects/{}{path}", self.url, sandbox::PROJECT_ID);
+        let mut request = reqwest_client()
+            .request(method, url)
+            .basic_auth(sandbox::KEY_ID, Some(sandbox::KEY_SECRET));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
 }
