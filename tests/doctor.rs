@@ -42,7 +42,7 @@ async fn webhooks(sandbox: &Sandbox) -> Vec<Value> {
 #[tokio::test]
 async fn the_doctor_names_each_broken_registration_and_ensure_mends_it() {
     let sandbox = Sandbox::start(&["--sandbox-apps=APP-1"], None).await;
-    let service = sandbox.service(SECRET, &[]).await;
+    let service = sandbox.service(&[&format!("--sinch-webhook-secrets={SECRET}")]).await;
     let target = format!("http://{}/webhooks/sinch", service.webhook_addr);
     let doctor = ["doctor", "--target", target.as_str()];
     let ensure = ["webhook", "ensure", "--target", target.as_str()];

@@ -22,7 +22,7 @@ fn receiver(addr: SocketAddr) -> String {
 #[tokio::test]
 async fn only_known_apps_are_answered_and_errors_carry_details() {
     let sandbox = Sandbox::start(&["--sandbox-apps=APP-1,APP-2"], None).await;
-    let service = sandbox.service("s", &[]).await;
+    let service = sandbox.service(&["--sinch-webhook-secrets=s"]).await;
     let mut client = service.client().await;
     client
         .query_capability(query(identities(&[(Channel::Viber, "46700000001")]), ""))
@@ -124,9 +124,9 @@ async fn the_webhooks_api_creates_lists_updates_and_deletes_at_most_five_per_app
 #[tokio::test]
 async fn callbacks_go_to_every_capability_webhook_signed_with_its_own_secret() {
     let sandbox = Sandbox::start(&["--sandbox-apps=APP-1", "--sandbox-callback-delay=0s"], None).await;
-    let first = sandbox.service("first-secret", &[]).await;
-    let second = sandbox.service("second-secret", &[]).await;
-    let ignored = sandbox.service("third-secret", &[]).await;
+    let first = sandbox.service(&["--sinch-webhook-secrets=first-secret"]).await;
+    let second = sandbox.service(&["--sinch-webhook-secrets=second-secret"]).await;
+    let ignored = sandbox.service(&["--sinch-webhook-secrets=third-secret"]).await;
     for (service, secret, trigger) in [
         (&first, "first-secret", "CAPABILITY"),
         (&second, "second-secret", "CAPABILITY"),
@@ -186,7 +186,7 @@ async fn with_silent_unreachable_a_watch_ends_at_its_wait_with_those_channels_pe
 #[tokio::test]
 async fn injected_faults_reach_the_caller_as_sinchs_would() {
     let sandbox = Sandbox::start(&["--sandbox-error-501=1"], None).await;
-    let service = sandbox.service("s", &[]).await;
+    let service = sandbox.service(&["--sinch-webhook-secrets=s"]).await;
     let mut request = tonic::Request::new(query(identities(&[(Channel::Sms, "46700000001")]), ""));
     request.set_timeout(Duration::from_secs(10));
     let status = service.client().await.query_capability(request).await.unwrap_err();
@@ -202,7 +202,7 @@ async fn injected_faults_reach_the_caller_as_sinchs_would() {
         None,
     )
     .await;
-    let service = sandbox.service("s", &[]).await;
+    let service = sandbox.service(&["--sinch-webhook-secrets=s"]).await;
     let status = service
         .client()
         .await
@@ -222,7 +222,7 @@ async fn injected_faults_reach_the_caller_as_sinchs_would() {
         None,
     )
     .await;
-    let service = sandbox.service("s", &[]).await;
+    let service = sandbox.service(&["--sinch-webhook-secrets=s"]).await;
     let mut request = tonic::Request::new(query(identities(&[(Channel::Sms, "46700000001")]), ""));
     request.set_timeout(Duration::from_secs(2));
     let status = service.client().await.query_capability(request).await.unwrap_err();

@@ -1,6 +1,8 @@
 //! Test harness: what needs the service crate (the real service in-process on port 0, its configuration, request
-//! builders, reading a watch) here; the rest (the fake Sinch, signed callbacks, real redis-servers, the real
-//! binary) comes from `testkit` and is re-exported.
+//! builders, reading a watch, the strict sandbox as Sinch) here; the rest (the fake Sinch, signed callbacks, real
+//! redis-servers, the real binary) comes from `testkit` and is re-exported. The sandbox ([`Sandbox`]) is the
+//! upstream wherever it serves; the independent fake only where independence is the point (what goes on the
+//! wire, scripted answers).
 #![allow(dead_code, unused_imports)] // each test crate uses its own part of the harness and of its re-exports
 
 use std::{net::SocketAddr, time::Duration};
@@ -374,17 +376,22 @@ impl Sandbox {
         }
     }
 
-    /// A service against this sandbox, verifying callbacks with `secret`.
-    pub async fn service(&self, secret: &str, extra: &[&str]) -> Service {
+    /// The configuration of a service against this sandbox (the test webhook secret unless `extra` sets
+    /// another).
+    pub fn config(&self, extra: &[&str]) -> Config {
         let mut flags = vec![
             format!("--sinch-project-id={}", sandbox::PROJECT_ID),
             format!("--sinch-key-id={}", sandbox::KEY_ID),
             format!("--sinch-key-secret={}", sandbox::KEY_SECRET),
-            format!("--sinch-webhook-secrets={secret}"),
         ];
         flags.extend(extra.iter().map(|s| s.to_string()));
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        Service::start(config(&self.url, &flags)).await
+        config(&self.url, &flags)
+    }
+
+    /// A service against this sandbox, configured by [`Sandbox::config`].
+    pub async fn service(&self, extra: &[&str]) -> Service {
+        Service::start(self.config(extra)).await
     }
 
     /// Calls the sandbox's API as an SDK does (HTTP Basic); returns the status and the JSON body.
