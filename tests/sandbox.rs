@@ -251,3 +251,23 @@ async fn the_in_process_sandbox_registers_the_services_own_webhook() {
     assert_eq!(seen.len(), 1);
     assert_eq!(end.unwrap().reason(), CompletionReason::AllChannelsReported);
 }
+
+#[tokio::test]
+async fn the_token_endpoint_is_a_bucket_that_answers_429_without_retry_after() {
+    let sandbox = Sandbox::start(&[], None).await;
+    let http = common::reqwest_client();
+    let asks = (0..60).map(|_| {
+        http.post(format!("{}/oauth2/token", sandbox.url))
+            .basic_auth(sandbox::KEY_ID, Some(sandbox::KEY_SECRET))
+            .form(&[("grant_type", "client_credentials")])
+            .send()
+    });
+    let answers = futures::future::join_all(asks).await;
+    let refused: Vec<_> = answers
+        .into_iter()
+        .map(Result::unwrap)
+        .filter(|r| r.status() == 429)
+        .collect();
+    assert!(!refused.is_empty(), "60 at once exceed a bucket of 30");
+    assert!(refused.iter().all(|r| r.headers().get("retry-after").is_none()));
+}
