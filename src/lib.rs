@@ -6,7 +6,8 @@
 //! - [`secret`]: values never printed.
 //! - [`capability`]: domain types (channels, statuses, queries, notifications); no transport crate.
 //! - [`query`]: QueryCapability's behaviour: request_id, idempotency, forwarding.
-//! - [`upstream`]: the Sinch client (auth, rate limit, retries).
+//! - [`upstream`]: the Sinch client (auth, rate limit, retries; the Webhooks and Apps APIs).
+//! - [`registration`]: the service's CAPABILITY webhook at Sinch, as the doctor and the start-up check see it.
 //! - [`webhook`]: the callback receiver: verify, parse, append to the event log.
 //! - [`log`]: the event log, in process or on Redis (one node or a cluster): the one road into every hub.
 //! - [`hub`]: fed only by the log: per-request notifications at the log's offsets, retention, watches.
@@ -29,6 +30,7 @@ pub mod grpc;
 pub mod hub;
 pub mod log;
 pub mod query;
+pub mod registration;
 pub mod sandbox;
 pub mod secret;
 pub mod telemetry;
@@ -39,7 +41,6 @@ pub mod webhook;
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
-    time::Duration,
 };
 
 use futures::{FutureExt, future::FusedFuture};
@@ -78,6 +79,8 @@ pub struct Service {
     hub: Arc<Hub>,
     log: Arc<EventLog>,
     queries: Arc<query::Queries>,
+    /// The Sinch client (shared with `queries`), for the start-up check of the webhook registration.
+    upstream: Arc<upstream::SinchClient>,
     tls: Option<tls::TlsFiles>,
     /// The secrets that verify callbacks (the sandbox's own, in sandbox mode).
     webhook_secrets: Vec<Secret>,
@@ -102,19 +105,38 @@ impl Service {
         let (sinch, sandbox) = match config.upstream()? {
             Upstream::Sinch(sinch) => (sinch, None),
             Upstream::Sandbox => {
-                let listener = TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0)))
-                    .await
-                    .map_err(|e| StartError::Other(format!("the in-process sandbox cannot listen on loopback: {e}")))?;
+                let wanted = config.sandbox.addr;
+                let listener = TcpListener::bind(wanted).await.map_err(|e| {
+                    StartError::Other(format!(
+                        "{}: the in-process sandbox cannot listen on {wanted}: {e} (set another address, or \
+                         127.0.0.1:0 for a free port)",
+                        config::SANDBOX_ADDR
+                    ))
+                })?;
                 let addr = listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
-                let prepared = sandbox::SandboxConfig::generated();
+                let prepared = sandbox::SandboxConfig::new(config.sandbox.clone(), None);
                 let sinch = prepared.client_config(&format!("http://{addr}"), config.sinch.rate_limit);
-                let secret = Secret::new(ulid::Ulid::new().to_string());
-                webhook_secrets.push(secret.clone());
+                // The in-process webhook is registered with the first configured secret, so that the doctor and
+                // `webhook` commands can compare and restore it; without one, a generated secret.
+                let secret = match webhook_secrets.first() {
+                    Some(configured) => configured.clone(),
+                    None => {
+                        let generated = Secret::new(ulid::Ulid::new().to_string());
+                        webhook_secrets.push(generated.clone());
+                        generated
+                    }
+                };
                 (sinch, Some((listener, prepared, secret)))
             }
         };
-        let client = upstream::SinchClient::new(&sinch, upstream::RetryPolicy::default())
-            .map_err(|e| invalid(config::KEY_ID, e.to_string()))?;
+        let client = Arc::new(
+            upstream::SinchClient::new(
+                &sinch,
+                upstream::RetryPolicy::default(),
+                upstream::TokenRetry::default(),
+            )
+            .map_err(|e| invalid(config::KEY_ID, e.to_string()))?,
+        );
 
         let retention = config.retention.retention;
         let hub = Arc::new(Hub::new(HubConfig {
@@ -140,7 +162,7 @@ impl Service {
                     retention,
                     max_per_request: config.retention.max_notifications_per_request,
                     idempotency_window: config.query.idempotency_window,
-                    pending_claim: Duration::from_secs(30),
+                    pending_claim: query::PENDING_CLAIM,
                 };
                 let redis = RedisLog::prepare(settings, consumers)
                     .await
@@ -149,7 +171,7 @@ impl Service {
             }
         });
         let queries = Arc::new(query::Queries::new(
-            client,
+            client.clone(),
             config.query.idempotency_window,
             config.query.idempotency_max_entries,
             log.clone(),
@@ -159,6 +181,7 @@ impl Service {
             hub,
             log,
             queries,
+            upstream: client,
             tls,
             webhook_secrets,
             sandbox,
@@ -174,6 +197,7 @@ impl Service {
             hub,
             log,
             queries,
+            upstream,
             tls,
             webhook_secrets,
             sandbox,
@@ -194,17 +218,19 @@ impl Service {
 
         if let Some((listener, mut prepared, secret)) = sandbox {
             let scheme = if tls.is_some() { "https" } else { "http" };
-            prepared.callbacks = Some(sandbox::callbacks::CallbackTarget {
-                url: format!(
+            // The service's own webhook, registered for every app the sandbox comes to know, as an operator
+            // registers it at Sinch.
+            prepared.default_webhook = Some(sandbox::webhooks::Destination {
+                target: format!(
                     "{scheme}://{}{}",
                     loopback(listeners.webhook.local_addr()?),
                     webhook::PATH
                 ),
                 secret,
-                knobs: config.sandbox,
-                trust_own_listener: tls.is_some(),
             });
-            tracing::info!(addr = %listener.local_addr()?, "in-process Sinch sandbox listening");
+            prepared.trust_own_listener = tls.is_some();
+            tracing::info!(addr = %listener.local_addr()?, project_id = sandbox::PROJECT_ID,
+                key_id = sandbox::KEY_ID, "in-process Sinch sandbox listening");
             let stop = background.clone();
             tasks.spawn(async move {
                 if let Err(e) = sandbox::serve(listener, prepared, stop).await {
@@ -214,6 +240,18 @@ impl Service {
         }
         if webhook_secrets.is_empty() {
             tracing::warn!("INSECURE: no webhook secret is set, so callbacks are accepted without a signature");
+        }
+        if let Some(target) = config.registration.public_webhook_url.clone()
+            && !config.registration.app_ids.is_empty()
+        {
+            let (apps, secrets) = (config.registration.app_ids.clone(), webhook_secrets.clone());
+            let stop = background.clone();
+            tasks.spawn(async move {
+                tokio::select! {
+                    () = registration::check_at_start(&upstream, target.as_str(), &apps, &secrets) => {}
+                    () = stop.cancelled() => {}
+                }
+            });
         }
 
         let api = grpc::CapabilityApi::new(
@@ -315,7 +353,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
 }
 
 /// The address to reach a listener from this host: its own, or loopback when it listens on every address.
-fn loopback(addr: SocketAddr) -> SocketAddr {
+pub fn loopback(addr: SocketAddr) -> SocketAddr {
     match addr.ip() {
         IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(Ipv4Addr::LOCALHOST.into(), addr.port()),
         IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(Ipv6Addr::LOCALHOST.into(), addr.port()),

@@ -37,6 +37,8 @@ async fn main() -> ExitCode {
         Some(Command::Query(args)) => cli::query(args).await,
         Some(Command::Watch(args)) => cli::watch(args).await,
         Some(Command::Check(args)) => cli::check(args).await,
+        Some(Command::Doctor(args)) => cli::doctor(args).await,
+        Some(Command::Webhook(args)) => cli::webhook(args).await,
         Some(Command::Sandbox(args)) => {
             let _telemetry = telemetry::init(config::LogFormat::Text, None);
             cli::sandbox(args, shutdown_on_signal()).await

@@ -36,7 +36,7 @@ pub enum QueryError {
 
 /// Forwards queries; shared by every call.
 pub struct Queries {
-    upstream: SinchClient,
+    upstream: Arc<SinchClient>,
     /// Concurrent repeats within this replica wait for one answer.
     idempotency: Idempotency,
     /// Takes each query's record before it is sent, so that callbacks racing the answer find its expected
@@ -44,12 +44,25 @@ pub struct Queries {
     log: Arc<EventLog>,
 }
 
+/// The longest deadline a QueryCapability gets, whatever the caller asks for (the longest
+/// `CAPABILITY_QUERY_TIMEOUT` too).
+pub const MAX_DEADLINE: Duration = Duration::from_secs(600);
+
+/// How long a replica's claim on a caller-chosen request_id stays pending before another replica may send the
+/// query itself: longer than any query may take, so that a slow query is never sent twice.
+pub const PENDING_CLAIM: Duration = MAX_DEADLINE.saturating_add(Duration::from_secs(30));
+
 /// The longest pause between two looks at a request_id another replica is sending.
 const PENDING_POLL_MAX: Duration = Duration::from_millis(200);
 
 impl Queries {
     /// `idempotency_window` and `max_entries` bound what this replica remembers of caller-chosen request_ids.
-    pub fn new(upstream: SinchClient, idempotency_window: Duration, max_entries: u64, log: Arc<EventLog>) -> Queries {
+    pub fn new(
+        upstream: Arc<SinchClient>,
+        idempotency_window: Duration,
+        max_entries: u64,
+        log: Arc<EventLog>,
+    ) -> Queries {
         Queries {
             upstream,
             idempotency: Idempotency::new(idempotency_window, max_entries),
@@ -72,7 +85,21 @@ impl Queries {
                 its watches will not know its expected channels and end at their wait");
         }
         let traceparent = telemetry::outgoing_traceparent(trace);
-        self.upstream.query(query, deadline, traceparent.as_deref()).await
+        let accepted = self.upstream.query(query, deadline, traceparent.as_deref()).await?;
+        if accepted.request_id != query.request_id {
+            // Sinch's callbacks will carry its request_id: the caller gets it, and the record follows it.
+            tracing::warn!(sent = %query.request_id, answered = %accepted.request_id,
+                "Sinch answered with another request_id than the one sent; returning Sinch's");
+            let record = QueryRecorded {
+                request_id: accepted.request_id.clone(),
+                expected: query.expected_channels(),
+            };
+            if let Err(e) = self.log.record_query(record).await {
+                tracing::warn!(request_id = %accepted.request_id, error = %e, "the query's record could not be logged \
+                    under Sinch's request_id: its watches will not know its expected channels and end at their wait");
+            }
+        }
+        Ok(accepted)
     }
 
     /// Sends a query with a caller-chosen request_id unless another replica did or is doing so.

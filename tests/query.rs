@@ -50,6 +50,7 @@ async fn both_recipient_forms_go_on_the_wire_as_sinch_documents() {
     assert_eq!(sent.len(), 2);
     assert_eq!(sent[0].path, format!("/v1/projects/{PROJECT}/capability:query"));
     assert_eq!(sent[0].header("content-type"), "application/json");
+    assert_eq!(sent[0].header("accept"), "application/json");
     assert_eq!(sent[0].header("authorization"), "Bearer token-1");
     assert_eq!(
         sent[0].json(),
@@ -194,11 +195,11 @@ async fn one_token_serves_every_call_and_is_asked_for_as_oauth2_requires() {
 #[tokio::test]
 async fn the_token_is_refreshed_before_it_expires() {
     let fake = FakeSinch::start().await;
-    fake.set_token_lifetime(2); // refreshed after half its life, 1 s
+    fake.set_token_lifetime(10); // the shortest lifetime taken as it is: refreshed after half of it, 5 s
     let service = Service::against(&fake, &[]).await;
     let mut client = service.client().await;
     client.query_capability(query(contact("C"), "")).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(1100)).await; // let the token reach its refresh time
+    tokio::time::sleep(Duration::from_millis(5100)).await; // let the token reach its refresh time
     client.query_capability(query(contact("C"), "")).await.unwrap();
     let used: Vec<_> = fake
         .queries()
@@ -348,8 +349,13 @@ async fn each_upstream_failure_maps_to_its_code() {
                 "PERMISSION_DENIED",
                 "BILLING_CREDIT_LIMIT_BREACHED",
             )],
-            Code::Internal,
-            "BILLING",
+            Code::FailedPrecondition,
+            "billing",
+        ),
+        (
+            vec![Canned::new(200, r#"{"app_id":"APP-1","recipient":{"contact_id":"C"}}"#)],
+            Code::Unavailable,
+            "no request_id",
         ),
         (
             vec![Canned::new(200, "<html><body>proxy login</body></html>")],
@@ -440,8 +446,9 @@ async fn a_token_endpoint_down_at_start_is_retried_within_the_deadline() {
     fake.script_tokens(std::iter::repeat_n(Canned::new(503, "<html>maintenance</html>"), 2));
     let service = Service::against(&fake, &[]).await;
     let mut client = service.client().await;
+    // The token endpoint's back-off pauses at most 1 s, then at most 4 s: within the deadline.
     let mut request = Request::new(query(contact("C"), ""));
-    request.set_timeout(Duration::from_secs(5));
+    request.set_timeout(Duration::from_secs(10));
     client
         .query_capability(request)
         .await
@@ -453,18 +460,18 @@ async fn a_token_endpoint_down_at_start_is_retried_within_the_deadline() {
 #[tokio::test]
 async fn a_token_endpoint_down_mid_run_costs_nothing_until_the_token_expires_then_recovers() {
     let fake = FakeSinch::start().await;
-    fake.set_token_lifetime(2); // refreshed from 1 s, expired at 2 s
+    fake.set_token_lifetime(10); // refreshed from 5 s, expired at 10 s
     let service = Service::against(&fake, &[]).await;
     let mut client = service.client().await;
     client.query_capability(query(contact("C"), "")).await.unwrap();
     fake.script_tokens(std::iter::repeat_n(Canned::new(503, "down"), 1000));
-    tokio::time::sleep(Duration::from_millis(1100)).await; // past the refresh time, before expiry
+    tokio::time::sleep(Duration::from_millis(5100)).await; // past the refresh time, before expiry
     client
         .query_capability(query(contact("C"), ""))
         .await
         .expect("the current token is still valid");
     assert_eq!(fake.queries()[1].header("authorization"), "Bearer token-1");
-    tokio::time::sleep(Duration::from_millis(1000)).await; // past expiry
+    tokio::time::sleep(Duration::from_millis(5000)).await; // past expiry
     let mut request = Request::new(query(contact("C"), ""));
     request.set_timeout(Duration::from_millis(500));
     let status = client.query_capability(request).await.unwrap_err();
@@ -476,4 +483,144 @@ async fn a_token_endpoint_down_mid_run_costs_nothing_until_the_token_expires_the
         .await
         .expect("recovered once the token endpoint is back");
     assert_eq!(fake.queries().last().unwrap().header("authorization"), "Bearer token-2");
+}
+
+#[tokio::test]
+async fn a_200_with_only_a_request_id_is_an_accepted_query() {
+    let fake = FakeSinch::start().await;
+    fake.script_queries([
+        Canned::new(200, r#"{"request_id":"R-LEAN"}"#),
+        Canned::new(
+            200,
+            r#"{"app_id":"APP-1","recipient":{"contact_id":"C","new_key":true},"request_id":"R-EXTRA","more":1}"#,
+        ),
+    ]);
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    for expected in ["R-LEAN", "R-EXTRA"] {
+        let answer = client
+            .query_capability(query(contact("C"), expected))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer.request_id, expected);
+        assert_eq!(answer.app_id, "APP-1");
+        assert_eq!(answer.recipient, Some(contact("C")));
+    }
+}
+
+#[tokio::test]
+async fn sinchs_own_request_id_is_returned_and_the_query_record_follows_it() {
+    let fake = FakeSinch::start().await;
+    fake.script_queries([Canned::new(200, r#"{"request_id":"SINCH-CHOSE"}"#)]);
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let answer = client
+        .query_capability(query(identities(&[(Channel::Sms, "46700000001")]), "WE-SENT"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.request_id, "SINCH-CHOSE");
+    let body = common::capability_body("SINCH-CHOSE", "SMS", "46700000001", "CAPABILITY_FULL");
+    assert_eq!(common::deliver(service.webhook_addr, body).await, 200);
+    let stream = client
+        .watch_capability(common::watch_request("SINCH-CHOSE", 0, Some(Duration::from_secs(60))))
+        .await
+        .unwrap()
+        .into_inner();
+    let (seen, end) = common::drain(stream).await;
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        end.unwrap().reason(),
+        pb::CompletionReason::AllChannelsReported,
+        "the expected channels were recorded under Sinch's request_id"
+    );
+}
+
+#[tokio::test]
+async fn a_501_is_retried_and_a_retry_info_in_details_is_honoured_in_both_shapes() {
+    let retry_info = |shape: &str| {
+        let detail = match shape {
+            "@type" => serde_json::json!({"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "1s"}),
+            _ => serde_json::json!({"type_url": "type.googleapis.com/google.rpc.RetryInfo",
+                "value": {"retryDelay": "1s"}}),
+        };
+        let body = serde_json::json!({"error": {"code": 429, "message": "slow down", "status": "RESOURCE_EXHAUSTED",
+            "details": [detail]}});
+        Canned::new(429, body.to_string())
+    };
+    let fake = FakeSinch::start().await;
+    fake.script_queries([
+        Canned::sinch_error(501, "NOT_IMPLEMENTED", "not now"),
+        retry_info("@type"),
+        retry_info("type_url"),
+    ]);
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let mut request = Request::new(query(contact("C"), ""));
+    request.set_timeout(Duration::from_secs(20));
+    client
+        .query_capability(request)
+        .await
+        .expect("answered after the retries");
+    let sent = fake.queries();
+    assert_eq!(sent.len(), 4, "501 and both 429s were retried");
+    // Lower bounds on the pauses the service made, seen where they show: a slow machine only lengthens them.
+    for (before, after) in [(1, 2), (2, 3)] {
+        let pause = sent[after].at - sent[before].at;
+        assert!(pause >= Duration::from_secs(1), "RetryInfo honoured: {pause:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_throttled_token_endpoint_is_tried_three_times_for_all_callers_together() {
+    let fake = FakeSinch::start().await;
+    let throttled = || Canned::new(429, r#"{"error":"too_many_requests","error_description":"slow down"}"#);
+    // The first answer is slow so that every caller is waiting on that one refresh.
+    fake.script_tokens([throttled().delayed(Duration::from_secs(2)), throttled(), throttled()]);
+    let service = Service::against(&fake, &[]).await;
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        clients.push(service.client().await);
+    }
+    let calls = clients.into_iter().map(|mut client| async move {
+        let mut request = Request::new(query(contact("C"), ""));
+        request.set_timeout(Duration::from_secs(30));
+        client.query_capability(request).await
+    });
+    for result in futures::future::join_all(calls).await {
+        let status = result.unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    }
+    assert_eq!(
+        fake.token_requests().len(),
+        3,
+        "one refresh of three tries, shared by every caller"
+    );
+    assert!(fake.queries().is_empty());
+    // The endpoint is back: the next call gets a token.
+    service
+        .client()
+        .await
+        .query_capability(query(contact("C"), ""))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_tokens_lifetime_is_clamped_to_a_sane_range() {
+    for lifetime in [0, usize::MAX] {
+        let fake = FakeSinch::start().await;
+        fake.set_token_lifetime(lifetime);
+        let service = Service::against(&fake, &[]).await;
+        let mut client = service.client().await;
+        for _ in 0..3 {
+            client.query_capability(query(contact("C"), "")).await.unwrap();
+        }
+        assert_eq!(
+            fake.token_requests().len(),
+            1,
+            "expires_in {lifetime}: one token serves every call"
+        );
+    }
 }

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use capability_facade::grpc::pb::{self, Channel, CompletionReason};
-use common::{FakeSinch, Service, capability_body, deliver, drain, identities, query, watch_request};
+use common::{Sandbox, Service, capability_body, deliver, drain, identities, query, watch_request};
 use tonic::Code;
 
 fn full(channel: &str) -> (String, String) {
@@ -19,8 +19,8 @@ fn strip(seen: Vec<(u64, String, String)>) -> Vec<(String, String)> {
 
 #[tokio::test]
 async fn a_watch_opened_before_the_query_misses_nothing_and_completes() {
-    let fake = FakeSinch::start().await;
-    let service = Service::against(&fake, &[]).await;
+    let sandbox = Sandbox::start(&[], None).await;
+    let service = sandbox.service(&[]).await;
     let mut client = service.client().await;
     let stream = client
         .watch_capability(watch_request("before", 0, None))
@@ -47,8 +47,8 @@ async fn a_watch_opened_before_the_query_misses_nothing_and_completes() {
 
 #[tokio::test]
 async fn callbacks_that_arrive_before_the_query_answer_are_replayed_to_a_later_watch() {
-    let fake = FakeSinch::start().await;
-    let service = Service::against(&fake, &[]).await;
+    let sandbox = Sandbox::start(&[], None).await;
+    let service = sandbox.service(&[]).await;
     // The callbacks race ahead of everything: they arrive before the query and before any watch.
     for channel in ["SMS", "RCS"] {
         let body = capability_body("after", channel, "46700000001", "CAPABILITY_FULL");
@@ -74,8 +74,8 @@ async fn callbacks_that_arrive_before_the_query_answer_are_replayed_to_a_later_w
 
 #[tokio::test]
 async fn after_offset_resumes_without_duplicates() {
-    let fake = FakeSinch::start().await;
-    let service = Service::against(&fake, &[]).await;
+    let sandbox = Sandbox::start(&[], None).await;
+    let service = sandbox.service(&[]).await;
     for channel in ["SMS", "RCS", "WHATSAPP"] {
         let body = capability_body("resume", channel, "46700000001", "CAPABILITY_FULL");
         assert_eq!(deliver(service.webhook_addr, body).await, 200);
@@ -95,8 +95,8 @@ async fn after_offset_resumes_without_duplicates() {
 
 #[tokio::test]
 async fn a_redelivered_callback_reaches_the_watcher_once() {
-    let fake = FakeSinch::start().await;
-    let service = Service::against(&fake, &[]).await;
+    let sandbox = Sandbox::start(&[], None).await;
+    let service = sandbox.service(&[]).await;
     let mut client = service.client().await;
     let stream = client
         .watch_capability(watch_request("dup", 0, Some(Duration::from_millis(500))))
@@ -122,8 +122,8 @@ async fn a_redelivered_callback_reaches_the_watcher_once() {
 
 #[tokio::test]
 async fn an_unknown_request_waits_then_completes_when_its_wait_elapses() {
-    let fake = FakeSinch::start().await;
-    let service = Service::against(&fake, &[]).await;
+    let sandbox = Sandbox::start(&[], None).await;
+    let service = sandbox.service(&[]).await;
     let mut client = service.client().await;
     client
         .query_capability(query(
@@ -163,8 +163,8 @@ async fn an_unknown_request_waits_then_completes_when_its_wait_elapses() {
 
 #[tokio::test]
 async fn a_quiet_stream_gets_heartbeats() {
-    let fake = FakeSinch::start().await;
-    let service = Service::against(&fake, &["--heartbeat=50ms"]).await;
+    let sandbox = Sandbox::start(&[], None).await;
+    let service = sandbox.service(&["--heartbeat=50ms"]).await;
     let mut client = service.client().await;
     let mut stream = client
         .watch_capability(watch_request("quiet", 0, None))
@@ -187,8 +187,8 @@ async fn a_quiet_stream_gets_heartbeats() {
 
 #[tokio::test]
 async fn bad_watch_requests_are_invalid_arguments() {
-    let fake = FakeSinch::start().await;
-    let service = Service::against(&fake, &[]).await;
+    let sandbox = Sandbox::start(&[], None).await;
+    let service = sandbox.service(&[]).await;
     let mut client = service.client().await;
     let status = client.watch_capability(watch_request("", 0, None)).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -207,8 +207,8 @@ async fn bad_watch_requests_are_invalid_arguments() {
 
 #[tokio::test]
 async fn watches_beyond_the_cap_are_refused_and_a_cancelled_watch_frees_its_place() {
-    let fake = FakeSinch::start().await;
-    let service = Service::against(&fake, &["--max-watches=1"]).await;
+    let sandbox = Sandbox::start(&[], None).await;
+    let service = sandbox.service(&["--max-watches=1"]).await;
     let mut client = service.client().await;
     let first = client
         .watch_capability(watch_request("a", 0, None))
@@ -234,8 +234,8 @@ async fn watches_beyond_the_cap_are_refused_and_a_cancelled_watch_frees_its_plac
 
 #[tokio::test]
 async fn on_shutdown_watches_end_unavailable_with_their_last_offset() {
-    let fake = FakeSinch::start().await;
-    let mut service = Service::against(&fake, &[]).await;
+    let sandbox = Sandbox::start(&[], None).await;
+    let mut service = sandbox.service(&[]).await;
     let mut client = service.client().await;
     assert_eq!(
         deliver(
@@ -346,8 +346,8 @@ async fn the_readme_check_shows_both_results_from_the_real_binary() {
 
 #[tokio::test]
 async fn many_watchers_of_one_request_each_get_every_notification_once() {
-    let fake = FakeSinch::start().await;
-    let service = Service::against(&fake, &[]).await;
+    let sandbox = Sandbox::start(&[], None).await;
+    let service = sandbox.service(&[]).await;
     let client = service.client().await;
     let mut streams = Vec::new();
     for _ in 0..20 {

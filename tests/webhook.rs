@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use capability_facade::grpc::pb::{self, Channel};
 use common::{
-    FakeSinch, Service, WEBHOOK_SECRET, capability_body, deliver, drain, post_webhook, reqwest_client, sign,
+    Sandbox, Service, WEBHOOK_SECRET, capability_body, deliver, drain, post_webhook, reqwest_client, sign,
     signed_headers, unix_now, watch_request,
 };
 
@@ -48,8 +48,8 @@ async fn still_delivers(service: &Service) {
 
 #[tokio::test]
 async fn hostile_callbacks_are_refused_with_the_right_status_and_nothing_is_delivered() {
-    let fake = FakeSinch::start().await;
-    let service = Service::against(&fake, &["--webhook-max-body=4096"]).await;
+    let sandbox = Sandbox::start(&[], None).await;
+    let service = sandbox.service(&["--webhook-max-body=4096"]).await;
     let addr = service.webhook_addr;
     let body = capability_body("hostile", "SMS", "46700000001", "CAPABILITY_FULL");
     let now = unix_now();
@@ -147,8 +147,8 @@ async fn hostile_callbacks_are_refused_with_the_right_status_and_nothing_is_deli
 
 #[tokio::test]
 async fn a_nonce_is_accepted_once() {
-    let fake = FakeSinch::start().await;
-    let service = Service::against(&fake, &[]).await;
+    let sandbox = Sandbox::start(&[], None).await;
+    let service = sandbox.service(&[]).await;
     let body = capability_body("nonce", "SMS", "46700000001", "CAPABILITY_FULL");
     let headers = signed_headers(WEBHOOK_SECRET, &body);
     assert_eq!(post_webhook(service.webhook_addr, body.clone(), &headers).await, 200);
@@ -157,8 +157,10 @@ async fn a_nonce_is_accepted_once() {
 
 #[tokio::test]
 async fn any_configured_secret_verifies_so_secrets_rotate_without_downtime() {
-    let fake = FakeSinch::start().await;
-    let service = Service::against(&fake, &["--sinch-webhook-secrets=old-secret,new-secret"]).await;
+    let sandbox = Sandbox::start(&[], None).await;
+    let service = sandbox
+        .service(&["--sinch-webhook-secrets=old-secret,new-secret"])
+        .await;
     for secret in ["old-secret", "new-secret"] {
         let body = capability_body(secret, "SMS", "46700000001", "CAPABILITY_FULL");
         let headers = signed_headers(secret, &body);
@@ -175,8 +177,8 @@ async fn any_configured_secret_verifies_so_secrets_rotate_without_downtime() {
 
 #[tokio::test]
 async fn other_triggers_and_callbacks_without_request_id_are_acknowledged_not_delivered() {
-    let fake = FakeSinch::start().await;
-    let service = Service::against(&fake, &[]).await;
+    let sandbox = Sandbox::start(&[], None).await;
+    let service = sandbox.service(&[]).await;
     let other = br#"{"app_id":"","project_id":"p","message_delivery_report":{"message_id":"m","status":"DELIVERED"}}"#;
     assert_eq!(deliver(service.webhook_addr, other.to_vec()).await, 200);
     let no_id = br#"{"app_id":"a","project_id":"","capability_notification":{"channel":"SMS","identity":"1"}}"#;
@@ -186,8 +188,8 @@ async fn other_triggers_and_callbacks_without_request_id_are_acknowledged_not_de
 
 #[tokio::test]
 async fn unknown_enumeration_values_are_delivered_with_their_raw_strings() {
-    let fake = FakeSinch::start().await;
-    let service = Service::against(&fake, &[]).await;
+    let sandbox = Sandbox::start(&[], None).await;
+    let service = sandbox.service(&[]).await;
     let body = serde_json::to_vec(&serde_json::json!({
         "app_id": "A", "project_id": "", "future_top_level_field": 42,
         "capability_notification": {"request_id": "unknown-values", "channel": "CARRIER_PIGEON",
@@ -215,8 +217,8 @@ async fn unknown_enumeration_values_are_delivered_with_their_raw_strings() {
 
 #[tokio::test]
 async fn every_field_of_a_callback_reaches_the_watcher() {
-    let fake = FakeSinch::start().await;
-    let service = Service::against(&fake, &[]).await;
+    let sandbox = Sandbox::start(&[], None).await;
+    let service = sandbox.service(&[]).await;
     let body = serde_json::to_vec(&serde_json::json!({
         "app_id": "01EB37KMH2M6SV18ASNS3G135H", "accepted_time": "2020-11-17T16:05:51.724083Z",
         "event_time": "2020-11-17T16:05:45Z", "project_id": "proj", "message_metadata": "meta",
@@ -259,8 +261,8 @@ async fn every_field_of_a_callback_reaches_the_watcher() {
 
 #[tokio::test]
 async fn the_webhook_port_serves_only_its_two_routes() {
-    let fake = FakeSinch::start().await;
-    let service = Service::against(&fake, &[]).await;
+    let sandbox = Sandbox::start(&[], None).await;
+    let service = sandbox.service(&[]).await;
     let http = reqwest_client();
     let url = |path: &str| format!("http://{}{path}", service.webhook_addr);
     assert_eq!(http.get(url("/healthz")).send().await.unwrap().status(), 200);
@@ -271,8 +273,8 @@ async fn the_webhook_port_serves_only_its_two_routes() {
 
 #[tokio::test]
 async fn without_a_secret_unsigned_callbacks_are_accepted_only_when_asked_for() {
-    let fake = FakeSinch::start().await;
-    let config = common::config(&fake.url(), &["--sinch-webhook-secrets=", "--insecure-webhooks=true"]);
+    let sandbox = Sandbox::start(&[], None).await;
+    let config = sandbox.config(&["--sinch-webhook-secrets=", "--insecure-webhooks=true"]);
     let service = Service::start(config).await;
     let body = capability_body("unsigned", "SMS", "46700000001", "CAPABILITY_FULL");
     let headers = [("content-type", "application/json".to_owned())];
@@ -284,8 +286,8 @@ async fn without_a_secret_unsigned_callbacks_are_accepted_only_when_asked_for() 
 /// than it being acknowledged and lost with the process.
 #[tokio::test]
 async fn a_single_replica_refuses_callbacks_once_it_is_shutting_down() {
-    let fake = FakeSinch::start().await;
-    let service = Service::against(&fake, &["--drain-delay=10s"]).await;
+    let sandbox = Sandbox::start(&[], None).await;
+    let service = sandbox.service(&["--drain-delay=10s"]).await;
     let body = |channel: &str| capability_body("draining", channel, "46700000001", "CAPABILITY_FULL");
     assert_eq!(deliver(service.webhook_addr, body("SMS")).await, 200);
     service.shutdown.cancel();

@@ -6,6 +6,7 @@
 mod baselines;
 mod procs;
 mod scenarios;
+mod sinch;
 mod soak;
 
 use std::{
@@ -57,6 +58,11 @@ enum Command {
         /// Where the report goes (markdown).
         #[arg(long, default_value = "target/soak.md")]
         out: PathBuf,
+    },
+    /// Callback pacing and the token cold-start herd, each against a baseline of the same run (BENCHMARKS.md).
+    Sinch {
+        #[command(flatten)]
+        plan: sinch::SinchPlan,
     },
 }
 
@@ -120,6 +126,10 @@ async fn main() {
                 eprintln!("the soak lost, duplicated or retained something: see above");
                 std::process::exit(1);
             }
+            return;
+        }
+        Some(Command::Sinch { plan }) => {
+            println!("{}", sinch::run(&plan).await);
             return;
         }
         None => {}

@@ -3,13 +3,14 @@
 //! client, the sandbox).
 
 mod client;
+mod doctor;
 mod sandbox;
 
-use std::{net::SocketAddr, time::Duration};
+use std::time::Duration;
 
 use capability_facade::{
     capability::Channel,
-    config::Config,
+    config::{Config, SandboxSettings},
     grpc::{
         client::{Client, Connection},
         pb,
@@ -19,6 +20,7 @@ use capability_facade::{
 use clap::{Args, Parser, Subcommand};
 
 pub use client::{check, query, watch};
+pub use doctor::{doctor, webhook};
 pub use sandbox::sandbox;
 
 /// capability-facade: ask Sinch on which channels a contact can be reached, over gRPC.
@@ -43,6 +45,76 @@ pub enum Command {
     Check(CheckArgs),
     /// Run the Sinch sandbox on its own, as an upstream for load tests.
     Sandbox(SandboxArgs),
+    /// Check the app's CAPABILITY webhook at Sinch end to end: ✓ or ✗ with the fix for each step.
+    Doctor(DoctorArgs),
+    /// List, register or change the app's webhooks through Sinch's Webhooks API.
+    Webhook(WebhookArgs),
+}
+
+/// Which app and which webhook URL, with the service's configuration (credentials, region, secrets).
+#[derive(Debug, Clone, Args)]
+pub struct RegistrationArgs {
+    #[command(flatten)]
+    pub serve: Config,
+    /// The Sinch app.
+    #[arg(long, env = "SINCH_APP_ID", default_value = "sandbox-app")]
+    pub app_id: String,
+    /// The URL Sinch posts callbacks to (this service's /webhooks/sinch, as seen from the internet). Default:
+    /// CAPABILITY_PUBLIC_WEBHOOK_URL; in sandbox mode, this machine's webhook port.
+    #[arg(long)]
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub registration: RegistrationArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct WebhookArgs {
+    #[command(subcommand)]
+    pub command: WebhookCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebhookCommand {
+    /// The app's webhooks (secrets shown only as ours, other or none).
+    List(RegistrationArgs),
+    /// Creates or updates the webhook of --target: trigger CAPABILITY, the first of SINCH_WEBHOOK_SECRETS;
+    /// idempotent.
+    Ensure(RegistrationArgs),
+    /// Changes one webhook's target, triggers or secret.
+    Update(UpdateArgs),
+    /// Deletes one webhook.
+    Delete(DeleteArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct UpdateArgs {
+    #[command(flatten)]
+    pub serve: Config,
+    /// The webhook's id (see `webhook list`).
+    #[arg(long)]
+    pub id: String,
+    /// A new target URL.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// New triggers, comma-separated (for example CAPABILITY,MESSAGE_DELIVERY).
+    #[arg(long, value_delimiter = ',')]
+    pub triggers: Vec<String>,
+    /// A new secret.
+    #[arg(long, hide_env_values = true)]
+    pub secret: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct DeleteArgs {
+    #[command(flatten)]
+    pub serve: Config,
+    /// The webhook's id (see `webhook list`).
+    #[arg(long)]
+    pub id: String,
 }
 
 /// Where the service is, and how to present ourselves to it.
@@ -133,33 +205,16 @@ pub struct CheckArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct SandboxArgs {
-    /// Where to listen.
-    #[arg(long, default_value = "127.0.0.1:9000")]
-    pub listen: SocketAddr,
-    /// The project id it serves.
-    #[arg(long, default_value = "sandbox-project")]
-    pub project_id: String,
-    /// The key id clients must present.
-    #[arg(long, default_value = "sandbox-key")]
-    pub key_id: String,
-    /// The key secret clients must present.
-    #[arg(long, default_value = "sandbox-secret", hide_default_value = true)]
-    pub key_secret: Secret,
-    /// Where to post the callbacks of each query (the service's `/webhooks/sinch`); none are sent without it.
+    #[command(flatten)]
+    pub knobs: SandboxSettings,
+    /// Where to post the callbacks of each query (the service's `/webhooks/sinch`): registered as a webhook
+    /// (trigger CAPABILITY) of every app when it comes to exist. Without it, only webhooks created through the
+    /// Webhooks API receive callbacks.
     #[arg(long, requires = "webhook_secret")]
     pub callback_url: Option<String>,
-    /// The secret to sign callbacks with (the service's SINCH_WEBHOOK_SECRETS).
+    /// The secret of that webhook, which signs its callbacks (the service's SINCH_WEBHOOK_SECRETS).
     #[arg(long)]
     pub webhook_secret: Option<Secret>,
-    /// The delay between a query and its callbacks.
-    #[arg(long, default_value = "150ms", value_parser = humantime::parse_duration)]
-    pub callback_delay: Duration,
-    /// Send every callback twice.
-    #[arg(long)]
-    pub duplicates: bool,
-    /// Send a query's callbacks in reverse order.
-    #[arg(long)]
-    pub reorder: bool,
 }
 
 fn parse_identity(value: &str) -> Result<pb::ChannelIdentity, String> {

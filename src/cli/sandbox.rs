@@ -1,11 +1,9 @@
-//! The `sandbox` command: the Sinch emulator on its own, as an upstream for load tests.
+//! The `sandbox` command: the Sinch emulator on its own, as an upstream for load tests and for trying the
+//! doctor and the `webhook` commands.
 
 use std::process::ExitCode;
 
-use capability_facade::{
-    config::SandboxSettings,
-    sandbox::{self, SandboxConfig, callbacks::CallbackTarget},
-};
+use capability_facade::sandbox::{self, SandboxConfig, webhooks::Destination};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -13,35 +11,24 @@ use super::SandboxArgs;
 
 /// `capability-facade sandbox`: serves the emulator until SIGINT/SIGTERM.
 pub async fn sandbox(args: SandboxArgs, shutdown: CancellationToken) -> ExitCode {
-    let listener = match TcpListener::bind(args.listen).await {
+    if let Err(e) = args.knobs.check() {
+        eprintln!("capability-facade: invalid configuration: {e}");
+        return ExitCode::from(2);
+    }
+    let listener = match TcpListener::bind(args.knobs.addr).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("cannot listen on {}: {e}", args.listen);
+            eprintln!("cannot listen on {}: {e}", args.knobs.addr);
             return ExitCode::FAILURE;
         }
     };
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    tracing::info!(%addr, project_id = %args.project_id, key_id = %args.key_id, "Sinch sandbox listening");
-    let callbacks = args
+    tracing::info!(%addr, project_id = sandbox::PROJECT_ID, key_id = sandbox::KEY_ID, "Sinch sandbox listening");
+    let default_webhook = args
         .callback_url
         .zip(args.webhook_secret)
-        .map(|(url, secret)| CallbackTarget {
-            url,
-            secret,
-            knobs: SandboxSettings {
-                callback_delay: args.callback_delay,
-                duplicates: args.duplicates,
-                reorder: args.reorder,
-            },
-            trust_own_listener: false,
-        });
-    let config = SandboxConfig {
-        project_id: args.project_id,
-        key_id: args.key_id,
-        key_secret: args.key_secret,
-        callbacks,
-        ..SandboxConfig::generated()
-    };
+        .map(|(target, secret)| Destination { target, secret });
+    let config = SandboxConfig::new(args.knobs, default_webhook);
     match sandbox::serve(listener, config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -42,7 +42,22 @@ pub struct Config {
     #[command(flatten)]
     pub shutdown: ShutdownSettings,
     #[command(flatten)]
+    pub registration: RegistrationSettings,
+    #[command(flatten)]
     pub sandbox: SandboxSettings,
+}
+
+/// What the service checks of its own webhook registration at start (optional).
+#[derive(Debug, Clone, Args)]
+pub struct RegistrationSettings {
+    /// The URL Sinch posts callbacks to (this service's public `/webhooks/sinch`, behind the ingress). With
+    /// CAPABILITY_APP_IDS, the service checks at start that each app has a webhook with the CAPABILITY trigger
+    /// there, and warns when not.
+    #[arg(id = "public-webhook-url", long = "public-webhook-url", env = PUBLIC_WEBHOOK_URL, value_parser = HttpUrl)]
+    pub public_webhook_url: Option<url::Url>,
+    /// Comma-separated Sinch app ids this service queries for: the apps whose webhook is checked at start.
+    #[arg(id = "app-ids", long = "app-ids", env = APP_IDS, value_delimiter = ',', value_parser = Text)]
+    pub app_ids: Vec<String>,
 }
 
 /// Where the three listeners listen.
@@ -266,12 +281,24 @@ pub struct ShutdownSettings {
     pub drain_delay: Duration,
 }
 
-/// The in-process sandbox's knobs (sandbox mode only).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Args)]
+/// How a sandbox 429 says when to retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RetryHint {
+    /// A `Retry-After` header (seconds).
+    Header,
+    /// A `google.rpc.RetryInfo` in the error's `details`, no header.
+    RetryInfo,
+}
+
+/// The sandbox's knobs: the in-process sandbox's (sandbox mode only) and `capability-facade sandbox`'s.
+#[derive(Debug, Clone, PartialEq, Args)]
 pub struct SandboxSettings {
+    /// Sandbox: where it listens (the in-process one on loopback); port 0 picks a free port.
+    #[arg(id = "sandbox-addr", long = "sandbox-addr", alias = "listen", env = SANDBOX_ADDR, default_value = "127.0.0.1:9000")]
+    pub addr: SocketAddr,
     /// Sandbox: the delay between a query and its callbacks (at most 1h).
-    #[arg(id = "sandbox-callback-delay", long = "sandbox-callback-delay", env = SANDBOX_CALLBACK_DELAY, default_value = "150ms",
-          value_parser = duration(ZERO, HOUR))]
+    #[arg(id = "sandbox-callback-delay", long = "sandbox-callback-delay", alias = "callback-delay", env = SANDBOX_CALLBACK_DELAY,
+          default_value = "150ms", value_parser = duration(ZERO, HOUR))]
     pub callback_delay: Duration,
     /// Sandbox: send every callback twice, as Sinch's redelivery may.
     #[arg(id = "sandbox-duplicates", long = "sandbox-duplicates", env = SANDBOX_DUPLICATES, default_value = "false",
@@ -281,6 +308,77 @@ pub struct SandboxSettings {
     #[arg(id = "sandbox-reorder", long = "sandbox-reorder", env = SANDBOX_REORDER, default_value = "false",
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub reorder: bool,
+    /// Sandbox: comma-separated app ids it knows; any other app id gets 404, as at Sinch. Unset: every app id is
+    /// accepted (an app comes to exist when first used).
+    #[arg(id = "sandbox-apps", long = "sandbox-apps", env = SANDBOX_APPS, value_delimiter = ',', value_parser = Text)]
+    pub apps: Vec<String>,
+    /// Sandbox: the apps' `rate_limits.webhooks`, the callbacks per second sent for one app (Sinch's default 25).
+    #[arg(id = "sandbox-webhook-rate", long = "sandbox-webhook-rate", env = SANDBOX_WEBHOOK_RATE, default_value = "25",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub webhook_rate: u32,
+    /// Sandbox: no callback at all for a channel without capability (Sinch's docs promise a callback only "for
+    /// every reachable channel").
+    #[arg(id = "sandbox-silent-unreachable", long = "sandbox-silent-unreachable", env = SANDBOX_SILENT_UNREACHABLE,
+          default_value = "false", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub silent_unreachable: bool,
+    /// Sandbox: the fraction of queries answered 429 (0 to 1).
+    #[arg(id = "sandbox-error-429", long = "sandbox-error-429", env = SANDBOX_ERROR_429, default_value = "0", value_parser = fraction)]
+    pub error_429: f64,
+    /// Sandbox: the fraction of queries answered 500 (0 to 1).
+    #[arg(id = "sandbox-error-500", long = "sandbox-error-500", env = SANDBOX_ERROR_500, default_value = "0", value_parser = fraction)]
+    pub error_500: f64,
+    /// Sandbox: the fraction of queries answered 501 (0 to 1).
+    #[arg(id = "sandbox-error-501", long = "sandbox-error-501", env = SANDBOX_ERROR_501, default_value = "0", value_parser = fraction)]
+    pub error_501: f64,
+    /// Sandbox: the fraction of queries answered 503 (0 to 1).
+    #[arg(id = "sandbox-error-503", long = "sandbox-error-503", env = SANDBOX_ERROR_503, default_value = "0", value_parser = fraction)]
+    pub error_503: f64,
+    /// Sandbox: how its 429s say when to retry.
+    #[arg(id = "sandbox-retry-hint", long = "sandbox-retry-hint", env = SANDBOX_RETRY_HINT, value_enum, default_value = "header")]
+    pub retry_hint: RetryHint,
+    /// Sandbox: the wait its 429s ask for (at most 1h).
+    #[arg(id = "sandbox-retry-after", long = "sandbox-retry-after", env = SANDBOX_RETRY_AFTER, default_value = "1s",
+          value_parser = duration(ZERO, HOUR))]
+    pub retry_after: Duration,
+    /// Sandbox: added latency before every query answer (at most 1m).
+    #[arg(id = "sandbox-latency", long = "sandbox-latency", env = SANDBOX_LATENCY, default_value = "0s",
+          value_parser = duration(ZERO, MINUTE))]
+    pub latency: Duration,
+    /// Sandbox: when, after it starts, its token endpoint goes down (answering 503) for CAPABILITY_SANDBOX_TOKEN_OUTAGE_FOR.
+    #[arg(id = "sandbox-token-outage-after", long = "sandbox-token-outage-after", env = SANDBOX_TOKEN_OUTAGE_AFTER,
+          default_value = "0s", value_parser = duration(ZERO, 7 * DAY))]
+    pub token_outage_after: Duration,
+    /// Sandbox: how long the token endpoint stays down; 0 = never down.
+    #[arg(id = "sandbox-token-outage-for", long = "sandbox-token-outage-for", env = SANDBOX_TOKEN_OUTAGE_FOR,
+          default_value = "0s", value_parser = duration(ZERO, 7 * DAY))]
+    pub token_outage_for: Duration,
+}
+
+/// A fraction: a number from 0 to 1.
+fn fraction(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!(
+            "expected a fraction from 0 to 1 (for example 0.05), got {text:?}"
+        )),
+    }
+}
+
+impl SandboxSettings {
+    /// The rules between knobs; shared by the service and `capability-facade sandbox`.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        let errors = self.error_429 + self.error_500 + self.error_501 + self.error_503;
+        if errors > 1.0 {
+            return Err(invalid(
+                SANDBOX_ERROR_503,
+                format!(
+                    "the error fractions add up to {errors}: {SANDBOX_ERROR_429}, {SANDBOX_ERROR_500}, \
+                     {SANDBOX_ERROR_501} and {SANDBOX_ERROR_503} together must not exceed 1"
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 pub const GRPC_ADDR: &str = "CAPABILITY_GRPC_ADDR";
@@ -325,6 +423,21 @@ pub const MAX_CONNECTION_AGE: &str = "CAPABILITY_MAX_CONNECTION_AGE";
 pub const SANDBOX_CALLBACK_DELAY: &str = "CAPABILITY_SANDBOX_CALLBACK_DELAY";
 pub const SANDBOX_DUPLICATES: &str = "CAPABILITY_SANDBOX_DUPLICATES";
 pub const SANDBOX_REORDER: &str = "CAPABILITY_SANDBOX_REORDER";
+pub const SANDBOX_ADDR: &str = "CAPABILITY_SANDBOX_ADDR";
+pub const SANDBOX_APPS: &str = "CAPABILITY_SANDBOX_APPS";
+pub const SANDBOX_WEBHOOK_RATE: &str = "CAPABILITY_SANDBOX_WEBHOOK_RATE";
+pub const SANDBOX_SILENT_UNREACHABLE: &str = "CAPABILITY_SANDBOX_SILENT_UNREACHABLE";
+pub const SANDBOX_ERROR_429: &str = "CAPABILITY_SANDBOX_ERROR_429";
+pub const SANDBOX_ERROR_500: &str = "CAPABILITY_SANDBOX_ERROR_500";
+pub const SANDBOX_ERROR_501: &str = "CAPABILITY_SANDBOX_ERROR_501";
+pub const SANDBOX_ERROR_503: &str = "CAPABILITY_SANDBOX_ERROR_503";
+pub const SANDBOX_RETRY_HINT: &str = "CAPABILITY_SANDBOX_RETRY_HINT";
+pub const SANDBOX_RETRY_AFTER: &str = "CAPABILITY_SANDBOX_RETRY_AFTER";
+pub const SANDBOX_LATENCY: &str = "CAPABILITY_SANDBOX_LATENCY";
+pub const SANDBOX_TOKEN_OUTAGE_AFTER: &str = "CAPABILITY_SANDBOX_TOKEN_OUTAGE_AFTER";
+pub const SANDBOX_TOKEN_OUTAGE_FOR: &str = "CAPABILITY_SANDBOX_TOKEN_OUTAGE_FOR";
+pub const PUBLIC_WEBHOOK_URL: &str = "CAPABILITY_PUBLIC_WEBHOOK_URL";
+pub const APP_IDS: &str = "CAPABILITY_APP_IDS";
 
 const DEFAULT_AUTH_URL: &str = "https://auth.sinch.com/oauth2/token";
 
@@ -393,6 +506,7 @@ impl Config {
                 ),
             ));
         }
+        self.sandbox.check()?;
         if self.shutdown.drain_delay > self.shutdown.grace {
             return Err(invalid(
                 DRAIN_DELAY,
@@ -547,6 +661,21 @@ pub const ALL_VARIABLES: &[&str] = &[
     SANDBOX_CALLBACK_DELAY,
     SANDBOX_DUPLICATES,
     SANDBOX_REORDER,
+    SANDBOX_ADDR,
+    SANDBOX_APPS,
+    SANDBOX_WEBHOOK_RATE,
+    SANDBOX_SILENT_UNREACHABLE,
+    SANDBOX_ERROR_429,
+    SANDBOX_ERROR_500,
+    SANDBOX_ERROR_501,
+    SANDBOX_ERROR_503,
+    SANDBOX_RETRY_HINT,
+    SANDBOX_RETRY_AFTER,
+    SANDBOX_LATENCY,
+    SANDBOX_TOKEN_OUTAGE_AFTER,
+    SANDBOX_TOKEN_OUTAGE_FOR,
+    PUBLIC_WEBHOOK_URL,
+    APP_IDS,
 ];
 
 /// A clap error about the serving configuration as one line naming the variable, never a secret's value.
@@ -658,10 +787,22 @@ mod tests {
             ("--redis-prefix={x}", REDIS_PREFIX),
             ("--drain-delay=1m", DRAIN_DELAY),
             ("--max-connection-age=100000d", MAX_CONNECTION_AGE),
+            ("--sandbox-error-429=1.5", SANDBOX_ERROR_429),
+            ("--sandbox-retry-hint=maybe", SANDBOX_RETRY_HINT),
+            ("--sandbox-webhook-rate=0", SANDBOX_WEBHOOK_RATE),
+            ("--sandbox-addr=nowhere", SANDBOX_ADDR),
+            ("--public-webhook-url=ftp://x", PUBLIC_WEBHOOK_URL),
         ];
         for (flag, variable) in cases {
             assert_eq!(with_creds(flag).unwrap_err().variable, *variable, "{flag}");
         }
+    }
+
+    #[test]
+    fn sandbox_error_fractions_must_not_add_up_past_one() {
+        let error = parse(&["--sandbox-error-429=0.6", "--sandbox-error-503=0.6"]).unwrap_err();
+        assert_eq!(error.variable, SANDBOX_ERROR_503);
+        assert!(parse(&["--sandbox-error-429=0.5", "--sandbox-error-503=0.5"]).is_ok());
     }
 
     #[test]

@@ -263,7 +263,8 @@ fn watch_message(event: WatchEvent) -> Result<pb::WatchCapabilityResponse, Statu
     Ok(pb::WatchCapabilityResponse { event: Some(event) })
 }
 
-/// When the call must be answered: the caller's `grpc-timeout` less a margin, or the default budget.
+/// When the call must be answered: the caller's `grpc-timeout` less a margin, or the default budget; never
+/// later than [`MAX_DEADLINE`](crate::query::MAX_DEADLINE) from now (request_id claims outlive that).
 fn deadline(metadata: &MetadataMap, default: Duration) -> Instant {
     let timeout = metadata
         .get("grpc-timeout")
@@ -271,7 +272,7 @@ fn deadline(metadata: &MetadataMap, default: Duration) -> Instant {
         .and_then(parse_grpc_timeout)
         .map(|t| t.saturating_sub(DEADLINE_MARGIN.min(t / 10)))
         .unwrap_or(default);
-    Instant::now() + timeout
+    Instant::now() + timeout.min(crate::query::MAX_DEADLINE)
 }
 
 /// Parses the `grpc-timeout` header: at most 8 digits and a unit (H, M, S, m, u, n).
@@ -385,5 +386,14 @@ mod tests {
         assert_eq!(parse_grpc_timeout("123456789S"), None);
         assert_eq!(parse_grpc_timeout("5x"), None);
         assert_eq!(parse_grpc_timeout("S"), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_query_deadline_never_outlives_the_request_id_claim() {
+        let mut metadata = MetadataMap::new();
+        metadata.insert("grpc-timeout", "2H".parse().unwrap());
+        let longest = deadline(&metadata, Duration::from_secs(10)) - Instant::now();
+        assert_eq!(longest, crate::query::MAX_DEADLINE);
+        assert!(crate::query::PENDING_CLAIM >= longest + Duration::from_secs(30));
     }
 }

@@ -103,6 +103,8 @@ fn upstream_status(error: upstream::Error) -> Status {
             (code, "UPSTREAM_ERROR")
         }
         E::Credentials(_) => (Code::Internal, "UPSTREAM_CREDENTIALS_REJECTED"),
+        // Not the caller's request and not our credentials: the Sinch account must be topped up first.
+        E::Billing(_) => (Code::FailedPrecondition, "UPSTREAM_BILLING_REFUSED"),
         E::Connect(_) => (Code::Unavailable, "UPSTREAM_UNREACHABLE"),
         E::Malformed { .. } => (Code::Unavailable, "UPSTREAM_MALFORMED_RESPONSE"),
         E::DeadlineExceeded => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
@@ -112,7 +114,7 @@ fn upstream_status(error: upstream::Error) -> Status {
         }
     };
     let mut metadata = HashMap::new();
-    if let E::Api(api) | E::Credentials(api) = &error {
+    if let E::Api(api) | E::Credentials(api) | E::Billing(api) = &error {
         metadata.insert("http_status".to_owned(), api.http_status.to_string());
         metadata.insert("sinch_status".to_owned(), api.status.clone());
         metadata.insert("sinch_message".to_owned(), api.message.clone());

@@ -3,31 +3,23 @@
 //! Outcome by the identity's last digit: 0–3 `CAPABILITY_FULL`; 4–5 `CAPABILITY_PARTIAL` (with
 //! `channel_capabilities`); 6–7 `NO_CAPABILITY` (`RECIPIENT_NOT_REACHABLE`); 8 `NO_CAPABILITY`
 //! (`RECIPIENT_NOT_OPTED_IN`); 9 or no digit `CAPABILITY_UNKNOWN`. Contact queries use the [`DEMO_CONTACTS`];
-//! any other contact gets one `NO_CAPABILITY` callback with reason `CONTACT_NOT_FOUND`.
+//! any other contact gets one `NO_CAPABILITY` callback with reason `CONTACT_NOT_FOUND`. With
+//! `silent_unreachable`, no callback at all is sent for a `NO_CAPABILITY` outcome.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
+use governor::DefaultDirectRateLimiter;
 use serde_json::{Value, json};
 
 use crate::{
     config::SandboxSettings,
-    secret::Secret,
+    sandbox::webhooks::Destination,
     upstream::wire::{QueryJson, RecipientJson},
     webhook::signature,
 };
-
-/// Where and how the sandbox posts callbacks.
-#[derive(Debug, Clone)]
-pub struct CallbackTarget {
-    /// The receiver's URL (`http://host:port/webhooks/sinch`).
-    pub url: String,
-    /// The secret the callbacks are signed with.
-    pub secret: Secret,
-    pub knobs: SandboxSettings,
-    /// Accept the receiver's certificate whatever it is: only for the in-process sandbox posting to its own
-    /// process's TLS listener on loopback, whose certificate need not name 127.0.0.1. The callbacks are signed.
-    pub trust_own_listener: bool,
-}
 
 /// Demo contacts for contact_id queries: (contact id, [(channel, identity)]).
 pub const DEMO_CONTACTS: &[(&str, &[(&str, &str)])] = &[
@@ -70,8 +62,9 @@ pub fn outcome(request_id: &str, contact_id: &str, channel: &str, identity: &str
     n
 }
 
-/// Every callback body a query produces, in Sinch's order.
-pub fn bodies(project_id: &str, query: &QueryJson) -> Vec<Vec<u8>> {
+/// Every callback body a query produces, in Sinch's order; without those of `NO_CAPABILITY` outcomes when
+/// `silent_unreachable`.
+pub fn bodies(project_id: &str, query: &QueryJson, silent_unreachable: bool) -> Vec<Vec<u8>> {
     let notifications: Vec<Value> = match &query.recipient {
         RecipientJson::IdentifiedBy { channel_identities } => channel_identities
             .iter()
@@ -91,6 +84,7 @@ pub fn bodies(project_id: &str, query: &QueryJson) -> Vec<Vec<u8>> {
     let now = humantime::format_rfc3339_micros(SystemTime::now()).to_string();
     notifications
         .into_iter()
+        .filter(|n| !(silent_unreachable && n["capability_status"] == "NO_CAPABILITY"))
         .map(|n| {
             let body = json!({"app_id": query.app_id, "accepted_time": now, "event_time": now,
                 "project_id": project_id, "message_metadata": "", "capability_notification": n});
@@ -99,22 +93,30 @@ pub fn bodies(project_id: &str, query: &QueryJson) -> Vec<Vec<u8>> {
         .collect()
 }
 
-/// Posts `bodies` to the target after the configured delay, in order (or reversed), each once (or twice),
-/// retrying a refused delivery a few times with back-off, as Sinch does.
-pub async fn deliver(http: reqwest::Client, target: CallbackTarget, mut bodies: Vec<Vec<u8>>) {
-    tokio::time::sleep(target.knobs.callback_delay).await;
-    if target.knobs.reorder {
+/// Posts `bodies` to every destination after the configured delay, in order (or reversed), each once (or
+/// twice), one callback per permit of the app's `pacer` (its `rate_limits.webhooks`; each destination gets its
+/// copy), retrying a refused delivery a few times with back-off, as Sinch does.
+pub async fn deliver(
+    http: reqwest::Client,
+    destinations: Vec<Destination>,
+    mut bodies: Vec<Vec<u8>>,
+    knobs: SandboxSettings,
+    pacer: Arc<DefaultDirectRateLimiter>,
+) {
+    tokio::time::sleep(knobs.callback_delay).await;
+    if knobs.reorder {
         bodies.reverse();
     }
-    let copies = if target.knobs.duplicates { 2 } else { 1 };
+    let copies = if knobs.duplicates { 2 } else { 1 };
     for body in &bodies {
         for _ in 0..copies {
-            post(&http, &target, body).await;
+            pacer.until_ready().await;
+            futures::future::join_all(destinations.iter().map(|d| post(&http, d, body))).await;
         }
     }
 }
 
-async fn post(http: &reqwest::Client, target: &CallbackTarget, body: &[u8]) {
+async fn post(http: &reqwest::Client, target: &Destination, body: &[u8]) {
     let mut pause = Duration::from_millis(100);
     for attempt in 1..=6 {
         let nonce = ulid::Ulid::new().to_string();
@@ -123,17 +125,19 @@ async fn post(http: &reqwest::Client, target: &CallbackTarget, body: &[u8]) {
             .unwrap_or_default()
             .as_secs()
             .to_string();
-        let signed = signature::sign(target.secret.expose(), body, &nonce, &timestamp);
-        let sent = http
-            .post(&target.url)
+        let mut request = http
+            .post(&target.target)
             .header("content-type", "application/json")
-            .header(signature::SIGNATURE, signed)
-            .header(signature::TIMESTAMP, timestamp)
-            .header(signature::NONCE, nonce)
-            .header(signature::ALGORITHM, signature::HMAC_SHA256)
-            .body(body.to_vec())
-            .send()
-            .await;
+            .body(body.to_vec());
+        if !target.secret.is_empty() {
+            let signed = signature::sign(target.secret.expose(), body, &nonce, &timestamp);
+            request = request
+                .header(signature::SIGNATURE, signed)
+                .header(signature::TIMESTAMP, timestamp)
+                .header(signature::NONCE, nonce)
+                .header(signature::ALGORITHM, signature::HMAC_SHA256);
+        }
+        let sent = request.send().await;
         match sent {
             Ok(r) if r.status().is_success() => return,
             Ok(r) => tracing::warn!(status = %r.status(), attempt, "the receiver refused a sandbox callback"),
@@ -147,6 +151,19 @@ async fn post(http: &reqwest::Client, target: &CallbackTarget, body: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn silent_unreachable_drops_only_the_no_capability_callbacks() {
+        let query: QueryJson = serde_json::from_value(json!({"app_id": "A", "request_id": "R", "recipient":
+            {"identified_by": {"channel_identities": [{"channel": "SMS", "identity": "46700000001"},
+                {"channel": "VIBER", "identity": "46700000006"}, {"channel": "RCS", "identity": "46700000008"}]}}}))
+        .unwrap();
+        assert_eq!(bodies("P", &query, false).len(), 3);
+        let quiet = bodies("P", &query, true);
+        assert_eq!(quiet.len(), 1);
+        let only: Value = serde_json::from_slice(&quiet[0]).unwrap();
+        assert_eq!(only["capability_notification"]["channel"], "SMS");
+    }
 
     #[test]
     fn outcomes_follow_the_last_digit() {

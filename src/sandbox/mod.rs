@@ -1,9 +1,14 @@
-//! The built-in Sinch emulator: the OAuth2 token endpoint and `capability:query`, validating requests and
-//! answering errors the way Sinch does. In-process when no credentials are configured; standalone with
-//! `capability-facade sandbox` as an upstream for load tests. After each accepted query it posts one signed
-//! CAPABILITY callback per channel to the configured receiver (see [`callbacks`] for the outcomes).
+//! The built-in Sinch emulator, as strict as Sinch: the OAuth2 token endpoint (a token bucket: 30, refilled at
+//! 10/s, 429 without `Retry-After`), `capability:query`, the Webhooks API and `GET …/apps/{app_id}`
+//! ([`webhooks`]), validating requests and answering errors the way Sinch does (with `details`). In-process when
+//! no credentials are configured; standalone with `capability-facade sandbox`. After each accepted query it posts
+//! the CAPABILITY callbacks (see [`callbacks`] for the outcomes) to every webhook of the app whose triggers
+//! include CAPABILITY, each signed with that webhook's secret, paced at the app's `rate_limits.webhooks`. Its
+//! knobs ([`SandboxSettings`]) add faults: a fraction of queries answered 429/500/501/503, latency, a token
+//! endpoint outage, silence for unreachable channels, duplicates and reordering.
 
 pub mod callbacks;
+pub mod webhooks;
 
 use std::{
     collections::HashMap,
@@ -17,18 +22,27 @@ use axum::{
     extract::{Path, State},
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::post,
+    routing::{get, post},
 };
 use base64::Engine;
+use governor::{DefaultDirectRateLimiter, Quota};
+use rand::Rng;
+use serde_json::json;
 use tokio::{net::TcpListener, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     capability::Channel,
-    sandbox::callbacks::CallbackTarget,
+    config::{RetryHint, SandboxSettings},
     secret::Secret,
     upstream::wire::{ErrorBody, ErrorJson, QueryJson, RecipientJson, TokenJson},
 };
+use webhooks::{Destination, Registry};
+
+/// The fixed credentials of every sandbox, so that commands and clients can reach it without set-up.
+pub const PROJECT_ID: &str = "sandbox-project";
+pub const KEY_ID: &str = "sandbox-key";
+pub const KEY_SECRET: &str = "sandbox-secret";
 
 /// What the sandbox accepts and how it behaves.
 #[derive(Debug, Clone)]
@@ -38,8 +52,13 @@ pub struct SandboxConfig {
     pub key_secret: Secret,
     /// The `expires_in` of the tokens it issues.
     pub token_lifetime: Duration,
-    /// Where callbacks go; none are sent without one.
-    pub callbacks: Option<CallbackTarget>,
+    pub knobs: SandboxSettings,
+    /// Registered (trigger CAPABILITY) for every app when it comes to exist: the in-process service's own
+    /// receiver, or `capability-facade sandbox --callback-url`.
+    pub default_webhook: Option<Destination>,
+    /// Accept the receivers' certificates whatever they are: only for the in-process sandbox posting to its own
+    /// process's TLS listener on loopback, whose certificate need not name 127.0.0.1. The callbacks are signed.
+    pub trust_own_listener: bool,
 }
 
 impl SandboxConfig {
@@ -56,14 +75,16 @@ impl SandboxConfig {
         }
     }
 
-    /// A sandbox with freshly generated credentials, for in-process use.
-    pub fn generated() -> SandboxConfig {
+    /// A sandbox with the fixed credentials ([`PROJECT_ID`], [`KEY_ID`], [`KEY_SECRET`]) and these knobs.
+    pub fn new(knobs: SandboxSettings, default_webhook: Option<Destination>) -> SandboxConfig {
         SandboxConfig {
-            project_id: "sandbox-project".to_owned(),
-            key_id: format!("sandbox-key-{}", ulid::Ulid::new()),
-            key_secret: Secret::new(ulid::Ulid::new().to_string()),
+            project_id: PROJECT_ID.to_owned(),
+            key_id: KEY_ID.to_owned(),
+            key_secret: Secret::new(KEY_SECRET),
             token_lifetime: Duration::from_secs(3600),
-            callbacks: None,
+            knobs,
+            default_webhook,
+            trust_own_listener: false,
         }
     }
 }
@@ -74,6 +95,11 @@ struct Sandbox {
     basic: String,
     /// Issued tokens and when each expires.
     tokens: Mutex<HashMap<String, Instant>>,
+    /// Sinch's token endpoint is a token bucket: capacity 30, refilled at 10/s.
+    token_bucket: DefaultDirectRateLimiter,
+    /// When it started: the token outage window counts from here.
+    started: Instant,
+    registry: Registry,
     /// Posts the callbacks.
     http: reqwest::Client,
 }
@@ -92,35 +118,130 @@ pub fn router(config: SandboxConfig) -> Router {
         "Basic {}",
         base64::engine::general_purpose::STANDARD.encode(credentials)
     );
-    let trust_own_listener = config.callbacks.as_ref().is_some_and(|t| t.trust_own_listener);
+    let registry = Registry::new(
+        &config.knobs.apps,
+        config.default_webhook.clone(),
+        config.knobs.webhook_rate,
+    );
+    let token_bucket = DefaultDirectRateLimiter::direct(
+        Quota::per_second(std::num::NonZeroU32::new(10).expect("not 0"))
+            .allow_burst(std::num::NonZeroU32::new(30).expect("not 0")),
+    );
     let state = Arc::new(Sandbox {
-        config,
-        basic,
-        tokens: Mutex::new(HashMap::new()),
         http: {
             crate::upstream::install_crypto_provider();
             reqwest::Client::builder()
-                .danger_accept_invalid_certs(trust_own_listener)
+                .danger_accept_invalid_certs(config.trust_own_listener)
                 .build()
                 .expect("a client without custom roots always builds")
         },
+        config,
+        basic,
+        tokens: Mutex::new(HashMap::new()),
+        token_bucket,
+        started: Instant::now(),
+        registry,
     });
     Router::new()
         .route("/oauth2/token", post(token))
         .route("/v1/projects/{project}/capability:query", post(query))
+        .route("/v1/projects/{project}/webhooks", post(webhooks::create))
+        .route(
+            "/v1/projects/{project}/webhooks/{webhook_id}",
+            get(webhooks::get).patch(webhooks::update).delete(webhooks::delete),
+        )
+        .route("/v1/projects/{project}/apps/{app_id}", get(webhooks::app))
+        .route("/v1/projects/{project}/apps/{app_id}/webhooks", get(webhooks::list))
         .with_state(state)
 }
 
-/// A Sinch-style error answer.
+/// A Sinch-style error answer, its `details` carrying a `google.rpc.ErrorInfo`.
 fn sinch_error(status: StatusCode, sinch_status: &str, message: impl Into<String>) -> Response {
+    sinch_error_with(status, sinch_status, message, Vec::new())
+}
+
+/// The same, with more `details`.
+fn sinch_error_with(
+    status: StatusCode,
+    sinch_status: &str,
+    message: impl Into<String>,
+    mut details: Vec<serde_json::Value>,
+) -> Response {
+    details.insert(
+        0,
+        json!({"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": sinch_status,
+            "domain": "conversation.api.sinch.com"}),
+    );
     let body = ErrorJson {
         error: ErrorBody {
             code: status.as_u16(),
             message: message.into(),
             status: sinch_status.to_owned(),
+            details,
         },
     };
     (status, axum::Json(body)).into_response()
+}
+
+/// A fault drawn for one query by the configured fractions, as (HTTP status, Sinch status, message).
+fn draw_fault(knobs: &SandboxSettings) -> Option<(StatusCode, &'static str, &'static str)> {
+    let faults = [
+        (
+            knobs.error_429,
+            StatusCode::TOO_MANY_REQUESTS,
+            "RESOURCE_EXHAUSTED",
+            "Too many requests",
+        ),
+        (
+            knobs.error_500,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "INTERNAL",
+            "Internal error",
+        ),
+        (
+            knobs.error_501,
+            StatusCode::NOT_IMPLEMENTED,
+            "NOT_IMPLEMENTED",
+            "Not implemented",
+        ),
+        (
+            knobs.error_503,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            "The service is unavailable",
+        ),
+    ];
+    let mut draw = rand::rng().random::<f64>();
+    for (fraction, status, sinch_status, message) in faults {
+        if draw < fraction {
+            return Some((status, sinch_status, message));
+        }
+        draw -= fraction;
+    }
+    None
+}
+
+/// The answer of an injected fault; a 429 says when to retry as configured.
+fn fault(knobs: &SandboxSettings, (status, sinch_status, message): (StatusCode, &str, &str)) -> Response {
+    if status != StatusCode::TOO_MANY_REQUESTS {
+        return sinch_error(status, sinch_status, message);
+    }
+    let wait = knobs.retry_after;
+    match knobs.retry_hint {
+        RetryHint::Header => {
+            let mut response = sinch_error(status, sinch_status, message);
+            let seconds = wait.as_secs_f64().ceil() as u64;
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from(seconds));
+            response
+        }
+        RetryHint::RetryInfo => {
+            let info = json!({"@type": "type.googleapis.com/google.rpc.RetryInfo",
+                "retryDelay": format!("{}s", wait.as_secs_f64())});
+            sinch_error_with(status, sinch_status, message, vec![info])
+        }
+    }
 }
 
 async fn token(State(sandbox): State<Arc<Sandbox>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -128,6 +249,21 @@ async fn token(State(sandbox): State<Arc<Sandbox>>, headers: HeaderMap, body: By
         let body = serde_json::json!({"error": error, "error_description": description});
         (status, axum::Json(body)).into_response()
     };
+    let knobs = &sandbox.config.knobs;
+    let since_start = sandbox.started.elapsed();
+    if !knobs.token_outage_for.is_zero()
+        && since_start >= knobs.token_outage_after
+        && since_start < knobs.token_outage_after + knobs.token_outage_for
+    {
+        return oauth_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "temporarily_unavailable",
+            "The token service is unavailable",
+        );
+    }
+    if sandbox.token_bucket.check().is_err() {
+        return oauth_error(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", "Too many requests");
+    }
     if headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) != Some(sandbox.basic.as_str()) {
         return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", "Bad client credentials");
     }
@@ -154,6 +290,7 @@ async fn token(State(sandbox): State<Arc<Sandbox>>, headers: HeaderMap, body: By
         access_token: token,
         token_type: "bearer".to_owned(),
         expires_in: lifetime.as_secs(),
+        scope: String::new(),
     })
     .into_response()
 }
@@ -164,15 +301,12 @@ async fn query(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    tokio::time::sleep(sandbox.config.knobs.latency).await;
     if let Err(detail) = sandbox.authenticate(&headers) {
         return unauthenticated(detail);
     }
-    if project != sandbox.config.project_id {
-        return sinch_error(
-            StatusCode::NOT_FOUND,
-            "NOT_FOUND",
-            format!("Project {project} not found"),
-        );
+    if let Some(response) = sandbox.wrong_project(&project) {
+        return response;
     }
     let mut query: QueryJson = match serde_json::from_slice(&body) {
         Ok(q) => q,
@@ -187,12 +321,25 @@ async fn query(
     if let Err(message) = validate(&query) {
         return sinch_error(StatusCode::BAD_REQUEST, "INVALID_ARGUMENT", message);
     }
+    let Some((destinations, pacer)) = sandbox.registry.capability_destinations(&query.app_id) else {
+        return webhooks::app_not_found(&query.app_id);
+    };
+    if let Some(drawn) = draw_fault(&sandbox.config.knobs) {
+        return fault(&sandbox.config.knobs, drawn);
+    }
     if query.request_id.is_empty() {
         query.request_id = ulid::Ulid::new().to_string();
     }
-    if let Some(target) = &sandbox.config.callbacks {
-        let bodies = callbacks::bodies(&sandbox.config.project_id, &query);
-        tokio::spawn(callbacks::deliver(sandbox.http.clone(), target.clone(), bodies));
+    let knobs = &sandbox.config.knobs;
+    let bodies = callbacks::bodies(&sandbox.config.project_id, &query, knobs.silent_unreachable);
+    if !destinations.is_empty() && !bodies.is_empty() {
+        tokio::spawn(callbacks::deliver(
+            sandbox.http.clone(),
+            destinations,
+            bodies,
+            knobs.clone(),
+            pacer,
+        ));
     }
     axum::Json(query).into_response()
 }
@@ -229,6 +376,17 @@ fn validate(query: &QueryJson) -> Result<(), String> {
 // === impl Sandbox ===
 
 impl Sandbox {
+    /// Sinch's 404 for a project other than the one served.
+    fn wrong_project(&self, project: &str) -> Option<Response> {
+        (project != self.config.project_id).then(|| {
+            sinch_error(
+                StatusCode::NOT_FOUND,
+                "NOT_FOUND",
+                format!("Project {project} not found"),
+            )
+        })
+    }
+
     /// Accepts a bearer token it issued and has not expired, or the Basic credentials; otherwise says why not.
     fn authenticate(&self, headers: &HeaderMap) -> Result<(), &'static str> {
         let presented = headers

@@ -11,7 +11,7 @@ pub struct ApiError {
     pub status: String,
     /// Sinch's message, or the start of a body that was not Sinch's error JSON.
     pub message: String,
-    /// How long Sinch asked us to wait (`Retry-After`), on 429.
+    /// How long Sinch asked us to wait: the `Retry-After` header, else a `google.rpc.RetryInfo` in `details`.
     pub retry_after: Option<Duration>,
 }
 
@@ -24,6 +24,10 @@ pub enum Error {
     /// Sinch refused this service's own credentials (401/403 on the API or the token endpoint).
     #[error("Sinch refused this service's credentials ({} {}): {}", .0.http_status, .0.status, .0.message)]
     Credentials(ApiError),
+    /// Sinch refused the query for the account's billing (403 `BILLING_CREDIT_LIMIT_BREACHED`): the credentials
+    /// are right, the account is out of credit.
+    #[error("Sinch refused the query for billing ({} {}): {}", .0.http_status, .0.status, .0.message)]
+    Billing(ApiError),
     /// Sinch could not be reached (connect, TLS, reset), after retries.
     #[error("Sinch could not be reached: {0}")]
     Connect(String),
@@ -39,10 +43,11 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether sending the same request again may succeed: 429, 500/502/503/504 and connection errors.
+    /// Whether sending the same request again may succeed: 429, 500 to 504 (Sinch's error table says to retry
+    /// 500, 501 and 503 with back-off) and connection errors.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Api(e) => matches!(e.http_status, 429 | 500 | 502 | 503 | 504),
+            Error::Api(e) => matches!(e.http_status, 429 | 500..=504),
             Error::Connect(_) => true,
             _ => false,
         }

@@ -1,6 +1,7 @@
 //! The Sinch client: sends `capability:query` with credentials, this replica's rate limit, and retries bounded by
 //! the caller's deadline.
 
+mod apps;
 mod auth;
 mod error;
 pub mod wire;
@@ -10,9 +11,10 @@ use std::{sync::Arc, time::Duration};
 use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, Quota, clock::Clock};
 use rand::Rng;
-use reqwest::header::{CONTENT_TYPE, HeaderMap, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, RETRY_AFTER, WWW_AUTHENTICATE};
 use tokio::time::Instant;
 
+pub use auth::TokenRetry;
 pub use error::{ApiError, Error};
 
 use crate::{
@@ -20,7 +22,7 @@ use crate::{
     config::SinchConfig,
 };
 use auth::Auth;
-use wire::{ErrorJson, QueryJson};
+use wire::{ErrorJson, QueryJson, RecipientJson};
 
 /// How retryable failures are retried: jittered exponential back-off, at most `max_attempts` sends in all, never
 /// past the caller's deadline.
@@ -56,6 +58,8 @@ pub struct SinchClient {
     http: reqwest::Client,
     /// `{api_url}/v1/projects/{project}/capability:query`, parsed once (parsing it per call showed in profiles).
     query_url: reqwest::Url,
+    /// `{api_url}/v1/projects/{project}`, the root of the Webhooks and Apps APIs.
+    project_url: reqwest::Url,
     auth: Auth,
     /// At most `SINCH_RATE_LIMIT` sends per second leave this replica, retries included.
     limiter: DefaultDirectRateLimiter,
@@ -67,6 +71,8 @@ enum Attempt {
     Done(QueryAccepted),
     /// Sinch said our token expired: drop it and send once more.
     TokenExpired(Arc<reqwest::header::HeaderValue>, Error),
+    /// No token could be had, after the token endpoint's own retries: not retried again here.
+    NoToken(Error),
     Failed(Error),
 }
 
@@ -82,7 +88,9 @@ pub enum BuildError {
 }
 
 impl SinchClient {
-    pub fn new(config: &SinchConfig, retry: RetryPolicy) -> Result<SinchClient, BuildError> {
+    /// `retry` paces retried queries; `token_retry` paces retried token requests (Sinch's token endpoint is a
+    /// token bucket that wants a slower back-off than queries).
+    pub fn new(config: &SinchConfig, retry: RetryPolicy, token_retry: TokenRetry) -> Result<SinchClient, BuildError> {
         install_crypto_provider();
         let http = reqwest::Client::builder()
             .user_agent(concat!("capability-facade/", env!("CARGO_PKG_VERSION")))
@@ -92,12 +100,15 @@ impl SinchClient {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| BuildError::Http(e.to_string()))?;
-        let auth = Auth::new(config).map_err(|_| BuildError::Credentials)?;
+        let auth = Auth::new(config, token_retry).map_err(|_| BuildError::Credentials)?;
         let query_url = format!("{}/v1/projects/{}/capability:query", config.api_url, config.project_id);
         let query_url = reqwest::Url::parse(&query_url).map_err(|e| BuildError::Url(e.to_string()))?;
+        let project_url = format!("{}/v1/projects/{}", config.api_url, config.project_id);
+        let project_url = reqwest::Url::parse(&project_url).map_err(|e| BuildError::Url(e.to_string()))?;
         Ok(SinchClient {
             http,
             query_url,
+            project_url,
             auth,
             limiter: DefaultDirectRateLimiter::direct(Quota::per_second(config.rate_limit)),
             retry,
@@ -121,7 +132,7 @@ impl SinchClient {
             if attempt > 1 {
                 self.admit(deadline).await?;
             }
-            let outcome = tokio::time::timeout_at(deadline, self.send(body.clone(), traceparent))
+            let outcome = tokio::time::timeout_at(deadline, self.send(query, body.clone(), traceparent, deadline))
                 .await
                 .map_err(|_| Error::DeadlineExceeded)?;
             let error = match outcome {
@@ -135,6 +146,7 @@ impl SinchClient {
                     attempt -= 1;
                     continue;
                 }
+                Attempt::NoToken(error) => return Err(error),
                 Attempt::Failed(error) => error,
             };
             if !error.is_retryable() || attempt >= self.retry.max_attempts {
@@ -165,16 +177,17 @@ impl SinchClient {
         }
     }
 
-    async fn send(&self, body: Bytes, traceparent: Option<&str>) -> Attempt {
-        let auth = match self.auth.header(&self.http).await {
+    async fn send(&self, query: &Query, body: Bytes, traceparent: Option<&str>, deadline: Instant) -> Attempt {
+        let auth = match self.auth.header(&self.http, deadline).await {
             Ok(auth) => auth,
-            Err(e) => return Attempt::Failed(e),
+            Err(e) => return Attempt::NoToken(e),
         };
         let mut request = self
             .http
             .post(self.query_url.clone())
             .header(reqwest::header::AUTHORIZATION, auth.as_ref().clone())
             .header(CONTENT_TYPE, "application/json")
+            .header(ACCEPT, "application/json")
             .body(body);
         if let Some(traceparent) = traceparent {
             request = request.header("traceparent", traceparent);
@@ -197,16 +210,9 @@ impl SinchClient {
             Err(e) => return Attempt::Failed(Error::Connect(error_chain(&e))),
         };
         if status == 200 {
-            return match serde_json::from_slice::<QueryJson>(&body) {
-                Ok(answer) if !answer.request_id.is_empty() => Attempt::Done(answer.into()),
-                Ok(_) => Attempt::Failed(Error::Malformed {
-                    status,
-                    detail: "the answer has no request_id".into(),
-                }),
-                Err(e) => Attempt::Failed(Error::Malformed {
-                    status,
-                    detail: format!("{e} (body starts {:?})", preview(&body)),
-                }),
+            return match accepted(query, &body) {
+                Ok(answer) => Attempt::Done(answer),
+                Err(detail) => Attempt::Failed(Error::Malformed { status, detail }),
             };
         }
         let error = classify(status, &body, retry_after(&headers), false);
@@ -230,11 +236,41 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// Reads Sinch's 200 as the SDKs do, every field optional but `request_id`: Sinch accepted the query whatever
+/// else the body says, so a missing or unreadable `app_id` or `recipient` is taken from what was sent.
+fn accepted(sent: &Query, body: &[u8]) -> Result<QueryAccepted, String> {
+    let answer: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("{e} (body starts {:?})", preview(body)))?;
+    let request_id = answer
+        .get("request_id")
+        .and_then(serde_json::Value::as_str)
+        .filter(|id| !id.is_empty())
+        .ok_or_else(|| format!("the answer has no request_id (body starts {:?})", preview(body)))?;
+    let app_id = answer
+        .get("app_id")
+        .and_then(serde_json::Value::as_str)
+        .filter(|id| !id.is_empty())
+        .unwrap_or(&sent.app_id);
+    let recipient = answer
+        .get("recipient")
+        .and_then(|r| serde_json::from_value::<RecipientJson>(r.clone()).ok())
+        .map_or_else(|| sent.recipient.clone(), Into::into);
+    Ok(QueryAccepted {
+        app_id: app_id.to_owned(),
+        recipient,
+        request_id: request_id.to_owned(),
+    })
+}
+
+/// The reason Sinch gives when an account is out of credit.
+const BILLING_REFUSAL: &str = "BILLING_CREDIT_LIMIT_BREACHED";
+
 /// Turns an error answer into an [`Error`]. 401 and 403 mean our credentials (as do 400s of the token endpoint,
-/// which is how OAuth2 reports `invalid_client`).
+/// which is how OAuth2 reports `invalid_client`), except a 403 for billing. The wait asked for is the
+/// `Retry-After` header, else a `RetryInfo` in the body's `details`.
 fn classify(status: u16, body: &[u8], retry_after: Option<Duration>, token_endpoint: bool) -> Error {
-    let (sinch_status, message) = match serde_json::from_slice::<ErrorJson>(body) {
-        Ok(e) => (e.error.status, e.error.message),
+    let (sinch_status, message, details) = match serde_json::from_slice::<ErrorJson>(body) {
+        Ok(e) => (e.error.status, e.error.message, e.error.details),
         Err(_) => match serde_json::from_slice::<serde_json::Value>(body) {
             // OAuth2 style: {"error": "invalid_client", "error_description": "…"}
             Ok(v) if v.get("error").is_some_and(serde_json::Value::is_string) => (
@@ -243,17 +279,24 @@ fn classify(status: u16, body: &[u8], retry_after: Option<Duration>, token_endpo
                     .and_then(|d| d.as_str())
                     .unwrap_or_default()
                     .to_owned(),
+                Vec::new(),
             ),
-            _ => (String::new(), format!("body starts {:?}", preview(body))),
+            _ => (String::new(), format!("body starts {:?}", preview(body)), Vec::new()),
         },
     };
+    let billing = sinch_status == BILLING_REFUSAL
+        || message.contains(BILLING_REFUSAL)
+        || details
+            .iter()
+            .any(|d| d.get("reason").and_then(serde_json::Value::as_str) == Some(BILLING_REFUSAL));
     let api = ApiError {
         http_status: status,
         status: sinch_status,
         message,
-        retry_after,
+        retry_after: retry_after.or_else(|| wire::retry_info(&details)),
     };
     match status {
+        403 if billing => Error::Billing(api),
         401 | 403 => Error::Credentials(api),
         400 if token_endpoint => Error::Credentials(api),
         _ => Error::Api(api),
@@ -314,6 +357,29 @@ mod tests {
     }
 
     #[test]
+    fn a_200_needs_only_a_request_id() {
+        let sent = Query {
+            app_id: "APP".into(),
+            recipient: crate::capability::Recipient::ContactId("C1".into()),
+            request_id: "R1".into(),
+        };
+        let answer = accepted(&sent, br#"{"request_id":"R1"}"#).unwrap();
+        assert_eq!((answer.app_id.as_str(), &answer.recipient), ("APP", &sent.recipient));
+        let extra = br#"{"app_id":"APP","recipient":{"contact_id":"C1","extra":1},"request_id":"OTHER","x":2}"#;
+        let answer = accepted(&sent, extra).unwrap();
+        assert_eq!(
+            (answer.request_id.as_str(), &answer.recipient),
+            ("OTHER", &sent.recipient)
+        );
+        assert!(
+            accepted(&sent, br#"{"app_id":"APP"}"#)
+                .unwrap_err()
+                .contains("no request_id")
+        );
+        assert!(accepted(&sent, b"<html>").is_err());
+    }
+
+    #[test]
     fn errors_are_classified_from_sinch_bodies_and_oauth_bodies() {
         let sinch = br#"{"error":{"code":400,"message":"Invalid argument","status":"INVALID_ARGUMENT","details":[]}}"#;
         let Error::Api(e) = classify(400, sinch, None, false) else {
@@ -326,7 +392,22 @@ mod tests {
         let oauth = br#"{"error":"invalid_client","error_description":"bad key"}"#;
         assert!(matches!(classify(400, oauth, None, true), Error::Credentials(e) if e.status == "invalid_client"));
         assert!(matches!(classify(403, b"<html>", None, false), Error::Credentials(_)));
+        let billing = br#"{"error":{"code":403,"message":"Forbidden","status":"PERMISSION_DENIED","details":[
+            {"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"BILLING_CREDIT_LIMIT_BREACHED"}]}}"#;
+        assert!(matches!(classify(403, billing, None, false), Error::Billing(_)));
         assert!(classify(503, b"<html>", None, false).is_retryable());
+        assert!(classify(501, b"", None, false).is_retryable());
+        let throttled = br#"{"error":{"code":429,"message":"slow","status":"RESOURCE_EXHAUSTED","details":[
+            {"@type":"type.googleapis.com/google.rpc.RetryInfo","retryDelay":"3s"}]}}"#;
+        assert_eq!(
+            classify(429, throttled, None, false).retry_after(),
+            Some(Duration::from_secs(3))
+        );
+        let header_first = Some(Duration::from_secs(1));
+        assert_eq!(
+            classify(429, throttled, header_first, false).retry_after(),
+            header_first
+        );
         assert!(!classify(404, b"", None, false).is_retryable());
     }
 }

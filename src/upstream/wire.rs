@@ -1,7 +1,11 @@
 //! Sinch's JSON, exactly as documented: the query body, its answer, error bodies and the token answer.
 //! Shared with the sandbox, which must speak the same wire format.
 
+use std::time::Duration;
+
+use base64::Engine;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::capability::{Channel, ChannelIdentity, Query, QueryAccepted, Recipient};
 
@@ -36,9 +40,13 @@ pub struct TokenJson {
     pub access_token: String,
     pub token_type: String,
     pub expires_in: u64,
+    /// Space-separated scopes; Sinch sends it, possibly empty.
+    #[serde(default)]
+    pub scope: String,
 }
 
-/// `{"error": {"code": 400, "message": …, "status": …}}`; `details` is ignored.
+/// `{"error": {"code": 400, "message": …, "status": …, "details": […]}}`. `details` items come both as
+/// `{"@type": …, …}` and as `{"type_url": …, "value": …}`, so they are kept as plain JSON.
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub code: u16,
@@ -46,11 +54,123 @@ pub struct ErrorBody {
     pub message: String,
     #[serde(default)]
     pub status: String,
+    #[serde(default)]
+    pub details: Vec<serde_json::Value>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorJson {
     pub error: ErrorBody,
+}
+
+/// A webhook of Sinch's Webhooks API. Sinch sends every key (`secret` and `client_credentials` may be empty or
+/// null); the secret comes back in clear text, so a value of this type is never logged.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct WebhookJson {
+    #[serde(default)]
+    pub id: String,
+    #[serde(default)]
+    pub app_id: String,
+    #[serde(default)]
+    pub target: String,
+    #[serde(default)]
+    pub target_type: String,
+    #[serde(default)]
+    pub secret: String,
+    #[serde(default)]
+    pub triggers: Vec<String>,
+    #[serde(default)]
+    pub client_credentials: Option<Value>,
+}
+
+impl std::fmt::Debug for WebhookJson {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookJson")
+            .field("id", &self.id)
+            .field("app_id", &self.app_id)
+            .field("target", &self.target)
+            .field("target_type", &self.target_type)
+            .field("secret", &if self.secret.is_empty() { "(none)" } else { "(set)" })
+            .field("triggers", &self.triggers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WebhookJson {
+    /// Whether this webhook receives CAPABILITY callbacks.
+    pub fn wants_capability(&self) -> bool {
+        self.target_type != "DISMISS" && self.triggers.iter().any(|t| t == "CAPABILITY")
+    }
+}
+
+/// `{"webhooks": […]}`; an app without webhooks may answer `{}`.
+#[derive(Debug, Default, Deserialize)]
+pub struct WebhookListJson {
+    #[serde(default)]
+    pub webhooks: Vec<WebhookJson>,
+}
+
+/// The longest wait an error may ask for that is taken as it is.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(3600);
+
+/// The wait a `google.rpc.RetryInfo` among an error's `details` asks for, in either shape Sinch sends:
+/// `{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "2s"}`, or
+/// `{"type_url": "type.googleapis.com/google.rpc.RetryInfo", "value": …}` whose value is that same object, the
+/// delay itself, or the base64 of the protobuf message. At most an hour.
+pub fn retry_info(details: &[Value]) -> Option<Duration> {
+    details.iter().find_map(|item| {
+        let kind = item.get("@type").or_else(|| item.get("type_url"))?.as_str()?;
+        if !kind.ends_with("google.rpc.RetryInfo") {
+            return None;
+        }
+        let delay = match item.get("value") {
+            None => delay_field(item)?,
+            Some(Value::Object(_)) => delay_field(&item["value"])?,
+            Some(Value::String(text)) => json_duration(text).or_else(|| protobuf_retry_info(text))?,
+            Some(_) => return None,
+        };
+        Some(delay.min(MAX_RETRY_DELAY))
+    })
+}
+
+/// `retryDelay` (or `retry_delay`) of a RetryInfo object: `"1.5s"` or `{"seconds": 1, "nanos": 500000000}`.
+fn delay_field(object: &Value) -> Option<Duration> {
+    match object.get("retryDelay").or_else(|| object.get("retry_delay"))? {
+        Value::String(text) => json_duration(text),
+        Value::Object(parts) => {
+            let seconds = parts
+                .get("seconds")
+                .and_then(|s| s.as_u64().or_else(|| s.as_str()?.parse().ok()));
+            let nanos = parts.get("nanos").and_then(Value::as_u64).unwrap_or(0);
+            Some(Duration::from_secs(seconds.unwrap_or(0)) + Duration::from_nanos(nanos.min(999_999_999)))
+        }
+        _ => None,
+    }
+}
+
+/// A protobuf JSON duration: decimal seconds followed by `s`.
+fn json_duration(text: &str) -> Option<Duration> {
+    let seconds: f64 = text.trim().strip_suffix('s')?.parse().ok()?;
+    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds.min(MAX_RETRY_DELAY.as_secs_f64())))
+}
+
+/// `google.rpc.RetryInfo` as protobuf bytes.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RetryInfoProto {
+    #[prost(message, optional, tag = "1")]
+    retry_delay: Option<prost_types::Duration>,
+}
+
+fn protobuf_retry_info(base64_value: &str) -> Option<Duration> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(base64_value.trim())
+        .ok()?;
+    let delay = <RetryInfoProto as prost::Message>::decode(bytes.as_slice())
+        .ok()?
+        .retry_delay?;
+    let seconds = u64::try_from(delay.seconds).ok()?;
+    let nanos = u64::try_from(delay.nanos).ok()?;
+    Some(Duration::from_secs(seconds) + Duration::from_nanos(nanos.min(999_999_999)))
 }
 
 // === impl QueryJson ===
@@ -124,6 +244,33 @@ impl From<RecipientJson> for Recipient {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_info_is_read_in_every_shape_sinch_sends() {
+        let secs = Duration::from_secs;
+        let at_type = serde_json::json!([{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "X"},
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "2s"}]);
+        assert_eq!(retry_info(at_type.as_array().unwrap()), Some(secs(2)));
+        let nested = serde_json::json!([{"type_url": "type.googleapis.com/google.rpc.RetryInfo",
+            "value": {"retry_delay": {"seconds": 1, "nanos": 500_000_000}}}]);
+        assert_eq!(
+            retry_info(nested.as_array().unwrap()),
+            Some(Duration::from_millis(1500))
+        );
+        let plain = serde_json::json!([{"type_url": "type.googleapis.com/google.rpc.RetryInfo", "value": "0.25s"}]);
+        assert_eq!(retry_info(plain.as_array().unwrap()), Some(Duration::from_millis(250)));
+        let proto = RetryInfoProto {
+            retry_delay: Some(prost_types::Duration { seconds: 3, nanos: 0 }),
+        };
+        let encoded = base64::engine::general_purpose::STANDARD.encode(prost::Message::encode_to_vec(&proto));
+        let packed = serde_json::json!([{"type_url": "type.googleapis.com/google.rpc.RetryInfo", "value": encoded}]);
+        assert_eq!(retry_info(packed.as_array().unwrap()), Some(secs(3)));
+        let huge =
+            serde_json::json!([{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "99999999s"}]);
+        assert_eq!(retry_info(huge.as_array().unwrap()), Some(MAX_RETRY_DELAY));
+        let none = serde_json::json!([{"@type": "type.googleapis.com/google.rpc.ErrorInfo"}, {"value": "2s"}, 3]);
+        assert_eq!(retry_info(none.as_array().unwrap()), None);
+    }
 
     #[test]
     fn both_recipient_forms_serialise_as_sinch_documents() {

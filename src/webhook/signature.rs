@@ -62,6 +62,19 @@ mod tests {
         assert!(verify([SECRET], BODY.as_bytes(), NONCE_, TIMESTAMP_, EXPECTED));
     }
 
+    /// The .NET SDK's second vector (`WebhooksAuthValidation.json`): a multi-line body ending with a line feed,
+    /// signed over its raw bytes; the same body without the trailing line feed does not verify.
+    #[test]
+    fn the_dotnet_multi_line_vector_signs_the_raw_bytes() {
+        const MULTI_LINE: &[u8] = include_bytes!("testdata/dotnet-webhooks-auth-validation.json");
+        const DOTNET_EXPECTED: &str = "wKmZBGo4Cf+y9cZoPHhiVw6ziKeubLGqN4OdG8jlaPo=";
+        assert_eq!(MULTI_LINE.last(), Some(&b'\n'));
+        assert_eq!(sign(SECRET, MULTI_LINE, NONCE_, TIMESTAMP_), DOTNET_EXPECTED);
+        assert!(verify([SECRET], MULTI_LINE, NONCE_, TIMESTAMP_, DOTNET_EXPECTED));
+        let stripped = &MULTI_LINE[..MULTI_LINE.len() - 1];
+        assert!(!verify([SECRET], stripped, NONCE_, TIMESTAMP_, DOTNET_EXPECTED));
+    }
+
     #[test]
     fn any_configured_secret_verifies_and_nothing_else_does() {
         assert!(verify(["old", SECRET], BODY.as_bytes(), NONCE_, TIMESTAMP_, EXPECTED));

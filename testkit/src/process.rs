@@ -12,7 +12,7 @@ use std::{
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
-    sync::oneshot,
+    sync::{Notify, oneshot},
 };
 
 /// Every line a process wrote so far, stdout and stderr interleaved as they were read.
@@ -37,6 +37,8 @@ pub struct Spawned<T> {
     pub ready: T,
     /// Its output, kept up to date until it exits.
     pub log: Log,
+    /// Notified each time a line is added to `log`.
+    pub grew: Arc<Notify>,
 }
 
 /// Spawns `command` (stdin closed, killed on drop) and reads its stdout and stderr until `ready` takes something
@@ -59,8 +61,9 @@ where
     let mut out = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
     let mut err = BufReader::new(child.stderr.take().expect("stderr is piped")).lines();
     let log = Log::default();
+    let grew = Arc::new(Notify::new());
     let (tx, rx) = oneshot::channel();
-    let lines = log.clone();
+    let (lines, grown) = (log.clone(), grew.clone());
     tokio::spawn(async move {
         let mut tx = Some(tx);
         let (mut out_open, mut err_open) = (true, true);
@@ -77,10 +80,16 @@ where
                 let _ = tx.send(found);
             }
             lines.lock().expect("the log lock").push(line);
+            grown.notify_waiters();
         }
     });
     match tokio::time::timeout(READY_WITHIN, rx).await {
-        Ok(Ok(ready)) => Spawned { child, ready, log },
+        Ok(Ok(ready)) => Spawned {
+            child,
+            ready,
+            log,
+            grew,
+        },
         Ok(Err(_)) => panic!("{program:?} ended before it was ready: {:?}", log.lock().unwrap()),
         Err(_) => panic!(
             "{program:?} was not ready within {READY_WITHIN:?}: {:?}",
@@ -101,6 +110,8 @@ pub struct Binary {
     pub admin_addr: SocketAddr,
     /// Every log line so far.
     pub log: Log,
+    /// Notified each time a line is added to `log`.
+    pub grew: Arc<Notify>,
 }
 
 impl Binary {
@@ -114,6 +125,7 @@ impl Binary {
             .env("CAPABILITY_GRPC_ADDR", "127.0.0.1:0")
             .env("CAPABILITY_WEBHOOK_ADDR", "127.0.0.1:0")
             .env("CAPABILITY_ADMIN_ADDR", "127.0.0.1:0")
+            .env("CAPABILITY_SANDBOX_ADDR", "127.0.0.1:0")
             .env("CAPABILITY_LOG_FORMAT", "json");
         for (k, v) in env {
             command.env(k, v);
@@ -134,6 +146,26 @@ impl Binary {
             webhook_addr,
             admin_addr,
             log: spawned.log,
+            grew: spawned.grew,
+        }
+    }
+
+    /// Waits until `count` lines of the log satisfy `matches`, and returns them.
+    pub async fn until_logged(&self, count: usize, matches: impl Fn(&str) -> bool) -> Vec<String> {
+        loop {
+            let grew = self.grew.notified();
+            let found: Vec<String> = self
+                .log
+                .lock()
+                .expect("the log lock")
+                .iter()
+                .filter(|l| matches(l))
+                .cloned()
+                .collect();
+            if found.len() >= count {
+                return found;
+            }
+            grew.await;
         }
     }
 

@@ -1,10 +1,13 @@
 //! Test harness: what needs the service crate (the real service in-process on port 0, its configuration, request
-//! builders, reading a watch) here; the rest (the fake Sinch, signed callbacks, real redis-servers, the real
-//! binary) comes from `testkit` and is re-exported.
+//! builders, reading a watch, the strict sandbox as Sinch) here; the rest (the fake Sinch, signed callbacks, real
+//! redis-servers, the real binary) comes from `testkit` and is re-exported. The sandbox ([`Sandbox`]) is the
+//! upstream wherever it serves; the independent fake only where independence is the point (what goes on the
+//! wire, scripted answers).
 #![allow(dead_code, unused_imports)] // each test crate uses its own part of the harness and of its re-exports
 
 use std::{net::SocketAddr, time::Duration};
 
+use capability_facade::sandbox::{self, SandboxConfig, webhooks::Destination};
 use capability_facade::{
     Listeners,
     config::{Config, ConfigError},
@@ -12,12 +15,14 @@ use capability_facade::{
     grpc::pb::{self, capability_service_client::CapabilityServiceClient},
 };
 use clap::Parser;
+use serde_json::Value;
 pub use testkit::{
     Canned, FakeSinch, KEY_ID, KEY_SECRET, PROJECT, basic_auth, capability_body, sign, signed_headers, unix_now,
     webhook_url,
 };
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
+use tokio_util::sync::DropGuard;
 use tonic::transport::Channel;
 
 /// A real redis-server, as `common::redis::RedisServer`.
@@ -186,6 +191,7 @@ pub fn sandbox_config(extra: &[&str]) -> Config {
     let mut flags = vec![
         "test".to_owned(),
         "--grpc-addr=127.0.0.1:0".to_owned(),
+        "--sandbox-addr=127.0.0.1:0".to_owned(),
         "--log-format=text".to_owned(),
     ];
     flags.extend(extra.iter().map(|s| s.to_string()));
@@ -338,4 +344,67 @@ pub async fn ready(service: &Service) {
     tokio::time::timeout(Duration::from_secs(10), poll)
         .await
         .expect("the replica became ready within 10 s");
+}
+
+#[derive(Parser)]
+struct SandboxKnobs {
+    #[command(flatten)]
+    knobs: capability_facade::config::SandboxSettings,
+}
+
+/// A standalone sandbox on a free port with these knob flags; stopped when dropped.
+pub struct Sandbox {
+    pub url: String,
+    _stop: DropGuard,
+}
+
+impl Sandbox {
+    pub async fn start(flags: &[&str], default_webhook: Option<Destination>) -> Sandbox {
+        let knobs = SandboxKnobs::parse_from(std::iter::once("sandbox").chain(flags.iter().copied())).knobs;
+        knobs.check().expect("valid knobs");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        tokio::spawn(sandbox::serve(
+            listener,
+            SandboxConfig::new(knobs, default_webhook),
+            stop.clone(),
+        ));
+        Sandbox {
+            url,
+            _stop: stop.drop_guard(),
+        }
+    }
+
+    /// The configuration of a service against this sandbox (the test webhook secret unless `extra` sets
+    /// another).
+    pub fn config(&self, extra: &[&str]) -> Config {
+        let mut flags = vec![
+            format!("--sinch-project-id={}", sandbox::PROJECT_ID),
+            format!("--sinch-key-id={}", sandbox::KEY_ID),
+            format!("--sinch-key-secret={}", sandbox::KEY_SECRET),
+        ];
+        flags.extend(extra.iter().map(|s| s.to_string()));
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        config(&self.url, &flags)
+    }
+
+    /// A service against this sandbox, configured by [`Sandbox::config`].
+    pub async fn service(&self, extra: &[&str]) -> Service {
+        Service::start(self.config(extra)).await
+    }
+
+    /// Calls the sandbox's API as an SDK does (HTTP Basic); returns the status and the JSON body.
+    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let url = format!("{}/v1/projects/{}{path}", self.url, sandbox::PROJECT_ID);
+        let mut request = reqwest_client()
+            .request(method, url)
+            .basic_auth(sandbox::KEY_ID, Some(sandbox::KEY_SECRET));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
 }

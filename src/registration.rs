@@ -1,0 +1,117 @@
+//! The service's CAPABILITY webhook at Sinch: what an app's list of webhooks says about it, and the check the
+//! service makes at start when `CAPABILITY_PUBLIC_WEBHOOK_URL` and `CAPABILITY_APP_IDS` are set.
+
+use subtle::ConstantTimeEq;
+
+use crate::{secret::Secret, upstream::SinchClient, upstream::wire::WebhookJson};
+
+/// Sinch's limit of webhooks per app.
+pub const MAX_WEBHOOKS_PER_APP: usize = 5;
+
+/// The name of the warning logged at start when the webhook is not registered as it must be.
+pub const NOT_REGISTERED: &str = "WEBHOOK_NOT_REGISTERED";
+
+/// Where the webhook of `target` stands among an app's webhooks.
+#[derive(Debug)]
+pub enum Registration<'a> {
+    /// A webhook targets it and receives CAPABILITY callbacks.
+    Registered(&'a WebhookJson),
+    /// A webhook targets it but receives no CAPABILITY callbacks (the trigger is missing, or it is DISMISS).
+    WithoutCapability(&'a WebhookJson),
+    /// No webhook targets it; `full` when the app already has the most webhooks Sinch allows.
+    Missing { full: bool },
+}
+
+/// Finds the webhook of `target` (a trailing `/` does not count).
+pub fn find<'a>(webhooks: &'a [WebhookJson], target: &str) -> Registration<'a> {
+    let same = |w: &&WebhookJson| w.target.trim_end_matches('/') == target.trim_end_matches('/');
+    match webhooks.iter().find(same) {
+        Some(w) if w.wants_capability() => Registration::Registered(w),
+        Some(w) => Registration::WithoutCapability(w),
+        None => Registration::Missing {
+            full: webhooks.len() >= MAX_WEBHOOKS_PER_APP,
+        },
+    }
+}
+
+/// Whether the webhook's secret is one of `secrets`, compared in constant time.
+pub fn secret_known(webhook: &WebhookJson, secrets: &[Secret]) -> bool {
+    !webhook.secret.is_empty()
+        && secrets
+            .iter()
+            .any(|s| bool::from(s.expose().as_bytes().ct_eq(webhook.secret.as_bytes())))
+}
+
+/// Checks each app's registration of `target`: logs [`NOT_REGISTERED`] for each app whose webhook is missing,
+/// lacks the CAPABILITY trigger or has a secret the service does not know, and sets the gauge
+/// `capability_webhook_registered{app_id}` to 1 (registered as it must be) or 0.
+pub async fn check_at_start(client: &SinchClient, target: &str, apps: &[String], secrets: &[Secret]) {
+    for app_id in apps {
+        let problem = match client.list_webhooks(app_id).await {
+            Err(e) => Some(format!("its webhooks could not be listed: {e}")),
+            Ok(webhooks) => match find(&webhooks, target) {
+                Registration::Registered(w) if secret_known(w, secrets) => None,
+                Registration::Registered(w) => Some(format!(
+                    "webhook {} targets it, but its secret is not one of SINCH_WEBHOOK_SECRETS: callbacks will be \
+                     refused with 401",
+                    w.id
+                )),
+                Registration::WithoutCapability(w) => Some(format!(
+                    "webhook {} targets it without the CAPABILITY trigger: no capability callback will arrive",
+                    w.id
+                )),
+                Registration::Missing { .. } => Some("no webhook targets it: no callback will arrive".to_owned()),
+            },
+        };
+        let registered = problem.is_none();
+        metrics::gauge!("capability_webhook_registered", "app_id" => app_id.clone()).set(if registered {
+            1.0
+        } else {
+            0.0
+        });
+        match problem {
+            None => tracing::info!(%app_id, %target, "the CAPABILITY webhook is registered"),
+            Some(problem) => tracing::warn!(
+                warning = NOT_REGISTERED, %app_id, %target,
+                "{NOT_REGISTERED}: app {app_id}: {problem}; run `capability-facade doctor --app-id {app_id} \
+                 --target {target}` for the fix"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn webhook(target: &str, triggers: &[&str], secret: &str) -> WebhookJson {
+        WebhookJson {
+            id: format!("id-{target}"),
+            app_id: "APP".into(),
+            target: target.into(),
+            target_type: "HTTP".into(),
+            secret: secret.into(),
+            triggers: triggers.iter().map(|t| (*t).to_owned()).collect(),
+            client_credentials: None,
+        }
+    }
+
+    #[test]
+    fn the_registration_of_a_target_is_told_apart() {
+        let ours = "https://facade.example.com/webhooks/sinch";
+        let list = [
+            webhook("https://other.example.com", &["CAPABILITY"], "x"),
+            webhook(&format!("{ours}/"), &["MESSAGE_DELIVERY", "CAPABILITY"], "s1"),
+        ];
+        assert!(matches!(find(&list, ours), Registration::Registered(w) if w.secret == "s1"));
+        assert!(secret_known(&list[1], &[Secret::new("old"), Secret::new("s1")]));
+        assert!(!secret_known(&list[1], &[Secret::new("s2")]));
+        let wrong_trigger = [webhook(ours, &["MESSAGE_DELIVERY"], "s1")];
+        assert!(matches!(find(&wrong_trigger, ours), Registration::WithoutCapability(_)));
+        let full: Vec<_> = (0..5)
+            .map(|n| webhook(&format!("https://h/{n}"), &["CAPABILITY"], ""))
+            .collect();
+        assert!(matches!(find(&full, ours), Registration::Missing { full: true }));
+        assert!(matches!(find(&full[..4], ours), Registration::Missing { full: false }));
+    }
+}

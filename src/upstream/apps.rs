@@ -1,0 +1,135 @@
+//! Sinch's Webhooks and Apps APIs, for the doctor, the `webhook` commands and the start-up check: one attempt
+//! per call (a person or a start-up check is waiting), errors classified as for queries.
+
+use std::time::Duration;
+
+use reqwest::{
+    Method,
+    header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE},
+};
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::time::Instant;
+
+use super::{Error, SinchClient, classify, error_chain, retry_after, wire::WebhookJson, wire::WebhookListJson};
+use crate::webhook::signature;
+
+/// How long one call of these APIs may take, token included.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl SinchClient {
+    /// Obtains a token (OAuth2) to prove the credentials; HTTP Basic has none to obtain and passes.
+    pub async fn obtain_token(&self) -> Result<(), Error> {
+        self.auth
+            .header(&self.http, Instant::now() + CALL_TIMEOUT)
+            .await
+            .map(drop)
+    }
+
+    /// The app's `rate_limits.webhooks` (callbacks per second); `None` when Sinch does not say. An app Sinch does
+    /// not know, or one of another region, is a 404.
+    pub async fn app_webhook_rate(&self, app_id: &str) -> Result<Option<u64>, Error> {
+        let app: serde_json::Value = self.call(Method::GET, &["apps", app_id], None::<&()>, None).await?;
+        Ok(app.pointer("/rate_limits/webhooks").and_then(serde_json::Value::as_u64))
+    }
+
+    /// Every webhook of the app.
+    pub async fn list_webhooks(&self, app_id: &str) -> Result<Vec<WebhookJson>, Error> {
+        let list: WebhookListJson = self
+            .call(Method::GET, &["apps", app_id, "webhooks"], None::<&()>, None)
+            .await?;
+        Ok(list.webhooks)
+    }
+
+    /// Creates a webhook (its `id` is left to Sinch).
+    pub async fn create_webhook(&self, webhook: &WebhookJson) -> Result<WebhookJson, Error> {
+        let mut body = serde_json::to_value(webhook).expect("a webhook serialises");
+        if let Some(fields) = body.as_object_mut() {
+            fields.remove("id");
+        }
+        self.call(Method::POST, &["webhooks"], Some(&body), None).await
+    }
+
+    /// Changes the `fields` of webhook `id` to their values in `webhook` (`update_mask` joined with commas, as
+    /// Sinch's Node and .NET SDKs send it).
+    pub async fn update_webhook(&self, id: &str, webhook: &WebhookJson, fields: &[&str]) -> Result<WebhookJson, Error> {
+        let all = serde_json::to_value(webhook).expect("a webhook serialises");
+        let body: serde_json::Map<String, serde_json::Value> =
+            fields.iter().map(|f| ((*f).to_owned(), all[*f].clone())).collect();
+        let mask = fields.join(",");
+        self.call(Method::PATCH, &["webhooks", id], Some(&body), Some(&mask))
+            .await
+    }
+
+    /// Deletes webhook `id`.
+    pub async fn delete_webhook(&self, id: &str) -> Result<(), Error> {
+        self.call::<serde_json::Value>(Method::DELETE, &["webhooks", id], None::<&()>, None)
+            .await
+            .map(drop)
+    }
+
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: Option<&impl Serialize>,
+        update_mask: Option<&str>,
+    ) -> Result<T, Error> {
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        let auth = self.auth.header(&self.http, deadline).await?;
+        let mut url = self.project_url.clone();
+        url.path_segments_mut()
+            .map_err(|()| Error::Connect("the API URL cannot take a path".into()))?
+            .extend(segments);
+        if let Some(mask) = update_mask {
+            url.query_pairs_mut().append_pair("update_mask", mask);
+        }
+        let mut request = self
+            .http
+            .request(method, url)
+            .header(AUTHORIZATION, auth.as_ref().clone())
+            .header(ACCEPT, "application/json");
+        if let Some(body) = body {
+            let json = serde_json::to_vec(body).expect("JSON always serialises");
+            request = request.header(CONTENT_TYPE, "application/json").body(json);
+        }
+        let response = tokio::time::timeout_at(deadline, request.send())
+            .await
+            .map_err(|_| Error::DeadlineExceeded)?
+            .map_err(|e| Error::Connect(error_chain(&e)))?;
+        let status = response.status().as_u16();
+        let wait = retry_after(response.headers());
+        let bytes = response.bytes().await.map_err(|e| Error::Connect(error_chain(&e)))?;
+        if !(200..300).contains(&status) {
+            return Err(classify(status, &bytes, wait, false));
+        }
+        serde_json::from_slice(&bytes).map_err(|e| Error::Malformed {
+            status,
+            detail: e.to_string(),
+        })
+    }
+
+    /// Posts `body` to `target` signed with `secret` as Sinch signs a callback; returns the HTTP status.
+    pub async fn post_signed_callback(&self, target: &str, secret: &str, body: Vec<u8>) -> Result<u16, Error> {
+        let nonce = ulid::Ulid::new().to_string();
+        let timestamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+            .to_string();
+        let signed = signature::sign(secret, &body, &nonce, &timestamp);
+        let response = self
+            .http
+            .post(target)
+            .timeout(CALL_TIMEOUT)
+            .header(CONTENT_TYPE, "application/json")
+            .header(signature::SIGNATURE, signed)
+            .header(signature::TIMESTAMP, timestamp)
+            .header(signature::NONCE, nonce)
+            .header(signature::ALGORITHM, signature::HMAC_SHA256)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| Error::Connect(error_chain(&e)))?;
+        Ok(response.status().as_u16())
+    }
+}

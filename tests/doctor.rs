@@ -1,0 +1,182 @@
+//! The doctor and the `webhook` commands of the real binary against a sandbox, and the service's start-up
+//! check: a correct, a missing, a wrong-trigger, a wrong-secret and a full registration, each named with its fix.
+
+mod common;
+
+use std::process::Output;
+
+use capability_facade::sandbox;
+use common::Sandbox;
+use serde_json::{Value, json};
+
+const SECRET: &str = "doctor-secret";
+
+/// Runs the binary with `args`, configured (by environment only) for `sandbox` and the service's secret.
+async fn run(sandbox: &Sandbox, args: &[&str]) -> (Option<i32>, String) {
+    let Output { status, stdout, stderr } = tokio::process::Command::new(env!("CARGO_BIN_EXE_capability-facade"))
+        .env_clear()
+        .env("SINCH_PROJECT_ID", sandbox::PROJECT_ID)
+        .env("SINCH_KEY_ID", sandbox::KEY_ID)
+        .env("SINCH_KEY_SECRET", sandbox::KEY_SECRET)
+        .env("SINCH_API_URL", &sandbox.url)
+        .env("SINCH_AUTH_URL", format!("{}/oauth2/token", sandbox.url))
+        .env("SINCH_WEBHOOK_SECRETS", SECRET)
+        .env("SINCH_APP_ID", "APP-1")
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&stdout),
+        String::from_utf8_lossy(&stderr)
+    );
+    (status.code(), text)
+}
+
+async fn webhooks(sandbox: &Sandbox) -> Vec<Value> {
+    let (_, list) = sandbox.call(reqwest::Method::GET, "/apps/APP-1/webhooks", None).await;
+    list["webhooks"].as_array().unwrap().clone()
+}
+
+#[tokio::test]
+async fn the_doctor_names_each_broken_registration_and_ensure_mends_it() {
+    let sandbox = Sandbox::start(&["--sandbox-apps=APP-1"], None).await;
+    let service = sandbox.service(&[&format!("--sinch-webhook-secrets={SECRET}")]).await;
+    let target = format!("http://{}/webhooks/sinch", service.webhook_addr);
+    let doctor = ["doctor", "--target", target.as_str()];
+    let ensure = ["webhook", "ensure", "--target", target.as_str()];
+
+    let (code, out) = run(&sandbox, &doctor).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("✓ credentials") && out.contains("✓ app APP-1 exists"),
+        "{out}"
+    );
+    assert!(out.contains("✗ no webhook of app APP-1 targets"), "{out}");
+    assert!(out.contains("fix: capability-facade webhook ensure"), "{out}");
+
+    let (code, out) = run(&sandbox, &ensure).await;
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = run(&sandbox, &ensure).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("already targets"), "idempotent: {out}");
+    assert_eq!(webhooks(&sandbox).await.len(), 1);
+    let (code, out) = run(&sandbox, &doctor).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains('✗'), "{out}");
+    assert!(
+        out.contains("a signed test callback") && out.contains("was accepted"),
+        "{out}"
+    );
+    assert!(out.contains("25/s"), "the callback rate: {out}");
+    let (code, out) = run(&sandbox, &["webhook", "list"]).await;
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("ours") && !out.contains(SECRET),
+        "secrets are never printed: {out}"
+    );
+
+    let id = webhooks(&sandbox).await[0]["id"].as_str().unwrap().to_owned();
+    let (code, _) = run(
+        &sandbox,
+        &["webhook", "update", "--id", &id, "--triggers", "MESSAGE_DELIVERY"],
+    )
+    .await;
+    assert_eq!(code, Some(0));
+    let (code, out) = run(&sandbox, &doctor).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("receives no CAPABILITY callbacks"), "wrong trigger: {out}");
+
+    assert_eq!(run(&sandbox, &ensure).await.0, Some(0));
+    let (code, _) = run(
+        &sandbox,
+        &["webhook", "update", "--id", &id, "--secret", "not-the-services"],
+    )
+    .await;
+    assert_eq!(code, Some(0));
+    let (code, out) = run(&sandbox, &doctor).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("✗ its secret is not one of SINCH_WEBHOOK_SECRETS"),
+        "wrong secret: {out}"
+    );
+    assert!(out.contains("refused (401)"), "the test callback shows it: {out}");
+
+    assert_eq!(run(&sandbox, &["webhook", "delete", "--id", &id]).await.0, Some(0));
+    for n in 0..5 {
+        let other = json!({"app_id": "APP-1", "target": format!("https://elsewhere.example.com/{n}"),
+            "triggers": ["MESSAGE_DELIVERY"]});
+        assert_eq!(
+            sandbox.call(reqwest::Method::POST, "/webhooks", Some(other)).await.0,
+            200
+        );
+    }
+    let (code, out) = run(&sandbox, &doctor).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("the most Sinch allows"), "full: {out}");
+    let (code, out) = run(&sandbox, &ensure).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("already has 5 webhooks"), "ensure refuses: {out}");
+    assert_eq!(webhooks(&sandbox).await.len(), 5, "nothing was changed");
+}
+
+#[tokio::test]
+async fn the_service_warns_at_start_when_its_public_url_is_not_registered() {
+    let sandbox = Sandbox::start(&["--sandbox-apps=APP-1,APP-2"], None).await;
+    let registered = json!({"app_id": "APP-2", "target": "https://facade.example.com/webhooks/sinch",
+        "secret": SECRET, "triggers": ["CAPABILITY"]});
+    assert_eq!(
+        sandbox
+            .call(reqwest::Method::POST, "/webhooks", Some(registered))
+            .await
+            .0,
+        200
+    );
+    let mut env = vec![
+        ("SINCH_PROJECT_ID", sandbox::PROJECT_ID.to_owned()),
+        ("SINCH_KEY_ID", sandbox::KEY_ID.to_owned()),
+        ("SINCH_KEY_SECRET", sandbox::KEY_SECRET.to_owned()),
+        ("SINCH_API_URL", sandbox.url.clone()),
+        ("SINCH_AUTH_URL", format!("{}/oauth2/token", sandbox.url)),
+        ("SINCH_WEBHOOK_SECRETS", SECRET.to_owned()),
+    ];
+    env.push((
+        "CAPABILITY_PUBLIC_WEBHOOK_URL",
+        "https://facade.example.com/webhooks/sinch".into(),
+    ));
+    env.push(("CAPABILITY_APP_IDS", "APP-1,APP-2".into()));
+    let binary = common::Binary::spawn(&env).await;
+    // One line per app: a warning for APP-1, whose URL is not registered; APP-2 is registered as it must be.
+    let outcomes = binary
+        .until_logged(2, |l| {
+            l.contains("WEBHOOK_NOT_REGISTERED") || l.contains("webhook is registered")
+        })
+        .await;
+    let warnings: Vec<&String> = outcomes
+        .iter()
+        .filter(|l| l.contains("WEBHOOK_NOT_REGISTERED"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{outcomes:?}");
+    assert!(
+        warnings[0].contains("APP-1") && warnings[0].contains("no webhook targets it"),
+        "{outcomes:?}"
+    );
+    let metrics_url = format!("http://{}/metrics", binary.admin_addr);
+    let metrics = common::reqwest_client()
+        .get(&metrics_url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(r#"capability_webhook_registered{app_id="APP-1"} 0"#),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"capability_webhook_registered{app_id="APP-2"} 1"#),
+        "{metrics}"
+    );
+}
