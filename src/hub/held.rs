@@ -1,21 +1,31 @@
-//! A record's notifications, back to back in one allocation: no pointer, allocation or reference count per
-//! notification, only a 20-byte header before its compact encoding.
+//! A record's notifications in two allocations, whatever their number: a 16-byte head per notification (its
+//! offset, log time and where its body ends) and their bodies back to back — no pointer, allocation or
+//! reference count per notification. Heads are searched by offset (a watch resumes in O(log n)).
 //!
-//! Each notification is its offset (u64), its log time in milliseconds (u64) and its body's length (u32, whose
-//! top bit says [`Held::sourced`]), little endian, then the body. A record holds a handful, so reading one means walking from the first. The buffer
-//! grows exactly while it is small (most records) and by doubling past [`EXACT_UP_TO`], so that a request
-//! capped at many notifications is not copied in full on each one.
+//! Both grow exactly while they are small (most records hold a handful) and by doubling past [`EXACT_UP_TO`]
+//! bytes, so a request capped at many notifications is not copied in full on each one.
 
-/// The bytes before each body.
-const HEADER: usize = 20;
-/// Up to this size the buffer holds exactly what it needs.
+/// Up to this size a buffer holds exactly what it needs.
 const EXACT_UP_TO: usize = 4096;
-/// The bit of the length word that says [`Held::sourced`].
-const SOURCED: u32 = 1 << 31;
 
 /// See the module documentation.
 #[derive(Default)]
-pub(super) struct HeldList(Vec<u8>);
+pub(super) struct HeldList {
+    heads: Vec<Head>,
+    bodies: Vec<u8>,
+}
+
+#[derive(Clone, Copy)]
+struct Head {
+    time_ms: u64,
+    /// Offsets are at most the per-request cap (≤ 1,000,000), assigned by the log.
+    offset: u32,
+    /// Where its body ends in `bodies`; the top bit is [`Held::sourced`].
+    end: u32,
+}
+
+/// The bit of [`Head::end`] that says [`Held::sourced`].
+const SOURCED: u32 = 1 << 31;
 
 /// One notification read from a [`HeldList`].
 pub(super) struct Held<'a> {
@@ -24,71 +34,87 @@ pub(super) struct Held<'a> {
     pub body: &'a [u8],
     /// The body was kept without its app and project, which are the record's.
     pub sourced: bool,
-    /// Where the next notification starts.
-    end: usize,
+}
+
+/// Why a notification cannot be held.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Unheld {
+    /// Its offset is past any the log assigns (the per-request cap is far below `u32::MAX`).
+    Offset,
+    /// The record's bodies would pass 2 GiB.
+    Size,
 }
 
 impl HeldList {
     /// Appends a notification; offsets must ascend (the caller checks against [`HeldList::last_offset`]).
-    pub fn push(&mut self, offset: u64, time_ms: u64, body: &[u8], sourced: bool) {
-        let added = HEADER + body.len();
-        if self.0.len() + added <= EXACT_UP_TO {
-            self.0.reserve_exact(added);
-        } else {
-            self.0.reserve(added);
-        }
-        self.0.extend_from_slice(&offset.to_le_bytes());
-        self.0.extend_from_slice(&time_ms.to_le_bytes());
-        let len = u32::try_from(body.len())
+    pub fn push(&mut self, offset: u64, time_ms: u64, body: &[u8], sourced: bool) -> Result<(), Unheld> {
+        let offset = u32::try_from(offset).map_err(|_| Unheld::Offset)?;
+        let end = u32::try_from(self.bodies.len() + body.len())
             .ok()
-            .filter(|len| len & SOURCED == 0)
-            .expect("a notification body is far below 2 GiB");
-        let word = if sourced { len | SOURCED } else { len };
-        self.0.extend_from_slice(&word.to_le_bytes());
-        self.0.extend_from_slice(body);
+            .filter(|end| end & SOURCED == 0)
+            .ok_or(Unheld::Size)?;
+        grow(&mut self.heads, 1);
+        grow(&mut self.bodies, body.len());
+        self.bodies.extend_from_slice(body);
+        self.heads.push(Head {
+            time_ms,
+            offset,
+            end: if sourced { end | SOURCED } else { end },
+        });
+        Ok(())
     }
 
-    /// The held notifications, by ascending offset.
-    pub fn iter(&self) -> impl Iterator<Item = Held<'_>> {
-        let mut at = 0;
-        std::iter::from_fn(move || {
-            let held = self.read(at)?;
-            at = held.end;
-            Some(held)
-        })
+    /// The held notifications past `offset`, ascending.
+    pub fn after(&self, offset: u64) -> impl Iterator<Item = Held<'_>> {
+        let from = self.heads.partition_point(|head| u64::from(head.offset) <= offset);
+        (from..self.heads.len()).map(|i| self.read(i))
+    }
+
+    /// The offsets held, ascending.
+    #[cfg(test)]
+    pub fn offsets(&self) -> Vec<u64> {
+        self.heads.iter().map(|head| u64::from(head.offset)).collect()
     }
 
     /// The offset of the last notification held.
     pub fn last_offset(&self) -> Option<u64> {
-        self.iter().last().map(|held| held.offset)
+        self.heads.last().map(|head| u64::from(head.offset))
     }
 
-    /// Drops the leading notifications for which `expired` holds.
-    pub fn drop_while(&mut self, mut expired: impl FnMut(&Held<'_>) -> bool) {
-        let kept_from = self
-            .iter()
-            .take_while(|held| expired(held))
-            .last()
-            .map_or(0, |held| held.end);
-        if kept_from > 0 {
-            self.0.drain(..kept_from);
-            self.0.shrink_to_fit();
+    /// Drops the notifications whose log time is at or before `cutoff_ms` (they lead: the log's time ascends).
+    pub fn drop_until(&mut self, cutoff_ms: u64) {
+        let kept = self.heads.partition_point(|head| head.time_ms <= cutoff_ms);
+        if kept == 0 {
+            return;
+        }
+        let cut = self.heads[kept - 1].end & !SOURCED;
+        self.heads.drain(..kept);
+        self.bodies.drain(..cut as usize);
+        for head in &mut self.heads {
+            head.end -= cut;
+        }
+        self.heads.shrink_to_fit();
+        self.bodies.shrink_to_fit();
+    }
+
+    fn read(&self, i: usize) -> Held<'_> {
+        let head = self.heads[i];
+        let start = i.checked_sub(1).map_or(0, |p| (self.heads[p].end & !SOURCED) as usize);
+        Held {
+            offset: u64::from(head.offset),
+            time_ms: head.time_ms,
+            body: &self.bodies[start..(head.end & !SOURCED) as usize],
+            sourced: head.end & SOURCED != 0,
         }
     }
+}
 
-    fn read(&self, at: usize) -> Option<Held<'_>> {
-        let header = self.0.get(at..at + HEADER)?;
-        let word = |from: usize| u64::from_le_bytes(header[from..from + 8].try_into().expect("8 bytes"));
-        let len_word = u32::from_le_bytes(header[16..20].try_into().expect("4 bytes"));
-        let len = (len_word & !SOURCED) as usize;
-        let start = at + HEADER;
-        Some(Held {
-            offset: word(0),
-            time_ms: word(8),
-            body: &self.0[start..start + len],
-            sourced: len_word & SOURCED != 0,
-            end: start + len,
-        })
+/// Makes room for `more` elements: exactly while the vector is small, by doubling after.
+fn grow<T>(vec: &mut Vec<T>, more: usize) {
+    if (vec.len() + more) * size_of::<T>() <= EXACT_UP_TO {
+        vec.reserve_exact(more);
+    } else {
+        vec.reserve(more);
     }
 }
 
@@ -99,38 +125,51 @@ mod tests {
     fn list(entries: &[(u64, u64, &[u8])]) -> HeldList {
         let mut list = HeldList::default();
         for &(offset, time_ms, body) in entries {
-            list.push(offset, time_ms, body, offset % 2 == 0);
+            list.push(offset, time_ms, body, offset % 2 == 0).unwrap();
         }
         list
     }
 
-    fn read(list: &HeldList) -> Vec<(u64, u64, Vec<u8>)> {
-        list.iter()
+    fn read(list: &HeldList, after: u64) -> Vec<(u64, u64, Vec<u8>)> {
+        list.after(after)
             .inspect(|h| assert_eq!(h.sourced, h.offset % 2 == 0))
             .map(|h| (h.offset, h.time_ms, h.body.to_vec()))
             .collect()
     }
 
     #[test]
-    fn what_is_pushed_reads_back_in_order_with_empty_bodies_too() {
+    fn what_is_pushed_reads_back_in_order_from_any_offset_with_empty_bodies_too() {
         let list = list(&[(1, 10, b"abc"), (2, 20, b""), (5, 30, b"xyz!")]);
         assert_eq!(
-            read(&list),
+            read(&list, 0),
             vec![(1, 10, b"abc".to_vec()), (2, 20, vec![]), (5, 30, b"xyz!".to_vec())]
         );
+        assert_eq!(read(&list, 2), vec![(5, 30, b"xyz!".to_vec())]);
+        assert_eq!(read(&list, 3), vec![(5, 30, b"xyz!".to_vec())]);
+        assert!(read(&list, 5).is_empty());
         assert_eq!(list.last_offset(), Some(5));
         assert_eq!(HeldList::default().last_offset(), None);
     }
 
     #[test]
     fn dropping_the_expired_keeps_the_rest_intact() {
-        let mut list = list(&[(1, 10, b"a"), (2, 20, b"bb"), (3, 30, b"ccc")]);
-        list.drop_while(|h| h.time_ms <= 20);
-        assert_eq!(read(&list), vec![(3, 30, b"ccc".to_vec())]);
-        list.drop_while(|h| h.time_ms <= 20);
-        assert_eq!(read(&list), vec![(3, 30, b"ccc".to_vec())]);
-        list.drop_while(|_| true);
-        assert!(read(&list).is_empty());
+        let mut list = list(&[(1, 10, b"a"), (2, 20, b"bb"), (3, 30, b"ccc"), (4, 40, b"dddd")]);
+        list.drop_until(20);
+        assert_eq!(
+            read(&list, 0),
+            vec![(3, 30, b"ccc".to_vec()), (4, 40, b"dddd".to_vec())]
+        );
+        list.drop_until(20);
+        assert_eq!(list.offsets(), [3, 4]);
+        list.drop_until(u64::MAX);
+        assert!(read(&list, 0).is_empty());
+    }
+
+    #[test]
+    fn an_offset_past_what_the_log_assigns_is_refused_not_truncated() {
+        let mut list = HeldList::default();
+        assert_eq!(list.push(u64::from(u32::MAX) + 1, 1, b"x", false), Err(Unheld::Offset));
+        assert_eq!(list.last_offset(), None);
     }
 
     #[test]
@@ -139,14 +178,14 @@ mod tests {
         let body = [7u8; 100];
         let mut growths = 0;
         for offset in 1..=10_000 {
-            let capacity = list.0.capacity();
-            list.push(offset, offset, &body, false);
-            growths += usize::from(list.0.capacity() != capacity);
+            let capacity = (list.heads.capacity(), list.bodies.capacity());
+            list.push(offset, offset, &body, false).unwrap();
+            growths += usize::from((list.heads.capacity(), list.bodies.capacity()) != capacity);
         }
-        assert_eq!(list.iter().count(), 10_000);
+        assert_eq!(list.after(0).count(), 10_000);
         assert!(
-            growths < 60,
-            "the buffer was reallocated {growths} times for 10,000 notifications"
+            growths < 400,
+            "the buffers were reallocated {growths} times for 10,000 notifications"
         );
     }
 }

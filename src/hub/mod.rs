@@ -6,7 +6,7 @@
 //! Records live in shards, each behind a std mutex held only for map and vector operations, never across an
 //! `.await`. A record is keyed by a 128-bit keyed hash of its request_id (two SipHash keys drawn at start: a
 //! sender cannot make two request_ids collide), so that it stores no copy of the string; it holds about 100
-//! bytes, and its notifications lie back to back in one buffer, 20 bytes and the compact encoding each.
+//! bytes, and its notifications lie back to back in one buffer, with a 16-byte head each ([`held`]).
 //!
 //! What is kept, the same on every replica because it is decided by log time:
 //! - a notification, until `retention` after its time in the log;
@@ -111,8 +111,7 @@ impl Record {
     /// its receive time, the log's.
     fn after(&self, cursor: u64) -> Vec<(u64, Arc<[u8]>)> {
         self.notifications
-            .iter()
-            .filter(|held| held.offset > cursor)
+            .after(cursor)
             .map(|held| {
                 let source = if held.sourced { self.source.as_deref() } else { None };
                 let received = codec::encode_receive_time(held.time_ms);
@@ -239,11 +238,18 @@ impl Hub {
             if record.source.is_none() {
                 record.source = self.shared_source(&source);
             }
-            if record.source.as_deref() == Some(&source[..]) {
+            let held = if record.source.as_deref() == Some(&source[..]) {
                 let stripped = codec::encode_body_without_source(&n.notification);
-                record.notifications.push(n.offset, n.time_ms, &stripped, true);
+                record.notifications.push(n.offset, n.time_ms, &stripped, true)
             } else {
-                record.notifications.push(n.offset, n.time_ms, &n.body, false);
+                record.notifications.push(n.offset, n.time_ms, &n.body, false)
+            };
+            if let Err(unheld) = held {
+                tracing::error!(
+                    offset = n.offset,
+                    ?unheld,
+                    "a notification the hub cannot hold is dropped"
+                );
             }
         });
         if duplicate {
@@ -286,9 +292,9 @@ impl Hub {
             let mut woken = Vec::new();
             let mut shard = shard.lock().expect("hub shard poisoned");
             shard.records.retain(|_, record| {
-                record
-                    .notifications
-                    .drop_while(|held| held.time_ms.saturating_add(self.retention_ms) <= now);
+                if let Some(cutoff) = now.checked_sub(self.retention_ms) {
+                    record.notifications.drop_until(cutoff);
+                }
                 let expired = record.last_ms.saturating_add(self.retention_ms) <= now;
                 if !expired || record.watchers > 0 {
                     return true;
@@ -506,7 +512,7 @@ mod tests {
         hub.shard(key)
             .records
             .get(&key)
-            .map(|r| r.notifications.iter().map(|h| h.offset).collect())
+            .map(|r| r.notifications.offsets())
             .unwrap_or_default()
     }
 

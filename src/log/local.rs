@@ -5,7 +5,7 @@
 mod nonces;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     hash::{BuildHasher, RandomState},
     sync::{Arc, Mutex},
     time::Duration,
@@ -55,9 +55,56 @@ struct RequestState {
     capped: u32,
     /// The log time of its last event.
     last_ms: u64,
-    /// The digests of its notifications, by offset (the first is offset 1): exactly as long as needed, as a
-    /// request holds a handful.
-    digests: Box<[Digest]>,
+    /// The digests of its notifications: as many as its last offset.
+    digests: Digests,
+}
+
+/// A request's digests: a slice exactly as long as needed while it holds a handful (nearly every request), a set
+/// past [`FEW`] (so that many notifications for one request cost O(1) each, not a scan).
+enum Digests {
+    Few(Box<[Digest]>),
+    #[expect(
+        clippy::box_collection,
+        reason = "a set is 48 bytes inline; boxed, every request's state stays small for the rare large one"
+    )]
+    Many(Box<HashSet<Digest>>),
+}
+
+/// The most digests kept as a slice.
+const FEW: usize = 16;
+
+impl Default for Digests {
+    fn default() -> Digests {
+        Digests::Few(Box::default())
+    }
+}
+
+impl Digests {
+    fn contains(&self, digest: Digest) -> bool {
+        match self {
+            Digests::Few(few) => few.contains(&digest),
+            Digests::Many(many) => many.contains(&digest),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Digests::Few(few) => few.len(),
+            Digests::Many(many) => many.len(),
+        }
+    }
+
+    /// Adds a digest not yet held.
+    fn insert(&mut self, digest: Digest) {
+        *self = match std::mem::take(self) {
+            Digests::Few(few) if few.len() < FEW => Digests::Few(few.iter().copied().chain([digest]).collect()),
+            Digests::Few(few) => Digests::Many(Box::new(few.iter().copied().chain([digest]).collect())),
+            Digests::Many(mut many) => {
+                many.insert(digest);
+                Digests::Many(many)
+            }
+        };
+    }
 }
 
 impl LocalLog {
@@ -113,7 +160,7 @@ impl LocalLog {
         let mut state = self.state.lock().expect("log lock poisoned");
         let now = state.tick((self.clock)(), self.retention_ms);
         let request = state.touch(&received.notification.request_id, now, self.retention_ms);
-        if request.digests.contains(&received.digest) {
+        if request.digests.contains(received.digest) {
             return Ok(Accepted::Duplicate);
         }
         if request.digests.len() as u64 >= self.max_per_request {
@@ -122,10 +169,7 @@ impl LocalLog {
                 first: request.capped == 1,
             });
         }
-        let mut digests = std::mem::take(&mut request.digests).into_vec();
-        digests.reserve_exact(1);
-        digests.push(received.digest);
-        request.digests = digests.into_boxed_slice();
+        request.digests.insert(received.digest);
         let offset = request.digests.len() as u64;
         let entry = Entry::Notification(NotificationEntry {
             time_ms: now,
@@ -275,5 +319,27 @@ mod tests {
         let log = log(Arc::new(Recorder::default()));
         log.draining.cancel();
         assert!(log.accept(None, received("r", CapabilityStatus::Full)).is_err());
+    }
+
+    /// Past a handful, a request's digests become a set: duplicates are still found, offsets still count on.
+    #[test]
+    fn many_notifications_for_one_request_are_numbered_and_deduplicated_alike() {
+        let log = log(Arc::new(Recorder::default()));
+        let nth = |i: u64| {
+            let mut n = received("many", CapabilityStatus::Full).unwrap();
+            n.notification.identity = i.to_string();
+            n.digest = Digest::of(&n.notification);
+            Some(n)
+        };
+        for i in 1..=CAP {
+            assert_eq!(log.accept(None, nth(i)).unwrap(), Accepted::Appended { offset: i });
+        }
+        for i in [1, FEW as u64, FEW as u64 + 1, CAP] {
+            assert_eq!(
+                log.accept(None, nth(i)).unwrap(),
+                Accepted::Duplicate,
+                "the {i}th again"
+            );
+        }
     }
 }
