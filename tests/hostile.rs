@@ -338,7 +338,7 @@ fn grpc_rows() -> Vec<GrpcRow> {
             Call::Query(long_app),
             Code::InvalidArgument,
         ),
-        row("a 5 MiB message", Call::Query(huge_app), Code::OutOfRange),
+        row("a 5 MiB message", Call::Query(huge_app), Code::ResourceExhausted),
         row(
             "channel value 999",
             Call::Query(by(vec![identity(999, "", "1")])),
@@ -458,4 +458,315 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     assert!(read.is_ok(), "the connection was still open after 10 s");
     let channel = service.channel().await;
     still_serving(&service, &channel, "a slow client").await;
+}
+
+/// The three listeners.
+#[derive(Debug, Clone, Copy)]
+enum Port {
+    Grpc,
+    Webhook,
+    Admin,
+}
+
+impl Port {
+    fn of(self, service: &Service) -> std::net::SocketAddr {
+        match self {
+            Port::Grpc => service.grpc_addr,
+            Port::Webhook => service.webhook_addr,
+            Port::Admin => service.admin_addr,
+        }
+    }
+}
+
+/// A connection that sends `bytes`, then nothing: the server must close it.
+struct ConnectionRow {
+    name: &'static str,
+    port: Port,
+    bytes: &'static [u8],
+}
+
+/// The HTTP/2 client preface and an empty SETTINGS frame.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+fn connection_rows() -> Vec<ConnectionRow> {
+    let row = |name, port, bytes| ConnectionRow { name, port, bytes };
+    vec![
+        row("a silent connection to the gRPC port", Port::Grpc, b""),
+        row("a silent connection to the webhook port", Port::Webhook, b""),
+        row("a silent connection to the admin port", Port::Admin, b""),
+        row("half an HTTP/2 preface", Port::Grpc, b"PRI * HTTP/2.0\r\n"),
+        row("an HTTP/2 preface, then no stream", Port::Grpc, H2_PREFACE),
+        row(
+            "an HTTP/2 preface to the webhook, then no stream",
+            Port::Webhook,
+            H2_PREFACE,
+        ),
+        row(
+            "one keep-alive request to the webhook, then nothing",
+            Port::Webhook,
+            b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n",
+        ),
+        row(
+            "one keep-alive request to the admin port, then nothing",
+            Port::Admin,
+            b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n",
+        ),
+    ]
+}
+
+/// Reads until the server closes the connection; what it sent before. The bound only keeps a failing test from
+/// hanging: every timeout configured here is far shorter.
+async fn until_closed(stream: &mut tokio::net::TcpStream, row: &str) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut answer)).await;
+    match read {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Ok(Err(e)) => panic!("{row}: {e}"),
+        Err(_) => panic!("{row}: the connection was still open after 20 s"),
+    }
+    answer
+}
+
+#[tokio::test]
+async fn connections_that_say_nothing_or_do_nothing_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &["--first-byte-timeout=300ms", "--idle-timeout=1s"]).await;
+    for row in connection_rows() {
+        let mut stream = tokio::net::TcpStream::connect(row.port.of(&service)).await.unwrap();
+        stream.write_all(row.bytes).await.unwrap();
+        let answer = until_closed(&mut stream, row.name).await;
+        if row.bytes.starts_with(b"GET") {
+            assert!(answer.starts_with(b"HTTP/1.1 200"), "{}: {answer:?}", row.name);
+        }
+        // A fresh connection: the idle timeout may close any connection left idle between rows.
+        still_serving(&service, &service.channel().await, row.name).await;
+    }
+}
+
+#[tokio::test]
+async fn a_watch_keeps_its_connection_open_past_the_idle_timeout() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &["--idle-timeout=1s"]).await;
+    // Nothing crosses the connection while the watch waits (no notification, no heartbeat within 3 s).
+    let stream = service
+        .client()
+        .await
+        .watch_capability(watch_request("quiet", 0, Some(Duration::from_secs(3))))
+        .await
+        .unwrap()
+        .into_inner();
+    let (seen, end) = drain(stream).await;
+    assert!(seen.is_empty());
+    assert_eq!(end.unwrap().reason(), CompletionReason::WaitElapsed);
+}
+
+#[tokio::test]
+async fn past_the_connection_cap_new_connections_are_closed_and_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &["--webhook-max-connections=2", "--grpc-max-connections=2"]).await;
+    for port in [Port::Webhook, Port::Grpc] {
+        let addr = port.of(&service);
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let mut refused = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let answer = until_closed(&mut refused, "a connection past the cap").await;
+        assert!(answer.is_empty(), "{port:?}: {answer:?}");
+        // The connections within the cap are served.
+        if let Port::Webhook = port {
+            let mut first = held.remove(0);
+            first
+                .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut head = [0; 12];
+            first.read_exact(&mut head).await.unwrap();
+            assert_eq!(&head, b"HTTP/1.1 200");
+        }
+    }
+    // The other listeners are untouched, and the refusals are counted.
+    let metrics = reqwest_client()
+        .get(format!("http://{}/metrics", service.admin_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for listener in ["webhook", "grpc"] {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("capability_connections_refused_total") && l.contains(listener))
+            .unwrap_or_else(|| panic!("no refusal counted for {listener}:\n{metrics}"));
+        assert!(!line.ends_with(" 0"), "{line}");
+    }
+}
+
+/// A raw HTTP/1.1 request to the webhook port (one a client library would not send) and the status it must get.
+struct RawRow {
+    name: &'static str,
+    request: String,
+    expect: &'static str,
+}
+
+fn raw_rows() -> Vec<RawRow> {
+    let body = capability_body("smuggled", "SMS", "46700000001", "CAPABILITY_FULL");
+    let signed: String = signed_headers(WEBHOOK_SECRET, &body)
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
+    let chunked = format!(
+        "{:x}\r\n{}\r\n0\r\n\r\n",
+        body.len(),
+        String::from_utf8(body.clone()).unwrap()
+    );
+    let head = "POST /webhooks/sinch HTTP/1.1\r\nhost: x\r\n";
+    let row = |name, request, expect| RawRow { name, request, expect };
+    vec![
+        row(
+            "Content-Length before Transfer-Encoding",
+            format!(
+                "{head}{signed}content-length: {}\r\ntransfer-encoding: chunked\r\n\r\n{chunked}",
+                chunked.len()
+            ),
+            "HTTP/1.1 400",
+        ),
+        row(
+            "Transfer-Encoding before Content-Length",
+            format!("{head}{signed}Transfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n{chunked}"),
+            "HTTP/1.1 400",
+        ),
+        row(
+            "a genuine chunked callback (Transfer-Encoding alone)",
+            format!("{head}{signed}transfer-encoding: chunked\r\n\r\n{chunked}"),
+            "HTTP/1.1 200",
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn raw_http_requests_get_their_status() {
+    use tokio::io::AsyncWriteExt;
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[]).await;
+    let channel = service.channel().await;
+    for row in raw_rows() {
+        let mut stream = tokio::net::TcpStream::connect(service.webhook_addr).await.unwrap();
+        stream.write_all(row.request.as_bytes()).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let answer = until_closed(&mut stream, row.name).await;
+        assert!(
+            answer.starts_with(row.expect.as_bytes()),
+            "{}: {}",
+            row.name,
+            String::from_utf8_lossy(&answer)
+        );
+        still_serving(&service, &channel, row.name).await;
+    }
+}
+
+/// Opens a watch that stays open (it waits a minute); the status when refused.
+async fn hold_watch(
+    channel: &GrpcChannel,
+    token: Option<&str>,
+) -> Result<tonic::Streaming<pb::WatchCapabilityResponse>, tonic::Status> {
+    let mut request = tonic::Request::new(watch_request(
+        &ulid::Ulid::new().to_string(),
+        0,
+        Some(Duration::from_secs(60)),
+    ));
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    CapabilityServiceClient::new(channel.clone())
+        .watch_capability(request)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+#[tokio::test]
+async fn one_greedy_caller_cannot_take_every_watch() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(
+        &fake,
+        &[
+            "--max-watches=10",
+            "--max-watches-per-connection=3",
+            "--max-watches-per-caller=5",
+        ],
+    )
+    .await;
+    let refused = |result: Result<_, tonic::Status>, limit: &str| {
+        let status = result
+            .err()
+            .unwrap_or_else(|| panic!("a watch past {limit} was accepted"));
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains(limit), "{status:?}");
+    };
+    // One caller (one address): three watches on a connection, then the connection's limit.
+    let first = service.channel().await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(hold_watch(&first, None).await.unwrap());
+    }
+    refused(hold_watch(&first, None).await, "CAPABILITY_MAX_WATCHES_PER_CONNECTION");
+    // A second connection of the same caller: two more, then the caller's limit.
+    let second = service.channel().await;
+    for _ in 0..2 {
+        held.push(hold_watch(&second, None).await.unwrap());
+    }
+    refused(hold_watch(&second, None).await, "CAPABILITY_MAX_WATCHES_PER_CALLER");
+    // Another caller (another address) still gets its watches, and health still answers.
+    let other = GrpcChannel::from_shared(format!("http://{}", service.grpc_addr))
+        .unwrap()
+        .local_address(Some([127, 0, 0, 2].into()))
+        .connect()
+        .await
+        .unwrap();
+    held.push(hold_watch(&other, None).await.unwrap());
+    still_serving(&service, &other, "a greedy caller").await;
+    let mut health = HealthClient::new(first.clone())
+        .watch(HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        health.message().await.unwrap().unwrap().status(),
+        ServingStatus::Serving,
+        "a health watch is never counted"
+    );
+}
+
+#[tokio::test]
+async fn authenticated_callers_are_limited_by_their_token_not_their_address() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(
+        &fake,
+        &[
+            "--max-watches=10",
+            "--max-watches-per-caller=2",
+            "--grpc-tokens=greedy,polite",
+        ],
+    )
+    .await;
+    // Both callers share one connection and one address.
+    let channel = service.channel().await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(hold_watch(&channel, Some("greedy")).await.unwrap());
+    }
+    let status = hold_watch(&channel, Some("greedy")).await.err().unwrap();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(
+        status.message().contains("CAPABILITY_MAX_WATCHES_PER_CALLER"),
+        "{status:?}"
+    );
+    held.push(hold_watch(&channel, Some("polite")).await.unwrap());
 }

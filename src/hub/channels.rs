@@ -8,7 +8,10 @@ pub(super) struct ChannelSet {
     /// Bit `n` for the known channel whose contract number is `n`.
     known: u32,
     /// Channels this version does not know, by Sinch's spelling; allocated only when there is one.
-    #[allow(clippy::box_collection, reason = "a thin pointer keeps the set at 16 bytes; a Vec would take 24")]
+    #[allow(
+        clippy::box_collection,
+        reason = "a thin pointer keeps the set at 16 bytes; a Vec would take 24"
+    )]
     other: Option<Box<Vec<Box<str>>>>,
 }
 
