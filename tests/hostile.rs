@@ -770,3 +770,119 @@ async fn authenticated_callers_are_limited_by_their_token_not_their_address() {
     );
     held.push(hold_watch(&channel, Some("polite")).await.unwrap());
 }
+
+/// A phone number, as Sinch would send one.
+const PHONE: &str = "46788888888";
+
+/// Callback bodies with a phone number in every field: whole and valid, then each field in turn of the wrong
+/// type (the number as a JSON number, or a string where a list or object belongs), then broken JSON around it.
+fn bodies_full_of_numbers() -> Vec<Vec<u8>> {
+    use serde_json::{Value, json};
+    let whole = json!({
+        "app_id": PHONE, "project_id": PHONE, "accepted_time": PHONE, "event_time": PHONE,
+        "message_metadata": PHONE, "correlation_id": PHONE,
+        "capability_notification": {
+            "request_id": PHONE, "contact_id": PHONE, "channel": PHONE, "identity": PHONE,
+            "capability_status": PHONE, "channel_capabilities": [PHONE],
+            "reason": {"code": PHONE, "description": PHONE, "sub_code": PHONE, "channel_code": PHONE},
+            "channel_recipient_identities": [{"display_name": PHONE,
+                "channel_identity": {"channel": PHONE, "identity": PHONE, "app_id": PHONE}}]
+        }
+    });
+    // Every path to a value, and each value replaced by something of the wrong type that still carries the number.
+    fn paths(value: &Value, at: Vec<Value>, out: &mut Vec<Vec<Value>>) {
+        match value {
+            Value::Object(map) => map.iter().for_each(|(k, v)| {
+                let mut p = at.clone();
+                p.push(k.as_str().into());
+                out.push(p.clone());
+                paths(v, p, out);
+            }),
+            Value::Array(items) => items.iter().enumerate().for_each(|(i, v)| {
+                let mut p = at.clone();
+                p.push(i.into());
+                out.push(p.clone());
+                paths(v, p, out);
+            }),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    paths(&whole, Vec::new(), &mut all);
+    let number: Value = PHONE.parse::<u64>().unwrap().into();
+    let mut bodies = vec![serde_json::to_vec(&whole).unwrap()];
+    for path in all {
+        for wrong in [number.clone(), json!({ "n": PHONE }), json!([PHONE])] {
+            let mut body = whole.clone();
+            let mut slot = &mut body;
+            for step in &path {
+                slot = match step {
+                    Value::String(k) => &mut slot[k.as_str()],
+                    Value::Number(i) => &mut slot[i.as_u64().unwrap() as usize],
+                    _ => unreachable!(),
+                };
+            }
+            *slot = wrong;
+            bodies.push(serde_json::to_vec(&body).unwrap());
+        }
+    }
+    let text = String::from_utf8(bodies[0].clone()).unwrap();
+    for broken in [
+        text[..text.len() / 2].to_owned(),
+        format!("{text}{PHONE}"),
+        text.replacen(':', &format!(":{PHONE}"), 3),
+        format!("{{\"app_id\": {PHONE}e999999}}"),
+        format!("[\"{PHONE}\"]"),
+        format!("{{\"app_id\": \"{PHONE}\\u12\"}}"),
+    ] {
+        bodies.push(broken.into_bytes());
+    }
+    let mut invalid_utf8 = format!("{{\"app_id\": \"{PHONE}").into_bytes();
+    invalid_utf8.extend_from_slice(b"\xc3\x28\"}");
+    bodies.push(invalid_utf8);
+    bodies
+}
+
+#[tokio::test]
+async fn no_phone_number_reaches_the_logs() {
+    let fake = FakeSinch::start().await;
+    let mut env = common::binary_env(&fake);
+    env.push(("RUST_LOG", "info,capability_facade=debug".into()));
+    let mut binary = common::Binary::spawn(&env).await;
+    // Every hostile row of the table (its callbacks carry a phone number), then the bodies full of numbers,
+    // each signed: only the body is hostile.
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    for row in webhook_rows() {
+        // A client per row: a connection the server closed after an early answer (413) is not reused.
+        let mut request = reqwest_client()
+            .request(row.method, format!("http://{}{}", binary.webhook_addr, row.path))
+            .body(row.body);
+        for (name, value) in &row.headers {
+            request = request.header(*name, value);
+        }
+        let status = request.send().await.map(|r| r.status().as_u16()).unwrap_or(0);
+        assert_eq!(status, row.expect, "{}", row.name);
+    }
+    for body in bodies_full_of_numbers() {
+        let status = common::deliver(binary.webhook_addr, body).await;
+        *statuses.entry(status).or_default() += 1;
+    }
+    assert!(
+        statuses.contains_key(&200) && statuses.contains_key(&400),
+        "both accepted and refused bodies were sent: {statuses:?}"
+    );
+    let log = binary.stop_and_read_log(Duration::from_secs(30)).await;
+    assert!(log.contains("callback refused"), "{log}");
+    let digits = regex_free_digit_runs(&log);
+    assert!(
+        digits.is_empty(),
+        "digit runs of 8 or more in the log: {digits:?}\n{log}"
+    );
+}
+
+/// Every run of 8 or more ASCII digits in `text`.
+fn regex_free_digit_runs(text: &str) -> Vec<&str> {
+    text.split(|c: char| !c.is_ascii_digit())
+        .filter(|run| run.len() >= 8)
+        .collect()
+}

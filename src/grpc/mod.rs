@@ -30,6 +30,7 @@ use tracing::Instrument;
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::{
+    capability::mask_digits,
     connection::{Activity, BusyBody, Guarded, GuardedListener},
     hub::{Hub, Watch, WatchEvent, WatchLimits},
     query::Queries,
@@ -144,7 +145,7 @@ impl CapabilityApi {
         tracing::debug!(recipient = ?query.recipient, "query");
         match self.queries.query(query, deadline, trace).await {
             Ok(accepted) => {
-                tracing::Span::current().record("request_id", accepted.request_id.as_str());
+                tracing::Span::current().record("request_id", mask_digits(&accepted.request_id).as_ref());
                 tracing::debug!("query accepted by Sinch");
                 Ok(Response::new(convert::query_response(accepted)))
             }
@@ -220,7 +221,7 @@ impl CapabilityService for CapabilityApi {
     ) -> Result<Response<Self::WatchCapabilityStream>, Status> {
         let ticket = self.quota.claim(&request);
         let request = request.into_inner();
-        tracing::Span::current().record("request_id", request.request_id.as_str());
+        tracing::Span::current().record("request_id", mask_digits(&request.request_id).as_ref());
         convert::check_request_id(&request.request_id, true).map_err(|v| status::invalid_request(vec![v]))?;
         let wait = convert::wait(request.wait, self.watch.default_wait, self.watch.max_wait)
             .map_err(|v| status::invalid_request(vec![v]))?;

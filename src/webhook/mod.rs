@@ -32,7 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::{
-    capability::mask,
+    capability::{mask, mask_digits},
     connection::{Activity, BusyBody, GuardedListener},
     log::{Accepted, EventLog, Nonce, Unavailable},
     secret::Secret,
@@ -79,7 +79,7 @@ pub enum WebhookError {
     UnsupportedAlgorithm(String),
     #[error("the signature does not verify with any configured secret")]
     BadSignature,
-    #[error("the timestamp is {0} s away from now, beyond the tolerance")]
+    #[error("the timestamp is {} away from now, beyond the tolerance", skew_text(*.0))]
     Stale(i64),
     #[error("the timestamp is not Unix seconds")]
     BadTimestamp,
@@ -89,6 +89,17 @@ pub enum WebhookError {
     Malformed(#[from] parse::ParseError),
     #[error(transparent)]
     Unavailable(#[from] Unavailable),
+}
+
+/// A timestamp's distance from now for the log: in seconds up to a day, beyond only "more than a day" (the header
+/// is the sender's, and may carry any number).
+fn skew_text(skew: i64) -> String {
+    const DAY: u64 = 86_400;
+    if skew.unsigned_abs() <= DAY {
+        format!("{skew} s")
+    } else {
+        "more than a day".to_owned()
+    }
 }
 
 impl WebhookError {
@@ -260,8 +271,8 @@ async fn handle(receiver: &Receiver, headers: &HeaderMap, body: &[u8]) -> Result
     };
     let request_id = notification.as_ref().map(|n| {
         let span = tracing::Span::current();
-        span.record("request_id", n.request_id.as_str());
-        span.record("channel", n.channel.as_sinch());
+        span.record("request_id", mask_digits(&n.request_id).as_ref());
+        span.record("channel", mask_digits(n.channel.as_sinch()).as_ref());
         tracing::debug!(identity = %mask(&n.identity), "callback verified");
         n.request_id.clone()
     });
@@ -271,7 +282,7 @@ async fn handle(receiver: &Receiver, headers: &HeaderMap, body: &[u8]) -> Result
         Accepted::Capped { first } => {
             if first {
                 tracing::warn!(
-                    request_id = request_id.as_deref().unwrap_or_default(),
+                    request_id = %mask_digits(request_id.as_deref().unwrap_or_default()),
                     "a request received more notifications than it may hold: the excess is acknowledged and dropped"
                 );
             }
@@ -334,7 +345,9 @@ fn verify<'h>(
     if let Some(algorithm) = headers.get(signature::ALGORITHM) {
         let algorithm = algorithm.to_str().unwrap_or_default();
         if !algorithm.eq_ignore_ascii_case(signature::HMAC_SHA256) {
-            return Err(WebhookError::UnsupportedAlgorithm(algorithm.to_owned()));
+            // Shown in the log: bounded, and without a long number the sender may have put there.
+            let shown: String = algorithm.chars().take(64).collect();
+            return Err(WebhookError::UnsupportedAlgorithm(mask_digits(&shown).into_owned()));
         }
     }
     let secrets = config.secrets.iter().map(Secret::expose);

@@ -12,7 +12,7 @@ use std::{
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
-    sync::oneshot,
+    sync::{oneshot, watch},
 };
 
 /// Every line a process wrote so far, stdout and stderr interleaved as they were read.
@@ -37,6 +37,8 @@ pub struct Spawned<T> {
     pub ready: T,
     /// Its output, kept up to date until it exits.
     pub log: Log,
+    /// Turns true once both of its pipes reached their end: the log then holds every line.
+    pub log_complete: watch::Receiver<bool>,
 }
 
 /// Spawns `command` (stdin closed, killed on drop) and reads its stdout and stderr until `ready` takes something
@@ -61,6 +63,7 @@ where
     let log = Log::default();
     let (tx, rx) = oneshot::channel();
     let lines = log.clone();
+    let (complete_tx, log_complete) = watch::channel(false);
     tokio::spawn(async move {
         let mut tx = Some(tx);
         let (mut out_open, mut err_open) = (true, true);
@@ -78,9 +81,15 @@ where
             }
             lines.lock().expect("the log lock").push(line);
         }
+        let _ = complete_tx.send(true);
     });
     match tokio::time::timeout(READY_WITHIN, rx).await {
-        Ok(Ok(ready)) => Spawned { child, ready, log },
+        Ok(Ok(ready)) => Spawned {
+            child,
+            ready,
+            log,
+            log_complete,
+        },
         Ok(Err(_)) => panic!("{program:?} ended before it was ready: {:?}", log.lock().unwrap()),
         Err(_) => panic!(
             "{program:?} was not ready within {READY_WITHIN:?}: {:?}",
@@ -101,6 +110,8 @@ pub struct Binary {
     pub admin_addr: SocketAddr,
     /// Every log line so far.
     pub log: Log,
+    /// Turns true once the process closed its output and every line is in `log`.
+    log_complete: watch::Receiver<bool>,
 }
 
 impl Binary {
@@ -134,6 +145,7 @@ impl Binary {
             webhook_addr,
             admin_addr,
             log: spawned.log,
+            log_complete: spawned.log_complete,
         }
     }
 
@@ -162,6 +174,23 @@ impl Binary {
             .await
             .ok()
             .map(|status| status.expect("the exit status can be read"))
+    }
+
+    /// Stops the process (SIGTERM), waits at most `limit` for it to exit and for its last line to be read; the
+    /// whole log.
+    pub async fn stop_and_read_log(&mut self, limit: Duration) -> String {
+        self.signal("TERM");
+        let mut complete = self.log_complete.clone();
+        let ended = tokio::time::timeout(limit, async {
+            self.child.wait().await.expect("the exit status can be read");
+            complete
+                .wait_for(|done| *done)
+                .await
+                .expect("the reader reports its end");
+        })
+        .await;
+        assert!(ended.is_ok(), "the process did not stop within {limit:?}");
+        self.log_text()
     }
 
     /// The log so far, one line after the other.
