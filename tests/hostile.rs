@@ -590,14 +590,7 @@ async fn past_the_connection_cap_new_connections_are_closed_and_counted() {
         }
     }
     // The other listeners are untouched, and the refusals are counted.
-    let metrics = reqwest_client()
-        .get(format!("http://{}/metrics", service.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics_text(&service).await;
     for listener in ["webhook", "grpc"] {
         let line = metrics
             .lines()
@@ -691,38 +684,45 @@ async fn hold_watch(
         .map(tonic::Response::into_inner)
 }
 
+/// Opens `n` watches that stay open; panics when one is refused.
+async fn hold_watches(
+    channel: &GrpcChannel,
+    token: Option<&str>,
+    n: usize,
+) -> Vec<tonic::Streaming<pb::WatchCapabilityResponse>> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(hold_watch(channel, token).await.unwrap());
+    }
+    held
+}
+
+/// Asserts that a watch was refused with RESOURCE_EXHAUSTED naming `limit`.
+fn assert_refused<T>(result: Result<T, tonic::Status>, limit: &str) {
+    let status = result
+        .err()
+        .unwrap_or_else(|| panic!("a watch past {limit} was accepted"));
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains(limit), "{status:?}");
+}
+
 #[tokio::test]
 async fn one_greedy_caller_cannot_take_every_watch() {
     let fake = FakeSinch::start().await;
-    let service = Service::against(
-        &fake,
-        &[
-            "--max-watches=10",
-            "--max-watches-per-connection=3",
-            "--max-watches-per-caller=5",
-        ],
-    )
-    .await;
-    let refused = |result: Result<_, tonic::Status>, limit: &str| {
-        let status = result
-            .err()
-            .unwrap_or_else(|| panic!("a watch past {limit} was accepted"));
-        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-        assert!(status.message().contains(limit), "{status:?}");
-    };
+    let limits = [
+        "--max-watches=10",
+        "--max-watches-per-connection=3",
+        "--max-watches-per-caller=5",
+    ];
+    let service = Service::against(&fake, &limits).await;
     // One caller (one address): three watches on a connection, then the connection's limit.
     let first = service.channel().await;
-    let mut held = Vec::new();
-    for _ in 0..3 {
-        held.push(hold_watch(&first, None).await.unwrap());
-    }
-    refused(hold_watch(&first, None).await, "CAPABILITY_MAX_WATCHES_PER_CONNECTION");
+    let _first_three = hold_watches(&first, None, 3).await;
+    assert_refused(hold_watch(&first, None).await, "CAPABILITY_MAX_WATCHES_PER_CONNECTION");
     // A second connection of the same caller: two more, then the caller's limit.
     let second = service.channel().await;
-    for _ in 0..2 {
-        held.push(hold_watch(&second, None).await.unwrap());
-    }
-    refused(hold_watch(&second, None).await, "CAPABILITY_MAX_WATCHES_PER_CALLER");
+    let _two_more = hold_watches(&second, None, 2).await;
+    assert_refused(hold_watch(&second, None).await, "CAPABILITY_MAX_WATCHES_PER_CALLER");
     // Another caller (another address) still gets its watches, and health still answers.
     let other = GrpcChannel::from_shared(format!("http://{}", service.grpc_addr))
         .unwrap()
@@ -730,45 +730,34 @@ async fn one_greedy_caller_cannot_take_every_watch() {
         .connect()
         .await
         .unwrap();
-    held.push(hold_watch(&other, None).await.unwrap());
+    let _others = hold_watches(&other, None, 2).await;
     still_serving(&service, &other, "a greedy caller").await;
     let mut health = HealthClient::new(first.clone())
         .watch(HealthCheckRequest { service: String::new() })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        health.message().await.unwrap().unwrap().status(),
-        ServingStatus::Serving,
-        "a health watch is never counted"
-    );
+    let status = health.message().await.unwrap().unwrap().status();
+    assert_eq!(status, ServingStatus::Serving, "a health watch is never counted");
 }
 
 #[tokio::test]
 async fn authenticated_callers_are_limited_by_their_token_not_their_address() {
     let fake = FakeSinch::start().await;
-    let service = Service::against(
-        &fake,
-        &[
-            "--max-watches=10",
-            "--max-watches-per-caller=2",
-            "--grpc-tokens=greedy,polite",
-        ],
-    )
-    .await;
+    let limits = [
+        "--max-watches=10",
+        "--max-watches-per-caller=2",
+        "--grpc-tokens=greedy,polite",
+    ];
+    let service = Service::against(&fake, &limits).await;
     // Both callers share one connection and one address.
     let channel = service.channel().await;
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        held.push(hold_watch(&channel, Some("greedy")).await.unwrap());
-    }
-    let status = hold_watch(&channel, Some("greedy")).await.err().unwrap();
-    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert!(
-        status.message().contains("CAPABILITY_MAX_WATCHES_PER_CALLER"),
-        "{status:?}"
+    let _greedy = hold_watches(&channel, Some("greedy"), 2).await;
+    assert_refused(
+        hold_watch(&channel, Some("greedy")).await,
+        "CAPABILITY_MAX_WATCHES_PER_CALLER",
     );
-    held.push(hold_watch(&channel, Some("polite")).await.unwrap());
+    let _polite = hold_watches(&channel, Some("polite"), 2).await;
 }
 
 /// A phone number, as Sinch would send one.

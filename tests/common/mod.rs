@@ -210,6 +210,18 @@ pub async fn deliver(addr: SocketAddr, body: Vec<u8>) -> u16 {
         .as_u16()
 }
 
+/// The Prometheus text of the service's admin port.
+pub async fn metrics_text(service: &Service) -> String {
+    reqwest_client()
+        .get(format!("http://{}/metrics", service.admin_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 pub fn reqwest_client() -> reqwest::Client {
     capability_facade::upstream::install_crypto_provider();
     reqwest::Client::new()
