@@ -5,8 +5,9 @@
 //! - a first-byte timeout: a connection that sends nothing is closed;
 //! - an idle timeout: a connection with no request or stream in flight is closed (the protocol layer reports what
 //!   is in flight through [`Activity::begin`]);
-//! - on HTTP/1.1, a request head carrying both `Content-Length` and `Transfer-Encoding` is noticed here, on the
-//!   raw bytes, because hyper drops the `Content-Length` before the request reaches a handler.
+//! - on the HTTP ports, [`HeadCheck`] notices a request head carrying both `Content-Length` and
+//!   `Transfer-Encoding` on the bytes as read (after TLS), because hyper drops the `Content-Length` before the
+//!   request reaches a handler.
 //!
 //! A connection past its timeout reads as closed by the peer, so the server drops it as it would any closed one.
 
@@ -183,8 +184,6 @@ pub struct Guarded {
     /// Whether the peer sent anything yet.
     spoke: bool,
     timer: Pin<Box<Sleep>>,
-    /// The tail of the last line read, to find `Content-Length` and `Transfer-Encoding` in one request head.
-    head: HeadScan,
     listener: &'static str,
     _permit: OwnedSemaphorePermit,
 }
@@ -206,7 +205,6 @@ impl Guarded {
             accepted,
             spoke: false,
             timer: Box::pin(tokio::time::sleep_until(accepted + limits.first_byte)),
-            head: HeadScan::default(),
             listener,
             _permit: permit,
         }
@@ -237,13 +235,7 @@ impl AsyncRead for Guarded {
         let this = &mut *self;
         let before = buf.filled().len();
         if let Poll::Ready(result) = Pin::new(&mut this.stream).poll_read(cx, buf) {
-            let read = &buf.filled()[before..];
-            if !read.is_empty() {
-                this.spoke = true;
-                if this.head.scan(read) {
-                    this.activity.ambiguous_length.store(true, Ordering::SeqCst);
-                }
-            }
+            this.spoke |= buf.filled().len() > before;
             return Poll::Ready(result);
         }
         // Waiting for the peer: close the connection once it is past its deadline, else wake at the deadline (or,
@@ -259,6 +251,8 @@ impl AsyncRead for Guarded {
                     return Poll::Ready(Ok(()));
                 }
                 Some(deadline) => deadline,
+                // Something is in flight: look again at the timer's deadline, or after an idle spell.
+                None if this.timer.deadline() > now => this.timer.deadline(),
                 None => now + this.limits.idle,
             };
             if this.timer.deadline() != deadline {
@@ -294,6 +288,62 @@ impl AsyncWrite for Guarded {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// An HTTP connection's bytes, as read, checked for request heads with both `Content-Length` and
+/// `Transfer-Encoding`: [`Activity::ambiguous_length`] then says so.
+pub struct HeadCheck<I> {
+    inner: I,
+    activity: Arc<Activity>,
+    head: HeadScan,
+}
+
+impl<I> HeadCheck<I> {
+    pub fn new(inner: I, activity: Arc<Activity>) -> HeadCheck<I> {
+        HeadCheck {
+            inner,
+            activity,
+            head: HeadScan::default(),
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for HeadCheck<I> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if this.head.scan(&buf.filled()[before..]) {
+            this.activity.ambiguous_length.store(true, Ordering::SeqCst);
+        }
+        result
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for HeadCheck<I> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -4,6 +4,8 @@ mod common;
 
 use std::{net::SocketAddr, path::PathBuf};
 
+use rustls::pki_types::pem::PemObject;
+
 use capability_facade::{
     config::{self, ConfigError},
     grpc::pb::{self, Channel, capability_service_client::CapabilityServiceClient},
@@ -235,6 +237,38 @@ async fn under_mutual_tls_each_client_certificate_is_its_own_caller_for_the_watc
     // Another certificate from the same address is another caller.
     let mut colleague = pki.client(service.grpc_addr, Some(&pki.colleague)).await.unwrap();
     let _theirs = colleague.watch_capability(watch()).await.unwrap();
+}
+
+#[tokio::test]
+async fn over_tls_a_request_with_content_length_and_transfer_encoding_gets_400() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &flags(&pki.flags(false))).await;
+    capability_facade::upstream::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(pki.ca.as_bytes()).unwrap())
+        .unwrap();
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(service.webhook_addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.write_all(
+        b"POST /webhooks/sinch HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 7\r\n\
+          transfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = [0; 12];
+    tls.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 400");
 }
 
 #[tokio::test]

@@ -33,7 +33,7 @@ use tower_http::timeout::TimeoutLayer;
 
 use crate::{
     capability::{mask, mask_digits},
-    connection::{Activity, BusyBody, GuardedListener},
+    connection::{Activity, BusyBody, GuardedListener, HeadCheck},
     log::{Accepted, EventLog, Nonce, Unavailable},
     secret::Secret,
 };
@@ -219,6 +219,7 @@ async fn serve_connection<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let io = TokioIo::new(HeadCheck::new(io, activity.clone()));
     let service = tower::service_fn(move |request: Request<Incoming>| {
         let busy = activity.begin();
         let ambiguous = activity.ambiguous_length();
@@ -238,7 +239,7 @@ async fn serve_connection<I>(
             Ok(response.map(|body| Body::new(BusyBody::new(body, busy))))
         }
     });
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(service));
+    let connection = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service));
     let _ = watcher.watch(connection.into_owned()).await;
 }
 
