@@ -257,12 +257,12 @@ pub struct ConnectionSettings {
           value_parser = duration(SECOND, DAY))]
     pub idle_timeout: Duration,
     /// Connections open at once on the gRPC port; past it, new ones are closed at once and counted.
-    #[arg(id = "grpc-max-connections", long = "grpc-max-connections", env = GRPC_MAX_CONNECTIONS, default_value = "4096",
+    #[arg(id = "grpc-max-connections", long = "grpc-max-connections", env = GRPC_MAX_CONNECTIONS, default_value = "1024",
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub grpc_max: u32,
     /// Connections open at once on the webhook port; past it, new ones are closed at once and counted.
     #[arg(id = "webhook-max-connections", long = "webhook-max-connections", env = WEBHOOK_MAX_CONNECTIONS,
-          default_value = "4096", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+          default_value = "1024", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub webhook_max: u32,
     /// Connections open at once on the admin port; past it, new ones are closed at once and counted.
     #[arg(id = "admin-max-connections", long = "admin-max-connections", env = ADMIN_MAX_CONNECTIONS, default_value = "64",
