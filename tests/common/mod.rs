@@ -265,6 +265,18 @@ pub async fn drain(
     }
 }
 
+/// Watches `request_id` for `wait` through `client` and asserts that nothing arrives before the wait elapses.
+pub async fn waits_out(client: &mut CapabilityServiceClient<Channel>, request_id: &str, wait: Duration) {
+    let stream = client
+        .watch_capability(watch_request(request_id, 0, Some(wait)))
+        .await
+        .unwrap()
+        .into_inner();
+    let (seen, end) = drain(stream).await;
+    assert!(seen.is_empty(), "{request_id}: {seen:?}");
+    assert_eq!(end.unwrap().reason(), pb::CompletionReason::WaitElapsed, "{request_id}");
+}
+
 /// The environment that points the real binary at `fake`.
 pub fn binary_env(fake: &FakeSinch) -> Vec<(&'static str, String)> {
     vec![
