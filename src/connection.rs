@@ -2,7 +2,8 @@
 //! protocol:
 //! - a cap on the connections open at once: past it a new connection is closed at once and counted
 //!   (`capability_connections_refused_total{listener}`);
-//! - a first-byte timeout: a connection that sends nothing is closed;
+//! - a first-byte timeout: a connection that does not send its opening (the first [`OPENING`] bytes: an HTTP/2
+//!   preface, a TLS hello, an HTTP/1.1 request head are all at least that long) in time is closed;
 //! - an idle timeout: a connection with no request or stream in flight is closed (the protocol layer reports what
 //!   is in flight through [`Activity::begin`]);
 //! - on the HTTP ports, [`HeadCheck`] notices a request head carrying both `Content-Length` and
@@ -62,6 +63,9 @@ macro_rules! write_through {
         }
     };
 }
+
+/// How many bytes a peer must send within the first-byte timeout: the length of the HTTP/2 client preface.
+pub const OPENING: usize = 24;
 
 /// How a listener treats its connections.
 #[derive(Debug, Clone, Copy)]
@@ -212,8 +216,8 @@ pub struct Guarded {
     activity: Arc<Activity>,
     limits: ConnectionLimits,
     accepted: Instant,
-    /// Whether the peer sent anything yet.
-    spoke: bool,
+    /// How many bytes the peer sent, counted up to [`OPENING`].
+    received: usize,
     timer: Pin<Box<Sleep>>,
     listener: &'static str,
     _permit: OwnedSemaphorePermit,
@@ -234,7 +238,7 @@ impl Guarded {
             activity: Arc::new(Activity::new()),
             limits,
             accepted,
-            spoke: false,
+            received: 0,
             timer: Box::pin(tokio::time::sleep_until(accepted + limits.first_byte)),
             listener,
             _permit: permit,
@@ -253,11 +257,17 @@ impl Guarded {
 
     /// When the connection is due to be closed; `None` while a request or stream is in flight.
     fn deadline(&self) -> Option<Instant> {
-        if self.spoke {
-            self.activity.idle_deadline(self.limits.idle)
+        let idle = self.activity.idle_deadline(self.limits.idle)?;
+        Some(if self.opened() {
+            idle
         } else {
-            Some(self.accepted + self.limits.first_byte)
-        }
+            self.accepted + self.limits.first_byte
+        })
+    }
+
+    /// Whether the peer sent its opening.
+    fn opened(&self) -> bool {
+        self.received >= OPENING
     }
 }
 
@@ -266,7 +276,7 @@ impl AsyncRead for Guarded {
         let this = &mut *self;
         let before = buf.filled().len();
         if let Poll::Ready(result) = Pin::new(&mut this.stream).poll_read(cx, buf) {
-            this.spoke |= buf.filled().len() > before;
+            this.received = (this.received + (buf.filled().len() - before)).min(OPENING);
             return Poll::Ready(result);
         }
         // Waiting for the peer: close the connection once it is past its deadline, else wake at the deadline (or,
@@ -275,7 +285,7 @@ impl AsyncRead for Guarded {
             let now = Instant::now();
             let deadline = match this.deadline() {
                 Some(deadline) if deadline <= now => {
-                    let reason = if this.spoke { "idle" } else { "silent" };
+                    let reason = if this.opened() { "idle" } else { "silent" };
                     metrics::counter!("capability_connections_timed_out_total", "listener" => this.listener,
                         "reason" => reason)
                     .increment(1);

@@ -478,44 +478,64 @@ impl Port {
     }
 }
 
-/// A connection that sends `bytes`, then nothing: the server must close it.
+/// Which timeout must close a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timeout {
+    /// The opening (24 bytes) did not arrive.
+    FirstByte,
+    /// Nothing is in flight.
+    Idle,
+}
+
+/// A connection that sends `bytes`, then nothing: the server must close it by `timeout`.
 struct ConnectionRow {
     name: &'static str,
     port: Port,
     bytes: &'static [u8],
+    timeout: Timeout,
 }
 
 /// The HTTP/2 client preface and an empty SETTINGS frame.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
 
 fn connection_rows() -> Vec<ConnectionRow> {
-    let row = |name, port, bytes| ConnectionRow { name, port, bytes };
+    use Timeout::{FirstByte, Idle};
+    let row = |name, port, bytes, timeout| ConnectionRow {
+        name,
+        port,
+        bytes,
+        timeout,
+    };
+    let keep_alive = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n";
     vec![
-        row("a silent connection to the gRPC port", Port::Grpc, b""),
-        row("a silent connection to the webhook port", Port::Webhook, b""),
-        row("a silent connection to the admin port", Port::Admin, b""),
-        row("half an HTTP/2 preface", Port::Grpc, b"PRI * HTTP/2.0\r\n"),
-        row("an HTTP/2 preface, then no stream", Port::Grpc, H2_PREFACE),
+        row("a silent connection to the gRPC port", Port::Grpc, b"", FirstByte),
+        row("a silent connection to the webhook port", Port::Webhook, b"", FirstByte),
+        row("a silent connection to the admin port", Port::Admin, b"", FirstByte),
+        row("half an HTTP/2 preface", Port::Grpc, b"PRI * HTTP/2.0\r\n", FirstByte),
+        row("an HTTP/2 preface, then no stream", Port::Grpc, H2_PREFACE, Idle),
         row(
             "an HTTP/2 preface to the webhook, then no stream",
             Port::Webhook,
             H2_PREFACE,
+            Idle,
         ),
         row(
             "one keep-alive request to the webhook, then nothing",
             Port::Webhook,
-            b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n",
+            keep_alive,
+            Idle,
         ),
         row(
             "one keep-alive request to the admin port, then nothing",
             Port::Admin,
-            b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n",
+            keep_alive,
+            Idle,
         ),
     ]
 }
 
 /// Reads until the server closes the connection; what it sent before. The bound only keeps a failing test from
-/// hanging: every timeout configured here is far shorter.
+/// hanging: the timeout under test is far shorter, the other far longer.
 async fn until_closed(stream: &mut tokio::net::TcpStream, row: &str) -> Vec<u8> {
     use tokio::io::AsyncReadExt;
     let mut answer = Vec::new();
@@ -533,16 +553,22 @@ async fn until_closed(stream: &mut tokio::net::TcpStream, row: &str) -> Vec<u8> 
 async fn connections_that_say_nothing_or_do_nothing_are_closed() {
     use tokio::io::AsyncWriteExt;
     let fake = FakeSinch::start().await;
-    let service = Service::against(&fake, &["--first-byte-timeout=300ms", "--idle-timeout=1s"]).await;
-    for row in connection_rows() {
-        let mut stream = tokio::net::TcpStream::connect(row.port.of(&service)).await.unwrap();
-        stream.write_all(row.bytes).await.unwrap();
-        let answer = until_closed(&mut stream, row.name).await;
-        if row.bytes.starts_with(b"GET") {
-            assert!(answer.starts_with(b"HTTP/1.1 200"), "{}: {answer:?}", row.name);
+    // Each row runs where only its own timeout is short: the first-byte timeout alone, then the idle one alone.
+    for (timeout, flags) in [
+        (Timeout::FirstByte, ["--first-byte-timeout=300ms", "--idle-timeout=1d"]),
+        (Timeout::Idle, ["--first-byte-timeout=10m", "--idle-timeout=1s"]),
+    ] {
+        let service = Service::against(&fake, &flags).await;
+        for row in connection_rows().into_iter().filter(|r| r.timeout == timeout) {
+            let mut stream = tokio::net::TcpStream::connect(row.port.of(&service)).await.unwrap();
+            stream.write_all(row.bytes).await.unwrap();
+            let answer = until_closed(&mut stream, row.name).await;
+            if row.bytes.starts_with(b"GET") {
+                assert!(answer.starts_with(b"HTTP/1.1 200"), "{}: {answer:?}", row.name);
+            }
+            // A fresh connection: the idle timeout may close any connection left idle between rows.
+            still_serving(&service, &service.channel().await, row.name).await;
         }
-        // A fresh connection: the idle timeout may close any connection left idle between rows.
-        still_serving(&service, &service.channel().await, row.name).await;
     }
 }
 

@@ -248,7 +248,8 @@ pub struct GrpcSettings {
 /// What every listener (gRPC, webhook, admin) does with the connections it accepts.
 #[derive(Debug, Clone, Args)]
 pub struct ConnectionSettings {
-    /// A new connection that sends nothing for this long is closed (100ms to 10m).
+    /// A new connection that has not sent its first 24 bytes (an HTTP/2 preface, a TLS hello, a request head)
+    /// by then is closed (100ms to 10m).
     #[arg(id = "first-byte-timeout", long = "first-byte-timeout", env = FIRST_BYTE_TIMEOUT, default_value = "10s",
           value_parser = duration(100 * MS, 10 * MINUTE))]
     pub first_byte_timeout: Duration,
