@@ -269,9 +269,47 @@ pub fn mask(value: &str) -> String {
         .collect()
 }
 
+/// Masks, in free text from a caller or a callback (a request_id, a channel name Sinch sent), every run of 8 or
+/// more digits as [`mask`] masks a phone number: the rest stays readable, so that the value can still be found.
+pub fn mask_digits(text: &str) -> std::borrow::Cow<'_, str> {
+    const LONGEST_SHOWN: usize = 7;
+    let runs = text.split(|c: char| !c.is_ascii_digit());
+    if runs.clone().all(|run| run.len() <= LONGEST_SHOWN) {
+        return text.into();
+    }
+    let mut masked = String::with_capacity(text.len());
+    let mut run = String::new();
+    let flush = |run: &mut String, masked: &mut String| {
+        if run.len() > LONGEST_SHOWN {
+            masked.push_str(&mask(run));
+        } else {
+            masked.push_str(run);
+        }
+        run.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut masked);
+            masked.push(c);
+        }
+    }
+    flush(&mut run, &mut masked);
+    masked.into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mask_digits_hides_only_long_runs_of_digits() {
+        assert_eq!(mask_digits("01JDQ3V5K8ZP"), "01JDQ3V5K8ZP");
+        assert_eq!(mask_digits("46788888888"), "4678*****88");
+        assert_eq!(mask_digits("req-1234567-x"), "req-1234567-x");
+        assert_eq!(mask_digits("a12345678b+46712312312"), "a1234**78b+4671*****12");
+    }
 
     #[test]
     fn mask_keeps_only_the_ends_of_a_phone_number() {

@@ -14,6 +14,7 @@
 //! - [`grpc`]: the tonic service, proto ⇄ domain conversion, errors → statuses; the only user of tonic.
 //! - [`sandbox`]: the built-in Sinch emulator, callbacks included.
 //! - [`admin`]: metrics and probes on the admin port.
+//! - [`connection`]: what every listener does to its connections: a cap, first-byte and idle timeouts.
 //! - [`tls`]: optional TLS on the gRPC and webhook ports, and mutual TLS for callers.
 //! - [`telemetry`]: logs, traces and the metrics recorder.
 //!
@@ -26,6 +27,7 @@
 pub mod admin;
 pub mod capability;
 pub mod config;
+pub mod connection;
 pub mod grpc;
 pub mod hub;
 pub mod log;
@@ -265,6 +267,8 @@ impl Service {
                 max_wait: config.retention.retention,
                 heartbeat: config.watch.heartbeat,
                 max_watches: config.watch.max_watches,
+                max_per_connection: config.watch.per_connection(),
+                max_per_caller: config.watch.per_caller(),
             },
             shutdown.clone(),
         );
@@ -282,7 +286,19 @@ impl Service {
             log: log.clone(),
             shutdown: shutdown.clone(),
         });
-        tasks.spawn(admin::serve(listeners.admin, admin::router(admin), background.clone()));
+        let connections = &config.connections;
+        let limits = |max: u32| connection::ConnectionLimits {
+            first_byte: connections.first_byte_timeout,
+            idle: connections.idle_timeout,
+            max_connections: max as usize,
+        };
+        let guarded = |listener, max, name| connection::GuardedListener::new(listener, limits(max), name);
+        tasks.spawn(admin::serve(
+            guarded(listeners.admin, connections.admin_max, "admin"),
+            admin::router(admin),
+            connections.first_byte_timeout,
+            background.clone(),
+        ));
         let receiver = Arc::new(webhook::Receiver::new(
             webhook::WebhookConfig {
                 secrets: webhook_secrets,
@@ -304,9 +320,15 @@ impl Service {
                 stop.cancel();
             }
         });
-        let grpc = grpc::serve(listeners.grpc, api, transport, shutdown.clone(), stop.clone());
+        let grpc = grpc::serve(
+            guarded(listeners.grpc, connections.grpc_max, "grpc"),
+            api,
+            transport,
+            shutdown.clone(),
+            stop.clone(),
+        );
         let webhook = webhook::serve(
-            listeners.webhook,
+            guarded(listeners.webhook, connections.webhook_max, "webhook"),
             webhook::router(receiver),
             tls.as_ref().map(|tls| tls.webhook.clone()),
             config.webhook.timeout,

@@ -7,7 +7,7 @@ use std::{sync::Arc, time::Duration};
 use tokio::{sync::OnceCell, time::Instant};
 
 use crate::{
-    capability::{Query, QueryAccepted, Recipient},
+    capability::{Query, QueryAccepted, Recipient, mask_digits},
     log::{EventLog, IdempotencyClaim, QueryRecorded},
     telemetry::{self, TraceParent},
     upstream::{self, SinchClient, wire::QueryJson},
@@ -81,7 +81,7 @@ impl Queries {
             expected: query.expected_channels(),
         };
         if let Err(e) = self.log.record_query(record).await {
-            tracing::warn!(request_id = %query.request_id, error = %e, "the query's record could not be logged: \
+            tracing::warn!(request_id = %mask_digits(&query.request_id), error = %e, "the query's record could not be logged: \
                 its watches will not know its expected channels and end at their wait");
         }
         let traceparent = telemetry::outgoing_traceparent(trace);
@@ -127,7 +127,9 @@ impl Queries {
                 IdempotencyClaim::Answered(answer) => match serde_json::from_str::<QueryJson>(&answer) {
                     Ok(answer) => return Ok(answer.into()),
                     Err(e) => {
-                        tracing::warn!(request_id = %query.request_id, error = %e, "an unreadable idempotency record in Redis: sending the query");
+                        // serde's message may quote the record's values: only where it broke is logged.
+                        tracing::warn!(request_id = %mask_digits(&query.request_id), category = ?e.classify(),
+                            line = e.line(), column = e.column(), "an unreadable idempotency record in Redis: sending the query");
                         return Ok(self.forward(query, deadline, trace).await?);
                     }
                 },

@@ -338,7 +338,7 @@ fn grpc_rows() -> Vec<GrpcRow> {
             Call::Query(long_app),
             Code::InvalidArgument,
         ),
-        row("a 5 MiB message", Call::Query(huge_app), Code::OutOfRange),
+        row("a 5 MiB message", Call::Query(huge_app), Code::ResourceExhausted),
         row(
             "channel value 999",
             Call::Query(by(vec![identity(999, "", "1")])),
@@ -458,4 +458,437 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     assert!(read.is_ok(), "the connection was still open after 10 s");
     let channel = service.channel().await;
     still_serving(&service, &channel, "a slow client").await;
+}
+
+/// The three listeners.
+#[derive(Debug, Clone, Copy)]
+enum Port {
+    Grpc,
+    Webhook,
+    Admin,
+}
+
+impl Port {
+    fn of(self, service: &Service) -> std::net::SocketAddr {
+        match self {
+            Port::Grpc => service.grpc_addr,
+            Port::Webhook => service.webhook_addr,
+            Port::Admin => service.admin_addr,
+        }
+    }
+}
+
+/// Which timeout must close a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timeout {
+    /// The opening (24 bytes) did not arrive.
+    FirstByte,
+    /// Nothing is in flight.
+    Idle,
+}
+
+/// A connection that sends `bytes`, then nothing: the server must close it by `timeout`.
+struct ConnectionRow {
+    name: &'static str,
+    port: Port,
+    bytes: &'static [u8],
+    timeout: Timeout,
+}
+
+/// The HTTP/2 client preface and an empty SETTINGS frame.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+fn connection_rows() -> Vec<ConnectionRow> {
+    use Timeout::{FirstByte, Idle};
+    let row = |name, port, bytes, timeout| ConnectionRow {
+        name,
+        port,
+        bytes,
+        timeout,
+    };
+    let keep_alive = b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n";
+    vec![
+        row("a silent connection to the gRPC port", Port::Grpc, b"", FirstByte),
+        row("a silent connection to the webhook port", Port::Webhook, b"", FirstByte),
+        row("a silent connection to the admin port", Port::Admin, b"", FirstByte),
+        row("half an HTTP/2 preface", Port::Grpc, b"PRI * HTTP/2.0\r\n", FirstByte),
+        row("an HTTP/2 preface, then no stream", Port::Grpc, H2_PREFACE, Idle),
+        row(
+            "an HTTP/2 preface to the webhook, then no stream",
+            Port::Webhook,
+            H2_PREFACE,
+            Idle,
+        ),
+        row(
+            "one keep-alive request to the webhook, then nothing",
+            Port::Webhook,
+            keep_alive,
+            Idle,
+        ),
+        row(
+            "one keep-alive request to the admin port, then nothing",
+            Port::Admin,
+            keep_alive,
+            Idle,
+        ),
+    ]
+}
+
+/// Reads until the server closes the connection; what it sent before. The bound only keeps a failing test from
+/// hanging: the timeout under test is far shorter, the other far longer.
+async fn until_closed(stream: &mut tokio::net::TcpStream, row: &str) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut answer)).await;
+    match read {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Ok(Err(e)) => panic!("{row}: {e}"),
+        Err(_) => panic!("{row}: the connection was still open after 20 s"),
+    }
+    answer
+}
+
+#[tokio::test]
+async fn connections_that_say_nothing_or_do_nothing_are_closed() {
+    use tokio::io::AsyncWriteExt;
+    let fake = FakeSinch::start().await;
+    // Each row runs where only its own timeout is short: the first-byte timeout alone, then the idle one alone.
+    for (timeout, flags) in [
+        (Timeout::FirstByte, ["--first-byte-timeout=300ms", "--idle-timeout=1d"]),
+        (Timeout::Idle, ["--first-byte-timeout=10m", "--idle-timeout=1s"]),
+    ] {
+        let service = Service::against(&fake, &flags).await;
+        for row in connection_rows().into_iter().filter(|r| r.timeout == timeout) {
+            let mut stream = tokio::net::TcpStream::connect(row.port.of(&service)).await.unwrap();
+            stream.write_all(row.bytes).await.unwrap();
+            let answer = until_closed(&mut stream, row.name).await;
+            if row.bytes.starts_with(b"GET") {
+                assert!(answer.starts_with(b"HTTP/1.1 200"), "{}: {answer:?}", row.name);
+            }
+            // A fresh connection: the idle timeout may close any connection left idle between rows.
+            still_serving(&service, &service.channel().await, row.name).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_watch_keeps_its_connection_open_past_the_idle_timeout() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &["--idle-timeout=1s"]).await;
+    // Nothing crosses the connection while the watch waits (no notification, no heartbeat within 3 s).
+    common::waits_out(&mut service.client().await, "quiet", Duration::from_secs(3)).await;
+}
+
+#[tokio::test]
+async fn past_the_connection_cap_new_connections_are_closed_and_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &["--webhook-max-connections=2", "--grpc-max-connections=2"]).await;
+    for port in [Port::Webhook, Port::Grpc] {
+        let addr = port.of(&service);
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let mut refused = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let answer = until_closed(&mut refused, "a connection past the cap").await;
+        assert!(answer.is_empty(), "{port:?}: {answer:?}");
+        // The connections within the cap are served.
+        if let Port::Webhook = port {
+            let mut first = held.remove(0);
+            first
+                .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut head = [0; 12];
+            first.read_exact(&mut head).await.unwrap();
+            assert_eq!(&head, b"HTTP/1.1 200");
+        }
+    }
+    // The other listeners are untouched, and the refusals are counted.
+    let metrics = common::metrics_text(&service).await;
+    for listener in ["webhook", "grpc"] {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("capability_connections_refused_total") && l.contains(listener))
+            .unwrap_or_else(|| panic!("no refusal counted for {listener}:\n{metrics}"));
+        assert!(!line.ends_with(" 0"), "{line}");
+    }
+}
+
+/// A raw HTTP/1.1 request to the webhook port (one a client library would not send) and the status it must get.
+struct RawRow {
+    name: &'static str,
+    request: String,
+    expect: &'static str,
+}
+
+fn raw_rows() -> Vec<RawRow> {
+    let body = capability_body("smuggled", "SMS", "46700000001", "CAPABILITY_FULL");
+    let signed: String = signed_headers(WEBHOOK_SECRET, &body)
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .collect();
+    let chunked = format!(
+        "{:x}\r\n{}\r\n0\r\n\r\n",
+        body.len(),
+        String::from_utf8(body.clone()).unwrap()
+    );
+    let head = "POST /webhooks/sinch HTTP/1.1\r\nhost: x\r\n";
+    let row = |name, request, expect| RawRow { name, request, expect };
+    vec![
+        row(
+            "Content-Length before Transfer-Encoding",
+            format!(
+                "{head}{signed}content-length: {}\r\ntransfer-encoding: chunked\r\n\r\n{chunked}",
+                chunked.len()
+            ),
+            "HTTP/1.1 400",
+        ),
+        row(
+            "Transfer-Encoding before Content-Length",
+            format!("{head}{signed}Transfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n{chunked}"),
+            "HTTP/1.1 400",
+        ),
+        row(
+            "a genuine chunked callback (Transfer-Encoding alone)",
+            format!("{head}{signed}transfer-encoding: chunked\r\n\r\n{chunked}"),
+            "HTTP/1.1 200",
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn raw_http_requests_get_their_status() {
+    use tokio::io::AsyncWriteExt;
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[]).await;
+    let channel = service.channel().await;
+    for row in raw_rows() {
+        let mut stream = tokio::net::TcpStream::connect(service.webhook_addr).await.unwrap();
+        stream.write_all(row.request.as_bytes()).await.unwrap();
+        stream.shutdown().await.unwrap();
+        let answer = until_closed(&mut stream, row.name).await;
+        assert!(
+            answer.starts_with(row.expect.as_bytes()),
+            "{}: {}",
+            row.name,
+            String::from_utf8_lossy(&answer)
+        );
+        still_serving(&service, &channel, row.name).await;
+    }
+}
+
+/// Opens a watch that stays open (it waits a minute); the status when refused.
+async fn hold_watch(
+    channel: &GrpcChannel,
+    token: Option<&str>,
+) -> Result<tonic::Streaming<pb::WatchCapabilityResponse>, tonic::Status> {
+    let mut request = tonic::Request::new(watch_request(
+        &ulid::Ulid::new().to_string(),
+        0,
+        Some(Duration::from_secs(60)),
+    ));
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    CapabilityServiceClient::new(channel.clone())
+        .watch_capability(request)
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Opens `n` watches that stay open; panics when one is refused.
+async fn hold_watches(
+    channel: &GrpcChannel,
+    token: Option<&str>,
+    n: usize,
+) -> Vec<tonic::Streaming<pb::WatchCapabilityResponse>> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        held.push(hold_watch(channel, token).await.unwrap());
+    }
+    held
+}
+
+/// Asserts that a watch was refused with RESOURCE_EXHAUSTED naming `limit`.
+fn assert_refused<T>(result: Result<T, tonic::Status>, limit: &str) {
+    let status = result
+        .err()
+        .unwrap_or_else(|| panic!("a watch past {limit} was accepted"));
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains(limit), "{status:?}");
+}
+
+#[tokio::test]
+async fn one_greedy_caller_cannot_take_every_watch() {
+    let fake = FakeSinch::start().await;
+    let limits = [
+        "--max-watches=10",
+        "--max-watches-per-connection=3",
+        "--max-watches-per-caller=5",
+    ];
+    let service = Service::against(&fake, &limits).await;
+    // One caller (one address): three watches on a connection, then the connection's limit.
+    let first = service.channel().await;
+    let _first_three = hold_watches(&first, None, 3).await;
+    assert_refused(hold_watch(&first, None).await, "CAPABILITY_MAX_WATCHES_PER_CONNECTION");
+    // A second connection of the same caller: two more, then the caller's limit.
+    let second = service.channel().await;
+    let _two_more = hold_watches(&second, None, 2).await;
+    assert_refused(hold_watch(&second, None).await, "CAPABILITY_MAX_WATCHES_PER_CALLER");
+    // Another caller (another address) still gets its watches, and health still answers.
+    let other = GrpcChannel::from_shared(format!("http://{}", service.grpc_addr))
+        .unwrap()
+        .local_address(Some([127, 0, 0, 2].into()))
+        .connect()
+        .await
+        .unwrap();
+    let _others = hold_watches(&other, None, 2).await;
+    still_serving(&service, &other, "a greedy caller").await;
+    let mut health = HealthClient::new(first.clone())
+        .watch(HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = health.message().await.unwrap().unwrap().status();
+    assert_eq!(status, ServingStatus::Serving, "a health watch is never counted");
+}
+
+#[tokio::test]
+async fn authenticated_callers_are_limited_by_their_token_not_their_address() {
+    let fake = FakeSinch::start().await;
+    let limits = [
+        "--max-watches=10",
+        "--max-watches-per-caller=2",
+        "--grpc-tokens=greedy,polite",
+    ];
+    let service = Service::against(&fake, &limits).await;
+    // Both callers share one connection and one address.
+    let channel = service.channel().await;
+    let _greedy = hold_watches(&channel, Some("greedy"), 2).await;
+    assert_refused(
+        hold_watch(&channel, Some("greedy")).await,
+        "CAPABILITY_MAX_WATCHES_PER_CALLER",
+    );
+    let _polite = hold_watches(&channel, Some("polite"), 2).await;
+}
+
+/// A phone number, as Sinch would send one.
+const PHONE: &str = "46788888888";
+
+/// Callback bodies with a phone number in every field: whole and valid, then each field in turn of the wrong
+/// type (the number as a JSON number, or a string where a list or object belongs), then broken JSON around it.
+fn bodies_full_of_numbers() -> Vec<Vec<u8>> {
+    use serde_json::{Value, json};
+    let whole = json!({
+        "app_id": PHONE, "project_id": PHONE, "accepted_time": PHONE, "event_time": PHONE,
+        "message_metadata": PHONE, "correlation_id": PHONE,
+        "capability_notification": {
+            "request_id": PHONE, "contact_id": PHONE, "channel": PHONE, "identity": PHONE,
+            "capability_status": PHONE, "channel_capabilities": [PHONE],
+            "reason": {"code": PHONE, "description": PHONE, "sub_code": PHONE, "channel_code": PHONE},
+            "channel_recipient_identities": [{"display_name": PHONE,
+                "channel_identity": {"channel": PHONE, "identity": PHONE, "app_id": PHONE}}]
+        }
+    });
+    // Every path to a value, and each value replaced by something of the wrong type that still carries the number.
+    fn paths(value: &Value, at: Vec<Value>, out: &mut Vec<Vec<Value>>) {
+        match value {
+            Value::Object(map) => map.iter().for_each(|(k, v)| {
+                let mut p = at.clone();
+                p.push(k.as_str().into());
+                out.push(p.clone());
+                paths(v, p, out);
+            }),
+            Value::Array(items) => items.iter().enumerate().for_each(|(i, v)| {
+                let mut p = at.clone();
+                p.push(i.into());
+                out.push(p.clone());
+                paths(v, p, out);
+            }),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    paths(&whole, Vec::new(), &mut all);
+    let number: Value = PHONE.parse::<u64>().unwrap().into();
+    let mut bodies = vec![serde_json::to_vec(&whole).unwrap()];
+    for path in all {
+        for wrong in [number.clone(), json!({ "n": PHONE }), json!([PHONE])] {
+            let mut body = whole.clone();
+            let mut slot = &mut body;
+            for step in &path {
+                slot = match step {
+                    Value::String(k) => &mut slot[k.as_str()],
+                    Value::Number(i) => &mut slot[i.as_u64().unwrap() as usize],
+                    _ => unreachable!(),
+                };
+            }
+            *slot = wrong;
+            bodies.push(serde_json::to_vec(&body).unwrap());
+        }
+    }
+    let text = String::from_utf8(bodies[0].clone()).unwrap();
+    for broken in [
+        text[..text.len() / 2].to_owned(),
+        format!("{text}{PHONE}"),
+        text.replacen(':', &format!(":{PHONE}"), 3),
+        format!("{{\"app_id\": {PHONE}e999999}}"),
+        format!("[\"{PHONE}\"]"),
+        format!("{{\"app_id\": \"{PHONE}\\u12\"}}"),
+    ] {
+        bodies.push(broken.into_bytes());
+    }
+    let mut invalid_utf8 = format!("{{\"app_id\": \"{PHONE}").into_bytes();
+    invalid_utf8.extend_from_slice(b"\xc3\x28\"}");
+    bodies.push(invalid_utf8);
+    bodies
+}
+
+#[tokio::test]
+async fn no_phone_number_reaches_the_logs() {
+    let fake = FakeSinch::start().await;
+    let mut env = common::binary_env(&fake);
+    env.push(("RUST_LOG", "info,capability_facade=debug".into()));
+    let mut binary = common::Binary::spawn(&env).await;
+    // Every hostile row of the table (its callbacks carry a phone number), then the bodies full of numbers,
+    // each signed: only the body is hostile.
+    let mut statuses = std::collections::BTreeMap::<u16, usize>::new();
+    for row in webhook_rows() {
+        // A client per row: a connection the server closed after an early answer (413) is not reused.
+        let mut request = reqwest_client()
+            .request(row.method, format!("http://{}{}", binary.webhook_addr, row.path))
+            .body(row.body);
+        for (name, value) in &row.headers {
+            request = request.header(*name, value);
+        }
+        let status = request.send().await.map(|r| r.status().as_u16()).unwrap_or(0);
+        assert_eq!(status, row.expect, "{}", row.name);
+    }
+    for body in bodies_full_of_numbers() {
+        let status = common::deliver(binary.webhook_addr, body).await;
+        *statuses.entry(status).or_default() += 1;
+    }
+    assert!(
+        statuses.contains_key(&200) && statuses.contains_key(&400),
+        "both accepted and refused bodies were sent: {statuses:?}"
+    );
+    let log = binary.stop_and_read_log(Duration::from_secs(30)).await;
+    assert!(log.contains("callback refused"), "{log}");
+    let digits = regex_free_digit_runs(&log);
+    assert!(
+        digits.is_empty(),
+        "digit runs of 8 or more in the log: {digits:?}\n{log}"
+    );
+}
+
+/// Every run of 8 or more ASCII digits in `text`.
+fn regex_free_digit_runs(text: &str) -> Vec<&str> {
+    text.split(|c: char| !c.is_ascii_digit())
+        .filter(|run| run.len() >= 8)
+        .collect()
 }

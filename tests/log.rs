@@ -7,9 +7,7 @@ mod common;
 use std::{collections::HashMap, time::Duration};
 
 use capability_facade::grpc::pb;
-use common::{
-    FakeSinch, Service, deliver, held, post_webhook, ready, reqwest_client, signed_headers, until_marker, watch_request,
-};
+use common::{FakeSinch, Service, deliver, held, post_webhook, ready, signed_headers, until_marker, watch_request};
 use rand::Rng;
 use testkit::{RedisCluster, RedisServer};
 use tokio::{
@@ -189,14 +187,7 @@ async fn an_entry_of_a_version_this_build_does_not_know_is_skipped_and_counted()
         200
     );
     assert_eq!(until_marker(&service, "after-the-future", 0, "SMS").await.len(), 1);
-    let metrics = reqwest_client()
-        .get(format!("http://{}/metrics", service.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics_text(&service).await;
     assert!(
         metrics.contains(r#"capability_log_skipped_total{reason="unknown_version"} 1"#),
         "{metrics}"

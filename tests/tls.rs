@@ -4,6 +4,8 @@ mod common;
 
 use std::{net::SocketAddr, path::PathBuf};
 
+use rustls::pki_types::pem::PemObject;
+
 use capability_facade::{
     config::{self, ConfigError},
     grpc::pb::{self, Channel, capability_service_client::CapabilityServiceClient},
@@ -12,12 +14,13 @@ use common::{FakeSinch, Service, identities, query, watch_request};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use tonic::transport::{self, Certificate, ClientTlsConfig, Endpoint, Identity};
 
-/// A CA, a server certificate for localhost and 127.0.0.1, a client certificate from the same CA, and one from
-/// a stranger's CA; PEM files in a directory removed on drop.
+/// A CA, a server certificate for localhost and 127.0.0.1, two client certificates from the same CA, and one
+/// from a stranger's CA; PEM files in a directory removed on drop.
 struct Pki {
     dir: PathBuf,
     ca: String,
     client: (String, String),
+    colleague: (String, String),
     stranger: (String, String),
 }
 
@@ -26,6 +29,7 @@ impl Pki {
         let ca = ca("test CA");
         let server = leaf(&ca, &["localhost", "127.0.0.1"]);
         let client = leaf(&ca, &["caller.example"]);
+        let colleague = leaf(&ca, &["colleague.example"]);
         let stranger = leaf(&self::ca("stranger CA"), &["caller.example"]);
         let dir = std::env::temp_dir().join(format!("capability-tls-{}", ulid::Ulid::new()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -38,6 +42,7 @@ impl Pki {
             dir,
             ca: ca.pem(),
             client,
+            colleague,
             stranger,
         }
     }
@@ -202,6 +207,68 @@ async fn mutual_tls_admits_only_callers_with_a_certificate_from_the_client_ca() 
         .await
         .unwrap();
     assert_eq!(health.status(), 200);
+}
+
+#[tokio::test]
+async fn under_mutual_tls_each_client_certificate_is_its_own_caller_for_the_watch_limit() {
+    let pki = Pki::new();
+    let fake = FakeSinch::start().await;
+    let mut owned = pki.flags(true);
+    owned.extend(["--max-watches=10".to_owned(), "--max-watches-per-caller=1".to_owned()]);
+    let service = Service::against(&fake, &flags(&owned)).await;
+    let watch = || {
+        watch_request(
+            &ulid::Ulid::new().to_string(),
+            0,
+            Some(std::time::Duration::from_secs(60)),
+        )
+    };
+
+    let mut first = pki.client(service.grpc_addr, Some(&pki.client)).await.unwrap();
+    let _held = first.watch_capability(watch()).await.unwrap();
+    // The same certificate on another connection is the same caller.
+    let mut again = pki.client(service.grpc_addr, Some(&pki.client)).await.unwrap();
+    let refused = again.watch_capability(watch()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains(config::MAX_WATCHES_PER_CALLER),
+        "{refused:?}"
+    );
+    // Another certificate from the same address is another caller.
+    let mut colleague = pki.client(service.grpc_addr, Some(&pki.colleague)).await.unwrap();
+    let _theirs = colleague.watch_capability(watch()).await.unwrap();
+}
+
+#[tokio::test]
+async fn over_tls_a_request_with_content_length_and_transfer_encoding_gets_400() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = Pki::new();
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &flags(&pki.flags(false))).await;
+    capability_facade::upstream::install_crypto_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_slice(pki.ca.as_bytes()).unwrap())
+        .unwrap();
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(service.webhook_addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    tls.write_all(
+        b"POST /webhooks/sinch HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 7\r\n\
+          transfer-encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = [0; 12];
+    tls.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 400");
 }
 
 #[tokio::test]

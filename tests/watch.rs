@@ -151,14 +151,7 @@ async fn an_unknown_request_waits_then_completes_when_its_wait_elapses() {
     assert_eq!(completion.reason(), CompletionReason::WaitElapsed);
     assert_eq!(completion.pending_channels, ["RCS"]);
 
-    let stream = client
-        .watch_capability(watch_request("nobody-asked", 0, Some(Duration::from_millis(100))))
-        .await
-        .unwrap()
-        .into_inner();
-    let (seen, end) = drain(stream).await;
-    assert!(seen.is_empty());
-    assert_eq!(end.unwrap().reason(), CompletionReason::WaitElapsed);
+    common::waits_out(&mut client, "nobody-asked", Duration::from_millis(100)).await;
 }
 
 #[tokio::test]

@@ -1,7 +1,7 @@
 //! The admin port, for the cluster only: `GET /metrics` (Prometheus text), `GET /healthz` (the process is alive)
 //! and `GET /readyz` (it takes traffic: once the event log was read back, and until shutdown begins).
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Router,
@@ -11,10 +11,9 @@ use axum::{
     routing::get,
 };
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{hub::Hub, log::EventLog};
+use crate::{connection::GuardedListener, hub::Hub, log::EventLog};
 
 /// What the admin port reports on.
 pub struct Admin {
@@ -33,11 +32,15 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .with_state(admin)
 }
 
-/// Serves until `stop` (after the other listeners drained, so that the last scrape sees the drain).
-pub async fn serve(listener: TcpListener, router: Router, stop: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(stop.cancelled_owned())
-        .await
+/// Serves until `stop` (after the other listeners drained, so that the last scrape sees the drain), with the
+/// webhook's connection handling: a request's headers must arrive within `header_timeout`.
+pub async fn serve(
+    listener: GuardedListener,
+    router: Router,
+    header_timeout: Duration,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    crate::webhook::serve(listener, router, None, header_timeout, stop).await
 }
 
 async fn metrics(State(admin): State<Arc<Admin>>) -> impl IntoResponse {

@@ -36,6 +36,8 @@ pub struct Config {
     #[command(flatten)]
     pub grpc: GrpcSettings,
     #[command(flatten)]
+    pub connections: ConnectionSettings,
+    #[command(flatten)]
     pub tls: TlsSettings,
     #[command(flatten)]
     pub telemetry: TelemetrySettings,
@@ -195,6 +197,28 @@ pub struct WatchSettings {
     #[arg(id = "max-watches", long = "max-watches", env = MAX_WATCHES, default_value = "250000",
           value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub max_watches: u64,
+    /// The most WatchCapability streams one gRPC connection may hold open; below CAPABILITY_MAX_WATCHES
+    /// (default: half of it).
+    #[arg(id = "max-watches-per-connection", long = "max-watches-per-connection", env = MAX_WATCHES_PER_CONNECTION,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub max_per_connection: Option<u64>,
+    /// The most WatchCapability streams one caller may hold open: the caller's token or client certificate when
+    /// callers are authenticated, else its address; below CAPABILITY_MAX_WATCHES (default: half of it).
+    #[arg(id = "max-watches-per-caller", long = "max-watches-per-caller", env = MAX_WATCHES_PER_CALLER,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub max_per_caller: Option<u64>,
+}
+
+impl WatchSettings {
+    /// The per-connection limit: the configured one, else half of the replica's.
+    pub fn per_connection(&self) -> u64 {
+        self.max_per_connection.unwrap_or(self.max_watches / 2).max(1)
+    }
+
+    /// The per-caller limit: the configured one, else half of the replica's.
+    pub fn per_caller(&self) -> u64 {
+        self.max_per_caller.unwrap_or(self.max_watches / 2).max(1)
+    }
 }
 
 /// How QueryCapability behaves.
@@ -234,6 +258,32 @@ pub struct GrpcSettings {
     #[arg(id = "max-connection-age", long = "max-connection-age", env = MAX_CONNECTION_AGE, default_value = "0s",
           value_parser = duration(ZERO, 30 * DAY))]
     pub max_connection_age: Duration,
+}
+
+/// What every listener (gRPC, webhook, admin) does with the connections it accepts.
+#[derive(Debug, Clone, Args)]
+pub struct ConnectionSettings {
+    /// A new connection that has not sent its first 24 bytes (an HTTP/2 preface, a TLS hello, a request head)
+    /// by then is closed (100ms to 10m).
+    #[arg(id = "first-byte-timeout", long = "first-byte-timeout", env = FIRST_BYTE_TIMEOUT, default_value = "10s",
+          value_parser = duration(100 * MS, 10 * MINUTE))]
+    pub first_byte_timeout: Duration,
+    /// A connection with no request or stream in flight for this long is closed (1s to 1d).
+    #[arg(id = "idle-timeout", long = "idle-timeout", env = IDLE_TIMEOUT, default_value = "2m",
+          value_parser = duration(SECOND, DAY))]
+    pub idle_timeout: Duration,
+    /// Connections open at once on the gRPC port; past it, new ones are closed at once and counted.
+    #[arg(id = "grpc-max-connections", long = "grpc-max-connections", env = GRPC_MAX_CONNECTIONS, default_value = "1024",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub grpc_max: u32,
+    /// Connections open at once on the webhook port; past it, new ones are closed at once and counted.
+    #[arg(id = "webhook-max-connections", long = "webhook-max-connections", env = WEBHOOK_MAX_CONNECTIONS,
+          default_value = "1024", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub webhook_max: u32,
+    /// Connections open at once on the admin port; past it, new ones are closed at once and counted.
+    #[arg(id = "admin-max-connections", long = "admin-max-connections", env = ADMIN_MAX_CONNECTIONS, default_value = "64",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub admin_max: u32,
 }
 
 /// Optional TLS on the gRPC and webhook ports.
@@ -420,6 +470,13 @@ pub const MAX_NOTIFICATIONS_PER_REQUEST: &str = "CAPABILITY_MAX_NOTIFICATIONS_PE
 pub const MAX_INFLIGHT_QUERIES: &str = "CAPABILITY_MAX_INFLIGHT_QUERIES";
 pub const MAX_STREAMS_PER_CONNECTION: &str = "CAPABILITY_MAX_STREAMS_PER_CONNECTION";
 pub const MAX_CONNECTION_AGE: &str = "CAPABILITY_MAX_CONNECTION_AGE";
+pub const MAX_WATCHES_PER_CONNECTION: &str = "CAPABILITY_MAX_WATCHES_PER_CONNECTION";
+pub const MAX_WATCHES_PER_CALLER: &str = "CAPABILITY_MAX_WATCHES_PER_CALLER";
+pub const FIRST_BYTE_TIMEOUT: &str = "CAPABILITY_FIRST_BYTE_TIMEOUT";
+pub const IDLE_TIMEOUT: &str = "CAPABILITY_IDLE_TIMEOUT";
+pub const GRPC_MAX_CONNECTIONS: &str = "CAPABILITY_GRPC_MAX_CONNECTIONS";
+pub const WEBHOOK_MAX_CONNECTIONS: &str = "CAPABILITY_WEBHOOK_MAX_CONNECTIONS";
+pub const ADMIN_MAX_CONNECTIONS: &str = "CAPABILITY_ADMIN_MAX_CONNECTIONS";
 pub const SANDBOX_CALLBACK_DELAY: &str = "CAPABILITY_SANDBOX_CALLBACK_DELAY";
 pub const SANDBOX_DUPLICATES: &str = "CAPABILITY_SANDBOX_DUPLICATES";
 pub const SANDBOX_REORDER: &str = "CAPABILITY_SANDBOX_REORDER";
@@ -507,6 +564,18 @@ impl Config {
             ));
         }
         self.sandbox.check()?;
+        let max = self.watch.max_watches;
+        for (variable, limit) in [
+            (MAX_WATCHES_PER_CONNECTION, self.watch.max_per_connection),
+            (MAX_WATCHES_PER_CALLER, self.watch.max_per_caller),
+        ] {
+            if limit.is_some_and(|limit| limit >= max) {
+                return Err(invalid(
+                    variable,
+                    format!("must be below {MAX_WATCHES} ({max}), so that no one takes every watch"),
+                ));
+            }
+        }
         if self.shutdown.drain_delay > self.shutdown.grace {
             return Err(invalid(
                 DRAIN_DELAY,
@@ -658,6 +727,13 @@ pub const ALL_VARIABLES: &[&str] = &[
     MAX_INFLIGHT_QUERIES,
     MAX_STREAMS_PER_CONNECTION,
     MAX_CONNECTION_AGE,
+    MAX_WATCHES_PER_CONNECTION,
+    MAX_WATCHES_PER_CALLER,
+    FIRST_BYTE_TIMEOUT,
+    IDLE_TIMEOUT,
+    GRPC_MAX_CONNECTIONS,
+    WEBHOOK_MAX_CONNECTIONS,
+    ADMIN_MAX_CONNECTIONS,
     SANDBOX_CALLBACK_DELAY,
     SANDBOX_DUPLICATES,
     SANDBOX_REORDER,
@@ -792,6 +868,13 @@ mod tests {
             ("--sandbox-webhook-rate=0", SANDBOX_WEBHOOK_RATE),
             ("--sandbox-addr=nowhere", SANDBOX_ADDR),
             ("--public-webhook-url=ftp://x", PUBLIC_WEBHOOK_URL),
+            ("--max-watches-per-connection=0", MAX_WATCHES_PER_CONNECTION),
+            ("--max-watches-per-caller=many", MAX_WATCHES_PER_CALLER),
+            ("--first-byte-timeout=0s", FIRST_BYTE_TIMEOUT),
+            ("--idle-timeout=forever", IDLE_TIMEOUT),
+            ("--grpc-max-connections=0", GRPC_MAX_CONNECTIONS),
+            ("--webhook-max-connections=-1", WEBHOOK_MAX_CONNECTIONS),
+            ("--admin-max-connections=lots", ADMIN_MAX_CONNECTIONS),
         ];
         for (flag, variable) in cases {
             assert_eq!(with_creds(flag).unwrap_err().variable, *variable, "{flag}");
@@ -815,6 +898,26 @@ mod tests {
         let trimmed = parse(&[&CREDS[..3], &["--sinch-webhook-secrets=w\n"]].concat()).unwrap();
         assert_eq!(trimmed.webhook.secrets.secrets, [Secret::new("w")]);
         assert_eq!(trimmed.trimmed_secrets(), [WEBHOOK_SECRETS]);
+    }
+
+    #[test]
+    fn watch_limits_stay_below_the_replica_s() {
+        let limits = |flags: &[&str]| parse(flags).map(|c| (c.watch.per_connection(), c.watch.per_caller()));
+        assert_eq!(limits(&["--max-watches=1000"]), Ok((500, 500)));
+        assert_eq!(
+            limits(&[
+                "--max-watches=1000",
+                "--max-watches-per-connection=10",
+                "--max-watches-per-caller=999"
+            ]),
+            Ok((10, 999))
+        );
+        for (flag, variable) in [
+            ("--max-watches-per-connection=1000", MAX_WATCHES_PER_CONNECTION),
+            ("--max-watches-per-caller=5000", MAX_WATCHES_PER_CALLER),
+        ] {
+            assert_eq!(parse(&["--max-watches=1000", flag]).unwrap_err().variable, variable);
+        }
     }
 
     #[test]

@@ -3,6 +3,7 @@
 pub mod client;
 pub mod codec;
 pub mod convert;
+mod quota;
 mod status;
 
 use std::{
@@ -13,22 +14,24 @@ use std::{
 
 use futures::Stream;
 use tokio::{
-    net::TcpListener,
     sync::{OwnedSemaphorePermit, Semaphore},
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
 use tonic::{
     Request, Response, Status,
+    body::Body,
     metadata::MetadataMap,
-    transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming},
+    transport::{Certificate, Identity, Server, ServerTlsConfig, server::Connected},
 };
 use tonic_health::ServingStatus;
 use tracing::Instrument;
 
-use subtle::ConstantTimeEq;
+use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::{
+    capability::mask_digits,
+    connection::{Activity, BusyBody, Guarded, GuardedListener},
     hub::{Hub, Watch, WatchEvent, WatchLimits},
     query::Queries,
     secret::Secret,
@@ -36,6 +39,7 @@ use crate::{
     tls::TlsFiles,
 };
 use pb::capability_service_server::{CapabilityService, CapabilityServiceServer};
+use quota::{QuotaTicket, TokenIndex, WatchQuota};
 
 /// The generated protobuf types and the encoded descriptor set served by reflection.
 #[allow(clippy::large_enum_variant)] // generated code: a oneof's variants differ in size by nature
@@ -69,6 +73,10 @@ pub struct WatchSettings {
     pub heartbeat: Duration,
     /// The most watches open at once on this replica.
     pub max_watches: u64,
+    /// The most watches one connection may hold open.
+    pub max_per_connection: u64,
+    /// The most watches one caller may hold open.
+    pub max_per_caller: u64,
 }
 
 /// How the gRPC server treats connections and callers.
@@ -96,6 +104,8 @@ pub struct CapabilityApi {
     watch: WatchSettings,
     /// One permit per open watch.
     watch_permits: Arc<Semaphore>,
+    /// Open watches per connection and per caller.
+    quota: Arc<WatchQuota>,
     /// Cancelled when the server begins to shut down: watches end, new ones are refused.
     shutdown: CancellationToken,
 }
@@ -115,6 +125,7 @@ impl CapabilityApi {
             query_timeout,
             hub,
             watch_permits: Arc::new(Semaphore::new((watch.max_watches as usize).min(Semaphore::MAX_PERMITS))),
+            quota: Arc::new(WatchQuota::new(watch.max_per_connection, watch.max_per_caller)),
             watch,
             shutdown,
         }
@@ -134,7 +145,7 @@ impl CapabilityApi {
         tracing::debug!(recipient = ?query.recipient, "query");
         match self.queries.query(query, deadline, trace).await {
             Ok(accepted) => {
-                tracing::Span::current().record("request_id", accepted.request_id.as_str());
+                tracing::Span::current().record("request_id", mask_digits(&accepted.request_id).as_ref());
                 tracing::debug!("query accepted by Sinch");
                 Ok(Response::new(convert::query_response(accepted)))
             }
@@ -146,16 +157,22 @@ impl CapabilityApi {
     }
 }
 
-/// A watch and its place among this replica's open watches, counted in `capability_active_watches`.
+/// A watch and its place among this replica's open watches (counted in `capability_active_watches`), its
+/// connection's and its caller's.
 struct OpenWatch {
     watch: Watch,
     _permit: OwnedSemaphorePermit,
+    _ticket: Option<QuotaTicket>,
 }
 
 impl OpenWatch {
-    fn new(watch: Watch, permit: OwnedSemaphorePermit) -> OpenWatch {
+    fn new(watch: Watch, permit: OwnedSemaphorePermit, ticket: Option<QuotaTicket>) -> OpenWatch {
         metrics::gauge!("capability_active_watches").increment(1.0);
-        OpenWatch { watch, _permit: permit }
+        OpenWatch {
+            watch,
+            _permit: permit,
+            _ticket: ticket,
+        }
     }
 }
 
@@ -202,14 +219,16 @@ impl CapabilityService for CapabilityApi {
         &self,
         request: Request<pb::WatchCapabilityRequest>,
     ) -> Result<Response<Self::WatchCapabilityStream>, Status> {
+        let ticket = self.quota.claim(&request);
         let request = request.into_inner();
-        tracing::Span::current().record("request_id", request.request_id.as_str());
+        tracing::Span::current().record("request_id", mask_digits(&request.request_id).as_ref());
         convert::check_request_id(&request.request_id, true).map_err(|v| status::invalid_request(vec![v]))?;
         let wait = convert::wait(request.wait, self.watch.default_wait, self.watch.max_wait)
             .map_err(|v| status::invalid_request(vec![v]))?;
         if self.shutdown.is_cancelled() {
             return Err(status::shutting_down(request.after_offset));
         }
+        let ticket = ticket?;
         let permit = self
             .watch_permits
             .clone()
@@ -223,6 +242,7 @@ impl CapabilityService for CapabilityApi {
         let watch = OpenWatch::new(
             self.hub.watch(&request.request_id, request.after_offset, limits),
             permit,
+            ticket,
         );
         tracing::debug!(after_offset = request.after_offset, ?wait, "watch opened");
         let stream = futures::stream::unfold(Some(watch), |state| async move {
@@ -296,7 +316,7 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 /// Serves gRPC on `listener`. When `shutdown` is cancelled health turns NOT_SERVING at once; when `stop` is
 /// cancelled the server stops accepting and lets in-flight calls finish (the caller bounds that wait).
 pub async fn serve(
-    listener: TcpListener,
+    listener: GuardedListener,
     api: CapabilityApi,
     transport: TransportSettings,
     shutdown: CancellationToken,
@@ -340,15 +360,84 @@ pub async fn serve(
             .max_connection_age_grace(transport.max_connection_age_grace);
     }
     let tokens = transport.tokens;
+    let incoming = futures::stream::unfold(listener, |listener| async move {
+        let connection = listener.accept().await;
+        Some((Ok::<_, std::io::Error>(connection), listener))
+    });
     builder
+        .layer(tower::layer::layer_fn(|inner| Tracked { inner }))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(CapabilityServiceServer::with_interceptor(api, move |request| {
             authenticate(&tokens, request)
         }))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal)
+        .serve_with_incoming_shutdown(incoming, signal)
         .await
+}
+
+/// What a call knows of its connection (a request extension, inside `TlsConnectInfo` over TLS).
+#[derive(Debug, Clone)]
+pub struct Peer {
+    remote: std::net::SocketAddr,
+    activity: Arc<Activity>,
+}
+
+impl Connected for Guarded {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        Peer {
+            remote: self.remote(),
+            activity: self.activity().clone(),
+        }
+    }
+}
+
+/// Counts every call as in flight on its connection until its response ends (an idle connection is one without
+/// calls), and answers a message over the size limit with RESOURCE_EXHAUSTED, the gRPC spec's code for it, where
+/// tonic's codec says OUT_OF_RANGE (this service itself never does).
+#[derive(Debug, Clone)]
+struct Tracked<S> {
+    inner: S,
+}
+
+impl<S> tower::Service<http::Request<Body>> for Tracked<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn std::future::Future<Output = Result<http::Response<Body>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let extensions = request.extensions();
+        let busy = extensions
+            .get::<Peer>()
+            .or_else(|| {
+                extensions
+                    .get::<tonic::transport::server::TlsConnectInfo<Peer>>()
+                    .map(|i| i.get_ref())
+            })
+            .map(|peer| peer.activity.begin());
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let mut response = response.await?;
+            let status = response.headers_mut().get_mut("grpc-status");
+            if let Some(status) = status.filter(|s| s.as_bytes() == b"11") {
+                *status = http::HeaderValue::from_static("8");
+            }
+            Ok(match busy {
+                Some(busy) => response.map(|body| Body::new(BusyBody::new(body, busy))),
+                None => response,
+            })
+        })
+    }
 }
 
 /// Lets a call through when caller authentication is off, or when it carries one of the tokens (compared in
@@ -363,14 +452,21 @@ fn authenticate(tokens: &[Secret], request: Request<()>) -> Result<Request<()>, 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or_else(|| status::unauthenticated(false))?;
-    let known = tokens.iter().fold(subtle::Choice::from(0), |found, t| {
-        found | t.expose().as_bytes().ct_eq(presented.as_bytes())
-    });
-    if bool::from(known) {
-        Ok(request)
-    } else {
-        Err(status::unauthenticated(true))
+    // Every token is compared, without a branch, so that the time taken does not tell which one matched; `found`
+    // is one past the index of the match, 0 for none.
+    let mut found = 0u64;
+    for (index, token) in tokens.iter().enumerate() {
+        found.conditional_assign(
+            &(index as u64 + 1),
+            token.expose().as_bytes().ct_eq(presented.as_bytes()),
+        );
     }
+    let Some(index) = found.checked_sub(1) else {
+        return Err(status::unauthenticated(true));
+    };
+    let mut request = request;
+    request.extensions_mut().insert(TokenIndex(index as usize));
+    Ok(request)
 }
 
 #[cfg(test)]

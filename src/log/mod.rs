@@ -26,7 +26,7 @@ use std::{
 pub use codec::{Digest, Event, NotificationReceived, QueryRecorded};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::capability::Notification;
+use crate::capability::{Notification, mask_digits};
 use local::LocalLog;
 use redis::RedisLog;
 
@@ -225,7 +225,7 @@ impl EventLog {
         match redis.claim_request_id(request_id, fingerprint).await {
             Ok(claim) => claim,
             Err(e) => {
-                tracing::warn!(%request_id, error = %e, "idempotency holds within this replica only while Redis is down");
+                tracing::warn!(request_id = %mask_digits(request_id), error = %e, "idempotency holds within this replica only while Redis is down");
                 IdempotencyClaim::Owner
             }
         }
@@ -236,7 +236,7 @@ impl EventLog {
         if let EventLog::Redis(redis) = self
             && let Err(e) = redis.settle_request_id(request_id, fingerprint, answer).await
         {
-            tracing::warn!(%request_id, error = %e, "could not record the idempotency answer in Redis");
+            tracing::warn!(request_id = %mask_digits(request_id), error = %e, "could not record the idempotency answer in Redis");
         }
     }
 

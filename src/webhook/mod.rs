@@ -6,18 +6,20 @@ pub mod parse;
 pub mod signature;
 
 use std::{
+    convert::Infallible,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use axum::{
     Router,
-    body::Bytes,
+    body::{Body, Bytes},
     extract::{DefaultBodyLimit, State},
-    http::{HeaderMap, StatusCode, header},
+    http::{HeaderMap, Request, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use hyper::body::Incoming;
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
     server::{
@@ -26,12 +28,12 @@ use hyper_util::{
     },
     service::TowerToHyperService,
 };
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
 
 use crate::{
-    capability::mask,
+    capability::{mask, mask_digits},
+    connection::{Activity, BusyBody, GuardedListener, HeadCheck},
     log::{Accepted, EventLog, Nonce, Unavailable},
     secret::Secret,
 };
@@ -77,7 +79,7 @@ pub enum WebhookError {
     UnsupportedAlgorithm(String),
     #[error("the signature does not verify with any configured secret")]
     BadSignature,
-    #[error("the timestamp is {0} s away from now, beyond the tolerance")]
+    #[error("the timestamp is {} away from now, beyond the tolerance", skew_text(*.0))]
     Stale(i64),
     #[error("the timestamp is not Unix seconds")]
     BadTimestamp,
@@ -87,6 +89,17 @@ pub enum WebhookError {
     Malformed(#[from] parse::ParseError),
     #[error(transparent)]
     Unavailable(#[from] Unavailable),
+}
+
+/// A timestamp's distance from now for the log: in seconds up to a day, beyond only "more than a day" (the header
+/// is the sender's, and may carry any number).
+fn skew_text(skew: i64) -> String {
+    const DAY: u64 = 86_400;
+    if skew.unsigned_abs() <= DAY {
+        format!("{skew} s")
+    } else {
+        "more than a day".to_owned()
+    }
 }
 
 impl WebhookError {
@@ -148,13 +161,15 @@ pub fn router(receiver: Arc<Receiver>) -> Router {
 }
 
 /// Serves `router` on `listener` until `shutdown`, then lets requests in flight finish (the caller bounds that);
-/// over TLS when `tls` is set (the handshake, too, must finish within `header_timeout`).
+/// over TLS when `tls` is set (the handshake, too, must finish within `header_timeout`). The admin port is
+/// served by it too, without TLS.
 ///
 /// Served with hyper directly rather than `axum::serve`, which sets no timer: without one, hyper's header-read
 /// timeout never applies and a client trickling its headers holds a connection for ever. Here a request's
-/// headers must arrive within `header_timeout`, and the whole request within the router's own timeout.
+/// headers must arrive within `header_timeout`, and the whole request within the router's own timeout; the
+/// listener's own limits (a cap, first-byte and idle timeouts) apply beneath.
 pub async fn serve(
-    listener: TcpListener,
+    listener: GuardedListener,
     router: Router,
     tls: Option<Arc<rustls::ServerConfig>>,
     header_timeout: Duration,
@@ -171,26 +186,18 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     loop {
         let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // Out of file descriptors, most likely: pause rather than spin.
-                    tracing::warn!(error = %e, "webhook accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            stream = listener.accept() => stream,
             () = shutdown.cancelled() => break,
         };
-        let _ = stream.set_nodelay(true);
         let (builder, router, watcher, acceptor) =
             (builder.clone(), router.clone(), graceful.watcher(), acceptor.clone());
         tokio::spawn(async move {
+            let activity = stream.activity().clone();
             let Some(acceptor) = acceptor else {
-                return serve_connection(&builder, stream, router, watcher).await;
+                return serve_connection(&builder, stream, activity, router, watcher).await;
             };
             match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(stream)) => serve_connection(&builder, stream, router, watcher).await,
+                Ok(Ok(stream)) => serve_connection(&builder, stream, activity, router, watcher).await,
                 Ok(Err(e)) => tracing::debug!(error = %e, "webhook TLS handshake failed"),
                 Err(_) => tracing::debug!("webhook TLS handshake timed out"),
             }
@@ -200,12 +207,39 @@ pub async fn serve(
     Ok(())
 }
 
-/// Serves one connection (plain or TLS) until it closes or the graceful shutdown it is watched by ends it.
-async fn serve_connection<I>(builder: &Builder<TokioExecutor>, io: I, router: Router, watcher: Watcher)
-where
+/// Serves one connection (plain or TLS) until it closes or the graceful shutdown it is watched by ends it. Each
+/// request counts as in flight on the connection until its response is sent; a request whose head carried both
+/// `Content-Length` and `Transfer-Encoding` gets 400 and the connection is closed (RFC 9112, section 6.1).
+async fn serve_connection<I>(
+    builder: &Builder<TokioExecutor>,
+    io: I,
+    activity: Arc<Activity>,
+    router: Router,
+    watcher: Watcher,
+) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(router));
+    let io = TokioIo::new(HeadCheck::new(io, activity.clone()));
+    let service = tower::service_fn(move |request: Request<Incoming>| {
+        let busy = activity.begin();
+        let ambiguous = activity.ambiguous_length();
+        let mut router = router.clone();
+        async move {
+            if ambiguous {
+                metrics::counter!("capability_http_requests_refused_total", "reason" => "ambiguous_length")
+                    .increment(1);
+                let refusal = (
+                    StatusCode::BAD_REQUEST,
+                    [(header::CONNECTION, "close")],
+                    "Content-Length and Transfer-Encoding together",
+                );
+                return Ok::<_, Infallible>(refusal.into_response());
+            }
+            let response = tower::Service::call(&mut router, request).await?;
+            Ok(response.map(|body| Body::new(BusyBody::new(body, busy))))
+        }
+    });
+    let connection = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service));
     let _ = watcher.watch(connection.into_owned()).await;
 }
 
@@ -238,8 +272,8 @@ async fn handle(receiver: &Receiver, headers: &HeaderMap, body: &[u8]) -> Result
     };
     let request_id = notification.as_ref().map(|n| {
         let span = tracing::Span::current();
-        span.record("request_id", n.request_id.as_str());
-        span.record("channel", n.channel.as_sinch());
+        span.record("request_id", mask_digits(&n.request_id).as_ref());
+        span.record("channel", mask_digits(n.channel.as_sinch()).as_ref());
         tracing::debug!(identity = %mask(&n.identity), "callback verified");
         n.request_id.clone()
     });
@@ -249,7 +283,7 @@ async fn handle(receiver: &Receiver, headers: &HeaderMap, body: &[u8]) -> Result
         Accepted::Capped { first } => {
             if first {
                 tracing::warn!(
-                    request_id = request_id.as_deref().unwrap_or_default(),
+                    request_id = %mask_digits(request_id.as_deref().unwrap_or_default()),
                     "a request received more notifications than it may hold: the excess is acknowledged and dropped"
                 );
             }
@@ -312,7 +346,9 @@ fn verify<'h>(
     if let Some(algorithm) = headers.get(signature::ALGORITHM) {
         let algorithm = algorithm.to_str().unwrap_or_default();
         if !algorithm.eq_ignore_ascii_case(signature::HMAC_SHA256) {
-            return Err(WebhookError::UnsupportedAlgorithm(algorithm.to_owned()));
+            // Shown in the log: bounded, and without a long number the sender may have put there.
+            let shown: String = algorithm.chars().take(64).collect();
+            return Err(WebhookError::UnsupportedAlgorithm(mask_digits(&shown).into_owned()));
         }
     }
     let secrets = config.secrets.iter().map(Secret::expose);

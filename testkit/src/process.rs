@@ -12,7 +12,7 @@ use std::{
 use tokio::{
     io::{AsyncBufReadExt, BufReader},
     process::{Child, Command},
-    sync::{Notify, oneshot},
+    sync::{Notify, oneshot, watch},
 };
 
 /// Every line a process wrote so far, stdout and stderr interleaved as they were read.
@@ -39,6 +39,8 @@ pub struct Spawned<T> {
     pub log: Log,
     /// Notified each time a line is added to `log`.
     pub grew: Arc<Notify>,
+    /// Turns true once both of its pipes reached their end: the log then holds every line.
+    pub log_complete: watch::Receiver<bool>,
 }
 
 /// Spawns `command` (stdin closed, killed on drop) and reads its stdout and stderr until `ready` takes something
@@ -64,6 +66,7 @@ where
     let grew = Arc::new(Notify::new());
     let (tx, rx) = oneshot::channel();
     let (lines, grown) = (log.clone(), grew.clone());
+    let (complete_tx, log_complete) = watch::channel(false);
     tokio::spawn(async move {
         let mut tx = Some(tx);
         let (mut out_open, mut err_open) = (true, true);
@@ -82,6 +85,7 @@ where
             lines.lock().expect("the log lock").push(line);
             grown.notify_waiters();
         }
+        let _ = complete_tx.send(true);
     });
     match tokio::time::timeout(READY_WITHIN, rx).await {
         Ok(Ok(ready)) => Spawned {
@@ -89,6 +93,7 @@ where
             ready,
             log,
             grew,
+            log_complete,
         },
         Ok(Err(_)) => panic!("{program:?} ended before it was ready: {:?}", log.lock().unwrap()),
         Err(_) => panic!(
@@ -112,6 +117,8 @@ pub struct Binary {
     pub log: Log,
     /// Notified each time a line is added to `log`.
     pub grew: Arc<Notify>,
+    /// Turns true once the process closed its output and every line is in `log`.
+    log_complete: watch::Receiver<bool>,
 }
 
 impl Binary {
@@ -147,6 +154,7 @@ impl Binary {
             admin_addr,
             log: spawned.log,
             grew: spawned.grew,
+            log_complete: spawned.log_complete,
         }
     }
 
@@ -194,6 +202,23 @@ impl Binary {
             .await
             .ok()
             .map(|status| status.expect("the exit status can be read"))
+    }
+
+    /// Stops the process (SIGTERM), waits at most `limit` for it to exit and for its last line to be read; the
+    /// whole log.
+    pub async fn stop_and_read_log(&mut self, limit: Duration) -> String {
+        self.signal("TERM");
+        let mut complete = self.log_complete.clone();
+        let ended = tokio::time::timeout(limit, async {
+            self.child.wait().await.expect("the exit status can be read");
+            complete
+                .wait_for(|done| *done)
+                .await
+                .expect("the reader reports its end");
+        })
+        .await;
+        assert!(ended.is_ok(), "the process did not stop within {limit:?}");
+        self.log_text()
     }
 
     /// The log so far, one line after the other.

@@ -216,6 +216,18 @@ pub async fn deliver(addr: SocketAddr, body: Vec<u8>) -> u16 {
         .as_u16()
 }
 
+/// The Prometheus text of the service's admin port.
+pub async fn metrics_text(service: &Service) -> String {
+    reqwest_client()
+        .get(format!("http://{}/metrics", service.admin_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 pub fn reqwest_client() -> reqwest::Client {
     capability_facade::upstream::install_crypto_provider();
     reqwest::Client::new()
@@ -257,6 +269,18 @@ pub async fn drain(
             Err(status) => return (seen, Err(status)),
         }
     }
+}
+
+/// Watches `request_id` for `wait` through `client` and asserts that nothing arrives before the wait elapses.
+pub async fn waits_out(client: &mut CapabilityServiceClient<Channel>, request_id: &str, wait: Duration) {
+    let stream = client
+        .watch_capability(watch_request(request_id, 0, Some(wait)))
+        .await
+        .unwrap()
+        .into_inner();
+    let (seen, end) = drain(stream).await;
+    assert!(seen.is_empty(), "{request_id}: {seen:?}");
+    assert_eq!(end.unwrap().reason(), pb::CompletionReason::WaitElapsed, "{request_id}");
 }
 
 /// The environment that points the real binary at `fake`.
