@@ -246,9 +246,11 @@ pub struct Posting {
 /// keeps per notification is measured at its real size.
 const CALLBACK_APP_ID: &str = "01KBQ3M8Z6T1V0R9C5XW2YHJ4N";
 const CALLBACK_PROJECT_ID: &str = "5f1c0a6e-3b2d-4e8f-9a71-0c6d2e4b8f13";
+/// The next identity a posted callback reports on.
+static IDENTITIES: AtomicU64 = AtomicU64::new(0);
 
 /// Posts signed CAPABILITY callbacks for request_ids `{prefix}{0..ids}` to `target`. Each carries its send time
-/// (`correlation_id`, ns) and a unique sequence number, so none is a duplicate.
+/// (`correlation_id`, ns) and an identity no other callback of this process has, so none is a duplicate.
 pub async fn post_callbacks(target: SocketAddr, prefix: &str, ids: usize, posting: Posting) -> Load {
     let Posting {
         posters,
@@ -280,8 +282,10 @@ pub async fn post_callbacks(target: SocketAddr, prefix: &str, ids: usize, postin
             if let Some(due) = due {
                 tokio::time::sleep_until(due.into()).await;
             }
-            // A distinct identity for each: every callback is a new result, not a duplicate of the last.
-            let body = CapabilityCallback::new(&request_id, "SMS", &format!("46{n:011}"), "CAPABILITY_FULL")
+            // A distinct identity for each, across calls too: every callback is a new result, never a duplicate
+            // of one an earlier phase posted to the same request_id (the log would drop it).
+            let identity = format!("46{:011}", IDENTITIES.fetch_add(1, Ordering::Relaxed));
+            let body = CapabilityCallback::new(&request_id, "SMS", &identity, "CAPABILITY_FULL")
                 .app_id(CALLBACK_APP_ID)
                 .project_id(CALLBACK_PROJECT_ID)
                 .correlation_id(&now_nanos().to_string())
