@@ -324,7 +324,11 @@ mod tests {
     /// Past a handful, a request's digests become a set: duplicates are still found, offsets still count on.
     #[test]
     fn many_notifications_for_one_request_are_numbered_and_deduplicated_alike() {
-        let log = log(Arc::new(Recorder::default()));
+        // A clock of its own: the other test moves the shared one past the retention.
+        let log = LocalLog {
+            clock: || 1_000_000,
+            ..log(Arc::new(Recorder::default()))
+        };
         let nth = |i: u64| {
             let mut n = received("many", CapabilityStatus::Full).unwrap();
             n.notification.identity = i.to_string();
