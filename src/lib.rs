@@ -99,6 +99,9 @@ impl Service {
     /// the Sinch client, the Redis URL (and, when Redis answers, its version). Binds no port of the service's.
     pub async fn build(config: Config) -> Result<Service, StartError> {
         config.check()?;
+        // The recorder first: a gauge or counter set before it exists (by the log's read-back, by the start-up
+        // registration check) would be lost.
+        telemetry::metrics();
         for variable in config.trimmed_secrets() {
             tracing::info!("{variable}: a trailing line break was trimmed from the value");
         }
