@@ -13,6 +13,7 @@ use testkit::{RedisCluster, RedisServer};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
+    sync::mpsc,
 };
 
 /// A callback whose outcome is (request_id, channel, identity, status); `variant` changes only what is not the
@@ -278,10 +279,17 @@ async fn replicas_share_one_log_on_a_redis_cluster_sharded_by_request_id() {
 
 /// Speaks just enough RESP to say it is an old Redis: every INFO answers `redis_version:<version>`.
 async fn old_redis(version: &'static str) -> u16 {
+    fake_redis(version, "+OK\r\n", mpsc::unbounded_channel().0).await
+}
+
+/// Speaks just enough RESP: INFO answers `redis_version:<version>`, every other command `answer`, each told to
+/// `others`.
+async fn fake_redis(version: &'static str, answer: &'static str, others: mpsc::UnboundedSender<()>) -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
+            let others = others.clone();
             tokio::spawn(async move {
                 let mut buffer = vec![0; 4096];
                 while let Ok(n) = socket.read(&mut buffer).await {
@@ -291,13 +299,14 @@ async fn old_redis(version: &'static str) -> u16 {
                     let request = String::from_utf8_lossy(&buffer[..n]).to_ascii_uppercase();
                     // One answer per command in what arrived (a pipeline sends several).
                     for command in request.split("\r\n*").filter(|c| !c.trim().is_empty()) {
-                        let answer = if command.contains("INFO") {
+                        let reply = if command.contains("INFO") {
                             let info = format!("# Server\r\nredis_version:{version}\r\n");
                             format!("${}\r\n{info}\r\n", info.len())
                         } else {
-                            "+OK\r\n".to_owned()
+                            let _ = others.send(());
+                            answer.to_owned()
                         };
-                        if socket.write_all(answer.as_bytes()).await.is_err() {
+                        if socket.write_all(reply.as_bytes()).await.is_err() {
                             return;
                         }
                     }
@@ -306,6 +315,29 @@ async fn old_redis(version: &'static str) -> u16 {
         }
     });
     port
+}
+
+/// A Redis still loading its data answers every command with LOADING: the replica waits for it, unready,
+/// rather than report ready with nothing read back.
+#[tokio::test]
+async fn a_replica_next_to_a_redis_still_loading_stays_unready() {
+    let fake = FakeSinch::start().await;
+    let (others, mut asked) = mpsc::unbounded_channel();
+    let loading = "-LOADING Redis is loading the dataset in memory\r\n";
+    let port = fake_redis("7.2.4", loading, others).await;
+    let service = Service::against(&fake, &[&format!("--redis-url=redis://127.0.0.1:{port}")]).await;
+    let readyz = format!("http://{}/readyz", service.admin_addr);
+    let client = common::reqwest_client();
+    // Past the first refusals and into retries: the reader has handled a LOADING answer at least once.
+    let retried = tokio::time::timeout(Duration::from_secs(30), async {
+        for _ in 0..4 {
+            asked.recv().await.expect("the fake runs");
+        }
+    })
+    .await;
+    assert!(retried.is_ok(), "the replica never asked Redis again");
+    let status = client.get(&readyz).send().await.unwrap().status();
+    assert_eq!(status, 503, "ready although nothing could be read back");
 }
 
 #[tokio::test]
@@ -328,4 +360,55 @@ async fn a_redis_too_old_or_an_unusable_url_is_refused_before_any_port_and_an_ab
         .query_capability(common::query(common::contact("c"), ""))
         .await;
     assert!(answer.is_ok(), "queries still work without Redis: {answer:?}");
+}
+
+/// A Redis allowed to evict keys under memory pressure could drop a request's state or a nonce: said at start.
+#[tokio::test]
+async fn a_redis_that_may_evict_keys_is_named_in_a_warning_at_start() {
+    let fake = FakeSinch::start().await;
+    let redis = RedisServer::start().await;
+    let set = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "CONFIG",
+            "SET",
+            "maxmemory-policy",
+            "allkeys-lru",
+        ])
+        .output()
+        .expect("redis-cli runs");
+    assert!(set.status.success(), "{set:?}");
+    let mut env = common::binary_env(&fake);
+    env.push(("CAPABILITY_REDIS_URL", redis.url()));
+    let binary = common::Binary::spawn(&env).await;
+    let warned = binary.until_logged(1, |l| l.contains("REDIS_MAY_EVICT"));
+    let warnings = tokio::time::timeout(Duration::from_secs(30), warned)
+        .await
+        .expect("a warning at start");
+    assert!(warnings[0].contains("allkeys-lru"), "{warnings:?}");
+}
+
+/// A Redis that answers but refuses the password will not accept it later either: refused at start, naming the
+/// variable and not the password.
+#[tokio::test]
+async fn a_redis_that_refuses_the_password_is_refused_at_start() {
+    let fake = FakeSinch::start().await;
+    let redis = RedisServer::start().await;
+    let set = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "CONFIG",
+            "SET",
+            "requirepass",
+            "right-one",
+        ])
+        .output()
+        .expect("redis-cli runs");
+    assert!(set.status.success(), "{set:?}");
+    let url = format!("--redis-url=redis://:wrong-one@127.0.0.1:{}", redis.port);
+    let error = common::start_error(&fake.url(), &[&url]).await;
+    assert_eq!(error.variable, "CAPABILITY_REDIS_URL");
+    assert!(!error.problem.contains("wrong-one"), "{}", error.problem);
 }

@@ -47,6 +47,8 @@ const SHARDS: usize = 64;
 /// The most distinct (app, project) pairs kept once for all; past it (Sinch sends from a project's few apps),
 /// notifications keep theirs inline.
 const MAX_SOURCES: usize = 1024;
+/// Entries of gone records the eviction order may hold beyond twice the live ones before it is compacted.
+const ORDER_SLACK: usize = 1024;
 
 /// How much the hub keeps.
 #[derive(Debug, Clone, Copy)]
@@ -239,7 +241,7 @@ impl Hub {
                 record.source = self.shared_source(&source);
             }
             let held = if record.source.as_deref() == Some(&source[..]) {
-                let stripped = codec::encode_body_without_source(&n.notification);
+                let stripped = codec::encode_compact_body(&n.notification);
                 record.notifications.push(n.offset, n.time_ms, &stripped, true)
             } else {
                 record.notifications.push(n.offset, n.time_ms, &n.body, false)
@@ -361,19 +363,23 @@ impl Hub {
         }
     }
 
-    /// Drops order entries of records already gone, from the front (the oldest go first, so they gather there).
+    /// Drops order entries of records already gone: from the front (the oldest go first, so they gather there),
+    /// and all through once gone ones outnumber live ones (a watched record that outlives its events keeps the
+    /// front live while later ones come and go).
     fn trim_order(&self) {
-        let mut order = self.order.lock().expect("hub order poisoned");
-        while let Some(&(generation, key)) = order.front() {
-            let live = self
-                .shard(key)
+        let live = |&(generation, key): &(u64, Key)| {
+            self.shard(key)
                 .records
                 .get(&key)
-                .is_some_and(|r| r.generation == generation);
-            if live {
-                break;
-            }
+                .is_some_and(|r| r.generation == generation)
+        };
+        let mut order = self.order.lock().expect("hub order poisoned");
+        while order.front().is_some_and(|entry| !live(entry)) {
             order.pop_front();
+        }
+        if order.len() > 2 * self.len() + ORDER_SLACK {
+            order.retain(live);
+            order.shrink_to_fit();
         }
     }
 }
@@ -635,6 +641,29 @@ mod tests {
         assert!(
             hub.sources.lock().unwrap().is_empty(),
             "a source goes with its last record"
+        );
+    }
+
+    /// One watch on an old request keeps its record (and the front of the eviction order) alive: the order
+    /// must still not grow with every request that comes and goes after it.
+    #[test]
+    fn a_watched_old_request_does_not_make_the_eviction_order_grow_for_ever() {
+        let hub = hub(60, 100_000);
+        hub.apply(&notification("old", Channel::Sms, 1, 0));
+        let _watch = hub.watch("old", 0, WatchLimits::for_tests());
+        for i in 0..10_000u64 {
+            let time = 61_000 + i * 100;
+            hub.apply(&notification(&format!("r{i}"), Channel::Sms, 1, time));
+            if i % 100 == 0 {
+                hub.advance(time);
+                hub.purge();
+            }
+        }
+        let order = hub.order.lock().unwrap().len();
+        assert!(
+            order <= 2 * hub.len() + ORDER_SLACK,
+            "{order} order entries for {} live requests",
+            hub.len()
         );
     }
 }

@@ -7,8 +7,9 @@
 //! A notification's fields are encoded with the field numbers and types of the contract's
 //! `capability.v1.CapabilityNotification` (all but `offset` and `request_id`): the bytes a hub keeps for a
 //! notification are, as they stand, a valid encoding of that message, ready to be completed with the two
-//! fields the hub knows and sent. To stay small they carry the `…_raw` spellings only where the enum's number
-//! is 0 (a value the contract does not name); the gRPC side spells known values out before sending.
+//! fields the hub knows and sent. A log event carries every `…_raw` spelling, so that a build that does not know
+//! an enum number another build wrote still reads the value; the hub's compact copy
+//! ([`encode_compact_body`]) keeps them only where the number is 0, and the gRPC side spells the rest out.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -173,14 +174,14 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
 /// A notification's fields but `request_id` and `received_time` (see [`encode_receive_time`]), encoded as the
 /// contract's `CapabilityNotification` encodes them.
 pub fn encode_body(n: &Notification) -> Vec<u8> {
-    body(n, true).encode_to_vec()
+    body(n, false).encode_to_vec()
 }
 
-/// The same without `app_id` and `project_id`, which [`encode_source`] encodes: the two, concatenated, are
-/// [`encode_body`]'s message (protobuf fields may come in any order). A hub keeps a notification so, and each
-/// source once.
-pub fn encode_body_without_source(n: &Notification) -> Vec<u8> {
-    body(n, false).encode_to_vec()
+/// The same as a hub keeps it: without `app_id` and `project_id`, which [`encode_source`] encodes (the two,
+/// concatenated, are one message: protobuf fields may come in any order), and without the `…_raw` spellings of
+/// values the contract's enums name. A hub keeps each source once.
+pub fn encode_compact_body(n: &Notification) -> Vec<u8> {
+    body(n, true).encode_to_vec()
 }
 
 /// A notification's `app_id` and `project_id` as [`encode_body`] encodes them.
@@ -193,8 +194,15 @@ pub fn encode_source(n: &Notification) -> Vec<u8> {
     .encode_to_vec()
 }
 
-fn body(n: &Notification, with_source: bool) -> NotificationBody {
-    let source = |value: &String| if with_source { value.clone() } else { String::new() };
+fn body(n: &Notification, compact: bool) -> NotificationBody {
+    let source = |value: &String| if compact { String::new() } else { value.clone() };
+    let raw_unless_known = |number: i32, sinch: &str| {
+        if compact && number != 0 {
+            String::new()
+        } else {
+            sinch.to_owned()
+        }
+    };
     NotificationBody {
         contact_id: n.contact_id.clone(),
         channel: n.channel.number(),
@@ -286,12 +294,6 @@ pub fn decode_body(request_id: String, bytes: &[u8]) -> Result<Notification, pro
         correlation_id: b.correlation_id,
         received_time: b.receive_time.map(system_time).unwrap_or(UNIX_EPOCH),
     })
-}
-
-/// The spelling a stored notification keeps: only for values the contract's enum does not name (number 0), as
-/// the enum's number already says the rest; [`crate::grpc`] spells them out again for the caller.
-fn raw_unless_known(number: i32, sinch: &str) -> String {
-    if number == 0 { sinch.to_owned() } else { String::new() }
 }
 
 fn timestamp(time: SystemTime) -> prost_types::Timestamp {
@@ -516,10 +518,10 @@ pub(crate) mod tests {
     const PINNED_DIGEST: &str = "c2a1a76697ebe6efdcf1c799af035008";
 
     #[test]
-    fn a_body_without_its_source_then_the_source_and_the_log_time_is_the_whole_notification() {
+    fn a_compact_body_then_its_source_and_the_log_time_are_the_whole_notification() {
         let n = full_notification("r1");
         let joined = [
-            encode_body_without_source(&n),
+            encode_compact_body(&n),
             encode_source(&n),
             encode_receive_time(1_700_000_000_123),
         ]
@@ -532,9 +534,22 @@ pub(crate) mod tests {
                 ..n.clone()
             }
         );
-        assert_eq!(
-            encode_body_without_source(&n).len() + encode_source(&n).len(),
-            encode_body(&n).len()
-        );
+        assert!(encode_compact_body(&n).len() + encode_source(&n).len() < encode_body(&n).len());
+    }
+
+    /// A newer build may name a value this one does not: the log must carry the spelling as well as the number.
+    #[test]
+    fn a_log_event_spells_every_value_out_for_builds_that_do_not_know_its_number() {
+        let n = full_notification("r1");
+        let body = NotificationBody::decode(&encode_body(&n)[..]).unwrap();
+        assert_eq!(body.channel_raw, "WHATSAPP");
+        assert_eq!(body.capability_status_raw, "CAPABILITY_PARTIAL");
+        let newer = NotificationBody {
+            channel: 99,
+            channel_raw: "FUTURECHAN".into(),
+            ..body
+        };
+        let read = decode_body("r1".into(), &newer.encode_to_vec()).unwrap();
+        assert_eq!(read.channel, Channel::from_sinch("FUTURECHAN"));
     }
 }

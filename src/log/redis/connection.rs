@@ -213,19 +213,44 @@ impl Connector {
             .map(Connection::Cluster)
     }
 
+    /// The `maxmemory_policy` of the first node named in the URL that answers; `None` when none does.
+    pub async fn eviction_policy(&self) -> Option<String> {
+        for node in self.target.nodes() {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_response_timeout(Some(RESPONSE_TIMEOUT));
+            let Ok(mut conn) = Client::open(node)
+                .ok()?
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+            else {
+                continue;
+            };
+            let info: String = redis::cmd("INFO").arg("memory").query_async(&mut conn).await.ok()?;
+            return info
+                .lines()
+                .find_map(|l| l.strip_prefix("maxmemory_policy:"))
+                .map(|policy| policy.trim().to_owned());
+        }
+        None
+    }
+
     /// The lowest server version among the nodes named in the URL; `Ok(None)` when none answers (the service
-    /// then starts degraded and connects later).
+    /// then starts degraded and connects later). A node that answers but refuses the connection (a wrong
+    /// password, a TLS failure) is an error: waiting would not mend it.
     pub async fn server_version(&self) -> Result<Option<(u32, u32)>, redis::RedisError> {
         let mut lowest: Option<(u32, u32)> = None;
         for node in self.target.nodes() {
             let config = AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(CONNECT_TIMEOUT))
                 .set_response_timeout(Some(RESPONSE_TIMEOUT));
-            let Ok(mut conn) = Client::open(node)?
+            let mut conn = match Client::open(node)?
                 .get_multiplexed_async_connection_with_config(&config)
                 .await
-            else {
-                continue;
+            {
+                Ok(conn) => conn,
+                Err(e) if unreachable(&e) => continue,
+                Err(e) => return Err(e),
             };
             let info: String = redis::cmd("INFO").arg("server").query_async(&mut conn).await?;
             let version = info
@@ -244,6 +269,12 @@ impl Connector {
 fn parse_version(text: &str) -> Option<(u32, u32)> {
     let mut parts = text.trim().split('.');
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// The error says Redis could not be reached (down, refusing connections, too slow), rather than that it
+/// answered with a refusal.
+pub fn unreachable(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_connection_refusal() || e.is_timeout() || e.is_connection_dropped()
 }
 
 #[cfg(test)]

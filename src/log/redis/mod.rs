@@ -180,6 +180,9 @@ pub struct RedisLog {
     up: AtomicU8,
 }
 
+/// The warning logged at start when Redis may evict the log's keys.
+pub const EVICTION_WARNING: &str = "REDIS_MAY_EVICT";
+
 impl RedisLog {
     /// Checks the URL and, when Redis answers, its version; connects lazily, so an unreachable Redis still
     /// starts (degraded) and is connected to when it comes.
@@ -193,7 +196,16 @@ impl RedisLog {
                     found_minor: minor,
                 });
             }
-            Ok(Some(_)) => {}
+            Ok(Some(_)) => {
+                if let Some(policy) = connector.eviction_policy().await.filter(|p| p != "noeviction") {
+                    tracing::warn!(
+                        warning = EVICTION_WARNING, %policy,
+                        "{EVICTION_WARNING}: Redis may evict keys under memory pressure (maxmemory-policy {policy}); \
+                         an evicted request state or nonce would let a request restart its offsets or a replay \
+                         through: set maxmemory-policy noeviction and size maxmemory for the retention"
+                    );
+                }
+            }
             Ok(None) => tracing::warn!("Redis does not answer: starting degraded, connecting when it comes"),
             Err(e) => return Err(PrepareError::Check(e.to_string())),
         }
@@ -505,8 +517,11 @@ impl RedisLog {
                     }
                 },
                 Err(e) => {
-                    // Found Redis down at start: run degraded rather than stay unready.
-                    shard.caught_up.store(true, Ordering::Relaxed);
+                    // Found Redis unreachable at start: run degraded rather than stay unready. A Redis that
+                    // answers with an error (still loading its data, a cluster without quorum) is waited for.
+                    if connection::unreachable(&e) {
+                        shard.caught_up.store(true, Ordering::Relaxed);
+                    }
                     e
                 }
             };
