@@ -23,7 +23,7 @@ mod held;
 mod watch;
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, VecDeque},
     hash::{BuildHasher, RandomState},
     sync::{
         Arc, Mutex, MutexGuard,
@@ -75,8 +75,12 @@ pub struct Hub {
     retention_ms: u64,
     max_requests: usize,
     /// The encoded (app_id, project_id) of the records' notifications, each kept once ([`codec::encode_source`]).
-    sources: Mutex<HashSet<Arc<[u8]>>>,
+    sources: Mutex<HashMap<Box<[u8]>, Source>>,
 }
+
+/// An encoded (app_id, project_id) shared by the records whose notifications came from it: one pointer in a
+/// record (an `Arc<[u8]>` would take two).
+type Source = Arc<Box<[u8]>>;
 
 /// A keyed 128-bit hash of a request_id, as two halves (8-byte aligned, where a `u128` would pad every record).
 type Key = [u64; 2];
@@ -101,7 +105,7 @@ struct Record {
     notifications: HeldList,
     /// The app and project of its first notification, as the hub shares them: a notification from the same is
     /// kept without them.
-    source: Option<Arc<[u8]>>,
+    source: Option<Source>,
     /// How many watches read this record; a watched record stays (empty) when its events expire.
     watchers: u32,
     /// Woken on every change (a notification, the query record, removal); made when first watched.
@@ -115,9 +119,9 @@ impl Record {
         self.notifications
             .after(cursor)
             .map(|held| {
-                let source = if held.sourced { self.source.as_deref() } else { None };
+                let source = self.source.as_deref().filter(|_| held.sourced);
                 let received = codec::encode_receive_time(held.time_ms);
-                let body: Vec<u8> = [held.body, source.unwrap_or_default(), &received].concat();
+                let body: Vec<u8> = [held.body, source.map_or(&[][..], |s| &s[..]), &received].concat();
                 (held.offset, Arc::from(body))
             })
             .collect()
@@ -214,7 +218,7 @@ impl Hub {
     }
 
     /// The shared copy of `source`; `None` when [`MAX_SOURCES`] others are held.
-    fn shared_source(&self, source: &[u8]) -> Option<Arc<[u8]>> {
+    fn shared_source(&self, source: &[u8]) -> Option<Source> {
         let mut sources = self.sources.lock().expect("hub sources poisoned");
         if let Some(shared) = sources.get(source) {
             return Some(shared.clone());
@@ -222,8 +226,8 @@ impl Hub {
         if sources.len() >= MAX_SOURCES {
             return None;
         }
-        let shared: Arc<[u8]> = source.into();
-        sources.insert(shared.clone());
+        let shared = Source::new(source.into());
+        sources.insert(source.into(), shared.clone());
         Some(shared)
     }
 
@@ -240,7 +244,7 @@ impl Hub {
             if record.source.is_none() {
                 record.source = self.shared_source(&source);
             }
-            let held = if record.source.as_deref() == Some(&source[..]) {
+            let held = if record.source.as_deref().is_some_and(|shared| shared[..] == source[..]) {
                 let stripped = codec::encode_compact_body(&n.notification);
                 record.notifications.push(n.offset, n.time_ms, &stripped, true)
             } else {
@@ -315,7 +319,7 @@ impl Hub {
         self.sources
             .lock()
             .expect("hub sources poisoned")
-            .retain(|source| Arc::strong_count(source) > 1);
+            .retain(|_, source| Arc::strong_count(source) > 1);
         if removed > 0 {
             metrics::counter!("capability_requests_expired_total").increment(removed as u64);
         }
@@ -664,6 +668,16 @@ mod tests {
             order <= 2 * hub.len() + ORDER_SLACK,
             "{order} order entries for {} live requests",
             hub.len()
+        );
+    }
+
+    /// What every held request costs before its notifications: a regression here costs a million records.
+    #[test]
+    fn a_record_stays_within_128_bytes() {
+        assert!(
+            size_of::<Record>() <= 128,
+            "a record takes {} bytes",
+            size_of::<Record>()
         );
     }
 }
