@@ -367,18 +367,7 @@ async fn a_redis_too_old_or_an_unusable_url_is_refused_before_any_port_and_an_ab
 async fn a_redis_that_may_evict_keys_is_named_in_a_warning_at_start() {
     let fake = FakeSinch::start().await;
     let redis = RedisServer::start().await;
-    let set = std::process::Command::new("redis-cli")
-        .args([
-            "-p",
-            &redis.port.to_string(),
-            "CONFIG",
-            "SET",
-            "maxmemory-policy",
-            "allkeys-lru",
-        ])
-        .output()
-        .expect("redis-cli runs");
-    assert!(set.status.success(), "{set:?}");
+    redis.config_set("maxmemory-policy", "allkeys-lru");
     let mut env = common::binary_env(&fake);
     env.push(("CAPABILITY_REDIS_URL", redis.url()));
     let binary = common::Binary::spawn(&env).await;
@@ -395,18 +384,7 @@ async fn a_redis_that_may_evict_keys_is_named_in_a_warning_at_start() {
 async fn a_redis_that_refuses_the_password_is_refused_at_start() {
     let fake = FakeSinch::start().await;
     let redis = RedisServer::start().await;
-    let set = std::process::Command::new("redis-cli")
-        .args([
-            "-p",
-            &redis.port.to_string(),
-            "CONFIG",
-            "SET",
-            "requirepass",
-            "right-one",
-        ])
-        .output()
-        .expect("redis-cli runs");
-    assert!(set.status.success(), "{set:?}");
+    redis.config_set("requirepass", "right-one");
     let url = format!("--redis-url=redis://:wrong-one@127.0.0.1:{}", redis.port);
     let error = common::start_error(&fake.url(), &[&url]).await;
     assert_eq!(error.variable, "CAPABILITY_REDIS_URL");

@@ -10,7 +10,7 @@ use capability_facade::{
     grpc::pb::{Channel, CompletionReason},
     sandbox,
 };
-use common::{Sandbox, Service, drain, identities, query, watch_request};
+use common::{Sandbox, Service, identities, query, query_and_drain};
 use serde_json::{Value, json};
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -159,20 +159,12 @@ async fn with_silent_unreachable_a_watch_ends_at_its_wait_with_those_channels_pe
     let config = common::sandbox_config(&["--sandbox-silent-unreachable=true", "--sandbox-callback-delay=0s"]);
     let service = Service::start(config).await;
     let mut client = service.client().await;
-    let answer = client
-        .query_capability(query(
-            identities(&[(Channel::Sms, "46700000001"), (Channel::Rcs, "46700000006")]),
-            "",
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let stream = client
-        .watch_capability(watch_request(&answer.request_id, 0, Some(Duration::from_secs(2))))
-        .await
-        .unwrap()
-        .into_inner();
-    let (seen, end) = drain(stream).await;
+    let (seen, end) = query_and_drain(
+        &mut client,
+        identities(&[(Channel::Sms, "46700000001"), (Channel::Rcs, "46700000006")]),
+        Some(Duration::from_secs(2)),
+    )
+    .await;
     assert_eq!(seen.iter().map(|s| s.1.as_str()).collect::<Vec<_>>(), ["SMS"]);
     let completion = end.unwrap();
     assert_eq!(completion.reason(), CompletionReason::WaitElapsed);
@@ -237,17 +229,7 @@ async fn the_in_process_sandbox_registers_the_services_own_webhook() {
     let config = common::sandbox_config(&["--sandbox-apps=APP-1"]);
     let service = Service::start(config).await;
     let mut client = service.client().await;
-    let answer = client
-        .query_capability(query(identities(&[(Channel::Whatsapp, "46700000001")]), ""))
-        .await
-        .unwrap()
-        .into_inner();
-    let stream = client
-        .watch_capability(watch_request(&answer.request_id, 0, None))
-        .await
-        .unwrap()
-        .into_inner();
-    let (seen, end) = drain(stream).await;
+    let (seen, end) = query_and_drain(&mut client, identities(&[(Channel::Whatsapp, "46700000001")]), None).await;
     assert_eq!(seen.len(), 1);
     assert_eq!(end.unwrap().reason(), CompletionReason::AllChannelsReported);
 }

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use capability_facade::grpc::pb::{self, Channel, CompletionReason};
-use common::{Sandbox, Service, capability_body, deliver, drain, identities, query, watch_request};
+use common::{Sandbox, Service, capability_body, deliver, drain, identities, query, query_and_drain, watch_request};
 use tonic::Code;
 
 fn full(channel: &str) -> (String, String) {
@@ -260,24 +260,16 @@ async fn the_sandbox_answers_every_channel_even_duplicated_and_out_of_order() {
     ]);
     let service = Service::start(config).await;
     let mut client = service.client().await;
-    let answer = client
-        .query_capability(query(
-            identities(&[
-                (Channel::Whatsapp, "46712312312"),
-                (Channel::Rcs, "46700000004"),
-                (Channel::Sms, "46700000008"),
-            ]),
-            "",
-        ))
-        .await
-        .unwrap()
-        .into_inner();
-    let stream = client
-        .watch_capability(watch_request(&answer.request_id, 0, None))
-        .await
-        .unwrap()
-        .into_inner();
-    let (seen, end) = drain(stream).await;
+    let (seen, end) = query_and_drain(
+        &mut client,
+        identities(&[
+            (Channel::Whatsapp, "46712312312"),
+            (Channel::Rcs, "46700000004"),
+            (Channel::Sms, "46700000008"),
+        ]),
+        None,
+    )
+    .await;
     assert_eq!(
         strip(seen),
         [

@@ -45,6 +45,15 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Sets a configuration value at run time (`CONFIG SET name value`), as an operator would with redis-cli.
+    pub fn config_set(&self, name: &str, value: &str) {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "CONFIG", "SET", name, value])
+            .output()
+            .expect("redis-cli runs");
+        assert!(out.status.success(), "CONFIG SET {name}: {out:?}");
+    }
+
     /// Starts redis-server on the same port (nothing is kept from before unless durable) and waits until it
     /// accepts connections.
     pub async fn restart(&mut self) {

@@ -271,6 +271,26 @@ pub async fn drain(
     }
 }
 
+/// Queries `recipient` (a request_id of the service's choosing), then watches the answer from its first
+/// notification to its end, waiting at most `wait` (the default when `None`); [`drain`]'s result.
+pub async fn query_and_drain(
+    client: &mut CapabilityServiceClient<Channel>,
+    recipient: pb::Recipient,
+    wait: Option<Duration>,
+) -> (Vec<(u64, String, String)>, Result<pb::Completion, tonic::Status>) {
+    let answer = client
+        .query_capability(query(recipient, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let stream = client
+        .watch_capability(watch_request(&answer.request_id, 0, wait))
+        .await
+        .unwrap()
+        .into_inner();
+    drain(stream).await
+}
+
 /// Watches `request_id` for `wait` through `client` and asserts that nothing arrives before the wait elapses.
 pub async fn waits_out(client: &mut CapabilityServiceClient<Channel>, request_id: &str, wait: Duration) {
     let stream = client
