@@ -334,7 +334,8 @@ mod tests {
     fn the_logs_encoding_of_a_notification_reads_as_the_contracts() {
         use crate::log::codec;
         let n = codec::tests::full_notification("r1");
-        let body = [codec::encode_body(&n), codec::encode_receive_time(1_700_000_000_123)].concat();
+        let mut body = codec::encode_body(&n);
+        codec::put_receive_time(1_700_000_000_123, &mut body);
         let sent = notification(7, "r1", &body);
         assert_eq!(sent.offset, 7);
         assert_eq!(sent.request_id, "r1");

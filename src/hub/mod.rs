@@ -115,14 +115,17 @@ struct Record {
 impl Record {
     /// Its notifications past `cursor` as (offset, compact encoding), each with its app and project again and
     /// its receive time, the log's.
-    fn after(&self, cursor: u64) -> Vec<(u64, Arc<[u8]>)> {
+    fn after(&self, cursor: u64) -> Vec<(u64, Vec<u8>)> {
         self.notifications
             .after(cursor)
             .map(|held| {
                 let source = self.source.as_deref().filter(|_| held.sourced);
-                let received = codec::encode_receive_time(held.time_ms);
-                let body: Vec<u8> = [held.body, source.map_or(&[][..], |s| &s[..]), &received].concat();
-                (held.offset, Arc::from(body))
+                let source = source.map_or(&[][..], |s| &s[..]);
+                let mut body = Vec::with_capacity(held.body.len() + source.len() + codec::RECEIVE_TIME_LEN);
+                body.extend_from_slice(held.body);
+                body.extend_from_slice(source);
+                codec::put_receive_time(held.time_ms, &mut body);
+                (held.offset, body)
             })
             .collect()
     }
@@ -420,7 +423,7 @@ pub(crate) struct Subscription {
 /// What a subscription found past its cursor.
 pub(crate) struct Snapshot {
     /// (offset, compact encoding), ascending.
-    pub notifications: Vec<(u64, Arc<[u8]>)>,
+    pub notifications: Vec<(u64, Vec<u8>)>,
     /// `Some(pending)` when the expected channels are known; complete when `pending` is empty.
     pub pending: Option<Vec<Channel>>,
     /// The record was evicted or expired while watched.

@@ -46,7 +46,7 @@ pub enum WatchEvent {
     Notification {
         offset: u64,
         request_id: Arc<str>,
-        body: Arc<[u8]>,
+        body: Vec<u8>,
     },
     Heartbeat {
         last_offset: u64,
@@ -72,7 +72,7 @@ pub enum WatchEvent {
 pub struct Watch {
     subscription: Subscription,
     /// Notifications taken from the record but not yet handed out.
-    buffered: VecDeque<(u64, Arc<[u8]>)>,
+    buffered: VecDeque<(u64, Vec<u8>)>,
     /// The offset of the last notification handed out.
     last_offset: u64,
     wait_until: Instant,

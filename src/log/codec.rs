@@ -171,7 +171,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
     }
 }
 
-/// A notification's fields but `request_id` and `received_time` (see [`encode_receive_time`]), encoded as the
+/// A notification's fields but `request_id` and `received_time` (see [`put_receive_time`]), encoded as the
 /// contract's `CapabilityNotification` encodes them.
 pub fn encode_body(n: &Notification) -> Vec<u8> {
     body(n, false).encode_to_vec()
@@ -240,15 +240,19 @@ fn body(n: &Notification, compact: bool) -> NotificationBody {
     }
 }
 
-/// The contract's `receive_time` of a notification the log recorded at `time_ms`, encoded as [`encode_body`]
-/// would: the log's time is the receive time (to the millisecond, the same on every replica), so a body does not
-/// carry it and a hub appends it when it sends one.
-pub fn encode_receive_time(time_ms: u64) -> Vec<u8> {
+/// Room to reserve for [`put_receive_time`]: its size for any time of this century.
+pub const RECEIVE_TIME_LEN: usize = 16;
+
+/// Appends to `body` the contract's `receive_time` of a notification the log recorded at `time_ms`, encoded as
+/// [`encode_body`] would: the log's time is the receive time (to the millisecond, the same on every replica), so
+/// a body does not carry it and a hub appends it when it sends one.
+pub fn put_receive_time(time_ms: u64, body: &mut Vec<u8>) {
     NotificationBody {
         receive_time: Some(timestamp(log_time(time_ms))),
         ..NotificationBody::default()
     }
-    .encode_to_vec()
+    .encode(body)
+    .expect("a Vec grows as needed");
 }
 
 /// A log time (milliseconds since the Unix epoch) as a [`SystemTime`].
@@ -444,7 +448,7 @@ pub(crate) mod tests {
             event_time: Some(UNIX_EPOCH + Duration::from_secs(1_605_629_145)),
             message_metadata: "meta".into(),
             correlation_id: "corr".into(),
-            // A body does not carry it: the log's time is the receive time (see `encode_receive_time`).
+            // A body does not carry it: the log's time is the receive time (see `put_receive_time`).
             received_time: UNIX_EPOCH,
         }
     }
@@ -520,12 +524,8 @@ pub(crate) mod tests {
     #[test]
     fn a_compact_body_then_its_source_and_the_log_time_are_the_whole_notification() {
         let n = full_notification("r1");
-        let joined = [
-            encode_compact_body(&n),
-            encode_source(&n),
-            encode_receive_time(1_700_000_000_123),
-        ]
-        .concat();
+        let mut joined = [encode_compact_body(&n), encode_source(&n)].concat();
+        put_receive_time(1_700_000_000_123, &mut joined);
         let read = decode_body("r1".into(), &joined).unwrap();
         assert_eq!(
             read,
