@@ -554,9 +554,20 @@ async fn connections_that_say_nothing_or_do_nothing_are_closed() {
     use tokio::io::AsyncWriteExt;
     let fake = FakeSinch::start().await;
     // Each row runs where only its own timeout is short: the first-byte timeout alone, then the idle one alone.
+    // The webhook's header timeout (which hyper also runs while a kept-alive connection waits) is long in both.
     for (timeout, flags) in [
-        (Timeout::FirstByte, ["--first-byte-timeout=300ms", "--idle-timeout=1d"]),
-        (Timeout::Idle, ["--first-byte-timeout=10m", "--idle-timeout=1s"]),
+        (
+            Timeout::FirstByte,
+            [
+                "--first-byte-timeout=300ms",
+                "--idle-timeout=1d",
+                "--webhook-timeout=10m",
+            ],
+        ),
+        (
+            Timeout::Idle,
+            ["--first-byte-timeout=10m", "--idle-timeout=1s", "--webhook-timeout=10m"],
+        ),
     ] {
         let service = Service::against(&fake, &flags).await;
         for row in connection_rows().into_iter().filter(|r| r.timeout == timeout) {

@@ -383,6 +383,17 @@ pub struct Peer {
     activity: Arc<Activity>,
 }
 
+impl Peer {
+    /// The peer a request's extensions carry, over plain TCP or TLS.
+    fn of(extensions: &http::Extensions) -> Option<&Peer> {
+        extensions.get::<Peer>().or_else(|| {
+            extensions
+                .get::<tonic::transport::server::TlsConnectInfo<Peer>>()
+                .map(|info| info.get_ref())
+        })
+    }
+}
+
 impl Connected for Guarded {
     type ConnectInfo = Peer;
 
@@ -416,15 +427,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let extensions = request.extensions();
-        let busy = extensions
-            .get::<Peer>()
-            .or_else(|| {
-                extensions
-                    .get::<tonic::transport::server::TlsConnectInfo<Peer>>()
-                    .map(|i| i.get_ref())
-            })
-            .map(|peer| peer.activity.begin());
+        let busy = Peer::of(request.extensions()).map(|peer| peer.activity.begin());
         let response = self.inner.call(request);
         Box::pin(async move {
             let mut response = response.await?;

@@ -101,7 +101,7 @@ impl Drop for QuotaTicket {
 fn holders<T>(request: &Request<T>) -> Option<(Holder, Holder)> {
     let extensions = request.extensions();
     let tls = extensions.get::<TlsConnectInfo<Peer>>();
-    let peer = extensions.get::<Peer>().or_else(|| tls.map(TlsConnectInfo::get_ref))?;
+    let peer = Peer::of(extensions)?;
     let certificate = || {
         let certs = tls?.peer_certs()?;
         let leaf = certs.first()?;

@@ -22,9 +22,8 @@ use crate::{registration::MAX_WEBHOOKS_PER_APP, secret::Secret, upstream::wire::
 
 /// The longest target Sinch accepts.
 const MAX_TARGET_LEN: usize = 742;
-/// Every trigger Sinch's SDKs know.
-pub const TRIGGERS: &[&str] = &[
-    "UNSPECIFIED_TRIGGER",
+/// Every trigger Sinch's SDKs know and a webhook may name (not `UNSPECIFIED_TRIGGER`, which Sinch refuses).
+const TRIGGERS: &[&str] = &[
     "MESSAGE_DELIVERY",
     "MESSAGE_SUBMIT",
     "EVENT_DELIVERY",
@@ -164,7 +163,7 @@ fn validate(webhook: &Webhook) -> Result<(), String> {
         return Err(format!("Invalid value for target_type: {:?}", webhook.target_type));
     }
     for trigger in &webhook.triggers {
-        if trigger == "UNSPECIFIED_TRIGGER" || !TRIGGERS.contains(&trigger.as_str()) {
+        if !TRIGGERS.contains(&trigger.as_str()) {
             return Err(format!("Invalid value for triggers: {trigger:?}"));
         }
     }

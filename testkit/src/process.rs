@@ -116,7 +116,7 @@ pub struct Binary {
     /// Every log line so far.
     pub log: Log,
     /// Notified each time a line is added to `log`.
-    pub grew: Arc<Notify>,
+    grew: Arc<Notify>,
     /// Turns true once the process closed its output and every line is in `log`.
     log_complete: watch::Receiver<bool>,
 }
