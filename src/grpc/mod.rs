@@ -219,7 +219,7 @@ impl CapabilityService for CapabilityApi {
         &self,
         request: Request<pb::WatchCapabilityRequest>,
     ) -> Result<Response<Self::WatchCapabilityStream>, Status> {
-        let ticket = self.quota.claim(&request);
+        let holders = quota::holders(&request);
         let request = request.into_inner();
         tracing::Span::current().record("request_id", mask_digits(&request.request_id).as_ref());
         convert::check_request_id(&request.request_id, true).map_err(|v| status::invalid_request(vec![v]))?;
@@ -228,7 +228,7 @@ impl CapabilityService for CapabilityApi {
         if self.shutdown.is_cancelled() {
             return Err(status::shutting_down(request.after_offset));
         }
-        let ticket = ticket?;
+        let ticket = self.quota.claim(holders)?;
         let permit = self
             .watch_permits
             .clone()

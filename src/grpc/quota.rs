@@ -20,7 +20,7 @@ pub struct TokenIndex(pub usize);
 
 /// Who holds watches.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum Holder {
+pub enum Holder {
     Connection(u64),
     Token(usize),
     /// The SHA-256 of the client certificate.
@@ -46,8 +46,8 @@ impl WatchQuota {
 
     /// A place for one more watch of the caller of `request` on its connection, or RESOURCE_EXHAUSTED naming
     /// the limit reached. A call that did not come through a guarded listener (none does) is not limited.
-    pub fn claim<T>(self: &Arc<Self>, request: &Request<T>) -> Result<Option<QuotaTicket>, Status> {
-        let Some((connection, caller)) = holders(request) else {
+    pub fn claim(self: &Arc<Self>, holders: Option<(Holder, Holder)>) -> Result<Option<QuotaTicket>, Status> {
+        let Some((connection, caller)) = holders else {
             return Ok(None);
         };
         let mut held = self.held.lock().expect("the quota lock");
@@ -98,7 +98,7 @@ impl Drop for QuotaTicket {
 
 /// The connection of `request` and its caller: the token it presented, else its client certificate, else the
 /// peer's address.
-fn holders<T>(request: &Request<T>) -> Option<(Holder, Holder)> {
+pub fn holders<T>(request: &Request<T>) -> Option<(Holder, Holder)> {
     let extensions = request.extensions();
     let tls = extensions.get::<TlsConnectInfo<Peer>>();
     let peer = Peer::of(extensions)?;
