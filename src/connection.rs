@@ -17,7 +17,7 @@ use std::{
     net::SocketAddr,
     pin::Pin,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
@@ -127,8 +127,10 @@ pub struct Activity {
     id: u64,
     /// Requests or streams in flight.
     active: AtomicUsize,
-    /// Since when nothing has been in flight.
-    quiet_since: Mutex<Instant>,
+    /// When the connection was accepted.
+    opened: Instant,
+    /// Since when nothing has been in flight, in nanoseconds after `opened` (an atomic: read on every poll).
+    quiet_since: AtomicU64,
     /// Whether a request head with both `Content-Length` and `Transfer-Encoding` was read (HTTP/1.1).
     ambiguous_length: AtomicBool,
 }
@@ -139,7 +141,8 @@ impl Activity {
         Activity {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
             active: AtomicUsize::new(0),
-            quiet_since: Mutex::new(Instant::now()),
+            opened: Instant::now(),
+            quiet_since: AtomicU64::new(0),
             ambiguous_length: AtomicBool::new(false),
         }
     }
@@ -162,8 +165,8 @@ impl Activity {
 
     /// When the connection is due to be closed for idleness; `None` while something is in flight.
     fn idle_deadline(&self, idle: Duration) -> Option<Instant> {
-        let quiet_since = *self.quiet_since.lock().expect("the activity lock");
-        (self.active.load(Ordering::SeqCst) == 0).then(|| quiet_since + idle)
+        (self.active.load(Ordering::SeqCst) == 0)
+            .then(|| self.opened + Duration::from_nanos(self.quiet_since.load(Ordering::SeqCst)) + idle)
     }
 }
 
@@ -173,10 +176,10 @@ pub struct Busy(Arc<Activity>);
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        let mut quiet_since = self.0.quiet_since.lock().expect("the activity lock");
-        if self.0.active.fetch_sub(1, Ordering::SeqCst) == 1 {
-            *quiet_since = Instant::now();
-        }
+        // The time first, then the count: whoever sees nothing in flight also sees when that began.
+        let quiet_since = u64::try_from(self.0.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.0.quiet_since.fetch_max(quiet_since, Ordering::SeqCst);
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
