@@ -239,8 +239,13 @@ pub fn install_crypto_provider() {
 /// Reads Sinch's 200 as the SDKs do, every field optional but `request_id`: Sinch accepted the query whatever
 /// else the body says, so a missing or unreadable `app_id` or `recipient` is taken from what was sent.
 fn accepted(sent: &Query, body: &[u8]) -> Result<QueryAccepted, String> {
-    let answer: serde_json::Value =
+    let mut answer: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| format!("{e} (body starts {:?})", preview(body)))?;
+    let recipient = answer
+        .get_mut("recipient")
+        .map(serde_json::Value::take)
+        .and_then(|r| serde_json::from_value::<RecipientJson>(r).ok())
+        .map_or_else(|| sent.recipient.clone(), Into::into);
     let request_id = answer
         .get("request_id")
         .and_then(serde_json::Value::as_str)
@@ -251,10 +256,6 @@ fn accepted(sent: &Query, body: &[u8]) -> Result<QueryAccepted, String> {
         .and_then(serde_json::Value::as_str)
         .filter(|id| !id.is_empty())
         .unwrap_or(&sent.app_id);
-    let recipient = answer
-        .get("recipient")
-        .and_then(|r| serde_json::from_value::<RecipientJson>(r.clone()).ok())
-        .map_or_else(|| sent.recipient.clone(), Into::into);
     Ok(QueryAccepted {
         app_id: app_id.to_owned(),
         recipient,
@@ -370,6 +371,12 @@ mod tests {
         assert_eq!(
             (answer.request_id.as_str(), &answer.recipient),
             ("OTHER", &sent.recipient)
+        );
+        let echoed = accepted(&sent, br#"{"recipient":{"contact_id":"C2"},"request_id":"R1"}"#).unwrap();
+        assert_eq!(
+            echoed.recipient,
+            crate::capability::Recipient::ContactId("C2".into()),
+            "the recipient Sinch echoes, when it reads"
         );
         assert!(
             accepted(&sent, br#"{"app_id":"APP"}"#)
