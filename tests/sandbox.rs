@@ -121,6 +121,31 @@ async fn the_webhooks_api_creates_lists_updates_and_deletes_at_most_five_per_app
     assert_eq!(code, 404);
 }
 
+/// Every call of the Webhooks and Apps APIs checks the credentials, then the project, before anything else.
+#[tokio::test]
+async fn the_webhooks_api_refuses_strangers_and_other_projects() {
+    let sandbox = Sandbox::start(&["--sandbox-apps=APP-1"], None).await;
+    let http = common::reqwest_client();
+    let paths = ["/apps/APP-1", "/apps/APP-1/webhooks", "/webhooks/W1"];
+    for path in paths {
+        let url = format!("{}/v1/projects/{}{path}", sandbox.url, sandbox::PROJECT_ID);
+        let stranger = http.get(&url).send().await.unwrap().status();
+        assert_eq!(stranger, 401, "{path} without credentials");
+        let other = format!("{}/v1/projects/other-project{path}", sandbox.url);
+        let elsewhere = http
+            .get(&other)
+            .basic_auth(sandbox::KEY_ID, Some(sandbox::KEY_SECRET))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(elsewhere, 404, "{path} of another project");
+    }
+    let url = format!("{}/v1/projects/{}/webhooks", sandbox.url, sandbox::PROJECT_ID);
+    let created = http.post(&url).json(&json!({"app_id": "APP-1"})).send().await.unwrap();
+    assert_eq!(created.status(), 401, "a webhook created without credentials");
+}
+
 #[tokio::test]
 async fn callbacks_go_to_every_capability_webhook_signed_with_its_own_secret() {
     let sandbox = Sandbox::start(&["--sandbox-apps=APP-1", "--sandbox-callback-delay=0s"], None).await;

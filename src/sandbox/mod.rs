@@ -142,9 +142,7 @@ pub fn router(config: SandboxConfig) -> Router {
         started: Instant::now(),
         registry,
     });
-    Router::new()
-        .route("/oauth2/token", post(token))
-        .route("/v1/projects/{project}/capability:query", post(query))
+    let webhooks_api = Router::new()
         .route("/v1/projects/{project}/webhooks", post(webhooks::create))
         .route(
             "/v1/projects/{project}/webhooks/{webhook_id}",
@@ -152,6 +150,11 @@ pub fn router(config: SandboxConfig) -> Router {
         )
         .route("/v1/projects/{project}/apps/{app_id}", get(webhooks::app))
         .route("/v1/projects/{project}/apps/{app_id}/webhooks", get(webhooks::list))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), webhooks::admit));
+    Router::new()
+        .route("/oauth2/token", post(token))
+        .route("/v1/projects/{project}/capability:query", post(query))
+        .merge(webhooks_api)
         .with_state(state)
 }
 

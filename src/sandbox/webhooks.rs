@@ -3,15 +3,16 @@
 //! `GET …/apps/{app_id}` with `rate_limits`.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     num::NonZeroU32,
     sync::{Arc, Mutex},
 };
 
 use axum::{
     body::Bytes,
-    extract::{Path, RawQuery, State},
-    http::{HeaderMap, StatusCode},
+    extract::{Path, RawQuery, Request, State},
+    http::StatusCode,
+    middleware::Next,
     response::{IntoResponse, Response},
 };
 use governor::{DefaultDirectRateLimiter, Quota};
@@ -201,24 +202,25 @@ fn bad_request(message: String) -> Response {
     sinch_error(StatusCode::BAD_REQUEST, "INVALID_ARGUMENT", message)
 }
 
-/// The checks every call of these APIs passes first, credentials then the project: the answer when one fails.
-fn refused(sandbox: &Sandbox, headers: &HeaderMap, project: &str) -> Option<Response> {
-    match sandbox.authenticate(headers) {
-        Err(detail) => Some(unauthenticated(detail)),
-        Ok(()) => sandbox.wrong_project(project),
+/// The checks every call of these APIs passes first, credentials then the project (a layer on their routes).
+pub(super) async fn admit(
+    State(sandbox): State<Arc<Sandbox>>,
+    Path(params): Path<HashMap<String, String>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if let Err(detail) = sandbox.authenticate(request.headers()) {
+        return unauthenticated(detail);
+    }
+    let project = params.get("project").map_or("", String::as_str);
+    match sandbox.wrong_project(project) {
+        Some(refusal) => refusal,
+        None => next.run(request).await,
     }
 }
 
 /// `POST /v1/projects/{project}/webhooks`
-pub(super) async fn create(
-    State(sandbox): State<Arc<Sandbox>>,
-    Path(project): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    if let Some(refusal) = refused(&sandbox, &headers, &project) {
-        return refusal;
-    }
+pub(super) async fn create(State(sandbox): State<Arc<Sandbox>>, body: Bytes) -> Response {
     let mut webhook: Webhook = match serde_json::from_slice(&body) {
         Ok(w) => w,
         Err(e) => return bad_request(format!("Invalid JSON: {e}")),
@@ -243,14 +245,7 @@ pub(super) async fn create(
 }
 
 /// `GET /v1/projects/{project}/apps/{app_id}/webhooks`
-pub(super) async fn list(
-    State(sandbox): State<Arc<Sandbox>>,
-    Path((project, app_id)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    if let Some(refusal) = refused(&sandbox, &headers, &project) {
-        return refusal;
-    }
+pub(super) async fn list(State(sandbox): State<Arc<Sandbox>>, Path((_, app_id)): Path<(String, String)>) -> Response {
     match sandbox.registry.with_app(&app_id, |app| app.webhooks.clone()) {
         None => app_not_found(&app_id),
         Some(webhooks) => axum::Json(json!({ "webhooks": webhooks })).into_response(),
@@ -258,14 +253,7 @@ pub(super) async fn list(
 }
 
 /// `GET /v1/projects/{project}/apps/{app_id}`
-pub(super) async fn app(
-    State(sandbox): State<Arc<Sandbox>>,
-    Path((project, app_id)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    if let Some(refusal) = refused(&sandbox, &headers, &project) {
-        return refusal;
-    }
+pub(super) async fn app(State(sandbox): State<Arc<Sandbox>>, Path((_, app_id)): Path<(String, String)>) -> Response {
     let rate = sandbox.config.knobs.webhook_rate;
     match sandbox.registry.with_app(&app_id, |_| ()) {
         None => app_not_found(&app_id),
@@ -294,14 +282,7 @@ fn locate(apps: &BTreeMap<String, App>, id: &str) -> Option<(String, usize)> {
 }
 
 /// `GET /v1/projects/{project}/webhooks/{webhook_id}`
-pub(super) async fn get(
-    State(sandbox): State<Arc<Sandbox>>,
-    Path((project, id)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    if let Some(refusal) = refused(&sandbox, &headers, &project) {
-        return refusal;
-    }
+pub(super) async fn get(State(sandbox): State<Arc<Sandbox>>, Path((_, id)): Path<(String, String)>) -> Response {
     let apps = sandbox.registry.apps.lock().expect("sandbox lock poisoned");
     match locate(&apps, &id) {
         Some((app, i)) => axum::Json(apps[&app].webhooks[i].clone()).into_response(),
@@ -310,14 +291,7 @@ pub(super) async fn get(
 }
 
 /// `DELETE /v1/projects/{project}/webhooks/{webhook_id}`
-pub(super) async fn delete(
-    State(sandbox): State<Arc<Sandbox>>,
-    Path((project, id)): Path<(String, String)>,
-    headers: HeaderMap,
-) -> Response {
-    if let Some(refusal) = refused(&sandbox, &headers, &project) {
-        return refusal;
-    }
+pub(super) async fn delete(State(sandbox): State<Arc<Sandbox>>, Path((_, id)): Path<(String, String)>) -> Response {
     let mut apps = sandbox.registry.apps.lock().expect("sandbox lock poisoned");
     match locate(&apps, &id) {
         Some((app, i)) => {
@@ -356,14 +330,10 @@ fn update_mask(query: Option<&str>, body: &Value) -> Option<Vec<String>> {
 /// `PATCH /v1/projects/{project}/webhooks/{webhook_id}`
 pub(super) async fn update(
     State(sandbox): State<Arc<Sandbox>>,
-    Path((project, id)): Path<(String, String)>,
+    Path((_, id)): Path<(String, String)>,
     RawQuery(query): RawQuery,
-    headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(refusal) = refused(&sandbox, &headers, &project) {
-        return refusal;
-    }
     let patch: Value = match serde_json::from_slice(&body) {
         Ok(v @ Value::Object(_)) => v,
         Ok(_) => return bad_request("Invalid JSON: expected an object".into()),
