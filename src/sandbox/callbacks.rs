@@ -8,7 +8,7 @@
 
 use std::{
     sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
 use governor::DefaultDirectRateLimiter;
@@ -119,23 +119,14 @@ pub async fn deliver(
 async fn post(http: &reqwest::Client, target: &Destination, body: &[u8]) {
     let mut pause = Duration::from_millis(100);
     for attempt in 1..=6 {
-        let nonce = ulid::Ulid::new().to_string();
-        let timestamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs()
-            .to_string();
         let mut request = http
             .post(&target.target)
             .header("content-type", "application/json")
             .body(body.to_vec());
         if !target.secret.is_empty() {
-            let signed = signature::sign(target.secret.expose(), body, &nonce, &timestamp);
-            request = request
-                .header(signature::SIGNATURE, signed)
-                .header(signature::TIMESTAMP, timestamp)
-                .header(signature::NONCE, nonce)
-                .header(signature::ALGORITHM, signature::HMAC_SHA256);
+            for (name, value) in signature::headers(target.secret.expose(), body) {
+                request = request.header(name, value);
+            }
         }
         let sent = request.send().await;
         match sent {

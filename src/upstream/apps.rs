@@ -110,22 +110,14 @@ impl SinchClient {
 
     /// Posts `body` to `target` signed with `secret` as Sinch signs a callback; returns the HTTP status.
     pub async fn post_signed_callback(&self, target: &str, secret: &str, body: Vec<u8>) -> Result<u16, Error> {
-        let nonce = ulid::Ulid::new().to_string();
-        let timestamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs()
-            .to_string();
-        let signed = signature::sign(secret, &body, &nonce, &timestamp);
-        let response = self
-            .http
-            .post(target)
+        let request = signature::headers(secret, &body)
+            .into_iter()
+            .fold(self.http.post(target), |request, (name, value)| {
+                request.header(name, value)
+            });
+        let response = request
             .timeout(CALL_TIMEOUT)
             .header(CONTENT_TYPE, "application/json")
-            .header(signature::SIGNATURE, signed)
-            .header(signature::TIMESTAMP, timestamp)
-            .header(signature::NONCE, nonce)
-            .header(signature::ALGORITHM, signature::HMAC_SHA256)
             .body(body)
             .send()
             .await

@@ -29,6 +29,22 @@ pub fn sign(secret: &str, body: &[u8], nonce: &str, timestamp: &str) -> String {
     STANDARD.encode(mac(secret, body, nonce, timestamp).finalize().into_bytes())
 }
 
+/// The four headers Sinch sends with `body` signed under `secret` now, with a fresh nonce.
+pub fn headers(secret: &str, body: &[u8]) -> [(&'static str, String); 4] {
+    let nonce = ulid::Ulid::new().to_string();
+    let timestamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+        .to_string();
+    [
+        (SIGNATURE, sign(secret, body, &nonce, &timestamp)),
+        (TIMESTAMP, timestamp),
+        (NONCE, nonce),
+        (ALGORITHM, HMAC_SHA256.to_owned()),
+    ]
+}
+
 /// Whether `signature` (base64) is the signature of `body` under any of `secrets`, compared in constant time.
 pub fn verify<'a>(
     secrets: impl IntoIterator<Item = &'a str>,
@@ -73,6 +89,22 @@ mod tests {
         assert!(verify([SECRET], MULTI_LINE, NONCE_, TIMESTAMP_, DOTNET_EXPECTED));
         let stripped = &MULTI_LINE[..MULTI_LINE.len() - 1];
         assert!(!verify([SECRET], stripped, NONCE_, TIMESTAMP_, DOTNET_EXPECTED));
+    }
+
+    #[test]
+    fn the_headers_a_signer_sends_verify_and_carry_a_fresh_nonce() {
+        let first = headers(SECRET, BODY.as_bytes());
+        let value = |name: &str| first.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str()).unwrap();
+        assert_eq!(value(ALGORITHM), HMAC_SHA256);
+        assert!(verify(
+            [SECRET],
+            BODY.as_bytes(),
+            value(NONCE),
+            value(TIMESTAMP),
+            value(SIGNATURE)
+        ));
+        let second = headers(SECRET, BODY.as_bytes());
+        assert_ne!(first[2], second[2], "each signing draws a new nonce");
     }
 
     #[test]
