@@ -4,7 +4,10 @@
 //! tomorrow travels on unchanged. Each enum is generated from one list that holds, per value, Sinch's spelling
 //! and the number of the contract's enum value: the only place the three meet.
 
-use std::{fmt, time::SystemTime};
+use std::{
+    fmt,
+    time::{Duration, SystemTime},
+};
 
 /// The longest `request_id` a caller may choose (AIP-155 allows any string; we bound it).
 pub const MAX_REQUEST_ID_LEN: usize = 128;
@@ -116,6 +119,71 @@ sinch_enum! {
         Partial = (3, "CAPABILITY_PARTIAL"),
         /// Not reachable on the channel.
         NoCapability = (4, "NO_CAPABILITY"),
+    }
+}
+
+/// How long a cached result of each status is trusted; zero caches nothing of that status. Results of statuses
+/// this version does not know are never cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheTtl {
+    pub full: Duration,
+    pub partial: Duration,
+    pub no_capability: Duration,
+    pub unknown: Duration,
+}
+
+impl Default for CacheTtl {
+    /// Reachability changes slowly (a day); a negative answer is asked again sooner (six hours); Sinch's "could
+    /// not tell" is not worth keeping.
+    fn default() -> CacheTtl {
+        const HOUR: u64 = 3600;
+        CacheTtl {
+            full: Duration::from_secs(24 * HOUR),
+            partial: Duration::from_secs(24 * HOUR),
+            no_capability: Duration::from_secs(6 * HOUR),
+            unknown: Duration::ZERO,
+        }
+    }
+}
+
+impl CacheTtl {
+    /// The time to live of a result of `status`; `None` when such a result is not cached.
+    pub fn of(&self, status: &CapabilityStatus) -> Option<Duration> {
+        let ttl = match status {
+            CapabilityStatus::Full => self.full,
+            CapabilityStatus::Partial => self.partial,
+            CapabilityStatus::NoCapability => self.no_capability,
+            CapabilityStatus::Unknown => self.unknown,
+            CapabilityStatus::Other(_) => Duration::ZERO,
+        };
+        Some(ttl).filter(|ttl| !ttl.is_zero())
+    }
+
+    /// Sets the time to live of `status`.
+    pub fn set(&mut self, status: &CapabilityStatus, ttl: Duration) {
+        match status {
+            CapabilityStatus::Full => self.full = ttl,
+            CapabilityStatus::Partial => self.partial = ttl,
+            CapabilityStatus::NoCapability => self.no_capability = ttl,
+            CapabilityStatus::Unknown => self.unknown = ttl,
+            CapabilityStatus::Other(_) => {}
+        }
+    }
+}
+
+/// The order in which reachable channels are recommended, best first. Channels not listed rank after the listed
+/// ones, in the contract's enum order (channels this version does not know last, by name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelOrder(pub Vec<Channel>);
+
+impl ChannelOrder {
+    /// The rank of `channel`: lower is better.
+    pub fn rank(&self, channel: &Channel) -> (usize, i32, Box<str>) {
+        match self.0.iter().position(|c| c == channel) {
+            Some(at) => (at, 0, "".into()),
+            None if channel.number() > 0 => (self.0.len(), channel.number(), "".into()),
+            None => (self.0.len(), i32::MAX, channel.as_sinch().into()),
+        }
     }
 }
 

@@ -26,6 +26,7 @@
 
 pub mod admin;
 pub mod capability;
+pub mod check;
 pub mod config;
 pub mod connection;
 pub mod grpc;
@@ -81,6 +82,7 @@ pub struct Service {
     hub: Arc<Hub>,
     log: Arc<EventLog>,
     queries: Arc<query::Queries>,
+    checker: Arc<check::Checker>,
     /// The Sinch client (shared with `queries`), for the start-up check of the webhook registration.
     upstream: Arc<upstream::SinchClient>,
     tls: Option<tls::TlsFiles>,
@@ -148,7 +150,14 @@ impl Service {
             retention,
             max_requests: config.retention.max_requests as usize,
         }));
-        let consumers: Vec<Arc<dyn Consumer>> = vec![hub.clone()];
+        let cache = Arc::new(check::local::LocalCache::new(
+            config.check.ttl,
+            config.check.max_entries,
+        ));
+        let mut consumers: Vec<Arc<dyn Consumer>> = vec![hub.clone()];
+        if config.redis_url().is_none() {
+            consumers.push(cache.clone());
+        }
         let draining = CancellationToken::new();
         let log = Arc::new(match config.redis_url() {
             None => EventLog::local(
@@ -168,6 +177,8 @@ impl Service {
                     max_per_request: config.retention.max_notifications_per_request,
                     idempotency_window: config.query.idempotency_window,
                     pending_claim: query::PENDING_CLAIM,
+                    cache_ttl: config.check.ttl,
+                    cache_hash_key: config.check.hash_key.as_ref().map(|v| v.secret.clone()),
                 };
                 let redis = RedisLog::prepare(settings, consumers)
                     .await
@@ -181,11 +192,23 @@ impl Service {
             config.query.idempotency_max_entries,
             log.clone(),
         ));
+        let checker = Arc::new(check::Checker::new(
+            log.clone(),
+            cache,
+            queries.clone(),
+            hub.clone(),
+            check::CheckSettings {
+                settle: config.check.settle,
+                preference: config.check.channel_preference.clone(),
+                shutdown: draining.clone(),
+            },
+        ));
         Ok(Service {
             config,
             hub,
             log,
             queries,
+            checker,
             upstream: client,
             tls,
             webhook_secrets,
@@ -202,6 +225,7 @@ impl Service {
             hub,
             log,
             queries,
+            checker,
             upstream,
             tls,
             webhook_secrets,
@@ -261,6 +285,12 @@ impl Service {
 
         let api = grpc::CapabilityApi::new(
             queries,
+            checker,
+            grpc::convert::CheckDefaults {
+                max_age: config.check.max_age,
+                wait: config.check.wait,
+                max_wait: config.retention.retention,
+            },
             config.query.max_inflight as usize,
             config.query.timeout,
             hub.clone(),

@@ -102,10 +102,12 @@ impl Queries {
         Ok(accepted)
     }
 
-    /// Sends a query with a caller-chosen request_id unless another replica did or is doing so.
+    /// Sends `sent` (the part of `query` to ask Sinch about) with a caller-chosen request_id unless another
+    /// replica did or is doing so for the same `query`.
     async fn forward_once(
         &self,
         query: &Query,
+        sent: &Query,
         deadline: Instant,
         trace: Option<&TraceParent>,
     ) -> Result<QueryAccepted, QueryError> {
@@ -114,7 +116,7 @@ impl Queries {
         loop {
             match self.log.claim_request_id(&query.request_id, &fingerprint).await {
                 IdempotencyClaim::Owner => {
-                    let result = self.forward(query, deadline, trace).await;
+                    let result = self.forward(sent, deadline, trace).await;
                     let answer = result
                         .as_ref()
                         .ok()
@@ -130,7 +132,7 @@ impl Queries {
                         // serde's message may quote the record's values: only where it broke is logged.
                         tracing::warn!(request_id = %mask_digits(&query.request_id), category = ?e.classify(),
                             line = e.line(), column = e.column(), "an unreadable idempotency record in Redis: sending the query");
-                        return Ok(self.forward(query, deadline, trace).await?);
+                        return Ok(self.forward(sent, deadline, trace).await?);
                     }
                 },
                 IdempotencyClaim::Conflict => {
@@ -157,15 +159,34 @@ impl Queries {
         deadline: Instant,
         trace: Option<&TraceParent>,
     ) -> Result<QueryAccepted, QueryError> {
+        let send = request.recipient.clone();
+        self.query_part(request, send, deadline, trace).await
+    }
+
+    /// As [`Queries::query`], but asks Sinch only about `send`, a part of the request's recipient (the rest is
+    /// known already); a caller-chosen request_id stands for the whole request, so that a repeat sends nothing
+    /// whatever part it would have sent.
+    pub async fn query_part(
+        &self,
+        request: QueryRequest,
+        send: Recipient,
+        deadline: Instant,
+        trace: Option<&TraceParent>,
+    ) -> Result<QueryAccepted, QueryError> {
         // The rate limit first: a caller cannot fill the idempotency records faster than it may query.
         self.upstream.admit(deadline).await?;
         let Some(request_id) = request.request_id else {
             let query = Query {
                 app_id: request.app_id,
-                recipient: request.recipient,
+                recipient: send,
                 request_id: ulid::Ulid::new().to_string(),
             };
             return Ok(self.forward(&query, deadline, trace).await?);
+        };
+        let sent = Query {
+            app_id: request.app_id.clone(),
+            recipient: send,
+            request_id: request_id.clone(),
         };
         let query = Query {
             app_id: request.app_id,
@@ -175,7 +196,7 @@ impl Queries {
         let entry = self.idempotency.claim(&query)?;
         let answer = entry
             .answer
-            .get_or_try_init(|| self.forward_once(&query, deadline, trace))
+            .get_or_try_init(|| self.forward_once(&query, &sent, deadline, trace))
             .await?;
         Ok(answer.clone())
     }

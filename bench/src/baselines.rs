@@ -27,6 +27,20 @@ impl CapabilityService for Echo {
         }))
     }
 
+    async fn check_capability(
+        &self,
+        _request: Request<pb::CheckCapabilityRequest>,
+    ) -> Result<Response<pb::CheckCapabilityResponse>, Status> {
+        Err(Status::unimplemented("the echo baseline has no checks"))
+    }
+
+    async fn invalidate_capability(
+        &self,
+        _request: Request<pb::InvalidateCapabilityRequest>,
+    ) -> Result<Response<pb::InvalidateCapabilityResponse>, Status> {
+        Err(Status::unimplemented("the echo baseline has no cache"))
+    }
+
     type WatchCapabilityStream = futures::stream::Empty<Result<pb::WatchCapabilityResponse, Status>>;
 
     async fn watch_capability(

@@ -10,10 +10,13 @@ use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 
 use clap::{Args, ValueEnum};
 
-use crate::secret::Secret;
+use crate::{
+    capability::{CacheTtl, ChannelOrder},
+    secret::Secret,
+};
 use values::{
-    DAY, HOUR, HttpUrl, MINUTE, MS, SECOND, SecretList, SecretListParser, SecretParser, SecretValue, Text, ZERO,
-    duration,
+    CacheTtlParser, ChannelListParser, DAY, HOUR, HttpUrl, MINUTE, MS, SECOND, SecretList, SecretListParser,
+    SecretParser, SecretValue, Text, ZERO, duration,
 };
 
 /// The serving process's whole configuration.
@@ -33,6 +36,8 @@ pub struct Config {
     pub watch: WatchSettings,
     #[command(flatten)]
     pub query: QuerySettings,
+    #[command(flatten)]
+    pub check: CheckSettings,
     #[command(flatten)]
     pub grpc: GrpcSettings,
     #[command(flatten)]
@@ -240,6 +245,40 @@ pub struct QuerySettings {
     #[arg(id = "max-inflight-queries", long = "max-inflight-queries", env = MAX_INFLIGHT_QUERIES, default_value = "2048",
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_inflight: u64,
+}
+
+/// How CheckCapability answers: the cache, waits, the recommendation's order.
+#[derive(Debug, Clone, Args)]
+pub struct CheckSettings {
+    /// How long a cached result is trusted, per status: comma-separated `STATUS=duration` (0s to 30d); a status not
+    /// named keeps its default. Results of statuses this version does not know are never cached.
+    #[arg(id = "cache-ttl", long = "cache-ttl", env = CACHE_TTL,
+          default_value = "CAPABILITY_FULL=24h,CAPABILITY_PARTIAL=24h,NO_CAPABILITY=6h,CAPABILITY_UNKNOWN=0s",
+          value_parser = CacheTtlParser)]
+    pub ttl: CacheTtl,
+    /// The oldest cached result a CheckCapability accepts when it sets no max_age (0s to 30d).
+    #[arg(id = "cache-max-age", long = "cache-max-age", env = CACHE_MAX_AGE, default_value = "24h", value_parser = duration(ZERO, 30 * DAY))]
+    pub max_age: Duration,
+    /// The most cached entries this replica holds without Redis (with Redis the cache lives there, with expiry).
+    #[arg(id = "cache-max-entries", long = "cache-max-entries", env = CACHE_MAX_ENTRIES, default_value = "1000000",
+          value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub max_entries: u64,
+    /// How long a CheckCapability waits for live results when it sets no wait (0s to 10m).
+    #[arg(id = "check-wait", long = "check-wait", env = CHECK_WAIT, default_value = "10s", value_parser = duration(ZERO, 10 * MINUTE))]
+    pub wait: Duration,
+    /// A contact_id check returns this long after its last result arrived (10ms to 10m).
+    #[arg(id = "check-settle", long = "check-settle", env = CHECK_SETTLE, default_value = "1500ms", value_parser = duration(10 * MS, 10 * MINUTE))]
+    pub settle: Duration,
+    /// The order in which reachable channels are recommended: comma-separated channel names as Sinch spells them.
+    /// Channels not listed come after, in the contract's enum order.
+    #[arg(id = "channel-preference", long = "channel-preference", env = CHANNEL_PREFERENCE,
+          default_value = "RCS,WHATSAPP,APPLEBC,VIBERBM,VIBER,MESSENGER,INSTAGRAM,TELEGRAM,LINE,WECHAT,KAKAOTALK,KAKAOTALKCHAT,MMS,SMS",
+          value_parser = ChannelListParser)]
+    pub channel_preference: ChannelOrder,
+    /// The key of the keyed hash that names cache entries and leases in Redis (no raw phone number is a key). When
+    /// unset, a random key is generated once and kept in Redis for every replica.
+    #[arg(id = "cache-hash-key", long = "cache-hash-key", env = CACHE_HASH_KEY, hide_env_values = true, value_parser = SecretParser)]
+    pub hash_key: Option<SecretValue>,
 }
 
 /// How the gRPC server treats connections and callers.
@@ -495,6 +534,13 @@ pub const SANDBOX_TOKEN_OUTAGE_AFTER: &str = "CAPABILITY_SANDBOX_TOKEN_OUTAGE_AF
 pub const SANDBOX_TOKEN_OUTAGE_FOR: &str = "CAPABILITY_SANDBOX_TOKEN_OUTAGE_FOR";
 pub const PUBLIC_WEBHOOK_URL: &str = "CAPABILITY_PUBLIC_WEBHOOK_URL";
 pub const APP_IDS: &str = "CAPABILITY_APP_IDS";
+pub const CACHE_TTL: &str = "CAPABILITY_CACHE_TTL";
+pub const CACHE_MAX_AGE: &str = "CAPABILITY_CACHE_MAX_AGE";
+pub const CACHE_MAX_ENTRIES: &str = "CAPABILITY_CACHE_MAX_ENTRIES";
+pub const CHECK_WAIT: &str = "CAPABILITY_CHECK_WAIT";
+pub const CHECK_SETTLE: &str = "CAPABILITY_CHECK_SETTLE";
+pub const CHANNEL_PREFERENCE: &str = "CAPABILITY_CHANNEL_PREFERENCE";
+pub const CACHE_HASH_KEY: &str = "CAPABILITY_CACHE_HASH_KEY";
 
 const DEFAULT_AUTH_URL: &str = "https://auth.sinch.com/oauth2/token";
 
@@ -642,6 +688,7 @@ impl Config {
             (WEBHOOK_SECRETS, self.webhook.secrets.trimmed),
             (REDIS_URL, self.redis.url.as_ref().is_some_and(|v| v.trimmed)),
             (GRPC_TOKENS, self.grpc.tokens.trimmed),
+            (CACHE_HASH_KEY, self.check.hash_key.as_ref().is_some_and(|v| v.trimmed)),
         ]
         .into_iter()
         .filter_map(|(variable, trimmed)| trimmed.then_some(variable))
@@ -752,6 +799,13 @@ pub const ALL_VARIABLES: &[&str] = &[
     SANDBOX_TOKEN_OUTAGE_FOR,
     PUBLIC_WEBHOOK_URL,
     APP_IDS,
+    CACHE_TTL,
+    CACHE_MAX_AGE,
+    CACHE_MAX_ENTRIES,
+    CHECK_WAIT,
+    CHECK_SETTLE,
+    CHANNEL_PREFERENCE,
+    CACHE_HASH_KEY,
 ];
 
 /// A clap error about the serving configuration as one line naming the variable, never a secret's value.

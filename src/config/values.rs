@@ -9,7 +9,10 @@ use clap::{
     error::{Error, ErrorKind},
 };
 
-use crate::secret::{Secret, SecretError};
+use crate::{
+    capability::{CacheTtl, CapabilityStatus, Channel, ChannelOrder},
+    secret::{Secret, SecretError},
+};
 
 /// A duration written the human way (`250ms`, `20s`, `10m`, `1h`), within `[min, max]`.
 #[derive(Debug, Clone, Copy)]
@@ -145,6 +148,68 @@ impl TypedValueParser for Text {
             return Err(invalid(cmd, format!("contains a control character at byte {at}"), arg));
         }
         Ok(text.to_owned())
+    }
+}
+
+/// `STATUS=duration` pairs, comma-separated, each status spelled as Sinch spells it (`CAPABILITY_FULL=24h`): how
+/// long a cached result of each status is trusted. A status not named keeps its default; `0s` caches nothing of
+/// that status.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheTtlParser;
+
+impl TypedValueParser for CacheTtlParser {
+    type Value = CacheTtl;
+
+    fn parse_ref(&self, cmd: &Command, arg: Option<&Arg>, value: &OsStr) -> Result<CacheTtl, Error> {
+        let text = Text.parse_ref(cmd, arg, value)?;
+        let mut ttl = CacheTtl::default();
+        for pair in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let Some((status, duration)) = pair.split_once('=') else {
+                return Err(invalid(cmd, format!("expected STATUS=duration, got {pair:?}"), arg));
+            };
+            let known = CapabilityStatus::KNOWN
+                .iter()
+                .find(|s| s.as_sinch() == status.trim())
+                .ok_or_else(|| {
+                    let names: Vec<&str> = CapabilityStatus::KNOWN.iter().map(CapabilityStatus::as_sinch).collect();
+                    invalid(
+                        cmd,
+                        format!("unknown status {status:?}: expected one of {}", names.join(", ")),
+                        arg,
+                    )
+                })?;
+            let duration = Bounded {
+                min: ZERO,
+                max: 30 * DAY,
+            }
+            .parse_ref(cmd, arg, OsStr::new(duration))?;
+            ttl.set(known, duration);
+        }
+        Ok(ttl)
+    }
+}
+
+/// Comma-separated channel names as Sinch spells them (`RCS,WHATSAPP,SMS`), each known to this version, each once.
+#[derive(Debug, Clone, Copy)]
+pub struct ChannelListParser;
+
+impl TypedValueParser for ChannelListParser {
+    type Value = ChannelOrder;
+
+    fn parse_ref(&self, cmd: &Command, arg: Option<&Arg>, value: &OsStr) -> Result<ChannelOrder, Error> {
+        let text = Text.parse_ref(cmd, arg, value)?;
+        let mut channels = Vec::new();
+        for name in text.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            let channel = Channel::KNOWN
+                .iter()
+                .find(|c| c.as_sinch() == name)
+                .ok_or_else(|| invalid(cmd, format!("unknown channel {name:?}"), arg))?;
+            if channels.contains(channel) {
+                return Err(invalid(cmd, format!("{name} is listed twice"), arg));
+            }
+            channels.push(channel.clone());
+        }
+        Ok(ChannelOrder(channels))
     }
 }
 

@@ -6,7 +6,10 @@ use std::time::Duration;
 use prost::Message;
 
 use crate::{
-    capability::{CapabilityStatus, Channel, ChannelIdentity, MAX_REQUEST_ID_LEN, QueryAccepted, Recipient},
+    capability::{
+        CapabilityStatus, Channel, ChannelIdentity, ChannelOrder, MAX_REQUEST_ID_LEN, QueryAccepted, Recipient,
+    },
+    check::{CheckAnswer, CheckRequest, Source},
     grpc::pb,
     hub::CompletionReason,
     query::QueryRequest,
@@ -63,18 +66,119 @@ pub fn query_request(request: pb::QueryCapabilityRequest) -> Result<QueryRequest
     }
 }
 
+/// Checks a CheckCapability request and turns it into the domain's; every violation found is reported.
+/// `default_wait` and `default_max_age` apply when unset; a wait is capped at `max_wait`.
+pub fn check_request(
+    request: pb::CheckCapabilityRequest,
+    defaults: &CheckDefaults,
+) -> Result<CheckRequest, Vec<FieldViolation>> {
+    let mut violations = Vec::new();
+    let max_age = match request.max_age {
+        None => Some(defaults.max_age),
+        Some(d) => duration(&mut violations, "max_age", d),
+    };
+    let wait = wait(request.wait, defaults.wait, defaults.max_wait)
+        .map_err(|v| violations.push(v))
+        .ok();
+    let mut preference = Vec::new();
+    for (at, number) in request.channel_preference.iter().enumerate() {
+        match Channel::from_number(*number) {
+            Some(channel) if !preference.contains(&channel) => preference.push(channel),
+            Some(_) => violations.push(violation(format!("channel_preference[{at}]"), "listed twice")),
+            None => violations.push(violation(
+                format!("channel_preference[{at}]"),
+                format!("{number} is not a channel of this contract"),
+            )),
+        }
+    }
+    let query = query_request(pb::QueryCapabilityRequest {
+        app_id: request.app_id,
+        recipient: request.recipient,
+        request_id: request.request_id,
+    });
+    match (query, max_age, wait) {
+        (Ok(query), Some(max_age), Some(wait)) if violations.is_empty() => Ok(CheckRequest {
+            app_id: query.app_id,
+            recipient: query.recipient,
+            max_age,
+            wait,
+            preference: (!preference.is_empty()).then_some(ChannelOrder(preference)),
+            request_id: query.request_id,
+        }),
+        (query, ..) => {
+            violations.extend(query.err().unwrap_or_default());
+            Err(violations)
+        }
+    }
+}
+
+/// The server's defaults for what a CheckCapability leaves unset.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckDefaults {
+    pub max_age: Duration,
+    pub wait: Duration,
+    pub max_wait: Duration,
+}
+
+/// Checks an InvalidateCapability request: an app and a recipient, as QueryCapability's.
+pub fn invalidate_request(
+    request: pb::InvalidateCapabilityRequest,
+) -> Result<(String, Recipient), Vec<FieldViolation>> {
+    let query = query_request(pb::QueryCapabilityRequest {
+        app_id: request.app_id,
+        recipient: request.recipient,
+        request_id: String::new(),
+    })?;
+    Ok((query.app_id, query.recipient))
+}
+
+/// A check's answer as the contract carries it.
+pub fn check_response(answer: CheckAnswer) -> pb::CheckCapabilityResponse {
+    pb::CheckCapabilityResponse {
+        results: answer
+            .results
+            .into_iter()
+            .map(|r| pb::ChannelResult {
+                notification: Some(notification(r.offset, &r.request_id, &r.body)),
+                source: match r.source {
+                    Source::Cache => pb::ResultSource::Cache,
+                    Source::Live => pb::ResultSource::Live,
+                    Source::Shared => pb::ResultSource::Shared,
+                }
+                .into(),
+                checked_at: Some(r.checked_at.into()),
+            })
+            .collect(),
+        complete: answer.complete,
+        pending: answer.pending.into_iter().map(channel_identity).collect(),
+        recommended: answer.recommended.into_iter().map(channel_identity).collect(),
+        request_id: answer.request_id,
+    }
+}
+
+/// A non-negative duration of field `field`; `None` (with a violation) otherwise.
+fn duration(violations: &mut Vec<FieldViolation>, field: &str, d: prost_types::Duration) -> Option<Duration> {
+    if d.seconds < 0 || d.nanos < 0 {
+        violations.push(violation(field, "must not be negative"));
+        None
+    } else if d.nanos >= 1_000_000_000 {
+        violations.push(violation(field, "nanos must be below one second"));
+        None
+    } else {
+        Some(Duration::new(d.seconds as u64, d.nanos as u32))
+    }
+}
+
 /// A WatchCapability's wait: `default` when absent, never above `max`; negative or malformed durations refused.
 pub fn wait(wait: Option<prost_types::Duration>, default: Duration, max: Duration) -> Result<Duration, FieldViolation> {
     let Some(wait) = wait else {
         return Ok(default.min(max));
     };
-    if wait.seconds < 0 || wait.nanos < 0 {
-        return Err(violation("wait", "must not be negative"));
+    let mut violations = Vec::new();
+    match duration(&mut violations, "wait", wait) {
+        Some(wait) => Ok(wait.min(max)),
+        None => Err(violations.remove(0)),
     }
-    if wait.nanos >= 1_000_000_000 {
-        return Err(violation("wait", "nanos must be below one second"));
-    }
-    Ok(Duration::new(wait.seconds as u64, wait.nanos as u32).min(max))
 }
 
 /// Checks a request_id: at most 128 characters, no control characters, and present when `required`.

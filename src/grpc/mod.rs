@@ -31,6 +31,7 @@ use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::{
     capability::mask_digits,
+    check::Checker,
     connection::{Activity, BusyBody, Guarded, GuardedListener},
     hub::{Hub, Watch, WatchEvent, WatchLimits},
     query::Queries,
@@ -96,6 +97,8 @@ pub struct TransportSettings {
 /// `capability.v1.CapabilityService`.
 pub struct CapabilityApi {
     queries: Arc<Queries>,
+    checker: Arc<Checker>,
+    check: convert::CheckDefaults,
     /// One permit per QueryCapability in flight: beyond, calls are shed at once instead of queueing.
     query_permits: Arc<Semaphore>,
     /// The budget of a QueryCapability whose caller set no deadline.
@@ -111,8 +114,11 @@ pub struct CapabilityApi {
 }
 
 impl CapabilityApi {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         queries: Arc<Queries>,
+        checker: Arc<Checker>,
+        check: convert::CheckDefaults,
         max_inflight_queries: usize,
         query_timeout: Duration,
         hub: Arc<Hub>,
@@ -121,6 +127,8 @@ impl CapabilityApi {
     ) -> CapabilityApi {
         CapabilityApi {
             queries,
+            checker,
+            check,
             query_permits: Arc::new(Semaphore::new(max_inflight_queries.min(Semaphore::MAX_PERMITS))),
             query_timeout,
             hub,
@@ -151,6 +159,33 @@ impl CapabilityApi {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "query failed");
+                Err(e.into())
+            }
+        }
+    }
+}
+
+impl CapabilityApi {
+    async fn check(
+        &self,
+        request: Request<pb::CheckCapabilityRequest>,
+        trace: Option<&TraceParent>,
+    ) -> Result<Response<pb::CheckCapabilityResponse>, Status> {
+        // A check holds a permit while it waits, as a query does while it is sent: bounded work per replica.
+        let Ok(_permit) = self.query_permits.try_acquire() else {
+            return Err(status::overloaded());
+        };
+        let metadata = request.metadata().clone();
+        let check = convert::check_request(request.into_inner(), &self.check).map_err(status::invalid_request)?;
+        let deadline = deadline(&metadata, self.query_timeout + check.wait);
+        tracing::debug!(recipient = ?check.recipient, "check");
+        match self.checker.check(check, deadline, trace).await {
+            Ok(answer) => {
+                tracing::Span::current().record("request_id", mask_digits(&answer.request_id).as_ref());
+                Ok(Response::new(convert::check_response(answer)))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "check failed");
                 Err(e.into())
             }
         }
@@ -210,6 +245,41 @@ impl CapabilityService for CapabilityApi {
         let outcome = result.as_ref().map_or_else(|s| status::code_label(s.code()), |_| "ok");
         metrics::counter!("capability_queries_total", "outcome" => outcome).increment(1);
         result
+    }
+
+    async fn check_capability(
+        &self,
+        request: Request<pb::CheckCapabilityRequest>,
+    ) -> Result<Response<pb::CheckCapabilityResponse>, Status> {
+        let trace = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceParent::parse);
+        let span = tracing::info_span!(
+            "check_capability",
+            request_id = tracing::field::Empty,
+            trace_id = tracing::field::Empty
+        );
+        if let Some(trace) = &trace {
+            span.record("trace_id", trace.trace_id());
+            trace.adopt(&span);
+        }
+        let result = self.check(request, trace.as_ref()).instrument(span).await;
+        let outcome = result.as_ref().map_or_else(|s| status::code_label(s.code()), |_| "ok");
+        metrics::counter!("capability_checks_total", "outcome" => outcome).increment(1);
+        result
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn invalidate_capability(
+        &self,
+        request: Request<pb::InvalidateCapabilityRequest>,
+    ) -> Result<Response<pb::InvalidateCapabilityResponse>, Status> {
+        let (app_id, recipient) = convert::invalidate_request(request.into_inner()).map_err(status::invalid_request)?;
+        let removed = self.checker.invalidate(&app_id, &recipient).await?;
+        tracing::debug!(?recipient, removed, "cached results invalidated");
+        Ok(Response::new(pb::InvalidateCapabilityResponse { removed }))
     }
 
     type WatchCapabilityStream = WatchStream;

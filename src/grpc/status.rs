@@ -6,7 +6,7 @@ use std::{collections::HashMap, time::Duration};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{grpc::convert::FieldViolation, query::QueryError, upstream};
+use crate::{check::CheckError, grpc::convert::FieldViolation, query::QueryError, upstream};
 
 /// The `ErrorInfo.domain` of every error this service raises.
 pub const DOMAIN: &str = "capability-facade";
@@ -79,6 +79,20 @@ impl From<QueryError> for Status {
                 Status::with_error_details(Code::AlreadyExists, error.to_string(), details)
             }
             QueryError::Upstream(e) => upstream_status(e),
+        }
+    }
+}
+
+impl From<CheckError> for Status {
+    fn from(error: CheckError) -> Status {
+        match error {
+            CheckError::Query(e) => e.into(),
+            CheckError::Unavailable(_) => {
+                let mut details = ErrorDetails::new();
+                details.set_retry_info(Some(Duration::from_secs(1)));
+                details.set_error_info("CACHE_UNAVAILABLE", DOMAIN, HashMap::new());
+                Status::with_error_details(Code::Unavailable, error.to_string(), details)
+            }
         }
     }
 }

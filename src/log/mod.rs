@@ -14,6 +14,7 @@
 //! Two implementations: in process ([`local`]) for one replica, and Redis Streams ([`redis`]) for many, on a
 //! single node or a Redis Cluster, optionally split into shards by a stable hash of request_id.
 
+pub mod cached;
 pub mod codec;
 mod local;
 pub mod redis;
@@ -240,6 +241,14 @@ impl EventLog {
         }
     }
 
+    /// The capability cache shared through Redis; `None` in process.
+    pub fn shared_cache(&self) -> Option<&redis::cache::RedisCache> {
+        match self {
+            EventLog::Local(_) => None,
+            EventLog::Redis(redis) => Some(redis.cache()),
+        }
+    }
+
     /// How the log is doing.
     pub fn health(&self) -> Health {
         match self {
@@ -254,7 +263,7 @@ impl EventLog {
 }
 
 /// Now, in milliseconds since the Unix epoch, by this replica's clock.
-fn wall_clock_ms() -> u64 {
+pub(crate) fn wall_clock_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()

@@ -86,6 +86,8 @@ pub struct CapabilityCallback {
     pub message_metadata: String,
     /// Sent only when set.
     pub correlation_id: Option<String>,
+    /// The contact the result is about; sent only when set.
+    pub contact_id: Option<String>,
 }
 
 impl CapabilityCallback {
@@ -100,7 +102,14 @@ impl CapabilityCallback {
             project_id: String::new(),
             message_metadata: String::new(),
             correlation_id: None,
+            contact_id: None,
         }
+    }
+
+    /// The same, about a contact (as the callbacks of a contact_id query are).
+    pub fn contact_id(mut self, contact_id: &str) -> CapabilityCallback {
+        self.contact_id = Some(contact_id.into());
+        self
     }
 
     /// The same, through another app.
@@ -136,6 +145,9 @@ impl CapabilityCallback {
             "capability_notification": {"request_id": self.request_id, "channel": self.channel,
                 "identity": self.identity, "capability_status": self.status}
         });
+        if let Some(contact_id) = &self.contact_id {
+            body["capability_notification"]["contact_id"] = contact_id.as_str().into();
+        }
         if let Some(correlation_id) = &self.correlation_id {
             body["correlation_id"] = correlation_id.as_str().into();
         }

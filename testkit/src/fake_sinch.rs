@@ -124,6 +124,8 @@ struct FakeState {
     token_lifetime_s: AtomicUsize,
     /// Numbers the tokens it issues: `token-1`, `token-2`, …
     tokens_issued: AtomicUsize,
+    /// How many requests it recorded, for tests that wait for one.
+    recorded: tokio::sync::watch::Sender<usize>,
 }
 
 /// An independent stand-in for Sinch's API and token endpoint.
@@ -206,6 +208,18 @@ impl FakeSinch {
             .collect()
     }
 
+    /// Waits until it has recorded `n` capability queries, and returns them.
+    pub async fn until_queries(&self, n: usize) -> Vec<Recorded> {
+        let mut recorded = self.state.recorded.subscribe();
+        loop {
+            let queries = self.queries();
+            if queries.len() >= n {
+                return queries;
+            }
+            recorded.changed().await.expect("the fake lives as long as its state");
+        }
+    }
+
     /// The token requests so far.
     pub fn token_requests(&self) -> Vec<Recorded> {
         self.requests()
@@ -222,6 +236,7 @@ fn record(state: &FakeState, path: &str, headers: HeaderMap, body: Bytes) {
         body,
         at: Instant::now(),
     });
+    state.recorded.send_modify(|n| *n += 1);
 }
 
 async fn answer(canned: Canned) -> Response {

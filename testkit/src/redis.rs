@@ -45,6 +45,18 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// The keys matching `pattern`, as `redis-cli --scan` lists them.
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "--scan", "--pattern", pattern])
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// Sets a configuration value at run time (`CONFIG SET name value`), as an operator would with redis-cli.
     pub fn config_set(&self, name: &str, value: &str) {
         let out = std::process::Command::new("redis-cli")

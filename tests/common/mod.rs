@@ -17,8 +17,8 @@ use capability_facade::{
 use clap::Parser;
 use serde_json::Value;
 pub use testkit::{
-    Canned, FakeSinch, KEY_ID, KEY_SECRET, PROJECT, basic_auth, capability_body, sign, signed_headers, unix_now,
-    webhook_url,
+    Canned, CapabilityCallback, FakeSinch, KEY_ID, KEY_SECRET, PROJECT, basic_auth, capability_body, sign,
+    signed_headers, unix_now, webhook_url,
 };
 use tokio::{net::TcpListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;

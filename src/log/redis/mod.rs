@@ -17,6 +17,7 @@
 //! round trip. Each replica runs one reader per shard (`XREAD BLOCK` on a connection of its own) that feeds its
 //! consumers in stream order; a starting or reconnecting reader reads back the retained stream.
 
+pub mod cache;
 mod connection;
 
 use std::{
@@ -37,7 +38,8 @@ use super::{
     Accepted, Consumer, Entry, Health, IdempotencyClaim, Nonce, NotificationReceived, QueryRecorded, Unavailable,
     codec, skipped, wall_clock_ms,
 };
-use crate::secret::Secret;
+use crate::{capability::CacheTtl, secret::Secret};
+use cache::RedisCache;
 use connection::{Connection, Connector, Target};
 pub use connection::{MIN_VERSION, UrlError};
 
@@ -121,6 +123,10 @@ pub struct RedisSettings {
     pub idempotency_window: Duration,
     /// How long a claim on a request_id lasts while its query is in flight.
     pub pending_claim: Duration,
+    /// How long cached results of each status live.
+    pub cache_ttl: CacheTtl,
+    /// The key that names cache entries; `None`: one kept in Redis.
+    pub cache_hash_key: Option<Secret>,
 }
 
 /// Why Redis cannot be used; found before any port is bound.
@@ -175,6 +181,8 @@ pub struct RedisLog {
     append: Script,
     claim_nonce: Script,
     restore: Script,
+    /// The capability cache and coalescing leases.
+    cache: RedisCache,
     /// The readers' last view of Redis, for logs, probes and the `capability_backplane_up` gauge: 0 not yet
     /// known, 1 up, 2 down.
     up: AtomicU8,
@@ -226,7 +234,14 @@ impl RedisLog {
                 }
             })
             .collect();
+        let cache = RedisCache::new(
+            commands.clone(),
+            settings.prefix.clone(),
+            settings.cache_ttl,
+            settings.cache_hash_key.clone(),
+        );
         Ok(RedisLog {
+            cache,
             connector,
             commands,
             settings,
@@ -244,6 +259,11 @@ impl RedisLog {
         for shard in 0..self.shards.len() {
             tasks.spawn(self.clone().read(shard, stop.clone()));
         }
+    }
+
+    /// The capability cache and coalescing leases in this Redis.
+    pub fn cache(&self) -> &RedisCache {
+        &self.cache
     }
 
     fn shard_of(&self, key: &str) -> usize {
@@ -287,6 +307,10 @@ impl RedisLog {
         let shard = &self.shards[index];
         let request_key = format!("{}:r:{}", shard.tag, hashed(&received.notification.request_id));
         let digest = received.digest.hex();
+        let cached = self
+            .cache
+            .keeps(&received.notification)
+            .then(|| received.notification.clone());
         let event = codec::encode(&codec::Event::NotificationReceived(Box::new(received)));
         for attempt in 0..2 {
             let epoch = match self.known_epoch(index) {
@@ -324,6 +348,12 @@ impl RedisLog {
                         digest,
                         request_key,
                     });
+                    if let Some(notification) = cached
+                        && let Err(e) = self.cache.store(&notification, offset).await
+                    {
+                        // The callback is in the log: a result missing from the cache only costs a query.
+                        tracing::warn!(error = %e, "a result could not be cached in Redis");
+                    }
                     return Ok(Accepted::Appended { offset });
                 }
                 [0, _] => return Ok(Accepted::Duplicate),

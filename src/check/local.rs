@@ -1,0 +1,172 @@
+//! The capability cache of a single replica: a bounded moka cache fed by the event log, each entry expiring with
+//! its status's time to live.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use moka::{Expiry, notification::RemovalCause, sync::Cache};
+
+use crate::{
+    capability::CacheTtl,
+    log::{
+        Consumer, Entry,
+        cached::{CachedResult, EntryKey, KeyHasher},
+    },
+};
+
+/// The most results one contact entry holds (a contact has a few channel identities).
+const MAX_CONTACT_RESULTS: usize = 64;
+
+/// A cache entry: one identity's result, or a contact's results.
+#[derive(Debug, Clone)]
+pub enum Cached {
+    One(CachedResult),
+    Contact(Vec<(EntryKey, CachedResult)>),
+}
+
+impl Cached {
+    /// When the entry's last result expires, in milliseconds since the Unix epoch.
+    fn expires_at_ms(&self) -> u64 {
+        match self {
+            Cached::One(r) => r.expires_at_ms,
+            Cached::Contact(results) => results.iter().map(|(_, r)| r.expires_at_ms).max().unwrap_or(0),
+        }
+    }
+}
+
+/// Each entry lives until its last result expires.
+struct UntilExpired;
+
+impl Expiry<EntryKey, Arc<Cached>> for UntilExpired {
+    fn expire_after_create(&self, _: &EntryKey, value: &Arc<Cached>, _: Instant) -> Option<Duration> {
+        Some(until(value))
+    }
+
+    fn expire_after_update(
+        &self,
+        _: &EntryKey,
+        value: &Arc<Cached>,
+        _: Instant,
+        _: Option<Duration>,
+    ) -> Option<Duration> {
+        Some(until(value))
+    }
+}
+
+fn until(value: &Cached) -> Duration {
+    Duration::from_millis(value.expires_at_ms().saturating_sub(crate::log::wall_clock_ms()))
+}
+
+/// See the module documentation.
+pub struct LocalCache {
+    entries: Cache<EntryKey, Arc<Cached>>,
+    hasher: KeyHasher,
+    ttl: CacheTtl,
+}
+
+impl LocalCache {
+    /// Holds at most `max_entries` entries (the least recently used go first past that).
+    pub fn new(ttl: CacheTtl, max_entries: u64) -> LocalCache {
+        LocalCache {
+            entries: Cache::builder()
+                .max_capacity(max_entries)
+                .expire_after(UntilExpired)
+                .eviction_listener(|_, _, cause| {
+                    if cause == RemovalCause::Size {
+                        metrics::counter!("capability_cache_evictions_total").increment(1);
+                    }
+                })
+                .build(),
+            hasher: KeyHasher::random(),
+            ttl,
+        }
+    }
+
+    pub fn hasher(&self) -> &KeyHasher {
+        &self.hasher
+    }
+
+    /// The entry under `key`, if any.
+    pub fn get(&self, key: &EntryKey) -> Option<Arc<Cached>> {
+        self.entries.get(key)
+    }
+
+    /// Removes identity entries `keys` and, when given, a contact's entry with the identity entries it lists.
+    /// Returns how many entries went.
+    pub fn remove(&self, keys: &[EntryKey], contact: Option<&EntryKey>) -> u64 {
+        let mut gone: Vec<EntryKey> = keys.to_vec();
+        if let Some(contact) = contact
+            && let Some(entry) = self.entries.remove(contact)
+        {
+            if let Cached::Contact(results) = &*entry {
+                gone.extend(results.iter().map(|(key, _)| *key));
+            }
+            gone.retain(|k| k != contact);
+            return 1 + self.remove_all(gone);
+        }
+        self.remove_all(gone)
+    }
+
+    fn remove_all(&self, mut keys: Vec<EntryKey>) -> u64 {
+        keys.sort_unstable();
+        keys.dedup();
+        keys.iter().filter(|key| self.entries.remove(*key).is_some()).count() as u64
+    }
+
+    /// How many entries it holds (approximately: expired ones go lazily).
+    pub fn len(&self) -> u64 {
+        self.entries.entry_count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn store(&self, result: CachedResult, identity: EntryKey, contact: Option<EntryKey>) {
+        let newer = |held: Option<&CachedResult>| held.is_none_or(|held| held.checked_at_ms <= result.checked_at_ms);
+        self.entries.entry(identity).and_compute_with(|held| {
+            let held = held.map(|e| e.into_value());
+            match held.as_deref() {
+                Some(Cached::One(held)) if !newer(Some(held)) => moka::ops::compute::Op::Nop,
+                _ => moka::ops::compute::Op::Put(Arc::new(Cached::One(result.clone()))),
+            }
+        });
+        let Some(contact) = contact else { return };
+        self.entries.entry(contact).and_compute_with(|held| {
+            let mut results = match held.map(|e| e.into_value()).as_deref() {
+                Some(Cached::Contact(results)) => results.clone(),
+                _ => Vec::new(),
+            };
+            let full = results.len() >= MAX_CONTACT_RESULTS;
+            match results.iter_mut().find(|(key, _)| *key == identity) {
+                Some((_, held)) if newer(Some(held)) => *held = result.clone(),
+                Some(_) => return moka::ops::compute::Op::Nop,
+                None if full => return moka::ops::compute::Op::Nop,
+                None => results.push((identity, result.clone())),
+            }
+            moka::ops::compute::Op::Put(Arc::new(Cached::Contact(results)))
+        });
+    }
+}
+
+impl Consumer for LocalCache {
+    fn apply(&self, entry: &Entry) {
+        let Entry::Notification(n) = entry else { return };
+        let notification = &n.notification;
+        let Some(result) = CachedResult::of(notification, n.offset, n.time_ms, &n.body, &self.ttl) else {
+            return;
+        };
+        let app = &notification.app_id;
+        let identity = self.hasher.identity(app, &notification.channel, &notification.identity);
+        let contact = Some(&notification.contact_id)
+            .filter(|c| !c.is_empty())
+            .map(|c| self.hasher.contact(app, c));
+        self.store(result, identity, contact);
+    }
+
+    fn advance(&self, _now_ms: u64) {
+        metrics::gauge!("capability_cache_entries").set(self.len() as f64);
+    }
+}

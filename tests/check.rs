@@ -1,0 +1,381 @@
+//! CheckCapability and InvalidateCapability as a caller sees them, against an independent fake Sinch that counts
+//! queries: callbacks are delivered by the test, signed, as Sinch would send them.
+
+mod common;
+
+use std::time::Duration;
+
+use capability_facade::grpc::pb::{
+    self, CapabilityStatus, Channel, ResultSource, capability_service_client::CapabilityServiceClient,
+};
+use common::{CapabilityCallback, FakeSinch, Service, contact, deliver, identities, redis::RedisServer};
+use tonic::{Code, transport::Channel as Transport};
+
+const NUMBER: &str = "46700000001";
+
+fn check(recipient: pb::Recipient) -> pb::CheckCapabilityRequest {
+    pb::CheckCapabilityRequest {
+        app_id: "APP-1".into(),
+        recipient: Some(recipient),
+        wait: Some(prost_types::Duration { seconds: 10, nanos: 0 }),
+        ..Default::default()
+    }
+}
+
+fn duration(d: Duration) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration::try_from(d).unwrap())
+}
+
+fn callback(request_id: &str, channel: &str, status: &str) -> Vec<u8> {
+    CapabilityCallback::new(request_id, channel, NUMBER, status).body()
+}
+
+/// The request_id and the (channel, identity) pairs of the `n`-th query the fake received (1-based).
+async fn nth_query(fake: &FakeSinch, n: usize) -> (String, Vec<String>) {
+    let body = fake.until_queries(n).await[n - 1].json();
+    let channels = body["recipient"]["identified_by"]["channel_identities"]
+        .as_array()
+        .map(|ids| {
+            ids.iter()
+                .map(|id| id["channel"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    (body["request_id"].as_str().unwrap().to_owned(), channels)
+}
+
+/// (channel, status, source) of each result, in order.
+fn summary(answer: &pb::CheckCapabilityResponse) -> Vec<(Channel, CapabilityStatus, ResultSource)> {
+    answer
+        .results
+        .iter()
+        .map(|r| {
+            let n = r.notification.as_ref().unwrap();
+            (n.channel(), n.capability_status(), r.source())
+        })
+        .collect()
+}
+
+async fn spawn_check(
+    mut client: CapabilityServiceClient<Transport>,
+    request: pb::CheckCapabilityRequest,
+) -> tokio::task::JoinHandle<Result<pb::CheckCapabilityResponse, tonic::Status>> {
+    tokio::spawn(async move { client.check_capability(request).await.map(|r| r.into_inner()) })
+}
+
+#[tokio::test]
+async fn a_live_answer_is_cached_and_a_partial_hit_asks_only_about_the_rest() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+
+    let first = spawn_check(
+        client.clone(),
+        check(identities(&[(Channel::Sms, NUMBER), (Channel::Rcs, NUMBER)])),
+    )
+    .await;
+    let (live_id, asked) = nth_query(&fake, 1).await;
+    assert_eq!(asked, ["SMS", "RCS"]);
+    assert_eq!(
+        deliver(service.webhook_addr, callback(&live_id, "RCS", "CAPABILITY_FULL")).await,
+        200
+    );
+    assert_eq!(
+        deliver(service.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await,
+        200
+    );
+    let answer = first.await.unwrap().unwrap();
+    assert!(answer.complete && answer.pending.is_empty(), "{answer:?}");
+    assert_eq!(answer.request_id, live_id);
+    use CapabilityStatus::Full;
+    assert_eq!(
+        summary(&answer),
+        [
+            (Channel::Sms, Full, ResultSource::Live),
+            (Channel::Rcs, Full, ResultSource::Live)
+        ],
+        "results come in the request's order"
+    );
+    assert!(answer.results.iter().all(|r| r.checked_at.is_some()));
+
+    // Two identities known, one not: only the third is asked about.
+    let partial = spawn_check(
+        client.clone(),
+        check(identities(&[
+            (Channel::Sms, NUMBER),
+            (Channel::Whatsapp, NUMBER),
+            (Channel::Rcs, NUMBER),
+        ])),
+    )
+    .await;
+    let (second_id, asked) = nth_query(&fake, 2).await;
+    assert_eq!(asked, ["WHATSAPP"]);
+    deliver(service.webhook_addr, callback(&second_id, "WHATSAPP", "NO_CAPABILITY")).await;
+    let answer = partial.await.unwrap().unwrap();
+    assert_eq!(
+        summary(&answer),
+        [
+            (Channel::Sms, Full, ResultSource::Cache),
+            (Channel::Whatsapp, CapabilityStatus::NoCapability, ResultSource::Live),
+            (Channel::Rcs, Full, ResultSource::Cache),
+        ]
+    );
+    let cached = &answer.results[0].notification.as_ref().unwrap();
+    assert_eq!(
+        (cached.request_id.as_str(), cached.identity.as_str()),
+        (live_id.as_str(), NUMBER)
+    );
+
+    // Everything fresh: answered without Sinch, and no request_id.
+    let hit = client
+        .check_capability(check(identities(&[
+            (Channel::Rcs, NUMBER),
+            (Channel::Whatsapp, NUMBER),
+        ])))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(hit.complete && hit.request_id.is_empty(), "{hit:?}");
+    assert!(hit.results.iter().all(|r| r.source() == ResultSource::Cache));
+    assert_eq!(fake.queries().len(), 2);
+
+    // max_age 0 asks Sinch whatever is cached.
+    let mut refresh = check(identities(&[(Channel::Rcs, NUMBER)]));
+    refresh.max_age = duration(Duration::ZERO);
+    let refreshed = spawn_check(client.clone(), refresh).await;
+    let (third_id, asked) = nth_query(&fake, 3).await;
+    assert_eq!(asked, ["RCS"]);
+    deliver(service.webhook_addr, callback(&third_id, "RCS", "CAPABILITY_PARTIAL")).await;
+    let answer = refreshed.await.unwrap().unwrap();
+    assert_eq!(
+        summary(&answer),
+        [(Channel::Rcs, CapabilityStatus::Partial, ResultSource::Live)]
+    );
+}
+
+#[tokio::test]
+async fn concurrent_checks_of_one_identity_share_one_query() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[]).await;
+    let client = service.client().await;
+    let mut checks = Vec::new();
+    for _ in 0..50 {
+        checks.push(spawn_check(client.clone(), check(identities(&[(Channel::Whatsapp, NUMBER)]))).await);
+    }
+    let (live_id, _) = nth_query(&fake, 1).await;
+    deliver(service.webhook_addr, callback(&live_id, "WHATSAPP", "CAPABILITY_FULL")).await;
+    let mut sources = Vec::new();
+    for check in checks {
+        let answer = check.await.unwrap().unwrap();
+        assert!(answer.complete);
+        assert_eq!(answer.request_id, live_id, "every check names the shared query");
+        sources.push(answer.results[0].source());
+    }
+    assert_eq!(fake.queries().len(), 1, "one query reached Sinch");
+    let live = sources.iter().filter(|s| **s == ResultSource::Live).count();
+    assert_eq!(
+        live, 1,
+        "the check that started the query sees LIVE, the others SHARED: {sources:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_silent_channel_is_pending_never_cached_and_asked_again() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let mut request = check(identities(&[(Channel::Sms, NUMBER), (Channel::Rcs, NUMBER)]));
+    request.wait = duration(Duration::from_millis(300));
+    let first = spawn_check(client.clone(), request.clone()).await;
+    let (live_id, _) = nth_query(&fake, 1).await;
+    deliver(service.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await;
+    let answer = first.await.unwrap().unwrap();
+    assert!(!answer.complete);
+    assert_eq!(answer.pending.len(), 1);
+    assert_eq!(answer.pending[0].channel(), Channel::Rcs);
+    assert_eq!(answer.recommended.len(), 1);
+    assert_eq!(answer.recommended[0].channel(), Channel::Sms);
+
+    // The lookup was joinable only for the first check's wait: RCS is asked about again, SMS is cached.
+    let again = spawn_check(client.clone(), request).await;
+    let (_, asked) = nth_query(&fake, 2).await;
+    assert_eq!(asked, ["RCS"]);
+    let answer = again.await.unwrap().unwrap();
+    assert_eq!(answer.pending.len(), 1);
+    assert_eq!(answer.results[0].source(), ResultSource::Cache);
+
+    // An UNKNOWN result is an answer, but not cached by default.
+    let mut unknown = check(identities(&[(Channel::Viberbm, NUMBER)]));
+    let first = spawn_check(client.clone(), unknown.clone()).await;
+    let (live_id, _) = nth_query(&fake, 3).await;
+    deliver(
+        service.webhook_addr,
+        callback(&live_id, "VIBERBM", "CAPABILITY_UNKNOWN"),
+    )
+    .await;
+    assert!(first.await.unwrap().unwrap().complete);
+    unknown.wait = duration(Duration::from_millis(50));
+    let answer = client.check_capability(unknown).await.unwrap().into_inner();
+    assert_eq!(answer.pending.len(), 1);
+    assert_eq!(fake.queries().len(), 4, "an UNKNOWN result was asked about again");
+}
+
+#[tokio::test]
+async fn a_contact_check_settles_after_its_last_result_and_is_then_answered_from_the_cache() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &["--check-settle=200ms"]).await;
+    let mut client = service.client().await;
+    let first = spawn_check(client.clone(), check(contact("CONTACT-1"))).await;
+    let (live_id, _) = nth_query(&fake, 1).await;
+    for channel in ["WHATSAPP", "SMS"] {
+        let body = CapabilityCallback::new(&live_id, channel, NUMBER, "CAPABILITY_FULL")
+            .contact_id("CONTACT-1")
+            .body();
+        deliver(service.webhook_addr, body).await;
+    }
+    let answer = first.await.unwrap().unwrap();
+    assert!(!answer.complete, "a contact's channels are not known in advance");
+    assert_eq!(answer.results.len(), 2);
+    assert_eq!(
+        answer.recommended.iter().map(|id| id.channel()).collect::<Vec<_>>(),
+        [Channel::Whatsapp, Channel::Sms],
+        "the default preference puts rich channels first and SMS last"
+    );
+
+    let cached = client
+        .check_capability(check(contact("CONTACT-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cached.results.len(), 2);
+    assert!(cached.results.iter().all(|r| r.source() == ResultSource::Cache));
+    assert_eq!(fake.queries().len(), 1);
+
+    // The caller's preference orders the recommendation.
+    let mut preferred = check(contact("CONTACT-1"));
+    preferred.channel_preference = vec![Channel::Sms.into()];
+    let answer = client.check_capability(preferred).await.unwrap().into_inner();
+    assert_eq!(answer.recommended[0].channel(), Channel::Sms);
+
+    // Invalidating the contact removes its entry and its identities' entries.
+    let removed = client
+        .invalidate_capability(pb::InvalidateCapabilityRequest {
+            app_id: "APP-1".into(),
+            recipient: Some(contact("CONTACT-1")),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .removed;
+    assert_eq!(removed, 3);
+    let mut short = check(identities(&[(Channel::Sms, NUMBER)]));
+    short.wait = duration(Duration::from_millis(50));
+    let answer = client.check_capability(short).await.unwrap().into_inner();
+    assert_eq!(answer.pending.len(), 1, "asked again after the invalidation");
+    assert_eq!(fake.queries().len(), 2);
+}
+
+#[tokio::test]
+async fn bad_checks_and_invalidations_are_refused_naming_the_field() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let negative = prost_types::Duration { seconds: -1, nanos: 0 };
+    let cases: Vec<(pb::CheckCapabilityRequest, &str)> = vec![
+        (
+            pb::CheckCapabilityRequest {
+                max_age: Some(negative),
+                ..check(contact("C"))
+            },
+            "max_age",
+        ),
+        (
+            pb::CheckCapabilityRequest {
+                wait: Some(negative),
+                ..check(contact("C"))
+            },
+            "wait",
+        ),
+        (
+            pb::CheckCapabilityRequest {
+                channel_preference: vec![0],
+                ..check(contact("C"))
+            },
+            "channel_preference[0]",
+        ),
+        (
+            pb::CheckCapabilityRequest {
+                recipient: None,
+                ..check(contact("C"))
+            },
+            "recipient",
+        ),
+    ];
+    for (request, field) in cases {
+        let status = client.check_capability(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{field}: {status:?}");
+        assert!(status.message().contains(field), "{field}: {}", status.message());
+    }
+    let status = client
+        .invalidate_capability(pb::InvalidateCapabilityRequest {
+            app_id: "APP-1".into(),
+            recipient: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("recipient"), "{}", status.message());
+    assert!(fake.queries().is_empty(), "nothing reached Sinch");
+}
+
+#[tokio::test]
+async fn replicas_share_the_cache_the_coalescing_and_the_invalidation() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let url = format!("--redis-url={}", redis.url());
+    let (a, b) = (
+        Service::against(&fake, &[&url]).await,
+        Service::against(&fake, &[&url]).await,
+    );
+    let (mut on_a, mut on_b) = (a.client().await, b.client().await);
+
+    // A check on A sends the query; a check on B meanwhile joins it instead of asking again.
+    let request = check(identities(&[(Channel::Rcs, NUMBER)]));
+    let first = spawn_check(on_a.clone(), request.clone()).await;
+    let (live_id, _) = nth_query(&fake, 1).await;
+    let mut joining = request.clone();
+    joining.wait = duration(Duration::from_millis(300));
+    let joined = on_b.check_capability(joining).await.unwrap().into_inner();
+    assert_eq!(joined.request_id, live_id, "{joined:?}");
+    assert_eq!(joined.pending.len(), 1);
+    assert_eq!(fake.queries().len(), 1, "B joined A's query");
+    // The callback reaches replica B; A's check answers.
+    deliver(b.webhook_addr, callback(&live_id, "RCS", "CAPABILITY_FULL")).await;
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.results[0].source(), ResultSource::Live);
+
+    // The result is cached for both.
+    for client in [&mut on_a, &mut on_b] {
+        let hit = client.check_capability(request.clone()).await.unwrap().into_inner();
+        assert_eq!(hit.results[0].source(), ResultSource::Cache);
+    }
+    // Invalidated on A, gone on B.
+    let removed = on_a
+        .invalidate_capability(pb::InvalidateCapabilityRequest {
+            app_id: "APP-1".into(),
+            recipient: Some(identities(&[(Channel::Rcs, NUMBER)])),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .removed;
+    assert_eq!(removed, 1);
+    let mut short = request;
+    short.wait = duration(Duration::from_millis(50));
+    let answer = on_b.check_capability(short).await.unwrap().into_inner();
+    assert_eq!(answer.pending.len(), 1);
+    assert_eq!(fake.queries().len(), 2);
+    for key in redis.keys("*") {
+        assert!(!key.contains(NUMBER), "a raw number in a Redis key: {key}");
+    }
+}
