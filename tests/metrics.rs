@@ -3,7 +3,7 @@
 
 mod common;
 
-use capability_facade::grpc::pb::Channel;
+use capability_facade::grpc::pb::{self, Channel};
 use common::{
     Canned, FakeSinch, Service, capability_body, deliver, drain, identities, post_webhook, query, reqwest_client,
     watch_request,
@@ -39,6 +39,33 @@ async fn metrics_after_real_traffic_carry_every_series() {
     let headers = [("content-type", "application/json".to_owned())];
     assert_eq!(post_webhook(service.webhook_addr, bad, &headers).await, 401);
 
+    // Checks: the callback above is cached; RCS is not, and two checks of WhatsApp at once share one lookup.
+    let check = |channel: Channel, wait_ms: u64| pb::CheckCapabilityRequest {
+        app_id: "APP-1".into(),
+        recipient: Some(identities(&[(channel, "46700000001")])),
+        wait: Some(prost_types::Duration::try_from(std::time::Duration::from_millis(wait_ms)).unwrap()),
+        ..Default::default()
+    };
+    let hit = client
+        .check_capability(check(Channel::Sms, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hit.results.len(), 1);
+    client.check_capability(check(Channel::Rcs, 0)).await.unwrap();
+    let mut other = client.clone();
+    let first = tokio::spawn(async move { other.check_capability(check(Channel::Whatsapp, 10_000)).await });
+    // The query of "metrics" was sent twice (the 503, then the retry), then RCS's: WhatsApp's is the fourth.
+    fake.until_queries(4).await;
+    client.check_capability(check(Channel::Whatsapp, 0)).await.unwrap();
+    let live_id = fake.queries()[3].json()["request_id"].as_str().unwrap().to_owned();
+    deliver(
+        service.webhook_addr,
+        capability_body(&live_id, "WHATSAPP", "46700000001", "CAPABILITY_FULL"),
+    )
+    .await;
+    first.await.unwrap().unwrap();
+
     let http = reqwest_client();
     let admin = |path: &str| format!("http://{}{path}", service.admin_addr);
     let metrics = http.get(admin("/metrics")).send().await.unwrap().text().await.unwrap();
@@ -48,10 +75,16 @@ async fn metrics_after_real_traffic_carry_every_series() {
         (r#"capability_queries_total{outcome="invalid_argument"}"#, 1),
         ("capability_upstream_retries_total", 1),
         (r#"capability_token_refreshes_total{result="ok"}"#, 1),
-        (r#"capability_webhooks_total{result="accepted"}"#, 1),
+        (r#"capability_webhooks_total{result="accepted"}"#, 2),
         (r#"capability_webhooks_total{result="missing_signature"}"#, 1),
         ("capability_notifications_delivered_total", 1),
         ("capability_delivery_latency_seconds_count", 1),
+        ("capability_cache_hits_total", 1),
+        ("capability_cache_misses_total", 3),
+        ("capability_coalesced_total", 1),
+        // The hit, and the check that joined instead of asking.
+        ("capability_live_queries_saved_total", 2),
+        (r#"capability_checks_total{outcome="ok"}"#, 4),
     ] {
         let line = format!("{series} {count}");
         assert!(

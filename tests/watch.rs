@@ -304,10 +304,33 @@ async fn the_readme_check_shows_both_results_from_the_real_binary() {
         "{stdout}{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let rows: Vec<&str> = stdout.lines().filter(|l| l.contains("46712312312")).collect();
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("46712312312") && !l.starts_with("--"))
+        .collect();
     assert_eq!(rows.len(), 2, "{stdout}");
-    assert!(rows.iter().all(|r| r.contains("FULL")), "{stdout}");
-    assert!(stdout.contains("complete"), "{stdout}");
+    assert!(
+        rows.iter().all(|r| r.contains("FULL") && r.contains("live")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("-- complete"), "{stdout}");
+    assert!(
+        stdout.contains("-- recommended: RCS:46712312312, WHATSAPP:46712312312"),
+        "rich channels in the default order: {stdout}"
+    );
+
+    // Asked again: from the cache, without a request_id.
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_capability-facade"))
+        .args(["check", "--addr", &process.url(), "--identity", "RCS:46712312312"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("every result from the cache"), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("RCS") && l.contains("cache")),
+        "{stdout}"
+    );
 
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_capability-facade"))
         .args([
@@ -326,7 +349,13 @@ async fn the_readme_check_shows_both_results_from_the_real_binary() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines[1]["reason"], "RECIPIENT_NOT_REACHABLE");
+    assert_eq!(lines[1]["source"], "live");
     assert_eq!(lines[2]["completion"], "ALL_CHANNELS_REPORTED");
+    assert_eq!(
+        lines[2]["recommended"],
+        serde_json::json!([]),
+        "NO_CAPABILITY is never recommended"
+    );
 }
 
 #[tokio::test]

@@ -83,6 +83,8 @@ pub struct CheckAnswer {
     pub recommended: Vec<ChannelIdentity>,
     /// The live query's request_id; empty when every result came from the cache.
     pub request_id: String,
+    /// Whether this check sent a query to Sinch.
+    asked: bool,
 }
 
 /// Why a check failed.
@@ -324,7 +326,7 @@ impl Checker {
         answer.recommended = recommend(&answer.results, preference);
         let from_cache = answer.results.iter().filter(|r| r.source == Source::Cache).count();
         metrics::counter!("capability_cache_hits_total").increment(from_cache as u64);
-        if answer.request_id.is_empty() || answer.results.iter().all(|r| r.source != Source::Live) {
+        if !answer.asked {
             metrics::counter!("capability_live_queries_saved_total").increment(1);
         }
         Ok(answer)
@@ -375,7 +377,10 @@ impl Checker {
             let send = Recipient::IdentifiedBy(to_send.iter().map(|i| ids[*i].clone()).collect());
             let accepted = self.ask(request, &leases.request_id, send, deadline, trace).await?;
             live_id = accepted.clone();
-            waiting.entry(accepted.into()).or_default().extend(to_send);
+            waiting
+                .entry(accepted.into())
+                .or_default()
+                .extend(to_send.iter().copied());
         }
         let request_id = match live_id.is_empty() {
             false => live_id,
@@ -396,6 +401,7 @@ impl Checker {
             results: slots.into_iter().flatten().collect(),
             request_id,
             recommended: Vec::new(),
+            asked: !to_send.is_empty(),
         })
     }
 
@@ -412,10 +418,10 @@ impl Checker {
     ) -> Result<CheckAnswer, CheckError> {
         let key = hasher.contact(&request.app_id, contact);
         // The lease first: a contact's entry fills while its query is in flight, and is whole only after.
-        let holder = match self.lease(key, leases, until).await {
+        let (holder, asked) = match self.lease(key, leases, until).await {
             Flight::Joined(holder) => {
                 metrics::counter!("capability_coalesced_total").increment(1);
-                holder
+                (holder, false)
             }
             Flight::Started => {
                 if !request.max_age.is_zero() {
@@ -439,9 +445,8 @@ impl Checker {
                 }
                 metrics::counter!("capability_cache_misses_total").increment(1);
                 let send = Recipient::ContactId(contact.to_owned());
-                self.ask(request, &leases.request_id, send, deadline, trace)
-                    .await?
-                    .into()
+                let accepted = self.ask(request, &leases.request_id, send, deadline, trace).await?;
+                (accepted.into(), true)
             }
         };
         let mut results = Vec::new();
@@ -450,6 +455,7 @@ impl Checker {
         Ok(CheckAnswer {
             results,
             request_id: holder.to_string(),
+            asked,
             ..CheckAnswer::default()
         })
     }

@@ -49,37 +49,97 @@ pub async fn watch(args: WatchArgs) -> ExitCode {
     print_watch(&mut client, request, args.json).await
 }
 
-/// `capability-facade check`: query, then watch.
+/// `capability-facade check`: one CheckCapability; each result with its source and age, then the recommendation.
 pub async fn check(args: CheckArgs) -> ExitCode {
     let json = args.query.json;
-    let mut client = match args.query.connect.connect().await {
-        Ok(c) => c,
+    let result = async {
+        let mut client = args.query.connect.connect().await?;
+        client.check(args.request()).await
+    }
+    .await;
+    let answer = match result {
+        Ok(answer) => answer,
         Err(e) => {
             eprintln!("check failed: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let answer = match client.query(args.query.request()).await {
-        Ok(answer) => answer,
-        Err(e) => {
-            eprintln!("query failed: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let request_id = Some(answer.request_id.as_str()).filter(|id| !id.is_empty());
     if json {
-        println!("{}", serde_json::json!({"request_id": answer.request_id}));
+        println!("{}", serde_json::json!({ "request_id": answer.request_id }));
     } else {
-        println!("request_id {}", answer.request_id);
+        println!("request_id {}", request_id.unwrap_or("- (every result from the cache)"));
+        println!(
+            "{:<12} {:<16} {:<20} {:<8} {:<8} DETAIL",
+            "CHANNEL", "IDENTITY", "STATUS", "SOURCE", "AGE"
+        );
     }
-    let request = pb::WatchCapabilityRequest {
-        request_id: answer.request_id,
-        after_offset: 0,
-        wait: Some(prost_duration(args.wait)),
+    let now = std::time::SystemTime::now();
+    for result in &answer.results {
+        let Some(n) = &result.notification else { continue };
+        let source = result
+            .source()
+            .as_str_name()
+            .trim_start_matches("RESULT_SOURCE_")
+            .to_ascii_lowercase();
+        let age = result
+            .checked_at
+            .and_then(|t| std::time::SystemTime::try_from(t).ok())
+            .and_then(|t| now.duration_since(t).ok())
+            .unwrap_or_default();
+        print_result(n, &source, age, json);
+    }
+    let identities = |ids: &[pb::ChannelIdentity]| -> Vec<String> {
+        ids.iter()
+            .map(|id| format!("{}:{}", id.channel_raw, id.identity))
+            .collect()
     };
-    print_watch(&mut client, request, json).await
+    let (pending, recommended) = (identities(&answer.pending), identities(&answer.recommended));
+    if json {
+        let completion = if answer.complete {
+            "ALL_CHANNELS_REPORTED"
+        } else {
+            "WAIT_ELAPSED"
+        };
+        println!(
+            "{}",
+            serde_json::json!({"completion": completion, "complete": answer.complete, "pending": pending,
+                "recommended": recommended})
+        );
+        return ExitCode::SUCCESS;
+    }
+    if answer.complete {
+        println!("-- complete");
+    } else if pending.is_empty() {
+        println!("-- the results that came within the wait (a contact's channels are not known in advance)");
+    } else {
+        println!("-- wait elapsed; no answer yet from {}", pending.join(", "));
+    }
+    match recommended.is_empty() {
+        true => println!("-- no reachable channel"),
+        false => println!("-- recommended: {}", recommended.join(", ")),
+    }
+    ExitCode::SUCCESS
 }
 
-fn prost_duration(d: Duration) -> prost_types::Duration {
+/// One result of a check, with where it came from and how old it is.
+fn print_result(n: &pb::CapabilityNotification, source: &str, age: Duration, json: bool) {
+    if json {
+        let mut line = notification_json(n);
+        line["source"] = source.into();
+        line["age_ms"] = (age.as_millis() as u64).into();
+        println!("{line}");
+        return;
+    }
+    let (status, detail) = status_and_detail(n);
+    let age = humantime::format_duration(Duration::from_secs(age.as_secs())).to_string();
+    println!(
+        "{:<12} {:<16} {:<20} {:<8} {:<8} {}",
+        n.channel_raw, n.identity, status, source, age, detail
+    );
+}
+
+pub(super) fn prost_duration(d: Duration) -> prost_types::Duration {
     prost_types::Duration {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,
@@ -136,17 +196,26 @@ async fn print_watch(client: &mut Client, request: pb::WatchCapabilityRequest, j
 }
 
 fn print_notification(n: &pb::CapabilityNotification, json: bool) {
-    let status = n.capability_status_raw.as_str();
-    let reason = n.reason.as_ref().map(|r| r.code.as_str()).unwrap_or_default();
     if json {
-        println!(
-            "{}",
-            serde_json::json!({"offset": n.offset, "request_id": n.request_id, "channel": n.channel_raw,
-                "identity": n.identity, "contact_id": n.contact_id, "capability_status": status,
-                "channel_capabilities": n.channel_capabilities, "reason": reason})
-        );
+        println!("{}", notification_json(n));
         return;
     }
+    let (status, detail) = status_and_detail(n);
+    println!("{:<12} {:<16} {:<20} {}", n.channel_raw, n.identity, status, detail);
+}
+
+fn notification_json(n: &pb::CapabilityNotification) -> serde_json::Value {
+    let reason = n.reason.as_ref().map(|r| r.code.as_str()).unwrap_or_default();
+    serde_json::json!({"offset": n.offset, "request_id": n.request_id, "channel": n.channel_raw,
+        "identity": n.identity, "contact_id": n.contact_id, "capability_status": n.capability_status_raw,
+        "channel_capabilities": n.channel_capabilities, "reason": reason})
+}
+
+/// The status as a table shows it (`FULL`, `PARTIAL`, `NONE`, `UNKNOWN`) and its detail: the capabilities, else
+/// the reason.
+fn status_and_detail(n: &pb::CapabilityNotification) -> (String, String) {
+    let status = n.capability_status_raw.as_str();
+    let reason = n.reason.as_ref().map(|r| r.code.as_str()).unwrap_or_default();
     let detail = if n.channel_capabilities.is_empty() {
         reason.to_owned()
     } else {
@@ -156,5 +225,5 @@ fn print_notification(n: &pb::CapabilityNotification, json: bool) {
         .strip_prefix("CAPABILITY_")
         .unwrap_or(status)
         .replace("NO_CAPABILITY", "NONE");
-    println!("{:<12} {:<16} {:<20} {}", n.channel_raw, n.identity, status, detail);
+    (status, detail)
 }

@@ -41,7 +41,8 @@ pub enum Command {
     Query(QueryArgs),
     /// Stream the results of a query by request_id until the answer is complete.
     Watch(WatchArgs),
-    /// Query, then watch the results as they arrive: a table of channel → status.
+    /// Ask in one call (CheckCapability): a table of channel → status, where each result came from and its age,
+    /// and the recommended channels.
     Check(CheckArgs),
     /// Run the Sinch sandbox on its own, as an upstream for load tests.
     Sandbox(SandboxArgs),
@@ -197,10 +198,15 @@ pub struct WatchArgs {
 pub struct CheckArgs {
     #[command(flatten)]
     pub query: QueryArgs,
-    /// How long to wait for every channel (contact_id queries always wait this long: their channels are not
-    /// known in advance).
+    /// How long to wait for live results (a contact_id check returns earlier once its results stop coming).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub wait: Duration,
+    /// The oldest cached result accepted (the server's default when absent).
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "refresh")]
+    pub max_age: Option<Duration>,
+    /// Ask Sinch whatever is cached (max_age 0s).
+    #[arg(long)]
+    pub refresh: bool,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -231,6 +237,25 @@ fn parse_identity(value: &str) -> Result<pb::ChannelIdentity, String> {
             _ => String::new(),
         },
     })
+}
+
+impl CheckArgs {
+    fn request(&self) -> pb::CheckCapabilityRequest {
+        let query = self.query.request();
+        let max_age = if self.refresh {
+            Some(Duration::ZERO)
+        } else {
+            self.max_age
+        };
+        pb::CheckCapabilityRequest {
+            app_id: query.app_id,
+            recipient: query.recipient,
+            max_age: max_age.map(client::prost_duration),
+            wait: Some(client::prost_duration(self.wait)),
+            channel_preference: Vec::new(),
+            request_id: query.request_id,
+        }
+    }
 }
 
 impl QueryArgs {

@@ -78,6 +78,17 @@ impl Client {
     }
 }
 
+impl Client {
+    pub async fn check(&mut self, request: pb::CheckCapabilityRequest) -> Result<pb::CheckCapabilityResponse, String> {
+        let request = self.request(request)?;
+        self.inner
+            .check_capability(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(describe)
+    }
+}
+
 /// The messages of a watch, with statuses as readable errors.
 pub type Watching = futures::stream::BoxStream<'static, Result<pb::WatchCapabilityResponse, String>>;
 
