@@ -170,3 +170,91 @@ impl Consumer for LocalCache {
         metrics::gauge!("capability_cache_entries").set(self.len() as f64);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        capability::{CapabilityStatus, Channel, Notification},
+        log::{NotificationEntry, codec},
+    };
+
+    fn entry(identity: &str, contact: &str, status: CapabilityStatus, time_ms: u64) -> Entry {
+        let notification = Notification {
+            request_id: format!("r{time_ms}"),
+            contact_id: contact.into(),
+            channel: Channel::Sms,
+            identity: identity.into(),
+            capability_status: status,
+            channel_capabilities: Vec::new(),
+            reason: None,
+            channel_recipient_identities: Vec::new(),
+            app_id: "app".into(),
+            project_id: String::new(),
+            accepted_time: None,
+            event_time: None,
+            message_metadata: String::new(),
+            correlation_id: String::new(),
+            received_time: codec::log_time(time_ms),
+        };
+        Entry::Notification(NotificationEntry {
+            time_ms,
+            offset: 1,
+            body: codec::encode_body(&notification).into(),
+            notification: Arc::new(notification),
+        })
+    }
+
+    fn held(cache: &LocalCache, identity: &str) -> Option<CachedResult> {
+        match cache.get(&cache.hasher().identity("app", &Channel::Sms, identity)).as_deref() {
+            Some(Cached::One(result)) => Some(result.clone()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_late_older_result_does_not_replace_a_newer_one() {
+        let cache = LocalCache::new(CacheTtl::default(), 100);
+        let now = crate::log::wall_clock_ms();
+        cache.apply(&entry("46700000001", "", CapabilityStatus::Full, now));
+        cache.apply(&entry("46700000001", "", CapabilityStatus::NoCapability, now - 1_000));
+        assert_eq!(held(&cache, "46700000001").unwrap().request_id, format!("r{now}"));
+        cache.apply(&entry("46700000001", "", CapabilityStatus::Partial, now + 1));
+        assert_eq!(held(&cache, "46700000001").unwrap().request_id, format!("r{}", now + 1));
+    }
+
+    #[test]
+    fn statuses_without_a_ttl_are_not_cached() {
+        let cache = LocalCache::new(CacheTtl::default(), 100);
+        let now = crate::log::wall_clock_ms();
+        cache.apply(&entry("46700000001", "", CapabilityStatus::Unknown, now));
+        cache.apply(&entry("46700000002", "", CapabilityStatus::Other("NEW".into()), now));
+        assert!(held(&cache, "46700000001").is_none() && held(&cache, "46700000002").is_none());
+    }
+
+    #[test]
+    fn a_contact_entry_gathers_its_identities_and_goes_with_them() {
+        let cache = LocalCache::new(CacheTtl::default(), 100);
+        let now = crate::log::wall_clock_ms();
+        cache.apply(&entry("46700000001", "C1", CapabilityStatus::Full, now));
+        cache.apply(&entry("46700000002", "C1", CapabilityStatus::Full, now));
+        let contact = cache.hasher().contact("app", "C1");
+        let Some(Cached::Contact(results)) = cache.get(&contact).as_deref().cloned() else {
+            panic!("no contact entry")
+        };
+        assert_eq!(results.len(), 2);
+        assert_eq!(cache.remove(&[], Some(&contact)), 3);
+        assert!(held(&cache, "46700000001").is_none());
+    }
+
+    #[test]
+    fn the_cache_holds_no_more_than_its_bound_whatever_arrives() {
+        let cache = LocalCache::new(CacheTtl::default(), 1_000);
+        let now = crate::log::wall_clock_ms();
+        for i in 0..20_000 {
+            cache.apply(&entry(&format!("467{i:08}"), "", CapabilityStatus::Full, now));
+        }
+        cache.entries.run_pending_tasks();
+        assert!(cache.len() <= 1_000, "{}", cache.len());
+    }
+}

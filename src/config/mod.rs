@@ -842,6 +842,7 @@ mod tests {
     use clap::{CommandFactory, Parser};
 
     use super::*;
+    use crate::capability::CapabilityStatus;
 
     #[derive(Parser)]
     struct Cli {
@@ -929,10 +930,37 @@ mod tests {
             ("--grpc-max-connections=0", GRPC_MAX_CONNECTIONS),
             ("--webhook-max-connections=-1", WEBHOOK_MAX_CONNECTIONS),
             ("--admin-max-connections=lots", ADMIN_MAX_CONNECTIONS),
+            ("--cache-ttl=CAPABILITY_GREAT=1h", CACHE_TTL),
+            ("--cache-ttl=CAPABILITY_FULL", CACHE_TTL),
+            ("--cache-ttl=CAPABILITY_FULL=31d", CACHE_TTL),
+            ("--cache-max-age=-1s", CACHE_MAX_AGE),
+            ("--cache-max-entries=0", CACHE_MAX_ENTRIES),
+            ("--check-wait=1h", CHECK_WAIT),
+            ("--check-settle=0s", CHECK_SETTLE),
+            ("--channel-preference=RCS,PIGEON", CHANNEL_PREFERENCE),
+            ("--channel-preference=RCS,RCS", CHANNEL_PREFERENCE),
+            ("--cache-hash-key=k\u{1}", CACHE_HASH_KEY),
         ];
         for (flag, variable) in cases {
             assert_eq!(with_creds(flag).unwrap_err().variable, *variable, "{flag}");
         }
+    }
+
+    #[test]
+    fn a_partial_cache_ttl_overrides_only_the_statuses_it_names() {
+        let defaults = parse(&[]).unwrap().check;
+        assert_eq!(defaults.ttl, CacheTtl::default());
+        assert_eq!(defaults.ttl.of(&CapabilityStatus::Unknown), None, "UNKNOWN is not cached by default");
+        let ttl = parse(&["--cache-ttl=NO_CAPABILITY=1h, CAPABILITY_UNKNOWN=5m"]).unwrap().check.ttl;
+        assert_eq!(ttl.of(&CapabilityStatus::NoCapability), Some(Duration::from_secs(3600)));
+        assert_eq!(ttl.of(&CapabilityStatus::Unknown), Some(Duration::from_secs(300)));
+        assert_eq!(ttl.of(&CapabilityStatus::Full), Some(Duration::from_secs(86_400)));
+        assert_eq!(ttl.of(&CapabilityStatus::Other("NEW".into())), None, "an unknown status is never cached");
+        assert_eq!(
+            defaults.channel_preference.0.last(),
+            Some(&crate::capability::Channel::Sms),
+            "SMS last"
+        );
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! | `{prefix:N}:n:<hash of nonce>` | a claimed nonce, for as long as its timestamp would pass |
 //! | `{prefix:N}:epoch` | a value set once per dataset: another value means Redis lost its data |
 //! | `prefix:idem:<hash of request_id>` | a caller-chosen request_id's claim and answer (no tag: spread over slots) |
+//! | `prefix:c:…`, `prefix:cc:…`, `prefix:lease:…` | the capability cache and coalescing leases ([`cache`]) |
 //!
 //! Appending a notification is one script: it checks the epoch, claims the nonce, drops a duplicate digest or
 //! a request over the cap, assigns the next offset and `XADD`s (trimmed by `MINID`, by Redis's clock) — one
