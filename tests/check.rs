@@ -331,8 +331,23 @@ async fn bad_checks_and_invalidations_are_refused_naming_the_field() {
 #[tokio::test]
 async fn replicas_share_the_cache_the_coalescing_and_the_invalidation() {
     let redis = RedisServer::start().await;
+    replicas_share(&redis.url()).await;
+    for key in redis.keys("*") {
+        assert!(!key.contains(NUMBER), "a raw number in a Redis key: {key}");
+    }
+}
+
+#[tokio::test]
+async fn replicas_share_the_cache_on_a_redis_cluster() {
+    let cluster = testkit::RedisCluster::start(3).await;
+    replicas_share(&cluster.urls().join(",")).await;
+}
+
+/// Two replicas on the Redis at `redis_url`: a check on one joins the other's query, both read the result one of
+/// them cached, and an invalidation on one is seen by the other.
+async fn replicas_share(redis_url: &str) {
     let fake = FakeSinch::start().await;
-    let url = format!("--redis-url={}", redis.url());
+    let url = format!("--redis-url={redis_url}");
     let (a, b) = (
         Service::against(&fake, &[&url]).await,
         Service::against(&fake, &[&url]).await,
@@ -375,7 +390,24 @@ async fn replicas_share_the_cache_the_coalescing_and_the_invalidation() {
     let answer = on_b.check_capability(short).await.unwrap().into_inner();
     assert_eq!(answer.pending.len(), 1);
     assert_eq!(fake.queries().len(), 2);
-    for key in redis.keys("*") {
-        assert!(!key.contains(NUMBER), "a raw number in a Redis key: {key}");
-    }
+}
+
+#[tokio::test]
+async fn a_check_answers_before_the_callers_deadline_with_what_it_has() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    // The server's wait (10 s) is longer than the caller's deadline: the answer comes before the deadline.
+    let mut request = tonic::Request::new(pb::CheckCapabilityRequest {
+        wait: None,
+        ..check(identities(&[(Channel::Sms, NUMBER)]))
+    });
+    request.set_timeout(Duration::from_millis(500));
+    let answer = client.check_capability(request).await.unwrap().into_inner();
+    assert!(!answer.complete);
+    assert_eq!(answer.pending.len(), 1);
+    assert_eq!(
+        answer.request_id,
+        fake.queries()[0].json()["request_id"].as_str().unwrap()
+    );
 }

@@ -206,7 +206,10 @@ mod tests {
     }
 
     fn held(cache: &LocalCache, identity: &str) -> Option<CachedResult> {
-        match cache.get(&cache.hasher().identity("app", &Channel::Sms, identity)).as_deref() {
+        match cache
+            .get(&cache.hasher().identity("app", &Channel::Sms, identity))
+            .as_deref()
+        {
             Some(Cached::One(result)) => Some(result.clone()),
             _ => None,
         }

@@ -950,12 +950,23 @@ mod tests {
     fn a_partial_cache_ttl_overrides_only_the_statuses_it_names() {
         let defaults = parse(&[]).unwrap().check;
         assert_eq!(defaults.ttl, CacheTtl::default());
-        assert_eq!(defaults.ttl.of(&CapabilityStatus::Unknown), None, "UNKNOWN is not cached by default");
-        let ttl = parse(&["--cache-ttl=NO_CAPABILITY=1h, CAPABILITY_UNKNOWN=5m"]).unwrap().check.ttl;
+        assert_eq!(
+            defaults.ttl.of(&CapabilityStatus::Unknown),
+            None,
+            "UNKNOWN is not cached by default"
+        );
+        let ttl = parse(&["--cache-ttl=NO_CAPABILITY=1h, CAPABILITY_UNKNOWN=5m"])
+            .unwrap()
+            .check
+            .ttl;
         assert_eq!(ttl.of(&CapabilityStatus::NoCapability), Some(Duration::from_secs(3600)));
         assert_eq!(ttl.of(&CapabilityStatus::Unknown), Some(Duration::from_secs(300)));
         assert_eq!(ttl.of(&CapabilityStatus::Full), Some(Duration::from_secs(86_400)));
-        assert_eq!(ttl.of(&CapabilityStatus::Other("NEW".into())), None, "an unknown status is never cached");
+        assert_eq!(
+            ttl.of(&CapabilityStatus::Other("NEW".into())),
+            None,
+            "an unknown status is never cached"
+        );
         assert_eq!(
             defaults.channel_preference.0.last(),
             Some(&crate::capability::Channel::Sms),
