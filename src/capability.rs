@@ -233,6 +233,17 @@ pub enum Recipient {
     IdentifiedBy(Vec<ChannelIdentity>),
 }
 
+impl Recipient {
+    /// How many channel identities a query of it asks about (a contact counts as one: its channels are not known
+    /// in advance).
+    pub fn identities(&self) -> u32 {
+        match self {
+            Recipient::ContactId(_) => 1,
+            Recipient::IdentifiedBy(ids) => ids.len() as u32,
+        }
+    }
+}
+
 impl fmt::Debug for Recipient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -83,6 +83,7 @@ pub struct Service {
     log: Arc<EventLog>,
     queries: Arc<query::Queries>,
     checker: Arc<check::Checker>,
+    jobs: Arc<check::bulk::Jobs>,
     /// The Sinch client (shared with `queries`), for the start-up check of the webhook registration.
     upstream: Arc<upstream::SinchClient>,
     tls: Option<tls::TlsFiles>,
@@ -154,10 +155,12 @@ impl Service {
             config.check.ttl,
             config.check.max_entries,
         ));
-        let mut consumers: Vec<Arc<dyn Consumer>> = vec![hub.clone()];
+        // The cache before the hub: a check that sees a result on the hub finds it cached for the next one.
+        let mut consumers: Vec<Arc<dyn Consumer>> = Vec::new();
         if config.redis_url().is_none() {
             consumers.push(cache.clone());
         }
+        consumers.push(hub.clone());
         let draining = CancellationToken::new();
         let log = Arc::new(match config.redis_url() {
             None => EventLog::local(
@@ -186,11 +189,13 @@ impl Service {
                 EventLog::redis(redis)
             }
         });
+        let pacer = Arc::new(check::bulk::pacer::Pacer::new(config.sinch.callback_rate, &log));
         let queries = Arc::new(query::Queries::new(
             client.clone(),
             config.query.idempotency_window,
             config.query.idempotency_max_entries,
             log.clone(),
+            pacer.clone(),
         ));
         let checker = Arc::new(check::Checker::new(
             log.clone(),
@@ -201,7 +206,17 @@ impl Service {
                 settle: config.check.settle,
                 preference: config.check.channel_preference.clone(),
                 shutdown: draining.clone(),
+                max_waiting: config.query.max_inflight as usize,
             },
+            pacer.clone(),
+        ));
+        let background = CancellationToken::new();
+        let jobs = Arc::new(check::bulk::Jobs::new(
+            &log,
+            checker.clone(),
+            pacer,
+            config.check.bulk_retention,
+            background.clone(),
         ));
         Ok(Service {
             config,
@@ -209,11 +224,12 @@ impl Service {
             log,
             queries,
             checker,
+            jobs,
             upstream: client,
             tls,
             webhook_secrets,
             sandbox,
-            background: CancellationToken::new(),
+            background,
             draining,
         })
     }
@@ -226,6 +242,7 @@ impl Service {
             log,
             queries,
             checker,
+            jobs,
             upstream,
             tls,
             webhook_secrets,
@@ -283,9 +300,11 @@ impl Service {
             });
         }
 
+        tasks.spawn(jobs.clone().take_over(background.clone()));
         let api = grpc::CapabilityApi::new(
             queries,
             checker,
+            jobs.clone(),
             grpc::convert::CheckDefaults {
                 max_age: config.check.max_age,
                 wait: config.check.wait,
@@ -388,9 +407,10 @@ impl Service {
         // The servers are done: stop the background and wait for it, within what is left of the grace.
         background.cancel();
         tasks.close();
+        jobs.tasks().close();
         if !hard_deadline.is_terminated() {
             tokio::select! {
-                () = tasks.wait() => {}
+                () = async { tokio::join!(tasks.wait(), jobs.tasks().wait()); } => {}
                 () = &mut hard_deadline => {}
             }
         }

@@ -8,6 +8,7 @@ use tokio::{sync::OnceCell, time::Instant};
 
 use crate::{
     capability::{Query, QueryAccepted, Recipient, mask_digits},
+    check::bulk::pacer::Pacer,
     log::{EventLog, IdempotencyClaim, QueryRecorded},
     telemetry::{self, TraceParent},
     upstream::{self, SinchClient, wire::QueryJson},
@@ -42,6 +43,8 @@ pub struct Queries {
     /// Takes each query's record before it is sent, so that callbacks racing the answer find its expected
     /// channels; shares request_ids with the other replicas.
     log: Arc<EventLog>,
+    /// Counts what QueryCapability sends in the app's callback budget, before any bulk check's.
+    pacer: Arc<Pacer>,
 }
 
 /// The longest deadline a QueryCapability gets, whatever the caller asks for (the longest
@@ -62,11 +65,13 @@ impl Queries {
         idempotency_window: Duration,
         max_entries: u64,
         log: Arc<EventLog>,
+        pacer: Arc<Pacer>,
     ) -> Queries {
         Queries {
             upstream,
             idempotency: Idempotency::new(idempotency_window, max_entries),
             log,
+            pacer,
         }
     }
 
@@ -110,7 +115,7 @@ impl Queries {
         sent: &Query,
         deadline: Instant,
         trace: Option<&TraceParent>,
-    ) -> Result<QueryAccepted, QueryError> {
+    ) -> Result<(QueryAccepted, bool), QueryError> {
         let fingerprint = serde_json::to_string(&QueryJson::from(query)).expect("query JSON always serialises");
         let mut pause = Duration::from_millis(10);
         loop {
@@ -124,15 +129,15 @@ impl Queries {
                     self.log
                         .settle_request_id(&query.request_id, &fingerprint, answer.as_deref())
                         .await;
-                    return Ok(result?);
+                    return Ok((result?, true));
                 }
                 IdempotencyClaim::Answered(answer) => match serde_json::from_str::<QueryJson>(&answer) {
-                    Ok(answer) => return Ok(answer.into()),
+                    Ok(answer) => return Ok((answer.into(), false)),
                     Err(e) => {
                         // serde's message may quote the record's values: only where it broke is logged.
                         tracing::warn!(request_id = %mask_digits(&query.request_id), category = ?e.classify(),
                             line = e.line(), column = e.column(), "an unreadable idempotency record in Redis: sending the query");
-                        return Ok(self.forward(sent, deadline, trace).await?);
+                        return Ok((self.forward(sent, deadline, trace).await?, true));
                     }
                 },
                 IdempotencyClaim::Conflict => {
@@ -160,18 +165,52 @@ impl Queries {
         trace: Option<&TraceParent>,
     ) -> Result<QueryAccepted, QueryError> {
         let send = request.recipient.clone();
-        self.query_part(request, send, deadline, trace).await
+        self.pacer.record(send.identities());
+        let never = std::sync::atomic::AtomicBool::new(false);
+        self.query_once(request, send, deadline, trace, &never).await
     }
 
     /// As [`Queries::query`], but asks Sinch only about `send`, a part of the request's recipient (the rest is
     /// known already); a caller-chosen request_id stands for the whole request, so that a repeat sends nothing
-    /// whatever part it would have sent.
+    /// whatever part it would have sent. Also says whether the query was sent now (`false`: the answer of an
+    /// earlier call with the same request_id).
     pub async fn query_part(
         &self,
         request: QueryRequest,
         send: Recipient,
         deadline: Instant,
         trace: Option<&TraceParent>,
+    ) -> Result<(QueryAccepted, bool), QueryError> {
+        let sent_now = std::sync::atomic::AtomicBool::new(false);
+        let answer = self.query_once(request, send, deadline, trace, &sent_now).await?;
+        Ok((answer, sent_now.load(std::sync::atomic::Ordering::Relaxed)))
+    }
+
+    /// Sends `send` under the request's request_id (one this service made: nobody repeats it), with the
+    /// request's record, without an idempotency record.
+    pub async fn send(
+        &self,
+        request: QueryRequest,
+        send: Recipient,
+        deadline: Instant,
+        trace: Option<&TraceParent>,
+    ) -> Result<QueryAccepted, QueryError> {
+        self.upstream.admit(deadline).await?;
+        let query = Query {
+            app_id: request.app_id,
+            recipient: send,
+            request_id: request.request_id.unwrap_or_else(|| ulid::Ulid::new().to_string()),
+        };
+        Ok(self.forward(&query, deadline, trace).await?)
+    }
+
+    async fn query_once(
+        &self,
+        request: QueryRequest,
+        send: Recipient,
+        deadline: Instant,
+        trace: Option<&TraceParent>,
+        sent_now: &std::sync::atomic::AtomicBool,
     ) -> Result<QueryAccepted, QueryError> {
         // The rate limit first: a caller cannot fill the idempotency records faster than it may query.
         self.upstream.admit(deadline).await?;
@@ -181,6 +220,7 @@ impl Queries {
                 recipient: send,
                 request_id: ulid::Ulid::new().to_string(),
             };
+            sent_now.store(true, std::sync::atomic::Ordering::Relaxed);
             return Ok(self.forward(&query, deadline, trace).await?);
         };
         let sent = Query {
@@ -196,7 +236,14 @@ impl Queries {
         let entry = self.idempotency.claim(&query)?;
         let answer = entry
             .answer
-            .get_or_try_init(|| self.forward_once(&query, &sent, deadline, trace))
+            .get_or_try_init(|| async {
+                let answer = self.forward_once(&query, &sent, deadline, trace).await;
+                sent_now.store(
+                    answer.as_ref().is_ok_and(|(_, sent)| *sent),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+                answer.map(|(answer, _)| answer)
+            })
             .await?;
         Ok(answer.clone())
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use capability_facade::grpc::pb::{
     self, CapabilityStatus, Channel, ResultSource, capability_service_client::CapabilityServiceClient,
 };
-use common::{CapabilityCallback, FakeSinch, Service, contact, deliver, identities, redis::RedisServer};
+use common::{Canned, CapabilityCallback, FakeSinch, Service, contact, deliver, identities, redis::RedisServer};
 use tonic::{Code, transport::Channel as Transport};
 
 const NUMBER: &str = "46700000001";
@@ -341,6 +341,34 @@ async fn replicas_share_the_cache_the_coalescing_and_the_invalidation() {
 async fn replicas_share_the_cache_on_a_redis_cluster() {
     let cluster = testkit::RedisCluster::start(3).await;
     replicas_share(&cluster.urls().join(",")).await;
+    // Entries of several identities live on several slots: read and removed one by one.
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[&format!("--redis-url={}", cluster.urls().join(","))]).await;
+    let mut client = service.client().await;
+    let ids = identities(&[
+        (Channel::Sms, NUMBER),
+        (Channel::Rcs, NUMBER),
+        (Channel::Whatsapp, NUMBER),
+    ]);
+    let first = spawn_check(client.clone(), check(ids.clone())).await;
+    let (live_id, _) = nth_query(&fake, 1).await;
+    for channel in ["SMS", "RCS", "WHATSAPP"] {
+        deliver(service.webhook_addr, callback(&live_id, channel, "CAPABILITY_FULL")).await;
+    }
+    assert!(first.await.unwrap().unwrap().complete);
+    let hit = client.check_capability(check(ids.clone())).await.unwrap().into_inner();
+    assert!(hit.results.iter().all(|r| r.source() == ResultSource::Cache), "{hit:?}");
+    let removed = client
+        .invalidate_capability(pb::InvalidateCapabilityRequest {
+            app_id: "APP-1".into(),
+            recipient: Some(ids),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .removed;
+    assert_eq!(removed, 3);
+    assert_eq!(fake.queries().len(), 1);
 }
 
 /// Two replicas on the Redis at `redis_url`: a check on one joins the other's query, both read the result one of
@@ -410,4 +438,228 @@ async fn a_check_answers_before_the_callers_deadline_with_what_it_has() {
         answer.request_id,
         fake.queries()[0].json()["request_id"].as_str().unwrap()
     );
+}
+
+#[tokio::test]
+async fn checks_that_joined_a_query_sinch_refused_do_not_wait_for_it() {
+    let fake = FakeSinch::start().await;
+    fake.script_queries([Canned::sinch_error(400, "INVALID_ARGUMENT", "bad").delayed(Duration::from_millis(300))]);
+    let service = Service::against(&fake, &[]).await;
+    let client = service.client().await;
+    let request = check(identities(&[(Channel::Sms, NUMBER)]));
+    let starter = spawn_check(client.clone(), request.clone()).await;
+    fake.until_queries(1).await;
+    // Joins the pending lease; when the first query fails it asks Sinch itself.
+    let joiner = spawn_check(client.clone(), request).await;
+    let (live_id, _) = nth_query(&fake, 2).await;
+    deliver(service.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await;
+    assert_eq!(starter.await.unwrap().unwrap_err().code(), Code::InvalidArgument);
+    let joined = joiner.await.unwrap().unwrap();
+    assert!(joined.complete, "{joined:?}");
+    assert_eq!(joined.results[0].source(), ResultSource::Live);
+}
+
+#[tokio::test]
+async fn a_lookup_stays_joinable_when_the_caller_that_started_it_goes_away() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let request = check(identities(&[(Channel::Sms, NUMBER)]));
+    let starter = spawn_check(client.clone(), request.clone()).await;
+    let (live_id, _) = nth_query(&fake, 1).await;
+    starter.abort();
+    let _ = starter.await;
+    let joiner = spawn_check(client.clone(), request.clone()).await;
+    deliver(service.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await;
+    let joined = joiner.await.unwrap().unwrap();
+    assert_eq!(joined.request_id, live_id);
+    assert_eq!(
+        fake.queries().len(),
+        1,
+        "the lookup in flight was joined, not asked again"
+    );
+    let hit = client.check_capability(request).await.unwrap().into_inner();
+    assert_eq!(hit.results[0].source(), ResultSource::Cache);
+}
+
+#[tokio::test]
+async fn a_repeated_request_id_sends_nothing_and_leaves_nobody_waiting_on_it() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    // SMS is known; R asks about SMS (cached) and RCS (sent).
+    let warm = spawn_check(client.clone(), check(identities(&[(Channel::Sms, NUMBER)]))).await;
+    let (warm_id, _) = nth_query(&fake, 1).await;
+    deliver(service.webhook_addr, callback(&warm_id, "SMS", "CAPABILITY_FULL")).await;
+    warm.await.unwrap().unwrap();
+    let mut repeated = check(identities(&[(Channel::Sms, NUMBER), (Channel::Rcs, NUMBER)]));
+    repeated.request_id = "R-1".into();
+    repeated.wait = duration(Duration::from_millis(100));
+    client.check_capability(repeated.clone()).await.unwrap();
+    assert_eq!(nth_query(&fake, 2).await.1, ["RCS"]);
+    // SMS forgotten: the repeat of R needs it, but R's query never asked about it and is not sent again.
+    client
+        .invalidate_capability(pb::InvalidateCapabilityRequest {
+            app_id: "APP-1".into(),
+            recipient: Some(identities(&[(Channel::Sms, NUMBER)])),
+        })
+        .await
+        .unwrap();
+    let again = client.check_capability(repeated).await.unwrap().into_inner();
+    assert_eq!(again.request_id, "R-1");
+    assert_eq!(again.pending.len(), 2, "{again:?}");
+    assert_eq!(fake.queries().len(), 2, "a repeated request_id sends nothing");
+    // Another caller's check of SMS is not left waiting on R: it asks Sinch.
+    let other = spawn_check(client.clone(), check(identities(&[(Channel::Sms, NUMBER)]))).await;
+    let (other_id, asked) = nth_query(&fake, 3).await;
+    assert_eq!(asked, ["SMS"]);
+    deliver(service.webhook_addr, callback(&other_id, "SMS", "CAPABILITY_FULL")).await;
+    assert!(other.await.unwrap().unwrap().complete);
+}
+
+#[tokio::test]
+async fn invalidating_an_identity_also_drops_the_contact_answer_that_held_it() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &["--check-settle=100ms"]).await;
+    let mut client = service.client().await;
+    let first = spawn_check(client.clone(), check(contact("C-1"))).await;
+    let (live_id, _) = nth_query(&fake, 1).await;
+    let body = CapabilityCallback::new(&live_id, "WHATSAPP", NUMBER, "CAPABILITY_FULL").contact_id("C-1");
+    deliver(service.webhook_addr, body.body()).await;
+    first.await.unwrap().unwrap();
+    let removed = client
+        .invalidate_capability(pb::InvalidateCapabilityRequest {
+            app_id: "APP-1".into(),
+            recipient: Some(identities(&[(Channel::Whatsapp, NUMBER)])),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .removed;
+    assert_eq!(removed, 2, "the identity's entry and the contact's");
+    let mut again = check(contact("C-1"));
+    again.wait = duration(Duration::from_millis(50));
+    let again = client.check_capability(again).await.unwrap().into_inner();
+    assert!(again.results.is_empty(), "{again:?}");
+    assert_eq!(fake.queries().len(), 2);
+}
+
+#[tokio::test]
+async fn checks_waiting_for_sinch_do_not_keep_cache_hits_out() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &["--max-inflight-queries=2"]).await;
+    let mut client = service.client().await;
+    let warm = spawn_check(client.clone(), check(identities(&[(Channel::Sms, NUMBER)]))).await;
+    let (warm_id, _) = nth_query(&fake, 1).await;
+    deliver(service.webhook_addr, callback(&warm_id, "SMS", "CAPABILITY_FULL")).await;
+    warm.await.unwrap().unwrap();
+    let waiting = [
+        spawn_check(client.clone(), check(identities(&[(Channel::Rcs, NUMBER)]))).await,
+        spawn_check(client.clone(), check(identities(&[(Channel::Whatsapp, NUMBER)]))).await,
+    ];
+    fake.until_queries(3).await;
+    let hit = client
+        .check_capability(check(identities(&[(Channel::Sms, NUMBER)])))
+        .await;
+    assert!(hit.is_ok(), "{hit:?}");
+    // A third check that must wait is shed at once.
+    let shed = client
+        .check_capability(check(identities(&[(Channel::Viberbm, NUMBER)])))
+        .await
+        .unwrap_err();
+    assert_eq!(shed.code(), Code::ResourceExhausted);
+    for check in waiting {
+        check.abort();
+    }
+}
+
+#[tokio::test]
+async fn replicas_started_on_either_side_of_a_redis_data_loss_name_entries_alike() {
+    let mut redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let url = format!("--redis-url={}", redis.url());
+    let a = Service::against(&fake, &[&url]).await;
+    let mut on_a = a.client().await;
+    let invalidate = pb::InvalidateCapabilityRequest {
+        app_id: "APP-1".into(),
+        recipient: Some(identities(&[(Channel::Rcs, NUMBER)])),
+    };
+    on_a.invalidate_capability(invalidate.clone()).await.unwrap(); // A learns the key
+    redis.kill().await;
+    redis.restart().await;
+    let b = Service::against(&fake, &[&url]).await;
+    let on_b = b.client().await;
+    let cached = spawn_check(on_b.clone(), check(identities(&[(Channel::Rcs, NUMBER)]))).await;
+    let (live_id, _) = nth_query(&fake, 1).await;
+    deliver(b.webhook_addr, callback(&live_id, "RCS", "CAPABILITY_FULL")).await;
+    assert!(cached.await.unwrap().unwrap().complete);
+    // A looks at the kept key again within a second, and then names the entry as B does.
+    let mut removed = 0;
+    for _ in 0..30 {
+        removed = on_a
+            .invalidate_capability(invalidate.clone())
+            .await
+            .unwrap()
+            .into_inner()
+            .removed;
+        if removed == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(removed, 1, "A never named B's entry");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_checks_while_the_answer_arrives_asks_sinch_once() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[&format!("--redis-url={}", redis.url())]).await;
+    let client = service.client().await;
+    let request = check(identities(&[(Channel::Whatsapp, NUMBER)]));
+    let mut checks = vec![spawn_check(client.clone(), request.clone()).await];
+    let (live_id, _) = nth_query(&fake, 1).await;
+    let addr = service.webhook_addr;
+    let delivering =
+        tokio::spawn(async move { deliver(addr, callback(&live_id, "WHATSAPP", "CAPABILITY_FULL")).await });
+    // Checks keep coming before, while and after the callback lands.
+    for _ in 0..300 {
+        checks.push(spawn_check(client.clone(), request.clone()).await);
+        tokio::task::yield_now().await;
+    }
+    delivering.await.unwrap();
+    for check in checks {
+        assert!(check.await.unwrap().unwrap().complete);
+    }
+    assert_eq!(fake.queries().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_on_a_second_replica_joins_the_first_replicas_query() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let url = format!("--redis-url={}", redis.url());
+    let (a, b) = (
+        Service::against(&fake, &[&url]).await,
+        Service::against(&fake, &[&url]).await,
+    );
+    let (on_a, on_b) = (a.client().await, b.client().await);
+    let request = check(identities(&[(Channel::Rcs, NUMBER)]));
+    let first = spawn_check(on_a.clone(), request.clone()).await;
+    let (live_id, _) = nth_query(&fake, 1).await;
+    let mut burst = Vec::new();
+    for _ in 0..200 {
+        burst.push(spawn_check(on_b.clone(), request.clone()).await);
+    }
+    deliver(a.webhook_addr, callback(&live_id, "RCS", "CAPABILITY_FULL")).await;
+    first.await.unwrap().unwrap();
+    for check in burst {
+        let answer = check.await.unwrap().unwrap();
+        assert!(answer.complete, "{answer:?}");
+        assert!(
+            answer.request_id.is_empty() || answer.request_id == live_id,
+            "{answer:?}"
+        );
+    }
+    assert_eq!(fake.queries().len(), 1);
 }

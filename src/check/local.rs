@@ -67,11 +67,16 @@ pub struct LocalCache {
 }
 
 impl LocalCache {
-    /// Holds at most `max_entries` entries (the least recently used go first past that).
+    /// Holds at most `max_entries` results (a contact's entry weighs as many as it holds; the least recently
+    /// used go first past that).
     pub fn new(ttl: CacheTtl, max_entries: u64) -> LocalCache {
         LocalCache {
             entries: Cache::builder()
                 .max_capacity(max_entries)
+                .weigher(|_, value: &Arc<Cached>| match &**value {
+                    Cached::One(_) => 1,
+                    Cached::Contact(results) => results.len().max(1) as u32,
+                })
                 .expire_after(UntilExpired)
                 .eviction_listener(|_, _, cause| {
                     if cause == RemovalCause::Size {
@@ -93,19 +98,18 @@ impl LocalCache {
         self.entries.get(key)
     }
 
-    /// Removes identity entries `keys` and, when given, a contact's entry with the identity entries it lists.
+    /// Removes identity entries `keys` and contacts' entries `contacts` with the identity entries they list.
     /// Returns how many entries went.
-    pub fn remove(&self, keys: &[EntryKey], contact: Option<&EntryKey>) -> u64 {
+    pub fn remove(&self, keys: &[EntryKey], contacts: &[EntryKey]) -> u64 {
         let mut gone: Vec<EntryKey> = keys.to_vec();
-        if let Some(contact) = contact
-            && let Some(entry) = self.entries.remove(contact)
-        {
-            if let Cached::Contact(results) = &*entry {
+        for contact in contacts {
+            if let Some(entry) = self.entries.get(contact)
+                && let Cached::Contact(results) = &*entry
+            {
                 gone.extend(results.iter().map(|(key, _)| *key));
             }
-            gone.retain(|k| k != contact);
-            return 1 + self.remove_all(gone);
         }
+        gone.extend_from_slice(contacts);
         self.remove_all(gone)
     }
 
@@ -246,7 +250,7 @@ mod tests {
             panic!("no contact entry")
         };
         assert_eq!(results.len(), 2);
-        assert_eq!(cache.remove(&[], Some(&contact)), 3);
+        assert_eq!(cache.remove(&[], &[contact]), 3);
         assert!(held(&cache, "46700000001").is_none());
     }
 

@@ -10,16 +10,21 @@
 //! - **Waiting**: on the hub, by request_id, as WatchCapability does: results that arrived before the check
 //!   looked are replayed.
 
+pub mod bulk;
+mod leases;
 pub mod local;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
-use futures::StreamExt;
-use tokio::time::Instant;
+use futures::{FutureExt, StreamExt};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -33,6 +38,7 @@ use crate::{
     query::{Queries, QueryError, QueryRequest},
     telemetry::TraceParent,
 };
+use leases::{Flights, InFlight, Leases, Resolved, Taken};
 use local::{Cached, LocalCache};
 
 /// A validated CheckCapability.
@@ -95,6 +101,31 @@ pub enum CheckError {
     /// The shared cache could not be reached.
     #[error("the shared cache is unavailable: {0}")]
     Unavailable(String),
+    /// The check's gate refused to send its query (its bulk job was cancelled).
+    #[error("cancelled")]
+    Cancelled,
+    /// Too many checks wait for live results on this replica.
+    #[error("this replica has too many checks waiting for live results; retry shortly (another replica may answer)")]
+    Overloaded,
+}
+
+/// What a gate decides for a live query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proceed {
+    /// Send it now.
+    Send,
+    /// It was sent before (by a replica that stopped): wait for its results, do not send it again.
+    Sent,
+}
+
+/// Stands before a check's live query: a bulk job's pacing and record of what it sent.
+pub trait Gate: Send + Sync {
+    /// Called once before the live query for `identities` channel identities goes out under `request_id`.
+    fn before_send<'a>(
+        &'a self,
+        identities: u32,
+        request_id: &'a str,
+    ) -> futures::future::BoxFuture<'a, Result<Proceed, CheckError>>;
 }
 
 /// How checks behave.
@@ -105,6 +136,8 @@ pub struct CheckSettings {
     pub preference: ChannelOrder,
     /// Cancelled when the server shuts down: waiting checks answer with what they have.
     pub shutdown: CancellationToken,
+    /// The most checks waiting for live results at once on this replica.
+    pub max_waiting: usize,
 }
 
 /// Where cached results live.
@@ -120,72 +153,10 @@ pub struct Checker {
     hub: Arc<Hub>,
     flights: Flights,
     settings: CheckSettings,
-}
-
-/// The leases this replica holds, by entry: the request_id in flight and until when it may be joined.
-#[derive(Default)]
-struct Flights {
-    held: Mutex<HashMap<EntryKey, (Arc<str>, Instant)>>,
-}
-
-enum Flight {
-    /// This check took the lease: it asks Sinch.
-    Started,
-    /// Another check's query is in flight under this request_id.
-    Joined(Arc<str>),
-}
-
-impl Flights {
-    fn take(&self, key: EntryKey, request_id: &Arc<str>, until: Instant) -> Flight {
-        let now = Instant::now();
-        let mut held = self.held.lock().expect("flights lock poisoned");
-        if let Some((holder, until)) = held.get(&key)
-            && *until > now
-        {
-            return Flight::Joined(holder.clone());
-        }
-        held.insert(key, (request_id.clone(), until));
-        Flight::Started
-    }
-
-    fn release(&self, keys: &[EntryKey], request_id: &str) {
-        let mut held = self.held.lock().expect("flights lock poisoned");
-        for key in keys {
-            if held.get(key).is_some_and(|(holder, _)| &**holder == request_id) {
-                held.remove(key);
-            }
-        }
-    }
-}
-
-/// The leases one check took; given back when it returns, or when its caller goes away.
-struct Leases<'a> {
-    checker: &'a Checker,
-    request_id: Arc<str>,
-    /// Taken in this process (and, with Redis, there too).
-    local: Vec<EntryKey>,
-    /// Taken in Redis.
-    shared: Vec<EntryKey>,
-}
-
-impl Drop for Leases<'_> {
-    fn drop(&mut self) {
-        self.checker.flights.release(&self.local, &self.request_id);
-        if self.shared.is_empty() {
-            return;
-        }
-        if let Store::Redis(log) = &self.checker.store {
-            let (log, keys, request_id) = (log.clone(), std::mem::take(&mut self.shared), self.request_id.clone());
-            tokio::spawn(async move {
-                let Some(cache) = log.shared_cache() else { return };
-                for key in keys {
-                    if let Err(e) = cache.release(&key, &request_id).await {
-                        tracing::debug!(error = %e, "a lease could not be given back; it expires with the check's wait");
-                    }
-                }
-            });
-        }
-    }
+    /// Counts interactive checks' live queries in the app's callback budget.
+    pacer: Arc<bulk::pacer::Pacer>,
+    /// One permit per check waiting for live results: bounded work per replica, while cache hits need none.
+    waiting: Arc<Semaphore>,
 }
 
 /// What one check waits for: by request_id, the positions of the results it expects from it.
@@ -199,6 +170,7 @@ impl Checker {
         queries: Arc<Queries>,
         hub: Arc<Hub>,
         settings: CheckSettings,
+        pacer: Arc<bulk::pacer::Pacer>,
     ) -> Checker {
         let store = match log.shared_cache() {
             Some(_) => Store::Redis(log),
@@ -209,7 +181,16 @@ impl Checker {
             queries,
             hub,
             flights: Flights::default(),
+            waiting: Arc::new(Semaphore::new(settings.max_waiting.min(Semaphore::MAX_PERMITS))),
             settings,
+            pacer,
+        }
+    }
+
+    fn redis(&self) -> Option<&Arc<EventLog>> {
+        match &self.store {
+            Store::Local(_) => None,
+            Store::Redis(log) => Some(log),
         }
     }
 
@@ -218,11 +199,7 @@ impl Checker {
             Store::Local(local) => Ok(local.hasher().clone()),
             Store::Redis(log) => {
                 let cache = log.shared_cache().expect("a Redis store");
-                cache
-                    .hasher()
-                    .await
-                    .cloned()
-                    .map_err(|e| CheckError::Unavailable(e.to_string()))
+                cache.hasher().await.map_err(|e| CheckError::Unavailable(e.to_string()))
             }
         }
     }
@@ -263,41 +240,23 @@ impl Checker {
         }
     }
 
-    /// Takes the lease of `key` for this check, or finds the request_id that holds it.
-    async fn lease(&self, key: EntryKey, leases: &mut Leases<'_>, until: Instant) -> Flight {
-        match self.flights.take(key, &leases.request_id, until) {
-            Flight::Joined(holder) => return Flight::Joined(holder),
-            Flight::Started => leases.local.push(key),
-        }
-        let Store::Redis(log) = &self.store else {
-            return Flight::Started;
-        };
-        let cache = log.shared_cache().expect("a Redis store");
-        let ttl = until.saturating_duration_since(Instant::now());
-        match cache.lease(&key, &leases.request_id, ttl).await {
-            Ok(holder) if *holder == *leases.request_id => {
-                leases.shared.push(key);
-                Flight::Started
-            }
-            Ok(holder) => {
-                // Another replica's query: the checks of this one find it in Redis too.
-                self.flights.release(&[key], &leases.request_id);
-                leases.local.retain(|k| *k != key);
-                Flight::Joined(holder.into())
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "a lease could not be taken in Redis: this lookup is shared within this replica only");
-                Flight::Started
-            }
-        }
-    }
-
     /// Answers a check before `deadline` (the caller's).
     pub async fn check(
-        &self,
+        self: &Arc<Self>,
         request: CheckRequest,
         deadline: Instant,
         trace: Option<&TraceParent>,
+    ) -> Result<CheckAnswer, CheckError> {
+        self.check_gated(request, deadline, trace, None).await
+    }
+
+    /// [`Checker::check`], with `gate` deciding before the live query is sent.
+    pub async fn check_gated(
+        self: &Arc<Self>,
+        request: CheckRequest,
+        deadline: Instant,
+        trace: Option<&TraceParent>,
+        gate: Option<&dyn Gate>,
     ) -> Result<CheckAnswer, CheckError> {
         let until = deadline.min(Instant::now() + request.wait);
         let request_id: Arc<str> = match &request.request_id {
@@ -305,25 +264,32 @@ impl Checker {
             None => ulid::Ulid::new().to_string().into(),
         };
         let hasher = self.hasher().await?;
-        let mut leases = Leases {
-            checker: self,
-            request_id: request_id.clone(),
-            local: Vec::new(),
-            shared: Vec::new(),
+        let leases = Leases::new(&self.flights, self.redis(), request_id, until);
+        let call = Call {
+            request: &request,
+            hasher: &hasher,
+            deadline,
+            until,
+            trace,
+            gate,
         };
         let preference = request.preference.as_ref().unwrap_or(&self.settings.preference);
         let mut answer = match &request.recipient {
-            Recipient::IdentifiedBy(ids) => {
-                self.check_identities(&request, ids, &hasher, &mut leases, deadline, until, trace)
-                    .await?
-            }
-            Recipient::ContactId(contact) => {
-                self.check_contact(&request, contact, &hasher, &mut leases, deadline, until, trace)
-                    .await?
-            }
+            Recipient::IdentifiedBy(ids) => self.check_identities(&call, ids, leases).await?,
+            Recipient::ContactId(contact) => self.check_contact(&call, contact, leases).await?,
         };
-        drop(leases);
         answer.recommended = recommend(&answer.results, preference);
+        if let Recipient::IdentifiedBy(ids) = &request.recipient {
+            // The identity as the caller named it, app included.
+            for recommended in &mut answer.recommended {
+                if let Some(id) = ids
+                    .iter()
+                    .find(|id| id.channel == recommended.channel && id.identity == recommended.identity)
+                {
+                    recommended.app_id.clone_from(&id.app_id);
+                }
+            }
+        }
         let from_cache = answer.results.iter().filter(|r| r.source == Source::Cache).count();
         metrics::counter!("capability_cache_hits_total").increment(from_cache as u64);
         if !answer.asked {
@@ -332,23 +298,27 @@ impl Checker {
         Ok(answer)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// A permit to wait for live results; RESOURCE_EXHAUSTED-worthy when this replica has too many waiting.
+    fn wait_permit(&self) -> Result<OwnedSemaphorePermit, CheckError> {
+        self.waiting
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| CheckError::Overloaded)
+    }
+
     async fn check_identities(
-        &self,
-        request: &CheckRequest,
+        self: &Arc<Self>,
+        call: &Call<'_>,
         ids: &[ChannelIdentity],
-        hasher: &KeyHasher,
-        leases: &mut Leases<'_>,
-        deadline: Instant,
-        until: Instant,
-        trace: Option<&TraceParent>,
+        mut leases: Leases<'_>,
     ) -> Result<CheckAnswer, CheckError> {
+        let request = call.request;
         let mut ids: Vec<ChannelIdentity> = ids.to_vec();
         let mut seen = std::collections::HashSet::new();
         ids.retain(|id| seen.insert((id.channel.clone(), id.identity.clone())));
         let keys: Vec<EntryKey> = ids
             .iter()
-            .map(|id| hasher.identity(&request.app_id, &id.channel, &id.identity))
+            .map(|id| call.hasher.identity(&request.app_id, &id.channel, &id.identity))
             .collect();
         let mut slots: Vec<Option<CheckResult>> = vec![None; ids.len()];
         if !request.max_age.is_zero() {
@@ -359,182 +329,186 @@ impl Checker {
                     .and_then(|c| answered(Source::Cache, c.offset, c.request_id.clone(), c.body));
             }
         }
-        let missing = slots.iter().filter(|s| s.is_none()).count();
-        metrics::counter!("capability_cache_misses_total").increment(missing as u64);
+        let missing: Vec<usize> = (0..ids.len()).filter(|i| slots[*i].is_none()).collect();
+        metrics::counter!("capability_cache_misses_total").increment(missing.len() as u64);
+        if missing.is_empty() {
+            return Ok(CheckAnswer {
+                complete: true,
+                results: slots.into_iter().flatten().collect(),
+                ..CheckAnswer::default()
+            });
+        }
+        let _permit = self.wait_permit()?;
+        let own = leases.request_id().clone();
         let mut waiting = Waiting::new();
         let mut to_send = Vec::new();
-        for i in (0..ids.len()).filter(|i| slots[*i].is_none()) {
-            match self.lease(keys[i], leases, until).await {
-                Flight::Started => to_send.push(i),
-                Flight::Joined(holder) => {
-                    metrics::counter!("capability_coalesced_total").increment(1);
-                    waiting.entry(holder).or_default().push(i);
+        let resumed = match call.gate {
+            Some(gate) => gate.before_send(missing.len() as u32, &own).await? == Proceed::Sent,
+            None => false,
+        };
+        if resumed {
+            // Sent before a takeover: its results are awaited, nothing is sent again.
+            waiting.insert(own.clone(), missing.clone());
+        } else {
+            let mut undecided = missing.clone();
+            // Until every identity is decided: a lease given back is taken again, one pending waited for.
+            while !undecided.is_empty() && Instant::now() < call.until {
+                let mut pending = Vec::new();
+                for i in undecided.drain(..) {
+                    match leases.take(keys[i]).await {
+                        Taken::Started => to_send.push(i),
+                        Taken::Sent(holder) => {
+                            metrics::counter!("capability_coalesced_total").increment(1);
+                            waiting.entry(holder).or_default().push(i);
+                        }
+                        Taken::Pending(p) => pending.push((i, p)),
+                    }
+                }
+                let resolved =
+                    futures::future::join_all(pending.into_iter().map(|(i, p)| leases.resolve(p).map(move |r| (i, r))))
+                        .await;
+                for (i, resolved) in resolved {
+                    match resolved {
+                        Resolved::Sent(holder) => {
+                            metrics::counter!("capability_coalesced_total").increment(1);
+                            waiting.entry(holder).or_default().push(i);
+                        }
+                        Resolved::Retry => undecided.push(i),
+                        Resolved::TimedOut => {}
+                    }
                 }
             }
         }
-        let mut live_id = String::new();
+        let mut live: Option<Arc<str>> = resumed.then(|| own.clone());
         if !to_send.is_empty() {
+            let sending: Vec<EntryKey> = to_send.iter().map(|i| keys[*i]).collect();
             let send = Recipient::IdentifiedBy(to_send.iter().map(|i| ids[*i].clone()).collect());
-            let accepted = self.ask(request, &leases.request_id, send, deadline, trace).await?;
-            live_id = accepted.clone();
+            let in_flight = leases.launch(&sending);
+            // A repeat of the caller's request_id sends nothing: its first query answers what it asked, and its
+            // leases went back so that nobody else waits on it for the rest.
+            let (accepted, _) = self
+                .send_live(call, &own, send, to_send.len() as u32, in_flight)
+                .await?;
             waiting
-                .entry(accepted.into())
+                .entry(accepted.clone())
                 .or_default()
                 .extend(to_send.iter().copied());
+            live = Some(accepted);
         }
-        let request_id = match live_id.is_empty() {
-            false => live_id,
-            true => waiting.keys().next().map(|id| id.to_string()).unwrap_or_default(),
-        };
         let matches = |i: usize, n: &CheckResult| ids[i].channel == n.channel && ids[i].identity == n.identity;
-        self.wait_for(&mut slots, waiting, &leases.request_id, until, matches)
+        self.wait_for(&mut slots, &waiting, live.as_deref(), call.until, matches)
             .await;
+        self.remember(&request.app_id, slots.iter().flatten()).await;
+        leases.finish();
         let pending: Vec<ChannelIdentity> = ids
             .iter()
             .zip(&slots)
             .filter(|(_, slot)| slot.is_none())
             .map(|(id, _)| id.clone())
             .collect();
+        // The live query's request_id, else the one the first identity that needed a live result joined.
+        let request_id = live.or_else(|| {
+            missing
+                .iter()
+                .find_map(|i| waiting.iter().find(|(_, at)| at.contains(i)).map(|(id, _)| id.clone()))
+        });
         Ok(CheckAnswer {
             complete: pending.is_empty(),
             pending,
             results: slots.into_iter().flatten().collect(),
-            request_id,
+            request_id: request_id.map(|id| id.to_string()).unwrap_or_default(),
             recommended: Vec::new(),
             asked: !to_send.is_empty(),
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn check_contact(
-        &self,
-        request: &CheckRequest,
+        self: &Arc<Self>,
+        call: &Call<'_>,
         contact: &str,
-        hasher: &KeyHasher,
-        leases: &mut Leases<'_>,
-        deadline: Instant,
-        until: Instant,
-        trace: Option<&TraceParent>,
+        mut leases: Leases<'_>,
     ) -> Result<CheckAnswer, CheckError> {
-        let key = hasher.contact(&request.app_id, contact);
-        // The lease first: a contact's entry fills while its query is in flight, and is whole only after.
-        let (holder, asked) = match self.lease(key, leases, until).await {
-            Flight::Joined(holder) => {
-                metrics::counter!("capability_coalesced_total").increment(1);
-                (holder, false)
-            }
-            Flight::Started => {
-                if !request.max_age.is_zero() {
-                    let now = wall_clock_ms();
-                    let cached: Vec<CachedResult> = self
-                        .cached_contact(&key)
-                        .await
-                        .into_iter()
-                        .filter(|c| c.expires_at_ms > now)
-                        .collect();
-                    if !cached.is_empty() && cached.iter().all(|c| c.fresh(now, request.max_age)) {
-                        let results = cached
-                            .into_iter()
-                            .filter_map(|c| answered(Source::Cache, c.offset, c.request_id, c.body))
-                            .collect();
-                        return Ok(CheckAnswer {
-                            results,
-                            ..CheckAnswer::default()
-                        });
-                    }
+        let request = call.request;
+        let key = call.hasher.contact(&request.app_id, contact);
+        let fresh = |leases: &Leases<'_>| {
+            let _ = leases;
+            async {
+                if request.max_age.is_zero() {
+                    return None;
                 }
-                metrics::counter!("capability_cache_misses_total").increment(1);
-                let send = Recipient::ContactId(contact.to_owned());
-                let accepted = self.ask(request, &leases.request_id, send, deadline, trace).await?;
-                (accepted.into(), true)
+                let now = wall_clock_ms();
+                let cached = self.cached_contact(&key).await;
+                // Every result the entry holds must be fresh: one expired means a channel would be missing.
+                (!cached.is_empty() && cached.iter().all(|c| c.fresh(now, request.max_age))).then(|| {
+                    let mut results: Vec<CheckResult> = cached
+                        .into_iter()
+                        .filter_map(|c| answered(Source::Cache, c.offset, c.request_id, c.body))
+                        .collect();
+                    results.sort_by(|a, b| (&a.channel, &a.identity).cmp(&(&b.channel, &b.identity)));
+                    CheckAnswer {
+                        results,
+                        ..CheckAnswer::default()
+                    }
+                })
             }
         };
-        let mut results = Vec::new();
-        self.wait_contact(&mut results, &holder, &leases.request_id, until)
-            .await;
-        Ok(CheckAnswer {
-            results,
-            request_id: holder.to_string(),
-            asked,
-            ..CheckAnswer::default()
-        })
-    }
-
-    /// Sends the live query for `send` (part of the request's recipient) under `request_id`.
-    async fn ask(
-        &self,
-        request: &CheckRequest,
-        request_id: &str,
-        send: Recipient,
-        deadline: Instant,
-        trace: Option<&TraceParent>,
-    ) -> Result<String, CheckError> {
-        let query = QueryRequest {
-            app_id: request.app_id.clone(),
-            recipient: request.recipient.clone(),
-            request_id: Some(request_id.to_owned()),
-        };
-        let accepted = self.queries.query_part(query, send, deadline, trace).await?;
-        tracing::debug!(request_id = %mask_digits(&accepted.request_id), "live query sent for a check");
-        Ok(accepted.request_id)
-    }
-
-    /// Fills `slots` from the hub's notifications of the request_ids in `waiting`, until every awaited slot is
-    /// filled, every request completed, or `until`.
-    async fn wait_for(
-        &self,
-        slots: &mut [Option<CheckResult>],
-        waiting: Waiting,
-        own: &str,
-        until: Instant,
-        matches: impl Fn(usize, &CheckResult) -> bool,
-    ) {
-        if waiting.is_empty() {
-            return;
+        // Gated (a bulk job): the cache, then the budget, then the lease — a job's lease is never pending while it
+        // waits for its turn. Otherwise the lease first: a contact's entry fills while its query is in flight, and
+        // is whole only once the query that started it returns.
+        if call.gate.is_some()
+            && let Some(answer) = fresh(&leases).await
+        {
+            return Ok(answer);
         }
-        let mut awaited = waiting.values().map(Vec::len).sum::<usize>();
-        let mut events = futures::stream::select_all(waiting.into_iter().map(|(request_id, positions)| {
-            let watch = self.hub.watch(&request_id, 0, self.limits(until));
-            Box::pin(futures::stream::unfold(watch, |mut watch| async move {
-                let event = watch.next().await?;
-                Some((event, watch))
-            }))
-            .map(move |event| (request_id.clone(), positions.clone(), event))
-        }));
-        while awaited > 0 {
-            let Ok(Some((request_id, positions, event))) = tokio::time::timeout_at(until, events.next()).await else {
-                return;
+        let _permit = self.wait_permit()?;
+        let own = leases.request_id().clone();
+        if let Some(gate) = call.gate
+            && gate.before_send(1, &own).await? == Proceed::Sent
+        {
+            return Ok(self.collect_contact(&own, true, call.until).await);
+        }
+        let mut taken = leases.take(key).await;
+        while let Taken::Pending(pending) = taken {
+            taken = match leases.resolve(pending).await {
+                Resolved::Sent(holder) => Taken::Sent(holder),
+                Resolved::Retry => leases.take(key).await,
+                Resolved::TimedOut => return Ok(CheckAnswer::default()),
             };
-            let WatchEvent::Notification { offset, body, .. } = event else {
-                continue;
-            };
-            let source = if *request_id == *own {
-                Source::Live
-            } else {
-                Source::Shared
-            };
-            let Some(result) = answered(source, offset, request_id.to_string(), body) else {
-                continue;
-            };
-            if let Some(&i) = positions.iter().find(|&&i| slots[i].is_none() && matches(i, &result)) {
-                slots[i] = Some(result);
-                awaited -= 1;
+        }
+        match taken {
+            Taken::Started => {}
+            Taken::Sent(holder) => {
+                metrics::counter!("capability_coalesced_total").increment(1);
+                let live = *holder == *own;
+                return Ok(self.collect_contact(&holder, live, call.until).await);
             }
+            Taken::Pending(_) => unreachable!("resolved above"),
         }
+        if call.gate.is_none()
+            && let Some(answer) = fresh(&leases).await
+        {
+            leases.give_back(&[key]);
+            return Ok(answer);
+        }
+        metrics::counter!("capability_cache_misses_total").increment(1);
+        let send = Recipient::ContactId(contact.to_owned());
+        let in_flight = leases.launch(&[key]);
+        let (accepted, sent) = self.send_live(call, &own, send, 1, in_flight).await?;
+        let answer = self.collect_contact(&accepted, true, call.until).await;
+        self.remember(&request.app_id, answer.results.iter()).await;
+        leases.finish();
+        Ok(CheckAnswer { asked: sent, ..answer })
     }
 
-    /// Collects a contact query's results until `until`, or a settle after the last one.
-    async fn wait_contact(&self, results: &mut Vec<CheckResult>, request_id: &Arc<str>, own: &str, until: Instant) {
+    /// A contact query's results under `request_id` until `until`, or a settle after the last one.
+    async fn collect_contact(&self, request_id: &Arc<str>, live: bool, until: Instant) -> CheckAnswer {
+        let source = if live { Source::Live } else { Source::Shared };
+        let mut results: Vec<CheckResult> = Vec::new();
         let mut watch = self.hub.watch(request_id, 0, self.limits(until));
-        let source = if **request_id == *own {
-            Source::Live
-        } else {
-            Source::Shared
-        };
         let mut quiet_until = until;
         loop {
             let Ok(Some(event)) = tokio::time::timeout_at(quiet_until, watch.next()).await else {
-                return;
+                break;
             };
             let WatchEvent::Notification { offset, body, .. } = event else {
                 continue;
@@ -551,6 +525,130 @@ impl Checker {
             }
             quiet_until = until.min(Instant::now() + self.settings.settle);
         }
+        CheckAnswer {
+            results,
+            request_id: request_id.to_string(),
+            ..CheckAnswer::default()
+        }
+    }
+
+    /// Sends the live query for `send` (part of the request's recipient, `identities` channel identities) under
+    /// `request_id`, in a task of its own: if the caller goes away meanwhile, the query still completes and its
+    /// leases are marked sent (or given back if it failed). Returns the request_id Sinch accepted, and whether
+    /// it was sent now (not a repeat of the caller's request_id).
+    async fn send_live(
+        self: &Arc<Self>,
+        call: &Call<'_>,
+        request_id: &Arc<str>,
+        send: Recipient,
+        identities: u32,
+        in_flight: InFlight,
+    ) -> Result<(Arc<str>, bool), CheckError> {
+        if call.gate.is_none() {
+            self.pacer.record(identities);
+        }
+        let checker = self.clone();
+        let request = call.request;
+        let query = QueryRequest {
+            app_id: request.app_id.clone(),
+            recipient: request.recipient.clone(),
+            request_id: Some(request_id.to_string()),
+        };
+        // Only a caller's request_id is remembered for idempotency: a generated one is never repeated.
+        let remembered = request.request_id.is_some();
+        let (deadline, trace) = (call.deadline, call.trace.cloned());
+        let task = tokio::spawn(async move {
+            let sent = match remembered {
+                true => checker.queries.query_part(query, send, deadline, trace.as_ref()).await,
+                false => checker
+                    .queries
+                    .send(query, send, deadline, trace.as_ref())
+                    .await
+                    .map(|accepted| (accepted, true)),
+            };
+            match sent {
+                Ok((accepted, true)) => {
+                    let accepted: Arc<str> = accepted.request_id.into();
+                    tracing::debug!(request_id = %mask_digits(&accepted), "live query sent for a check");
+                    in_flight.sent(&accepted).await;
+                    Ok((accepted, true))
+                }
+                Ok((accepted, false)) => {
+                    in_flight.give_back(&checker.flights);
+                    Ok((accepted.request_id.into(), false))
+                }
+                Err(e) => {
+                    in_flight.give_back(&checker.flights);
+                    Err(CheckError::Query(e))
+                }
+            }
+        });
+        task.await
+            .map_err(|e| CheckError::Unavailable(format!("the live query's task failed: {e}")))?
+    }
+
+    /// With Redis, writes the live results a check received to the cache before its leases go, so that the next
+    /// check finds them there (the replica that appended them writes them too, a moment later).
+    async fn remember<'r>(&self, app_id: &str, results: impl Iterator<Item = &'r CheckResult>) {
+        let Some(cache) = self.redis().and_then(|log| log.shared_cache()) else {
+            return;
+        };
+        for result in results.filter(|r| r.source != Source::Cache) {
+            let Ok(notification) = codec::decode_body(result.request_id.clone(), &result.body) else {
+                continue;
+            };
+            if notification.app_id != app_id {
+                continue;
+            }
+            if let Err(e) = cache.store(&notification, result.offset).await {
+                tracing::debug!(error = %e, "a live result could not be cached");
+            }
+        }
+    }
+
+    /// Fills `slots` from the hub's notifications of the request_ids in `waiting`, until every awaited slot is
+    /// filled, every request completed, or `until`. Results of `live` are this check's own.
+    async fn wait_for(
+        &self,
+        slots: &mut [Option<CheckResult>],
+        waiting: &Waiting,
+        live: Option<&str>,
+        until: Instant,
+        matches: impl Fn(usize, &CheckResult) -> bool,
+    ) {
+        if waiting.is_empty() {
+            return;
+        }
+        let mut awaited = waiting.values().map(Vec::len).sum::<usize>();
+        let mut events = futures::stream::select_all(waiting.iter().map(|(request_id, positions)| {
+            let watch = self.hub.watch(request_id, 0, self.limits(until));
+            let (request_id, positions) = (request_id.clone(), positions.clone());
+            Box::pin(futures::stream::unfold(watch, |mut watch| async move {
+                let event = watch.next().await?;
+                Some((event, watch))
+            }))
+            .map(move |event| (request_id.clone(), positions.clone(), event))
+        }));
+        while awaited > 0 {
+            let Ok(Some((request_id, positions, event))) = tokio::time::timeout_at(until, events.next()).await else {
+                return;
+            };
+            let WatchEvent::Notification { offset, body, .. } = event else {
+                continue;
+            };
+            let source = if Some(&*request_id) == live {
+                Source::Live
+            } else {
+                Source::Shared
+            };
+            let Some(result) = answered(source, offset, request_id.to_string(), body) else {
+                continue;
+            };
+            if let Some(&i) = positions.iter().find(|&&i| slots[i].is_none() && matches(i, &result)) {
+                slots[i] = Some(result);
+                awaited -= 1;
+            }
+        }
     }
 
     fn limits(&self, until: Instant) -> WatchLimits {
@@ -563,32 +661,54 @@ impl Checker {
         }
     }
 
-    /// Removes a recipient's cached results on every replica; returns how many entries went.
+    /// Removes a recipient's cached results on every replica; returns how many entries went. An identity's entry
+    /// goes with the entry of the contact its result named (the contact's answer would be missing it).
     pub async fn invalidate(&self, app_id: &str, recipient: &Recipient) -> Result<u64, CheckError> {
         let hasher = self.hasher().await?;
-        let (keys, contact): (Vec<EntryKey>, Option<EntryKey>) = match recipient {
+        let (keys, mut contacts): (Vec<EntryKey>, Vec<EntryKey>) = match recipient {
             Recipient::IdentifiedBy(ids) => (
                 ids.iter()
                     .map(|id| hasher.identity(app_id, &id.channel, &id.identity))
                     .collect(),
-                None,
+                Vec::new(),
             ),
-            Recipient::ContactId(contact) => (Vec::new(), Some(hasher.contact(app_id, contact))),
+            Recipient::ContactId(contact) => (Vec::new(), vec![hasher.contact(app_id, contact)]),
         };
+        for cached in self.cached(&keys).await.into_iter().flatten() {
+            if let Some(n) = cached.notification()
+                && !n.contact_id.is_empty()
+            {
+                contacts.push(hasher.contact(app_id, &n.contact_id));
+            }
+        }
+        contacts.sort_unstable();
+        contacts.dedup();
         match &self.store {
-            Store::Local(local) => Ok(local.remove(&keys, contact.as_ref())),
+            Store::Local(local) => Ok(local.remove(&keys, &contacts)),
             Store::Redis(log) => log
                 .shared_cache()
                 .expect("a Redis store")
-                .remove(&keys, contact.as_ref())
+                .remove(&keys, &contacts)
                 .await
                 .map_err(|e| CheckError::Unavailable(e.to_string())),
         }
     }
 }
 
+/// One check's request and bounds, as its steps share them.
+struct Call<'a> {
+    request: &'a CheckRequest,
+    hasher: &'a KeyHasher,
+    /// The caller's deadline (with the margin kept for answering).
+    deadline: Instant,
+    /// When waiting for live results ends.
+    until: Instant,
+    trace: Option<&'a TraceParent>,
+    gate: Option<&'a dyn Gate>,
+}
+
 /// A result from `body` (a hub's or the cache's encoding, receive time included); `None` if it does not decode.
-fn answered(source: Source, offset: u64, request_id: String, body: Vec<u8>) -> Option<CheckResult> {
+pub(crate) fn answered(source: Source, offset: u64, request_id: String, body: Vec<u8>) -> Option<CheckResult> {
     let n = codec::decode_body(String::new(), &body).ok()?;
     Some(CheckResult {
         source,
@@ -617,7 +737,8 @@ pub fn recommend(results: &[CheckResult], preference: &ChannelOrder) -> Vec<Chan
             Some((group, preference.rank(&r.channel), at, r))
         })
         .collect();
-    reachable.sort_by(|a, b| (a.0, &a.1, a.2).cmp(&(b.0, &b.1, b.2)));
+    // Ties (two identities on one channel) by identity: the same order whatever order the results came in.
+    reachable.sort_by(|a, b| (a.0, &a.1, &a.3.identity, a.2).cmp(&(b.0, &b.1, &b.3.identity, b.2)));
     reachable
         .into_iter()
         .map(|(.., r)| ChannelIdentity {
@@ -669,29 +790,6 @@ mod tests {
                 Channel::Whatsapp,
                 Channel::Viberbm
             ]
-        );
-    }
-
-    #[test]
-    fn a_lease_is_joinable_until_it_lapses_or_is_given_back() {
-        let flights = Flights::default();
-        let (mine, theirs): (Arc<str>, Arc<str>) = ("mine".into(), "theirs".into());
-        let later = Instant::now() + Duration::from_secs(10);
-        assert!(matches!(flights.take([1; 16], &mine, later), Flight::Started));
-        assert!(matches!(flights.take([1; 16], &theirs, later), Flight::Joined(id) if *id == *"mine"));
-        flights.release(&[[1; 16]], "theirs");
-        assert!(
-            matches!(flights.take([1; 16], &theirs, later), Flight::Joined(_)),
-            "only the holder gives it back"
-        );
-        flights.release(&[[1; 16]], "mine");
-        assert!(matches!(
-            flights.take([1; 16], &theirs, Instant::now()),
-            Flight::Started
-        ));
-        assert!(
-            matches!(flights.take([1; 16], &mine, later), Flight::Started),
-            "a lapsed lease is taken over"
         );
     }
 }

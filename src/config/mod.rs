@@ -127,6 +127,12 @@ pub struct SinchSettings {
     #[arg(id = "sinch-rate-limit", long = "sinch-rate-limit", env = RATE_LIMIT, default_value = "800",
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub rate_limit: u32,
+    /// The app's callback rate at Sinch (its `rate_limits.webhooks`, 25/s by default), in channel identities per
+    /// second: bulk checks query no faster than the callbacks can come back, after interactive calls (shared by
+    /// every replica through Redis).
+    #[arg(id = "sinch-callback-rate", long = "sinch-callback-rate", env = CALLBACK_RATE, default_value = "25",
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub callback_rate: u32,
 }
 
 /// How callbacks are checked.
@@ -275,6 +281,9 @@ pub struct CheckSettings {
           default_value = "RCS,WHATSAPP,APPLEBC,VIBERBM,VIBER,MESSENGER,INSTAGRAM,TELEGRAM,LINE,WECHAT,KAKAOTALK,KAKAOTALKCHAT,MMS,SMS",
           value_parser = ChannelListParser)]
     pub channel_preference: ChannelOrder,
+    /// How long a bulk check's job and results are kept after it started or ended (1m to 30d).
+    #[arg(id = "bulk-retention", long = "bulk-retention", env = BULK_RETENTION, default_value = "24h", value_parser = duration(MINUTE, 30 * DAY))]
+    pub bulk_retention: Duration,
     /// The key of the keyed hash that names cache entries and leases in Redis (no raw phone number is a key). When
     /// unset, a random key is generated once and kept in Redis for every replica.
     #[arg(id = "cache-hash-key", long = "cache-hash-key", env = CACHE_HASH_KEY, hide_env_values = true, value_parser = SecretParser)]
@@ -541,6 +550,8 @@ pub const CHECK_WAIT: &str = "CAPABILITY_CHECK_WAIT";
 pub const CHECK_SETTLE: &str = "CAPABILITY_CHECK_SETTLE";
 pub const CHANNEL_PREFERENCE: &str = "CAPABILITY_CHANNEL_PREFERENCE";
 pub const CACHE_HASH_KEY: &str = "CAPABILITY_CACHE_HASH_KEY";
+pub const CALLBACK_RATE: &str = "SINCH_CALLBACK_RATE";
+pub const BULK_RETENTION: &str = "CAPABILITY_BULK_RETENTION";
 
 const DEFAULT_AUTH_URL: &str = "https://auth.sinch.com/oauth2/token";
 
@@ -806,6 +817,8 @@ pub const ALL_VARIABLES: &[&str] = &[
     CHECK_SETTLE,
     CHANNEL_PREFERENCE,
     CACHE_HASH_KEY,
+    CALLBACK_RATE,
+    BULK_RETENTION,
 ];
 
 /// A clap error about the serving configuration as one line naming the variable, never a secret's value.
@@ -940,6 +953,8 @@ mod tests {
             ("--channel-preference=RCS,PIGEON", CHANNEL_PREFERENCE),
             ("--channel-preference=RCS,RCS", CHANNEL_PREFERENCE),
             ("--cache-hash-key=k\u{1}", CACHE_HASH_KEY),
+            ("--sinch-callback-rate=0", CALLBACK_RATE),
+            ("--bulk-retention=1s", BULK_RETENTION),
         ];
         for (flag, variable) in cases {
             assert_eq!(with_creds(flag).unwrap_err().variable, *variable, "{flag}");

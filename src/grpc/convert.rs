@@ -9,7 +9,10 @@ use crate::{
     capability::{
         CapabilityStatus, Channel, ChannelIdentity, ChannelOrder, MAX_REQUEST_ID_LEN, QueryAccepted, Recipient,
     },
-    check::{CheckAnswer, CheckRequest, Source},
+    check::{
+        CheckAnswer, CheckRequest, Source,
+        bulk::{JobSpec, JobState, JobStatus, MAX_RECIPIENTS},
+    },
     grpc::pb,
     hub::CompletionReason,
     query::QueryRequest,
@@ -110,6 +113,107 @@ pub fn check_request(
             Err(violations)
         }
     }
+}
+
+/// Checks a StartBulkCheck request: an app, 1 to 100,000 recipients each valid as QueryCapability's (named by
+/// index), durations as CheckCapability's. At most 100 violations are reported.
+pub fn start_bulk_request(
+    request: pb::StartBulkCheckRequest,
+    defaults: &CheckDefaults,
+) -> Result<JobSpec, Vec<FieldViolation>> {
+    let first = request.recipients.first().cloned();
+    let count = request.recipients.len();
+    let check = check_request(
+        pb::CheckCapabilityRequest {
+            app_id: request.app_id,
+            recipient: first,
+            max_age: request.max_age,
+            wait: request.wait,
+            channel_preference: request.channel_preference,
+            request_id: request.request_id,
+        },
+        defaults,
+    );
+    let mut violations: Vec<FieldViolation> = match &check {
+        Ok(_) => Vec::new(),
+        // The first recipient's own violations are found again below, by index.
+        Err(violations) => violations
+            .iter()
+            .filter(|v| !v.field.starts_with("recipient"))
+            .cloned()
+            .collect(),
+    };
+    if count == 0 || count > MAX_RECIPIENTS {
+        violations.push(violation(
+            "recipients",
+            format!("between 1 and {MAX_RECIPIENTS} recipients are required, got {count}"),
+        ));
+        return Err(violations);
+    }
+    let mut recipients = Vec::with_capacity(count);
+    for (at, recipient) in request.recipients.into_iter().enumerate() {
+        match query_request(pb::QueryCapabilityRequest {
+            app_id: "-".into(),
+            recipient: Some(recipient),
+            request_id: String::new(),
+        }) {
+            Ok(query) => recipients.push(query.recipient),
+            Err(found) if violations.len() < 100 => violations.extend(found.into_iter().map(|v| FieldViolation {
+                field: v.field.replacen("recipient", &format!("recipients[{at}]"), 1),
+                description: v.description,
+            })),
+            Err(_) => {}
+        }
+    }
+    match check {
+        Ok(check) if violations.is_empty() => Ok(JobSpec {
+            app_id: check.app_id,
+            recipients,
+            max_age: check.max_age,
+            wait: check.wait,
+            preference: check.preference,
+            request_id: check.request_id,
+        }),
+        _ => Err(violations),
+    }
+}
+
+/// A bulk check job as the contract carries it.
+pub fn bulk_check(status: &JobStatus, now_ms: u64) -> pb::BulkCheck {
+    let time = |ms: u64| Some(prost_types::Timestamp::from(crate::log::codec::log_time(ms)));
+    pb::BulkCheck {
+        job_id: status.job_id.clone(),
+        state: match status.state {
+            JobState::Running => pb::BulkCheckState::Running,
+            JobState::Succeeded => pb::BulkCheckState::Succeeded,
+            JobState::Cancelled => pb::BulkCheckState::Cancelled,
+            JobState::Failed => pb::BulkCheckState::Failed,
+        }
+        .into(),
+        total: status.total,
+        done: status.done,
+        from_cache: status.from_cache,
+        reachable: status.reachable,
+        create_time: time(status.create_ms),
+        update_time: time(status.update_ms),
+        estimated_remaining: status
+            .estimated_remaining(now_ms)
+            .and_then(|d| prost_types::Duration::try_from(d).ok()),
+    }
+}
+
+/// Checks a job_id given to GetBulkCheck, WatchBulkCheck or CancelBulkCheck.
+pub fn job_id(job_id: &str) -> Result<(), Vec<FieldViolation>> {
+    if job_id.is_empty() {
+        return Err(vec![violation(
+            "job_id",
+            "required: the job_id StartBulkCheck returned",
+        )]);
+    }
+    if job_id.len() > MAX_FIELD_LEN || job_id.chars().any(char::is_control) {
+        return Err(vec![violation("job_id", "not a job_id StartBulkCheck returns")]);
+    }
+    Ok(())
 }
 
 /// The server's defaults for what a CheckCapability leaves unset.

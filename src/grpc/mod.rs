@@ -31,9 +31,10 @@ use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::{
     capability::mask_digits,
-    check::Checker,
+    check::{Checker, bulk::Jobs},
     connection::{Activity, BusyBody, Guarded, GuardedListener},
     hub::{Hub, Watch, WatchEvent, WatchLimits},
+    log::wall_clock_ms,
     query::Queries,
     secret::Secret,
     telemetry::TraceParent,
@@ -94,10 +95,30 @@ pub struct TransportSettings {
     pub tls: Option<TlsFiles>,
 }
 
+/// tonic's default decoding limit, kept for every method but StartBulkCheck (checked in each handler: the
+/// server's own limit is StartBulkCheck's).
+const MAX_MESSAGE: usize = 4 << 20;
+/// StartBulkCheck's limit: 100,000 recipients of a few identities each.
+const MAX_BULK_MESSAGE: usize = 24 << 20;
+/// How many results one read of a job's results takes.
+const RESULTS_BATCH: usize = 256;
+/// A running job's progress is sent at least this often.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// RESOURCE_EXHAUSTED when `message` is larger than tonic's default limit.
+fn within<T: prost::Message>(message: &T) -> Result<(), Status> {
+    let size = message.encoded_len();
+    if size > MAX_MESSAGE {
+        return Err(status::too_large(size, MAX_MESSAGE));
+    }
+    Ok(())
+}
+
 /// `capability.v1.CapabilityService`.
 pub struct CapabilityApi {
     queries: Arc<Queries>,
     checker: Arc<Checker>,
+    jobs: Arc<Jobs>,
     check: convert::CheckDefaults,
     /// One permit per QueryCapability in flight: beyond, calls are shed at once instead of queueing.
     query_permits: Arc<Semaphore>,
@@ -118,6 +139,7 @@ impl CapabilityApi {
     pub fn new(
         queries: Arc<Queries>,
         checker: Arc<Checker>,
+        jobs: Arc<Jobs>,
         check: convert::CheckDefaults,
         max_inflight_queries: usize,
         query_timeout: Duration,
@@ -128,6 +150,7 @@ impl CapabilityApi {
         CapabilityApi {
             queries,
             checker,
+            jobs,
             check,
             query_permits: Arc::new(Semaphore::new(max_inflight_queries.min(Semaphore::MAX_PERMITS))),
             query_timeout,
@@ -148,6 +171,7 @@ impl CapabilityApi {
         let Ok(_permit) = self.query_permits.try_acquire() else {
             return Err(status::overloaded());
         };
+        within(request.get_ref())?;
         let query = convert::query_request(request.into_inner()).map_err(status::invalid_request)?;
         // Per-query lines are debug: at Sinch's 800/s per project an info line each would be most of the log.
         tracing::debug!(recipient = ?query.recipient, "query");
@@ -171,10 +195,7 @@ impl CapabilityApi {
         request: Request<pb::CheckCapabilityRequest>,
         trace: Option<&TraceParent>,
     ) -> Result<Response<pb::CheckCapabilityResponse>, Status> {
-        // A check holds a permit while it waits, as a query does while it is sent: bounded work per replica.
-        let Ok(_permit) = self.query_permits.try_acquire() else {
-            return Err(status::overloaded());
-        };
+        within(request.get_ref())?;
         let metadata = request.metadata().clone();
         let check = convert::check_request(request.into_inner(), &self.check).map_err(status::invalid_request)?;
         let deadline = deadline(&metadata, self.query_timeout + check.wait);
@@ -187,6 +208,79 @@ impl CapabilityApi {
             Err(e) => {
                 tracing::warn!(error = %e, "check failed");
                 Err(e.into())
+            }
+        }
+    }
+}
+
+/// One WatchBulkCheck stream: the results past its cursor, a progress at least every second, a final progress.
+struct BulkWatch {
+    jobs: Arc<Jobs>,
+    job_id: String,
+    /// The offset of the last result read.
+    cursor: u64,
+    buffered: std::collections::VecDeque<pb::WatchBulkCheckResponse>,
+    next_progress: Instant,
+    shutdown: CancellationToken,
+    ended: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl BulkWatch {
+    /// The next message; `None` after the final progress.
+    async fn next(&mut self) -> Option<Result<pb::WatchBulkCheckResponse, Status>> {
+        use pb::watch_bulk_check_response::Event;
+        loop {
+            if let Some(message) = self.buffered.pop_front() {
+                return Some(Ok(message));
+            }
+            if self.ended {
+                return None;
+            }
+            if self.shutdown.is_cancelled() {
+                self.ended = true;
+                return Some(Err(status::shutting_down(self.cursor)));
+            }
+            // The status before the results: a job seen ended has every result in already.
+            let job = match self.jobs.status(&self.job_id).await {
+                Ok(job) => job,
+                Err(e) => {
+                    self.ended = true;
+                    return Some(Err(e.into()));
+                }
+            };
+            let results = match self.jobs.results_after(&self.job_id, self.cursor, RESULTS_BATCH).await {
+                Ok(results) => results,
+                Err(e) => {
+                    self.ended = true;
+                    return Some(Err(e.into()));
+                }
+            };
+            let caught_up = results.len() < RESULTS_BATCH;
+            for result in results {
+                self.cursor = result.offset;
+                self.buffered.push_back(pb::WatchBulkCheckResponse {
+                    event: Some(Event::Result(pb::BulkCheckResult {
+                        offset: result.offset,
+                        index: result.index,
+                        answer: Some(convert::check_response(result.answer)),
+                    })),
+                });
+            }
+            let now = Instant::now();
+            if (job.state.ended() && caught_up) || now >= self.next_progress {
+                self.ended = job.state.ended() && caught_up;
+                self.next_progress = now + PROGRESS_EVERY;
+                self.buffered.push_back(pb::WatchBulkCheckResponse {
+                    event: Some(Event::Progress(convert::bulk_check(&job, wall_clock_ms()))),
+                });
+            }
+            if self.buffered.is_empty() {
+                let longest = self.next_progress.saturating_duration_since(Instant::now());
+                tokio::select! {
+                    () = self.jobs.changed(&self.job_id, self.cursor, longest) => {}
+                    () = self.shutdown.cancelled() => {}
+                }
             }
         }
     }
@@ -282,6 +376,74 @@ impl CapabilityService for CapabilityApi {
         Ok(Response::new(pb::InvalidateCapabilityResponse { removed }))
     }
 
+    #[tracing::instrument(skip_all)]
+    async fn start_bulk_check(
+        &self,
+        request: Request<pb::StartBulkCheckRequest>,
+    ) -> Result<Response<pb::BulkCheck>, Status> {
+        let spec = convert::start_bulk_request(request.into_inner(), &self.check).map_err(status::invalid_request)?;
+        let job = self.jobs.start(spec).await?;
+        Ok(Response::new(convert::bulk_check(&job, wall_clock_ms())))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn get_bulk_check(
+        &self,
+        request: Request<pb::GetBulkCheckRequest>,
+    ) -> Result<Response<pb::BulkCheck>, Status> {
+        within(request.get_ref())?;
+        let job_id = request.into_inner().job_id;
+        convert::job_id(&job_id).map_err(status::invalid_request)?;
+        let job = self.jobs.status(&job_id).await?;
+        Ok(Response::new(convert::bulk_check(&job, wall_clock_ms())))
+    }
+
+    #[tracing::instrument(skip_all)]
+    async fn cancel_bulk_check(
+        &self,
+        request: Request<pb::CancelBulkCheckRequest>,
+    ) -> Result<Response<pb::BulkCheck>, Status> {
+        within(request.get_ref())?;
+        let job_id = request.into_inner().job_id;
+        convert::job_id(&job_id).map_err(status::invalid_request)?;
+        let job = self.jobs.cancel(&job_id).await?;
+        Ok(Response::new(convert::bulk_check(&job, wall_clock_ms())))
+    }
+
+    type WatchBulkCheckStream = Pin<Box<dyn Stream<Item = Result<pb::WatchBulkCheckResponse, Status>> + Send>>;
+
+    #[tracing::instrument(skip_all)]
+    async fn watch_bulk_check(
+        &self,
+        request: Request<pb::WatchBulkCheckRequest>,
+    ) -> Result<Response<Self::WatchBulkCheckStream>, Status> {
+        within(request.get_ref())?;
+        let request = request.into_inner();
+        convert::job_id(&request.job_id).map_err(status::invalid_request)?;
+        // An unknown job is NOT_FOUND now, not a stream that never ends.
+        self.jobs.status(&request.job_id).await?;
+        let permit = self
+            .watch_permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| status::too_many_watches(self.watch.max_watches))?;
+        let watch = BulkWatch {
+            jobs: self.jobs.clone(),
+            job_id: request.job_id,
+            cursor: request.after_offset,
+            buffered: std::collections::VecDeque::new(),
+            next_progress: Instant::now(),
+            shutdown: self.shutdown.clone(),
+            ended: false,
+            _permit: permit,
+        };
+        let stream = futures::stream::unfold(watch, |mut watch| async move {
+            let message = watch.next().await?;
+            Some((message, watch))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     type WatchCapabilityStream = WatchStream;
 
     #[tracing::instrument(skip_all, fields(request_id))]
@@ -289,6 +451,7 @@ impl CapabilityService for CapabilityApi {
         &self,
         request: Request<pb::WatchCapabilityRequest>,
     ) -> Result<Response<Self::WatchCapabilityStream>, Status> {
+        within(request.get_ref())?;
         let holders = quota::holders(&request);
         let request = request.into_inner();
         tracing::Span::current().record("request_id", mask_digits(&request.request_id).as_ref());
@@ -439,9 +602,10 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(CapabilityServiceServer::with_interceptor(api, move |request| {
-            authenticate(&tokens, request)
-        }))
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            CapabilityServiceServer::new(api).max_decoding_message_size(MAX_BULK_MESSAGE),
+            move |request| authenticate(&tokens, request),
+        ))
         .serve_with_incoming_shutdown(incoming, signal)
         .await
 }

@@ -6,7 +6,12 @@ use std::{collections::HashMap, time::Duration};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
-use crate::{check::CheckError, grpc::convert::FieldViolation, query::QueryError, upstream};
+use crate::{
+    check::{CheckError, bulk::JobError},
+    grpc::convert::FieldViolation,
+    query::QueryError,
+    upstream,
+};
 
 /// The `ErrorInfo.domain` of every error this service raises.
 pub const DOMAIN: &str = "capability-facade";
@@ -87,6 +92,8 @@ impl From<CheckError> for Status {
     fn from(error: CheckError) -> Status {
         match error {
             CheckError::Query(e) => e.into(),
+            CheckError::Cancelled => Status::cancelled(error.to_string()),
+            CheckError::Overloaded => overloaded(),
             CheckError::Unavailable(_) => {
                 let mut details = ErrorDetails::new();
                 details.set_retry_info(Some(Duration::from_secs(1)));
@@ -95,6 +102,26 @@ impl From<CheckError> for Status {
             }
         }
     }
+}
+
+impl From<JobError> for Status {
+    fn from(error: JobError) -> Status {
+        let (code, reason) = match &error {
+            JobError::NotFound(_) => (Code::NotFound, "BULK_CHECK_NOT_FOUND"),
+            JobError::Conflict(_) => (Code::AlreadyExists, "REQUEST_ID_REUSED"),
+            JobError::TooMany => (Code::ResourceExhausted, "TOO_MANY_BULK_CHECKS"),
+            JobError::Unavailable(_) => (Code::Unavailable, "JOB_STORE_UNAVAILABLE"),
+        };
+        let details = ErrorDetails::with_error_info(reason, DOMAIN, HashMap::new());
+        Status::with_error_details(code, error.to_string(), details)
+    }
+}
+
+/// RESOURCE_EXHAUSTED for a message larger than its method takes.
+pub fn too_large(size: usize, max: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "the request message is {size} bytes, over this method's limit of {max} bytes"
+    ))
 }
 
 fn upstream_status(error: upstream::Error) -> Status {

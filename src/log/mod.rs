@@ -249,6 +249,14 @@ impl EventLog {
         }
     }
 
+    /// Bulk check jobs shared through Redis; `None` in process.
+    pub fn shared_jobs(&self) -> Option<&redis::jobs::RedisJobs> {
+        match self {
+            EventLog::Local(_) => None,
+            EventLog::Redis(redis) => Some(redis.jobs()),
+        }
+    }
+
     /// How the log is doing.
     pub fn health(&self) -> Health {
         match self {

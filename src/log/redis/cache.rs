@@ -12,7 +12,6 @@
 use std::time::Duration;
 
 use redis::Script;
-use tokio::sync::OnceCell;
 
 use super::{Connection, retried, ttl_ms};
 use crate::{
@@ -24,13 +23,28 @@ use crate::{
     secret::Secret,
 };
 
+/// How often the hash key kept in Redis is looked at again.
+const KEY_REFRESH: Duration = Duration::from_secs(1);
+
 /// The most results one contact entry holds (a contact has a few channel identities).
 const MAX_CONTACT_RESULTS: u32 = 64;
+
+/// Whether encoded result `a` is newer than `b`: their first 8 bytes (big-endian times) compared byte by byte,
+/// whatever the server's collation.
+const NEWER: &str = r"
+local function newer(a, b)
+  for i = 1, 8 do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x > y end
+  end
+  return false
+end
+";
 
 /// Stores a result unless the entry holds a newer one. KEYS: entry. ARGV: encoded result, time to live (ms).
 const STORE: &str = r"
 local cur = redis.call('GET', KEYS[1])
-if cur and string.sub(cur, 1, 8) > string.sub(ARGV[1], 1, 8) then return 0 end
+if cur and newer(cur, ARGV[1]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 ";
@@ -39,22 +53,35 @@ return 1
 /// as its longest-lived result. KEYS: contact entry. ARGV: field, encoded result, time to live (ms), most fields.
 const STORE_CONTACT: &str = r"
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
-if cur and string.sub(cur, 1, 8) > string.sub(ARGV[2], 1, 8) then return 0 end
+if cur and newer(cur, ARGV[2]) then return 0 end
 if not cur and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 return 1
 ";
 
-/// Takes a lease unless someone holds it. KEYS: lease. ARGV: request_id, time to live (ms). Returns the holder.
+/// Takes a lease (pending: `p:<request_id>`) unless someone holds it. KEYS: lease. ARGV: request_id, time to live
+/// (ms). Returns the holder's value (ours when taken), or false when it lapsed meanwhile.
 const LEASE: &str = r"
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return ARGV[1] end
-return redis.call('GET', KEYS[1]) or ARGV[1]
+if redis.call('SET', KEYS[1], 'p:' .. ARGV[1], 'NX', 'PX', ARGV[2]) then return 'p:' .. ARGV[1] end
+return redis.call('GET', KEYS[1])
 ";
 
-/// Gives a lease back if it is still ours. KEYS: lease. ARGV: request_id.
+/// Marks our pending lease sent (`s:<accepted request_id>`). KEYS: lease. ARGV: request_id, accepted, ttl (ms).
+const LEASE_SENT: &str = r"
+local held = redis.call('GET', KEYS[1])
+if held == 'p:' .. ARGV[1] or not held then
+  redis.call('SET', KEYS[1], 's:' .. ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+";
+
+/// Gives a lease back if it is still ours (pending under our request_id, or sent under it). KEYS: lease.
+/// ARGV: request_id.
 const RELEASE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+local held = redis.call('GET', KEYS[1])
+if held == 'p:' .. ARGV[1] or held == 's:' .. ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 ";
 
@@ -64,11 +91,29 @@ pub struct RedisCache {
     prefix: String,
     ttl: CacheTtl,
     configured_key: Option<Secret>,
-    hasher: OnceCell<KeyHasher>,
+    /// The hasher of the key kept in Redis, when it was last looked at, and the key.
+    hasher: std::sync::Mutex<Option<(KeyHasher, std::time::Instant, String)>>,
     store: Script,
     store_contact: Script,
     lease: Script,
+    lease_sent: Script,
     release: Script,
+}
+
+/// Who holds a lease in Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder(String);
+
+impl Holder {
+    /// Whether it is `request_id`'s pending lease, or sent under it.
+    pub fn is_ours(&self, request_id: &str) -> bool {
+        self.0.get(2..) == Some(request_id)
+    }
+
+    /// The request_id its query went out under, once sent.
+    pub fn sent(&self) -> Option<&str> {
+        self.0.strip_prefix("s:")
+    }
 }
 
 impl RedisCache {
@@ -78,35 +123,50 @@ impl RedisCache {
             prefix,
             ttl,
             configured_key: key,
-            hasher: OnceCell::new(),
-            store: Script::new(STORE),
-            store_contact: Script::new(STORE_CONTACT),
+            hasher: std::sync::Mutex::new(None),
+            store: Script::new(&format!("{NEWER}{STORE}")),
+            store_contact: Script::new(&format!("{NEWER}{STORE_CONTACT}")),
             lease: Script::new(LEASE),
+            lease_sent: Script::new(LEASE_SENT),
             release: Script::new(RELEASE),
         }
     }
 
     /// The hasher every replica names entries with: the configured key's, else the one kept in Redis (made by
-    /// the first replica that needed it).
-    pub async fn hasher(&self) -> redis::RedisResult<&KeyHasher> {
-        self.hasher
-            .get_or_try_init(|| async {
-                if let Some(key) = &self.configured_key {
-                    return Ok(KeyHasher::new(key.expose().as_bytes()));
-                }
-                let name = format!("{}:cache-key", self.prefix);
-                let fresh = hex(&rand::random::<EntryKey>());
-                let mut conn = self.commands.clone();
-                let _: Option<String> = redis::cmd("SET")
-                    .arg(&name)
-                    .arg(&fresh)
-                    .arg("NX")
-                    .query_async(&mut conn)
-                    .await?;
-                let key: Option<String> = redis::cmd("GET").arg(&name).query_async(&mut conn).await?;
-                Ok(KeyHasher::new(key.unwrap_or(fresh).as_bytes()))
-            })
-            .await
+    /// the first replica that needed it). The kept key is looked at again every [`KEY_REFRESH`], and put back if
+    /// Redis lost it, so that replicas that started on either side of a data loss come to name entries alike.
+    pub async fn hasher(&self) -> redis::RedisResult<KeyHasher> {
+        if let Some(key) = &self.configured_key {
+            return Ok(KeyHasher::new(key.expose().as_bytes()));
+        }
+        if let Some((hasher, at, _)) = &*self.hasher.lock().expect("hasher lock poisoned")
+            && at.elapsed() < KEY_REFRESH
+        {
+            return Ok(hasher.clone());
+        }
+        let held = self
+            .hasher
+            .lock()
+            .expect("hasher lock poisoned")
+            .as_ref()
+            .map(|(_, _, key)| key.clone());
+        let name = format!("{}:cache-key", self.prefix);
+        let mine = held.unwrap_or_else(|| hex(&rand::random::<EntryKey>()));
+        let mut conn = self.commands.clone();
+        let _: Option<String> = redis::cmd("SET")
+            .arg(&name)
+            .arg(&mine)
+            .arg("NX")
+            .query_async(&mut conn)
+            .await?;
+        let key: String = redis::cmd("GET")
+            .arg(&name)
+            .query_async::<Option<String>>(&mut conn)
+            .await?
+            .unwrap_or(mine);
+        let hasher = KeyHasher::new(key.as_bytes());
+        *self.hasher.lock().expect("hasher lock poisoned") = Some((hasher.clone(), std::time::Instant::now(), key));
+        Ok(hasher)
     }
 
     fn entry(&self, key: &EntryKey) -> String {
@@ -128,7 +188,7 @@ impl RedisCache {
 
     /// Stores the result of `notification`, appended at `offset`, under its identity and, when it names one, its
     /// contact. The time of the result is this replica's.
-    pub(super) async fn store(&self, notification: &Notification, offset: u64) -> redis::RedisResult<()> {
+    pub async fn store(&self, notification: &Notification, offset: u64) -> redis::RedisResult<()> {
         let now = wall_clock_ms();
         let Some(result) = CachedResult::of(notification, offset, now, &codec::encode_body(notification), &self.ttl)
         else {
@@ -169,13 +229,20 @@ impl RedisCache {
         Ok(())
     }
 
-    /// The results held under identity entries `keys`, in their order.
+    /// The results held under identity entries `keys`, in their order. One GET per key, all at once: in a
+    /// cluster each may live on another slot.
     pub async fn get(&self, keys: &[EntryKey]) -> redis::RedisResult<Vec<Option<CachedResult>>> {
-        let mut pipe = redis::pipe();
-        for key in keys {
-            pipe.cmd("GET").arg(self.entry(key));
-        }
-        let values: Vec<Option<Vec<u8>>> = pipe.query_async(&mut self.commands.clone()).await?;
+        let reads = keys.iter().map(|key| {
+            let mut conn = self.commands.clone();
+            let name = self.entry(key);
+            async move {
+                redis::cmd("GET")
+                    .arg(name)
+                    .query_async::<Option<Vec<u8>>>(&mut conn)
+                    .await
+            }
+        });
+        let values = futures::future::try_join_all(reads).await?;
         Ok(values
             .into_iter()
             .map(|v| v.as_deref().and_then(CachedResult::decode))
@@ -191,12 +258,12 @@ impl RedisCache {
         Ok(values.iter().filter_map(|v| CachedResult::decode(v)).collect())
     }
 
-    /// Removes identity entries `keys` and, when given, a contact's entry with the identity entries it lists.
+    /// Removes identity entries `keys` and contacts' entries `contacts` with the identity entries they list.
     /// Returns how many entries went.
-    pub async fn remove(&self, keys: &[EntryKey], contact: Option<&EntryKey>) -> redis::RedisResult<u64> {
+    pub async fn remove(&self, keys: &[EntryKey], contacts: &[EntryKey]) -> redis::RedisResult<u64> {
         let mut conn = self.commands.clone();
         let mut names: Vec<String> = keys.iter().map(|k| self.entry(k)).collect();
-        if let Some(contact) = contact {
+        for contact in contacts {
             let entry = self.contact_entry(contact);
             let listed: Vec<String> = redis::cmd("HKEYS").arg(&entry).query_async(&mut conn).await?;
             names.extend(listed.iter().map(|field| format!("{}:c:{field}", self.prefix)));
@@ -204,21 +271,50 @@ impl RedisCache {
         }
         names.sort();
         names.dedup();
-        // One DEL per key: in a cluster each may live on another slot.
-        let mut pipe = redis::pipe();
-        for name in &names {
-            pipe.cmd("DEL").arg(name);
-        }
-        let removed: Vec<u64> = pipe.query_async(&mut conn).await?;
-        Ok(removed.iter().sum())
+        // One DEL per key, all at once: in a cluster each may live on another slot.
+        let deletes = names.into_iter().map(|name| {
+            let mut conn = self.commands.clone();
+            async move { redis::cmd("DEL").arg(name).query_async::<u64>(&mut conn).await }
+        });
+        Ok(futures::future::try_join_all(deletes).await?.iter().sum())
     }
 
-    /// Takes the lease of `key` for `request_id` for `ttl` unless another request_id holds it; returns the
-    /// holder.
-    pub async fn lease(&self, key: &EntryKey, request_id: &str, ttl: Duration) -> redis::RedisResult<String> {
+    /// Takes the lease of `key` for `request_id` for `ttl` unless someone holds it; returns the holder (`None`
+    /// when it lapsed meanwhile).
+    pub async fn lease(&self, key: &EntryKey, request_id: &str, ttl: Duration) -> redis::RedisResult<Option<Holder>> {
         let mut invocation = self.lease.prepare_invoke();
         invocation.key(self.lease_key(key)).arg(request_id).arg(ttl_ms(ttl));
-        invocation.invoke_async(&mut self.commands.clone()).await
+        let holder: Option<String> = invocation.invoke_async(&mut self.commands.clone()).await?;
+        Ok(holder.map(Holder))
+    }
+
+    /// Who holds the lease of `key`, if anyone.
+    pub async fn holder(&self, key: &EntryKey) -> redis::RedisResult<Option<Holder>> {
+        let holder: Option<String> = redis::cmd("GET")
+            .arg(self.lease_key(key))
+            .query_async(&mut self.commands.clone())
+            .await?;
+        Ok(holder.map(Holder))
+    }
+
+    /// Marks `request_id`'s lease of `key` sent under `accepted`, for `ttl`.
+    pub async fn lease_sent(
+        &self,
+        key: &EntryKey,
+        request_id: &str,
+        accepted: &str,
+        ttl: Duration,
+    ) -> redis::RedisResult<()> {
+        let mut invocation = self.lease_sent.prepare_invoke();
+        invocation
+            .key(self.lease_key(key))
+            .arg(request_id)
+            .arg(accepted)
+            .arg(ttl_ms(ttl));
+        invocation
+            .invoke_async::<i64>(&mut self.commands.clone())
+            .await
+            .map(drop)
     }
 
     /// Gives back the lease of `key` if `request_id` still holds it.

@@ -12,6 +12,7 @@
 //! | `{prefix:N}:epoch` | a value set once per dataset: another value means Redis lost its data |
 //! | `prefix:idem:<hash of request_id>` | a caller-chosen request_id's claim and answer (no tag: spread over slots) |
 //! | `prefix:c:…`, `prefix:cc:…`, `prefix:lease:…` | the capability cache and coalescing leases ([`cache`]) |
+//! | `{prefix:job:…}:…`, `prefix:jobs`, `prefix:bulkreq:…`, `prefix:pace` | bulk check jobs and the callback budget ([`jobs`]) |
 //!
 //! Appending a notification is one script: it checks the epoch, claims the nonce, drops a duplicate digest or
 //! a request over the cap, assigns the next offset and `XADD`s (trimmed by `MINID`, by Redis's clock) — one
@@ -20,6 +21,7 @@
 
 pub mod cache;
 mod connection;
+pub mod jobs;
 
 use std::{
     collections::VecDeque,
@@ -184,6 +186,8 @@ pub struct RedisLog {
     restore: Script,
     /// The capability cache and coalescing leases.
     cache: RedisCache,
+    /// Bulk check jobs and the callback budget.
+    jobs: jobs::RedisJobs,
     /// The readers' last view of Redis, for logs, probes and the `capability_backplane_up` gauge: 0 not yet
     /// known, 1 up, 2 down.
     up: AtomicU8,
@@ -191,6 +195,8 @@ pub struct RedisLog {
 
 /// The warning logged at start when Redis may evict the log's keys.
 pub const EVICTION_WARNING: &str = "REDIS_MAY_EVICT";
+/// The warning logged at start when cache entries are named with a key kept in Redis.
+pub const HASH_KEY_WARNING: &str = "CACHE_HASH_KEY_UNSET";
 
 impl RedisLog {
     /// Checks the URL and, when Redis answers, its version; connects lazily, so an unreachable Redis still
@@ -241,8 +247,18 @@ impl RedisLog {
             settings.cache_ttl,
             settings.cache_hash_key.clone(),
         );
+        if settings.cache_hash_key.is_none() {
+            tracing::warn!(
+                warning = HASH_KEY_WARNING,
+                "{HASH_KEY_WARNING}: CAPABILITY_CACHE_HASH_KEY is unset, so the key that names cache entries is kept in \
+                 Redis beside them: whoever can read Redis can tell which phone numbers are cached; set it (a secret, \
+                 the same on every replica)"
+            );
+        }
+        let jobs = jobs::RedisJobs::new(commands.clone(), settings.prefix.clone());
         Ok(RedisLog {
             cache,
+            jobs,
             connector,
             commands,
             settings,
@@ -265,6 +281,11 @@ impl RedisLog {
     /// The capability cache and coalescing leases in this Redis.
     pub fn cache(&self) -> &RedisCache {
         &self.cache
+    }
+
+    /// Bulk check jobs and the callback budget in this Redis.
+    pub fn jobs(&self) -> &jobs::RedisJobs {
+        &self.jobs
     }
 
     fn shard_of(&self, key: &str) -> usize {

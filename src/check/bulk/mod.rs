@@ -1,0 +1,604 @@
+//! Bulk checks: jobs of up to 100,000 recipients, each checked as CheckCapability checks one, with the live
+//! queries paced under the app's callback budget ([`pacer`]) after every interactive call.
+//!
+//! A job runs on one replica. Each recipient is recorded as sent *before* its query goes out and is never sent
+//! again; identical recipients within a job are asked once. Without Redis a job lives in this process
+//! ([`local`]). With Redis ([`crate::log::redis::jobs`]) the job, its progress and its results live there: the
+//! replica running it holds a lease it renews, and when that replica dies another takes the job over — it waits
+//! for the callbacks of the recipients already sent (they reach every replica through the log) until their wait
+//! elapses, and sends the rest.
+
+pub mod local;
+pub mod pacer;
+pub mod stored;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::{FutureExt, StreamExt, future::BoxFuture};
+use sha2::{Digest as _, Sha256};
+use tokio::time::Instant;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use super::{CheckAnswer, CheckError, CheckRequest, Checker, Gate, Proceed, Source};
+use crate::{
+    capability::{ChannelOrder, Recipient, mask_digits},
+    log::{EventLog, wall_clock_ms},
+};
+use local::LocalJobs;
+use pacer::Pacer;
+
+/// The most recipients one job takes.
+pub const MAX_RECIPIENTS: usize = 100_000;
+/// The most jobs running at once on one replica (a job past it is refused; with Redis, taken over by another).
+pub const MAX_RUNNING: usize = 16;
+/// How often a replica renews the lease of a job it runs, and looks for jobs nobody runs.
+const LEASE_RENEWAL: Duration = Duration::from_secs(2);
+/// How long a lease lasts without renewal: a job whose replica died is taken over after this.
+const LEASE: Duration = Duration::from_secs(6);
+
+/// A validated StartBulkCheck.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub app_id: String,
+    pub recipients: Vec<Recipient>,
+    pub max_age: Duration,
+    pub wait: Duration,
+    pub preference: Option<ChannelOrder>,
+    pub request_id: Option<String>,
+}
+
+impl JobSpec {
+    /// What makes two starts the same job: the app, the recipients and the options, hashed.
+    pub fn fingerprint(&self) -> String {
+        let bytes = stored::encode_spec(&JobSpec {
+            request_id: None,
+            ..self.clone()
+        });
+        Sha256::digest(&bytes)[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+/// Where a job stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Running,
+    Succeeded,
+    Cancelled,
+    Failed,
+}
+
+impl JobState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Running => "RUNNING",
+            JobState::Succeeded => "SUCCEEDED",
+            JobState::Cancelled => "CANCELLED",
+            JobState::Failed => "FAILED",
+        }
+    }
+
+    pub fn parse(text: &str) -> JobState {
+        match text {
+            "RUNNING" => JobState::Running,
+            "SUCCEEDED" => JobState::Succeeded,
+            "CANCELLED" => JobState::Cancelled,
+            _ => JobState::Failed,
+        }
+    }
+
+    pub fn ended(self) -> bool {
+        self != JobState::Running
+    }
+}
+
+/// A job's state and counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobStatus {
+    pub job_id: String,
+    pub state: JobState,
+    pub total: u64,
+    pub done: u64,
+    pub from_cache: u64,
+    pub reachable: u64,
+    pub create_ms: u64,
+    pub update_ms: u64,
+}
+
+impl JobStatus {
+    /// How long the rest should take at the pace so far; `None` when unknown or ended.
+    pub fn estimated_remaining(&self, now_ms: u64) -> Option<Duration> {
+        if self.state.ended() || self.done == 0 {
+            return None;
+        }
+        let elapsed = now_ms.saturating_sub(self.create_ms) as f64;
+        let left = self.total.saturating_sub(self.done) as f64;
+        Some(Duration::from_millis((elapsed * left / self.done as f64) as u64))
+    }
+}
+
+/// One recipient's answer at its offset in the job's results.
+#[derive(Debug, Clone)]
+pub struct JobResult {
+    pub offset: u64,
+    pub index: u32,
+    pub answer: CheckAnswer,
+}
+
+/// Why a bulk call failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JobError {
+    #[error("no bulk check job {0:?} (unknown, or expired after its retention)")]
+    NotFound(String),
+    #[error("request_id {0:?} was already used for a different bulk check; use a new request_id for a new job")]
+    Conflict(String),
+    #[error("this replica runs {MAX_RUNNING} bulk checks already; retry when one has ended")]
+    TooMany,
+    #[error("the job store is unavailable: {0}")]
+    Unavailable(String),
+}
+
+fn unavailable(e: impl std::fmt::Display) -> JobError {
+    JobError::Unavailable(e.to_string())
+}
+
+/// Where jobs live.
+enum Store {
+    Local(LocalJobs),
+    Redis(Arc<EventLog>),
+}
+
+/// What a starting replica needs to resume a job.
+pub struct Resumable {
+    pub spec: JobSpec,
+    /// Recipients whose query went out: index → (request_id, when, ms since the epoch).
+    pub sent: HashMap<u32, (String, u64)>,
+    /// Recipients with their answer.
+    pub done: std::collections::HashSet<u32>,
+}
+
+/// Runs and serves bulk checks on this replica.
+pub struct Jobs {
+    store: Store,
+    checker: Arc<Checker>,
+    pacer: Arc<Pacer>,
+    /// The jobs this replica runs, with what stops them.
+    running: Mutex<HashMap<String, CancellationToken>>,
+    /// This replica's name in leases.
+    owner: String,
+    retention: Duration,
+    tasks: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Jobs {
+    /// `stop` is cancelled when this replica stops: its jobs are left to others (with Redis).
+    pub fn new(
+        log: &Arc<EventLog>,
+        checker: Arc<Checker>,
+        pacer: Arc<Pacer>,
+        retention: Duration,
+        stop: CancellationToken,
+    ) -> Jobs {
+        let store = match log.shared_jobs() {
+            Some(_) => Store::Redis(log.clone()),
+            None => Store::Local(LocalJobs::new(retention)),
+        };
+        Jobs {
+            store,
+            checker,
+            pacer,
+            running: Mutex::new(HashMap::new()),
+            owner: ulid::Ulid::new().to_string(),
+            retention,
+            tasks: TaskTracker::new(),
+            stop,
+        }
+    }
+
+    fn redis(log: &EventLog) -> &crate::log::redis::jobs::RedisJobs {
+        log.shared_jobs().expect("a Redis store")
+    }
+
+    /// Starts a job, or finds the one its request_id started.
+    pub async fn start(self: &Arc<Self>, spec: JobSpec) -> Result<JobStatus, JobError> {
+        if self.running.lock().expect("jobs lock poisoned").len() >= MAX_RUNNING {
+            return Err(JobError::TooMany);
+        }
+        let job_id = ulid::Ulid::new().to_string();
+        let fingerprint = spec.fingerprint();
+        let now = wall_clock_ms();
+        let (status, created) = match &self.store {
+            Store::Local(local) => local.create(&job_id, &spec, &fingerprint, now)?,
+            Store::Redis(log) => Self::redis(log)
+                .create(&job_id, &spec, &fingerprint, now, self.retention)
+                .await
+                .map_err(unavailable)??,
+        };
+        if created {
+            if matches!(self.store, Store::Local(_)) {
+                tracing::info!(job_id = %status.job_id, total = status.total,
+                    "bulk check started; without Redis it lives in this process only");
+            } else {
+                tracing::info!(job_id = %status.job_id, total = status.total, "bulk check started");
+            }
+            let resumable = match &self.store {
+                Store::Local(_) => Some(Resumable {
+                    spec,
+                    sent: HashMap::new(),
+                    done: Default::default(),
+                }),
+                // The first lease, as a takeover takes it.
+                Store::Redis(log) => Self::redis(log)
+                    .claim(&status.job_id, &self.owner, LEASE)
+                    .await
+                    .map_err(unavailable)?,
+            };
+            if let Some(resumable) = resumable {
+                self.launch(status.job_id.clone(), resumable);
+            }
+        }
+        Ok(status)
+    }
+
+    pub async fn status(&self, job_id: &str) -> Result<JobStatus, JobError> {
+        let status = match &self.store {
+            Store::Local(local) => local.status(job_id),
+            Store::Redis(log) => Self::redis(log).status(job_id).await.map_err(unavailable)?,
+        };
+        status.ok_or_else(|| JobError::NotFound(job_id.to_owned()))
+    }
+
+    /// Stops a job's new queries; an ended job is returned unchanged.
+    pub async fn cancel(&self, job_id: &str) -> Result<JobStatus, JobError> {
+        let status = match &self.store {
+            Store::Local(local) => local.cancel(job_id, wall_clock_ms()),
+            Store::Redis(log) => Self::redis(log)
+                .cancel(job_id, wall_clock_ms())
+                .await
+                .map_err(unavailable)?,
+        };
+        if let Some(token) = self.running.lock().expect("jobs lock poisoned").get(job_id) {
+            token.cancel();
+        }
+        status.ok_or_else(|| JobError::NotFound(job_id.to_owned()))
+    }
+
+    /// The results past `after`, at most `max`.
+    pub async fn results_after(&self, job_id: &str, after: u64, max: usize) -> Result<Vec<JobResult>, JobError> {
+        match &self.store {
+            Store::Local(local) => Ok(local.results_after(job_id, after, max)),
+            Store::Redis(log) => Self::redis(log)
+                .results_after(job_id, after, max)
+                .await
+                .map_err(unavailable),
+        }
+    }
+
+    /// Waits until `job_id` has results past `seen` or has ended, at most `longest`.
+    pub async fn changed(&self, job_id: &str, seen: u64, longest: Duration) {
+        match &self.store {
+            Store::Local(local) => local.changed(job_id, seen, longest).await,
+            // Redis is asked again shortly: results come at the callback rate, a few dozen a second.
+            Store::Redis(_) => tokio::time::sleep(longest.min(Duration::from_millis(100))).await,
+        }
+    }
+
+    /// Starts running a job on this replica.
+    fn launch(self: &Arc<Self>, job_id: String, resumable: Resumable) {
+        let token = CancellationToken::new();
+        self.running
+            .lock()
+            .expect("jobs lock poisoned")
+            .insert(job_id.clone(), token.clone());
+        metrics::gauge!("capability_bulk_jobs_running").increment(1.0);
+        let jobs = self.clone();
+        self.tasks.spawn(async move {
+            let keeper = jobs.keep_lease(&job_id, &token);
+            let run = jobs.run(&job_id, resumable, &token);
+            tokio::pin!(run);
+            tokio::select! {
+                state = &mut run => jobs.finish(&job_id, state).await,
+                () = keeper => {
+                    tracing::warn!(job_id = %job_id, "the lease of a bulk check was lost: another replica runs it");
+                }
+                () = jobs.stop.cancelled() => jobs.leave(&job_id).await,
+            }
+            jobs.running.lock().expect("jobs lock poisoned").remove(&job_id);
+            metrics::gauge!("capability_bulk_jobs_running").decrement(1.0);
+        });
+    }
+
+    /// With Redis, renews the job's lease until it is lost (returns) or the job ends (never returns).
+    async fn keep_lease(&self, job_id: &str, token: &CancellationToken) {
+        let Store::Redis(log) = &self.store else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(LEASE_RENEWAL).await;
+            match Self::redis(log).renew(job_id, &self.owner, LEASE).await {
+                Ok(Some(JobState::Cancelled)) => token.cancel(),
+                Ok(Some(_)) => {}
+                Ok(None) => return,
+                Err(e) => tracing::debug!(error = %e, "the lease of a bulk check could not be renewed"),
+            }
+        }
+    }
+
+    /// This replica stops: with Redis, the job is left running for another replica to take over at once; in
+    /// process, it ends with the process.
+    async fn leave(&self, job_id: &str) {
+        match &self.store {
+            Store::Local(_) => {
+                tracing::warn!(job_id = %job_id, "a bulk check held in this process stops with it (no Redis)");
+            }
+            Store::Redis(log) => {
+                if let Err(e) = Self::redis(log).release(job_id, &self.owner).await {
+                    tracing::debug!(job_id = %job_id, error = %e, "a bulk check's lease could not be given back; it lapses");
+                }
+                tracing::info!(job_id = %job_id, "a bulk check is left to another replica");
+            }
+        }
+    }
+
+    async fn finish(&self, job_id: &str, state: JobState) {
+        let now = wall_clock_ms();
+        let result = match &self.store {
+            Store::Local(local) => {
+                local.finish(job_id, state, now);
+                Ok(())
+            }
+            Store::Redis(log) => Self::redis(log).finish(job_id, state, now, self.retention).await,
+        };
+        if let Err(e) = result {
+            tracing::warn!(job_id = %job_id, error = %e, "the end of a bulk check could not be recorded");
+        }
+        tracing::info!(job_id = %job_id, state = state.as_str(), "bulk check ended");
+    }
+
+    /// Checks every recipient not answered yet; returns the state the job ends in.
+    async fn run(self: &Arc<Self>, job_id: &str, resumable: Resumable, token: &CancellationToken) -> JobState {
+        let Resumable { spec, sent, done } = resumable;
+        // Identical recipients are asked once: each group answers all its indexes.
+        let mut groups: Vec<Vec<u32>> = Vec::new();
+        let mut by_recipient: HashMap<String, usize> = HashMap::new();
+        for (index, recipient) in spec.recipients.iter().enumerate() {
+            let index = index as u32;
+            if done.contains(&index) {
+                continue;
+            }
+            match by_recipient.entry(recipient_key(recipient)) {
+                std::collections::hash_map::Entry::Occupied(at) => groups[*at.get()].push(index),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(groups.len());
+                    groups.push(vec![index]);
+                }
+            }
+        }
+        let spec = Arc::new(spec);
+        let sent = Arc::new(sent);
+        let failed = Arc::new(Mutex::new(None::<String>));
+        // Enough checks in flight to keep the budget busy while each waits for its callbacks.
+        let concurrency = (self.pacer.limit() as usize * (spec.wait.as_secs() as usize + 2)).clamp(64, 10_000);
+        futures::stream::iter(groups)
+            .for_each_concurrent(concurrency, |group| {
+                let (spec, sent, failed) = (spec.clone(), sent.clone(), failed.clone());
+                async move {
+                    if token.is_cancelled() || failed.lock().expect("failed lock poisoned").is_some() {
+                        return;
+                    }
+                    match self.check_one(job_id, &spec, &group, sent.get(&group[0]), token).await {
+                        Ok(()) | Err(CheckError::Cancelled) => {}
+                        Err(e) if job_wide(&e) => {
+                            tracing::warn!(job_id = %job_id, error = %e, "a bulk check stops: Sinch refused the app's queries");
+                            *failed.lock().expect("failed lock poisoned") = Some(e.to_string());
+                        }
+                        Err(e) => {
+                            // Sent or not, it is never sent again: answered with every identity pending.
+                            tracing::warn!(job_id = %job_id, error = %e, "a recipient of a bulk check could not be checked");
+                            let answer = CheckAnswer {
+                                pending: match &spec.recipients[group[0] as usize] {
+                                    Recipient::IdentifiedBy(ids) => ids.clone(),
+                                    Recipient::ContactId(_) => Vec::new(),
+                                },
+                                ..CheckAnswer::default()
+                            };
+                            if let Err(e) = self.record(job_id, &group, &answer).await {
+                                tracing::warn!(job_id = %job_id, error = %e, "a bulk check's answer could not be recorded");
+                            }
+                        }
+                    }
+                }
+            })
+            .await;
+        if failed.lock().expect("failed lock poisoned").is_some() {
+            JobState::Failed
+        } else if token.is_cancelled() {
+            JobState::Cancelled
+        } else {
+            JobState::Succeeded
+        }
+    }
+
+    /// Checks the recipient of `group` (its indexes share one recipient) and records its answer for each.
+    async fn check_one(
+        &self,
+        job_id: &str,
+        spec: &JobSpec,
+        group: &[u32],
+        sent: Option<&(String, u64)>,
+        token: &CancellationToken,
+    ) -> Result<(), CheckError> {
+        let index = group[0];
+        let now = wall_clock_ms();
+        // A recipient sent before a takeover waits what is left of its wait, and is never sent again.
+        let (wait, request_id) = match sent {
+            Some((request_id, at)) => {
+                let waited = Duration::from_millis(now.saturating_sub(*at));
+                (spec.wait.saturating_sub(waited), Some(request_id.clone()))
+            }
+            None => (spec.wait, None),
+        };
+        let request = CheckRequest {
+            app_id: spec.app_id.clone(),
+            recipient: spec.recipients[index as usize].clone(),
+            max_age: spec.max_age,
+            wait,
+            preference: spec.preference.clone(),
+            request_id,
+        };
+        let gate = JobGate {
+            jobs: self,
+            job_id,
+            index,
+            resumed: sent.is_some(),
+            token,
+        };
+        let deadline = Instant::now() + wait + crate::query::MAX_DEADLINE.min(Duration::from_secs(30));
+        let answer = self.checker.check_gated(request, deadline, None, Some(&gate)).await?;
+        self.record(job_id, group, &answer).await
+    }
+
+    /// Records `answer` for every index of `group`.
+    async fn record(&self, job_id: &str, group: &[u32], answer: &CheckAnswer) -> Result<(), CheckError> {
+        let from_cache = !answer.results.is_empty()
+            && answer.pending.is_empty()
+            && answer.results.iter().all(|r| r.source == Source::Cache);
+        let reachable = !answer.recommended.is_empty();
+        let result = match &self.store {
+            Store::Local(local) => {
+                local.record(job_id, group, answer, from_cache, reachable, wall_clock_ms());
+                Ok(())
+            }
+            Store::Redis(log) => Self::redis(log)
+                .record(
+                    job_id,
+                    group,
+                    &stored::encode_answer(answer),
+                    from_cache,
+                    reachable,
+                    wall_clock_ms(),
+                )
+                .await
+                .map_err(|e| CheckError::Unavailable(e.to_string())),
+        };
+        metrics::counter!("capability_bulk_recipients_done_total").increment(group.len() as u64);
+        result
+    }
+
+    /// Looks for jobs nobody runs (their replica died) and takes them over, until stopped.
+    pub async fn take_over(self: Arc<Self>, stop: CancellationToken) {
+        let Store::Redis(log) = &self.store else { return };
+        let redis = Self::redis(log);
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(LEASE_RENEWAL) => {}
+                () = stop.cancelled() => return,
+            }
+            let running = match redis.running().await {
+                Ok(running) => running,
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not list the running bulk checks");
+                    continue;
+                }
+            };
+            for job_id in running {
+                if self.running.lock().expect("jobs lock poisoned").len() >= MAX_RUNNING {
+                    break;
+                }
+                if self.running.lock().expect("jobs lock poisoned").contains_key(&job_id) {
+                    continue;
+                }
+                match redis.claim(&job_id, &self.owner, LEASE).await {
+                    Ok(Some(resumable)) => {
+                        tracing::info!(job_id = %job_id, sent = resumable.sent.len(), done = resumable.done.len(),
+                            "taking over a bulk check whose replica stopped renewing it");
+                        metrics::counter!("capability_bulk_takeovers_total").increment(1);
+                        self.launch(job_id, resumable);
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(job_id = %job_id, error = %e, "a bulk check could not be taken over"),
+                }
+            }
+        }
+    }
+
+    /// The tasks running jobs: awaited at shutdown.
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
+    }
+}
+
+/// Whether an error stops the whole job: Sinch refused the app, the project, the credentials or the billing —
+/// every other recipient would be refused the same.
+fn job_wide(error: &CheckError) -> bool {
+    use crate::{query::QueryError, upstream::Error};
+    match error {
+        CheckError::Query(QueryError::Upstream(e)) => match e {
+            Error::Credentials(_) | Error::Billing(_) => true,
+            Error::Api(api) => api.http_status == 404,
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// What identifies a recipient within a job.
+fn recipient_key(recipient: &Recipient) -> String {
+    match recipient {
+        Recipient::ContactId(contact) => format!("c\u{0}{contact}"),
+        Recipient::IdentifiedBy(ids) => {
+            let mut parts: Vec<String> = ids
+                .iter()
+                .map(|id| format!("{}\u{0}{}\u{0}{}", id.channel, id.identity, id.app_id))
+                .collect();
+            parts.sort();
+            parts.dedup();
+            format!("i\u{0}{}", parts.join("\u{1}"))
+        }
+    }
+}
+
+/// A job's gate before each live query: the callback budget, then the record that the recipient was sent.
+struct JobGate<'a> {
+    jobs: &'a Jobs,
+    job_id: &'a str,
+    index: u32,
+    /// Sent before a takeover: never again.
+    resumed: bool,
+    token: &'a CancellationToken,
+}
+
+impl Gate for JobGate<'_> {
+    fn before_send<'a>(&'a self, identities: u32, request_id: &'a str) -> BoxFuture<'a, Result<Proceed, CheckError>> {
+        async move {
+            if self.resumed {
+                return Ok(Proceed::Sent);
+            }
+            tokio::select! {
+                () = self.jobs.pacer.admit(identities) => {}
+                () = self.token.cancelled() => return Err(CheckError::Cancelled),
+            }
+            let marked = match &self.jobs.store {
+                Store::Local(local) => local.mark_sent(self.job_id, self.index, request_id, wall_clock_ms()),
+                Store::Redis(log) => Jobs::redis(log)
+                    .mark_sent(self.job_id, self.index, request_id, wall_clock_ms())
+                    .await
+                    .map_err(|e| CheckError::Unavailable(e.to_string()))?,
+            };
+            if !marked {
+                return Err(CheckError::Cancelled);
+            }
+            metrics::counter!("capability_bulk_queries_sent_total").increment(1);
+            tracing::debug!(job_id = %self.job_id, index = self.index, request_id = %mask_digits(request_id), "bulk query sent");
+            Ok(Proceed::Send)
+        }
+        .boxed()
+    }
+}

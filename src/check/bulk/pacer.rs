@@ -1,0 +1,174 @@
+//! The app's callback budget: at most `SINCH_CALLBACK_RATE` channel identities queried in any one-second window,
+//! counted on this replica, or on every replica through Redis.
+//!
+//! Interactive queries (QueryCapability, CheckCapability) are recorded and never wait: they go first. Bulk jobs
+//! wait for what is left, one at a time in the order they asked (a fair queue), so that several jobs progress
+//! together and none bursts past the window.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::time::Instant;
+
+use crate::log::EventLog;
+
+/// The window the budget is counted in: one second, and a guard of 25 ms so that the jitter between this
+/// replica and Sinch does not let Sinch see more than the budget in any second (the pace is 97.5 % of it).
+const WINDOW: Duration = Duration::from_millis(1025);
+
+/// See the module documentation.
+pub struct Pacer {
+    limit: u32,
+    window: Window,
+    /// Bulk jobs wait here in turn.
+    queue: tokio::sync::Mutex<()>,
+}
+
+enum Window {
+    /// The identities sent in the last second, by when.
+    Local(Mutex<VecDeque<(Instant, u32)>>),
+    Redis(Arc<EventLog>),
+}
+
+impl Pacer {
+    /// A budget of `limit` identities per second, shared through `log` when it is Redis.
+    pub fn new(limit: u32, log: &Arc<EventLog>) -> Pacer {
+        let window = match log.shared_cache() {
+            Some(_) => Window::Redis(log.clone()),
+            None => Window::Local(Mutex::new(VecDeque::new())),
+        };
+        Pacer {
+            limit: limit.max(1),
+            window,
+            queue: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The budget: identities per second.
+    pub fn limit(&self) -> u32 {
+        self.limit
+    }
+
+    /// Records `identities` queried by an interactive call: counted, never delayed.
+    pub fn record(&self, identities: u32) {
+        match &self.window {
+            Window::Local(window) => {
+                window
+                    .lock()
+                    .expect("pacer lock poisoned")
+                    .push_back((Instant::now(), identities));
+            }
+            Window::Redis(log) => {
+                let (log, limit) = (log.clone(), self.limit);
+                tokio::spawn(async move {
+                    if let Some(jobs) = log.shared_jobs()
+                        && let Err(e) = jobs.pace(limit, identities, true).await
+                    {
+                        tracing::debug!(error = %e, "an interactive query could not be counted in the shared callback budget");
+                    }
+                });
+            }
+        }
+    }
+
+    /// Waits until `identities` more fit in the window, then counts them. A job asking for more than the whole
+    /// budget gets it once the window is empty.
+    pub async fn admit(&self, identities: u32) {
+        let _turn = self.queue.lock().await;
+        let identities = identities.min(self.limit);
+        loop {
+            let wait = match &self.window {
+                Window::Local(window) => {
+                    local_admit(&mut window.lock().expect("pacer lock poisoned"), self.limit, identities)
+                }
+                Window::Redis(log) => match log
+                    .shared_jobs()
+                    .expect("a Redis log")
+                    .pace(self.limit, identities, false)
+                    .await
+                {
+                    Ok(wait) => wait,
+                    Err(e) => {
+                        // Without Redis nothing is sent anyway (the log refuses callbacks): ask again shortly.
+                        tracing::debug!(error = %e, "the shared callback budget is unavailable");
+                        Some(Duration::from_millis(250))
+                    }
+                },
+            };
+            match wait {
+                None => {
+                    metrics::counter!("capability_bulk_identities_paced_total").increment(u64::from(identities));
+                    return;
+                }
+                Some(wait) => {
+                    metrics::counter!("capability_bulk_pacing_waits_total").increment(1);
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+    }
+}
+
+/// Counts `n` in `window` if they fit under `limit` in the last second; else how long until they would.
+fn local_admit(window: &mut VecDeque<(Instant, u32)>, limit: u32, n: u32) -> Option<Duration> {
+    let now = Instant::now();
+    while window.front().is_some_and(|(at, _)| now.duration_since(*at) >= WINDOW) {
+        window.pop_front();
+    }
+    let used: u32 = window.iter().map(|(_, k)| k).sum();
+    if used + n <= limit {
+        window.push_back((now, n));
+        return None;
+    }
+    // The oldest entries must leave until `n` fit.
+    let mut excess = used + n - limit;
+    for (at, k) in window.iter() {
+        if *k >= excess {
+            return Some(
+                (*at + WINDOW)
+                    .saturating_duration_since(now)
+                    .max(Duration::from_millis(1)),
+            );
+        }
+        excess -= k;
+    }
+    Some(Duration::from_millis(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn no_window_of_one_second_holds_more_than_the_limit() {
+        let log = Arc::new(EventLog::local(
+            crate::log::Limits {
+                retention: Duration::from_secs(60),
+                max_per_request: 64,
+            },
+            Vec::new(),
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        let pacer = Pacer::new(25, &log);
+        let start = Instant::now();
+        let mut admitted = Vec::new();
+        for _ in 0..100 {
+            pacer.admit(1).await;
+            admitted.push(start.elapsed());
+        }
+        for (i, at) in admitted.iter().enumerate() {
+            let in_window = admitted[i..].iter().take_while(|t| **t < *at + WINDOW).count();
+            assert!(in_window <= 25, "{in_window} admitted in the second from {at:?}");
+        }
+        // 100 at 25 per window: the last one in the fourth window, not later.
+        assert!(admitted[99] < 4 * WINDOW, "{:?}", admitted[99]);
+        // Interactive queries are counted and go first: the next job query waits a whole window.
+        pacer.record(25);
+        let before = Instant::now();
+        pacer.admit(1).await;
+        assert!(before.elapsed() >= WINDOW);
+    }
+}

@@ -1,0 +1,346 @@
+//! Coalescing leases: a check that needs a live result for an identity (or a contact) takes its lease, naming its
+//! request_id, for its wait — in this process, and in Redis when configured. A lease is *pending* until the query
+//! is accepted by Sinch, then *sent*. A check that finds a sent lease waits for that request_id's results; one
+//! that finds a pending lease waits for it to be sent or given back (then takes it itself). A lease is given
+//! back when its query fails or was not sent, and when the check that took it returns; if that check's caller
+//! goes away after the query was sent, the lease stays until the check's wait would have ended.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::{sync::watch, time::Instant};
+
+use crate::log::{EventLog, cached::EntryKey};
+
+/// Where a lease stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum State {
+    /// Taken; its query is not accepted yet.
+    Pending,
+    /// Its query went out under this request_id (this replica's or another's).
+    Sent(Arc<str>),
+    /// Given back: whoever waited takes it.
+    Gone,
+}
+
+/// A lease held in this process.
+struct Flight {
+    until: Instant,
+    state: watch::Sender<State>,
+}
+
+/// This process's leases, by entry.
+#[derive(Default)]
+pub(super) struct Flights {
+    held: Mutex<Held>,
+}
+
+#[derive(Default)]
+struct Held {
+    flights: HashMap<EntryKey, Arc<Flight>>,
+    /// How many there were after the last sweep of lapsed ones: the next sweep comes at twice as many.
+    swept: usize,
+}
+
+/// What taking a lease found.
+pub(super) enum Taken {
+    /// This check holds it: it sends the query.
+    Started,
+    /// Another check's query went out under this request_id: wait for its results.
+    Sent(Arc<str>),
+    /// Another check holds it and has not sent its query yet.
+    Pending(Pending),
+}
+
+/// A lease another check holds, not sent yet.
+pub(super) enum Pending {
+    Local(watch::Receiver<State>),
+    Redis(EntryKey),
+}
+
+/// What became of a pending lease.
+pub(super) enum Resolved {
+    Sent(Arc<str>),
+    /// Given back, or lapsed: take it again.
+    Retry,
+    /// The check's time ran out first.
+    TimedOut,
+}
+
+/// The longest pause between two looks at a lease another replica holds, not sent yet.
+const POLL_MAX: Duration = Duration::from_millis(50);
+
+impl Flights {
+    fn take(&self, key: EntryKey, until: Instant) -> Result<Arc<Flight>, watch::Receiver<State>> {
+        let now = Instant::now();
+        let mut held = self.held.lock().expect("flights lock poisoned");
+        if let Some(flight) = held.flights.get(&key)
+            && flight.until > now
+            && *flight.state.borrow() != State::Gone
+        {
+            return Err(flight.state.subscribe());
+        }
+        let flight = Arc::new(Flight {
+            until,
+            state: watch::Sender::new(State::Pending),
+        });
+        held.flights.insert(key, flight.clone());
+        if held.flights.len() > 2 * held.swept.max(512) {
+            held.flights.retain(|_, f| f.until > now);
+            held.swept = held.flights.len();
+        }
+        Ok(flight)
+    }
+
+    fn give_back(&self, key: &EntryKey, flight: &Arc<Flight>) {
+        flight.state.send_replace(State::Gone);
+        let mut held = self.held.lock().expect("flights lock poisoned");
+        if held.flights.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+            held.flights.remove(key);
+        }
+    }
+}
+
+/// One lease this check holds.
+struct Lease {
+    key: EntryKey,
+    flight: Arc<Flight>,
+    /// Held in Redis too.
+    shared: bool,
+    sent: bool,
+}
+
+/// The leases one check holds; see the module documentation for when each is given back.
+pub(super) struct Leases<'a> {
+    flights: &'a Flights,
+    /// The Redis log, when leases are shared there.
+    redis: Option<&'a Arc<EventLog>>,
+    request_id: Arc<str>,
+    until: Instant,
+    held: Vec<Lease>,
+}
+
+impl<'a> Leases<'a> {
+    pub(super) fn new(
+        flights: &'a Flights,
+        redis: Option<&'a Arc<EventLog>>,
+        request_id: Arc<str>,
+        until: Instant,
+    ) -> Leases<'a> {
+        Leases {
+            flights,
+            redis,
+            request_id,
+            until,
+            held: Vec::new(),
+        }
+    }
+
+    pub(super) fn request_id(&self) -> &Arc<str> {
+        &self.request_id
+    }
+
+    /// Takes the lease of `key`, or finds who holds it.
+    pub(super) async fn take(&mut self, key: EntryKey) -> Taken {
+        let flight = match self.flights.take(key, self.until) {
+            Ok(flight) => flight,
+            Err(state) => {
+                let current = state.borrow().clone();
+                return match current {
+                    State::Sent(request_id) => Taken::Sent(request_id),
+                    _ => Taken::Pending(Pending::Local(state)),
+                };
+            }
+        };
+        let Some(cache) = self.redis.and_then(|log| log.shared_cache()) else {
+            self.held.push(Lease {
+                key,
+                flight,
+                shared: false,
+                sent: false,
+            });
+            return Taken::Started;
+        };
+        let ttl = self.until.saturating_duration_since(Instant::now());
+        match cache.lease(&key, &self.request_id, ttl).await {
+            Ok(Some(holder)) if holder.is_ours(&self.request_id) => {
+                self.held.push(Lease {
+                    key,
+                    flight,
+                    shared: true,
+                    sent: false,
+                });
+                Taken::Started
+            }
+            Ok(holder) => match holder.as_ref().and_then(|h| h.sent()) {
+                Some(request_id) => {
+                    // Another replica's query: this replica's checks join it here, without asking Redis, until
+                    // this check's wait ends.
+                    let request_id: Arc<str> = request_id.into();
+                    flight.state.send_replace(State::Sent(request_id.clone()));
+                    Taken::Sent(request_id)
+                }
+                None => {
+                    // Another replica's, not sent yet: this replica's checks look at Redis too.
+                    self.flights.give_back(&key, &flight);
+                    Taken::Pending(Pending::Redis(key))
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "a lease could not be taken in Redis: this lookup is shared within this replica only");
+                self.held.push(Lease {
+                    key,
+                    flight,
+                    shared: false,
+                    sent: false,
+                });
+                Taken::Started
+            }
+        }
+    }
+
+    /// Waits until a pending lease is sent or given back, at most until this check's time runs out.
+    pub(super) async fn resolve(&self, pending: Pending) -> Resolved {
+        match pending {
+            Pending::Local(mut state) => {
+                let decided = tokio::time::timeout_at(self.until, state.wait_for(|s| *s != State::Pending)).await;
+                match decided {
+                    Err(_) => Resolved::TimedOut,
+                    Ok(Err(_)) => Resolved::Retry,
+                    Ok(Ok(state)) => match &*state {
+                        State::Sent(request_id) => Resolved::Sent(request_id.clone()),
+                        _ => Resolved::Retry,
+                    },
+                }
+            }
+            Pending::Redis(key) => {
+                let cache = self.redis.and_then(|log| log.shared_cache()).expect("a Redis lease");
+                let mut pause = Duration::from_millis(5);
+                loop {
+                    if Instant::now() + pause >= self.until {
+                        return Resolved::TimedOut;
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(POLL_MAX);
+                    match cache.holder(&key).await {
+                        Ok(None) => return Resolved::Retry,
+                        Ok(Some(holder)) => {
+                            if let Some(request_id) = holder.sent() {
+                                return Resolved::Sent(request_id.into());
+                            }
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "a lease in Redis could not be read");
+                            return Resolved::Retry;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The query of the leases of `keys` goes out: from now on they belong to it ([`InFlight`]), whatever
+    /// becomes of this check's caller.
+    pub(super) fn launch(&mut self, keys: &[EntryKey]) -> InFlight {
+        let mut leases = Vec::new();
+        for lease in self.held.iter_mut().filter(|l| keys.contains(&l.key)) {
+            lease.sent = true;
+            leases.push((lease.key, lease.flight.clone(), lease.shared));
+        }
+        InFlight {
+            leases,
+            redis: self.redis.cloned(),
+            request_id: self.request_id.clone(),
+            until: self.until,
+        }
+    }
+
+    /// Gives back the leases of `keys` now (not needed: the cache answered).
+    pub(super) fn give_back(&mut self, keys: &[EntryKey]) {
+        let (back, kept): (Vec<Lease>, Vec<Lease>) = self.held.drain(..).partition(|l| keys.contains(&l.key));
+        self.held = kept;
+        self.release(back);
+    }
+
+    /// The check returns (its results complete, or its wait over): every lease goes.
+    pub(super) fn finish(mut self) {
+        let all = std::mem::take(&mut self.held);
+        self.release(all);
+    }
+
+    fn release(&self, leases: Vec<Lease>) {
+        let mut shared = Vec::new();
+        for lease in leases {
+            self.flights.give_back(&lease.key, &lease.flight);
+            if lease.shared {
+                shared.push(lease.key);
+            }
+        }
+        release_shared(self.redis.cloned(), shared, self.request_id.clone());
+    }
+}
+
+/// Leases whose query is going out, owned by the task that sends it.
+pub(super) struct InFlight {
+    leases: Vec<(EntryKey, Arc<Flight>, bool)>,
+    redis: Option<Arc<EventLog>>,
+    request_id: Arc<str>,
+    until: Instant,
+}
+
+impl InFlight {
+    /// The query was accepted under `accepted`: whoever waits joins it; the leases stay until the check that took
+    /// them returns, or its wait would have ended.
+    pub(super) async fn sent(self, accepted: &Arc<str>) {
+        let ttl = self.until.saturating_duration_since(Instant::now());
+        let cache = self.redis.as_ref().and_then(|log| log.shared_cache());
+        for (key, flight, shared) in &self.leases {
+            flight.state.send_replace(State::Sent(accepted.clone()));
+            if *shared
+                && let Some(cache) = cache
+                && let Err(e) = cache.lease_sent(key, &self.request_id, accepted, ttl).await
+            {
+                tracing::debug!(error = %e, "a lease in Redis could not be marked sent; others wait for it to lapse");
+            }
+        }
+    }
+
+    /// The query failed, or was not sent now: whoever waits takes the leases.
+    pub(super) fn give_back(self, flights: &Flights) {
+        let mut shared = Vec::new();
+        for (key, flight, in_redis) in &self.leases {
+            flights.give_back(key, flight);
+            if *in_redis {
+                shared.push(*key);
+            }
+        }
+        release_shared(self.redis, shared, self.request_id);
+    }
+}
+
+/// Gives back `keys`' leases in Redis, in the background.
+fn release_shared(redis: Option<Arc<EventLog>>, keys: Vec<EntryKey>, request_id: Arc<str>) {
+    let Some(log) = redis.filter(|_| !keys.is_empty()) else {
+        return;
+    };
+    tokio::spawn(async move {
+        let Some(cache) = log.shared_cache() else { return };
+        for key in keys {
+            if let Err(e) = cache.release(&key, &request_id).await {
+                tracing::debug!(error = %e, "a lease could not be given back; it lapses with the check's wait");
+            }
+        }
+    });
+}
+
+impl Drop for Leases<'_> {
+    /// The caller went away: leases whose query never left go now, so that whoever waits asks Sinch itself; the
+    /// others belong to their query's task, and stay joinable until this check's wait would have ended.
+    fn drop(&mut self) {
+        let (unsent, _launched): (Vec<Lease>, Vec<Lease>) = self.held.drain(..).partition(|l| !l.sent);
+        self.release(unsent);
+    }
+}

@@ -1,0 +1,435 @@
+//! Bulk check jobs and the shared callback budget in Redis.
+//!
+//! Every key of one job shares the hash tag `{prefix:job:<id>}`, so that one script may touch them on a cluster:
+//!
+//! | key | what |
+//! |---|---|
+//! | `{…}:meta` | hash: `state`, `total`, `done`, `from_cache`, `reachable`, `create`, `update` (ms) |
+//! | `{…}:spec` | the job's request ([`crate::check::bulk::stored`]) |
+//! | `{…}:sent` | hash: recipient index → `<ms sent>:<request_id>`, written before the query goes out |
+//! | `{…}:done` | hash: recipient index → its offset |
+//! | `{…}:results` | list: offset − 1 → 4-byte index and the encoded answer |
+//! | `{…}:lease` | the replica running the job; expires unless renewed |
+//! | `prefix:jobs` | set of the running jobs, scanned for jobs whose lease lapsed |
+//! | `prefix:bulkreq:<hash>` | a caller-chosen request_id → `<fingerprint>:<job_id>` |
+//! | `prefix:pace` | sorted set: one member per channel identity sent in the last second, for the callback budget |
+//!
+//! Every key of a job expires with the retention, counted again from its end.
+
+use std::{
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
+
+use redis::Script;
+
+use super::{Connection, hashed, ttl_ms};
+use crate::check::bulk::{JobError, JobResult, JobSpec, JobState, JobStatus, Resumable, stored};
+
+/// Creates a job unless its request_id made one. KEYS: meta, spec, request key (or a dummy), running set.
+/// ARGV: job id, fingerprint, total, now, retention (ms), spec bytes, whether a request_id was given (1/0).
+/// Returns {1, job id} created, {0, job id} the request_id's job, {-1} the request_id is another job's.
+const CREATE: &str = r"
+if ARGV[7] == '1' then
+  local known = redis.call('GET', KEYS[3])
+  if known then
+    local sep = string.find(known, ':', 1, true)
+    if string.sub(known, 1, sep - 1) ~= ARGV[2] then return {-1} end
+    return {0, string.sub(known, sep + 1)}
+  end
+  redis.call('SET', KEYS[3], ARGV[2] .. ':' .. ARGV[1], 'PX', ARGV[5])
+end
+redis.call('HSET', KEYS[1], 'state', 'RUNNING', 'total', ARGV[3], 'done', 0, 'from_cache', 0, 'reachable', 0,
+  'create', ARGV[4], 'update', ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+redis.call('SET', KEYS[2], ARGV[6], 'PX', ARGV[5])
+redis.call('SADD', KEYS[4], ARGV[1])
+return {1, ARGV[1]}
+";
+
+/// Records a recipient as sent, only while the job runs. KEYS: meta, sent. ARGV: index, value, retention (ms).
+/// Returns 1 recorded, 0 the job does not send any more.
+const MARK_SENT: &str = r"
+if redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING' then return 0 end
+redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return 1
+";
+
+/// Records an answer for the indexes not answered yet. KEYS: meta, done, results. ARGV: answer bytes, from
+/// cache (1/0), reachable (1/0), now, retention (ms), then the indexes (each as 4 big-endian bytes).
+const RECORD: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local n = 0
+for i = 6, #ARGV do
+  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 0 then
+    local offset = redis.call('RPUSH', KEYS[3], ARGV[i] .. ARGV[1])
+    redis.call('HSET', KEYS[2], ARGV[i], offset)
+    n = n + 1
+  end
+end
+redis.call('HINCRBY', KEYS[1], 'done', n)
+redis.call('HINCRBY', KEYS[1], 'from_cache', n * tonumber(ARGV[2]))
+redis.call('HINCRBY', KEYS[1], 'reachable', n * tonumber(ARGV[3]))
+redis.call('HSET', KEYS[1], 'update', ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
+return n
+";
+
+/// Cancels a running job. KEYS: meta. ARGV: now.
+const CANCEL: &str = r"
+if redis.call('HGET', KEYS[1], 'state') == 'RUNNING' then
+  redis.call('HSET', KEYS[1], 'state', 'CANCELLED', 'update', ARGV[1])
+end
+return 1
+";
+
+/// Ends a job: its state (unless cancelled meanwhile), its keys' expiry from now, out of the running set.
+/// KEYS: meta, spec, sent, done, results, lease, running set. ARGV: state, now, retention (ms), job id.
+const FINISH: &str = r"
+if redis.call('HGET', KEYS[1], 'state') == 'RUNNING' then redis.call('HSET', KEYS[1], 'state', ARGV[1]) end
+redis.call('HSET', KEYS[1], 'update', ARGV[2])
+for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+redis.call('DEL', KEYS[6])
+redis.call('SREM', KEYS[7], ARGV[4])
+return 1
+";
+
+/// Renews the lease if this replica holds it. KEYS: lease, meta. ARGV: owner, ttl (ms).
+/// Returns the job's state, or false when the lease is another's (or gone).
+const RENEW: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return false end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return redis.call('HGET', KEYS[2], 'state') or 'FAILED'
+";
+
+/// Takes a job whose lease lapsed. KEYS: lease, meta, running set. ARGV: owner, ttl (ms), job id.
+/// Returns 1 taken, 0 another replica runs it, -1 the job ended or expired (dropped from the set).
+const CLAIM: &str = r"
+local state = redis.call('HGET', KEYS[2], 'state')
+if state ~= 'RUNNING' then redis.call('SREM', KEYS[3], ARGV[3]) return -1 end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+";
+
+/// Gives a lease back if `owner` holds it. KEYS: lease. ARGV: owner.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// Counts `n` identities in the window (a second and a 25 ms guard, as the in-process pacer's) if they fit (or
+/// always, when forced); else how long until they would, in ms. KEYS: window. ARGV: limit, n, unique id, forced.
+const PACE: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 1025)
+local used = redis.call('ZCARD', KEYS[1])
+local limit, n = tonumber(ARGV[1]), tonumber(ARGV[2])
+if ARGV[4] == '1' or used + n <= limit then
+  for i = 1, n do redis.call('ZADD', KEYS[1], now, ARGV[3] .. ':' .. i) end
+  redis.call('PEXPIRE', KEYS[1], 2000)
+  return 0
+end
+local oldest = redis.call('ZRANGE', KEYS[1], used + n - limit - 1, used + n - limit - 1, 'WITHSCORES')
+return math.max(1, tonumber(oldest[2]) + 1025 - now)
+";
+
+/// See the module documentation.
+pub struct RedisJobs {
+    commands: Connection,
+    prefix: String,
+    create: Script,
+    mark_sent: Script,
+    record: Script,
+    cancel: Script,
+    finish: Script,
+    renew: Script,
+    claim: Script,
+    release: Script,
+    pace: Script,
+}
+
+fn decode_error(what: &str, e: impl std::fmt::Display) -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::UnexpectedReturnType,
+        "a stored bulk check does not decode",
+        format!("{what}: {e}"),
+    ))
+}
+
+impl RedisJobs {
+    pub(super) fn new(commands: Connection, prefix: String) -> RedisJobs {
+        RedisJobs {
+            commands,
+            prefix,
+            create: Script::new(CREATE),
+            mark_sent: Script::new(MARK_SENT),
+            record: Script::new(RECORD),
+            cancel: Script::new(CANCEL),
+            finish: Script::new(FINISH),
+            renew: Script::new(RENEW),
+            claim: Script::new(CLAIM),
+            release: Script::new(RELEASE),
+            pace: Script::new(PACE),
+        }
+    }
+
+    fn key(&self, job_id: &str, part: &str) -> String {
+        format!("{{{}:job:{}}}:{part}", self.prefix, hashed(job_id))
+    }
+
+    fn running_set(&self) -> String {
+        format!("{}:jobs", self.prefix)
+    }
+
+    /// Creates a job, or finds the one its request_id created; `true` when created.
+    pub async fn create(
+        &self,
+        job_id: &str,
+        spec: &JobSpec,
+        fingerprint: &str,
+        now_ms: u64,
+        retention: Duration,
+    ) -> redis::RedisResult<Result<(JobStatus, bool), JobError>> {
+        let request_key = match &spec.request_id {
+            Some(id) => format!("{}:bulkreq:{}", self.prefix, hashed(id)),
+            None => format!("{}:bulkreq:-", self.prefix),
+        };
+        let mut invocation = self.create.prepare_invoke();
+        invocation
+            .key(self.key(job_id, "meta"))
+            .key(self.key(job_id, "spec"))
+            .key(&request_key)
+            .key(self.running_set())
+            .arg(job_id)
+            .arg(fingerprint)
+            .arg(spec.recipients.len())
+            .arg(now_ms)
+            .arg(ttl_ms(retention))
+            .arg(stored::encode_spec(spec))
+            .arg(if spec.request_id.is_some() { "1" } else { "0" });
+        let (code, id): (i64, Option<String>) = match invocation
+            .invoke_async::<Vec<redis::Value>>(&mut self.commands.clone())
+            .await?
+            .as_slice()
+        {
+            [code] => (redis::from_redis_value(code.clone())?, None),
+            [code, id] => (
+                redis::from_redis_value(code.clone())?,
+                Some(redis::from_redis_value(id.clone())?),
+            ),
+            _ => return Err(decode_error("create", "unexpected answer")),
+        };
+        match (code, id) {
+            (-1, _) => Ok(Err(JobError::Conflict(spec.request_id.clone().unwrap_or_default()))),
+            (code, Some(id)) => match self.status(&id).await? {
+                Some(status) => Ok(Ok((status, code == 1))),
+                None => Ok(Err(JobError::NotFound(id))),
+            },
+            _ => Err(decode_error("create", "no job id")),
+        }
+    }
+
+    pub async fn status(&self, job_id: &str) -> redis::RedisResult<Option<JobStatus>> {
+        let fields: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(self.key(job_id, "meta"))
+            .query_async(&mut self.commands.clone())
+            .await?;
+        if fields.is_empty() {
+            return Ok(None);
+        }
+        let number = |name: &str| fields.get(name).and_then(|v| v.parse().ok()).unwrap_or(0);
+        Ok(Some(JobStatus {
+            job_id: job_id.to_owned(),
+            state: JobState::parse(fields.get("state").map_or("", String::as_str)),
+            total: number("total"),
+            done: number("done"),
+            from_cache: number("from_cache"),
+            reachable: number("reachable"),
+            create_ms: number("create"),
+            update_ms: number("update"),
+        }))
+    }
+
+    pub async fn cancel(&self, job_id: &str, now_ms: u64) -> redis::RedisResult<Option<JobStatus>> {
+        let mut invocation = self.cancel.prepare_invoke();
+        invocation.key(self.key(job_id, "meta")).arg(now_ms);
+        invocation.invoke_async::<i64>(&mut self.commands.clone()).await?;
+        self.status(job_id).await
+    }
+
+    /// Records that `index` was sent under `request_id`; `false` when the job no longer sends.
+    pub async fn mark_sent(&self, job_id: &str, index: u32, request_id: &str, now_ms: u64) -> redis::RedisResult<bool> {
+        let mut invocation = self.mark_sent.prepare_invoke();
+        invocation
+            .key(self.key(job_id, "meta"))
+            .key(self.key(job_id, "sent"))
+            .arg(index)
+            .arg(format!("{now_ms}:{request_id}"))
+            .arg(ttl_ms(Duration::from_secs(7 * 86_400)));
+        Ok(invocation.invoke_async::<i64>(&mut self.commands.clone()).await? == 1)
+    }
+
+    /// Records `answer` (encoded) for each of `indexes` not answered yet, at the next offsets.
+    pub async fn record(
+        &self,
+        job_id: &str,
+        indexes: &[u32],
+        answer: &[u8],
+        from_cache: bool,
+        reachable: bool,
+        now_ms: u64,
+    ) -> redis::RedisResult<()> {
+        let mut invocation = self.record.prepare_invoke();
+        invocation
+            .key(self.key(job_id, "meta"))
+            .key(self.key(job_id, "done"))
+            .key(self.key(job_id, "results"))
+            .arg(answer)
+            .arg(u8::from(from_cache))
+            .arg(u8::from(reachable))
+            .arg(now_ms)
+            .arg(ttl_ms(Duration::from_secs(7 * 86_400)));
+        for index in indexes {
+            invocation.arg(&index.to_be_bytes()[..]);
+        }
+        invocation
+            .invoke_async::<i64>(&mut self.commands.clone())
+            .await
+            .map(drop)
+    }
+
+    pub async fn results_after(&self, job_id: &str, after: u64, max: usize) -> redis::RedisResult<Vec<JobResult>> {
+        let entries: Vec<Vec<u8>> = redis::cmd("LRANGE")
+            .arg(self.key(job_id, "results"))
+            .arg(after)
+            .arg(after + max as u64 - 1)
+            .query_async(&mut self.commands.clone())
+            .await?;
+        entries
+            .iter()
+            .zip(after + 1..)
+            .map(|(entry, offset)| {
+                if entry.len() < 4 {
+                    return Err(decode_error("result", "too short"));
+                }
+                let index = u32::from_be_bytes(entry[..4].try_into().expect("4 bytes"));
+                let answer = stored::decode_answer(&entry[4..]).map_err(|e| decode_error("result", e))?;
+                Ok(JobResult { offset, index, answer })
+            })
+            .collect()
+    }
+
+    /// Ends a job; its keys live `retention` from now.
+    pub async fn finish(
+        &self,
+        job_id: &str,
+        state: JobState,
+        now_ms: u64,
+        retention: Duration,
+    ) -> redis::RedisResult<()> {
+        let mut invocation = self.finish.prepare_invoke();
+        for part in ["meta", "spec", "sent", "done", "results", "lease"] {
+            invocation.key(self.key(job_id, part));
+        }
+        invocation
+            .key(self.running_set())
+            .arg(state.as_str())
+            .arg(now_ms)
+            .arg(ttl_ms(retention))
+            .arg(job_id);
+        invocation
+            .invoke_async::<i64>(&mut self.commands.clone())
+            .await
+            .map(drop)
+    }
+
+    /// Renews `owner`'s lease; the job's state, or `None` when the lease is not `owner`'s any more.
+    pub async fn renew(&self, job_id: &str, owner: &str, ttl: Duration) -> redis::RedisResult<Option<JobState>> {
+        let mut invocation = self.renew.prepare_invoke();
+        invocation
+            .key(self.key(job_id, "lease"))
+            .key(self.key(job_id, "meta"))
+            .arg(owner)
+            .arg(ttl_ms(ttl));
+        let state: Option<String> = invocation.invoke_async(&mut self.commands.clone()).await?;
+        Ok(state.map(|s| JobState::parse(&s)))
+    }
+
+    /// Gives `owner`'s lease back, so that another replica takes the job over at once.
+    pub async fn release(&self, job_id: &str, owner: &str) -> redis::RedisResult<()> {
+        let mut invocation = self.release.prepare_invoke();
+        invocation.key(self.key(job_id, "lease")).arg(owner);
+        invocation
+            .invoke_async::<i64>(&mut self.commands.clone())
+            .await
+            .map(drop)
+    }
+
+    /// The jobs running on some replica.
+    pub async fn running(&self) -> redis::RedisResult<Vec<String>> {
+        redis::cmd("SMEMBERS")
+            .arg(self.running_set())
+            .query_async(&mut self.commands.clone())
+            .await
+    }
+
+    /// Takes a job whose lease lapsed (or a new job's first lease) and loads what resuming it needs; `None` when
+    /// another replica runs it or it ended.
+    pub async fn claim(&self, job_id: &str, owner: &str, ttl: Duration) -> redis::RedisResult<Option<Resumable>> {
+        let mut invocation = self.claim.prepare_invoke();
+        invocation
+            .key(self.key(job_id, "lease"))
+            .key(self.key(job_id, "meta"))
+            .key(self.running_set())
+            .arg(owner)
+            .arg(ttl_ms(ttl))
+            .arg(job_id);
+        if invocation.invoke_async::<i64>(&mut self.commands.clone()).await? != 1 {
+            return Ok(None);
+        }
+        let mut conn = self.commands.clone();
+        let spec: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(self.key(job_id, "spec"))
+            .query_async(&mut conn)
+            .await?;
+        let Some(spec) = spec else { return Ok(None) };
+        let spec = stored::decode_spec(&spec).map_err(|e| decode_error("spec", e))?;
+        let sent: HashMap<u32, String> = redis::cmd("HGETALL")
+            .arg(self.key(job_id, "sent"))
+            .query_async(&mut conn)
+            .await?;
+        let done: Vec<Vec<u8>> = redis::cmd("HKEYS")
+            .arg(self.key(job_id, "done"))
+            .query_async(&mut conn)
+            .await?;
+        let sent = sent
+            .into_iter()
+            .filter_map(|(index, value)| {
+                let (at, request_id) = value.split_once(':')?;
+                Some((index, (request_id.to_owned(), at.parse().ok()?)))
+            })
+            .collect();
+        let done: HashSet<u32> = done
+            .iter()
+            .filter_map(|d| Some(u32::from_be_bytes(d.as_slice().try_into().ok()?)))
+            .collect();
+        Ok(Some(Resumable { spec, sent, done }))
+    }
+
+    /// The shared callback budget: counts `n` identities if they fit in the window of `limit` (always when
+    /// `forced`); else how long until they would.
+    pub async fn pace(&self, limit: u32, n: u32, forced: bool) -> redis::RedisResult<Option<Duration>> {
+        let mut invocation = self.pace.prepare_invoke();
+        invocation
+            .key(format!("{}:pace", self.prefix))
+            .arg(limit)
+            .arg(n)
+            .arg(ulid::Ulid::new().to_string())
+            .arg(if forced { "1" } else { "0" });
+        let wait: i64 = invocation.invoke_async(&mut self.commands.clone()).await?;
+        Ok((wait > 0).then(|| Duration::from_millis(wait as u64)))
+    }
+}

@@ -1,0 +1,346 @@
+//! Bulk checks as a caller sees them, against an independent fake Sinch that records every query; a task plays
+//! Sinch's side of the callbacks (one signed callback per identity asked about) to the webhook given.
+
+mod common;
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+
+use capability_facade::grpc::pb::{
+    self, BulkCheckState, Channel, capability_service_client::CapabilityServiceClient, watch_bulk_check_response::Event,
+};
+use common::{CapabilityCallback, FakeSinch, Service, contact, deliver, identities, redis::RedisServer};
+use tonic::{Code, transport::Channel as Transport};
+
+const APP: &str = "APP-1";
+
+/// Answers every query the fake receives, from the `from`-th on (1-based), with one FULL callback per identity,
+/// posted to `webhook`, until dropped.
+fn play_sinch(fake: Arc<FakeSinch>, webhook: SocketAddr, from: usize) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        for n in from.. {
+            let body = fake.until_queries(n).await[n - 1].json();
+            let request_id = body["request_id"].as_str().unwrap().to_owned();
+            for id in body["recipient"]["identified_by"]["channel_identities"]
+                .as_array()
+                .unwrap()
+            {
+                let callback = CapabilityCallback::new(
+                    &request_id,
+                    id["channel"].as_str().unwrap(),
+                    id["identity"].as_str().unwrap(),
+                    "CAPABILITY_FULL",
+                );
+                assert_eq!(deliver(webhook, callback.body()).await, 200);
+            }
+        }
+    })
+}
+
+fn recipient(i: usize) -> pb::Recipient {
+    identities(&[(Channel::Sms, &format!("4670{i:07}"))])
+}
+
+fn start(recipients: Vec<pb::Recipient>, request_id: &str) -> pb::StartBulkCheckRequest {
+    pb::StartBulkCheckRequest {
+        app_id: APP.into(),
+        recipients,
+        wait: Some(prost_types::Duration { seconds: 10, nanos: 0 }),
+        request_id: request_id.into(),
+        ..Default::default()
+    }
+}
+
+/// Every message of the job's stream from `after`: the results, and the progresses.
+async fn watch(
+    client: &mut CapabilityServiceClient<Transport>,
+    job_id: &str,
+    after: u64,
+) -> (Vec<pb::BulkCheckResult>, Vec<pb::BulkCheck>) {
+    let mut stream = client
+        .watch_bulk_check(pb::WatchBulkCheckRequest {
+            job_id: job_id.into(),
+            after_offset: after,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut results, mut progress) = (Vec::new(), Vec::new());
+    while let Some(message) = stream.message().await.unwrap() {
+        match message.event.unwrap() {
+            Event::Result(result) => results.push(result),
+            Event::Progress(p) => progress.push(p),
+        }
+    }
+    (results, progress)
+}
+
+#[tokio::test]
+async fn a_job_answers_each_recipient_once_reusing_the_cache_and_asking_duplicates_once() {
+    let fake = Arc::new(FakeSinch::start().await);
+    let service = Service::against(&fake, &["--sinch-callback-rate=1000"]).await;
+    let _sinch = play_sinch(fake.clone(), service.webhook_addr, 1);
+    let mut client = service.client().await;
+    // Recipient 0 is known already.
+    let warm = pb::CheckCapabilityRequest {
+        app_id: APP.into(),
+        recipient: Some(recipient(0)),
+        ..Default::default()
+    };
+    client.check_capability(warm).await.unwrap();
+    assert_eq!(fake.queries().len(), 1);
+
+    // Ten recipients: 0 cached, 3 and 7 the same person.
+    let mut recipients: Vec<pb::Recipient> = (0..10).map(recipient).collect();
+    recipients[7] = recipient(3);
+    let job = client
+        .start_bulk_check(start(recipients, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((job.total, job.state()), (10, BulkCheckState::Running));
+    let (results, progress) = watch(&mut client, &job.job_id, 0).await;
+
+    let offsets: Vec<u64> = results.iter().map(|r| r.offset).collect();
+    assert_eq!(
+        offsets,
+        (1..=10).collect::<Vec<_>>(),
+        "offsets 1..total in completion order"
+    );
+    let mut indexes: Vec<u32> = results.iter().map(|r| r.index).collect();
+    indexes.sort();
+    assert_eq!(indexes, (0..10).collect::<Vec<_>>(), "each recipient once");
+    for result in &results {
+        let answer = result.answer.as_ref().unwrap();
+        assert!(answer.complete, "{answer:?}");
+        assert_eq!(answer.recommended.len(), 1);
+    }
+    let last = progress.last().unwrap();
+    assert_eq!(last.state(), BulkCheckState::Succeeded);
+    assert_eq!((last.done, last.from_cache, last.reachable), (10, 1, 10));
+    assert_eq!(
+        fake.queries().len(),
+        1 + 8,
+        "the cached one and the duplicate were not asked"
+    );
+    let got = client
+        .get_bulk_check(pb::GetBulkCheckRequest {
+            job_id: job.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.state(), BulkCheckState::Succeeded);
+
+    // Resumed after offset 6: the rest only, then the final progress.
+    let (rest, progress) = watch(&mut client, &job.job_id, 6).await;
+    assert_eq!(rest.iter().map(|r| r.offset).collect::<Vec<_>>(), [7, 8, 9, 10]);
+    assert_eq!(progress.len(), 1);
+}
+
+#[tokio::test]
+async fn live_queries_stay_within_the_callback_rate_in_every_second() {
+    let fake = Arc::new(FakeSinch::start().await);
+    let service = Service::against(&fake, &["--sinch-callback-rate=20"]).await;
+    let _sinch = play_sinch(fake.clone(), service.webhook_addr, 1);
+    let mut client = service.client().await;
+    // An interactive check first: the connection to Sinch and its token are ready before the job.
+    client
+        .check_capability(pb::CheckCapabilityRequest {
+            app_id: APP.into(),
+            recipient: Some(recipient(99)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // 30 recipients of 2 identities: 60 identities at 20/s.
+    let recipients = (0..30)
+        .map(|i| {
+            let number = format!("4671{i:07}");
+            identities(&[(Channel::Sms, &number), (Channel::Rcs, &number)])
+        })
+        .collect();
+    let job = client
+        .start_bulk_check(start(recipients, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let (results, _) = watch(&mut client, &job.job_id, 0).await;
+    assert_eq!(results.len(), 30);
+    let sent: Vec<std::time::Instant> = fake.queries().iter().skip(1).map(|q| q.at).collect();
+    for (i, at) in sent.iter().enumerate() {
+        let identities_in_window = 2 * sent[i..]
+            .iter()
+            .take_while(|t| **t < *at + Duration::from_secs(1))
+            .count();
+        assert!(
+            identities_in_window <= 20,
+            "{identities_in_window} identities in the second after query {i}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_cancelled_job_sends_nothing_more_and_its_stream_ends_with_ok() {
+    let fake = Arc::new(FakeSinch::start().await);
+    let service = Service::against(&fake, &["--sinch-callback-rate=2"]).await;
+    let _sinch = play_sinch(fake.clone(), service.webhook_addr, 1);
+    let mut client = service.client().await;
+    let job = client
+        .start_bulk_check(start((0..20).map(recipient).collect(), ""))
+        .await
+        .unwrap()
+        .into_inner();
+    fake.until_queries(1).await;
+    let cancelled = client
+        .cancel_bulk_check(pb::CancelBulkCheckRequest {
+            job_id: job.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.state(), BulkCheckState::Cancelled);
+    let sent = fake.queries().len();
+    let (results, progress) = watch(&mut client, &job.job_id, 0).await;
+    assert_eq!(progress.last().unwrap().state(), BulkCheckState::Cancelled);
+    assert!(results.len() <= sent, "{} results from {sent} queries", results.len());
+    assert_eq!(fake.queries().len(), sent, "no query after the cancel");
+    // Cancelling an ended job returns it unchanged.
+    let again = client
+        .cancel_bulk_check(pb::CancelBulkCheckRequest {
+            job_id: job.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.state(), BulkCheckState::Cancelled);
+}
+
+#[tokio::test]
+async fn a_repeated_request_id_is_the_same_job_and_bad_requests_are_refused() {
+    let fake = Arc::new(FakeSinch::start().await);
+    let service = Service::against(&fake, &["--sinch-callback-rate=1000"]).await;
+    let _sinch = play_sinch(fake.clone(), service.webhook_addr, 1);
+    let mut client = service.client().await;
+    let first = client
+        .start_bulk_check(start(vec![recipient(1), contact("C-1")], "job-req-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = client
+        .start_bulk_check(start(vec![recipient(1), contact("C-1")], "job-req-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.job_id, again.job_id);
+    let other = client
+        .start_bulk_check(start(vec![recipient(2)], "job-req-1"))
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::AlreadyExists, "{other:?}");
+
+    let too_many = client
+        .start_bulk_check(start(vec![recipient(1); 100_001], ""))
+        .await
+        .unwrap_err();
+    assert_eq!(too_many.code(), Code::InvalidArgument);
+    assert!(too_many.message().contains("recipients"), "{}", too_many.message());
+    let bad = client
+        .start_bulk_check(start(vec![recipient(1), pb::Recipient::default()], ""))
+        .await
+        .unwrap_err();
+    assert!(bad.message().contains("recipients[1]"), "{}", bad.message());
+    for status in [
+        client
+            .get_bulk_check(pb::GetBulkCheckRequest { job_id: "nope".into() })
+            .await
+            .unwrap_err(),
+        client
+            .watch_bulk_check(pb::WatchBulkCheckRequest {
+                job_id: "nope".into(),
+                after_offset: 0,
+            })
+            .await
+            .unwrap_err(),
+    ] {
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_job_on_one_replica_is_watched_and_resumed_on_another() {
+    let redis = RedisServer::start().await;
+    let fake = Arc::new(FakeSinch::start().await);
+    let url = format!("--redis-url={}", redis.url());
+    let flags = [url.as_str(), "--sinch-callback-rate=1000"];
+    let (a, b) = (
+        Service::against(&fake, &flags).await,
+        Service::against(&fake, &flags).await,
+    );
+    let _sinch = play_sinch(fake.clone(), a.webhook_addr, 1);
+    let (mut on_a, mut on_b) = (a.client().await, b.client().await);
+    let job = on_a
+        .start_bulk_check(start((0..12).map(recipient).collect(), "shared-job"))
+        .await
+        .unwrap()
+        .into_inner();
+    let (results, progress) = watch(&mut on_b, &job.job_id, 0).await;
+    assert_eq!(results.len(), 12);
+    assert_eq!(progress.last().unwrap().state(), BulkCheckState::Succeeded);
+    let (rest, _) = watch(&mut on_a, &job.job_id, 10).await;
+    assert_eq!(rest.iter().map(|r| r.offset).collect::<Vec<_>>(), [11, 12]);
+    // The same request_id on the other replica is the same job.
+    let again = on_b
+        .start_bulk_check(start((0..12).map(recipient).collect(), "shared-job"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.job_id, job.job_id);
+    assert_eq!(fake.queries().len(), 12);
+}
+
+#[tokio::test]
+async fn a_job_whose_replica_is_killed_is_finished_by_another_without_asking_twice() {
+    let redis = RedisServer::start().await;
+    let fake = Arc::new(FakeSinch::start().await);
+    let mut env = common::binary_env(&fake);
+    env.push(("CAPABILITY_REDIS_URL", redis.url()));
+    env.push(("SINCH_CALLBACK_RATE", "4".into()));
+    let mut runner = common::Binary::spawn(&env).await;
+    let survivor = common::Binary::spawn(&env).await;
+    // Callbacks reach the survivor's webhook: the log carries them to whoever waits.
+    let _sinch = play_sinch(fake.clone(), survivor.webhook_addr, 1);
+    let mut client = CapabilityServiceClient::connect(runner.url()).await.unwrap();
+    let job = client
+        .start_bulk_check(start((0..12).map(recipient).collect(), ""))
+        .await
+        .unwrap()
+        .into_inner();
+    fake.until_queries(3).await;
+    runner.signal("KILL");
+    runner.wait_exit(Duration::from_secs(10)).await.expect("killed");
+
+    let mut client = CapabilityServiceClient::connect(survivor.url()).await.unwrap();
+    let (results, progress) = watch(&mut client, &job.job_id, 0).await;
+    assert_eq!(progress.last().unwrap().state(), BulkCheckState::Succeeded);
+    let mut indexes: Vec<u32> = results.iter().map(|r| r.index).collect();
+    indexes.sort();
+    assert_eq!(
+        indexes,
+        (0..12).collect::<Vec<_>>(),
+        "none lost, none twice: {}",
+        survivor.log_text()
+    );
+    let mut asked: HashMap<String, usize> = HashMap::new();
+    for query in fake.queries() {
+        let identity = query.json()["recipient"]["identified_by"]["channel_identities"][0]["identity"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        *asked.entry(identity).or_default() += 1;
+    }
+    assert_eq!(asked.len(), 12, "{}", survivor.log_text());
+    assert!(
+        asked.values().all(|n| *n == 1),
+        "a recipient was asked twice: {asked:?}"
+    );
+}
