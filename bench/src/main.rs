@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod baselines;
+mod check;
 mod procs;
 mod scenarios;
 mod sinch;
@@ -33,9 +34,12 @@ struct Cli {
     /// Where results.md and the curves go.
     #[arg(long, default_value = "docs/bench")]
     out: PathBuf,
-    /// Run only this scenario (queries, delivery, idle, replicas, memory), for profiling.
+    /// Run only this scenario (queries, delivery, idle, replicas, memory, check), for profiling.
     #[arg(long)]
     only: Option<String>,
+    /// How long each measurement runs (default 10s, 1.5s with --smoke); warm-ups take a fifth of it.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
 }
 
 #[derive(Subcommand)]
@@ -44,6 +48,14 @@ enum Command {
     Echo {
         #[arg(long)]
         listen: SocketAddr,
+    },
+    /// The bare proxy baseline: QueryCapability forwarded to `upstream` with reqwest (started by the harness).
+    Proxy {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// The sandbox, `http://host:port`.
+        #[arg(long)]
+        upstream: String,
     },
     /// The bare HTTP POST baseline (started by the harness).
     BareHttp {
@@ -78,6 +90,12 @@ struct Plan {
     cross_rate: u64,
     latency_rate: u64,
     retained_steps: Vec<u64>,
+    /// Identities cached before the cache-hit measurements.
+    check_identities: usize,
+    /// Offered CheckCapability cache hits per second with Redis.
+    check_rate: u64,
+    /// Checks of one identity sent at once (coalescing).
+    coalesced_checks: usize,
 }
 
 impl Plan {
@@ -94,6 +112,9 @@ impl Plan {
                 cross_rate: 500,
                 latency_rate: 500,
                 retained_steps: vec![1_500, 3_000],
+                check_identities: 100,
+                check_rate: 500,
+                coalesced_checks: 100,
             }
         } else {
             Plan {
@@ -107,6 +128,9 @@ impl Plan {
                 cross_rate: 5_000,
                 latency_rate: 5_000,
                 retained_steps: vec![250_000, 500_000, 750_000, 1_000_000],
+                check_identities: 1_000,
+                check_rate: 5_000,
+                coalesced_checks: 1_000,
             }
         }
     }
@@ -117,6 +141,7 @@ async fn main() {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Echo { listen }) => return baselines::echo(listen).await,
+        Some(Command::Proxy { listen, upstream }) => return baselines::proxy(listen, upstream).await,
         Some(Command::BareHttp { listen }) => return baselines::bare_http(listen).await,
         Some(Command::Soak { plan, out }) => {
             let (report, kept) = soak::run(&plan).await;
@@ -134,7 +159,10 @@ async fn main() {
         }
         None => {}
     }
-    let plan = Plan::new(cli.smoke, cli.runs);
+    let mut plan = Plan::new(cli.smoke, cli.runs);
+    if let Some(duration) = cli.duration {
+        plan.duration = duration;
+    }
     let started = Instant::now();
     let mut report = Report::default();
     let wanted = |name: &str| cli.only.as_deref().is_none_or(|only| only == name);
@@ -151,6 +179,9 @@ async fn main() {
         }
         if wanted("replicas") {
             cross_replica(&plan, &mut report).await;
+        }
+        if wanted("check") {
+            check::run(&plan, &mut report).await;
         }
         if run == 1 && wanted("memory") {
             report
@@ -243,6 +274,7 @@ impl Report {
                 ratio(&format!("delivery {watchers} watchers deliveries/s"), "bare http ops/s")
             );
         }
+        check::markdown(self, plan, &mut out);
         for (setting, points) in &self.memory {
             let Some(&(_, empty)) = points.first() else {
                 continue;

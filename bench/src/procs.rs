@@ -1,5 +1,5 @@
 //! The processes a benchmark runs: the facade (the binary beside this one), the standalone sandbox, Redis, and the
-//! two bare baselines (`bench echo`, `bench bare-http`).
+//! bare baselines (`bench echo`, `bench proxy`, `bench bare-http`).
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -31,10 +31,15 @@ pub async fn facade(env: &[(&str, String)]) -> Binary {
 
 /// The standalone sandbox (no callbacks), as a Sinch for the query benchmark; `ready` is its address.
 pub async fn sandbox() -> Spawned<SocketAddr> {
-    let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    sandbox_with(SocketAddr::from(([127, 0, 0, 1], free_port())), &[]).await
+}
+
+/// The standalone sandbox on `addr` with more arguments (`--callback-url`, knobs); `ready` is its address.
+pub async fn sandbox_with(addr: SocketAddr, args: &[String]) -> Spawned<SocketAddr> {
     let mut command = Command::new(facade_binary());
     command
         .args(["sandbox", "--listen", &addr.to_string()])
+        .args(args)
         .env("RUST_LOG", "info");
     spawn_until(command, move |line| {
         line.contains("Sinch sandbox listening").then_some(addr)
@@ -44,7 +49,12 @@ pub async fn sandbox() -> Spawned<SocketAddr> {
 
 /// One of this harness's own baseline servers (`echo` or `bare-http`); `ready` is its address.
 pub async fn baseline(kind: &str) -> Spawned<SocketAddr> {
+    baseline_with(kind, &[]).await
+}
+
+/// The same, with more arguments (`bench proxy --upstream URL`).
+pub async fn baseline_with(kind: &str, args: &[&str]) -> Spawned<SocketAddr> {
     let mut command = Command::new(std::env::current_exe().expect("the harness knows where it is"));
-    command.args([kind, "--listen", "127.0.0.1:0"]);
+    command.args([kind, "--listen", "127.0.0.1:0"]).args(args);
     spawn_until(command, |line| line.strip_prefix("listening ")?.trim().parse().ok()).await
 }

@@ -334,3 +334,198 @@ async fn open_streams(
     }
     streams
 }
+
+/// The app every check of the benchmark goes through.
+pub const CHECK_APP: &str = "bench-app";
+
+/// The `i`-th identity of set `set`: ends in 1, so that the sandbox answers CAPABILITY_FULL (cached for 24 h).
+pub fn check_identity(set: u32, i: usize) -> String {
+    format!("46{set:02}{i:07}1")
+}
+
+/// A CheckCapability of one SMS identity, with the server's max_age and `wait`.
+pub fn check_request(identity: &str, wait: Duration) -> pb::CheckCapabilityRequest {
+    pb::CheckCapabilityRequest {
+        app_id: CHECK_APP.into(),
+        recipient: Some(pb::Recipient {
+            recipient: Some(pb::recipient::Recipient::IdentifiedBy(pb::IdentifiedBy {
+                channel_identities: vec![pb::ChannelIdentity {
+                    channel: pb::Channel::Sms.into(),
+                    identity: identity.to_owned(),
+                    ..Default::default()
+                }],
+            })),
+        }),
+        wait: Some(prost_types::Duration {
+            seconds: wait.as_secs() as i64,
+            nanos: wait.subsec_nanos() as i32,
+        }),
+        ..Default::default()
+    }
+}
+
+/// Whether a check's answer came whole from the cache.
+fn from_cache(answer: &pb::CheckCapabilityResponse) -> bool {
+    answer.complete
+        && !answer.results.is_empty()
+        && answer
+            .results
+            .iter()
+            .all(|r| r.source == pb::ResultSource::Cache as i32)
+}
+
+/// CheckCapability in a closed loop, cycling through `identities` (cached ones): an answer that is not whole from
+/// the cache counts as an error.
+pub async fn grpc_checks(
+    addr: SocketAddr,
+    workers: usize,
+    connections: usize,
+    duration: Duration,
+    identities: Arc<Vec<String>>,
+) -> Load {
+    let channels = channels(addr, connections).await;
+    let next = Arc::new(AtomicU64::new(0));
+    closed_loop(workers, duration, move |w| {
+        let mut client = CapabilityServiceClient::new(channels[w % channels.len()].clone());
+        let i = next.fetch_add(1, Ordering::Relaxed) as usize % identities.len();
+        let request = check_request(&identities[i], Duration::from_secs(10));
+        async move {
+            Some(matches!(client.check_capability(request).await, Ok(answer) if from_cache(answer.get_ref())))
+        }
+    })
+    .await
+}
+
+/// CheckCapability at a fixed `rate` in all for `duration` (an open loop: each of `workers` keeps its own
+/// schedule), cycling through `identities`. A call's latency counts from when it was due, so that a server that
+/// falls behind is charged for the wait it causes; an answer not whole from the cache counts as an error.
+pub async fn paced_checks(
+    addr: SocketAddr,
+    workers: usize,
+    connections: usize,
+    rate: u64,
+    duration: Duration,
+    identities: Arc<Vec<String>>,
+) -> Load {
+    let channels = channels(addr, connections).await;
+    let interval = Duration::from_secs_f64(workers as f64 / rate as f64);
+    let started = Instant::now() + Duration::from_millis(20);
+    let end = started + duration;
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| {
+            let mut client = CapabilityServiceClient::new(channels[w % channels.len()].clone());
+            let identities = identities.clone();
+            tokio::spawn(async move {
+                let (mut latency, mut ok, mut errors) = (histogram(), 0u64, 0u64);
+                for k in 0u32.. {
+                    let due = started + interval * k + interval.mul_f64(w as f64 / workers as f64);
+                    if due >= end {
+                        break;
+                    }
+                    tokio::time::sleep_until(due.into()).await;
+                    let i = (k as usize * workers + w) % identities.len();
+                    let request = check_request(&identities[i], Duration::from_secs(10));
+                    match client.check_capability(request).await {
+                        Ok(answer) if from_cache(answer.get_ref()) => {
+                            ok += 1;
+                            latency.saturating_record(due.elapsed().as_micros() as u64);
+                        }
+                        _ => errors += 1,
+                    }
+                }
+                (latency, ok, errors)
+            })
+        })
+        .collect();
+    let mut load = Load {
+        ok: 0,
+        errors: 0,
+        seconds: 0.0,
+        latency: histogram(),
+    };
+    for task in tasks {
+        let (latency, ok, errors) = task.await.expect("a worker panicked");
+        load.latency.add(latency).expect("same bounds");
+        load.ok += ok;
+        load.errors += errors;
+    }
+    load.seconds = started.elapsed().as_secs_f64();
+    load
+}
+
+/// How the answers of many checks of one identity were made.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Sources {
+    /// Answered by the live query the check sent itself.
+    pub live: u64,
+    /// Answered by a live query another check sent.
+    pub shared: u64,
+    pub cache: u64,
+    /// Answered without a result (pending), or failed.
+    pub unanswered: u64,
+    pub errors: u64,
+    /// Distinct request_ids among the answers.
+    pub request_ids: usize,
+    /// From the first call to the last answer.
+    pub seconds: f64,
+}
+
+/// `count` CheckCapability of `identity` at once, spread over `grpc` (round robin, `connections` to each): how
+/// each was answered.
+pub async fn concurrent_checks(grpc: &[SocketAddr], connections: usize, count: usize, identity: &str) -> Sources {
+    let mut all = Vec::new();
+    for addr in grpc {
+        all.push(channels(*addr, connections).await);
+    }
+    let started = Instant::now();
+    let calls = (0..count).map(|i| {
+        let replica = &all[i % all.len()];
+        let mut client = CapabilityServiceClient::new(replica[(i / all.len()) % replica.len()].clone());
+        let request = check_request(identity, Duration::from_secs(10));
+        tokio::spawn(async move { client.check_capability(request).await })
+    });
+    let answers = futures::future::join_all(calls).await;
+    let mut sources = Sources {
+        seconds: started.elapsed().as_secs_f64(),
+        ..Sources::default()
+    };
+    let mut request_ids = std::collections::HashSet::new();
+    for answer in answers {
+        let Ok(Ok(answer)) = answer else {
+            sources.errors += 1;
+            continue;
+        };
+        let answer = answer.into_inner();
+        if !answer.request_id.is_empty() {
+            request_ids.insert(answer.request_id.clone());
+        }
+        match answer.results.first().map(|r| r.source) {
+            Some(s) if s == pb::ResultSource::Live as i32 => sources.live += 1,
+            Some(s) if s == pb::ResultSource::Shared as i32 => sources.shared += 1,
+            Some(s) if s == pb::ResultSource::Cache as i32 => sources.cache += 1,
+            _ => sources.unanswered += 1,
+        }
+    }
+    sources.request_ids = request_ids.len();
+    sources
+}
+
+/// Checks each of `identities` once, `concurrency` at a time, so that their results are cached; how many came back
+/// complete.
+pub async fn warm_checks(addr: SocketAddr, identities: &[String], concurrency: usize) -> usize {
+    let channels = channels(addr, 4).await;
+    let mut complete = 0;
+    for (n, chunk) in identities.chunks(concurrency.max(1)).enumerate() {
+        let answers = futures::future::join_all(chunk.iter().enumerate().map(|(i, identity)| {
+            let mut client = CapabilityServiceClient::new(channels[(n + i) % channels.len()].clone());
+            let request = check_request(identity, Duration::from_secs(10));
+            async move { client.check_capability(request).await }
+        }))
+        .await;
+        complete += answers
+            .iter()
+            .filter(|a| matches!(a, Ok(answer) if answer.get_ref().complete))
+            .count();
+    }
+    complete
+}
