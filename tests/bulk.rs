@@ -344,3 +344,25 @@ async fn a_job_whose_replica_is_killed_is_finished_by_another_without_asking_twi
         "a recipient was asked twice: {asked:?}"
     );
 }
+
+#[tokio::test]
+async fn a_recipient_waits_its_whole_wait_after_its_turn_in_the_budget_came() {
+    let fake = Arc::new(FakeSinch::start().await);
+    let service = Service::against(&fake, &["--sinch-callback-rate=1"]).await;
+    let _sinch = play_sinch(fake.clone(), service.webhook_addr, 1);
+    let mut client = service.client().await;
+    // Three recipients at one a second, each waiting at most one second once its query is out: the third is
+    // sent two seconds in, and still gets its answer.
+    let mut request = start((0..3).map(recipient).collect(), "");
+    request.wait = Some(prost_types::Duration { seconds: 1, nanos: 0 });
+    let job = client.start_bulk_check(request).await.unwrap().into_inner();
+    let (results, _) = watch(&mut client, &job.job_id, 0).await;
+    assert_eq!(results.len(), 3);
+    for result in results {
+        assert!(
+            result.answer.unwrap().complete,
+            "recipient {} timed out in the queue",
+            result.index
+        );
+    }
+}

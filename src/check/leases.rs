@@ -139,10 +139,6 @@ impl<'a> Leases<'a> {
         }
     }
 
-    pub(super) fn request_id(&self) -> &Arc<str> {
-        &self.request_id
-    }
-
     /// Takes the lease of `key`, or finds who holds it.
     pub(super) async fn take(&mut self, key: EntryKey) -> Taken {
         let flight = match self.flights.take(key, self.until) {
@@ -342,5 +338,79 @@ impl Drop for Leases<'_> {
     fn drop(&mut self) {
         let (unsent, _launched): (Vec<Lease>, Vec<Lease>) = self.held.drain(..).partition(|l| !l.sent);
         self.release(unsent);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u8) -> EntryKey {
+        [n; 16]
+    }
+
+    #[tokio::test]
+    async fn a_lease_is_joined_once_sent_waited_for_while_pending_and_taken_again_when_given_back() {
+        let flights = Flights::default();
+        let until = Instant::now() + Duration::from_secs(10);
+        let mut first = Leases::new(&flights, None, "first".into(), until);
+        let mut second = Leases::new(&flights, None, "second".into(), until);
+        assert!(matches!(first.take(key(1)).await, Taken::Started));
+        let Taken::Pending(pending) = second.take(key(1)).await else {
+            panic!("a lease not sent yet is pending")
+        };
+        let in_flight = first.launch(&[key(1)]);
+        in_flight.sent(&"accepted".into()).await;
+        assert!(matches!(second.resolve(pending).await, Resolved::Sent(id) if &*id == "accepted"));
+        assert!(matches!(second.take(key(1)).await, Taken::Sent(id) if &*id == "accepted"));
+        first.finish();
+        assert!(
+            matches!(second.take(key(1)).await, Taken::Started),
+            "given back when its check returned"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_query_gives_its_leases_back_to_whoever_waits() {
+        let flights = Flights::default();
+        let until = Instant::now() + Duration::from_secs(10);
+        let mut first = Leases::new(&flights, None, "first".into(), until);
+        let second = Leases::new(&flights, None, "second".into(), until);
+        first.take(key(2)).await;
+        let mut waiter = Leases::new(&flights, None, "waiter".into(), until);
+        let Taken::Pending(pending) = waiter.take(key(2)).await else {
+            panic!("pending")
+        };
+        first.launch(&[key(2)]).give_back(&flights);
+        assert!(matches!(second.resolve(pending).await, Resolved::Retry));
+        assert!(matches!(waiter.take(key(2)).await, Taken::Started));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_gone_before_sending_gives_back_after_sending_keeps_until_its_wait() {
+        let flights = Flights::default();
+        let until = Instant::now() + Duration::from_secs(10);
+        {
+            let mut gone = Leases::new(&flights, None, "gone".into(), until);
+            gone.take(key(3)).await;
+        }
+        let mut next = Leases::new(&flights, None, "next".into(), until);
+        assert!(
+            matches!(next.take(key(3)).await, Taken::Started),
+            "never sent: given back"
+        );
+        let in_flight = next.launch(&[key(3)]);
+        drop(next);
+        in_flight.sent(&"next".into()).await;
+        let mut later = Leases::new(&flights, None, "later".into(), Instant::now() + Duration::from_secs(60));
+        assert!(
+            matches!(later.take(key(3)).await, Taken::Sent(_)),
+            "sent: joinable after its caller left"
+        );
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(
+            matches!(later.take(key(3)).await, Taken::Started),
+            "lapsed with the wait"
+        );
     }
 }

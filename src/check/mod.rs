@@ -264,10 +264,11 @@ impl Checker {
             None => ulid::Ulid::new().to_string().into(),
         };
         let hasher = self.hasher().await?;
-        let leases = Leases::new(&self.flights, self.redis(), request_id, until);
         let call = Call {
             request: &request,
+            request_id,
             hasher: &hasher,
+            start: Instant::now(),
             deadline,
             until,
             trace,
@@ -275,8 +276,8 @@ impl Checker {
         };
         let preference = request.preference.as_ref().unwrap_or(&self.settings.preference);
         let mut answer = match &request.recipient {
-            Recipient::IdentifiedBy(ids) => self.check_identities(&call, ids, leases).await?,
-            Recipient::ContactId(contact) => self.check_contact(&call, contact, leases).await?,
+            Recipient::IdentifiedBy(ids) => self.check_identities(&call, ids).await?,
+            Recipient::ContactId(contact) => self.check_contact(&call, contact).await?,
         };
         answer.recommended = recommend(&answer.results, preference);
         if let Recipient::IdentifiedBy(ids) = &request.recipient {
@@ -299,10 +300,15 @@ impl Checker {
     }
 
     /// A permit to wait for live results; RESOURCE_EXHAUSTED-worthy when this replica has too many waiting.
-    fn wait_permit(&self) -> Result<OwnedSemaphorePermit, CheckError> {
+    /// Gated checks (bulk jobs) need none: a job bounds its own checks in flight.
+    fn wait_permit(&self, call: &Call<'_>) -> Result<Option<OwnedSemaphorePermit>, CheckError> {
+        if call.gate.is_some() {
+            return Ok(None);
+        }
         self.waiting
             .clone()
             .try_acquire_owned()
+            .map(Some)
             .map_err(|_| CheckError::Overloaded)
     }
 
@@ -310,7 +316,6 @@ impl Checker {
         self: &Arc<Self>,
         call: &Call<'_>,
         ids: &[ChannelIdentity],
-        mut leases: Leases<'_>,
     ) -> Result<CheckAnswer, CheckError> {
         let request = call.request;
         let mut ids: Vec<ChannelIdentity> = ids.to_vec();
@@ -338,21 +343,24 @@ impl Checker {
                 ..CheckAnswer::default()
             });
         }
-        let _permit = self.wait_permit()?;
-        let own = leases.request_id().clone();
+        let _permit = self.wait_permit(call)?;
+        let own = call.request_id.clone();
         let mut waiting = Waiting::new();
         let mut to_send = Vec::new();
         let resumed = match call.gate {
             Some(gate) => gate.before_send(missing.len() as u32, &own).await? == Proceed::Sent,
             None => false,
         };
+        let call = &call.after_gate();
+        let mut leases = Leases::new(&self.flights, self.redis(), own.clone(), call.until);
         if resumed {
             // Sent before a takeover: its results are awaited, nothing is sent again.
             waiting.insert(own.clone(), missing.clone());
         } else {
             let mut undecided = missing.clone();
-            // Until every identity is decided: a lease given back is taken again, one pending waited for.
-            while !undecided.is_empty() && Instant::now() < call.until {
+            // Until every identity is decided (a lease given back is taken again, one pending waited for), or the
+            // time is up — but once at least: a check that does not wait still starts the lookups it needs.
+            loop {
                 let mut pending = Vec::new();
                 for i in undecided.drain(..) {
                     match leases.take(keys[i]).await {
@@ -376,6 +384,9 @@ impl Checker {
                         Resolved::Retry => undecided.push(i),
                         Resolved::TimedOut => {}
                     }
+                }
+                if undecided.is_empty() || Instant::now() >= call.until {
+                    break;
                 }
             }
         }
@@ -422,16 +433,10 @@ impl Checker {
         })
     }
 
-    async fn check_contact(
-        self: &Arc<Self>,
-        call: &Call<'_>,
-        contact: &str,
-        mut leases: Leases<'_>,
-    ) -> Result<CheckAnswer, CheckError> {
+    async fn check_contact(self: &Arc<Self>, call: &Call<'_>, contact: &str) -> Result<CheckAnswer, CheckError> {
         let request = call.request;
         let key = call.hasher.contact(&request.app_id, contact);
-        let fresh = |leases: &Leases<'_>| {
-            let _ = leases;
+        let fresh = || {
             async {
                 if request.max_age.is_zero() {
                     return None;
@@ -456,17 +461,21 @@ impl Checker {
         // waits for its turn. Otherwise the lease first: a contact's entry fills while its query is in flight, and
         // is whole only once the query that started it returns.
         if call.gate.is_some()
-            && let Some(answer) = fresh(&leases).await
+            && let Some(answer) = fresh().await
         {
             return Ok(answer);
         }
-        let _permit = self.wait_permit()?;
-        let own = leases.request_id().clone();
-        if let Some(gate) = call.gate
-            && gate.before_send(1, &own).await? == Proceed::Sent
-        {
+        let _permit = self.wait_permit(call)?;
+        let own = call.request_id.clone();
+        let resumed = match call.gate {
+            Some(gate) => gate.before_send(1, &own).await? == Proceed::Sent,
+            None => false,
+        };
+        let call = &call.after_gate();
+        if resumed {
             return Ok(self.collect_contact(&own, true, call.until).await);
         }
+        let mut leases = Leases::new(&self.flights, self.redis(), own.clone(), call.until);
         let mut taken = leases.take(key).await;
         while let Taken::Pending(pending) = taken {
             taken = match leases.resolve(pending).await {
@@ -485,7 +494,7 @@ impl Checker {
             Taken::Pending(_) => unreachable!("resolved above"),
         }
         if call.gate.is_none()
-            && let Some(answer) = fresh(&leases).await
+            && let Some(answer) = fresh().await
         {
             leases.give_back(&[key]);
             return Ok(answer);
@@ -696,15 +705,36 @@ impl Checker {
 }
 
 /// One check's request and bounds, as its steps share them.
+#[derive(Clone)]
 struct Call<'a> {
     request: &'a CheckRequest,
+    /// The live query's request_id: the caller's, or one made for this check.
+    request_id: Arc<str>,
     hasher: &'a KeyHasher,
+    start: Instant,
     /// The caller's deadline (with the margin kept for answering).
     deadline: Instant,
     /// When waiting for live results ends.
     until: Instant,
     trace: Option<&'a TraceParent>,
     gate: Option<&'a dyn Gate>,
+}
+
+impl Call<'_> {
+    /// The bounds once the gate let the query through: a bulk job's recipient waits in the budget's queue before
+    /// its time starts; an interactive check's time is its caller's.
+    fn after_gate(&self) -> Self {
+        if self.gate.is_none() {
+            return self.clone();
+        }
+        let queued = self.start.elapsed();
+        let deadline = self.deadline + queued;
+        Call {
+            deadline,
+            until: deadline.min(Instant::now() + self.request.wait),
+            ..self.clone()
+        }
+    }
 }
 
 /// A result from `body` (a hub's or the cache's encoding, receive time included); `None` if it does not decode.

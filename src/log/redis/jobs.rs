@@ -47,13 +47,14 @@ redis.call('SADD', KEYS[4], ARGV[1])
 return {1, ARGV[1]}
 ";
 
-/// Records a recipient as sent, only while the job runs. KEYS: meta, sent. ARGV: index, value, retention (ms).
-/// Returns 1 recorded, 0 the job does not send any more.
+/// Records a recipient as sent, only while the job runs and only once. KEYS: meta, sent. ARGV: index, value,
+/// retention (ms). Returns 1 recorded, 0 the job does not send any more or the recipient was sent already (by a
+/// replica that held the job before).
 const MARK_SENT: &str = r"
 if redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING' then return 0 end
-redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
+local fresh = redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return 1
+return fresh
 ";
 
 /// Records an answer for the indexes not answered yet. KEYS: meta, done, results. ARGV: answer bytes, from
@@ -260,7 +261,8 @@ impl RedisJobs {
         self.status(job_id).await
     }
 
-    /// Records that `index` was sent under `request_id`; `false` when the job no longer sends.
+    /// Records that `index` was sent under `request_id`; `false` when the job no longer sends, or the recipient was
+    /// sent already.
     pub async fn mark_sent(&self, job_id: &str, index: u32, request_id: &str, now_ms: u64) -> redis::RedisResult<bool> {
         let mut invocation = self.mark_sent.prepare_invoke();
         invocation
