@@ -16,9 +16,20 @@ const APP: &str = "APP-1";
 /// Answers every query the fake receives, from the `from`-th on (1-based), with one FULL callback per identity,
 /// posted to `webhook`, until dropped.
 fn play_sinch(fake: Arc<FakeSinch>, webhook: SocketAddr, from: usize) -> tokio::task::JoinHandle<()> {
+    play_sinch_after(fake, webhook, from, Duration::ZERO)
+}
+
+/// [`play_sinch`], each callback `delay` after its query.
+fn play_sinch_after(
+    fake: Arc<FakeSinch>,
+    webhook: SocketAddr,
+    from: usize,
+    delay: Duration,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         for n in from.. {
             let body = fake.until_queries(n).await[n - 1].json();
+            tokio::time::sleep(delay).await;
             let request_id = body["request_id"].as_str().unwrap().to_owned();
             for id in body["recipient"]["identified_by"]["channel_identities"]
                 .as_array()
@@ -349,7 +360,9 @@ async fn a_job_whose_replica_is_killed_is_finished_by_another_without_asking_twi
 async fn a_recipient_waits_its_whole_wait_after_its_turn_in_the_budget_came() {
     let fake = Arc::new(FakeSinch::start().await);
     let service = Service::against(&fake, &["--sinch-callback-rate=1"]).await;
-    let _sinch = play_sinch(fake.clone(), service.webhook_addr, 1);
+    // Sinch answers 300 ms after each query: within the wait counted from the send, after one counted from the
+    // job's start.
+    let _sinch = play_sinch_after(fake.clone(), service.webhook_addr, 1, Duration::from_millis(300));
     let mut client = service.client().await;
     // Three recipients at one a second, each waiting at most one second once its query is out: the third is
     // sent two seconds in, and still gets its answer.
