@@ -9,7 +9,10 @@
 //!
 //! No key has a hash tag: entries spread over a cluster's slots, and every script touches one key.
 
-use std::time::Duration;
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
 
 use redis::Script;
 
@@ -90,7 +93,10 @@ pub struct RedisCache {
     commands: Connection,
     prefix: String,
     ttl: CacheTtl,
-    configured_key: Option<Secret>,
+    /// The hasher of `CAPABILITY_CACHE_HASH_KEY`, when set.
+    configured: Option<KeyHasher>,
+    /// Whether a call is looking at the key kept in Redis again.
+    refreshing: AtomicBool,
     /// The hasher of the key kept in Redis, when it was last looked at, and the key.
     hasher: std::sync::Mutex<Option<(KeyHasher, std::time::Instant, String)>>,
     store: Script,
@@ -122,7 +128,8 @@ impl RedisCache {
             commands,
             prefix,
             ttl,
-            configured_key: key,
+            configured: key.map(|key| KeyHasher::new(key.expose().as_bytes())),
+            refreshing: AtomicBool::new(false),
             hasher: std::sync::Mutex::new(None),
             store: Script::new(&format!("{NEWER}{STORE}")),
             store_contact: Script::new(&format!("{NEWER}{STORE_CONTACT}")),
@@ -136,20 +143,23 @@ impl RedisCache {
     /// the first replica that needed it). The kept key is looked at again every [`KEY_REFRESH`], and put back if
     /// Redis lost it, so that replicas that started on either side of a data loss come to name entries alike.
     pub async fn hasher(&self) -> redis::RedisResult<KeyHasher> {
-        if let Some(key) = &self.configured_key {
-            return Ok(KeyHasher::new(key.expose().as_bytes()));
+        if let Some(configured) = &self.configured {
+            return Ok(configured.clone());
         }
-        if let Some((hasher, at, _)) = &*self.hasher.lock().expect("hasher lock poisoned")
-            && at.elapsed() < KEY_REFRESH
+        let current = self.hasher.lock().expect("hasher lock poisoned").clone();
+        if let Some((hasher, at, _)) = &current
+            && (at.elapsed() < KEY_REFRESH || self.refreshing.swap(true, Ordering::AcqRel))
         {
+            // Fresh, or another call is looking again meanwhile: one call a second pays for the look.
             return Ok(hasher.clone());
         }
-        let held = self
-            .hasher
-            .lock()
-            .expect("hasher lock poisoned")
-            .as_ref()
-            .map(|(_, _, key)| key.clone());
+        let looked = self.look_at_key(current.map(|(_, _, key)| key)).await;
+        self.refreshing.store(false, Ordering::Release);
+        looked
+    }
+
+    /// Reads the key kept in Redis, putting `held` (or a new one) there first if Redis has none.
+    async fn look_at_key(&self, held: Option<String>) -> redis::RedisResult<KeyHasher> {
         let name = format!("{}:cache-key", self.prefix);
         let mine = held.unwrap_or_else(|| hex(&rand::random::<EntryKey>()));
         let mut conn = self.commands.clone();
