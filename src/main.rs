@@ -37,6 +37,7 @@ async fn main() -> ExitCode {
         Some(Command::Query(args)) => cli::query(args).await,
         Some(Command::Watch(args)) => cli::watch(args).await,
         Some(Command::Check(args)) => cli::check(args).await,
+        Some(Command::BulkCheck(args)) => cli::bulk_check(args).await,
         Some(Command::Doctor(args)) => cli::doctor(args).await,
         Some(Command::Webhook(args)) => cli::webhook(args).await,
         Some(Command::Sandbox(args)) => {

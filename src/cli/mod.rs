@@ -2,11 +2,12 @@
 //! the binary, not of the library: the library exports what these commands use (`config::Config`, the gRPC
 //! client, the sandbox).
 
+mod bulk;
 mod client;
 mod doctor;
 mod sandbox;
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
 
 use capability_facade::{
     capability::Channel,
@@ -19,6 +20,7 @@ use capability_facade::{
 };
 use clap::{Args, Parser, Subcommand};
 
+pub use bulk::bulk_check;
 pub use client::{check, query, watch};
 pub use doctor::{doctor, webhook};
 pub use sandbox::sandbox;
@@ -44,6 +46,9 @@ pub enum Command {
     /// Ask in one call (CheckCapability): a table of channel → status, where each result came from and its age,
     /// and the recommended channels.
     Check(CheckArgs),
+    /// Check many recipients from a CSV or JSON lines file in one bulk job, with a progress bar; results as CSV or
+    /// JSON lines. Ctrl-C leaves the job running: resume it with --job, or stop it with --job ID --cancel.
+    BulkCheck(BulkCheckArgs),
     /// Run the Sinch sandbox on its own, as an upstream for load tests.
     Sandbox(SandboxArgs),
     /// Check the app's CAPABILITY webhook at Sinch end to end: ✓ or ✗ with the fix for each step.
@@ -207,6 +212,44 @@ pub struct CheckArgs {
     /// Ask Sinch whatever is cached (max_age 0s).
     #[arg(long)]
     pub refresh: bool,
+}
+
+/// `bulk-check`: a file of recipients in one StartBulkCheck, its results into a file as they come.
+#[derive(Debug, Clone, Args)]
+pub struct BulkCheckArgs {
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+    /// The Sinch app to query through (any value works against the sandbox).
+    #[arg(long, env = "SINCH_APP_ID", default_value = "sandbox-app")]
+    pub app_id: String,
+    /// The recipients, by extension: .csv (a header naming contact_id, or channel and identity, or channel
+    /// columns such as WHATSAPP,RCS,SMS), or JSON lines (.jsonl, .ndjson, .json: one object a line,
+    /// {"contact_id": …}, {"channel": …, "identity": …} or {"identities": [{"channel": …, "identity": …}]}).
+    #[arg(long = "in", value_name = "FILE", required_unless_present = "cancel")]
+    pub input: Option<PathBuf>,
+    /// Where the results go, by extension: .csv, or JSON lines (.jsonl, .ndjson, .json). Default: JSON lines on
+    /// stdout. Replaced, unless --job resumes into it.
+    #[arg(long = "out", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Resume this job instead of starting one: only the results not yet in --out are appended to it.
+    #[arg(long = "job", value_name = "JOB_ID")]
+    pub job: Option<String>,
+    /// Cancel the job given with --job (its results so far are kept) and print its counts.
+    #[arg(long, requires = "job", conflicts_with_all = ["input", "output"])]
+    pub cancel: bool,
+    /// How long each recipient waits for its live results (the server's default when absent).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub wait: Option<Duration>,
+    /// The oldest cached result accepted (the server's default when absent).
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "refresh")]
+    pub max_age: Option<Duration>,
+    /// Ask Sinch whatever is cached (max_age 0s).
+    #[arg(long)]
+    pub refresh: bool,
+    /// Names the job (AIP-155). Default: a hash of the app, these options and the file's contents, so that the
+    /// same command run again finds the same job; give another to start a new job on the same file.
+    #[arg(long, conflicts_with = "job")]
+    pub request_id: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -109,3 +109,90 @@ impl Client {
 fn describe(status: tonic::Status) -> String {
     format!("{:?}: {}", status.code(), status.message())
 }
+
+/// The messages of a bulk check's watch, with statuses as readable errors.
+pub type WatchingBulk = futures::stream::BoxStream<'static, Result<pb::WatchBulkCheckResponse, BulkError>>;
+
+/// A bulk call's failure: its code (to tell a stream cut by a shutdown, worth resuming, from the rest) and a
+/// readable message.
+#[derive(Debug, Clone)]
+pub struct BulkError {
+    pub code: tonic::Code,
+    pub message: String,
+}
+
+impl std::fmt::Display for BulkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl BulkError {
+    fn new(status: tonic::Status) -> BulkError {
+        BulkError {
+            code: status.code(),
+            message: describe(status),
+        }
+    }
+
+    fn local(message: String) -> BulkError {
+        BulkError {
+            code: tonic::Code::InvalidArgument,
+            message,
+        }
+    }
+}
+
+impl Client {
+    /// StartBulkCheck: the job (a repeat of the same request_id returns the same one).
+    pub async fn start_bulk_check(&mut self, request: pb::StartBulkCheckRequest) -> Result<pb::BulkCheck, BulkError> {
+        let request = self.request(request).map_err(BulkError::local)?;
+        self.inner
+            .start_bulk_check(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(BulkError::new)
+    }
+
+    /// GetBulkCheck: the job's state and counts now.
+    pub async fn get_bulk_check(&mut self, job_id: &str) -> Result<pb::BulkCheck, BulkError> {
+        let request = self
+            .request(pb::GetBulkCheckRequest { job_id: job_id.into() })
+            .map_err(BulkError::local)?;
+        self.inner
+            .get_bulk_check(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(BulkError::new)
+    }
+
+    /// CancelBulkCheck: stops the job's new queries; returns it.
+    pub async fn cancel_bulk_check(&mut self, job_id: &str) -> Result<pb::BulkCheck, BulkError> {
+        let request = self
+            .request(pb::CancelBulkCheckRequest { job_id: job_id.into() })
+            .map_err(BulkError::local)?;
+        self.inner
+            .cancel_bulk_check(request)
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(BulkError::new)
+    }
+
+    /// WatchBulkCheck: the job's results past `after_offset`, with its progress, until it has ended.
+    pub async fn watch_bulk_check(&mut self, job_id: &str, after_offset: u64) -> Result<WatchingBulk, BulkError> {
+        use futures::StreamExt;
+        let request = self
+            .request(pb::WatchBulkCheckRequest {
+                job_id: job_id.into(),
+                after_offset,
+            })
+            .map_err(BulkError::local)?;
+        let stream = self
+            .inner
+            .watch_bulk_check(request)
+            .await
+            .map_err(BulkError::new)?
+            .into_inner();
+        Ok(stream.map(|item| item.map_err(BulkError::new)).boxed())
+    }
+}
