@@ -196,9 +196,10 @@ impl CapabilityApi {
         trace: Option<&TraceParent>,
     ) -> Result<Response<pb::CheckCapabilityResponse>, Status> {
         within(request.get_ref())?;
-        let metadata = request.metadata().clone();
+        let timeout = caller_timeout(request.metadata());
         let check = convert::check_request(request.into_inner(), &self.check).map_err(status::invalid_request)?;
-        let deadline = deadline(&metadata, self.query_timeout + check.wait);
+        let budget = timeout.unwrap_or(self.query_timeout + check.wait);
+        let deadline = Instant::now() + budget.min(crate::query::MAX_DEADLINE);
         tracing::debug!(recipient = ?check.recipient, "check");
         match self.checker.check(check, deadline, trace).await {
             Ok(answer) => {
@@ -519,13 +520,17 @@ fn watch_message(event: WatchEvent) -> Result<pb::WatchCapabilityResponse, Statu
 /// When the call must be answered: the caller's `grpc-timeout` less a margin, or the default budget; never
 /// later than [`MAX_DEADLINE`](crate::query::MAX_DEADLINE) from now (request_id claims outlive that).
 fn deadline(metadata: &MetadataMap, default: Duration) -> Instant {
-    let timeout = metadata
+    let timeout = caller_timeout(metadata).unwrap_or(default);
+    Instant::now() + timeout.min(crate::query::MAX_DEADLINE)
+}
+
+/// The caller's `grpc-timeout`, less the margin kept for answering in time.
+fn caller_timeout(metadata: &MetadataMap) -> Option<Duration> {
+    metadata
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout)
         .map(|t| t.saturating_sub(DEADLINE_MARGIN.min(t / 10)))
-        .unwrap_or(default);
-    Instant::now() + timeout.min(crate::query::MAX_DEADLINE)
 }
 
 /// Parses the `grpc-timeout` header: at most 8 digits and a unit (H, M, S, m, u, n).
