@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod baselines;
+mod bulk;
 mod check;
 mod procs;
 mod scenarios;
@@ -34,12 +35,21 @@ struct Cli {
     /// Where results.md and the curves go.
     #[arg(long, default_value = "docs/bench")]
     out: PathBuf,
-    /// Run only this scenario (queries, delivery, idle, replicas, memory, check), for profiling.
+    /// Run only this scenario (queries, delivery, idle, replicas, memory, check, bulk), for profiling.
     #[arg(long)]
     only: Option<String>,
     /// How long each measurement runs (default 10s, 1.5s with --smoke); warm-ups take a fifth of it.
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
+    /// Recipients of the bulk scenario's job (default 100,000, 200 with --smoke).
+    #[arg(long)]
+    bulk_recipients: Option<usize>,
+    /// The bulk scenario's callback budget, identities/s (default 2,000, 100 with --smoke).
+    #[arg(long)]
+    bulk_rate: Option<u32>,
+    /// The sandbox's webhook rate in the bulk scenario, callbacks/s (default: the same as --bulk-rate).
+    #[arg(long)]
+    bulk_sandbox_rate: Option<u32>,
 }
 
 #[derive(Subcommand)]
@@ -96,6 +106,8 @@ struct Plan {
     check_rate: u64,
     /// Checks of one identity sent at once (coalescing).
     coalesced_checks: usize,
+    /// The bulk check job and the interactive load beside it.
+    bulk: bulk::BulkPlan,
 }
 
 impl Plan {
@@ -115,6 +127,14 @@ impl Plan {
                 check_identities: 100,
                 check_rate: 500,
                 coalesced_checks: 100,
+                bulk: bulk::BulkPlan {
+                    recipients: 200,
+                    rate: 100,
+                    sandbox_rate: None,
+                    hit_rate: 50,
+                    live_rate: 5,
+                    warm: 100,
+                },
             }
         } else {
             Plan {
@@ -131,6 +151,14 @@ impl Plan {
                 check_identities: 1_000,
                 check_rate: 5_000,
                 coalesced_checks: 1_000,
+                bulk: bulk::BulkPlan {
+                    recipients: 100_000,
+                    rate: 2_000,
+                    sandbox_rate: None,
+                    hit_rate: 200,
+                    live_rate: 20,
+                    warm: 1_000,
+                },
             }
         }
     }
@@ -163,6 +191,15 @@ async fn main() {
     if let Some(duration) = cli.duration {
         plan.duration = duration;
     }
+    if let Some(recipients) = cli.bulk_recipients {
+        plan.bulk.recipients = recipients.max(1);
+    }
+    if let Some(rate) = cli.bulk_rate {
+        plan.bulk.rate = rate.max(1);
+    }
+    if let Some(rate) = cli.bulk_sandbox_rate {
+        plan.bulk.sandbox_rate = Some(rate.max(1));
+    }
     let started = Instant::now();
     let mut report = Report::default();
     let wanted = |name: &str| cli.only.as_deref().is_none_or(|only| only == name);
@@ -182,6 +219,9 @@ async fn main() {
         }
         if wanted("check") {
             check::run(&plan, &mut report).await;
+        }
+        if wanted("bulk") {
+            bulk::run(&plan, &mut report).await;
         }
         if run == 1 && wanted("memory") {
             report
@@ -275,6 +315,7 @@ impl Report {
             );
         }
         check::markdown(self, plan, &mut out);
+        bulk::markdown(self, plan, &mut out);
         for (setting, points) in &self.memory {
             let Some(&(_, empty)) = points.first() else {
                 continue;

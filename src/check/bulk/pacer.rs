@@ -3,7 +3,8 @@
 //!
 //! Interactive queries (QueryCapability, CheckCapability) are recorded and never wait: they go first. Bulk jobs
 //! wait for what is left, one at a time in the order they asked (a fair queue), so that several jobs progress
-//! together and none bursts past the window.
+//! together and none bursts past the window; their identities are also spread evenly over it (one every
+//! 1.025 s / budget), not sent at once when a window opens.
 
 use std::{
     collections::VecDeque,
@@ -23,8 +24,9 @@ const WINDOW: Duration = Duration::from_millis(1025);
 pub struct Pacer {
     limit: u32,
     window: Window,
-    /// Bulk jobs wait here in turn.
-    queue: tokio::sync::Mutex<()>,
+    /// Bulk jobs wait here in turn; it holds when the next may go, so that a window's budget is spread over it
+    /// rather than sent at its start (Sinch's callbacks, and the interactive calls behind them, queue less).
+    queue: tokio::sync::Mutex<Instant>,
 }
 
 enum Window {
@@ -43,7 +45,7 @@ impl Pacer {
         Pacer {
             limit: limit.max(1),
             window,
-            queue: tokio::sync::Mutex::new(()),
+            queue: tokio::sync::Mutex::new(Instant::now()),
         }
     }
 
@@ -77,8 +79,10 @@ impl Pacer {
     /// Waits until `identities` more fit in the window, then counts them. A job asking for more than the whole
     /// budget gets it once the window is empty.
     pub async fn admit(&self, identities: u32) {
-        let _turn = self.queue.lock().await;
+        let mut next = self.queue.lock().await;
         let identities = identities.min(self.limit);
+        tokio::time::sleep_until(*next).await;
+        *next = Instant::now().max(*next) + WINDOW.mul_f64(f64::from(identities) / f64::from(self.limit));
         loop {
             let wait = match &self.window {
                 Window::Local(window) => {
@@ -163,6 +167,8 @@ mod tests {
             let in_window = admitted[i..].iter().take_while(|t| **t < *at + WINDOW).count();
             assert!(in_window <= 25, "{in_window} admitted in the second from {at:?}");
         }
+        // Spread: one every window / 25, not 25 at once.
+        assert!(admitted[1] >= WINDOW / 25, "{:?}", admitted[1]);
         // 100 at 25 per window: the last one in the fourth window, not later.
         assert!(admitted[99] < 4 * WINDOW, "{:?}", admitted[99]);
         // Interactive queries are counted and go first: the next job query waits a whole window.
