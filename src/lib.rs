@@ -189,7 +189,10 @@ impl Service {
                 EventLog::redis(redis)
             }
         });
-        let pacer = Arc::new(check::bulk::pacer::Pacer::new(config.sinch.callback_rate, &log));
+        // A job sends at most one query per identity: under the smaller of the two budgets, Sinch sees neither
+        // more callbacks nor more queries than it allows in any second (the query limiter allows bursts).
+        let budget = config.sinch.callback_rate.min(config.sinch.rate_limit);
+        let pacer = Arc::new(check::bulk::pacer::Pacer::new(budget, &log));
         let queries = Arc::new(query::Queries::new(
             client.clone(),
             config.query.idempotency_window,
