@@ -379,3 +379,28 @@ async fn a_recipient_waits_its_whole_wait_after_its_turn_in_the_budget_came() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_job_runs_on_a_redis_cluster() {
+    let cluster = testkit::RedisCluster::start(3).await;
+    let fake = Arc::new(FakeSinch::start().await);
+    let url = format!("--redis-url={}", cluster.urls().join(","));
+    let service = Service::against(&fake, &[&url, "--sinch-callback-rate=1000"]).await;
+    let _sinch = play_sinch(fake.clone(), service.webhook_addr, 1);
+    let mut client = service.client().await;
+    let job = client
+        .start_bulk_check(start((0..12).map(recipient).collect(), "cluster-job"))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = client
+        .start_bulk_check(start((0..12).map(recipient).collect(), "cluster-job"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.job_id, job.job_id);
+    let (results, progress) = watch(&mut client, &job.job_id, 0).await;
+    assert_eq!(results.len(), 12);
+    assert_eq!(progress.last().unwrap().state(), BulkCheckState::Succeeded);
+    assert_eq!(fake.queries().len(), 12);
+}

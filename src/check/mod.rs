@@ -110,12 +110,13 @@ pub enum CheckError {
 }
 
 /// What a gate decides for a live query.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Proceed {
     /// Send it now.
     Send,
-    /// It was sent before (by a replica that stopped): wait for its results, do not send it again.
-    Sent,
+    /// It was sent before under this request_id (by a replica that stopped): wait for its results, do not send
+    /// it again.
+    Sent(Arc<str>),
 }
 
 /// Stands before a check's live query: a bulk job's pacing and record of what it sent.
@@ -348,14 +349,17 @@ impl Checker {
         let mut waiting = Waiting::new();
         let mut to_send = Vec::new();
         let resumed = match call.gate {
-            Some(gate) => gate.before_send(missing.len() as u32, &own).await? == Proceed::Sent,
-            None => false,
+            Some(gate) => match gate.before_send(missing.len() as u32, &own).await? {
+                Proceed::Send => None,
+                Proceed::Sent(request_id) => Some(request_id),
+            },
+            None => None,
         };
         let call = &call.after_gate();
         let mut leases = Leases::new(&self.flights, self.redis(), own.clone(), call.until);
-        if resumed {
+        if let Some(sent) = &resumed {
             // Sent before a takeover: its results are awaited, nothing is sent again.
-            waiting.insert(own.clone(), missing.clone());
+            waiting.insert(sent.clone(), missing.clone());
         } else {
             let mut undecided = missing.clone();
             // Until every identity is decided (a lease given back is taken again, one pending waited for), or the
@@ -390,7 +394,7 @@ impl Checker {
                 }
             }
         }
-        let mut live: Option<Arc<str>> = resumed.then(|| own.clone());
+        let mut live: Option<Arc<str>> = resumed;
         if !to_send.is_empty() {
             let sending: Vec<EntryKey> = to_send.iter().map(|i| keys[*i]).collect();
             let send = Recipient::IdentifiedBy(to_send.iter().map(|i| ids[*i].clone()).collect());
@@ -468,12 +472,15 @@ impl Checker {
         let _permit = self.wait_permit(call)?;
         let own = call.request_id.clone();
         let resumed = match call.gate {
-            Some(gate) => gate.before_send(1, &own).await? == Proceed::Sent,
-            None => false,
+            Some(gate) => match gate.before_send(1, &own).await? {
+                Proceed::Send => None,
+                Proceed::Sent(request_id) => Some(request_id),
+            },
+            None => None,
         };
         let call = &call.after_gate();
-        if resumed {
-            return Ok(self.collect_contact(&own, true, call.until).await);
+        if let Some(sent) = resumed {
+            return Ok(self.collect_contact(&sent, true, call.until).await);
         }
         let mut leases = Leases::new(&self.flights, self.redis(), own.clone(), call.until);
         let mut taken = leases.take(key).await;

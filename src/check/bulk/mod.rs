@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{CheckAnswer, CheckError, CheckRequest, Checker, Gate, Proceed, Source};
+use crate::log::redis::jobs::Marked;
 use crate::{
     capability::{ChannelOrder, Recipient, mask_digits},
     log::{EventLog, wall_clock_ms},
@@ -208,9 +209,6 @@ impl Jobs {
 
     /// Starts a job, or finds the one its request_id started.
     pub async fn start(self: &Arc<Self>, spec: JobSpec) -> Result<JobStatus, JobError> {
-        if self.running.lock().expect("jobs lock poisoned").len() >= MAX_RUNNING {
-            return Err(JobError::TooMany);
-        }
         let job_id = ulid::Ulid::new().to_string();
         let fingerprint = spec.fingerprint();
         let now = wall_clock_ms();
@@ -221,6 +219,19 @@ impl Jobs {
                 .await
                 .map_err(unavailable)??,
         };
+        if created && self.running.lock().expect("jobs lock poisoned").len() >= MAX_RUNNING {
+            match &self.store {
+                Store::Local(local) => {
+                    local.remove(&status.job_id);
+                    return Err(JobError::TooMany);
+                }
+                Store::Redis(_) => {
+                    // Another replica takes it over (a repeat of its request_id finds it meanwhile).
+                    tracing::info!(job_id = %status.job_id, "this replica runs {MAX_RUNNING} bulk checks: another takes this one");
+                    return Ok(status);
+                }
+            }
+        }
         if created {
             if matches!(self.store, Store::Local(_)) {
                 tracing::info!(job_id = %status.job_id, total = status.total,
@@ -322,7 +333,7 @@ impl Jobs {
         };
         loop {
             tokio::time::sleep(LEASE_RENEWAL).await;
-            match Self::redis(log).renew(job_id, &self.owner, LEASE).await {
+            match Self::redis(log).renew(job_id, &self.owner, LEASE, self.retention).await {
                 Ok(Some(JobState::Cancelled)) => token.cancel(),
                 Ok(Some(_)) => {}
                 Ok(None) => return,
@@ -352,14 +363,20 @@ impl Jobs {
         let result = match &self.store {
             Store::Local(local) => {
                 local.finish(job_id, state, now);
-                Ok(())
+                Ok(true)
             }
-            Store::Redis(log) => Self::redis(log).finish(job_id, state, now, self.retention).await,
+            Store::Redis(log) => {
+                Self::redis(log)
+                    .finish(job_id, &self.owner, state, now, self.retention)
+                    .await
+            }
         };
-        if let Err(e) = result {
-            tracing::warn!(job_id = %job_id, error = %e, "the end of a bulk check could not be recorded");
+        match result {
+            Ok(true) => tracing::info!(job_id = %job_id, state = state.as_str(), "bulk check ended"),
+            Ok(false) => tracing::warn!(job_id = %job_id,
+                "a bulk check is left running for another replica: recipients are missing, or this replica lost it"),
+            Err(e) => tracing::warn!(job_id = %job_id, error = %e, "the end of a bulk check could not be recorded"),
         }
-        tracing::info!(job_id = %job_id, state = state.as_str(), "bulk check ended");
     }
 
     /// Checks every recipient not answered yet; returns the state the job ends in.
@@ -457,7 +474,7 @@ impl Jobs {
             jobs: self,
             job_id,
             index,
-            resumed: sent.is_some(),
+            resumed: sent.map(|(request_id, _)| request_id.as_str()),
             token,
         };
         let deadline = Instant::now() + wait + crate::query::MAX_DEADLINE.min(Duration::from_secs(30));
@@ -570,30 +587,35 @@ struct JobGate<'a> {
     jobs: &'a Jobs,
     job_id: &'a str,
     index: u32,
-    /// Sent before a takeover: never again.
-    resumed: bool,
+    /// Sent before a takeover, under this request_id: never again.
+    resumed: Option<&'a str>,
     token: &'a CancellationToken,
 }
 
 impl Gate for JobGate<'_> {
     fn before_send<'a>(&'a self, identities: u32, request_id: &'a str) -> BoxFuture<'a, Result<Proceed, CheckError>> {
         async move {
-            if self.resumed {
-                return Ok(Proceed::Sent);
+            if let Some(request_id) = self.resumed {
+                return Ok(Proceed::Sent(request_id.into()));
             }
             tokio::select! {
                 () = self.jobs.pacer.admit(identities) => {}
                 () = self.token.cancelled() => return Err(CheckError::Cancelled),
             }
             let marked = match &self.jobs.store {
-                Store::Local(local) => local.mark_sent(self.job_id, self.index, request_id, wall_clock_ms()),
+                Store::Local(local) => match local.mark_sent(self.job_id, self.index, request_id, wall_clock_ms()) {
+                    true => Marked::Marked,
+                    false => Marked::Stopped,
+                },
                 Store::Redis(log) => Jobs::redis(log)
-                    .mark_sent(self.job_id, self.index, request_id, wall_clock_ms())
+                    .mark_sent(self.job_id, &self.jobs.owner, self.index, request_id, wall_clock_ms())
                     .await
                     .map_err(|e| CheckError::Unavailable(e.to_string()))?,
             };
-            if !marked {
-                return Err(CheckError::Cancelled);
+            match marked {
+                Marked::Marked => {}
+                Marked::SentBefore(request_id) => return Ok(Proceed::Sent(request_id.into())),
+                Marked::Stopped => return Err(CheckError::Cancelled),
             }
             metrics::counter!("capability_bulk_queries_sent_total").increment(1);
             tracing::debug!(job_id = %self.job_id, index = self.index, request_id = %mask_digits(request_id), "bulk query sent");

@@ -20,6 +20,9 @@ use crate::log::EventLog;
 /// replica and Sinch does not let Sinch see more than the budget in any second (the pace is 97.5 % of it).
 const WINDOW: Duration = Duration::from_millis(1025);
 
+/// The most interactive counts on their way to Redis at once.
+const MAX_RECORDING: usize = 1024;
+
 /// How far ahead of its even place an identity may go (a timer's tick is a millisecond).
 const SPREAD_SLACK: Duration = Duration::from_millis(5);
 
@@ -30,6 +33,8 @@ pub struct Pacer {
     /// Bulk jobs wait here in turn; it holds when the next may go, so that a window's budget is spread over it
     /// rather than sent at its start (Sinch's callbacks, and the interactive calls behind them, queue less).
     queue: tokio::sync::Mutex<Instant>,
+    /// Interactive counts on their way to Redis.
+    recording: Arc<tokio::sync::Semaphore>,
 }
 
 enum Window {
@@ -49,6 +54,7 @@ impl Pacer {
             limit: limit.max(1),
             window,
             queue: tokio::sync::Mutex::new(Instant::now()),
+            recording: Arc::new(tokio::sync::Semaphore::new(MAX_RECORDING)),
         }
     }
 
@@ -61,14 +67,22 @@ impl Pacer {
     pub fn record(&self, identities: u32) {
         match &self.window {
             Window::Local(window) => {
-                window
-                    .lock()
-                    .expect("pacer lock poisoned")
-                    .push_back((Instant::now(), identities));
+                let mut window = window.lock().expect("pacer lock poisoned");
+                let now = Instant::now();
+                // What left the window goes now, whether or not a job asks: the window holds one second.
+                while window.front().is_some_and(|(at, _)| now.duration_since(*at) >= WINDOW) {
+                    window.pop_front();
+                }
+                window.push_back((now, identities));
             }
             Window::Redis(log) => {
+                // At most so many counts in flight: while Redis is slow, the excess goes uncounted.
+                let Ok(permit) = self.recording.clone().try_acquire_owned() else {
+                    return;
+                };
                 let (log, limit) = (log.clone(), self.limit);
                 tokio::spawn(async move {
+                    let _permit = permit;
                     if let Some(jobs) = log.shared_jobs()
                         && let Err(e) = jobs.pace(limit, identities, true).await
                     {
@@ -153,6 +167,28 @@ fn local_admit(window: &mut VecDeque<(Instant, u32)>, limit: u32, n: u32) -> Opt
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn interactive_counts_leave_the_window_without_a_job_asking() {
+        let log = Arc::new(EventLog::local(
+            crate::log::Limits {
+                retention: Duration::from_secs(60),
+                max_per_request: 64,
+            },
+            Vec::new(),
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        let pacer = Pacer::new(25, &log);
+        for _ in 0..10_000 {
+            pacer.record(1);
+        }
+        tokio::time::advance(2 * WINDOW).await;
+        pacer.record(1);
+        let Window::Local(window) = &pacer.window else {
+            unreachable!()
+        };
+        assert_eq!(window.lock().unwrap().len(), 1);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn no_window_of_one_second_holds_more_than_the_limit() {

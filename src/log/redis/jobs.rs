@@ -1,6 +1,7 @@
 //! Bulk check jobs and the shared callback budget in Redis.
 //!
-//! Every key of one job shares the hash tag `{prefix:job:<id>}`, so that one script may touch them on a cluster:
+//! Every key of one job shares the hash tag `{prefix:job:<id>}`, so that one script may touch them on a cluster;
+//! the running set and the request_ids' records are touched by commands of their own:
 //!
 //! | key | what |
 //! |---|---|
@@ -26,35 +27,27 @@ use redis::Script;
 use super::{Connection, hashed, ttl_ms};
 use crate::check::bulk::{JobError, JobResult, JobSpec, JobState, JobStatus, Resumable, stored};
 
-/// Creates a job unless its request_id made one. KEYS: meta, spec, request key (or a dummy), running set.
-/// ARGV: job id, fingerprint, total, now, retention (ms), spec bytes, whether a request_id was given (1/0).
-/// Returns {1, job id} created, {0, job id} the request_id's job, {-1} the request_id is another job's.
+/// Creates a job. KEYS: meta, spec. ARGV: total, now, retention (ms), spec bytes.
 const CREATE: &str = r"
-if ARGV[7] == '1' then
-  local known = redis.call('GET', KEYS[3])
-  if known then
-    local sep = string.find(known, ':', 1, true)
-    if string.sub(known, 1, sep - 1) ~= ARGV[2] then return {-1} end
-    return {0, string.sub(known, sep + 1)}
-  end
-  redis.call('SET', KEYS[3], ARGV[2] .. ':' .. ARGV[1], 'PX', ARGV[5])
-end
-redis.call('HSET', KEYS[1], 'state', 'RUNNING', 'total', ARGV[3], 'done', 0, 'from_cache', 0, 'reachable', 0,
-  'create', ARGV[4], 'update', ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('SET', KEYS[2], ARGV[6], 'PX', ARGV[5])
-redis.call('SADD', KEYS[4], ARGV[1])
-return {1, ARGV[1]}
+redis.call('HSET', KEYS[1], 'state', 'RUNNING', 'total', ARGV[1], 'done', 0, 'from_cache', 0, 'reachable', 0,
+  'create', ARGV[2], 'update', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[3])
+return 1
 ";
 
-/// Records a recipient as sent, only while the job runs and only once. KEYS: meta, sent. ARGV: index, value,
-/// retention (ms). Returns 1 recorded, 0 the job does not send any more or the recipient was sent already (by a
-/// replica that held the job before).
+/// Records a recipient as sent, only while the job runs, only by the replica holding its lease, and only once.
+/// KEYS: meta, sent, lease. ARGV: index, value, retention (ms), owner. Returns {1} recorded, {0} the job does not
+/// send any more (or this replica lost it), {2, value} the recipient was sent already (by a replica that held the
+/// job before).
 const MARK_SENT: &str = r"
-if redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING' then return 0 end
-local fresh = redis.call('HSETNX', KEYS[2], ARGV[1], ARGV[2])
+if redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING' then return {0} end
+if redis.call('GET', KEYS[3]) ~= ARGV[4] then return {0} end
+local held = redis.call('HGET', KEYS[2], ARGV[1])
+if held then return {2, held} end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return fresh
+return {1}
 ";
 
 /// Records an answer for the indexes not answered yet. KEYS: meta, done, results. ARGV: answer bytes, from
@@ -86,30 +79,42 @@ end
 return 1
 ";
 
-/// Ends a job: its state (unless cancelled meanwhile), its keys' expiry from now, out of the running set.
-/// KEYS: meta, spec, sent, done, results, lease, running set. ARGV: state, now, retention (ms), job id.
+/// Ends a job run by the replica holding its lease: its state (unless cancelled meanwhile; `SUCCEEDED` only when
+/// every recipient has its answer), its keys' expiry from now, its request (no longer needed) gone.
+/// KEYS: meta, spec, sent, done, results, lease. ARGV: state, now, retention (ms), owner.
+/// Returns 1 ended, 0 this replica does not hold the job, -1 recipients are missing (left running, for a takeover).
 const FINISH: &str = r"
-if redis.call('HGET', KEYS[1], 'state') == 'RUNNING' then redis.call('HSET', KEYS[1], 'state', ARGV[1]) end
+if redis.call('GET', KEYS[6]) ~= ARGV[4] then return 0 end
+local state = redis.call('HGET', KEYS[1], 'state')
+if state == 'RUNNING' and ARGV[1] == 'SUCCEEDED'
+  and tonumber(redis.call('HGET', KEYS[1], 'done') or '0') < tonumber(redis.call('HGET', KEYS[1], 'total') or '0') then
+  redis.call('DEL', KEYS[6])
+  return -1
+end
+if state == 'RUNNING' then redis.call('HSET', KEYS[1], 'state', ARGV[1]) end
 redis.call('HSET', KEYS[1], 'update', ARGV[2])
-for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
-redis.call('DEL', KEYS[6])
-redis.call('SREM', KEYS[7], ARGV[4])
+redis.call('DEL', KEYS[2], KEYS[6])
+for i = 3, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 ";
 
-/// Renews the lease if this replica holds it. KEYS: lease, meta. ARGV: owner, ttl (ms).
+/// Renews the lease if this replica holds it, and the job's keys with it (a job may outlive the retention).
+/// KEYS: lease, meta, spec. ARGV: owner, ttl (ms), retention (ms).
 /// Returns the job's state, or false when the lease is another's (or gone).
 const RENEW: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return false end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[3], ARGV[3])
 return redis.call('HGET', KEYS[2], 'state') or 'FAILED'
 ";
 
-/// Takes a job whose lease lapsed. KEYS: lease, meta, running set. ARGV: owner, ttl (ms), job id.
-/// Returns 1 taken, 0 another replica runs it, -1 the job ended or expired (dropped from the set).
+/// Takes a job whose lease lapsed. KEYS: lease, meta. ARGV: owner, ttl (ms).
+/// Returns 1 taken, 0 another replica runs it, -1 the job ended or expired (to drop from the running set).
 const CLAIM: &str = r"
 local state = redis.call('HGET', KEYS[2], 'state')
-if state ~= 'RUNNING' then redis.call('SREM', KEYS[3], ARGV[3]) return -1 end
+if state ~= 'RUNNING' then return -1 end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
 ";
@@ -136,6 +141,17 @@ end
 local oldest = redis.call('ZRANGE', KEYS[1], used + n - limit - 1, used + n - limit - 1, 'WITHSCORES')
 return math.max(1, tonumber(oldest[2]) + 1025 - now)
 ";
+
+/// What recording a recipient as sent found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Marked {
+    /// Recorded: send it.
+    Marked,
+    /// Sent before, under this request_id (by a replica that held the job before): wait for its results.
+    SentBefore(String),
+    /// The job sends no more (cancelled, ended), or this replica no longer holds it.
+    Stopped,
+}
 
 /// See the module documentation.
 pub struct RedisJobs {
@@ -185,7 +201,9 @@ impl RedisJobs {
         format!("{}:jobs", self.prefix)
     }
 
-    /// Creates a job, or finds the one its request_id created; `true` when created.
+    /// Creates a job, or finds the one its request_id created; `true` when created. The request_id's record,
+    /// the job and the running set are separate steps (in a cluster they live on different slots): the record
+    /// first, so that a repeat finds the job even while it is being written.
     pub async fn create(
         &self,
         job_id: &str,
@@ -194,42 +212,52 @@ impl RedisJobs {
         now_ms: u64,
         retention: Duration,
     ) -> redis::RedisResult<Result<(JobStatus, bool), JobError>> {
-        let request_key = match &spec.request_id {
-            Some(id) => format!("{}:bulkreq:{}", self.prefix, hashed(id)),
-            None => format!("{}:bulkreq:-", self.prefix),
-        };
+        let mut conn = self.commands.clone();
+        if let Some(request_id) = &spec.request_id {
+            let key = format!("{}:bulkreq:{}", self.prefix, hashed(request_id));
+            let claimed: Option<String> = redis::cmd("SET")
+                .arg(&key)
+                .arg(format!("{fingerprint}:{job_id}"))
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl_ms(retention))
+                .query_async(&mut conn)
+                .await?;
+            if claimed.is_none() {
+                let known: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
+                let Some((known_fingerprint, known_job)) = known.as_deref().and_then(|k| k.split_once(':')) else {
+                    return Err(decode_error("request_id", "lapsed while read; retry"));
+                };
+                if known_fingerprint != fingerprint {
+                    return Ok(Err(JobError::Conflict(request_id.clone())));
+                }
+                // The first start may still be writing the job: a short wait for it.
+                for _ in 0..50 {
+                    if let Some(status) = self.status(known_job).await? {
+                        return Ok(Ok((status, false)));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                return Ok(Err(JobError::NotFound(known_job.to_owned())));
+            }
+        }
         let mut invocation = self.create.prepare_invoke();
         invocation
             .key(self.key(job_id, "meta"))
             .key(self.key(job_id, "spec"))
-            .key(&request_key)
-            .key(self.running_set())
-            .arg(job_id)
-            .arg(fingerprint)
             .arg(spec.recipients.len())
             .arg(now_ms)
             .arg(ttl_ms(retention))
-            .arg(stored::encode_spec(spec))
-            .arg(if spec.request_id.is_some() { "1" } else { "0" });
-        let (code, id): (i64, Option<String>) = match invocation
-            .invoke_async::<Vec<redis::Value>>(&mut self.commands.clone())
-            .await?
-            .as_slice()
-        {
-            [code] => (redis::from_redis_value(code.clone())?, None),
-            [code, id] => (
-                redis::from_redis_value(code.clone())?,
-                Some(redis::from_redis_value(id.clone())?),
-            ),
-            _ => return Err(decode_error("create", "unexpected answer")),
-        };
-        match (code, id) {
-            (-1, _) => Ok(Err(JobError::Conflict(spec.request_id.clone().unwrap_or_default()))),
-            (code, Some(id)) => match self.status(&id).await? {
-                Some(status) => Ok(Ok((status, code == 1))),
-                None => Ok(Err(JobError::NotFound(id))),
-            },
-            _ => Err(decode_error("create", "no job id")),
+            .arg(stored::encode_spec(spec));
+        invocation.invoke_async::<i64>(&mut conn).await?;
+        redis::cmd("SADD")
+            .arg(self.running_set())
+            .arg(job_id)
+            .query_async::<i64>(&mut conn)
+            .await?;
+        match self.status(job_id).await? {
+            Some(status) => Ok(Ok((status, true))),
+            None => Ok(Err(JobError::NotFound(job_id.to_owned()))),
         }
     }
 
@@ -261,17 +289,36 @@ impl RedisJobs {
         self.status(job_id).await
     }
 
-    /// Records that `index` was sent under `request_id`; `false` when the job no longer sends, or the recipient was
-    /// sent already.
-    pub async fn mark_sent(&self, job_id: &str, index: u32, request_id: &str, now_ms: u64) -> redis::RedisResult<bool> {
+    /// Records that `index` was sent under `request_id` by `owner`.
+    pub async fn mark_sent(
+        &self,
+        job_id: &str,
+        owner: &str,
+        index: u32,
+        request_id: &str,
+        now_ms: u64,
+    ) -> redis::RedisResult<Marked> {
         let mut invocation = self.mark_sent.prepare_invoke();
         invocation
             .key(self.key(job_id, "meta"))
             .key(self.key(job_id, "sent"))
+            .key(self.key(job_id, "lease"))
             .arg(index)
             .arg(format!("{now_ms}:{request_id}"))
-            .arg(ttl_ms(Duration::from_secs(7 * 86_400)));
-        Ok(invocation.invoke_async::<i64>(&mut self.commands.clone()).await? == 1)
+            .arg(ttl_ms(Duration::from_secs(7 * 86_400)))
+            .arg(owner);
+        let answer: Vec<redis::Value> = invocation.invoke_async(&mut self.commands.clone()).await?;
+        Ok(match answer.as_slice() {
+            [code] if redis::from_redis_value::<i64>(code.clone())? == 1 => Marked::Marked,
+            [_, held] => {
+                let held: String = redis::from_redis_value(held.clone())?;
+                match held.split_once(':') {
+                    Some((_, request_id)) => Marked::SentBefore(request_id.to_owned()),
+                    None => Marked::Stopped,
+                }
+            }
+            _ => Marked::Stopped,
+        })
     }
 
     /// Records `answer` (encoded) for each of `indexes` not answered yet, at the next offsets.
@@ -306,13 +353,13 @@ impl RedisJobs {
     pub async fn results_after(&self, job_id: &str, after: u64, max: usize) -> redis::RedisResult<Vec<JobResult>> {
         let entries: Vec<Vec<u8>> = redis::cmd("LRANGE")
             .arg(self.key(job_id, "results"))
-            .arg(after)
-            .arg(after + max as u64 - 1)
+            .arg(after.min(i64::MAX as u64))
+            .arg(after.saturating_add(max as u64 - 1).min(i64::MAX as u64))
             .query_async(&mut self.commands.clone())
             .await?;
         entries
             .iter()
-            .zip(after + 1..)
+            .zip(after.saturating_add(1)..)
             .map(|(entry, offset)| {
                 if entry.len() < 4 {
                     return Err(decode_error("result", "too short"));
@@ -324,38 +371,52 @@ impl RedisJobs {
             .collect()
     }
 
-    /// Ends a job; its keys live `retention` from now.
+    /// Ends a job run by `owner`; its keys live `retention` from now. `false` when the job was left running
+    /// (recipients missing, or this replica no longer holds it): a takeover finishes it.
     pub async fn finish(
         &self,
         job_id: &str,
+        owner: &str,
         state: JobState,
         now_ms: u64,
         retention: Duration,
-    ) -> redis::RedisResult<()> {
+    ) -> redis::RedisResult<bool> {
         let mut invocation = self.finish.prepare_invoke();
         for part in ["meta", "spec", "sent", "done", "results", "lease"] {
             invocation.key(self.key(job_id, part));
         }
         invocation
-            .key(self.running_set())
             .arg(state.as_str())
             .arg(now_ms)
             .arg(ttl_ms(retention))
-            .arg(job_id);
-        invocation
-            .invoke_async::<i64>(&mut self.commands.clone())
-            .await
-            .map(drop)
+            .arg(owner);
+        let ended = invocation.invoke_async::<i64>(&mut self.commands.clone()).await? == 1;
+        if ended {
+            redis::cmd("SREM")
+                .arg(self.running_set())
+                .arg(job_id)
+                .query_async::<i64>(&mut self.commands.clone())
+                .await?;
+        }
+        Ok(ended)
     }
 
     /// Renews `owner`'s lease; the job's state, or `None` when the lease is not `owner`'s any more.
-    pub async fn renew(&self, job_id: &str, owner: &str, ttl: Duration) -> redis::RedisResult<Option<JobState>> {
+    pub async fn renew(
+        &self,
+        job_id: &str,
+        owner: &str,
+        ttl: Duration,
+        retention: Duration,
+    ) -> redis::RedisResult<Option<JobState>> {
         let mut invocation = self.renew.prepare_invoke();
         invocation
             .key(self.key(job_id, "lease"))
             .key(self.key(job_id, "meta"))
+            .key(self.key(job_id, "spec"))
             .arg(owner)
-            .arg(ttl_ms(ttl));
+            .arg(ttl_ms(ttl))
+            .arg(ttl_ms(retention));
         let state: Option<String> = invocation.invoke_async(&mut self.commands.clone()).await?;
         Ok(state.map(|s| JobState::parse(&s)))
     }
@@ -385,12 +446,20 @@ impl RedisJobs {
         invocation
             .key(self.key(job_id, "lease"))
             .key(self.key(job_id, "meta"))
-            .key(self.running_set())
             .arg(owner)
-            .arg(ttl_ms(ttl))
-            .arg(job_id);
-        if invocation.invoke_async::<i64>(&mut self.commands.clone()).await? != 1 {
-            return Ok(None);
+            .arg(ttl_ms(ttl));
+        match invocation.invoke_async::<i64>(&mut self.commands.clone()).await? {
+            1 => {}
+            -1 => {
+                // Ended, or expired: nothing to take over.
+                redis::cmd("SREM")
+                    .arg(self.running_set())
+                    .arg(job_id)
+                    .query_async::<i64>(&mut self.commands.clone())
+                    .await?;
+                return Ok(None);
+            }
+            _ => return Ok(None),
         }
         let mut conn = self.commands.clone();
         let spec: Option<Vec<u8>> = redis::cmd("GET")
