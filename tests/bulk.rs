@@ -404,3 +404,52 @@ async fn a_job_runs_on_a_redis_cluster() {
     assert_eq!(progress.last().unwrap().state(), BulkCheckState::Succeeded);
     assert_eq!(fake.queries().len(), 12);
 }
+
+#[tokio::test]
+async fn after_a_cancel_the_stream_carries_the_results_still_coming() {
+    cancel_keeps_late_results(&[]).await;
+}
+
+#[tokio::test]
+async fn after_a_cancel_the_stream_carries_the_results_still_coming_with_redis() {
+    let redis = RedisServer::start().await;
+    cancel_keeps_late_results(&[&format!("--redis-url={}", redis.url())]).await;
+}
+
+/// A job cancelled while its first recipient waits for Sinch: the stream ends only once that result is in.
+async fn cancel_keeps_late_results(extra: &[&str]) {
+    let fake = Arc::new(FakeSinch::start().await);
+    let flags: Vec<&str> = extra.iter().copied().chain(["--sinch-callback-rate=2"]).collect();
+    let service = Service::against(&fake, &flags).await;
+    // Sinch answers 500 ms after each query: the first recipient's result comes after the cancel.
+    let _sinch = play_sinch_after(fake.clone(), service.webhook_addr, 1, Duration::from_millis(500));
+    let mut client = service.client().await;
+    let job = client
+        .start_bulk_check(start((0..20).map(recipient).collect(), ""))
+        .await
+        .unwrap()
+        .into_inner();
+    fake.until_queries(1).await;
+    client
+        .cancel_bulk_check(pb::CancelBulkCheckRequest {
+            job_id: job.job_id.clone(),
+        })
+        .await
+        .unwrap();
+    let (results, progress) = watch(&mut client, &job.job_id, 0).await;
+    let last = progress.last().unwrap();
+    assert_eq!(last.state(), BulkCheckState::Cancelled);
+    assert!(
+        !results.is_empty(),
+        "the recipient sent before the cancel was answered on the stream"
+    );
+    assert_eq!(results.len() as u64, last.done);
+    let now = client
+        .get_bulk_check(pb::GetBulkCheckRequest {
+            job_id: job.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(now.done, last.done, "nothing landed after the stream ended");
+}

@@ -243,7 +243,7 @@ impl BulkWatch {
                 self.ended = true;
                 return Some(Err(status::shutting_down(self.cursor)));
             }
-            // The status before the results: a job seen ended has every result in already.
+            // The status before the results: a job seen settled has every result in already.
             let job = match self.jobs.status(&self.job_id).await {
                 Ok(job) => job,
                 Err(e) => {
@@ -270,8 +270,8 @@ impl BulkWatch {
                 });
             }
             let now = Instant::now();
-            if (job.state.ended() && caught_up) || now >= self.next_progress {
-                self.ended = job.state.ended() && caught_up;
+            if (job.settled && caught_up) || now >= self.next_progress {
+                self.ended = job.settled && caught_up;
                 self.next_progress = now + PROGRESS_EVERY;
                 self.buffered.push_back(pb::WatchBulkCheckResponse {
                     event: Some(Event::Progress(convert::bulk_check(&job, wall_clock_ms()))),

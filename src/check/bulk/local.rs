@@ -80,6 +80,7 @@ impl LocalJobs {
             reachable: 0,
             create_ms: now_ms,
             update_ms: now_ms,
+            settled: false,
         };
         jobs.insert(
             job_id.to_owned(),
@@ -152,12 +153,14 @@ impl LocalJobs {
         });
     }
 
+    /// Ends the job: its runner returned, every answer that will come is in.
     pub fn finish(&self, job_id: &str, state: JobState, now_ms: u64) {
         self.update(job_id, |job| {
             if job.status.state == JobState::Running {
                 job.status.state = state;
             }
             job.status.update_ms = now_ms;
+            job.status.settled = true;
         });
     }
 
@@ -171,7 +174,7 @@ impl LocalJobs {
             .unwrap_or_default()
     }
 
-    /// Waits until `job_id` has results past `seen` or has ended, at most `longest`.
+    /// Waits until `job_id` has results past `seen` or has settled, at most `longest`.
     pub async fn changed(&self, job_id: &str, seen: u64, longest: Duration) {
         let changed = {
             let jobs = self.jobs.lock().expect("jobs lock poisoned");
@@ -185,7 +188,7 @@ impl LocalJobs {
         let moved = {
             let jobs = self.jobs.lock().expect("jobs lock poisoned");
             jobs.get(job_id)
-                .is_none_or(|j| j.results.len() as u64 > seen || j.status.state.ended())
+                .is_none_or(|j| j.results.len() as u64 > seen || j.status.settled)
         };
         if !moved {
             let _ = tokio::time::timeout(longest, notified).await;

@@ -110,6 +110,9 @@ pub struct JobStatus {
     pub reachable: u64,
     pub create_ms: u64,
     pub update_ms: u64,
+    /// No result will come any more: the job ended and, if cancelled, its recipients already sent have their
+    /// answers (or their wait is over).
+    pub settled: bool,
 }
 
 impl JobStatus {

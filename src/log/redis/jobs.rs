@@ -27,10 +27,10 @@ use redis::Script;
 use super::{Connection, hashed, ttl_ms};
 use crate::check::bulk::{JobError, JobResult, JobSpec, JobState, JobStatus, Resumable, stored};
 
-/// Creates a job. KEYS: meta, spec. ARGV: total, now, retention (ms), spec bytes.
+/// Creates a job. KEYS: meta, spec. ARGV: total, now, retention (ms), spec bytes, a recipient's wait (ms).
 const CREATE: &str = r"
 redis.call('HSET', KEYS[1], 'state', 'RUNNING', 'total', ARGV[1], 'done', 0, 'from_cache', 0, 'reachable', 0,
-  'create', ARGV[2], 'update', ARGV[2])
+  'create', ARGV[2], 'update', ARGV[2], 'wait', ARGV[5])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[3])
 return 1
@@ -71,10 +71,12 @@ redis.call('PEXPIRE', KEYS[3], ARGV[5])
 return n
 ";
 
-/// Cancels a running job. KEYS: meta. ARGV: now.
+/// Cancels a running job; its recipients already sent may answer until a wait (and a lease's lapse) from now.
+/// KEYS: meta. ARGV: now.
 const CANCEL: &str = r"
 if redis.call('HGET', KEYS[1], 'state') == 'RUNNING' then
-  redis.call('HSET', KEYS[1], 'state', 'CANCELLED', 'update', ARGV[1])
+  local wait = tonumber(redis.call('HGET', KEYS[1], 'wait') or '0')
+  redis.call('HSET', KEYS[1], 'state', 'CANCELLED', 'update', ARGV[1], 'settle_by', tonumber(ARGV[1]) + wait + 10000)
 end
 return 1
 ";
@@ -92,7 +94,7 @@ if state == 'RUNNING' and ARGV[1] == 'SUCCEEDED'
   return -1
 end
 if state == 'RUNNING' then redis.call('HSET', KEYS[1], 'state', ARGV[1]) end
-redis.call('HSET', KEYS[1], 'update', ARGV[2])
+redis.call('HSET', KEYS[1], 'update', ARGV[2], 'settled', 1)
 redis.call('DEL', KEYS[2], KEYS[6])
 for i = 3, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
@@ -248,7 +250,8 @@ impl RedisJobs {
             .arg(spec.recipients.len())
             .arg(now_ms)
             .arg(ttl_ms(retention))
-            .arg(stored::encode_spec(spec));
+            .arg(stored::encode_spec(spec))
+            .arg(spec.wait.as_millis() as u64);
         invocation.invoke_async::<i64>(&mut conn).await?;
         redis::cmd("SADD")
             .arg(self.running_set())
@@ -270,9 +273,16 @@ impl RedisJobs {
             return Ok(None);
         }
         let number = |name: &str| fields.get(name).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let state = JobState::parse(fields.get("state").map_or("", String::as_str));
+        // A cancelled job whose runner died never says it settled: its sent recipients' wait tells.
+        let settled = state.ended()
+            && (number("settled") == 1
+                || state != JobState::Cancelled
+                || crate::log::wall_clock_ms() > number("settle_by"));
         Ok(Some(JobStatus {
             job_id: job_id.to_owned(),
-            state: JobState::parse(fields.get("state").map_or("", String::as_str)),
+            state,
+            settled,
             total: number("total"),
             done: number("done"),
             from_cache: number("from_cache"),
