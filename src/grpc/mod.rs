@@ -322,24 +322,15 @@ impl CapabilityService for CapabilityApi {
         &self,
         request: Request<pb::QueryCapabilityRequest>,
     ) -> Result<Response<pb::QueryCapabilityResponse>, Status> {
-        let trace = request
-            .metadata()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .and_then(TraceParent::parse);
         // Made here rather than by `#[instrument]`: the caller's context must be its parent before it is entered.
         let span = tracing::info_span!(
             "query_capability",
             request_id = tracing::field::Empty,
             trace_id = tracing::field::Empty
         );
-        if let Some(trace) = &trace {
-            span.record("trace_id", trace.trace_id());
-            trace.adopt(&span);
-        }
+        let trace = continue_trace(request.metadata(), &span);
         let result = self.query(request, trace.as_ref()).instrument(span).await;
-        let outcome = result.as_ref().map_or_else(|s| status::code_label(s.code()), |_| "ok");
-        metrics::counter!("capability_queries_total", "outcome" => outcome).increment(1);
+        metrics::counter!("capability_queries_total", "outcome" => outcome(&result)).increment(1);
         result
     }
 
@@ -347,23 +338,14 @@ impl CapabilityService for CapabilityApi {
         &self,
         request: Request<pb::CheckCapabilityRequest>,
     ) -> Result<Response<pb::CheckCapabilityResponse>, Status> {
-        let trace = request
-            .metadata()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .and_then(TraceParent::parse);
         let span = tracing::info_span!(
             "check_capability",
             request_id = tracing::field::Empty,
             trace_id = tracing::field::Empty
         );
-        if let Some(trace) = &trace {
-            span.record("trace_id", trace.trace_id());
-            trace.adopt(&span);
-        }
+        let trace = continue_trace(request.metadata(), &span);
         let result = self.check(request, trace.as_ref()).instrument(span).await;
-        let outcome = result.as_ref().map_or_else(|s| status::code_label(s.code()), |_| "ok");
-        metrics::counter!("capability_checks_total", "outcome" => outcome).increment(1);
+        metrics::counter!("capability_checks_total", "outcome" => outcome(&result)).increment(1);
         result
     }
 
@@ -520,6 +502,22 @@ fn watch_message(event: WatchEvent) -> Result<pb::WatchCapabilityResponse, Statu
 
 /// When the call must be answered: the caller's `grpc-timeout` less a margin, or the default budget; never
 /// later than [`MAX_DEADLINE`](crate::query::MAX_DEADLINE) from now (request_id claims outlive that).
+/// The caller's trace context (`traceparent`), made the parent of `span` and named in its `trace_id`.
+fn continue_trace(metadata: &MetadataMap, span: &tracing::Span) -> Option<TraceParent> {
+    let trace = metadata
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(TraceParent::parse)?;
+    span.record("trace_id", trace.trace_id());
+    trace.adopt(span);
+    Some(trace)
+}
+
+/// A call's outcome as a metrics label.
+fn outcome<T>(result: &Result<T, Status>) -> &'static str {
+    result.as_ref().map_or_else(|s| status::code_label(s.code()), |_| "ok")
+}
+
 fn deadline(metadata: &MetadataMap, default: Duration) -> Instant {
     let timeout = caller_timeout(metadata).unwrap_or(default);
     Instant::now() + timeout.min(crate::query::MAX_DEADLINE)

@@ -168,17 +168,19 @@ fn local_admit(window: &mut VecDeque<(Instant, u32)>, limit: u32, n: u32) -> Opt
 mod tests {
     use super::*;
 
+    /// A pacer of `limit` on a replica without Redis.
+    fn local_pacer(limit: u32) -> Pacer {
+        let limits = crate::log::Limits {
+            retention: Duration::from_secs(60),
+            max_per_request: 64,
+        };
+        let log = EventLog::local(limits, Vec::new(), tokio_util::sync::CancellationToken::new());
+        Pacer::new(limit, &Arc::new(log))
+    }
+
     #[tokio::test(start_paused = true)]
     async fn interactive_counts_leave_the_window_without_a_job_asking() {
-        let log = Arc::new(EventLog::local(
-            crate::log::Limits {
-                retention: Duration::from_secs(60),
-                max_per_request: 64,
-            },
-            Vec::new(),
-            tokio_util::sync::CancellationToken::new(),
-        ));
-        let pacer = Pacer::new(25, &log);
+        let pacer = local_pacer(25);
         for _ in 0..10_000 {
             pacer.record(1);
         }
@@ -192,15 +194,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn no_window_of_one_second_holds_more_than_the_limit() {
-        let log = Arc::new(EventLog::local(
-            crate::log::Limits {
-                retention: Duration::from_secs(60),
-                max_per_request: 64,
-            },
-            Vec::new(),
-            tokio_util::sync::CancellationToken::new(),
-        ));
-        let pacer = Pacer::new(25, &log);
+        let pacer = local_pacer(25);
         let start = Instant::now();
         let mut admitted = Vec::new();
         for _ in 0..100 {

@@ -16,7 +16,7 @@ use std::{
 
 use redis::Script;
 
-use super::{Connection, retried, ttl_ms};
+use super::{Connection, invoke, ttl_ms};
 use crate::{
     capability::{CacheTtl, Notification},
     log::{
@@ -211,14 +211,7 @@ impl RedisCache {
         let value = result.encode();
         let mut invocation = self.store.prepare_invoke();
         invocation.key(self.entry(&identity)).arg(value.as_slice()).arg(ttl);
-        retried(
-            |mut conn| {
-                let invocation = &invocation;
-                async move { invocation.invoke_async::<i64>(&mut conn).await }
-            },
-            &self.commands,
-        )
-        .await?;
+        invoke::<i64>(&invocation, &self.commands).await?;
         if !notification.contact_id.is_empty() {
             let mut invocation = self.store_contact.prepare_invoke();
             invocation
@@ -227,14 +220,7 @@ impl RedisCache {
                 .arg(value.as_slice())
                 .arg(ttl)
                 .arg(MAX_CONTACT_RESULTS);
-            retried(
-                |mut conn| {
-                    let invocation = &invocation;
-                    async move { invocation.invoke_async::<i64>(&mut conn).await }
-                },
-                &self.commands,
-            )
-            .await?;
+            invoke::<i64>(&invocation, &self.commands).await?;
         }
         Ok(())
     }

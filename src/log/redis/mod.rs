@@ -310,15 +310,9 @@ impl RedisLog {
                 .key(format!("{}:n:{}", shard.tag, hashed(nonce.value)))
                 .arg(&token)
                 .arg(ttl_ms(nonce.remember_for));
-            let claimed: i64 = retried(
-                |mut conn| {
-                    let invocation = &invocation;
-                    async move { invocation.invoke_async(&mut conn).await }
-                },
-                &self.commands,
-            )
-            .await
-            .map_err(|e| Unavailable(e.to_string()))?;
+            let claimed: i64 = invoke(&invocation, &self.commands)
+                .await
+                .map_err(|e| Unavailable(e.to_string()))?;
             return Ok(if claimed == 1 {
                 Accepted::NothingToAppend
             } else {
@@ -352,15 +346,9 @@ impl RedisLog {
                 .arg(self.settings.max_per_request)
                 .arg(&digest)
                 .arg(event.as_slice());
-            let answer: Vec<i64> = retried(
-                |mut conn| {
-                    let invocation = &invocation;
-                    async move { invocation.invoke_async(&mut conn).await }
-                },
-                &self.commands,
-            )
-            .await
-            .map_err(|e| Unavailable(e.to_string()))?;
+            let answer: Vec<i64> = invoke(&invocation, &self.commands)
+                .await
+                .map_err(|e| Unavailable(e.to_string()))?;
             match answer.as_slice() {
                 [1, offset] => {
                     let offset = *offset as u64;
@@ -732,6 +720,19 @@ where
         Err(e) if e.is_io_error() || e.is_connection_dropped() => command(connection.clone()).await,
         result => result,
     }
+}
+
+/// Runs a script invocation on the shared connection, [`retried`] once on a connection found broken (every
+/// script of this module may run again: each checks what it already did).
+async fn invoke<T: redis::FromRedisValue>(
+    invocation: &redis::ScriptInvocation<'_>,
+    connection: &Connection,
+) -> redis::RedisResult<T> {
+    retried(
+        |mut conn| async move { invocation.invoke_async(&mut conn).await },
+        connection,
+    )
+    .await
 }
 
 /// Redis's clock, in milliseconds since the Unix epoch.
