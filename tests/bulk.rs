@@ -61,6 +61,18 @@ fn start(recipients: Vec<pb::Recipient>, request_id: &str) -> pb::StartBulkCheck
     }
 }
 
+/// The job, as GetBulkCheck gives it.
+async fn get(client: &mut CapabilityServiceClient<Transport>, job_id: &str) -> pb::BulkCheck {
+    let request = pb::GetBulkCheckRequest { job_id: job_id.into() };
+    client.get_bulk_check(request).await.unwrap().into_inner()
+}
+
+/// Cancels the job; the job as CancelBulkCheck returns it.
+async fn cancel(client: &mut CapabilityServiceClient<Transport>, job_id: &str) -> pb::BulkCheck {
+    let request = pb::CancelBulkCheckRequest { job_id: job_id.into() };
+    client.cancel_bulk_check(request).await.unwrap().into_inner()
+}
+
 /// Every message of the job's stream from `after`: the results, and the progresses.
 async fn watch(
     client: &mut CapabilityServiceClient<Transport>,
@@ -133,13 +145,7 @@ async fn a_job_answers_each_recipient_once_reusing_the_cache_and_asking_duplicat
         1 + 8,
         "the cached one and the duplicate were not asked"
     );
-    let got = client
-        .get_bulk_check(pb::GetBulkCheckRequest {
-            job_id: job.job_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let got = get(&mut client, &job.job_id).await;
     assert_eq!(got.state(), BulkCheckState::Succeeded);
 
     // Resumed after offset 6: the rest only, then the final progress.
@@ -202,13 +208,7 @@ async fn a_cancelled_job_sends_nothing_more_and_its_stream_ends_with_ok() {
         .unwrap()
         .into_inner();
     fake.until_queries(1).await;
-    let cancelled = client
-        .cancel_bulk_check(pb::CancelBulkCheckRequest {
-            job_id: job.job_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let cancelled = cancel(&mut client, &job.job_id).await;
     assert_eq!(cancelled.state(), BulkCheckState::Cancelled);
     let sent = fake.queries().len();
     let (results, progress) = watch(&mut client, &job.job_id, 0).await;
@@ -216,13 +216,7 @@ async fn a_cancelled_job_sends_nothing_more_and_its_stream_ends_with_ok() {
     assert!(results.len() <= sent, "{} results from {sent} queries", results.len());
     assert_eq!(fake.queries().len(), sent, "no query after the cancel");
     // Cancelling an ended job returns it unchanged.
-    let again = client
-        .cancel_bulk_check(pb::CancelBulkCheckRequest {
-            job_id: job.job_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let again = cancel(&mut client, &job.job_id).await;
     assert_eq!(again.state(), BulkCheckState::Cancelled);
 }
 
@@ -430,12 +424,7 @@ async fn cancel_keeps_late_results(extra: &[&str]) {
         .unwrap()
         .into_inner();
     fake.until_queries(1).await;
-    client
-        .cancel_bulk_check(pb::CancelBulkCheckRequest {
-            job_id: job.job_id.clone(),
-        })
-        .await
-        .unwrap();
+    cancel(&mut client, &job.job_id).await;
     let (results, progress) = watch(&mut client, &job.job_id, 0).await;
     let last = progress.last().unwrap();
     assert_eq!(last.state(), BulkCheckState::Cancelled);
@@ -444,12 +433,6 @@ async fn cancel_keeps_late_results(extra: &[&str]) {
         "the recipient sent before the cancel was answered on the stream"
     );
     assert_eq!(results.len() as u64, last.done);
-    let now = client
-        .get_bulk_check(pb::GetBulkCheckRequest {
-            job_id: job.job_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let now = get(&mut client, &job.job_id).await;
     assert_eq!(now.done, last.done, "nothing landed after the stream ended");
 }

@@ -117,7 +117,7 @@ impl LocalJobs {
     }
 
     /// Records that `index` was sent; `false` when the job no longer sends (cancelled, ended) or it was sent.
-    pub fn mark_sent(&self, job_id: &str, index: u32, _request_id: &str, _now_ms: u64) -> bool {
+    pub fn mark_sent(&self, job_id: &str, index: u32) -> bool {
         let mut jobs = self.jobs.lock().expect("jobs lock poisoned");
         match jobs.get_mut(job_id) {
             Some(job) if job.status.state == JobState::Running => job.sent.insert(index),

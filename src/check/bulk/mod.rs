@@ -606,7 +606,7 @@ impl Gate for JobGate<'_> {
                 () = self.token.cancelled() => return Err(CheckError::Cancelled),
             }
             let marked = match &self.jobs.store {
-                Store::Local(local) => match local.mark_sent(self.job_id, self.index, request_id, wall_clock_ms()) {
+                Store::Local(local) => match local.mark_sent(self.job_id, self.index) {
                     true => Marked::Marked,
                     false => Marked::Stopped,
                 },

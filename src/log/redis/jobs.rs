@@ -27,6 +27,10 @@ use redis::Script;
 use super::{Connection, hashed, ttl_ms};
 use crate::check::bulk::{JobError, JobResult, JobSpec, JobState, JobStatus, Resumable, stored};
 
+/// How long a running job's record of sent and done recipients lives before its end sets the retention: longer
+/// than any job runs.
+const PROGRESS_TTL: Duration = Duration::from_secs(7 * 86_400);
+
 /// Creates a job. KEYS: meta, spec. ARGV: total, now, retention (ms), spec bytes, a recipient's wait (ms).
 const CREATE: &str = r"
 redis.call('HSET', KEYS[1], 'state', 'RUNNING', 'total', ARGV[1], 'done', 0, 'from_cache', 0, 'reachable', 0,
@@ -143,6 +147,12 @@ end
 local oldest = redis.call('ZRANGE', KEYS[1], used + n - limit - 1, used + n - limit - 1, 'WITHSCORES')
 return math.max(1, tonumber(oldest[2]) + 1025 - now)
 ";
+
+/// A recipient's record of being sent, `<ms sent>:<request_id>`, as (request_id, ms).
+fn sent_record(value: &str) -> Option<(String, u64)> {
+    let (at, request_id) = value.split_once(':')?;
+    Some((request_id.to_owned(), at.parse().ok()?))
+}
 
 /// What recording a recipient as sent found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -315,15 +325,15 @@ impl RedisJobs {
             .key(self.key(job_id, "lease"))
             .arg(index)
             .arg(format!("{now_ms}:{request_id}"))
-            .arg(ttl_ms(Duration::from_secs(7 * 86_400)))
+            .arg(ttl_ms(PROGRESS_TTL))
             .arg(owner);
         let answer: Vec<redis::Value> = invocation.invoke_async(&mut self.commands.clone()).await?;
         Ok(match answer.as_slice() {
             [code] if redis::from_redis_value::<i64>(code.clone())? == 1 => Marked::Marked,
             [_, held] => {
                 let held: String = redis::from_redis_value(held.clone())?;
-                match held.split_once(':') {
-                    Some((_, request_id)) => Marked::SentBefore(request_id.to_owned()),
+                match sent_record(&held) {
+                    Some((request_id, _)) => Marked::SentBefore(request_id),
                     None => Marked::Stopped,
                 }
             }
@@ -350,7 +360,7 @@ impl RedisJobs {
             .arg(u8::from(from_cache))
             .arg(u8::from(reachable))
             .arg(now_ms)
-            .arg(ttl_ms(Duration::from_secs(7 * 86_400)));
+            .arg(ttl_ms(PROGRESS_TTL));
         for index in indexes {
             invocation.arg(&index.to_be_bytes()[..]);
         }
@@ -488,10 +498,7 @@ impl RedisJobs {
             .await?;
         let sent = sent
             .into_iter()
-            .filter_map(|(index, value)| {
-                let (at, request_id) = value.split_once(':')?;
-                Some((index, (request_id.to_owned(), at.parse().ok()?)))
-            })
+            .filter_map(|(index, value)| Some((index, sent_record(&value)?)))
             .collect();
         let done: HashSet<u32> = done
             .iter()
