@@ -73,6 +73,11 @@ where
             })
         })
         .collect();
+    gather(tasks, started).await
+}
+
+/// The load of `tasks`, each a worker's (latencies, answers, errors), over the time since `started`.
+async fn gather(tasks: Vec<tokio::task::JoinHandle<(Histogram<u64>, u64, u64)>>, started: Instant) -> Load {
     let mut load = Load {
         ok: 0,
         errors: 0,
@@ -437,20 +442,7 @@ pub async fn paced_checks(
             })
         })
         .collect();
-    let mut load = Load {
-        ok: 0,
-        errors: 0,
-        seconds: 0.0,
-        latency: histogram(),
-    };
-    for task in tasks {
-        let (latency, ok, errors) = task.await.expect("a worker panicked");
-        load.latency.add(latency).expect("same bounds");
-        load.ok += ok;
-        load.errors += errors;
-    }
-    load.seconds = started.elapsed().as_secs_f64();
-    load
+    gather(tasks, started).await
 }
 
 /// How the answers of many checks of one identity were made.
