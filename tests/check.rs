@@ -663,3 +663,32 @@ async fn a_burst_on_a_second_replica_joins_the_first_replicas_query() {
     }
     assert_eq!(fake.queries().len(), 1);
 }
+
+#[tokio::test]
+async fn a_result_is_trusted_for_its_statuss_time_to_live_and_the_callers_max_age() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &["--cache-ttl=CAPABILITY_FULL=400ms"]).await;
+    let mut client = service.client().await;
+    let request = check(identities(&[(Channel::Sms, NUMBER)]));
+    let first = spawn_check(client.clone(), request.clone()).await;
+    let (live_id, _) = nth_query(&fake, 1).await;
+    deliver(service.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await;
+    first.await.unwrap().unwrap();
+    let hit = client.check_capability(request.clone()).await.unwrap().into_inner();
+    assert_eq!(hit.results[0].source(), ResultSource::Cache);
+    // Older than the caller's max_age: asked again, whatever the status's time to live.
+    let mut fussy = request.clone();
+    fussy.max_age = duration(Duration::from_millis(1));
+    fussy.wait = duration(Duration::ZERO);
+    // The cache's clock is the wall clock: a timer of the server's, not an event a test could await.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    client.check_capability(fussy).await.unwrap();
+    nth_query(&fake, 2).await;
+    // Past the status's time to live: gone for every caller.
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let mut late = request;
+    late.wait = duration(Duration::ZERO);
+    let answer = client.check_capability(late).await.unwrap().into_inner();
+    assert!(answer.results.is_empty(), "{answer:?}");
+    nth_query(&fake, 3).await;
+}
