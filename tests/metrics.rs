@@ -57,7 +57,11 @@ async fn metrics_after_real_traffic_carry_every_series() {
     let first = tokio::spawn(async move { other.check_capability(check(Channel::Whatsapp, 10_000)).await });
     // The query of "metrics" was sent twice (the 503, then the retry), then RCS's: WhatsApp's is the fourth.
     fake.until_queries(4).await;
-    client.check_capability(check(Channel::Whatsapp, 0)).await.unwrap();
+    // The second check waits too: until Sinch has accepted the first's query its lease is pending, and a check that
+    // does not wait would give up on it rather than join. It is counted as coalesced once it joined.
+    let mut other = client.clone();
+    let second = tokio::spawn(async move { other.check_capability(check(Channel::Whatsapp, 10_000)).await });
+    until_metric(&service, "capability_coalesced_total 1").await;
     let live_id = fake.queries()[3].json()["request_id"].as_str().unwrap().to_owned();
     deliver(
         service.webhook_addr,
@@ -65,6 +69,8 @@ async fn metrics_after_real_traffic_carry_every_series() {
     )
     .await;
     first.await.unwrap().unwrap();
+    let shared = second.await.unwrap().unwrap().into_inner();
+    assert_eq!(shared.results[0].source, pb::ResultSource::Shared as i32);
 
     let http = reqwest_client();
     let admin = |path: &str| format!("http://{}{path}", service.admin_addr);
@@ -105,4 +111,15 @@ async fn metrics_after_real_traffic_carry_every_series() {
     service.shutdown.cancel();
     let not_ready = http.get(admin("/readyz")).send().await.unwrap();
     assert_eq!(not_ready.status(), 503, "not ready once shutdown began");
+}
+
+/// Until the service's metrics carry this line: the only outward sign that a check joined another's lookup.
+async fn until_metric(service: &common::Service, line: &str) {
+    for _ in 0..1_000 {
+        if common::metrics_text(service).await.lines().any(|l| l == line) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("/metrics never carried {line:?}");
 }
