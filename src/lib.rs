@@ -360,6 +360,7 @@ impl Service {
                 tolerance: config.webhook.tolerance,
                 max_body: config.webhook.max_body as usize,
                 request_timeout: config.webhook.timeout,
+                max_pending: config.webhook.max_pending as usize,
             },
             log,
         ));

@@ -195,6 +195,64 @@ async fn an_entry_of_a_version_this_build_does_not_know_is_skipped_and_counted()
     );
 }
 
+/// Posts a genuine callback; its status, `Retry-After` and body.
+async fn post_answer(addr: std::net::SocketAddr, body: Vec<u8>) -> (u16, Option<String>, String) {
+    let mut request = common::reqwest_client()
+        .post(common::webhook_url(addr))
+        .body(body.clone());
+    for (name, value) in signed_headers(common::WEBHOOK_SECRET, &body) {
+        request = request.header(name, value);
+    }
+    let response = request.send().await.unwrap();
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (response.status().as_u16(), retry_after, response.text().await.unwrap())
+}
+
+#[tokio::test]
+async fn past_its_pending_limit_a_callback_is_shed_at_once_and_sinchs_redelivery_loses_nothing() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let service = redis_replica(&fake, &redis.url(), &["--webhook-max-pending=1"]).await;
+    // Redis holds every write: the first callback admitted waits in the log's append, so the other is one too many.
+    redis.command(&["CLIENT", "PAUSE", "60000", "WRITE"]);
+    let post = |channel: &'static str| tokio::spawn(post_answer(service.webhook_addr, full("shed", channel)));
+    let (mut sms, mut rcs) = (post("SMS"), post("RCS"));
+    let (first, mut other, other_channel) = tokio::select! {
+        answer = &mut sms => (answer.unwrap(), rcs, "RCS"),
+        answer = &mut rcs => (answer.unwrap(), sms, "SMS"),
+    };
+    let shed_channel = if other_channel == "SMS" { "RCS" } else { "SMS" };
+    assert_eq!(
+        first.0, 503,
+        "the one too many is answered while the other still waits: {first:?}"
+    );
+    assert_eq!(first.1.as_deref(), Some("1"), "with a Retry-After");
+    assert!(first.2.contains("busy"), "{first:?}");
+    assert!(
+        tokio::time::timeout(Duration::ZERO, &mut other).await.is_err(),
+        "the admitted callback is not answered before the log has it"
+    );
+    redis.command(&["CLIENT", "UNPAUSE"]);
+    // Sinch redelivers whatever got a 503 (the admitted one too, had its append outlasted Redis's response timeout).
+    let mut retry = vec![shed_channel];
+    if other.await.unwrap().0 != 200 {
+        retry.push(other_channel);
+    }
+    for channel in retry.into_iter().chain(["MARKER"]) {
+        assert_eq!(deliver(service.webhook_addr, full("shed", channel)).await, 200);
+    }
+    let mut seen: Vec<String> = until_marker(&service, "shed", 0, "MARKER")
+        .await
+        .into_iter()
+        .map(|(_, channel, _)| channel)
+        .collect();
+    seen.sort();
+    assert_eq!(seen, ["MARKER", "RCS", "SMS"], "each callback delivered once");
+}
+
 #[tokio::test]
 async fn a_replica_is_ready_only_once_it_read_the_log_back() {
     let redis = RedisServer::start().await;

@@ -103,6 +103,7 @@ fuzz_target!(|data: &[u8]| {
         tolerance: TOLERANCE,
         max_body: 1 << 20,
         request_timeout: Duration::from_secs(10),
+        max_pending: 256,
     };
     let now = UNIX_EPOCH + Duration::from_secs(NOW);
     match check(&config, &headers, body, now) {

@@ -158,6 +158,11 @@ pub struct WebhookSettings {
     #[arg(id = "webhook-timeout", long = "webhook-timeout", env = WEBHOOK_TIMEOUT, default_value = "10s",
           value_parser = duration(100 * MS, 10 * MINUTE))]
     pub timeout: Duration,
+    /// The most callbacks handled at once on this replica (1 to 65536); the next is answered 503 with
+    /// `Retry-After: 1` at once, before its body is read or its signature checked, and Sinch redelivers it.
+    #[arg(id = "webhook-max-pending", long = "webhook-max-pending", env = WEBHOOK_MAX_PENDING, default_value = "256",
+          value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    pub max_pending: u32,
 }
 
 /// Where replicas share events and state.
@@ -510,6 +515,7 @@ pub const QUERY_TIMEOUT: &str = "CAPABILITY_QUERY_TIMEOUT";
 pub const WEBHOOK_TOLERANCE: &str = "CAPABILITY_WEBHOOK_TOLERANCE";
 pub const WEBHOOK_MAX_BODY: &str = "CAPABILITY_WEBHOOK_MAX_BODY";
 pub const WEBHOOK_TIMEOUT: &str = "CAPABILITY_WEBHOOK_TIMEOUT";
+pub const WEBHOOK_MAX_PENDING: &str = "CAPABILITY_WEBHOOK_MAX_PENDING";
 pub const HEARTBEAT: &str = "CAPABILITY_HEARTBEAT";
 pub const WATCH_WAIT: &str = "CAPABILITY_WATCH_WAIT";
 pub const MAX_WATCHES: &str = "CAPABILITY_MAX_WATCHES";
@@ -777,6 +783,7 @@ pub const ALL_VARIABLES: &[&str] = &[
     WEBHOOK_TOLERANCE,
     WEBHOOK_MAX_BODY,
     WEBHOOK_TIMEOUT,
+    WEBHOOK_MAX_PENDING,
     HEARTBEAT,
     WATCH_WAIT,
     MAX_WATCHES,
@@ -926,6 +933,7 @@ mod tests {
             ("--insecure-webhooks=perhaps", INSECURE_WEBHOOKS),
             ("--max-watches=none", MAX_WATCHES),
             ("--webhook-max-body=0", WEBHOOK_MAX_BODY),
+            ("--webhook-max-pending=0", WEBHOOK_MAX_PENDING),
             ("--sandbox-reorder=sometimes", SANDBOX_REORDER),
             ("--redis-shards=0", REDIS_SHARDS),
             ("--redis-prefix={x}", REDIS_PREFIX),

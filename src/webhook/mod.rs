@@ -1,6 +1,7 @@
 //! The webhook receiver: `POST /webhooks/sinch` verifies Sinch's signature over the raw bytes, parses the
 //! callback and appends the notification to the event log; it answers 200 only once the log has taken it.
-//! `GET /healthz` answers 200. Nothing else is served here.
+//! `GET /healthz` answers 200. Nothing else is served here. At most `max_pending` callbacks are handled at once:
+//! beyond that a flood is answered with fast 503s (Sinch redelivers) rather than queued.
 
 pub mod parse;
 pub mod signature;
@@ -16,6 +17,7 @@ use axum::{
     body::{Body, Bytes},
     extract::{DefaultBodyLimit, State},
     http::{HeaderMap, Request, StatusCode, header},
+    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -28,6 +30,7 @@ use hyper_util::{
     },
     service::TowerToHyperService,
 };
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
 
@@ -53,6 +56,8 @@ pub struct WebhookConfig {
     pub max_body: usize,
     /// The longest a request may take, body included.
     pub request_timeout: Duration,
+    /// The most callbacks handled at once; the next is answered 503 at once.
+    pub max_pending: usize,
 }
 
 /// The receiver's state, shared by every request.
@@ -60,11 +65,14 @@ pub struct Receiver {
     config: WebhookConfig,
     /// Where accepted notifications go (and where nonces are claimed).
     log: Arc<EventLog>,
+    /// One permit per callback being handled.
+    pending: Semaphore,
 }
 
 impl Receiver {
     pub fn new(config: WebhookConfig, log: Arc<EventLog>) -> Receiver {
-        Receiver { config, log }
+        let pending = Semaphore::new(config.max_pending.min(Semaphore::MAX_PERMITS));
+        Receiver { config, log, pending }
     }
 }
 
@@ -89,6 +97,8 @@ pub enum WebhookError {
     Malformed(#[from] parse::ParseError),
     #[error(transparent)]
     Unavailable(#[from] Unavailable),
+    #[error("too many callbacks are being handled at once")]
+    Busy,
 }
 
 /// A timestamp's distance from now for the log: in seconds up to a day, beyond only "more than a day" (the header
@@ -137,6 +147,7 @@ impl WebhookError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "cannot hand on now; retry",
             ),
+            WebhookError::Busy => ("shed", StatusCode::SERVICE_UNAVAILABLE, "busy; retry"),
         }
     }
 }
@@ -144,7 +155,11 @@ impl WebhookError {
 impl IntoResponse for WebhookError {
     fn into_response(self) -> Response {
         let (_, status, message) = self.answer();
-        (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
+        let body = axum::Json(serde_json::json!({ "error": message }));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            return (status, [(header::RETRY_AFTER, "1")], body).into_response();
+        }
+        (status, body).into_response()
     }
 }
 
@@ -153,7 +168,10 @@ pub fn router(receiver: Arc<Receiver>) -> Router {
     let timeout = receiver.config.request_timeout;
     let max_body = receiver.config.max_body;
     Router::new()
-        .route(PATH, post(receive))
+        .route(
+            PATH,
+            post(receive).layer(middleware::from_fn_with_state(receiver.clone(), admit)),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
@@ -241,6 +259,37 @@ async fn serve_connection<I>(
     });
     let connection = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service));
     let _ = watcher.watch(connection.into_owned()).await;
+}
+
+/// Admission: a callback is handled only while fewer than `max_pending` are; otherwise it is answered 503 at
+/// once, before its body is read or its signature checked, so that a flood costs little and queues nowhere.
+async fn admit(State(receiver): State<Arc<Receiver>>, request: Request<Body>, next: Next) -> Response {
+    let Ok(permit) = receiver.pending.try_acquire() else {
+        metrics::counter!("capability_webhooks_total", "result" => "shed").increment(1);
+        tracing::debug!("callback shed: too many at once");
+        return WebhookError::Busy.into_response();
+    };
+    let _pending = Pending::new(permit);
+    next.run(request).await
+}
+
+/// A callback being handled, counted in `capability_webhooks_pending` until its handling ends, however it ends
+/// (answered, timed out, or its client gone).
+struct Pending<'a> {
+    _permit: SemaphorePermit<'a>,
+}
+
+impl<'a> Pending<'a> {
+    fn new(permit: SemaphorePermit<'a>) -> Pending<'a> {
+        metrics::gauge!("capability_webhooks_pending").increment(1.0);
+        Pending { _permit: permit }
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        metrics::gauge!("capability_webhooks_pending").decrement(1.0);
+    }
 }
 
 #[tracing::instrument(skip_all, fields(request_id, channel))]

@@ -57,13 +57,22 @@ impl RedisServer {
             .collect()
     }
 
-    /// Sets a configuration value at run time (`CONFIG SET name value`), as an operator would with redis-cli.
-    pub fn config_set(&self, name: &str, value: &str) {
+    /// Runs one command with redis-cli, as an operator would (`CLIENT PAUSE 1000 WRITE`, …); fails if it fails.
+    pub fn command(&self, args: &[&str]) {
         let out = std::process::Command::new("redis-cli")
-            .args(["-p", &self.port.to_string(), "CONFIG", "SET", name, value])
+            .args(["-p", &self.port.to_string()])
+            .args(args)
             .output()
             .expect("redis-cli runs");
-        assert!(out.status.success(), "CONFIG SET {name}: {out:?}");
+        assert!(
+            out.status.success() && !out.stdout.starts_with(b"ERR"),
+            "{args:?}: {out:?}"
+        );
+    }
+
+    /// Sets a configuration value at run time (`CONFIG SET name value`), as an operator would with redis-cli.
+    pub fn config_set(&self, name: &str, value: &str) {
+        self.command(&["CONFIG", "SET", name, value]);
     }
 
     /// Starts redis-server on the same port (nothing is kept from before unless durable) and waits until it
