@@ -1,6 +1,8 @@
 //! The contract's codec: prost, with a small initial buffer. Every open stream keeps its encode buffer for its
 //! whole life, and tonic's default (8 KiB) was most of an idle watch's memory; our messages are small (a
-//! notification is well under 1 KiB) and the buffer grows when one needs more.
+//! notification is a few hundred bytes) and the buffer grows when one needs more. 256 bytes rather than 1 KiB
+//! took 766 bytes off each idle watch (BENCHMARKS.md, issue 16); a stream that sends a larger message reallocates
+//! once for it.
 
 use std::marker::PhantomData;
 
@@ -9,7 +11,7 @@ use tonic::codec::{BufferSettings, Codec};
 use tonic_prost::{ProstCodec, ProstDecoder, ProstEncoder};
 
 /// The initial size of each call's encode and decode buffers.
-const BUFFER_SIZE: usize = 1024;
+const BUFFER_SIZE: usize = 256;
 /// tonic's default: yield to the runtime after encoding this much in one go.
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
