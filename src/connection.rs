@@ -345,13 +345,15 @@ write_through!(HeadCheck<I>, inner, I);
 
 /// Finds, in the bytes of an HTTP/1.1 connection, a header block (lines up to an empty line) holding both a
 /// `Content-Length` and a `Transfer-Encoding` line. It looks only at the start of each line, so a body, which a
-/// JSON endpoint's cannot hold raw line breaks, does not matter unless it imitates header lines itself.
+/// JSON endpoint's cannot hold raw line breaks, does not matter unless it imitates header lines itself. Every
+/// byte a connection reads passes through it: lines are found with `memchr`, and only their first bytes are
+/// looked at.
 #[derive(Debug, Default)]
 struct HeadScan {
-    /// The first bytes of the current line, lower-cased.
+    /// The first bytes of the current line (up to the longer header's name), lower-cased, `\r` left out.
     line: Vec<u8>,
-    /// The length of the current line so far.
-    line_len: usize,
+    /// Whether the current line holds anything but `\r` so far.
+    nonempty: bool,
     content_length: bool,
     transfer_encoding: bool,
 }
@@ -361,30 +363,43 @@ impl HeadScan {
     const TRANSFER_ENCODING: &'static [u8] = b"transfer-encoding:";
 
     /// Scans `bytes`; true when a header block with both headers ended in them.
-    fn scan(&mut self, bytes: &[u8]) -> bool {
+    fn scan(&mut self, mut bytes: &[u8]) -> bool {
         let mut found = false;
-        for &byte in bytes {
-            match byte {
-                b'\n' => {
-                    if self.line_len == 0 {
-                        found |= self.content_length && self.transfer_encoding;
-                        self.content_length = false;
-                        self.transfer_encoding = false;
-                    }
-                    self.line.clear();
-                    self.line_len = 0;
-                }
-                b'\r' => {}
-                _ => {
-                    self.line_len += 1;
-                    if self.line.len() < Self::TRANSFER_ENCODING.len() {
-                        self.line.push(byte.to_ascii_lowercase());
-                        self.content_length |= self.line == Self::CONTENT_LENGTH;
-                        self.transfer_encoding |= self.line == Self::TRANSFER_ENCODING;
-                    }
-                }
-            }
+        loop {
+            let end = memchr::memchr(b'\n', bytes);
+            self.extend_line(&bytes[..end.unwrap_or(bytes.len())]);
+            let Some(end) = end else { return found };
+            found |= self.end_line();
+            bytes = &bytes[end + 1..];
         }
+    }
+
+    /// Takes more of the current line.
+    fn extend_line(&mut self, part: &[u8]) {
+        let mut content = part.iter().filter(|&&byte| byte != b'\r');
+        if self.line.len() < Self::TRANSFER_ENCODING.len() {
+            let room = Self::TRANSFER_ENCODING.len() - self.line.len();
+            self.line
+                .extend(content.by_ref().take(room).map(u8::to_ascii_lowercase));
+            self.nonempty |= !self.line.is_empty();
+        } else {
+            self.nonempty |= content.next().is_some();
+        }
+    }
+
+    /// Ends the current line; true when it was the empty line that ends a header block with both headers.
+    fn end_line(&mut self) -> bool {
+        let mut found = false;
+        if self.nonempty {
+            self.content_length |= self.line.starts_with(Self::CONTENT_LENGTH);
+            self.transfer_encoding |= self.line.starts_with(Self::TRANSFER_ENCODING);
+        } else {
+            found = self.content_length && self.transfer_encoding;
+            self.content_length = false;
+            self.transfer_encoding = false;
+        }
+        self.line.clear();
+        self.nonempty = false;
         found
     }
 }
@@ -402,5 +417,17 @@ mod tests {
         assert!(!scan.scan(b"POST / HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}POST / HTTP/1.1\r\n"));
         assert!(!scan.scan(b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n"));
         assert!(!scan.scan(b"GET / HTTP/1.1\r\nx-content-length: 1\r\ntransfer-encoding: chunked\r\n\r\n"));
+    }
+
+    #[test]
+    fn a_head_split_anywhere_is_found_whatever_the_case_and_a_long_line_between() {
+        let head = b"POST /webhooks/sinch HTTP/1.1\r\nX-Long: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\nCONTENT-LENGTH: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        for split in 0..=head.len() {
+            let mut scan = HeadScan::default();
+            let first = scan.scan(&head[..split]);
+            assert!(first || scan.scan(&head[split..]), "split at {split}");
+        }
+        let mut scan = HeadScan::default();
+        assert!(!scan.scan(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nTransfer-Encoding: chunked\r\n\r\n"));
     }
 }
