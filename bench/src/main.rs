@@ -314,6 +314,12 @@ impl Report {
                 ratio(&format!("delivery {watchers} watchers deliveries/s"), "bare http ops/s")
             );
         }
+        let _ = writeln!(
+            out,
+            "| saturated ingestion / bare HTTP: throughput | {:.2} |\n| saturated ingestion / bare HTTP: p99 | {:.2} |",
+            ratio("ingest, no watcher ops/s", "bare http ops/s"),
+            ratio("ingest, no watcher p99 µs", "bare http p99 µs")
+        );
         check::markdown(self, plan, &mut out);
         bulk::markdown(self, plan, &mut out);
         for (setting, points) in &self.memory {
@@ -521,6 +527,10 @@ async fn delivery(plan: &Plan, report: &mut Report) {
     };
     let load = scenarios::post_callbacks(bare.ready, "w", 1, flat_out).await;
     report.load("bare http", &load);
+    // Saturated ingestion: the same posters flat out at a facade nobody watches.
+    let facade = procs::facade(&delivery_env()).await;
+    let load = scenarios::post_callbacks(facade.webhook_addr, "i", 1_000, flat_out).await;
+    report.load("ingest, no watcher", &load);
 }
 
 /// Many idle watches on one replica: resident memory per stream.
