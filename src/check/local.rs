@@ -128,27 +128,30 @@ impl LocalCache {
         self.len() == 0
     }
 
-    /// Stores a result unless a newer one is held. Called only by [`Consumer::apply`], which the log calls for one
-    /// entry at a time: a read then a write, without moka's per-key locking, cannot race another store.
     fn store(&self, result: CachedResult, identity: EntryKey, contact: Option<EntryKey>) {
-        let newer = |held: &CachedResult| held.checked_at_ms <= result.checked_at_ms;
-        match self.entries.get(&identity).as_deref() {
-            Some(Cached::One(held)) if !newer(held) => {}
-            _ => self.entries.insert(identity, Arc::new(Cached::One(result.clone()))),
-        }
+        let newer = |held: Option<&CachedResult>| held.is_none_or(|held| held.checked_at_ms <= result.checked_at_ms);
+        self.entries.entry(identity).and_compute_with(|held| {
+            let held = held.map(|e| e.into_value());
+            match held.as_deref() {
+                Some(Cached::One(held)) if !newer(Some(held)) => moka::ops::compute::Op::Nop,
+                _ => moka::ops::compute::Op::Put(Arc::new(Cached::One(result.clone()))),
+            }
+        });
         let Some(contact) = contact else { return };
-        let mut results = match self.entries.get(&contact).as_deref() {
-            Some(Cached::Contact(results)) => results.clone(),
-            _ => Vec::new(),
-        };
-        let full = results.len() >= MAX_CONTACT_RESULTS;
-        match results.iter_mut().find(|(key, _)| *key == identity) {
-            Some((_, held)) if newer(held) => *held = result,
-            Some(_) => return,
-            None if full => return,
-            None => results.push((identity, result)),
-        }
-        self.entries.insert(contact, Arc::new(Cached::Contact(results)));
+        self.entries.entry(contact).and_compute_with(|held| {
+            let mut results = match held.map(|e| e.into_value()).as_deref() {
+                Some(Cached::Contact(results)) => results.clone(),
+                _ => Vec::new(),
+            };
+            let full = results.len() >= MAX_CONTACT_RESULTS;
+            match results.iter_mut().find(|(key, _)| *key == identity) {
+                Some((_, held)) if newer(Some(held)) => *held = result.clone(),
+                Some(_) => return moka::ops::compute::Op::Nop,
+                None if full => return moka::ops::compute::Op::Nop,
+                None => results.push((identity, result.clone())),
+            }
+            moka::ops::compute::Op::Put(Arc::new(Cached::Contact(results)))
+        });
     }
 }
 
