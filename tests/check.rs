@@ -441,6 +441,30 @@ async fn a_check_answers_before_the_callers_deadline_with_what_it_has() {
 }
 
 #[tokio::test]
+async fn a_check_that_does_not_wait_joins_a_lookup_still_being_sent_and_names_it() {
+    let fake = FakeSinch::start().await;
+    // Sinch takes its time accepting the first query: its lease is pending while the second check arrives.
+    fake.set_echo_delay(Duration::from_millis(300));
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let starter = spawn_check(client.clone(), check(identities(&[(Channel::Sms, NUMBER)]))).await;
+    let (live_id, _) = nth_query(&fake, 1).await;
+    let quick = pb::CheckCapabilityRequest {
+        wait: duration(Duration::ZERO),
+        ..check(identities(&[(Channel::Sms, NUMBER)]))
+    };
+    let answer = client.check_capability(quick).await.unwrap().into_inner();
+    assert_eq!(
+        answer.request_id, live_id,
+        "the lookup to watch for the late result: {answer:?}"
+    );
+    assert_eq!(answer.pending.len(), 1);
+    deliver(service.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await;
+    assert!(starter.await.unwrap().unwrap().complete);
+    assert_eq!(fake.queries().len(), 1, "one lookup for both");
+}
+
+#[tokio::test]
 async fn checks_that_joined_a_query_sinch_refused_do_not_wait_for_it() {
     let fake = FakeSinch::start().await;
     fake.script_queries([Canned::sinch_error(400, "INVALID_ARGUMENT", "bad").delayed(Duration::from_millis(300))]);

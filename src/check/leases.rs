@@ -198,11 +198,13 @@ impl<'a> Leases<'a> {
         }
     }
 
-    /// Waits until a pending lease is sent or given back, at most until this check's time runs out.
-    pub(super) async fn resolve(&self, pending: Pending) -> Resolved {
+    /// Waits until a pending lease is sent or given back, at most until `by`: the caller's deadline, not its wait
+    /// (learning which query to join is part of asking, as sending one's own query is, even for a check that does
+    /// not wait for results).
+    pub(super) async fn resolve(&self, pending: Pending, by: Instant) -> Resolved {
         match pending {
             Pending::Local(mut state) => {
-                let decided = tokio::time::timeout_at(self.until, state.wait_for(|s| *s != State::Pending)).await;
+                let decided = tokio::time::timeout_at(by, state.wait_for(|s| *s != State::Pending)).await;
                 match decided {
                     Err(_) => Resolved::TimedOut,
                     Ok(Err(_)) => Resolved::Retry,
@@ -216,7 +218,7 @@ impl<'a> Leases<'a> {
                 let cache = self.redis.and_then(|log| log.shared_cache()).expect("a Redis lease");
                 let mut pause = Duration::from_millis(5);
                 loop {
-                    if Instant::now() + pause >= self.until {
+                    if Instant::now() + pause >= by {
                         return Resolved::TimedOut;
                     }
                     tokio::time::sleep(pause).await;
@@ -361,7 +363,7 @@ mod tests {
         };
         let in_flight = first.launch(&[key(1)]);
         in_flight.sent(&"accepted".into()).await;
-        assert!(matches!(second.resolve(pending).await, Resolved::Sent(id) if &*id == "accepted"));
+        assert!(matches!(second.resolve(pending, until).await, Resolved::Sent(id) if &*id == "accepted"));
         assert!(matches!(second.take(key(1)).await, Taken::Sent(id) if &*id == "accepted"));
         first.finish();
         assert!(
@@ -382,7 +384,7 @@ mod tests {
             panic!("pending")
         };
         first.launch(&[key(2)]).give_back(&flights);
-        assert!(matches!(second.resolve(pending).await, Resolved::Retry));
+        assert!(matches!(second.resolve(pending, until).await, Resolved::Retry));
         assert!(matches!(waiter.take(key(2)).await, Taken::Started));
     }
 

@@ -363,7 +363,8 @@ impl Checker {
         } else {
             let mut undecided = missing.clone();
             // Until every identity is decided (a lease given back is taken again, one pending waited for), or the
-            // time is up — but once at least: a check that does not wait still starts the lookups it needs.
+            // caller's deadline — but once at least: a check that does not wait still starts or joins the lookups
+            // it needs, and names them.
             loop {
                 let mut pending = Vec::new();
                 for i in undecided.drain(..) {
@@ -376,9 +377,12 @@ impl Checker {
                         Taken::Pending(p) => pending.push((i, p)),
                     }
                 }
-                let resolved =
-                    futures::future::join_all(pending.into_iter().map(|(i, p)| leases.resolve(p).map(move |r| (i, r))))
-                        .await;
+                let resolved = futures::future::join_all(
+                    pending
+                        .into_iter()
+                        .map(|(i, p)| leases.resolve(p, call.deadline).map(move |r| (i, r))),
+                )
+                .await;
                 for (i, resolved) in resolved {
                     match resolved {
                         Resolved::Sent(holder) => {
@@ -389,7 +393,7 @@ impl Checker {
                         Resolved::TimedOut => {}
                     }
                 }
-                if undecided.is_empty() || Instant::now() >= call.until {
+                if undecided.is_empty() || Instant::now() >= call.deadline {
                     break;
                 }
             }
@@ -485,7 +489,7 @@ impl Checker {
         let mut leases = Leases::new(&self.flights, self.redis(), own.clone(), call.until);
         let mut taken = leases.take(key).await;
         while let Taken::Pending(pending) = taken {
-            taken = match leases.resolve(pending).await {
+            taken = match leases.resolve(pending, call.deadline).await {
                 Resolved::Sent(holder) => Taken::Sent(holder),
                 Resolved::Retry => leases.take(key).await,
                 Resolved::TimedOut => return Ok(CheckAnswer::default()),
