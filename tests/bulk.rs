@@ -3,99 +3,16 @@
 
 mod common;
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use capability_facade::grpc::pb::{
-    self, BulkCheckState, Channel, capability_service_client::CapabilityServiceClient, watch_bulk_check_response::Event,
+use capability_facade::grpc::pb::{self, BulkCheckState, capability_service_client::CapabilityServiceClient};
+use common::{
+    FakeSinch, Service,
+    bulk::{APP, cancel, get, play_sinch, play_sinch_after, recipient, start, watch},
+    contact,
+    redis::RedisServer,
 };
-use common::{CapabilityCallback, FakeSinch, Service, contact, deliver, identities, redis::RedisServer};
-use tonic::{Code, transport::Channel as Transport};
-
-const APP: &str = "APP-1";
-
-/// Answers every query the fake receives, from the `from`-th on (1-based), with one FULL callback per identity,
-/// posted to `webhook`, until dropped.
-fn play_sinch(fake: Arc<FakeSinch>, webhook: SocketAddr, from: usize) -> tokio::task::JoinHandle<()> {
-    play_sinch_after(fake, webhook, from, Duration::ZERO)
-}
-
-/// [`play_sinch`], each callback `delay` after its query.
-fn play_sinch_after(
-    fake: Arc<FakeSinch>,
-    webhook: SocketAddr,
-    from: usize,
-    delay: Duration,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        for n in from.. {
-            let body = fake.until_queries(n).await[n - 1].json();
-            tokio::time::sleep(delay).await;
-            let request_id = body["request_id"].as_str().unwrap().to_owned();
-            for id in body["recipient"]["identified_by"]["channel_identities"]
-                .as_array()
-                .unwrap()
-            {
-                let callback = CapabilityCallback::new(
-                    &request_id,
-                    id["channel"].as_str().unwrap(),
-                    id["identity"].as_str().unwrap(),
-                    "CAPABILITY_FULL",
-                );
-                assert_eq!(deliver(webhook, callback.body()).await, 200);
-            }
-        }
-    })
-}
-
-fn recipient(i: usize) -> pb::Recipient {
-    identities(&[(Channel::Sms, &format!("4670{i:07}"))])
-}
-
-fn start(recipients: Vec<pb::Recipient>, request_id: &str) -> pb::StartBulkCheckRequest {
-    pb::StartBulkCheckRequest {
-        app_id: APP.into(),
-        recipients,
-        wait: Some(prost_types::Duration { seconds: 10, nanos: 0 }),
-        request_id: request_id.into(),
-        ..Default::default()
-    }
-}
-
-/// The job, as GetBulkCheck gives it.
-async fn get(client: &mut CapabilityServiceClient<Transport>, job_id: &str) -> pb::BulkCheck {
-    let request = pb::GetBulkCheckRequest { job_id: job_id.into() };
-    client.get_bulk_check(request).await.unwrap().into_inner()
-}
-
-/// Cancels the job; the job as CancelBulkCheck returns it.
-async fn cancel(client: &mut CapabilityServiceClient<Transport>, job_id: &str) -> pb::BulkCheck {
-    let request = pb::CancelBulkCheckRequest { job_id: job_id.into() };
-    client.cancel_bulk_check(request).await.unwrap().into_inner()
-}
-
-/// Every message of the job's stream from `after`: the results, and the progresses.
-async fn watch(
-    client: &mut CapabilityServiceClient<Transport>,
-    job_id: &str,
-    after: u64,
-) -> (Vec<pb::BulkCheckResult>, Vec<pb::BulkCheck>) {
-    let mut stream = client
-        .watch_bulk_check(pb::WatchBulkCheckRequest {
-            job_id: job_id.into(),
-            after_offset: after,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let (mut results, mut progress) = (Vec::new(), Vec::new());
-    while let Some(message) = stream.message().await.unwrap() {
-        match message.event.unwrap() {
-            Event::Result(result) => results.push(result),
-            Event::Progress(p) => progress.push(p),
-        }
-    }
-    (results, progress)
-}
+use tonic::Code;
 
 #[tokio::test]
 async fn a_job_answers_each_recipient_once_reusing_the_cache_and_asking_duplicates_once() {
@@ -152,48 +69,6 @@ async fn a_job_answers_each_recipient_once_reusing_the_cache_and_asking_duplicat
     let (rest, progress) = watch(&mut client, &job.job_id, 6).await;
     assert_eq!(rest.iter().map(|r| r.offset).collect::<Vec<_>>(), [7, 8, 9, 10]);
     assert_eq!(progress.len(), 1);
-}
-
-#[tokio::test]
-async fn live_queries_stay_within_the_callback_rate_in_every_second() {
-    let fake = Arc::new(FakeSinch::start().await);
-    let service = Service::against(&fake, &["--sinch-callback-rate=20"]).await;
-    let _sinch = play_sinch(fake.clone(), service.webhook_addr, 1);
-    let mut client = service.client().await;
-    // An interactive check first: the connection to Sinch and its token are ready before the job.
-    client
-        .check_capability(pb::CheckCapabilityRequest {
-            app_id: APP.into(),
-            recipient: Some(recipient(99)),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    // 30 recipients of 2 identities: 60 identities at 20/s.
-    let recipients = (0..30)
-        .map(|i| {
-            let number = format!("4671{i:07}");
-            identities(&[(Channel::Sms, &number), (Channel::Rcs, &number)])
-        })
-        .collect();
-    let job = client
-        .start_bulk_check(start(recipients, ""))
-        .await
-        .unwrap()
-        .into_inner();
-    let (results, _) = watch(&mut client, &job.job_id, 0).await;
-    assert_eq!(results.len(), 30);
-    let sent: Vec<std::time::Instant> = fake.queries().iter().skip(1).map(|q| q.at).collect();
-    for (i, at) in sent.iter().enumerate() {
-        let identities_in_window = 2 * sent[i..]
-            .iter()
-            .take_while(|t| **t < *at + Duration::from_secs(1))
-            .count();
-        assert!(
-            identities_in_window <= 20,
-            "{identities_in_window} identities in the second after query {i}"
-        );
-    }
 }
 
 #[tokio::test]

@@ -25,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::sync::DropGuard;
 use tonic::transport::Channel;
 
+pub mod bulk;
+
 /// A real redis-server, as `common::redis::RedisServer`.
 pub mod redis {
     pub use testkit::RedisServer;

@@ -1,0 +1,56 @@
+//! The callback budget as Sinch would see it: the times the queries of a bulk job reach an independent fake Sinch.
+//! Alone in its test binary on purpose: it reads arrival times, and the other bulk tests (replicas killed, a Redis
+//! Cluster made) would load the machine enough to shift them by more than the pacer's guard.
+
+mod common;
+
+use std::{sync::Arc, time::Duration};
+
+use capability_facade::grpc::pb::{self, Channel};
+use common::{
+    FakeSinch, Service,
+    bulk::{APP, play_sinch, recipient, start, watch},
+    identities,
+};
+
+#[tokio::test]
+async fn live_queries_stay_within_the_callback_rate_in_every_second() {
+    let fake = Arc::new(FakeSinch::start().await);
+    let service = Service::against(&fake, &["--sinch-callback-rate=20"]).await;
+    let _sinch = play_sinch(fake.clone(), service.webhook_addr, 1);
+    let mut client = service.client().await;
+    // An interactive check first: the connection to Sinch and its token are ready before the job.
+    client
+        .check_capability(pb::CheckCapabilityRequest {
+            app_id: APP.into(),
+            recipient: Some(recipient(99)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // 30 recipients of 2 identities: 60 identities at 20/s.
+    let recipients = (0..30)
+        .map(|i| {
+            let number = format!("4671{i:07}");
+            identities(&[(Channel::Sms, &number), (Channel::Rcs, &number)])
+        })
+        .collect();
+    let job = client
+        .start_bulk_check(start(recipients, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let (results, _) = watch(&mut client, &job.job_id, 0).await;
+    assert_eq!(results.len(), 30);
+    let sent: Vec<std::time::Instant> = fake.queries().iter().skip(1).map(|q| q.at).collect();
+    for (i, at) in sent.iter().enumerate() {
+        let identities_in_window = 2 * sent[i..]
+            .iter()
+            .take_while(|t| **t < *at + Duration::from_secs(1))
+            .count();
+        assert!(
+            identities_in_window <= 20,
+            "{identities_in_window} identities in the second after query {i}"
+        );
+    }
+}
