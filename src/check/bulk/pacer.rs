@@ -104,7 +104,8 @@ impl Pacer {
             tokio::time::sleep_until(*next - SPREAD_SLACK).await;
         }
         let earliest = Instant::now().checked_sub(SPREAD_SLACK).unwrap_or_else(Instant::now);
-        *next = (*next).max(earliest) + WINDOW.mul_f64(f64::from(identities) / f64::from(self.limit));
+        let spacing = WINDOW.mul_f64(f64::from(identities) / f64::from(self.limit));
+        *next = (*next).max(earliest) + spacing;
         loop {
             let wait = match &self.window {
                 Window::Local(window) => {
@@ -132,6 +133,10 @@ impl Pacer {
                 Some(wait) => {
                     metrics::counter!("capability_bulk_pacing_waits_total").increment(1);
                     tokio::time::sleep(wait).await;
+                    // The window held this one back: the next keeps its distance from it rather than catching up
+                    // with the schedule in a burst (which Sinch, seeing the queries a little later, could count
+                    // in one second).
+                    *next = (*next).max(Instant::now() + spacing);
                 }
             }
         }
@@ -214,5 +219,26 @@ mod tests {
         let before = Instant::now();
         pacer.admit(1).await;
         assert!(before.elapsed() >= WINDOW);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_query_the_window_held_back_is_not_followed_by_a_burst() {
+        // 20 a second, 2 per query: a query every 102.5 ms, and the interactive one before them fills the window
+        // so that the tenth waits until it leaves.
+        let pacer = local_pacer(20);
+        pacer.record(1);
+        tokio::time::advance(Duration::from_millis(50)).await;
+        let start = Instant::now();
+        let mut admitted = Vec::new();
+        for _ in 0..12 {
+            pacer.admit(2).await;
+            admitted.push(start.elapsed());
+        }
+        let spacing = WINDOW / 10;
+        assert!(admitted[9] > admitted[8] + spacing, "the tenth waited: {admitted:?}");
+        assert!(
+            admitted[10] >= admitted[9] + spacing - SPREAD_SLACK,
+            "the eleventh keeps its distance: {admitted:?}"
+        );
     }
 }
