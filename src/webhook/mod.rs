@@ -153,8 +153,10 @@ impl WebhookError {
 }
 
 impl IntoResponse for WebhookError {
+    /// The answer, counted under its `result` label.
     fn into_response(self) -> Response {
-        let (_, status, message) = self.answer();
+        let (result, status, message) = self.answer();
+        metrics::counter!("capability_webhooks_total", "result" => result).increment(1);
         let body = axum::Json(serde_json::json!({ "error": message }));
         if status == StatusCode::SERVICE_UNAVAILABLE {
             return (status, [(header::RETRY_AFTER, "1")], body).into_response();
@@ -265,7 +267,6 @@ async fn serve_connection<I>(
 /// once, before its body is read or its signature checked, so that a flood costs little and queues nowhere.
 async fn admit(State(receiver): State<Arc<Receiver>>, request: Request<Body>, next: Next) -> Response {
     let Ok(permit) = receiver.pending.try_acquire() else {
-        metrics::counter!("capability_webhooks_total", "result" => "shed").increment(1);
         tracing::debug!("callback shed: too many at once");
         return WebhookError::Busy.into_response();
     };
@@ -300,8 +301,6 @@ async fn receive(State(receiver): State<Arc<Receiver>>, headers: HeaderMap, body
             StatusCode::OK.into_response()
         }
         Err(error) => {
-            let (result, _, _) = error.answer();
-            metrics::counter!("capability_webhooks_total", "result" => result).increment(1);
             tracing::warn!(%error, "callback refused");
             error.into_response()
         }
