@@ -524,7 +524,7 @@ impl Checker {
     async fn collect_contact(&self, request_id: &Arc<str>, live: bool, until: Instant) -> CheckAnswer {
         let source = if live { Source::Live } else { Source::Shared };
         let mut results: Vec<CheckResult> = Vec::new();
-        let mut watch = self.hub.watch(request_id, 0, self.limits(until));
+        let mut watch = std::pin::pin!(self.hub.watch(request_id, 0, self.limits(until)));
         let mut quiet_until = until;
         loop {
             let Ok(Some(event)) = tokio::time::timeout_at(quiet_until, watch.next()).await else {
@@ -641,13 +641,9 @@ impl Checker {
         }
         let mut awaited = waiting.values().map(Vec::len).sum::<usize>();
         let mut events = futures::stream::select_all(waiting.iter().map(|(request_id, positions)| {
-            let watch = self.hub.watch(request_id, 0, self.limits(until));
+            let watch = Box::pin(self.hub.watch(request_id, 0, self.limits(until)));
             let (request_id, positions) = (request_id.clone(), positions.clone());
-            Box::pin(futures::stream::unfold(watch, |mut watch| async move {
-                let event = watch.next().await?;
-                Some((event, watch))
-            }))
-            .map(move |event| (request_id.clone(), positions.clone(), event))
+            watch.map(move |event| (request_id.clone(), positions.clone(), event))
         }));
         while awaited > 0 {
             let Ok(Some((request_id, positions, event))) = tokio::time::timeout_at(until, events.next()).await else {

@@ -288,28 +288,36 @@ impl BulkWatch {
     }
 }
 
-/// A watch and its place among this replica's open watches (counted in `capability_active_watches`), its
-/// connection's and its caller's.
-struct OpenWatch {
-    watch: Watch,
-    _permit: OwnedSemaphorePermit,
-    _ticket: Option<QuotaTicket>,
+pin_project_lite::pin_project! {
+    /// A watch and its place among this replica's open watches (counted in `capability_active_watches`), its
+    /// connection's and its caller's: the stream of one WatchCapability call, its messages as the contract
+    /// carries them.
+    struct OpenWatch {
+        #[pin]
+        watch: Watch,
+        permit: OwnedSemaphorePermit,
+        ticket: Option<QuotaTicket>,
+    }
+
+    impl PinnedDrop for OpenWatch {
+        fn drop(this: Pin<&mut Self>) {
+            metrics::gauge!("capability_active_watches").decrement(1.0);
+        }
+    }
 }
 
 impl OpenWatch {
     fn new(watch: Watch, permit: OwnedSemaphorePermit, ticket: Option<QuotaTicket>) -> OpenWatch {
         metrics::gauge!("capability_active_watches").increment(1.0);
-        OpenWatch {
-            watch,
-            _permit: permit,
-            _ticket: ticket,
-        }
+        OpenWatch { watch, permit, ticket }
     }
 }
 
-impl Drop for OpenWatch {
-    fn drop(&mut self) {
-        metrics::gauge!("capability_active_watches").decrement(1.0);
+impl Stream for OpenWatch {
+    type Item = Result<pb::WatchCapabilityResponse, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Self::Item>> {
+        self.project().watch.poll_next(cx).map(|event| event.map(watch_message))
     }
 }
 
@@ -462,13 +470,7 @@ impl CapabilityService for CapabilityApi {
             ticket,
         );
         tracing::debug!(after_offset = request.after_offset, ?wait, "watch opened");
-        // The watch moves into each step's future and back out: held once, not once as the stream's state and
-        // again inside the future (256 bytes more per idle watch).
-        let stream = futures::stream::unfold(watch, |mut open| async move {
-            let event = open.watch.next().await?;
-            Some((watch_message(event), open))
-        });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(watch)))
     }
 }
 

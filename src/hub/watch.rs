@@ -1,10 +1,22 @@
 //! One watch of one request: replay, then live notifications, heartbeats on a quiet stream, and the end —
 //! completion, the caller's wait, shutdown or eviction.
 
-use std::{collections::VecDeque, sync::Arc, time::Duration};
+use std::{
+    collections::VecDeque,
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
-use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use futures::Stream;
+use pin_project_lite::pin_project;
+use tokio::{
+    sync::futures::OwnedNotified,
+    time::{Instant, Sleep},
+};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::Subscription;
 use crate::capability::Channel;
@@ -68,109 +80,141 @@ pub enum WatchEvent {
     },
 }
 
-/// A watch in progress. Dropping it releases its subscription at once.
-pub struct Watch {
-    subscription: Subscription,
-    /// Notifications taken from the record but not yet handed out.
-    buffered: VecDeque<(u64, Vec<u8>)>,
-    /// The offset of the last notification handed out.
-    last_offset: u64,
-    wait_until: Instant,
-    next_heartbeat: Instant,
-    limits: WatchLimits,
-    finished: bool,
+pin_project! {
+    /// A watch in progress, as a stream of [`WatchEvent`]s that ends after the last. Dropping it releases its
+    /// subscription at once.
+    ///
+    /// Polled by hand rather than written as an `async fn` so that a waiting watch holds its one notification,
+    /// timer and shutdown future in place, with no step future's locals beside them: an idle watch is this
+    /// struct alone (BENCHMARKS.md, issue 16).
+    pub struct Watch {
+        subscription: Subscription,
+        // Notifications taken from the record but not yet handed out.
+        buffered: VecDeque<(u64, Vec<u8>)>,
+        // The offset of the last notification handed out.
+        last_offset: u64,
+        wait_until: Instant,
+        next_heartbeat: Instant,
+        heartbeat: Duration,
+        finished: bool,
+        // Whether `changed` is registered and has not fired since: it must be before the record is read.
+        armed: bool,
+        #[pin]
+        changed: OwnedNotified,
+        // Set to the next heartbeat or the end of the wait, whichever comes first, when the watch first waits.
+        #[pin]
+        timer: Option<Sleep>,
+        #[pin]
+        shutdown: WaitForCancellationFutureOwned,
+    }
 }
 
 impl Watch {
     pub(crate) fn new(subscription: Subscription, limits: WatchLimits) -> Watch {
         let now = Instant::now();
+        let (wait_until, next_heartbeat) = (now + limits.wait, now + limits.heartbeat);
         Watch {
             last_offset: subscription.cursor,
+            changed: subscription.changed.clone().notified_owned(),
             subscription,
             buffered: VecDeque::new(),
-            wait_until: now + limits.wait,
-            next_heartbeat: now + limits.heartbeat,
-            limits,
+            wait_until,
+            next_heartbeat,
+            heartbeat: limits.heartbeat,
             finished: false,
+            armed: false,
+            timer: None,
+            shutdown: limits.shutdown.cancelled_owned(),
         }
     }
+}
 
-    /// The next event; `None` after the last one.
-    pub async fn next(&mut self) -> Option<WatchEvent> {
-        if self.finished {
-            return None;
+impl Stream for Watch {
+    type Item = WatchEvent;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<WatchEvent>> {
+        let mut this = self.project();
+        if *this.finished {
+            return Poll::Ready(None);
         }
-        let changed = self.subscription.changed.clone();
+        let mut finish = |event| {
+            *this.finished = true;
+            Poll::Ready(Some(event))
+        };
         loop {
-            if let Some((offset, body)) = self.buffered.pop_front() {
-                self.last_offset = offset;
-                self.next_heartbeat = Instant::now() + self.limits.heartbeat;
-                return Some(WatchEvent::Notification {
+            if let Some((offset, body)) = this.buffered.pop_front() {
+                *this.last_offset = offset;
+                *this.next_heartbeat = Instant::now() + *this.heartbeat;
+                return Poll::Ready(Some(WatchEvent::Notification {
                     offset,
-                    request_id: self.subscription.request_id.clone(),
+                    request_id: this.subscription.request_id.clone(),
                     body,
-                });
+                }));
             }
-            if self.limits.shutdown.is_cancelled() {
-                return self.finish(WatchEvent::ShuttingDown {
-                    last_offset: self.last_offset,
-                });
+            let last_offset = *this.last_offset;
+            if this.shutdown.as_mut().poll(cx).is_ready() {
+                return finish(WatchEvent::ShuttingDown { last_offset });
             }
             // Registered before looking, so that a change made after the look still wakes us.
-            let notified = changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let snapshot = self.subscription.take();
+            if !*this.armed {
+                this.changed.set(this.subscription.changed.clone().notified_owned());
+                this.changed.as_mut().enable();
+                *this.armed = true;
+            }
+            let snapshot = this.subscription.take();
             if !snapshot.notifications.is_empty() {
-                self.buffered.extend(snapshot.notifications);
+                this.buffered.extend(snapshot.notifications);
                 continue;
             }
             if snapshot.gone {
-                return self.finish(WatchEvent::Evicted {
-                    last_offset: self.last_offset,
-                });
+                return finish(WatchEvent::Evicted { last_offset });
             }
             if snapshot.pending.as_ref().is_some_and(Vec::is_empty) {
-                return self.finish(WatchEvent::Completed {
+                return finish(WatchEvent::Completed {
                     reason: CompletionReason::AllChannelsReported,
-                    last_offset: self.last_offset,
+                    last_offset,
                     pending: Vec::new(),
                 });
             }
-            // One timer per watch: the next heartbeat or the end of the wait, whichever comes first.
-            let wakes_for_heartbeat = self.next_heartbeat < self.wait_until;
-            let timer = if wakes_for_heartbeat {
-                self.next_heartbeat
-            } else {
-                self.wait_until
-            };
-            tokio::select! {
-                () = &mut notified => {}
-                () = tokio::time::sleep_until(timer) => {
-                    if wakes_for_heartbeat {
-                        self.next_heartbeat = Instant::now() + self.limits.heartbeat;
-                        return Some(WatchEvent::Heartbeat { last_offset: self.last_offset });
-                    }
-                    return self.finish(WatchEvent::Completed {
-                        reason: CompletionReason::WaitElapsed,
-                        last_offset: self.last_offset,
-                        pending: snapshot.pending.unwrap_or_default(),
-                    });
-                }
-                () = self.limits.shutdown.cancelled() => {}
+            if this.changed.as_mut().poll(cx).is_ready() {
+                *this.armed = false;
+                continue;
             }
+            // One timer per watch: the next heartbeat or the end of the wait, whichever comes first.
+            let wakes_for_heartbeat = *this.next_heartbeat < *this.wait_until;
+            let due = (*this.next_heartbeat).min(*this.wait_until);
+            if this
+                .timer
+                .as_ref()
+                .as_pin_ref()
+                .is_none_or(|timer| timer.deadline() != due)
+            {
+                this.timer.set(Some(tokio::time::sleep_until(due)));
+            }
+            let timer = this.timer.as_mut().as_pin_mut().expect("set just above");
+            if timer.poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if wakes_for_heartbeat {
+                *this.next_heartbeat = Instant::now() + *this.heartbeat;
+                return Poll::Ready(Some(WatchEvent::Heartbeat { last_offset }));
+            }
+            return finish(WatchEvent::Completed {
+                reason: CompletionReason::WaitElapsed,
+                last_offset,
+                pending: snapshot.pending.unwrap_or_default(),
+            });
         }
-    }
-
-    fn finish(&mut self, event: WatchEvent) -> Option<WatchEvent> {
-        self.finished = true;
-        Some(event)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::super::tests::{hub, notification, query};
+    use std::pin::pin;
+
+    use futures::StreamExt;
+
     use super::*;
     use crate::log::Consumer;
 
@@ -186,7 +230,7 @@ mod tests {
         let hub = hub(600, 100);
         hub.apply(&query("r", &[Channel::Rcs, Channel::Sms], 1));
         hub.apply(&notification("r", Channel::Sms, 1, 2));
-        let mut watch = hub.watch("r", 0, WatchLimits::for_tests());
+        let mut watch = pin!(hub.watch("r", 0, WatchLimits::for_tests()));
         assert_eq!(offset(watch.next().await), 1);
         let publisher = {
             let hub = hub.clone();
@@ -211,7 +255,7 @@ mod tests {
         for (i, channel) in [Channel::Sms, Channel::Rcs, Channel::Mms].into_iter().enumerate() {
             hub.apply(&notification("r", channel, i as u64 + 1, 1));
         }
-        let mut watch = hub.watch("r", 2, WatchLimits::for_tests());
+        let mut watch = pin!(hub.watch("r", 2, WatchLimits::for_tests()));
         assert_eq!(offset(watch.next().await), 3);
     }
 
@@ -224,7 +268,7 @@ mod tests {
             wait: Duration::from_secs(40),
             ..WatchLimits::for_tests()
         };
-        let mut watch = hub.watch("r", 1, limits);
+        let mut watch = pin!(hub.watch("r", 1, limits));
         let started = Instant::now();
         assert!(matches!(
             watch.next().await,
@@ -248,7 +292,7 @@ mod tests {
             wait: Duration::from_secs(1),
             ..WatchLimits::for_tests()
         };
-        let mut watch = hub.watch("r", u64::MAX, limits);
+        let mut watch = pin!(hub.watch("r", u64::MAX, limits));
         assert!(matches!(
             watch.next().await,
             Some(WatchEvent::Completed {
@@ -265,7 +309,7 @@ mod tests {
         hub.apply(&notification("r", Channel::Sms, 1, 1));
         let limits = WatchLimits::for_tests();
         let shutdown = limits.shutdown.clone();
-        let mut watch = hub.watch("r", 0, limits);
+        let mut watch = pin!(hub.watch("r", 0, limits));
         assert_eq!(offset(watch.next().await), 1);
         shutdown.cancel();
         assert!(matches!(
@@ -278,7 +322,7 @@ mod tests {
     async fn a_watched_request_evicted_ends_its_watch() {
         let hub = hub(600, 1);
         hub.apply(&notification("r", Channel::Sms, 1, 1));
-        let mut watch = hub.watch("r", 0, WatchLimits::for_tests());
+        let mut watch = pin!(hub.watch("r", 0, WatchLimits::for_tests()));
         assert_eq!(offset(watch.next().await), 1);
         hub.apply(&notification("newer", Channel::Sms, 1, 2));
         assert!(matches!(
