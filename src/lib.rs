@@ -208,7 +208,6 @@ impl Service {
             check::CheckSettings {
                 settle: config.check.settle,
                 preference: config.check.channel_preference.clone(),
-                shutdown: draining.clone(),
                 max_waiting: config.query.max_inflight as usize,
             },
             pacer.clone(),
@@ -256,10 +255,11 @@ impl Service {
         let tasks = TaskTracker::new();
         let _stop_background = background.clone().drop_guard();
         tasks.spawn({
-            let (shutdown, draining) = (shutdown.clone(), draining.clone());
+            let (shutdown, draining, hub) = (shutdown.clone(), draining.clone(), hub.clone());
             async move {
                 shutdown.cancelled().await;
                 draining.cancel();
+                hub.close();
             }
         });
         tasks.spawn(hub.clone().run_purge(background.clone()));

@@ -25,7 +25,6 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
     time::Instant,
 };
-use tokio_util::sync::CancellationToken;
 
 use crate::{
     capability::{CapabilityStatus, Channel, ChannelIdentity, ChannelOrder, Recipient, mask_digits},
@@ -135,8 +134,6 @@ pub struct CheckSettings {
     /// A contact_id check returns this long after its last result.
     pub settle: Duration,
     pub preference: ChannelOrder,
-    /// Cancelled when the server shuts down: waiting checks answer with what they have.
-    pub shutdown: CancellationToken,
     /// The most checks waiting for live results at once on this replica.
     pub max_waiting: usize,
 }
@@ -673,7 +670,6 @@ impl Checker {
             wait,
             // No heartbeats: nobody reads them.
             heartbeat: wait + Duration::from_secs(1),
-            shutdown: self.settings.shutdown.clone(),
         }
     }
 

@@ -462,7 +462,6 @@ impl CapabilityService for CapabilityApi {
         let limits = WatchLimits {
             wait,
             heartbeat: self.watch.heartbeat,
-            shutdown: self.shutdown.clone(),
         };
         let watch = OpenWatch::new(
             self.hub.watch(&request.request_id, request.after_offset, limits),

@@ -27,7 +27,7 @@ use std::{
     hash::{BuildHasher, RandomState},
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -76,6 +76,8 @@ pub struct Hub {
     max_requests: usize,
     /// The encoded (app_id, project_id) of the records' notifications, each kept once ([`codec::encode_source`]).
     sources: Mutex<HashMap<Box<[u8]>, Source>>,
+    /// Set by [`Hub::close`]: every watch ends, shutting down.
+    closed: AtomicBool,
 }
 
 /// An encoded (app_id, project_id) shared by the records whose notifications came from it: one pointer in a
@@ -143,7 +145,29 @@ impl Hub {
             retention_ms: config.retention.as_millis() as u64,
             max_requests: config.max_requests,
             sources: Mutex::default(),
+            closed: AtomicBool::new(false),
         }
+    }
+
+    /// Ends every watch, open or yet to open, with [`WatchEvent::ShuttingDown`]: the server is shutting down.
+    /// A watch waits on its record's change alone, so each watched record is woken after the flag is set (a
+    /// watch registers before it reads the flag: it sees the flag or is woken).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        for shard in self.shards.iter() {
+            let woken: Vec<_> = shard
+                .lock()
+                .expect("hub shard poisoned")
+                .records
+                .values()
+                .filter_map(|record| record.changed.clone())
+                .collect();
+            woken.iter().for_each(|notify| notify.notify_waiters());
+        }
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// How many requests with events are held.

@@ -16,7 +16,6 @@ use tokio::{
     sync::futures::OwnedNotified,
     time::{Instant, Sleep},
 };
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::Subscription;
 use crate::capability::Channel;
@@ -28,8 +27,6 @@ pub struct WatchLimits {
     pub wait: Duration,
     /// The longest quiet spell before a heartbeat.
     pub heartbeat: Duration,
-    /// Cancelled when the server shuts down.
-    pub shutdown: CancellationToken,
 }
 
 #[cfg(test)]
@@ -38,7 +35,6 @@ impl WatchLimits {
         WatchLimits {
             wait: Duration::from_secs(60),
             heartbeat: Duration::from_secs(15),
-            shutdown: CancellationToken::new(),
         }
     }
 }
@@ -84,9 +80,10 @@ pin_project! {
     /// A watch in progress, as a stream of [`WatchEvent`]s that ends after the last. Dropping it releases its
     /// subscription at once.
     ///
-    /// Polled by hand rather than written as an `async fn` so that a waiting watch holds its one notification,
-    /// timer and shutdown future in place, with no step future's locals beside them: an idle watch is this
-    /// struct alone (BENCHMARKS.md, issue 16).
+    /// Polled by hand rather than written as an `async fn` so that a waiting watch holds its one notification
+    /// and its timer in place, with no step future's locals beside them: an idle watch is this struct alone
+    /// (BENCHMARKS.md, issue 16). It waits on its record's change alone: shutdown comes that way too
+    /// ([`Hub::close`](super::Hub::close)).
     pub struct Watch {
         subscription: Subscription,
         // Notifications taken from the record but not yet handed out.
@@ -104,8 +101,6 @@ pin_project! {
         // Set to the next heartbeat or the end of the wait, whichever comes first, when the watch first waits.
         #[pin]
         timer: Option<Sleep>,
-        #[pin]
-        shutdown: WaitForCancellationFutureOwned,
     }
 }
 
@@ -124,7 +119,6 @@ impl Watch {
             finished: false,
             armed: false,
             timer: None,
-            shutdown: limits.shutdown.cancelled_owned(),
         }
     }
 }
@@ -151,15 +145,15 @@ impl Stream for Watch {
                     body,
                 }));
             }
-            let last_offset = *this.last_offset;
-            if this.shutdown.as_mut().poll(cx).is_ready() {
-                return finish(WatchEvent::ShuttingDown { last_offset });
-            }
-            // Registered before looking, so that a change made after the look still wakes us.
+            // Registered before looking, so that a change (or the hub's closing) after the look still wakes us.
             if !*this.armed {
                 this.changed.set(this.subscription.changed.clone().notified_owned());
                 this.changed.as_mut().enable();
                 *this.armed = true;
+            }
+            let last_offset = *this.last_offset;
+            if this.subscription.hub.is_closed() {
+                return finish(WatchEvent::ShuttingDown { last_offset });
             }
             let snapshot = this.subscription.take();
             if !snapshot.notifications.is_empty() {
@@ -304,16 +298,23 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn shutdown_ends_a_watch_with_its_last_offset() {
+    async fn closing_the_hub_ends_a_waiting_watch_and_later_ones_with_their_last_offset() {
         let hub = hub(600, 100);
         hub.apply(&notification("r", Channel::Sms, 1, 1));
-        let limits = WatchLimits::for_tests();
-        let shutdown = limits.shutdown.clone();
-        let mut watch = pin!(hub.watch("r", 0, limits));
+        let mut watch = pin!(hub.watch("r", 0, WatchLimits::for_tests()));
         assert_eq!(offset(watch.next().await), 1);
-        shutdown.cancel();
+        let closer = {
+            let hub = hub.clone();
+            tokio::spawn(async move { hub.close() })
+        };
         assert!(matches!(
             watch.next().await,
+            Some(WatchEvent::ShuttingDown { last_offset: 1 })
+        ));
+        closer.await.unwrap();
+        let mut later = pin!(hub.watch("r", 1, WatchLimits::for_tests()));
+        assert!(matches!(
+            later.next().await,
             Some(WatchEvent::ShuttingDown { last_offset: 1 })
         ));
     }
