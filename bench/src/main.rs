@@ -6,6 +6,7 @@
 mod baselines;
 mod bulk;
 mod check;
+mod peer;
 mod procs;
 mod scenarios;
 mod sinch;
@@ -35,7 +36,7 @@ struct Cli {
     /// Where results.md and the curves go.
     #[arg(long, default_value = "docs/bench")]
     out: PathBuf,
-    /// Run only this scenario (queries, delivery, idle, replicas, memory, check, bulk), for profiling.
+    /// Run only these scenarios, comma-separated (queries, delivery, peer, idle, replicas, memory, check, bulk).
     #[arg(long)]
     only: Option<String>,
     /// How long each measurement runs (default 10s, 1.5s with --smoke); warm-ups take a fifth of it.
@@ -94,6 +95,8 @@ struct Plan {
     runs: usize,
     query_workers: usize,
     watcher_counts: Vec<usize>,
+    /// Streams through Pushpin in the peer scenario (an HTTP/1.1 connection each): one of `watcher_counts`.
+    peer_streams: usize,
     idle_watches: usize,
     idle_connections: usize,
     cross_watchers: usize,
@@ -118,6 +121,7 @@ impl Plan {
                 runs: 1,
                 query_workers: 16,
                 watcher_counts: vec![1, 100],
+                peer_streams: 100,
                 idle_watches: 2_000,
                 idle_connections: 10,
                 cross_watchers: 100,
@@ -142,6 +146,7 @@ impl Plan {
                 runs: runs.max(1),
                 query_workers: 64,
                 watcher_counts: vec![1, 1_000, 10_000],
+                peer_streams: 1_000,
                 idle_watches: 100_000,
                 idle_connections: 100,
                 cross_watchers: 1_000,
@@ -202,7 +207,11 @@ async fn main() {
     }
     let started = Instant::now();
     let mut report = Report::default();
-    let wanted = |name: &str| cli.only.as_deref().is_none_or(|only| only == name);
+    let wanted = |name: &str| {
+        cli.only
+            .as_deref()
+            .is_none_or(|only| only.split(',').any(|o| o == name))
+    };
     for run in 1..=plan.runs {
         eprintln!("== run {run} of {}", plan.runs);
         if wanted("queries") {
@@ -210,6 +219,9 @@ async fn main() {
         }
         if wanted("delivery") {
             delivery(&plan, &mut report).await;
+        }
+        if wanted("peer") {
+            peer::run(&plan, &mut report).await;
         }
         if wanted("idle") {
             idle(&plan, &mut report).await;
@@ -313,6 +325,26 @@ impl Report {
                 "| delivery ({watchers} watchers) / bare HTTP throughput | {:.2} |",
                 ratio(&format!("delivery {watchers} watchers deliveries/s"), "bare http ops/s")
             );
+        }
+        let streams = plan.peer_streams;
+        let batch = peer::BATCH;
+        for (feed, pushpin) in [
+            (
+                "one per publish".to_owned(),
+                format!("peer pushpin {streams} streams deliveries/s"),
+            ),
+            (
+                format!("its best, {batch} per publish"),
+                format!("peer pushpin {streams} streams, {batch} per publish deliveries/s"),
+            ),
+        ] {
+            if self.values.iter().any(|(name, _)| *name == pushpin) {
+                let _ = writeln!(
+                    out,
+                    "| delivery ({streams} watchers) / Pushpin ({feed}) deliveries/s | {:.2} |",
+                    ratio(&format!("delivery {streams} watchers deliveries/s"), &pushpin)
+                );
+            }
         }
         let _ = writeln!(
             out,

@@ -203,6 +203,27 @@ impl Watchers {
         self.delivered.store(0, Ordering::Relaxed);
         self.latency.lock().unwrap().reset();
     }
+
+    /// No stream yet: readers count into [`Watchers::record`] and are handed over with [`Watchers::keep`].
+    pub fn new() -> Watchers {
+        Watchers {
+            delivered: Arc::default(),
+            latency: Arc::new(Mutex::new(histogram())),
+            tasks: Vec::new(),
+        }
+    }
+
+    /// Keeps `reader` running until the watchers are dropped.
+    pub fn keep(&mut self, reader: tokio::task::JoinHandle<()>) {
+        self.tasks.push(reader);
+    }
+
+    /// Counts a notification sent at `sent` (ns since the Unix epoch) and records how long it took to arrive.
+    pub fn record(delivered: &AtomicU64, latency: &Mutex<Histogram<u64>>, sent: u128) {
+        let micros = (now_nanos().saturating_sub(sent) / 1000) as u64;
+        latency.lock().unwrap().saturating_record(micros.max(1));
+        delivered.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Opens `count` watches spread over the `grpc` servers (`connections` HTTP/2 connections to each).
@@ -211,28 +232,20 @@ pub async fn open_watchers(grpc: &[SocketAddr], prefix: &str, count: usize, conn
     for addr in grpc {
         all.extend(channels(*addr, connections).await);
     }
-    let delivered = Arc::new(AtomicU64::new(0));
-    let latency = Arc::new(Mutex::new(histogram()));
-    let mut tasks = Vec::with_capacity(count);
+    let mut watchers = Watchers::new();
     for mut stream in open_streams(&all, prefix, count).await {
-        let (delivered, latency) = (delivered.clone(), latency.clone());
-        tasks.push(tokio::spawn(async move {
+        let (delivered, latency) = (watchers.delivered.clone(), watchers.latency.clone());
+        watchers.keep(tokio::spawn(async move {
             while let Ok(Some(message)) = stream.message().await {
                 if let Some(pb::watch_capability_response::Event::Notification(n)) = message.event
                     && let Ok(sent) = n.correlation_id.parse::<u128>()
                 {
-                    let micros = (now_nanos().saturating_sub(sent) / 1000) as u64;
-                    latency.lock().unwrap().saturating_record(micros.max(1));
-                    delivered.fetch_add(1, Ordering::Relaxed);
+                    Watchers::record(&delivered, &latency, sent);
                 }
             }
         }));
     }
-    Watchers {
-        delivered,
-        latency,
-        tasks,
-    }
+    watchers
 }
 
 /// How callbacks are posted.
@@ -254,19 +267,47 @@ const CALLBACK_PROJECT_ID: &str = "5f1c0a6e-3b2d-4e8f-9a71-0c6d2e4b8f13";
 /// The next identity a posted callback reports on.
 static IDENTITIES: AtomicU64 = AtomicU64::new(0);
 
-/// Posts signed CAPABILITY callbacks for request_ids `{prefix}{0..ids}` to `target`. Each carries its send time
-/// (`correlation_id`, ns) and an identity no other callback of this process has, so none is a duplicate.
+/// Posts signed CAPABILITY callbacks ([`callback_body`]) for request_ids `{prefix}{0..ids}` to `target`.
 pub async fn post_callbacks(target: SocketAddr, prefix: &str, ids: usize, posting: Posting) -> Load {
+    let http = http_client(posting.posters);
+    let url = testkit::webhook_url(target);
+    let prefix = prefix.to_owned();
+    post_loop(posting, move |n| {
+        let body = callback_body(&format!("{prefix}{}", n as usize % ids.max(1)), n);
+        let (http, url) = (http.clone(), url.clone());
+        async move { post_signed(&http, &url, body).await }
+    })
+    .await
+}
+
+/// The `n`-th CAPABILITY callback of this process, for `request_id`. It carries its send time (`correlation_id`,
+/// ns) and an identity no other callback of this process has, so none is a duplicate.
+pub fn callback_body(request_id: &str, n: u64) -> Vec<u8> {
+    // A distinct identity for each, across calls too: every callback is a new result, never a duplicate of one
+    // an earlier phase posted to the same request_id (the log would drop it).
+    let identity = format!("46{:011}", IDENTITIES.fetch_add(1, Ordering::Relaxed));
+    CapabilityCallback::new(request_id, "SMS", &identity, "CAPABILITY_FULL")
+        .app_id(CALLBACK_APP_ID)
+        .project_id(CALLBACK_PROJECT_ID)
+        .correlation_id(&now_nanos().to_string())
+        .message_metadata(&n.to_string())
+        .body()
+}
+
+/// Makes calls `post(0)`, `post(1)`, … as `posting` says: from `posting.posters` workers, flat out or at a fixed
+/// rate in all, until `posting.limit` calls or `posting.duration`; whether each call succeeded, and its latency.
+pub async fn post_loop<F, Fut>(posting: Posting, post: F) -> Load
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
     let Posting {
         posters,
         rate,
         limit,
         duration,
     } = posting;
-    let http = http_client(posters);
-    let url = testkit::webhook_url(target);
     let seq = Arc::new(AtomicU64::new(0));
-    let prefix = prefix.to_owned();
     let started = Instant::now();
     // At a fixed rate each poster keeps its own schedule: call k of poster w is due at start + k·posters/rate.
     let interval = rate.map(|r| Duration::from_secs_f64(posters as f64 / r as f64));
@@ -278,8 +319,7 @@ pub async fn post_callbacks(target: SocketAddr, prefix: &str, ids: usize, postin
             let k = counters[w].fetch_add(1, Ordering::Relaxed);
             started + i * k as u32 + i.mul_f64(w as f64 / posters as f64)
         });
-        let request_id = format!("{prefix}{}", n as usize % ids.max(1));
-        let (http, url) = (http.clone(), url.clone());
+        let post = post.clone();
         async move {
             if done {
                 return None;
@@ -287,16 +327,7 @@ pub async fn post_callbacks(target: SocketAddr, prefix: &str, ids: usize, postin
             if let Some(due) = due {
                 tokio::time::sleep_until(due.into()).await;
             }
-            // A distinct identity for each, across calls too: every callback is a new result, never a duplicate
-            // of one an earlier phase posted to the same request_id (the log would drop it).
-            let identity = format!("46{:011}", IDENTITIES.fetch_add(1, Ordering::Relaxed));
-            let body = CapabilityCallback::new(&request_id, "SMS", &identity, "CAPABILITY_FULL")
-                .app_id(CALLBACK_APP_ID)
-                .project_id(CALLBACK_PROJECT_ID)
-                .correlation_id(&now_nanos().to_string())
-                .message_metadata(&n.to_string())
-                .body();
-            Some(post_signed(&http, &url, body).await)
+            Some(post(n).await)
         }
     })
     .await
