@@ -19,7 +19,7 @@ use super::Peer;
 pub struct TokenIndex(pub usize);
 
 /// Who holds watches.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Holder {
     Connection(u64),
     Token(usize),
@@ -46,10 +46,11 @@ impl WatchQuota {
 
     /// A place for one more watch of the caller of `request` on its connection, or RESOURCE_EXHAUSTED naming
     /// the limit reached. A call that did not come through a guarded listener (none does) is not limited.
-    pub fn claim(self: &Arc<Self>, holders: Option<(Holder, Holder)>) -> Result<Option<QuotaTicket>, Status> {
-        let Some((connection, caller)) = holders else {
+    pub fn claim(self: &Arc<Self>, holders: Option<(u64, Holder)>) -> Result<Option<QuotaTicket>, Status> {
+        let Some((connection_id, caller)) = holders else {
             return Ok(None);
         };
+        let connection = Holder::Connection(connection_id);
         let mut held = self.held.lock().expect("the quota lock");
         let count = |holder: &Holder| held.get(holder).copied().unwrap_or(0);
         if count(&connection) >= self.per_connection {
@@ -66,39 +67,42 @@ impl WatchQuota {
                 self.per_caller
             )));
         }
-        for holder in [&connection, &caller] {
-            *held.entry(holder.clone()).or_default() += 1;
+        for holder in [connection, caller] {
+            *held.entry(holder).or_default() += 1;
         }
         Ok(Some(QuotaTicket {
             quota: self.clone(),
-            holders: [connection, caller],
+            connection: connection_id,
+            caller,
         }))
     }
 }
 
-/// One watch's place under the limits; given back when dropped.
+/// One watch's place under the limits; given back when dropped. Its connection is kept as its id alone: every
+/// open watch holds a ticket.
 pub struct QuotaTicket {
     quota: Arc<WatchQuota>,
-    holders: [Holder; 2],
+    connection: u64,
+    caller: Holder,
 }
 
 impl Drop for QuotaTicket {
     fn drop(&mut self) {
         let mut held = self.quota.held.lock().expect("the quota lock");
-        for holder in &self.holders {
-            if let Some(count) = held.get_mut(holder) {
+        for holder in [Holder::Connection(self.connection), self.caller] {
+            if let Some(count) = held.get_mut(&holder) {
                 *count -= 1;
                 if *count == 0 {
-                    held.remove(holder);
+                    held.remove(&holder);
                 }
             }
         }
     }
 }
 
-/// The connection of `request` and its caller: the token it presented, else its client certificate, else the
-/// peer's address.
-pub fn holders<T>(request: &Request<T>) -> Option<(Holder, Holder)> {
+/// The connection of `request` (its id) and its caller: the token it presented, else its client certificate, else
+/// the peer's address.
+pub fn holders<T>(request: &Request<T>) -> Option<(u64, Holder)> {
     let extensions = request.extensions();
     let tls = extensions.get::<TlsConnectInfo<Peer>>();
     let peer = Peer::of(extensions)?;
@@ -112,5 +116,5 @@ pub fn holders<T>(request: &Request<T>) -> Option<(Holder, Holder)> {
         .map(|t| Holder::Token(t.0))
         .or_else(certificate)
         .unwrap_or(Holder::Address(peer.remote.ip()));
-    Some((Holder::Connection(peer.activity.id()), caller))
+    Some((peer.activity.id(), caller))
 }

@@ -115,21 +115,17 @@ struct Record {
 }
 
 impl Record {
-    /// Its notifications past `cursor` as (offset, compact encoding), each with its app and project again and
-    /// its receive time, the log's.
-    fn after(&self, cursor: u64) -> Vec<(u64, Vec<u8>)> {
-        self.notifications
-            .after(cursor)
-            .map(|held| {
-                let source = self.source.as_deref().filter(|_| held.sourced);
-                let source = source.map_or(&[][..], |s| &s[..]);
-                let mut body = Vec::with_capacity(held.body.len() + source.len() + codec::RECEIVE_TIME_LEN);
-                body.extend_from_slice(held.body);
-                body.extend_from_slice(source);
-                codec::put_receive_time(held.time_ms, &mut body);
-                (held.offset, body)
-            })
-            .collect()
+    /// Its first notification past `cursor` as (offset, compact encoding), with its app and project again and its
+    /// receive time, the log's.
+    fn next_after(&self, cursor: u64) -> Option<(u64, Vec<u8>)> {
+        let held = self.notifications.after(cursor).next()?;
+        let source = self.source.as_deref().filter(|_| held.sourced);
+        let source = source.map_or(&[][..], |s| &s[..]);
+        let mut body = Vec::with_capacity(held.body.len() + source.len() + codec::RECEIVE_TIME_LEN);
+        body.extend_from_slice(held.body);
+        body.extend_from_slice(source);
+        codec::put_receive_time(held.time_ms, &mut body);
+        Some((held.offset, body))
     }
 }
 
@@ -445,38 +441,33 @@ pub(crate) struct Subscription {
 }
 
 /// What a subscription found past its cursor.
-pub(crate) struct Snapshot {
-    /// (offset, compact encoding), ascending.
-    pub notifications: Vec<(u64, Vec<u8>)>,
-    /// `Some(pending)` when the expected channels are known; complete when `pending` is empty.
-    pub pending: Option<Vec<Channel>>,
+pub(crate) enum Snapshot {
+    /// The next notification, (offset, compact encoding): the cursor has moved to it.
+    Notification(u64, Vec<u8>),
+    /// Nothing past the cursor. `Some(pending)` when the expected channels are known; complete when `pending` is
+    /// empty.
+    Quiet { pending: Option<Vec<Channel>> },
     /// The record was evicted or expired while watched.
-    pub gone: bool,
+    Gone,
 }
 
 impl Subscription {
-    /// Takes every notification past the cursor, and says whether the answer is complete.
+    /// Takes the next notification past the cursor, or says whether the answer is complete. One at a time, so
+    /// that a watch keeps no queue of its own.
     fn take(&mut self) -> Snapshot {
         let shard = self.hub.shard(self.key);
         let Some(record) = shard.records.get(&self.key).filter(|r| r.generation == self.generation) else {
-            return Snapshot {
-                notifications: Vec::new(),
-                pending: None,
-                gone: true,
-            };
+            return Snapshot::Gone;
         };
-        let notifications = record.after(self.cursor);
-        if let Some((last, _)) = notifications.last() {
-            self.cursor = *last;
+        if let Some((offset, body)) = record.next_after(self.cursor) {
+            self.cursor = offset;
+            return Snapshot::Notification(offset, body);
         }
-        let pending = record
-            .expected
-            .as_ref()
-            .map(|expected| expected.without(&record.reported));
-        Snapshot {
-            notifications,
-            pending,
-            gone: false,
+        Snapshot::Quiet {
+            pending: record
+                .expected
+                .as_ref()
+                .map(|expected| expected.without(&record.reported)),
         }
     }
 }
@@ -655,7 +646,11 @@ mod tests {
         hub.apply(&from_app("r", Channel::Viber, 3, 3, "APP-A"));
         hub.apply(&from_app("other", Channel::Sms, 1, 4, "APP-A"));
         let key = hub.key("r");
-        let bodies = hub.shard(key).records[&key].after(0);
+        let bodies: Vec<_> = {
+            let shard = hub.shard(key);
+            let record = &shard.records[&key];
+            std::iter::successors(record.next_after(0), |(offset, _)| record.next_after(*offset)).collect()
+        };
         let apps: Vec<(u64, String, String)> = bodies
             .iter()
             .map(|(offset, body)| {

@@ -2,7 +2,6 @@
 //! completion, the caller's wait, shutdown or eviction.
 
 use std::{
-    collections::VecDeque,
     future::Future,
     pin::Pin,
     sync::Arc,
@@ -17,7 +16,7 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
-use super::Subscription;
+use super::{Snapshot, Subscription};
 use crate::capability::Channel;
 
 /// The bounds of one watch.
@@ -85,11 +84,8 @@ pin_project! {
     /// (BENCHMARKS.md, issue 16). It waits on its record's change alone: shutdown comes that way too
     /// ([`Hub::close`](super::Hub::close)).
     pub struct Watch {
+        // Its cursor is the offset of the last notification handed out.
         subscription: Subscription,
-        // Notifications taken from the record but not yet handed out.
-        buffered: VecDeque<(u64, Vec<u8>)>,
-        // The offset of the last notification handed out.
-        last_offset: u64,
         wait_until: Instant,
         next_heartbeat: Instant,
         heartbeat: Duration,
@@ -109,10 +105,8 @@ impl Watch {
         let now = Instant::now();
         let (wait_until, next_heartbeat) = (now + limits.wait, now + limits.heartbeat);
         Watch {
-            last_offset: subscription.cursor,
             changed: subscription.changed.clone().notified_owned(),
             subscription,
-            buffered: VecDeque::new(),
             wait_until,
             next_heartbeat,
             heartbeat: limits.heartbeat,
@@ -136,34 +130,29 @@ impl Stream for Watch {
             Poll::Ready(Some(event))
         };
         loop {
-            if let Some((offset, body)) = this.buffered.pop_front() {
-                *this.last_offset = offset;
-                *this.next_heartbeat = Instant::now() + *this.heartbeat;
-                return Poll::Ready(Some(WatchEvent::Notification {
-                    offset,
-                    request_id: this.subscription.request_id.clone(),
-                    body,
-                }));
-            }
             // Registered before looking, so that a change (or the hub's closing) after the look still wakes us.
             if !*this.armed {
                 this.changed.set(this.subscription.changed.clone().notified_owned());
                 this.changed.as_mut().enable();
                 *this.armed = true;
             }
-            let last_offset = *this.last_offset;
+            let last_offset = this.subscription.cursor;
             if this.subscription.hub.is_closed() {
                 return finish(WatchEvent::ShuttingDown { last_offset });
             }
-            let snapshot = this.subscription.take();
-            if !snapshot.notifications.is_empty() {
-                this.buffered.extend(snapshot.notifications);
-                continue;
-            }
-            if snapshot.gone {
-                return finish(WatchEvent::Evicted { last_offset });
-            }
-            if snapshot.pending.as_ref().is_some_and(Vec::is_empty) {
+            let pending = match this.subscription.take() {
+                Snapshot::Notification(offset, body) => {
+                    *this.next_heartbeat = Instant::now() + *this.heartbeat;
+                    return Poll::Ready(Some(WatchEvent::Notification {
+                        offset,
+                        request_id: this.subscription.request_id.clone(),
+                        body,
+                    }));
+                }
+                Snapshot::Gone => return finish(WatchEvent::Evicted { last_offset }),
+                Snapshot::Quiet { pending } => pending,
+            };
+            if pending.as_ref().is_some_and(Vec::is_empty) {
                 return finish(WatchEvent::Completed {
                     reason: CompletionReason::AllChannelsReported,
                     last_offset,
@@ -196,7 +185,7 @@ impl Stream for Watch {
             return finish(WatchEvent::Completed {
                 reason: CompletionReason::WaitElapsed,
                 last_offset,
-                pending: snapshot.pending.unwrap_or_default(),
+                pending: pending.unwrap_or_default(),
             });
         }
     }
