@@ -51,6 +51,12 @@ struct Cli {
     /// The sandbox's webhook rate in the bulk scenario, callbacks/s (default: the same as --bulk-rate).
     #[arg(long)]
     bulk_sandbox_rate: Option<u32>,
+    /// Watches of the idle scenario (default 100,000, 2,000 with --smoke).
+    #[arg(long)]
+    idle_watches: Option<usize>,
+    /// HTTP/2 connections they are spread over (default 100, 10 with --smoke).
+    #[arg(long)]
+    idle_connections: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -204,6 +210,12 @@ async fn main() {
     }
     if let Some(rate) = cli.bulk_sandbox_rate {
         plan.bulk.sandbox_rate = Some(rate.max(1));
+    }
+    if let Some(watches) = cli.idle_watches {
+        plan.idle_watches = watches.max(1);
+    }
+    if let Some(connections) = cli.idle_connections {
+        plan.idle_connections = connections.max(1);
     }
     let started = Instant::now();
     let mut report = Report::default();
@@ -567,7 +579,19 @@ async fn delivery(plan: &Plan, report: &mut Report) {
 
 /// Many idle watches on one replica: resident memory per stream.
 async fn idle(plan: &Plan, report: &mut Report) {
-    let facade = procs::facade(&delivery_env()).await;
+    // The replica's watch limits, raised to what the run opens (one caller, a share per connection; a caller's
+    // limit must stay below the replica's).
+    let room = plan.idle_watches + 10_000;
+    let mut env = delivery_env();
+    env.extend([
+        ("CAPABILITY_MAX_WATCHES", (2 * room).to_string()),
+        ("CAPABILITY_MAX_WATCHES_PER_CALLER", room.to_string()),
+        (
+            "CAPABILITY_MAX_WATCHES_PER_CONNECTION",
+            (room / plan.idle_connections + 1_000).to_string(),
+        ),
+    ]);
+    let facade = procs::facade(&env).await;
     // Warm the allocator and the runtime with a first batch, then measure from there.
     drop(scenarios::idle_watches(facade.grpc_addr, 1_000, plan.idle_connections).await);
     tokio::time::sleep(Duration::from_millis(500)).await;
