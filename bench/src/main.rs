@@ -280,6 +280,30 @@ impl Report {
         }
     }
 
+    /// `{name} deliveries/s` from `delivered` over the time from `started` to the `last` delivery, and
+    /// `{name} missing` when fewer than the `sent` arrived.
+    fn deliveries(&mut self, name: &str, sent: u64, delivered: u64, started: Instant, last: Instant) {
+        self.add(
+            &format!("{name} deliveries/s"),
+            delivered as f64 / (last - started).as_secs_f64(),
+        );
+        if delivered != sent {
+            self.add(&format!("{name} missing"), sent.saturating_sub(delivered) as f64);
+        }
+    }
+
+    /// `{name} p50 µs` and `{name} p99 µs` of what `watchers` timed, and `{name} missing` when fewer than the
+    /// `sent` arrived.
+    fn latency(&mut self, name: &str, watchers: &scenarios::Watchers, sent: u64) {
+        let latency = watchers.latency.lock().unwrap().clone();
+        self.add(&format!("{name} p50 µs"), latency.value_at_quantile(0.5) as f64);
+        self.add(&format!("{name} p99 µs"), latency.value_at_quantile(0.99) as f64);
+        let delivered = watchers.delivered.load(std::sync::atomic::Ordering::Relaxed);
+        if delivered != sent {
+            self.add(&format!("{name} missing"), sent.saturating_sub(delivered) as f64);
+        }
+    }
+
     fn load(&mut self, name: &str, load: &Load) {
         self.add(&format!("{name} ops/s"), load.rate());
         self.add(&format!("{name} p50 µs"), load.p50_us() as f64);
@@ -538,16 +562,13 @@ async fn delivery(plan: &Plan, report: &mut Report) {
         let posted = scenarios::post_callbacks(facade.webhook_addr, "w", count, flat_out).await;
         let last = watchers.wait_for(posted.ok, Duration::from_secs(30)).await;
         let delivered = watchers.delivered.load(std::sync::atomic::Ordering::Relaxed);
-        report.add(
-            &format!("delivery {count} watchers deliveries/s"),
-            delivered as f64 / (last - started).as_secs_f64(),
+        report.deliveries(
+            &format!("delivery {count} watchers"),
+            posted.ok,
+            delivered,
+            started,
+            last,
         );
-        if delivered != posted.ok {
-            report.add(
-                &format!("delivery {count} watchers missing"),
-                (posted.ok - delivered) as f64,
-            );
-        }
         if Some(&count) == plan.watcher_counts.last() {
             watchers.reset();
             let paced = Posting {
@@ -556,10 +577,8 @@ async fn delivery(plan: &Plan, report: &mut Report) {
             };
             let posted = scenarios::post_callbacks(facade.webhook_addr, "w", count, paced).await;
             watchers.wait_for(posted.ok, Duration::from_secs(30)).await;
-            let latency = watchers.latency.lock().unwrap().clone();
             let name = format!("delivery at {}/s ({count} watchers)", plan.latency_rate);
-            report.add(&format!("{name} p50 µs"), latency.value_at_quantile(0.5) as f64);
-            report.add(&format!("{name} p99 µs"), latency.value_at_quantile(0.99) as f64);
+            report.latency(&name, &watchers, posted.ok);
         }
     }
     let bare = procs::baseline("bare-http").await;
@@ -626,14 +645,8 @@ async fn cross_replica(plan: &Plan, report: &mut Report) {
     };
     let posted = scenarios::post_callbacks(replicas[0].webhook_addr, "x", plan.cross_watchers, paced).await;
     watchers.wait_for(posted.ok, Duration::from_secs(30)).await;
-    let latency = watchers.latency.lock().unwrap().clone();
     let name = format!("cross-replica at {}/s (3 replicas)", plan.cross_rate);
-    report.add(&format!("{name} p50 µs"), latency.value_at_quantile(0.5) as f64);
-    report.add(&format!("{name} p99 µs"), latency.value_at_quantile(0.99) as f64);
-    let delivered = watchers.delivered.load(std::sync::atomic::Ordering::Relaxed);
-    if delivered != posted.ok {
-        report.add(&format!("{name} missing"), (posted.ok - delivered) as f64);
-    }
+    report.latency(&name, &watchers, posted.ok);
 }
 
 /// RSS of a fresh replica as it retains more and more notifications, three per request (one per channel

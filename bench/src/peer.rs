@@ -55,16 +55,7 @@ pub async fn run(plan: &Plan, report: &mut Report) {
     let published = publish(&pushpin, count, 1, flat_out).await;
     let last = readers.wait_for(published.ok, Duration::from_secs(30)).await;
     let delivered = readers.delivered.load(std::sync::atomic::Ordering::Relaxed);
-    report.add(
-        &format!("{name} deliveries/s"),
-        delivered as f64 / (last - started).as_secs_f64(),
-    );
-    if delivered != published.ok {
-        report.add(
-            &format!("{name} missing"),
-            published.ok.saturating_sub(delivered) as f64,
-        );
-    }
+    report.deliveries(&name, published.ok, delivered, started, last);
     if published.errors > 0 {
         report.add(&format!("{name} publish errors"), published.errors as f64);
     }
@@ -77,13 +68,7 @@ pub async fn run(plan: &Plan, report: &mut Report) {
     let sent = published.ok * BATCH as u64;
     let last = readers.wait_for(sent, Duration::from_secs(30)).await;
     let delivered = readers.delivered.load(std::sync::atomic::Ordering::Relaxed);
-    report.add(
-        &format!("{name} deliveries/s"),
-        delivered as f64 / (last - started).as_secs_f64(),
-    );
-    if delivered != sent {
-        report.add(&format!("{name} missing"), sent.saturating_sub(delivered) as f64);
-    }
+    report.deliveries(&name, sent, delivered, started, last);
     readers.reset();
     let paced = Posting {
         rate: Some(plan.latency_rate),
@@ -91,17 +76,8 @@ pub async fn run(plan: &Plan, report: &mut Report) {
     };
     let published = publish(&pushpin, count, 1, paced).await;
     readers.wait_for(published.ok, Duration::from_secs(30)).await;
-    let latency = readers.latency.lock().unwrap().clone();
     let name = format!("peer pushpin at {}/s ({count} streams)", plan.latency_rate);
-    report.add(&format!("{name} p50 µs"), latency.value_at_quantile(0.5) as f64);
-    report.add(&format!("{name} p99 µs"), latency.value_at_quantile(0.99) as f64);
-    let delivered = readers.delivered.load(std::sync::atomic::Ordering::Relaxed);
-    if delivered != published.ok {
-        report.add(
-            &format!("{name} missing"),
-            published.ok.saturating_sub(delivered) as f64,
-        );
-    }
+    report.latency(&name, &readers, published.ok);
     // Each publish is a connection of its own (Pushpin answers `Connection: close`): the publishers may not
     // keep up with the schedule on a small machine, and then the rate they reached is what the latency is at.
     if published.rate() < 0.95 * plan.latency_rate as f64 {
