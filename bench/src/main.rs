@@ -51,6 +51,10 @@ struct Cli {
     /// The sandbox's webhook rate in the bulk scenario, callbacks/s (default: the same as --bulk-rate).
     #[arg(long)]
     bulk_sandbox_rate: Option<u32>,
+    /// The fixed rate of the delivery and peer scenarios' latency runs, callbacks/s (default 5,000, 500 with
+    /// --smoke).
+    #[arg(long)]
+    latency_rate: Option<u64>,
     /// Watches of the idle scenario (default 100,000, 2,000 with --smoke).
     #[arg(long)]
     idle_watches: Option<usize>,
@@ -210,6 +214,9 @@ async fn main() {
     }
     if let Some(rate) = cli.bulk_sandbox_rate {
         plan.bulk.sandbox_rate = Some(rate.max(1));
+    }
+    if let Some(rate) = cli.latency_rate {
+        plan.latency_rate = rate.max(1);
     }
     if let Some(watches) = cli.idle_watches {
         plan.idle_watches = watches.max(1);
