@@ -287,9 +287,10 @@ impl Report {
         }
     }
 
-    /// `{name} deliveries/s` from `delivered` over the time from `started` to the `last` delivery, and
+    /// `{name} deliveries/s`, what `watchers` received over the time from `started` to the `last` delivery, and
     /// `{name} missing` when fewer than the `sent` arrived.
-    fn deliveries(&mut self, name: &str, sent: u64, delivered: u64, started: Instant, last: Instant) {
+    fn deliveries(&mut self, name: &str, watchers: &scenarios::Watchers, sent: u64, started: Instant, last: Instant) {
+        let delivered = watchers.delivered.load(std::sync::atomic::Ordering::Relaxed);
         self.add(
             &format!("{name} deliveries/s"),
             delivered as f64 / (last - started).as_secs_f64(),
@@ -568,11 +569,10 @@ async fn delivery(plan: &Plan, report: &mut Report) {
         let started = Instant::now();
         let posted = scenarios::post_callbacks(facade.webhook_addr, "w", count, flat_out).await;
         let last = watchers.wait_for(posted.ok, Duration::from_secs(30)).await;
-        let delivered = watchers.delivered.load(std::sync::atomic::Ordering::Relaxed);
         report.deliveries(
             &format!("delivery {count} watchers"),
+            &watchers,
             posted.ok,
-            delivered,
             started,
             last,
         );

@@ -14,7 +14,7 @@ use std::{
 };
 
 use axum::{Router, extract::Path as UrlPath, response::IntoResponse, routing::get};
-use testkit::free_port;
+use testkit::{free_port, process::signal};
 use tokio::process::{Child, Command};
 
 use crate::{
@@ -54,8 +54,7 @@ pub async fn run(plan: &Plan, report: &mut Report) {
     let started = Instant::now();
     let published = publish(&pushpin, count, 1, flat_out).await;
     let last = readers.wait_for(published.ok, Duration::from_secs(30)).await;
-    let delivered = readers.delivered.load(std::sync::atomic::Ordering::Relaxed);
-    report.deliveries(&name, published.ok, delivered, started, last);
+    report.deliveries(&name, &readers, published.ok, started, last);
     if published.errors > 0 {
         report.add(&format!("{name} publish errors"), published.errors as f64);
     }
@@ -67,8 +66,7 @@ pub async fn run(plan: &Plan, report: &mut Report) {
     let published = publish(&pushpin, count, BATCH, flat_out).await;
     let sent = published.ok * BATCH as u64;
     let last = readers.wait_for(sent, Duration::from_secs(30)).await;
-    let delivered = readers.delivered.load(std::sync::atomic::Ordering::Relaxed);
-    report.deliveries(&name, sent, delivered, started, last);
+    report.deliveries(&name, &readers, sent, started, last);
     readers.reset();
     let paced = Posting {
         rate: Some(plan.latency_rate),
@@ -217,15 +215,6 @@ impl Drop for Pushpin {
     }
 }
 
-/// Sends the signal named `name` (`TERM`, `KILL`) to `pids`.
-fn signal(name: &str, pids: &[u32]) {
-    let _ = std::process::Command::new("kill")
-        .arg(format!("-{name}"))
-        .args(pids.iter().map(u32::to_string))
-        .stderr(Stdio::null())
-        .status();
-}
-
 /// The processes descended from `pid`, from /proc.
 fn descendants(pid: u32) -> Vec<u32> {
     let (mut all, mut next) = (Vec::new(), vec![pid]);
@@ -338,11 +327,11 @@ async fn open_readers(http: SocketAddr, count: usize) -> Watchers {
         }))
         .await;
         for (mut stream, mut buffer) in subscribed.into_iter().flatten() {
-            let (delivered, latency) = (readers.delivered.clone(), readers.latency.clone());
+            let record = readers.recorder();
             readers.keep(tokio::spawn(async move {
                 while let Some(line) = next_line(&mut stream, &mut buffer).await {
                     if let Some(sent) = sent_at(&line) {
-                        Watchers::record(&delivered, &latency, sent);
+                        record(sent);
                     }
                 }
             }));

@@ -204,7 +204,7 @@ impl Watchers {
         self.latency.lock().unwrap().reset();
     }
 
-    /// No stream yet: readers count into [`Watchers::record`] and are handed over with [`Watchers::keep`].
+    /// No stream yet: readers count with a [`Watchers::recorder`] and are handed over with [`Watchers::keep`].
     pub fn new() -> Watchers {
         Watchers {
             delivered: Arc::default(),
@@ -218,11 +218,15 @@ impl Watchers {
         self.tasks.push(reader);
     }
 
-    /// Counts a notification sent at `sent` (ns since the Unix epoch) and records how long it took to arrive.
-    pub fn record(delivered: &AtomicU64, latency: &Mutex<Histogram<u64>>, sent: u128) {
-        let micros = (now_nanos().saturating_sub(sent) / 1000) as u64;
-        latency.lock().unwrap().saturating_record(micros.max(1));
-        delivered.fetch_add(1, Ordering::Relaxed);
+    /// For a reader: counts a notification sent at the time it is given (ns since the Unix epoch) and records how
+    /// long it took to arrive.
+    pub fn recorder(&self) -> impl Fn(u128) + Send + 'static {
+        let (delivered, latency) = (self.delivered.clone(), self.latency.clone());
+        move |sent| {
+            let micros = (now_nanos().saturating_sub(sent) / 1000) as u64;
+            latency.lock().unwrap().saturating_record(micros.max(1));
+            delivered.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -234,13 +238,13 @@ pub async fn open_watchers(grpc: &[SocketAddr], prefix: &str, count: usize, conn
     }
     let mut watchers = Watchers::new();
     for mut stream in open_streams(&all, prefix, count).await {
-        let (delivered, latency) = (watchers.delivered.clone(), watchers.latency.clone());
+        let record = watchers.recorder();
         watchers.keep(tokio::spawn(async move {
             while let Ok(Some(message)) = stream.message().await {
                 if let Some(pb::watch_capability_response::Event::Notification(n)) = message.event
                     && let Ok(sent) = n.correlation_id.parse::<u128>()
                 {
-                    Watchers::record(&delivered, &latency, sent);
+                    record(sent);
                 }
             }
         }));

@@ -103,6 +103,16 @@ where
     }
 }
 
+/// Sends the signal named `name` (`TERM`, `KILL`, `STOP`, …) to each of `pids`; whether every one was sent.
+pub fn signal(name: &str, pids: &[u32]) -> bool {
+    std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .args(pids.iter().map(u32::to_string))
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success())
+}
+
 /// The service's real binary, on loopback listeners, its addresses read from its JSON log.
 pub struct Binary {
     /// The process; killed when dropped.
@@ -188,12 +198,8 @@ impl Binary {
     }
 
     /// Sends it a signal by name (`TERM`, `STOP`, `CONT`, …).
-    pub fn signal(&self, signal: &str) {
-        let status = std::process::Command::new("kill")
-            .args([format!("-{signal}"), self.pid().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill -{signal} failed");
+    pub fn signal(&self, name: &str) {
+        assert!(signal(name, &[self.pid()]), "kill -{name} failed");
     }
 
     /// Waits for the process to exit, at most `limit`.
