@@ -166,13 +166,10 @@ impl Stream for Watch {
             // One timer per watch: the next heartbeat or the end of the wait, whichever comes first.
             let wakes_for_heartbeat = *this.next_heartbeat < *this.wait_until;
             let due = (*this.next_heartbeat).min(*this.wait_until);
-            if this
-                .timer
-                .as_ref()
-                .as_pin_ref()
-                .is_none_or(|timer| timer.deadline() != due)
-            {
-                this.timer.set(Some(tokio::time::sleep_until(due)));
+            match this.timer.as_mut().as_pin_mut() {
+                Some(timer) if timer.deadline() == due => {}
+                Some(timer) => timer.reset(due),
+                None => this.timer.set(Some(tokio::time::sleep_until(due))),
             }
             let timer = this.timer.as_mut().as_pin_mut().expect("set just above");
             if timer.poll(cx).is_pending() {
