@@ -1,6 +1,7 @@
-//! Open watches per connection and per caller, so that one greedy client cannot take the replica's whole watch
-//! budget (`CAPABILITY_MAX_WATCHES`). A caller is who authenticated (its bearer token, else its client
-//! certificate), else its address. Health checks are another service and never count.
+//! Open watches on the replica (`CAPABILITY_MAX_WATCHES`, WatchBulkCheck streams included), and per connection
+//! and per caller, so that one greedy client cannot take the replica's whole watch budget. A caller is who
+//! authenticated (its bearer token, else its client certificate), else its address. Health checks are another
+//! service and never count.
 
 use std::{
     collections::HashMap,
@@ -9,9 +10,10 @@ use std::{
 };
 
 use sha2::{Digest, Sha256};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::{Request, Status, transport::server::TlsConnectInfo};
 
-use super::Peer;
+use super::{Peer, status};
 
 /// Which bearer token a call presented (its place in `CAPABILITY_GRPC_TOKENS`), set by the authentication
 /// interceptor.
@@ -23,32 +25,55 @@ pub struct TokenIndex(pub usize);
 pub enum Holder {
     Connection(u64),
     Token(usize),
-    /// The SHA-256 of the client certificate.
-    Certificate([u8; 32]),
+    /// The first half of the client certificate's SHA-256 (half of a holder's size, and collisions stay out of
+    /// reach).
+    Certificate([u8; 16]),
     Address(IpAddr),
 }
 
 /// The limits and what each holder holds.
 pub struct WatchQuota {
+    max_watches: u64,
+    /// One permit per open watch of the replica.
+    open: Arc<Semaphore>,
     per_connection: u64,
     per_caller: u64,
     held: Mutex<HashMap<Holder, u64>>,
 }
 
 impl WatchQuota {
-    pub fn new(per_connection: u64, per_caller: u64) -> WatchQuota {
+    pub fn new(max_watches: u64, per_connection: u64, per_caller: u64) -> WatchQuota {
+        let permits = usize::try_from(max_watches)
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
         WatchQuota {
+            max_watches,
+            open: Arc::new(Semaphore::new(permits)),
             per_connection,
             per_caller,
             held: Mutex::new(HashMap::new()),
         }
     }
 
-    /// A place for one more watch of the caller of `request` on its connection, or RESOURCE_EXHAUSTED naming
-    /// the limit reached. A call that did not come through a guarded listener (none does) is not limited.
-    pub fn claim(self: &Arc<Self>, holders: Option<(u64, Holder)>) -> Result<Option<QuotaTicket>, Status> {
+    /// A place for one more stream that is not a WatchCapability (which [`claim`](Self::claim)s), under the
+    /// replica's limit alone; RESOURCE_EXHAUSTED past it.
+    pub fn permit(&self) -> Result<OwnedSemaphorePermit, Status> {
+        self.open
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| status::too_many_watches(self.max_watches))
+    }
+
+    /// A place for one more watch of the caller of `request` on its connection and on the replica, or
+    /// RESOURCE_EXHAUSTED naming the limit reached. A call that did not come through a guarded listener (none
+    /// does) is limited by the replica's limit alone.
+    pub fn claim(self: &Arc<Self>, holders: Option<(u64, Holder)>) -> Result<QuotaTicket, Status> {
         let Some((connection_id, caller)) = holders else {
-            return Ok(None);
+            self.take_open()?;
+            return Ok(QuotaTicket {
+                quota: self.clone(),
+                holders: None,
+            });
         };
         let connection = Holder::Connection(connection_id);
         let mut held = self.held.lock().expect("the quota lock");
@@ -67,29 +92,40 @@ impl WatchQuota {
                 self.per_caller
             )));
         }
+        self.take_open()?;
         for holder in [connection, caller] {
             *held.entry(holder).or_default() += 1;
         }
-        Ok(Some(QuotaTicket {
+        Ok(QuotaTicket {
             quota: self.clone(),
-            connection: connection_id,
-            caller,
-        }))
+            holders: Some((connection_id, caller)),
+        })
+    }
+
+    /// Takes one of the replica's places, given back by the ticket made with it.
+    fn take_open(&self) -> Result<(), Status> {
+        self.open
+            .try_acquire()
+            .map(|permit| permit.forget())
+            .map_err(|_| status::too_many_watches(self.max_watches))
     }
 }
 
-/// One watch's place under the limits; given back when dropped. Its connection is kept as its id alone: every
-/// open watch holds a ticket.
+/// One watch's place under the limits; given back when dropped. Its connection is kept as its id alone, and its
+/// place on the replica as the ticket itself: every open watch holds one, and an idle watch is counted in bytes.
 pub struct QuotaTicket {
     quota: Arc<WatchQuota>,
-    connection: u64,
-    caller: Holder,
+    holders: Option<(u64, Holder)>,
 }
 
 impl Drop for QuotaTicket {
     fn drop(&mut self) {
+        self.quota.open.add_permits(1);
+        let Some((connection, caller)) = self.holders else {
+            return;
+        };
         let mut held = self.quota.held.lock().expect("the quota lock");
-        for holder in [Holder::Connection(self.connection), self.caller] {
+        for holder in [Holder::Connection(connection), caller] {
             if let Some(count) = held.get_mut(&holder) {
                 *count -= 1;
                 if *count == 0 {
@@ -109,7 +145,10 @@ pub fn holders<T>(request: &Request<T>) -> Option<(u64, Holder)> {
     let certificate = || {
         let certs = tls?.peer_certs()?;
         let leaf = certs.first()?;
-        Some(Holder::Certificate(Sha256::digest(leaf.as_ref()).into()))
+        let digest = Sha256::digest(leaf.as_ref());
+        Some(Holder::Certificate(
+            digest[..16].try_into().expect("a SHA-256 is 32 bytes"),
+        ))
     };
     let caller = extensions
         .get::<TokenIndex>()
@@ -117,4 +156,50 @@ pub fn holders<T>(request: &Request<T>) -> Option<(u64, Holder)> {
         .or_else(certificate)
         .unwrap_or(Holder::Address(peer.remote.ip()));
     Some((peer.activity.id(), caller))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(result: Result<impl Sized, Status>) -> String {
+        match result {
+            Ok(_) => panic!("a place past the limit"),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+                status.message().to_owned()
+            }
+        }
+    }
+
+    #[test]
+    fn the_replicas_limit_counts_every_stream_and_a_closed_one_gives_its_place_back() {
+        let quota = Arc::new(WatchQuota::new(3, 10, 10));
+        let caller = Some((1, Holder::Token(0)));
+        let watch = quota.claim(caller).unwrap();
+        let unguarded = quota.claim(None).unwrap();
+        let bulk = quota.permit().unwrap();
+        assert!(refusal(quota.claim(caller)).contains("(CAPABILITY_MAX_WATCHES)"));
+        assert!(refusal(quota.permit()).contains("(CAPABILITY_MAX_WATCHES)"));
+        drop(watch);
+        let again = quota.claim(caller).unwrap();
+        drop((unguarded, bulk));
+        let _two_more = (
+            quota.claim(Some((2, Holder::Token(1)))).unwrap(),
+            quota.permit().unwrap(),
+        );
+        assert!(refusal(quota.claim(None)).contains("(CAPABILITY_MAX_WATCHES)"));
+        drop(again);
+        assert_eq!(*quota.held.lock().unwrap().get(&Holder::Connection(1)).unwrap_or(&0), 0);
+    }
+
+    #[test]
+    fn a_refused_claim_takes_no_place() {
+        let quota = Arc::new(WatchQuota::new(2, 1, 10));
+        let _first = quota.claim(Some((1, Holder::Token(0)))).unwrap();
+        assert!(refusal(quota.claim(Some((1, Holder::Token(0))))).contains("PER_CONNECTION"));
+        let _second = quota.claim(Some((2, Holder::Token(0)))).unwrap();
+        assert!(refusal(quota.claim(Some((3, Holder::Token(0))))).contains("(CAPABILITY_MAX_WATCHES)"));
+        assert_eq!(quota.held.lock().unwrap().get(&Holder::Token(0)), Some(&2));
+    }
 }

@@ -86,9 +86,12 @@ pin_project! {
     pub struct Watch {
         // Its cursor is the offset of the last notification handed out.
         subscription: Subscription,
-        wait_until: Instant,
-        next_heartbeat: Instant,
-        heartbeat: Duration,
+        // Its times, as milliseconds after `opened` (an `Instant` takes 16 bytes): the end of its wait, its next
+        // heartbeat, and the heartbeat's period.
+        opened: Instant,
+        wait_until: u32,
+        next_heartbeat: u32,
+        heartbeat: u32,
         finished: bool,
         // Whether `changed` is registered and has not fired since: it must be before the record is read.
         armed: bool,
@@ -102,14 +105,14 @@ pin_project! {
 
 impl Watch {
     pub(crate) fn new(subscription: Subscription, limits: WatchLimits) -> Watch {
-        let now = Instant::now();
-        let (wait_until, next_heartbeat) = (now + limits.wait, now + limits.heartbeat);
+        let heartbeat = millis(limits.heartbeat).max(1);
         Watch {
             changed: subscription.changed.clone().notified_owned(),
             subscription,
-            wait_until,
-            next_heartbeat,
-            heartbeat: limits.heartbeat,
+            opened: Instant::now(),
+            wait_until: millis(limits.wait),
+            next_heartbeat: heartbeat,
+            heartbeat,
             finished: false,
             armed: false,
             timer: None,
@@ -142,7 +145,7 @@ impl Stream for Watch {
             }
             let pending = match this.subscription.take() {
                 Snapshot::Notification(offset, body) => {
-                    *this.next_heartbeat = Instant::now() + *this.heartbeat;
+                    *this.next_heartbeat = millis(this.opened.elapsed()).saturating_add(*this.heartbeat);
                     return Poll::Ready(Some(WatchEvent::Notification {
                         offset,
                         request_id: this.subscription.request_id.clone(),
@@ -165,7 +168,7 @@ impl Stream for Watch {
             }
             // One timer per watch: the next heartbeat or the end of the wait, whichever comes first.
             let wakes_for_heartbeat = *this.next_heartbeat < *this.wait_until;
-            let due = (*this.next_heartbeat).min(*this.wait_until);
+            let due = *this.opened + Duration::from_millis((*this.next_heartbeat).min(*this.wait_until).into());
             match this.timer.as_mut().as_pin_mut() {
                 Some(timer) if timer.deadline() == due => {}
                 Some(timer) => timer.reset(due),
@@ -176,7 +179,7 @@ impl Stream for Watch {
                 return Poll::Pending;
             }
             if wakes_for_heartbeat {
-                *this.next_heartbeat = Instant::now() + *this.heartbeat;
+                *this.next_heartbeat = millis(this.opened.elapsed()).saturating_add(*this.heartbeat);
                 return Poll::Ready(Some(WatchEvent::Heartbeat { last_offset }));
             }
             return finish(WatchEvent::Completed {
@@ -186,6 +189,11 @@ impl Stream for Watch {
             });
         }
     }
+}
+
+/// `duration` in whole milliseconds, saturating: a watch's times fit (a wait is at most days).
+fn millis(duration: Duration) -> u32 {
+    u32::try_from(duration.as_millis()).unwrap_or(u32::MAX)
 }
 
 #[cfg(test)]
