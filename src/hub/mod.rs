@@ -89,7 +89,9 @@ type Key = [u64; 2];
 
 #[derive(Default)]
 struct Shard {
-    records: HashMap<Key, Record>,
+    /// Boxed: a table is up to half empty after it doubles, and an empty slot then costs a key and a pointer
+    /// rather than a whole record (BENCHMARKS.md, issue 16).
+    records: HashMap<Key, Box<Record>>,
 }
 
 struct Record {
@@ -185,8 +187,8 @@ impl Hub {
             .expect("hub shard poisoned")
     }
 
-    fn new_record(&self, real: bool, last_ms: u64) -> Record {
-        Record {
+    fn new_record(&self, real: bool, last_ms: u64) -> Box<Record> {
+        Box::new(Record {
             generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
             real,
             last_ms,
@@ -196,7 +198,7 @@ impl Hub {
             source: None,
             watchers: 0,
             changed: None,
-        }
+        })
     }
 
     /// Applies a log entry to the record of `request_id`, creating it (or making a shell real) as needed.
