@@ -1,13 +1,22 @@
 //! The physical limits the facade is compared with: a tonic server whose QueryCapability echoes at once, a tonic
 //! server whose QueryCapability forwards the query to the upstream with reqwest and nothing else (the bare proxy),
-//! and an HTTP server whose POST handler reads the body and answers 200. Each runs as its own process.
+//! an HTTP server whose POST handler reads the body and answers 200, and the same that first checks the callback's
+//! signature as Sinch signs it (the "bare verifying handler"). Each runs as its own process.
 
 use std::net::SocketAddr;
 
-use axum::{Router, body::Bytes, routing::post};
-use capability_facade::grpc::pb::{
-    self,
-    capability_service_server::{CapabilityService, CapabilityServiceServer},
+use axum::{
+    Router,
+    body::Bytes,
+    http::{HeaderMap, StatusCode},
+    routing::post,
+};
+use capability_facade::{
+    grpc::pb::{
+        self,
+        capability_service_server::{CapabilityService, CapabilityServiceServer},
+    },
+    webhook::signature,
 };
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -247,12 +256,21 @@ pub async fn proxy(listen: SocketAddr, upstream: String) {
         .expect("the proxy baseline serves");
 }
 
-/// A bare HTTP POST handler.
-pub async fn bare_http(listen: SocketAddr) {
+/// A bare HTTP POST handler; with `verify`, it answers 401 unless the body is signed with [`SECRET`] as Sinch
+/// signs it (the facade's own check: nothing about the timestamp, the nonce or the body beyond that).
+///
+/// [`SECRET`]: crate::scenarios::SECRET
+pub async fn bare_http(listen: SocketAddr, verify: bool) {
     let listener = bind(listen).await;
-    let router = Router::new().route(
-        "/webhooks/sinch",
-        post(|body: Bytes| async move { body.len().to_string() }),
-    );
+    let handler = move |headers: HeaderMap, body: Bytes| async move {
+        let header = |name| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        let (nonce, timestamp) = (header(signature::NONCE), header(signature::TIMESTAMP));
+        let secrets = [crate::scenarios::SECRET];
+        if verify && !signature::verify(secrets, &body, nonce, timestamp, header(signature::SIGNATURE)) {
+            return (StatusCode::UNAUTHORIZED, String::new());
+        }
+        (StatusCode::OK, body.len().to_string())
+    };
+    let router = Router::new().route("/webhooks/sinch", post(handler));
     axum::serve(listener, router).await.expect("the HTTP baseline serves");
 }

@@ -82,6 +82,9 @@ enum Command {
     BareHttp {
         #[arg(long)]
         listen: SocketAddr,
+        /// Answer 401 unless the callback is signed as Sinch signs it.
+        #[arg(long)]
+        verify: bool,
     },
     /// The soak (docs/RELIABILITY.md): steady callbacks and open watches for a long time; exits 1 when a
     /// callback acknowledged 200 was lost or duplicated, or the hub kept anything past the retention.
@@ -185,7 +188,7 @@ async fn main() {
     match cli.command {
         Some(Command::Echo { listen }) => return baselines::echo(listen).await,
         Some(Command::Proxy { listen, upstream }) => return baselines::proxy(listen, upstream).await,
-        Some(Command::BareHttp { listen }) => return baselines::bare_http(listen).await,
+        Some(Command::BareHttp { listen, verify }) => return baselines::bare_http(listen, verify).await,
         Some(Command::Soak { plan, out }) => {
             let (report, kept) = soak::run(&plan).await;
             std::fs::write(&out, &report).expect("the soak report is written");
@@ -255,11 +258,16 @@ async fn main() {
             bulk::run(&plan, &mut report).await;
         }
         if run == 1 && wanted("memory") {
+            let alone = memory_vs_retained(&plan, &[]).await;
+            report.memory.push(("a single replica", alone));
+            // What the event log and the hub hold without the capability cache's copy of each result.
+            let one_entry = [("CAPABILITY_CACHE_MAX_ENTRIES", "1".to_owned())];
+            let log_alone = memory_vs_retained(&plan, &one_entry).await;
             report
                 .memory
-                .push(("a single replica", memory_vs_retained(&plan, None).await));
+                .push(("a single replica, its cache held to one entry", log_alone));
             let redis = testkit::RedisServer::start().await;
-            let series = memory_vs_retained(&plan, Some(redis.url())).await;
+            let series = memory_vs_retained(&plan, &[("CAPABILITY_REDIS_URL", redis.url())]).await;
             report.memory.push(("a replica with Redis", series));
         }
     }
@@ -395,6 +403,13 @@ impl Report {
             "| saturated ingestion / bare HTTP: throughput | {:.2} |\n| saturated ingestion / bare HTTP: p99 | {:.2} |",
             ratio("ingest, no watcher ops/s", "bare http ops/s"),
             ratio("ingest, no watcher p99 µs", "bare http p99 µs")
+        );
+        let _ = writeln!(
+            out,
+            "| saturated ingestion / bare verifying HTTP: throughput | {:.2} |\n| saturated ingestion / bare verifying \
+             HTTP: p99 | {:.2} |",
+            ratio("ingest, no watcher ops/s", "bare verifying http ops/s"),
+            ratio("ingest, no watcher p99 µs", "bare verifying http p99 µs")
         );
         check::markdown(self, plan, &mut out);
         bulk::markdown(self, plan, &mut out);
@@ -597,6 +612,11 @@ async fn delivery(plan: &Plan, report: &mut Report) {
     };
     let load = scenarios::post_callbacks(bare.ready, "w", 1, flat_out).await;
     report.load("bare http", &load);
+    drop(bare);
+    let verifying = procs::baseline_with("bare-http", &["--verify"]).await;
+    let load = scenarios::post_callbacks(verifying.ready, "w", 1, flat_out).await;
+    report.load("bare verifying http", &load);
+    drop(verifying);
     // Saturated ingestion: the same posters flat out at a facade nobody watches.
     let facade = procs::facade(&delivery_env()).await;
     let load = scenarios::post_callbacks(facade.webhook_addr, "i", 1_000, flat_out).await;
@@ -656,13 +676,13 @@ async fn cross_replica(plan: &Plan, report: &mut Report) {
     report.latency(&name, &watchers, posted.ok);
 }
 
-/// RSS of a fresh replica as it retains more and more notifications, three per request (one per channel
-/// identity, as Sinch sends them), each a signed callback whose nonce is remembered too. Alone, the replica also
-/// keeps the log's state (offsets, digests) and the nonces; with `redis`, those live in Redis and the replica
+/// RSS of a fresh replica (`env` on top of the delivery scenario's) as it retains more and more notifications,
+/// three per request (one per channel identity, as Sinch sends them), each a signed callback whose nonce is
+/// remembered too. Alone, the replica also keeps the log's state (offsets, digests), the nonces and, in its
+/// capability cache, each result (every identity here is new); with Redis, those live in Redis and the replica
 /// holds only its hub.
-async fn memory_vs_retained(plan: &Plan, redis: Option<String>) -> Vec<(u64, u64)> {
-    let mut env = delivery_env();
-    env.extend(redis.map(|url| ("CAPABILITY_REDIS_URL", url)));
+async fn memory_vs_retained(plan: &Plan, env: &[(&str, String)]) -> Vec<(u64, u64)> {
+    let env = [delivery_env(), env.to_vec()].concat();
     let facade = procs::facade(&env).await;
     let mut points = vec![(0, procs::rss(facade.pid()))];
     let mut retained = 0;
