@@ -273,6 +273,46 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_notification_puts_the_next_heartbeat_a_whole_period_after_it() {
+        let hub = hub(600, 100);
+        hub.apply(&query("r", &[Channel::Sms, Channel::Rcs], 1));
+        let mut watch = pin!(hub.watch("r", 0, WatchLimits::for_tests()));
+        let started = Instant::now();
+        // Waiting, its timer set for the first heartbeat (15 s), when a notification comes at 10 s.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(10), watch.next())
+                .await
+                .is_err()
+        );
+        hub.apply(&notification("r", Channel::Sms, 1, 2));
+        assert_eq!(offset(watch.next().await), 1);
+        assert!(matches!(
+            watch.next().await,
+            Some(WatchEvent::Heartbeat { last_offset: 1 })
+        ));
+        assert_eq!(started.elapsed(), Duration::from_secs(25));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_of_zero_hands_out_what_is_held_then_ends_at_once() {
+        let hub = hub(600, 100);
+        hub.apply(&query("r", &[Channel::Sms, Channel::Rcs], 1));
+        hub.apply(&notification("r", Channel::Sms, 1, 2));
+        let limits = WatchLimits {
+            wait: Duration::ZERO,
+            ..WatchLimits::for_tests()
+        };
+        let mut watch = pin!(hub.watch("r", 0, limits));
+        let started = Instant::now();
+        assert_eq!(offset(watch.next().await), 1);
+        let Some(WatchEvent::Completed { reason, pending, .. }) = watch.next().await else {
+            panic!("completion")
+        };
+        assert_eq!((reason, pending), (CompletionReason::WaitElapsed, vec![Channel::Rcs]));
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn an_after_offset_beyond_anything_waits_without_overflowing() {
         let hub = hub(600, 100);
         hub.apply(&notification("r", Channel::Sms, 1, 1));
