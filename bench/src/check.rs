@@ -40,16 +40,9 @@ const FACADE_VS_PROXY_THROUGHPUT: f64 = 0.8;
 /// An HTTP upstream in this process that forwards everything to the sandbox and counts the capability queries
 /// that reach it.
 struct CountingUpstream {
-    addr: SocketAddr,
+    server: procs::Served,
     queries: Arc<AtomicU64>,
     target: Arc<OnceLock<String>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for CountingUpstream {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 struct Forward {
@@ -60,10 +53,6 @@ struct Forward {
 
 impl CountingUpstream {
     async fn start() -> CountingUpstream {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("the counting upstream binds");
-        let addr = listener.local_addr().expect("a bound address");
         let (queries, target) = (Arc::new(AtomicU64::new(0)), Arc::new(OnceLock::new()));
         let state = Arc::new(Forward {
             http: scenarios::http_client(64),
@@ -71,19 +60,15 @@ impl CountingUpstream {
             target: target.clone(),
         });
         let router = Router::new().fallback(forward).with_state(state);
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
-        });
         CountingUpstream {
-            addr,
+            server: procs::Served::start(router).await,
             queries,
             target,
-            task,
         }
     }
 
     fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("http://{}", self.server.addr)
     }
 
     fn queries(&self) -> u64 {

@@ -298,14 +298,11 @@ impl Report {
     /// `{name} deliveries/s`, what `watchers` received over the time from `started` to the `last` delivery, and
     /// `{name} missing` when fewer than the `sent` arrived.
     fn deliveries(&mut self, name: &str, watchers: &scenarios::Watchers, sent: u64, started: Instant, last: Instant) {
-        let delivered = watchers.delivered.load(std::sync::atomic::Ordering::Relaxed);
+        let delivered = self.missing(name, watchers, sent);
         self.add(
             &format!("{name} deliveries/s"),
             delivered as f64 / (last - started).as_secs_f64(),
         );
-        if delivered != sent {
-            self.add(&format!("{name} missing"), sent.saturating_sub(delivered) as f64);
-        }
     }
 
     /// `{name} p50 µs` and `{name} p99 µs` of what `watchers` timed, and `{name} missing` when fewer than the
@@ -314,10 +311,16 @@ impl Report {
         let latency = watchers.latency.lock().unwrap().clone();
         self.add(&format!("{name} p50 µs"), latency.value_at_quantile(0.5) as f64);
         self.add(&format!("{name} p99 µs"), latency.value_at_quantile(0.99) as f64);
+        self.missing(name, watchers, sent);
+    }
+
+    /// Adds `{name} missing` when `watchers` received fewer than `sent`; returns how many they received.
+    fn missing(&mut self, name: &str, watchers: &scenarios::Watchers, sent: u64) -> u64 {
         let delivered = watchers.delivered.load(std::sync::atomic::Ordering::Relaxed);
         if delivered != sent {
             self.add(&format!("{name} missing"), sent.saturating_sub(delivered) as f64);
         }
+        delivered
     }
 
     fn load(&mut self, name: &str, load: &Load) {
@@ -603,20 +606,17 @@ async fn delivery(plan: &Plan, report: &mut Report) {
             report.latency(&name, &watchers, posted.ok);
         }
     }
-    let bare = procs::baseline("bare-http").await;
     let flat_out = Posting {
         posters,
         rate: None,
         limit: None,
         duration: plan.duration,
     };
-    let load = scenarios::post_callbacks(bare.ready, "w", 1, flat_out).await;
-    report.load("bare http", &load);
-    drop(bare);
-    let verifying = procs::baseline_with("bare-http", &["--verify"]).await;
-    let load = scenarios::post_callbacks(verifying.ready, "w", 1, flat_out).await;
-    report.load("bare verifying http", &load);
-    drop(verifying);
+    for (name, args) in [("bare http", &[][..]), ("bare verifying http", &["--verify"])] {
+        let bare = procs::baseline_with("bare-http", args).await;
+        let load = scenarios::post_callbacks(bare.ready, "w", 1, flat_out).await;
+        report.load(name, &load);
+    }
     // Saturated ingestion: the same posters flat out at a facade nobody watches.
     let facade = procs::facade(&delivery_env()).await;
     let load = scenarios::post_callbacks(facade.webhook_addr, "i", 1_000, flat_out).await;

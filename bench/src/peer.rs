@@ -19,6 +19,7 @@ use tokio::process::{Child, Command};
 
 use crate::{
     Plan, Report,
+    procs::Served,
     scenarios::{self, Posting, Watchers},
 };
 
@@ -41,7 +42,7 @@ pub async fn run(plan: &Plan, report: &mut Report) {
         files >= 3 * count as u64 + 1_000,
         "{count} streams need more open files than the {files} allowed: raise `ulimit -n`"
     );
-    let origin = Origin::start().await;
+    let origin = origin().await;
     let pushpin = Pushpin::start(origin.addr).await;
     let readers = subscribed_readers(&pushpin, count).await;
     let flat_out = Posting {
@@ -90,37 +91,16 @@ fn on_path(program: &str) -> bool {
 
 /// The GRIP origin: `GET /w/{k}` answers with an instruction to hold the response open as a stream on channel
 /// `w-{k}`, and a first line that tells the reader it is subscribed.
-struct Origin {
-    addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Origin {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Origin {
-    async fn start() -> Origin {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("the origin binds");
-        let addr = listener.local_addr().expect("a bound address");
-        let hold = |UrlPath(k): UrlPath<String>| async move {
-            let channel = format!("w-{k}");
-            (
-                [("grip-hold", "stream".to_owned()), ("grip-channel", channel)],
-                SUBSCRIBED,
-            )
-                .into_response()
-        };
-        let router = Router::new().route("/w/{k}", get(hold));
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, router).await;
-        });
-        Origin { addr, task }
-    }
+async fn origin() -> Served {
+    let hold = |UrlPath(k): UrlPath<String>| async move {
+        let channel = format!("w-{k}");
+        (
+            [("grip-hold", "stream".to_owned()), ("grip-channel", channel)],
+            SUBSCRIBED,
+        )
+            .into_response()
+    };
+    Served::start(Router::new().route("/w/{k}", get(hold))).await
 }
 
 /// Pushpin (its runner and the condure, zurl, pushpin-proxy and pushpin-handler it starts), configured in a

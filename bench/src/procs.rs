@@ -1,10 +1,35 @@
 //! The processes a benchmark runs: the facade (the binary beside this one), the standalone sandbox, Redis, and the
-//! bare baselines (`bench echo`, `bench proxy`, `bench bare-http`).
+//! bare baselines (`bench echo`, `bench proxy`, `bench bare-http`); and the harness's own HTTP servers.
 
 use std::{net::SocketAddr, path::PathBuf};
 
 use testkit::{Binary, Spawned, free_port, spawn_until};
-use tokio::process::Command;
+use tokio::{process::Command, task::JoinHandle};
+
+/// An HTTP server of the harness itself on a free loopback port, stopped when dropped.
+pub struct Served {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Served {
+    pub async fn start(router: axum::Router) -> Served {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
+        let addr = listener.local_addr().expect("a bound address");
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+        Served { addr, task }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
 
 /// Resident memory of process `pid`, in bytes, from /proc.
 pub fn rss(pid: u32) -> u64 {
