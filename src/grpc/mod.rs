@@ -13,10 +13,7 @@ use std::{
 };
 
 use futures::Stream;
-use tokio::{
-    sync::{OwnedSemaphorePermit, Semaphore},
-    time::Instant,
-};
+use tokio::{sync::Semaphore, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tonic::{
     Request, Response, Status,
@@ -226,7 +223,7 @@ struct BulkWatch {
     next_progress: Instant,
     shutdown: CancellationToken,
     ended: bool,
-    _permit: OwnedSemaphorePermit,
+    _place: QuotaTicket,
 }
 
 impl BulkWatch {
@@ -414,7 +411,7 @@ impl CapabilityService for CapabilityApi {
         convert::job_id(&request.job_id).map_err(status::invalid_request)?;
         // An unknown job is NOT_FOUND now, not a stream that never ends.
         self.jobs.status(&request.job_id).await?;
-        let permit = self.quota.permit()?;
+        let place = self.quota.claim(None)?;
         let watch = BulkWatch {
             jobs: self.jobs.clone(),
             job_id: request.job_id,
@@ -423,7 +420,7 @@ impl CapabilityService for CapabilityApi {
             next_progress: Instant::now(),
             shutdown: self.shutdown.clone(),
             ended: false,
-            _permit: permit,
+            _place: place,
         };
         let stream = futures::stream::unfold(watch, |mut watch| async move {
             let message = watch.next().await?;

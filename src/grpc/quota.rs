@@ -10,7 +10,7 @@ use std::{
 };
 
 use sha2::{Digest, Sha256};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tonic::{Request, Status, transport::server::TlsConnectInfo};
 
 use super::{Peer, status};
@@ -34,8 +34,8 @@ pub enum Holder {
 /// The limits and what each holder holds.
 pub struct WatchQuota {
     max_watches: u64,
-    /// One permit per open watch of the replica.
-    open: Arc<Semaphore>,
+    /// One permit per open watch of the replica, held by its ticket.
+    open: Semaphore,
     per_connection: u64,
     per_caller: u64,
     held: Mutex<HashMap<Holder, u64>>,
@@ -48,25 +48,16 @@ impl WatchQuota {
             .min(Semaphore::MAX_PERMITS);
         WatchQuota {
             max_watches,
-            open: Arc::new(Semaphore::new(permits)),
+            open: Semaphore::new(permits),
             per_connection,
             per_caller,
             held: Mutex::new(HashMap::new()),
         }
     }
 
-    /// A place for one more stream that is not a WatchCapability (which [`claim`](Self::claim)s), under the
-    /// replica's limit alone; RESOURCE_EXHAUSTED past it.
-    pub fn permit(&self) -> Result<OwnedSemaphorePermit, Status> {
-        self.open
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| status::too_many_watches(self.max_watches))
-    }
-
-    /// A place for one more watch of the caller of `request` on its connection and on the replica, or
-    /// RESOURCE_EXHAUSTED naming the limit reached. A call that did not come through a guarded listener (none
-    /// does) is limited by the replica's limit alone.
+    /// A place for one more watch on the replica and, with `holders`, for its caller on its connection; or
+    /// RESOURCE_EXHAUSTED naming the limit reached. Without `holders` (a WatchBulkCheck stream, or a call that did
+    /// not come through a guarded listener) only the replica's limit applies.
     pub fn claim(self: &Arc<Self>, holders: Option<(u64, Holder)>) -> Result<QuotaTicket, Status> {
         let Some((connection_id, caller)) = holders else {
             self.take_open()?;
@@ -178,15 +169,15 @@ mod tests {
         let caller = Some((1, Holder::Token(0)));
         let watch = quota.claim(caller).unwrap();
         let unguarded = quota.claim(None).unwrap();
-        let bulk = quota.permit().unwrap();
+        let bulk = quota.claim(None).unwrap();
         assert!(refusal(quota.claim(caller)).contains("(CAPABILITY_MAX_WATCHES)"));
-        assert!(refusal(quota.permit()).contains("(CAPABILITY_MAX_WATCHES)"));
+        assert!(refusal(quota.claim(None)).contains("(CAPABILITY_MAX_WATCHES)"));
         drop(watch);
         let again = quota.claim(caller).unwrap();
         drop((unguarded, bulk));
         let _two_more = (
             quota.claim(Some((2, Holder::Token(1)))).unwrap(),
-            quota.permit().unwrap(),
+            quota.claim(None).unwrap(),
         );
         assert!(refusal(quota.claim(None)).contains("(CAPABILITY_MAX_WATCHES)"));
         drop(again);
