@@ -128,6 +128,8 @@ impl Stream for Watch {
         if *this.finished {
             return Poll::Ready(None);
         }
+        let (opened, heartbeat) = (*this.opened, *this.heartbeat);
+        let heartbeat_from_now = || millis(opened.elapsed()).saturating_add(heartbeat);
         let mut finish = |event| {
             *this.finished = true;
             Poll::Ready(Some(event))
@@ -145,7 +147,7 @@ impl Stream for Watch {
             }
             let pending = match this.subscription.take() {
                 Snapshot::Notification(offset, body) => {
-                    *this.next_heartbeat = millis(this.opened.elapsed()).saturating_add(*this.heartbeat);
+                    *this.next_heartbeat = heartbeat_from_now();
                     return Poll::Ready(Some(WatchEvent::Notification {
                         offset,
                         request_id: this.subscription.request_id.clone(),
@@ -168,7 +170,7 @@ impl Stream for Watch {
             }
             // One timer per watch: the next heartbeat or the end of the wait, whichever comes first.
             let wakes_for_heartbeat = *this.next_heartbeat < *this.wait_until;
-            let due = *this.opened + Duration::from_millis((*this.next_heartbeat).min(*this.wait_until).into());
+            let due = opened + Duration::from_millis((*this.next_heartbeat).min(*this.wait_until).into());
             match this.timer.as_mut().as_pin_mut() {
                 Some(timer) if timer.deadline() == due => {}
                 Some(timer) => timer.reset(due),
@@ -179,7 +181,7 @@ impl Stream for Watch {
                 return Poll::Pending;
             }
             if wakes_for_heartbeat {
-                *this.next_heartbeat = millis(this.opened.elapsed()).saturating_add(*this.heartbeat);
+                *this.next_heartbeat = heartbeat_from_now();
                 return Poll::Ready(Some(WatchEvent::Heartbeat { last_offset }));
             }
             return finish(WatchEvent::Completed {
@@ -205,6 +207,14 @@ mod tests {
 
     use super::*;
     use crate::log::Consumer;
+
+    /// The test limits with a wait of `wait`.
+    fn waiting(wait: Duration) -> WatchLimits {
+        WatchLimits {
+            wait,
+            ..WatchLimits::for_tests()
+        }
+    }
 
     fn offset(event: Option<WatchEvent>) -> u64 {
         match event {
@@ -252,11 +262,7 @@ mod tests {
         let hub = hub(600, 100);
         hub.apply(&query("r", &[Channel::Sms, Channel::Rcs], 1));
         hub.apply(&notification("r", Channel::Sms, 1, 2));
-        let limits = WatchLimits {
-            wait: Duration::from_secs(40),
-            ..WatchLimits::for_tests()
-        };
-        let mut watch = pin!(hub.watch("r", 1, limits));
+        let mut watch = pin!(hub.watch("r", 1, waiting(Duration::from_secs(40))));
         let started = Instant::now();
         assert!(matches!(
             watch.next().await,
@@ -298,11 +304,7 @@ mod tests {
         let hub = hub(600, 100);
         hub.apply(&query("r", &[Channel::Sms, Channel::Rcs], 1));
         hub.apply(&notification("r", Channel::Sms, 1, 2));
-        let limits = WatchLimits {
-            wait: Duration::ZERO,
-            ..WatchLimits::for_tests()
-        };
-        let mut watch = pin!(hub.watch("r", 0, limits));
+        let mut watch = pin!(hub.watch("r", 0, waiting(Duration::ZERO)));
         let started = Instant::now();
         assert_eq!(offset(watch.next().await), 1);
         let Some(WatchEvent::Completed { reason, pending, .. }) = watch.next().await else {
@@ -316,11 +318,7 @@ mod tests {
     async fn an_after_offset_beyond_anything_waits_without_overflowing() {
         let hub = hub(600, 100);
         hub.apply(&notification("r", Channel::Sms, 1, 1));
-        let limits = WatchLimits {
-            wait: Duration::from_secs(1),
-            ..WatchLimits::for_tests()
-        };
-        let mut watch = pin!(hub.watch("r", u64::MAX, limits));
+        let mut watch = pin!(hub.watch("r", u64::MAX, waiting(Duration::from_secs(1))));
         assert!(matches!(
             watch.next().await,
             Some(WatchEvent::Completed {
