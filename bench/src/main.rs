@@ -36,7 +36,8 @@ struct Cli {
     /// Where results.md and the curves go.
     #[arg(long, default_value = "docs/bench")]
     out: PathBuf,
-    /// Run only these scenarios, comma-separated (queries, delivery, peer, idle, replicas, memory, check, bulk).
+    /// Run only these scenarios, comma-separated (queries, delivery, ingest, peer, idle, replicas,
+    /// memory, check, bulk); delivery includes ingest, whose bare baselines its ratios need.
     #[arg(long)]
     only: Option<String>,
     /// How long each measurement runs (default 10s, 1.5s with --smoke); warm-ups take a fifth of it.
@@ -85,6 +86,16 @@ enum Command {
         /// Answer 401 unless the callback is signed as Sinch signs it.
         #[arg(long)]
         verify: bool,
+    },
+    /// Posts `count` signed callbacks (the delivery scenarios' kind, each a new identity, over 1,000 request_ids)
+    /// one after another to a facade's webhook signed with the harness's secret; for a profile of a fixed amount
+    /// of work (docs/bench/profiles/ingest-instructions.txt). Exits 1 unless every one was acknowledged.
+    Post {
+        /// The facade's webhook, `host:port`.
+        #[arg(long)]
+        webhook: SocketAddr,
+        #[arg(long)]
+        count: u64,
     },
     /// The soak (docs/RELIABILITY.md): steady callbacks and open watches for a long time; exits 1 when a
     /// callback acknowledged 200 was lost or duplicated, or the hub kept anything past the retention.
@@ -189,6 +200,20 @@ async fn main() {
         Some(Command::Echo { listen }) => return baselines::echo(listen).await,
         Some(Command::Proxy { listen, upstream }) => return baselines::proxy(listen, upstream).await,
         Some(Command::BareHttp { listen, verify }) => return baselines::bare_http(listen, verify).await,
+        Some(Command::Post { webhook, count }) => {
+            let one_by_one = Posting {
+                posters: 1,
+                rate: None,
+                limit: Some(count),
+                duration: Duration::from_secs(3600),
+            };
+            let load = scenarios::post_callbacks(webhook, "i", 1_000, one_by_one).await;
+            println!("{} acknowledged, {} refused or failed", load.ok, load.errors);
+            if load.ok != count {
+                std::process::exit(1);
+            }
+            return;
+        }
         Some(Command::Soak { plan, out }) => {
             let (report, kept) = soak::run(&plan).await;
             std::fs::write(&out, &report).expect("the soak report is written");
@@ -241,6 +266,9 @@ async fn main() {
         }
         if wanted("delivery") {
             delivery(&plan, &mut report).await;
+        }
+        if wanted("delivery") || wanted("ingest") {
+            ingestion(&plan, &mut report).await;
         }
         if wanted("peer") {
             peer::run(&plan, &mut report).await;
@@ -332,6 +360,15 @@ impl Report {
         }
     }
 
+    /// `{name} CPU µs per call`: the server's CPU time (`cpu_ms`) over the calls `load` made that succeeded. Less
+    /// noisy than throughput where the load generator shares the machine's cores with the server.
+    fn cpu_per_call(&mut self, name: &str, cpu_ms: u64, load: &Load) {
+        self.add(
+            &format!("{name} CPU µs per call"),
+            cpu_ms as f64 * 1000.0 / load.ok.max(1) as f64,
+        );
+    }
+
     fn median(&self, name: &str) -> f64 {
         let Some((_, values)) = self.values.iter().find(|(n, _)| n == name) else {
             return f64::NAN;
@@ -413,6 +450,14 @@ impl Report {
              HTTP: p99 | {:.2} |",
             ratio("ingest, no watcher ops/s", "bare verifying http ops/s"),
             ratio("ingest, no watcher p99 µs", "bare verifying http p99 µs")
+        );
+        let _ = writeln!(
+            out,
+            "| saturated ingestion / bare verifying HTTP: CPU per callback | {:.2} |",
+            ratio(
+                "ingest, no watcher CPU µs per call",
+                "bare verifying http CPU µs per call"
+            )
         );
         check::markdown(self, plan, &mut out);
         bulk::markdown(self, plan, &mut out);
@@ -572,18 +617,22 @@ fn delivery_env() -> Vec<(&'static str, String)> {
     ]
 }
 
-/// Callback → stream, flat out with 1 … N watchers, at a fixed rate for latency, and the bare HTTP baseline.
+/// 32 posters as fast as they are answered, for the run's duration.
+fn flat_out(plan: &Plan) -> Posting {
+    Posting {
+        posters: 32,
+        rate: None,
+        limit: None,
+        duration: plan.duration,
+    }
+}
+
+/// Callback → stream, flat out with 1 … N watchers, and at a fixed rate for latency.
 async fn delivery(plan: &Plan, report: &mut Report) {
-    let posters = 32;
+    let flat_out = flat_out(plan);
     for &count in &plan.watcher_counts {
         let facade = procs::facade(&delivery_env()).await;
         let watchers = scenarios::open_watchers(&[facade.grpc_addr], "w", count, count.min(100)).await;
-        let flat_out = Posting {
-            posters,
-            rate: None,
-            limit: None,
-            duration: plan.duration,
-        };
         let started = Instant::now();
         let posted = scenarios::post_callbacks(facade.webhook_addr, "w", count, flat_out).await;
         let last = watchers.wait_for(posted.ok, Duration::from_secs(30)).await;
@@ -606,21 +655,25 @@ async fn delivery(plan: &Plan, report: &mut Report) {
             report.latency(&name, &watchers, posted.ok);
         }
     }
-    let flat_out = Posting {
-        posters,
-        rate: None,
-        limit: None,
-        duration: plan.duration,
-    };
+}
+
+/// The bare HTTP baselines (plain and verifying), then saturated ingestion: the same posters flat out at a facade
+/// nobody watches.
+async fn ingestion(plan: &Plan, report: &mut Report) {
+    let flat_out = flat_out(plan);
     for (name, args) in [("bare http", &[][..]), ("bare verifying http", &["--verify"])] {
         let bare = procs::baseline_with("bare-http", args).await;
+        let pid = bare.child.id().expect("the baseline runs");
+        let cpu = procs::cpu_ms(pid);
         let load = scenarios::post_callbacks(bare.ready, "w", 1, flat_out).await;
         report.load(name, &load);
+        report.cpu_per_call(name, procs::cpu_ms(pid) - cpu, &load);
     }
-    // Saturated ingestion: the same posters flat out at a facade nobody watches.
     let facade = procs::facade(&delivery_env()).await;
+    let cpu = procs::cpu_ms(facade.pid());
     let load = scenarios::post_callbacks(facade.webhook_addr, "i", 1_000, flat_out).await;
     report.load("ingest, no watcher", &load);
+    report.cpu_per_call("ingest, no watcher", procs::cpu_ms(facade.pid()) - cpu, &load);
 }
 
 /// Many idle watches on one replica: resident memory per stream.
@@ -665,10 +718,8 @@ async fn cross_replica(plan: &Plan, report: &mut Report) {
     let others = [replicas[1].grpc_addr, replicas[2].grpc_addr];
     let watchers = scenarios::open_watchers(&others, "x", plan.cross_watchers, 10).await;
     let paced = Posting {
-        posters: 32,
         rate: Some(plan.cross_rate),
-        limit: None,
-        duration: plan.duration,
+        ..flat_out(plan)
     };
     let posted = scenarios::post_callbacks(replicas[0].webhook_addr, "x", plan.cross_watchers, paced).await;
     watchers.wait_for(posted.ok, Duration::from_secs(30)).await;
@@ -689,10 +740,9 @@ async fn memory_vs_retained(plan: &Plan, env: &[(&str, String)]) -> Vec<(u64, u6
     for (step, &target) in plan.retained_steps.iter().enumerate() {
         let count = target - retained;
         let posting = Posting {
-            posters: 32,
-            rate: None,
             limit: Some(count),
             duration: Duration::from_secs(600),
+            ..flat_out(plan)
         };
         let prefix = format!("m{step}-");
         let requests = (count as usize).div_ceil(3);

@@ -45,12 +45,7 @@ pub async fn run(plan: &Plan, report: &mut Report) {
     let origin = origin().await;
     let pushpin = Pushpin::start(origin.addr).await;
     let readers = subscribed_readers(&pushpin, count).await;
-    let flat_out = Posting {
-        posters: 32,
-        rate: None,
-        limit: None,
-        duration: plan.duration,
-    };
+    let flat_out = crate::flat_out(plan);
     let name = format!("peer pushpin {count} streams");
     let started = Instant::now();
     let published = publish(&pushpin, count, 1, flat_out).await;

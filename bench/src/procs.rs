@@ -41,6 +41,18 @@ pub fn rss(pid: u32) -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// CPU time process `pid` has used (user and system, all its threads), in milliseconds, from /proc (which counts
+/// in ticks of 10 ms on Linux).
+pub fn cpu_ms(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the command's name, in parentheses: field 3 (state) first, so utime (14) and stime (15) at 11 and 12.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or_else(Vec::new, |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    (ticks(11) + ticks(12)) * 10
+}
+
 /// The facade's binary: built into the same target directory as this one.
 fn facade_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("the harness knows where it is");
