@@ -128,16 +128,30 @@ impl LocalCache {
         self.len() == 0
     }
 
+    /// Keeps `result` under its identity and, with `contact`, in its contact's entry, unless what is held there is
+    /// newer. Entries come from the log one at a time (under its lock), so reading then writing races with
+    /// nothing but a removal, and a result that lands just after one is simply newer than it.
     fn store(&self, result: CachedResult, identity: EntryKey, contact: Option<EntryKey>) {
-        let newer = |held: Option<&CachedResult>| held.is_none_or(|held| held.checked_at_ms <= result.checked_at_ms);
-        self.entries.entry(identity).and_compute_with(|held| {
-            let held = held.map(|e| e.into_value());
-            match held.as_deref() {
-                Some(Cached::One(held)) if !newer(Some(held)) => moka::ops::compute::Op::Nop,
-                _ => moka::ops::compute::Op::Put(Arc::new(Cached::One(result.clone()))),
-            }
-        });
-        let Some(contact) = contact else { return };
+        let newer = |held: &CachedResult| held.checked_at_ms <= result.checked_at_ms;
+        if let Some(contact) = contact {
+            self.store_in_contact(&result, identity, contact, newer);
+        }
+        let held = self.entries.get(&identity);
+        if let Some(Cached::One(held)) = held.as_deref()
+            && !newer(held)
+        {
+            return;
+        }
+        self.entries.insert(identity, Arc::new(Cached::One(result)));
+    }
+
+    fn store_in_contact(
+        &self,
+        result: &CachedResult,
+        identity: EntryKey,
+        contact: EntryKey,
+        newer: impl Fn(&CachedResult) -> bool,
+    ) {
         self.entries.entry(contact).and_compute_with(|held| {
             let mut results = match held.map(|e| e.into_value()).as_deref() {
                 Some(Cached::Contact(results)) => results.clone(),
@@ -145,7 +159,7 @@ impl LocalCache {
             };
             let full = results.len() >= MAX_CONTACT_RESULTS;
             match results.iter_mut().find(|(key, _)| *key == identity) {
-                Some((_, held)) if newer(Some(held)) => *held = result.clone(),
+                Some((_, held)) if newer(held) => *held = result.clone(),
                 Some(_) => return moka::ops::compute::Op::Nop,
                 None if full => return moka::ops::compute::Op::Nop,
                 None => results.push((identity, result.clone())),
