@@ -297,3 +297,23 @@ async fn a_single_replica_refuses_callbacks_once_it_is_shutting_down() {
         "still listening, no longer accepting"
     );
 }
+
+/// An operator finds a refused callback's line by its request_id: a callback refused once parsed (here a replay)
+/// is logged in the span of its handling, which names its request_id and channel.
+#[tokio::test]
+async fn a_callback_refused_once_parsed_is_logged_with_its_request_id_and_channel() {
+    let fake = common::FakeSinch::start().await;
+    let mut binary = common::Binary::spawn(&common::binary_env(&fake)).await;
+    let body = capability_body("logged-request", "SMS", "46700000001", "CAPABILITY_FULL");
+    let headers = signed_headers(WEBHOOK_SECRET, &body);
+    assert_eq!(post_webhook(binary.webhook_addr, body.clone(), &headers).await, 200);
+    assert_eq!(post_webhook(binary.webhook_addr, body, &headers).await, 401);
+    let log = binary.stop_and_read_log(Duration::from_secs(30)).await;
+    let refused = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|line| line["message"] == "callback refused")
+        .unwrap_or_else(|| panic!("no refusal in the log:\n{log}"));
+    assert_eq!(refused["span"]["request_id"], "logged-request", "{refused}");
+    assert_eq!(refused["span"]["channel"], "SMS", "{refused}");
+}

@@ -33,6 +33,7 @@ use hyper_util::{
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
+use tracing::Instrument;
 
 use crate::{
     capability::{mask, mask_digits},
@@ -293,23 +294,45 @@ impl Drop for Pending<'_> {
     }
 }
 
-#[tracing::instrument(skip_all, fields(request_id, channel))]
+/// Checks one callback, then hands it on in a span that carries its request_id and channel (masked). The span is
+/// made with its fields once they are known: recording them into a span made earlier costs the JSON log layer a
+/// re-serialisation of the span's fields for each.
 async fn receive(State(receiver): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes) -> Response {
-    match handle(&receiver, &headers, &body).await {
-        Ok(result) => {
-            metrics::counter!("capability_webhooks_total", "result" => result).increment(1);
-            StatusCode::OK.into_response()
-        }
-        Err(error) => {
-            tracing::warn!(%error, "callback refused");
-            error.into_response()
+    let checked = check(&receiver.config, &headers, &body, SystemTime::now());
+    let span = match &checked {
+        Ok(Checked {
+            callback: Callback::Capability(n),
+            ..
+        }) => tracing::info_span!(
+            "receive",
+            request_id = %mask_digits(&n.request_id),
+            channel = %mask_digits(n.channel.as_sinch()),
+        ),
+        _ => tracing::info_span!("receive"),
+    };
+    async move {
+        let handed_on = match checked {
+            Ok(checked) => hand_on(&receiver, checked).await,
+            Err(error) => Err(error),
+        };
+        match handed_on {
+            Ok(result) => {
+                metrics::counter!("capability_webhooks_total", "result" => result).increment(1);
+                StatusCode::OK.into_response()
+            }
+            Err(error) => {
+                tracing::warn!(%error, "callback refused");
+                error.into_response()
+            }
         }
     }
+    .instrument(span)
+    .await
 }
 
-/// Verifies, parses and hands on one callback; the `result` label on success.
-async fn handle(receiver: &Receiver, headers: &HeaderMap, body: &[u8]) -> Result<&'static str, WebhookError> {
-    let Checked { nonce, callback } = check(&receiver.config, headers, body, SystemTime::now())?;
+/// Hands on a checked callback; the `result` label on success.
+async fn hand_on(receiver: &Receiver, checked: Checked<'_>) -> Result<&'static str, WebhookError> {
+    let Checked { nonce, callback } = checked;
     let (notification, nothing_to_append) = match callback {
         Callback::Capability(notification) => (Some(*notification), "accepted"),
         Callback::OtherTrigger => (None, "ignored"),
@@ -319,9 +342,6 @@ async fn handle(receiver: &Receiver, headers: &HeaderMap, body: &[u8]) -> Result
         }
     };
     let request_id = notification.as_ref().map(|n| {
-        let span = tracing::Span::current();
-        span.record("request_id", mask_digits(&n.request_id).as_ref());
-        span.record("channel", mask_digits(n.channel.as_sinch()).as_ref());
         tracing::debug!(identity = %mask(&n.identity), "callback verified");
         n.request_id.clone()
     });
