@@ -667,13 +667,17 @@ async fn ingestion(plan: &Plan, report: &mut Report) {
         let cpu = procs::cpu_ms(pid);
         let load = scenarios::post_callbacks(bare.ready, "w", 1, flat_out).await;
         report.load(name, &load);
-        report.cpu_per_call(name, procs::cpu_ms(pid) - cpu, &load);
+        report.cpu_per_call(name, procs::cpu_ms(pid).saturating_sub(cpu), &load);
     }
     let facade = procs::facade(&delivery_env()).await;
     let cpu = procs::cpu_ms(facade.pid());
     let load = scenarios::post_callbacks(facade.webhook_addr, "i", 1_000, flat_out).await;
     report.load("ingest, no watcher", &load);
-    report.cpu_per_call("ingest, no watcher", procs::cpu_ms(facade.pid()) - cpu, &load);
+    report.cpu_per_call(
+        "ingest, no watcher",
+        procs::cpu_ms(facade.pid()).saturating_sub(cpu),
+        &load,
+    );
 }
 
 /// Many idle watches on one replica: resident memory per stream.
