@@ -156,8 +156,7 @@ impl Service {
             config.check.max_entries,
         ));
         // The cache before the hub: a check that sees a result on the hub finds it cached for the next one. Only
-        // the in-process log feeds the in-process cache, one entry at a time under its lock, which its store
-        // relies on; with Redis the cache lives in Redis.
+        // the in-process log feeds the in-process cache; with Redis the cache lives in Redis.
         let mut consumers: Vec<Arc<dyn Consumer>> = Vec::new();
         if config.redis_url().is_none() {
             consumers.push(cache.clone());

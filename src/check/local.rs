@@ -2,7 +2,7 @@
 //! its status's time to live.
 
 use std::{
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -59,9 +59,14 @@ fn until(value: &Cached) -> Duration {
     Duration::from_millis(value.expires_at_ms().saturating_sub(crate::log::wall_clock_ms()))
 }
 
+/// How many locks an identity's read-then-write is taken under, by its key.
+const STRIPES: usize = 64;
+
 /// See the module documentation.
 pub struct LocalCache {
     entries: Cache<EntryKey, Arc<Cached>>,
+    /// Held while an identity's entry is read then written: the log feeds the cache from several shards at once.
+    stripes: [Mutex<()>; STRIPES],
     hasher: KeyHasher,
     ttl: CacheTtl,
 }
@@ -84,6 +89,7 @@ impl LocalCache {
                     }
                 })
                 .build(),
+            stripes: std::array::from_fn(|_| Mutex::new(())),
             hasher: KeyHasher::random(),
             ttl,
         }
@@ -129,13 +135,16 @@ impl LocalCache {
     }
 
     /// Keeps `result` under its identity and, with `contact`, in its contact's entry, unless what is held there is
-    /// newer. Entries come from the log one at a time (under its lock), so reading then writing races with
-    /// nothing but a removal, and a result that lands just after one is simply newer than it.
+    /// newer. An identity's entry is read then written under its stripe's lock (cheaper than moka's per-key
+    /// compute), so only a removal can come between, and a result that lands just after one is newer than it.
     fn store(&self, result: CachedResult, identity: EntryKey, contact: Option<EntryKey>) {
         let newer = |held: &CachedResult| held.checked_at_ms <= result.checked_at_ms;
         if let Some(contact) = contact {
             self.store_in_contact(&result, identity, contact, newer);
         }
+        let _stripe = self.stripes[usize::from(identity[0]) % STRIPES]
+            .lock()
+            .expect("cache stripe lock poisoned");
         let held = self.entries.get(&identity);
         if let Some(Cached::One(held)) = held.as_deref()
             && !newer(held)
@@ -242,6 +251,29 @@ mod tests {
         assert_eq!(held(&cache, "46700000001").unwrap().request_id, format!("r{now}"));
         cache.apply(&entry("46700000001", "", CapabilityStatus::Partial, now + 1));
         assert_eq!(held(&cache, "46700000001").unwrap().request_id, format!("r{}", now + 1));
+    }
+
+    /// The log feeds the cache from as many threads as it has shards: two results for one identity fed at the
+    /// same moment leave the newer one held, whichever lands last.
+    #[test]
+    fn of_two_results_fed_at_once_the_newer_is_held() {
+        let cache = LocalCache::new(CacheTtl::default(), 10_000);
+        let now = crate::log::wall_clock_ms();
+        for round in 0..2_000u64 {
+            let identity = format!("467{round:08}");
+            let start = std::sync::Barrier::new(2);
+            std::thread::scope(|scope| {
+                for time_ms in [now + 2 * round, now + 2 * round + 1] {
+                    let (cache, start, identity) = (&cache, &start, &identity);
+                    scope.spawn(move || {
+                        start.wait();
+                        cache.apply(&entry(identity, "", CapabilityStatus::Full, time_ms));
+                    });
+                }
+            });
+            let held = held(&cache, &identity).expect("a result is held");
+            assert_eq!(held.checked_at_ms, now + 2 * round + 1, "round {round}");
+        }
     }
 
     #[test]

@@ -1,13 +1,14 @@
-//! The in-process log of a single replica: appends are numbered, deduplicated and capped under one lock, and
-//! handed to every consumer before the lock is released, so consumers see entries in log order and an
-//! acknowledged callback is already visible to every watch.
+//! The in-process log of a single replica: appends are numbered, deduplicated and capped under the lock of their
+//! request's shard, and handed to every consumer before that lock is released, so consumers see each request's
+//! entries in log order and an acknowledged callback is already visible to every watch. Callbacks of requests in
+//! different shards do not wait for one another.
 
 mod nonces;
 
 use std::{
     collections::{HashMap, HashSet},
     hash::{BuildHasher, RandomState},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
@@ -23,9 +24,15 @@ use nonces::Nonces;
 /// How often the consumers' clocks advance when nothing is appended.
 const TICK: Duration = Duration::from_secs(1);
 
+/// How many shards the requests' state is split into, each under its own lock.
+const SHARDS: usize = 16;
+
 /// See the module documentation.
 pub struct LocalLog {
-    state: Mutex<State>,
+    /// The keys of the request-id hash (a record stores no copy of the string).
+    keys: (RandomState, RandomState),
+    /// The requests' state, by the hash's first half.
+    shards: Box<[Mutex<State>]>,
     consumers: Vec<Arc<dyn Consumer>>,
     nonces: Nonces,
     retention_ms: u64,
@@ -38,12 +45,10 @@ pub struct LocalLog {
 
 #[derive(Default)]
 struct State {
-    /// The keys of the request-id hash (a record stores no copy of the string).
-    keys: (RandomState, RandomState),
     /// What each request holds, by a keyed 128-bit hash of its request_id: its offsets and digests, until
     /// `retention` after its last event.
     requests: HashMap<[u64; 2], RequestState>,
-    /// The log's time of the last entry: never goes back, even when the wall clock does.
+    /// The log's time of the shard's last entry: never goes back, even when the wall clock does.
     last_ms: u64,
     /// When expired requests are next swept out.
     next_sweep_ms: u64,
@@ -110,7 +115,8 @@ impl Digests {
 impl LocalLog {
     pub fn new(limits: Limits, consumers: Vec<Arc<dyn Consumer>>, draining: CancellationToken) -> LocalLog {
         LocalLog {
-            state: Mutex::default(),
+            keys: (RandomState::new(), RandomState::new()),
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             consumers,
             nonces: Nonces::default(),
             retention_ms: limits.retention.as_millis() as u64,
@@ -157,9 +163,10 @@ impl LocalLog {
         let Some(received) = notification else {
             return Ok(Accepted::NothingToAppend);
         };
-        let mut state = self.state.lock().expect("log lock poisoned");
+        let key = self.key(&received.notification.request_id);
+        let mut state = self.shard(key);
         let now = state.tick((self.clock)(), self.retention_ms);
-        let request = state.touch(&received.notification.request_id, now, self.retention_ms);
+        let request = state.touch(key, now, self.retention_ms);
         if request.digests.contains(received.digest) {
             return Ok(Accepted::Duplicate);
         }
@@ -185,12 +192,24 @@ impl LocalLog {
     }
 
     pub fn record_query(&self, query: QueryRecorded) -> Result<(), Unavailable> {
-        let mut state = self.state.lock().expect("log lock poisoned");
+        let key = self.key(&query.request_id);
+        let mut state = self.shard(key);
         let now = state.tick((self.clock)(), self.retention_ms);
-        state.touch(&query.request_id, now, self.retention_ms);
+        state.touch(key, now, self.retention_ms);
         let entry = Entry::Query { time_ms: now, query };
         self.consumers.iter().for_each(|c| c.apply(&entry));
         Ok(())
+    }
+
+    /// The keyed 128-bit hash of `request_id`.
+    fn key(&self, request_id: &str) -> [u64; 2] {
+        [self.keys.0.hash_one(request_id), self.keys.1.hash_one(request_id)]
+    }
+
+    /// The state of the shard that holds request `key`, locked.
+    fn shard(&self, key: [u64; 2]) -> MutexGuard<'_, State> {
+        let shard = &self.shards[key[0] as usize % SHARDS];
+        shard.lock().expect("log lock poisoned")
     }
 }
 
@@ -209,9 +228,8 @@ impl State {
         now
     }
 
-    /// The state of `request_id`, created if new or expired (swept or not), its last event now at `now`.
-    fn touch(&mut self, request_id: &str, now: u64, retention_ms: u64) -> &mut RequestState {
-        let key = [self.keys.0.hash_one(request_id), self.keys.1.hash_one(request_id)];
+    /// The state of request `key`, created if new or expired (swept or not), its last event now at `now`.
+    fn touch(&mut self, key: [u64; 2], now: u64, retention_ms: u64) -> &mut RequestState {
         let request = self.requests.entry(key).or_default();
         if request.last_ms.saturating_add(retention_ms) <= now {
             *request = RequestState::default();
