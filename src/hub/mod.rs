@@ -1,6 +1,6 @@
 //! The hub: what this replica holds of each `request_id` — the query's expected channels and its notifications
 //! at the offsets the log gave them — and the watches reading them. It is fed only by the event log
-//! ([`crate::log`]), in log order, and decides nothing the log decides: offsets, duplicates and the cap come
+//! ([`crate::log`]), each request's events in log order, and decides nothing the log decides: offsets, duplicates and the cap come
 //! with each entry, and time is the log's.
 //!
 //! Records live in shards, each behind a std mutex held only for map and vector operations, never across an
@@ -11,7 +11,9 @@
 //! What is kept, the same on every replica because it is decided by log time:
 //! - a notification, until `retention` after its time in the log;
 //! - a record, while any of its events is kept (or while it is watched);
-//! - at most `max_requests` records with events: past that the record created first in the log goes first.
+//! - at most `max_requests` records with events: past that the record created first goes first (by the order
+//!   the hub made them in: records of requests fed at once from different shards of the log are made in either
+//!   order).
 //!
 //! A watch keeps no queue of its own: it holds a cursor (the last offset it sent) and reads what is past it when
 //! the record wakes it, so a slow or idle watch costs a few words. A watch of a request nobody has heard of

@@ -8,7 +8,10 @@ mod nonces;
 use std::{
     collections::{HashMap, HashSet},
     hash::{BuildHasher, RandomState},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -33,6 +36,9 @@ pub struct LocalLog {
     keys: (RandomState, RandomState),
     /// The requests' state, by the hash's first half.
     shards: Box<[Mutex<State>]>,
+    /// The log's time of the last entry, one clock for every shard: never goes back, even when the wall clock
+    /// does.
+    last_ms: AtomicU64,
     consumers: Vec<Arc<dyn Consumer>>,
     nonces: Nonces,
     retention_ms: u64,
@@ -48,9 +54,7 @@ struct State {
     /// What each request holds, by a keyed 128-bit hash of its request_id: its offsets and digests, until
     /// `retention` after its last event.
     requests: HashMap<[u64; 2], RequestState>,
-    /// The log's time of the shard's last entry: never goes back, even when the wall clock does.
-    last_ms: u64,
-    /// When expired requests are next swept out.
+    /// When the shard's expired requests are next swept out.
     next_sweep_ms: u64,
 }
 
@@ -117,6 +121,7 @@ impl LocalLog {
         LocalLog {
             keys: (RandomState::new(), RandomState::new()),
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            last_ms: AtomicU64::new(0),
             consumers,
             nonces: Nonces::default(),
             retention_ms: limits.retention.as_millis() as u64,
@@ -165,7 +170,7 @@ impl LocalLog {
         };
         let key = self.key(&received.notification.request_id);
         let mut state = self.shard(key);
-        let now = state.tick((self.clock)(), self.retention_ms);
+        let now = state.tick(self.now(), self.retention_ms);
         let request = state.touch(key, now, self.retention_ms);
         if request.digests.contains(received.digest) {
             return Ok(Accepted::Duplicate);
@@ -194,11 +199,17 @@ impl LocalLog {
     pub fn record_query(&self, query: QueryRecorded) -> Result<(), Unavailable> {
         let key = self.key(&query.request_id);
         let mut state = self.shard(key);
-        let now = state.tick((self.clock)(), self.retention_ms);
+        let now = state.tick(self.now(), self.retention_ms);
         state.touch(key, now, self.retention_ms);
         let entry = Entry::Query { time_ms: now, query };
         self.consumers.iter().for_each(|c| c.apply(&entry));
         Ok(())
+    }
+
+    /// Moves the log's clock to the wall clock's time (never back) and returns it.
+    fn now(&self) -> u64 {
+        let wall = (self.clock)();
+        self.last_ms.fetch_max(wall, Ordering::Relaxed).max(wall)
     }
 
     /// The keyed 128-bit hash of `request_id`.
@@ -214,12 +225,10 @@ impl LocalLog {
 }
 
 impl State {
-    /// Moves the log's clock to `wall` (never back); forgets, about ten times per retention, the requests whose
-    /// last event is older than the retention (a sweep rather than an index: an index would cost more memory
-    /// per request than the sweep costs time).
-    fn tick(&mut self, wall: u64, retention_ms: u64) -> u64 {
-        self.last_ms = self.last_ms.max(wall);
-        let now = self.last_ms;
+    /// Forgets, about ten times per retention, the shard's requests whose last event is older than the
+    /// retention at the log's time `now` (a sweep rather than an index: an index would cost more memory per
+    /// request than the sweep costs time); returns `now`.
+    fn tick(&mut self, now: u64, retention_ms: u64) -> u64 {
         if now >= self.next_sweep_ms {
             self.requests
                 .retain(|_, r| r.last_ms.saturating_add(retention_ms) > now);
@@ -241,7 +250,6 @@ impl State {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU64, Ordering};
 
     use super::*;
     use crate::{
@@ -330,6 +338,32 @@ mod tests {
             Accepted::Appended { offset: 1 },
             "a request idle for the retention starts again"
         );
+    }
+
+    /// The log's time is one clock for every request, whatever shard holds it: after the wall clock steps back, a
+    /// later entry of any request is not older than an earlier one (the cache keeps the newer result by it).
+    #[test]
+    fn the_log_time_never_goes_back_across_requests() {
+        static STEPPED: AtomicU64 = AtomicU64::new(5_000_000);
+        let recorder = Arc::new(Recorder::default());
+        let log = LocalLog {
+            clock: || STEPPED.load(Ordering::SeqCst),
+            ..log(recorder.clone())
+        };
+        log.accept(None, received("first", CapabilityStatus::Full)).unwrap();
+        STEPPED.store(4_990_000, Ordering::SeqCst);
+        for i in 0..64 {
+            log.accept(None, received(&format!("later-{i}"), CapabilityStatus::Full))
+                .unwrap();
+        }
+        let times: Vec<u64> = recorder
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, _, time_ms)| *time_ms)
+            .collect();
+        assert!(times.iter().all(|&t| t == 5_000_000), "{times:?}");
     }
 
     #[test]

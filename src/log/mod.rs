@@ -1,5 +1,5 @@
-//! The event log: the one road by which events reach this replica's hub (and every other consumer), in log
-//! order, in every mode.
+//! The event log: the one road by which events reach this replica's hub (and every other consumer), each
+//! request's in log order, in every mode.
 //!
 //! The webhook appends each verified notification, QueryCapability appends each query's record; nothing else
 //! feeds a hub. The log decides what a hub could not decide alike on every replica:
