@@ -26,7 +26,6 @@ mod watch;
 
 use std::{
     collections::{HashMap, VecDeque},
-    hash::{BuildHasher, RandomState},
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -39,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     capability::Channel,
-    log::{Consumer, Entry, NotificationEntry, codec},
+    log::{Consumer, Entry, KeyedHash, NotificationEntry, codec},
 };
 use channels::ChannelSet;
 use held::HeldList;
@@ -64,8 +63,8 @@ pub struct HubConfig {
 /// Per-request fan-out with retention and replay.
 pub struct Hub {
     shards: Box<[Mutex<Shard>]>,
-    /// The keys of the request-id hash.
-    keys: (RandomState, RandomState),
+    /// The request-id hash.
+    keys: KeyedHash,
     /// Records with events in the order the log created them (generation, key), to evict the oldest at the
     /// cap. Entries of records already gone are skipped when met.
     order: Mutex<VecDeque<(u64, Key)>>,
@@ -137,7 +136,7 @@ impl Hub {
     pub fn new(config: HubConfig) -> Hub {
         Hub {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            keys: (RandomState::new(), RandomState::new()),
+            keys: KeyedHash::default(),
             order: Mutex::new(VecDeque::new()),
             next_generation: AtomicU64::new(1),
             count: AtomicUsize::new(0),
@@ -179,10 +178,6 @@ impl Hub {
         self.len() == 0
     }
 
-    fn key(&self, request_id: &str) -> Key {
-        [self.keys.0.hash_one(request_id), self.keys.1.hash_one(request_id)]
-    }
-
     fn shard(&self, key: Key) -> MutexGuard<'_, Shard> {
         self.shards[(key[0] % SHARDS as u64) as usize]
             .lock()
@@ -205,7 +200,7 @@ impl Hub {
 
     /// Applies a log entry to the record of `request_id`, creating it (or making a shell real) as needed.
     fn apply_to(&self, request_id: &str, time_ms: u64, change: impl FnOnce(&mut Record)) {
-        let key = self.key(request_id);
+        let key = self.keys.of(request_id);
         let mut became_real = None;
         let woken = {
             let mut shard = self.shard(key);
@@ -294,7 +289,7 @@ impl Hub {
 
     /// Opens a watch of `request_id` that first replays what is past `after_offset`.
     pub fn watch(self: &Arc<Self>, request_id: &str, after_offset: u64, limits: WatchLimits) -> Watch {
-        let key = self.key(request_id);
+        let key = self.keys.of(request_id);
         let (generation, changed) = {
             let mut shard = self.shard(key);
             let now = self.now_ms.load(Ordering::Relaxed);
@@ -540,7 +535,7 @@ mod tests {
     }
 
     fn offsets(hub: &Arc<Hub>, request_id: &str) -> Vec<u64> {
-        let key = hub.key(request_id);
+        let key = hub.keys.of(request_id);
         hub.shard(key)
             .records
             .get(&key)
@@ -649,7 +644,7 @@ mod tests {
         hub.apply(&from_app("r", Channel::Rcs, 2, 2, "APP-B"));
         hub.apply(&from_app("r", Channel::Viber, 3, 3, "APP-A"));
         hub.apply(&from_app("other", Channel::Sms, 1, 4, "APP-A"));
-        let key = hub.key("r");
+        let key = hub.keys.of("r");
         let bodies: Vec<_> = {
             let shard = hub.shard(key);
             let record = &shard.records[&key];

@@ -369,7 +369,7 @@ mod tests {
         let hub = hub(600, 100);
         hub.apply(&notification("r", Channel::Sms, 1, 1));
         let watch = hub.watch("r", 0, WatchLimits::for_tests());
-        let key = hub.key("r");
+        let key = hub.keys.of("r");
         assert_eq!(hub.shard(key).records[&key].watchers, 1);
         drop(watch);
         assert_eq!(hub.shard(key).records[&key].watchers, 0);

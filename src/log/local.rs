@@ -7,7 +7,6 @@ mod nonces;
 
 use std::{
     collections::{HashMap, HashSet},
-    hash::{BuildHasher, RandomState},
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
@@ -18,8 +17,8 @@ use std::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
-    Accepted, Consumer, Digest, Entry, Limits, Nonce, NotificationEntry, NotificationReceived, QueryRecorded,
-    Unavailable, codec, wall_clock_ms,
+    Accepted, Consumer, Digest, Entry, KeyedHash, Limits, Nonce, NotificationEntry, NotificationReceived,
+    QueryRecorded, Unavailable, codec, wall_clock_ms,
 };
 use crate::capability::Notification;
 use nonces::Nonces;
@@ -32,8 +31,8 @@ const SHARDS: usize = 16;
 
 /// See the module documentation.
 pub struct LocalLog {
-    /// The keys of the request-id hash (a record stores no copy of the string).
-    keys: (RandomState, RandomState),
+    /// The request-id hash (a request's state stores no copy of the string).
+    keys: KeyedHash,
     /// The requests' state, by the hash's first half.
     shards: Box<[Mutex<State>]>,
     /// The log's time of the last entry, one clock for every shard: never goes back, even when the wall clock
@@ -119,7 +118,7 @@ impl Digests {
 impl LocalLog {
     pub fn new(limits: Limits, consumers: Vec<Arc<dyn Consumer>>, draining: CancellationToken) -> LocalLog {
         LocalLog {
-            keys: (RandomState::new(), RandomState::new()),
+            keys: KeyedHash::default(),
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             last_ms: AtomicU64::new(0),
             consumers,
@@ -168,7 +167,7 @@ impl LocalLog {
         let Some(received) = notification else {
             return Ok(Accepted::NothingToAppend);
         };
-        let key = self.key(&received.notification.request_id);
+        let key = self.keys.of(&received.notification.request_id);
         let mut state = self.shard(key);
         let now = state.tick(self.now(), self.retention_ms);
         let request = state.touch(key, now, self.retention_ms);
@@ -197,7 +196,7 @@ impl LocalLog {
     }
 
     pub fn record_query(&self, query: QueryRecorded) -> Result<(), Unavailable> {
-        let key = self.key(&query.request_id);
+        let key = self.keys.of(&query.request_id);
         let mut state = self.shard(key);
         let now = state.tick(self.now(), self.retention_ms);
         state.touch(key, now, self.retention_ms);
@@ -210,11 +209,6 @@ impl LocalLog {
     fn now(&self) -> u64 {
         let wall = (self.clock)();
         self.last_ms.fetch_max(wall, Ordering::Relaxed).max(wall)
-    }
-
-    /// The keyed 128-bit hash of `request_id`.
-    fn key(&self, request_id: &str) -> [u64; 2] {
-        [self.keys.0.hash_one(request_id), self.keys.1.hash_one(request_id)]
     }
 
     /// The state of the shard that holds request `key`, locked.

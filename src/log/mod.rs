@@ -20,6 +20,7 @@ mod local;
 pub mod redis;
 
 use std::{
+    hash::{BuildHasher, RandomState},
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -92,6 +93,22 @@ pub trait Consumer: Send + Sync {
     fn apply(&self, entry: &Entry);
     /// The log's clock reached `now_ms`: what is older than the retention before it may go.
     fn advance(&self, now_ms: u64);
+}
+
+/// A keyed 128-bit hash of a string (a request_id, a nonce), as two halves: SipHash under two keys drawn at
+/// start, so a sender cannot make two strings collide, and nothing need keep a copy of the string.
+pub struct KeyedHash(RandomState, RandomState);
+
+impl Default for KeyedHash {
+    fn default() -> KeyedHash {
+        KeyedHash(RandomState::new(), RandomState::new())
+    }
+}
+
+impl KeyedHash {
+    pub fn of(&self, text: &str) -> [u64; 2] {
+        [self.0.hash_one(text), self.1.hash_one(text)]
+    }
 }
 
 /// A signed callback's nonce, and how long it must be remembered: as long as its timestamp would still pass the

@@ -9,18 +9,19 @@
 
 use std::{
     collections::{HashSet, VecDeque},
-    hash::{BuildHasher, RandomState},
     sync::Mutex,
     time::Duration,
 };
 
 use tokio::time::Instant;
 
+use crate::log::KeyedHash;
+
 /// The width of an expiry slot, in seconds.
 const BUCKET: u32 = 30;
 
 pub struct Nonces {
-    keys: (RandomState, RandomState),
+    keys: KeyedHash,
     /// Expiries count whole seconds from here.
     start: Instant,
     /// By the end of their slot (seconds after `start`), ascending.
@@ -39,7 +40,7 @@ struct Slot {
 impl Default for Nonces {
     fn default() -> Nonces {
         Nonces {
-            keys: (RandomState::new(), RandomState::new()),
+            keys: KeyedHash::default(),
             start: Instant::now(),
             slots: Mutex::default(),
         }
@@ -51,7 +52,7 @@ impl Nonces {
     pub fn claim(&self, nonce: &str, remember_for: Duration) -> bool {
         let elapsed = self.start.elapsed();
         let now = elapsed.as_secs() as u32;
-        let fingerprint = [self.keys.0.hash_one(nonce), self.keys.1.hash_one(nonce)];
+        let fingerprint = self.keys.of(nonce);
         let mut slots = self.slots.lock().expect("nonce lock poisoned");
         while slots.front().is_some_and(|slot| slot.until <= now) {
             slots.pop_front();
