@@ -1,7 +1,7 @@
 //! The hub: what this replica holds of each `request_id` — the query's expected channels and its notifications
 //! at the offsets the log gave them — and the watches reading them. It is fed only by the event log
-//! ([`crate::log`]), each request's events in log order, and decides nothing the log decides: offsets, duplicates and the cap come
-//! with each entry, and time is the log's.
+//! ([`crate::log`]), each request's events in log order, and decides nothing the log decides: offsets, duplicates
+//! and the cap come with each entry, and time is the log's.
 //!
 //! Records live in shards, each behind a std mutex held only for map and vector operations, never across an
 //! `.await`. A record is keyed by a 128-bit keyed hash of its request_id (two SipHash keys drawn at start: a
