@@ -660,24 +660,30 @@ async fn delivery(plan: &Plan, report: &mut Report) {
 /// The bare HTTP baselines (plain and verifying), then saturated ingestion: the same posters flat out at a facade
 /// nobody watches.
 async fn ingestion(plan: &Plan, report: &mut Report) {
-    let flat_out = flat_out(plan);
     for (name, args) in [("bare http", &[][..]), ("bare verifying http", &["--verify"])] {
         let bare = procs::baseline_with("bare-http", args).await;
         let pid = bare.child.id().expect("the baseline runs");
-        let cpu = procs::cpu_ms(pid);
-        let load = scenarios::post_callbacks(bare.ready, "w", 1, flat_out).await;
-        report.load(name, &load);
-        report.cpu_per_call(name, procs::cpu_ms(pid).saturating_sub(cpu), &load);
+        saturate(plan, report, name, pid, bare.ready, 1).await;
     }
     let facade = procs::facade(&delivery_env()).await;
-    let cpu = procs::cpu_ms(facade.pid());
-    let load = scenarios::post_callbacks(facade.webhook_addr, "i", 1_000, flat_out).await;
-    report.load("ingest, no watcher", &load);
-    report.cpu_per_call(
+    saturate(
+        plan,
+        report,
         "ingest, no watcher",
-        procs::cpu_ms(facade.pid()).saturating_sub(cpu),
-        &load,
-    );
+        facade.pid(),
+        facade.webhook_addr,
+        1_000,
+    )
+    .await;
+}
+
+/// Posts callbacks over `requests` request_ids flat out at `target`, served by process `pid`: its load and its
+/// CPU per call, as `name`.
+async fn saturate(plan: &Plan, report: &mut Report, name: &str, pid: u32, target: SocketAddr, requests: usize) {
+    let cpu = procs::cpu_ms(pid);
+    let load = scenarios::post_callbacks(target, "i", requests, flat_out(plan)).await;
+    report.load(name, &load);
+    report.cpu_per_call(name, procs::cpu_ms(pid).saturating_sub(cpu), &load);
 }
 
 /// Many idle watches on one replica: resident memory per stream.
