@@ -60,6 +60,7 @@ async fn serve(config: Config) -> ExitCode {
         Ok(t) => t,
         Err(e) => return invalid(&e),
     };
+    without_transparent_huge_pages();
     if config.upstream() == Ok(Upstream::Sandbox) {
         tracing::warn!(
             "SANDBOX MODE: {} is not set, so queries go to the built-in Sinch emulator and no real contact is \
@@ -98,6 +99,18 @@ async fn serve(config: Config) -> ExitCode {
             tracing::error!(error = %e, "the service failed");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Turns transparent huge pages off for this process. mimalloc asks the kernel for them (`madvise`), and the
+/// kernel zeroes a whole 2 MiB page in the fault of the first write to it: while the service's memory grows
+/// (retained notifications, the cache, new watches) a worker thread stalls in the kernel for milliseconds, and
+/// every callback and notification queued on it waits. Without them p99 under saturated ingestion went from 3.4×
+/// to 1.4–1.6× the bare handler's (BENCHMARKS.md, "Delivery at the limit", fifth round).
+fn without_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
+        tracing::warn!(error = %e, "transparent huge pages stay on for this process: latency may spike while memory grows");
     }
 }
 

@@ -185,6 +185,18 @@ async fn sigterm_drains_the_real_binary_and_exits_zero() {
     assert!(status.success(), "{status:?}: {}", process.log_text());
 }
 
+/// A transparent huge page is zeroed whole (2 MiB) by the first write that touches it: while the service's memory
+/// grows (retained notifications, new watches) a worker thread stalls for milliseconds in the kernel, and every
+/// callback and notification queued on it waits (BENCHMARKS.md, "Delivery at the limit", fifth round).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_service_runs_without_transparent_huge_pages() {
+    let process = Binary::spawn(&[]).await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", process.pid())).unwrap();
+    let line = status.lines().find(|l| l.starts_with("THP_enabled:"));
+    assert_eq!(line.and_then(|l| l.split_whitespace().nth(1)), Some("0"), "{line:?}");
+}
+
 #[tokio::test]
 async fn without_credentials_the_binary_serves_against_its_sandbox_and_says_so_first() {
     let process = Binary::spawn(&[]).await;
