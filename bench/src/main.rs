@@ -277,7 +277,9 @@ async fn main() {
             idle(&plan, &mut report).await;
         }
         if wanted("replicas") {
-            cross_replica(&plan, &mut report).await;
+            // The scenario (watches on one other replica), then watches spread over two others.
+            cross_replica(&plan, &mut report, 2).await;
+            cross_replica(&plan, &mut report, 3).await;
         }
         if wanted("check") {
             check::run(&plan, &mut report).await;
@@ -715,17 +717,16 @@ async fn idle(plan: &Plan, report: &mut Report) {
     report.add("idle watches total RSS MiB", after as f64 / 1048576.0);
 }
 
-/// Three replicas sharing a Redis: callbacks into one, watchers on the two others.
-async fn cross_replica(plan: &Plan, report: &mut Report) {
+/// `count` replicas (2 or more) sharing a Redis: callbacks into the first, watchers on the others.
+async fn cross_replica(plan: &Plan, report: &mut Report, count: usize) {
     let redis = testkit::RedisServer::start().await;
     let mut env = delivery_env();
     env.push(("CAPABILITY_REDIS_URL", redis.url()));
-    let replicas = [
-        procs::facade(&env).await,
-        procs::facade(&env).await,
-        procs::facade(&env).await,
-    ];
-    let others = [replicas[1].grpc_addr, replicas[2].grpc_addr];
+    let mut replicas = Vec::with_capacity(count);
+    for _ in 0..count {
+        replicas.push(procs::facade(&env).await);
+    }
+    let others: Vec<_> = replicas[1..].iter().map(|r| r.grpc_addr).collect();
     let watchers = scenarios::open_watchers(&others, "x", plan.cross_watchers, 10).await;
     let paced = Posting {
         rate: Some(plan.cross_rate),
@@ -733,7 +734,7 @@ async fn cross_replica(plan: &Plan, report: &mut Report) {
     };
     let posted = scenarios::post_callbacks(replicas[0].webhook_addr, "x", plan.cross_watchers, paced).await;
     watchers.wait_for(posted.ok, Duration::from_secs(30)).await;
-    let name = format!("cross-replica at {}/s (3 replicas)", plan.cross_rate);
+    let name = format!("cross-replica at {}/s ({} replicas)", plan.cross_rate, replicas.len());
     report.latency(&name, &watchers, posted.ok);
 }
 
