@@ -2,7 +2,7 @@
 //! its status's time to live.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
@@ -105,24 +105,30 @@ impl LocalCache {
     }
 
     /// Removes identity entries `keys` and contacts' entries `contacts` with the identity entries they list.
-    /// Returns how many entries went.
+    /// Returns how many entries went. A contact's entry goes under its stripe's lock, so that a result arriving
+    /// for the contact meanwhile cannot put the entry's older results back.
     pub fn remove(&self, keys: &[EntryKey], contacts: &[EntryKey]) -> u64 {
         let mut gone: Vec<EntryKey> = keys.to_vec();
+        let mut removed = 0;
         for contact in contacts {
-            if let Some(entry) = self.entries.get(contact)
-                && let Cached::Contact(results) = &*entry
-            {
-                gone.extend(results.iter().map(|(key, _)| *key));
+            let _stripe = self.stripe(contact);
+            if let Some(entry) = self.entries.remove(contact) {
+                removed += 1;
+                if let Cached::Contact(results) = &*entry {
+                    gone.extend(results.iter().map(|(key, _)| *key));
+                }
             }
         }
-        gone.extend_from_slice(contacts);
-        self.remove_all(gone)
+        gone.sort_unstable();
+        gone.dedup();
+        removed + gone.iter().filter(|key| self.entries.remove(*key).is_some()).count() as u64
     }
 
-    fn remove_all(&self, mut keys: Vec<EntryKey>) -> u64 {
-        keys.sort_unstable();
-        keys.dedup();
-        keys.iter().filter(|key| self.entries.remove(*key).is_some()).count() as u64
+    /// The lock an entry is read then written under.
+    fn stripe(&self, key: &EntryKey) -> MutexGuard<'_, ()> {
+        self.stripes[usize::from(key[0]) % STRIPES]
+            .lock()
+            .expect("cache stripe lock poisoned")
     }
 
     /// How many entries it holds (approximately: expired ones go lazily).
@@ -135,16 +141,15 @@ impl LocalCache {
     }
 
     /// Keeps `result` under its identity and, with `contact`, in its contact's entry, unless what is held there is
-    /// newer. An identity's entry is read then written under its stripe's lock (cheaper than moka's per-key
-    /// compute), so only a removal can come between, and a result that lands just after one is newer than it.
+    /// newer. Each entry is read then written under its stripe's lock (cheaper than moka's per-key compute). An
+    /// identity's entry may be removed between the two — what lands just after is newer than what went; a
+    /// contact's entry, which merges the results it held, is removed under the lock too ([`LocalCache::remove`]).
     fn store(&self, result: CachedResult, identity: EntryKey, contact: Option<EntryKey>) {
         let newer = |held: &CachedResult| held.checked_at_ms <= result.checked_at_ms;
         if let Some(contact) = contact {
             self.store_in_contact(&result, identity, contact, newer);
         }
-        let _stripe = self.stripes[usize::from(identity[0]) % STRIPES]
-            .lock()
-            .expect("cache stripe lock poisoned");
+        let _stripe = self.stripe(&identity);
         let held = self.entries.get(&identity);
         if let Some(Cached::One(held)) = held.as_deref()
             && !newer(held)
@@ -161,20 +166,19 @@ impl LocalCache {
         contact: EntryKey,
         newer: impl Fn(&CachedResult) -> bool,
     ) {
-        self.entries.entry(contact).and_compute_with(|held| {
-            let mut results = match held.map(|e| e.into_value()).as_deref() {
-                Some(Cached::Contact(results)) => results.clone(),
-                _ => Vec::new(),
-            };
-            let full = results.len() >= MAX_CONTACT_RESULTS;
-            match results.iter_mut().find(|(key, _)| *key == identity) {
-                Some((_, held)) if newer(held) => *held = result.clone(),
-                Some(_) => return moka::ops::compute::Op::Nop,
-                None if full => return moka::ops::compute::Op::Nop,
-                None => results.push((identity, result.clone())),
-            }
-            moka::ops::compute::Op::Put(Arc::new(Cached::Contact(results)))
-        });
+        let _stripe = self.stripe(&contact);
+        let mut results = match self.entries.get(&contact).as_deref() {
+            Some(Cached::Contact(results)) => results.clone(),
+            _ => Vec::new(),
+        };
+        let full = results.len() >= MAX_CONTACT_RESULTS;
+        match results.iter_mut().find(|(key, _)| *key == identity) {
+            Some((_, held)) if newer(held) => *held = result.clone(),
+            Some(_) => return,
+            None if full => return,
+            None => results.push((identity, result.clone())),
+        }
+        self.entries.insert(contact, Arc::new(Cached::Contact(results)));
     }
 }
 
@@ -298,6 +302,40 @@ mod tests {
         assert_eq!(results.len(), 2);
         assert_eq!(cache.remove(&[], &[contact]), 3);
         assert!(held(&cache, "46700000001").is_none());
+    }
+
+    /// An invalidation of a contact while a result for another of its identities arrives: what the contact's
+    /// entry held before the invalidation does not come back with the newcomer.
+    #[test]
+    fn a_contact_invalidated_while_a_result_arrives_keeps_nothing_from_before() {
+        let cache = LocalCache::new(CacheTtl::default(), 100_000);
+        let now = crate::log::wall_clock_ms();
+        for round in 0..2_000u64 {
+            let contact_id = format!("C{round}");
+            let before = format!("466{round:08}");
+            cache.apply(&entry(&before, &contact_id, CapabilityStatus::Full, now));
+            let contact = cache.hasher().contact("app", &contact_id);
+            let start = std::sync::Barrier::new(2);
+            std::thread::scope(|scope| {
+                let (cache, start, contact_id) = (&cache, &start, &contact_id);
+                scope.spawn(move || {
+                    start.wait();
+                    let newcomer = entry(&format!("467{round:08}"), contact_id, CapabilityStatus::Full, now + 1);
+                    cache.apply(&newcomer);
+                });
+                scope.spawn(move || {
+                    start.wait();
+                    cache.remove(&[], &[contact]);
+                });
+            });
+            let key = cache.hasher().identity("app", &Channel::Sms, &before);
+            if let Some(Cached::Contact(results)) = cache.get(&contact).as_deref() {
+                assert!(
+                    results.iter().all(|(k, _)| *k != key),
+                    "round {round}: an invalidated result came back"
+                );
+            }
+        }
     }
 
     #[test]
