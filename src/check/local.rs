@@ -236,6 +236,19 @@ mod tests {
         })
     }
 
+    /// Runs `a` and `b` on two threads released at the same moment.
+    fn at_once(a: impl FnOnce() + Send, b: impl FnOnce() + Send) {
+        let start = std::sync::Barrier::new(2);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                start.wait();
+                a();
+            });
+            start.wait();
+            b();
+        });
+    }
+
     fn held(cache: &LocalCache, identity: &str) -> Option<CachedResult> {
         match cache
             .get(&cache.hasher().identity("app", &Channel::Sms, identity))
@@ -265,16 +278,8 @@ mod tests {
         let now = crate::log::wall_clock_ms();
         for round in 0..2_000u64 {
             let identity = format!("467{round:08}");
-            let start = std::sync::Barrier::new(2);
-            std::thread::scope(|scope| {
-                for time_ms in [now + 2 * round, now + 2 * round + 1] {
-                    let (cache, start, identity) = (&cache, &start, &identity);
-                    scope.spawn(move || {
-                        start.wait();
-                        cache.apply(&entry(identity, "", CapabilityStatus::Full, time_ms));
-                    });
-                }
-            });
+            let feed = |time_ms| cache.apply(&entry(&identity, "", CapabilityStatus::Full, time_ms));
+            at_once(|| feed(now + 2 * round), || feed(now + 2 * round + 1));
             let held = held(&cache, &identity).expect("a result is held");
             assert_eq!(held.checked_at_ms, now + 2 * round + 1, "round {round}");
         }
@@ -315,19 +320,13 @@ mod tests {
             let before = format!("466{round:08}");
             cache.apply(&entry(&before, &contact_id, CapabilityStatus::Full, now));
             let contact = cache.hasher().contact("app", &contact_id);
-            let start = std::sync::Barrier::new(2);
-            std::thread::scope(|scope| {
-                let (cache, start, contact_id) = (&cache, &start, &contact_id);
-                scope.spawn(move || {
-                    start.wait();
-                    let newcomer = entry(&format!("467{round:08}"), contact_id, CapabilityStatus::Full, now + 1);
-                    cache.apply(&newcomer);
-                });
-                scope.spawn(move || {
-                    start.wait();
+            let newcomer = entry(&format!("467{round:08}"), &contact_id, CapabilityStatus::Full, now + 1);
+            at_once(
+                || cache.apply(&newcomer),
+                || {
                     cache.remove(&[], &[contact]);
-                });
-            });
+                },
+            );
             let key = cache.hasher().identity("app", &Channel::Sms, &before);
             if let Some(Cached::Contact(results)) = cache.get(&contact).as_deref() {
                 assert!(
