@@ -716,3 +716,85 @@ async fn a_result_is_trusted_for_its_statuss_time_to_live_and_the_callers_max_ag
     assert!(answer.results.is_empty(), "{answer:?}");
     nth_query(&fake, 3).await;
 }
+
+/// The Redis cache, as the in-process one (src/check/local.rs): a contact invalidated while a result for another
+/// of its identities is stored keeps nothing from before, and the newcomer, if it stays cached under its identity,
+/// stays listed in the contact's entry, so that the next invalidation reaches it.
+#[tokio::test]
+async fn in_redis_a_contact_invalidated_while_a_result_is_stored_leaves_no_result_unlisted() {
+    use capability_facade::{
+        capability::{CacheTtl, CapabilityStatus, Channel, Notification},
+        log::redis::{RedisLog, RedisSettings},
+        secret::Secret,
+    };
+    let redis = RedisServer::start().await;
+    let settings = RedisSettings {
+        url: Secret::new(redis.url()),
+        prefix: "race".into(),
+        shards: 1,
+        retention: Duration::from_secs(60),
+        max_per_request: 64,
+        idempotency_window: Duration::from_secs(60),
+        pending_claim: Duration::from_secs(60),
+        cache_ttl: CacheTtl::default(),
+        cache_hash_key: Some(Secret::new("race-key")),
+    };
+    let log = RedisLog::prepare(settings, Vec::new()).await.unwrap();
+    let cache = log.cache();
+    let hasher = cache.hasher().await.unwrap();
+    let result = |identity: &str, contact_id: &str| Notification {
+        request_id: format!("r-{identity}"),
+        contact_id: contact_id.into(),
+        channel: Channel::Sms,
+        identity: identity.into(),
+        capability_status: CapabilityStatus::Full,
+        channel_capabilities: Vec::new(),
+        reason: None,
+        channel_recipient_identities: Vec::new(),
+        app_id: "app".into(),
+        project_id: String::new(),
+        accepted_time: None,
+        event_time: None,
+        message_metadata: String::new(),
+        correlation_id: String::new(),
+        received_time: std::time::SystemTime::now(),
+    };
+    for round in 0..300 {
+        let contact_id = format!("C{round}");
+        let (before, newcomer) = (format!("466{round:08}"), format!("467{round:08}"));
+        cache.store(&result(&before, &contact_id), 1).await.unwrap();
+        let contact = [hasher.contact("app", &contact_id)];
+        let arriving = result(&newcomer, &contact_id);
+        // The removal starts a little later round by round, to fall at every point of the store.
+        let later = async {
+            for _ in 0..round % 16 {
+                tokio::task::yield_now().await;
+            }
+            cache.remove(&[], &contact).await
+        };
+        let (stored, removed) = tokio::join!(cache.store(&arriving, 1), later);
+        stored.unwrap();
+        removed.unwrap();
+        let listed: Vec<String> = cache
+            .get_contact(&contact[0])
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.request_id)
+            .collect();
+        assert!(
+            !listed.contains(&format!("r-{before}")),
+            "round {round}: an invalidated result came back"
+        );
+        let held = cache
+            .get(&[hasher.identity("app", &Channel::Sms, &newcomer)])
+            .await
+            .unwrap();
+        if held[0].is_some() {
+            assert!(
+                listed.contains(&format!("r-{newcomer}")),
+                "round {round}: the newcomer is cached but its contact's entry does not list it"
+            );
+        }
+    }
+}

@@ -59,13 +59,14 @@ fn until(value: &Cached) -> Duration {
     Duration::from_millis(value.expires_at_ms().saturating_sub(crate::log::wall_clock_ms()))
 }
 
-/// How many locks an identity's read-then-write is taken under, by its key.
+/// How many locks an entry's read-then-write (and a contact's removal) is taken under, by its key.
 const STRIPES: usize = 64;
 
 /// See the module documentation.
 pub struct LocalCache {
     entries: Cache<EntryKey, Arc<Cached>>,
-    /// Held while an identity's entry is read then written: the log feeds the cache from several shards at once.
+    /// Held while an entry is read then written, or a contact's removed: the log feeds the cache from several
+    /// shards at once, and an invalidation may come meanwhile.
     stripes: [Mutex<()>; STRIPES],
     hasher: KeyHasher,
     ttl: CacheTtl,
@@ -144,11 +145,20 @@ impl LocalCache {
     /// newer. Each entry is read then written under its stripe's lock (cheaper than moka's per-key compute). An
     /// identity's entry may be removed between the two — what lands just after is newer than what went; a
     /// contact's entry, which merges the results it held, is removed under the lock too ([`LocalCache::remove`]).
+    /// The identity's entry is written first: a contact's removal that lists the result then finds it there.
     fn store(&self, result: CachedResult, identity: EntryKey, contact: Option<EntryKey>) {
-        let newer = |held: &CachedResult| held.checked_at_ms <= result.checked_at_ms;
-        if let Some(contact) = contact {
-            self.store_in_contact(&result, identity, contact, newer);
+        let at = result.checked_at_ms;
+        let newer = move |held: &CachedResult| held.checked_at_ms <= at;
+        match contact {
+            None => self.store_one(result, identity, newer),
+            Some(contact) => {
+                self.store_one(result.clone(), identity, newer);
+                self.store_in_contact(result, identity, contact, newer);
+            }
         }
+    }
+
+    fn store_one(&self, result: CachedResult, identity: EntryKey, newer: impl Fn(&CachedResult) -> bool) {
         let _stripe = self.stripe(&identity);
         let held = self.entries.get(&identity);
         if let Some(Cached::One(held)) = held.as_deref()
@@ -161,7 +171,7 @@ impl LocalCache {
 
     fn store_in_contact(
         &self,
-        result: &CachedResult,
+        result: CachedResult,
         identity: EntryKey,
         contact: EntryKey,
         newer: impl Fn(&CachedResult) -> bool,
@@ -173,10 +183,10 @@ impl LocalCache {
         };
         let full = results.len() >= MAX_CONTACT_RESULTS;
         match results.iter_mut().find(|(key, _)| *key == identity) {
-            Some((_, held)) if newer(held) => *held = result.clone(),
+            Some((_, held)) if newer(held) => *held = result,
             Some(_) => return,
             None if full => return,
-            None => results.push((identity, result.clone())),
+            None => results.push((identity, result)),
         }
         self.entries.insert(contact, Arc::new(Cached::Contact(results)));
     }
@@ -310,7 +320,8 @@ mod tests {
     }
 
     /// An invalidation of a contact while a result for another of its identities arrives: what the contact's
-    /// entry held before the invalidation does not come back with the newcomer.
+    /// entry held before the invalidation does not come back with the newcomer, and the newcomer, if it stays
+    /// cached under its identity, stays listed in the contact's entry (so that the next invalidation reaches it).
     #[test]
     fn a_contact_invalidated_while_a_result_arrives_keeps_nothing_from_before() {
         let cache = LocalCache::new(CacheTtl::default(), 100_000);
@@ -320,18 +331,27 @@ mod tests {
             let before = format!("466{round:08}");
             cache.apply(&entry(&before, &contact_id, CapabilityStatus::Full, now));
             let contact = cache.hasher().contact("app", &contact_id);
-            let newcomer = entry(&format!("467{round:08}"), &contact_id, CapabilityStatus::Full, now + 1);
+            let newcomer_id = format!("467{round:08}");
+            let newcomer = entry(&newcomer_id, &contact_id, CapabilityStatus::Full, now + 1);
             at_once(
                 || cache.apply(&newcomer),
                 || {
                     cache.remove(&[], &[contact]);
                 },
             );
-            let key = cache.hasher().identity("app", &Channel::Sms, &before);
-            if let Some(Cached::Contact(results)) = cache.get(&contact).as_deref() {
+            let key = |identity: &str| cache.hasher().identity("app", &Channel::Sms, identity);
+            let listed = match cache.get(&contact).as_deref() {
+                Some(Cached::Contact(results)) => results.iter().map(|(k, _)| *k).collect(),
+                _ => Vec::new(),
+            };
+            assert!(
+                !listed.contains(&key(&before)),
+                "round {round}: an invalidated result came back"
+            );
+            if held(&cache, &newcomer_id).is_some() {
                 assert!(
-                    results.iter().all(|(k, _)| *k != key),
-                    "round {round}: an invalidated result came back"
+                    listed.contains(&key(&newcomer_id)),
+                    "round {round}: the newcomer is cached but its contact's entry does not list it"
                 );
             }
         }

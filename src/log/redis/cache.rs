@@ -63,6 +63,15 @@ if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KE
 return 1
 ";
 
+/// Removes a contact's entry and returns the identities it listed, in one step: a result stored in it between
+/// a read of its fields and their deletion would be deleted unlisted, its identity entry left behind. KEYS:
+/// contact entry.
+const TAKE_CONTACT: &str = r"
+local fields = redis.call('HKEYS', KEYS[1])
+redis.call('DEL', KEYS[1])
+return fields
+";
+
 /// Takes a lease (pending: `p:<request_id>`) unless someone holds it. KEYS: lease. ARGV: request_id, time to live
 /// (ms). Returns the holder's value (ours when taken), or false when it lapsed meanwhile.
 const LEASE: &str = r"
@@ -101,6 +110,7 @@ pub struct RedisCache {
     hasher: std::sync::Mutex<Option<(KeyHasher, std::time::Instant, String)>>,
     store: Script,
     store_contact: Script,
+    take_contact: Script,
     lease: Script,
     lease_sent: Script,
     release: Script,
@@ -133,6 +143,7 @@ impl RedisCache {
             hasher: std::sync::Mutex::new(None),
             store: Script::new(&format!("{NEWER}{STORE}")),
             store_contact: Script::new(&format!("{NEWER}{STORE_CONTACT}")),
+            take_contact: Script::new(TAKE_CONTACT),
             lease: Script::new(LEASE),
             lease_sent: Script::new(LEASE_SENT),
             release: Script::new(RELEASE),
@@ -257,13 +268,15 @@ impl RedisCache {
     /// Removes identity entries `keys` and contacts' entries `contacts` with the identity entries they list.
     /// Returns how many entries went.
     pub async fn remove(&self, keys: &[EntryKey], contacts: &[EntryKey]) -> redis::RedisResult<u64> {
-        let mut conn = self.commands.clone();
         let mut names: Vec<String> = keys.iter().map(|k| self.entry(k)).collect();
+        let mut removed = 0;
         for contact in contacts {
-            let entry = self.contact_entry(contact);
-            let listed: Vec<String> = redis::cmd("HKEYS").arg(&entry).query_async(&mut conn).await?;
+            let mut invocation = self.take_contact.prepare_invoke();
+            invocation.key(self.contact_entry(contact));
+            let listed: Vec<String> = invoke(&invocation, &self.commands).await?;
+            // A hash exists only with a field: a contact's entry went if it listed any.
+            removed += u64::from(!listed.is_empty());
             names.extend(listed.iter().map(|field| format!("{}:c:{field}", self.prefix)));
-            names.push(entry);
         }
         names.sort();
         names.dedup();
@@ -272,7 +285,7 @@ impl RedisCache {
             let mut conn = self.commands.clone();
             async move { redis::cmd("DEL").arg(name).query_async::<u64>(&mut conn).await }
         });
-        Ok(futures::future::try_join_all(deletes).await?.iter().sum())
+        Ok(removed + futures::future::try_join_all(deletes).await?.iter().sum::<u64>())
     }
 
     /// Takes the lease of `key` for `request_id` for `ttl` unless someone holds it; returns the holder (`None`
