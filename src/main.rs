@@ -21,6 +21,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    let huge_pages = without_transparent_huge_pages();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -33,7 +34,7 @@ async fn main() -> ExitCode {
         }
     };
     match cli.command {
-        None => serve(cli.serve).await,
+        None => serve(cli.serve, huge_pages).await,
         Some(Command::Query(args)) => cli::query(args).await,
         Some(Command::Watch(args)) => cli::watch(args).await,
         Some(Command::Check(args)) => cli::check(args).await,
@@ -47,7 +48,8 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn serve(config: Config) -> ExitCode {
+/// `huge_pages`: why transparent huge pages could not be turned off, if they could not.
+async fn serve(config: Config, huge_pages: Result<(), String>) -> ExitCode {
     let invalid = |problem: &dyn std::fmt::Display| {
         eprintln!("capability-facade: invalid configuration: {problem}");
         ExitCode::from(2)
@@ -60,7 +62,9 @@ async fn serve(config: Config) -> ExitCode {
         Ok(t) => t,
         Err(e) => return invalid(&e),
     };
-    without_transparent_huge_pages();
+    if let Err(e) = huge_pages {
+        tracing::warn!(error = %e, "transparent huge pages stay on for this process: latency may spike while memory grows");
+    }
     if config.upstream() == Ok(Upstream::Sandbox) {
         tracing::warn!(
             "SANDBOX MODE: {} is not set, so queries go to the built-in Sinch emulator and no real contact is \
@@ -102,16 +106,16 @@ async fn serve(config: Config) -> ExitCode {
     }
 }
 
-/// Turns transparent huge pages off for this process. mimalloc asks the kernel for them (`madvise`), and the
-/// kernel zeroes a whole 2 MiB page in the fault of the first write to it: while the service's memory grows
-/// (retained notifications, the cache, new watches) a worker thread stalls in the kernel for milliseconds, and
-/// every callback and notification queued on it waits. Without them p99 under saturated ingestion went from 3.4×
-/// to 1.4–1.6× the bare handler's (BENCHMARKS.md, "Delivery at the limit", fifth round).
-fn without_transparent_huge_pages() {
+/// Turns transparent huge pages off for this process, first thing (the flag is the process's, for every thread).
+/// mimalloc asks the kernel for them (`madvise`), and the kernel zeroes a whole 2 MiB page in the fault of the
+/// first write to it: while the service's memory grows (retained notifications, the cache, new watches) a worker
+/// thread stalls in the kernel for milliseconds, and every callback and notification queued on it waits. Without
+/// them p99 under saturated ingestion went from 3.2–3.4× to 1.5–1.7× the bare handler's (BENCHMARKS.md,
+/// "Delivery at the limit", fifth round).
+fn without_transparent_huge_pages() -> Result<(), String> {
     #[cfg(target_os = "linux")]
-    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
-        tracing::warn!(error = %e, "transparent huge pages stay on for this process: latency may spike while memory grows");
-    }
+    rustix::thread::disable_transparent_huge_pages(true).map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 async fn bind(variable: &str, addr: std::net::SocketAddr) -> Option<TcpListener> {
