@@ -719,6 +719,7 @@ async fn idle(plan: &Plan, report: &mut Report) {
 
 /// `count` replicas (2 or more) sharing a Redis: callbacks into the first, watchers on the others.
 async fn cross_replica(plan: &Plan, report: &mut Report, count: usize) {
+    assert!(count >= 2, "callbacks go to one replica, watches to the others");
     let redis = testkit::RedisServer::start().await;
     let mut env = delivery_env();
     env.push(("CAPABILITY_REDIS_URL", redis.url()));
