@@ -723,9 +723,10 @@ async fn a_result_is_trusted_for_its_statuss_time_to_live_and_the_callers_max_ag
 #[tokio::test]
 async fn in_redis_a_contact_invalidated_while_a_result_is_stored_leaves_no_result_unlisted() {
     use capability_facade::{
-        capability::{CacheTtl, CapabilityStatus, Channel, Notification},
+        capability::{CacheTtl, Channel},
         log::redis::{RedisLog, RedisSettings},
         secret::Secret,
+        webhook::parse::{Callback, parse},
     };
     let redis = RedisServer::start().await;
     let settings = RedisSettings {
@@ -742,22 +743,16 @@ async fn in_redis_a_contact_invalidated_while_a_result_is_stored_leaves_no_resul
     let log = RedisLog::prepare(settings, Vec::new()).await.unwrap();
     let cache = log.cache();
     let hasher = cache.hasher().await.unwrap();
-    let result = |identity: &str, contact_id: &str| Notification {
-        request_id: format!("r-{identity}"),
-        contact_id: contact_id.into(),
-        channel: Channel::Sms,
-        identity: identity.into(),
-        capability_status: CapabilityStatus::Full,
-        channel_capabilities: Vec::new(),
-        reason: None,
-        channel_recipient_identities: Vec::new(),
-        app_id: "app".into(),
-        project_id: String::new(),
-        accepted_time: None,
-        event_time: None,
-        message_metadata: String::new(),
-        correlation_id: String::new(),
-        received_time: std::time::SystemTime::now(),
+    // A result as Sinch sends it, read as the webhook reads it.
+    let result = |identity: &str, contact_id: &str| {
+        let body = CapabilityCallback::new(&format!("r-{identity}"), "SMS", identity, "CAPABILITY_FULL")
+            .contact_id(contact_id)
+            .app_id("app")
+            .body();
+        match parse(&body, std::time::SystemTime::now()) {
+            Ok(Callback::Capability(notification)) => *notification,
+            _ => panic!("a capability callback"),
+        }
     };
     for round in 0..300 {
         let contact_id = format!("C{round}");
