@@ -167,11 +167,7 @@ impl LocalLog {
         let Some(received) = notification else {
             return Ok(Accepted::NothingToAppend);
         };
-        let key = self.keys.of(&received.notification.request_id);
-        let mut state = self.shard(key);
-        // Read under the shard's lock: a request's entries never go back in time.
-        let now = self.now();
-        state.sweep(now, self.retention_ms);
+        let (mut state, key, now) = self.lock(&received.notification.request_id);
         let request = state.touch(key, now, self.retention_ms);
         if request.digests.contains(received.digest) {
             return Ok(Accepted::Duplicate);
@@ -198,10 +194,7 @@ impl LocalLog {
     }
 
     pub fn record_query(&self, query: QueryRecorded) -> Result<(), Unavailable> {
-        let key = self.keys.of(&query.request_id);
-        let mut state = self.shard(key);
-        let now = self.now();
-        state.sweep(now, self.retention_ms);
+        let (mut state, key, now) = self.lock(&query.request_id);
         state.touch(key, now, self.retention_ms);
         let entry = Entry::Query { time_ms: now, query };
         self.consumers.iter().for_each(|c| c.apply(&entry));
@@ -214,10 +207,14 @@ impl LocalLog {
         self.last_ms.fetch_max(wall, Ordering::Relaxed).max(wall)
     }
 
-    /// The state of the shard that holds request `key`, locked.
-    fn shard(&self, key: [u64; 2]) -> MutexGuard<'_, State> {
-        let shard = &self.shards[key[0] as usize % SHARDS];
-        shard.lock().expect("log lock poisoned")
+    /// Locks the shard that holds `request_id` and reads the log's clock under that lock (so a request's entries
+    /// never go back in time), sweeping the shard: its state, the request's key, and the log's time.
+    fn lock(&self, request_id: &str) -> (MutexGuard<'_, State>, [u64; 2], u64) {
+        let key = self.keys.of(request_id);
+        let mut state = self.shards[key[0] as usize % SHARDS].lock().expect("log lock poisoned");
+        let now = self.now();
+        state.sweep(now, self.retention_ms);
+        (state, key, now)
     }
 }
 
