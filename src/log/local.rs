@@ -167,6 +167,8 @@ impl LocalLog {
         let Some(received) = notification else {
             return Ok(Accepted::NothingToAppend);
         };
+        // Encoded before the lock, which every callback of the shard's requests waits for.
+        let body = codec::encode_body(&received.notification).into();
         let (mut state, key, now) = self.lock(&received.notification.request_id);
         let request = state.touch(key, now, self.retention_ms);
         if request.digests.contains(received.digest) {
@@ -183,7 +185,7 @@ impl LocalLog {
         let entry = Entry::Notification(NotificationEntry {
             time_ms: now,
             offset,
-            body: codec::encode_body(&received.notification).into(),
+            body,
             notification: Arc::new(Notification {
                 received_time: codec::log_time(now),
                 ..received.notification
