@@ -89,13 +89,18 @@ enum Command {
     },
     /// Posts `count` signed callbacks (the delivery scenarios' kind, each a new identity, over 1,000 request_ids)
     /// one after another to a facade's webhook signed with the harness's secret; for a profile of a fixed amount
-    /// of work (docs/bench/profiles/ingest-instructions.txt). Exits 1 unless every one was acknowledged.
+    /// of work (docs/bench/profiles/ingest-instructions.txt). Exits 1 unless every one was acknowledged (and, with
+    /// `--grpc`, delivered).
     Post {
         /// The facade's webhook, `host:port`.
         #[arg(long)]
         webhook: SocketAddr,
         #[arg(long)]
         count: u64,
+        /// The facade's gRPC port, `host:port`: first open a watch of each of the 1,000 request_ids (over 100
+        /// connections, as the delivery scenario does), so that each callback is also delivered.
+        #[arg(long)]
+        grpc: Option<SocketAddr>,
     },
     /// The soak (docs/RELIABILITY.md): steady callbacks and open watches for a long time; exits 1 when a
     /// callback acknowledged 200 was lost or duplicated, or the hub kept anything past the retention.
@@ -200,16 +205,29 @@ async fn main() {
         Some(Command::Echo { listen }) => return baselines::echo(listen).await,
         Some(Command::Proxy { listen, upstream }) => return baselines::proxy(listen, upstream).await,
         Some(Command::BareHttp { listen, verify }) => return baselines::bare_http(listen, verify).await,
-        Some(Command::Post { webhook, count }) => {
+        Some(Command::Post { webhook, count, grpc }) => {
             let one_by_one = Posting {
                 posters: 1,
                 rate: None,
                 limit: Some(count),
                 duration: Duration::from_secs(3600),
             };
+            let watchers = match grpc {
+                Some(grpc) => Some(scenarios::open_watchers(&[grpc], "i", 1_000, 100).await),
+                None => None,
+            };
             let load = scenarios::post_callbacks(webhook, "i", 1_000, one_by_one).await;
             println!("{} acknowledged, {} refused or failed", load.ok, load.errors);
-            if load.ok != count {
+            let delivered = match &watchers {
+                Some(watchers) => {
+                    watchers.wait_for(load.ok, Duration::from_secs(60)).await;
+                    let delivered = watchers.delivered.load(std::sync::atomic::Ordering::Relaxed);
+                    println!("{delivered} delivered");
+                    delivered
+                }
+                None => load.ok,
+            };
+            if load.ok != count || delivered != count {
                 std::process::exit(1);
             }
             return;
@@ -371,6 +389,15 @@ impl Report {
         );
     }
 
+    /// `{name} CPU µs per delivery`: the server's CPU time (`cpu_ms`) over what `watchers` received.
+    pub fn cpu_per_delivery(&mut self, name: &str, cpu_ms: u64, watchers: &scenarios::Watchers) {
+        let delivered = watchers.delivered.load(std::sync::atomic::Ordering::Relaxed);
+        self.add(
+            &format!("{name} CPU µs per delivery"),
+            cpu_ms as f64 * 1000.0 / delivered.max(1) as f64,
+        );
+    }
+
     fn median(&self, name: &str) -> f64 {
         let Some((_, values)) = self.values.iter().find(|(n, _)| n == name) else {
             return f64::NAN;
@@ -437,6 +464,12 @@ impl Report {
                     out,
                     "| delivery ({streams} watchers) / Pushpin ({feed}) deliveries/s | {:.2} |",
                     ratio(&format!("delivery {streams} watchers deliveries/s"), &pushpin)
+                );
+                let cpu = pushpin.replace("deliveries/s", "CPU µs per delivery");
+                let _ = writeln!(
+                    out,
+                    "| delivery ({streams} watchers) / Pushpin ({feed}): CPU per delivery | {:.2} |",
+                    ratio(&format!("delivery {streams} watchers CPU µs per delivery"), &cpu)
                 );
             }
         }
@@ -635,16 +668,12 @@ async fn delivery(plan: &Plan, report: &mut Report) {
     for &count in &plan.watcher_counts {
         let facade = procs::facade(&delivery_env()).await;
         let watchers = scenarios::open_watchers(&[facade.grpc_addr], "w", count, count.min(100)).await;
-        let started = Instant::now();
+        let (started, cpu) = (Instant::now(), procs::cpu_ms(facade.pid()));
         let posted = scenarios::post_callbacks(facade.webhook_addr, "w", count, flat_out).await;
         let last = watchers.wait_for(posted.ok, Duration::from_secs(30)).await;
-        report.deliveries(
-            &format!("delivery {count} watchers"),
-            &watchers,
-            posted.ok,
-            started,
-            last,
-        );
+        let name = format!("delivery {count} watchers");
+        report.deliveries(&name, &watchers, posted.ok, started, last);
+        report.cpu_per_delivery(&name, procs::cpu_ms(facade.pid()).saturating_sub(cpu), &watchers);
         if Some(&count) == plan.watcher_counts.last() {
             watchers.reset();
             let paced = Posting {

@@ -47,10 +47,11 @@ pub async fn run(plan: &Plan, report: &mut Report) {
     let readers = subscribed_readers(&pushpin, count).await;
     let flat_out = crate::flat_out(plan);
     let name = format!("peer pushpin {count} streams");
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), pushpin.cpu_ms());
     let published = publish(&pushpin, count, 1, flat_out).await;
     let last = readers.wait_for(published.ok, Duration::from_secs(30)).await;
     report.deliveries(&name, &readers, published.ok, started, last);
+    report.cpu_per_delivery(&name, pushpin.cpu_ms().saturating_sub(cpu), &readers);
     if published.errors > 0 {
         report.add(&format!("{name} publish errors"), published.errors as f64);
     }
@@ -58,11 +59,12 @@ pub async fn run(plan: &Plan, report: &mut Report) {
     // the same streams are fed again with BATCH messages per POST.
     readers.reset();
     let name = format!("peer pushpin {count} streams, {BATCH} per publish");
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), pushpin.cpu_ms());
     let published = publish(&pushpin, count, BATCH, flat_out).await;
     let sent = published.ok * BATCH as u64;
     let last = readers.wait_for(sent, Duration::from_secs(30)).await;
     report.deliveries(&name, &readers, sent, started, last);
+    report.cpu_per_delivery(&name, pushpin.cpu_ms().saturating_sub(cpu), &readers);
     readers.reset();
     let paced = Posting {
         rate: Some(plan.latency_rate),
@@ -161,6 +163,16 @@ impl Pushpin {
             assert!(Instant::now() < deadline, "Pushpin was not ready within 30 s:\n{log}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// CPU time used by all of Pushpin's processes (the runner and what it started), in milliseconds.
+    fn cpu_ms(&self) -> u64 {
+        let Some(pid) = self.child.id() else {
+            return 0;
+        };
+        let mut all = descendants(pid);
+        all.push(pid);
+        all.into_iter().map(crate::procs::cpu_ms).sum()
     }
 }
 
