@@ -367,11 +367,44 @@ impl HeadScan {
         let mut found = false;
         loop {
             let end = memchr::memchr(b'\n', bytes);
-            self.extend_line(&bytes[..end.unwrap_or(bytes.len())]);
-            let Some(end) = end else { return found };
-            found |= self.end_line();
+            let Some(end) = end else {
+                self.extend_line(bytes);
+                return found;
+            };
+            found |= match self.whole_line(&bytes[..end]) {
+                Some(content) => self.end_content(content),
+                None => {
+                    self.extend_line(&bytes[..end]);
+                    self.end_line()
+                }
+            };
             bytes = &bytes[end + 1..];
         }
+    }
+
+    /// A line read whole (its start in the same read as its end) without a `\r` but at its end, as it almost
+    /// always is: its content, looked at where it lies instead of copied a byte at a time.
+    fn whole_line<'b>(&self, line: &'b [u8]) -> Option<&'b [u8]> {
+        if !self.line.is_empty() || self.nonempty {
+            return None;
+        }
+        let content = line.strip_suffix(b"\r").unwrap_or(line);
+        memchr::memchr(b'\r', content).is_none().then_some(content)
+    }
+
+    /// Ends a line whose content is `content`, as [`HeadScan::end_line`] does.
+    fn end_content(&mut self, content: &[u8]) -> bool {
+        let starts = |name: &[u8]| {
+            content
+                .get(..name.len())
+                .is_some_and(|start| start.eq_ignore_ascii_case(name))
+        };
+        if content.is_empty() {
+            return self.end_line();
+        }
+        self.content_length |= starts(Self::CONTENT_LENGTH);
+        self.transfer_encoding |= starts(Self::TRANSFER_ENCODING);
+        false
     }
 
     /// Takes more of the current line.
