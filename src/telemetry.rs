@@ -231,6 +231,22 @@ pub fn metrics() -> PrometheusHandle {
         .clone()
 }
 
+/// `metrics::counter!` (or `gauge!`, `histogram!`, as `$kind`) for a metric whose name and labels are literals,
+/// its handle registered on first use and kept: the macro alone looks its key up in the recorder's registry
+/// (hashing its name and labels) on every call, several times per callback. First used only once
+/// [`metrics`] has installed the recorder (`Service::build` does that first), or it would keep a no-op handle.
+macro_rules! registered {
+    ($kind:ident, $($key:tt)+) => {{
+        static HANDLE: std::sync::LazyLock<::metrics::$kind> =
+            std::sync::LazyLock::new(|| registered!(@make $kind, $($key)+));
+        &*HANDLE
+    }};
+    (@make Counter, $($key:tt)+) => { ::metrics::counter!($($key)+) };
+    (@make Gauge, $($key:tt)+) => { ::metrics::gauge!($($key)+) };
+    (@make Histogram, $($key:tt)+) => { ::metrics::histogram!($($key)+) };
+}
+pub(crate) use registered;
+
 /// A W3C trace context received from a caller (`traceparent: 00-<trace id>-<parent id>-<flags>`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TraceParent {

@@ -35,6 +35,7 @@ use crate::{
     query::Queries,
     secret::Secret,
     telemetry::TraceParent,
+    telemetry::registered,
     tls::TlsFiles,
 };
 use pb::capability_service_server::{CapabilityService, CapabilityServiceServer};
@@ -470,10 +471,10 @@ fn watch_message(event: WatchEvent) -> Result<pb::WatchCapabilityResponse, Statu
             body,
         } => {
             let n = convert::notification(offset, &request_id, &body);
-            metrics::counter!("capability_notifications_delivered_total").increment(1);
+            registered!(Counter, "capability_notifications_delivered_total").increment(1);
             if let Some(received) = n.receive_time.and_then(|t| SystemTime::try_from(t).ok()) {
                 let latency = SystemTime::now().duration_since(received).unwrap_or_default();
-                metrics::histogram!("capability_delivery_latency_seconds").record(latency);
+                registered!(Histogram, "capability_delivery_latency_seconds").record(latency);
             }
             Event::Notification(n)
         }

@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     capability::Channel,
     log::{Consumer, Entry, KeyedHash, NotificationEntry, codec},
+    telemetry::registered,
 };
 use channels::ChannelSet;
 use held::HeldList;
@@ -301,9 +302,9 @@ impl Hub {
             }
         });
         if duplicate {
-            metrics::counter!("capability_notifications_duplicate_total").increment(1);
+            registered!(Counter, "capability_notifications_duplicate_total").increment(1);
         } else {
-            metrics::counter!("capability_notifications_published_total").increment(1);
+            registered!(Counter, "capability_notifications_published_total").increment(1);
         }
     }
 

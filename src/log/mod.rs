@@ -28,7 +28,10 @@ use std::{
 pub use codec::{Digest, Event, NotificationReceived, QueryRecorded};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::capability::{Notification, mask_digits};
+use crate::{
+    capability::{Notification, mask_digits},
+    telemetry::registered,
+};
 use local::LocalLog;
 use redis::RedisLog;
 
@@ -215,14 +218,14 @@ impl EventLog {
             EventLog::Local(local) => local.accept(nonce, notification),
             EventLog::Redis(redis) => redis.accept(nonce, notification).await,
         }?;
-        let label = match accepted {
-            Accepted::Appended { .. } => "appended",
-            Accepted::Duplicate => "duplicate",
-            Accepted::Capped { .. } => "capped",
+        let counter = match accepted {
+            Accepted::Appended { .. } => registered!(Counter, "capability_log_appends_total", "result" => "appended"),
+            Accepted::Duplicate => registered!(Counter, "capability_log_appends_total", "result" => "duplicate"),
+            Accepted::Capped { .. } => registered!(Counter, "capability_log_appends_total", "result" => "capped"),
             Accepted::NothingToAppend => return Ok(accepted),
-            Accepted::Replayed => "replayed",
+            Accepted::Replayed => registered!(Counter, "capability_log_appends_total", "result" => "replayed"),
         };
-        metrics::counter!("capability_log_appends_total", "result" => label).increment(1);
+        counter.increment(1);
         Ok(accepted)
     }
 

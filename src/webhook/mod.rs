@@ -40,6 +40,7 @@ use crate::{
     connection::{Activity, BusyBody, GuardedListener, HeadCheck},
     log::{Accepted, EventLog, Nonce, Unavailable},
     secret::Secret,
+    telemetry::registered,
 };
 use parse::Callback;
 
@@ -283,14 +284,14 @@ struct Pending<'a> {
 
 impl<'a> Pending<'a> {
     fn new(permit: SemaphorePermit<'a>) -> Pending<'a> {
-        metrics::gauge!("capability_webhooks_pending").increment(1.0);
+        registered!(Gauge, "capability_webhooks_pending").increment(1.0);
         Pending { _permit: permit }
     }
 }
 
 impl Drop for Pending<'_> {
     fn drop(&mut self) {
-        metrics::gauge!("capability_webhooks_pending").decrement(1.0);
+        registered!(Gauge, "capability_webhooks_pending").decrement(1.0);
     }
 }
 
@@ -317,7 +318,7 @@ async fn receive(State(receiver): State<Arc<Receiver>>, headers: HeaderMap, body
         };
         match handed_on {
             Ok(result) => {
-                metrics::counter!("capability_webhooks_total", "result" => result).increment(1);
+                handed_on_counter(result).increment(1);
                 StatusCode::OK.into_response()
             }
             Err(error) => {
@@ -328,6 +329,17 @@ async fn receive(State(receiver): State<Arc<Receiver>>, headers: HeaderMap, body
     }
     .instrument(span)
     .await
+}
+
+/// `capability_webhooks_total` with the `result` label of a callback handed on.
+fn handed_on_counter(result: &'static str) -> &'static metrics::Counter {
+    match result {
+        "accepted" => registered!(Counter, "capability_webhooks_total", "result" => "accepted"),
+        "duplicate" => registered!(Counter, "capability_webhooks_total", "result" => "duplicate"),
+        "capped" => registered!(Counter, "capability_webhooks_total", "result" => "capped"),
+        "ignored" => registered!(Counter, "capability_webhooks_total", "result" => "ignored"),
+        _ => registered!(Counter, "capability_webhooks_total", "result" => "without_request_id"),
+    }
 }
 
 /// Hands on a checked callback; the `result` label on success.
