@@ -247,13 +247,16 @@ pub const RECEIVE_TIME_LEN: usize = 16;
 /// [`encode_body`] would: the log's time is the receive time (to the millisecond, the same on every replica), so
 /// a body does not carry it and a hub appends it when it sends one.
 pub fn put_receive_time(time_ms: u64, body: &mut Vec<u8>) {
-    NotificationBody {
-        receive_time: Some(timestamp(log_time(time_ms))),
-        ..NotificationBody::default()
-    }
-    .encode(body)
-    .expect("a Vec grows as needed");
+    // The one field alone, as the whole message's encoding would write it (without measuring every empty field).
+    let time = prost_types::Timestamp {
+        seconds: (time_ms / 1000) as i64,
+        nanos: (time_ms % 1000) as i32 * 1_000_000,
+    };
+    prost::encoding::message::encode(RECEIVE_TIME_TAG, &time, body);
 }
+
+/// `receive_time`'s field number in [`NotificationBody`] (and in the contract's `CapabilityNotification`).
+const RECEIVE_TIME_TAG: u32 = 18;
 
 /// A log time (milliseconds since the Unix epoch) as a [`SystemTime`].
 pub fn log_time(time_ms: u64) -> SystemTime {
@@ -520,6 +523,20 @@ pub(crate) mod tests {
 
     /// Computed independently: `python3 -c` over the same length-prefixed fields with hashlib.sha256.
     const PINNED_DIGEST: &str = "c2a1a76697ebe6efdcf1c799af035008";
+
+    #[test]
+    fn the_receive_time_is_put_as_the_bodys_encoding_writes_it() {
+        for time_ms in [0, 999, 1_000, 1_700_000_000_123, 4_102_444_799_999] {
+            let mut put = Vec::new();
+            put_receive_time(time_ms, &mut put);
+            let whole = NotificationBody {
+                receive_time: Some(timestamp(log_time(time_ms))),
+                ..NotificationBody::default()
+            };
+            assert_eq!(put, whole.encode_to_vec(), "at {time_ms} ms");
+            assert!(put.len() <= RECEIVE_TIME_LEN, "at {time_ms} ms");
+        }
+    }
 
     #[test]
     fn a_compact_body_then_its_source_and_the_log_time_are_the_whole_notification() {
