@@ -2,6 +2,7 @@
 //! its status's time to live.
 
 use std::{
+    hash::BuildHasherDefault,
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant},
 };
@@ -11,7 +12,7 @@ use moka::{Expiry, notification::RemovalCause, sync::Cache};
 use crate::{
     capability::CacheTtl,
     log::{
-        Consumer, Entry,
+        Consumer, Entry, KeyFold,
         cached::{CachedResult, EntryKey, KeyHasher},
     },
 };
@@ -64,7 +65,8 @@ const STRIPES: usize = 64;
 
 /// See the module documentation.
 pub struct LocalCache {
-    entries: Cache<EntryKey, Arc<Cached>>,
+    /// Its keys are keyed hashes already: folded, not hashed again ([`KeyFold`]).
+    entries: Cache<EntryKey, Arc<Cached>, BuildHasherDefault<KeyFold>>,
     /// Held while an entry is read then written, or a contact's removed: the log feeds the cache from several
     /// shards at once, and an invalidation may come meanwhile.
     stripes: [Mutex<()>; STRIPES],
@@ -89,7 +91,7 @@ impl LocalCache {
                         metrics::counter!("capability_cache_evictions_total").increment(1);
                     }
                 })
-                .build(),
+                .build_with_hasher(BuildHasherDefault::default()),
             stripes: std::array::from_fn(|_| Mutex::new(())),
             hasher: KeyHasher::random(),
             ttl,

@@ -26,7 +26,6 @@ mod watch;
 
 use std::{
     collections::{HashMap, VecDeque},
-    hash::{BuildHasherDefault, Hasher},
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -39,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     capability::Channel,
-    log::{Consumer, Entry, KeyedHash, NotificationEntry, codec},
+    log::{Consumer, Entry, KeyedHash, KeyedMap, NotificationEntry, codec},
     telemetry::registered,
 };
 use channels::ChannelSet;
@@ -94,26 +93,7 @@ type Key = [u64; 2];
 struct Shard {
     /// Boxed: a table is up to half empty after it doubles, and an empty slot then costs a key and a pointer
     /// rather than a whole record (BENCHMARKS.md, issue 16).
-    records: HashMap<Key, Box<Record>, BuildHasherDefault<KeyFold>>,
-}
-
-/// Hashes a [`Key`] by folding its bits: a key is already a hash keyed with secrets drawn at start, so hashing it
-/// again with SipHash (the map's default, on every lookup: several per delivered notification) bought nothing.
-#[derive(Default)]
-struct KeyFold(u64);
-
-impl Hasher for KeyFold {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.0 = self.0.rotate_left(29) ^ u64::from_le_bytes(word);
-        }
-    }
+    records: KeyedMap<Box<Record>>,
 }
 
 struct Record {

@@ -6,7 +6,7 @@
 mod nonces;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicU64, Ordering},
@@ -17,7 +17,7 @@ use std::{
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
-    Accepted, Consumer, Digest, Entry, KeyedHash, Limits, Nonce, NotificationEntry, NotificationReceived,
+    Accepted, Consumer, Digest, Entry, KeyedHash, KeyedMap, Limits, Nonce, NotificationEntry, NotificationReceived,
     QueryRecorded, Unavailable, codec, wall_clock_ms,
 };
 use crate::capability::Notification;
@@ -52,7 +52,7 @@ pub struct LocalLog {
 struct State {
     /// What each request holds, by a keyed 128-bit hash of its request_id: its offsets and digests, until
     /// `retention` after its last event.
-    requests: HashMap<[u64; 2], RequestState>,
+    requests: KeyedMap<RequestState>,
     /// When the shard's expired requests are next swept out.
     next_sweep_ms: u64,
 }

@@ -20,7 +20,8 @@ mod local;
 pub mod redis;
 
 use std::{
-    hash::{BuildHasher, RandomState},
+    collections::{HashMap, HashSet},
+    hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState},
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -111,6 +112,30 @@ impl Default for KeyedHash {
 impl KeyedHash {
     pub fn of(&self, text: &str) -> [u64; 2] {
         [self.0.hash_one(text), self.1.hash_one(text)]
+    }
+}
+
+/// A map keyed by [`KeyedHash`]es that hashes a key by folding its bits: a key is already a hash under secret
+/// keys, so hashing it again with SipHash (the default, on every lookup: several per callback) bought nothing.
+pub type KeyedMap<V> = HashMap<[u64; 2], V, BuildHasherDefault<KeyFold>>;
+/// A set of [`KeyedHash`]es, hashed as a [`KeyedMap`]'s keys are.
+pub type KeyedSet = HashSet<[u64; 2], BuildHasherDefault<KeyFold>>;
+
+/// Folds the bits it is given into one word.
+#[derive(Default)]
+pub struct KeyFold(u64);
+
+impl Hasher for KeyFold {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(29) ^ u64::from_le_bytes(word);
+        }
     }
 }
 

@@ -7,15 +7,11 @@
 //! tolerance that is ≈ 75 MB, reached after one tolerance, then level. A nonce is remembered up to one slot
 //! longer than asked, which only makes a replay wait longer to be accepted (by then its timestamp is refused).
 
-use std::{
-    collections::{HashSet, VecDeque},
-    sync::Mutex,
-    time::Duration,
-};
+use std::{collections::VecDeque, sync::Mutex, time::Duration};
 
 use tokio::time::Instant;
 
-use crate::log::KeyedHash;
+use crate::log::{KeyedHash, KeyedSet};
 
 /// The width of an expiry slot, in seconds.
 const BUCKET: u32 = 30;
@@ -28,13 +24,10 @@ pub struct Nonces {
     slots: Mutex<VecDeque<Slot>>,
 }
 
-/// A nonce's fingerprint: two 64-bit halves (8-byte aligned, where a `u128` would pad every entry to 16).
-type Fingerprint = [u64; 2];
-
 /// The nonces whose memory ends at `until`.
 struct Slot {
     until: u32,
-    seen: HashSet<Fingerprint>,
+    seen: KeyedSet,
 }
 
 impl Default for Nonces {
@@ -68,7 +61,7 @@ impl Nonces {
                 at,
                 Slot {
                     until,
-                    seen: HashSet::new(),
+                    seen: KeyedSet::default(),
                 },
             );
         }
