@@ -85,7 +85,8 @@ impl<'writer> FormatFields<'writer> for SpanFields {
 
     /// Fields recorded later join the object (a name given again is read back as its last value).
     fn add_fields(&self, current: &'writer mut FormattedFields<Self>, fields: &span::Record<'_>) -> std::fmt::Result {
-        if current.fields.is_empty() {
+        if current.fields.is_empty() || current.fields == "{}" {
+            current.fields.clear();
             return self.format_fields(current.as_writer(), fields);
         }
         let mut added = String::new();
@@ -324,9 +325,9 @@ mod tests {
 
     use super::*;
 
-    /// The JSON line an event logs inside a span with fields of every kind, one of them recorded after the span
-    /// was made, its span's fields kept by `fields`.
-    fn logged_in_a_span<N>(fields: N) -> serde_json::Value
+    /// The JSON lines events log inside two spans, their fields kept by `fields`: one with fields of every kind,
+    /// one of them recorded after the span was made; one made with no field but those recorded later.
+    fn logged_in_a_span<N>(fields: N) -> Vec<serde_json::Value>
     where
         N: for<'w> FormatFields<'w> + Send + Sync + 'static,
     {
@@ -358,9 +359,16 @@ mod tests {
             span.record("late", 5);
             span.record("count", 8u64);
             span.in_scope(|| tracing::info!("inside"));
+            let span = tracing::info_span!("later", first = tracing::field::Empty, second = tracing::field::Empty);
+            span.record("first", "one");
+            span.record("second", 2);
+            span.in_scope(|| tracing::info!("inside"));
         });
-        let line = out.lock().unwrap().clone();
-        serde_json::from_slice(&line).expect("one JSON line")
+        let lines = out.lock().unwrap().clone();
+        serde_json::Deserializer::from_slice(&lines)
+            .into_iter()
+            .map(|line| line.expect("JSON lines"))
+            .collect()
     }
 
     struct Capture(Arc<Mutex<Vec<u8>>>);
@@ -378,12 +386,21 @@ mod tests {
 
     #[test]
     fn a_spans_fields_are_logged_as_tracing_subscribers_json_logs_them() {
-        let ours = logged_in_a_span(SpanFields);
-        assert_eq!(ours["span"], logged_in_a_span(JsonFields::default())["span"], "{ours}");
-        assert_eq!(ours["span"]["text"], "say \"hi\"\n\\ \u{1} ünï", "{ours}");
-        assert_eq!(ours["span"]["late"], 5, "{ours}");
-        assert_eq!(ours["span"]["count"], 8, "{ours}");
-        assert_eq!(ours["span"]["nothing"], serde_json::Value::Null, "{ours}");
+        let (ours, theirs) = (logged_in_a_span(SpanFields), logged_in_a_span(JsonFields::default()));
+        assert_eq!(ours.len(), 2, "{ours:?}");
+        for (ours, theirs) in ours.iter().zip(&theirs) {
+            assert_eq!(ours["span"], theirs["span"], "{ours}");
+        }
+        let (full, later) = (&ours[0]["span"], &ours[1]["span"]);
+        assert_eq!(full["text"], "say \"hi\"\n\\ \u{1} ünï", "{full}");
+        assert_eq!(full["late"], 5, "{full}");
+        assert_eq!(full["count"], 8, "{full}");
+        assert_eq!(full["nothing"], serde_json::Value::Null, "{full}");
+        assert_eq!(
+            (&later["first"], &later["second"]),
+            (&"one".into(), &2.into()),
+            "{later}"
+        );
     }
 
     #[test]
