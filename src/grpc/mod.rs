@@ -34,8 +34,7 @@ use crate::{
     log::wall_clock_ms,
     query::Queries,
     secret::Secret,
-    telemetry::TraceParent,
-    telemetry::registered,
+    telemetry::{TraceParent, registered},
     tls::TlsFiles,
 };
 use pb::capability_service_server::{CapabilityService, CapabilityServiceServer};

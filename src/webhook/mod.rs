@@ -317,8 +317,8 @@ async fn receive(State(receiver): State<Arc<Receiver>>, headers: HeaderMap, body
             Err(error) => Err(error),
         };
         match handed_on {
-            Ok(result) => {
-                handed_on_counter(result).increment(1);
+            Ok(counted) => {
+                counted.increment(1);
                 StatusCode::OK.into_response()
             }
             Err(error) => {
@@ -331,26 +331,20 @@ async fn receive(State(receiver): State<Arc<Receiver>>, headers: HeaderMap, body
     .await
 }
 
-/// `capability_webhooks_total` with the `result` label of a callback handed on.
-fn handed_on_counter(result: &'static str) -> &'static metrics::Counter {
-    match result {
-        "accepted" => registered!(Counter, "capability_webhooks_total", "result" => "accepted"),
-        "duplicate" => registered!(Counter, "capability_webhooks_total", "result" => "duplicate"),
-        "capped" => registered!(Counter, "capability_webhooks_total", "result" => "capped"),
-        "ignored" => registered!(Counter, "capability_webhooks_total", "result" => "ignored"),
-        _ => registered!(Counter, "capability_webhooks_total", "result" => "without_request_id"),
-    }
-}
-
-/// Hands on a checked callback; the `result` label on success.
-async fn hand_on(receiver: &Receiver, checked: Checked<'_>) -> Result<&'static str, WebhookError> {
+/// Hands on a checked callback; on success, the `capability_webhooks_total` it counts under (its `result`).
+async fn hand_on(receiver: &Receiver, checked: Checked<'_>) -> Result<&'static metrics::Counter, WebhookError> {
     let Checked { nonce, callback } = checked;
+    let accepted = registered!(Counter, "capability_webhooks_total", "result" => "accepted");
     let (notification, nothing_to_append) = match callback {
-        Callback::Capability(notification) => (Some(*notification), "accepted"),
-        Callback::OtherTrigger => (None, "ignored"),
+        Callback::Capability(notification) => (Some(*notification), accepted),
+        Callback::OtherTrigger => (
+            None,
+            registered!(Counter, "capability_webhooks_total", "result" => "ignored"),
+        ),
         Callback::WithoutRequestId => {
             tracing::warn!("a capability callback without request_id: acknowledged, not delivered");
-            (None, "without_request_id")
+            let without = registered!(Counter, "capability_webhooks_total", "result" => "without_request_id");
+            (None, without)
         }
     };
     let request_id = notification.as_ref().map(|n| {
@@ -358,8 +352,8 @@ async fn hand_on(receiver: &Receiver, checked: Checked<'_>) -> Result<&'static s
         n.request_id.clone()
     });
     match receiver.log.accept(nonce, notification).await? {
-        Accepted::Appended { .. } => Ok("accepted"),
-        Accepted::Duplicate => Ok("duplicate"),
+        Accepted::Appended { .. } => Ok(accepted),
+        Accepted::Duplicate => Ok(registered!(Counter, "capability_webhooks_total", "result" => "duplicate")),
         Accepted::Capped { first } => {
             if first {
                 tracing::warn!(
@@ -367,7 +361,7 @@ async fn hand_on(receiver: &Receiver, checked: Checked<'_>) -> Result<&'static s
                     "a request received more notifications than it may hold: the excess is acknowledged and dropped"
                 );
             }
-            Ok("capped")
+            Ok(registered!(Counter, "capability_webhooks_total", "result" => "capped"))
         }
         Accepted::NothingToAppend => Ok(nothing_to_append),
         Accepted::Replayed => Err(WebhookError::Replayed),
