@@ -350,10 +350,9 @@ write_through!(HeadCheck<I>, inner, I);
 /// looked at.
 #[derive(Debug, Default)]
 struct HeadScan {
-    /// The first bytes of the current line (up to the longer header's name), lower-cased, `\r` left out.
+    /// The first bytes of the current line read so far (up to the longer header's name), `\r` left out: empty
+    /// while the line holds nothing else.
     line: Vec<u8>,
-    /// Whether the current line holds anything but `\r` so far.
-    nonempty: bool,
     content_length: bool,
     transfer_encoding: bool,
 }
@@ -383,57 +382,46 @@ impl HeadScan {
     }
 
     /// A line read whole (its start in the same read as its end) without a `\r` but at its end, as it almost
-    /// always is: its content, looked at where it lies instead of copied a byte at a time.
+    /// always is: its content, looked at where it lies instead of copied.
     fn whole_line<'b>(&self, line: &'b [u8]) -> Option<&'b [u8]> {
-        if !self.line.is_empty() || self.nonempty {
+        if !self.line.is_empty() {
             return None;
         }
         let content = line.strip_suffix(b"\r").unwrap_or(line);
         memchr::memchr(b'\r', content).is_none().then_some(content)
     }
 
-    /// Ends a line whose content is `content`, as [`HeadScan::end_line`] does.
+    /// Takes more of the current line.
+    fn extend_line(&mut self, part: &[u8]) {
+        let room = Self::TRANSFER_ENCODING.len().saturating_sub(self.line.len());
+        self.line.extend(part.iter().filter(|&&byte| byte != b'\r').take(room));
+    }
+
+    /// Ends the current line, read in pieces.
+    fn end_line(&mut self) -> bool {
+        let line = std::mem::take(&mut self.line);
+        let found = self.end_content(&line);
+        self.line = line;
+        self.line.clear();
+        found
+    }
+
+    /// Ends a line whose content (or its start, up to the longer header's name) is `content`; true when it was
+    /// the empty line that ends a header block with both headers.
     fn end_content(&mut self, content: &[u8]) -> bool {
+        if content.is_empty() {
+            let found = self.content_length && self.transfer_encoding;
+            (self.content_length, self.transfer_encoding) = (false, false);
+            return found;
+        }
         let starts = |name: &[u8]| {
             content
                 .get(..name.len())
                 .is_some_and(|start| start.eq_ignore_ascii_case(name))
         };
-        if content.is_empty() {
-            return self.end_line();
-        }
         self.content_length |= starts(Self::CONTENT_LENGTH);
         self.transfer_encoding |= starts(Self::TRANSFER_ENCODING);
         false
-    }
-
-    /// Takes more of the current line.
-    fn extend_line(&mut self, part: &[u8]) {
-        let mut content = part.iter().filter(|&&byte| byte != b'\r');
-        if self.line.len() < Self::TRANSFER_ENCODING.len() {
-            let room = Self::TRANSFER_ENCODING.len() - self.line.len();
-            self.line
-                .extend(content.by_ref().take(room).map(u8::to_ascii_lowercase));
-            self.nonempty |= !self.line.is_empty();
-        } else {
-            self.nonempty |= content.next().is_some();
-        }
-    }
-
-    /// Ends the current line; true when it was the empty line that ends a header block with both headers.
-    fn end_line(&mut self) -> bool {
-        let mut found = false;
-        if self.nonempty {
-            self.content_length |= self.line.starts_with(Self::CONTENT_LENGTH);
-            self.transfer_encoding |= self.line.starts_with(Self::TRANSFER_ENCODING);
-        } else {
-            found = self.content_length && self.transfer_encoding;
-            self.content_length = false;
-            self.transfer_encoding = false;
-        }
-        self.line.clear();
-        self.nonempty = false;
-        found
     }
 }
 
