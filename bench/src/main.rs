@@ -221,7 +221,7 @@ async fn main() {
             let delivered = match &watchers {
                 Some(watchers) => {
                     watchers.wait_for(load.ok, Duration::from_secs(60)).await;
-                    let delivered = watchers.delivered.load(std::sync::atomic::Ordering::Relaxed);
+                    let delivered = watchers.delivered();
                     println!("{delivered} delivered");
                     delivered
                 }
@@ -364,7 +364,7 @@ impl Report {
 
     /// Adds `{name} missing` when `watchers` received fewer than `sent`; returns how many they received.
     fn missing(&mut self, name: &str, watchers: &scenarios::Watchers, sent: u64) -> u64 {
-        let delivered = watchers.delivered.load(std::sync::atomic::Ordering::Relaxed);
+        let delivered = watchers.delivered();
         if delivered != sent {
             self.add(&format!("{name} missing"), sent.saturating_sub(delivered) as f64);
         }
@@ -383,19 +383,17 @@ impl Report {
     /// `{name} CPU µs per call`: the server's CPU time (`cpu_ms`) over the calls `load` made that succeeded. Less
     /// noisy than throughput where the load generator shares the machine's cores with the server.
     fn cpu_per_call(&mut self, name: &str, cpu_ms: u64, load: &Load) {
-        self.add(
-            &format!("{name} CPU µs per call"),
-            cpu_ms as f64 * 1000.0 / load.ok.max(1) as f64,
-        );
+        self.cpu_per(&format!("{name} CPU µs per call"), cpu_ms, load.ok);
     }
 
     /// `{name} CPU µs per delivery`: the server's CPU time (`cpu_ms`) over what `watchers` received.
     pub fn cpu_per_delivery(&mut self, name: &str, cpu_ms: u64, watchers: &scenarios::Watchers) {
-        let delivered = watchers.delivered.load(std::sync::atomic::Ordering::Relaxed);
-        self.add(
-            &format!("{name} CPU µs per delivery"),
-            cpu_ms as f64 * 1000.0 / delivered.max(1) as f64,
-        );
+        self.cpu_per(&format!("{name} CPU µs per delivery"), cpu_ms, watchers.delivered());
+    }
+
+    /// `cpu_ms` over `count` things done, in µs, as `name`.
+    fn cpu_per(&mut self, name: &str, cpu_ms: u64, count: u64) {
+        self.add(name, cpu_ms as f64 * 1000.0 / count.max(1) as f64);
     }
 
     fn median(&self, name: &str) -> f64 {

@@ -302,7 +302,7 @@ async fn subscribed_readers(pushpin: &Pushpin, count: usize) -> Watchers {
         };
         let published = publish(pushpin, count, 1, one_each).await;
         readers.wait_for(count as u64, Duration::from_secs(5)).await;
-        let delivered = readers.delivered.load(std::sync::atomic::Ordering::Relaxed);
+        let delivered = readers.delivered();
         if published.ok == count as u64 && delivered == count as u64 {
             readers.reset();
             return readers;

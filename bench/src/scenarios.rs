@@ -193,10 +193,15 @@ impl Watchers {
     /// Waits until `expected` notifications were delivered, or `limit` passed; returns when the last arrived.
     pub async fn wait_for(&self, expected: u64, limit: Duration) -> Instant {
         let started = Instant::now();
-        while self.delivered.load(Ordering::Relaxed) < expected && started.elapsed() < limit {
+        while self.delivered() < expected && started.elapsed() < limit {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         Instant::now()
+    }
+
+    /// How many notifications have arrived.
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
     }
 
     pub fn reset(&self) {
