@@ -121,7 +121,8 @@ pub type KeyedMap<V> = HashMap<[u64; 2], V, BuildHasherDefault<KeyFold>>;
 /// A set of [`KeyedHash`]es, hashed as a [`KeyedMap`]'s keys are.
 pub type KeyedSet = HashSet<[u64; 2], BuildHasherDefault<KeyFold>>;
 
-/// Folds the bits it is given into one word.
+/// Folds the bits it is given into one word: a hasher only for keys that are hashes under secret keys already
+/// ([`KeyedHash`]es, HMACs); keys a sender can choose (a plain digest of what it sent) would collide at will.
 #[derive(Default)]
 pub struct KeyFold(u64);
 
