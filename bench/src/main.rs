@@ -386,9 +386,16 @@ impl Report {
         self.cpu_per(&format!("{name} CPU µs per call"), cpu_ms, load.ok);
     }
 
-    /// `{name} CPU µs per delivery`: the server's CPU time (`cpu_ms`) over what `watchers` received.
-    pub fn cpu_per_delivery(&mut self, name: &str, cpu_ms: u64, watchers: &scenarios::Watchers) {
-        self.cpu_per(&format!("{name} CPU µs per delivery"), cpu_ms, watchers.delivered());
+    /// `{name} CPU µs per delivery`: the server's CPU time (`used.server`) over what `watchers` received; and
+    /// the same of the harness's own (`{name} generator CPU µs per delivery`), which shares the cores with it.
+    pub fn cpu_per_delivery(&mut self, name: &str, used: procs::Cpu, watchers: &scenarios::Watchers) {
+        let delivered = watchers.delivered();
+        self.cpu_per(&format!("{name} CPU µs per delivery"), used.server, delivered);
+        self.cpu_per(
+            &format!("{name} generator CPU µs per delivery"),
+            used.generator,
+            delivered,
+        );
     }
 
     /// `cpu_ms` over `count` things done, in µs, as `name`.
@@ -666,12 +673,13 @@ async fn delivery(plan: &Plan, report: &mut Report) {
     for &count in &plan.watcher_counts {
         let facade = procs::facade(&delivery_env()).await;
         let watchers = scenarios::open_watchers(&[facade.grpc_addr], "w", count, count.min(100)).await;
-        let (started, cpu) = (Instant::now(), procs::cpu_ms(facade.pid()));
+        let (started, cpu) = (Instant::now(), procs::Cpu::now(procs::cpu_ms(facade.pid())));
         let posted = scenarios::post_callbacks(facade.webhook_addr, "w", count, flat_out).await;
         let last = watchers.wait_for(posted.ok, Duration::from_secs(30)).await;
         let name = format!("delivery {count} watchers");
         report.deliveries(&name, &watchers, posted.ok, started, last);
-        report.cpu_per_delivery(&name, procs::cpu_ms(facade.pid()).saturating_sub(cpu), &watchers);
+        let used = cpu.until(procs::Cpu::now(procs::cpu_ms(facade.pid())));
+        report.cpu_per_delivery(&name, used, &watchers);
         if Some(&count) == plan.watcher_counts.last() {
             watchers.reset();
             let paced = Posting {

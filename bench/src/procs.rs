@@ -53,6 +53,32 @@ pub fn cpu_ms(pid: u32) -> u64 {
     (ticks(11) + ticks(12)) * 10
 }
 
+/// CPU times at one moment, in milliseconds: a server's (all its processes) and the harness's own, the load
+/// generator's.
+#[derive(Clone, Copy)]
+pub struct Cpu {
+    pub server: u64,
+    pub generator: u64,
+}
+
+impl Cpu {
+    /// Now, given the server's CPU time now.
+    pub fn now(server_ms: u64) -> Cpu {
+        Cpu {
+            server: server_ms,
+            generator: cpu_ms(std::process::id()),
+        }
+    }
+
+    /// What was used from `self` until `later`.
+    pub fn until(self, later: Cpu) -> Cpu {
+        Cpu {
+            server: later.server.saturating_sub(self.server),
+            generator: later.generator.saturating_sub(self.generator),
+        }
+    }
+}
+
 /// The facade's binary: built into the same target directory as this one.
 fn facade_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("the harness knows where it is");
