@@ -22,6 +22,11 @@ use std::{
 use clap::{Parser, Subcommand};
 use scenarios::{Load, Posting, SECRET};
 
+/// The facade's allocator, for the load generator and the bare baselines too: the generator shares the cores with
+/// the server it measures, and glibc's malloc was a twentieth of its CPU time.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "bench", about = "Benchmarks capability-facade against bare baselines")]
 struct Cli {

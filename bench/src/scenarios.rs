@@ -144,9 +144,14 @@ pub fn http_client(connections: usize) -> reqwest::Client {
         .expect("a plain HTTP client builds")
 }
 
+/// The URL of the webhook served at `addr`, parsed once for all the posts to it.
+pub fn webhook_url(addr: SocketAddr) -> reqwest::Url {
+    reqwest::Url::parse(&testkit::webhook_url(addr)).expect("a webhook URL parses")
+}
+
 /// Posts `body` to the webhook at `url`, signed as Sinch signs it with [`SECRET`]; whether it was acknowledged.
-pub async fn post_signed(http: &reqwest::Client, url: &str, body: Vec<u8>) -> bool {
-    matches!(testkit::post_signed(http, url, SECRET, body).await, Ok(status) if status.is_success())
+pub async fn post_signed(http: &reqwest::Client, url: &reqwest::Url, body: Vec<u8>) -> bool {
+    matches!(testkit::post_signed(http, url.clone(), SECRET, body).await, Ok(status) if status.is_success())
 }
 
 /// The same query sent to the sandbox directly over HTTP, as the facade sends it.
@@ -279,7 +284,7 @@ static IDENTITIES: AtomicU64 = AtomicU64::new(0);
 /// Posts signed CAPABILITY callbacks ([`callback_body`]) for request_ids `{prefix}{0..ids}` to `target`.
 pub async fn post_callbacks(target: SocketAddr, prefix: &str, ids: usize, posting: Posting) -> Load {
     let http = http_client(posting.posters);
-    let url = testkit::webhook_url(target);
+    let url = webhook_url(target);
     let prefix = prefix.to_owned();
     post_loop(posting, move |n| {
         let body = callback_body(&format!("{prefix}{}", n as usize % ids.max(1)), n);

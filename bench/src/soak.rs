@@ -186,7 +186,7 @@ async fn watch_one(
 async fn post(webhook: SocketAddr, rate: u64, duration: Duration, next: Arc<AtomicU64>, counters: [Arc<AtomicU64>; 3]) {
     let posters = 32usize;
     let http = scenarios::http_client(posters);
-    let url = testkit::webhook_url(webhook);
+    let url = scenarios::webhook_url(webhook);
     let per_request = CHANNELS.len() as u64;
     let requests_per_second = rate as f64 / per_request as f64;
     let started = Instant::now();
@@ -217,7 +217,7 @@ async fn post(webhook: SocketAddr, rate: u64, duration: Duration, next: Arc<Atom
 }
 
 /// Posts one callback, retrying as Sinch does (up to five times) while it is refused; whether it was acked.
-async fn deliver(http: &reqwest::Client, url: &str, k: u64, channel: &str) -> bool {
+async fn deliver(http: &reqwest::Client, url: &reqwest::Url, k: u64, channel: &str) -> bool {
     let body = CapabilityCallback::new(&format!("soak-{k}"), channel, "46700000001", "CAPABILITY_FULL")
         .app_id("soak-app")
         .project_id("soak")
