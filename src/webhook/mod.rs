@@ -15,8 +15,8 @@ use std::{
 use axum::{
     Router,
     body::{Body, Bytes},
-    extract::{DefaultBodyLimit, State},
-    http::{HeaderMap, Request, StatusCode, header},
+    extract::{DefaultBodyLimit, FromRequest, State},
+    http::{HeaderMap, HeaderName, Request, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -298,7 +298,14 @@ impl Drop for Pending<'_> {
 /// Checks one callback, then hands it on in a span that carries its request_id and channel (masked). The span is
 /// made with its fields once they are known: recording them into a span made earlier costs the JSON log layer a
 /// re-serialisation of the span's fields for each.
-async fn receive(State(receiver): State<Arc<Receiver>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn receive(State(receiver): State<Arc<Receiver>>, mut request: Request<Body>) -> Response {
+    // The headers are taken, not cloned as the `HeaderMap` extractor does; the body is read as the `Bytes`
+    // extractor reads it (within the body limit, refused the same way past it).
+    let headers = std::mem::take(request.headers_mut());
+    let body = match Bytes::from_request(request, &()).await {
+        Ok(body) => body,
+        Err(refused) => return refused.into_response(),
+    };
     let checked = check(&receiver.config, &headers, &body, SystemTime::now());
     let span = match &checked {
         Ok(Checked {
@@ -408,16 +415,21 @@ fn verify<'h>(
     if config.secrets.is_empty() {
         return Ok(None);
     }
-    let get = |name: &'static str| {
+    // Looked up as header names: a name given as a string is parsed again on every look-up.
+    static SIGNATURE: HeaderName = HeaderName::from_static(signature::SIGNATURE);
+    static TIMESTAMP: HeaderName = HeaderName::from_static(signature::TIMESTAMP);
+    static NONCE: HeaderName = HeaderName::from_static(signature::NONCE);
+    static ALGORITHM: HeaderName = HeaderName::from_static(signature::ALGORITHM);
+    let get = |name: &'static HeaderName| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
-            .ok_or(WebhookError::MissingSignature(name))
+            .ok_or(WebhookError::MissingSignature(name.as_str()))
     };
-    let signature = get(signature::SIGNATURE)?;
-    let timestamp = get(signature::TIMESTAMP)?;
-    let nonce = get(signature::NONCE)?;
-    if let Some(algorithm) = headers.get(signature::ALGORITHM) {
+    let signature = get(&SIGNATURE)?;
+    let timestamp = get(&TIMESTAMP)?;
+    let nonce = get(&NONCE)?;
+    if let Some(algorithm) = headers.get(&ALGORITHM) {
         let algorithm = algorithm.to_str().unwrap_or_default();
         if !algorithm.eq_ignore_ascii_case(signature::HMAC_SHA256) {
             // Shown in the log: bounded, and without a long number the sender may have put there.
