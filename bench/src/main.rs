@@ -385,10 +385,12 @@ impl Report {
         }
     }
 
-    /// `{name} CPU µs per call`: the server's CPU time (`cpu_ms`) over the calls `load` made that succeeded. Less
-    /// noisy than throughput where the load generator shares the machine's cores with the server.
-    fn cpu_per_call(&mut self, name: &str, cpu_ms: u64, load: &Load) {
-        self.cpu_per(&format!("{name} CPU µs per call"), cpu_ms, load.ok);
+    /// `{name} CPU µs per call`: the server's CPU time (`used.server`) over the calls `load` made that succeeded.
+    /// Less noisy than throughput where the load generator shares the machine's cores with the server. And the
+    /// same of the harness's own (`{name} generator CPU µs per call`).
+    fn cpu_per_call(&mut self, name: &str, used: procs::Cpu, load: &Load) {
+        self.cpu_per(&format!("{name} CPU µs per call"), used.server, load.ok);
+        self.cpu_per(&format!("{name} generator CPU µs per call"), used.generator, load.ok);
     }
 
     /// `{name} CPU µs per delivery`: the server's CPU time (`used.server`) over what `watchers` received; and
@@ -722,10 +724,10 @@ async fn ingestion(plan: &Plan, report: &mut Report) {
 /// Posts callbacks over `requests` request_ids flat out at `target`, served by process `pid`: its load and its
 /// CPU per call, as `name`.
 async fn saturate(plan: &Plan, report: &mut Report, name: &str, pid: u32, target: SocketAddr, requests: usize) {
-    let cpu = procs::cpu_ms(pid);
+    let cpu = procs::Cpu::now(procs::cpu_ms(pid));
     let load = scenarios::post_callbacks(target, "i", requests, flat_out(plan)).await;
     report.load(name, &load);
-    report.cpu_per_call(name, procs::cpu_ms(pid).saturating_sub(cpu), &load);
+    report.cpu_per_call(name, cpu.until(procs::Cpu::now(procs::cpu_ms(pid))), &load);
 }
 
 /// Many idle watches on one replica: resident memory per stream.
