@@ -85,15 +85,17 @@ impl<'writer> FormatFields<'writer> for SpanFields {
 
     /// Fields recorded later join the object (a name given again is read back as its last value).
     fn add_fields(&self, current: &'writer mut FormattedFields<Self>, fields: &span::Record<'_>) -> std::fmt::Result {
-        if current.fields.is_empty() || current.fields == "{}" {
-            current.fields.clear();
+        if current.fields.is_empty() {
             return self.format_fields(current.as_writer(), fields);
         }
         let mut added = String::new();
         self.format_fields(Writer::new(&mut added), fields)?;
         if added.len() > 2 {
+            // The object loses its closing brace, and takes the added members after a comma if it had any.
             current.fields.pop();
-            current.fields.push(',');
+            if current.fields.len() > 1 {
+                current.fields.push(',');
+            }
             current.fields.push_str(&added[1..]);
         }
         Ok(())
