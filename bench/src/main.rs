@@ -680,13 +680,12 @@ async fn delivery(plan: &Plan, report: &mut Report) {
     for &count in &plan.watcher_counts {
         let facade = procs::facade(&delivery_env()).await;
         let watchers = scenarios::open_watchers(&[facade.grpc_addr], "w", count, count.min(100)).await;
-        let (started, cpu) = (Instant::now(), procs::Cpu::now(procs::cpu_ms(facade.pid())));
+        let (started, cpu) = (Instant::now(), procs::CpuSince::start(|| procs::cpu_ms(facade.pid())));
         let posted = scenarios::post_callbacks(facade.webhook_addr, "w", count, flat_out).await;
         let last = watchers.wait_for(posted.ok, Duration::from_secs(30)).await;
         let name = format!("delivery {count} watchers");
         report.deliveries(&name, &watchers, posted.ok, started, last);
-        let used = cpu.until(procs::Cpu::now(procs::cpu_ms(facade.pid())));
-        report.cpu_per_delivery(&name, used, &watchers);
+        report.cpu_per_delivery(&name, cpu.used(), &watchers);
         if Some(&count) == plan.watcher_counts.last() {
             watchers.reset();
             let paced = Posting {
@@ -724,10 +723,10 @@ async fn ingestion(plan: &Plan, report: &mut Report) {
 /// Posts callbacks over `requests` request_ids flat out at `target`, served by process `pid`: its load and its
 /// CPU per call, as `name`.
 async fn saturate(plan: &Plan, report: &mut Report, name: &str, pid: u32, target: SocketAddr, requests: usize) {
-    let cpu = procs::Cpu::now(procs::cpu_ms(pid));
+    let cpu = procs::CpuSince::start(|| procs::cpu_ms(pid));
     let load = scenarios::post_callbacks(target, "i", requests, flat_out(plan)).await;
     report.load(name, &load);
-    report.cpu_per_call(name, cpu.until(procs::Cpu::now(procs::cpu_ms(pid))), &load);
+    report.cpu_per_call(name, cpu.used(), &load);
 }
 
 /// Many idle watches on one replica: resident memory per stream.

@@ -19,7 +19,7 @@ use tokio::process::{Child, Command};
 
 use crate::{
     Plan, Report,
-    procs::{Cpu, Served},
+    procs::{CpuSince, Served},
     scenarios::{self, Posting, Watchers},
 };
 
@@ -47,11 +47,11 @@ pub async fn run(plan: &Plan, report: &mut Report) {
     let readers = subscribed_readers(&pushpin, count).await;
     let flat_out = crate::flat_out(plan);
     let name = format!("peer pushpin {count} streams");
-    let (started, cpu) = (Instant::now(), Cpu::now(pushpin.cpu_ms()));
+    let (started, cpu) = (Instant::now(), CpuSince::start(|| pushpin.cpu_ms()));
     let published = publish(&pushpin, count, 1, flat_out).await;
     let last = readers.wait_for(published.ok, Duration::from_secs(30)).await;
     report.deliveries(&name, &readers, published.ok, started, last);
-    report.cpu_per_delivery(&name, cpu.until(Cpu::now(pushpin.cpu_ms())), &readers);
+    report.cpu_per_delivery(&name, cpu.used(), &readers);
     if published.errors > 0 {
         report.add(&format!("{name} publish errors"), published.errors as f64);
     }
@@ -59,12 +59,12 @@ pub async fn run(plan: &Plan, report: &mut Report) {
     // the same streams are fed again with BATCH messages per POST.
     readers.reset();
     let name = format!("peer pushpin {count} streams, {BATCH} per publish");
-    let (started, cpu) = (Instant::now(), Cpu::now(pushpin.cpu_ms()));
+    let (started, cpu) = (Instant::now(), CpuSince::start(|| pushpin.cpu_ms()));
     let published = publish(&pushpin, count, BATCH, flat_out).await;
     let sent = published.ok * BATCH as u64;
     let last = readers.wait_for(sent, Duration::from_secs(30)).await;
     report.deliveries(&name, &readers, sent, started, last);
-    report.cpu_per_delivery(&name, cpu.until(Cpu::now(pushpin.cpu_ms())), &readers);
+    report.cpu_per_delivery(&name, cpu.used(), &readers);
     readers.reset();
     let paced = Posting {
         rate: Some(plan.latency_rate),

@@ -53,28 +53,33 @@ pub fn cpu_ms(pid: u32) -> u64 {
     (ticks(11) + ticks(12)) * 10
 }
 
-/// CPU times at one moment, in milliseconds: a server's (all its processes) and the harness's own, the load
-/// generator's.
+/// CPU time used, in milliseconds: a server's (all its processes) and the harness's own, the load generator's.
 #[derive(Clone, Copy)]
 pub struct Cpu {
     pub server: u64,
     pub generator: u64,
 }
 
-impl Cpu {
-    /// Now, given the server's CPU time now.
-    pub fn now(server_ms: u64) -> Cpu {
-        Cpu {
-            server: server_ms,
+/// Measures the [`Cpu`] used from its start; `server` reads the server's CPU time so far.
+pub struct CpuSince<F> {
+    server: F,
+    from: Cpu,
+}
+
+impl<F: Fn() -> u64> CpuSince<F> {
+    pub fn start(server: F) -> CpuSince<F> {
+        let from = Cpu {
+            server: server(),
             generator: cpu_ms(std::process::id()),
-        }
+        };
+        CpuSince { server, from }
     }
 
-    /// What was used from `self` until `later`.
-    pub fn until(self, later: Cpu) -> Cpu {
+    /// What was used since the start.
+    pub fn used(&self) -> Cpu {
         Cpu {
-            server: later.server.saturating_sub(self.server),
-            generator: later.generator.saturating_sub(self.generator),
+            server: (self.server)().saturating_sub(self.from.server),
+            generator: cpu_ms(std::process::id()).saturating_sub(self.from.generator),
         }
     }
 }
