@@ -309,6 +309,101 @@ async fn events_lost_by_a_redis_restarted_empty_are_appended_again_by_the_replic
     }
 }
 
+/// Posts `body` to `webhook` as Sinch redelivers it, until acknowledged (503 while a replica reconnects).
+async fn deliver_until_acknowledged(webhook: std::net::SocketAddr, body: Vec<u8>) {
+    let mut status = 503;
+    for _ in 0..200 {
+        status = deliver(webhook, body.clone()).await;
+        if status == 200 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("never acknowledged: {status}");
+}
+
+/// Redis restarted empty: a request whose notifications the replica accepted more than 10 s before is not among
+/// the events it appends again, so Redis numbers its next notification 1 again. The replica holds offset 1 already
+/// (a different notification): the acknowledged one must still reach its watches, after the last.
+#[tokio::test]
+async fn a_notification_numbered_again_by_a_redis_restarted_empty_still_reaches_the_watches() {
+    let mut redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let a = replica(&fake, &redis).await;
+    assert_eq!(deliver(a.webhook_addr, body("old", "SMS")).await, 200);
+    assert_eq!(until_marker(&a, "old", 0, "SMS").await.len(), 1);
+    // Real time, not a synchronisation: the replica appends again what it accepted in its last 10 s, and the
+    // request must be older than that when Redis loses it.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(deliver(a.webhook_addr, body("later", "SMS")).await, 200);
+    assert_eq!(until_marker(&a, "later", 0, "SMS").await.len(), 1);
+    redis.kill().await;
+    redis.restart().await;
+    deliver_until_acknowledged(a.webhook_addr, body("old", "RCS")).await;
+    let seen = until_marker(&a, "old", 0, "RCS").await;
+    assert_eq!(
+        seen.into_iter().map(|s| (s.0, s.1)).collect::<Vec<_>>(),
+        [(1, "SMS".to_owned()), (2, "RCS".to_owned())],
+        "each acknowledged notification once, the second after the first"
+    );
+}
+
+/// Redis came back with older data (the unsynced tail of its append-only file lost, or a failover to a lagging
+/// replica): its epoch survived, so nothing is appended again, and a request's next notification takes an offset
+/// the replicas already hold. The replica that holds it must still deliver the acknowledged one.
+#[tokio::test]
+async fn a_notification_numbered_again_by_a_redis_that_lost_its_last_writes_still_reaches_the_watches() {
+    let mut redis = RedisServer::start_durable().await;
+    let fake = FakeSinch::start().await;
+    let a = replica(&fake, &redis).await;
+    assert_eq!(deliver(a.webhook_addr, body("rolled-back", "SMS")).await, 200);
+    // What follows is not written to the append-only file: lost when Redis restarts.
+    redis.config_set("appendonly", "no");
+    assert_eq!(deliver(a.webhook_addr, body("rolled-back", "RCS")).await, 200);
+    assert_eq!(until_marker(&a, "rolled-back", 0, "RCS").await.len(), 2);
+    redis.kill().await;
+    redis.restart().await;
+    deliver_until_acknowledged(a.webhook_addr, body("rolled-back", "WHATSAPP")).await;
+    let seen = until_marker(&a, "rolled-back", 0, "WHATSAPP").await;
+    assert_eq!(
+        seen.into_iter().map(|s| (s.0, s.1)).collect::<Vec<_>>(),
+        [(1, "SMS".to_owned()), (2, "RCS".to_owned()), (3, "WHATSAPP".to_owned())]
+    );
+}
+
+/// Two replicas append their recent events again after Redis restarted empty, each its own and in the order
+/// they reconnect: here the later offset of a request first. A replica started afterwards reads both.
+#[tokio::test]
+async fn events_appended_again_out_of_order_by_two_replicas_all_reach_a_new_replica() {
+    let mut redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let mut env = common::binary_env(&fake);
+    env.push(("CAPABILITY_REDIS_URL", redis.url()));
+    let a = common::Binary::spawn(&env).await;
+    let b = common::Binary::spawn(&env).await;
+    assert_eq!(deliver(a.webhook_addr, body("warm-up", "SMS")).await, 200);
+    for replica in [&a, &b] {
+        assert_eq!(first_notifications(replica, "warm-up", 1).await.len(), 1);
+    }
+    assert_eq!(deliver(a.webhook_addr, body("reordered", "SMS")).await, 200);
+    assert_eq!(deliver(b.webhook_addr, body("reordered", "RCS")).await, 200);
+    assert_eq!(first_notifications(&b, "reordered", 2).await.len(), 2);
+
+    a.signal("STOP");
+    redis.kill().await;
+    redis.restart().await;
+    let appended_again = |line: &str| line.contains("appended this replica's recent events again");
+    b.until_logged(1, appended_again).await;
+    a.signal("CONT");
+    a.until_logged(1, appended_again).await;
+
+    let c = common::Binary::spawn(&env).await;
+    let on_c = first_notifications(&c, "reordered", 2).await;
+    let mut channels: Vec<&str> = on_c.iter().map(|(_, channel, _)| channel.as_str()).collect();
+    channels.sort_unstable();
+    assert_eq!(channels, ["RCS", "SMS"], "both, once each: {on_c:?}");
+}
+
 /// Watches `request_id` on `binary` until `count` notifications arrived (or a 20 s wait ended); returns them.
 async fn first_notifications(binary: &common::Binary, request_id: &str, count: usize) -> Vec<(u64, String, String)> {
     use capability_facade::grpc::pb::watch_capability_response::Event;

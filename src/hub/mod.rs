@@ -37,12 +37,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    capability::Channel,
-    log::{Consumer, Entry, KeyedHash, KeyedMap, NotificationEntry, codec},
+    capability::{Channel, Notification, mask_digits},
+    log::{Consumer, Digest, Entry, KeyedHash, KeyedMap, NotificationEntry, codec},
     telemetry::registered,
 };
 use channels::ChannelSet;
-use held::HeldList;
+use held::{Held, HeldList};
 pub use watch::{CompletionReason, Watch, WatchEvent, WatchLimits};
 
 const SHARDS: usize = 64;
@@ -123,13 +123,29 @@ impl Record {
     /// receive time, the log's.
     fn next_after(&self, cursor: u64) -> Option<(u64, Vec<u8>)> {
         let held = self.notifications.after(cursor).next()?;
-        let source = self.source.as_deref().filter(|_| held.sourced);
-        let source = source.map_or(&[][..], |s| &s[..]);
-        let mut body = Vec::with_capacity(held.body.len() + source.len() + codec::RECEIVE_TIME_LEN);
-        body.extend_from_slice(held.body);
-        body.extend_from_slice(source);
+        let mut body = self.body_of(&held, codec::RECEIVE_TIME_LEN);
         codec::put_receive_time(held.time_ms, &mut body);
         Some((held.offset, body))
+    }
+
+    /// A held notification's encoding with its app and project again, with room for `more` bytes.
+    fn body_of(&self, held: &Held<'_>, more: usize) -> Vec<u8> {
+        let source = self.source.as_deref().filter(|_| held.sourced);
+        let source = source.map_or(&[][..], |s| &s[..]);
+        let mut body = Vec::with_capacity(held.body.len() + source.len() + more);
+        body.extend_from_slice(held.body);
+        body.extend_from_slice(source);
+        body
+    }
+
+    /// Whether it holds `n`: a notification with the log's [`Digest`] of it (its channel, identity, status and
+    /// reason). Looked for only when an offset comes again, after Redis lost its data.
+    fn holds(&self, n: &Notification) -> bool {
+        let digest = Digest::of(n);
+        self.notifications.after(0).any(|held| {
+            codec::decode_body(n.request_id.clone(), &self.body_of(&held, 0))
+                .is_ok_and(|held| Digest::of(&held) == digest)
+        })
     }
 }
 
@@ -258,10 +274,22 @@ impl Hub {
         let source = codec::encode_source(&n.notification);
         let mut duplicate = false;
         self.apply_to(&n.notification.request_id, n.time_ms, |record| {
-            if record.notifications.last_offset().is_some_and(|last| last >= n.offset) {
-                // Appended again after Redis lost its data, and already held.
-                duplicate = true;
-                return;
+            let mut offset = n.offset;
+            if let Some(last) = record.notifications.last_offset().filter(|&last| last >= n.offset) {
+                if record.holds(&n.notification) {
+                    // Appended again after Redis lost its data, and already held.
+                    duplicate = true;
+                    return;
+                }
+                // Numbered again by a Redis that lost its data (or appended again out of order by replicas
+                // recovering from that): acknowledged, so held after the last rather than lost to the watches.
+                offset = last + 1;
+                tracing::warn!(
+                    request_id = %mask_digits(&n.notification.request_id),
+                    logged = n.offset,
+                    held = offset,
+                    "a notification came at an offset this replica holds already (Redis lost data): held after the last"
+                );
             }
             record.reported.insert(&n.notification.channel);
             if record.source.is_none() {
@@ -269,16 +297,12 @@ impl Hub {
             }
             let held = if record.source.as_deref().is_some_and(|shared| shared[..] == source[..]) {
                 let stripped = codec::encode_compact_body(&n.notification);
-                record.notifications.push(n.offset, n.time_ms, &stripped, true)
+                record.notifications.push(offset, n.time_ms, &stripped, true)
             } else {
-                record.notifications.push(n.offset, n.time_ms, &n.body, false)
+                record.notifications.push(offset, n.time_ms, &n.body, false)
             };
             if let Err(unheld) = held {
-                tracing::error!(
-                    offset = n.offset,
-                    ?unheld,
-                    "a notification the hub cannot hold is dropped"
-                );
+                tracing::error!(offset, ?unheld, "a notification the hub cannot hold is dropped");
             }
         });
         if duplicate {
@@ -635,6 +659,44 @@ mod tests {
             [1],
             "the log numbered it 1 again, and so does the hub"
         );
+    }
+
+    /// Redis restarted empty: the log numbers a request's next notification from 1 again, while the hub still
+    /// holds the request's earlier ones. Acknowledged, it must reach the watches: held after the last.
+    #[tokio::test(start_paused = true)]
+    async fn a_notification_numbered_again_after_the_log_lost_its_data_is_held_after_the_last() {
+        use futures::StreamExt;
+        let hub = hub(600, 10);
+        hub.apply(&notification("r", Channel::Sms, 1, 1_000));
+        let mut watch = std::pin::pin!(hub.watch("r", 1, WatchLimits::for_tests()));
+        hub.apply(&notification("r", Channel::Rcs, 1, 20_000));
+        assert_eq!(offsets(&hub, "r"), [1, 2]);
+        let Some(WatchEvent::Notification { offset, body, .. }) = watch.next().await else {
+            panic!("the watch got nothing");
+        };
+        let sent = codec::decode_body("r".into(), &body).unwrap();
+        assert_eq!((offset, sent.channel), (2, Channel::Rcs));
+    }
+
+    /// Re-appended after a loss, a notification the hub holds stays one, whatever offset the log gives it again.
+    #[test]
+    fn a_notification_held_already_is_dropped_at_whatever_offset_it_comes_back() {
+        let hub = hub(600, 10);
+        hub.apply(&notification("r", Channel::Sms, 1, 1_000));
+        hub.apply(&notification("r", Channel::Rcs, 2, 1_001));
+        hub.apply(&notification("r", Channel::Rcs, 1, 20_000));
+        hub.apply(&notification("r", Channel::Sms, 2, 20_001));
+        hub.apply(&notification("r", Channel::Viber, 3, 20_002));
+        assert_eq!(offsets(&hub, "r"), [1, 2, 3]);
+    }
+
+    /// Two replicas append their recent events again after a loss, the later offset first: both are held.
+    #[test]
+    fn notifications_appended_again_out_of_order_are_all_held() {
+        let hub = hub(600, 10);
+        hub.apply(&notification("r", Channel::Rcs, 2, 1_000));
+        hub.apply(&notification("r", Channel::Sms, 1, 1_001));
+        assert_eq!(offsets(&hub, "r"), [2, 3]);
     }
 
     /// Each app and project is kept once, not in every notification; what a watch reads is what Sinch sent.
