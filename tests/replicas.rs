@@ -404,6 +404,27 @@ async fn events_appended_again_out_of_order_by_two_replicas_all_reach_a_new_repl
     assert_eq!(channels, ["RCS", "SMS"], "both, once each: {on_c:?}");
 }
 
+/// Redis paused writes past the replica's 2-s response timeout: the append script ran, its answer was lost and
+/// its retry found the result already there. The replica must still count it among the events it accepted, and
+/// append it again when Redis comes back empty.
+#[tokio::test]
+async fn an_append_whose_answer_timed_out_is_appended_again_after_redis_restarts_empty() {
+    let mut redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let a = replica(&fake, &redis).await;
+    assert_eq!(deliver(a.webhook_addr, body("warm-up", "SMS")).await, 200);
+    redis.command(&["CLIENT", "PAUSE", "3000", "WRITE"]);
+    assert_eq!(deliver(a.webhook_addr, body("timed-out", "SMS")).await, 200);
+    redis.kill().await;
+    redis.restart().await;
+    // Acknowledged once the replica found Redis empty and appended its recent events again.
+    deliver_until_acknowledged(a.webhook_addr, body("marker", "SMS")).await;
+    let c = replica(&fake, &redis).await;
+    ready(&c).await;
+    let on_c = held(&c, "timed-out", 0).await;
+    assert_eq!(on_c.len(), 1, "a new replica reads it back: {on_c:?}");
+}
+
 /// Watches `request_id` on `binary` until `count` notifications arrived (or a 20 s wait ended); returns them.
 async fn first_notifications(binary: &common::Binary, request_id: &str, count: usize) -> Vec<(u64, String, String)> {
     use capability_facade::grpc::pb::watch_capability_response::Event;

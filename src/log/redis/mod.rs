@@ -60,17 +60,21 @@ const MAX_RECENT: usize = 100_000;
 /// this attempt's token, the nonce's time to live (ms), the retention (ms), the cap, the digest (hex), the
 /// encoded event. Returns {1, offset} appended, {0, offset} a duplicate of the result at that offset, {2, n}
 /// over the cap for the n-th time, {-1} the nonce was used by another callback, {-3} the epoch differs.
-/// A retry of an attempt whose answer was lost finds its own token on the nonce and its digest: a duplicate.
+/// A retry of an attempt whose answer was lost finds its own token on the nonce and its digest: it answers
+/// {1, offset}, as the first run did when it appended (when the first run found a copy instead, the replica then
+/// keeps among its recent events, and caches, a result Redis holds already: both harmless).
 const APPEND: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-3} end
+local again = false
 if KEYS[4] then
   if not redis.call('SET', KEYS[4], ARGV[2], 'NX', 'PX', ARGV[3]) then
     if redis.call('GET', KEYS[4]) ~= ARGV[2] then return {-1} end
+    again = true
   end
 end
 local field = 'd:' .. ARGV[6]
 local known = redis.call('HGET', KEYS[3], field)
-if known then return {0, tonumber(known)} end
+if known then return {again and 1 or 0, tonumber(known)} end
 local n = tonumber(redis.call('HGET', KEYS[3], 'n') or '0')
 if n >= tonumber(ARGV[5]) then
   local x = redis.call('HINCRBY', KEYS[3], 'x', 1)
