@@ -213,14 +213,19 @@ impl Query {
     }
 
     /// The channels that will report, when they are known in advance (identified_by queries), each once, sorted.
+    /// Not known when a channel is listed with two different identities: each may report, and a watch that
+    /// completed at the first would miss the other (it ends at its wait instead).
     pub fn expected_channels(&self) -> Option<Vec<Channel>> {
         match &self.recipient {
             Recipient::ContactId(_) => None,
             Recipient::IdentifiedBy(ids) => {
-                let mut channels: Vec<Channel> = ids.iter().map(|id| id.channel.clone()).collect();
-                channels.sort();
+                let mut listed: Vec<(&Channel, &str)> =
+                    ids.iter().map(|id| (&id.channel, id.identity.as_str())).collect();
+                listed.sort();
+                listed.dedup();
+                let mut channels: Vec<Channel> = listed.iter().map(|(channel, _)| (*channel).clone()).collect();
                 channels.dedup();
-                Some(channels)
+                (channels.len() == listed.len()).then_some(channels)
             }
         }
     }
@@ -416,12 +421,25 @@ mod tests {
             identity: "1".into(),
             app_id: String::new(),
         };
+        let other = |channel: Channel| ChannelIdentity {
+            identity: "2".into(),
+            ..id(channel)
+        };
         let q = Query {
             app_id: "a".into(),
             recipient: Recipient::IdentifiedBy(vec![id(Channel::Rcs), id(Channel::Whatsapp), id(Channel::Rcs)]),
             request_id: "r".into(),
         };
         assert_eq!(q.expected_channels(), Some(vec![Channel::Whatsapp, Channel::Rcs]));
+        let q = Query {
+            recipient: Recipient::IdentifiedBy(vec![id(Channel::Rcs), id(Channel::Sms), other(Channel::Sms)]),
+            ..q
+        };
+        assert_eq!(
+            q.expected_channels(),
+            None,
+            "two identities on one channel may each report"
+        );
         let q = Query {
             recipient: Recipient::ContactId("c".into()),
             ..q

@@ -6,7 +6,9 @@ mod common;
 use std::time::Duration;
 
 use capability_facade::grpc::pb::{self, Channel, CompletionReason};
-use common::{Sandbox, Service, capability_body, deliver, drain, identities, query, query_and_drain, watch_request};
+use common::{
+    FakeSinch, Sandbox, Service, capability_body, deliver, drain, identities, query, query_and_drain, watch_request,
+};
 use tonic::Code;
 
 fn full(channel: &str) -> (String, String) {
@@ -43,6 +45,37 @@ async fn a_watch_opened_before_the_query_misses_nothing_and_completes() {
     let completion = end.unwrap();
     assert_eq!(completion.reason(), CompletionReason::AllChannelsReported);
     assert_eq!(completion.last_offset, 2);
+}
+
+/// A query that lists one channel with two identities: each may report, so the first result must not complete
+/// the watch (it ends at its wait instead, with every result delivered).
+#[tokio::test]
+async fn a_channel_listed_with_two_identities_does_not_complete_the_watch_at_its_first_result() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let numbers = ["46700000001", "46700000002"];
+    client
+        .query_capability(query(
+            identities(&[(Channel::Sms, numbers[0]), (Channel::Sms, numbers[1])]),
+            "two-numbers",
+        ))
+        .await
+        .unwrap();
+    let mut stream = client
+        .watch_capability(watch_request("two-numbers", 0, Some(Duration::from_secs(30))))
+        .await
+        .unwrap()
+        .into_inner();
+    for number in numbers {
+        let body = capability_body("two-numbers", "SMS", number, "CAPABILITY_FULL");
+        assert_eq!(deliver(service.webhook_addr, body).await, 200);
+        let message = stream.message().await.unwrap().expect("the stream ended early");
+        let Some(pb::watch_capability_response::Event::Notification(n)) = message.event else {
+            panic!("expected {number}'s result, got {:?}", message.event);
+        };
+        assert_eq!(n.identity, number);
+    }
 }
 
 #[tokio::test]
