@@ -717,6 +717,43 @@ async fn a_result_is_trusted_for_its_statuss_time_to_live_and_the_callers_max_ag
     nth_query(&fake, 3).await;
 }
 
+/// A look at the cache's naming key kept in Redis that its caller gave up on midway (a deadline, while Redis held
+/// writes) must not stop the later looks: after Redis loses the key, replicas must come to name entries alike.
+#[tokio::test]
+async fn a_look_at_the_cache_key_given_up_midway_does_not_stop_later_ones() {
+    use capability_facade::{
+        capability::{CacheTtl, Channel},
+        log::redis::{RedisLog, RedisSettings},
+        secret::Secret,
+    };
+    let redis = RedisServer::start().await;
+    let settings = RedisSettings {
+        url: Secret::new(redis.url()),
+        prefix: "abandoned".into(),
+        shards: 1,
+        retention: Duration::from_secs(60),
+        max_per_request: 64,
+        idempotency_window: Duration::from_secs(60),
+        pending_claim: Duration::from_secs(60),
+        cache_ttl: CacheTtl::default(),
+        cache_hash_key: None,
+    };
+    let log = RedisLog::prepare(settings, Vec::new()).await.unwrap();
+    let cache = log.cache();
+    let named =
+        |hasher: capability_facade::log::cached::KeyHasher| hasher.identity("app", &Channel::Sms, "46700000001");
+    let before = named(cache.hasher().await.unwrap());
+    // Real time, not a synchronisation: the key is looked at again once a second has passed.
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    redis.command(&["CLIENT", "PAUSE", "500", "WRITE"]);
+    let given_up = tokio::time::timeout(Duration::from_millis(100), cache.hasher()).await;
+    assert!(given_up.is_err(), "the look waits for Redis");
+    // Redis lost the key and another replica put a new one (held until the pause ends).
+    redis.command(&["SET", "abandoned:cache-key", "00112233445566778899aabbccddeeff"]);
+    let after = named(cache.hasher().await.unwrap());
+    assert_ne!(after, before, "the key kept in Redis is looked at again");
+}
+
 /// The Redis cache, as the in-process one (src/check/local.rs): a contact invalidated while a result for another
 /// of its identities is stored keeps nothing from before, and the newcomer, if it stays cached under its identity,
 /// stays listed in the contact's entry, so that the next invalidation reaches it.

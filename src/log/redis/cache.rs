@@ -164,9 +164,9 @@ impl RedisCache {
             // Fresh, or another call is looking again meanwhile: one call a second pays for the look.
             return Ok(hasher.clone());
         }
-        let looked = self.look_at_key(current.map(|(_, _, key)| key)).await;
-        self.refreshing.store(false, Ordering::Release);
-        looked
+        // Let go however the look ends: a caller that gives up on it (a deadline) must not stop every later one.
+        let _looking = Looking(&self.refreshing);
+        self.look_at_key(current.map(|(_, _, key)| key)).await
     }
 
     /// Reads the key kept in Redis, putting `held` (or a new one) there first if Redis has none.
@@ -334,5 +334,14 @@ impl RedisCache {
             .invoke_async::<i64>(&mut self.commands.clone())
             .await
             .map(drop)
+    }
+}
+
+/// Clears the flag of a look at the cache's key in progress when dropped.
+struct Looking<'a>(&'a AtomicBool);
+
+impl Drop for Looking<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
