@@ -151,15 +151,7 @@ async fn through_a_redis_outage_callbacks_are_refused_then_redelivered_exactly_o
 
     redis.restart().await;
     // Sinch redelivers until acknowledged; the connection manager reconnects on its own.
-    let mut status = 503;
-    for _ in 0..100 {
-        status = deliver(a.webhook_addr, body("outage", "SMS")).await;
-        if status == 200 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(status, 200, "accepted once Redis is back");
+    deliver_until_acknowledged(a.webhook_addr, body("outage", "SMS")).await;
     assert_eq!(deliver(b.webhook_addr, body("outage", "RCS")).await, 200);
     let (seen, end) = drain(watch).await;
     assert_eq!(
@@ -263,15 +255,7 @@ async fn tonic_client(
 async fn events_lost_by_a_redis_restarted_empty_are_appended_again_by_the_replica_that_accepted_them() {
     let mut redis = RedisServer::start().await;
     let fake = FakeSinch::start().await;
-    let mut env = common::binary_env(&fake);
-    env.push(("CAPABILITY_REDIS_URL", redis.url()));
-    let a = common::Binary::spawn(&env).await;
-    let b = common::Binary::spawn(&env).await;
-    // Both readers have connected (and learnt the epoch) once each delivers what the other accepted.
-    assert_eq!(deliver(a.webhook_addr, body("warm-up", "SMS")).await, 200);
-    for replica in [&a, &b] {
-        assert_eq!(first_notifications(replica, "warm-up", 1).await.len(), 1);
-    }
+    let (_, a, b) = two_binaries(&fake, &redis).await;
 
     b.signal("STOP");
     for channel in ["SMS", "RCS", "WHATSAPP"] {
@@ -377,14 +361,7 @@ async fn a_notification_numbered_again_by_a_redis_that_lost_its_last_writes_stil
 async fn events_appended_again_out_of_order_by_two_replicas_all_reach_a_new_replica() {
     let mut redis = RedisServer::start().await;
     let fake = FakeSinch::start().await;
-    let mut env = common::binary_env(&fake);
-    env.push(("CAPABILITY_REDIS_URL", redis.url()));
-    let a = common::Binary::spawn(&env).await;
-    let b = common::Binary::spawn(&env).await;
-    assert_eq!(deliver(a.webhook_addr, body("warm-up", "SMS")).await, 200);
-    for replica in [&a, &b] {
-        assert_eq!(first_notifications(replica, "warm-up", 1).await.len(), 1);
-    }
+    let (env, a, b) = two_binaries(&fake, &redis).await;
     assert_eq!(deliver(a.webhook_addr, body("reordered", "SMS")).await, 200);
     assert_eq!(deliver(b.webhook_addr, body("reordered", "RCS")).await, 200);
     assert_eq!(first_notifications(&b, "reordered", 2).await.len(), 2);
@@ -423,6 +400,23 @@ async fn an_append_whose_answer_timed_out_is_appended_again_after_redis_restarts
     ready(&c).await;
     let on_c = held(&c, "timed-out", 0).await;
     assert_eq!(on_c.len(), 1, "a new replica reads it back: {on_c:?}");
+}
+
+/// Two replica processes sharing `redis`, with the environment they were started with: both readers have
+/// connected (and learnt the epoch) once each delivers what the other accepted.
+async fn two_binaries(
+    fake: &FakeSinch,
+    redis: &RedisServer,
+) -> (Vec<(&'static str, String)>, common::Binary, common::Binary) {
+    let mut env = common::binary_env(fake);
+    env.push(("CAPABILITY_REDIS_URL", redis.url()));
+    let a = common::Binary::spawn(&env).await;
+    let b = common::Binary::spawn(&env).await;
+    assert_eq!(deliver(a.webhook_addr, body("warm-up", "SMS")).await, 200);
+    for replica in [&a, &b] {
+        assert_eq!(first_notifications(replica, "warm-up", 1).await.len(), 1);
+    }
+    (env, a, b)
 }
 
 /// Watches `request_id` on `binary` until `count` notifications arrived (or a 20 s wait ended); returns them.
