@@ -311,3 +311,51 @@ async fn cancel_keeps_late_results(extra: &[&str]) {
     let now = get(&mut client, &job.job_id).await;
     assert_eq!(now.done, last.done, "nothing landed after the stream ended");
 }
+
+/// The cluster client sends a script again when its reply was lost: a recipient's "sent" record that finds the
+/// very record its attempt writes is that attempt's own, and the query must still go out (not be waited for as if
+/// a replica that held the job before had sent it).
+#[tokio::test]
+async fn a_sent_record_met_again_by_its_own_attempt_still_sends_the_query() {
+    use capability_facade::{
+        capability::{ChannelIdentity, Recipient},
+        check::bulk::JobSpec,
+        log::redis::jobs::Marked,
+    };
+    let redis = common::redis::RedisServer::start().await;
+    let log = common::redis_log(&redis, "resent", Some("resent-key")).await;
+    let jobs = log.jobs();
+    let spec = JobSpec {
+        app_id: "app".into(),
+        recipients: vec![Recipient::IdentifiedBy(vec![ChannelIdentity {
+            channel: capability_facade::capability::Channel::Sms,
+            identity: "46700000001".into(),
+            app_id: String::new(),
+        }])],
+        max_age: Duration::ZERO,
+        wait: Duration::from_secs(10),
+        preference: None,
+        request_id: None,
+    };
+    let created = jobs
+        .create("job", &spec, &spec.fingerprint(), 1_000, Duration::from_secs(60))
+        .await;
+    assert!(matches!(created, Ok(Ok((_, true)))));
+    assert!(
+        jobs.claim("job", "replica-a", Duration::from_secs(10))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    let attempt = || jobs.mark_sent("job", "replica-a", 0, "request-1", 2_000);
+    assert!(matches!(attempt().await.unwrap(), Marked::Marked));
+    assert!(
+        matches!(attempt().await.unwrap(), Marked::Marked),
+        "its own record, met again"
+    );
+    let later = jobs.mark_sent("job", "replica-a", 0, "request-2", 3_000).await.unwrap();
+    assert!(
+        matches!(&later, Marked::SentBefore(id) if id == "request-1"),
+        "another attempt finds it sent"
+    );
+}

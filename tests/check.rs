@@ -717,37 +717,13 @@ async fn a_result_is_trusted_for_its_statuss_time_to_live_and_the_callers_max_ag
     nth_query(&fake, 3).await;
 }
 
-/// The Redis side of the log on its own (no replica), its cache's entries named with `cache_hash_key` (else a
-/// key kept in Redis).
-async fn redis_log(
-    redis: &RedisServer,
-    prefix: &str,
-    cache_hash_key: Option<&str>,
-) -> capability_facade::log::redis::RedisLog {
-    use capability_facade::{capability::CacheTtl, log::redis::RedisSettings, secret::Secret};
-    let settings = RedisSettings {
-        url: Secret::new(redis.url()),
-        prefix: prefix.into(),
-        shards: 1,
-        retention: Duration::from_secs(60),
-        max_per_request: 64,
-        idempotency_window: Duration::from_secs(60),
-        pending_claim: Duration::from_secs(60),
-        cache_ttl: CacheTtl::default(),
-        cache_hash_key: cache_hash_key.map(Secret::new),
-    };
-    capability_facade::log::redis::RedisLog::prepare(settings, Vec::new())
-        .await
-        .unwrap()
-}
-
 /// A look at the cache's naming key kept in Redis that its caller gave up on midway (a deadline, while Redis held
 /// writes) must not stop the later looks: after Redis loses the key, replicas must come to name entries alike.
 #[tokio::test]
 async fn a_look_at_the_cache_key_given_up_midway_does_not_stop_later_ones() {
     use capability_facade::capability::Channel;
     let redis = RedisServer::start().await;
-    let log = redis_log(&redis, "abandoned", None).await;
+    let log = common::redis_log(&redis, "abandoned", None).await;
     let cache = log.cache();
     let named =
         |hasher: capability_facade::log::cached::KeyHasher| hasher.identity("app", &Channel::Sms, "46700000001");
@@ -773,7 +749,7 @@ async fn in_redis_a_contact_invalidated_while_a_result_is_stored_leaves_no_resul
         webhook::parse::{Callback, parse},
     };
     let redis = RedisServer::start().await;
-    let log = redis_log(&redis, "race", Some("race-key")).await;
+    let log = common::redis_log(&redis, "race", Some("race-key")).await;
     let cache = log.cache();
     let hasher = cache.hasher().await.unwrap();
     // A result as Sinch sends it, read as the webhook reads it.

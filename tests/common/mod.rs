@@ -454,3 +454,27 @@ impl Sandbox {
         (status, response.json().await.unwrap_or(Value::Null))
     }
 }
+
+/// The Redis side of the log on its own (no replica), its cache's entries named with `cache_hash_key` (else a
+/// key kept in Redis).
+pub async fn redis_log(
+    redis: &redis::RedisServer,
+    prefix: &str,
+    cache_hash_key: Option<&str>,
+) -> capability_facade::log::redis::RedisLog {
+    use capability_facade::{capability::CacheTtl, log::redis::RedisSettings, secret::Secret};
+    let settings = RedisSettings {
+        url: Secret::new(redis.url()),
+        prefix: prefix.into(),
+        shards: 1,
+        retention: Duration::from_secs(60),
+        max_per_request: 64,
+        idempotency_window: Duration::from_secs(60),
+        pending_claim: Duration::from_secs(60),
+        cache_ttl: CacheTtl::default(),
+        cache_hash_key: cache_hash_key.map(Secret::new),
+    };
+    capability_facade::log::redis::RedisLog::prepare(settings, Vec::new())
+        .await
+        .unwrap()
+}

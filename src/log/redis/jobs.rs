@@ -43,11 +43,12 @@ return 1
 /// Records a recipient as sent, only while the job runs, only by the replica holding its lease, and only once.
 /// KEYS: meta, sent, lease. ARGV: index, value, retention (ms), owner. Returns {1} recorded, {0} the job does not
 /// send any more (or this replica lost it), {2, value} the recipient was sent already (by a replica that held the
-/// job before).
+/// job before). The same value again (this attempt's script sent again after its reply was lost) is {1}.
 const MARK_SENT: &str = r"
 if redis.call('HGET', KEYS[1], 'state') ~= 'RUNNING' then return {0} end
 if redis.call('GET', KEYS[3]) ~= ARGV[4] then return {0} end
 local held = redis.call('HGET', KEYS[2], ARGV[1])
+if held == ARGV[2] then return {1} end
 if held then return {2, held} end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
