@@ -402,6 +402,35 @@ async fn an_append_whose_answer_timed_out_is_appended_again_after_redis_restarts
     assert_eq!(on_c.len(), 1, "a new replica reads it back: {on_c:?}");
 }
 
+/// What a replica appended longer ago than the retention has expired: a Redis restarted empty must not bring it
+/// back (appended again with a new time, it would live a whole retention more).
+#[tokio::test]
+async fn events_past_the_retention_are_not_appended_again_after_redis_restarts_empty() {
+    let mut redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let args = [format!("--redis-url={}", redis.url()), "--retention=3s".to_owned()];
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let a = Service::against(&fake, &args).await;
+    assert_eq!(deliver(a.webhook_addr, body("expired", "SMS")).await, 200);
+    // Real time, not a synchronisation: the notification's retention passes.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    redis.kill().await;
+    redis.restart().await;
+    // Acknowledged once the replica found Redis empty and appended its recent events again.
+    deliver_until_acknowledged(a.webhook_addr, body("marker", "SMS")).await;
+    let c = Service::against(&fake, &args).await;
+    ready(&c).await;
+    assert_eq!(
+        held(&c, "marker", 0).await.len(),
+        1,
+        "the new replica read the log back"
+    );
+    assert!(
+        held(&c, "expired", 0).await.is_empty(),
+        "an expired notification came back"
+    );
+}
+
 /// Two replica processes sharing `redis`, with the environment they were started with: both readers have
 /// connected (and learnt the epoch) once each delivers what the other accepted.
 async fn two_binaries(

@@ -448,11 +448,14 @@ impl RedisLog {
     }
 
     async fn republish(&self, shard: &Shard, conn: &mut Connection) -> redis::RedisResult<usize> {
+        // Not what has expired since (the list is pruned only when this replica appends): appended again with a
+        // new time, it would live a whole retention more.
         let events: Vec<Recent> = shard
             .recent
             .lock()
             .expect("recent lock poisoned")
             .iter()
+            .filter(|(at, _)| at.elapsed() < self.settings.retention)
             .map(|(_, e)| e.clone())
             .collect();
         let retention = self.settings.retention.as_millis() as u64;
