@@ -170,10 +170,12 @@ impl LocalLog {
         // Encoded before the lock, which every callback of the shard's requests waits for.
         let body = codec::encode_body(&received.notification).into();
         let (mut state, key, now) = self.lock(&received.notification.request_id);
-        let request = state.touch(key, now, self.retention_ms);
+        let request = state.request(key, now, self.retention_ms);
         if request.digests.contains(received.digest) {
+            // Not an event of the request's (the hub never sees it): its time stays its last append's, as in Redis.
             return Ok(Accepted::Duplicate);
         }
+        request.last_ms = now;
         if request.digests.len() as u64 >= self.max_per_request {
             request.capped = request.capped.saturating_add(1);
             return Ok(Accepted::Capped {
@@ -197,7 +199,7 @@ impl LocalLog {
 
     pub fn record_query(&self, query: QueryRecorded) -> Result<(), Unavailable> {
         let (mut state, key, now) = self.lock(&query.request_id);
-        state.touch(key, now, self.retention_ms);
+        state.request(key, now, self.retention_ms).last_ms = now;
         let entry = Entry::Query { time_ms: now, query };
         self.consumers.iter().for_each(|c| c.apply(&entry));
         Ok(())
@@ -232,13 +234,12 @@ impl State {
         }
     }
 
-    /// The state of request `key`, created if new or expired (swept or not), its last event now at `now`.
-    fn touch(&mut self, key: [u64; 2], now: u64, retention_ms: u64) -> &mut RequestState {
+    /// The state of request `key` at `now`, created if new or expired (swept or not).
+    fn request(&mut self, key: [u64; 2], now: u64, retention_ms: u64) -> &mut RequestState {
         let request = self.requests.entry(key).or_default();
         if request.last_ms.saturating_add(retention_ms) <= now {
             *request = RequestState::default();
         }
-        request.last_ms = now;
         request
     }
 }
@@ -331,6 +332,27 @@ mod tests {
             log.accept(None, full()).unwrap(),
             Accepted::Appended { offset: 1 },
             "a request idle for the retention starts again"
+        );
+    }
+
+    /// A duplicate is no event of its request's (the hub never sees one, and Redis's script does not refresh the
+    /// request for one): the request is idle from its last append, and starts again a retention after it.
+    #[test]
+    fn a_duplicate_does_not_keep_its_request_alive() {
+        static CLOCK: AtomicU64 = AtomicU64::new(1_000_000);
+        let log = LocalLog {
+            clock: || CLOCK.load(Ordering::SeqCst),
+            ..log(Arc::new(Recorder::default()))
+        };
+        let sms = || received("r", CapabilityStatus::Full);
+        assert_eq!(log.accept(None, sms()).unwrap(), Accepted::Appended { offset: 1 });
+        CLOCK.fetch_add(40_000, Ordering::SeqCst);
+        assert_eq!(log.accept(None, sms()).unwrap(), Accepted::Duplicate);
+        CLOCK.fetch_add(30_000, Ordering::SeqCst);
+        assert_eq!(
+            log.accept(None, received("r", CapabilityStatus::NoCapability)).unwrap(),
+            Accepted::Appended { offset: 1 },
+            "idle for the retention since its last append"
         );
     }
 
