@@ -660,6 +660,20 @@ async fn a_stream_of_checks_while_the_answer_arrives_asks_sinch_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_on_a_second_replica_joins_the_first_replicas_query() {
+    burst_on_a_second_replica(Duration::ZERO).await;
+}
+
+/// The first replica's query is answered late, so the second replica's burst polls its lease while it is pending;
+/// the lease is marked sent, its results cached and the lease given back within milliseconds, between two polls.
+/// A check that then finds the lease free must look at the cache again before it starts a query of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_that_finds_the_lease_given_back_between_two_polls_answers_from_the_cache() {
+    burst_on_a_second_replica(Duration::from_millis(300)).await;
+}
+
+/// A check on replica A, Sinch answering its query after `echo_delay`; then 200 identical checks on replica B,
+/// then the callback: every check answers with A's result, and Sinch was asked once.
+async fn burst_on_a_second_replica(echo_delay: Duration) {
     let redis = RedisServer::start().await;
     let fake = FakeSinch::start().await;
     let url = format!("--redis-url={}", redis.url());
@@ -669,6 +683,7 @@ async fn a_burst_on_a_second_replica_joins_the_first_replicas_query() {
     );
     let (on_a, on_b) = (a.client().await, b.client().await);
     let request = check(identities(&[(Channel::Rcs, NUMBER)]));
+    fake.set_echo_delay(echo_delay);
     let first = spawn_check(on_a.clone(), request.clone()).await;
     let (live_id, _) = nth_query(&fake, 1).await;
     let mut burst = Vec::new();

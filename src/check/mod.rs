@@ -203,6 +203,24 @@ impl Checker {
     }
 
     /// The cached results of identity entries `keys`; a cache that cannot be read is a miss.
+    /// The cached results of `keys` that may answer a check accepting results up to `max_age` old (none when
+    /// `max_age` is zero: the check asks Sinch).
+    async fn fresh(&self, keys: &[EntryKey], max_age: Duration) -> Vec<Option<CheckResult>> {
+        if max_age.is_zero() {
+            return vec![None; keys.len()];
+        }
+        let now = wall_clock_ms();
+        self.cached(keys)
+            .await
+            .into_iter()
+            .map(|cached| {
+                cached
+                    .filter(|c| c.fresh(now, max_age))
+                    .and_then(|c| answered(Source::Cache, c.offset, c.request_id.clone(), c.body))
+            })
+            .collect()
+    }
+
     async fn cached(&self, keys: &[EntryKey]) -> Vec<Option<CachedResult>> {
         match &self.store {
             Store::Local(local) => keys
@@ -323,15 +341,7 @@ impl Checker {
             .iter()
             .map(|id| call.hasher.identity(&request.app_id, &id.channel, &id.identity))
             .collect();
-        let mut slots: Vec<Option<CheckResult>> = vec![None; ids.len()];
-        if !request.max_age.is_zero() {
-            let now = wall_clock_ms();
-            for (slot, cached) in slots.iter_mut().zip(self.cached(&keys).await) {
-                *slot = cached
-                    .filter(|c| c.fresh(now, request.max_age))
-                    .and_then(|c| answered(Source::Cache, c.offset, c.request_id.clone(), c.body));
-            }
-        }
+        let mut slots = self.fresh(&keys, request.max_age).await;
         let missing: Vec<usize> = (0..ids.len()).filter(|i| slots[*i].is_none()).collect();
         metrics::counter!("capability_cache_misses_total").increment(missing.len() as u64);
         if missing.is_empty() {
@@ -394,6 +404,20 @@ impl Checker {
                     break;
                 }
             }
+        }
+        if !to_send.is_empty() && call.gate.is_none() {
+            // The lease first, then the cache again: a lease found free may have been given back, after this
+            // check's first look, by a lookup whose results were cached before (a holder caches, then gives back).
+            let sending: Vec<EntryKey> = to_send.iter().map(|i| keys[*i]).collect();
+            let mut hits = Vec::new();
+            for (&i, fresh) in to_send.iter().zip(self.fresh(&sending, request.max_age).await) {
+                if fresh.is_some() {
+                    slots[i] = fresh;
+                    hits.push(keys[i]);
+                }
+            }
+            leases.give_back(&hits);
+            to_send.retain(|i| slots[*i].is_none());
         }
         let mut live: Option<Arc<str>> = resumed;
         if !to_send.is_empty() {
