@@ -754,6 +754,57 @@ async fn a_look_at_the_cache_key_given_up_midway_does_not_stop_later_ones() {
     assert_ne!(after, before, "the key kept in Redis is looked at again");
 }
 
+/// With Redis, a check stores the results it received once more before it returns: at the time they reached the
+/// service, not the time the check returns, or a result would look younger than it is to the next caller.
+#[tokio::test]
+async fn a_result_a_check_stores_again_keeps_its_own_age() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[&format!("--redis-url={}", redis.url())]).await;
+    let mut client = service.client().await;
+    let mut both = check(identities(&[(Channel::Sms, NUMBER), (Channel::Rcs, NUMBER)]));
+    both.wait = duration(Duration::from_secs(1));
+    let first = spawn_check(client.clone(), both).await;
+    let (live_id, _) = nth_query(&fake, 1).await;
+    deliver(service.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await;
+    // RCS never answers: the check returns at its wait, a second after SMS arrived.
+    let answer = first.await.unwrap().unwrap();
+    assert_eq!(answer.pending.len(), 1, "{answer:?}");
+    let mut fussy = check(identities(&[(Channel::Sms, NUMBER)]));
+    fussy.max_age = duration(Duration::from_millis(500));
+    fussy.wait = duration(Duration::ZERO);
+    client.check_capability(fussy).await.unwrap();
+    assert_eq!(
+        fake.queries().len(),
+        2,
+        "a result a second old served for a max_age of 500 ms"
+    );
+}
+
+/// A check given up (its caller gone) while Redis held its lease script leaves no lease behind: the next identical
+/// check asks Sinch itself rather than wait for a lookup nobody sends.
+#[tokio::test]
+async fn a_check_given_up_while_taking_its_lease_leaves_no_lease_behind() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let url = format!("--redis-url={}", redis.url());
+    let service = Service::against(&fake, &[&url, "--cache-hash-key=given-up-key"]).await;
+    let client = service.client().await;
+    redis.command(&["CLIENT", "PAUSE", "1000", "WRITE"]);
+    let given_up = spawn_check(client.clone(), check(identities(&[(Channel::Sms, NUMBER)]))).await;
+    redis.until_blocked(1).await;
+    given_up.abort();
+    assert!(given_up.await.unwrap_err().is_cancelled());
+    // Returns once the pause is over.
+    redis.command(&["SET", "pause-over", "1"]);
+    let mut next = check(identities(&[(Channel::Sms, NUMBER)]));
+    next.wait = duration(Duration::from_secs(2));
+    let next = spawn_check(client, next).await;
+    let asked = tokio::time::timeout(Duration::from_secs(2), fake.until_queries(1)).await;
+    next.abort();
+    assert!(asked.is_ok(), "nobody asked Sinch: a lease was left behind");
+}
+
 /// The Redis cache, as the in-process one (src/check/local.rs): a contact invalidated while a result for another
 /// of its identities is stored keeps nothing from before, and the newcomer, if it stays cached under its identity,
 /// stays listed in the contact's entry, so that the next invalidation reaches it.

@@ -161,16 +161,20 @@ impl<'a> Leases<'a> {
             return Taken::Started;
         };
         let ttl = self.until.saturating_duration_since(Instant::now());
-        match cache.lease(&key, &self.request_id, ttl).await {
-            Ok(Some(holder)) if holder.is_ours(&self.request_id) => {
-                self.held.push(Lease {
-                    key,
-                    flight,
-                    shared: true,
-                    sent: false,
-                });
-                Taken::Started
-            }
+        // Held before Redis is asked: a check given up while it asks gives the lease back (here, and in Redis if
+        // the script took it there) rather than leave a pending lookup nobody sends.
+        self.held.push(Lease {
+            key,
+            flight: flight.clone(),
+            shared: true,
+            sent: false,
+        });
+        let taken = cache.lease(&key, &self.request_id, ttl).await;
+        if !matches!(&taken, Ok(Some(holder)) if holder.is_ours(&self.request_id)) {
+            self.held.pop();
+        }
+        match taken {
+            Ok(Some(holder)) if holder.is_ours(&self.request_id) => Taken::Started,
             Ok(holder) => match holder.as_ref().and_then(|h| h.sent()) {
                 Some(request_id) => {
                     // Another replica's query: this replica's checks join it here, without asking Redis, until

@@ -70,6 +70,24 @@ impl RedisServer {
         );
     }
 
+    /// Waits until `count` clients are blocked (by a `CLIENT PAUSE`, a blocking command): what a test holds still.
+    pub async fn until_blocked(&self, count: usize) {
+        for _ in 0..1_000 {
+            let out = std::process::Command::new("redis-cli")
+                .args(["-p", &self.port.to_string(), "INFO", "clients"])
+                .output()
+                .expect("redis-cli runs");
+            let blocked = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .find_map(|line| line.trim().strip_prefix("blocked_clients:")?.parse::<usize>().ok());
+            if blocked.is_some_and(|blocked| blocked >= count) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("{count} clients never blocked");
+    }
+
     /// Sets a configuration value at run time (`CONFIG SET name value`), as an operator would with redis-cli.
     pub fn config_set(&self, name: &str, value: &str) {
         self.command(&["CONFIG", "SET", name, value]);

@@ -11,7 +11,7 @@
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
-    time::Duration,
+    time::{Duration, UNIX_EPOCH},
 };
 
 use redis::Script;
@@ -208,14 +208,23 @@ impl RedisCache {
     }
 
     /// Stores the result of `notification`, appended at `offset`, under its identity and, when it names one, its
-    /// contact. The time of the result is this replica's.
+    /// contact. The time of the result is when it reached the service (its receive time, when it has one; never
+    /// later than now): a result stored again later, by a check that received it, is not made younger.
     pub async fn store(&self, notification: &Notification, offset: u64) -> redis::RedisResult<()> {
         let now = wall_clock_ms();
-        let Some(result) = CachedResult::of(notification, offset, now, &codec::encode_body(notification), &self.ttl)
+        let received = notification
+            .received_time
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_millis() as u64);
+        let at = if received == 0 { now } else { received.min(now) };
+        let Some(result) = CachedResult::of(notification, offset, at, &codec::encode_body(notification), &self.ttl)
         else {
             return Ok(());
         };
-        let ttl = ttl_ms(Duration::from_millis(result.expires_at_ms - now));
+        let Some(left) = result.expires_at_ms.checked_sub(now).filter(|left| *left > 0) else {
+            return Ok(());
+        };
+        let ttl = ttl_ms(Duration::from_millis(left));
         let hasher = self.hasher().await?;
         let (app, channel) = (&notification.app_id, &notification.channel);
         let identity = hasher.identity(app, channel, &notification.identity);
