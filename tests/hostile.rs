@@ -329,6 +329,11 @@ fn grpc_rows() -> Vec<GrpcRow> {
             Code::InvalidArgument,
         ),
         row(
+            "30 identities, each with a channel spelt in lower case (a violation each: the answer lists a few)",
+            Call::Query(by((0..30).map(|i| identity(0, "whatsapp", &i.to_string())).collect())),
+            Code::InvalidArgument,
+        ),
+        row(
             "an identity with a NUL",
             Call::Query(by(vec![identity(sms, "", "467\u{0}01")])),
             Code::InvalidArgument,

@@ -84,7 +84,16 @@ pub fn check_request(
         .map_err(|v| violations.push(v))
         .ok();
     let mut preference = Vec::new();
-    for (at, number) in request.channel_preference.iter().enumerate() {
+    let listed = request.channel_preference.len();
+    if listed > Channel::KNOWN.len() {
+        // Longer than the contract has channels: some are repeated or unknown, and one violation says so (one per
+        // entry would let a caller grow the answer with the request).
+        violations.push(violation(
+            "channel_preference",
+            format!("at most {} channels, each once; got {listed}", Channel::KNOWN.len()),
+        ));
+    }
+    for (at, number) in request.channel_preference.iter().enumerate().take(Channel::KNOWN.len()) {
         match Channel::from_number(*number) {
             Some(channel) if !preference.contains(&channel) => preference.push(channel),
             Some(_) => violations.push(violation(format!("channel_preference[{at}]"), "listed twice")),
@@ -487,6 +496,33 @@ mod tests {
             app_id: String::new(),
             channel_raw: raw.into(),
         }
+    }
+
+    /// What a caller sends must not grow the answer: a preference of 100,000 entries is one violation, not one
+    /// per entry.
+    #[test]
+    fn a_long_channel_preference_is_one_violation() {
+        let defaults = CheckDefaults {
+            max_age: Duration::from_secs(60),
+            wait: Duration::from_secs(10),
+            max_wait: Duration::from_secs(60),
+        };
+        let request = pb::CheckCapabilityRequest {
+            app_id: "a".into(),
+            recipient: by(vec![identity(pb::Channel::Sms, "", "1")]).recipient,
+            channel_preference: vec![pb::Channel::Sms as i32; 100_000],
+            ..Default::default()
+        };
+        let violations = check_request(request, &defaults).unwrap_err();
+        assert!(
+            violations.len() <= Channel::KNOWN.len() + 1,
+            "{} violations",
+            violations.len()
+        );
+        assert!(
+            violations.iter().any(|v| v.field == "channel_preference"),
+            "{violations:?}"
+        );
     }
 
     fn by(ids: Vec<pb::ChannelIdentity>) -> pb::QueryCapabilityRequest {

@@ -16,13 +16,22 @@ use crate::{
 /// The `ErrorInfo.domain` of every error this service raises.
 pub const DOMAIN: &str = "capability-facade";
 
-/// INVALID_ARGUMENT for a request that failed validation; every violation is listed.
-pub fn invalid_request(violations: Vec<FieldViolation>) -> Status {
-    let message = violations
+/// The most violations an answer lists: a status travels in HTTP/2 headers, which clients cap (a few KiB).
+pub const LISTED_VIOLATIONS: usize = 10;
+
+/// INVALID_ARGUMENT for a request that failed validation; the first [`LISTED_VIOLATIONS`] violations are listed,
+/// and how many more there were.
+pub fn invalid_request(mut violations: Vec<FieldViolation>) -> Status {
+    let more = violations.len().saturating_sub(LISTED_VIOLATIONS);
+    violations.truncate(LISTED_VIOLATIONS);
+    let mut message = violations
         .iter()
         .map(|v| format!("{}: {}", v.field, v.description))
         .collect::<Vec<_>>()
         .join("; ");
+    if more > 0 {
+        message.push_str(&format!("; and {more} more"));
+    }
     let mut details = ErrorDetails::new();
     for v in violations {
         details.add_bad_request_violation(v.field, v.description);
