@@ -774,6 +774,40 @@ async fn one_greedy_caller_cannot_take_every_watch() {
     assert_eq!(status, ServingStatus::Serving, "a health watch is never counted");
 }
 
+/// A bulk job's streams count among the caller's watches too: watching one job many times does not take the
+/// replica's whole watch budget.
+#[tokio::test]
+async fn bulk_job_streams_count_among_a_callers_watches() {
+    let fake = FakeSinch::start().await;
+    let limits = [
+        "--max-watches=10",
+        "--max-watches-per-connection=2",
+        "--max-watches-per-caller=5",
+    ];
+    let service = Service::against(&fake, &limits).await;
+    let channel = service.channel().await;
+    let job = CapabilityServiceClient::new(channel.clone())
+        .start_bulk_check(common::bulk::start(vec![common::bulk::recipient(0)], ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let watch_job = || {
+        let mut client = CapabilityServiceClient::new(channel.clone());
+        let job_id = job.job_id.clone();
+        async move {
+            client
+                .watch_bulk_check(pb::WatchBulkCheckRequest {
+                    job_id,
+                    after_offset: 0,
+                })
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    let _two = (watch_job().await.unwrap(), watch_job().await.unwrap());
+    assert_refused(watch_job().await, "CAPABILITY_MAX_WATCHES_PER_CONNECTION");
+}
+
 #[tokio::test]
 async fn authenticated_callers_are_limited_by_their_token_not_their_address() {
     let fake = FakeSinch::start().await;

@@ -407,11 +407,12 @@ impl CapabilityService for CapabilityApi {
         request: Request<pb::WatchBulkCheckRequest>,
     ) -> Result<Response<Self::WatchBulkCheckStream>, Status> {
         within(request.get_ref())?;
+        let holders = quota::holders(&request);
         let request = request.into_inner();
         convert::job_id(&request.job_id).map_err(status::invalid_request)?;
         // An unknown job is NOT_FOUND now, not a stream that never ends.
         self.jobs.status(&request.job_id).await?;
-        let place = self.quota.claim(None)?;
+        let place = self.quota.claim(holders)?;
         let watch = BulkWatch {
             jobs: self.jobs.clone(),
             job_id: request.job_id,

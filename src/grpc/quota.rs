@@ -56,8 +56,8 @@ impl WatchQuota {
     }
 
     /// A place for one more watch on the replica and, with `holders`, for its caller on its connection; or
-    /// RESOURCE_EXHAUSTED naming the limit reached. Without `holders` (a WatchBulkCheck stream, or a call that did
-    /// not come through a guarded listener) only the replica's limit applies.
+    /// RESOURCE_EXHAUSTED naming the limit reached. Without `holders` (a call that did not come through a guarded
+    /// listener) only the replica's limit applies.
     pub fn claim(self: &Arc<Self>, holders: Option<(u64, Holder)>) -> Result<QuotaTicket, Status> {
         let Some((connection_id, caller)) = holders else {
             self.take_open()?;
@@ -169,12 +169,12 @@ mod tests {
         let caller = Some((1, Holder::Token(0)));
         let watch = quota.claim(caller).unwrap();
         let unguarded = quota.claim(None).unwrap();
-        let bulk = quota.claim(None).unwrap();
+        let second_unguarded = quota.claim(None).unwrap();
         assert!(refusal(quota.claim(caller)).contains("(CAPABILITY_MAX_WATCHES)"));
         assert!(refusal(quota.claim(None)).contains("(CAPABILITY_MAX_WATCHES)"));
         drop(watch);
         let again = quota.claim(caller).unwrap();
-        drop((unguarded, bulk));
+        drop((unguarded, second_unguarded));
         let _two_more = (
             quota.claim(Some((2, Holder::Token(1)))).unwrap(),
             quota.claim(None).unwrap(),
