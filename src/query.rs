@@ -28,9 +28,11 @@ pub enum QueryError {
     #[error(transparent)]
     Upstream(#[from] upstream::Error),
     /// The request_id was used within the idempotency window for a different request.
+    /// The request_id shows with its digits masked: the error is logged, and a caller's id may carry a number.
     #[error(
-        "request_id {request_id:?} was already used for a different query within the idempotency window; \
-         use a new request_id for a new query"
+        "request_id {:?} was already used for a different query within the idempotency window; \
+         use a new request_id for a new query",
+        mask_digits(.request_id)
     )]
     Conflict { request_id: String },
 }
@@ -93,14 +95,14 @@ impl Queries {
         let accepted = self.upstream.query(query, deadline, traceparent.as_deref()).await?;
         if accepted.request_id != query.request_id {
             // Sinch's callbacks will carry its request_id: the caller gets it, and the record follows it.
-            tracing::warn!(sent = %query.request_id, answered = %accepted.request_id,
+            tracing::warn!(sent = %mask_digits(&query.request_id), answered = %mask_digits(&accepted.request_id),
                 "Sinch answered with another request_id than the one sent; returning Sinch's");
             let record = QueryRecorded {
                 request_id: accepted.request_id.clone(),
                 expected: query.expected_channels(),
             };
             if let Err(e) = self.log.record_query(record).await {
-                tracing::warn!(request_id = %accepted.request_id, error = %e, "the query's record could not be logged \
+                tracing::warn!(request_id = %mask_digits(&accepted.request_id), error = %e, "the query's record could not be logged \
                     under Sinch's request_id: its watches will not know its expected channels and end at their wait");
             }
         }

@@ -927,6 +927,18 @@ async fn no_phone_number_reaches_the_logs() {
         statuses.contains_key(&200) && statuses.contains_key(&400),
         "both accepted and refused bodies were sent: {statuses:?}"
     );
+    // A caller's request_id may carry a number too: used again for another query, it is refused, and logged.
+    let mut client = CapabilityServiceClient::connect(binary.url()).await.unwrap();
+    let reused = "order-46788888888";
+    client
+        .query_capability(query(identities(&[(Channel::Sms, "1")]), reused))
+        .await
+        .unwrap();
+    let refused = client
+        .query_capability(query(identities(&[(Channel::Sms, "2")]), reused))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::AlreadyExists, "{refused:?}");
     let log = binary.stop_and_read_log(Duration::from_secs(30)).await;
     assert!(log.contains("callback refused"), "{log}");
     let digits = regex_free_digit_runs(&log);
