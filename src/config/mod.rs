@@ -15,8 +15,8 @@ use crate::{
     secret::Secret,
 };
 use values::{
-    CacheTtlParser, ChannelListParser, DAY, HOUR, HttpUrl, MINUTE, MS, SECOND, SecretList, SecretListParser,
-    SecretParser, SecretValue, Text, ZERO, duration,
+    CacheTtlParser, ChannelListParser, DAY, HOUR, HttpUrl, MINUTE, MS, PathSegment, SECOND, SecretList,
+    SecretListParser, SecretParser, SecretValue, Text, ZERO, duration,
 };
 
 /// The serving process's whole configuration.
@@ -60,7 +60,7 @@ pub struct RegistrationSettings {
     /// The URL Sinch posts callbacks to (this service's public `/webhooks/sinch`, behind the ingress). With
     /// CAPABILITY_APP_IDS, the service checks at start that each app has a webhook with the CAPABILITY trigger
     /// there, and warns when not.
-    #[arg(id = "public-webhook-url", long = "public-webhook-url", env = PUBLIC_WEBHOOK_URL, value_parser = HttpUrl)]
+    #[arg(id = "public-webhook-url", long = "public-webhook-url", env = PUBLIC_WEBHOOK_URL, value_parser = HttpUrl::ANY)]
     pub public_webhook_url: Option<url::Url>,
     /// Comma-separated Sinch app ids this service queries for: the apps whose webhook is checked at start.
     #[arg(id = "app-ids", long = "app-ids", env = APP_IDS, value_delimiter = ',', value_parser = Text)]
@@ -103,7 +103,7 @@ pub enum AuthMode {
 #[derive(Debug, Clone, Args)]
 pub struct SinchSettings {
     /// Sinch project id. Required with SINCH_KEY_ID.
-    #[arg(id = "sinch-project-id", long = "sinch-project-id", env = PROJECT_ID, value_parser = Text)]
+    #[arg(id = "sinch-project-id", long = "sinch-project-id", env = PROJECT_ID, value_parser = PathSegment)]
     pub project_id: Option<String>,
     /// Sinch access key id. When unset, the service runs against the built-in sandbox.
     #[arg(id = "sinch-key-id", long = "sinch-key-id", env = KEY_ID, value_parser = Text)]
@@ -118,10 +118,10 @@ pub struct SinchSettings {
     #[arg(id = "sinch-auth", long = "sinch-auth", env = AUTH, value_enum, default_value = "oauth2")]
     pub auth: AuthMode,
     /// Overrides the regional API base URL (tests, proxies).
-    #[arg(id = "sinch-api-url", long = "sinch-api-url", env = API_URL, value_parser = HttpUrl)]
+    #[arg(id = "sinch-api-url", long = "sinch-api-url", env = API_URL, value_parser = HttpUrl::BASE)]
     pub api_url: Option<url::Url>,
     /// Overrides the OAuth2 token URL.
-    #[arg(id = "sinch-auth-url", long = "sinch-auth-url", env = AUTH_URL, value_parser = HttpUrl)]
+    #[arg(id = "sinch-auth-url", long = "sinch-auth-url", env = AUTH_URL, value_parser = HttpUrl::ANY)]
     pub auth_url: Option<url::Url>,
     /// Queries per second this replica may send to Sinch (Sinch allows 800 per project).
     #[arg(id = "sinch-rate-limit", long = "sinch-rate-limit", env = RATE_LIMIT, default_value = "800",
@@ -365,7 +365,7 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Args)]
 pub struct TelemetrySettings {
     /// Export traces over OTLP/gRPC to this collector (for example http://otel-collector:4317); off when unset.
-    #[arg(id = "otlp-endpoint", long = "otlp-endpoint", env = OTLP_ENDPOINT, value_parser = HttpUrl)]
+    #[arg(id = "otlp-endpoint", long = "otlp-endpoint", env = OTLP_ENDPOINT, value_parser = HttpUrl::ANY)]
     pub otlp_endpoint: Option<url::Url>,
     /// Log format. Default: text on a terminal, json otherwise.
     #[arg(id = "log-format", long = "log-format", env = LOG_FORMAT, value_enum)]
@@ -921,6 +921,10 @@ mod tests {
             ("--sinch-region=mars", REGION),
             ("--sinch-auth=magic", AUTH),
             ("--sinch-api-url=ftp://x", API_URL),
+            ("--sinch-api-url=https://h.example/#x", API_URL),
+            ("--sinch-api-url=https://h.example/?a=b", API_URL),
+            ("--sinch-project-id=a/b", PROJECT_ID),
+            ("--sinch-project-id=a?b", PROJECT_ID),
             ("--sinch-rate-limit=0", RATE_LIMIT),
             ("--sinch-rate-limit=-3", RATE_LIMIT),
             ("--retention=forever", RETENTION),

@@ -61,9 +61,17 @@ impl TypedValueParser for Bounded {
     }
 }
 
-/// An `http://` or `https://` URL with a host; a trailing `/` is dropped.
+/// An `http://` or `https://` URL with a host; a trailing `/` is dropped. A base URL ([`HttpUrl::BASE`]), which
+/// paths are appended to, has no query and no fragment.
 #[derive(Debug, Clone, Copy)]
-pub struct HttpUrl;
+pub struct HttpUrl {
+    base: bool,
+}
+
+impl HttpUrl {
+    pub const ANY: HttpUrl = HttpUrl { base: false };
+    pub const BASE: HttpUrl = HttpUrl { base: true };
+}
 
 impl TypedValueParser for HttpUrl {
     type Value = url::Url;
@@ -72,12 +80,41 @@ impl TypedValueParser for HttpUrl {
         let text = value.to_string_lossy();
         let trimmed = text.trim().trim_end_matches('/');
         match url::Url::parse(trimmed) {
+            Ok(url) if self.base && (url.query().is_some() || url.fragment().is_some()) => Err(invalid(
+                cmd,
+                format!("expected a base URL, without a query or a fragment (paths are appended), got {text:?}"),
+                arg,
+            )),
             Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Ok(url),
             _ => Err(invalid(
                 cmd,
                 format!("expected an http:// or https:// URL with a host, got {text:?}"),
                 arg,
             )),
+        }
+    }
+}
+
+/// An id that becomes a segment of a URL's path: letters, digits, `-`, `_` and `.` (a project id is a UUID).
+#[derive(Debug, Clone, Copy)]
+pub struct PathSegment;
+
+impl TypedValueParser for PathSegment {
+    type Value = String;
+
+    fn parse_ref(&self, cmd: &Command, arg: Option<&Arg>, value: &OsStr) -> Result<String, Error> {
+        let text = Text.parse_ref(cmd, arg, value)?;
+        let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        match text.find(|c: char| !allowed(c)) {
+            Some(at) => Err(invalid(
+                cmd,
+                format!(
+                    "only letters, digits, '-', '_' and '.' may appear; found {:?} at byte {at}",
+                    &text[at..at + text[at..].chars().next().map_or(1, char::len_utf8)]
+                ),
+                arg,
+            )),
+            None => Ok(text),
         }
     }
 }

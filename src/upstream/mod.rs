@@ -18,7 +18,7 @@ pub use auth::TokenRetry;
 pub use error::{ApiError, Error};
 
 use crate::{
-    capability::{Query, QueryAccepted},
+    capability::{Query, QueryAccepted, mask_digits},
     config::SinchConfig,
 };
 use auth::Auth;
@@ -327,8 +327,9 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 }
 
 /// The start of a body, for error messages; never the whole of it.
+/// The start of a body, for an error that is logged: its digits masked (Sinch may echo the recipient's number).
 fn preview(body: &[u8]) -> String {
-    String::from_utf8_lossy(&body[..body.len().min(120)]).into_owned()
+    mask_digits(&String::from_utf8_lossy(&body[..body.len().min(120)])).into_owned()
 }
 
 /// An error and its causes on one line: reqwest's own message rarely says what failed.
@@ -384,6 +385,12 @@ mod tests {
                 .contains("no request_id")
         );
         assert!(accepted(&sent, b"<html>").is_err());
+        let unreadable = accepted(
+            &sent,
+            br#"{"recipient":{"identified_by":{"channel_identities":[{"identity":"46712345678"}]}}}"#,
+        );
+        let logged = unreadable.unwrap_err();
+        assert!(!logged.contains("46712345678"), "the error is logged: {logged}");
     }
 
     #[test]
