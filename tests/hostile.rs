@@ -284,6 +284,7 @@ struct GrpcRow {
 enum Call {
     Query(pb::QueryCapabilityRequest),
     Watch(pb::WatchCapabilityRequest),
+    Invalidate(pb::InvalidateCapabilityRequest),
 }
 
 fn identity(channel: i32, raw: &str, identity: &str) -> pb::ChannelIdentity {
@@ -343,7 +344,19 @@ fn grpc_rows() -> Vec<GrpcRow> {
             Call::Query(long_app),
             Code::InvalidArgument,
         ),
-        row("a 5 MiB message", Call::Query(huge_app), Code::ResourceExhausted),
+        row(
+            "a 5 MiB message",
+            Call::Query(huge_app.clone()),
+            Code::ResourceExhausted,
+        ),
+        row(
+            "a 5 MiB invalidation",
+            Call::Invalidate(pb::InvalidateCapabilityRequest {
+                app_id: huge_app.app_id,
+                recipient: huge_app.recipient,
+            }),
+            Code::ResourceExhausted,
+        ),
         row(
             "channel value 999",
             Call::Query(by(vec![identity(999, "", "1")])),
@@ -421,6 +434,11 @@ async fn hostile_grpc_calls_get_their_code_and_harm_nothing() {
         let code = match row.call {
             Call::Query(request) => client
                 .query_capability(request)
+                .await
+                .err()
+                .map_or(Code::Ok, |s| s.code()),
+            Call::Invalidate(request) => client
+                .invalidate_capability(request)
                 .await
                 .err()
                 .map_or(Code::Ok, |s| s.code()),

@@ -359,6 +359,7 @@ impl CapabilityService for CapabilityApi {
         &self,
         request: Request<pb::InvalidateCapabilityRequest>,
     ) -> Result<Response<pb::InvalidateCapabilityResponse>, Status> {
+        within(request.get_ref())?;
         let (app_id, recipient) = convert::invalidate_request(request.into_inner()).map_err(status::invalid_request)?;
         let removed = self.checker.invalidate(&app_id, &recipient).await?;
         tracing::debug!(?recipient, removed, "cached results invalidated");
