@@ -781,6 +781,59 @@ async fn a_result_a_check_stores_again_keeps_its_own_age() {
     );
 }
 
+/// A replica whose check joined another replica's query lets it go when that check returns: a later check there
+/// that accepts no cached result (`max_age` 0) asks Sinch again instead of joining the finished query.
+#[tokio::test]
+async fn a_joined_query_is_not_joined_again_after_the_check_that_joined_it_returned() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let url = format!("--redis-url={}", redis.url());
+    let (a, b) = (
+        Service::against(&fake, &[&url]).await,
+        Service::against(&fake, &[&url]).await,
+    );
+    let (on_a, mut on_b) = (a.client().await, b.client().await);
+    let request = check(identities(&[(Channel::Sms, NUMBER)]));
+    let first = spawn_check(on_a, request.clone()).await;
+    let (live_id, _) = nth_query(&fake, 1).await;
+    // B's check must find A's lease marked sent, and join it.
+    let marked_sent = || {
+        redis
+            .keys("*lease*")
+            .iter()
+            .any(|key| redis.value(key).starts_with("s:"))
+    };
+    for _ in 0..500 {
+        if marked_sent() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(marked_sent(), "A's lease was never marked sent");
+    let joined = spawn_check(on_b.clone(), request.clone()).await;
+    deliver(a.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await;
+    first.await.unwrap().unwrap();
+    let joined = joined.await.unwrap().unwrap();
+    assert_eq!(joined.request_id, live_id, "{joined:?}");
+    // A gives its lease back in Redis in the background: what is left to join then is only what B kept.
+    for _ in 0..500 {
+        if redis.keys("*lease*").is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(redis.keys("*lease*").is_empty(), "A never gave its lease back");
+    let mut fresh_only = request;
+    fresh_only.max_age = duration(Duration::ZERO);
+    fresh_only.wait = duration(Duration::ZERO);
+    on_b.check_capability(fresh_only).await.unwrap();
+    assert_eq!(
+        fake.queries().len(),
+        2,
+        "a check accepting no cached result joined a finished query"
+    );
+}
+
 /// A check given up (its caller gone) while Redis held its lease script leaves no lease behind: the next identical
 /// check asks Sinch itself rather than wait for a lookup nobody sends.
 #[tokio::test]

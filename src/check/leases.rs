@@ -178,9 +178,15 @@ impl<'a> Leases<'a> {
             Ok(holder) => match holder.as_ref().and_then(|h| h.sent()) {
                 Some(request_id) => {
                     // Another replica's query: this replica's checks join it here, without asking Redis, until
-                    // this check's wait ends.
+                    // this check returns (or, its caller gone, its wait ends), as with a query of its own.
                     let request_id: Arc<str> = request_id.into();
                     flight.state.send_replace(State::Sent(request_id.clone()));
+                    self.held.push(Lease {
+                        key,
+                        flight,
+                        shared: false,
+                        sent: true,
+                    });
                     Taken::Sent(request_id)
                 }
                 None => {

@@ -70,6 +70,15 @@ impl RedisServer {
         );
     }
 
+    /// The value of string key `key` (empty when there is none), as `redis-cli GET` prints it.
+    pub fn value(&self, key: &str) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "GET", key])
+            .output()
+            .expect("redis-cli runs");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
     /// Waits until `count` clients are blocked (by a `CLIENT PAUSE`, a blocking command): what a test holds still.
     pub async fn until_blocked(&self, count: usize) {
         for _ in 0..1_000 {
