@@ -202,7 +202,6 @@ impl Checker {
         }
     }
 
-    /// The cached results of identity entries `keys`; a cache that cannot be read is a miss.
     /// The cached results of `keys` that may answer a check accepting results up to `max_age` old (none when
     /// `max_age` is zero: the check asks Sinch).
     async fn fresh(&self, keys: &[EntryKey], max_age: Duration) -> Vec<Option<CheckResult>> {
@@ -221,6 +220,7 @@ impl Checker {
             .collect()
     }
 
+    /// The cached results of identity entries `keys`; a cache that cannot be read is a miss.
     async fn cached(&self, keys: &[EntryKey]) -> Vec<Option<CachedResult>> {
         match &self.store {
             Store::Local(local) => keys
