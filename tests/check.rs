@@ -676,11 +676,7 @@ async fn a_burst_that_finds_the_lease_given_back_between_two_polls_answers_from_
 async fn burst_on_a_second_replica(echo_delay: Duration) {
     let redis = RedisServer::start().await;
     let fake = FakeSinch::start().await;
-    let url = format!("--redis-url={}", redis.url());
-    let (a, b) = (
-        Service::against(&fake, &[&url]).await,
-        Service::against(&fake, &[&url]).await,
-    );
+    let (a, b) = two_replicas(&fake, &redis).await;
     let (on_a, on_b) = (a.client().await, b.client().await);
     let request = check(identities(&[(Channel::Rcs, NUMBER)]));
     fake.set_echo_delay(echo_delay);
@@ -787,42 +783,26 @@ async fn a_result_a_check_stores_again_keeps_its_own_age() {
 async fn a_joined_query_is_not_joined_again_after_the_check_that_joined_it_returned() {
     let redis = RedisServer::start().await;
     let fake = FakeSinch::start().await;
-    let url = format!("--redis-url={}", redis.url());
-    let (a, b) = (
-        Service::against(&fake, &[&url]).await,
-        Service::against(&fake, &[&url]).await,
-    );
+    let (a, b) = two_replicas(&fake, &redis).await;
     let (on_a, mut on_b) = (a.client().await, b.client().await);
     let request = check(identities(&[(Channel::Sms, NUMBER)]));
     let first = spawn_check(on_a, request.clone()).await;
     let (live_id, _) = nth_query(&fake, 1).await;
     // B's check must find A's lease marked sent, and join it.
-    let marked_sent = || {
+    until(|| {
         redis
             .keys("*lease*")
             .iter()
             .any(|key| redis.value(key).starts_with("s:"))
-    };
-    for _ in 0..500 {
-        if marked_sent() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(marked_sent(), "A's lease was never marked sent");
+    })
+    .await;
     let joined = spawn_check(on_b.clone(), request.clone()).await;
     deliver(a.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await;
     first.await.unwrap().unwrap();
     let joined = joined.await.unwrap().unwrap();
     assert_eq!(joined.request_id, live_id, "{joined:?}");
     // A gives its lease back in Redis in the background: what is left to join then is only what B kept.
-    for _ in 0..500 {
-        if redis.keys("*lease*").is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(redis.keys("*lease*").is_empty(), "A never gave its lease back");
+    until(|| redis.keys("*lease*").is_empty()).await;
     let mut fresh_only = request;
     fresh_only.max_age = duration(Duration::ZERO);
     fresh_only.wait = duration(Duration::ZERO);
@@ -856,6 +836,26 @@ async fn a_check_given_up_while_taking_its_lease_leaves_no_lease_behind() {
     let asked = tokio::time::timeout(Duration::from_secs(2), fake.until_queries(1)).await;
     next.abort();
     assert!(asked.is_ok(), "nobody asked Sinch: a lease was left behind");
+}
+
+/// Two replicas sharing `redis`, both asking `fake`.
+async fn two_replicas(fake: &FakeSinch, redis: &RedisServer) -> (Service, Service) {
+    let url = format!("--redis-url={}", redis.url());
+    (
+        Service::against(fake, &[&url]).await,
+        Service::against(fake, &[&url]).await,
+    )
+}
+
+/// Waits until `holds` (what Redis shows, read every 10 ms); fails after 5 s.
+async fn until(holds: impl Fn() -> bool) {
+    for _ in 0..500 {
+        if holds() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("never came to hold within 5 s");
 }
 
 /// The Redis cache, as the in-process one (src/check/local.rs): a contact invalidated while a result for another
