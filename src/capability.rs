@@ -159,6 +159,11 @@ impl CacheTtl {
         Some(ttl).filter(|ttl| !ttl.is_zero())
     }
 
+    /// The longest time to live of any status: no result is kept longer.
+    pub fn longest(&self) -> Duration {
+        self.full.max(self.partial).max(self.no_capability).max(self.unknown)
+    }
+
     /// Sets the time to live of `status`.
     pub fn set(&mut self, status: &CapabilityStatus, ttl: Duration) {
         match status {

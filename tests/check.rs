@@ -464,6 +464,30 @@ async fn a_check_that_does_not_wait_joins_a_lookup_still_being_sent_and_names_it
     assert_eq!(fake.queries().len(), 1, "one lookup for both");
 }
 
+/// A check that does not wait still starts a lookup: while Sinch has not accepted it yet, an identical check
+/// (here or on another replica) joins it rather than asking again.
+#[tokio::test]
+async fn a_lookup_started_by_a_check_that_does_not_wait_is_joined_while_it_is_being_sent() {
+    let fake = FakeSinch::start().await;
+    // Sinch takes its time accepting the first query.
+    fake.set_echo_delay(Duration::from_millis(300));
+    let redis = RedisServer::start().await;
+    let (a, b) = two_replicas(&fake, &redis).await;
+    let alone = Service::against(&fake, &[]).await;
+    let quick = pb::CheckCapabilityRequest {
+        wait: duration(Duration::ZERO),
+        ..check(identities(&[(Channel::Sms, NUMBER)]))
+    };
+    for (n, (starts, joins)) in [(&alone, &alone), (&a, &b)].into_iter().enumerate() {
+        let starter = spawn_check(starts.client().await, quick.clone()).await;
+        let (live_id, _) = nth_query(&fake, n + 1).await;
+        let joined = joins.client().await.check_capability(quick.clone()).await.unwrap().into_inner();
+        assert_eq!(joined.request_id, live_id, "round {n}: {joined:?}");
+        assert_eq!(starter.await.unwrap().unwrap().request_id, live_id);
+        assert_eq!(fake.queries().len(), n + 1, "round {n}: one lookup for both");
+    }
+}
+
 #[tokio::test]
 async fn checks_that_joined_a_query_sinch_refused_do_not_wait_for_it() {
     let fake = FakeSinch::start().await;
@@ -539,6 +563,46 @@ async fn a_repeated_request_id_sends_nothing_and_leaves_nobody_waiting_on_it() {
     assert_eq!(asked, ["SMS"]);
     deliver(service.webhook_addr, callback(&other_id, "SMS", "CAPABILITY_FULL")).await;
     assert!(other.await.unwrap().unwrap().complete);
+}
+
+/// A result received before an invalidation is not served after it, even when a check that waited for it stores
+/// it again as it returns (with Redis, so that the next check on any replica finds it).
+#[tokio::test]
+async fn an_invalidation_made_while_a_check_waits_is_not_undone_when_the_check_returns() {
+    let fake = FakeSinch::start().await;
+    let redis = RedisServer::start().await;
+    let url = format!("--redis-url={}", redis.url());
+    for (n, args) in [&[][..], &[url.as_str()][..]].into_iter().enumerate() {
+        let service = Service::against(&fake, args).await;
+        let mut client = service.client().await;
+        let both = spawn_check(
+            client.clone(),
+            check(identities(&[(Channel::Sms, NUMBER), (Channel::Rcs, NUMBER)])),
+        )
+        .await;
+        let (live_id, _) = nth_query(&fake, 2 * n + 1).await;
+        deliver(service.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await;
+        client
+            .invalidate_capability(pb::InvalidateCapabilityRequest {
+                app_id: "APP-1".into(),
+                recipient: Some(identities(&[(Channel::Sms, NUMBER)])),
+            })
+            .await
+            .unwrap();
+        deliver(service.webhook_addr, callback(&live_id, "RCS", "CAPABILITY_FULL")).await;
+        assert!(both.await.unwrap().unwrap().complete);
+        let quick = pb::CheckCapabilityRequest {
+            wait: duration(Duration::ZERO),
+            ..check(identities(&[(Channel::Sms, NUMBER), (Channel::Rcs, NUMBER)]))
+        };
+        let again = client.check_capability(quick).await.unwrap().into_inner();
+        assert_eq!(
+            summary(&again),
+            [(Channel::Rcs, CapabilityStatus::Full, ResultSource::Cache)],
+            "round {n}: SMS was invalidated after it arrived"
+        );
+        assert_eq!(nth_query(&fake, 2 * n + 2).await.1, ["SMS"]);
+    }
 }
 
 #[tokio::test]
@@ -919,5 +983,51 @@ async fn in_redis_a_contact_invalidated_while_a_result_is_stored_leaves_no_resul
                 "round {round}: the newcomer is cached but its contact's entry does not list it"
             );
         }
+    }
+}
+
+/// In Redis, a result received before an invalidation is refused after it, under its identity and in its
+/// contact's entry, whichever of the two was invalidated (a replica may store a result some time after it
+/// arrived: a check that waited for it stores it again as it returns); one received after it is kept.
+#[tokio::test]
+async fn in_redis_a_result_from_before_an_invalidation_is_not_stored_after_it() {
+    use capability_facade::{
+        capability::Channel,
+        webhook::parse::{Callback, parse},
+    };
+    let redis = RedisServer::start().await;
+    let log = common::redis_log(&redis, "tomb", Some("tomb-key")).await;
+    let cache = log.cache();
+    let hasher = cache.hasher().await.unwrap();
+    let result = |identity: &str, received: std::time::SystemTime| {
+        let body = CapabilityCallback::new("r-1", "SMS", identity, "CAPABILITY_FULL")
+            .contact_id(&format!("C-{identity}"))
+            .app_id("app")
+            .body();
+        match parse(&body, received) {
+            Ok(Callback::Capability(notification)) => *notification,
+            _ => panic!("a capability callback"),
+        }
+    };
+    for (identity, by_contact) in [("46700000002", false), ("46700000003", true)] {
+        let keys = [hasher.identity("app", &Channel::Sms, identity)];
+        let contact = [hasher.contact("app", &format!("C-{identity}"))];
+        let held = || async {
+            let one = cache.get(&keys).await.unwrap()[0].is_some();
+            let in_contact = cache.get_contact(&contact[0]).await.unwrap().len();
+            (one, in_contact)
+        };
+        let second_ago = std::time::SystemTime::now() - Duration::from_secs(1);
+        match by_contact {
+            true => cache.remove(&[], &contact).await.unwrap(),
+            false => cache.remove(&keys, &[]).await.unwrap(),
+        };
+        cache.store(&result(identity, second_ago), 1).await.unwrap();
+        assert_eq!(held().await, (false, 0), "by contact: {by_contact}");
+        cache
+            .store(&result(identity, std::time::SystemTime::now()), 2)
+            .await
+            .unwrap();
+        assert_eq!(held().await, (true, 1), "by contact: {by_contact}");
     }
 }

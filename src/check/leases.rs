@@ -3,7 +3,9 @@
 //! is accepted by Sinch, then *sent*. A check that finds a sent lease waits for that request_id's results; one
 //! that finds a pending lease waits for it to be sent or given back (then takes it itself). A lease is given
 //! back when its query fails or was not sent, and when the check that took it returns; if that check's caller
-//! goes away after the query was sent, the lease stays until the check's wait would have ended.
+//! goes away after the query was sent, the lease stays until the check's wait would have ended. While pending, a
+//! lease lasts until the caller's deadline, which bounds the sending, even for a check that does not wait; once
+//! sent, it stays in Redis a moment ([`LINGER`]) after it is given back, for the checks that wait for it there.
 
 use std::{
     collections::HashMap,
@@ -22,14 +24,30 @@ pub(super) enum State {
     Pending,
     /// Its query went out under this request_id (this replica's or another's).
     Sent(Arc<str>),
-    /// Given back: whoever waited takes it.
+    /// Given back after its query went out under this request_id: whoever waited since it was pending joins that
+    /// query; a new check takes the lease.
+    Done(Arc<str>),
+    /// Given back before its query went out: whoever waited takes it.
     Gone,
 }
 
 /// A lease held in this process.
 struct Flight {
+    /// When it lapses while pending: the caller's deadline.
+    deadline: Instant,
+    /// When it lapses once sent: the end of the check's wait.
     until: Instant,
     state: watch::Sender<State>,
+}
+
+impl Flight {
+    fn lapsed(&self, now: Instant) -> bool {
+        match &*self.state.borrow() {
+            State::Pending => self.deadline <= now,
+            State::Sent(_) => self.until <= now,
+            State::Done(_) | State::Gone => true,
+        }
+    }
 }
 
 /// This process's leases, by entry.
@@ -73,30 +91,40 @@ pub(super) enum Resolved {
 /// The longest pause between two looks at a lease another replica holds, not sent yet.
 const POLL_MAX: Duration = Duration::from_millis(50);
 
+/// How long a lease stays in Redis at least once sent, even when the check that took it returns at once (it does
+/// not wait): longer than the pause between two looks, so that a check on another replica that found it pending
+/// sees it sent and joins its query, rather than find it gone and ask Sinch again.
+const LINGER: Duration = POLL_MAX.saturating_mul(2);
+
 impl Flights {
-    fn take(&self, key: EntryKey, until: Instant) -> Result<Arc<Flight>, watch::Receiver<State>> {
+    fn take(&self, key: EntryKey, deadline: Instant, until: Instant) -> Result<Arc<Flight>, watch::Receiver<State>> {
         let now = Instant::now();
         let mut held = self.held.lock().expect("flights lock poisoned");
         if let Some(flight) = held.flights.get(&key)
-            && flight.until > now
-            && *flight.state.borrow() != State::Gone
+            && !flight.lapsed(now)
         {
             return Err(flight.state.subscribe());
         }
         let flight = Arc::new(Flight {
+            deadline,
             until,
             state: watch::Sender::new(State::Pending),
         });
         held.flights.insert(key, flight.clone());
         if held.flights.len() > 2 * held.swept.max(512) {
-            held.flights.retain(|_, f| f.until > now);
+            held.flights.retain(|_, f| !f.lapsed(now));
             held.swept = held.flights.len();
         }
         Ok(flight)
     }
 
     fn give_back(&self, key: &EntryKey, flight: &Arc<Flight>) {
-        flight.state.send_replace(State::Gone);
+        flight.state.send_modify(|state| {
+            *state = match state {
+                State::Sent(request_id) | State::Done(request_id) => State::Done(request_id.clone()),
+                State::Pending | State::Gone => State::Gone,
+            }
+        });
         let mut held = self.held.lock().expect("flights lock poisoned");
         if held.flights.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
             held.flights.remove(key);
@@ -119,6 +147,9 @@ pub(super) struct Leases<'a> {
     /// The Redis log, when leases are shared there.
     redis: Option<&'a Arc<EventLog>>,
     request_id: Arc<str>,
+    /// The caller's deadline: a pending lease lasts until then.
+    deadline: Instant,
+    /// The end of the check's wait: a sent lease lasts until then.
     until: Instant,
     held: Vec<Lease>,
 }
@@ -128,12 +159,14 @@ impl<'a> Leases<'a> {
         flights: &'a Flights,
         redis: Option<&'a Arc<EventLog>>,
         request_id: Arc<str>,
+        deadline: Instant,
         until: Instant,
     ) -> Leases<'a> {
         Leases {
             flights,
             redis,
             request_id,
+            deadline,
             until,
             held: Vec::new(),
         }
@@ -141,7 +174,7 @@ impl<'a> Leases<'a> {
 
     /// Takes the lease of `key`, or finds who holds it.
     pub(super) async fn take(&mut self, key: EntryKey) -> Taken {
-        let flight = match self.flights.take(key, self.until) {
+        let flight = match self.flights.take(key, self.deadline, self.until) {
             Ok(flight) => flight,
             Err(state) => {
                 let current = state.borrow().clone();
@@ -160,7 +193,7 @@ impl<'a> Leases<'a> {
             });
             return Taken::Started;
         };
-        let ttl = self.until.saturating_duration_since(Instant::now());
+        let ttl = self.deadline.saturating_duration_since(Instant::now());
         // Held before Redis is asked: a check given up while it asks gives the lease back (here, and in Redis if
         // the script took it there) rather than leave a pending lookup nobody sends.
         self.held.push(Lease {
@@ -170,12 +203,12 @@ impl<'a> Leases<'a> {
             sent: false,
         });
         let taken = cache.lease(&key, &self.request_id, ttl).await;
-        if !matches!(&taken, Ok(Some(holder)) if holder.is_ours(&self.request_id)) {
+        if !matches!(&taken, Ok(holder) if holder.is_ours(&self.request_id)) {
             self.held.pop();
         }
         match taken {
-            Ok(Some(holder)) if holder.is_ours(&self.request_id) => Taken::Started,
-            Ok(holder) => match holder.as_ref().and_then(|h| h.sent()) {
+            Ok(holder) if holder.is_ours(&self.request_id) => Taken::Started,
+            Ok(holder) => match holder.sent() {
                 Some(request_id) => {
                     // Another replica's query: this replica's checks join it here, without asking Redis, until
                     // this check returns (or, its caller gone, its wait ends), as with a query of its own.
@@ -219,8 +252,8 @@ impl<'a> Leases<'a> {
                     Err(_) => Resolved::TimedOut,
                     Ok(Err(_)) => Resolved::Retry,
                     Ok(Ok(state)) => match &*state {
-                        State::Sent(request_id) => Resolved::Sent(request_id.clone()),
-                        _ => Resolved::Retry,
+                        State::Sent(request_id) | State::Done(request_id) => Resolved::Sent(request_id.clone()),
+                        State::Pending | State::Gone => Resolved::Retry,
                     },
                 }
             }
@@ -236,7 +269,7 @@ impl<'a> Leases<'a> {
                     match cache.holder(&key).await {
                         Ok(None) => return Resolved::Retry,
                         Ok(Some(holder)) => {
-                            if let Some(request_id) = holder.sent() {
+                            if let Some(request_id) = holder.sent().or(holder.done()) {
                                 return Resolved::Sent(request_id.into());
                             }
                         }
@@ -303,7 +336,7 @@ impl InFlight {
     /// The query was accepted under `accepted`: whoever waits joins it; the leases stay until the check that took
     /// them returns, or its wait would have ended.
     pub(super) async fn sent(self, accepted: &Arc<str>) {
-        let ttl = self.until.saturating_duration_since(Instant::now());
+        let ttl = self.until.saturating_duration_since(Instant::now()).max(LINGER);
         let cache = self.redis.as_ref().and_then(|log| log.shared_cache());
         for (key, flight, shared) in &self.leases {
             flight.state.send_replace(State::Sent(accepted.clone()));
@@ -337,7 +370,7 @@ fn release_shared(redis: Option<Arc<EventLog>>, keys: Vec<EntryKey>, request_id:
     tokio::spawn(async move {
         let Some(cache) = log.shared_cache() else { return };
         for key in keys {
-            if let Err(e) = cache.release(&key, &request_id).await {
+            if let Err(e) = cache.release(&key, &request_id, LINGER).await {
                 tracing::debug!(error = %e, "a lease could not be given back; it lapses with the check's wait");
             }
         }
@@ -365,8 +398,8 @@ mod tests {
     async fn a_lease_is_joined_once_sent_waited_for_while_pending_and_taken_again_when_given_back() {
         let flights = Flights::default();
         let until = Instant::now() + Duration::from_secs(10);
-        let mut first = Leases::new(&flights, None, "first".into(), until);
-        let mut second = Leases::new(&flights, None, "second".into(), until);
+        let mut first = Leases::new(&flights, None, "first".into(), until, until);
+        let mut second = Leases::new(&flights, None, "second".into(), until, until);
         assert!(matches!(first.take(key(1)).await, Taken::Started));
         let Taken::Pending(pending) = second.take(key(1)).await else {
             panic!("a lease not sent yet is pending")
@@ -386,10 +419,10 @@ mod tests {
     async fn a_failed_query_gives_its_leases_back_to_whoever_waits() {
         let flights = Flights::default();
         let until = Instant::now() + Duration::from_secs(10);
-        let mut first = Leases::new(&flights, None, "first".into(), until);
-        let second = Leases::new(&flights, None, "second".into(), until);
+        let mut first = Leases::new(&flights, None, "first".into(), until, until);
+        let second = Leases::new(&flights, None, "second".into(), until, until);
         first.take(key(2)).await;
-        let mut waiter = Leases::new(&flights, None, "waiter".into(), until);
+        let mut waiter = Leases::new(&flights, None, "waiter".into(), until, until);
         let Taken::Pending(pending) = waiter.take(key(2)).await else {
             panic!("pending")
         };
@@ -403,10 +436,10 @@ mod tests {
         let flights = Flights::default();
         let until = Instant::now() + Duration::from_secs(10);
         {
-            let mut gone = Leases::new(&flights, None, "gone".into(), until);
+            let mut gone = Leases::new(&flights, None, "gone".into(), until, until);
             gone.take(key(3)).await;
         }
-        let mut next = Leases::new(&flights, None, "next".into(), until);
+        let mut next = Leases::new(&flights, None, "next".into(), until, until);
         assert!(
             matches!(next.take(key(3)).await, Taken::Started),
             "never sent: given back"
@@ -414,7 +447,8 @@ mod tests {
         let in_flight = next.launch(&[key(3)]);
         drop(next);
         in_flight.sent(&"next".into()).await;
-        let mut later = Leases::new(&flights, None, "later".into(), Instant::now() + Duration::from_secs(60));
+        let later_until = Instant::now() + Duration::from_secs(60);
+        let mut later = Leases::new(&flights, None, "later".into(), later_until, later_until);
         assert!(
             matches!(later.take(key(3)).await, Taken::Sent(_)),
             "sent: joinable after its caller left"
@@ -423,6 +457,26 @@ mod tests {
         assert!(
             matches!(later.take(key(3)).await, Taken::Started),
             "lapsed with the wait"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_not_sent_yet_lasts_until_the_callers_deadline_even_without_a_wait() {
+        let flights = Flights::default();
+        let now = Instant::now();
+        let mut quick = Leases::new(&flights, None, "quick".into(), now + Duration::from_secs(10), now);
+        assert!(matches!(quick.take(key(4)).await, Taken::Started));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let mut next = Leases::new(&flights, None, "next".into(), now + Duration::from_secs(30), now);
+        assert!(
+            matches!(next.take(key(4)).await, Taken::Pending(_)),
+            "still being sent: joined, not asked again"
+        );
+        quick.launch(&[key(4)]).sent(&"quick".into()).await;
+        drop(quick);
+        assert!(
+            matches!(next.take(key(4)).await, Taken::Started),
+            "sent: lapsed with its (zero) wait"
         );
     }
 }

@@ -363,7 +363,7 @@ impl Checker {
             None => None,
         };
         let call = &call.after_gate();
-        let mut leases = Leases::new(&self.flights, self.redis(), own.clone(), call.until);
+        let mut leases = Leases::new(&self.flights, self.redis(), own.clone(), call.deadline, call.until);
         if let Some(sent) = &resumed {
             // Sent before a takeover: its results are awaited, nothing is sent again.
             waiting.insert(sent.clone(), missing.clone());
@@ -507,7 +507,7 @@ impl Checker {
         if let Some(sent) = resumed {
             return Ok(self.collect_contact(&sent, true, call.until).await);
         }
-        let mut leases = Leases::new(&self.flights, self.redis(), own.clone(), call.until);
+        let mut leases = Leases::new(&self.flights, self.redis(), own.clone(), call.deadline, call.until);
         let mut taken = leases.take(key).await;
         while let Taken::Pending(pending) = taken {
             taken = match leases.resolve(pending, call.deadline).await {

@@ -3,11 +3,16 @@
 //! | key | what |
 //! |---|---|
 //! | `prefix:cache-key` | the key of the keyed hash that names the others, when `CAPABILITY_CACHE_HASH_KEY` is unset |
-//! | `prefix:c:<hash>` | a channel identity's latest result, expiring with its status's time to live |
-//! | `prefix:cc:<hash>` | a contact's results: field = the identity's `<hash>`, value = its result; expires with the last |
-//! | `prefix:lease:<hash>` | the request_id of the live query in flight for an identity or contact |
+//! | `prefix:c:<hash>` | a channel identity's latest result, expiring with its status's time to live; or, once invalidated, when (8 bytes) |
+//! | `prefix:cc:<hash>` | a contact's results: field = the identity's `<hash>`, value = its result; expires with the last. Field `t`: when it was last invalidated |
+//! | `prefix:lease:<hash>` | the request_id of the live query in flight for an identity or contact (`p:` pending, `s:` sent; `d:` given back after it was sent, a moment, for the checks that waited for it) |
 //!
 //! No key has a hash tag: entries spread over a cluster's slots, and every script touches one key.
+//!
+//! An invalidation leaves its time in the entries it empties, for the longest time to live of any status: a
+//! result received before it, which a replica may store some time after it arrived (a check that waited for it
+//! stores it again as it returns), is refused there. Its first 8 bytes read as a result's time, so a replica
+//! that predates the mark refuses such results under an identity too; a mark reads as no result.
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
@@ -44,39 +49,79 @@ local function newer(a, b)
 end
 ";
 
-/// Stores a result unless the entry holds a newer one. KEYS: entry. ARGV: encoded result, time to live (ms).
+/// What a store script answers: stored, kept out by a newer result, or kept out by a later invalidation.
+const STORED: i64 = 1;
+const INVALIDATED: i64 = 2;
+
+/// Stores a result unless the entry holds a newer one, or was invalidated after it. KEYS: entry. ARGV: encoded
+/// result, time to live (ms).
 const STORE: &str = r"
 local cur = redis.call('GET', KEYS[1])
-if cur and newer(cur, ARGV[1]) then return 0 end
+if cur and newer(cur, ARGV[1]) then
+  if #cur == 8 then return 2 end
+  return 0
+end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 ";
 
-/// Stores a result in a contact's entry unless it holds a newer one for the identity; the entry lives as long
-/// as its longest-lived result. KEYS: contact entry. ARGV: field, encoded result, time to live (ms), most fields.
+/// Removes a result stored a moment ago, if it is still there. KEYS: entry. ARGV: encoded result.
+const UNSTORE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// Empties an identity's entry, leaving the invalidation's time (unless a later one's is there). KEYS: entry.
+/// ARGV: time (8 bytes), how long it is kept (ms). Returns 1 when a result went.
+const INVALIDATE: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur and #cur == 8 and newer(cur, ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if cur and #cur > 8 then return 1 end
+return 0
+";
+
+/// Stores a result in a contact's entry unless it holds a newer one for the identity, or the contact was
+/// invalidated after it; the entry lives as long as its longest-lived result. KEYS: contact entry. ARGV: field,
+/// encoded result, time to live (ms), most results.
 const STORE_CONTACT: &str = r"
+local mark = redis.call('HGET', KEYS[1], 't')
+if mark and newer(mark, ARGV[2]) then return 2 end
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur and newer(cur, ARGV[2]) then return 0 end
-if not cur and redis.call('HLEN', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
+local results = redis.call('HLEN', KEYS[1])
+if mark then results = results - 1 end
+if not cur and results >= tonumber(ARGV[4]) then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 return 1
 ";
 
-/// Removes a contact's entry and returns the identities it listed, in one step: a result stored in it between
-/// a read of its fields and their deletion would be deleted unlisted, its identity entry left behind. KEYS:
-/// contact entry.
+/// Empties a contact's entry, leaving the invalidation's time (unless a later one's is there), and returns the
+/// identities it listed, in one step: a result stored in it between a read of its fields and their deletion
+/// would be deleted unlisted, its identity entry left behind. KEYS: contact entry. ARGV: time (8 bytes), how
+/// long it is kept (ms).
 const TAKE_CONTACT: &str = r"
 local fields = redis.call('HKEYS', KEYS[1])
+local mark = redis.call('HGET', KEYS[1], 't')
+if not (mark and newer(mark, ARGV[1])) then mark = ARGV[1] end
 redis.call('DEL', KEYS[1])
-return fields
+redis.call('HSET', KEYS[1], 't', mark)
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local listed = {}
+for _, field in ipairs(fields) do
+  if field ~= 't' then table.insert(listed, field) end
+end
+return listed
 ";
 
-/// Takes a lease (pending: `p:<request_id>`) unless someone holds it. KEYS: lease. ARGV: request_id, time to live
-/// (ms). Returns the holder's value (ours when taken), or false when it lapsed meanwhile.
+/// Takes a lease (pending: `p:<request_id>`) unless someone holds it (one given back, `d:`, is free). KEYS: lease.
+/// ARGV: request_id, time to live (ms). Returns the holder's value (ours when taken).
 const LEASE: &str = r"
-if redis.call('SET', KEYS[1], 'p:' .. ARGV[1], 'NX', 'PX', ARGV[2]) then return 'p:' .. ARGV[1] end
-return redis.call('GET', KEYS[1])
+local held = redis.call('GET', KEYS[1])
+if held and string.sub(held, 1, 2) ~= 'd:' then return held end
+redis.call('SET', KEYS[1], 'p:' .. ARGV[1], 'PX', ARGV[2])
+return 'p:' .. ARGV[1]
 ";
 
 /// Marks our pending lease sent (`s:<accepted request_id>`). KEYS: lease. ARGV: request_id, accepted, ttl (ms).
@@ -89,11 +134,16 @@ end
 return 0
 ";
 
-/// Gives a lease back if it is still ours (pending under our request_id, or sent under it). KEYS: lease.
-/// ARGV: request_id.
+/// Gives a lease back if it is still ours: pending under our request_id, gone; sent under it, `d:<request_id>`
+/// for `linger`, so that a check that found it pending and looks again joins the query it became (a new check
+/// takes it). KEYS: lease. ARGV: request_id, linger (ms).
 const RELEASE: &str = r"
 local held = redis.call('GET', KEYS[1])
-if held == 'p:' .. ARGV[1] or held == 's:' .. ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if held == 'p:' .. ARGV[1] then return redis.call('DEL', KEYS[1]) end
+if held == 's:' .. ARGV[1] then
+  redis.call('SET', KEYS[1], 'd:' .. ARGV[1], 'PX', ARGV[2])
+  return 1
+end
 return 0
 ";
 
@@ -110,6 +160,8 @@ pub struct RedisCache {
     hasher: std::sync::Mutex<Option<(KeyHasher, std::time::Instant, String)>>,
     store: Script,
     store_contact: Script,
+    unstore: Script,
+    invalidate: Script,
     take_contact: Script,
     lease: Script,
     lease_sent: Script,
@@ -123,12 +175,17 @@ pub struct Holder(String);
 impl Holder {
     /// Whether it is `request_id`'s pending lease, or sent under it.
     pub fn is_ours(&self, request_id: &str) -> bool {
-        self.0.get(2..) == Some(request_id)
+        !self.0.starts_with("d:") && self.0.get(2..) == Some(request_id)
     }
 
     /// The request_id its query went out under, once sent.
     pub fn sent(&self) -> Option<&str> {
         self.0.strip_prefix("s:")
+    }
+
+    /// The request_id its query went out under, once sent and given back (a moment ago).
+    pub fn done(&self) -> Option<&str> {
+        self.0.strip_prefix("d:")
     }
 }
 
@@ -143,7 +200,9 @@ impl RedisCache {
             hasher: std::sync::Mutex::new(None),
             store: Script::new(&format!("{NEWER}{STORE}")),
             store_contact: Script::new(&format!("{NEWER}{STORE_CONTACT}")),
-            take_contact: Script::new(TAKE_CONTACT),
+            unstore: Script::new(UNSTORE),
+            invalidate: Script::new(&format!("{NEWER}{INVALIDATE}")),
+            take_contact: Script::new(&format!("{NEWER}{TAKE_CONTACT}")),
             lease: Script::new(LEASE),
             lease_sent: Script::new(LEASE_SENT),
             release: Script::new(RELEASE),
@@ -209,7 +268,9 @@ impl RedisCache {
 
     /// Stores the result of `notification`, appended at `offset`, under its identity and, when it names one, its
     /// contact. The time of the result is when it reached the service (its receive time, when it has one; never
-    /// later than now): a result stored again later, by a check that received it, is not made younger.
+    /// later than now): a result stored again later, by a check that received it, is not made younger. The
+    /// identity's entry is written first, so that a contact's invalidation that lists the result finds it there;
+    /// one that came before it refuses the result in the contact's entry, and the result goes from the identity's.
     pub async fn store(&self, notification: &Notification, offset: u64) -> redis::RedisResult<()> {
         let now = wall_clock_ms();
         let received = notification
@@ -231,15 +292,20 @@ impl RedisCache {
         let value = result.encode();
         let mut invocation = self.store.prepare_invoke();
         invocation.key(self.entry(&identity)).arg(value.as_slice()).arg(ttl);
-        invoke::<i64>(&invocation, &self.commands).await?;
-        if !notification.contact_id.is_empty() {
-            let mut invocation = self.store_contact.prepare_invoke();
-            invocation
-                .key(self.contact_entry(&hasher.contact(app, &notification.contact_id)))
-                .arg(hex(&identity))
-                .arg(value.as_slice())
-                .arg(ttl)
-                .arg(MAX_CONTACT_RESULTS);
+        let stored = invoke::<i64>(&invocation, &self.commands).await?;
+        if stored == INVALIDATED || notification.contact_id.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = self.store_contact.prepare_invoke();
+        invocation
+            .key(self.contact_entry(&hasher.contact(app, &notification.contact_id)))
+            .arg(hex(&identity))
+            .arg(value.as_slice())
+            .arg(ttl)
+            .arg(MAX_CONTACT_RESULTS);
+        if invoke::<i64>(&invocation, &self.commands).await? == INVALIDATED && stored == STORED {
+            let mut invocation = self.unstore.prepare_invoke();
+            invocation.key(self.entry(&identity)).arg(value.as_slice());
             invoke::<i64>(&invocation, &self.commands).await?;
         }
         Ok(())
@@ -274,36 +340,37 @@ impl RedisCache {
         Ok(values.iter().filter_map(|v| CachedResult::decode(v)).collect())
     }
 
-    /// Removes identity entries `keys` and contacts' entries `contacts` with the identity entries they list.
-    /// Returns how many entries went.
+    /// Empties identity entries `keys` and contacts' entries `contacts` with the identity entries they list,
+    /// leaving the invalidation's time in each (see the module documentation). Returns how many entries went.
     pub async fn remove(&self, keys: &[EntryKey], contacts: &[EntryKey]) -> redis::RedisResult<u64> {
+        let at = wall_clock_ms().to_be_bytes();
+        let kept = ttl_ms(self.ttl.longest());
         let mut names: Vec<String> = keys.iter().map(|k| self.entry(k)).collect();
         let mut removed = 0;
         for contact in contacts {
             let mut invocation = self.take_contact.prepare_invoke();
-            invocation.key(self.contact_entry(contact));
+            invocation.key(self.contact_entry(contact)).arg(at.as_slice()).arg(kept);
             let listed: Vec<String> = invoke(&invocation, &self.commands).await?;
-            // A hash exists only with a field: a contact's entry went if it listed any.
             removed += u64::from(!listed.is_empty());
             names.extend(listed.iter().map(|field| format!("{}:c:{field}", self.prefix)));
         }
         names.sort();
         names.dedup();
-        // One DEL per key, all at once: in a cluster each may live on another slot.
-        let deletes = names.into_iter().map(|name| {
-            let mut conn = self.commands.clone();
-            async move { redis::cmd("DEL").arg(name).query_async::<u64>(&mut conn).await }
+        // One script per key, all at once: in a cluster each may live on another slot.
+        let emptied = names.into_iter().map(|name| {
+            let mut invocation = self.invalidate.prepare_invoke();
+            invocation.key(name).arg(at.as_slice()).arg(kept);
+            async move { invoke::<u64>(&invocation, &self.commands).await }
         });
-        Ok(removed + futures::future::try_join_all(deletes).await?.iter().sum::<u64>())
+        Ok(removed + futures::future::try_join_all(emptied).await?.iter().sum::<u64>())
     }
 
-    /// Takes the lease of `key` for `request_id` for `ttl` unless someone holds it; returns the holder (`None`
-    /// when it lapsed meanwhile).
-    pub async fn lease(&self, key: &EntryKey, request_id: &str, ttl: Duration) -> redis::RedisResult<Option<Holder>> {
+    /// Takes the lease of `key` for `request_id` for `ttl` unless someone holds it; returns the holder (ours when
+    /// taken).
+    pub async fn lease(&self, key: &EntryKey, request_id: &str, ttl: Duration) -> redis::RedisResult<Holder> {
         let mut invocation = self.lease.prepare_invoke();
         invocation.key(self.lease_key(key)).arg(request_id).arg(ttl_ms(ttl));
-        let holder: Option<String> = invocation.invoke_async(&mut self.commands.clone()).await?;
-        Ok(holder.map(Holder))
+        Ok(Holder(invocation.invoke_async(&mut self.commands.clone()).await?))
     }
 
     /// Who holds the lease of `key`, if anyone.
@@ -335,10 +402,11 @@ impl RedisCache {
             .map(drop)
     }
 
-    /// Gives back the lease of `key` if `request_id` still holds it.
-    pub async fn release(&self, key: &EntryKey, request_id: &str) -> redis::RedisResult<()> {
+    /// Gives back the lease of `key` if `request_id` still holds it: at once while pending, within `linger`
+    /// once sent.
+    pub async fn release(&self, key: &EntryKey, request_id: &str, linger: Duration) -> redis::RedisResult<()> {
         let mut invocation = self.release.prepare_invoke();
-        invocation.key(self.lease_key(key)).arg(request_id);
+        invocation.key(self.lease_key(key)).arg(request_id).arg(ttl_ms(linger));
         invocation
             .invoke_async::<i64>(&mut self.commands.clone())
             .await
