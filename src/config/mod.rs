@@ -656,11 +656,17 @@ impl Config {
         }
     }
 
-    /// Where queries go: the sandbox when no key id is set, else Sinch with complete credentials.
+    /// Where queries go: the sandbox when no credential is set, else Sinch with complete credentials (part of
+    /// them is a mistake, such as a secret mount that failed, not a wish for the sandbox).
     pub fn upstream(&self) -> Result<Upstream, ConfigError> {
         let s = &self.sinch;
         let Some(key_id) = s.key_id.clone().filter(|k| !k.is_empty()) else {
-            return Ok(Upstream::Sandbox);
+            let project_id = s.project_id.as_ref().filter(|p| !p.is_empty()).map(|_| PROJECT_ID);
+            let key_secret = s.key_secret.as_ref().filter(|v| !v.secret.is_empty()).map(|_| KEY_SECRET);
+            return match project_id.or(key_secret) {
+                Some(set) => Err(invalid(KEY_ID, format!("required when {set} is set"))),
+                None => Ok(Upstream::Sandbox),
+            };
         };
         let project_id = s
             .project_id
@@ -1049,6 +1055,15 @@ mod tests {
                 .variable,
             KEY_SECRET
         );
+        // Part of the credentials without a key id is a failed secret mount, not a wish for the sandbox.
+        for partial in [
+            &["--sinch-project-id=p", "--sinch-key-secret=s"][..],
+            &["--sinch-project-id=p", "--sinch-key-id=", "--sinch-key-secret=s"],
+            &["--sinch-key-secret=s"],
+            &["--sinch-project-id=p"],
+        ] {
+            assert_eq!(parse(partial).unwrap_err().variable, KEY_ID, "{partial:?}");
+        }
     }
 
     #[test]
