@@ -207,7 +207,13 @@ impl SinchClient {
         let headers = response.headers().clone();
         let body = match response.bytes().await {
             Ok(b) => b,
-            Err(e) => return Attempt::Failed(Error::Connect(error_chain(&e))),
+            // Accepted: sending it again would be a second query to Sinch, which does not tell repeats apart.
+            Err(e) if status == 200 => {
+                let detail = format!("the body broke off: {}", error_chain(&e));
+                return Attempt::Failed(Error::Malformed { status, detail });
+            }
+            // Refused: the status says whether a retry may pass.
+            Err(_) => Bytes::new(),
         };
         if status == 200 {
             return match accepted(query, &body) {

@@ -74,6 +74,8 @@ pub struct Canned {
     pub body: String,
     /// How long to wait before answering.
     pub delay: Duration,
+    /// The connection breaks after the body, before the answer is complete.
+    pub cut_short: bool,
 }
 
 impl Canned {
@@ -84,6 +86,7 @@ impl Canned {
             headers: vec![("content-type", "application/json".into())],
             body: body.into(),
             delay: Duration::ZERO,
+            cut_short: false,
         }
     }
 
@@ -100,6 +103,12 @@ impl Canned {
     /// The same, with one more header.
     pub fn header(mut self, name: &'static str, value: &str) -> Canned {
         self.headers.push((name, value.into()));
+        self
+    }
+
+    /// The same, its connection broken after the body: the answer never completes.
+    pub fn cut_short(mut self) -> Canned {
+        self.cut_short = true;
         self
     }
 
@@ -241,7 +250,21 @@ fn record(state: &FakeState, path: &str, headers: HeaderMap, body: Bytes) {
 
 async fn answer(canned: Canned) -> Response {
     tokio::time::sleep(canned.delay).await;
-    let mut response = (StatusCode::from_u16(canned.status).unwrap(), canned.body).into_response();
+    let status = StatusCode::from_u16(canned.status).unwrap();
+    let mut response = match canned.cut_short {
+        false => (status, canned.body).into_response(),
+        true => {
+            use futures::StreamExt;
+            let start = futures::stream::iter([Ok(Bytes::from(canned.body))]);
+            // A moment after the start, so that the status and the start leave first.
+            let broken = futures::stream::once(async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "cut short"))
+            });
+            let parts = start.chain(broken);
+            (status, axum::body::Body::from_stream(parts)).into_response()
+        }
+    };
     for (name, value) in canned.headers {
         response.headers_mut().insert(name, value.parse().unwrap());
     }
