@@ -161,15 +161,14 @@ impl Queries {
     /// Sends the query to Sinch unless the same request_id already did (or is doing) so. `trace` is the caller's
     /// trace context, continued on the call to Sinch.
     pub async fn query(
-        &self,
+        self: &Arc<Self>,
         request: QueryRequest,
         deadline: Instant,
         trace: Option<&TraceParent>,
     ) -> Result<QueryAccepted, QueryError> {
         let send = request.recipient.clone();
         self.pacer.record(send.identities());
-        let never = std::sync::atomic::AtomicBool::new(false);
-        self.query_once(request, send, deadline, trace, &never).await
+        Ok(self.query_once(request, send, deadline, trace).await?.0)
     }
 
     /// As [`Queries::query`], but asks Sinch only about `send`, a part of the request's recipient (the rest is
@@ -177,15 +176,13 @@ impl Queries {
     /// whatever part it would have sent. Also says whether the query was sent now (`false`: the answer of an
     /// earlier call with the same request_id).
     pub async fn query_part(
-        &self,
+        self: &Arc<Self>,
         request: QueryRequest,
         send: Recipient,
         deadline: Instant,
         trace: Option<&TraceParent>,
     ) -> Result<(QueryAccepted, bool), QueryError> {
-        let sent_now = std::sync::atomic::AtomicBool::new(false);
-        let answer = self.query_once(request, send, deadline, trace, &sent_now).await?;
-        Ok((answer, sent_now.load(std::sync::atomic::Ordering::Relaxed)))
+        self.query_once(request, send, deadline, trace).await
     }
 
     /// Sends `send` under the request's request_id (one this service made: nobody repeats it), with the
@@ -206,14 +203,14 @@ impl Queries {
         Ok(self.forward(&query, deadline, trace).await?)
     }
 
+    /// Sends (or finds the answer of) a query; says whether it was sent now.
     async fn query_once(
-        &self,
+        self: &Arc<Self>,
         request: QueryRequest,
         send: Recipient,
         deadline: Instant,
         trace: Option<&TraceParent>,
-        sent_now: &std::sync::atomic::AtomicBool,
-    ) -> Result<QueryAccepted, QueryError> {
+    ) -> Result<(QueryAccepted, bool), QueryError> {
         // The rate limit first: a caller cannot fill the idempotency records faster than it may query.
         self.upstream.admit(deadline).await?;
         let Some(request_id) = request.request_id else {
@@ -222,8 +219,7 @@ impl Queries {
                 recipient: send,
                 request_id: ulid::Ulid::new().to_string(),
             };
-            sent_now.store(true, std::sync::atomic::Ordering::Relaxed);
-            return Ok(self.forward(&query, deadline, trace).await?);
+            return Ok((self.forward(&query, deadline, trace).await?, true));
         };
         let sent = Query {
             app_id: request.app_id.clone(),
@@ -236,18 +232,25 @@ impl Queries {
             request_id,
         };
         let entry = self.idempotency.claim(&query)?;
-        let answer = entry
-            .answer
-            .get_or_try_init(|| async {
-                let answer = self.forward_once(&query, &sent, deadline, trace).await;
-                sent_now.store(
-                    answer.as_ref().is_ok_and(|(_, sent)| *sent),
-                    std::sync::atomic::Ordering::Relaxed,
-                );
-                answer.map(|(answer, _)| answer)
-            })
-            .await?;
-        Ok(answer.clone())
+        // In a task of its own: a caller that goes away while its query is being sent does not take the sending
+        // (and the claim's settling) with it, so that its retry finds the answer rather than ask Sinch again.
+        let (queries, trace) = (self.clone(), trace.cloned());
+        let task = tokio::spawn(async move {
+            let mut sent_now = false;
+            let answer = entry
+                .answer
+                .get_or_try_init(|| async {
+                    let (answer, sent) = queries.forward_once(&query, &sent, deadline, trace.as_ref()).await?;
+                    sent_now = sent;
+                    Ok::<_, QueryError>(answer)
+                })
+                .await?;
+            Ok((answer.clone(), sent_now))
+        });
+        task.await.unwrap_or_else(|e| match e.try_into_panic() {
+            Ok(panic) => std::panic::resume_unwind(panic),
+            Err(_) => Err(upstream::Error::Connect("the service is shutting down".into()).into()),
+        })
     }
 }
 

@@ -156,6 +156,34 @@ async fn concurrent_repeats_of_a_request_id_send_one_query() {
     assert_eq!(fake.queries().len(), 1);
 }
 
+/// A caller that goes away while its query is being sent (a cancel, a mesh's per-try timeout) does not take the
+/// query with it: it completes, and the caller's retry gets its answer without a second query — in process, and
+/// with Redis, where the retry found the request_id claimed by nobody for the claim's 10.5 minutes.
+#[tokio::test]
+async fn a_query_whose_caller_went_away_completes_and_its_retry_gets_the_answer() {
+    let redis = common::redis::RedisServer::start().await;
+    let url = format!("--redis-url={}", redis.url());
+    for (n, args) in [&[][..], &[url.as_str()][..]].into_iter().enumerate() {
+        let fake = FakeSinch::start().await;
+        fake.set_echo_delay(Duration::from_millis(500));
+        let service = Service::against(&fake, args).await;
+        let request = query(contact("C"), &format!("went-away-{n}"));
+        let mut gone = service.client().await;
+        let first = tokio::spawn({
+            let request = request.clone();
+            async move { gone.query_capability(request).await }
+        });
+        fake.until_queries(1).await;
+        first.abort();
+        let _ = first.await;
+        let mut retry = Request::new(request);
+        retry.set_timeout(Duration::from_secs(5));
+        let answer = service.client().await.query_capability(retry).await;
+        assert_eq!(answer.unwrap().into_inner().request_id, format!("went-away-{n}"));
+        assert_eq!(fake.queries().len(), 1, "round {n}: sent once");
+    }
+}
+
 #[tokio::test]
 async fn a_failed_attempt_is_not_remembered_so_a_retry_reaches_sinch() {
     let fake = FakeSinch::start().await;
