@@ -220,22 +220,51 @@ async fn one_token_serves_every_call_and_is_asked_for_as_oauth2_requires() {
     );
 }
 
+/// The token is refreshed before it expires, in the background: a query meanwhile goes out with the current token
+/// however slow the token endpoint is, and later ones with the new token.
 #[tokio::test]
-async fn the_token_is_refreshed_before_it_expires() {
+async fn the_token_is_refreshed_before_it_expires_without_holding_up_a_query() {
     let fake = FakeSinch::start().await;
     fake.set_token_lifetime(10); // the shortest lifetime taken as it is: refreshed after half of it, 5 s
     let service = Service::against(&fake, &[]).await;
     let mut client = service.client().await;
     client.query_capability(query(contact("C"), "")).await.unwrap();
+    let slow = r#"{"access_token":"token-slow","token_type":"bearer","expires_in":3600}"#;
+    fake.script_tokens([Canned::new(200, slow).delayed(Duration::from_secs(2))]);
     tokio::time::sleep(Duration::from_millis(5100)).await; // let the token reach its refresh time
-    client.query_capability(query(contact("C"), "")).await.unwrap();
-    let used: Vec<_> = fake
-        .queries()
-        .iter()
-        .map(|q| q.header("authorization").to_owned())
-        .collect();
-    assert_eq!(used, ["Bearer token-1", "Bearer token-2"]);
+    let mut quick = Request::new(query(contact("C"), ""));
+    quick.set_timeout(Duration::from_millis(500));
+    client.query_capability(quick).await.expect("sent with the current token");
+    assert_eq!(fake.queries()[1].header("authorization"), "Bearer token-1");
+    // The refresh lands a moment later (bounded: 100 looks 50 ms apart).
+    for _ in 0..100 {
+        client.query_capability(query(contact("C"), "")).await.unwrap();
+        if fake.queries().last().unwrap().header("authorization") == "Bearer token-slow" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(fake.queries().last().unwrap().header("authorization"), "Bearer token-slow");
     assert_eq!(fake.token_requests().len(), 2);
+}
+
+/// A token endpoint slower than every caller's deadline: the first caller gives up, the token it started to
+/// fetch still arrives, and the next caller uses it (each caller asking anew never got one).
+#[tokio::test]
+async fn a_token_endpoint_slower_than_the_callers_still_yields_a_token() {
+    let fake = FakeSinch::start().await;
+    let slow = r#"{"access_token":"token-slow","token_type":"bearer","expires_in":3600}"#;
+    fake.script_tokens(std::iter::repeat_n(Canned::new(200, slow).delayed(Duration::from_millis(800)), 10));
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let mut answered = Vec::new();
+    for _ in 0..3 {
+        let mut request = Request::new(query(contact("C"), ""));
+        request.set_timeout(Duration::from_millis(500));
+        answered.push(client.query_capability(request).await.is_ok());
+    }
+    assert_eq!(answered, [false, true, true]);
+    assert_eq!(fake.token_requests().len(), 1);
 }
 
 #[tokio::test]
@@ -514,6 +543,14 @@ async fn a_token_endpoint_down_mid_run_costs_nothing_until_the_token_expires_the
         .await
         .expect("the current token is still valid");
     assert_eq!(fake.queries()[1].header("authorization"), "Bearer token-1");
+    for _ in 0..40 {
+        client.query_capability(query(contact("C"), "")).await.unwrap();
+    }
+    assert!(
+        fake.token_requests().len() <= 4,
+        "one refresh of three tries, not one per query: {}",
+        fake.token_requests().len()
+    );
     tokio::time::sleep(Duration::from_millis(5000)).await; // past expiry
     let mut request = Request::new(query(contact("C"), ""));
     request.set_timeout(Duration::from_millis(500));
@@ -666,4 +703,66 @@ async fn a_tokens_lifetime_is_clamped_to_a_sane_range() {
             "expires_in {lifetime}: one token serves every call"
         );
     }
+}
+
+/// A Sinch that accepts connections and never answers, or answers without end: the calls of the doctor and of the
+/// start-up check end at their 10 s (paused time here), the token's included, and an endless answer is refused
+/// once past 1 MiB rather than read into memory.
+#[tokio::test(start_paused = true)]
+async fn the_webhooks_api_calls_end_however_sinch_answers() {
+    use capability_facade::{config::AuthMode, secret::Secret, upstream};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("http://{}", silent.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((connection, _)) = silent.accept().await {
+            held.push(connection);
+        }
+    });
+    let endless = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endless_url = format!("http://{}", endless.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut connection, _)) = endless.accept().await {
+            tokio::spawn(async move {
+                let mut request = [0; 4096];
+                let _ = connection.read(&mut request).await;
+                let head = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+                connection.write_all(head).await?;
+                let chunk = format!("{:x}\r\n{}\r\n", 64 * 1024, " ".repeat(64 * 1024));
+                loop {
+                    connection.write_all(chunk.as_bytes()).await?;
+                }
+                #[allow(unreachable_code)]
+                Ok::<_, std::io::Error>(())
+            });
+        }
+    });
+    let client = |api_url: &str, auth_url: &str, auth: AuthMode| {
+        let config = capability_facade::config::SinchConfig {
+            project_id: "p".into(),
+            key_id: "k".into(),
+            key_secret: Secret::new("s"),
+            auth,
+            api_url: api_url.into(),
+            auth_url: auth_url.into(),
+            rate_limit: std::num::NonZeroU32::new(10).unwrap(),
+        };
+        upstream::SinchClient::new(&config, upstream::RetryPolicy::default(), upstream::TokenRetry::default())
+            .unwrap()
+    };
+    let silent_token = client(&endless_url, &format!("{silent_url}/oauth2/token"), AuthMode::OAuth2);
+    let obtained = silent_token.obtain_token().await.unwrap_err().to_string();
+    let listed = silent_token.list_webhooks("APP").await.unwrap_err().to_string();
+    for error in [obtained, listed] {
+        assert!(error.contains("deadline") || error.contains("token endpoint"), "{error}");
+    }
+    let silent_api = client(&silent_url, &silent_url, AuthMode::Basic);
+    assert!(matches!(
+        silent_api.list_webhooks("APP").await,
+        Err(upstream::Error::DeadlineExceeded)
+    ));
+    let endless_api = client(&endless_url, &endless_url, AuthMode::Basic);
+    let error = endless_api.list_webhooks("APP").await.unwrap_err().to_string();
+    assert!(error.contains("longer than"), "{error}");
 }

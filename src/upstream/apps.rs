@@ -10,7 +10,10 @@ use reqwest::{
 use serde::{Serialize, de::DeserializeOwned};
 use tokio::time::Instant;
 
-use super::{Error, SinchClient, classify, error_chain, retry_after, wire::WebhookJson, wire::WebhookListJson};
+use super::{
+    Error, MAX_ANSWER, SinchClient, classify, error_chain, read_capped, retry_after, wire::WebhookJson,
+    wire::WebhookListJson,
+};
 use crate::webhook::signature;
 
 /// How long one call of these APIs may take, token included.
@@ -75,6 +78,19 @@ impl SinchClient {
         update_mask: Option<&str>,
     ) -> Result<T, Error> {
         let deadline = Instant::now() + CALL_TIMEOUT;
+        tokio::time::timeout_at(deadline, self.call_once(method, segments, body, update_mask, deadline))
+            .await
+            .map_err(|_| Error::DeadlineExceeded)?
+    }
+
+    async fn call_once<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: Option<&impl Serialize>,
+        update_mask: Option<&str>,
+        deadline: Instant,
+    ) -> Result<T, Error> {
         let auth = self.auth.header(&self.http, deadline).await?;
         let mut url = self.project_url.clone();
         url.path_segments_mut()
@@ -92,13 +108,10 @@ impl SinchClient {
             let json = serde_json::to_vec(body).expect("JSON always serialises");
             request = request.header(CONTENT_TYPE, "application/json").body(json);
         }
-        let response = tokio::time::timeout_at(deadline, request.send())
-            .await
-            .map_err(|_| Error::DeadlineExceeded)?
-            .map_err(|e| Error::Connect(error_chain(&e)))?;
+        let response = request.send().await.map_err(|e| Error::Connect(error_chain(&e)))?;
         let status = response.status().as_u16();
         let wait = retry_after(response.headers());
-        let bytes = response.bytes().await.map_err(|e| Error::Connect(error_chain(&e)))?;
+        let bytes = read_capped(response, MAX_ANSWER).await.map_err(Error::Connect)?;
         if !(200..300).contains(&status) {
             return Err(classify(status, &bytes, wait, false));
         }

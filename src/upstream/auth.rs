@@ -1,21 +1,24 @@
 //! Credentials on every call: HTTP Basic, or an OAuth2 bearer token shared by all calls and refreshed before it
-//! expires by a single in-flight refresh. The token endpoint is a token bucket (Sinch: capacity 30, refill
-//! 10/s, 429 without `Retry-After`), so a refresh that is refused is retried with a back-off of its own, as
-//! Sinch's SDKs do, and callers that waited on a refresh that failed get its failure instead of asking again.
+//! expires by a single refresh in a task of its own. The token endpoint is a token bucket (Sinch: capacity 30,
+//! refill 10/s, 429 without `Retry-After`), so a refresh that is refused is retried with a back-off of its own,
+//! as Sinch's SDKs do, and callers that waited on a refresh that failed get its failure instead of asking again.
+//! No caller's deadline bounds a refresh (each request to the endpoint has its own timeout): a caller that gives
+//! up leaves the refresh running for the next, and a token still valid is used while its successor is fetched.
 
 use std::{
-    sync::{
-        Arc, RwLock,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
+use futures::{
+    FutureExt,
+    future::{BoxFuture, Shared},
+};
 use rand::Rng;
 use reqwest::header::{HeaderValue, InvalidHeaderValue};
 use tokio::time::Instant;
 
-use super::{Error, classify, wire::TokenJson};
+use super::{Error, classify, read_capped, wire::TokenJson};
 use crate::config::{AuthMode, SinchConfig};
 
 /// The longest a token is used before its end: Sinch's SDKs refresh 60 s before expiry.
@@ -23,10 +26,14 @@ const REFRESH_MARGIN: Duration = Duration::from_secs(60);
 /// The range a token's `expires_in` is clamped to: 0 would refresh on every call, a huge value overflows.
 const MIN_LIFETIME: Duration = Duration::from_secs(10);
 const MAX_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// How long one request to the token endpoint may take, its answer read.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most a token endpoint's answer may hold.
+const MAX_ANSWER: usize = 64 * 1024;
 
 /// How a refused token request is retried: at most `tries` requests in all, the pause before request `n + 1`
-/// drawn uniformly from `[0, base·4^(n-1))` (full jitter), never past the caller's deadline. Sinch's SDKs use
-/// 3 tries from 1 s.
+/// drawn uniformly from `[0, base·4^(n-1))` (full jitter). Sinch's SDKs use 3 tries from 1 s. After a refresh
+/// that failed while the token was still valid, the next waits `base·4^(tries-1)`.
 #[derive(Debug, Clone, Copy)]
 pub struct TokenRetry {
     pub tries: u32,
@@ -43,9 +50,12 @@ impl Default for TokenRetry {
 }
 
 impl TokenRetry {
+    fn ceiling(&self, attempt: u32) -> Duration {
+        self.base.saturating_mul(4u32.saturating_pow(attempt.saturating_sub(1)))
+    }
+
     fn pause(&self, attempt: u32) -> Duration {
-        let ceiling = self.base.saturating_mul(4u32.saturating_pow(attempt - 1));
-        ceiling.mul_f64(rand::rng().random::<f64>())
+        self.ceiling(attempt).mul_f64(rand::rng().random::<f64>())
     }
 }
 
@@ -53,23 +63,30 @@ impl TokenRetry {
 pub(super) enum Auth {
     /// `Authorization: Basic key_id:key_secret` on every call; no token is ever asked for.
     Basic(HeaderValue),
-    OAuth2(Box<TokenCache>),
+    OAuth2(Arc<TokenCache>),
 }
+
+/// A refresh in flight, awaited by whoever needs its token.
+type Refresh = Shared<BoxFuture<'static, Result<Arc<HeaderValue>, Error>>>;
 
 /// The one token this replica uses.
 pub(super) struct TokenCache {
     url: String,
     /// The Basic credentials presented to the token endpoint.
     basic: HeaderValue,
-    /// The current token; read by every call, written only by the refresher.
+    /// The current token; read by every call, written only by the refresh.
     current: RwLock<Option<Token>>,
-    /// Held while a refresh is in flight, so that only one caller asks the token endpoint at a time.
-    refresh: tokio::sync::Mutex<()>,
+    /// The refresh in flight, if any, and when the next may start after one failed while the token was valid.
+    refresh: Mutex<Refreshing>,
     retry: TokenRetry,
-    /// Counts finished refreshes; a caller that sees it move while it waited shares that refresh's outcome.
-    refreshes: AtomicU64,
-    /// The failure of the last refresh, when it failed.
+    /// The last failure of the refresh in flight: a caller whose deadline comes first is told what went wrong.
     failure: RwLock<Option<Error>>,
+}
+
+#[derive(Default)]
+struct Refreshing {
+    in_flight: Option<Refresh>,
+    quiet_until: Option<Instant>,
 }
 
 #[derive(Clone)]
@@ -93,19 +110,18 @@ impl Auth {
         basic.set_sensitive(true);
         Ok(match config.auth {
             AuthMode::Basic => Auth::Basic(basic),
-            AuthMode::OAuth2 => Auth::OAuth2(Box::new(TokenCache {
+            AuthMode::OAuth2 => Auth::OAuth2(Arc::new(TokenCache {
                 url: config.auth_url.clone(),
                 basic,
                 current: RwLock::new(None),
-                refresh: tokio::sync::Mutex::new(()),
+                refresh: Mutex::new(Refreshing::default()),
                 retry,
-                refreshes: AtomicU64::new(0),
                 failure: RwLock::new(None),
             })),
         })
     }
 
-    /// The header for the next call, obtained (with retries) before `deadline`.
+    /// The header for the next call: the current token, or one obtained (with retries) before `deadline`.
     pub(super) async fn header(&self, http: &reqwest::Client, deadline: Instant) -> Result<Arc<HeaderValue>, Error> {
         match self {
             Auth::Basic(h) => Ok(Arc::new(h.clone())),
@@ -127,66 +143,83 @@ impl Auth {
 // === impl TokenCache ===
 
 impl TokenCache {
-    async fn header(&self, http: &reqwest::Client, deadline: Instant) -> Result<Arc<HeaderValue>, Error> {
+    async fn header(self: &Arc<Self>, http: &reqwest::Client, deadline: Instant) -> Result<Arc<HeaderValue>, Error> {
         let now = Instant::now();
-        let cached = self.cached();
-        match cached {
+        match self.cached() {
             Some(t) if now < t.refresh_at => return Ok(t.header),
             Some(t) if now < t.expires => {
-                // Still valid: one caller refreshes with a single try (a refused one waits for the next call),
-                // everyone else keeps using it meanwhile.
-                let Ok(_guard) = self.refresh.try_lock() else {
-                    return Ok(t.header);
-                };
-                return match self.fetch(http, now).await {
-                    Ok(fresh) => Ok(fresh),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "token refresh failed; the current token is still valid");
-                        Ok(t.header)
-                    }
-                };
+                // Still valid: its successor is fetched in the background, this call goes out with it.
+                self.refresh(http, false);
+                return Ok(t.header);
             }
             _ => {}
         }
-        let seen = self.refreshes.load(Ordering::Acquire);
-        let _guard = self.refresh.lock().await;
-        if let Some(t) = self.cached().filter(|t| Instant::now() < t.expires) {
-            return Ok(t.header);
+        let refresh = self.refresh(http, true).expect("a needed refresh always starts");
+        match tokio::time::timeout_at(deadline, refresh).await {
+            Ok(result) => result,
+            Err(_) => Err(self
+                .failure
+                .read()
+                .expect("token lock poisoned")
+                .clone()
+                .unwrap_or(Error::DeadlineExceeded)),
         }
-        if self.refreshes.load(Ordering::Acquire) != seen
-            && let Some(failure) = self.failure.read().expect("token lock poisoned").clone()
-        {
-            return Err(failure);
-        }
-        self.fetch(http, deadline).await
     }
 
     fn cached(&self) -> Option<Token> {
         self.current.read().expect("token lock poisoned").clone()
     }
 
-    /// Asks the token endpoint, retrying what may pass on a later try; called with `refresh` held.
-    async fn fetch(&self, http: &reqwest::Client, deadline: Instant) -> Result<Arc<HeaderValue>, Error> {
+    /// The refresh in flight, or a new one — unless the token is not `needed` yet and a refresh failed a moment
+    /// ago.
+    fn refresh(self: &Arc<Self>, http: &reqwest::Client, needed: bool) -> Option<Refresh> {
+        let mut refreshing = self.refresh.lock().expect("token lock poisoned");
+        if let Some(in_flight) = &refreshing.in_flight {
+            return Some(in_flight.clone());
+        }
+        if !needed && refreshing.quiet_until.is_some_and(|until| Instant::now() < until) {
+            return None;
+        }
+        *self.failure.write().expect("token lock poisoned") = None;
+        let (cache, http) = (self.clone(), http.clone());
+        let task = tokio::spawn(async move {
+            let result = cache.fetch(&http).await;
+            let mut refreshing = cache.refresh.lock().expect("token lock poisoned");
+            refreshing.in_flight = None;
+            refreshing.quiet_until = result
+                .is_err()
+                .then(|| Instant::now() + cache.retry.ceiling(cache.retry.tries));
+            result
+        });
+        let refresh = async move {
+            task.await.unwrap_or_else(|e| match e.try_into_panic() {
+                Ok(panic) => std::panic::resume_unwind(panic),
+                Err(_) => Err(Error::Connect("the service is shutting down".into())),
+            })
+        }
+        .boxed()
+        .shared();
+        refreshing.in_flight = Some(refresh.clone());
+        Some(refresh)
+    }
+
+    /// Asks the token endpoint, retrying what may pass on a later try.
+    async fn fetch(&self, http: &reqwest::Client) -> Result<Arc<HeaderValue>, Error> {
         let mut attempt = 1;
-        let result = loop {
+        loop {
             let result = self.request_token(http).await;
             let label = if result.is_ok() { "ok" } else { "error" };
             metrics::counter!("capability_token_refreshes_total", "result" => label).increment(1);
             let error = match result {
                 Err(e) if e.is_retryable() && attempt < self.retry.tries => e,
-                done => break done,
+                done => return done,
             };
+            *self.failure.write().expect("token lock poisoned") = Some(error.clone());
             let pause = error.retry_after().unwrap_or_else(|| self.retry.pause(attempt));
-            if Instant::now() + pause >= deadline {
-                break Err(error);
-            }
             tracing::debug!(attempt, ?pause, error = %error, "retrying the token request");
             tokio::time::sleep(pause).await;
             attempt += 1;
-        };
-        *self.failure.write().expect("token lock poisoned") = result.as_ref().err().cloned();
-        self.refreshes.fetch_add(1, Ordering::Release);
-        result
+        }
     }
 
     async fn request_token(&self, http: &reqwest::Client) -> Result<Arc<HeaderValue>, Error> {
@@ -195,13 +228,13 @@ impl TokenCache {
             .post(&self.url)
             .header(reqwest::header::AUTHORIZATION, self.basic.clone())
             .form(&[("grant_type", "client_credentials")])
+            .timeout(REQUEST_TIMEOUT)
             .send()
             .await
             .map_err(|e| Error::Connect(format!("token endpoint: {e}")))?;
         let status = response.status().as_u16();
         let retry_after = super::retry_after(response.headers());
-        let body = response
-            .bytes()
+        let body = read_capped(response, MAX_ANSWER)
             .await
             .map_err(|e| Error::Connect(format!("token endpoint: {e}")))?;
         if status != 200 {

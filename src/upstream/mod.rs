@@ -205,11 +205,11 @@ impl SinchClient {
         metrics::histogram!("capability_upstream_request_duration_seconds", "status" => status_label(status))
             .record(started.elapsed());
         let headers = response.headers().clone();
-        let body = match response.bytes().await {
+        let body = match read_capped(response, MAX_ANSWER).await {
             Ok(b) => b,
             // Accepted: sending it again would be a second query to Sinch, which does not tell repeats apart.
             Err(e) if status == 200 => {
-                let detail = format!("the body broke off: {}", error_chain(&e));
+                let detail = format!("the body broke off: {e}");
                 return Attempt::Failed(Error::Malformed { status, detail });
             }
             // Refused: the status says whether a retry may pass.
@@ -234,6 +234,25 @@ impl SinchClient {
             Attempt::Failed(error)
         }
     }
+}
+
+/// The most an answer of Sinch's may hold: a query's is a few hundred bytes, a list of webhooks a few KiB.
+const MAX_ANSWER: usize = 1024 * 1024;
+
+/// Reads an answer's body, or says why not: it broke off, or it is longer than `max` bytes.
+async fn read_capped(mut response: reqwest::Response, max: usize) -> Result<Bytes, String> {
+    let too_long = || format!("the answer is longer than {max} bytes");
+    if response.content_length().is_some_and(|length| length > max as u64) {
+        return Err(too_long());
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| error_chain(&e))? {
+        if body.len() + chunk.len() > max {
+            return Err(too_long());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
 }
 
 /// reqwest is built without a default TLS provider so that ring is used: install it (once per process) before
@@ -272,8 +291,9 @@ fn accepted(sent: &Query, body: &[u8]) -> Result<QueryAccepted, String> {
 /// The reason Sinch gives when an account is out of credit.
 const BILLING_REFUSAL: &str = "BILLING_CREDIT_LIMIT_BREACHED";
 
-/// Turns an error answer into an [`Error`]. 401 and 403 mean our credentials (as do 400s of the token endpoint,
-/// which is how OAuth2 reports `invalid_client`), except a 403 for billing. The wait asked for is the
+/// Turns an error answer into an [`Error`]. 401 and 403 mean our credentials, except a 403 for billing; so does
+/// any refusal of the token endpoint but 429 and 5xx (OAuth2 reports `invalid_client` as a 400; a 404 is a wrong
+/// `SINCH_AUTH_URL`, ours to fix, not a caller's NOT_FOUND). The wait asked for is the
 /// `Retry-After` header, else a `RetryInfo` in the body's `details`.
 fn classify(status: u16, body: &[u8], retry_after: Option<Duration>, token_endpoint: bool) -> Error {
     let (sinch_status, message, details) = match serde_json::from_slice::<ErrorJson>(body) {
@@ -305,7 +325,8 @@ fn classify(status: u16, body: &[u8], retry_after: Option<Duration>, token_endpo
     match status {
         403 if billing => Error::Billing(api),
         401 | 403 => Error::Credentials(api),
-        400 if token_endpoint => Error::Credentials(api),
+        429 | 500..=599 => Error::Api(api),
+        _ if token_endpoint => Error::Credentials(api),
         _ => Error::Api(api),
     }
 }
@@ -412,6 +433,9 @@ mod tests {
         let oauth = br#"{"error":"invalid_client","error_description":"bad key"}"#;
         assert!(matches!(classify(400, oauth, None, true), Error::Credentials(e) if e.status == "invalid_client"));
         assert!(matches!(classify(403, b"<html>", None, false), Error::Credentials(_)));
+        // A token endpoint that is not there (a wrong SINCH_AUTH_URL) is ours to fix, not a caller's NOT_FOUND.
+        assert!(matches!(classify(404, b"<html>", None, true), Error::Credentials(_)));
+        assert!(classify(503, b"", None, true).is_retryable());
         let billing = br#"{"error":{"code":403,"message":"Forbidden","status":"PERMISSION_DENIED","details":[
             {"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"BILLING_CREDIT_LIMIT_BREACHED"}]}}"#;
         assert!(matches!(classify(403, billing, None, false), Error::Billing(_)));
