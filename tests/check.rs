@@ -481,7 +481,13 @@ async fn a_lookup_started_by_a_check_that_does_not_wait_is_joined_while_it_is_be
     for (n, (starts, joins)) in [(&alone, &alone), (&a, &b)].into_iter().enumerate() {
         let starter = spawn_check(starts.client().await, quick.clone()).await;
         let (live_id, _) = nth_query(&fake, n + 1).await;
-        let joined = joins.client().await.check_capability(quick.clone()).await.unwrap().into_inner();
+        let joined = joins
+            .client()
+            .await
+            .check_capability(quick.clone())
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(joined.request_id, live_id, "round {n}: {joined:?}");
         assert_eq!(starter.await.unwrap().unwrap().request_id, live_id);
         assert_eq!(fake.queries().len(), n + 1, "round {n}: one lookup for both");

@@ -13,6 +13,11 @@ const SECRET: &str = "doctor-secret";
 
 /// Runs the binary with `args`, configured (by environment only) for `sandbox` and the service's secret.
 async fn run(sandbox: &Sandbox, args: &[&str]) -> (Option<i32>, String) {
+    run_with(sandbox, &[], args).await
+}
+
+/// [`run`], with `changed` variables set otherwise.
+async fn run_with(sandbox: &Sandbox, changed: &[(&str, &str)], args: &[&str]) -> (Option<i32>, String) {
     let Output { status, stdout, stderr } = tokio::process::Command::new(env!("CARGO_BIN_EXE_capability-facade"))
         .env_clear()
         .env("SINCH_PROJECT_ID", sandbox::PROJECT_ID)
@@ -22,6 +27,7 @@ async fn run(sandbox: &Sandbox, args: &[&str]) -> (Option<i32>, String) {
         .env("SINCH_AUTH_URL", format!("{}/oauth2/token", sandbox.url))
         .env("SINCH_WEBHOOK_SECRETS", SECRET)
         .env("SINCH_APP_ID", "APP-1")
+        .envs(changed.iter().copied())
         .args(args)
         .output()
         .await
@@ -178,5 +184,26 @@ async fn the_service_warns_at_start_when_its_public_url_is_not_registered() {
     assert!(
         metrics.contains(r#"capability_webhook_registered{app_id="APP-2"} 1"#),
         "{metrics}"
+    );
+}
+
+/// With HTTP Basic there is no token to obtain: the doctor proves the credentials with its first call, and a wrong
+/// secret is a ✗ on the credentials with their fix, not a ✓ followed by an app "not found in this region".
+#[tokio::test]
+async fn with_basic_credentials_the_doctor_proves_them_with_a_call() {
+    let sandbox = Sandbox::start(&["--sandbox-apps=APP-1"], None).await;
+    let doctor = ["doctor", "--target", "http://127.0.0.1:9/webhooks/sinch"];
+    let wrong = [("SINCH_AUTH", "basic"), ("SINCH_KEY_SECRET", "WRONG")];
+    let (code, out) = run_with(&sandbox, &wrong, &doctor).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("✗ credentials") && !out.contains("✓ credentials"), "{out}");
+    assert!(
+        out.contains("fix: check SINCH_PROJECT_ID, SINCH_KEY_ID, SINCH_KEY_SECRET"),
+        "{out}"
+    );
+    let (_, out) = run_with(&sandbox, &[("SINCH_AUTH", "basic")], &doctor).await;
+    assert!(
+        out.contains("✓ credentials") && out.contains("✓ app APP-1 exists"),
+        "{out}"
     );
 }

@@ -234,7 +234,10 @@ async fn the_token_is_refreshed_before_it_expires_without_holding_up_a_query() {
     tokio::time::sleep(Duration::from_millis(5100)).await; // let the token reach its refresh time
     let mut quick = Request::new(query(contact("C"), ""));
     quick.set_timeout(Duration::from_millis(500));
-    client.query_capability(quick).await.expect("sent with the current token");
+    client
+        .query_capability(quick)
+        .await
+        .expect("sent with the current token");
     assert_eq!(fake.queries()[1].header("authorization"), "Bearer token-1");
     // The refresh lands a moment later (bounded: 100 looks 50 ms apart).
     for _ in 0..100 {
@@ -244,7 +247,10 @@ async fn the_token_is_refreshed_before_it_expires_without_holding_up_a_query() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(fake.queries().last().unwrap().header("authorization"), "Bearer token-slow");
+    assert_eq!(
+        fake.queries().last().unwrap().header("authorization"),
+        "Bearer token-slow"
+    );
     assert_eq!(fake.token_requests().len(), 2);
 }
 
@@ -254,7 +260,10 @@ async fn the_token_is_refreshed_before_it_expires_without_holding_up_a_query() {
 async fn a_token_endpoint_slower_than_the_callers_still_yields_a_token() {
     let fake = FakeSinch::start().await;
     let slow = r#"{"access_token":"token-slow","token_type":"bearer","expires_in":3600}"#;
-    fake.script_tokens(std::iter::repeat_n(Canned::new(200, slow).delayed(Duration::from_millis(800)), 10));
+    fake.script_tokens(std::iter::repeat_n(
+        Canned::new(200, slow).delayed(Duration::from_millis(800)),
+        10,
+    ));
     let service = Service::against(&fake, &[]).await;
     let mut client = service.client().await;
     let mut answered = Vec::new();
@@ -748,14 +757,21 @@ async fn the_webhooks_api_calls_end_however_sinch_answers() {
             auth_url: auth_url.into(),
             rate_limit: std::num::NonZeroU32::new(10).unwrap(),
         };
-        upstream::SinchClient::new(&config, upstream::RetryPolicy::default(), upstream::TokenRetry::default())
-            .unwrap()
+        upstream::SinchClient::new(
+            &config,
+            upstream::RetryPolicy::default(),
+            upstream::TokenRetry::default(),
+        )
+        .unwrap()
     };
     let silent_token = client(&endless_url, &format!("{silent_url}/oauth2/token"), AuthMode::OAuth2);
     let obtained = silent_token.obtain_token().await.unwrap_err().to_string();
     let listed = silent_token.list_webhooks("APP").await.unwrap_err().to_string();
     for error in [obtained, listed] {
-        assert!(error.contains("deadline") || error.contains("token endpoint"), "{error}");
+        assert!(
+            error.contains("deadline") || error.contains("token endpoint"),
+            "{error}"
+        );
     }
     let silent_api = client(&silent_url, &silent_url, AuthMode::Basic);
     assert!(matches!(

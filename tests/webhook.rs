@@ -271,6 +271,21 @@ async fn the_webhook_port_serves_only_its_two_routes() {
     assert_eq!(http.get(url("/metrics")).send().await.unwrap().status(), 404);
 }
 
+/// A webhook registered with a trailing `/` (which `webhook ensure`, the doctor and the start-up check take for the
+/// service's) reaches the receiver: Sinch posts to the registered URL as it is.
+#[tokio::test]
+async fn a_callback_to_the_path_with_a_trailing_slash_is_received() {
+    let sandbox = Sandbox::start(&[], None).await;
+    let service = sandbox.service(&[]).await;
+    let url = format!("http://{}/webhooks/sinch/", service.webhook_addr);
+    let body = capability_body("slash", "SMS", "46700000001", "CAPABILITY_FULL");
+    let headers = signed_headers(WEBHOOK_SECRET, &body);
+    let status = testkit::post_webhook(&reqwest_client(), &url, body, &headers)
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+}
+
 #[tokio::test]
 async fn without_a_secret_unsigned_callbacks_are_accepted_only_when_asked_for() {
     let sandbox = Sandbox::start(&[], None).await;

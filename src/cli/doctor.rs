@@ -99,19 +99,31 @@ pub async fn doctor(args: DoctorArgs) -> ExitCode {
     let ensure = format!("capability-facade webhook ensure --app-id {app} --target {target}");
     let mut all = true;
 
-    let token = ctx.client.obtain_token().await;
-    let what = match &token {
+    // With OAuth2 a token proves the credentials; with HTTP Basic (nothing to obtain) the app's call does.
+    let mut app_call = None;
+    let mut credentials = ctx.client.obtain_token().await;
+    if credentials.is_ok() {
+        let called = ctx.client.app_webhook_rate(app).await;
+        if let Err(e @ upstream::Error::Credentials(_)) = &called {
+            credentials = Err(e.clone());
+        }
+        app_call = Some(called);
+    }
+    let what = match &credentials {
         Ok(()) => "credentials: Sinch accepts them".to_owned(),
         Err(e) => format!("credentials: {e}"),
     };
-    if !report(
-        token.is_ok(),
-        &what,
-        "check SINCH_PROJECT_ID, SINCH_KEY_ID, SINCH_KEY_SECRET and SINCH_AUTH",
-    ) {
+    let (true, Some(app_call)) = (
+        report(
+            credentials.is_ok(),
+            &what,
+            "check SINCH_PROJECT_ID, SINCH_KEY_ID, SINCH_KEY_SECRET and SINCH_AUTH",
+        ),
+        app_call,
+    ) else {
         return ExitCode::FAILURE;
-    }
-    let rate = match ctx.client.app_webhook_rate(app).await {
+    };
+    let rate = match app_call {
         Ok(rate) => {
             report(true, &format!("app {app} exists in this region"), "");
             rate
@@ -213,7 +225,9 @@ pub async fn doctor(args: DoctorArgs) -> ExitCode {
         "capability_notification": {"request_id": format!("doctor-{}", ulid::Ulid::new()), "channel": "SMS",
             "identity": "0", "capability_status": "CAPABILITY_UNKNOWN"}});
     let body = serde_json::to_vec(&body).expect("JSON serialises");
-    let passed = match ctx.client.post_signed_callback(&target, &secret, body).await {
+    // To the URL Sinch will post to: the registered one, when there is one.
+    let target = ours.map_or(target.as_str(), |w| w.target.as_str());
+    let passed = match ctx.client.post_signed_callback(target, &secret, body).await {
         Ok(200) => report(true, &format!("a signed test callback to {target} was accepted"), ""),
         Ok(401) => report(
             false,

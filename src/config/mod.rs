@@ -662,7 +662,11 @@ impl Config {
         let s = &self.sinch;
         let Some(key_id) = s.key_id.clone().filter(|k| !k.is_empty()) else {
             let project_id = s.project_id.as_ref().filter(|p| !p.is_empty()).map(|_| PROJECT_ID);
-            let key_secret = s.key_secret.as_ref().filter(|v| !v.secret.is_empty()).map(|_| KEY_SECRET);
+            let key_secret = s
+                .key_secret
+                .as_ref()
+                .filter(|v| !v.secret.is_empty())
+                .map(|_| KEY_SECRET);
             return match project_id.or(key_secret) {
                 Some(set) => Err(invalid(KEY_ID, format!("required when {set} is set"))),
                 None => Ok(Upstream::Sandbox),

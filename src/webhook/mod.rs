@@ -167,15 +167,15 @@ impl IntoResponse for WebhookError {
     }
 }
 
-/// The receiver's routes: `POST /webhooks/sinch` and `GET /healthz`; 404 elsewhere, 405 for a wrong method.
+/// The receiver's routes: `POST /webhooks/sinch` (with or without a trailing `/`: the registration takes both for
+/// the service's) and `GET /healthz`; 404 elsewhere, 405 for a wrong method.
 pub fn router(receiver: Arc<Receiver>) -> Router {
     let timeout = receiver.config.request_timeout;
     let max_body = receiver.config.max_body;
+    let receive = post(receive).layer(middleware::from_fn_with_state(receiver.clone(), admit));
     Router::new()
-        .route(
-            PATH,
-            post(receive).layer(middleware::from_fn_with_state(receiver.clone(), admit)),
-        )
+        .route(PATH, receive.clone())
+        .route(&format!("{PATH}/"), receive)
         .route("/healthz", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
