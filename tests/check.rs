@@ -886,6 +886,44 @@ async fn a_joined_query_is_not_joined_again_after_the_check_that_joined_it_retur
 
 /// A check given up (its caller gone) while Redis held its lease script leaves no lease behind: the next identical
 /// check asks Sinch itself rather than wait for a lookup nobody sends.
+/// When Sinch answers with a request_id of its own, the lease marked sent under it is still given back when the
+/// check returns: a later check accepting no cached result asks Sinch, on any replica.
+#[tokio::test]
+async fn a_lookup_sinch_renamed_is_let_go_when_its_check_returns() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    fake.script_queries([Canned::new(200, r#"{"request_id":"SINCH-CHOSE"}"#)]);
+    let (a, b) = two_replicas(&fake, &redis).await;
+    // A long wait: its lease would outlast the test if it were left to lapse.
+    let mut request = check(identities(&[(Channel::Sms, NUMBER)]));
+    request.wait = duration(Duration::from_secs(120));
+    let first = spawn_check(a.client().await, request.clone()).await;
+    fake.until_queries(1).await;
+    until(|| {
+        redis
+            .keys("*lease*")
+            .iter()
+            .any(|key| redis.value(key) == "s:SINCH-CHOSE")
+    })
+    .await;
+    deliver(a.webhook_addr, callback("SINCH-CHOSE", "SMS", "CAPABILITY_FULL")).await;
+    let answer = first.await.unwrap().unwrap();
+    assert!(answer.complete, "{answer:?}");
+    assert_eq!(answer.request_id, "SINCH-CHOSE");
+    until(|| {
+        redis
+            .keys("*lease*")
+            .iter()
+            .all(|key| !redis.value(key).starts_with("s:"))
+    })
+    .await;
+    let mut fresh_only = request;
+    fresh_only.max_age = duration(Duration::ZERO);
+    fresh_only.wait = duration(Duration::ZERO);
+    b.client().await.check_capability(fresh_only).await.unwrap();
+    assert_eq!(fake.queries().len(), 2, "a finished lookup was joined");
+}
+
 #[tokio::test]
 async fn a_check_given_up_while_taking_its_lease_leaves_no_lease_behind() {
     let redis = RedisServer::start().await;

@@ -315,10 +315,15 @@ impl<'a> Leases<'a> {
     fn release(&self, leases: Vec<Lease>) {
         let mut shared = Vec::new();
         for lease in leases {
-            self.flights.give_back(&lease.key, &lease.flight);
             if lease.shared {
-                shared.push(lease.key);
+                // Sent under the request_id Sinch answered with, which may not be ours.
+                let sent = match &*lease.flight.state.borrow() {
+                    State::Sent(accepted) => accepted.clone(),
+                    _ => self.request_id.clone(),
+                };
+                shared.push((lease.key, sent));
             }
+            self.flights.give_back(&lease.key, &lease.flight);
         }
         release_shared(self.redis.cloned(), shared, self.request_id.clone());
     }
@@ -355,22 +360,23 @@ impl InFlight {
         for (key, flight, in_redis) in &self.leases {
             flights.give_back(key, flight);
             if *in_redis {
-                shared.push(*key);
+                shared.push((*key, self.request_id.clone()));
             }
         }
         release_shared(self.redis, shared, self.request_id);
     }
 }
 
-/// Gives back `keys`' leases in Redis, in the background.
-fn release_shared(redis: Option<Arc<EventLog>>, keys: Vec<EntryKey>, request_id: Arc<str>) {
+/// Gives back in Redis, in the background, the leases `request_id` took of `keys`, each with the request_id it
+/// was sent under.
+fn release_shared(redis: Option<Arc<EventLog>>, keys: Vec<(EntryKey, Arc<str>)>, request_id: Arc<str>) {
     let Some(log) = redis.filter(|_| !keys.is_empty()) else {
         return;
     };
     tokio::spawn(async move {
         let Some(cache) = log.shared_cache() else { return };
-        for key in keys {
-            if let Err(e) = cache.release(&key, &request_id, LINGER).await {
+        for (key, sent) in keys {
+            if let Err(e) = cache.release(&key, &request_id, &sent, LINGER).await {
                 tracing::debug!(error = %e, "a lease could not be given back; it lapses with the check's wait");
             }
         }

@@ -134,14 +134,14 @@ end
 return 0
 ";
 
-/// Gives a lease back if it is still ours: pending under our request_id, gone; sent under it, `d:<request_id>`
-/// for `linger`, so that a check that found it pending and looks again joins the query it became (a new check
-/// takes it). KEYS: lease. ARGV: request_id, linger (ms).
+/// Gives a lease back if it is still ours: pending under our request_id, gone; sent (under the request_id Sinch
+/// answered with), `d:<that request_id>` for `linger`, so that a check that found it pending and looks again joins
+/// the query it became (a new check takes it). KEYS: lease. ARGV: our request_id, the sent one, linger (ms).
 const RELEASE: &str = r"
 local held = redis.call('GET', KEYS[1])
 if held == 'p:' .. ARGV[1] then return redis.call('DEL', KEYS[1]) end
-if held == 's:' .. ARGV[1] then
-  redis.call('SET', KEYS[1], 'd:' .. ARGV[1], 'PX', ARGV[2])
+if held == 's:' .. ARGV[2] then
+  redis.call('SET', KEYS[1], 'd:' .. ARGV[2], 'PX', ARGV[3])
   return 1
 end
 return 0
@@ -402,11 +402,21 @@ impl RedisCache {
             .map(drop)
     }
 
-    /// Gives back the lease of `key` if `request_id` still holds it: at once while pending, within `linger`
-    /// once sent.
-    pub async fn release(&self, key: &EntryKey, request_id: &str, linger: Duration) -> redis::RedisResult<()> {
+    /// Gives back the lease of `key` if `request_id` still holds it: at once while pending, within `linger` once
+    /// sent (under `sent`, the request_id Sinch answered with).
+    pub async fn release(
+        &self,
+        key: &EntryKey,
+        request_id: &str,
+        sent: &str,
+        linger: Duration,
+    ) -> redis::RedisResult<()> {
         let mut invocation = self.release.prepare_invoke();
-        invocation.key(self.lease_key(key)).arg(request_id).arg(ttl_ms(linger));
+        invocation
+            .key(self.lease_key(key))
+            .arg(request_id)
+            .arg(sent)
+            .arg(ttl_ms(linger));
         invocation
             .invoke_async::<i64>(&mut self.commands.clone())
             .await
