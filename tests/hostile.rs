@@ -9,8 +9,8 @@ use capability_facade::grpc::pb::{
     self, Channel, CompletionReason, capability_service_client::CapabilityServiceClient,
 };
 use common::{
-    FakeSinch, Service, WEBHOOK_SECRET, capability_body, deliver, drain, identities, query, reqwest_client, sign,
-    signed_headers, unix_now, watch_request,
+    Canned, FakeSinch, Service, WEBHOOK_SECRET, capability_body, deliver, drain, identities, query, reqwest_client,
+    sign, signed_headers, unix_now, watch_request,
 };
 use tonic::{Code, transport::Channel as GrpcChannel};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
@@ -957,6 +957,17 @@ async fn no_phone_number_reaches_the_logs() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::AlreadyExists, "{refused:?}");
+    // Sinch's error message may echo the number it refused: logged with the error.
+    fake.script_queries([Canned::sinch_error(
+        400,
+        "INVALID_ARGUMENT",
+        "Invalid identity 46799999999",
+    )]);
+    let refused = client
+        .query_capability(query(identities(&[(Channel::Sms, "46799999999")]), ""))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
     let log = binary.stop_and_read_log(Duration::from_secs(30)).await;
     assert!(log.contains("callback refused"), "{log}");
     let digits = regex_free_digit_runs(&log);

@@ -15,18 +15,19 @@ pub struct ApiError {
     pub retry_after: Option<Duration>,
 }
 
-/// Why a query did not reach an answer.
+/// Why a query did not reach an answer. Its text is logged: Sinch's message shows with its digits masked (it may
+/// echo the number it refused; the caller finds it whole in the status's `sinch_message`).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// Sinch answered with an error status (after retries, for retryable ones).
-    #[error("Sinch answered {} {}: {}", .0.http_status, .0.status, .0.message)]
+    #[error("Sinch answered {} {}: {}", .0.http_status, .0.status, crate::capability::mask_digits(&.0.message))]
     Api(ApiError),
     /// Sinch refused this service's own credentials (401/403 on the API or the token endpoint).
-    #[error("Sinch refused this service's credentials ({} {}): {}", .0.http_status, .0.status, .0.message)]
+    #[error("Sinch refused this service's credentials ({} {}): {}", .0.http_status, .0.status, crate::capability::mask_digits(&.0.message))]
     Credentials(ApiError),
     /// Sinch refused the query for the account's billing (403 `BILLING_CREDIT_LIMIT_BREACHED`): the credentials
     /// are right, the account is out of credit.
-    #[error("Sinch refused the query for billing ({} {}): {}", .0.http_status, .0.status, .0.message)]
+    #[error("Sinch refused the query for billing ({} {}): {}", .0.http_status, .0.status, crate::capability::mask_digits(&.0.message))]
     Billing(ApiError),
     /// Sinch could not be reached (connect, TLS, reset), after retries.
     #[error("Sinch could not be reached: {0}")]
