@@ -81,6 +81,12 @@ pub struct ListenSettings {
     pub admin: SocketAddr,
 }
 
+/// Whether two listen addresses cannot both be bound: one port (not 0, which picks a free one) on one address, or
+/// on every address and one of them.
+fn clash(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0 && a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 /// Sinch's regions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Region {
@@ -604,6 +610,22 @@ impl Config {
     /// The rules that span settings; the first one broken is the error.
     pub fn check(&self) -> Result<(), ConfigError> {
         let upstream = self.upstream()?;
+        let mut listeners = vec![
+            (GRPC_ADDR, self.listen.grpc),
+            (WEBHOOK_ADDR, self.listen.webhook),
+            (ADMIN_ADDR, self.listen.admin),
+        ];
+        if upstream == Upstream::Sandbox {
+            listeners.push((SANDBOX_ADDR, self.sandbox.addr));
+        }
+        for (at, &(variable, addr)) in listeners.iter().enumerate() {
+            if let Some((other, _)) = listeners[..at].iter().find(|(_, earlier)| clash(addr, *earlier)) {
+                return Err(invalid(
+                    variable,
+                    format!("{addr} clashes with {other}: each listener needs a port of its own"),
+                ));
+            }
+        }
         if self.webhook.secrets.secrets.is_empty() && !self.webhook.insecure && upstream != Upstream::Sandbox {
             return Err(invalid(
                 WEBHOOK_SECRETS,
@@ -1048,6 +1070,28 @@ mod tests {
         ] {
             assert_eq!(parse(&["--max-watches=1000", flag]).unwrap_err().variable, variable);
         }
+    }
+
+    #[test]
+    fn two_listeners_on_one_port_are_refused_before_any_is_bound() {
+        for (flags, variable) in [
+            (&["--webhook-addr=0.0.0.0:50051"][..], WEBHOOK_ADDR),
+            (&["--admin-addr=127.0.0.1:8080"], ADMIN_ADDR),
+            (
+                &["--admin-addr=127.0.0.1:7000", "--webhook-addr=127.0.0.1:7000"],
+                ADMIN_ADDR,
+            ),
+            (&["--sandbox-addr=127.0.0.1:9090"], SANDBOX_ADDR),
+        ] {
+            assert_eq!(parse(flags).unwrap_err().variable, variable, "{flags:?}");
+        }
+        let free = [
+            "--grpc-addr=127.0.0.1:0",
+            "--webhook-addr=127.0.0.1:0",
+            "--admin-addr=127.0.0.1:0",
+        ];
+        assert!(parse(&free).is_ok(), "port 0 picks a free port for each");
+        assert!(parse(&["--webhook-addr=127.0.0.1:50051", "--grpc-addr=127.0.0.2:50051"]).is_ok());
     }
 
     #[test]
