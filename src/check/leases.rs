@@ -63,8 +63,18 @@ struct Held {
     swept: usize,
 }
 
+/// What a check does about one lease.
+pub(super) enum Decided {
+    /// It holds the lease: it sends the query.
+    Started,
+    /// It waits for the results of the query that went out under this request_id.
+    Joined(Arc<str>),
+    /// The caller's deadline came while another check held the lease, not sent.
+    TimedOut,
+}
+
 /// What taking a lease found.
-pub(super) enum Taken {
+enum Taken {
     /// This check holds it: it sends the query.
     Started,
     /// Another check's query went out under this request_id: wait for its results.
@@ -74,13 +84,13 @@ pub(super) enum Taken {
 }
 
 /// A lease another check holds, not sent yet.
-pub(super) enum Pending {
+enum Pending {
     Local(watch::Receiver<State>),
     Redis(EntryKey),
 }
 
 /// What became of a pending lease.
-pub(super) enum Resolved {
+enum Resolved {
     Sent(Arc<str>),
     /// Given back, or lapsed: take it again.
     Retry,
@@ -172,8 +182,43 @@ impl<'a> Leases<'a> {
         }
     }
 
+    /// [`Leases::decide`] for each of `keys` (tagged by the caller), in the order of the keys, as every check takes
+    /// them: a check waits for a lease pending elsewhere holding only leases that come before it, so two checks
+    /// never each wait for the other's. Once the deadline `by` came, the rest are not looked at.
+    pub(super) async fn decide_in_order<T>(&mut self, mut keys: Vec<(T, EntryKey)>, by: Instant) -> Vec<(T, Decided)> {
+        keys.sort_unstable_by_key(|(_, key)| *key);
+        let mut decided = Vec::with_capacity(keys.len());
+        for (tag, key) in keys {
+            let decision = self.decide(key, by).await;
+            let timed_out = matches!(decision, Decided::TimedOut);
+            decided.push((tag, decision));
+            if timed_out {
+                break;
+            }
+        }
+        decided
+    }
+
+    /// Takes the lease of `key`, or joins the query it was sent under; while another check holds it pending, waits
+    /// (until `by`) for that query to be sent, or for the lease to be given back (then takes it).
+    pub(super) async fn decide(&mut self, key: EntryKey, by: Instant) -> Decided {
+        let mut taken = self.take(key).await;
+        loop {
+            let pending = match taken {
+                Taken::Started => return Decided::Started,
+                Taken::Sent(holder) => return Decided::Joined(holder),
+                Taken::Pending(pending) => pending,
+            };
+            taken = match self.resolve(pending, by).await {
+                Resolved::Sent(holder) => return Decided::Joined(holder),
+                Resolved::Retry => self.take(key).await,
+                Resolved::TimedOut => return Decided::TimedOut,
+            };
+        }
+    }
+
     /// Takes the lease of `key`, or finds who holds it.
-    pub(super) async fn take(&mut self, key: EntryKey) -> Taken {
+    async fn take(&mut self, key: EntryKey) -> Taken {
         let flight = match self.flights.take(key, self.deadline, self.until) {
             Ok(flight) => flight,
             Err(state) => {
@@ -244,7 +289,7 @@ impl<'a> Leases<'a> {
     /// Waits until a pending lease is sent or given back, at most until `by`: the caller's deadline, not its wait
     /// (learning which query to join is part of asking, as sending one's own query is, even for a check that does
     /// not wait for results).
-    pub(super) async fn resolve(&self, pending: Pending, by: Instant) -> Resolved {
+    async fn resolve(&self, pending: Pending, by: Instant) -> Resolved {
         match pending {
             Pending::Local(mut state) => {
                 let decided = tokio::time::timeout_at(by, state.wait_for(|s| *s != State::Pending)).await;
@@ -303,16 +348,22 @@ impl<'a> Leases<'a> {
     pub(super) fn give_back(&mut self, keys: &[EntryKey]) {
         let (back, kept): (Vec<Lease>, Vec<Lease>) = self.held.drain(..).partition(|l| keys.contains(&l.key));
         self.held = kept;
-        self.release(back);
+        if let Some(release) = self.release(back) {
+            tokio::spawn(release);
+        }
     }
 
-    /// The check returns (its results complete, or its wait over): every lease goes.
-    pub(super) fn finish(mut self) {
+    /// The check returns (its results complete, or its wait over): every lease goes, in Redis too before it
+    /// returns, so that no later check joins its finished lookup.
+    pub(super) async fn finish(mut self) {
         let all = std::mem::take(&mut self.held);
-        self.release(all);
+        if let Some(release) = self.release(all) {
+            release.await;
+        }
     }
 
-    fn release(&self, leases: Vec<Lease>) {
+    /// Gives `leases` back here; what gives them back in Redis, if any are held there.
+    fn release(&self, leases: Vec<Lease>) -> Option<Release> {
         let mut shared = Vec::new();
         for lease in leases {
             if lease.shared {
@@ -325,7 +376,7 @@ impl<'a> Leases<'a> {
             }
             self.flights.give_back(&lease.key, &lease.flight);
         }
-        release_shared(self.redis.cloned(), shared, self.request_id.clone());
+        release_shared(self.redis.cloned(), shared, self.request_id.clone())
     }
 }
 
@@ -363,24 +414,31 @@ impl InFlight {
                 shared.push((*key, self.request_id.clone()));
             }
         }
-        release_shared(self.redis, shared, self.request_id);
+        if let Some(release) = release_shared(self.redis, shared, self.request_id) {
+            tokio::spawn(release);
+        }
     }
 }
 
-/// Gives back in Redis, in the background, the leases `request_id` took of `keys`, each with the request_id it
-/// was sent under.
-fn release_shared(redis: Option<Arc<EventLog>>, keys: Vec<(EntryKey, Arc<str>)>, request_id: Arc<str>) {
-    let Some(log) = redis.filter(|_| !keys.is_empty()) else {
-        return;
-    };
-    tokio::spawn(async move {
+/// Giving leases back in Redis.
+type Release = futures::future::BoxFuture<'static, ()>;
+
+/// What gives back in Redis the leases `request_id` took of `keys`, each with the request_id it was sent under;
+/// `None` when there are none.
+fn release_shared(
+    redis: Option<Arc<EventLog>>,
+    keys: Vec<(EntryKey, Arc<str>)>,
+    request_id: Arc<str>,
+) -> Option<Release> {
+    let log = redis.filter(|_| !keys.is_empty())?;
+    Some(Box::pin(async move {
         let Some(cache) = log.shared_cache() else { return };
         for (key, sent) in keys {
             if let Err(e) = cache.release(&key, &request_id, &sent, LINGER).await {
                 tracing::debug!(error = %e, "a lease could not be given back; it lapses with the check's wait");
             }
         }
-    });
+    }))
 }
 
 impl Drop for Leases<'_> {
@@ -388,7 +446,9 @@ impl Drop for Leases<'_> {
     /// others belong to their query's task, and stay joinable until this check's wait would have ended.
     fn drop(&mut self) {
         let (unsent, _launched): (Vec<Lease>, Vec<Lease>) = self.held.drain(..).partition(|l| !l.sent);
-        self.release(unsent);
+        if let Some(release) = self.release(unsent) {
+            tokio::spawn(release);
+        }
     }
 }
 
@@ -414,7 +474,7 @@ mod tests {
         in_flight.sent(&"accepted".into()).await;
         assert!(matches!(second.resolve(pending, until).await, Resolved::Sent(id) if &*id == "accepted"));
         assert!(matches!(second.take(key(1)).await, Taken::Sent(id) if &*id == "accepted"));
-        first.finish();
+        first.finish().await;
         assert!(
             matches!(second.take(key(1)).await, Taken::Started),
             "given back when its check returned"
@@ -484,5 +544,39 @@ mod tests {
             matches!(next.take(key(4)).await, Taken::Started),
             "sent: lapsed with its (zero) wait"
         );
+    }
+
+    /// Y holds the lease of the first key, X needs both: X waits for the first holding nothing, so Y takes the
+    /// second. (Taken in the order X names them, X held the second while it waited: each waited for the other.)
+    #[tokio::test(start_paused = true)]
+    async fn checks_needing_the_same_leases_never_wait_for_each_other() {
+        let flights = Arc::new(Flights::default());
+        let until = Instant::now() + Duration::from_secs(10);
+        let mut y = Leases::new(&flights, None, "y".into(), until, until);
+        assert!(matches!(y.decide(key(5), until).await, Decided::Started));
+        let x = tokio::spawn({
+            let flights = flights.clone();
+            async move {
+                let mut x = Leases::new(&flights, None, "x".into(), until, until);
+                let decided = x.decide_in_order(vec![((), key(6)), ((), key(5))], until).await;
+                decided
+                    .into_iter()
+                    .map(|(_, d)| matches!(d, Decided::Joined(_)))
+                    .collect::<Vec<_>>()
+            }
+        });
+        // X runs until it waits.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            matches!(
+                y.decide(key(6), Instant::now() + Duration::from_secs(1)).await,
+                Decided::Started
+            ),
+            "X held the second lease while it waited for the first"
+        );
+        y.launch(&[key(5), key(6)]).sent(&"y".into()).await;
+        assert_eq!(x.await.unwrap(), [true, true], "X joined Y's query for both");
     }
 }

@@ -20,7 +20,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
     time::Instant,
@@ -37,7 +37,7 @@ use crate::{
     query::{Queries, QueryError, QueryRequest},
     telemetry::TraceParent,
 };
-use leases::{Flights, InFlight, Leases, Resolved, Taken};
+use leases::{Decided, Flights, InFlight, Leases};
 use local::{Cached, LocalCache};
 
 /// A validated CheckCapability.
@@ -368,40 +368,17 @@ impl Checker {
             // Sent before a takeover: its results are awaited, nothing is sent again.
             waiting.insert(sent.clone(), missing.clone());
         } else {
-            let mut undecided = missing.clone();
-            // Until every identity is decided (a lease given back is taken again, one pending waited for), or the
-            // caller's deadline — but once at least: a check that does not wait still starts or joins the lookups
-            // it needs, and names them.
-            loop {
-                let mut pending = Vec::new();
-                for i in undecided.drain(..) {
-                    match leases.take(keys[i]).await {
-                        Taken::Started => to_send.push(i),
-                        Taken::Sent(holder) => {
-                            metrics::counter!("capability_coalesced_total").increment(1);
-                            waiting.entry(holder).or_default().push(i);
-                        }
-                        Taken::Pending(p) => pending.push((i, p)),
+            // Until the caller's deadline, but once at least: a check that does not wait still starts or joins the
+            // lookups it needs, and names them.
+            let wanted: Vec<(usize, EntryKey)> = missing.iter().map(|&i| (i, keys[i])).collect();
+            for (i, decided) in leases.decide_in_order(wanted, call.deadline).await {
+                match decided {
+                    Decided::Started => to_send.push(i),
+                    Decided::Joined(holder) => {
+                        metrics::counter!("capability_coalesced_total").increment(1);
+                        waiting.entry(holder).or_default().push(i);
                     }
-                }
-                let resolved = futures::future::join_all(
-                    pending
-                        .into_iter()
-                        .map(|(i, p)| leases.resolve(p, call.deadline).map(move |r| (i, r))),
-                )
-                .await;
-                for (i, resolved) in resolved {
-                    match resolved {
-                        Resolved::Sent(holder) => {
-                            metrics::counter!("capability_coalesced_total").increment(1);
-                            waiting.entry(holder).or_default().push(i);
-                        }
-                        Resolved::Retry => undecided.push(i),
-                        Resolved::TimedOut => {}
-                    }
-                }
-                if undecided.is_empty() || Instant::now() >= call.deadline {
-                    break;
+                    Decided::TimedOut => {}
                 }
             }
         }
@@ -439,7 +416,7 @@ impl Checker {
         self.wait_for(&mut slots, &waiting, live.as_deref(), call.until, matches)
             .await;
         self.remember(&request.app_id, slots.iter().flatten()).await;
-        leases.finish();
+        leases.finish().await;
         let pending: Vec<ChannelIdentity> = ids
             .iter()
             .zip(&slots)
@@ -508,22 +485,14 @@ impl Checker {
             return Ok(self.collect_contact(&sent, true, call.until).await);
         }
         let mut leases = Leases::new(&self.flights, self.redis(), own.clone(), call.deadline, call.until);
-        let mut taken = leases.take(key).await;
-        while let Taken::Pending(pending) = taken {
-            taken = match leases.resolve(pending, call.deadline).await {
-                Resolved::Sent(holder) => Taken::Sent(holder),
-                Resolved::Retry => leases.take(key).await,
-                Resolved::TimedOut => return Ok(CheckAnswer::default()),
-            };
-        }
-        match taken {
-            Taken::Started => {}
-            Taken::Sent(holder) => {
+        match leases.decide(key, call.deadline).await {
+            Decided::Started => {}
+            Decided::Joined(holder) => {
                 metrics::counter!("capability_coalesced_total").increment(1);
                 let live = *holder == *own;
                 return Ok(self.collect_contact(&holder, live, call.until).await);
             }
-            Taken::Pending(_) => unreachable!("resolved above"),
+            Decided::TimedOut => return Ok(CheckAnswer::default()),
         }
         if call.gate.is_none()
             && let Some(answer) = fresh().await
@@ -537,7 +506,7 @@ impl Checker {
         let (accepted, sent) = self.send_live(call, &own, send, 1, in_flight).await?;
         let answer = self.collect_contact(&accepted, true, call.until).await;
         self.remember(&request.app_id, answer.results.iter()).await;
-        leases.finish();
+        leases.finish().await;
         Ok(CheckAnswer { asked: sent, ..answer })
     }
 
