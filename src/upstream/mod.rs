@@ -207,10 +207,16 @@ impl SinchClient {
         let headers = response.headers().clone();
         let body = match read_capped(response, MAX_ANSWER).await {
             Ok(b) => b,
-            // Accepted: sending it again would be a second query to Sinch, which does not tell repeats apart.
+            // Accepted, under the request_id sent as far as anyone can tell: sending it again would be a second
+            // query to Sinch, which does not tell repeats apart.
             Err(e) if status == 200 => {
-                let detail = format!("the body broke off: {e}");
-                return Attempt::Failed(Error::Malformed { status, detail });
+                tracing::warn!(request_id = %mask_digits(&query.request_id), error = %e,
+                    "Sinch accepted the query but its answer broke off; taking it as accepted under the request_id sent");
+                return Attempt::Done(QueryAccepted {
+                    app_id: query.app_id.clone(),
+                    recipient: query.recipient.clone(),
+                    request_id: query.request_id.clone(),
+                });
             }
             // Refused: the status says whether a retry may pass.
             Err(_) => Bytes::new(),
