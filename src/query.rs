@@ -235,7 +235,7 @@ impl Queries {
         // In a task of its own: a caller that goes away while its query is being sent does not take the sending
         // (and the claim's settling) with it, so that its retry finds the answer rather than ask Sinch again.
         let (queries, trace) = (self.clone(), trace.cloned());
-        let task = tokio::spawn(async move {
+        let task = tokio::spawn(tracing::Instrument::in_current_span(async move {
             let mut sent_now = false;
             let answer = entry
                 .answer
@@ -246,7 +246,7 @@ impl Queries {
                 })
                 .await?;
             Ok((answer.clone(), sent_now))
-        });
+        }));
         task.await.unwrap_or_else(|e| match e.try_into_panic() {
             Ok(panic) => std::panic::resume_unwind(panic),
             Err(_) => Err(upstream::Error::Connect("the service is shutting down".into()).into()),

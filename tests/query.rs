@@ -771,10 +771,7 @@ async fn the_webhooks_api_calls_end_however_sinch_answers() {
     let obtained = silent_token.obtain_token().await.unwrap_err().to_string();
     let listed = silent_token.list_webhooks("APP").await.unwrap_err().to_string();
     for error in [obtained, listed] {
-        assert!(
-            error.contains("deadline") || error.contains("token endpoint"),
-            "{error}"
-        );
+        assert!(error.contains("deadline") || error.contains("timed out"), "{error}");
     }
     let silent_api = client(&silent_url, &silent_url, AuthMode::Basic);
     assert!(matches!(

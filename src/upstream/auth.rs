@@ -83,6 +83,23 @@ pub(super) struct TokenCache {
     failure: RwLock<Option<Error>>,
 }
 
+/// Clears the refresh in flight however it ends (a panic included), so that the next caller can start another.
+struct Ended {
+    cache: Arc<TokenCache>,
+    failed: bool,
+}
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        let Ok(mut refreshing) = self.cache.refresh.lock() else {
+            return;
+        };
+        refreshing.in_flight = None;
+        let retry = &self.cache.retry;
+        refreshing.quiet_until = self.failed.then(|| Instant::now() + retry.ceiling(retry.tries));
+    }
+}
+
 #[derive(Default)]
 struct Refreshing {
     in_flight: Option<Refresh>,
@@ -183,18 +200,19 @@ impl TokenCache {
         *self.failure.write().expect("token lock poisoned") = None;
         let (cache, http) = (self.clone(), http.clone());
         let task = tokio::spawn(async move {
-            let result = cache.fetch(&http).await;
-            let mut refreshing = cache.refresh.lock().expect("token lock poisoned");
-            refreshing.in_flight = None;
-            refreshing.quiet_until = result
-                .is_err()
-                .then(|| Instant::now() + cache.retry.ceiling(cache.retry.tries));
+            let mut ended = Ended { cache, failed: true };
+            let result = ended.cache.fetch(&http).await;
+            ended.failed = result.is_err();
             result
         });
         let refresh = async move {
-            task.await.unwrap_or_else(|e| match e.try_into_panic() {
-                Ok(panic) => std::panic::resume_unwind(panic),
-                Err(_) => Err(Error::Connect("the service is shutting down".into())),
+            task.await.unwrap_or_else(|e| {
+                let why = if e.is_panic() {
+                    "it panicked"
+                } else {
+                    "the service is shutting down"
+                };
+                Err(Error::Connect(format!("the token refresh failed: {why}")))
             })
         }
         .boxed()
@@ -231,7 +249,7 @@ impl TokenCache {
             .timeout(REQUEST_TIMEOUT)
             .send()
             .await
-            .map_err(|e| Error::Connect(format!("token endpoint: {e}")))?;
+            .map_err(|e| Error::Connect(format!("token endpoint: {}", super::error_chain(&e))))?;
         let status = response.status().as_u16();
         let retry_after = super::retry_after(response.headers());
         let body = read_capped(response, MAX_ANSWER)

@@ -298,7 +298,7 @@ fn accepted(sent: &Query, body: &[u8]) -> Result<QueryAccepted, String> {
 const BILLING_REFUSAL: &str = "BILLING_CREDIT_LIMIT_BREACHED";
 
 /// Turns an error answer into an [`Error`]. 401 and 403 mean our credentials, except a 403 for billing; so does
-/// any refusal of the token endpoint but 429 and 5xx (OAuth2 reports `invalid_client` as a 400; a 404 is a wrong
+/// any refusal of the token endpoint but 408, 429 and 5xx (OAuth2 reports `invalid_client` as a 400; a 404 is a wrong
 /// `SINCH_AUTH_URL`, ours to fix, not a caller's NOT_FOUND). The wait asked for is the
 /// `Retry-After` header, else a `RetryInfo` in the body's `details`.
 fn classify(status: u16, body: &[u8], retry_after: Option<Duration>, token_endpoint: bool) -> Error {
@@ -331,7 +331,7 @@ fn classify(status: u16, body: &[u8], retry_after: Option<Duration>, token_endpo
     match status {
         403 if billing => Error::Billing(api),
         401 | 403 => Error::Credentials(api),
-        429 | 500..=599 => Error::Api(api),
+        408 | 429 | 500..=599 => Error::Api(api),
         _ if token_endpoint => Error::Credentials(api),
         _ => Error::Api(api),
     }
@@ -442,6 +442,10 @@ mod tests {
         // A token endpoint that is not there (a wrong SINCH_AUTH_URL) is ours to fix, not a caller's NOT_FOUND.
         assert!(matches!(classify(404, b"<html>", None, true), Error::Credentials(_)));
         assert!(classify(503, b"", None, true).is_retryable());
+        assert!(
+            matches!(classify(408, b"", None, true), Error::Api(_)),
+            "a timeout is not a refusal"
+        );
         let billing = br#"{"error":{"code":403,"message":"Forbidden","status":"PERMISSION_DENIED","details":[
             {"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"BILLING_CREDIT_LIMIT_BREACHED"}]}}"#;
         assert!(matches!(classify(403, billing, None, false), Error::Billing(_)));
