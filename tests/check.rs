@@ -1037,6 +1037,7 @@ async fn in_redis_a_contact_invalidated_while_a_result_is_stored_leaves_no_resul
 async fn in_redis_a_result_from_before_an_invalidation_is_not_stored_after_it() {
     use capability_facade::{
         capability::Channel,
+        log::cached::hex,
         webhook::parse::{Callback, parse},
     };
     let redis = RedisServer::start().await;
@@ -1061,17 +1062,34 @@ async fn in_redis_a_result_from_before_an_invalidation_is_not_stored_after_it() 
             let in_contact = cache.get_contact(&contact[0]).await.unwrap().len();
             (one, in_contact)
         };
-        let second_ago = std::time::SystemTime::now() - Duration::from_secs(1);
-        match by_contact {
+        let early = result(identity, std::time::SystemTime::now() - Duration::from_secs(1));
+        cache.store(&early, 1).await.unwrap();
+        assert_eq!(held().await, (true, 1));
+        // By identity, InvalidateCapability names the contact the cached result names too.
+        let removed = match by_contact {
             true => cache.remove(&[], &contact).await.unwrap(),
-            false => cache.remove(&keys, &[]).await.unwrap(),
+            false => cache.remove(&keys, &contact).await.unwrap(),
         };
-        cache.store(&result(identity, second_ago), 1).await.unwrap();
-        assert_eq!(held().await, (false, 0), "by contact: {by_contact}");
+        assert_eq!(
+            removed, 2,
+            "by contact: {by_contact}: the identity's entry and the contact's"
+        );
+        cache.store(&early, 1).await.unwrap();
+        assert_eq!(held().await, (false, 0), "by contact: {by_contact}: stored again");
         cache
             .store(&result(identity, std::time::SystemTime::now()), 2)
             .await
             .unwrap();
         assert_eq!(held().await, (true, 1), "by contact: {by_contact}");
     }
+    // What was never cached leaves nothing behind: invalidations cannot fill Redis.
+    let never = [hasher.identity("app", &Channel::Sms, "46700000009")];
+    let nobody = [hasher.contact("app", "C-nobody")];
+    assert_eq!(cache.remove(&never, &nobody).await.unwrap(), 0);
+    assert!(
+        redis.keys("tomb:c*").iter().all(|k| !k.ends_with(&hex(&never[0]))),
+        "{:?}",
+        redis.keys("tomb:*")
+    );
+    assert!(redis.keys("tomb:cc:*").iter().all(|k| !k.ends_with(&hex(&nobody[0]))));
 }

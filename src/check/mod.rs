@@ -381,6 +381,8 @@ impl Checker {
                     Decided::TimedOut => {}
                 }
             }
+            // Asked about in the caller's order.
+            to_send.sort_unstable();
         }
         if !to_send.is_empty() && call.gate.is_none() {
             // The lease first, then the cache again: a lease found free may have been given back, after this

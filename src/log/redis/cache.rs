@@ -9,10 +9,12 @@
 //!
 //! No key has a hash tag: entries spread over a cluster's slots, and every script touches one key.
 //!
-//! An invalidation leaves its time in the entries it empties, for the longest time to live of any status: a
-//! result received before it, which a replica may store some time after it arrived (a check that waited for it
-//! stores it again as it returns), is refused there. Its first 8 bytes read as a result's time, so a replica
-//! that predates the mark refuses such results under an identity too; a mark reads as no result.
+//! An invalidation leaves its time in the entries it empties (not in those that hold nothing: every result is
+//! stored as it is appended, before a check can store it again), for as long as a result received before it may
+//! still be stored by a replica: a retention (a hub replays it to a check) plus the longest check, or the
+//! longest time to live of any status if shorter. Such a result (a check that waited for it stores it again as
+//! it returns) is refused there. Its first 8 bytes read as a result's time, so a replica that predates the mark
+//! refuses such results under an identity too; a mark reads as no result.
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
@@ -71,13 +73,14 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
-/// Empties an identity's entry, leaving the invalidation's time (unless a later one's is there). KEYS: entry.
-/// ARGV: time (8 bytes), how long it is kept (ms). Returns 1 when a result went.
+/// Empties an identity's entry, leaving the invalidation's time (unless a later one's is there); an entry that
+/// holds nothing stays so. KEYS: entry. ARGV: time (8 bytes), how long it is kept (ms). Returns 1 when a result
+/// went.
 const INVALIDATE: &str = r"
 local cur = redis.call('GET', KEYS[1])
-if cur and #cur == 8 and newer(cur, ARGV[1]) then return 0 end
+if not cur or (#cur == 8 and newer(cur, ARGV[1])) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if cur and #cur > 8 then return 1 end
+if #cur > 8 then return 1 end
 return 0
 ";
 
@@ -97,12 +100,13 @@ if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KE
 return 1
 ";
 
-/// Empties a contact's entry, leaving the invalidation's time (unless a later one's is there), and returns the
+/// Empties a contact's entry (if it exists), leaving the invalidation's time (unless a later one's is there), and returns the
 /// identities it listed, in one step: a result stored in it between a read of its fields and their deletion
 /// would be deleted unlisted, its identity entry left behind. KEYS: contact entry. ARGV: time (8 bytes), how
 /// long it is kept (ms).
 const TAKE_CONTACT: &str = r"
 local fields = redis.call('HKEYS', KEYS[1])
+if #fields == 0 then return fields end
 local mark = redis.call('HGET', KEYS[1], 't')
 if not (mark and newer(mark, ARGV[1])) then mark = ARGV[1] end
 redis.call('DEL', KEYS[1])
@@ -152,6 +156,8 @@ pub struct RedisCache {
     commands: Connection,
     prefix: String,
     ttl: CacheTtl,
+    /// How long an invalidation's mark is kept (see the module documentation).
+    marks_kept: Duration,
     /// The hasher of `CAPABILITY_CACHE_HASH_KEY`, when set.
     configured: Option<KeyHasher>,
     /// Whether a call is looking at the key kept in Redis again.
@@ -190,10 +196,18 @@ impl Holder {
 }
 
 impl RedisCache {
-    pub(super) fn new(commands: Connection, prefix: String, ttl: CacheTtl, key: Option<Secret>) -> RedisCache {
+    /// `stored_within`: how long after it arrived a replica may still store a result.
+    pub(super) fn new(
+        commands: Connection,
+        prefix: String,
+        ttl: CacheTtl,
+        stored_within: Duration,
+        key: Option<Secret>,
+    ) -> RedisCache {
         RedisCache {
             commands,
             prefix,
+            marks_kept: ttl.longest().min(stored_within),
             ttl,
             configured: key.map(|key| KeyHasher::new(key.expose().as_bytes())),
             refreshing: AtomicBool::new(false),
@@ -344,7 +358,7 @@ impl RedisCache {
     /// leaving the invalidation's time in each (see the module documentation). Returns how many entries went.
     pub async fn remove(&self, keys: &[EntryKey], contacts: &[EntryKey]) -> redis::RedisResult<u64> {
         let at = wall_clock_ms().to_be_bytes();
-        let kept = ttl_ms(self.ttl.longest());
+        let kept = ttl_ms(self.marks_kept);
         let mut names: Vec<String> = keys.iter().map(|k| self.entry(k)).collect();
         let mut removed = 0;
         for contact in contacts {

@@ -245,10 +245,12 @@ impl RedisLog {
                 }
             })
             .collect();
+        // A hub replays a result for a retention, to a check that runs at most as long as a claim lasts.
         let cache = RedisCache::new(
             commands.clone(),
             settings.prefix.clone(),
             settings.cache_ttl,
+            settings.retention + settings.pending_claim,
             settings.cache_hash_key.clone(),
         );
         if settings.cache_hash_key.is_none() {
