@@ -56,6 +56,20 @@ fn summary(answer: &pb::CheckCapabilityResponse) -> Vec<(Channel, CapabilityStat
         .collect()
 }
 
+/// Invalidates `recipient`'s cached results in APP-1; returns how many entries went.
+async fn invalidate(client: &mut CapabilityServiceClient<Transport>, recipient: pb::Recipient) -> u64 {
+    let request = pb::InvalidateCapabilityRequest {
+        app_id: "APP-1".into(),
+        recipient: Some(recipient),
+    };
+    client
+        .invalidate_capability(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .removed
+}
+
 async fn spawn_check(
     mut client: CapabilityServiceClient<Transport>,
     request: pb::CheckCapabilityRequest,
@@ -258,15 +272,7 @@ async fn a_contact_check_settles_after_its_last_result_and_is_then_answered_from
     assert_eq!(answer.recommended[0].channel(), Channel::Sms);
 
     // Invalidating the contact removes its entry and its identities' entries.
-    let removed = client
-        .invalidate_capability(pb::InvalidateCapabilityRequest {
-            app_id: "APP-1".into(),
-            recipient: Some(contact("CONTACT-1")),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .removed;
+    let removed = invalidate(&mut client, contact("CONTACT-1")).await;
     assert_eq!(removed, 3);
     let mut short = check(identities(&[(Channel::Sms, NUMBER)]));
     short.wait = duration(Duration::from_millis(50));
@@ -358,15 +364,7 @@ async fn replicas_share_the_cache_on_a_redis_cluster() {
     assert!(first.await.unwrap().unwrap().complete);
     let hit = client.check_capability(check(ids.clone())).await.unwrap().into_inner();
     assert!(hit.results.iter().all(|r| r.source() == ResultSource::Cache), "{hit:?}");
-    let removed = client
-        .invalidate_capability(pb::InvalidateCapabilityRequest {
-            app_id: "APP-1".into(),
-            recipient: Some(ids),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .removed;
+    let removed = invalidate(&mut client, ids).await;
     assert_eq!(removed, 3);
     assert_eq!(fake.queries().len(), 1);
 }
@@ -403,15 +401,7 @@ async fn replicas_share(redis_url: &str) {
         assert_eq!(hit.results[0].source(), ResultSource::Cache);
     }
     // Invalidated on A, gone on B.
-    let removed = on_a
-        .invalidate_capability(pb::InvalidateCapabilityRequest {
-            app_id: "APP-1".into(),
-            recipient: Some(identities(&[(Channel::Rcs, NUMBER)])),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .removed;
+    let removed = invalidate(&mut on_a, identities(&[(Channel::Rcs, NUMBER)])).await;
     assert_eq!(removed, 1);
     let mut short = request;
     short.wait = duration(Duration::from_millis(50));
@@ -552,13 +542,7 @@ async fn a_repeated_request_id_sends_nothing_and_leaves_nobody_waiting_on_it() {
     client.check_capability(repeated.clone()).await.unwrap();
     assert_eq!(nth_query(&fake, 2).await.1, ["RCS"]);
     // SMS forgotten: the repeat of R needs it, but R's query never asked about it and is not sent again.
-    client
-        .invalidate_capability(pb::InvalidateCapabilityRequest {
-            app_id: "APP-1".into(),
-            recipient: Some(identities(&[(Channel::Sms, NUMBER)])),
-        })
-        .await
-        .unwrap();
+    invalidate(&mut client, identities(&[(Channel::Sms, NUMBER)])).await;
     let again = client.check_capability(repeated).await.unwrap().into_inner();
     assert_eq!(again.request_id, "R-1");
     assert_eq!(again.pending.len(), 2, "{again:?}");
@@ -588,13 +572,7 @@ async fn an_invalidation_made_while_a_check_waits_is_not_undone_when_the_check_r
         .await;
         let (live_id, _) = nth_query(&fake, 2 * n + 1).await;
         deliver(service.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await;
-        client
-            .invalidate_capability(pb::InvalidateCapabilityRequest {
-                app_id: "APP-1".into(),
-                recipient: Some(identities(&[(Channel::Sms, NUMBER)])),
-            })
-            .await
-            .unwrap();
+        invalidate(&mut client, identities(&[(Channel::Sms, NUMBER)])).await;
         deliver(service.webhook_addr, callback(&live_id, "RCS", "CAPABILITY_FULL")).await;
         assert!(both.await.unwrap().unwrap().complete);
         let quick = pb::CheckCapabilityRequest {
@@ -621,15 +599,7 @@ async fn invalidating_an_identity_also_drops_the_contact_answer_that_held_it() {
     let body = CapabilityCallback::new(&live_id, "WHATSAPP", NUMBER, "CAPABILITY_FULL").contact_id("C-1");
     deliver(service.webhook_addr, body.body()).await;
     first.await.unwrap().unwrap();
-    let removed = client
-        .invalidate_capability(pb::InvalidateCapabilityRequest {
-            app_id: "APP-1".into(),
-            recipient: Some(identities(&[(Channel::Whatsapp, NUMBER)])),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .removed;
+    let removed = invalidate(&mut client, identities(&[(Channel::Whatsapp, NUMBER)])).await;
     assert_eq!(removed, 2, "the identity's entry and the contact's");
     let mut again = check(contact("C-1"));
     again.wait = duration(Duration::from_millis(50));

@@ -13,6 +13,13 @@ fn basic() -> String {
     basic_auth(KEY_ID, KEY_SECRET)
 }
 
+/// A query about contact C whose caller waits at most `timeout`.
+fn query_within(timeout: Duration) -> Request<pb::QueryCapabilityRequest> {
+    let mut request = Request::new(query(contact("C"), ""));
+    request.set_timeout(timeout);
+    request
+}
+
 /// Starts a service against a fake Sinch scripted with `script` and returns the status of one query.
 async fn failing_query(script: impl IntoIterator<Item = Canned>) -> (FakeSinch, tonic::Status) {
     let fake = FakeSinch::start().await;
@@ -232,8 +239,7 @@ async fn the_token_is_refreshed_before_it_expires_without_holding_up_a_query() {
     let slow = r#"{"access_token":"token-slow","token_type":"bearer","expires_in":3600}"#;
     fake.script_tokens([Canned::new(200, slow).delayed(Duration::from_secs(2))]);
     tokio::time::sleep(Duration::from_millis(5100)).await; // let the token reach its refresh time
-    let mut quick = Request::new(query(contact("C"), ""));
-    quick.set_timeout(Duration::from_millis(500));
+    let quick = query_within(Duration::from_millis(500));
     client
         .query_capability(quick)
         .await
@@ -268,8 +274,7 @@ async fn a_token_endpoint_slower_than_the_callers_still_yields_a_token() {
     let mut client = service.client().await;
     let mut answered = Vec::new();
     for _ in 0..3 {
-        let mut request = Request::new(query(contact("C"), ""));
-        request.set_timeout(Duration::from_millis(500));
+        let request = query_within(Duration::from_millis(500));
         answered.push(client.query_capability(request).await.is_ok());
     }
     assert_eq!(answered, [false, true, true]);
@@ -484,8 +489,7 @@ async fn the_callers_deadline_bounds_the_call_and_its_retries() {
     let mut client = service.client().await;
     // tonic's client ends a call at its deadline on its own, as CANCELLED "Timeout expired"; so the status the
     // service sends is what proves that it, not the caller's timer, ended the call in time.
-    let mut request = Request::new(query(contact("C"), ""));
-    request.set_timeout(Duration::from_millis(300));
+    let request = query_within(Duration::from_millis(300));
     let status = client.query_capability(request).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
 
@@ -496,8 +500,7 @@ async fn the_callers_deadline_bounds_the_call_and_its_retries() {
     ));
     let service = Service::against(&fake, &[]).await;
     let mut client = service.client().await;
-    let mut request = Request::new(query(contact("C"), ""));
-    request.set_timeout(Duration::from_millis(400));
+    let request = query_within(Duration::from_millis(400));
     let status = client.query_capability(request).await.unwrap_err();
     // Sinch's own error, not the caller's timer: the service stopped retrying and answered before the deadline.
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
@@ -511,15 +514,13 @@ async fn over_the_rate_limit_callers_wait_within_their_deadline_then_are_told_to
     let service = Service::against(&fake, &["--sinch-rate-limit=1"]).await;
     let mut client = service.client().await;
     client.query_capability(query(contact("C"), "")).await.unwrap();
-    let mut request = Request::new(query(contact("C"), ""));
-    request.set_timeout(Duration::from_millis(200));
+    let request = query_within(Duration::from_millis(200));
     let status = client.query_capability(request).await.unwrap_err();
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     let retry = status.get_details_retry_info().expect("RetryInfo").retry_delay.unwrap();
     assert!(retry > Duration::ZERO && retry <= Duration::from_secs(1), "{retry:?}");
     // A caller with time to spare waits its turn instead.
-    let mut request = Request::new(query(contact("C"), ""));
-    request.set_timeout(Duration::from_secs(3));
+    let request = query_within(Duration::from_secs(3));
     client.query_capability(request).await.unwrap();
     assert_eq!(fake.queries().len(), 2);
 }
@@ -531,8 +532,7 @@ async fn a_token_endpoint_down_at_start_is_retried_within_the_deadline() {
     let service = Service::against(&fake, &[]).await;
     let mut client = service.client().await;
     // The token endpoint's back-off pauses at most 1 s, then at most 4 s: within the deadline.
-    let mut request = Request::new(query(contact("C"), ""));
-    request.set_timeout(Duration::from_secs(10));
+    let request = query_within(Duration::from_secs(10));
     client
         .query_capability(request)
         .await
@@ -564,8 +564,7 @@ async fn a_token_endpoint_down_mid_run_costs_nothing_until_the_token_expires_the
         fake.token_requests().len()
     );
     tokio::time::sleep(Duration::from_millis(5000)).await; // past expiry
-    let mut request = Request::new(query(contact("C"), ""));
-    request.set_timeout(Duration::from_millis(500));
+    let request = query_within(Duration::from_millis(500));
     let status = client.query_capability(request).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("503"), "{}", status.message());
@@ -649,8 +648,7 @@ async fn a_501_is_retried_and_a_retry_info_in_details_is_honoured_in_both_shapes
     ]);
     let service = Service::against(&fake, &[]).await;
     let mut client = service.client().await;
-    let mut request = Request::new(query(contact("C"), ""));
-    request.set_timeout(Duration::from_secs(20));
+    let request = query_within(Duration::from_secs(20));
     client
         .query_capability(request)
         .await
@@ -676,8 +674,7 @@ async fn a_throttled_token_endpoint_is_tried_three_times_for_all_callers_togethe
         clients.push(service.client().await);
     }
     let calls = clients.into_iter().map(|mut client| async move {
-        let mut request = Request::new(query(contact("C"), ""));
-        request.set_timeout(Duration::from_secs(30));
+        let request = query_within(Duration::from_secs(30));
         client.query_capability(request).await
     });
     for result in futures::future::join_all(calls).await {

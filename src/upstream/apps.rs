@@ -78,47 +78,39 @@ impl SinchClient {
         update_mask: Option<&str>,
     ) -> Result<T, Error> {
         let deadline = Instant::now() + CALL_TIMEOUT;
-        tokio::time::timeout_at(deadline, self.call_once(method, segments, body, update_mask, deadline))
+        let call = async {
+            let auth = self.auth.header(&self.http, deadline).await?;
+            let mut url = self.project_url.clone();
+            url.path_segments_mut()
+                .map_err(|()| Error::Connect("the API URL cannot take a path".into()))?
+                .extend(segments);
+            if let Some(mask) = update_mask {
+                url.query_pairs_mut().append_pair("update_mask", mask);
+            }
+            let mut request = self
+                .http
+                .request(method, url)
+                .header(AUTHORIZATION, auth.as_ref().clone())
+                .header(ACCEPT, "application/json");
+            if let Some(body) = body {
+                let json = serde_json::to_vec(body).expect("JSON always serialises");
+                request = request.header(CONTENT_TYPE, "application/json").body(json);
+            }
+            let response = request.send().await.map_err(|e| Error::Connect(error_chain(&e)))?;
+            let status = response.status().as_u16();
+            let wait = retry_after(response.headers());
+            let bytes = read_capped(response, MAX_ANSWER).await.map_err(Error::Connect)?;
+            if !(200..300).contains(&status) {
+                return Err(classify(status, &bytes, wait, false));
+            }
+            serde_json::from_slice(&bytes).map_err(|e| Error::Malformed {
+                status,
+                detail: e.to_string(),
+            })
+        };
+        tokio::time::timeout_at(deadline, call)
             .await
             .map_err(|_| Error::DeadlineExceeded)?
-    }
-
-    async fn call_once<T: DeserializeOwned>(
-        &self,
-        method: Method,
-        segments: &[&str],
-        body: Option<&impl Serialize>,
-        update_mask: Option<&str>,
-        deadline: Instant,
-    ) -> Result<T, Error> {
-        let auth = self.auth.header(&self.http, deadline).await?;
-        let mut url = self.project_url.clone();
-        url.path_segments_mut()
-            .map_err(|()| Error::Connect("the API URL cannot take a path".into()))?
-            .extend(segments);
-        if let Some(mask) = update_mask {
-            url.query_pairs_mut().append_pair("update_mask", mask);
-        }
-        let mut request = self
-            .http
-            .request(method, url)
-            .header(AUTHORIZATION, auth.as_ref().clone())
-            .header(ACCEPT, "application/json");
-        if let Some(body) = body {
-            let json = serde_json::to_vec(body).expect("JSON always serialises");
-            request = request.header(CONTENT_TYPE, "application/json").body(json);
-        }
-        let response = request.send().await.map_err(|e| Error::Connect(error_chain(&e)))?;
-        let status = response.status().as_u16();
-        let wait = retry_after(response.headers());
-        let bytes = read_capped(response, MAX_ANSWER).await.map_err(Error::Connect)?;
-        if !(200..300).contains(&status) {
-            return Err(classify(status, &bytes, wait, false));
-        }
-        serde_json::from_slice(&bytes).map_err(|e| Error::Malformed {
-            status,
-            detail: e.to_string(),
-        })
     }
 
     /// Posts `body` to `target` signed with `secret` as Sinch signs a callback; returns the HTTP status.
