@@ -433,6 +433,11 @@ async fn each_upstream_failure_maps_to_its_code() {
             "boom",
         ),
         (
+            retry_forever(Canned::new(408, "<html>request timeout</html>")).collect(),
+            Code::Unavailable,
+            "408",
+        ),
+        (
             vec![Canned::sinch_error(
                 403,
                 "PERMISSION_DENIED",

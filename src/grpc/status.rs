@@ -144,7 +144,7 @@ fn upstream_status(error: upstream::Error) -> Status {
                 404 => Code::NotFound,
                 409 => Code::Aborted,
                 429 => Code::ResourceExhausted,
-                500..=599 => Code::Unavailable,
+                408 | 500..=599 => Code::Unavailable,
                 _ => Code::FailedPrecondition,
             };
             if code == Code::ResourceExhausted {

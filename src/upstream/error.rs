@@ -44,11 +44,11 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether sending the same request again may succeed: 429, 500 to 504 (Sinch's error table says to retry
-    /// 500, 501 and 503 with back-off) and connection errors.
+    /// Whether sending the same request again may succeed: 408 (a proxy's timeout), 429, 500 to 504 (Sinch's
+    /// error table says to retry 500, 501 and 503 with back-off) and connection errors.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Api(e) => matches!(e.http_status, 429 | 500..=504),
+            Error::Api(e) => matches!(e.http_status, 408 | 429 | 500..=504),
             Error::Connect(_) => true,
             _ => false,
         }
