@@ -354,11 +354,12 @@ impl<'a> Leases<'a> {
     }
 
     /// The check returns (its results complete, or its wait over): every lease goes, in Redis too before it
-    /// returns, so that no later check joins its finished lookup.
-    pub(super) async fn finish(mut self) {
+    /// returns (so that no later check joins its finished lookup) unless that takes past `by`, the caller's
+    /// deadline. In a task of its own: a caller that goes away meanwhile leaves no lease behind.
+    pub(super) async fn finish(mut self, by: Instant) {
         let all = std::mem::take(&mut self.held);
         if let Some(release) = self.release(all) {
-            release.await;
+            let _ = tokio::time::timeout_at(by, tokio::spawn(release)).await;
         }
     }
 
@@ -433,8 +434,12 @@ fn release_shared(
     let log = redis.filter(|_| !keys.is_empty())?;
     Some(Box::pin(async move {
         let Some(cache) = log.shared_cache() else { return };
-        for (key, sent) in keys {
-            if let Err(e) = cache.release(&key, &request_id, &sent, LINGER).await {
+        // All at once: in a cluster each may live on another slot.
+        let released = keys
+            .iter()
+            .map(|(key, sent)| cache.release(key, &request_id, sent, LINGER));
+        for result in futures::future::join_all(released).await {
+            if let Err(e) = result {
                 tracing::debug!(error = %e, "a lease could not be given back; it lapses with the check's wait");
             }
         }
@@ -474,7 +479,7 @@ mod tests {
         in_flight.sent(&"accepted".into()).await;
         assert!(matches!(second.resolve(pending, until).await, Resolved::Sent(id) if &*id == "accepted"));
         assert!(matches!(second.take(key(1)).await, Taken::Sent(id) if &*id == "accepted"));
-        first.finish().await;
+        first.finish(until).await;
         assert!(
             matches!(second.take(key(1)).await, Taken::Started),
             "given back when its check returned"

@@ -418,7 +418,7 @@ impl Checker {
         self.wait_for(&mut slots, &waiting, live.as_deref(), call.until, matches)
             .await;
         self.remember(&request.app_id, slots.iter().flatten()).await;
-        leases.finish().await;
+        leases.finish(call.deadline).await;
         let pending: Vec<ChannelIdentity> = ids
             .iter()
             .zip(&slots)
@@ -508,7 +508,7 @@ impl Checker {
         let (accepted, sent) = self.send_live(call, &own, send, 1, in_flight).await?;
         let answer = self.collect_contact(&accepted, true, call.until).await;
         self.remember(&request.app_id, answer.results.iter()).await;
-        leases.finish().await;
+        leases.finish(call.deadline).await;
         Ok(CheckAnswer { asked: sent, ..answer })
     }
 

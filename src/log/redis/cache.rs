@@ -9,12 +9,12 @@
 //!
 //! No key has a hash tag: entries spread over a cluster's slots, and every script touches one key.
 //!
-//! An invalidation leaves its time in the entries it empties (not in those that hold nothing: every result is
-//! stored as it is appended, before a check can store it again), for as long as a result received before it may
-//! still be stored by a replica: a retention (a hub replays it to a check) plus the longest check, or the
-//! longest time to live of any status if shorter. Such a result (a check that waited for it stores it again as
-//! it returns) is refused there. Its first 8 bytes read as a result's time, so a replica that predates the mark
-//! refuses such results under an identity too; a mark reads as no result.
+//! An invalidation leaves its time in the entries it names, held or not (a result's append-time store may have
+//! failed, or Redis lost it), for as long as a result received before it may still be stored by a replica: a
+//! retention (a hub replays it to a check) plus the longest check, or the longest time to live of any status if
+//! shorter. Such a result (a check that waited for it stores it again as it returns) is refused there. Its first
+//! 8 bytes read as a result's time, so a replica that predates the mark refuses such results under an identity
+//! too; a mark reads as no result. A mark costs about what a cached result does, for minutes.
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
@@ -73,14 +73,13 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
-/// Empties an identity's entry, leaving the invalidation's time (unless a later one's is there); an entry that
-/// holds nothing stays so. KEYS: entry. ARGV: time (8 bytes), how long it is kept (ms). Returns 1 when a result
-/// went.
+/// Empties an identity's entry, leaving the invalidation's time (unless a later one's is there). KEYS: entry.
+/// ARGV: time (8 bytes), how long it is kept (ms). Returns 1 when a result went.
 const INVALIDATE: &str = r"
 local cur = redis.call('GET', KEYS[1])
-if not cur or (#cur == 8 and newer(cur, ARGV[1])) then return 0 end
+if cur and #cur == 8 and newer(cur, ARGV[1]) then return 0 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if #cur > 8 then return 1 end
+if cur and #cur > 8 then return 1 end
 return 0
 ";
 
@@ -100,13 +99,12 @@ if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KE
 return 1
 ";
 
-/// Empties a contact's entry (if it exists), leaving the invalidation's time (unless a later one's is there), and returns the
+/// Empties a contact's entry, leaving the invalidation's time (unless a later one's is there), and returns the
 /// identities it listed, in one step: a result stored in it between a read of its fields and their deletion
 /// would be deleted unlisted, its identity entry left behind. KEYS: contact entry. ARGV: time (8 bytes), how
 /// long it is kept (ms).
 const TAKE_CONTACT: &str = r"
 local fields = redis.call('HKEYS', KEYS[1])
-if #fields == 0 then return fields end
 local mark = redis.call('HGET', KEYS[1], 't')
 if not (mark and newer(mark, ARGV[1])) then mark = ARGV[1] end
 redis.call('DEL', KEYS[1])

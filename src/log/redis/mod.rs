@@ -114,6 +114,9 @@ redis.call('XADD', KEYS[1], 'MINID', '~', minid, '*', 'e', ARGV[4], 'o', ARGV[2]
 return 1
 ";
 
+/// What a bulk check may run past its wait (its live query's time).
+const CHECK_MARGIN: Duration = Duration::from_secs(60);
+
 /// How to reach Redis and what to keep there.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
@@ -245,12 +248,13 @@ impl RedisLog {
                 }
             })
             .collect();
-        // A hub replays a result for a retention, to a check that runs at most as long as a claim lasts.
+        // A hub replays a result for a retention, to a check that runs at most as long as a claim lasts, or (a bulk
+        // job's, whose wait may be as long as the retention) a retention more.
         let cache = RedisCache::new(
             commands.clone(),
             settings.prefix.clone(),
             settings.cache_ttl,
-            settings.retention + settings.pending_claim,
+            settings.retention + settings.pending_claim.max(settings.retention + CHECK_MARGIN),
             settings.cache_hash_key.clone(),
         );
         if settings.cache_hash_key.is_none() {
