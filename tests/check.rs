@@ -772,12 +772,12 @@ async fn a_result_is_trusted_for_its_statuss_time_to_live_and_the_callers_max_ag
 /// writes) must not stop the later looks: after Redis loses the key, replicas must come to name entries alike.
 #[tokio::test]
 async fn a_look_at_the_cache_key_given_up_midway_does_not_stop_later_ones() {
-    use capability_facade::capability::Channel;
     let redis = RedisServer::start().await;
     let log = common::redis_log(&redis, "abandoned", None).await;
     let cache = log.cache();
-    let named =
-        |hasher: capability_facade::log::cached::KeyHasher| hasher.identity("app", &Channel::Sms, "46700000001");
+    let named = |hasher: capability_facade::log::cached::KeyHasher| {
+        hasher.identity("app", &capability_facade::capability::Channel::Sms, "46700000001")
+    };
     let before = named(cache.hasher().await.unwrap());
     // Real time, not a synchronisation: the key is looked at again once a second has passed.
     tokio::time::sleep(Duration::from_millis(1_100)).await;
@@ -829,13 +829,7 @@ async fn a_joined_query_is_not_joined_again_after_the_check_that_joined_it_retur
     let first = spawn_check(on_a, request.clone()).await;
     let (live_id, _) = nth_query(&fake, 1).await;
     // B's check must find A's lease marked sent, and join it.
-    until(|| {
-        redis
-            .keys("*lease*")
-            .iter()
-            .any(|key| redis.value(key).starts_with("s:"))
-    })
-    .await;
+    until_a_lease(&redis, |lease| lease.starts_with("s:")).await;
     let joined = spawn_check(on_b.clone(), request.clone()).await;
     deliver(a.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await;
     first.await.unwrap().unwrap();
@@ -869,13 +863,7 @@ async fn a_lookup_sinch_renamed_is_let_go_when_its_check_returns() {
     request.wait = duration(Duration::from_secs(120));
     let first = spawn_check(a.client().await, request.clone()).await;
     fake.until_queries(1).await;
-    until(|| {
-        redis
-            .keys("*lease*")
-            .iter()
-            .any(|key| redis.value(key) == "s:SINCH-CHOSE")
-    })
-    .await;
+    until_a_lease(&redis, |lease| lease == "s:SINCH-CHOSE").await;
     deliver(a.webhook_addr, callback("SINCH-CHOSE", "SMS", "CAPABILITY_FULL")).await;
     let answer = first.await.unwrap().unwrap();
     assert!(answer.complete, "{answer:?}");
@@ -908,13 +896,7 @@ async fn a_check_answers_in_time_while_redis_holds_the_giving_back_of_its_lease(
     request.set_timeout(Duration::from_secs(3));
     let mut client = service.client().await;
     let silent = tokio::spawn(async move { client.check_capability(request).await });
-    until(|| {
-        redis
-            .keys("*lease*")
-            .iter()
-            .any(|key| redis.value(key).starts_with("s:"))
-    })
-    .await;
+    until_a_lease(&redis, |lease| lease.starts_with("s:")).await;
     // Sinch stays silent; the check's wait ends while Redis holds writes for longer than its deadline.
     redis.command(&["CLIENT", "PAUSE", "6000", "WRITE"]);
     let answer = silent.await.unwrap().expect("an answer, not DEADLINE_EXCEEDED");
@@ -952,6 +934,11 @@ async fn two_replicas(fake: &FakeSinch, redis: &RedisServer) -> (Service, Servic
     )
 }
 
+/// Waits until a lease in Redis reads as `holds` wants.
+async fn until_a_lease(redis: &RedisServer, holds: impl Fn(&str) -> bool) {
+    until(|| redis.keys("*lease*").iter().any(|key| holds(&redis.value(key)))).await;
+}
+
 /// Waits until `holds` (what Redis shows, read every 10 ms); fails after 5 s.
 async fn until(holds: impl Fn() -> bool) {
     for _ in 0..500 {
@@ -963,29 +950,41 @@ async fn until(holds: impl Fn() -> bool) {
     panic!("never came to hold within 5 s");
 }
 
+/// A result of SMS for `identity` in app `app`, naming `contact_id`, as the webhook reads Sinch's callback
+/// received at `received`.
+fn sms_result(
+    request_id: &str,
+    identity: &str,
+    contact_id: &str,
+    received: std::time::SystemTime,
+) -> capability_facade::capability::Notification {
+    use capability_facade::webhook::parse::{Callback, parse};
+    let body = CapabilityCallback::new(request_id, "SMS", identity, "CAPABILITY_FULL")
+        .contact_id(contact_id)
+        .app_id("app")
+        .body();
+    match parse(&body, received) {
+        Ok(Callback::Capability(notification)) => *notification,
+        _ => panic!("a capability callback"),
+    }
+}
+
 /// The Redis cache, as the in-process one (src/check/local.rs): a contact invalidated while a result for another
 /// of its identities is stored keeps nothing from before, and the newcomer, if it stays cached under its identity,
 /// stays listed in the contact's entry, so that the next invalidation reaches it.
 #[tokio::test]
 async fn in_redis_a_contact_invalidated_while_a_result_is_stored_leaves_no_result_unlisted() {
-    use capability_facade::{
-        capability::Channel,
-        webhook::parse::{Callback, parse},
-    };
     let redis = RedisServer::start().await;
     let log = common::redis_log(&redis, "race", Some("race-key")).await;
     let cache = log.cache();
     let hasher = cache.hasher().await.unwrap();
-    // A result as Sinch sends it, read as the webhook reads it.
     let result = |identity: &str, contact_id: &str| {
-        let body = CapabilityCallback::new(&format!("r-{identity}"), "SMS", identity, "CAPABILITY_FULL")
-            .contact_id(contact_id)
-            .app_id("app")
-            .body();
-        match parse(&body, std::time::SystemTime::now()) {
-            Ok(Callback::Capability(notification)) => *notification,
-            _ => panic!("a capability callback"),
-        }
+        sms_result(
+            &format!("r-{identity}"),
+            identity,
+            contact_id,
+            std::time::SystemTime::now(),
+        )
     };
     for round in 0..300 {
         let contact_id = format!("C{round}");
@@ -1015,7 +1014,7 @@ async fn in_redis_a_contact_invalidated_while_a_result_is_stored_leaves_no_resul
             "round {round}: an invalidated result came back"
         );
         let held = cache
-            .get(&[hasher.identity("app", &Channel::Sms, &newcomer)])
+            .get(&[hasher.identity("app", &capability_facade::capability::Channel::Sms, &newcomer)])
             .await
             .unwrap();
         if held[0].is_some() {
@@ -1032,26 +1031,15 @@ async fn in_redis_a_contact_invalidated_while_a_result_is_stored_leaves_no_resul
 /// arrived: a check that waited for it stores it again as it returns); one received after it is kept.
 #[tokio::test]
 async fn in_redis_a_result_from_before_an_invalidation_is_not_stored_after_it() {
-    use capability_facade::{
-        capability::Channel,
-        webhook::parse::{Callback, parse},
-    };
     let redis = RedisServer::start().await;
     let log = common::redis_log(&redis, "tomb", Some("tomb-key")).await;
     let cache = log.cache();
     let hasher = cache.hasher().await.unwrap();
     let result = |identity: &str, received: std::time::SystemTime| {
-        let body = CapabilityCallback::new("r-1", "SMS", identity, "CAPABILITY_FULL")
-            .contact_id(&format!("C-{identity}"))
-            .app_id("app")
-            .body();
-        match parse(&body, received) {
-            Ok(Callback::Capability(notification)) => *notification,
-            _ => panic!("a capability callback"),
-        }
+        sms_result("r-1", identity, &format!("C-{identity}"), received)
     };
     for (identity, by_contact) in [("46700000002", false), ("46700000003", true)] {
-        let keys = [hasher.identity("app", &Channel::Sms, identity)];
+        let keys = [hasher.identity("app", &capability_facade::capability::Channel::Sms, identity)];
         let contact = [hasher.contact("app", &format!("C-{identity}"))];
         let held = || async {
             let one = cache.get(&keys).await.unwrap()[0].is_some();
@@ -1082,7 +1070,7 @@ async fn in_redis_a_result_from_before_an_invalidation_is_not_stored_after_it() 
     // check that waited for it would otherwise store it afterwards.
     let late = "46700000009";
     let (never, nobody) = (
-        [hasher.identity("app", &Channel::Sms, late)],
+        [hasher.identity("app", &capability_facade::capability::Channel::Sms, late)],
         [hasher.contact("app", &format!("C-{late}"))],
     );
     let before = result(late, std::time::SystemTime::now() - Duration::from_secs(1));
