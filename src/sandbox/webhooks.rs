@@ -168,6 +168,27 @@ fn validate(webhook: &Webhook) -> Result<(), String> {
             return Err(format!("Invalid value for triggers: {trigger:?}"));
         }
     }
+    match &webhook.client_credentials {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::Object(credentials)) => client_credentials(credentials),
+        Some(_) => Err("client_credentials must be an object".into()),
+    }
+}
+
+/// Checks a webhook's `client_credentials` as the spec describes them: `client_id`, `client_secret` and `endpoint`
+/// required, `scope` at most 1,024 characters, `response_type` at most 64.
+fn client_credentials(credentials: &serde_json::Map<String, Value>) -> Result<(), String> {
+    let text = |field: &str| credentials.get(field).and_then(Value::as_str).unwrap_or_default();
+    for required in ["client_id", "client_secret", "endpoint"] {
+        if text(required).is_empty() {
+            return Err(format!("client_credentials.{required} is required"));
+        }
+    }
+    for (field, most) in [("scope", 1024), ("response_type", 64)] {
+        if text(field).chars().count() > most {
+            return Err(format!("client_credentials.{field} is longer than {most} characters"));
+        }
+    }
     Ok(())
 }
 
@@ -422,5 +443,25 @@ mod tests {
         assert!(bad(|w| w.target = "https://conversation-api.eu.sinch.com/x".into()).contains("sinch.com"));
         assert!(bad(|w| w.target = format!("https://example.com/{}", "a".repeat(800))).contains("742"));
         assert!(bad(|w| w.app_id.clear()).contains("app_id"));
+        let with = |credentials: Value| {
+            let mut w = good.clone();
+            w.client_credentials = Some(credentials);
+            validate(&w)
+        };
+        let complete = json!({"client_id": "id", "client_secret": "s", "endpoint": "https://auth.example.com/token"});
+        assert!(with(complete.clone()).is_ok());
+        assert!(with(Value::Null).is_ok(), "null: not set");
+        for missing in ["client_id", "client_secret", "endpoint"] {
+            let mut partial = complete.clone();
+            partial.as_object_mut().unwrap().remove(missing);
+            assert!(with(partial).unwrap_err().contains(missing), "{missing}");
+        }
+        let mut long_scope = complete.clone();
+        long_scope["scope"] = json!("s".repeat(1025));
+        assert!(with(long_scope).unwrap_err().contains("scope"));
+        let mut long_type = complete;
+        long_type["response_type"] = json!("r".repeat(65));
+        assert!(with(long_type).unwrap_err().contains("response_type"));
+        assert!(with(json!("id:secret")).unwrap_err().contains("client_credentials"));
     }
 }
