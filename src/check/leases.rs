@@ -348,9 +348,7 @@ impl<'a> Leases<'a> {
     pub(super) fn give_back(&mut self, keys: &[EntryKey]) {
         let (back, kept): (Vec<Lease>, Vec<Lease>) = self.held.drain(..).partition(|l| keys.contains(&l.key));
         self.held = kept;
-        if let Some(release) = self.release(back) {
-            tokio::spawn(release);
-        }
+        in_background(self.release(back));
     }
 
     /// The check returns (its results complete, or its wait over): every lease goes, in Redis too before it
@@ -415,14 +413,19 @@ impl InFlight {
                 shared.push((*key, self.request_id.clone()));
             }
         }
-        if let Some(release) = release_shared(self.redis, shared, self.request_id) {
-            tokio::spawn(release);
-        }
+        in_background(release_shared(self.redis, shared, self.request_id));
     }
 }
 
 /// Giving leases back in Redis.
 type Release = futures::future::BoxFuture<'static, ()>;
+
+/// Gives leases back in Redis without waiting for it.
+fn in_background(release: Option<Release>) {
+    if let Some(release) = release {
+        tokio::spawn(release);
+    }
+}
 
 /// What gives back in Redis the leases `request_id` took of `keys`, each with the request_id it was sent under;
 /// `None` when there are none.
@@ -451,9 +454,7 @@ impl Drop for Leases<'_> {
     /// others belong to their query's task, and stay joinable until this check's wait would have ended.
     fn drop(&mut self) {
         let (unsent, _launched): (Vec<Lease>, Vec<Lease>) = self.held.drain(..).partition(|l| !l.sent);
-        if let Some(release) = self.release(unsent) {
-            tokio::spawn(release);
-        }
+        in_background(self.release(unsent));
     }
 }
 

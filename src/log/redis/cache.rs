@@ -179,7 +179,7 @@ pub struct Holder(String);
 impl Holder {
     /// Whether it is `request_id`'s pending lease, or sent under it.
     pub fn is_ours(&self, request_id: &str) -> bool {
-        !self.0.starts_with("d:") && self.0.get(2..) == Some(request_id)
+        self.0.get(2..) == Some(request_id)
     }
 
     /// The request_id its query went out under, once sent.
