@@ -247,10 +247,7 @@ impl Queries {
                 .await?;
             Ok((answer.clone(), sent_now))
         }));
-        task.await.unwrap_or_else(|e| match e.try_into_panic() {
-            Ok(panic) => std::panic::resume_unwind(panic),
-            Err(_) => Err(upstream::Error::Connect("the service is shutting down".into()).into()),
-        })
+        task.await.unwrap_or_else(|e| Err(upstream::Error::from(e).into()))
     }
 }
 

@@ -43,6 +43,18 @@ pub enum Error {
     RateLimited { retry_after: Duration },
 }
 
+impl From<tokio::task::JoinError> for Error {
+    /// The task that talked to Sinch ended without an answer: it panicked, or the service is shutting down.
+    fn from(e: tokio::task::JoinError) -> Error {
+        let why = if e.is_panic() {
+            "it panicked"
+        } else {
+            "the service is shutting down"
+        };
+        Error::Connect(format!("the call to Sinch ended without an answer: {why}"))
+    }
+}
+
 impl Error {
     /// Whether sending the same request again may succeed: 408 (a proxy's timeout), 429, 500 to 504 (Sinch's
     /// error table says to retry 500, 501 and 503 with back-off) and connection errors.
