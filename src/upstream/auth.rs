@@ -194,6 +194,10 @@ impl TokenCache {
         if let Some(in_flight) = &refreshing.in_flight {
             return Some(in_flight.clone());
         }
+        // A refresh that ended since this caller looked for a token stored it before it let go of the slot.
+        if needed && let Some(token) = self.cached().filter(|t| Instant::now() < t.expires) {
+            return Some(futures::future::ready(Ok(token.header)).boxed().shared());
+        }
         if !needed && refreshing.quiet_until.is_some_and(|until| Instant::now() < until) {
             return None;
         }
@@ -205,18 +209,9 @@ impl TokenCache {
             ended.failed = result.is_err();
             result
         });
-        let refresh = async move {
-            task.await.unwrap_or_else(|e| {
-                let why = if e.is_panic() {
-                    "it panicked"
-                } else {
-                    "the service is shutting down"
-                };
-                Err(Error::Connect(format!("the token refresh failed: {why}")))
-            })
-        }
-        .boxed()
-        .shared();
+        let refresh = async move { task.await.unwrap_or_else(|e| Err(e.into())) }
+            .boxed()
+            .shared();
         refreshing.in_flight = Some(refresh.clone());
         Some(refresh)
     }
