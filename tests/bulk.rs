@@ -359,3 +359,46 @@ async fn a_sent_record_met_again_by_its_own_attempt_still_sends_the_query() {
         "another attempt finds it sent"
     );
 }
+
+/// A recipient waiting its turn in the budget is answered from the cache when an interactive check asked about it
+/// meanwhile, rather than asked again.
+#[tokio::test]
+async fn a_recipient_answered_while_it_waits_its_turn_is_not_asked_again() {
+    a_recipient_cached_while_waiting(&[]).await;
+}
+
+#[tokio::test]
+async fn a_recipient_answered_while_it_waits_its_turn_is_not_asked_again_with_redis() {
+    let redis = RedisServer::start().await;
+    a_recipient_cached_while_waiting(&[&format!("--redis-url={}", redis.url())]).await;
+}
+
+async fn a_recipient_cached_while_waiting(extra: &[&str]) {
+    let fake = Arc::new(FakeSinch::start().await);
+    let mut args = vec!["--sinch-callback-rate=1"];
+    args.extend_from_slice(extra);
+    let service = Service::against(&fake, &args).await;
+    let _sinch = play_sinch(fake.clone(), service.webhook_addr, 1);
+    let mut client = service.client().await;
+    let job = client
+        .start_bulk_check(start((0..2).map(recipient).collect(), ""))
+        .await
+        .unwrap()
+        .into_inner();
+    // The job's first query is out; its second waits a second for the budget, and an interactive check (which
+    // goes first) asks about that recipient meanwhile.
+    fake.until_queries(1).await;
+    let check = pb::CheckCapabilityRequest {
+        app_id: APP.into(),
+        recipient: Some(recipient(1)),
+        ..Default::default()
+    };
+    let answer = client.check_capability(check).await.unwrap().into_inner();
+    assert!(answer.complete, "{answer:?}");
+
+    let (results, progress) = watch(&mut client, &job.job_id, 0).await;
+    assert_eq!(results.len(), 2);
+    assert!(results.iter().all(|r| r.answer.as_ref().unwrap().complete));
+    assert_eq!(progress.last().unwrap().from_cache, 1, "the second from the cache");
+    assert_eq!(fake.queries().len(), 2, "one query per recipient: {:?}", fake.queries());
+}

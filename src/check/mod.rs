@@ -118,14 +118,23 @@ pub enum Proceed {
     Sent(Arc<str>),
 }
 
+impl Proceed {
+    /// The request_id it went out under before, if it did.
+    fn sent_before(self) -> Option<Arc<str>> {
+        match self {
+            Proceed::Send => None,
+            Proceed::Sent(request_id) => Some(request_id),
+        }
+    }
+}
+
 /// Stands before a check's live query: a bulk job's pacing and record of what it sent.
 pub trait Gate: Send + Sync {
-    /// Called once before the live query for `identities` channel identities goes out under `request_id`.
-    fn before_send<'a>(
-        &'a self,
-        identities: u32,
-        request_id: &'a str,
-    ) -> futures::future::BoxFuture<'a, Result<Proceed, CheckError>>;
+    /// Waits the turn of a live query for `identities` channel identities; `Sent` at once when it went out before.
+    fn turn(&self, identities: u32) -> futures::future::BoxFuture<'_, Result<Proceed, CheckError>>;
+    /// Records that the query goes out now under `request_id`, once its turn came and the cache still lacked its
+    /// answer; `Sent` when an earlier attempt sent it.
+    fn sending<'a>(&'a self, request_id: &'a str) -> futures::future::BoxFuture<'a, Result<Proceed, CheckError>>;
 }
 
 /// How checks behave.
@@ -218,6 +227,25 @@ impl Checker {
                     .and_then(|c| answered(Source::Cache, c.offset, c.request_id.clone(), c.body))
             })
             .collect()
+    }
+
+    /// Fills the empty `slots` at `at` whose entry (in `keys`) holds a fresh result now; returns those entries.
+    async fn fill(
+        &self,
+        slots: &mut [Option<CheckResult>],
+        keys: &[EntryKey],
+        at: &[usize],
+        max_age: Duration,
+    ) -> Vec<EntryKey> {
+        let looked: Vec<EntryKey> = at.iter().map(|i| keys[*i]).collect();
+        let mut filled = Vec::new();
+        for (&i, fresh) in at.iter().zip(self.fresh(&looked, max_age).await) {
+            if fresh.is_some() {
+                slots[i] = fresh;
+                filled.push(keys[i]);
+            }
+        }
+        filled
     }
 
     /// The cached results of identity entries `keys`; a cache that cannot be read is a miss.
@@ -342,8 +370,24 @@ impl Checker {
             .map(|id| call.hasher.identity(&request.app_id, &id.channel, &id.identity))
             .collect();
         let mut slots = self.fresh(&keys, request.max_age).await;
-        let missing: Vec<usize> = (0..ids.len()).filter(|i| slots[*i].is_none()).collect();
+        let unanswered = |slots: &[Option<CheckResult>]| -> Vec<usize> {
+            (0..slots.len()).filter(|i| slots[*i].is_none()).collect()
+        };
+        let mut missing = unanswered(&slots);
         metrics::counter!("capability_cache_misses_total").increment(missing.len() as u64);
+        let own = call.request_id.clone();
+        let mut resumed = None;
+        if let Some(gate) = call.gate.filter(|_| !missing.is_empty()) {
+            resumed = gate.turn(missing.len() as u32).await?.sent_before();
+            if resumed.is_none() {
+                // Its turn came: what a check that went first answered meanwhile is not asked again.
+                self.fill(&mut slots, &keys, &missing, request.max_age).await;
+                missing = unanswered(&slots);
+                if !missing.is_empty() {
+                    resumed = gate.sending(&own).await?.sent_before();
+                }
+            }
+        }
         if missing.is_empty() {
             return Ok(CheckAnswer {
                 complete: true,
@@ -352,16 +396,8 @@ impl Checker {
             });
         }
         let _permit = self.wait_permit(call)?;
-        let own = call.request_id.clone();
         let mut waiting = Waiting::new();
         let mut to_send = Vec::new();
-        let resumed = match call.gate {
-            Some(gate) => match gate.before_send(missing.len() as u32, &own).await? {
-                Proceed::Send => None,
-                Proceed::Sent(request_id) => Some(request_id),
-            },
-            None => None,
-        };
         let call = &call.after_gate();
         let mut leases = Leases::new(&self.flights, self.redis(), own.clone(), call.deadline, call.until);
         if let Some(sent) = &resumed {
@@ -387,14 +423,7 @@ impl Checker {
         if !to_send.is_empty() && call.gate.is_none() {
             // The lease first, then the cache again: a lease found free may have been given back, after this
             // check's first look, by a lookup whose results were cached before (a holder caches, then gives back).
-            let sending: Vec<EntryKey> = to_send.iter().map(|i| keys[*i]).collect();
-            let mut hits = Vec::new();
-            for (&i, fresh) in to_send.iter().zip(self.fresh(&sending, request.max_age).await) {
-                if fresh.is_some() {
-                    slots[i] = fresh;
-                    hits.push(keys[i]);
-                }
-            }
+            let hits = self.fill(&mut slots, &keys, &to_send, request.max_age).await;
             leases.give_back(&hits);
             to_send.retain(|i| slots[*i].is_none());
         }
@@ -465,7 +494,7 @@ impl Checker {
                 })
             }
         };
-        // Gated (a bulk job): the cache, then the budget, then the lease — a job's lease is never pending while it
+        // Gated (a bulk job): the cache, then the budget, the cache again, then the lease — a job's lease is never pending while it
         // waits for its turn. Otherwise the lease first: a contact's entry fills while its query is in flight, and
         // is whole only once the query that started it returns.
         if call.gate.is_some()
@@ -476,9 +505,15 @@ impl Checker {
         let _permit = self.wait_permit(call)?;
         let own = call.request_id.clone();
         let resumed = match call.gate {
-            Some(gate) => match gate.before_send(1, &own).await? {
-                Proceed::Send => None,
+            Some(gate) => match gate.turn(1).await? {
                 Proceed::Sent(request_id) => Some(request_id),
+                Proceed::Send => {
+                    // Its turn came: a contact a check that went first answered meanwhile is not asked again.
+                    if let Some(answer) = fresh().await {
+                        return Ok(answer);
+                    }
+                    gate.sending(&own).await?.sent_before()
+                }
             },
             None => None,
         };

@@ -596,15 +596,21 @@ struct JobGate<'a> {
 }
 
 impl Gate for JobGate<'_> {
-    fn before_send<'a>(&'a self, identities: u32, request_id: &'a str) -> BoxFuture<'a, Result<Proceed, CheckError>> {
+    fn turn(&self, identities: u32) -> BoxFuture<'_, Result<Proceed, CheckError>> {
         async move {
             if let Some(request_id) = self.resumed {
                 return Ok(Proceed::Sent(request_id.into()));
             }
             tokio::select! {
-                () = self.jobs.pacer.admit(identities) => {}
-                () = self.token.cancelled() => return Err(CheckError::Cancelled),
+                () = self.jobs.pacer.admit(identities) => Ok(Proceed::Send),
+                () = self.token.cancelled() => Err(CheckError::Cancelled),
             }
+        }
+        .boxed()
+    }
+
+    fn sending<'a>(&'a self, request_id: &'a str) -> BoxFuture<'a, Result<Proceed, CheckError>> {
+        async move {
             let marked = match &self.jobs.store {
                 Store::Local(local) => match local.mark_sent(self.job_id, self.index) {
                     true => Marked::Marked,
