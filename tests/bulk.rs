@@ -402,3 +402,79 @@ async fn a_recipient_cached_while_waiting(extra: &[&str]) {
     assert_eq!(progress.last().unwrap().from_cache, 1, "the second from the cache");
     assert_eq!(fake.queries().len(), 2, "one query per recipient: {:?}", fake.queries());
 }
+
+/// Sinch refusing the app stops the whole job at once: the recipients waiting their turn are not sent to be
+/// refused the same, one by one at the budget's pace.
+#[tokio::test]
+async fn a_job_whose_app_sinch_refuses_fails_without_sending_the_rest() {
+    let fake = Arc::new(FakeSinch::start().await);
+    fake.script_queries((0..10).map(|_| common::Canned::sinch_error(404, "NOT_FOUND", "app not found")));
+    let service = Service::against(&fake, &["--sinch-callback-rate=1"]).await;
+    let mut client = service.client().await;
+    let job = client
+        .start_bulk_check(start((0..10).map(recipient).collect(), ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let (results, progress) = watch(&mut client, &job.job_id, 0).await;
+    assert_eq!(progress.last().unwrap().state(), BulkCheckState::Failed);
+    assert!(results.is_empty(), "{results:?}");
+    // The first query, and at most one whose turn came while the first was refused.
+    assert!(fake.queries().len() <= 2, "{} queries", fake.queries().len());
+}
+
+/// A replica that begins to shut down while its job's recipients wait for their callbacks still receives them,
+/// through Redis, from the replica Sinch posts to: they are answered, not recorded as pending for good.
+#[tokio::test]
+async fn recipients_waiting_when_their_replica_shuts_down_get_their_answers() {
+    let redis = RedisServer::start().await;
+    let fake = Arc::new(FakeSinch::start().await);
+    let url = format!("--redis-url={}", redis.url());
+    let flags = [url.as_str(), "--sinch-callback-rate=1000"];
+    let (leaving, staying) = (
+        Service::against(&fake, &flags).await,
+        Service::against(&fake, &flags).await,
+    );
+    let mut on_leaving = leaving.client().await;
+    let job = on_leaving
+        .start_bulk_check(start((0..3).map(recipient).collect(), ""))
+        .await
+        .unwrap()
+        .into_inner();
+    fake.until_queries(3).await;
+    leaving.shutdown.cancel();
+    // Its watches end: it is shutting down.
+    let ended = match on_leaving
+        .watch_bulk_check(pb::WatchBulkCheckRequest {
+            job_id: job.job_id.clone(),
+            after_offset: 0,
+        })
+        .await
+    {
+        Ok(stream) => {
+            let mut stream = stream.into_inner();
+            loop {
+                match stream.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => panic!("the job's stream ended well"),
+                    Err(status) => break status,
+                }
+            }
+        }
+        Err(status) => status,
+    };
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+
+    let _sinch = play_sinch(fake.clone(), staying.webhook_addr, 1);
+    let (results, progress) = watch(&mut staying.client().await, &job.job_id, 0).await;
+    assert_eq!(progress.last().unwrap().state(), BulkCheckState::Succeeded);
+    assert_eq!(results.len(), 3);
+    for result in results {
+        assert!(
+            result.answer.unwrap().complete,
+            "recipient {} answered pending",
+            result.index
+        );
+    }
+    assert_eq!(fake.queries().len(), 3);
+}

@@ -1079,3 +1079,52 @@ async fn in_redis_a_result_from_before_an_invalidation_is_not_stored_after_it() 
     assert!(cache.get(&never).await.unwrap()[0].is_none());
     assert!(cache.get_contact(&nobody[0]).await.unwrap().is_empty());
 }
+
+/// A check waiting for live results when its replica begins to shut down is told to retry elsewhere: without
+/// Redis nothing more can reach it (the replica refuses callbacks while it drains). It was answered OK with every
+/// channel pending, as if Sinch had been silent.
+#[tokio::test]
+async fn a_check_waiting_when_its_replica_shuts_down_is_told_to_retry() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[]).await;
+    let waiting = spawn_check(service.client().await, check(identities(&[(Channel::Sms, NUMBER)]))).await;
+    nth_query(&fake, 1).await;
+    service.shutdown.cancel();
+    let status = waiting.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down"), "{}", status.message());
+}
+
+/// With Redis the results reach a replica that is shutting down through the log, from the replica Sinch posts to:
+/// a check waiting there gets its answer while the replica drains.
+#[tokio::test]
+async fn with_redis_a_check_waiting_when_its_replica_shuts_down_gets_its_answer() {
+    let fake = FakeSinch::start().await;
+    let redis = RedisServer::start().await;
+    let (leaving, staying) = two_replicas(&fake, &redis).await;
+    let waiting = spawn_check(leaving.client().await, check(identities(&[(Channel::Sms, NUMBER)]))).await;
+    let (request_id, _) = nth_query(&fake, 1).await;
+    let mut watcher = leaving.client().await;
+    leaving.shutdown.cancel();
+    // Its watches end: it is shutting down.
+    let watch = pb::WatchCapabilityRequest {
+        request_id: request_id.clone(),
+        ..Default::default()
+    };
+    let ended = match watcher.watch_capability(watch).await {
+        Ok(stream) => stream.into_inner().message().await.unwrap_err(),
+        Err(status) => status,
+    };
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+
+    assert_eq!(
+        deliver(staying.webhook_addr, callback(&request_id, "SMS", "CAPABILITY_FULL")).await,
+        200
+    );
+    let answer = waiting.await.unwrap().unwrap();
+    assert!(answer.complete, "{answer:?}");
+    assert_eq!(
+        summary(&answer),
+        [(Channel::Sms, CapabilityStatus::Full, ResultSource::Live)]
+    );
+}

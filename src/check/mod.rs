@@ -103,6 +103,9 @@ pub enum CheckError {
     /// The check's gate refused to send its query (its bulk job was cancelled).
     #[error("cancelled")]
     Cancelled,
+    /// This replica is shutting down and nothing more reaches its checks (it has no Redis).
+    #[error("this replica is shutting down; retry the check (another replica answers)")]
+    ShuttingDown,
     /// Too many checks wait for live results on this replica.
     #[error("this replica has too many checks waiting for live results; retry shortly (another replica may answer)")]
     Overloaded,
@@ -346,6 +349,10 @@ impl Checker {
     /// A permit to wait for live results; RESOURCE_EXHAUSTED-worthy when this replica has too many waiting.
     /// Gated checks (bulk jobs) need none: a job bounds its own checks in flight.
     fn wait_permit(&self, call: &Call<'_>) -> Result<Option<OwnedSemaphorePermit>, CheckError> {
+        // Without Redis a replica that is shutting down refuses callbacks: a live result could not reach it.
+        if self.redis().is_none() && self.hub.is_closed() {
+            return Err(CheckError::ShuttingDown);
+        }
         if call.gate.is_some() {
             return Ok(None);
         }
@@ -445,7 +452,7 @@ impl Checker {
         }
         let matches = |i: usize, n: &CheckResult| ids[i].channel == n.channel && ids[i].identity == n.identity;
         self.wait_for(&mut slots, &waiting, live.as_deref(), call.until, matches)
-            .await;
+            .await?;
         self.remember(&request.app_id, slots.iter().flatten()).await;
         leases.finish(call.deadline).await;
         let pending: Vec<ChannelIdentity> = ids
@@ -519,7 +526,7 @@ impl Checker {
         };
         let call = &call.after_gate();
         if let Some(sent) = resumed {
-            return Ok(self.collect_contact(&sent, true, call.until).await);
+            return self.collect_contact(&sent, true, call.until).await;
         }
         let mut leases = Leases::new(&self.flights, self.redis(), own.clone(), call.deadline, call.until);
         match leases.decide(key, call.deadline).await {
@@ -527,7 +534,7 @@ impl Checker {
             Decided::Joined(holder) => {
                 metrics::counter!("capability_coalesced_total").increment(1);
                 let live = *holder == *own;
-                return Ok(self.collect_contact(&holder, live, call.until).await);
+                return self.collect_contact(&holder, live, call.until).await;
             }
             Decided::TimedOut => return Ok(CheckAnswer::default()),
         }
@@ -541,14 +548,19 @@ impl Checker {
         let send = Recipient::ContactId(contact.to_owned());
         let in_flight = leases.launch(&[key]);
         let (accepted, sent) = self.send_live(call, &own, send, 1, in_flight).await?;
-        let answer = self.collect_contact(&accepted, true, call.until).await;
+        let answer = self.collect_contact(&accepted, true, call.until).await?;
         self.remember(&request.app_id, answer.results.iter()).await;
         leases.finish(call.deadline).await;
         Ok(CheckAnswer { asked: sent, ..answer })
     }
 
     /// A contact query's results under `request_id` until `until`, or a settle after the last one.
-    async fn collect_contact(&self, request_id: &Arc<str>, live: bool, until: Instant) -> CheckAnswer {
+    async fn collect_contact(
+        &self,
+        request_id: &Arc<str>,
+        live: bool,
+        until: Instant,
+    ) -> Result<CheckAnswer, CheckError> {
         let source = if live { Source::Live } else { Source::Shared };
         let mut results: Vec<CheckResult> = Vec::new();
         let mut watch = std::pin::pin!(self.hub.watch(request_id, 0, self.limits(until)));
@@ -557,8 +569,10 @@ impl Checker {
             let Ok(Some(event)) = tokio::time::timeout_at(quiet_until, watch.next()).await else {
                 break;
             };
-            let WatchEvent::Notification { offset, body, .. } = event else {
-                continue;
+            let (offset, body) = match event {
+                WatchEvent::Notification { offset, body, .. } => (offset, body),
+                WatchEvent::ShuttingDown { .. } => return Err(CheckError::ShuttingDown),
+                _ => continue,
             };
             let Some(result) = answered(source, offset, request_id.to_string(), body) else {
                 continue;
@@ -572,11 +586,11 @@ impl Checker {
             }
             quiet_until = until.min(Instant::now() + self.settings.settle);
         }
-        CheckAnswer {
+        Ok(CheckAnswer {
             results,
             request_id: request_id.to_string(),
             ..CheckAnswer::default()
-        }
+        })
     }
 
     /// Sends the live query for `send` (part of the request's recipient, `identities` channel identities) under
@@ -654,7 +668,8 @@ impl Checker {
     }
 
     /// Fills `slots` from the hub's notifications of the request_ids in `waiting`, until every awaited slot is
-    /// filled, every request completed, or `until`. Results of `live` are this check's own.
+    /// filled, every request completed, or `until`. Results of `live` are this check's own. Fails when this replica
+    /// shuts down and nothing more can reach it.
     async fn wait_for(
         &self,
         slots: &mut [Option<CheckResult>],
@@ -662,9 +677,9 @@ impl Checker {
         live: Option<&str>,
         until: Instant,
         matches: impl Fn(usize, &CheckResult) -> bool,
-    ) {
+    ) -> Result<(), CheckError> {
         if waiting.is_empty() {
-            return;
+            return Ok(());
         }
         let mut awaited = waiting.values().map(Vec::len).sum::<usize>();
         let mut events = futures::stream::select_all(waiting.iter().map(|(request_id, positions)| {
@@ -674,10 +689,12 @@ impl Checker {
         }));
         while awaited > 0 {
             let Ok(Some((request_id, positions, event))) = tokio::time::timeout_at(until, events.next()).await else {
-                return;
+                return Ok(());
             };
-            let WatchEvent::Notification { offset, body, .. } = event else {
-                continue;
+            let (offset, body) = match event {
+                WatchEvent::Notification { offset, body, .. } => (offset, body),
+                WatchEvent::ShuttingDown { .. } => return Err(CheckError::ShuttingDown),
+                _ => continue,
             };
             let source = if Some(&*request_id) == live {
                 Source::Live
@@ -692,6 +709,7 @@ impl Checker {
                 awaited -= 1;
             }
         }
+        Ok(())
     }
 
     fn limits(&self, until: Instant) -> WatchLimits {
@@ -700,6 +718,8 @@ impl Checker {
             wait,
             // No heartbeats: nobody reads them.
             heartbeat: wait + Duration::from_secs(1),
+            // With Redis, results still come from the replicas Sinch posts to while this one drains.
+            ends_at_shutdown: self.redis().is_none(),
         }
     }
 

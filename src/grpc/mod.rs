@@ -452,6 +452,7 @@ impl CapabilityService for CapabilityApi {
         let limits = WatchLimits {
             wait,
             heartbeat: self.watch.heartbeat,
+            ends_at_shutdown: true,
         };
         let watch = OpenWatch::new(
             self.hub.watch(&request.request_id, request.after_offset, limits),

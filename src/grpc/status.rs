@@ -103,6 +103,7 @@ impl From<CheckError> for Status {
             CheckError::Query(e) => e.into(),
             CheckError::Cancelled => Status::cancelled(error.to_string()),
             CheckError::Overloaded => overloaded(),
+            CheckError::ShuttingDown => Status::unavailable(error.to_string()),
             CheckError::Unavailable(_) => {
                 let mut details = ErrorDetails::new();
                 details.set_retry_info(Some(Duration::from_secs(1)));

@@ -26,6 +26,9 @@ pub struct WatchLimits {
     pub wait: Duration,
     /// The longest quiet spell before a heartbeat.
     pub heartbeat: Duration,
+    /// Whether the server's shutdown ends it ([`WatchEvent::ShuttingDown`]); a check's own wait outlasts it when
+    /// results still come through Redis.
+    pub ends_at_shutdown: bool,
 }
 
 #[cfg(test)]
@@ -34,6 +37,7 @@ impl WatchLimits {
         WatchLimits {
             wait: Duration::from_secs(60),
             heartbeat: Duration::from_secs(15),
+            ends_at_shutdown: true,
         }
     }
 }
@@ -93,6 +97,7 @@ pin_project! {
         next_heartbeat: u32,
         heartbeat: u32,
         finished: bool,
+        ends_at_shutdown: bool,
         // Whether `changed` is registered and has not fired since: it must be before the record is read.
         armed: bool,
         #[pin]
@@ -114,6 +119,7 @@ impl Watch {
             next_heartbeat: heartbeat,
             heartbeat,
             finished: false,
+            ends_at_shutdown: limits.ends_at_shutdown,
             armed: false,
             timer: None,
         }
@@ -142,7 +148,7 @@ impl Stream for Watch {
                 *this.armed = true;
             }
             let last_offset = this.subscription.cursor;
-            if this.subscription.hub.is_closed() {
+            if *this.ends_at_shutdown && this.subscription.hub.is_closed() {
                 return finish(WatchEvent::ShuttingDown { last_offset });
             }
             let pending = match this.subscription.take() {

@@ -318,7 +318,10 @@ impl Jobs {
             let run = jobs.run(&job_id, resumable, &token);
             tokio::pin!(run);
             tokio::select! {
-                state = &mut run => jobs.finish(&job_id, state).await,
+                ended = &mut run => match ended {
+                    Some(state) => jobs.finish(&job_id, state).await,
+                    None => jobs.leave(&job_id).await,
+                },
                 () = keeper => {
                     tracing::warn!(job_id = %job_id, "the lease of a bulk check was lost: another replica runs it");
                 }
@@ -382,8 +385,9 @@ impl Jobs {
         }
     }
 
-    /// Checks every recipient not answered yet; returns the state the job ends in.
-    async fn run(self: &Arc<Self>, job_id: &str, resumable: Resumable, token: &CancellationToken) -> JobState {
+    /// Checks every recipient not answered yet; returns the state the job ends in, or `None` when it is left to
+    /// another replica because this one shuts down.
+    async fn run(self: &Arc<Self>, job_id: &str, resumable: Resumable, token: &CancellationToken) -> Option<JobState> {
         let Resumable { spec, sent, done } = resumable;
         // Identical recipients are asked once: each group answers all its indexes.
         let mut groups: Vec<Vec<u32>> = Vec::new();
@@ -404,20 +408,29 @@ impl Jobs {
         let spec = Arc::new(spec);
         let sent = Arc::new(sent);
         let failed = Arc::new(Mutex::new(None::<String>));
+        // Ends every recipient's wait for its turn: the job is cancelled, failed, or left.
+        let halt = token.child_token();
+        let leaving = std::sync::atomic::AtomicBool::new(false);
         // Enough checks in flight to keep the budget busy while each waits for its callbacks.
         let concurrency = (self.pacer.limit() as usize * (spec.wait.as_secs() as usize + 2)).clamp(64, 10_000);
         futures::stream::iter(groups)
             .for_each_concurrent(concurrency, |group| {
-                let (spec, sent, failed) = (spec.clone(), sent.clone(), failed.clone());
+                let (spec, sent, failed, halt, leaving) = (spec.clone(), sent.clone(), failed.clone(), &halt, &leaving);
                 async move {
-                    if token.is_cancelled() || failed.lock().expect("failed lock poisoned").is_some() {
+                    if halt.is_cancelled() {
                         return;
                     }
-                    match self.check_one(job_id, &spec, &group, sent.get(&group[0]), token).await {
+                    match self.check_one(job_id, &spec, &group, sent.get(&group[0]), halt).await {
                         Ok(()) | Err(CheckError::Cancelled) => {}
+                        Err(CheckError::ShuttingDown) => {
+                            // Not answered here: the replica that takes the job over waits for it.
+                            leaving.store(true, std::sync::atomic::Ordering::Relaxed);
+                            halt.cancel();
+                        }
                         Err(e) if job_wide(&e) => {
                             tracing::warn!(job_id = %job_id, error = %e, "a bulk check stops: Sinch refused the app's queries");
                             *failed.lock().expect("failed lock poisoned") = Some(e.to_string());
+                            halt.cancel();
                         }
                         Err(e) => {
                             // Sent or not, it is never sent again: answered with every identity pending.
@@ -437,13 +450,16 @@ impl Jobs {
                 }
             })
             .await;
-        if failed.lock().expect("failed lock poisoned").is_some() {
+        if leaving.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        Some(if failed.lock().expect("failed lock poisoned").is_some() {
             JobState::Failed
         } else if token.is_cancelled() {
             JobState::Cancelled
         } else {
             JobState::Succeeded
-        }
+        })
     }
 
     /// Checks the recipient of `group` (its indexes share one recipient) and records its answer for each.
