@@ -355,6 +355,15 @@ impl Service {
             connections.first_byte_timeout,
             background.clone(),
         ));
+        // Read back: the gRPC health the readiness probe asks turns SERVING then, as `/readyz` does.
+        let caught_up = {
+            let log = log.clone();
+            async move {
+                while !log.health().caught_up {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        };
         let receiver = Arc::new(webhook::Receiver::new(
             webhook::WebhookConfig {
                 secrets: webhook_secrets,
@@ -381,6 +390,7 @@ impl Service {
             guarded(listeners.grpc, connections.grpc_max, "grpc"),
             api,
             transport,
+            caught_up,
             shutdown.clone(),
             stop.clone(),
         );

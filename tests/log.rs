@@ -5,6 +5,7 @@
 mod common;
 
 use std::{collections::HashMap, time::Duration};
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
 
 use capability_facade::grpc::pb;
 use common::{FakeSinch, Service, deliver, held, post_webhook, ready, signed_headers, until_marker, watch_request};
@@ -396,6 +397,15 @@ async fn a_replica_next_to_a_redis_still_loading_stays_unready() {
     assert!(retried.is_ok(), "the replica never asked Redis again");
     let status = client.get(&readyz).send().await.unwrap().status();
     assert_eq!(status, 503, "ready although nothing could be read back");
+    // The gRPC health the readiness probe asks says the same.
+    let health = HealthClient::new(service.channel().await)
+        .check(HealthCheckRequest {
+            service: "capability.v1.CapabilityService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.status(), ServingStatus::NotServing);
 }
 
 #[tokio::test]

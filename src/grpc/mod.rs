@@ -542,17 +542,20 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-/// Serves gRPC on `listener`. When `shutdown` is cancelled health turns NOT_SERVING at once; when `stop` is
-/// cancelled the server stops accepting and lets in-flight calls finish (the caller bounds that wait).
+/// Serves gRPC on `listener`. The service's health turns SERVING once `ready` (the event log was read back, as
+/// `/readyz` says) and NOT_SERVING at once when `shutdown` is cancelled; the server's own (`""`) serves from the
+/// start, for a startup probe. When `stop` is cancelled the server stops accepting and lets in-flight calls finish
+/// (the caller bounds that wait).
 pub async fn serve(
     listener: GuardedListener,
     api: CapabilityApi,
     transport: TransportSettings,
+    ready: impl Future<Output = ()> + Send + 'static,
     shutdown: CancellationToken,
     stop: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<CapabilityServiceServer<CapabilityApi>>().await;
+    health.set_not_serving::<CapabilityServiceServer<CapabilityApi>>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -564,6 +567,10 @@ pub async fn serve(
         .build_v1alpha()
         .expect("the embedded descriptor set is valid");
     tokio::spawn(async move {
+        tokio::select! {
+            () = ready => health.set_serving::<CapabilityServiceServer<CapabilityApi>>().await,
+            () = shutdown.cancelled() => {}
+        }
         shutdown.cancelled().await;
         health.set_not_serving::<CapabilityServiceServer<CapabilityApi>>().await;
         health.set_service_status("", ServingStatus::NotServing).await;
