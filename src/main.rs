@@ -30,6 +30,10 @@ async fn main() -> ExitCode {
                 eprintln!("capability-facade: invalid configuration: {problem}");
                 return ExitCode::from(2);
             }
+            if let Some(problem) = config::describe_secret(&Cli::command(), &e) {
+                eprintln!("capability-facade: {problem}");
+                return ExitCode::from(2);
+            }
             e.exit()
         }
     };

@@ -20,6 +20,33 @@ fn binary() -> Command {
     command
 }
 
+/// A client command's secret refused for its form is named, never shown: clap's own message printed it.
+#[test]
+fn a_client_secret_refused_is_named_not_shown() {
+    let cases = [
+        (&["check", "--identity", "SMS:1"][..], "CAPABILITY_TOKEN", "--token"),
+        (&["watch", "r"][..], "CAPABILITY_TOKEN", "--token"),
+    ];
+    for (args, variable, flag) in cases {
+        let output = binary().env(variable, "TOP\u{1}SECRET").args(args).output().unwrap();
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(flag), "{args:?}: {stderr}");
+        assert!(!stderr.contains("TOP"), "{args:?}: {stderr}");
+    }
+    let output = binary()
+        .args([
+            "sandbox",
+            "--callback-url=http://127.0.0.1:1/",
+            "--webhook-secret=TOP\u{1}SECRET",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(!stderr.contains("TOP"), "{stderr}");
+}
+
 #[test]
 fn a_bad_value_stops_the_process_before_it_binds_naming_the_variable() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

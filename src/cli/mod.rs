@@ -262,7 +262,7 @@ pub struct SandboxArgs {
     #[arg(long, requires = "webhook_secret")]
     pub callback_url: Option<String>,
     /// The secret of that webhook, which signs its callbacks (the service's SINCH_WEBHOOK_SECRETS).
-    #[arg(long)]
+    #[arg(long, hide_env_values = true)]
     pub webhook_secret: Option<Secret>,
 }
 

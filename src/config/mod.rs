@@ -764,6 +764,14 @@ impl Config {
 /// The environment variable of the argument a clap error is about, looked up in `command`'s definitions (the
 /// one table from setting to variable is the `env` of each argument).
 pub fn variable_of(command: &clap::Command, error: &clap::Error) -> Option<(&'static str, bool)> {
+    let arg = invalid_arg(command, error)?;
+    let env = arg.get_env()?.to_str()?;
+    let variable = ALL_VARIABLES.iter().find(|v| **v == env)?;
+    Some((variable, arg.is_hide_env_values_set()))
+}
+
+/// The argument whose value `error` refused, in `command` or a subcommand.
+fn invalid_arg(command: &clap::Command, error: &clap::Error) -> Option<clap::Arg> {
     let clap::error::ContextValue::String(invalid) = error.get(clap::error::ContextKind::InvalidArg)? else {
         return None;
     };
@@ -776,10 +784,19 @@ pub fn variable_of(command: &clap::Command, error: &clap::Error) -> Option<(&'st
     // Arguments print as the error printed them only once the command is built.
     let mut command = command.clone();
     command.build();
-    let arg = find(&command, invalid)?;
-    let env = arg.get_env()?.to_str()?;
-    let variable = ALL_VARIABLES.iter().find(|v| **v == env)?;
-    Some((variable, arg.is_hide_env_values_set()))
+    find(&command, invalid).cloned()
+}
+
+/// What was wrong with a secret argument outside the serving configuration (a client's token, a webhook's
+/// secret), without its value: clap's own message shows the value refused.
+pub fn describe_secret(command: &clap::Command, error: &clap::Error) -> Option<String> {
+    let arg = invalid_arg(command, error)?;
+    arg.is_hide_env_values_set().then(|| {
+        let source = std::error::Error::source(error)
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        format!("invalid value for '{arg}'{source}")
+    })
 }
 
 /// Every variable of the serving configuration.
