@@ -331,3 +331,35 @@ async fn with_tokens_configured_only_callers_presenting_one_are_served() {
         .expect("health stays open to probes");
     assert_eq!(health.into_inner().status(), ServingStatus::Serving);
 }
+
+/// A client command against a service that stopped answering (frozen, or a path that drops everything after the
+/// connection) ends with an error instead of waiting for ever: it had no bound at all.
+#[tokio::test]
+async fn a_client_command_ends_when_the_service_stops_answering() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", silent.local_addr().unwrap());
+    // Accepts and holds every connection, reading nothing.
+    let _held = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    for args in [
+        &["check", "--identity", "SMS:46700000001"][..],
+        &["watch", "some-request"][..],
+    ] {
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_capability-facade"))
+            .env_clear()
+            .args(args)
+            .args(["--addr", &addr])
+            .kill_on_drop(true)
+            .output();
+        // A bound for a hang, not a timing target: the client gives up after its keepalive's ping goes unanswered.
+        let output = tokio::time::timeout(Duration::from_secs(120), child)
+            .await
+            .unwrap_or_else(|_| panic!("{args:?} still waits"))
+            .unwrap();
+        assert_ne!(output.status.code(), Some(0), "{args:?}");
+    }
+}

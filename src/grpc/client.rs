@@ -11,6 +11,9 @@ use tonic::{
 use super::pb::{self, capability_service_client::CapabilityServiceClient};
 use crate::secret::Secret;
 
+/// How often a client pings the service, and how long it waits for the answer.
+const KEEPALIVE: Duration = Duration::from_secs(5);
+
 /// Where the service is and how to present ourselves to it.
 pub struct Connection {
     /// `http://host:port`, or `https://host:port` for a service that serves TLS.
@@ -34,7 +37,12 @@ impl Client {
         let addr = &connection.addr;
         let mut endpoint = Endpoint::from_shared(addr.clone())
             .map_err(|e| format!("{addr:?} is not a valid address: {e}"))?
-            .connect_timeout(Duration::from_secs(5));
+            .connect_timeout(Duration::from_secs(5))
+            // A service that stops answering (frozen, or a path that drops everything) ends the call with an
+            // error once a ping goes unanswered, rather than leaving the command waiting for ever.
+            .http2_keep_alive_interval(KEEPALIVE)
+            .keep_alive_timeout(KEEPALIVE)
+            .keep_alive_while_idle(true);
         if addr.starts_with("https://") {
             let mut tls = match &connection.ca {
                 Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
