@@ -109,43 +109,7 @@ impl Service {
             tracing::info!("{variable}: a trailing line break was trimmed from the value");
         }
         let tls = tls::TlsFiles::read(&config.tls)?;
-        let mut webhook_secrets = config.webhook.secrets.secrets.clone();
-        let (sinch, sandbox) = match config.upstream()? {
-            Upstream::Sinch(sinch) => (sinch, None),
-            Upstream::Sandbox => {
-                let wanted = config.sandbox.addr;
-                let listener = TcpListener::bind(wanted).await.map_err(|e| {
-                    StartError::Other(format!(
-                        "{}: the in-process sandbox cannot listen on {wanted}: {e} (set another address, or \
-                         127.0.0.1:0 for a free port)",
-                        config::SANDBOX_ADDR
-                    ))
-                })?;
-                let addr = listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
-                let prepared = sandbox::SandboxConfig::new(config.sandbox.clone(), None);
-                let sinch = prepared.client_config(&format!("http://{addr}"), config.sinch.rate_limit);
-                // The in-process webhook is registered with the first configured secret, so that the doctor and
-                // `webhook` commands can compare and restore it; without one, a generated secret.
-                let secret = match webhook_secrets.first() {
-                    Some(configured) => configured.clone(),
-                    None => {
-                        let generated = Secret::new(ulid::Ulid::new().to_string());
-                        webhook_secrets.push(generated.clone());
-                        generated
-                    }
-                };
-                (sinch, Some((listener, prepared, secret)))
-            }
-        };
-        let client = Arc::new(
-            upstream::SinchClient::new(
-                &sinch,
-                upstream::RetryPolicy::default(),
-                upstream::TokenRetry::default(),
-            )
-            .map_err(|e| invalid(config::KEY_ID, e.to_string()))?,
-        );
-
+        // The event log before the sandbox's listener: its URL is checked before any port is bound.
         let retention = config.retention.retention;
         let hub = Arc::new(Hub::new(HubConfig {
             retention,
@@ -190,6 +154,43 @@ impl Service {
                 EventLog::redis(redis)
             }
         });
+        let mut webhook_secrets = config.webhook.secrets.secrets.clone();
+        let (sinch, sandbox) = match config.upstream()? {
+            Upstream::Sinch(sinch) => (sinch, None),
+            Upstream::Sandbox => {
+                let wanted = config.sandbox.addr;
+                let listener = TcpListener::bind(wanted).await.map_err(|e| {
+                    StartError::Other(format!(
+                        "{}: the in-process sandbox cannot listen on {wanted}: {e} (set another address, or \
+                         127.0.0.1:0 for a free port)",
+                        config::SANDBOX_ADDR
+                    ))
+                })?;
+                let addr = listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
+                let prepared = sandbox::SandboxConfig::new(config.sandbox.clone(), None);
+                let sinch = prepared.client_config(&format!("http://{addr}"), config.sinch.rate_limit);
+                // The in-process webhook is registered with the first configured secret, so that the doctor and
+                // `webhook` commands can compare and restore it; without one, a generated secret.
+                let secret = match webhook_secrets.first() {
+                    Some(configured) => configured.clone(),
+                    None => {
+                        let generated = Secret::new(ulid::Ulid::new().to_string());
+                        webhook_secrets.push(generated.clone());
+                        generated
+                    }
+                };
+                (sinch, Some((listener, prepared, secret)))
+            }
+        };
+        let client = Arc::new(
+            upstream::SinchClient::new(
+                &sinch,
+                upstream::RetryPolicy::default(),
+                upstream::TokenRetry::default(),
+            )
+            .map_err(|e| invalid(config::KEY_ID, e.to_string()))?,
+        );
+
         // A job sends at most one query per identity: under the smaller of the two budgets, Sinch sees neither
         // more callbacks nor more queries than it allows in any second (the query limiter allows bursts).
         let budget = config.sinch.callback_rate.min(config.sinch.rate_limit);

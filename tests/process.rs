@@ -20,6 +20,24 @@ fn binary() -> Command {
     command
 }
 
+/// Without credentials (the in-process sandbox) a bad value is refused before the sandbox's port is bound: it was
+/// bound first, and a taken port hid the bad value behind an exit 1.
+#[test]
+fn with_the_sandbox_a_bad_value_is_refused_before_its_port_is_bound() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let output = binary()
+        .env("CAPABILITY_SANDBOX_ADDR", taken.local_addr().unwrap().to_string())
+        .env("CAPABILITY_GRPC_ADDR", "127.0.0.1:0")
+        .env("CAPABILITY_WEBHOOK_ADDR", "127.0.0.1:0")
+        .env("CAPABILITY_ADMIN_ADDR", "127.0.0.1:0")
+        .env("CAPABILITY_REDIS_URL", "redis://[::1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("CAPABILITY_REDIS_URL"), "{stderr}");
+}
+
 /// A client command's secret refused for its form is named, never shown: clap's own message printed it.
 #[test]
 fn a_client_secret_refused_is_named_not_shown() {
