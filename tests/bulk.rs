@@ -317,26 +317,11 @@ async fn cancel_keeps_late_results(extra: &[&str]) {
 /// a replica that held the job before had sent it).
 #[tokio::test]
 async fn a_sent_record_met_again_by_its_own_attempt_still_sends_the_query() {
-    use capability_facade::{
-        capability::{ChannelIdentity, Recipient},
-        check::bulk::JobSpec,
-        log::redis::jobs::Marked,
-    };
-    let redis = common::redis::RedisServer::start().await;
+    use capability_facade::log::redis::jobs::Marked;
+    let redis = RedisServer::start().await;
     let log = common::redis_log(&redis, "resent", Some("resent-key")).await;
     let jobs = log.jobs();
-    let spec = JobSpec {
-        app_id: "app".into(),
-        recipients: vec![Recipient::IdentifiedBy(vec![ChannelIdentity {
-            channel: capability_facade::capability::Channel::Sms,
-            identity: "46700000001".into(),
-            app_id: String::new(),
-        }])],
-        max_age: Duration::ZERO,
-        wait: Duration::from_secs(10),
-        preference: None,
-        request_id: None,
-    };
+    let spec = job_spec(None);
     let created = jobs
         .create("job", &spec, &spec.fingerprint(), 1_000, Duration::from_secs(60))
         .await;
@@ -477,4 +462,111 @@ async fn recipients_waiting_when_their_replica_shuts_down_get_their_answers() {
         );
     }
     assert_eq!(fake.queries().len(), 3);
+}
+
+/// A job of one recipient, as StartBulkCheck makes it.
+fn job_spec(request_id: Option<&str>) -> capability_facade::check::bulk::JobSpec {
+    use capability_facade::capability::{Channel, ChannelIdentity, Recipient};
+    capability_facade::check::bulk::JobSpec {
+        app_id: "app".into(),
+        recipients: vec![Recipient::IdentifiedBy(vec![ChannelIdentity {
+            channel: Channel::Sms,
+            identity: "46700000001".into(),
+            app_id: String::new(),
+        }])],
+        max_age: Duration::ZERO,
+        wait: Duration::from_secs(10),
+        preference: None,
+        request_id: request_id.map(str::to_owned),
+    }
+}
+
+/// A start whose request_id was recorded but whose job was never written (the replica died, or Redis failed
+/// between the two) does not block that request_id: it was answered NOT_FOUND for the retention, a day.
+#[tokio::test]
+async fn a_request_id_whose_first_start_never_wrote_its_job_starts_one() {
+    let redis = RedisServer::start().await;
+    let log = common::redis_log(&redis, "unwritten", Some("unwritten-key")).await;
+    let jobs = log.jobs();
+    let spec = job_spec(Some("the-same-file"));
+    let day = Duration::from_secs(86_400);
+    assert!(matches!(
+        jobs.create("j1", &spec, &spec.fingerprint(), 1_000, day).await,
+        Ok(Ok((_, true)))
+    ));
+    for key in redis.keys("*job:*") {
+        redis.command(&["DEL", &key]);
+    }
+    let again = jobs.create("j2", &spec, &spec.fingerprint(), 2_000, day).await.unwrap();
+    match again {
+        Ok((status, created)) => assert_eq!((status.job_id.as_str(), created), ("j2", true)),
+        Err(e) => panic!("{e}"),
+    }
+    assert!(jobs.running().await.unwrap().contains(&"j2".to_owned()));
+}
+
+/// A job written but not listed as running (Redis failed between the two) is listed by a repeat of its start,
+/// so that a replica takes it over: nobody ran it, and it stayed RUNNING with nothing done.
+#[tokio::test]
+async fn a_job_not_listed_as_running_is_listed_by_a_repeat_of_its_start() {
+    let redis = RedisServer::start().await;
+    let log = common::redis_log(&redis, "unlisted", Some("unlisted-key")).await;
+    let jobs = log.jobs();
+    let spec = job_spec(Some("listed-later"));
+    let day = Duration::from_secs(86_400);
+    assert!(matches!(
+        jobs.create("j1", &spec, &spec.fingerprint(), 1_000, day).await,
+        Ok(Ok((_, true)))
+    ));
+    for key in redis.keys("*:jobs") {
+        redis.command(&["DEL", &key]);
+    }
+    let again = jobs.create("j2", &spec, &spec.fingerprint(), 2_000, day).await.unwrap();
+    assert!(
+        matches!(again, Ok((ref status, false)) if status.job_id == "j1"),
+        "{again:?}"
+    );
+    assert_eq!(jobs.running().await.unwrap(), ["j1"]);
+}
+
+/// A job that runs longer than the retention keeps its request_id: a repeat of its start (the same command
+/// again) found no record and started a second job, asking every recipient again.
+#[tokio::test]
+async fn a_job_running_past_the_retention_keeps_its_request_id() {
+    use capability_facade::check::bulk::JobState;
+    let redis = RedisServer::start().await;
+    let log = common::redis_log(&redis, "renewed", Some("renewed-key")).await;
+    let jobs = log.jobs();
+    let spec = job_spec(Some("a-long-job"));
+    let retention = Duration::from_millis(300);
+    assert!(matches!(
+        jobs.create("j1", &spec, &spec.fingerprint(), 1_000, retention).await,
+        Ok(Ok((_, true)))
+    ));
+    assert!(
+        jobs.claim("j1", "replica-a", Duration::from_secs(10))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    // Three retentions, renewed as a running job's replica renews it (every 2 s against 6 s; here every 100 ms).
+    for _ in 0..9 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let renewed = jobs.renew(
+            "j1",
+            "replica-a",
+            Duration::from_secs(10),
+            retention,
+            spec.request_id.as_deref(),
+        );
+        assert_eq!(renewed.await.unwrap(), Some(JobState::Running));
+    }
+    let again = jobs
+        .create("j2", &spec, &spec.fingerprint(), 2_000, retention)
+        .await
+        .unwrap();
+    assert!(
+        matches!(again, Ok((ref status, false)) if status.job_id == "j1"),
+        "{again:?}"
+    );
 }

@@ -248,11 +248,15 @@ impl Jobs {
                     sent: HashMap::new(),
                     done: Default::default(),
                 }),
-                // The first lease, as a takeover takes it.
-                Store::Redis(log) => Self::redis(log)
-                    .claim(&status.job_id, &self.owner, LEASE)
-                    .await
-                    .map_err(unavailable)?,
+                // The first lease, as a takeover takes it. Listed as running already: if this fails, another
+                // replica takes it over (a repeat of its request_id finds it meanwhile).
+                Store::Redis(log) => match Self::redis(log).claim(&status.job_id, &self.owner, LEASE).await {
+                    Ok(resumable) => resumable,
+                    Err(e) => {
+                        tracing::warn!(job_id = %status.job_id, error = %e, "a bulk check's first lease could not be taken: another replica takes it over");
+                        None
+                    }
+                },
             };
             if let Some(resumable) = resumable {
                 self.launch(status.job_id.clone(), resumable);
@@ -313,13 +317,15 @@ impl Jobs {
             .insert(job_id.clone(), token.clone());
         metrics::gauge!("capability_bulk_jobs_running").increment(1.0);
         let jobs = self.clone();
+        let request_id = resumable.spec.request_id.clone();
         self.tasks.spawn(async move {
-            let keeper = jobs.keep_lease(&job_id, &token);
+            let request_id = request_id.as_deref();
+            let keeper = jobs.keep_lease(&job_id, request_id, &token);
             let run = jobs.run(&job_id, resumable, &token);
             tokio::pin!(run);
             tokio::select! {
                 ended = &mut run => match ended {
-                    Some(state) => jobs.finish(&job_id, state).await,
+                    Some(state) => jobs.finish(&job_id, request_id, state).await,
                     None => jobs.leave(&job_id).await,
                 },
                 () = keeper => {
@@ -333,13 +339,16 @@ impl Jobs {
     }
 
     /// With Redis, renews the job's lease until it is lost (returns) or the job ends (never returns).
-    async fn keep_lease(&self, job_id: &str, token: &CancellationToken) {
+    async fn keep_lease(&self, job_id: &str, request_id: Option<&str>, token: &CancellationToken) {
         let Store::Redis(log) = &self.store else {
             return std::future::pending().await;
         };
         loop {
             tokio::time::sleep(LEASE_RENEWAL).await;
-            match Self::redis(log).renew(job_id, &self.owner, LEASE, self.retention).await {
+            match Self::redis(log)
+                .renew(job_id, &self.owner, LEASE, self.retention, request_id)
+                .await
+            {
                 Ok(Some(JobState::Cancelled)) => token.cancel(),
                 Ok(Some(_)) => {}
                 Ok(None) => return,
@@ -364,7 +373,7 @@ impl Jobs {
         }
     }
 
-    async fn finish(&self, job_id: &str, state: JobState) {
+    async fn finish(&self, job_id: &str, request_id: Option<&str>, state: JobState) {
         let now = wall_clock_ms();
         let result = match &self.store {
             Store::Local(local) => {
@@ -373,7 +382,7 @@ impl Jobs {
             }
             Store::Redis(log) => {
                 Self::redis(log)
-                    .finish(job_id, &self.owner, state, now, self.retention)
+                    .finish(job_id, &self.owner, state, now, self.retention, request_id)
                     .await
             }
         };

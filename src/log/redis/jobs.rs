@@ -126,6 +126,13 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 return 0
 ";
 
+/// Points a request_id's record at a new job, if it still names `old`. KEYS: record. ARGV: old, new, ttl (ms).
+const RECLAIM: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+return 1
+";
+
 /// Gives a lease back if `owner` holds it. KEYS: lease. ARGV: owner.
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -178,6 +185,7 @@ pub struct RedisJobs {
     renew: Script,
     claim: Script,
     release: Script,
+    reclaim: Script,
     pace: Script,
 }
 
@@ -202,6 +210,7 @@ impl RedisJobs {
             renew: Script::new(RENEW),
             claim: Script::new(CLAIM),
             release: Script::new(RELEASE),
+            reclaim: Script::new(RECLAIM),
             pace: Script::new(PACE),
         }
     }
@@ -210,13 +219,19 @@ impl RedisJobs {
         format!("{{{}:job:{}}}:{part}", self.prefix, hashed(job_id))
     }
 
+    /// The record of a caller-chosen request_id.
+    fn request_key(&self, request_id: &str) -> String {
+        format!("{}:bulkreq:{}", self.prefix, hashed(request_id))
+    }
+
     fn running_set(&self) -> String {
         format!("{}:jobs", self.prefix)
     }
 
     /// Creates a job, or finds the one its request_id created; `true` when created. The request_id's record,
     /// the job and the running set are separate steps (in a cluster they live on different slots): the record
-    /// first, so that a repeat finds the job even while it is being written.
+    /// first, so that a repeat finds the job even while it is being written. A repeat mends what a failed start
+    /// left: a record naming a job never written is pointed at a new one, a job not listed as running is listed.
     pub async fn create(
         &self,
         job_id: &str,
@@ -227,10 +242,11 @@ impl RedisJobs {
     ) -> redis::RedisResult<Result<(JobStatus, bool), JobError>> {
         let mut conn = self.commands.clone();
         if let Some(request_id) = &spec.request_id {
-            let key = format!("{}:bulkreq:{}", self.prefix, hashed(request_id));
+            let key = self.request_key(request_id);
+            let record = format!("{fingerprint}:{job_id}");
             let claimed: Option<String> = redis::cmd("SET")
                 .arg(&key)
-                .arg(format!("{fingerprint}:{job_id}"))
+                .arg(&record)
                 .arg("NX")
                 .arg("PX")
                 .arg(ttl_ms(retention))
@@ -245,13 +261,32 @@ impl RedisJobs {
                     return Ok(Err(JobError::Conflict(request_id.clone())));
                 }
                 // The first start may still be writing the job: a short wait for it.
-                for _ in 0..50 {
+                for _ in 0..100 {
                     if let Some(status) = self.status(known_job).await? {
+                        if status.state == JobState::Running {
+                            redis::cmd("SADD")
+                                .arg(self.running_set())
+                                .arg(known_job)
+                                .query_async::<i64>(&mut conn)
+                                .await?;
+                        }
                         return Ok(Ok((status, false)));
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                return Ok(Err(JobError::NotFound(known_job.to_owned())));
+                // Never written: the start that recorded it failed. This one starts the job.
+                let mut reclaim = self.reclaim.prepare_invoke();
+                reclaim
+                    .key(&key)
+                    .arg(known.as_deref().unwrap_or_default())
+                    .arg(&record)
+                    .arg(ttl_ms(retention));
+                if reclaim.invoke_async::<i64>(&mut conn).await? == 0 {
+                    return Err(decode_error("request_id", "started again meanwhile; retry"));
+                }
+                tracing::warn!(
+                    "a bulk check's request_id named a job never written (its start failed): starting it now"
+                );
             }
         }
         let mut invocation = self.create.prepare_invoke();
@@ -401,6 +436,7 @@ impl RedisJobs {
         state: JobState,
         now_ms: u64,
         retention: Duration,
+        request_id: Option<&str>,
     ) -> redis::RedisResult<bool> {
         let mut invocation = self.finish.prepare_invoke();
         for part in ["meta", "spec", "sent", "done", "results", "lease"] {
@@ -413,6 +449,7 @@ impl RedisJobs {
             .arg(owner);
         let ended = invocation.invoke_async::<i64>(&mut self.commands.clone()).await? == 1;
         if ended {
+            self.keep_request(request_id, retention).await?;
             redis::cmd("SREM")
                 .arg(self.running_set())
                 .arg(job_id)
@@ -422,13 +459,15 @@ impl RedisJobs {
         Ok(ended)
     }
 
-    /// Renews `owner`'s lease; the job's state, or `None` when the lease is not `owner`'s any more.
+    /// Renews `owner`'s lease, and the job's keys and its request_id's record for a retention; the job's state,
+    /// or `None` when the lease is not `owner`'s any more.
     pub async fn renew(
         &self,
         job_id: &str,
         owner: &str,
         ttl: Duration,
         retention: Duration,
+        request_id: Option<&str>,
     ) -> redis::RedisResult<Option<JobState>> {
         let mut invocation = self.renew.prepare_invoke();
         invocation
@@ -439,7 +478,21 @@ impl RedisJobs {
             .arg(ttl_ms(ttl))
             .arg(ttl_ms(retention));
         let state: Option<String> = invocation.invoke_async(&mut self.commands.clone()).await?;
+        if state.is_some() {
+            self.keep_request(request_id, retention).await?;
+        }
         Ok(state.map(|s| JobState::parse(&s)))
+    }
+
+    /// Keeps a request_id's record a retention from now, as long as its job.
+    async fn keep_request(&self, request_id: Option<&str>, retention: Duration) -> redis::RedisResult<()> {
+        let Some(request_id) = request_id else { return Ok(()) };
+        redis::cmd("PEXPIRE")
+            .arg(self.request_key(request_id))
+            .arg(ttl_ms(retention))
+            .query_async::<i64>(&mut self.commands.clone())
+            .await
+            .map(drop)
     }
 
     /// Gives `owner`'s lease back, so that another replica takes the job over at once.
