@@ -570,3 +570,36 @@ async fn a_job_running_past_the_retention_keeps_its_request_id() {
         "{again:?}"
     );
 }
+
+/// A recipient whose query Sinch refused for a while (503 through every retry) is asked again later: it was
+/// answered "pending" for good, and the job said it succeeded.
+#[tokio::test]
+async fn a_recipient_sinch_refused_for_a_while_is_asked_again_later() {
+    refused_for_a_while(&[]).await;
+}
+
+#[tokio::test]
+async fn a_recipient_sinch_refused_for_a_while_is_asked_again_later_with_redis() {
+    let redis = RedisServer::start().await;
+    refused_for_a_while(&[&format!("--redis-url={}", redis.url())]).await;
+}
+
+async fn refused_for_a_while(extra: &[&str]) {
+    let fake = Arc::new(FakeSinch::start().await);
+    fake.script_queries((0..5).map(|_| common::Canned::sinch_error(503, "UNAVAILABLE", "down for a moment")));
+    let mut args = vec!["--sinch-callback-rate=1000"];
+    args.extend_from_slice(extra);
+    let service = Service::against(&fake, &args).await;
+    let _sinch = play_sinch(fake.clone(), service.webhook_addr, 6);
+    let mut client = service.client().await;
+    let job = client
+        .start_bulk_check(start(vec![recipient(0)], ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let (results, progress) = watch(&mut client, &job.job_id, 0).await;
+    assert_eq!(progress.last().unwrap().state(), BulkCheckState::Succeeded);
+    assert_eq!(results.len(), 1);
+    assert!(results[0].answer.as_ref().unwrap().complete, "{results:?}");
+    assert_eq!(fake.queries().len(), 6, "five refused, then the one answered");
+}

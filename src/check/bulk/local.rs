@@ -125,6 +125,13 @@ impl LocalJobs {
         }
     }
 
+    /// Forgets that `index` was sent: Sinch refused its query.
+    pub fn unmark_sent(&self, job_id: &str, index: u32) {
+        if let Some(job) = self.jobs.lock().expect("jobs lock poisoned").get_mut(job_id) {
+            job.sent.remove(&index);
+        }
+    }
+
     /// Records `answer` for each of `indexes` not answered yet, at the next offsets.
     pub fn record(
         &self,

@@ -40,6 +40,14 @@ pub const MAX_RUNNING: usize = 16;
 const LEASE_RENEWAL: Duration = Duration::from_secs(2);
 /// How long a lease lasts without renewal: a job whose replica died is taken over after this.
 const LEASE: Duration = Duration::from_secs(6);
+/// When a recipient whose query Sinch refused for a while (through every retry) is asked again, after its
+/// first attempt: then it is answered with every identity pending.
+const ASKED_AGAIN_AFTER: [Duration; 4] = [
+    Duration::from_secs(1),
+    Duration::from_secs(5),
+    Duration::from_secs(25),
+    Duration::from_secs(60),
+];
 
 /// A validated StartBulkCheck.
 #[derive(Debug, Clone)]
@@ -481,33 +489,68 @@ impl Jobs {
         token: &CancellationToken,
     ) -> Result<(), CheckError> {
         let index = group[0];
-        let now = wall_clock_ms();
-        // A recipient sent before a takeover waits what is left of its wait, and is never sent again.
-        let (wait, request_id) = match sent {
-            Some((request_id, at)) => {
-                let waited = Duration::from_millis(now.saturating_sub(*at));
-                (spec.wait.saturating_sub(waited), Some(request_id.clone()))
+        let mut again = ASKED_AGAIN_AFTER.iter();
+        let answer = loop {
+            let now = wall_clock_ms();
+            // A recipient sent before a takeover waits what is left of its wait, and is never sent again.
+            let (wait, request_id) = match sent {
+                Some((request_id, at)) => {
+                    let waited = Duration::from_millis(now.saturating_sub(*at));
+                    (spec.wait.saturating_sub(waited), Some(request_id.clone()))
+                }
+                None => (spec.wait, None),
+            };
+            let request = CheckRequest {
+                app_id: spec.app_id.clone(),
+                recipient: spec.recipients[index as usize].clone(),
+                max_age: spec.max_age,
+                wait,
+                preference: spec.preference.clone(),
+                request_id,
+            };
+            let gate = JobGate {
+                jobs: self,
+                job_id,
+                index,
+                resumed: sent.map(|(request_id, _)| request_id.as_str()),
+                token,
+                marked: Mutex::new(None),
+            };
+            let deadline = Instant::now() + wait + crate::query::MAX_DEADLINE.min(Duration::from_secs(30));
+            let error = match self.checker.check_gated(request, deadline, None, Some(&gate)).await {
+                Ok(answer) => break answer,
+                Err(e) => e,
+            };
+            // Refused by Sinch (it answered an error, or this replica's limit held it): not registered there, so
+            // it may be sent again, a while later.
+            let (Some(refused), Some(after)) = (refused_for_now(&error), again.next()) else {
+                return Err(error);
+            };
+            let marked = gate.marked.lock().expect("marked lock poisoned").take();
+            if let Some(request_id) = marked {
+                self.unmark_sent(job_id, index, &request_id).await?;
             }
-            None => (spec.wait, None),
+            tracing::info!(job_id = %job_id, index, error = %error, "Sinch refused a bulk check's query for now: asked again later");
+            tokio::select! {
+                () = tokio::time::sleep(refused.max(*after)) => {}
+                () = token.cancelled() => return Err(CheckError::Cancelled),
+            }
         };
-        let request = CheckRequest {
-            app_id: spec.app_id.clone(),
-            recipient: spec.recipients[index as usize].clone(),
-            max_age: spec.max_age,
-            wait,
-            preference: spec.preference.clone(),
-            request_id,
-        };
-        let gate = JobGate {
-            jobs: self,
-            job_id,
-            index,
-            resumed: sent.map(|(request_id, _)| request_id.as_str()),
-            token,
-        };
-        let deadline = Instant::now() + wait + crate::query::MAX_DEADLINE.min(Duration::from_secs(30));
-        let answer = self.checker.check_gated(request, deadline, None, Some(&gate)).await?;
         self.record(job_id, group, &answer).await
+    }
+
+    /// Forgets that `index` was sent under `request_id`: Sinch refused it.
+    async fn unmark_sent(&self, job_id: &str, index: u32, request_id: &str) -> Result<(), CheckError> {
+        match &self.store {
+            Store::Local(local) => {
+                local.unmark_sent(job_id, index);
+                Ok(())
+            }
+            Store::Redis(log) => Self::redis(log)
+                .unmark_sent(job_id, &self.owner, index, request_id)
+                .await
+                .map_err(|e| CheckError::Unavailable(e.to_string())),
+        }
     }
 
     /// Records `answer` for every index of `group`.
@@ -594,6 +637,20 @@ fn job_wide(error: &CheckError) -> bool {
     }
 }
 
+/// Whether Sinch refused a query for now (an error status worth retrying, after the client's own retries, or
+/// this replica's rate limit), so that it was not registered there; the wait it asked for, if any.
+fn refused_for_now(error: &CheckError) -> Option<Duration> {
+    use crate::{query::QueryError, upstream::Error};
+    match error {
+        CheckError::Query(QueryError::Upstream(e)) => match e {
+            Error::RateLimited { retry_after } => Some(*retry_after),
+            Error::Api(_) if e.is_retryable() => Some(e.retry_after().unwrap_or_default()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 /// What identifies a recipient within a job.
 fn recipient_key(recipient: &Recipient) -> String {
     match recipient {
@@ -618,6 +675,8 @@ struct JobGate<'a> {
     /// Sent before a takeover, under this request_id: never again.
     resumed: Option<&'a str>,
     token: &'a CancellationToken,
+    /// The request_id recorded as sent by this attempt.
+    marked: Mutex<Option<String>>,
 }
 
 impl Gate for JobGate<'_> {
@@ -647,7 +706,7 @@ impl Gate for JobGate<'_> {
                     .map_err(|e| CheckError::Unavailable(e.to_string()))?,
             };
             match marked {
-                Marked::Marked => {}
+                Marked::Marked => *self.marked.lock().expect("marked lock poisoned") = Some(request_id.to_owned()),
                 Marked::SentBefore(request_id) => return Ok(Proceed::Sent(request_id.into())),
                 Marked::Stopped => return Err(CheckError::Cancelled),
             }

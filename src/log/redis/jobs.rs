@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `{…}:meta` | hash: `state`, `total`, `done`, `from_cache`, `reachable`, `create`, `update` (ms) |
 //! | `{…}:spec` | the job's request ([`crate::check::bulk::stored`]) |
-//! | `{…}:sent` | hash: recipient index → `<ms sent>:<request_id>`, written before the query goes out |
+//! | `{…}:sent` | hash: recipient index → `<ms sent>:<request_id>`, written before the query goes out, taken back if Sinch refuses it |
 //! | `{…}:done` | hash: recipient index → its offset |
 //! | `{…}:results` | list: offset − 1 → 4-byte index and the encoded answer |
 //! | `{…}:lease` | the replica running the job; expires unless renewed |
@@ -53,6 +53,17 @@ if held then return {2, held} end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return {1}
+";
+
+/// Forgets that a recipient was sent under a request_id Sinch refused, if `owner` holds the lease.
+/// KEYS: sent, lease. ARGV: index, request_id, owner.
+const UNMARK_SENT: &str = r"
+if redis.call('GET', KEYS[2]) ~= ARGV[3] then return 0 end
+local held = redis.call('HGET', KEYS[1], ARGV[1])
+if not held then return 0 end
+local at = string.find(held, ':', 1, true)
+if at and string.sub(held, at + 1) == ARGV[2] then return redis.call('HDEL', KEYS[1], ARGV[1]) end
+return 0
 ";
 
 /// Records an answer for the indexes not answered yet. KEYS: meta, done, results. ARGV: answer bytes, from
@@ -179,6 +190,7 @@ pub struct RedisJobs {
     prefix: String,
     create: Script,
     mark_sent: Script,
+    unmark_sent: Script,
     record: Script,
     cancel: Script,
     finish: Script,
@@ -204,6 +216,7 @@ impl RedisJobs {
             prefix,
             create: Script::new(CREATE),
             mark_sent: Script::new(MARK_SENT),
+            unmark_sent: Script::new(UNMARK_SENT),
             record: Script::new(RECORD),
             cancel: Script::new(CANCEL),
             finish: Script::new(FINISH),
@@ -375,6 +388,21 @@ impl RedisJobs {
             }
             _ => Marked::Stopped,
         })
+    }
+
+    /// Forgets that `index` was sent under `request_id` (Sinch refused it), if `owner` runs the job.
+    pub async fn unmark_sent(&self, job_id: &str, owner: &str, index: u32, request_id: &str) -> redis::RedisResult<()> {
+        let mut invocation = self.unmark_sent.prepare_invoke();
+        invocation
+            .key(self.key(job_id, "sent"))
+            .key(self.key(job_id, "lease"))
+            .arg(index)
+            .arg(request_id)
+            .arg(owner);
+        invocation
+            .invoke_async::<i64>(&mut self.commands.clone())
+            .await
+            .map(drop)
     }
 
     /// Records `answer` (encoded) for each of `indexes` not answered yet, at the next offsets.
