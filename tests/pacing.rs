@@ -9,8 +9,8 @@ use std::{sync::Arc, time::Duration};
 use capability_facade::grpc::pb::{self, Channel};
 use common::{
     FakeSinch, Service,
-    bulk::{APP, play_sinch, recipient, start, watch},
-    identities,
+    bulk::{APP, CONTACT_CHANNELS, play_sinch, recipient, start, watch},
+    contact, identities,
 };
 
 // Several threads, as the service runs in production: on one, the fake's clock would read each query only when the
@@ -53,6 +53,38 @@ async fn live_queries_stay_within_the_callback_rate_in_every_second() {
         assert!(
             identities_in_window <= 20,
             "{identities_in_window} identities in the second after query {i}"
+        );
+    }
+}
+
+/// A contact's query brings one callback per channel that answers: the job's pace counts each, not one per
+/// contact (four contacts a second at a budget of four made sixteen callbacks a second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_contact_counts_every_channel_that_answers_in_the_callback_budget() {
+    let fake = Arc::new(FakeSinch::start().await);
+    let budget = CONTACT_CHANNELS.len();
+    let service = Service::against(&fake, &[&format!("--sinch-callback-rate={budget}")]).await;
+    let _sinch = play_sinch(fake.clone(), service.webhook_addr, 1);
+    let mut client = service.client().await;
+    let recipients = (0..6).map(|i| contact(&format!("CONTACT-{i}"))).collect();
+    let job = client
+        .start_bulk_check(start(recipients, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let (results, _) = watch(&mut client, &job.job_id, 0).await;
+    assert_eq!(results.len(), 6);
+    let sent: Vec<std::time::Instant> = fake.queries().iter().map(|q| q.at).collect();
+    for (i, at) in sent.iter().enumerate() {
+        let in_window = sent[i..]
+            .iter()
+            .take_while(|t| **t < *at + Duration::from_secs(1))
+            .count();
+        // One a second fills the budget; two allow for the callbacks of one arriving late.
+        assert!(
+            in_window <= 2,
+            "{in_window} contacts ({} callbacks) in the second after query {i}",
+            in_window * budget
         );
     }
 }

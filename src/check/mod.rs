@@ -582,7 +582,14 @@ impl Checker {
                 .find(|r| r.channel == result.channel && r.identity == result.identity)
             {
                 Some(held) => *held = result,
-                None => results.push(result),
+                None => {
+                    // Its query was counted as one callback in the app's budget: each further channel that
+                    // answers is one more.
+                    if live && !results.is_empty() {
+                        self.pacer.record(1);
+                    }
+                    results.push(result);
+                }
             }
             quiet_until = until.min(Instant::now() + self.settings.settle);
         }

@@ -12,8 +12,11 @@ use super::{CapabilityCallback, FakeSinch, deliver, identities};
 
 pub const APP: &str = "APP-1";
 
-/// Answers every query the fake receives, from the `from`-th on (1-based), with one FULL callback per identity,
-/// posted to `webhook`, until dropped.
+/// The channels a contact of [`play_sinch`] is reachable on: one callback each.
+pub const CONTACT_CHANNELS: [&str; 4] = ["SMS", "RCS", "WHATSAPP", "VIBER"];
+
+/// Answers every query the fake receives, from the `from`-th on (1-based), with one FULL callback per identity
+/// (per channel of [`CONTACT_CHANNELS`] for a contact), posted to `webhook`, until dropped.
 pub fn play_sinch(fake: Arc<FakeSinch>, webhook: SocketAddr, from: usize) -> tokio::task::JoinHandle<()> {
     play_sinch_after(fake, webhook, from, Duration::ZERO)
 }
@@ -30,16 +33,29 @@ pub fn play_sinch_after(
             let body = fake.until_queries(n).await[n - 1].json();
             tokio::time::sleep(delay).await;
             let request_id = body["request_id"].as_str().unwrap().to_owned();
-            for id in body["recipient"]["identified_by"]["channel_identities"]
-                .as_array()
-                .unwrap()
-            {
-                let callback = CapabilityCallback::new(
-                    &request_id,
-                    id["channel"].as_str().unwrap(),
-                    id["identity"].as_str().unwrap(),
-                    "CAPABILITY_FULL",
-                );
+            let callbacks: Vec<CapabilityCallback> = match body["recipient"]["contact_id"].as_str() {
+                Some(contact) => CONTACT_CHANNELS
+                    .iter()
+                    .map(|channel| {
+                        CapabilityCallback::new(&request_id, channel, "46700000000", "CAPABILITY_FULL")
+                            .contact_id(contact)
+                    })
+                    .collect(),
+                None => body["recipient"]["identified_by"]["channel_identities"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|id| {
+                        CapabilityCallback::new(
+                            &request_id,
+                            id["channel"].as_str().unwrap(),
+                            id["identity"].as_str().unwrap(),
+                            "CAPABILITY_FULL",
+                        )
+                    })
+                    .collect(),
+            };
+            for callback in callbacks {
                 assert_eq!(deliver(webhook, callback.body()).await, 200);
             }
         }

@@ -94,10 +94,11 @@ impl Pacer {
     }
 
     /// Waits until `identities` more fit in the window, then counts them. A job asking for more than the whole
-    /// budget gets it once the window is empty.
+    /// budget gets it once the window is empty, and the next waits as many windows as it asked for.
     pub async fn admit(&self, identities: u32) {
         let mut next = self.queue.lock().await;
-        let identities = identities.min(self.limit);
+        // What the window counts: all of a budget at most, the rest in the spacing that follows.
+        let counted = identities.min(self.limit);
         // Timers tick by the millisecond: a budget of thousands a second goes out in small bursts, at most
         // `SPREAD_SLACK` early, never faster on average.
         if *next > Instant::now() + SPREAD_SLACK {
@@ -109,12 +110,12 @@ impl Pacer {
         loop {
             let wait = match &self.window {
                 Window::Local(window) => {
-                    local_admit(&mut window.lock().expect("pacer lock poisoned"), self.limit, identities)
+                    local_admit(&mut window.lock().expect("pacer lock poisoned"), self.limit, counted)
                 }
                 Window::Redis(log) => match log
                     .shared_jobs()
                     .expect("a Redis log")
-                    .pace(self.limit, identities, false)
+                    .pace(self.limit, counted, false)
                     .await
                 {
                     Ok(wait) => wait,
@@ -219,6 +220,19 @@ mod tests {
         let before = Instant::now();
         pacer.admit(1).await;
         assert!(before.elapsed() >= WINDOW);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_query_of_more_identities_than_the_budget_holds_the_next_back_as_many_windows() {
+        let pacer = local_pacer(25);
+        pacer.admit(100).await;
+        let before = Instant::now();
+        pacer.admit(1).await;
+        assert!(
+            before.elapsed() >= 4 * WINDOW - 2 * SPREAD_SLACK,
+            "{:?}",
+            before.elapsed()
+        );
     }
 
     #[tokio::test(start_paused = true)]
