@@ -89,7 +89,7 @@ impl Queries {
         };
         if let Err(e) = self.log.record_query(record).await {
             tracing::warn!(request_id = %mask_digits(&query.request_id), error = %e, "the query's record could not be logged: \
-                its watches will not know its expected channels and end at their wait");
+                until it is, its watches do not know its expected channels");
         }
         let traceparent = telemetry::outgoing_traceparent(trace);
         let accepted = self.upstream.query(query, deadline, traceparent.as_deref()).await?;
@@ -103,7 +103,7 @@ impl Queries {
             };
             if let Err(e) = self.log.record_query(record).await {
                 tracing::warn!(request_id = %mask_digits(&accepted.request_id), error = %e, "the query's record could not be logged \
-                    under Sinch's request_id: its watches will not know its expected channels and end at their wait");
+                    under Sinch's request_id: until it is, its watches do not know its expected channels");
             }
         }
         Ok(accepted)

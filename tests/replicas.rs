@@ -470,3 +470,31 @@ async fn first_notifications(binary: &common::Binary, request_id: &str, count: u
     }
     seen
 }
+
+/// A query forwarded while Redis was down is recorded once Redis answers again: its watches, on any replica, know
+/// the channels it expects and complete when they have reported. They waited out their whole wait, ending as if a
+/// channel might still come.
+#[tokio::test]
+async fn a_query_forwarded_while_redis_was_down_is_recorded_once_it_is_back() {
+    let mut redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let (a, b) = (replica(&fake, &redis).await, replica(&fake, &redis).await);
+    redis.kill().await;
+    let watch = query_and_watch(&a, "blip", Some(Duration::from_secs(10))).await;
+    redis.restart().await;
+    deliver_until_acknowledged(a.webhook_addr, body("blip", "SMS")).await;
+    assert_eq!(deliver(b.webhook_addr, body("blip", "RCS")).await, 200);
+    let (seen, end) = drain(watch).await;
+    assert_eq!(seen.len(), 2);
+    assert_eq!(end.unwrap().reason(), CompletionReason::AllChannelsReported);
+    let on_b = b
+        .client()
+        .await
+        .watch_capability(watch_request("blip", 0, Some(Duration::from_secs(10))))
+        .await
+        .unwrap()
+        .into_inner();
+    let (seen, end) = drain(on_b).await;
+    assert_eq!(seen.len(), 2);
+    assert_eq!(end.unwrap().reason(), CompletionReason::AllChannelsReported);
+}

@@ -55,6 +55,8 @@ const BATCH: usize = 1024;
 const RECENT: Duration = Duration::from_secs(10);
 /// The most events kept for that, per shard, whatever the rate.
 const MAX_RECENT: usize = 100_000;
+/// The most query records kept per shard while Redis cannot take them (a minute of queries at Sinch's rate).
+const MAX_UNRECORDED: usize = 50_000;
 
 /// Appends a notification. KEYS: epoch, stream, request state, [nonce]. ARGV: the epoch this replica knows,
 /// this attempt's token, the nonce's time to live (ms), the retention (ms), the cap, the digest (hex), the
@@ -164,6 +166,10 @@ struct Shard {
     recent: Mutex<VecDeque<(Instant, Recent)>>,
     /// Whether this shard's reader has read back the retained stream (or found Redis down at first).
     caught_up: AtomicBool,
+    /// Query records Redis could not take, oldest first, appended when it answers again; `has_unrecorded` says
+    /// whether there are any without taking the lock.
+    unrecorded: Mutex<VecDeque<(Instant, Vec<u8>)>>,
+    has_unrecorded: AtomicBool,
 }
 
 /// An event this replica appended, as it must be appended again after a loss.
@@ -245,6 +251,8 @@ impl RedisLog {
                     recovering: tokio::sync::Mutex::new(()),
                     recent: Mutex::new(VecDeque::new()),
                     caught_up: AtomicBool::new(false),
+                    unrecorded: Mutex::new(VecDeque::new()),
+                    has_unrecorded: AtomicBool::new(false),
                 }
             })
             .collect();
@@ -331,6 +339,7 @@ impl RedisLog {
         };
         let index = self.shard_of(&received.notification.request_id);
         let shard = &self.shards[index];
+        self.append_unrecorded(shard).await;
         let request_key = format!("{}:r:{}", shard.tag, hashed(&received.notification.request_id));
         let digest = received.digest.hex();
         let cached = self
@@ -392,9 +401,51 @@ impl RedisLog {
         Err(Unavailable("Redis changed its dataset twice during one append".into()))
     }
 
+    /// Appends a query's record; when Redis cannot take it, keeps it to append when Redis answers again (the
+    /// next append or read of its shard), so that its watches learn the channels it expects.
     pub(super) async fn record_query(&self, query: QueryRecorded) -> Result<(), Unavailable> {
         let shard = &self.shards[self.shard_of(&query.request_id)];
+        self.append_unrecorded(shard).await;
         let event = codec::encode(&codec::Event::QueryRecorded(query));
+        if let Err(e) = self.append_query(shard, &event).await {
+            shard.keep_unrecorded([(Instant::now(), event)]);
+            return Err(Unavailable(format!("{e}; it is appended when Redis answers again")));
+        }
+        Ok(())
+    }
+
+    /// Appends the query records Redis could not take before, oldest first, until one fails (it and the rest
+    /// are kept for the next try). Those past the retention are dropped: nothing would replay them.
+    async fn append_unrecorded(&self, shard: &Shard) {
+        if !shard.has_unrecorded.load(Ordering::Relaxed) {
+            return;
+        }
+        let waiting: Vec<(Instant, Vec<u8>)> = {
+            let mut unrecorded = shard.unrecorded.lock().expect("unrecorded lock poisoned");
+            shard.has_unrecorded.store(false, Ordering::Relaxed);
+            unrecorded.drain(..).collect()
+        };
+        let mut waiting = waiting
+            .into_iter()
+            .filter(|(at, _)| at.elapsed() < self.settings.retention)
+            .peekable();
+        let mut appended = 0;
+        while let Some((_, event)) = waiting.peek() {
+            if let Err(e) = self.append_query(shard, event).await {
+                tracing::debug!(error = %e, "query records kept while Redis was down are still not appended");
+                shard.keep_unrecorded(waiting);
+                break;
+            }
+            waiting.next();
+            appended += 1;
+        }
+        if appended > 0 {
+            tracing::info!(appended, "query records kept while Redis was down were appended");
+        }
+    }
+
+    /// Appends one query record (`event`) to `shard`'s stream.
+    async fn append_query(&self, shard: &Shard, event: &[u8]) -> redis::RedisResult<()> {
         let minid = wall_clock_ms().saturating_sub(self.settings.retention.as_millis() as u64);
         let mut command = redis::cmd("XADD");
         command
@@ -404,7 +455,7 @@ impl RedisLog {
             .arg(minid)
             .arg("*")
             .arg("e")
-            .arg(event.as_slice());
+            .arg(event);
         retried(
             |mut conn| {
                 let command = &command;
@@ -412,9 +463,8 @@ impl RedisLog {
             },
             &self.commands,
         )
-        .await
-        .map_err(|e| Unavailable(e.to_string()))?;
-        shard.remember(Recent::Query { event });
+        .await?;
+        shard.remember(Recent::Query { event: event.to_vec() });
         Ok(())
     }
 
@@ -511,6 +561,7 @@ impl RedisLog {
             let connected = async {
                 let mut conn = self.connector.dedicated(BLOCK).await?;
                 self.recover(index).await?;
+                self.append_unrecorded(shard).await;
                 if last_id.is_none() {
                     let start = redis_time_ms(&mut conn)
                         .await?
@@ -708,6 +759,20 @@ impl RedisLog {
 }
 
 impl Shard {
+    /// Keeps query records Redis could not take (oldest first) before those kept already, forgetting the oldest
+    /// past [`MAX_UNRECORDED`].
+    fn keep_unrecorded(&self, events: impl IntoIterator<Item = (Instant, Vec<u8>)>) {
+        let mut unrecorded = self.unrecorded.lock().expect("unrecorded lock poisoned");
+        let later = std::mem::take(&mut *unrecorded);
+        unrecorded.extend(events);
+        unrecorded.extend(later);
+        while unrecorded.len() > MAX_UNRECORDED {
+            unrecorded.pop_front();
+            metrics::counter!("capability_backplane_query_records_dropped_total").increment(1);
+        }
+        self.has_unrecorded.store(true, Ordering::Relaxed);
+    }
+
     /// Keeps `event` among the recent events, forgetting those past [`RECENT`].
     fn remember(&self, event: Recent) {
         let now = Instant::now();
