@@ -498,3 +498,29 @@ async fn a_query_forwarded_while_redis_was_down_is_recorded_once_it_is_back() {
     assert_eq!(seen.len(), 2);
     assert_eq!(end.unwrap().reason(), CompletionReason::AllChannelsReported);
 }
+
+/// Redis came back without its last writes but with its epoch (a failover to a replica that lagged, an
+/// append-only file that lost its tail): the replica that accepted them appends its recent events again, so that a
+/// replica that had not read them yet (here, one started afterwards) still gets them. They were lost for it.
+#[tokio::test]
+async fn events_lost_by_a_redis_that_kept_its_epoch_are_appended_again_for_the_other_replicas() {
+    let mut redis = RedisServer::start_durable().await;
+    let fake = FakeSinch::start().await;
+    let a = replica(&fake, &redis).await;
+    assert_eq!(deliver(a.webhook_addr, body("rolled-back", "SMS")).await, 200);
+    // What follows is not written to the append-only file: lost when Redis restarts.
+    redis.config_set("appendonly", "no");
+    assert_eq!(deliver(a.webhook_addr, body("rolled-back", "RCS")).await, 200);
+    assert_eq!(until_marker(&a, "rolled-back", 0, "RCS").await.len(), 2);
+    redis.kill().await;
+    redis.restart().await;
+    deliver_until_acknowledged(a.webhook_addr, body("after", "SMS")).await;
+
+    let c = replica(&fake, &redis).await;
+    ready(&c).await;
+    let seen = until_marker(&c, "rolled-back", 0, "RCS").await;
+    assert_eq!(
+        seen.into_iter().map(|s| (s.0, s.1)).collect::<Vec<_>>(),
+        [(1, "SMS".to_owned()), (2, "RCS".to_owned())]
+    );
+}

@@ -350,7 +350,10 @@ impl RedisLog {
         for attempt in 0..2 {
             let epoch = match self.known_epoch(index) {
                 Some(epoch) => epoch,
-                None => self.recover(index).await.map_err(|e| Unavailable(e.to_string()))?,
+                None => self
+                    .recover(index, false)
+                    .await
+                    .map_err(|e| Unavailable(e.to_string()))?,
             };
             let mut invocation = self.append.prepare_invoke();
             invocation.key(&shard.epoch_key).key(&shard.stream).key(&request_key);
@@ -389,7 +392,9 @@ impl RedisLog {
                 [2, n] => return Ok(Accepted::Capped { first: *n == 1 }),
                 [-1] => return Ok(Accepted::Replayed),
                 [-3] if attempt == 0 => {
-                    self.recover(index).await.map_err(|e| Unavailable(e.to_string()))?;
+                    self.recover(index, false)
+                        .await
+                        .map_err(|e| Unavailable(e.to_string()))?;
                 }
                 other => {
                     return Err(Unavailable(format!(
@@ -475,8 +480,10 @@ impl RedisLog {
     /// Looks at the shard's epoch (setting one when there is none). When it changed since this replica last
     /// looked, Redis lost its data: this replica appends its recent events of the shard again, each
     /// notification at its original offset, so that readers that missed them catch up and the request's next
-    /// offset follows on. Returns the current epoch.
-    async fn recover(&self, index: usize) -> redis::RedisResult<String> {
+    /// offset follows on. It does so too when the epoch is the same but the connection was lost (`outage`):
+    /// Redis may have come back without its last writes (a failover to a replica that lagged, an append-only
+    /// file that lost its tail); a notification Redis still holds is not appended twice. Returns the epoch.
+    async fn recover(&self, index: usize, outage: bool) -> redis::RedisResult<String> {
         let shard = &self.shards[index];
         let _one_at_a_time = shard.recovering.lock().await;
         let mut conn = self.commands.clone();
@@ -488,16 +495,25 @@ impl RedisLog {
             .await?;
         let current: String = redis::cmd("GET").arg(&shard.epoch_key).query_async(&mut conn).await?;
         let known = self.known_epoch(index);
-        if known.as_ref() == Some(&current) {
+        let same = known.as_ref() == Some(&current);
+        if same && !outage {
             return Ok(current);
         }
         if known.is_some() {
             let count = self.republish(shard, &mut conn).await?;
-            tracing::warn!(
-                shard = index,
-                count,
-                "Redis came back without its data: appended this replica's recent events again"
-            );
+            if same {
+                tracing::info!(
+                    shard = index,
+                    count,
+                    "Redis came back: appended this replica's recent events again, in case it lost its last writes"
+                );
+            } else {
+                tracing::warn!(
+                    shard = index,
+                    count,
+                    "Redis came back without its data: appended this replica's recent events again"
+                );
+            }
         }
         *shard.epoch.lock().expect("epoch lock poisoned") = Some(current.clone());
         Ok(current)
@@ -557,10 +573,12 @@ impl RedisLog {
         let shard = &self.shards[index];
         let mut last_id: Option<String> = None;
         let mut pause = Duration::from_millis(50);
+        // Whether this connection follows a lost one: Redis may have lost its last writes meanwhile.
+        let mut outage = false;
         loop {
             let connected = async {
                 let mut conn = self.connector.dedicated(BLOCK).await?;
-                self.recover(index).await?;
+                self.recover(index, outage).await?;
                 self.append_unrecorded(shard).await;
                 if last_id.is_none() {
                     let start = redis_time_ms(&mut conn)
@@ -630,6 +648,7 @@ impl RedisLog {
                 }
             };
             self.set_up(false, Some(&error));
+            outage = true;
             let jittered = pause.mul_f64(0.5 + rand::rng().random::<f64>() * 0.5);
             tokio::select! {
                 () = tokio::time::sleep(jittered) => {}
