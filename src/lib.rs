@@ -44,6 +44,7 @@ pub mod webhook;
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::Arc,
+    time::Duration,
 };
 
 use futures::{FutureExt, future::FusedFuture};
@@ -211,8 +212,10 @@ impl Service {
                 settle: config.check.settle,
                 preference: config.check.channel_preference.clone(),
                 max_waiting: config.query.max_inflight as usize,
+                drain: config.shutdown.grace.saturating_sub(Duration::from_secs(1)),
             },
             pacer.clone(),
+            draining.clone(),
         ));
         let background = CancellationToken::new();
         let jobs = Arc::new(check::bulk::Jobs::new(
@@ -220,6 +223,7 @@ impl Service {
             checker.clone(),
             pacer,
             config.check.bulk_retention,
+            draining.clone(),
             background.clone(),
         ));
         Ok(Service {
@@ -361,7 +365,7 @@ impl Service {
             let log = log.clone();
             async move {
                 while !log.health().caught_up {
-                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         };

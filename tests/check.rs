@@ -1128,3 +1128,22 @@ async fn with_redis_a_check_waiting_when_its_replica_shuts_down_gets_its_answer(
         [(Channel::Sms, CapabilityStatus::Full, ResultSource::Live)]
     );
 }
+
+/// With Redis a check waiting when its replica begins to shut down still ends within the shutdown grace, told to
+/// retry: its wait may be minutes, and the replica stops at the grace whatever is in flight (the caller got a
+/// broken connection).
+#[tokio::test]
+async fn with_redis_a_check_waiting_at_shutdown_ends_within_the_grace() {
+    let fake = FakeSinch::start().await;
+    let redis = RedisServer::start().await;
+    let url = format!("--redis-url={}", redis.url());
+    let leaving = Service::against(&fake, &[&url, "--shutdown-grace=3s", "--drain-delay=0s"]).await;
+    let mut request = check(identities(&[(Channel::Sms, NUMBER)]));
+    request.wait = duration(Duration::from_secs(60));
+    let waiting = spawn_check(leaving.client().await, request).await;
+    nth_query(&fake, 1).await;
+    leaving.shutdown.cancel();
+    let status = waiting.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down"), "{}", status.message());
+}

@@ -25,6 +25,7 @@ use tokio::{
     sync::{OwnedSemaphorePermit, Semaphore},
     time::Instant,
 };
+use tokio_util::sync::CancellationToken;
 
 use crate::{
     capability::{CapabilityStatus, Channel, ChannelIdentity, ChannelOrder, Recipient, mask_digits},
@@ -148,6 +149,9 @@ pub struct CheckSettings {
     pub preference: ChannelOrder,
     /// The most checks waiting for live results at once on this replica.
     pub max_waiting: usize,
+    /// How long a check may still wait once the replica begins to shut down (its shutdown grace, less a margin
+    /// for the answer to leave).
+    pub drain: Duration,
 }
 
 /// Where cached results live.
@@ -167,6 +171,8 @@ pub struct Checker {
     pacer: Arc<bulk::pacer::Pacer>,
     /// One permit per check waiting for live results: bounded work per replica, while cache hits need none.
     waiting: Arc<Semaphore>,
+    /// Cancelled when the replica begins to shut down.
+    draining: CancellationToken,
 }
 
 /// What one check waits for: by request_id, the positions of the results it expects from it.
@@ -181,6 +187,7 @@ impl Checker {
         hub: Arc<Hub>,
         settings: CheckSettings,
         pacer: Arc<bulk::pacer::Pacer>,
+        draining: CancellationToken,
     ) -> Checker {
         let store = match log.shared_cache() {
             Some(_) => Store::Redis(log),
@@ -194,7 +201,14 @@ impl Checker {
             waiting: Arc::new(Semaphore::new(settings.max_waiting.min(Semaphore::MAX_PERMITS))),
             settings,
             pacer,
+            draining,
         }
+    }
+
+    /// Ends when a check must stop waiting because the replica shuts down: its drain, after the shutdown began.
+    async fn drained(&self) {
+        self.draining.cancelled().await;
+        tokio::time::sleep(self.settings.drain).await;
     }
 
     fn redis(&self) -> Option<&Arc<EventLog>> {
@@ -565,8 +579,13 @@ impl Checker {
         let mut results: Vec<CheckResult> = Vec::new();
         let mut watch = std::pin::pin!(self.hub.watch(request_id, 0, self.limits(until)));
         let mut quiet_until = until;
+        let mut drained = std::pin::pin!(self.drained());
         loop {
-            let Ok(Some(event)) = tokio::time::timeout_at(quiet_until, watch.next()).await else {
+            let next = tokio::select! {
+                next = tokio::time::timeout_at(quiet_until, watch.next()) => next,
+                () = &mut drained => return Err(CheckError::ShuttingDown),
+            };
+            let Ok(Some(event)) = next else {
                 break;
             };
             let (offset, body) = match event {
@@ -694,8 +713,13 @@ impl Checker {
             let (request_id, positions) = (request_id.clone(), positions.clone());
             watch.map(move |event| (request_id.clone(), positions.clone(), event))
         }));
+        let mut drained = std::pin::pin!(self.drained());
         while awaited > 0 {
-            let Ok(Some((request_id, positions, event))) = tokio::time::timeout_at(until, events.next()).await else {
+            let next = tokio::select! {
+                next = tokio::time::timeout_at(until, events.next()) => next,
+                () = &mut drained => return Err(CheckError::ShuttingDown),
+            };
+            let Ok(Some((request_id, positions, event))) = next else {
                 return Ok(());
             };
             let (offset, body) = match event {

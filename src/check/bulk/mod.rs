@@ -186,16 +186,20 @@ pub struct Jobs {
     owner: String,
     retention: Duration,
     tasks: TaskTracker,
+    /// Cancelled when this replica begins to shut down: no recipient's turn comes any more.
+    draining: CancellationToken,
     stop: CancellationToken,
 }
 
 impl Jobs {
-    /// `stop` is cancelled when this replica stops: its jobs are left to others (with Redis).
+    /// `draining` is cancelled when this replica begins to shut down (its recipients' turns stop coming), `stop`
+    /// when it stops: its jobs are left to others (with Redis).
     pub fn new(
         log: &Arc<EventLog>,
         checker: Arc<Checker>,
         pacer: Arc<Pacer>,
         retention: Duration,
+        draining: CancellationToken,
         stop: CancellationToken,
     ) -> Jobs {
         let store = match log.shared_jobs() {
@@ -210,6 +214,7 @@ impl Jobs {
             owner: ulid::Ulid::new().to_string(),
             retention,
             tasks: TaskTracker::new(),
+            draining,
             stop,
         }
     }
@@ -686,6 +691,8 @@ impl Gate for JobGate<'_> {
                 return Ok(Proceed::Sent(request_id.into()));
             }
             tokio::select! {
+                biased;
+                () = self.jobs.draining.cancelled() => Err(CheckError::ShuttingDown),
                 () = self.jobs.pacer.admit(identities) => Ok(Proceed::Send),
                 () = self.token.cancelled() => Err(CheckError::Cancelled),
             }
