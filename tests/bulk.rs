@@ -482,9 +482,11 @@ fn job_spec(request_id: Option<&str>) -> capability_facade::check::bulk::JobSpec
 }
 
 /// A start whose request_id was recorded but whose job was never written (the replica died, or Redis failed
-/// between the two) does not block that request_id: it was answered NOT_FOUND for the retention, a day.
+/// between the two) does not block that request_id: it was answered NOT_FOUND for the retention, a day. A repeat
+/// is told to retry while that start may still be writing the job, and starts the job itself 30 s after it.
 #[tokio::test]
 async fn a_request_id_whose_first_start_never_wrote_its_job_starts_one() {
+    use capability_facade::check::bulk::JobError;
     let redis = RedisServer::start().await;
     let log = common::redis_log(&redis, "unwritten", Some("unwritten-key")).await;
     let jobs = log.jobs();
@@ -497,6 +499,18 @@ async fn a_request_id_whose_first_start_never_wrote_its_job_starts_one() {
     for key in redis.keys("*job:*") {
         redis.command(&["DEL", &key]);
     }
+    // A while after the start: it may still be writing the job.
+    let soon = jobs.create("j2", &spec, &spec.fingerprint(), 2_000, day).await.unwrap();
+    assert!(matches!(soon, Err(JobError::Unavailable(_))), "{soon:?}");
+    // Long after: it failed.
+    let [record] = &redis.keys("*bulkreq*")[..] else {
+        panic!("one record")
+    };
+    redis.command(&[
+        "PEXPIRE",
+        record,
+        &(day - Duration::from_secs(31)).as_millis().to_string(),
+    ]);
     let again = jobs.create("j2", &spec, &spec.fingerprint(), 2_000, day).await.unwrap();
     match again {
         Ok((status, created)) => assert_eq!((status.job_id.as_str(), created), ("j2", true)),

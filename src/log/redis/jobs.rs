@@ -27,6 +27,10 @@ use redis::Script;
 use super::{Connection, hashed, ttl_ms};
 use crate::check::bulk::{JobError, JobResult, JobSpec, JobState, JobStatus, Resumable, stored};
 
+/// How old a request_id's record naming a job never written must be before a repeat starts the job itself: the
+/// start that wrote it may still be writing the job until then.
+const ABANDONED_AFTER: Duration = Duration::from_secs(30);
+
 /// How long a running job's record of sent and done recipients lives before its end sets the retention: longer
 /// than any job runs.
 const PROGRESS_TTL: Duration = Duration::from_secs(7 * 86_400);
@@ -287,7 +291,15 @@ impl RedisJobs {
                     }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
-                // Never written: the start that recorded it failed. This one starts the job.
+                // Not written yet: the start that recorded it is slow, or failed. Past a while it failed, and this one
+                // starts the job.
+                let left: i64 = redis::cmd("PTTL").arg(&key).query_async(&mut conn).await?;
+                let age = ttl_ms(retention).saturating_sub(u64::try_from(left).unwrap_or(0));
+                if age < ABANDONED_AFTER.as_millis() as u64 {
+                    return Ok(Err(JobError::Unavailable(
+                        "the first start of this request_id is still being written; retry in a few seconds".into(),
+                    )));
+                }
                 let mut reclaim = self.reclaim.prepare_invoke();
                 reclaim
                     .key(&key)
@@ -312,6 +324,27 @@ impl RedisJobs {
             .arg(stored::encode_spec(spec))
             .arg(spec.wait.as_millis() as u64);
         invocation.invoke_async::<i64>(&mut conn).await?;
+        if let Some(request_id) = &spec.request_id {
+            // A start this slow may have been taken for failed by a repeat, which started the job itself.
+            let record: Option<String> = redis::cmd("GET")
+                .arg(self.request_key(request_id))
+                .query_async(&mut conn)
+                .await?;
+            if let Some((_, other)) = record.as_deref().and_then(|r| r.split_once(':'))
+                && other != job_id
+            {
+                redis::cmd("DEL")
+                    .arg(self.key(job_id, "meta"))
+                    .arg(self.key(job_id, "spec"))
+                    .query_async::<i64>(&mut conn)
+                    .await?;
+                return Ok(self
+                    .status(other)
+                    .await?
+                    .map(|status| (status, false))
+                    .ok_or_else(|| JobError::NotFound(other.to_owned())));
+            }
+        }
         redis::cmd("SADD")
             .arg(self.running_set())
             .arg(job_id)
