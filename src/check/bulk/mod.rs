@@ -495,6 +495,9 @@ impl Jobs {
     ) -> Result<(), CheckError> {
         let index = group[0];
         let mut again = ASKED_AGAIN_AFTER.iter();
+        // Asked again under the request_id Sinch refused, as the client's own retries are: had Sinch registered it
+        // after all, it does not count a second request.
+        let mut refused_as: Option<String> = None;
         let answer = loop {
             let now = wall_clock_ms();
             // A recipient sent before a takeover waits what is left of its wait, and is never sent again.
@@ -503,7 +506,7 @@ impl Jobs {
                     let waited = Duration::from_millis(now.saturating_sub(*at));
                     (spec.wait.saturating_sub(waited), Some(request_id.clone()))
                 }
-                None => (spec.wait, None),
+                None => (spec.wait, refused_as.clone()),
             };
             let request = CheckRequest {
                 app_id: spec.app_id.clone(),
@@ -534,6 +537,7 @@ impl Jobs {
             let marked = gate.marked.lock().expect("marked lock poisoned").take();
             if let Some(request_id) = marked {
                 self.unmark_sent(job_id, index, &request_id).await?;
+                refused_as = Some(request_id);
             }
             tracing::info!(job_id = %job_id, index, error = %error, "Sinch refused a bulk check's query for now: asked again later");
             tokio::select! {
