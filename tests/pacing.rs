@@ -37,13 +37,7 @@ async fn live_queries_stay_within_the_callback_rate_in_every_second() {
             identities(&[(Channel::Sms, &number), (Channel::Rcs, &number)])
         })
         .collect();
-    let job = client
-        .start_bulk_check(start(recipients, ""))
-        .await
-        .unwrap()
-        .into_inner();
-    let (results, _) = watch(&mut client, &job.job_id, 0).await;
-    assert_eq!(results.len(), 30);
+    run_job(&mut client, recipients).await;
     let sent: Vec<std::time::Instant> = fake.queries().iter().skip(1).map(|q| q.at).collect();
     for (i, at) in sent.iter().enumerate() {
         let identities_in_window = 2 * sent[i..]
@@ -66,14 +60,7 @@ async fn a_contact_counts_every_channel_that_answers_in_the_callback_budget() {
     let service = Service::against(&fake, &[&format!("--sinch-callback-rate={budget}")]).await;
     let _sinch = play_sinch(fake.clone(), service.webhook_addr, 1);
     let mut client = service.client().await;
-    let recipients = (0..6).map(|i| contact(&format!("CONTACT-{i}"))).collect();
-    let job = client
-        .start_bulk_check(start(recipients, ""))
-        .await
-        .unwrap()
-        .into_inner();
-    let (results, _) = watch(&mut client, &job.job_id, 0).await;
-    assert_eq!(results.len(), 6);
+    run_job(&mut client, (0..6).map(|i| contact(&format!("CONTACT-{i}"))).collect()).await;
     let sent: Vec<std::time::Instant> = fake.queries().iter().map(|q| q.at).collect();
     for (i, at) in sent.iter().enumerate() {
         let in_window = sent[i..]
@@ -87,4 +74,21 @@ async fn a_contact_counts_every_channel_that_answers_in_the_callback_budget() {
             in_window * budget
         );
     }
+}
+
+/// Runs a job of `recipients` to its end, each answered.
+async fn run_job(
+    client: &mut capability_facade::grpc::pb::capability_service_client::CapabilityServiceClient<
+        tonic::transport::Channel,
+    >,
+    recipients: Vec<pb::Recipient>,
+) {
+    let total = recipients.len();
+    let job = client
+        .start_bulk_check(start(recipients, ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let (results, _) = watch(client, &job.job_id, 0).await;
+    assert_eq!(results.len(), total);
 }

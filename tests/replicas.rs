@@ -337,16 +337,7 @@ async fn a_notification_numbered_again_by_a_redis_restarted_empty_still_reaches_
 /// the replicas already hold. The replica that holds it must still deliver the acknowledged one.
 #[tokio::test]
 async fn a_notification_numbered_again_by_a_redis_that_lost_its_last_writes_still_reaches_the_watches() {
-    let mut redis = RedisServer::start_durable().await;
-    let fake = FakeSinch::start().await;
-    let a = replica(&fake, &redis).await;
-    assert_eq!(deliver(a.webhook_addr, body("rolled-back", "SMS")).await, 200);
-    // What follows is not written to the append-only file: lost when Redis restarts.
-    redis.config_set("appendonly", "no");
-    assert_eq!(deliver(a.webhook_addr, body("rolled-back", "RCS")).await, 200);
-    assert_eq!(until_marker(&a, "rolled-back", 0, "RCS").await.len(), 2);
-    redis.kill().await;
-    redis.restart().await;
+    let (_redis, _fake, a) = rolled_back().await;
     deliver_until_acknowledged(a.webhook_addr, body("rolled-back", "WHATSAPP")).await;
     let seen = until_marker(&a, "rolled-back", 0, "WHATSAPP").await;
     assert_eq!(
@@ -504,16 +495,7 @@ async fn a_query_forwarded_while_redis_was_down_is_recorded_once_it_is_back() {
 /// replica that had not read them yet (here, one started afterwards) still gets them. They were lost for it.
 #[tokio::test]
 async fn events_lost_by_a_redis_that_kept_its_epoch_are_appended_again_for_the_other_replicas() {
-    let mut redis = RedisServer::start_durable().await;
-    let fake = FakeSinch::start().await;
-    let a = replica(&fake, &redis).await;
-    assert_eq!(deliver(a.webhook_addr, body("rolled-back", "SMS")).await, 200);
-    // What follows is not written to the append-only file: lost when Redis restarts.
-    redis.config_set("appendonly", "no");
-    assert_eq!(deliver(a.webhook_addr, body("rolled-back", "RCS")).await, 200);
-    assert_eq!(until_marker(&a, "rolled-back", 0, "RCS").await.len(), 2);
-    redis.kill().await;
-    redis.restart().await;
+    let (redis, fake, a) = rolled_back().await;
     deliver_until_acknowledged(a.webhook_addr, body("after", "SMS")).await;
 
     let c = replica(&fake, &redis).await;
@@ -523,4 +505,19 @@ async fn events_lost_by_a_redis_that_kept_its_epoch_are_appended_again_for_the_o
         seen.into_iter().map(|s| (s.0, s.1)).collect::<Vec<_>>(),
         [(1, "SMS".to_owned()), (2, "RCS".to_owned())]
     );
+}
+
+/// A replica that accepted SMS then RCS for "rolled-back", and the Redis it shares, restarted with the first only
+/// (its append-only file stopped before the second) and its epoch.
+async fn rolled_back() -> (RedisServer, FakeSinch, Service) {
+    let mut redis = RedisServer::start_durable().await;
+    let fake = FakeSinch::start().await;
+    let a = replica(&fake, &redis).await;
+    assert_eq!(deliver(a.webhook_addr, body("rolled-back", "SMS")).await, 200);
+    redis.config_set("appendonly", "no");
+    assert_eq!(deliver(a.webhook_addr, body("rolled-back", "RCS")).await, 200);
+    assert_eq!(until_marker(&a, "rolled-back", 0, "RCS").await.len(), 2);
+    redis.kill().await;
+    redis.restart().await;
+    (redis, fake, a)
 }
