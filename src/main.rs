@@ -98,10 +98,12 @@ async fn serve(config: Config, huge_pages: Result<(), String>) -> ExitCode {
         (Some(grpc), Some(webhook), Some(admin)) => (grpc, webhook, admin),
         _ => return ExitCode::FAILURE,
     };
+    // The signals' handlers before anyone is told it listens: a SIGTERM from then on is a graceful shutdown.
+    let shutdown = shutdown_on_signal();
     let addr = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(grpc = %addr(&grpc), webhook = %addr(&webhook), admin = %addr(&admin), tls, "listening");
     let listeners = Listeners { grpc, webhook, admin };
-    match service.run(listeners, shutdown_on_signal()).await {
+    match service.run(listeners, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "the service failed");
@@ -132,16 +134,18 @@ async fn bind(variable: &str, addr: std::net::SocketAddr) -> Option<TcpListener>
     }
 }
 
-/// A token cancelled on the first SIGTERM or SIGINT.
+/// A token cancelled on the first SIGTERM or SIGINT. The handlers are installed before it returns: a signal
+/// that comes after is never the default action (the process killed on the spot).
 fn shutdown_on_signal() -> CancellationToken {
+    use tokio::signal::unix::{SignalKind, signal};
     let token = CancellationToken::new();
     let cancel = token.clone();
+    let mut term = signal(SignalKind::terminate()).expect("cannot listen for SIGTERM");
+    let mut interrupt = signal(SignalKind::interrupt()).expect("cannot listen for SIGINT");
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("cannot listen for SIGTERM");
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+            _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
         }
         cancel.cancel();
     });

@@ -381,3 +381,16 @@ async fn a_client_command_ends_when_the_service_stops_answering() {
         assert_ne!(output.status.code(), Some(0), "{args:?}");
     }
 }
+
+/// A SIGTERM as soon as the process says it listens (an orchestrator that stops a pod just started) drains and
+/// exits 0: the signal's handler was installed only after, and the signal killed the process on the spot.
+#[tokio::test]
+async fn a_sigterm_right_after_listening_is_a_graceful_shutdown() {
+    let fake = FakeSinch::start().await;
+    for _ in 0..5 {
+        let mut replica = Binary::spawn(&common::binary_env(&fake)).await;
+        replica.signal("TERM");
+        let status = replica.wait_exit(Duration::from_secs(30)).await.expect("it exits");
+        assert_eq!(status.code(), Some(0), "{status:?}: {}", replica.log_text());
+    }
+}
