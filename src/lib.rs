@@ -261,9 +261,10 @@ impl Service {
         let tasks = TaskTracker::new();
         let _stop_background = background.clone().drop_guard();
         tasks.spawn({
-            let (shutdown, draining, hub) = (shutdown.clone(), draining.clone(), hub.clone());
+            let (shutdown, draining, hub, checker) = (shutdown.clone(), draining.clone(), hub.clone(), checker.clone());
             async move {
                 shutdown.cancelled().await;
+                checker.begin_drain();
                 draining.cancel();
                 hub.close();
             }
@@ -309,7 +310,8 @@ impl Service {
             });
         }
 
-        tasks.spawn(jobs.clone().take_over(background.clone()));
+        // Not once the replica drains: it would take back the jobs it leaves.
+        tasks.spawn(jobs.clone().take_over(draining.clone()));
         let api = grpc::CapabilityApi::new(
             queries,
             checker,

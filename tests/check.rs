@@ -1147,3 +1147,33 @@ async fn with_redis_a_check_waiting_at_shutdown_ends_within_the_grace() {
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(status.message().contains("shutting down"), "{}", status.message());
 }
+
+/// A check that begins to wait after its replica's shutdown began (it came in during the drain delay) still ends
+/// within the grace: its drain counted from when it began to wait, so the process exited first and the caller got
+/// a broken connection.
+#[tokio::test]
+async fn with_redis_a_check_that_comes_during_the_drain_delay_ends_within_the_grace() {
+    let fake = FakeSinch::start().await;
+    let redis = RedisServer::start().await;
+    let mut env = common::binary_env(&fake);
+    env.extend([
+        ("CAPABILITY_REDIS_URL", redis.url()),
+        ("CAPABILITY_SHUTDOWN_GRACE", "3s".into()),
+        ("CAPABILITY_DRAIN_DELAY", "2500ms".into()),
+    ]);
+    let replica = common::Binary::spawn(&env).await;
+    let client = CapabilityServiceClient::connect(replica.url()).await.unwrap();
+    replica.signal("TERM");
+    // Two seconds into the drain delay, while calls are still taken.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut request = check(identities(&[(Channel::Sms, NUMBER)]));
+    request.wait = duration(Duration::from_secs(60));
+    let status = spawn_check(client, request).await.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}: {}", replica.log_text());
+    assert!(
+        status.message().contains("shutting down"),
+        "{}: {}",
+        status.message(),
+        replica.log_text()
+    );
+}

@@ -171,8 +171,9 @@ pub struct Checker {
     pacer: Arc<bulk::pacer::Pacer>,
     /// One permit per check waiting for live results: bounded work per replica, while cache hits need none.
     waiting: Arc<Semaphore>,
-    /// Cancelled when the replica begins to shut down.
+    /// Cancelled when the replica begins to shut down, at `drain_began`.
     draining: CancellationToken,
+    drain_began: std::sync::OnceLock<Instant>,
 }
 
 /// What one check waits for: by request_id, the positions of the results it expects from it.
@@ -202,13 +203,21 @@ impl Checker {
             settings,
             pacer,
             draining,
+            drain_began: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Notes that the replica begins to shut down (before `draining` is cancelled): checks stop waiting a drain
+    /// from now, whenever they began to wait.
+    pub fn begin_drain(&self) {
+        self.drain_began.get_or_init(Instant::now);
     }
 
     /// Ends when a check must stop waiting because the replica shuts down: its drain, after the shutdown began.
     async fn drained(&self) {
         self.draining.cancelled().await;
-        tokio::time::sleep(self.settings.drain).await;
+        let began = *self.drain_began.get_or_init(Instant::now);
+        tokio::time::sleep_until(began + self.settings.drain).await;
     }
 
     fn redis(&self) -> Option<&Arc<EventLog>> {

@@ -338,11 +338,9 @@ impl RedisJobs {
                     .arg(self.key(job_id, "spec"))
                     .query_async::<i64>(&mut conn)
                     .await?;
-                return Ok(self
-                    .status(other)
-                    .await?
-                    .map(|status| (status, false))
-                    .ok_or_else(|| JobError::NotFound(other.to_owned())));
+                return Ok(self.status(other).await?.map(|status| (status, false)).ok_or_else(|| {
+                    JobError::Unavailable("this request_id's job was started again meanwhile; retry".into())
+                }));
             }
         }
         redis::cmd("SADD")

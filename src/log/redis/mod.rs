@@ -57,6 +57,8 @@ const RECENT: Duration = Duration::from_secs(10);
 const MAX_RECENT: usize = 100_000;
 /// The most query records kept per shard while Redis cannot take them (a minute of queries at Sinch's rate).
 const MAX_UNRECORDED: usize = 50_000;
+/// How many of them go to Redis in one round trip once it answers again.
+const UNRECORDED_BATCH: usize = 256;
 
 /// Appends a notification. KEYS: epoch, stream, request state, [nonce]. ARGV: the epoch this replica knows,
 /// this attempt's token, the nonce's time to live (ms), the retention (ms), the cap, the digest (hex), the
@@ -168,8 +170,16 @@ struct Shard {
     caught_up: AtomicBool,
     /// Query records Redis could not take, oldest first, appended when it answers again; `has_unrecorded` says
     /// whether there are any without taking the lock.
-    unrecorded: Mutex<VecDeque<(Instant, Vec<u8>)>>,
+    unrecorded: Mutex<VecDeque<Unrecorded>>,
     has_unrecorded: AtomicBool,
+}
+
+/// A query record Redis could not take.
+struct Unrecorded {
+    /// Its place among those of its shard, to take it from the queue once appended.
+    seq: u64,
+    at: Instant,
+    event: Vec<u8>,
 }
 
 /// An event this replica appended, as it must be appended again after a loss.
@@ -339,7 +349,6 @@ impl RedisLog {
         };
         let index = self.shard_of(&received.notification.request_id);
         let shard = &self.shards[index];
-        self.append_unrecorded(shard).await;
         let request_key = format!("{}:r:{}", shard.tag, hashed(&received.notification.request_id));
         let digest = received.digest.hex();
         let cached = self
@@ -406,70 +415,83 @@ impl RedisLog {
         Err(Unavailable("Redis changed its dataset twice during one append".into()))
     }
 
-    /// Appends a query's record; when Redis cannot take it, keeps it to append when Redis answers again (the
-    /// next append or read of its shard), so that its watches learn the channels it expects.
+    /// Appends a query's record; when Redis cannot take it, keeps it for the shard's reader to append once Redis
+    /// answers again, so that its watches learn the channels it expects.
     pub(super) async fn record_query(&self, query: QueryRecorded) -> Result<(), Unavailable> {
         let shard = &self.shards[self.shard_of(&query.request_id)];
-        self.append_unrecorded(shard).await;
         let event = codec::encode(&codec::Event::QueryRecorded(query));
-        if let Err(e) = self.append_query(shard, &event).await {
-            shard.keep_unrecorded([(Instant::now(), event)]);
+        if let Err(e) = self.append_queries(shard, std::slice::from_ref(&event)).await {
+            shard.keep_unrecorded(event);
             return Err(Unavailable(format!("{e}; it is appended when Redis answers again")));
         }
         Ok(())
     }
 
-    /// Appends the query records Redis could not take before, oldest first, until one fails (it and the rest
-    /// are kept for the next try). Those past the retention are dropped: nothing would replay them.
+    /// Appends the query records Redis could not take before, oldest first, a batch at a time, each taken from
+    /// the shard's queue only once appended (a task that stops meanwhile loses none). Those past the retention
+    /// are dropped: nothing would replay them.
     async fn append_unrecorded(&self, shard: &Shard) {
-        if !shard.has_unrecorded.load(Ordering::Relaxed) {
-            return;
-        }
-        let waiting: Vec<(Instant, Vec<u8>)> = {
-            let mut unrecorded = shard.unrecorded.lock().expect("unrecorded lock poisoned");
-            shard.has_unrecorded.store(false, Ordering::Relaxed);
-            unrecorded.drain(..).collect()
-        };
-        let mut waiting = waiting
-            .into_iter()
-            .filter(|(at, _)| at.elapsed() < self.settings.retention)
-            .peekable();
         let mut appended = 0;
-        while let Some((_, event)) = waiting.peek() {
-            if let Err(e) = self.append_query(shard, event).await {
+        loop {
+            let batch: Vec<(u64, Vec<u8>)> = {
+                let mut unrecorded = shard.unrecorded.lock().expect("unrecorded lock poisoned");
+                while unrecorded
+                    .front()
+                    .is_some_and(|u| u.at.elapsed() >= self.settings.retention)
+                {
+                    unrecorded.pop_front();
+                }
+                if unrecorded.is_empty() {
+                    shard.has_unrecorded.store(false, Ordering::Relaxed);
+                }
+                unrecorded
+                    .iter()
+                    .take(UNRECORDED_BATCH)
+                    .map(|u| (u.seq, u.event.clone()))
+                    .collect()
+            };
+            let Some(&(last, _)) = batch.last() else { break };
+            let events: Vec<Vec<u8>> = batch.into_iter().map(|(_, event)| event).collect();
+            if let Err(e) = self.append_queries(shard, &events).await {
                 tracing::debug!(error = %e, "query records kept while Redis was down are still not appended");
-                shard.keep_unrecorded(waiting);
                 break;
             }
-            waiting.next();
-            appended += 1;
+            let mut unrecorded = shard.unrecorded.lock().expect("unrecorded lock poisoned");
+            while unrecorded.front().is_some_and(|u| u.seq <= last) {
+                unrecorded.pop_front();
+            }
+            appended += events.len();
         }
         if appended > 0 {
             tracing::info!(appended, "query records kept while Redis was down were appended");
         }
     }
 
-    /// Appends one query record (`event`) to `shard`'s stream.
-    async fn append_query(&self, shard: &Shard, event: &[u8]) -> redis::RedisResult<()> {
+    /// Appends query records (`events`) to `shard`'s stream, in one round trip.
+    async fn append_queries(&self, shard: &Shard, events: &[Vec<u8>]) -> redis::RedisResult<()> {
         let minid = wall_clock_ms().saturating_sub(self.settings.retention.as_millis() as u64);
-        let mut command = redis::cmd("XADD");
-        command
-            .arg(&shard.stream)
-            .arg("MINID")
-            .arg("~")
-            .arg(minid)
-            .arg("*")
-            .arg("e")
-            .arg(event);
+        let mut pipe = redis::pipe();
+        for event in events {
+            pipe.cmd("XADD")
+                .arg(&shard.stream)
+                .arg("MINID")
+                .arg("~")
+                .arg(minid)
+                .arg("*")
+                .arg("e")
+                .arg(event.as_slice());
+        }
         retried(
             |mut conn| {
-                let command = &command;
-                async move { command.query_async::<String>(&mut conn).await }
+                let pipe = &pipe;
+                async move { pipe.query_async::<Vec<String>>(&mut conn).await }
             },
             &self.commands,
         )
         .await?;
-        shard.remember(Recent::Query { event: event.to_vec() });
+        for event in events {
+            shard.remember(Recent::Query { event: event.clone() });
+        }
         Ok(())
     }
 
@@ -634,6 +656,11 @@ impl RedisLog {
                             if !full {
                                 shard.caught_up.store(true, Ordering::Relaxed);
                             }
+                            // Query records Redis could not take before, still there (it failed again meanwhile,
+                            // or only the commands' connection was lost).
+                            if shard.has_unrecorded.load(Ordering::Relaxed) {
+                                self.append_unrecorded(shard).await;
+                            }
                         }
                         Err(e) => break e,
                     }
@@ -778,13 +805,15 @@ impl RedisLog {
 }
 
 impl Shard {
-    /// Keeps query records Redis could not take (oldest first) before those kept already, forgetting the oldest
-    /// past [`MAX_UNRECORDED`].
-    fn keep_unrecorded(&self, events: impl IntoIterator<Item = (Instant, Vec<u8>)>) {
+    /// Keeps a query record Redis could not take, forgetting the oldest past [`MAX_UNRECORDED`].
+    fn keep_unrecorded(&self, event: Vec<u8>) {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let mut unrecorded = self.unrecorded.lock().expect("unrecorded lock poisoned");
-        let later = std::mem::take(&mut *unrecorded);
-        unrecorded.extend(events);
-        unrecorded.extend(later);
+        unrecorded.push_back(Unrecorded {
+            seq: NEXT.fetch_add(1, Ordering::Relaxed),
+            at: Instant::now(),
+            event,
+        });
         while unrecorded.len() > MAX_UNRECORDED {
             unrecorded.pop_front();
             metrics::counter!("capability_backplane_query_records_dropped_total").increment(1);
