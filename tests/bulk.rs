@@ -626,3 +626,68 @@ async fn refused_for_a_while(extra: &[&str]) {
     // not count a second request.
     assert_eq!(request_ids.len(), 1, "{request_ids:?}");
 }
+
+/// A recipient whose lookup another check has in flight joins it and is not recorded as sent: its record named a
+/// query that never went out (a replica taking the job over would wait for it, and answer pending), and the
+/// count of bulk queries sent counted it.
+#[tokio::test]
+async fn a_recipient_that_joins_a_lookup_in_flight_is_not_recorded_as_sent() {
+    let fake = Arc::new(FakeSinch::start().await);
+    let mut env = common::binary_env(&fake);
+    env.push(("SINCH_CALLBACK_RATE", "1000".into()));
+    let replica = common::Binary::spawn(&env).await;
+    let mut client = CapabilityServiceClient::connect(replica.url()).await.unwrap();
+    let interactive = {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            let check = pb::CheckCapabilityRequest {
+                app_id: APP.into(),
+                recipient: Some(recipient(0)),
+                ..Default::default()
+            };
+            client.check_capability(check).await.unwrap().into_inner()
+        })
+    };
+    let body = fake.until_queries(1).await[0].json();
+    let job = client
+        .start_bulk_check(start(vec![recipient(0)], ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let metric = |name: &'static str| {
+        let url = format!("http://{}/metrics", replica.admin_addr);
+        async move {
+            let text = common::reqwest_client()
+                .get(url)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            text.lines()
+                .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        }
+    };
+    // Until the job's recipient joined the interactive check's lookup.
+    for _ in 0..500 {
+        if metric("capability_coalesced_total").await >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(metric("capability_coalesced_total").await, 1.0);
+    let request_id = body["request_id"].as_str().unwrap();
+    let callback = common::CapabilityCallback::new(request_id, "SMS", "46700000000", "CAPABILITY_FULL");
+    assert_eq!(common::deliver(replica.webhook_addr, callback.body()).await, 200);
+    assert!(interactive.await.unwrap().complete);
+    let (results, _) = watch(&mut client, &job.job_id, 0).await;
+    assert!(results[0].answer.as_ref().unwrap().complete, "{results:?}");
+    assert_eq!(fake.queries().len(), 1);
+    assert_eq!(
+        metric("capability_bulk_queries_sent_total").await,
+        0.0,
+        "no bulk query went out"
+    );
+}

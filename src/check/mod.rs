@@ -136,8 +136,8 @@ impl Proceed {
 pub trait Gate: Send + Sync {
     /// Waits the turn of a live query for `identities` channel identities; `Sent` at once when it went out before.
     fn turn(&self, identities: u32) -> futures::future::BoxFuture<'_, Result<Proceed, CheckError>>;
-    /// Records that the query goes out now under `request_id`, once its turn came and the cache still lacked its
-    /// answer; `Sent` when an earlier attempt sent it.
+    /// Records that the query goes out now under `request_id`, once its turn came, the cache still lacked its
+    /// answer and no lookup in flight could be joined for it; `Sent` when an earlier attempt sent it.
     fn sending<'a>(&'a self, request_id: &'a str) -> futures::future::BoxFuture<'a, Result<Proceed, CheckError>>;
 }
 
@@ -413,9 +413,6 @@ impl Checker {
                 // Its turn came: what a check that went first answered meanwhile is not asked again.
                 self.fill(&mut slots, &keys, &missing, request.max_age).await;
                 missing = unanswered(&slots);
-                if !missing.is_empty() {
-                    resumed = gate.sending(&own).await?.sent_before();
-                }
             }
         }
         if missing.is_empty() {
@@ -458,6 +455,15 @@ impl Checker {
             to_send.retain(|i| slots[*i].is_none());
         }
         let mut live: Option<Arc<str>> = resumed;
+        if let Some(gate) = call.gate.filter(|_| !to_send.is_empty()) {
+            // Recorded as sent only when something goes out: what joined a lookup in flight was not.
+            if let Some(sent) = gate.sending(&own).await?.sent_before() {
+                let unsent: Vec<EntryKey> = to_send.iter().map(|i| keys[*i]).collect();
+                leases.give_back(&unsent);
+                waiting.entry(sent.clone()).or_default().append(&mut to_send);
+                live = Some(sent);
+            }
+        }
         if !to_send.is_empty() {
             let sending: Vec<EntryKey> = to_send.iter().map(|i| keys[*i]).collect();
             let send = Recipient::IdentifiedBy(to_send.iter().map(|i| ids[*i].clone()).collect());
@@ -542,7 +548,7 @@ impl Checker {
                     if let Some(answer) = fresh().await {
                         return Ok(answer);
                     }
-                    gate.sending(&own).await?.sent_before()
+                    None
                 }
             },
             None => None,
@@ -566,6 +572,13 @@ impl Checker {
         {
             leases.give_back(&[key]);
             return Ok(answer);
+        }
+        // Recorded as sent only when it goes out: a contact that joined a lookup in flight was not.
+        if let Some(gate) = call.gate
+            && let Some(sent) = gate.sending(&own).await?.sent_before()
+        {
+            leases.give_back(&[key]);
+            return self.collect_contact(&sent, true, call.until).await;
         }
         metrics::counter!("capability_cache_misses_total").increment(1);
         let send = Recipient::ContactId(contact.to_owned());
