@@ -1159,13 +1159,14 @@ async fn with_redis_a_check_that_comes_during_the_drain_delay_ends_within_the_gr
     env.extend([
         ("CAPABILITY_REDIS_URL", redis.url()),
         ("CAPABILITY_SHUTDOWN_GRACE", "3s".into()),
-        ("CAPABILITY_DRAIN_DELAY", "2500ms".into()),
+        ("CAPABILITY_DRAIN_DELAY", "2900ms".into()),
     ]);
     let replica = common::Binary::spawn(&env).await;
     let client = CapabilityServiceClient::connect(replica.url()).await.unwrap();
     replica.signal("TERM");
-    // Two seconds into the drain delay, while calls are still taken.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Into the drain delay, while calls are still taken: a drain (the grace less a second) from now ends after the
+    // grace.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut request = check(identities(&[(Channel::Sms, NUMBER)]));
     request.wait = duration(Duration::from_secs(60));
     let status = spawn_check(client, request).await.await.unwrap().unwrap_err();

@@ -207,3 +207,34 @@ async fn with_basic_credentials_the_doctor_proves_them_with_a_call() {
         "{out}"
     );
 }
+
+/// The `webhook` commands and the doctor need only what they use: listing, updating or deleting webhooks works
+/// with no webhook secret set, and with the service's listeners on one port (they bind none). They refused both
+/// as the server does.
+#[tokio::test]
+async fn the_webhook_commands_ask_only_for_the_settings_they_use() {
+    let sandbox = Sandbox::start(&["--sandbox-apps=APP-1"], None).await;
+    let unused = [
+        ("SINCH_WEBHOOK_SECRETS", ""),
+        ("CAPABILITY_GRPC_ADDR", "127.0.0.1:7000"),
+        ("CAPABILITY_WEBHOOK_ADDR", "127.0.0.1:7000"),
+    ];
+    let (code, out) = run_with(&sandbox, &unused, &["webhook", "list", "--app-id", "APP-1"]).await;
+    assert_eq!(code, Some(0), "{out}");
+    // Ensure needs the secret it registers, and says so.
+    let (code, out) = run_with(
+        &sandbox,
+        &unused,
+        &[
+            "webhook",
+            "ensure",
+            "--app-id",
+            "APP-1",
+            "--target",
+            "https://x.example/webhooks/sinch",
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("SINCH_WEBHOOK_SECRETS"), "{out}");
+}

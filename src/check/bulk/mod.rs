@@ -606,7 +606,7 @@ impl Jobs {
                 }
             };
             for job_id in running {
-                if self.running.lock().expect("jobs lock poisoned").len() >= MAX_RUNNING {
+                if stop.is_cancelled() || self.running.lock().expect("jobs lock poisoned").len() >= MAX_RUNNING {
                     break;
                 }
                 if self.running.lock().expect("jobs lock poisoned").contains_key(&job_id) {

@@ -59,6 +59,8 @@ const MAX_RECENT: usize = 100_000;
 const MAX_UNRECORDED: usize = 50_000;
 /// How many of them go to Redis in one round trip once it answers again.
 const UNRECORDED_BATCH: usize = 256;
+/// How many such round trips the reader makes between two reads.
+const UNRECORDED_BATCHES: usize = 16;
 
 /// Appends a notification. KEYS: epoch, stream, request state, [nonce]. ARGV: the epoch this replica knows,
 /// this attempt's token, the nonce's time to live (ms), the retention (ms), the cap, the digest (hex), the
@@ -427,12 +429,13 @@ impl RedisLog {
         Ok(())
     }
 
-    /// Appends the query records Redis could not take before, oldest first, a batch at a time, each taken from
-    /// the shard's queue only once appended (a task that stops meanwhile loses none). Those past the retention
-    /// are dropped: nothing would replay them.
+    /// Appends some of the query records Redis could not take before (at most [`UNRECORDED_BATCHES`] batches),
+    /// oldest first, each taken from the shard's queue only once appended (a task that stops meanwhile loses
+    /// none). Those past the retention are dropped: nothing would replay them.
     async fn append_unrecorded(&self, shard: &Shard) {
         let mut appended = 0;
-        loop {
+        // A few batches at a time: the reader calls it between two reads, which must go on.
+        for _ in 0..UNRECORDED_BATCHES {
             let batch: Vec<(u64, Vec<u8>)> = {
                 let mut unrecorded = shard.unrecorded.lock().expect("unrecorded lock poisoned");
                 while unrecorded
