@@ -632,17 +632,34 @@ async fn refused_for_a_while(extra: &[&str]) {
 /// count of bulk queries sent counted it.
 #[tokio::test]
 async fn a_recipient_that_joins_a_lookup_in_flight_is_not_recorded_as_sent() {
+    joins_in_flight(recipient(0), |request_id| {
+        common::CapabilityCallback::new(request_id, "SMS", "46700000000", "CAPABILITY_FULL")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_contact_that_joins_a_lookup_in_flight_is_not_recorded_as_sent() {
+    joins_in_flight(contact("CONTACT-1"), |request_id| {
+        common::CapabilityCallback::new(request_id, "SMS", "46700000000", "CAPABILITY_FULL").contact_id("CONTACT-1")
+    })
+    .await;
+}
+
+/// [`a_recipient_that_joins_a_lookup_in_flight_is_not_recorded_as_sent`] for `recipient`, whose lookup `callback`
+/// answers.
+async fn joins_in_flight(recipient: pb::Recipient, callback: impl Fn(&str) -> common::CapabilityCallback) {
     let fake = Arc::new(FakeSinch::start().await);
     let mut env = common::binary_env(&fake);
     env.push(("SINCH_CALLBACK_RATE", "1000".into()));
     let replica = common::Binary::spawn(&env).await;
     let mut client = CapabilityServiceClient::connect(replica.url()).await.unwrap();
     let interactive = {
-        let mut client = client.clone();
+        let (mut client, recipient) = (client.clone(), recipient.clone());
         tokio::spawn(async move {
             let check = pb::CheckCapabilityRequest {
                 app_id: APP.into(),
-                recipient: Some(recipient(0)),
+                recipient: Some(recipient),
                 ..Default::default()
             };
             client.check_capability(check).await.unwrap().into_inner()
@@ -650,7 +667,7 @@ async fn a_recipient_that_joins_a_lookup_in_flight_is_not_recorded_as_sent() {
     };
     let body = fake.until_queries(1).await[0].json();
     let job = client
-        .start_bulk_check(start(vec![recipient(0)], ""))
+        .start_bulk_check(start(vec![recipient.clone()], ""))
         .await
         .unwrap()
         .into_inner();
@@ -679,11 +696,13 @@ async fn a_recipient_that_joins_a_lookup_in_flight_is_not_recorded_as_sent() {
     }
     assert_eq!(metric("capability_coalesced_total").await, 1.0);
     let request_id = body["request_id"].as_str().unwrap();
-    let callback = common::CapabilityCallback::new(request_id, "SMS", "46700000000", "CAPABILITY_FULL");
-    assert_eq!(common::deliver(replica.webhook_addr, callback.body()).await, 200);
-    assert!(interactive.await.unwrap().complete);
+    assert_eq!(
+        common::deliver(replica.webhook_addr, callback(request_id).body()).await,
+        200
+    );
+    assert_eq!(interactive.await.unwrap().results.len(), 1);
     let (results, _) = watch(&mut client, &job.job_id, 0).await;
-    assert!(results[0].answer.as_ref().unwrap().complete, "{results:?}");
+    assert_eq!(results[0].answer.as_ref().unwrap().results.len(), 1, "{results:?}");
     assert_eq!(fake.queries().len(), 1);
     assert_eq!(
         metric("capability_bulk_queries_sent_total").await,
