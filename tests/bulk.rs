@@ -672,16 +672,9 @@ async fn joins_in_flight(recipient: pb::Recipient, callback: impl Fn(&str) -> co
         .unwrap()
         .into_inner();
     let metric = |name: &'static str| {
-        let url = format!("http://{}/metrics", replica.admin_addr);
+        let admin = replica.admin_addr;
         async move {
-            let text = common::reqwest_client()
-                .get(url)
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let text = common::metrics_text(admin).await;
             text.lines()
                 .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
                 .unwrap_or(0.0)

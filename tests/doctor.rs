@@ -168,15 +168,7 @@ async fn the_service_warns_at_start_when_its_public_url_is_not_registered() {
         warnings[0].contains("APP-1") && warnings[0].contains("no webhook targets it"),
         "{outcomes:?}"
     );
-    let metrics_url = format!("http://{}/metrics", binary.admin_addr);
-    let metrics = common::reqwest_client()
-        .get(&metrics_url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = common::metrics_text(binary.admin_addr).await;
     assert!(
         metrics.contains(r#"capability_webhook_registered{app_id="APP-1"} 0"#),
         "{metrics}"

@@ -641,7 +641,7 @@ async fn past_the_connection_cap_new_connections_are_closed_and_counted() {
         }
     }
     // The other listeners are untouched, and the refusals are counted.
-    let metrics = common::metrics_text(&service).await;
+    let metrics = common::metrics_text(service.admin_addr).await;
     for listener in ["webhook", "grpc"] {
         let line = metrics
             .lines()

@@ -189,7 +189,7 @@ async fn an_entry_of_a_version_this_build_does_not_know_is_skipped_and_counted()
         200
     );
     assert_eq!(until_marker(&service, "after-the-future", 0, "SMS").await.len(), 1);
-    let metrics = common::metrics_text(&service).await;
+    let metrics = common::metrics_text(service.admin_addr).await;
     assert!(
         metrics.contains(r#"capability_log_skipped_total{reason="unknown_version"} 1"#),
         "{metrics}"

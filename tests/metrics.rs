@@ -162,7 +162,11 @@ async fn metrics_after_real_traffic_carry_every_series() {
 /// Until the service's metrics carry this line: the only outward sign that a check joined another's lookup.
 async fn until_metric(service: &common::Service, line: &str) {
     for _ in 0..1_000 {
-        if common::metrics_text(service).await.lines().any(|l| l == line) {
+        if common::metrics_text(service.admin_addr)
+            .await
+            .lines()
+            .any(|l| l == line)
+        {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;

@@ -218,10 +218,10 @@ pub async fn deliver(addr: SocketAddr, body: Vec<u8>) -> u16 {
         .as_u16()
 }
 
-/// The Prometheus text of the service's admin port.
-pub async fn metrics_text(service: &Service) -> String {
+/// The Prometheus text a replica's admin port at `admin` serves.
+pub async fn metrics_text(admin: SocketAddr) -> String {
     reqwest_client()
-        .get(format!("http://{}/metrics", service.admin_addr))
+        .get(format!("http://{admin}/metrics"))
         .send()
         .await
         .unwrap()

@@ -475,14 +475,7 @@ impl RedisLog {
         let minid = wall_clock_ms().saturating_sub(self.settings.retention.as_millis() as u64);
         let mut pipe = redis::pipe();
         for event in events {
-            pipe.cmd("XADD")
-                .arg(&shard.stream)
-                .arg("MINID")
-                .arg("~")
-                .arg(minid)
-                .arg("*")
-                .arg("e")
-                .arg(event.as_slice());
+            pipe.add_command(query_xadd(&shard.stream, minid, event));
         }
         retried(
             |mut conn| {
@@ -560,14 +553,7 @@ impl RedisLog {
             match event {
                 Recent::Query { event } => {
                     let minid = wall_clock_ms().saturating_sub(retention);
-                    redis::cmd("XADD")
-                        .arg(&shard.stream)
-                        .arg("MINID")
-                        .arg("~")
-                        .arg(minid)
-                        .arg("*")
-                        .arg("e")
-                        .arg(event.as_slice())
+                    query_xadd(&shard.stream, minid, event)
                         .query_async::<String>(conn)
                         .await?;
                 }
@@ -805,6 +791,20 @@ impl RedisLog {
                 .map(drop),
         }
     }
+}
+
+/// Appends a query record (`event`) to `stream`, trimming what is older than `minid` (ms).
+fn query_xadd(stream: &str, minid: u64, event: &[u8]) -> redis::Cmd {
+    let mut command = redis::cmd("XADD");
+    command
+        .arg(stream)
+        .arg("MINID")
+        .arg("~")
+        .arg(minid)
+        .arg("*")
+        .arg("e")
+        .arg(event);
+    command
 }
 
 impl Shard {
