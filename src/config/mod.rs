@@ -381,11 +381,11 @@ pub struct TelemetrySettings {
 /// The drain after SIGTERM.
 #[derive(Debug, Clone, Args)]
 pub struct ShutdownSettings {
-    /// Hard bound on the drain after SIGTERM (at most 10m).
+    /// Hard bound on the drain after SIGTERM; checks waiting for live results end a second before it (at most 10m).
     #[arg(id = "shutdown-grace", long = "shutdown-grace", env = SHUTDOWN_GRACE, default_value = "20s", value_parser = duration(ZERO, 10 * MINUTE))]
     pub grace: Duration,
     /// After SIGTERM, how long the listeners keep accepting (answering UNAVAILABLE to new watches, serving
-    /// queries and callbacks) before they stop; part of the shutdown grace (at most 5m).
+    /// queries, and callbacks with Redis — 503 without) before they stop; part of the shutdown grace (at most 5m).
     #[arg(id = "drain-delay", long = "drain-delay", env = DRAIN_DELAY, default_value = "1s", value_parser = duration(ZERO, 5 * MINUTE))]
     pub drain_delay: Duration,
 }
