@@ -602,18 +602,9 @@ impl Checker {
         let mut watch = std::pin::pin!(self.hub.watch(request_id, 0, self.limits(until)));
         let mut quiet_until = until;
         let mut drained = std::pin::pin!(self.drained());
-        loop {
-            let next = tokio::select! {
-                next = tokio::time::timeout_at(quiet_until, watch.next()) => next,
-                () = &mut drained => return Err(CheckError::ShuttingDown),
-            };
-            let Ok(Some(event)) = next else {
-                break;
-            };
-            let (offset, body) = match event {
-                WatchEvent::Notification { offset, body, .. } => (offset, body),
-                WatchEvent::ShuttingDown { .. } => return Err(CheckError::ShuttingDown),
-                _ => continue,
+        while let Some(event) = next_before(&mut watch, quiet_until, drained.as_mut()).await? {
+            let Some((offset, body)) = notification(event)? else {
+                continue;
             };
             let Some(result) = answered(source, offset, request_id.to_string(), body) else {
                 continue;
@@ -737,17 +728,11 @@ impl Checker {
         }));
         let mut drained = std::pin::pin!(self.drained());
         while awaited > 0 {
-            let next = tokio::select! {
-                next = tokio::time::timeout_at(until, events.next()) => next,
-                () = &mut drained => return Err(CheckError::ShuttingDown),
-            };
-            let Ok(Some((request_id, positions, event))) = next else {
+            let Some((request_id, positions, event)) = next_before(&mut events, until, drained.as_mut()).await? else {
                 return Ok(());
             };
-            let (offset, body) = match event {
-                WatchEvent::Notification { offset, body, .. } => (offset, body),
-                WatchEvent::ShuttingDown { .. } => return Err(CheckError::ShuttingDown),
-                _ => continue,
+            let Some((offset, body)) = notification(event)? else {
+                continue;
             };
             let source = if Some(&*request_id) == live {
                 Source::Live
@@ -840,6 +825,29 @@ impl Call<'_> {
             until: deadline.min(Instant::now() + self.request.wait),
             ..self.clone()
         }
+    }
+}
+
+/// The next of `events` before `until` (`None` then, or when they end); fails once `drained` (the replica's drain
+/// is over).
+async fn next_before<S: futures::Stream + Unpin>(
+    events: &mut S,
+    until: Instant,
+    drained: std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<Option<S::Item>, CheckError> {
+    tokio::select! {
+        next = tokio::time::timeout_at(until, events.next()) => Ok(next.ok().flatten()),
+        () = drained => Err(CheckError::ShuttingDown),
+    }
+}
+
+/// A watch event's notification (offset and body), `None` for the others; fails when the server's shutdown ended
+/// the watch.
+fn notification(event: WatchEvent) -> Result<Option<(u64, Vec<u8>)>, CheckError> {
+    match event {
+        WatchEvent::Notification { offset, body, .. } => Ok(Some((offset, body))),
+        WatchEvent::ShuttingDown { .. } => Err(CheckError::ShuttingDown),
+        _ => Ok(None),
     }
 }
 
