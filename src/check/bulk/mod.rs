@@ -14,7 +14,10 @@ pub mod stored;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -429,15 +432,15 @@ impl Jobs {
         }
         let spec = Arc::new(spec);
         let sent = Arc::new(sent);
-        let failed = Arc::new(Mutex::new(None::<String>));
+        let failed = AtomicBool::new(false);
         // Ends every recipient's wait for its turn: the job is cancelled, failed, or left.
         let halt = token.child_token();
-        let leaving = std::sync::atomic::AtomicBool::new(false);
+        let leaving = AtomicBool::new(false);
         // Enough checks in flight to keep the budget busy while each waits for its callbacks.
         let concurrency = (self.pacer.limit() as usize * (spec.wait.as_secs() as usize + 2)).clamp(64, 10_000);
         futures::stream::iter(groups)
             .for_each_concurrent(concurrency, |group| {
-                let (spec, sent, failed, halt, leaving) = (spec.clone(), sent.clone(), failed.clone(), &halt, &leaving);
+                let (spec, sent, failed, halt, leaving) = (spec.clone(), sent.clone(), &failed, &halt, &leaving);
                 async move {
                     if halt.is_cancelled() {
                         return;
@@ -446,12 +449,12 @@ impl Jobs {
                         Ok(()) | Err(CheckError::Cancelled) => {}
                         Err(CheckError::ShuttingDown) => {
                             // Not answered here: the replica that takes the job over waits for it.
-                            leaving.store(true, std::sync::atomic::Ordering::Relaxed);
+                            leaving.store(true, Ordering::Relaxed);
                             halt.cancel();
                         }
                         Err(e) if job_wide(&e) => {
                             tracing::warn!(job_id = %job_id, error = %e, "a bulk check stops: Sinch refused the app's queries");
-                            *failed.lock().expect("failed lock poisoned") = Some(e.to_string());
+                            failed.store(true, Ordering::Relaxed);
                             halt.cancel();
                         }
                         Err(e) => {
@@ -472,10 +475,10 @@ impl Jobs {
                 }
             })
             .await;
-        if leaving.load(std::sync::atomic::Ordering::Relaxed) {
+        if leaving.load(Ordering::Relaxed) {
             return None;
         }
-        Some(if failed.lock().expect("failed lock poisoned").is_some() {
+        Some(if failed.load(Ordering::Relaxed) {
             JobState::Failed
         } else if token.is_cancelled() {
             JobState::Cancelled
