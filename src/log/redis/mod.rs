@@ -170,10 +170,8 @@ struct Shard {
     recent: Mutex<VecDeque<(Instant, Recent)>>,
     /// Whether this shard's reader has read back the retained stream (or found Redis down at first).
     caught_up: AtomicBool,
-    /// Query records Redis could not take, oldest first, appended when it answers again; `has_unrecorded` says
-    /// whether there are any without taking the lock.
+    /// Query records Redis could not take, oldest first, appended by the reader when it answers again.
     unrecorded: Mutex<VecDeque<Unrecorded>>,
-    has_unrecorded: AtomicBool,
 }
 
 /// A query record Redis could not take.
@@ -264,7 +262,6 @@ impl RedisLog {
                     recent: Mutex::new(VecDeque::new()),
                     caught_up: AtomicBool::new(false),
                     unrecorded: Mutex::new(VecDeque::new()),
-                    has_unrecorded: AtomicBool::new(false),
                 }
             })
             .collect();
@@ -443,9 +440,6 @@ impl RedisLog {
                     .is_some_and(|u| u.at.elapsed() >= self.settings.retention)
                 {
                     unrecorded.pop_front();
-                }
-                if unrecorded.is_empty() {
-                    shard.has_unrecorded.store(false, Ordering::Relaxed);
                 }
                 unrecorded
                     .iter()
@@ -647,9 +641,7 @@ impl RedisLog {
                             }
                             // Query records Redis could not take before, still there (it failed again meanwhile,
                             // or only the commands' connection was lost).
-                            if shard.has_unrecorded.load(Ordering::Relaxed) {
-                                self.append_unrecorded(shard).await;
-                            }
+                            self.append_unrecorded(shard).await;
                         }
                         Err(e) => break e,
                     }
@@ -821,7 +813,6 @@ impl Shard {
             unrecorded.pop_front();
             metrics::counter!("capability_backplane_query_records_dropped_total").increment(1);
         }
-        self.has_unrecorded.store(true, Ordering::Relaxed);
     }
 
     /// Keeps `event` among the recent events, forgetting those past [`RECENT`].
