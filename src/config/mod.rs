@@ -165,7 +165,8 @@ pub struct WebhookSettings {
           value_parser = duration(100 * MS, 10 * MINUTE))]
     pub timeout: Duration,
     /// The most callbacks handled at once on this replica (1 to 65536); the next is answered 503 with
-    /// `Retry-After: 1` at once, before its body is read or its signature checked, and Sinch redelivers it.
+    /// `Retry-After: 1` at once, before its signature is checked, and Sinch redelivers it. A body still arriving
+    /// holds no place, only its bytes so far, within a budget of this many whole bodies.
     #[arg(id = "webhook-max-pending", long = "webhook-max-pending", env = WEBHOOK_MAX_PENDING, default_value = "256",
           value_parser = clap::value_parser!(u32).range(1..=65_536))]
     pub max_pending: u32,

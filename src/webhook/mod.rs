@@ -1,7 +1,9 @@
 //! The webhook receiver: `POST /webhooks/sinch` verifies Sinch's signature over the raw bytes, parses the
 //! callback and appends the notification to the event log; it answers 200 only once the log has taken it.
 //! `GET /healthz` answers 200. Nothing else is served here. At most `max_pending` callbacks are handled at once:
-//! beyond that a flood is answered with fast 503s (Sinch redelivers) rather than queued.
+//! beyond that a flood is answered with fast 503s (Sinch redelivers) rather than queued. Bodies still arriving
+//! hold no such place (a sender trickling its body would keep a genuine callback out), only their bytes so far,
+//! within a budget of `max_pending` whole bodies.
 
 pub mod parse;
 pub mod signature;
@@ -15,9 +17,8 @@ use std::{
 use axum::{
     Router,
     body::{Body, Bytes},
-    extract::{DefaultBodyLimit, FromRequest, State},
+    extract::State,
     http::{HeaderMap, HeaderName, Request, StatusCode, header},
-    middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -69,13 +70,29 @@ pub struct Receiver {
     log: Arc<EventLog>,
     /// One permit per callback being handled.
     pending: Semaphore,
+    /// One permit per byte of the bodies still arriving: `max_pending` whole bodies.
+    arriving: Semaphore,
 }
 
 impl Receiver {
     pub fn new(config: WebhookConfig, log: Arc<EventLog>) -> Receiver {
         let pending = Semaphore::new(config.max_pending.min(Semaphore::MAX_PERMITS));
-        Receiver { config, log, pending }
+        let arriving = Semaphore::new(arriving_budget(&config));
+        Receiver {
+            config,
+            log,
+            pending,
+            arriving,
+        }
     }
+}
+
+/// The bytes of bodies that may be arriving at once: `max_pending` whole bodies.
+fn arriving_budget(config: &WebhookConfig) -> usize {
+    config
+        .max_pending
+        .saturating_mul(config.max_body)
+        .min(Semaphore::MAX_PERMITS)
 }
 
 /// Why a callback was refused. Outward answers stay generic; the details go to the log.
@@ -101,6 +118,12 @@ pub enum WebhookError {
     Unavailable(#[from] Unavailable),
     #[error("too many callbacks are being handled at once")]
     Busy,
+    #[error("the bodies arriving at once exceed the budget of {0} bytes")]
+    BodiesOverBudget(usize),
+    #[error("the body is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("the body could not be read: {0}")]
+    Unreadable(String),
 }
 
 /// A timestamp's distance from now for the log: in seconds up to a day, beyond only "more than a day" (the header
@@ -149,7 +172,11 @@ impl WebhookError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "cannot hand on now; retry",
             ),
-            WebhookError::Busy => ("shed", StatusCode::SERVICE_UNAVAILABLE, "busy; retry"),
+            WebhookError::Busy | WebhookError::BodiesOverBudget(_) => {
+                ("shed", StatusCode::SERVICE_UNAVAILABLE, "busy; retry")
+            }
+            WebhookError::TooLarge(_) => ("too_large", StatusCode::PAYLOAD_TOO_LARGE, "body too large"),
+            WebhookError::Unreadable(_) => ("unreadable", StatusCode::BAD_REQUEST, "body could not be read"),
         }
     }
 }
@@ -171,13 +198,10 @@ impl IntoResponse for WebhookError {
 /// the service's) and `GET /healthz`; 404 elsewhere, 405 for a wrong method.
 pub fn router(receiver: Arc<Receiver>) -> Router {
     let timeout = receiver.config.request_timeout;
-    let max_body = receiver.config.max_body;
-    let receive = post(receive).layer(middleware::from_fn_with_state(receiver.clone(), admit));
     Router::new()
-        .route(PATH, receive.clone())
-        .route(&format!("{PATH}/"), receive)
+        .route(PATH, post(receive))
+        .route(&format!("{PATH}/"), post(receive))
         .route("/healthz", get(|| async { "ok" }))
-        .layer(DefaultBodyLimit::max(max_body))
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
         .with_state(receiver)
 }
@@ -266,14 +290,42 @@ async fn serve_connection<I>(
 }
 
 /// Admission: a callback is handled only while fewer than `max_pending` are; otherwise it is answered 503 at
-/// once, before its body is read or its signature checked, so that a flood costs little and queues nowhere.
-async fn admit(State(receiver): State<Arc<Receiver>>, request: Request<Body>, next: Next) -> Response {
-    let Ok(permit) = receiver.pending.try_acquire() else {
+/// once, before its signature is checked, so that a flood costs little and queues nowhere.
+fn admit(receiver: &Receiver) -> Result<Pending<'_>, WebhookError> {
+    receiver.pending.try_acquire().map(Pending::new).map_err(|_| {
         tracing::debug!("callback shed: too many at once");
-        return WebhookError::Busy.into_response();
-    };
-    let _pending = Pending::new(permit);
-    next.run(request).await
+        WebhookError::Busy
+    })
+}
+
+/// Reads a body as it arrives, each chunk taken from the budget of bytes arriving at once (a 503 past it) and
+/// the whole within `max_body` (a 413, at once when its length says so); the budget's share is given back when
+/// the returned guard is dropped.
+async fn read_body(receiver: &Receiver, body: Body) -> Result<(Bytes, Option<SemaphorePermit<'_>>), WebhookError> {
+    use futures::StreamExt;
+    let max_body = receiver.config.max_body;
+    if http_body::Body::size_hint(&body).lower() > max_body as u64 {
+        return Err(WebhookError::TooLarge(max_body));
+    }
+    let mut held: Option<SemaphorePermit<'_>> = None;
+    let mut read = bytes::BytesMut::new();
+    let mut chunks = body.into_data_stream();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|e| WebhookError::Unreadable(e.to_string()))?;
+        if read.len() + chunk.len() > max_body {
+            return Err(WebhookError::TooLarge(max_body));
+        }
+        let Ok(share) = receiver.arriving.try_acquire_many(chunk.len() as u32) else {
+            tracing::debug!("callback shed: too many bytes arriving at once");
+            return Err(WebhookError::BodiesOverBudget(arriving_budget(&receiver.config)));
+        };
+        match &mut held {
+            Some(held) => held.merge(share),
+            None => held = Some(share),
+        }
+        read.extend_from_slice(&chunk);
+    }
+    Ok((read.freeze(), held))
 }
 
 /// A callback being handled, counted in `capability_webhooks_pending` until its handling ends, however it ends
@@ -299,11 +351,12 @@ impl Drop for Pending<'_> {
 /// made with its fields once they are known: recording them into a span made earlier costs the JSON log layer a
 /// re-serialisation of the span's fields for each.
 async fn receive(State(receiver): State<Arc<Receiver>>, mut request: Request<Body>) -> Response {
-    // The headers are taken, not cloned as the `HeaderMap` extractor does; the body is read as the `Bytes`
-    // extractor reads it (within the body limit, refused the same way past it).
+    // The headers are taken, not cloned as the `HeaderMap` extractor does.
     let headers = std::mem::take(request.headers_mut());
-    let body = match Bytes::from_request(request, &()).await {
-        Ok(body) => body,
+    let arrived = read_body(&receiver, request.into_body()).await;
+    let pending = arrived.and_then(|arrived| Ok((arrived, admit(&receiver)?)));
+    let ((body, _arriving), _pending) = match pending {
+        Ok(admitted) => admitted,
         Err(refused) => return refused.into_response(),
     };
     let checked = check(&receiver.config, &headers, &body, SystemTime::now());
@@ -318,7 +371,7 @@ async fn receive(State(receiver): State<Arc<Receiver>>, mut request: Request<Bod
         ),
         _ => tracing::info_span!("receive"),
     };
-    async move {
+    async {
         let handed_on = match checked {
             Ok(checked) => hand_on(&receiver, checked).await,
             Err(error) => Err(error),
