@@ -18,7 +18,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -131,8 +131,9 @@ pub struct Activity {
     opened: Instant,
     /// Since when nothing has been in flight, in nanoseconds after `opened` (an atomic: read on every poll).
     quiet_since: AtomicU64,
-    /// Whether a request head with both `Content-Length` and `Transfer-Encoding` was read (HTTP/1.1).
-    ambiguous_length: AtomicBool,
+    /// The number (from 1) of the request whose head carried both `Content-Length` and `Transfer-Encoding`
+    /// (HTTP/1.1); 0 while none has.
+    ambiguous_head: AtomicU64,
 }
 
 impl Activity {
@@ -143,7 +144,7 @@ impl Activity {
             active: AtomicUsize::new(0),
             opened: Instant::now(),
             quiet_since: AtomicU64::new(0),
-            ambiguous_length: AtomicBool::new(false),
+            ambiguous_head: AtomicU64::new(0),
         }
     }
 
@@ -158,9 +159,10 @@ impl Activity {
         Busy(self.clone())
     }
 
-    /// Whether a request head read on this connection carried both `Content-Length` and `Transfer-Encoding`.
-    pub fn ambiguous_length(&self) -> bool {
-        self.ambiguous_length.load(Ordering::SeqCst)
+    /// The number (from 1, in the order they were read) of the request whose head carried both
+    /// `Content-Length` and `Transfer-Encoding`, if one did: hyper closes the connection after it.
+    pub fn ambiguous_head(&self) -> Option<u64> {
+        Some(self.ambiguous_head.load(Ordering::SeqCst)).filter(|&n| n > 0)
     }
 
     /// When the connection is due to be closed for idleness; `None` while something is in flight.
@@ -312,7 +314,7 @@ impl AsyncRead for Guarded {
 write_through!(Guarded, stream);
 
 /// An HTTP connection's bytes, as read, checked for request heads with both `Content-Length` and
-/// `Transfer-Encoding`: [`Activity::ambiguous_length`] then says so.
+/// `Transfer-Encoding`: [`Activity::ambiguous_head`] then says which request it was.
 pub struct HeadCheck<I> {
     inner: I,
     activity: Arc<Activity>,
@@ -334,8 +336,8 @@ impl<I: AsyncRead + Unpin> AsyncRead for HeadCheck<I> {
         let this = &mut *self;
         let before = buf.filled().len();
         let result = Pin::new(&mut this.inner).poll_read(cx, buf);
-        if this.head.scan(&buf.filled()[before..]) {
-            this.activity.ambiguous_length.store(true, Ordering::SeqCst);
+        if let Some(request) = this.head.scan(&buf.filled()[before..]) {
+            this.activity.ambiguous_head.store(request, Ordering::SeqCst);
         }
         result
     }
@@ -343,85 +345,167 @@ impl<I: AsyncRead + Unpin> AsyncRead for HeadCheck<I> {
 
 write_through!(HeadCheck<I>, inner, I);
 
-/// Finds, in the bytes of an HTTP/1.1 connection, a header block (lines up to an empty line) holding both a
-/// `Content-Length` and a `Transfer-Encoding` line. It looks only at the start of each line, so a body, which a
-/// JSON endpoint's cannot hold raw line breaks, does not matter unless it imitates header lines itself. Every
-/// byte a connection reads passes through it: lines are found with `memchr`, and only their first bytes are
-/// looked at.
+/// Follows the requests of an HTTP/1.1 connection through its bytes — each head line by line, then its body by
+/// its `Content-Length` or its chunks — and finds a head holding both a `Content-Length` and a
+/// `Transfer-Encoding` line. A body is skipped, never read as lines: whatever it imitates, it is not the next
+/// request's head. Only the first bytes of each line are kept; a connection that opens with the HTTP/2 preface,
+/// or whose framing hyper would refuse (and close it for), is not followed further.
 #[derive(Debug, Default)]
 struct HeadScan {
-    /// The first bytes of the current line read so far (up to the longer header's name), `\r` left out: empty
-    /// while the line holds nothing else.
+    at: Framing,
+    /// The first bytes of the current line read so far ([`HeadScan::KEPT`] at most), `\r` left out.
     line: Vec<u8>,
-    content_length: bool,
+    /// The current head's `Content-Length` (its last value: hyper refuses differing ones) and whether it has a
+    /// `Transfer-Encoding`.
+    content_length: Option<u64>,
     transfer_encoding: bool,
+    /// Heads read whole so far.
+    heads: u64,
+    /// Whether the current head's request line was read.
+    request_line: bool,
+}
+
+/// Where a connection's bytes are.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// A head's lines.
+    #[default]
+    Head,
+    /// So many bytes of a body left.
+    Body(u64),
+    /// A chunk's size line.
+    ChunkSize,
+    /// So many bytes of a chunk left.
+    Chunk(u64),
+    /// The line end after a chunk's bytes.
+    ChunkEnd,
+    /// The trailer lines after the last chunk.
+    Trailers,
+    /// Not followed: HTTP/2, or framing hyper refuses (it closes the connection).
+    Off,
 }
 
 impl HeadScan {
     const CONTENT_LENGTH: &'static [u8] = b"content-length:";
     const TRANSFER_ENCODING: &'static [u8] = b"transfer-encoding:";
+    /// The bytes of a line kept: a header's name and a length's digits.
+    const KEPT: usize = 64;
 
-    /// Scans `bytes`; true when a header block with both headers ended in them.
-    fn scan(&mut self, mut bytes: &[u8]) -> bool {
-        let mut found = false;
-        loop {
-            let end = memchr::memchr(b'\n', bytes);
-            let Some(end) = end else {
-                self.extend_line(bytes);
-                return found;
-            };
-            found |= match self.whole_line(&bytes[..end]) {
-                Some(content) => self.end_content(content),
-                None => {
-                    self.extend_line(&bytes[..end]);
-                    self.end_line()
+    /// Scans `bytes`; the number (from 1) of the request whose head has both headers, when it ended in them.
+    fn scan(&mut self, mut bytes: &[u8]) -> Option<u64> {
+        let mut found = None;
+        while !bytes.is_empty() {
+            match self.at {
+                Framing::Off => break,
+                Framing::Body(left) | Framing::Chunk(left) => {
+                    let skipped = (bytes.len() as u64).min(left);
+                    bytes = &bytes[skipped as usize..];
+                    self.at = match (self.at, left - skipped) {
+                        (Framing::Body(_), 0) => Framing::Head,
+                        (Framing::Body(_), left) => Framing::Body(left),
+                        (_, 0) => Framing::ChunkEnd,
+                        (_, left) => Framing::Chunk(left),
+                    };
                 }
-            };
-            bytes = &bytes[end + 1..];
+                _ => {
+                    let Some(end) = memchr::memchr(b'\n', bytes) else {
+                        self.extend_line(bytes);
+                        break;
+                    };
+                    let whole = self
+                        .line
+                        .is_empty()
+                        .then(|| bytes[..end].strip_suffix(b"\r").unwrap_or(&bytes[..end]));
+                    // A line read whole without a `\r` but at its end, as it almost always is, is looked at where
+                    // it lies instead of copied.
+                    match whole.filter(|line| memchr::memchr(b'\r', line).is_none()) {
+                        Some(content) => found = found.or(self.end_line(&content[..content.len().min(Self::KEPT)])),
+                        None => {
+                            self.extend_line(&bytes[..end]);
+                            let line = std::mem::take(&mut self.line);
+                            found = found.or(self.end_line(&line));
+                            self.line = line;
+                            self.line.clear();
+                        }
+                    }
+                    bytes = &bytes[end + 1..];
+                }
+            }
         }
-    }
-
-    /// A line read whole (its start in the same read as its end) without a `\r` but at its end, as it almost
-    /// always is: its content, looked at where it lies instead of copied.
-    fn whole_line<'b>(&self, line: &'b [u8]) -> Option<&'b [u8]> {
-        if !self.line.is_empty() {
-            return None;
-        }
-        let content = line.strip_suffix(b"\r").unwrap_or(line);
-        memchr::memchr(b'\r', content).is_none().then_some(content)
+        found
     }
 
     /// Takes more of the current line.
     fn extend_line(&mut self, part: &[u8]) {
-        let room = Self::TRANSFER_ENCODING.len().saturating_sub(self.line.len());
+        let room = Self::KEPT.saturating_sub(self.line.len());
         self.line.extend(part.iter().filter(|&&byte| byte != b'\r').take(room));
     }
 
-    /// Ends the current line, read in pieces.
-    fn end_line(&mut self) -> bool {
-        let line = std::mem::take(&mut self.line);
-        let found = self.end_content(&line);
-        self.line = line;
-        self.line.clear();
-        found
+    /// Ends a line whose content (or its first bytes) is `content`, where the framing says a line is; the
+    /// request's number when it was the empty line that ends a head with both headers.
+    fn end_line(&mut self, content: &[u8]) -> Option<u64> {
+        match self.at {
+            Framing::Head => return self.end_head_line(content),
+            Framing::ChunkSize => {
+                let size = content.split(|&b| b == b';').next().unwrap_or_default();
+                let size = std::str::from_utf8(size).ok().map(str::trim);
+                self.at = match size.and_then(|size| u64::from_str_radix(size, 16).ok()) {
+                    Some(0) => Framing::Trailers,
+                    Some(size) => Framing::Chunk(size),
+                    None => Framing::Off,
+                };
+            }
+            Framing::ChunkEnd => self.at = Framing::ChunkSize,
+            Framing::Trailers if content.is_empty() => self.at = Framing::Head,
+            _ => {}
+        }
+        None
     }
 
-    /// Ends a line whose content (or its start, up to the longer header's name) is `content`; true when it was
-    /// the empty line that ends a header block with both headers.
-    fn end_content(&mut self, content: &[u8]) -> bool {
-        if content.is_empty() {
-            let found = self.content_length && self.transfer_encoding;
-            (self.content_length, self.transfer_encoding) = (false, false);
-            return found;
+    /// A line of a head.
+    fn end_head_line(&mut self, content: &[u8]) -> Option<u64> {
+        if !self.request_line {
+            // Empty lines before a request line are ignored (RFC 9112, section 2.2), as hyper does.
+            if !content.is_empty() {
+                self.request_line = true;
+                if self.heads == 0 && content == b"PRI * HTTP/2.0" {
+                    self.at = Framing::Off;
+                }
+            }
+            return None;
         }
-        let starts = |name: &[u8]| {
+        if content.is_empty() {
+            self.heads += 1;
+            self.request_line = false;
+            let (length, chunked) = (self.content_length.take(), std::mem::take(&mut self.transfer_encoding));
+            self.at = match (length, chunked) {
+                // hyper answers it and closes the connection: nothing after it is a request.
+                (Some(_), true) => {
+                    self.at = Framing::Off;
+                    return Some(self.heads);
+                }
+                (None, true) => Framing::ChunkSize,
+                (Some(0) | None, false) => Framing::Head,
+                (Some(length), false) => Framing::Body(length),
+            };
+            return None;
+        }
+        let value = |name: &[u8]| {
             content
                 .get(..name.len())
                 .is_some_and(|start| start.eq_ignore_ascii_case(name))
+                .then(|| &content[name.len()..])
         };
-        self.content_length |= starts(Self::CONTENT_LENGTH);
-        self.transfer_encoding |= starts(Self::TRANSFER_ENCODING);
-        false
+        if let Some(length) = value(Self::CONTENT_LENGTH) {
+            let length = std::str::from_utf8(length).ok().and_then(|l| l.trim().parse().ok());
+            match length {
+                Some(length) => self.content_length = Some(length),
+                // hyper refuses the head and closes the connection.
+                None => self.at = Framing::Off,
+            }
+        }
+        self.transfer_encoding |= value(Self::TRANSFER_ENCODING).is_some();
+        None
     }
 }
 
@@ -432,23 +516,64 @@ mod tests {
     #[test]
     fn a_head_with_both_lengths_is_found_across_reads() {
         let mut scan = HeadScan::default();
-        assert!(!scan.scan(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-"));
-        assert!(scan.scan(b"Encoding: chunked\r\n\r\n0\r\n\r\n"));
+        assert_eq!(scan.scan(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-"), None);
+        assert_eq!(scan.scan(b"Encoding: chunked\r\n\r\n0\r\n\r\n"), Some(1));
         let mut scan = HeadScan::default();
-        assert!(!scan.scan(b"POST / HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}POST / HTTP/1.1\r\n"));
-        assert!(!scan.scan(b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n"));
-        assert!(!scan.scan(b"GET / HTTP/1.1\r\nx-content-length: 1\r\ntransfer-encoding: chunked\r\n\r\n"));
+        assert_eq!(
+            scan.scan(b"POST / HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}POST / HTTP/1.1\r\n"),
+            None
+        );
+        assert_eq!(scan.scan(b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n"), None);
+        assert_eq!(
+            scan.scan(b"GET / HTTP/1.1\r\nx-content-length: 1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n"),
+            None
+        );
+        assert_eq!(
+            scan.scan(b"POST / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n"),
+            Some(4)
+        );
     }
 
     #[test]
     fn a_head_split_anywhere_is_found_whatever_the_case_and_a_long_line_between() {
-        let head = b"POST /webhooks/sinch HTTP/1.1\r\nX-Long: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\nCONTENT-LENGTH: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let head = b"POST /webhooks/sinch HTTP/1.1\r\nX-Long: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\nCONTENT-LENGTH: 5\r\nTransfer-Encoding: chunked\r\n\r\n";
         for split in 0..=head.len() {
             let mut scan = HeadScan::default();
             let first = scan.scan(&head[..split]);
-            assert!(first || scan.scan(&head[split..]), "split at {split}");
+            assert_eq!(first.or_else(|| scan.scan(&head[split..])), Some(1), "split at {split}");
         }
+    }
+
+    /// A body, by its length or its chunks, is skipped: what it imitates is not the next request's head.
+    #[test]
+    fn bodies_are_not_heads() {
+        let imitation = "{}\ncontent-length: 1\ntransfer-encoding: chunked\n\n";
+        let by_length = format!(
+            "POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n{imitation}",
+            imitation.len()
+        );
+        let chunked = format!(
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{:x};ext=1\r\n{imitation}\r\n3\r\n\r\n\n\r\n0\r\nx-trailer: 1\r\n\r\n",
+            imitation.len()
+        );
+        let next = "POST / HTTP/1.1\r\ncontent-length: 2\r\n\r\n{}";
+        let both = "POST / HTTP/1.1\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n";
+        for first in [&by_length, &chunked] {
+            let connection = format!("{first}{next}{both}");
+            for split in 0..=connection.len() {
+                let mut scan = HeadScan::default();
+                let (a, b) = connection.as_bytes().split_at(split);
+                let found = scan.scan(a).or_else(|| scan.scan(b));
+                assert_eq!(found, Some(3), "split at {split}: {connection:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_http2_connection_is_not_followed() {
         let mut scan = HeadScan::default();
-        assert!(!scan.scan(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nTransfer-Encoding: chunked\r\n\r\n"));
+        let frames = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\ncontent-length: 1\ntransfer-encoding: x\n\n";
+        assert_eq!(scan.scan(frames.as_bytes()), None);
+        assert_eq!(scan.at, Framing::Off);
     }
 }

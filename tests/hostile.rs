@@ -735,6 +735,39 @@ async fn past_the_connection_cap_new_connections_are_closed_and_counted() {
     }
 }
 
+/// One request's body is not the next request's head: a body imitating header lines makes no later request on
+/// its connection look like one with both lengths (behind a proxy, a pooled connection carries every sender's
+/// callbacks), over HTTP/1.1 or HTTP/2.
+#[tokio::test]
+async fn a_body_imitating_header_lines_refuses_no_later_callback_on_its_connection() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[]).await;
+    let url = common::webhook_url(service.webhook_addr);
+    let poison = b"{}\ncontent-length: 1\ntransfer-encoding: chunked\n\n".to_vec();
+    for (version, http) in [
+        ("HTTP/1.1", reqwest_client()),
+        (
+            "HTTP/2",
+            reqwest::Client::builder().http2_prior_knowledge().build().unwrap(),
+        ),
+    ] {
+        let refused = http
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(poison.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 401, "{version}: unsigned");
+        // The same client, so the same connection: genuine callbacks after it are taken.
+        for channel in ["SMS", "RCS"] {
+            let body = capability_body(version, channel, "46700000001", "CAPABILITY_FULL");
+            let status = testkit::post_signed(&http, &url, WEBHOOK_SECRET, body).await.unwrap();
+            assert_eq!(status, 200, "{version}: {channel} after a body imitating header lines");
+        }
+    }
+}
+
 /// A raw HTTP/1.1 request to the webhook port (one a client library would not send) and the status it must get.
 struct RawRow {
     name: &'static str,

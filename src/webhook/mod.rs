@@ -254,8 +254,8 @@ pub async fn serve(
 }
 
 /// Serves one connection (plain or TLS) until it closes or the graceful shutdown it is watched by ends it. Each
-/// request counts as in flight on the connection until its response is sent; a request whose head carried both
-/// `Content-Length` and `Transfer-Encoding` gets 400 and the connection is closed (RFC 9112, section 6.1).
+/// request counts as in flight on the connection until its response is sent; a request whose own head carried
+/// both `Content-Length` and `Transfer-Encoding` gets 400 and the connection is closed (RFC 9112, section 6.1).
 async fn serve_connection<I>(
     builder: &Builder<TokioExecutor>,
     io: I,
@@ -266,9 +266,12 @@ async fn serve_connection<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let io = TokioIo::new(HeadCheck::new(io, activity.clone()));
+    // HTTP/1.1's requests, numbered in the order they are read, as the connection's scan numbers their heads.
+    let mut requests = 0;
     let service = tower::service_fn(move |request: Request<Incoming>| {
         let busy = activity.begin();
-        let ambiguous = activity.ambiguous_length();
+        requests += 1;
+        let ambiguous = activity.ambiguous_head() == Some(requests);
         let mut router = router.clone();
         async move {
             if ambiguous {
