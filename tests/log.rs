@@ -254,6 +254,24 @@ async fn past_its_pending_limit_a_callback_is_shed_at_once_and_sinchs_redelivery
     assert_eq!(seen, ["MARKER", "RCS", "SMS"], "each callback delivered once");
 }
 
+/// A callback the log cannot take within the webhook timeout is answered 503, which Sinch redelivers, not 408,
+/// which it may not: the time ran out on our side, not the sender's.
+#[tokio::test]
+async fn a_callback_the_log_takes_too_long_to_take_is_told_to_come_again() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let service = redis_replica(&fake, &redis.url(), &["--webhook-timeout=1s"]).await;
+    redis.command(&["CLIENT", "PAUSE", "60000", "WRITE"]);
+    let (status, retry_after, text) = post_answer(service.webhook_addr, full("slow-log", "SMS")).await;
+    assert_eq!((status, retry_after.as_deref()), (503, Some("1")), "{text}");
+    redis.command(&["CLIENT", "UNPAUSE"]);
+    for channel in ["SMS", "MARKER"] {
+        assert_eq!(deliver(service.webhook_addr, full("slow-log", channel)).await, 200);
+    }
+    let seen = until_marker(&service, "slow-log", 0, "MARKER").await;
+    assert_eq!(seen.len(), 2, "delivered once: {seen:?}");
+}
+
 #[tokio::test]
 async fn a_replica_is_ready_only_once_it_read_the_log_back() {
     let redis = RedisServer::start().await;

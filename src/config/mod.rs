@@ -160,7 +160,8 @@ pub struct WebhookSettings {
     #[arg(id = "webhook-max-body", long = "webhook-max-body", env = WEBHOOK_MAX_BODY, default_value = "1048576",
           value_parser = clap::value_parser!(u64).range(1024..=64 * 1024 * 1024))]
     pub max_body: u64,
-    /// The longest a webhook request may take, body included (100ms to 10m).
+    /// The longest a webhook request may take after its head (100ms to 10m): its body (408 past it) and its
+    /// hand-off to the event log (503 past it, so that Sinch redelivers).
     #[arg(id = "webhook-timeout", long = "webhook-timeout", env = WEBHOOK_TIMEOUT, default_value = "10s",
           value_parser = duration(100 * MS, 10 * MINUTE))]
     pub timeout: Duration,

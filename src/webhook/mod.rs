@@ -33,7 +33,6 @@ use hyper_util::{
 };
 use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
-use tower_http::timeout::TimeoutLayer;
 use tracing::Instrument;
 
 use crate::{
@@ -124,6 +123,10 @@ pub enum WebhookError {
     TooLarge(usize),
     #[error("the body could not be read: {0}")]
     Unreadable(String),
+    #[error("the body did not arrive within the webhook timeout")]
+    BodyTooSlow,
+    #[error("the event log did not take it within the webhook timeout")]
+    HandOnTooSlow,
 }
 
 /// A timestamp's distance from now for the log: in seconds up to a day, beyond only "more than a day" (the header
@@ -167,7 +170,7 @@ impl WebhookError {
             WebhookError::Malformed(parse::ParseError::Json { .. }) => {
                 ("malformed", StatusCode::BAD_REQUEST, "body is not a Sinch callback")
             }
-            WebhookError::Unavailable(_) => (
+            WebhookError::Unavailable(_) | WebhookError::HandOnTooSlow => (
                 "unavailable",
                 StatusCode::SERVICE_UNAVAILABLE,
                 "cannot hand on now; retry",
@@ -177,6 +180,7 @@ impl WebhookError {
             }
             WebhookError::TooLarge(_) => ("too_large", StatusCode::PAYLOAD_TOO_LARGE, "body too large"),
             WebhookError::Unreadable(_) => ("unreadable", StatusCode::BAD_REQUEST, "body could not be read"),
+            WebhookError::BodyTooSlow => ("timeout", StatusCode::REQUEST_TIMEOUT, "body not received in time"),
         }
     }
 }
@@ -197,12 +201,10 @@ impl IntoResponse for WebhookError {
 /// The receiver's routes: `POST /webhooks/sinch` (with or without a trailing `/`: the registration takes both for
 /// the service's) and `GET /healthz`; 404 elsewhere, 405 for a wrong method.
 pub fn router(receiver: Arc<Receiver>) -> Router {
-    let timeout = receiver.config.request_timeout;
     Router::new()
         .route(PATH, post(receive))
         .route(&format!("{PATH}/"), post(receive))
         .route("/healthz", get(|| async { "ok" }))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
         .with_state(receiver)
 }
 
@@ -302,14 +304,11 @@ fn admit(receiver: &Receiver) -> Result<Pending<'_>, WebhookError> {
 }
 
 /// Reads a body as it arrives, each chunk taken from the budget of bytes arriving at once (a 503 past it) and
-/// the whole within `max_body` (a 413, at once when its length says so); the budget's share is given back when
-/// the returned guard is dropped.
+/// the whole within `max_body` (a 413 once past it: answered earlier, a client still sending would see its
+/// connection reset rather than the answer); the budget's share is given back when the returned guard is dropped.
 async fn read_body(receiver: &Receiver, body: Body) -> Result<(Bytes, Option<SemaphorePermit<'_>>), WebhookError> {
     use futures::StreamExt;
     let max_body = receiver.config.max_body;
-    if http_body::Body::size_hint(&body).lower() > max_body as u64 {
-        return Err(WebhookError::TooLarge(max_body));
-    }
     let mut held: Option<SemaphorePermit<'_>> = None;
     let mut read = bytes::BytesMut::new();
     let mut chunks = body.into_data_stream();
@@ -356,7 +355,12 @@ impl Drop for Pending<'_> {
 async fn receive(State(receiver): State<Arc<Receiver>>, mut request: Request<Body>) -> Response {
     // The headers are taken, not cloned as the `HeaderMap` extractor does.
     let headers = std::mem::take(request.headers_mut());
-    let arrived = read_body(&receiver, request.into_body()).await;
+    // The body must arrive in time (408: the sender was slow), and the log take it by the same time (503: we were
+    // slow, and Sinch redelivers; a callback appended just as the time ran out comes again as a duplicate).
+    let deadline = tokio::time::Instant::now() + receiver.config.request_timeout;
+    let arrived = tokio::time::timeout_at(deadline, read_body(&receiver, request.into_body()))
+        .await
+        .unwrap_or(Err(WebhookError::BodyTooSlow));
     let pending = arrived.and_then(|arrived| Ok((arrived, admit(&receiver)?)));
     let ((body, _arriving), _pending) = match pending {
         Ok(admitted) => admitted,
@@ -376,7 +380,9 @@ async fn receive(State(receiver): State<Arc<Receiver>>, mut request: Request<Bod
     };
     async {
         let handed_on = match checked {
-            Ok(checked) => hand_on(&receiver, checked).await,
+            Ok(checked) => tokio::time::timeout_at(deadline, hand_on(&receiver, checked))
+                .await
+                .unwrap_or(Err(WebhookError::HandOnTooSlow)),
             Err(error) => Err(error),
         };
         match handed_on {
