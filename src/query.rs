@@ -244,8 +244,14 @@ impl Queries {
                     sent_now = sent;
                     Ok::<_, QueryError>(answer)
                 })
-                .await?;
-            Ok((answer.clone(), sent_now))
+                .await;
+            match answer {
+                Ok(answer) => Ok((answer.clone(), sent_now)),
+                Err(e) => {
+                    queries.idempotency.release(&entry);
+                    Err(e)
+                }
+            }
         }));
         task.await.unwrap_or_else(|e| Err(upstream::Error::from(e).into()))
     }
@@ -260,8 +266,8 @@ struct Idempotency {
 struct Entry {
     /// The query first sent under this request_id.
     query: Query,
-    /// Set once Sinch accepted it; concurrent repeats wait on it. A failed attempt leaves it empty, so that the
-    /// next repeat tries again.
+    /// Set once Sinch accepted it; concurrent repeats wait on it. A failed attempt leaves it empty, so that a
+    /// repeat waiting on it tries again, and releases the request_id, for another question too.
     answer: OnceCell<QueryAccepted>,
 }
 
@@ -291,11 +297,29 @@ impl Idempotency {
             })
         }
     }
+
+    /// Frees `entry`'s request_id after its attempt failed, unless it already names another entry.
+    fn release(&self, entry: &Arc<Entry>) {
+        let id = &entry.query.request_id;
+        if self.entries.get(id).is_some_and(|held| Arc::ptr_eq(&held, entry)) {
+            self.entries.invalidate(id);
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_released_request_id_takes_another_question_and_a_stale_release_frees_nothing() {
+        let ids = Idempotency::new(Duration::from_secs(3600), 100);
+        let failed = ids.claim(&query("r1", "c1")).unwrap();
+        ids.release(&failed);
+        let next = ids.claim(&query("r1", "c2")).unwrap();
+        ids.release(&failed);
+        assert!(Arc::ptr_eq(&next, &ids.claim(&query("r1", "c2")).unwrap()));
+    }
 
     fn query(id: &str, contact: &str) -> Query {
         Query {

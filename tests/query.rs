@@ -203,6 +203,25 @@ async fn a_failed_attempt_is_not_remembered_so_a_retry_reaches_sinch() {
     assert_eq!(fake.queries().len(), 2);
 }
 
+/// A request_id whose query Sinch refused is free again, for the corrected question too — as it is with Redis,
+/// where the failed attempt's claim is released: the answer does not depend on the replica reached.
+#[tokio::test]
+async fn a_request_id_whose_query_failed_can_be_used_for_the_corrected_question() {
+    let fake = FakeSinch::start().await;
+    fake.script_queries([Canned::sinch_error(400, "INVALID_ARGUMENT", "no such contact")]);
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    assert!(
+        client
+            .query_capability(query(contact("wrong"), "idem-fixed"))
+            .await
+            .is_err()
+    );
+    let fixed = client.query_capability(query(contact("right"), "idem-fixed")).await;
+    assert!(fixed.is_ok(), "{fixed:?}");
+    assert_eq!(fake.queries().len(), 2);
+}
+
 #[tokio::test]
 async fn one_token_serves_every_call_and_is_asked_for_as_oauth2_requires() {
     let fake = FakeSinch::start().await;
