@@ -321,6 +321,52 @@ async fn an_expired_token_is_dropped_and_the_query_sent_once_more() {
     assert_eq!(fake.queries()[0].body, fake.queries()[1].body);
 }
 
+/// A token Sinch refused in other words than "expired" (revoked, unknown after a restart of its side) is not
+/// used again: the next query asks for a new one, rather than every query failing until the token's hour is up.
+#[tokio::test]
+async fn a_token_refused_in_any_words_is_not_used_again() {
+    let fake = FakeSinch::start().await;
+    fake.script_queries([
+        Canned::sinch_error(401, "UNAUTHENTICATED", "Request had invalid credentials.").header(
+            "www-authenticate",
+            "Bearer error=\"invalid_token\", error_description=\"unknown token\"",
+        ),
+    ]);
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let refused = client
+        .query_capability(query(contact("C"), "r-revoked"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Internal, "not retried: {refused:?}");
+    client.query_capability(query(contact("C"), "r-after")).await.unwrap();
+    let used: Vec<_> = fake
+        .queries()
+        .iter()
+        .map(|q| q.header("authorization").to_owned())
+        .collect();
+    assert_eq!(used, ["Bearer token-1", "Bearer token-2"]);
+}
+
+/// The query sent again after an expired token is one more request under this replica's rate limit.
+#[tokio::test]
+async fn the_query_sent_again_after_an_expired_token_waits_for_the_rate_limit() {
+    let fake = FakeSinch::start().await;
+    fake.script_queries([
+        Canned::sinch_error(401, "UNAUTHENTICATED", "Request had invalid credentials.").header(
+            "www-authenticate",
+            "Bearer error=\"invalid_token\", error_description=\"The access token expired\"",
+        ),
+    ]);
+    let service = Service::against(&fake, &["--sinch-rate-limit=1"]).await;
+    let mut client = service.client().await;
+    let mut request = Request::new(query(contact("C"), "r-expired-paced"));
+    request.set_timeout(Duration::from_millis(500));
+    let status = client.query_capability(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(fake.queries().len(), 1, "the second send would pass the rate limit");
+}
+
 #[tokio::test]
 async fn refused_credentials_are_reported_as_ours_not_the_callers() {
     let (fake, status) = failing_query([Canned::sinch_error(

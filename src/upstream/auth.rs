@@ -146,7 +146,7 @@ impl Auth {
         }
     }
 
-    /// Forgets `used` if it is still the current token (Sinch said it expired).
+    /// Forgets `used` if it is still the current token (Sinch refused it).
     pub(super) fn expired(&self, used: &Arc<HeaderValue>) {
         if let Auth::OAuth2(cache) = self {
             let mut current = cache.current.write().expect("token lock poisoned");

@@ -69,8 +69,13 @@ pub struct SinchClient {
 /// How one send ended.
 enum Attempt {
     Done(QueryAccepted),
-    /// Sinch said our token expired: drop it and send once more.
-    TokenExpired(Arc<reqwest::header::HeaderValue>, Error),
+    /// Sinch refused our token: it is dropped whatever the words, and the query sent once more when they say
+    /// it expired (any other 401 says the credentials are wrong, which a new token may not mend).
+    TokenRefused {
+        used: Arc<reqwest::header::HeaderValue>,
+        error: Error,
+        expired: bool,
+    },
     /// No token could be had, after the token endpoint's own retries: not retried again here.
     NoToken(Error),
     Failed(Error),
@@ -137,12 +142,14 @@ impl SinchClient {
                 .map_err(|_| Error::DeadlineExceeded)?;
             let error = match outcome {
                 Attempt::Done(accepted) => return Ok(accepted),
-                Attempt::TokenExpired(used, error) => {
+                Attempt::TokenRefused { used, error, expired } => {
                     self.auth.expired(&used);
-                    if token_retried {
+                    if !expired || token_retried {
                         return Err(error);
                     }
                     token_retried = true;
+                    // Not counted as an attempt, but sent as any: under the rate limit.
+                    self.admit(deadline).await?;
                     attempt -= 1;
                     continue;
                 }
@@ -228,16 +235,17 @@ impl SinchClient {
             };
         }
         let error = classify(status, &body, retry_after(&headers), false);
-        let expired = status == 401
-            && matches!(self.auth, Auth::OAuth2(_))
-            && headers
-                .get(WWW_AUTHENTICATE)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|v| v.to_ascii_lowercase().contains("expired"));
-        if expired {
-            Attempt::TokenExpired(auth, error)
-        } else {
-            Attempt::Failed(error)
+        if status != 401 || !matches!(self.auth, Auth::OAuth2(_)) {
+            return Attempt::Failed(error);
+        }
+        let expired = headers
+            .get(WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().contains("expired"));
+        Attempt::TokenRefused {
+            used: auth,
+            error,
+            expired,
         }
     }
 }
