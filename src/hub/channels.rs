@@ -2,11 +2,15 @@
 
 use crate::capability::Channel;
 
-/// A set of channels in 16 bytes: most records hold one to three known channels and no other.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+use std::num::NonZeroU32;
+
+/// A set of channels in 16 bytes, and an optional one too: most records hold one to three known channels and no
+/// other.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct ChannelSet {
-    /// Bit `n` for the known channel whose contract number is `n`.
-    known: u32,
+    /// Bit `n` for the known channel whose contract number is `n` (below 31), and [`ChannelSet::MARK`] always:
+    /// never zero, so that `Option<ChannelSet>` takes no more room than a set.
+    known: NonZeroU32,
     /// Channels this version does not know, by Sinch's spelling; allocated only when there is one.
     #[expect(
         clippy::box_collection,
@@ -15,7 +19,24 @@ pub(super) struct ChannelSet {
     other: Option<Box<Vec<Box<str>>>>,
 }
 
+impl Default for ChannelSet {
+    fn default() -> ChannelSet {
+        ChannelSet {
+            known: ChannelSet::MARK,
+            other: None,
+        }
+    }
+}
+
 impl ChannelSet {
+    /// The bit every set has, which no channel has.
+    const MARK: NonZeroU32 = NonZeroU32::new(1 << 31).expect("not zero");
+
+    /// The known channels' bits.
+    fn bits(&self) -> u32 {
+        self.known.get() & !Self::MARK.get()
+    }
+
     pub(super) fn insert(&mut self, channel: &Channel) {
         match channel {
             Channel::Other(raw) => {
@@ -28,13 +49,33 @@ impl ChannelSet {
         }
     }
 
+    pub(super) fn remove(&mut self, channel: &Channel) {
+        match channel {
+            Channel::Other(raw) => {
+                if let Some(other) = &mut self.other {
+                    other.retain(|o| o != raw);
+                }
+            }
+            known => self.known = Self::MARK | (self.bits() & !(1 << known.number())),
+        }
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.bits() == 0 && self.others().is_empty()
+    }
+
+    /// The channels of `self` that are not in `other`, as a set.
+    pub(super) fn minus(&self, other: &ChannelSet) -> ChannelSet {
+        self.without(other).iter().collect()
+    }
+
     fn others(&self) -> &[Box<str>] {
         self.other.as_deref().map_or(&[], Vec::as_slice)
     }
 
     /// The channels of `self` that are not in `other`, known ones in the contract's order first.
     pub(super) fn without(&self, other: &ChannelSet) -> Vec<Channel> {
-        let known = self.known & !other.known;
+        let known = self.bits() & !other.bits();
         Channel::KNOWN
             .iter()
             .filter(|c| known & (1 << c.number()) != 0)
@@ -60,6 +101,17 @@ impl<'a> FromIterator<&'a Channel> for ChannelSet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_set_and_an_optional_one_take_16_bytes_and_every_known_channel_fits() {
+        assert_eq!(size_of::<Option<ChannelSet>>(), 16);
+        assert!(Channel::KNOWN.iter().all(|c| (1..31).contains(&c.number())));
+        let mut set: ChannelSet = Channel::KNOWN.iter().collect();
+        assert_eq!(set.without(&ChannelSet::default()), Channel::KNOWN);
+        Channel::KNOWN.iter().for_each(|c| set.remove(c));
+        assert!(set.is_empty());
+        assert_eq!(set, ChannelSet::default());
+    }
 
     #[test]
     fn known_and_unknown_channels_are_both_counted() {

@@ -81,12 +81,14 @@ impl HeldList {
         self.heads.last().map(|head| u64::from(head.offset))
     }
 
-    /// Drops the notifications whose log time is at or before `cutoff_ms` (they lead: the log's time ascends).
-    pub fn drop_until(&mut self, cutoff_ms: u64) {
+    /// Drops the notifications whose log time is at or before `cutoff_ms` (they lead: the log's time ascends);
+    /// the last offset dropped, if any was.
+    pub fn drop_until(&mut self, cutoff_ms: u64) -> Option<u64> {
         let kept = self.heads.partition_point(|head| head.time_ms <= cutoff_ms);
         if kept == 0 {
-            return;
+            return None;
         }
+        let through = u64::from(self.heads[kept - 1].offset);
         let cut = self.heads[kept - 1].end & !SOURCED;
         self.heads.drain(..kept);
         self.bodies.drain(..cut as usize);
@@ -95,6 +97,7 @@ impl HeldList {
         }
         self.heads.shrink_to_fit();
         self.bodies.shrink_to_fit();
+        Some(through)
     }
 
     fn read(&self, i: usize) -> Held<'_> {

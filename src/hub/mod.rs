@@ -96,6 +96,13 @@ struct Shard {
     records: KeyedMap<Box<Record>>,
 }
 
+/// Channels whose results all expired before their record (see [`Record::lost`]).
+struct Lost {
+    channels: ChannelSet,
+    /// The last offset that expired.
+    through: u64,
+}
+
 struct Record {
     /// Tells a watch that the record it reads is the one it subscribed to (not a later one of the same id).
     generation: u64,
@@ -107,6 +114,10 @@ struct Record {
     expected: Option<ChannelSet>,
     /// The channels that reported.
     reported: ChannelSet,
+    /// The channels that reported but whose results all expired, with the last offset that expired; a watch
+    /// that had not read that far, or passed expired offsets, counts them as pending again. Made only when a
+    /// result expires before its record.
+    lost: Option<Box<Lost>>,
     /// By offset, ascending; offsets may start above 1 (a replica that started after the first ones expired).
     notifications: HeldList,
     /// The app and project of its first notification, as the hub shares them: a notification from the same is
@@ -136,6 +147,25 @@ impl Record {
         body.extend_from_slice(held.body);
         body.extend_from_slice(source);
         body
+    }
+
+    /// Drops its notifications received before `cutoff_ms`; a channel none of whose results is held any more is
+    /// lost to the watches that had not read it.
+    fn expire_until(&mut self, cutoff_ms: u64) {
+        let Some(through) = self.notifications.drop_until(cutoff_ms) else {
+            return;
+        };
+        let held: ChannelSet = self
+            .notifications
+            .after(0)
+            .filter_map(|held| codec::decode_body(String::new(), &self.body_of(&held, 0)).ok())
+            .map(|n| n.channel)
+            .collect::<Vec<_>>()
+            .iter()
+            .collect();
+        let channels = self.reported.minus(&held);
+        let through = self.lost.as_ref().map_or(through, |lost| lost.through.max(through));
+        self.lost = (!channels.is_empty()).then(|| Box::new(Lost { channels, through }));
     }
 
     /// Whether it holds `n`: a notification with the log's [`Digest`] of it (its channel, identity, status and
@@ -208,6 +238,7 @@ impl Hub {
             last_ms,
             expected: None,
             reported: ChannelSet::default(),
+            lost: None,
             notifications: HeldList::default(),
             source: None,
             watchers: 0,
@@ -292,6 +323,9 @@ impl Hub {
                 );
             }
             record.reported.insert(&n.notification.channel);
+            if let Some(lost) = &mut record.lost {
+                lost.channels.remove(&n.notification.channel);
+            }
             if record.source.is_none() {
                 record.source = self.shared_source(&source);
             }
@@ -331,6 +365,7 @@ impl Hub {
                 generation,
                 changed,
                 cursor: after_offset,
+                skipped: false,
             },
             limits,
         )
@@ -346,7 +381,7 @@ impl Hub {
             let mut shard = shard.lock().expect("hub shard poisoned");
             shard.records.retain(|_, record| {
                 if let Some(cutoff) = now.checked_sub(self.retention_ms) {
-                    record.notifications.drop_until(cutoff);
+                    record.expire_until(cutoff);
                 }
                 let expired = record.last_ms.saturating_add(self.retention_ms) <= now;
                 if !expired || record.watchers > 0 {
@@ -462,6 +497,8 @@ pub(crate) struct Subscription {
     changed: Arc<Notify>,
     /// The offset of the last notification taken.
     cursor: u64,
+    /// Whether it passed offsets it never read (they had expired): their channels may be lost to it.
+    skipped: bool,
 }
 
 /// What a subscription found past its cursor.
@@ -484,14 +521,17 @@ impl Subscription {
             return Snapshot::Gone;
         };
         if let Some((offset, body)) = record.next_after(self.cursor) {
+            self.skipped |= offset > self.cursor + 1;
             self.cursor = offset;
             return Snapshot::Notification(offset, body);
         }
+        let lost = (record.lost.as_deref()).filter(|lost| self.skipped || self.cursor < lost.through);
         Snapshot::Quiet {
-            pending: record
-                .expected
-                .as_ref()
-                .map(|expected| expected.without(&record.reported)),
+            pending: record.expected.as_ref().map(|expected| match lost {
+                // Results this watch did not read and cannot any more: reported, but not to it.
+                Some(lost) => expected.without(&record.reported.minus(&lost.channels)),
+                None => expected.without(&record.reported),
+            }),
         }
     }
 }

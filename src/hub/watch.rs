@@ -253,6 +253,47 @@ mod tests {
         assert!(watch.next().await.is_none());
     }
 
+    /// A result gone with the retention is no longer reported: a watch that replays the rest is not told the
+    /// answer is complete without it (a replica started after it went, which never read it, says the same).
+    #[tokio::test(start_paused = true)]
+    async fn a_channel_whose_result_expired_is_pending_again() {
+        let hub = hub(60, 100);
+        hub.apply(&query("r", &[Channel::Sms, Channel::Rcs], 0));
+        hub.apply(&notification("r", Channel::Sms, 1, 0));
+        hub.apply(&notification("r", Channel::Rcs, 2, 30_000));
+        hub.advance(61_000);
+        hub.purge();
+        let mut watch = pin!(hub.watch("r", 0, waiting(Duration::from_secs(1))));
+        assert_eq!(offset(watch.next().await), 2);
+        let Some(WatchEvent::Completed { reason, pending, .. }) = watch.next().await else {
+            panic!("completion")
+        };
+        assert_eq!((reason, pending), (CompletionReason::WaitElapsed, vec![Channel::Sms]));
+    }
+
+    /// A watch that read a result before it expired still counts its channel.
+    #[tokio::test(start_paused = true)]
+    async fn a_channel_read_before_its_result_expired_stays_reported_to_its_watch() {
+        let hub = hub(60, 100);
+        hub.apply(&query("r", &[Channel::Sms, Channel::Mms, Channel::Rcs], 0));
+        hub.apply(&notification("r", Channel::Sms, 1, 0));
+        hub.apply(&notification("r", Channel::Mms, 2, 30_000));
+        let mut watch = pin!(hub.watch("r", 0, waiting(Duration::from_secs(60))));
+        assert_eq!(offset(watch.next().await), 1);
+        assert_eq!(offset(watch.next().await), 2);
+        hub.advance(61_000);
+        hub.purge();
+        hub.apply(&notification("r", Channel::Rcs, 3, 61_000));
+        assert_eq!(offset(watch.next().await), 3);
+        assert!(matches!(
+            watch.next().await,
+            Some(WatchEvent::Completed {
+                reason: CompletionReason::AllChannelsReported,
+                ..
+            })
+        ));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn after_offset_skips_what_the_caller_has() {
         let hub = hub(600, 100);
