@@ -1,6 +1,8 @@
 //! The service's CAPABILITY webhook at Sinch: what an app's list of webhooks says about it, and the check the
 //! service makes at start when `CAPABILITY_PUBLIC_WEBHOOK_URL` and `CAPABILITY_APP_IDS` are set.
 
+use std::time::Duration;
+
 use subtle::ConstantTimeEq;
 
 use crate::{secret::Secret, upstream::SinchClient, upstream::wire::WebhookJson};
@@ -44,39 +46,67 @@ pub fn secret_known(webhook: &WebhookJson, secrets: &[Secret]) -> bool {
 
 /// Checks each app's registration of `target`: logs [`NOT_REGISTERED`] for each app whose webhook is missing,
 /// lacks the CAPABILITY trigger or has a secret the service does not know, and sets the gauge
-/// `capability_webhook_registered{app_id}` to 1 (registered as it must be) or 0.
+/// `capability_webhook_registered{app_id}` to 1 (registered as it must be) or 0. An app whose webhooks could not
+/// be listed (Sinch busy past the client's retries, no token) counts 0 and is checked again 5 s later, then at
+/// twice the interval each time, up to 5 min, until Sinch answers.
 pub async fn check_at_start(client: &SinchClient, target: &str, apps: &[String], secrets: &[Secret]) {
-    for app_id in apps {
-        let problem = match client.list_webhooks(app_id).await {
-            Err(e) => Some(format!("its webhooks could not be listed: {e}")),
-            Ok(webhooks) => match find(&webhooks, target) {
-                Registration::Registered(w) if secret_known(w, secrets) => None,
-                Registration::Registered(w) => Some(format!(
-                    "webhook {} targets it, but its secret is not one of SINCH_WEBHOOK_SECRETS: callbacks will be \
-                     refused with 401",
-                    w.id
-                )),
-                Registration::WithoutCapability(w) => Some(format!(
-                    "webhook {} targets it without the CAPABILITY trigger: no capability callback will arrive",
-                    w.id
-                )),
-                Registration::Missing { .. } => Some("no webhook targets it: no callback will arrive".to_owned()),
-            },
-        };
-        let registered = problem.is_none();
-        metrics::gauge!("capability_webhook_registered", "app_id" => app_id.clone()).set(if registered {
-            1.0
-        } else {
-            0.0
-        });
-        match problem {
-            None => tracing::info!(%app_id, %target, "the CAPABILITY webhook is registered"),
-            Some(problem) => tracing::warn!(
-                warning = NOT_REGISTERED, %app_id, %target,
-                "{NOT_REGISTERED}: app {app_id}: {problem}; run `capability-facade doctor --app-id {app_id} \
-                 --target {target}` for the fix"
-            ),
+    const FIRST_AGAIN: Duration = Duration::from_secs(5);
+    const LONGEST_AGAIN: Duration = Duration::from_secs(300);
+    let mut unknown: Vec<&String> = apps.iter().collect();
+    let mut again = FIRST_AGAIN;
+    loop {
+        let mut still = Vec::new();
+        for app_id in unknown {
+            let problem = match client.list_webhooks(app_id).await {
+                Err(e) => {
+                    still.push(app_id);
+                    Some(format!(
+                        "its webhooks could not be listed: {e} (checked again in {}s)",
+                        again.as_secs()
+                    ))
+                }
+                Ok(webhooks) => registration_problem(&webhooks, target, secrets),
+            };
+            report(app_id, target, problem);
         }
+        if still.is_empty() {
+            return;
+        }
+        unknown = still;
+        tokio::time::sleep(again).await;
+        again = (again * 2).min(LONGEST_AGAIN);
+    }
+}
+
+/// What is wrong with the registration of `target` among `webhooks`, if anything.
+fn registration_problem(webhooks: &[WebhookJson], target: &str, secrets: &[Secret]) -> Option<String> {
+    match find(webhooks, target) {
+        Registration::Registered(w) if secret_known(w, secrets) => None,
+        Registration::Registered(w) => Some(format!(
+            "webhook {} targets it, but its secret is not one of SINCH_WEBHOOK_SECRETS: callbacks will be \
+             refused with 401",
+            w.id
+        )),
+        Registration::WithoutCapability(w) => Some(format!(
+            "webhook {} targets it without the CAPABILITY trigger: no capability callback will arrive",
+            w.id
+        )),
+        Registration::Missing { .. } => Some("no webhook targets it: no callback will arrive".to_owned()),
+    }
+}
+
+/// Sets the app's gauge and logs what was found.
+fn report(app_id: &str, target: &str, problem: Option<String>) {
+    let registered = if problem.is_none() { 1.0 } else { 0.0 };
+    metrics::gauge!("capability_webhook_registered", "app_id" => app_id.to_owned()).set(registered);
+    // `webhook_url`, not `target`: the JSON log has a `target` of its own (the module).
+    match problem {
+        None => tracing::info!(%app_id, webhook_url = %target, "the CAPABILITY webhook is registered"),
+        Some(problem) => tracing::warn!(
+            warning = NOT_REGISTERED, %app_id, webhook_url = %target,
+            "{NOT_REGISTERED}: app {app_id}: {problem}; run `capability-facade doctor --app-id {app_id} \
+             --target {target}` for the fix"
+        ),
     }
 }
 

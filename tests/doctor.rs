@@ -179,6 +179,83 @@ async fn the_service_warns_at_start_when_its_public_url_is_not_registered() {
     );
 }
 
+/// Sinch busy when the service starts (a 503 on the webhook list) does not leave the service saying its webhook is
+/// not registered until its next restart: the list is asked for again.
+#[tokio::test]
+async fn the_start_up_check_outlasts_a_busy_sinch() {
+    let fake = common::FakeSinch::start().await;
+    let target = "https://facade.example.com/webhooks/sinch";
+    let listed = json!({"webhooks": [{"id": "W1", "app_id": "APP-1", "target": target, "target_type": "HTTP",
+        "secret": common::WEBHOOK_SECRET, "triggers": ["CAPABILITY"]}]});
+    fake.script_api([
+        common::Canned::sinch_error(503, "UNAVAILABLE", "The service is currently unavailable."),
+        common::Canned::new(200, listed.to_string()),
+    ]);
+    let mut env = common::binary_env(&fake);
+    env.push(("CAPABILITY_PUBLIC_WEBHOOK_URL", target.into()));
+    env.push(("CAPABILITY_APP_IDS", "APP-1".into()));
+    let binary = common::Binary::spawn(&env).await;
+    let outcome = binary
+        .until_logged(1, |l| {
+            l.contains("WEBHOOK_NOT_REGISTERED") || l.contains("webhook is registered")
+        })
+        .await;
+    assert!(outcome[0].contains("webhook is registered"), "{outcome:?}");
+    let metrics = common::metrics_text(binary.admin_addr).await;
+    assert!(
+        metrics.contains(r#"capability_webhook_registered{app_id="APP-1"} 1"#),
+        "{metrics}"
+    );
+}
+
+/// Sinch busy past the client's retries at start: the app counts as not registered, and is checked again until
+/// Sinch answers.
+#[tokio::test]
+async fn the_start_up_check_is_repeated_until_sinch_answers() {
+    let fake = common::FakeSinch::start().await;
+    let target = "https://facade.example.com/webhooks/sinch";
+    let listed = json!({"webhooks": [{"id": "W1", "app_id": "APP-1", "target": target, "target_type": "HTTP",
+        "secret": common::WEBHOOK_SECRET, "triggers": ["CAPABILITY"]}]});
+    let busy = common::Canned::sinch_error(503, "UNAVAILABLE", "The service is currently unavailable.");
+    fake.script_api(std::iter::repeat_n(busy, 5).chain([common::Canned::new(200, listed.to_string())]));
+    let mut env = common::binary_env(&fake);
+    env.push(("CAPABILITY_PUBLIC_WEBHOOK_URL", target.into()));
+    env.push(("CAPABILITY_APP_IDS", "APP-1".into()));
+    let binary = common::Binary::spawn(&env).await;
+    let outcomes = binary
+        .until_logged(2, |l| {
+            l.contains("WEBHOOK_NOT_REGISTERED") || l.contains("webhook is registered")
+        })
+        .await;
+    assert!(outcomes[0].contains("could not be listed"), "{outcomes:?}");
+    assert!(outcomes[1].contains("webhook is registered"), "{outcomes:?}");
+    let metrics = common::metrics_text(binary.admin_addr).await;
+    assert!(
+        metrics.contains(r#"capability_webhook_registered{app_id="APP-1"} 1"#),
+        "{metrics}"
+    );
+}
+
+/// A deletion Sinch answers without a body (204) succeeded: the command says so.
+#[tokio::test]
+async fn a_deletion_answered_without_a_body_succeeded() {
+    let fake = common::FakeSinch::start().await;
+    fake.script_api([common::Canned::new(204, "")]);
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_capability-facade"))
+        .env_clear()
+        .envs(common::binary_env(&fake))
+        .args(["webhook", "delete", "--id", "W1"])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stderr).into_owned() + &String::from_utf8_lossy(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{text}");
+    assert_eq!(
+        fake.requests().last().unwrap().path,
+        format!("/v1/projects/{}/webhooks/W1", common::PROJECT)
+    );
+}
+
 /// With HTTP Basic there is no token to obtain: the doctor proves the credentials with its first call, and a wrong
 /// secret is a ✗ on the credentials with their fix, not a ✓ followed by an app "not found in this region".
 #[tokio::test]

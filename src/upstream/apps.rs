@@ -1,5 +1,6 @@
-//! Sinch's Webhooks and Apps APIs, for the doctor, the `webhook` commands and the start-up check: one attempt
-//! per call (a person or a start-up check is waiting), errors classified as for queries.
+//! Sinch's Webhooks and Apps APIs, for the doctor, the `webhook` commands and the start-up check: each call
+//! within 10 s, tried again as a query would be when Sinch is busy (429, 5xx, a broken connection) — but a
+//! creation only after a 429, which says it was not taken — errors classified as for queries.
 
 use std::time::Duration;
 
@@ -78,7 +79,39 @@ impl SinchClient {
         update_mask: Option<&str>,
     ) -> Result<T, Error> {
         let deadline = Instant::now() + CALL_TIMEOUT;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let error = match self.call_once(&method, segments, body, update_mask, deadline).await {
+                Ok(answer) => return Ok(answer),
+                Err(error) => error,
+            };
+            let again = match method {
+                Method::POST => matches!(&error, Error::Api(e) if e.http_status == 429),
+                _ => error.is_retryable(),
+            };
+            if !again || attempt >= self.retry.max_attempts {
+                return Err(error);
+            }
+            let pause = error.retry_after().unwrap_or_else(|| self.retry.backoff(attempt));
+            if Instant::now() + pause >= deadline {
+                return Err(error);
+            }
+            tracing::debug!(attempt, ?pause, error = %error, "retrying a call of Sinch's API");
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    async fn call_once<T: DeserializeOwned>(
+        &self,
+        method: &Method,
+        segments: &[&str],
+        body: Option<&impl Serialize>,
+        update_mask: Option<&str>,
+        deadline: Instant,
+    ) -> Result<T, Error> {
         let call = async {
+            self.admit(deadline).await?;
             let auth = self.auth.header(&self.http, deadline).await?;
             let mut url = self.project_url.clone();
             url.path_segments_mut()
@@ -89,7 +122,7 @@ impl SinchClient {
             }
             let mut request = self
                 .http
-                .request(method, url)
+                .request(method.clone(), url)
                 .header(AUTHORIZATION, auth.as_ref().clone())
                 .header(ACCEPT, "application/json");
             if let Some(body) = body {
@@ -101,9 +134,19 @@ impl SinchClient {
             let wait = retry_after(response.headers());
             let bytes = read_capped(response, MAX_ANSWER).await.map_err(Error::Connect)?;
             if !(200..300).contains(&status) {
+                if status == 401 {
+                    // Not used again, as for queries.
+                    self.auth.expired(&auth);
+                }
                 return Err(classify(status, &bytes, wait, false));
             }
-            serde_json::from_slice(&bytes).map_err(|e| Error::Malformed {
+            // An answer without a body (a 204 to a deletion) reads as JSON's null.
+            let bytes = if bytes.trim_ascii().is_empty() {
+                &b"null"[..]
+            } else {
+                &bytes[..]
+            };
+            serde_json::from_slice(bytes).map_err(|e| Error::Malformed {
                 status,
                 detail: e.to_string(),
             })

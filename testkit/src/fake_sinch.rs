@@ -127,6 +127,8 @@ struct FakeState {
     query_script: Mutex<VecDeque<Canned>>,
     /// Answers to the next token requests; when empty, a new token is issued.
     token_script: Mutex<VecDeque<Canned>>,
+    /// Answers to the next requests of its other APIs (apps, webhooks); when empty, 404.
+    api_script: Mutex<VecDeque<Canned>>,
     /// A delay before every echoed query answer.
     echo_delay: Mutex<Duration>,
     /// The `expires_in` of the tokens it issues.
@@ -187,6 +189,12 @@ impl FakeSinch {
     /// Answers the next token requests with these, in order.
     pub fn script_tokens(&self, answers: impl IntoIterator<Item = Canned>) {
         self.state.token_script.lock().unwrap().extend(answers);
+    }
+
+    /// Answers the next requests to any other path (Sinch's Apps and Webhooks APIs) with these, in order; past
+    /// them, 404.
+    pub fn script_api(&self, answers: impl IntoIterator<Item = Canned>) {
+        self.state.api_script.lock().unwrap().extend(answers);
     }
 
     /// Forgets the token answers not given yet: the token endpoint is back.
@@ -307,6 +315,11 @@ async fn fake_query(State(state): State<Arc<FakeState>>, headers: HeaderMap, bod
     answer(Canned::new(200, echo.to_string()).delayed(delay)).await
 }
 
-async fn fake_other(uri: Uri) -> Response {
-    (StatusCode::NOT_FOUND, format!("the fake Sinch has no {uri}")).into_response()
+async fn fake_other(State(state): State<Arc<FakeState>>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    record(&state, uri.path(), headers, body);
+    let scripted = state.api_script.lock().unwrap().pop_front();
+    match scripted {
+        Some(canned) => answer(canned).await,
+        None => (StatusCode::NOT_FOUND, format!("the fake Sinch has no {uri}")).into_response(),
+    }
 }
