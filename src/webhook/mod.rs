@@ -466,8 +466,13 @@ pub fn check<'h>(
     Ok(Checked { nonce, callback })
 }
 
+/// How far apart two replicas' clocks may be: a nonce is remembered this much longer than this replica's clock
+/// alone would need, since a replica whose clock is behind still takes its timestamp that much later.
+const CLOCK_SPREAD: Duration = Duration::from_secs(60);
+
 /// Checks the signature headers; returns the nonce to claim (none when unsigned callbacks are allowed), to be
-/// remembered while its timestamp stays within the tolerance (and a second more, for rounding).
+/// remembered while its timestamp stays within the tolerance on any replica ([`CLOCK_SPREAD`], and a second
+/// more, for rounding).
 fn verify<'h>(
     config: &WebhookConfig,
     headers: &'h HeaderMap,
@@ -512,6 +517,36 @@ fn verify<'h>(
     }
     Ok(Some(Nonce {
         value: nonce,
-        remember_for: Duration::from_secs(tolerance.saturating_add_signed(-skew) + 1),
+        remember_for: Duration::from_secs(tolerance.saturating_add_signed(-skew) + 1) + CLOCK_SPREAD,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A replica whose clock is a minute behind this one's takes a callback's timestamp a minute longer: its
+    /// nonce is remembered that long, so that a replay to that replica is refused.
+    #[test]
+    fn a_nonce_is_remembered_while_a_replica_a_minute_behind_takes_its_timestamp() {
+        let config = WebhookConfig {
+            secrets: vec![Secret::new("s")],
+            tolerance: Duration::from_secs(300),
+            max_body: 1 << 20,
+            request_timeout: Duration::from_secs(10),
+            max_pending: 1,
+        };
+        let body = br#"{"app_id": "A", "unsupported_callback": {}}"#;
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        for (name, value) in signature::headers("s", body) {
+            headers.insert(name, value.parse().unwrap());
+        }
+        // Received here 30 s after it was signed (by this replica's clock).
+        let now = SystemTime::now() + Duration::from_secs(30);
+        let checked = check(&config, &headers, body, now).unwrap();
+        let remembered = checked.nonce.unwrap().remember_for;
+        // The other replica takes it until `sent + 300 s` by its clock: `sent + 360 s` by this one's.
+        assert!(remembered >= Duration::from_secs(360 - 30), "{remembered:?}");
+    }
 }
