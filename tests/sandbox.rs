@@ -278,3 +278,24 @@ async fn the_token_endpoint_is_a_bucket_that_answers_429_without_retry_after() {
     assert!(!refused.is_empty(), "60 at once exceed a bucket of 30");
     assert!(refused.iter().all(|r| r.headers().get("retry-after").is_none()));
 }
+
+/// The project's rate limit (Sinch's 800/s across its APIs; lowered here) answers 429 as Sinch does, for the
+/// query and the Webhooks API alike, counted together.
+#[tokio::test]
+async fn past_the_projects_rate_limit_calls_get_429() {
+    let sandbox = Sandbox::start(&["--sandbox-project-rate=5"], None).await;
+    let body = json!({"app_id": "APP-1", "recipient": {"contact_id": "C"}});
+    let calls = (0..8).map(|_| sandbox.call(reqwest::Method::POST, "/capability:query", Some(body.clone())));
+    let mut answers = futures::future::join_all(calls).await;
+    answers.push(sandbox.call(reqwest::Method::GET, "/apps/APP-1/webhooks", None).await);
+    let taken = answers.iter().filter(|(status, _)| *status == 200).count();
+    assert!((1..=5).contains(&taken), "{answers:?}");
+    let (status, refused) = answers.iter().find(|(status, _)| *status != 200).unwrap();
+    assert_eq!(*status, 429, "{refused}");
+    assert_eq!(refused["error"]["status"], "RESOURCE_EXHAUSTED", "{refused}");
+    assert_eq!(
+        answers.last().unwrap().0,
+        429,
+        "the Webhooks API counts in the same limit"
+    );
+}

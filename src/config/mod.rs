@@ -427,6 +427,11 @@ pub struct SandboxSettings {
     #[arg(id = "sandbox-webhook-rate", long = "sandbox-webhook-rate", env = SANDBOX_WEBHOOK_RATE, default_value = "25",
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub webhook_rate: u32,
+    /// Sandbox: the project's requests per second across its APIs (queries and the Webhooks and Apps APIs
+    /// together; Sinch's 800), past which it answers 429 as a fault does; 0: no limit.
+    #[arg(id = "sandbox-project-rate", long = "sandbox-project-rate", env = SANDBOX_PROJECT_RATE, default_value = "800",
+          value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub project_rate: u32,
     /// Sandbox: no callback at all for a channel without capability (Sinch's docs promise a callback only "for
     /// every reachable channel").
     #[arg(id = "sandbox-silent-unreachable", long = "sandbox-silent-unreachable", env = SANDBOX_SILENT_UNREACHABLE,
@@ -545,6 +550,7 @@ pub const SANDBOX_REORDER: &str = "CAPABILITY_SANDBOX_REORDER";
 pub const SANDBOX_ADDR: &str = "CAPABILITY_SANDBOX_ADDR";
 pub const SANDBOX_APPS: &str = "CAPABILITY_SANDBOX_APPS";
 pub const SANDBOX_WEBHOOK_RATE: &str = "CAPABILITY_SANDBOX_WEBHOOK_RATE";
+pub const SANDBOX_PROJECT_RATE: &str = "CAPABILITY_SANDBOX_PROJECT_RATE";
 pub const SANDBOX_SILENT_UNREACHABLE: &str = "CAPABILITY_SANDBOX_SILENT_UNREACHABLE";
 pub const SANDBOX_ERROR_429: &str = "CAPABILITY_SANDBOX_ERROR_429";
 pub const SANDBOX_ERROR_500: &str = "CAPABILITY_SANDBOX_ERROR_500";
@@ -856,6 +862,7 @@ pub const ALL_VARIABLES: &[&str] = &[
     SANDBOX_ADDR,
     SANDBOX_APPS,
     SANDBOX_WEBHOOK_RATE,
+    SANDBOX_PROJECT_RATE,
     SANDBOX_SILENT_UNREACHABLE,
     SANDBOX_ERROR_429,
     SANDBOX_ERROR_500,

@@ -1,6 +1,6 @@
 //! The built-in Sinch emulator, as strict as Sinch: the OAuth2 token endpoint (a token bucket: 30, refilled at
 //! 10/s, 429 without `Retry-After`), `capability:query`, the Webhooks API and `GET …/apps/{app_id}`
-//! ([`webhooks`]), validating requests and answering errors the way Sinch does (with `details`). In-process when
+//! ([`webhooks`]) under the project's 800 requests/s, validating requests and answering errors the way Sinch does (with `details`). In-process when
 //! no credentials are configured; standalone with `capability-facade sandbox`. After each accepted query it posts
 //! the CAPABILITY callbacks (see [`callbacks`] for the outcomes) to every webhook of the app whose triggers
 //! include CAPABILITY, each signed with that webhook's secret, paced at the app's `rate_limits.webhooks`. Its
@@ -97,6 +97,8 @@ struct Sandbox {
     tokens: Mutex<HashMap<String, Instant>>,
     /// Sinch's token endpoint is a token bucket: capacity 30, refilled at 10/s.
     token_bucket: DefaultDirectRateLimiter,
+    /// The project's requests per second across its APIs; none when unlimited.
+    project_bucket: Option<DefaultDirectRateLimiter>,
     /// When it started: the token outage window counts from here.
     started: Instant,
     registry: Registry,
@@ -127,6 +129,8 @@ pub fn router(config: SandboxConfig) -> Router {
         Quota::per_second(std::num::NonZeroU32::new(10).expect("not 0"))
             .allow_burst(std::num::NonZeroU32::new(30).expect("not 0")),
     );
+    let project_bucket = std::num::NonZeroU32::new(config.knobs.project_rate)
+        .map(|rate| DefaultDirectRateLimiter::direct(Quota::per_second(rate)));
     let state = Arc::new(Sandbox {
         http: {
             crate::upstream::install_crypto_provider();
@@ -139,6 +143,7 @@ pub fn router(config: SandboxConfig) -> Router {
         basic,
         tokens: Mutex::new(HashMap::new()),
         token_bucket,
+        project_bucket,
         started: Instant::now(),
         registry,
     });
@@ -184,6 +189,17 @@ fn sinch_error_with(
         },
     };
     (status, axum::Json(body)).into_response()
+}
+
+impl Sandbox {
+    /// A 429, as an injected one, when the project's rate limit refuses one more request.
+    fn over_project_rate(&self) -> Option<Response> {
+        let bucket = self.project_bucket.as_ref()?;
+        bucket.check().err().map(|_| {
+            let refused = (StatusCode::TOO_MANY_REQUESTS, "RESOURCE_EXHAUSTED", "Too many requests");
+            fault(&self.config.knobs, refused)
+        })
+    }
 }
 
 /// A fault drawn for one query by the configured fractions, as (HTTP status, Sinch status, message).
@@ -313,6 +329,9 @@ async fn query(
     }
     if let Some(response) = sandbox.wrong_project(&project) {
         return response;
+    }
+    if let Some(refusal) = sandbox.over_project_rate() {
+        return refusal;
     }
     let mut query: QueryJson = match serde_json::from_slice(&body) {
         Ok(q) => q,

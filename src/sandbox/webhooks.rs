@@ -234,7 +234,7 @@ pub(super) async fn admit(
         return unauthenticated(detail);
     }
     let project = params.get("project").map_or("", String::as_str);
-    match sandbox.wrong_project(project) {
+    match sandbox.wrong_project(project).or_else(|| sandbox.over_project_rate()) {
         Some(refusal) => refusal,
         None => next.run(request).await,
     }
