@@ -1,11 +1,12 @@
 //! The built-in Sinch emulator, as strict as Sinch: the OAuth2 token endpoint (a token bucket: 30, refilled at
 //! 10/s, 429 without `Retry-After`), `capability:query`, the Webhooks API and `GET …/apps/{app_id}`
-//! ([`webhooks`]) under the project's 800 requests/s, validating requests and answering errors the way Sinch does (with `details`). In-process when
-//! no credentials are configured; standalone with `capability-facade sandbox`. After each accepted query it posts
-//! the CAPABILITY callbacks (see [`callbacks`] for the outcomes) to every webhook of the app whose triggers
-//! include CAPABILITY, each signed with that webhook's secret, paced at the app's `rate_limits.webhooks`. Its
-//! knobs ([`SandboxSettings`]) add faults: a fraction of queries answered 429/500/501/503, latency, a token
-//! endpoint outage, silence for unreachable channels, duplicates and reordering.
+//! ([`webhooks`]) under the project's 800 requests/s, validating requests and answering errors the way Sinch
+//! does (with `details`). In-process when no credentials are configured; standalone with `capability-facade
+//! sandbox`. After each accepted query it posts the CAPABILITY callbacks (see [`callbacks`] for the outcomes) to
+//! every webhook of the app whose triggers include CAPABILITY, each signed with that webhook's secret, paced at
+//! the app's `rate_limits.webhooks`. Its knobs ([`SandboxSettings`]) add faults: a fraction of queries answered
+//! 429/500/501/503, latency, a token endpoint outage, silence for unreachable channels, duplicates and
+//! reordering.
 
 pub mod callbacks;
 pub mod webhooks;
