@@ -848,6 +848,42 @@ async fn a_joined_query_is_not_joined_again_after_the_check_that_joined_it_retur
     );
 }
 
+/// A lookup lets each identity go once its result is in, not when its last one is: a check after an
+/// invalidation (or accepting no cached result) asks Sinch again rather than join the lookup still waiting for the
+/// rest, and be served the result it invalidated.
+#[tokio::test]
+async fn an_identity_whose_result_is_in_is_let_go_while_its_lookup_waits_for_the_rest() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let (a, b) = two_replicas(&fake, &redis).await;
+    let (on_a, mut on_b) = (a.client().await, b.client().await);
+    let both = spawn_check(
+        on_a,
+        check(identities(&[(Channel::Sms, NUMBER), (Channel::Rcs, NUMBER)])),
+    )
+    .await;
+    let (live_id, _) = nth_query(&fake, 1).await;
+    until_a_lease(&redis, |lease| lease.starts_with("s:")).await;
+    deliver(a.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await;
+    // SMS's lease goes; RCS's stays while A waits for it.
+    until(|| {
+        let leases = redis.keys("*lease*");
+        leases.iter().filter(|key| redis.value(key).starts_with("s:")).count() == 1
+    })
+    .await;
+    invalidate(&mut on_b, identities(&[(Channel::Sms, NUMBER)])).await;
+    let mut after = check(identities(&[(Channel::Sms, NUMBER)]));
+    after.wait = duration(Duration::ZERO);
+    let after = on_b.check_capability(after).await.unwrap().into_inner();
+    assert_ne!(
+        after.request_id, live_id,
+        "joined the lookup whose SMS result was invalidated: {after:?}"
+    );
+    assert_eq!(nth_query(&fake, 2).await.1, ["SMS"]);
+    deliver(a.webhook_addr, callback(&live_id, "RCS", "CAPABILITY_FULL")).await;
+    assert!(both.await.unwrap().unwrap().complete);
+}
+
 /// A check given up (its caller gone) while Redis held its lease script leaves no lease behind: the next identical
 /// check asks Sinch itself rather than wait for a lookup nobody sends.
 /// When Sinch answers with a request_id of its own, the lease marked sent under it is still given back when the

@@ -2,7 +2,8 @@
 //! request_id, for its wait — in this process, and in Redis when configured. A lease is *pending* until the query
 //! is accepted by Sinch, then *sent*. A check that finds a sent lease waits for that request_id's results; one
 //! that finds a pending lease waits for it to be sent or given back (then takes it itself). A lease is given
-//! back when its query fails or was not sent, and when the check that took it returns; if that check's caller
+//! back when its query fails or was not sent, when its identity's result is in, and when the check that took it
+//! returns; if that check's caller
 //! goes away after the query was sent, the lease stays until the check's wait would have ended. While pending, a
 //! lease lasts until the caller's deadline, which bounds the sending, even for a check that does not wait; once
 //! sent, it stays in Redis a moment ([`LINGER`]) after it is given back, for the checks that wait for it there.

@@ -480,9 +480,13 @@ impl Checker {
             live = Some(accepted);
         }
         let matches = |i: usize, n: &CheckResult| ids[i].channel == n.channel && ids[i].identity == n.identity;
-        self.wait_for(&mut slots, &waiting, live.as_deref(), call.until, matches)
+        let received = Received {
+            app_id: &request.app_id,
+            keys: &keys,
+            leases: &mut leases,
+        };
+        self.wait_for(&mut slots, &waiting, live.as_deref(), call.until, matches, received)
             .await?;
-        self.remember(&request.app_id, slots.iter().flatten()).await;
         leases.finish(call.deadline).await;
         let pending: Vec<ChannelIdentity> = ids
             .iter()
@@ -687,7 +691,7 @@ impl Checker {
             .map_err(|e| CheckError::Unavailable(format!("the live query's task failed: {e}")))?
     }
 
-    /// With Redis, writes the live results a check received to the cache before its leases go, so that the next
+    /// With Redis, writes the live results a check received to the cache before their leases go, so that the next
     /// check finds them there (the replica that appended them writes them too, a moment later).
     async fn remember<'r>(&self, app_id: &str, results: impl Iterator<Item = &'r CheckResult>) {
         let Some(cache) = self.redis().and_then(|log| log.shared_cache()) else {
@@ -707,8 +711,10 @@ impl Checker {
     }
 
     /// Fills `slots` from the hub's notifications of the request_ids in `waiting`, until every awaited slot is
-    /// filled, every request completed, or `until`. Results of `live` are this check's own. Fails when this replica
-    /// shuts down and nothing more can reach it.
+    /// filled, every request completed, or `until`. Results of `live` are this check's own. Each result is
+    /// remembered, then its identity's lease goes (`received`): a later check finds the result in the cache, or
+    /// asks Sinch again (after an invalidation, or accepting no cached result), rather than join a lookup still
+    /// waiting for the rest and be served it. Fails when this replica shuts down and nothing more can reach it.
     async fn wait_for(
         &self,
         slots: &mut [Option<CheckResult>],
@@ -716,6 +722,7 @@ impl Checker {
         live: Option<&str>,
         until: Instant,
         matches: impl Fn(usize, &CheckResult) -> bool,
+        received: Received<'_, '_, '_>,
     ) -> Result<(), CheckError> {
         if waiting.is_empty() {
             return Ok(());
@@ -743,6 +750,10 @@ impl Checker {
                 continue;
             };
             if let Some(&i) = positions.iter().find(|&&i| slots[i].is_none() && matches(i, &result)) {
+                // Within the wait: a Redis holding writes does not hold the answer up past it.
+                let remember = self.remember(received.app_id, std::iter::once(&result));
+                let _ = tokio::time::timeout_at(until, remember).await;
+                received.leases.give_back(&[received.keys[i]]);
                 slots[i] = Some(result);
                 awaited -= 1;
             }
@@ -793,6 +804,14 @@ impl Checker {
                 .map_err(|e| CheckError::Unavailable(e.to_string())),
         }
     }
+}
+
+/// What a check's wait does with each result it receives: remember it under the app, then give back the lease of
+/// its identity (by position in `keys`), if this check holds it.
+struct Received<'r, 'k, 'l> {
+    app_id: &'r str,
+    keys: &'k [EntryKey],
+    leases: &'r mut Leases<'l>,
 }
 
 /// One check's request and bounds, as its steps share them.
