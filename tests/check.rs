@@ -884,6 +884,38 @@ async fn an_identity_whose_result_is_in_is_let_go_while_its_lookup_waits_for_the
     assert!(both.await.unwrap().unwrap().complete);
 }
 
+/// The same for a contact: a replica whose check joined another's query lets it go when that check returns.
+#[tokio::test]
+async fn a_joined_contact_query_is_not_joined_again_after_the_check_that_joined_it_returned() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let url = format!("--redis-url={}", redis.url());
+    let a = Service::against(&fake, &[&url, "--check-settle=100ms"]).await;
+    let b = Service::against(&fake, &[&url, "--check-settle=100ms"]).await;
+    let (on_a, mut on_b) = (a.client().await, b.client().await);
+    let request = check(contact("C-1"));
+    let first = spawn_check(on_a, request.clone()).await;
+    let (live_id, _) = nth_query(&fake, 1).await;
+    until_a_lease(&redis, |lease| lease.starts_with("s:")).await;
+    let joined = spawn_check(on_b.clone(), request.clone()).await;
+    // B's check holds the lease it joined once it asked Redis: its query is the one it names.
+    let body = CapabilityCallback::new(&live_id, "WHATSAPP", NUMBER, "CAPABILITY_FULL").contact_id("C-1");
+    deliver(a.webhook_addr, body.body()).await;
+    first.await.unwrap().unwrap();
+    let joined = joined.await.unwrap().unwrap();
+    assert_eq!(joined.request_id, live_id, "{joined:?}");
+    until(|| redis.keys("*lease*").is_empty()).await;
+    let mut fresh_only = request;
+    fresh_only.max_age = duration(Duration::ZERO);
+    fresh_only.wait = duration(Duration::ZERO);
+    on_b.check_capability(fresh_only).await.unwrap();
+    assert_eq!(
+        fake.queries().len(),
+        2,
+        "a contact check accepting no cached result joined a finished query"
+    );
+}
+
 /// A check given up (its caller gone) while Redis held its lease script leaves no lease behind: the next identical
 /// check asks Sinch itself rather than wait for a lookup nobody sends.
 /// When Sinch answers with a request_id of its own, the lease marked sent under it is still given back when the

@@ -150,6 +150,8 @@ struct Lease {
     /// Held in Redis too.
     shared: bool,
     sent: bool,
+    /// Another replica's query, joined here: no task of this check's owns it.
+    joined: bool,
 }
 
 /// The leases one check holds; see the module documentation for when each is given back.
@@ -236,6 +238,7 @@ impl<'a> Leases<'a> {
                 flight,
                 shared: false,
                 sent: false,
+                joined: false,
             });
             return Taken::Started;
         };
@@ -247,6 +250,7 @@ impl<'a> Leases<'a> {
             flight: flight.clone(),
             shared: true,
             sent: false,
+            joined: false,
         });
         let taken = cache.lease(&key, &self.request_id, ttl).await;
         if !matches!(&taken, Ok(holder) if holder.is_ours(&self.request_id)) {
@@ -265,6 +269,7 @@ impl<'a> Leases<'a> {
                         flight,
                         shared: false,
                         sent: true,
+                        joined: true,
                     });
                     Taken::Sent(request_id)
                 }
@@ -281,6 +286,7 @@ impl<'a> Leases<'a> {
                     flight,
                     shared: false,
                     sent: false,
+                    joined: false,
                 });
                 Taken::Started
             }
@@ -451,11 +457,13 @@ fn release_shared(
 }
 
 impl Drop for Leases<'_> {
-    /// The caller went away: leases whose query never left go now, so that whoever waits asks Sinch itself; the
-    /// others belong to their query's task, and stay joinable until this check's wait would have ended.
+    /// The caller went away (or the check failed): leases whose query never left go now, so that whoever waits
+    /// asks Sinch itself, and so do those of another replica's query joined here; the others belong to their
+    /// query's task, and stay joinable until this check's wait would have ended.
     fn drop(&mut self) {
-        let (unsent, _launched): (Vec<Lease>, Vec<Lease>) = self.held.drain(..).partition(|l| !l.sent);
-        in_background(self.release(unsent));
+        let (going, _launched): (Vec<Lease>, Vec<Lease>) =
+            self.held.drain(..).partition(|l| !l.sent || l.joined);
+        in_background(self.release(going));
     }
 }
 

@@ -567,7 +567,10 @@ impl Checker {
             Decided::Joined(holder) => {
                 metrics::counter!("capability_coalesced_total").increment(1);
                 let live = *holder == *own;
-                return self.collect_contact(&holder, live, call.until).await;
+                let answer = self.collect_contact(&holder, live, call.until).await;
+                // A lease joined from Redis is held here until now: let it go, as a query of its own is.
+                leases.finish(call.deadline).await;
+                return answer;
             }
             Decided::TimedOut => return Ok(CheckAnswer::default()),
         }
