@@ -430,6 +430,30 @@ async fn a_check_answers_before_the_callers_deadline_with_what_it_has() {
     );
 }
 
+/// A check whose deadline comes while it waits for a lease another check is still sending answers with what it
+/// has, everything else pending, and sends nothing: the leases it took before are given back, not sent past the
+/// deadline (which failed the whole check, cache hits and all, with DEADLINE_EXCEEDED).
+#[tokio::test]
+async fn a_check_whose_deadline_comes_while_it_waits_for_a_lease_answers_and_sends_nothing() {
+    let fake = FakeSinch::start().await;
+    fake.script_queries([Canned::new(200, r#"{"request_id":"SLOW"}"#).delayed(Duration::from_secs(3))]);
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let slow = spawn_check(client.clone(), check(identities(&[(Channel::Sms, NUMBER)]))).await;
+    fake.until_queries(1).await;
+    // Eight more identities beside it: their leases come before SMS's in key order but for one chance in nine.
+    let others: Vec<String> = (0..8).map(|i| format!("4670000010{i}")).collect();
+    let mut asked: Vec<(Channel, &str)> = others.iter().map(|n| (Channel::Rcs, n.as_str())).collect();
+    asked.push((Channel::Sms, NUMBER));
+    let mut request = tonic::Request::new(check(identities(&asked)));
+    request.set_timeout(Duration::from_millis(800));
+    let answer = client.check_capability(request).await.unwrap().into_inner();
+    assert!(!answer.complete);
+    assert_eq!(answer.pending.len(), 9, "{answer:?}");
+    assert_eq!(fake.queries().len(), 1, "nothing sent past the deadline");
+    slow.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn a_check_that_does_not_wait_joins_a_lookup_still_being_sent_and_names_it() {
     let fake = FakeSinch::start().await;

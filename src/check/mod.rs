@@ -434,6 +434,7 @@ impl Checker {
             // Until the caller's deadline, but once at least: a check that does not wait still starts or joins the
             // lookups it needs, and names them.
             let wanted: Vec<(usize, EntryKey)> = missing.iter().map(|&i| (i, keys[i])).collect();
+            let mut timed_out = false;
             for (i, decided) in leases.decide_in_order(wanted, call.deadline).await {
                 match decided {
                     Decided::Started => to_send.push(i),
@@ -441,8 +442,14 @@ impl Checker {
                         metrics::counter!("capability_coalesced_total").increment(1);
                         waiting.entry(holder).or_default().push(i);
                     }
-                    Decided::TimedOut => {}
+                    Decided::TimedOut => timed_out = true,
                 }
+            }
+            if timed_out {
+                // The deadline came while another check held a lease: nothing can be sent now, and the leases
+                // taken before it go back; the answer is what the cache and the lookups joined have.
+                let started: Vec<EntryKey> = to_send.drain(..).map(|i| keys[i]).collect();
+                leases.give_back(&started);
             }
             // Asked about in the caller's order.
             to_send.sort_unstable();
