@@ -78,6 +78,9 @@ fn a_bad_value_stops_the_process_before_it_binds_naming_the_variable() {
         ("SINCH_KEY_SECRET", "TOP\u{1}SECRET"),
         ("CAPABILITY_RETENTION", "10000000000h"),
         ("CAPABILITY_HEARTBEAT", "-5s"),
+        // Set, but naming no token: calls would be taken without one.
+        ("CAPABILITY_GRPC_TOKENS", ","),
+        ("CAPABILITY_GRPC_TOKENS", " \n"),
     ];
     for (variable, value) in cases {
         let output = binary()

@@ -461,8 +461,7 @@ impl Drop for Leases<'_> {
     /// asks Sinch itself, and so do those of another replica's query joined here; the others belong to their
     /// query's task, and stay joinable until this check's wait would have ended.
     fn drop(&mut self) {
-        let (going, _launched): (Vec<Lease>, Vec<Lease>) =
-            self.held.drain(..).partition(|l| !l.sent || l.joined);
+        let (going, _launched): (Vec<Lease>, Vec<Lease>) = self.held.drain(..).partition(|l| !l.sent || l.joined);
         in_background(self.release(going));
     }
 }

@@ -142,7 +142,8 @@ impl TypedValueParser for SecretParser {
     }
 }
 
-/// Comma-separated secrets, spaces around each trimmed, empty entries dropped.
+/// Comma-separated secrets, spaces around each trimmed, empty entries dropped; a value that is not empty but
+/// names none (only commas, spaces or a line break: a mistake, which would read as "none set") is refused.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SecretList {
     pub secrets: Vec<Secret>,
@@ -164,7 +165,11 @@ impl TypedValueParser for SecretListParser {
             .map(str::trim)
             .filter(|s| !s.is_empty())
             .map(Secret::new)
-            .collect();
+            .collect::<Vec<_>>();
+        if secrets.is_empty() && !value.is_empty() {
+            let refused = "names none: only commas, spaces or a line break (unset it for none)";
+            return Err(invalid(cmd, refused.into(), arg));
+        }
         Ok(SecretList { secrets, trimmed })
     }
 }
