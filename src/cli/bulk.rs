@@ -30,7 +30,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use super::{BulkCheckArgs, client::prost_duration};
 
 /// The largest StartBulkCheck the service takes.
-const MAX_REQUEST_BYTES: usize = 16 << 20;
+const MAX_REQUEST_BYTES: usize = capability_facade::grpc::MAX_BULK_MESSAGE;
 /// How often a plain progress line is printed when stderr is not a terminal.
 const PLAIN_EVERY: Duration = Duration::from_secs(5);
 /// How many times in a row a broken watch is resumed before giving up.

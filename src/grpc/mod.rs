@@ -95,8 +95,8 @@ pub struct TransportSettings {
 /// tonic's default decoding limit, kept for every method but StartBulkCheck (checked in each handler: the
 /// server's own limit is StartBulkCheck's).
 const MAX_MESSAGE: usize = 4 << 20;
-/// StartBulkCheck's limit: 100,000 recipients of a few identities each.
-const MAX_BULK_MESSAGE: usize = 24 << 20;
+/// StartBulkCheck's limit: 100,000 recipients of a few identities each (the CLI's too).
+pub const MAX_BULK_MESSAGE: usize = 24 << 20;
 /// How many results one read of a job's results takes.
 const RESULTS_BATCH: usize = 256;
 /// A running job's progress is sent this often: the contract says at least once a second, and a busy replica may
