@@ -625,6 +625,8 @@ impl LineCounter<'_> {
 }
 
 fn read_json_lines(bytes: &[u8], report: Report) -> Result<Input, String> {
+    // A byte order mark (as Windows editors write UTF-8) is not part of the first line; CSV's reader skips it too.
+    let bytes = bytes.strip_prefix("\u{feff}".as_bytes()).unwrap_or(bytes);
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
         return Err("holds a JSON array: give one JSON object a line (JSON lines)".into());
     }
@@ -1105,6 +1107,19 @@ mod tests {
             [5, 6, 7],
             "{bad:?}"
         );
+    }
+
+    #[test]
+    fn a_byte_order_mark_is_not_part_of_the_first_line() {
+        for format in [Format::JsonLines, Format::Csv] {
+            let text = match format {
+                Format::JsonLines => "\u{feff}{\"contact_id\": \"c-1\"}\n",
+                _ => "\u{feff}contact_id\nc-1\n",
+            };
+            let (input, bad) = read(text, format);
+            assert_eq!(input.rows.iter().map(identities).collect::<Vec<_>>(), [["contact:c-1"]]);
+            assert!(bad.is_empty(), "{bad:?}");
+        }
     }
 
     #[test]
