@@ -872,6 +872,11 @@ fn assert_refused<T>(result: Result<T, tonic::Status>, limit: &str) {
         .unwrap_or_else(|| panic!("a watch past {limit} was accepted"));
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert!(status.message().contains(limit), "{status:?}");
+    use tonic_types::StatusExt;
+    let info = status
+        .get_details_error_info()
+        .expect("ErrorInfo: which limit, for a program");
+    assert!(info.reason.starts_with("TOO_MANY_WATCHES"), "{info:?}");
 }
 
 #[tokio::test]

@@ -281,6 +281,11 @@ async fn on_shutdown_watches_end_unavailable_with_their_last_offset() {
     let status = stream.message().await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable);
     assert!(status.message().contains("last_offset=1"), "{}", status.message());
+    // A caller in any language reads where to resume from the details, not the message.
+    use tonic_types::StatusExt;
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "SHUTTING_DOWN");
+    assert_eq!(info.metadata.get("last_offset").map(String::as_str), Some("1"));
     (&mut service.task).await.unwrap().unwrap();
 }
 

@@ -70,18 +70,10 @@ impl WatchQuota {
         let mut held = self.held.lock().expect("the quota lock");
         let count = |holder: &Holder| held.get(holder).copied().unwrap_or(0);
         if count(&connection) >= self.per_connection {
-            return Err(Status::resource_exhausted(format!(
-                "this connection already holds {} open watches, the most CAPABILITY_MAX_WATCHES_PER_CONNECTION \
-                 allows; close some or open another connection",
-                self.per_connection
-            )));
+            return Err(status::too_many_watches_on_connection(self.per_connection));
         }
         if count(&caller) >= self.per_caller {
-            return Err(Status::resource_exhausted(format!(
-                "this caller already holds {} open watches, the most CAPABILITY_MAX_WATCHES_PER_CALLER allows; \
-                 close some first",
-                self.per_caller
-            )));
+            return Err(status::too_many_watches_of_caller(self.per_caller));
         }
         self.take_open()?;
         for holder in [connection, caller] {

@@ -40,37 +40,78 @@ pub fn invalid_request(mut violations: Vec<FieldViolation>) -> Status {
     Status::with_error_details(Code::InvalidArgument, format!("invalid request: {message}"), details)
 }
 
-/// UNAVAILABLE for a watch cut by this replica's shutdown: the caller resumes elsewhere after `last_offset`.
+/// A status with `code`, `message` and an `ErrorInfo` of `reason` (and `metadata`): every status this service
+/// raises names its reason for a program, in any language.
+fn with_reason(code: Code, message: impl Into<String>, reason: &str, metadata: &[(&str, String)]) -> Status {
+    let metadata: HashMap<String, String> = metadata.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+    let details = ErrorDetails::with_error_info(reason, DOMAIN, metadata);
+    Status::with_error_details(code, message, details)
+}
+
+/// UNAVAILABLE for a watch cut by this replica's shutdown: the caller resumes elsewhere after `last_offset` (in
+/// the message, and in the `ErrorInfo`'s metadata).
 pub fn shutting_down(last_offset: u64) -> Status {
-    Status::unavailable(format!(
+    let message = format!(
         "the server is shutting down; last_offset={last_offset}: watch again (on any replica) with \
          after_offset={last_offset}"
-    ))
+    );
+    with_reason(
+        Code::Unavailable,
+        message,
+        "SHUTTING_DOWN",
+        &[("last_offset", last_offset.to_string())],
+    )
 }
 
 /// ABORTED for a watch whose request left this replica while watched.
 pub fn evicted(last_offset: u64) -> Status {
-    Status::aborted(format!(
+    let message = format!(
         "this request was evicted from the server (too many tracked requests, or it expired); \
          last_offset={last_offset}"
-    ))
+    );
+    with_reason(
+        Code::Aborted,
+        message,
+        "REQUEST_EVICTED",
+        &[("last_offset", last_offset.to_string())],
+    )
 }
 
 /// RESOURCE_EXHAUSTED for a watch beyond this replica's maximum.
 pub fn too_many_watches(max: u64) -> Status {
-    Status::resource_exhausted(format!(
+    let message = format!(
         "this replica already serves {max} watches, its maximum (CAPABILITY_MAX_WATCHES); retry on another \
          replica or later"
-    ))
+    );
+    with_reason(Code::ResourceExhausted, message, "TOO_MANY_WATCHES", &[])
+}
+
+/// RESOURCE_EXHAUSTED for a watch beyond what one connection may hold.
+pub fn too_many_watches_on_connection(max: u64) -> Status {
+    let message = format!(
+        "this connection already holds {max} open watches, the most CAPABILITY_MAX_WATCHES_PER_CONNECTION allows; \
+         close some or open another connection"
+    );
+    with_reason(Code::ResourceExhausted, message, "TOO_MANY_WATCHES_ON_CONNECTION", &[])
+}
+
+/// RESOURCE_EXHAUSTED for a watch beyond what one caller may hold.
+pub fn too_many_watches_of_caller(max: u64) -> Status {
+    let message = format!(
+        "this caller already holds {max} open watches, the most CAPABILITY_MAX_WATCHES_PER_CALLER allows; close \
+         some first"
+    );
+    with_reason(Code::ResourceExhausted, message, "TOO_MANY_WATCHES_OF_CALLER", &[])
 }
 
 /// UNAUTHENTICATED for a call without an accepted bearer token.
 pub fn unauthenticated(presented: bool) -> Status {
-    if presented {
-        Status::unauthenticated("the bearer token is not one this service accepts")
+    let message = if presented {
+        "the bearer token is not one this service accepts"
     } else {
-        Status::unauthenticated("this service requires authorization: Bearer <token>")
-    }
+        "this service requires authorization: Bearer <token>"
+    };
+    with_reason(Code::Unauthenticated, message, "UNAUTHENTICATED", &[])
 }
 
 /// RESOURCE_EXHAUSTED for a call shed because this replica has too many in flight.
@@ -103,7 +144,7 @@ impl From<CheckError> for Status {
             CheckError::Query(e) => e.into(),
             CheckError::Cancelled => Status::cancelled(error.to_string()),
             CheckError::Overloaded => overloaded(),
-            CheckError::ShuttingDown => Status::unavailable(error.to_string()),
+            CheckError::ShuttingDown => with_reason(Code::Unavailable, error.to_string(), "SHUTTING_DOWN", &[]),
             CheckError::Unavailable(_) => {
                 let mut details = ErrorDetails::new();
                 details.set_retry_info(Some(Duration::from_secs(1)));
@@ -129,9 +170,8 @@ impl From<JobError> for Status {
 
 /// RESOURCE_EXHAUSTED for a message larger than its method takes.
 pub fn too_large(size: usize, max: usize) -> Status {
-    Status::resource_exhausted(format!(
-        "the request message is {size} bytes, over this method's limit of {max} bytes"
-    ))
+    let message = format!("the request message is {size} bytes, over this method's limit of {max} bytes");
+    with_reason(Code::ResourceExhausted, message, "MESSAGE_TOO_LARGE", &[])
 }
 
 fn upstream_status(error: upstream::Error) -> Status {
