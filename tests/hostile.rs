@@ -388,6 +388,11 @@ fn grpc_rows() -> Vec<GrpcRow> {
             Code::InvalidArgument,
         ),
         row(
+            "a blank request_id",
+            Call::Query(query(identities(&[(Channel::Sms, "1")]), "   ")),
+            Code::InvalidArgument,
+        ),
+        row(
             "a blank contact_id",
             Call::Query(query(common::contact("   "), "")),
             Code::InvalidArgument,

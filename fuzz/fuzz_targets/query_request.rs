@@ -42,7 +42,7 @@ fn query(bytes: &[u8]) {
     };
     assert_clean(&accepted.app_id, false);
     if let Some(request_id) = &accepted.request_id {
-        assert!(!request_id.is_empty() && request_id.chars().count() <= MAX_REQUEST_ID_LEN);
+        assert!(!request_id.trim().is_empty() && request_id.chars().count() <= MAX_REQUEST_ID_LEN);
         assert!(!request_id.chars().any(char::is_control));
     }
     match &accepted.recipient {
@@ -87,7 +87,7 @@ fn watch(bytes: &[u8]) {
         return;
     };
     if convert::check_request_id(&request.request_id, true).is_ok() {
-        assert!(!request.request_id.is_empty() && request.request_id.chars().count() <= MAX_REQUEST_ID_LEN);
+        assert!(!request.request_id.trim().is_empty() && request.request_id.chars().count() <= MAX_REQUEST_ID_LEN);
     }
     if let Ok(wait) = convert::wait(request.wait, DEFAULT_WAIT, MAX_WAIT) {
         assert!(wait <= MAX_WAIT);

@@ -294,13 +294,19 @@ pub fn wait(wait: Option<prost_types::Duration>, default: Duration, max: Duratio
     }
 }
 
-/// Checks a request_id: at most 128 characters, no control characters, and present when `required`.
+/// Checks a request_id: at most 128 characters, no control characters, not only spaces, and present when
+/// `required`.
 pub fn check_request_id(request_id: &str, required: bool) -> Result<(), FieldViolation> {
     let chars = request_id.chars().count();
     if chars == 0 && required {
         Err(violation(
             "request_id",
             "required: the request_id returned by QueryCapability",
+        ))
+    } else if chars > 0 && request_id.trim().is_empty() {
+        Err(violation(
+            "request_id",
+            "must not be blank: leave it empty, or name the request",
         ))
     } else if chars > MAX_REQUEST_ID_LEN {
         Err(violation(
