@@ -849,3 +849,23 @@ async fn the_webhooks_api_calls_end_however_sinch_answers() {
     let error = endless_api.list_webhooks("APP").await.unwrap_err().to_string();
     assert!(error.contains("longer than"), "{error}");
 }
+
+/// A malformed query is told what is wrong even when the replica is full: shedding is for what could be sent, not
+/// a reason to retry a request that will never pass.
+#[tokio::test]
+async fn a_malformed_query_is_refused_as_such_even_when_the_replica_is_full() {
+    let fake = FakeSinch::start().await;
+    fake.set_echo_delay(Duration::from_secs(2));
+    let service = Service::against(&fake, &["--max-inflight-queries=1"]).await;
+    let mut client = service.client().await;
+    let held = {
+        let mut client = client.clone();
+        tokio::spawn(async move { client.query_capability(query(contact("C"), "")).await })
+    };
+    fake.until_queries(1).await;
+    let mut malformed = query(contact("C"), "");
+    malformed.app_id.clear();
+    let status = client.query_capability(malformed).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    held.await.unwrap().unwrap();
+}

@@ -167,11 +167,12 @@ impl CapabilityApi {
         trace: Option<&TraceParent>,
     ) -> Result<Response<pb::QueryCapabilityResponse>, Status> {
         let deadline = deadline(request.metadata(), self.query_timeout);
+        within(request.get_ref())?;
+        let query = convert::query_request(request.into_inner()).map_err(status::invalid_request)?;
+        // Valid first: a malformed request is told so, not told to retry.
         let Ok(_permit) = self.query_permits.try_acquire() else {
             return Err(status::overloaded());
         };
-        within(request.get_ref())?;
-        let query = convert::query_request(request.into_inner()).map_err(status::invalid_request)?;
         // Per-query lines are debug: at Sinch's 800/s per project an info line each would be most of the log.
         tracing::debug!(recipient = ?query.recipient, "query");
         match self.queries.query(query, deadline, trace).await {
