@@ -607,7 +607,10 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(tonic::service::interceptor::InterceptedService::new(
-            CapabilityServiceServer::new(api).max_decoding_message_size(MAX_BULK_MESSAGE),
+            // gzip from callers that compress (decompressed within the same limit); answers go uncompressed.
+            CapabilityServiceServer::new(api)
+                .max_decoding_message_size(MAX_BULK_MESSAGE)
+                .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
             move |request| authenticate(&tokens, request),
         ))
         .serve_with_incoming_shutdown(incoming, signal)
