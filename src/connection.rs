@@ -134,6 +134,9 @@ pub struct Activity {
     /// The number (from 1) of the request whose head carried both `Content-Length` and `Transfer-Encoding`
     /// (HTTP/1.1); 0 while none has.
     ambiguous_head: AtomicU64,
+    /// HTTP/1.1 requests handed to the service so far, numbered as the scan numbers their heads (one at a time:
+    /// hyper serves a connection's requests in order).
+    requests: AtomicU64,
 }
 
 impl Activity {
@@ -145,6 +148,7 @@ impl Activity {
             opened: Instant::now(),
             quiet_since: AtomicU64::new(0),
             ambiguous_head: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
         }
     }
 
@@ -159,10 +163,12 @@ impl Activity {
         Busy(self.clone())
     }
 
-    /// The number (from 1, in the order they were read) of the request whose head carried both
-    /// `Content-Length` and `Transfer-Encoding`, if one did: hyper closes the connection after it.
-    pub fn ambiguous_head(&self) -> Option<u64> {
-        Some(self.ambiguous_head.load(Ordering::SeqCst)).filter(|&n| n > 0)
+    /// Counts a request handed to the service; true when its own head carried both `Content-Length` and
+    /// `Transfer-Encoding` (hyper closes the connection after it). The count lives here, with the connection: the
+    /// service is cloned for every request.
+    pub fn ambiguous_request(&self) -> bool {
+        let number = self.requests.fetch_add(1, Ordering::SeqCst) + 1;
+        self.ambiguous_head.load(Ordering::SeqCst) == number
     }
 
     /// When the connection is due to be closed for idleness; `None` while something is in flight.
@@ -348,21 +354,35 @@ write_through!(HeadCheck<I>, inner, I);
 /// Follows the requests of an HTTP/1.1 connection through its bytes — each head line by line, then its body by
 /// its `Content-Length` or its chunks — and finds a head holding both a `Content-Length` and a
 /// `Transfer-Encoding` line. A body is skipped, never read as lines: whatever it imitates, it is not the next
-/// request's head. Only the first bytes of each line are kept; a connection that opens with the HTTP/2 preface,
-/// or whose framing hyper would refuse (and close it for), is not followed further.
+/// request's head. A line read whole is looked at where it lies; of a line split across reads only its first bytes
+/// are kept (a length's up to [`HeadScan::KEPT_LENGTH`]). A connection that opens with the HTTP/2 preface, or whose
+/// framing hyper would refuse (and close it for), is not followed further; nor is one whose `Content-Length`, split
+/// across reads, is padded past what is kept (hyper would take it; the scan loses the body's end — a request with
+/// both headers after it on that connection is still served by hyper as chunked, and the connection closed).
 #[derive(Debug, Default)]
 struct HeadScan {
     at: Framing,
-    /// The first bytes of the current line read so far ([`HeadScan::KEPT`] at most), `\r` left out.
+    /// The first bytes of the current line read so far, `\r` left out.
     line: Vec<u8>,
-    /// The current head's `Content-Length` (its last value: hyper refuses differing ones) and whether it has a
-    /// `Transfer-Encoding`.
-    content_length: Option<u64>,
+    /// Whether the current line, split across reads, had more than was kept.
+    cut: bool,
+    /// The current head's `Content-Length`, and whether it has a `Transfer-Encoding`.
+    content_length: Length,
     transfer_encoding: bool,
     /// Heads read whole so far.
     heads: u64,
     /// Whether the current head's request line was read.
     request_line: bool,
+}
+
+/// A head's `Content-Length`, as far as the scan knows it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Length {
+    #[default]
+    Absent,
+    Known(u64),
+    /// Present, but not a number the scan read (not one, cut, or two that differ).
+    Unknown,
 }
 
 /// Where a connection's bytes are.
@@ -388,8 +408,10 @@ enum Framing {
 impl HeadScan {
     const CONTENT_LENGTH: &'static [u8] = b"content-length:";
     const TRANSFER_ENCODING: &'static [u8] = b"transfer-encoding:";
-    /// The bytes of a line kept: a header's name and a length's digits.
+    /// The bytes kept of a line split across reads: a header's name.
     const KEPT: usize = 64;
+    /// The bytes kept of a `Content-Length` or chunk-size line split across reads: spaces and zeros may pad it.
+    const KEPT_LENGTH: usize = 8 << 10;
 
     /// Scans `bytes`; the number (from 1) of the request whose head has both headers, when it ended in them.
     fn scan(&mut self, mut bytes: &[u8]) -> Option<u64> {
@@ -419,7 +441,7 @@ impl HeadScan {
                     // A line read whole without a `\r` but at its end, as it almost always is, is looked at where
                     // it lies instead of copied.
                     match whole.filter(|line| memchr::memchr(b'\r', line).is_none()) {
-                        Some(content) => found = found.or(self.end_line(&content[..content.len().min(Self::KEPT)])),
+                        Some(content) => found = found.or(self.end_line(content)),
                         None => {
                             self.extend_line(&bytes[..end]);
                             let line = std::mem::take(&mut self.line);
@@ -428,6 +450,7 @@ impl HeadScan {
                             self.line.clear();
                         }
                     }
+                    self.cut = false;
                     bytes = &bytes[end + 1..];
                 }
             }
@@ -437,8 +460,35 @@ impl HeadScan {
 
     /// Takes more of the current line.
     fn extend_line(&mut self, part: &[u8]) {
-        let room = Self::KEPT.saturating_sub(self.line.len());
-        self.line.extend(part.iter().filter(|&&byte| byte != b'\r').take(room));
+        let length = self.at == Framing::ChunkSize || Self::named(&self.line, Self::CONTENT_LENGTH).is_some();
+        let kept = if length { Self::KEPT_LENGTH } else { Self::KEPT };
+        let mut bytes = part.iter().copied().filter(|&byte| byte != b'\r');
+        self.line
+            .extend(bytes.by_ref().take(kept.saturating_sub(self.line.len())));
+        // A name read in pieces: past it, a length's line keeps more.
+        if !length && Self::named(&self.line, Self::CONTENT_LENGTH).is_some() {
+            self.line
+                .extend(bytes.by_ref().take(Self::KEPT_LENGTH - self.line.len()));
+        }
+        self.cut |= bytes.next().is_some();
+    }
+
+    /// What follows `name` in `line`, when `line` starts with it (in any case).
+    fn named<'l>(line: &'l [u8], name: &[u8]) -> Option<&'l [u8]> {
+        let start = line.get(..name.len())?;
+        start.eq_ignore_ascii_case(name).then(|| &line[name.len()..])
+    }
+
+    /// A length as hyper reads one: digits (in `radix`) only, spaces and tabs around them left out.
+    fn number(text: &[u8], radix: u32) -> Option<u64> {
+        let text = text.trim_ascii();
+        if text.is_empty() {
+            return None;
+        }
+        text.iter().try_fold(0u64, |n, &b| {
+            let digit = u64::from(char::from(b).to_digit(radix)?);
+            n.checked_mul(u64::from(radix))?.checked_add(digit)
+        })
     }
 
     /// Ends a line whose content (or its first bytes) is `content`, where the framing says a line is; the
@@ -448,8 +498,7 @@ impl HeadScan {
             Framing::Head => return self.end_head_line(content),
             Framing::ChunkSize => {
                 let size = content.split(|&b| b == b';').next().unwrap_or_default();
-                let size = std::str::from_utf8(size).ok().map(str::trim);
-                self.at = match size.and_then(|size| u64::from_str_radix(size, 16).ok()) {
+                self.at = match Self::number(size, 16).filter(|_| !self.cut) {
                     Some(0) => Framing::Trailers,
                     Some(size) => Framing::Chunk(size),
                     None => Framing::Off,
@@ -477,34 +526,31 @@ impl HeadScan {
         if content.is_empty() {
             self.heads += 1;
             self.request_line = false;
-            let (length, chunked) = (self.content_length.take(), std::mem::take(&mut self.transfer_encoding));
+            let length = std::mem::take(&mut self.content_length);
+            let chunked = std::mem::take(&mut self.transfer_encoding);
             self.at = match (length, chunked) {
                 // hyper answers it and closes the connection: nothing after it is a request.
-                (Some(_), true) => {
+                (Length::Known(_) | Length::Unknown, true) => {
                     self.at = Framing::Off;
                     return Some(self.heads);
                 }
-                (None, true) => Framing::ChunkSize,
-                (Some(0) | None, false) => Framing::Head,
-                (Some(length), false) => Framing::Body(length),
+                (Length::Absent, true) => Framing::ChunkSize,
+                (Length::Known(0) | Length::Absent, false) => Framing::Head,
+                (Length::Known(length), false) => Framing::Body(length),
+                // Refused by hyper, which closes the connection; or padded past what was kept.
+                (Length::Unknown, false) => Framing::Off,
             };
             return None;
         }
-        let value = |name: &[u8]| {
-            content
-                .get(..name.len())
-                .is_some_and(|start| start.eq_ignore_ascii_case(name))
-                .then(|| &content[name.len()..])
-        };
-        if let Some(length) = value(Self::CONTENT_LENGTH) {
-            let length = std::str::from_utf8(length).ok().and_then(|l| l.trim().parse().ok());
-            match length {
-                Some(length) => self.content_length = Some(length),
-                // hyper refuses the head and closes the connection.
-                None => self.at = Framing::Off,
-            }
+        if let Some(value) = Self::named(content, Self::CONTENT_LENGTH) {
+            let read = Self::number(value, 10).filter(|_| !self.cut);
+            self.content_length = match (self.content_length, read) {
+                (Length::Absent, Some(length)) => Length::Known(length),
+                (Length::Known(earlier), Some(length)) if earlier == length => Length::Known(length),
+                _ => Length::Unknown,
+            };
         }
-        self.transfer_encoding |= value(Self::TRANSFER_ENCODING).is_some();
+        self.transfer_encoding |= Self::named(content, Self::TRANSFER_ENCODING).is_some();
         None
     }
 }
@@ -565,6 +611,43 @@ mod tests {
                 let (a, b) = connection.as_bytes().split_at(split);
                 let found = scan.scan(a).or_else(|| scan.scan(b));
                 assert_eq!(found, Some(3), "split at {split}: {connection:?}");
+            }
+        }
+    }
+
+    /// A length hyper reads whatever pads it (spaces, zeros), and a `Content-Length` that is not a number beside
+    /// a `Transfer-Encoding`, leave the scan where hyper is, read whole or split anywhere.
+    #[test]
+    fn padded_and_unreadable_lengths_are_read_as_hyper_reads_them() {
+        let spaces = " ".repeat(100);
+        let zeros = "0".repeat(100);
+        let connections = [
+            // Padded with spaces, beside a Transfer-Encoding: the first request.
+            (
+                format!("POST / HTTP/1.1\r\nContent-Length:{spaces}5\r\nTransfer-Encoding: chunked\r\n\r\n"),
+                1,
+            ),
+            // A Transfer-Encoding, then a Content-Length hyper skips without reading it.
+            (
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: x\r\n\r\n".to_owned(),
+                1,
+            ),
+            // Zeros before a length and a chunk size: the bodies end where hyper ends them.
+            (
+                format!(
+                    "POST / HTTP/1.1\r\nContent-Length: {zeros}2\r\n\r\n{{}}\
+                     POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{zeros}2\r\n{{}}\r\n0\r\n\r\n\
+                     POST / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n"
+                ),
+                3,
+            ),
+        ];
+        for (connection, ambiguous) in connections {
+            for split in 0..=connection.len() {
+                let mut scan = HeadScan::default();
+                let (a, b) = connection.as_bytes().split_at(split);
+                let found = scan.scan(a).or_else(|| scan.scan(b));
+                assert_eq!(found, Some(ambiguous), "split at {split}: {connection:?}");
             }
         }
     }

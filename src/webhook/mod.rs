@@ -268,12 +268,9 @@ async fn serve_connection<I>(
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let io = TokioIo::new(HeadCheck::new(io, activity.clone()));
-    // HTTP/1.1's requests, numbered in the order they are read, as the connection's scan numbers their heads.
-    let mut requests = 0;
     let service = tower::service_fn(move |request: Request<Incoming>| {
         let busy = activity.begin();
-        requests += 1;
-        let ambiguous = activity.ambiguous_head() == Some(requests);
+        let ambiguous = activity.ambiguous_request();
         let mut router = router.clone();
         async move {
             if ambiguous {
