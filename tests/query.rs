@@ -869,17 +869,3 @@ async fn a_malformed_query_is_refused_as_such_even_when_the_replica_is_full() {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     held.await.unwrap().unwrap();
 }
-
-/// A caller that compresses its requests (gzip, as Java's `withCompression("gzip")` or Go's `UseCompressor`) is
-/// understood.
-#[tokio::test]
-async fn a_gzip_compressed_request_is_understood() {
-    let fake = FakeSinch::start().await;
-    let service = Service::against(&fake, &[]).await;
-    let mut client = service
-        .client()
-        .await
-        .send_compressed(tonic::codec::CompressionEncoding::Gzip);
-    let answer = client.query_capability(query(contact("C"), "gz")).await;
-    assert!(answer.is_ok(), "{answer:?}");
-}

@@ -607,10 +607,9 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(tonic::service::interceptor::InterceptedService::new(
-            // gzip from callers that compress (decompressed within the same limit); answers go uncompressed.
-            CapabilityServiceServer::new(api)
-                .max_decoding_message_size(MAX_BULK_MESSAGE)
-                .accept_compressed(tonic::codec::CompressionEncoding::Gzip),
+            // No compressed requests: tonic's limit is the service's (StartBulkCheck's 24 MiB), so a small gzip
+            // message could inflate to 24 MiB for a method that takes 4, before the handler's own check.
+            CapabilityServiceServer::new(api).max_decoding_message_size(MAX_BULK_MESSAGE),
             move |request| authenticate(&tokens, request),
         ))
         .serve_with_incoming_shutdown(incoming, signal)
