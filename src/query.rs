@@ -232,6 +232,8 @@ impl Queries {
             request_id,
         };
         let entry = self.idempotency.claim(&query)?;
+        // Counted at once, before anything is awaited: a failed attempt ending meanwhile sees this call.
+        entry.callers.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         // In a task of its own: a caller that goes away while its query is being sent does not take the sending
         // (and the claim's settling) with it, so that its retry finds the answer rather than ask Sinch again.
         let (queries, trace) = (self.clone(), trace.cloned());
@@ -245,10 +247,15 @@ impl Queries {
                     Ok::<_, QueryError>(answer)
                 })
                 .await;
+            let others = entry.callers.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) - 1;
             match answer {
                 Ok(answer) => Ok((answer.clone(), sent_now)),
                 Err(e) => {
-                    queries.idempotency.release(&entry);
+                    // Released only when no repeat waits on it: one that does tries again itself, and its answer
+                    // must stay the request_id's.
+                    if others == 0 {
+                        queries.idempotency.release(&entry);
+                    }
                     Err(e)
                 }
             }
@@ -267,8 +274,10 @@ struct Entry {
     /// The query first sent under this request_id.
     query: Query,
     /// Set once Sinch accepted it; concurrent repeats wait on it. A failed attempt leaves it empty, so that a
-    /// repeat waiting on it tries again, and releases the request_id, for another question too.
+    /// repeat waiting on it tries again, and releases the request_id (for another question too) when none does.
     answer: OnceCell<QueryAccepted>,
+    /// The calls attempting or waiting on it now.
+    callers: std::sync::atomic::AtomicUsize,
 }
 
 impl Idempotency {
@@ -287,6 +296,7 @@ impl Idempotency {
             Arc::new(Entry {
                 query: query.clone(),
                 answer: OnceCell::new(),
+                callers: std::sync::atomic::AtomicUsize::new(0),
             })
         });
         if entry.query.same_question(query) {

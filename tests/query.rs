@@ -869,3 +869,26 @@ async fn a_malformed_query_is_refused_as_such_even_when_the_replica_is_full() {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     held.await.unwrap().unwrap();
 }
+
+/// A repeat that was waiting on a first attempt Sinch refused sends the query itself, and its answer is the
+/// request_id's from then on: a third repeat gets it without a third query.
+#[tokio::test]
+async fn a_repeat_that_succeeded_after_a_failed_first_attempt_answers_the_next_repeats() {
+    let fake = FakeSinch::start().await;
+    fake.script_queries([
+        Canned::sinch_error(400, "INVALID_ARGUMENT", "refused").delayed(Duration::from_millis(500)),
+    ]);
+    let service = Service::against(&fake, &[]).await;
+    let client = service.client().await;
+    let send = || {
+        let mut client = client.clone();
+        tokio::spawn(async move { client.query_capability(query(contact("C"), "idem-race")).await })
+    };
+    let first = send();
+    fake.until_queries(1).await;
+    let second = send();
+    assert!(first.await.unwrap().is_err());
+    second.await.unwrap().unwrap();
+    send().await.unwrap().unwrap();
+    assert_eq!(fake.queries().len(), 2, "the third repeat found the second's answer");
+}
