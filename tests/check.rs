@@ -441,15 +441,16 @@ async fn a_check_whose_deadline_comes_while_it_waits_for_a_lease_answers_and_sen
     let mut client = service.client().await;
     let slow = spawn_check(client.clone(), check(identities(&[(Channel::Sms, NUMBER)]))).await;
     fake.until_queries(1).await;
-    // Eight more identities beside it: their leases come before SMS's in key order but for one chance in nine.
-    let others: Vec<String> = (0..8).map(|i| format!("4670000010{i}")).collect();
+    // Twenty more identities beside it: their leases come before SMS's in key order but for one chance in
+    // twenty-one (the keys are a keyed hash, its key drawn at start).
+    let others: Vec<String> = (0..20).map(|i| format!("467000001{i:02}")).collect();
     let mut asked: Vec<(Channel, &str)> = others.iter().map(|n| (Channel::Rcs, n.as_str())).collect();
     asked.push((Channel::Sms, NUMBER));
     let mut request = tonic::Request::new(check(identities(&asked)));
     request.set_timeout(Duration::from_millis(800));
     let answer = client.check_capability(request).await.unwrap().into_inner();
     assert!(!answer.complete);
-    assert_eq!(answer.pending.len(), 9, "{answer:?}");
+    assert_eq!(answer.pending.len(), 21, "{answer:?}");
     assert_eq!(fake.queries().len(), 1, "nothing sent past the deadline");
     slow.await.unwrap().unwrap();
 }

@@ -875,9 +875,7 @@ async fn a_malformed_query_is_refused_as_such_even_when_the_replica_is_full() {
 #[tokio::test]
 async fn a_repeat_that_succeeded_after_a_failed_first_attempt_answers_the_next_repeats() {
     let fake = FakeSinch::start().await;
-    fake.script_queries([
-        Canned::sinch_error(400, "INVALID_ARGUMENT", "refused").delayed(Duration::from_millis(500)),
-    ]);
+    fake.script_queries([Canned::sinch_error(400, "INVALID_ARGUMENT", "refused").delayed(Duration::from_millis(500))]);
     let service = Service::against(&fake, &[]).await;
     let client = service.client().await;
     let send = || {
