@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use subtle::ConstantTimeEq;
 
-use crate::{secret::Secret, upstream::SinchClient, upstream::wire::WebhookJson};
+use crate::{secret::Secret, upstream, upstream::SinchClient, upstream::wire::WebhookJson};
 
 /// Sinch's limit of webhooks per app.
 pub const MAX_WEBHOOKS_PER_APP: usize = 5;
@@ -47,8 +47,9 @@ pub fn secret_known(webhook: &WebhookJson, secrets: &[Secret]) -> bool {
 /// Checks each app's registration of `target`: logs [`NOT_REGISTERED`] for each app whose webhook is missing,
 /// lacks the CAPABILITY trigger or has a secret the service does not know, and sets the gauge
 /// `capability_webhook_registered{app_id}` to 1 (registered as it must be) or 0. An app whose webhooks could not
-/// be listed (Sinch busy past the client's retries, no token) counts 0 and is checked again 5 s later, then at
-/// twice the interval each time, up to 5 min, until Sinch answers.
+/// be listed because Sinch was busy (past the client's retries) or unreachable counts 0 and is checked again 5 s
+/// later, then at twice the interval each time, up to 5 min, until Sinch answers; a refusal (an unknown app,
+/// credentials) is reported once.
 pub async fn check_at_start(client: &SinchClient, target: &str, apps: &[String], secrets: &[Secret]) {
     const FIRST_AGAIN: Duration = Duration::from_secs(5);
     const LONGEST_AGAIN: Duration = Duration::from_secs(300);
@@ -58,13 +59,15 @@ pub async fn check_at_start(client: &SinchClient, target: &str, apps: &[String],
         let mut still = Vec::new();
         for app_id in unknown {
             let problem = match client.list_webhooks(app_id).await {
-                Err(e) => {
+                Err(e) if busy(&e) => {
                     still.push(app_id);
                     Some(format!(
                         "its webhooks could not be listed: {e} (checked again in {}s)",
                         again.as_secs()
                     ))
                 }
+                // An answer that will not change by asking again (an unknown app, refused credentials).
+                Err(e) => Some(format!("its webhooks could not be listed: {e}")),
                 Ok(webhooks) => registration_problem(&webhooks, target, secrets),
             };
             report(app_id, target, problem);
@@ -76,6 +79,12 @@ pub async fn check_at_start(client: &SinchClient, target: &str, apps: &[String],
         tokio::time::sleep(again).await;
         again = (again * 2).min(LONGEST_AGAIN);
     }
+}
+
+/// Whether `error` may pass when asked again: Sinch busy or unreachable, or no answer in time.
+fn busy(error: &upstream::Error) -> bool {
+    use upstream::Error as E;
+    error.is_retryable() || matches!(error, E::DeadlineExceeded | E::RateLimited { .. } | E::Malformed { .. })
 }
 
 /// What is wrong with the registration of `target` among `webhooks`, if anything.

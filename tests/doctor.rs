@@ -236,6 +236,23 @@ async fn the_start_up_check_is_repeated_until_sinch_answers() {
     );
 }
 
+/// An answer that will not change (Sinch does not know the app) is reported once, not asked again for ever.
+#[tokio::test]
+async fn the_start_up_check_asks_again_only_when_sinch_was_busy() {
+    let fake = common::FakeSinch::start().await;
+    fake.script_api([common::Canned::sinch_error(404, "NOT_FOUND", "App not found")]);
+    let mut env = common::binary_env(&fake);
+    env.push((
+        "CAPABILITY_PUBLIC_WEBHOOK_URL",
+        "https://facade.example.com/webhooks/sinch".into(),
+    ));
+    env.push(("CAPABILITY_APP_IDS", "APP-X".into()));
+    let binary = common::Binary::spawn(&env).await;
+    let outcome = binary.until_logged(1, |l| l.contains("WEBHOOK_NOT_REGISTERED")).await;
+    assert!(outcome[0].contains("404"), "{outcome:?}");
+    assert!(!outcome[0].contains("checked again"), "{outcome:?}");
+}
+
 /// A deletion Sinch answers without a body (204) succeeded: the command says so.
 #[tokio::test]
 async fn a_deletion_answered_without_a_body_succeeded() {

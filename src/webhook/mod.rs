@@ -214,8 +214,8 @@ pub fn router(receiver: Arc<Receiver>) -> Router {
 ///
 /// Served with hyper directly rather than `axum::serve`, which sets no timer: without one, hyper's header-read
 /// timeout never applies and a client trickling its headers holds a connection for ever. Here a request's
-/// headers must arrive within `header_timeout`, and the whole request within the router's own timeout; the
-/// listener's own limits (a cap, first-byte and idle timeouts) apply beneath.
+/// headers must arrive within `header_timeout`, and a callback's body and hand-off within the webhook timeout
+/// (the receiver's own); the listener's own limits (a cap, first-byte and idle timeouts) apply beneath.
 pub async fn serve(
     listener: GuardedListener,
     router: Router,
