@@ -96,11 +96,10 @@ struct Shard {
     records: KeyedMap<Box<Record>>,
 }
 
-/// Channels whose results all expired before their record (see [`Record::lost`]).
+/// Channels whose results all expired before their record (see [`Record::lost`]), each with the offset of its
+/// last result.
 struct Lost {
-    channels: ChannelSet,
-    /// The last offset that expired.
-    through: u64,
+    channels: Vec<(Channel, u64)>,
 }
 
 struct Record {
@@ -114,9 +113,9 @@ struct Record {
     expected: Option<ChannelSet>,
     /// The channels that reported.
     reported: ChannelSet,
-    /// The channels that reported but whose results all expired, with the last offset that expired; a watch
-    /// that had not read that far, or passed expired offsets, counts them as pending again. Made only when a
-    /// result expires before its record.
+    /// The channels that reported but whose results all expired, each with its last result's offset: a watch
+    /// that did not read that offset counts the channel as pending again. Made only when a result expires before
+    /// its record.
     lost: Option<Box<Lost>>,
     /// By offset, ascending; offsets may start above 1 (a replica that started after the first ones expired).
     notifications: HeldList,
@@ -152,20 +151,28 @@ impl Record {
     /// Drops its notifications received before `cutoff_ms`; a channel none of whose results is held any more is
     /// lost to the watches that had not read it.
     fn expire_until(&mut self, cutoff_ms: u64) {
-        let Some(through) = self.notifications.drop_until(cutoff_ms) else {
-            return;
+        let channel_of = |record: &Record, held: &Held<'_>| {
+            let notification = codec::decode_body(String::new(), &record.body_of(held, 0)).ok()?;
+            Some((notification.channel, held.offset))
         };
-        let held: ChannelSet = self
-            .notifications
-            .after(0)
-            .filter_map(|held| codec::decode_body(String::new(), &self.body_of(&held, 0)).ok())
-            .map(|n| n.channel)
-            .collect::<Vec<_>>()
-            .iter()
+        let expiring: Vec<(Channel, u64)> = (self.notifications.after(0))
+            .take_while(|held| held.time_ms <= cutoff_ms)
+            .filter_map(|held| channel_of(self, &held))
             .collect();
-        let channels = self.reported.minus(&held);
-        let through = self.lost.as_ref().map_or(through, |lost| lost.through.max(through));
-        self.lost = (!channels.is_empty()).then(|| Box::new(Lost { channels, through }));
+        if self.notifications.drop_until(cutoff_ms).is_none() {
+            return;
+        }
+        let held: Vec<Channel> = (self.notifications.after(0))
+            .filter_map(|held| channel_of(self, &held).map(|(channel, _)| channel))
+            .collect();
+        let mut lost = self.lost.take().map_or_else(Vec::new, |lost| lost.channels);
+        for (channel, offset) in expiring.into_iter().filter(|(channel, _)| !held.contains(channel)) {
+            match lost.iter_mut().find(|(known, _)| *known == channel) {
+                Some((_, last)) => *last = (*last).max(offset),
+                None => lost.push((channel, offset)),
+            }
+        }
+        self.lost = (!lost.is_empty()).then(|| Box::new(Lost { channels: lost }));
     }
 
     /// Whether it holds `n`: a notification with the log's [`Digest`] of it (its channel, identity, status and
@@ -324,7 +331,7 @@ impl Hub {
             }
             record.reported.insert(&n.notification.channel);
             if let Some(lost) = &mut record.lost {
-                lost.channels.remove(&n.notification.channel);
+                lost.channels.retain(|(channel, _)| *channel != n.notification.channel);
             }
             if record.source.is_none() {
                 record.source = self.shared_source(&source);
@@ -365,7 +372,7 @@ impl Hub {
                 generation,
                 changed,
                 cursor: after_offset,
-                skipped: false,
+                skipped: (0, 0),
             },
             limits,
         )
@@ -497,8 +504,8 @@ pub(crate) struct Subscription {
     changed: Arc<Notify>,
     /// The offset of the last notification taken.
     cursor: u64,
-    /// Whether it passed offsets it never read (they had expired): their channels may be lost to it.
-    skipped: bool,
+    /// The offsets it passed without reading them (they had expired), first and last (0, 0: none).
+    skipped: (u32, u32),
 }
 
 /// What a subscription found past its cursor.
@@ -521,19 +528,38 @@ impl Subscription {
             return Snapshot::Gone;
         };
         if let Some((offset, body)) = record.next_after(self.cursor) {
-            self.skipped |= offset > self.cursor + 1;
+            if offset > self.cursor + 1 {
+                let (first, last) = (self.cursor + 1, offset - 1);
+                let first = if self.skipped.0 == 0 {
+                    first
+                } else {
+                    first.min(self.skipped.0.into())
+                };
+                self.skipped = (narrow(first), narrow(last));
+            }
             self.cursor = offset;
             return Snapshot::Notification(offset, body);
         }
-        let lost = (record.lost.as_deref()).filter(|lost| self.skipped || self.cursor < lost.through);
+        // The channels whose last result expired before this watch read it: past its cursor, or passed by it.
+        let (first, last) = (u64::from(self.skipped.0), u64::from(self.skipped.1));
+        let passed = |offset: u64| offset > self.cursor || (first > 0 && (first..=last).contains(&offset));
+        let lost: Option<ChannelSet> = record.lost.as_deref().map(|lost| {
+            let unread = lost.channels.iter().filter(|(_, offset)| passed(*offset));
+            unread.map(|(channel, _)| channel).collect()
+        });
         Snapshot::Quiet {
             pending: record.expected.as_ref().map(|expected| match lost {
                 // Results this watch did not read and cannot any more: reported, but not to it.
-                Some(lost) => expected.without(&record.reported.minus(&lost.channels)),
+                Some(lost) => expected.without(&record.reported.minus(&lost)),
                 None => expected.without(&record.reported),
             }),
         }
     }
+}
+
+/// An offset as a watch keeps the ones it passed: offsets are at most the per-request cap (≤ 1,000,000).
+fn narrow(offset: u64) -> u32 {
+    u32::try_from(offset).unwrap_or(u32::MAX)
 }
 
 impl Drop for Subscription {

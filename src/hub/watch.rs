@@ -271,6 +271,39 @@ mod tests {
         assert_eq!((reason, pending), (CompletionReason::WaitElapsed, vec![Channel::Sms]));
     }
 
+    /// A watch that passed an expired result but read the next one counts only the first as pending when the
+    /// second expires too.
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_counts_as_lost_only_the_results_it_did_not_read() {
+        let hub = hub(60, 100);
+        hub.apply(&query("r", &[Channel::Sms, Channel::Mms, Channel::Rcs], 0));
+        hub.apply(&notification("r", Channel::Sms, 1, 0));
+        hub.apply(&notification("r", Channel::Mms, 2, 30_000));
+        hub.apply(&notification("r", Channel::Whatsapp, 3, 50_000));
+        hub.advance(31_000);
+        hub.purge();
+        hub.advance(61_000);
+        hub.purge();
+        let mut watch = pin!(hub.watch("r", 0, waiting(Duration::from_secs(20))));
+        assert_eq!(offset(watch.next().await), 2);
+        assert_eq!(offset(watch.next().await), 3);
+        hub.advance(91_000);
+        hub.purge();
+        let ended = loop {
+            match watch.next().await {
+                Some(WatchEvent::Heartbeat { .. }) => continue,
+                other => break other,
+            }
+        };
+        let Some(WatchEvent::Completed { reason, pending, .. }) = ended else {
+            panic!("completion, got {ended:?}")
+        };
+        assert_eq!(
+            (reason, pending),
+            (CompletionReason::WaitElapsed, vec![Channel::Rcs, Channel::Sms])
+        );
+    }
+
     /// A watch that read a result before it expired still counts its channel.
     #[tokio::test(start_paused = true)]
     async fn a_channel_read_before_its_result_expired_stays_reported_to_its_watch() {
