@@ -4,7 +4,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::{sync::OnceCell, time::Instant};
+use tokio::{
+    sync::{OnceCell, OwnedSemaphorePermit},
+    time::Instant,
+};
 
 use crate::{
     capability::{Query, QueryAccepted, Recipient, mask_digits},
@@ -160,15 +163,22 @@ impl Queries {
 
     /// Sends the query to Sinch unless the same request_id already did (or is doing) so. `trace` is the caller's
     /// trace context, continued on the call to Sinch.
+    ///
+    /// `in_flight` (the caller's place among the queries in flight) is held until the query is sent, even when the
+    /// caller goes away first: the sending goes on, and still counts.
     pub async fn query(
         self: &Arc<Self>,
         request: QueryRequest,
         deadline: Instant,
         trace: Option<&TraceParent>,
+        in_flight: OwnedSemaphorePermit,
     ) -> Result<QueryAccepted, QueryError> {
         let send = request.recipient.clone();
         self.pacer.record(send.identities());
-        Ok(self.query_once(request, send, deadline, trace).await?.0)
+        Ok(self
+            .query_once(request, send, deadline, trace, Some(in_flight))
+            .await?
+            .0)
     }
 
     /// As [`Queries::query`], but asks Sinch only about `send`, a part of the request's recipient (the rest is
@@ -182,7 +192,7 @@ impl Queries {
         deadline: Instant,
         trace: Option<&TraceParent>,
     ) -> Result<(QueryAccepted, bool), QueryError> {
-        self.query_once(request, send, deadline, trace).await
+        self.query_once(request, send, deadline, trace, None).await
     }
 
     /// Sends `send` under the request's request_id (one this service made: nobody repeats it), with the
@@ -203,13 +213,15 @@ impl Queries {
         Ok(self.forward(&query, deadline, trace).await?)
     }
 
-    /// Sends (or finds the answer of) a query; says whether it was sent now.
+    /// Sends (or finds the answer of) a query; says whether it was sent now. `in_flight`, if any, is held until
+    /// the sending ends, whatever becomes of the caller.
     async fn query_once(
         self: &Arc<Self>,
         request: QueryRequest,
         send: Recipient,
         deadline: Instant,
         trace: Option<&TraceParent>,
+        in_flight: Option<OwnedSemaphorePermit>,
     ) -> Result<(QueryAccepted, bool), QueryError> {
         // The rate limit first: a caller cannot fill the idempotency records faster than it may query.
         self.upstream.admit(deadline).await?;
@@ -238,6 +250,7 @@ impl Queries {
         // (and the claim's settling) with it, so that its retry finds the answer rather than ask Sinch again.
         let (queries, trace) = (self.clone(), trace.cloned());
         let task = tokio::spawn(tracing::Instrument::in_current_span(async move {
+            let _in_flight = in_flight;
             let mut sent_now = false;
             let answer = entry
                 .answer

@@ -890,3 +890,27 @@ async fn a_repeat_that_succeeded_after_a_failed_first_attempt_answers_the_next_r
     send().await.unwrap().unwrap();
     assert_eq!(fake.queries().len(), 2, "the third repeat found the second's answer");
 }
+
+/// A caller that goes away while its query is being sent does not free its place among the queries in flight:
+/// the sending goes on (so that a retry finds its answer), and counts until it ends.
+#[tokio::test]
+async fn a_query_whose_caller_went_away_still_counts_in_flight_until_it_is_sent() {
+    let fake = FakeSinch::start().await;
+    fake.set_echo_delay(Duration::from_secs(2));
+    let service = Service::against(&fake, &["--max-inflight-queries=1"]).await;
+    let client = service.client().await;
+    let gone = {
+        let mut client = client.clone();
+        tokio::spawn(async move { client.query_capability(query(contact("C"), "gone")).await })
+    };
+    fake.until_queries(1).await;
+    gone.abort();
+    let _ = gone.await;
+    let status = client
+        .clone()
+        .query_capability(query(contact("D"), "next"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(fake.queries().len(), 1);
+}

@@ -170,12 +170,12 @@ impl CapabilityApi {
         within(request.get_ref())?;
         let query = convert::query_request(request.into_inner()).map_err(status::invalid_request)?;
         // Valid first: a malformed request is told so, not told to retry.
-        let Ok(_permit) = self.query_permits.try_acquire() else {
+        let Ok(permit) = self.query_permits.clone().try_acquire_owned() else {
             return Err(status::overloaded());
         };
         // Per-query lines are debug: at Sinch's 800/s per project an info line each would be most of the log.
         tracing::debug!(recipient = ?query.recipient, "query");
-        match self.queries.query(query, deadline, trace).await {
+        match self.queries.query(query, deadline, trace, permit).await {
             Ok(accepted) => {
                 tracing::Span::current().record("request_id", mask_digits(&accepted.request_id).as_ref());
                 tracing::debug!("query accepted by Sinch");
