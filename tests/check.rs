@@ -846,17 +846,26 @@ async fn a_result_a_check_stores_again_keeps_its_own_age() {
 /// that accepts no cached result (`max_age` 0) asks Sinch again instead of joining the finished query.
 #[tokio::test]
 async fn a_joined_query_is_not_joined_again_after_the_check_that_joined_it_returned() {
+    let sms = |live_id: &str| callback(live_id, "SMS", "CAPABILITY_FULL");
+    let_go_after_joining(check(identities(&[(Channel::Sms, NUMBER)])), sms, &[]).await;
+}
+
+/// Replica B's check joins replica A's lookup of `request` (answered by the callback `answer` makes of its
+/// request_id); once both returned, a check on B accepting no cached result asks Sinch again.
+async fn let_go_after_joining(request: pb::CheckCapabilityRequest, answer: impl Fn(&str) -> Vec<u8>, flags: &[&str]) {
     let redis = RedisServer::start().await;
     let fake = FakeSinch::start().await;
-    let (a, b) = two_replicas(&fake, &redis).await;
+    let url = format!("--redis-url={}", redis.url());
+    let flags: Vec<&str> = std::iter::once(url.as_str()).chain(flags.iter().copied()).collect();
+    let a = Service::against(&fake, &flags).await;
+    let b = Service::against(&fake, &flags).await;
     let (on_a, mut on_b) = (a.client().await, b.client().await);
-    let request = check(identities(&[(Channel::Sms, NUMBER)]));
     let first = spawn_check(on_a, request.clone()).await;
     let (live_id, _) = nth_query(&fake, 1).await;
     // B's check must find A's lease marked sent, and join it.
     until_a_lease(&redis, |lease| lease.starts_with("s:")).await;
     let joined = spawn_check(on_b.clone(), request.clone()).await;
-    deliver(a.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await;
+    deliver(a.webhook_addr, answer(&live_id)).await;
     first.await.unwrap().unwrap();
     let joined = joined.await.unwrap().unwrap();
     assert_eq!(joined.request_id, live_id, "{joined:?}");
@@ -912,33 +921,11 @@ async fn an_identity_whose_result_is_in_is_let_go_while_its_lookup_waits_for_the
 /// The same for a contact: a replica whose check joined another's query lets it go when that check returns.
 #[tokio::test]
 async fn a_joined_contact_query_is_not_joined_again_after_the_check_that_joined_it_returned() {
-    let redis = RedisServer::start().await;
-    let fake = FakeSinch::start().await;
-    let url = format!("--redis-url={}", redis.url());
-    let a = Service::against(&fake, &[&url, "--check-settle=100ms"]).await;
-    let b = Service::against(&fake, &[&url, "--check-settle=100ms"]).await;
-    let (on_a, mut on_b) = (a.client().await, b.client().await);
-    let request = check(contact("C-1"));
-    let first = spawn_check(on_a, request.clone()).await;
-    let (live_id, _) = nth_query(&fake, 1).await;
-    until_a_lease(&redis, |lease| lease.starts_with("s:")).await;
-    let joined = spawn_check(on_b.clone(), request.clone()).await;
-    // B's check holds the lease it joined once it asked Redis: its query is the one it names.
-    let body = CapabilityCallback::new(&live_id, "WHATSAPP", NUMBER, "CAPABILITY_FULL").contact_id("C-1");
-    deliver(a.webhook_addr, body.body()).await;
-    first.await.unwrap().unwrap();
-    let joined = joined.await.unwrap().unwrap();
-    assert_eq!(joined.request_id, live_id, "{joined:?}");
-    until(|| redis.keys("*lease*").is_empty()).await;
-    let mut fresh_only = request;
-    fresh_only.max_age = duration(Duration::ZERO);
-    fresh_only.wait = duration(Duration::ZERO);
-    on_b.check_capability(fresh_only).await.unwrap();
-    assert_eq!(
-        fake.queries().len(),
-        2,
-        "a contact check accepting no cached result joined a finished query"
-    );
+    let whatsapp = |live_id: &str| {
+        let body = CapabilityCallback::new(live_id, "WHATSAPP", NUMBER, "CAPABILITY_FULL").contact_id("C-1");
+        body.body()
+    };
+    let_go_after_joining(check(contact("C-1")), whatsapp, &["--check-settle=100ms"]).await;
 }
 
 /// A check given up (its caller gone) while Redis held its lease script leaves no lease behind: the next identical

@@ -179,33 +179,54 @@ async fn the_service_warns_at_start_when_its_public_url_is_not_registered() {
     );
 }
 
-/// Sinch busy when the service starts (a 503 on the webhook list) does not leave the service saying its webhook is
-/// not registered until its next restart: the list is asked for again.
-#[tokio::test]
-async fn the_start_up_check_outlasts_a_busy_sinch() {
-    let fake = common::FakeSinch::start().await;
-    let target = "https://facade.example.com/webhooks/sinch";
-    let listed = json!({"webhooks": [{"id": "W1", "app_id": "APP-1", "target": target, "target_type": "HTTP",
+/// The URL the start-up check tests look for.
+const PUBLIC_URL: &str = "https://facade.example.com/webhooks/sinch";
+
+/// Sinch busy, as a webhook list may be answered.
+fn busy() -> common::Canned {
+    common::Canned::sinch_error(503, "UNAVAILABLE", "The service is currently unavailable.")
+}
+
+/// APP-1's webhooks: one targeting [`PUBLIC_URL`] as it must.
+fn listing() -> common::Canned {
+    let listed = json!({"webhooks": [{"id": "W1", "app_id": "APP-1", "target": PUBLIC_URL, "target_type": "HTTP",
         "secret": common::WEBHOOK_SECRET, "triggers": ["CAPABILITY"]}]});
-    fake.script_api([
-        common::Canned::sinch_error(503, "UNAVAILABLE", "The service is currently unavailable."),
-        common::Canned::new(200, listed.to_string()),
-    ]);
-    let mut env = common::binary_env(&fake);
-    env.push(("CAPABILITY_PUBLIC_WEBHOOK_URL", target.into()));
-    env.push(("CAPABILITY_APP_IDS", "APP-1".into()));
+    common::Canned::new(200, listed.to_string())
+}
+
+/// The service against `fake`, checking at start that `app` registered [`PUBLIC_URL`]; the first `n` outcomes of
+/// that check it logged.
+async fn checked_at_start(fake: &common::FakeSinch, app: &str, n: usize) -> (common::Binary, Vec<String>) {
+    let mut env = common::binary_env(fake);
+    env.push(("CAPABILITY_PUBLIC_WEBHOOK_URL", PUBLIC_URL.into()));
+    env.push(("CAPABILITY_APP_IDS", app.into()));
     let binary = common::Binary::spawn(&env).await;
-    let outcome = binary
-        .until_logged(1, |l| {
+    let outcomes = binary
+        .until_logged(n, |l| {
             l.contains("WEBHOOK_NOT_REGISTERED") || l.contains("webhook is registered")
         })
         .await;
-    assert!(outcome[0].contains("webhook is registered"), "{outcome:?}");
+    (binary, outcomes)
+}
+
+/// APP-1's gauge says registered.
+async fn assert_registered(binary: &common::Binary) {
     let metrics = common::metrics_text(binary.admin_addr).await;
     assert!(
         metrics.contains(r#"capability_webhook_registered{app_id="APP-1"} 1"#),
         "{metrics}"
     );
+}
+
+/// Sinch busy when the service starts (a 503 on the webhook list) does not leave the service saying its webhook is
+/// not registered until its next restart: the list is asked for again.
+#[tokio::test]
+async fn the_start_up_check_outlasts_a_busy_sinch() {
+    let fake = common::FakeSinch::start().await;
+    fake.script_api([busy(), listing()]);
+    let (binary, outcome) = checked_at_start(&fake, "APP-1", 1).await;
+    assert!(outcome[0].contains("webhook is registered"), "{outcome:?}");
+    assert_registered(&binary).await;
 }
 
 /// Sinch busy past the client's retries at start: the app counts as not registered, and is checked again until
@@ -213,27 +234,11 @@ async fn the_start_up_check_outlasts_a_busy_sinch() {
 #[tokio::test]
 async fn the_start_up_check_is_repeated_until_sinch_answers() {
     let fake = common::FakeSinch::start().await;
-    let target = "https://facade.example.com/webhooks/sinch";
-    let listed = json!({"webhooks": [{"id": "W1", "app_id": "APP-1", "target": target, "target_type": "HTTP",
-        "secret": common::WEBHOOK_SECRET, "triggers": ["CAPABILITY"]}]});
-    let busy = common::Canned::sinch_error(503, "UNAVAILABLE", "The service is currently unavailable.");
-    fake.script_api(std::iter::repeat_n(busy, 5).chain([common::Canned::new(200, listed.to_string())]));
-    let mut env = common::binary_env(&fake);
-    env.push(("CAPABILITY_PUBLIC_WEBHOOK_URL", target.into()));
-    env.push(("CAPABILITY_APP_IDS", "APP-1".into()));
-    let binary = common::Binary::spawn(&env).await;
-    let outcomes = binary
-        .until_logged(2, |l| {
-            l.contains("WEBHOOK_NOT_REGISTERED") || l.contains("webhook is registered")
-        })
-        .await;
+    fake.script_api(std::iter::repeat_n(busy(), 5).chain([listing()]));
+    let (binary, outcomes) = checked_at_start(&fake, "APP-1", 2).await;
     assert!(outcomes[0].contains("could not be listed"), "{outcomes:?}");
     assert!(outcomes[1].contains("webhook is registered"), "{outcomes:?}");
-    let metrics = common::metrics_text(binary.admin_addr).await;
-    assert!(
-        metrics.contains(r#"capability_webhook_registered{app_id="APP-1"} 1"#),
-        "{metrics}"
-    );
+    assert_registered(&binary).await;
 }
 
 /// An answer that will not change (Sinch does not know the app) is reported once, not asked again for ever.
@@ -241,14 +246,7 @@ async fn the_start_up_check_is_repeated_until_sinch_answers() {
 async fn the_start_up_check_asks_again_only_when_sinch_was_busy() {
     let fake = common::FakeSinch::start().await;
     fake.script_api([common::Canned::sinch_error(404, "NOT_FOUND", "App not found")]);
-    let mut env = common::binary_env(&fake);
-    env.push((
-        "CAPABILITY_PUBLIC_WEBHOOK_URL",
-        "https://facade.example.com/webhooks/sinch".into(),
-    ));
-    env.push(("CAPABILITY_APP_IDS", "APP-X".into()));
-    let binary = common::Binary::spawn(&env).await;
-    let outcome = binary.until_logged(1, |l| l.contains("WEBHOOK_NOT_REGISTERED")).await;
+    let (_binary, outcome) = checked_at_start(&fake, "APP-X", 1).await;
     assert!(outcome[0].contains("404"), "{outcome:?}");
     assert!(!outcome[0].contains("checked again"), "{outcome:?}");
 }

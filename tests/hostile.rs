@@ -492,51 +492,29 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
 /// being handled, and a body still arriving is not one yet.
 #[tokio::test]
 async fn callbacks_whose_bodies_trickle_in_keep_no_genuine_callback_out() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let fake = FakeSinch::start().await;
     let service = Service::against(&fake, &["--webhook-max-pending=2", "--webhook-timeout=60s"]).await;
     let mut trickling = Vec::new();
     for _ in 0..2 {
-        let mut slow = tokio::net::TcpStream::connect(service.webhook_addr).await.unwrap();
-        slow.write_all(
-            b"POST /webhooks/sinch HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
-              content-length: 1000\r\nexpect: 100-continue\r\n\r\n{",
-        )
-        .await
-        .unwrap();
-        // The server asks for the rest of the body once it reads it.
-        let mut answer = [0; 21];
-        slow.read_exact(&mut answer).await.unwrap();
-        assert_eq!(
-            &answer,
-            b"HTTP/1.1 100 Continue",
-            "{}",
-            String::from_utf8_lossy(&answer)
-        );
+        let mut slow = trickling_body(&service, 1000).await;
+        slow.write_all(b"{").await.unwrap();
         trickling.push(slow);
     }
     let channel = service.channel().await;
     still_serving(&service, &channel, "two bodies trickling in").await;
 }
 
-/// What bodies still arriving may hold is bounded: `max_pending` whole bodies' bytes, then 503 until they leave.
-#[tokio::test]
-async fn bodies_arriving_at_once_hold_at_most_their_budget() {
+/// A callback's head announcing a body of `length` bytes, sent on a connection of its own; returned once the
+/// server asks for the body (it reads it).
+async fn trickling_body(service: &Service, length: usize) -> tokio::net::TcpStream {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let fake = FakeSinch::start().await;
-    let flags = [
-        "--webhook-max-pending=1",
-        "--webhook-max-body=2048",
-        "--webhook-timeout=60s",
-    ];
-    let service = Service::against(&fake, &flags).await;
     let mut slow = tokio::net::TcpStream::connect(service.webhook_addr).await.unwrap();
-    slow.write_all(
-        b"POST /webhooks/sinch HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
-          content-length: 2048\r\nexpect: 100-continue\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    let head = format!(
+        "POST /webhooks/sinch HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         content-length: {length}\r\nexpect: 100-continue\r\n\r\n"
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
     let mut answer = [0; 21];
     slow.read_exact(&mut answer).await.unwrap();
     assert_eq!(
@@ -545,6 +523,21 @@ async fn bodies_arriving_at_once_hold_at_most_their_budget() {
         "{}",
         String::from_utf8_lossy(&answer)
     );
+    slow
+}
+
+/// What bodies still arriving may hold is bounded: `max_pending` whole bodies' bytes, then 503 until they leave.
+#[tokio::test]
+async fn bodies_arriving_at_once_hold_at_most_their_budget() {
+    use tokio::io::AsyncWriteExt;
+    let fake = FakeSinch::start().await;
+    let flags = [
+        "--webhook-max-pending=1",
+        "--webhook-max-body=2048",
+        "--webhook-timeout=60s",
+    ];
+    let service = Service::against(&fake, &flags).await;
+    let mut slow = trickling_body(&service, 2048).await;
     // 1,900 of its 2,048 bytes, in a write of their own: a genuine callback's bytes no longer fit beside them.
     slow.write_all(&[b' '; 1900]).await.unwrap();
     // Until the server has read those bytes a callback still fits (no event says when it has: polled, bounded).

@@ -300,24 +300,30 @@ async fn a_token_endpoint_slower_than_the_callers_still_yields_a_token() {
     assert_eq!(fake.token_requests().len(), 1);
 }
 
+/// The token each query went out with, in order.
+fn tokens_used(fake: &FakeSinch) -> Vec<String> {
+    fake.queries()
+        .iter()
+        .map(|q| q.header("authorization").to_owned())
+        .collect()
+}
+
+/// Sinch's 401 for a bearer token it refused, in `description`'s words.
+fn token_refused(description: &str) -> Canned {
+    Canned::sinch_error(401, "UNAUTHENTICATED", "Request had invalid credentials.").header(
+        "www-authenticate",
+        &format!("Bearer error=\"invalid_token\", error_description=\"{description}\""),
+    )
+}
+
 #[tokio::test]
 async fn an_expired_token_is_dropped_and_the_query_sent_once_more() {
     let fake = FakeSinch::start().await;
-    fake.script_queries([
-        Canned::sinch_error(401, "UNAUTHENTICATED", "Request had invalid credentials.").header(
-            "www-authenticate",
-            "Bearer error=\"invalid_token\", error_description=\"The access token expired\"",
-        ),
-    ]);
+    fake.script_queries([token_refused("The access token expired")]);
     let service = Service::against(&fake, &[]).await;
     let mut client = service.client().await;
     client.query_capability(query(contact("C"), "r-expired")).await.unwrap();
-    let used: Vec<_> = fake
-        .queries()
-        .iter()
-        .map(|q| q.header("authorization").to_owned())
-        .collect();
-    assert_eq!(used, ["Bearer token-1", "Bearer token-2"]);
+    assert_eq!(tokens_used(&fake), ["Bearer token-1", "Bearer token-2"]);
     assert_eq!(fake.queries()[0].body, fake.queries()[1].body);
 }
 
@@ -326,12 +332,7 @@ async fn an_expired_token_is_dropped_and_the_query_sent_once_more() {
 #[tokio::test]
 async fn a_token_refused_in_any_words_is_not_used_again() {
     let fake = FakeSinch::start().await;
-    fake.script_queries([
-        Canned::sinch_error(401, "UNAUTHENTICATED", "Request had invalid credentials.").header(
-            "www-authenticate",
-            "Bearer error=\"invalid_token\", error_description=\"unknown token\"",
-        ),
-    ]);
+    fake.script_queries([token_refused("unknown token")]);
     let service = Service::against(&fake, &[]).await;
     let mut client = service.client().await;
     let refused = client
@@ -340,24 +341,14 @@ async fn a_token_refused_in_any_words_is_not_used_again() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::Internal, "not retried: {refused:?}");
     client.query_capability(query(contact("C"), "r-after")).await.unwrap();
-    let used: Vec<_> = fake
-        .queries()
-        .iter()
-        .map(|q| q.header("authorization").to_owned())
-        .collect();
-    assert_eq!(used, ["Bearer token-1", "Bearer token-2"]);
+    assert_eq!(tokens_used(&fake), ["Bearer token-1", "Bearer token-2"]);
 }
 
 /// The query sent again after an expired token is one more request under this replica's rate limit.
 #[tokio::test]
 async fn the_query_sent_again_after_an_expired_token_waits_for_the_rate_limit() {
     let fake = FakeSinch::start().await;
-    fake.script_queries([
-        Canned::sinch_error(401, "UNAUTHENTICATED", "Request had invalid credentials.").header(
-            "www-authenticate",
-            "Bearer error=\"invalid_token\", error_description=\"The access token expired\"",
-        ),
-    ]);
+    fake.script_queries([token_refused("The access token expired")]);
     let service = Service::against(&fake, &["--sinch-rate-limit=1"]).await;
     let mut client = service.client().await;
     let mut request = Request::new(query(contact("C"), "r-expired-paced"));
