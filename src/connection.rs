@@ -320,7 +320,7 @@ impl AsyncRead for Guarded {
 write_through!(Guarded, stream);
 
 /// An HTTP connection's bytes, as read, checked for request heads with both `Content-Length` and
-/// `Transfer-Encoding`: [`Activity::ambiguous_head`] then says which request it was.
+/// `Transfer-Encoding`: [`Activity::ambiguous_request`] then says, for each request, whether it was that one.
 pub struct HeadCheck<I> {
     inner: I,
     activity: Arc<Activity>,
@@ -366,6 +366,11 @@ struct HeadScan {
     line: Vec<u8>,
     /// Whether the current line, split across reads, had more than was kept.
     cut: bool,
+    /// Whether the last byte of the current line read so far, split across reads, was a `\r`.
+    cr_last: bool,
+    /// In the trailers, whether a line ended with `\r\n` last: hyper ends a line of them only so, and the trailers
+    /// at a `\r\n` that starts a line.
+    trailers_line_start: bool,
     /// The current head's `Content-Length`, and whether it has a `Transfer-Encoding`.
     content_length: Length,
     transfer_encoding: bool,
@@ -399,7 +404,7 @@ enum Framing {
     Chunk(u64),
     /// The line end after a chunk's bytes.
     ChunkEnd,
-    /// The trailer lines after the last chunk.
+    /// The trailer lines after the last chunk, to the `\r\n` that starts a line.
     Trailers,
     /// Not followed: HTTP/2, or framing hyper refuses (it closes the connection).
     Off,
@@ -440,17 +445,21 @@ impl HeadScan {
                         .then(|| bytes[..end].strip_suffix(b"\r").unwrap_or(&bytes[..end]));
                     // A line read whole without a `\r` but at its end, as it almost always is, is looked at where
                     // it lies instead of copied.
+                    let crlf = match end {
+                        0 => self.cr_last,
+                        _ => bytes[end - 1] == b'\r',
+                    };
                     match whole.filter(|line| memchr::memchr(b'\r', line).is_none()) {
-                        Some(content) => found = found.or(self.end_line(content)),
+                        Some(content) => found = found.or(self.end_line(content, crlf)),
                         None => {
                             self.extend_line(&bytes[..end]);
                             let line = std::mem::take(&mut self.line);
-                            found = found.or(self.end_line(&line));
+                            found = found.or(self.end_line(&line, crlf));
                             self.line = line;
                             self.line.clear();
                         }
                     }
-                    self.cut = false;
+                    (self.cut, self.cr_last) = (false, false);
                     bytes = &bytes[end + 1..];
                 }
             }
@@ -462,6 +471,9 @@ impl HeadScan {
     fn extend_line(&mut self, part: &[u8]) {
         let length = self.at == Framing::ChunkSize || Self::named(&self.line, Self::CONTENT_LENGTH).is_some();
         let kept = if length { Self::KEPT_LENGTH } else { Self::KEPT };
+        if let Some(&last) = part.last() {
+            self.cr_last = last == b'\r';
+        }
         let mut bytes = part.iter().copied().filter(|&byte| byte != b'\r');
         self.line
             .extend(bytes.by_ref().take(kept.saturating_sub(self.line.len())));
@@ -491,21 +503,29 @@ impl HeadScan {
         })
     }
 
-    /// Ends a line whose content (or its first bytes) is `content`, where the framing says a line is; the
-    /// request's number when it was the empty line that ends a head with both headers.
-    fn end_line(&mut self, content: &[u8]) -> Option<u64> {
+    /// Ends a line whose content (or its first bytes) is `content`, ended by `\r\n` when `crlf`, where the
+    /// framing says a line is; the request's number when it was the empty line that ends a head with both headers.
+    fn end_line(&mut self, content: &[u8], crlf: bool) -> Option<u64> {
         match self.at {
             Framing::Head => return self.end_head_line(content),
             Framing::ChunkSize => {
-                let size = content.split(|&b| b == b';').next().unwrap_or_default();
-                self.at = match Self::number(size, 16).filter(|_| !self.cut) {
-                    Some(0) => Framing::Trailers,
+                // Only a size cut short is unknown: extensions after it may run long (hyper takes 16 KiB).
+                let (size, extended) = match memchr::memchr(b';', content) {
+                    Some(at) => (&content[..at], true),
+                    None => (content, false),
+                };
+                self.at = match Self::number(size, 16).filter(|_| extended || !self.cut) {
+                    Some(0) => {
+                        self.trailers_line_start = true;
+                        Framing::Trailers
+                    }
                     Some(size) => Framing::Chunk(size),
                     None => Framing::Off,
                 };
             }
             Framing::ChunkEnd => self.at = Framing::ChunkSize,
-            Framing::Trailers if content.is_empty() => self.at = Framing::Head,
+            Framing::Trailers if content.is_empty() && crlf && self.trailers_line_start => self.at = Framing::Head,
+            Framing::Trailers => self.trailers_line_start = crlf,
             _ => {}
         }
         None
@@ -648,6 +668,28 @@ mod tests {
                 let (a, b) = connection.as_bytes().split_at(split);
                 let found = scan.scan(a).or_else(|| scan.scan(b));
                 assert_eq!(found, Some(ambiguous), "split at {split}: {connection:?}");
+            }
+        }
+    }
+
+    /// The end of a chunked body as hyper finds it: past a size's long extension, and at the `\r\n` that starts a
+    /// line of the trailers (a bare `\n` there starts a trailer line, not the next request).
+    #[test]
+    fn a_chunked_body_ends_where_hyper_ends_it() {
+        let extension = "x".repeat(9000);
+        let both = "POST / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n";
+        let connections = [
+            format!("POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n2;e={extension}\r\n{{}}\r\n0\r\n\r\n{both}"),
+            format!(
+                "GET / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\nGET /x HTTP/1.1\r\nx-y: z\r\n\r\n{both}"
+            ),
+        ];
+        for connection in connections {
+            for split in 0..=connection.len() {
+                let mut scan = HeadScan::default();
+                let (a, b) = connection.as_bytes().split_at(split);
+                let found = scan.scan(a).or_else(|| scan.scan(b));
+                assert_eq!(found, Some(2), "split at {split}");
             }
         }
     }

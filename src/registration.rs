@@ -81,10 +81,14 @@ pub async fn check_at_start(client: &SinchClient, target: &str, apps: &[String],
     }
 }
 
-/// Whether `error` may pass when asked again: Sinch busy or unreachable, or no answer in time.
+/// Whether `error` may pass when asked again: Sinch busy or unreachable (any 5xx, a proxy's 52x too), or no answer
+/// in time.
 fn busy(error: &upstream::Error) -> bool {
     use upstream::Error as E;
-    error.is_retryable() || matches!(error, E::DeadlineExceeded | E::RateLimited { .. } | E::Malformed { .. })
+    let server_side = matches!(error, E::Api(e) if e.http_status >= 500);
+    server_side
+        || error.is_retryable()
+        || matches!(error, E::DeadlineExceeded | E::RateLimited { .. } | E::Malformed { .. })
 }
 
 /// What is wrong with the registration of `target` among `webhooks`, if anything.
