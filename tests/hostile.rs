@@ -471,6 +471,89 @@ async fn hostile_grpc_calls_get_their_code_and_harm_nothing() {
     assert!(fake.queries().is_empty(), "nothing hostile reached Sinch");
 }
 
+/// Sends one gRPC call to `method` of the capability service, its body the frames `frames` gives, and returns its
+/// status: from the headers of a trailers-only answer, else from the trailers.
+async fn raw_call(
+    channel: &GrpcChannel,
+    method: &str,
+    frames: tokio::sync::mpsc::Receiver<Result<http_body::Frame<bytes::Bytes>, tonic::Status>>,
+) -> tonic::Status {
+    use http_body_util::BodyExt;
+    use tower::ServiceExt;
+    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(frames));
+    let request = http::Request::post(format!("/capability.v1.CapabilityService/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(tonic::body::Body::new(body))
+        .unwrap();
+    let response = channel.clone().oneshot(request).await.expect("an answer");
+    if let Some(status) = tonic::Status::from_header_map(response.headers()) {
+        return status;
+    }
+    let trailers = response
+        .into_body()
+        .collect()
+        .await
+        .expect("a whole answer")
+        .trailers()
+        .cloned();
+    tonic::Status::from_header_map(&trailers.expect("trailers")).expect("a grpc-status")
+}
+
+/// A gRPC message as it travels: uncompressed, its length first.
+fn framed(message: &[u8]) -> Vec<u8> {
+    let mut framed = vec![0];
+    framed.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    framed.extend_from_slice(message);
+    framed
+}
+
+/// Asserts RESOURCE_EXHAUSTED naming the message's size, with the reason a program reads.
+fn assert_too_large(status: &tonic::Status, size: usize) {
+    use tonic_types::StatusExt;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert!(status.message().contains(&format!("{size} bytes")), "{status:?}");
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.reason, "MESSAGE_TOO_LARGE", "{info:?}");
+}
+
+/// A message's length prefix is enough to refuse it: one that says 20 MiB to a method that takes 4 is refused
+/// while its sender is still sending (not once 20 MiB arrived and were decoded), and a query padded past 4 MiB
+/// with a field the service does not know (which its decoded form does not count) is refused too.
+#[tokio::test]
+async fn a_message_over_its_methods_limit_is_refused_from_its_length_prefix() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[]).await;
+    let channel = service.channel().await;
+
+    let declared = 20 << 20;
+    let mut head = vec![0];
+    head.extend_from_slice(&u32::try_from(declared).unwrap().to_be_bytes());
+    head.extend_from_slice(&[0; 1024]);
+    let (sending, frames) = tokio::sync::mpsc::channel(1);
+    sending.send(Ok(http_body::Frame::data(head.into()))).await.unwrap();
+    let refused = tokio::time::timeout(Duration::from_secs(30), raw_call(&channel, "QueryCapability", frames))
+        .await
+        .expect("refused while the rest of the message was still to come");
+    assert_too_large(&refused, declared);
+    drop(sending);
+
+    let mut padded = prost::Message::encode_to_vec(&query(identities(&[(Channel::Sms, "1")]), ""));
+    let padding = vec![b'x'; 5 << 20];
+    prost::encoding::encode_key(1000, prost::encoding::WireType::LengthDelimited, &mut padded);
+    prost::encoding::encode_varint(padding.len() as u64, &mut padded);
+    padded.extend_from_slice(&padding);
+    let (sending, frames) = tokio::sync::mpsc::channel(1);
+    sending
+        .send(Ok(http_body::Frame::data(framed(&padded).into())))
+        .await
+        .unwrap();
+    drop(sending);
+    assert_too_large(&raw_call(&channel, "QueryCapability", frames).await, padded.len());
+    still_serving(&service, &channel, "messages over their limit").await;
+    assert!(fake.queries().is_empty(), "nothing over its limit reached Sinch");
+}
+
 #[tokio::test]
 async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -3,6 +3,7 @@
 pub mod client;
 pub mod codec;
 pub mod convert;
+mod limit;
 mod quota;
 mod status;
 
@@ -92,8 +93,8 @@ pub struct TransportSettings {
     pub tls: Option<TlsFiles>,
 }
 
-/// tonic's default decoding limit, kept for every method but StartBulkCheck (checked in each handler: the
-/// server's own limit is StartBulkCheck's).
+/// tonic's default decoding limit, kept for every method but StartBulkCheck (held from each message's length
+/// prefix: `limit`; tonic's own limit is StartBulkCheck's, for the whole service).
 const MAX_MESSAGE: usize = 4 << 20;
 /// StartBulkCheck's limit: 100,000 recipients of a few identities each (the CLI's too).
 pub const MAX_BULK_MESSAGE: usize = 24 << 20;
@@ -102,15 +103,6 @@ const RESULTS_BATCH: usize = 256;
 /// A running job's progress is sent this often: the contract says at least once a second, and a busy replica may
 /// be late by a few milliseconds.
 const PROGRESS_EVERY: Duration = Duration::from_millis(750);
-
-/// RESOURCE_EXHAUSTED when `message` is larger than tonic's default limit.
-fn within<T: prost::Message>(message: &T) -> Result<(), Status> {
-    let size = message.encoded_len();
-    if size > MAX_MESSAGE {
-        return Err(status::too_large(size, MAX_MESSAGE));
-    }
-    Ok(())
-}
 
 /// `capability.v1.CapabilityService`.
 pub struct CapabilityApi {
@@ -167,7 +159,6 @@ impl CapabilityApi {
         trace: Option<&TraceParent>,
     ) -> Result<Response<pb::QueryCapabilityResponse>, Status> {
         let deadline = deadline(request.metadata(), self.query_timeout);
-        within(request.get_ref())?;
         let query = convert::query_request(request.into_inner()).map_err(status::invalid_request)?;
         // Valid first: a malformed request is told so, not told to retry.
         let Ok(permit) = self.query_permits.clone().try_acquire_owned() else {
@@ -195,7 +186,6 @@ impl CapabilityApi {
         request: Request<pb::CheckCapabilityRequest>,
         trace: Option<&TraceParent>,
     ) -> Result<Response<pb::CheckCapabilityResponse>, Status> {
-        within(request.get_ref())?;
         let timeout = caller_timeout(request.metadata());
         let check = convert::check_request(request.into_inner(), &self.check).map_err(status::invalid_request)?;
         let budget = timeout.unwrap_or(self.query_timeout + check.wait);
@@ -360,7 +350,6 @@ impl CapabilityService for CapabilityApi {
         &self,
         request: Request<pb::InvalidateCapabilityRequest>,
     ) -> Result<Response<pb::InvalidateCapabilityResponse>, Status> {
-        within(request.get_ref())?;
         let (app_id, recipient) = convert::invalidate_request(request.into_inner()).map_err(status::invalid_request)?;
         let removed = self.checker.invalidate(&app_id, &recipient).await?;
         tracing::debug!(?recipient, removed, "cached results invalidated");
@@ -382,7 +371,6 @@ impl CapabilityService for CapabilityApi {
         &self,
         request: Request<pb::GetBulkCheckRequest>,
     ) -> Result<Response<pb::BulkCheck>, Status> {
-        within(request.get_ref())?;
         let job_id = request.into_inner().job_id;
         convert::job_id(&job_id).map_err(status::invalid_request)?;
         let job = self.jobs.status(&job_id).await?;
@@ -394,7 +382,6 @@ impl CapabilityService for CapabilityApi {
         &self,
         request: Request<pb::CancelBulkCheckRequest>,
     ) -> Result<Response<pb::BulkCheck>, Status> {
-        within(request.get_ref())?;
         let job_id = request.into_inner().job_id;
         convert::job_id(&job_id).map_err(status::invalid_request)?;
         let job = self.jobs.cancel(&job_id).await?;
@@ -408,7 +395,6 @@ impl CapabilityService for CapabilityApi {
         &self,
         request: Request<pb::WatchBulkCheckRequest>,
     ) -> Result<Response<Self::WatchBulkCheckStream>, Status> {
-        within(request.get_ref())?;
         let holders = quota::holders(&request);
         let request = request.into_inner();
         convert::job_id(&request.job_id).map_err(status::invalid_request)?;
@@ -439,7 +425,6 @@ impl CapabilityService for CapabilityApi {
         &self,
         request: Request<pb::WatchCapabilityRequest>,
     ) -> Result<Response<Self::WatchCapabilityStream>, Status> {
-        within(request.get_ref())?;
         let holders = quota::holders(&request);
         let request = request.into_inner();
         tracing::Span::current().record("request_id", mask_digits(&request.request_id).as_ref());
@@ -607,8 +592,8 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(tonic::service::interceptor::InterceptedService::new(
-            // No compressed requests: tonic's limit is the service's (StartBulkCheck's 24 MiB), so a small gzip
-            // message could inflate to 24 MiB for a method that takes 4, before the handler's own check.
+            // No compressed requests: a message is held to its method's limit by its length as sent (`limit`), so
+            // a small gzip message could inflate up to tonic's limit, the service's (StartBulkCheck's 24 MiB).
             CapabilityServiceServer::new(api).max_decoding_message_size(MAX_BULK_MESSAGE),
             move |request| authenticate(&tokens, request),
         ))
@@ -646,8 +631,9 @@ impl Connected for Guarded {
 }
 
 /// Counts every call as in flight on its connection until its response ends (an idle connection is one without
-/// calls), and answers a message over the size limit with RESOURCE_EXHAUSTED, the gRPC spec's code for it, where
-/// tonic's codec says OUT_OF_RANGE (this service itself never does).
+/// calls), and holds each request message to its method's size limit from its length prefix: over it, the call
+/// is answered RESOURCE_EXHAUSTED, the gRPC spec's code for it (tonic's own limit, the same as StartBulkCheck's,
+/// is never reached; its codec would say OUT_OF_RANGE).
 #[derive(Debug, Clone)]
 struct Tracked<S> {
     inner: S,
@@ -668,13 +654,11 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let busy = Peer::of(request.extensions()).map(|peer| peer.activity.begin());
+        let limit = limit::limit_for(request.uri().path());
+        let request = request.map(|body| Body::new(limit::Limited::new(body, limit)));
         let response = self.inner.call(request);
         Box::pin(async move {
-            let mut response = response.await?;
-            let status = response.headers_mut().get_mut("grpc-status");
-            if let Some(status) = status.filter(|s| s.as_bytes() == b"11") {
-                *status = http::HeaderValue::from_static("8");
-            }
+            let response = response.await?;
             Ok(match busy {
                 Some(busy) => response.map(|body| Body::new(BusyBody::new(body, busy))),
                 None => response,
