@@ -550,8 +550,30 @@ async fn a_message_over_its_methods_limit_is_refused_from_its_length_prefix() {
         .unwrap();
     drop(sending);
     assert_too_large(&raw_call(&channel, "QueryCapability", frames).await, padded.len());
+
+    // StartBulkCheck takes 24 MiB: a 5 MiB one naming no recipient is read whole, and refused for that.
+    let mut bulk = Vec::new();
+    prost::encoding::string::encode(1, &"app".to_owned(), &mut bulk);
+    prost::encoding::bytes::encode(1000, &padding, &mut bulk);
+    let (sending, frames) = tokio::sync::mpsc::channel(1);
+    sending
+        .send(Ok(http_body::Frame::data(framed(&bulk).into())))
+        .await
+        .unwrap();
+    drop(sending);
+    let read_whole = raw_call(&channel, "StartBulkCheck", frames).await;
+    assert_eq!(read_whole.code(), Code::InvalidArgument, "{read_whole:?}");
+
     still_serving(&service, &channel, "messages over their limit").await;
     assert!(fake.queries().is_empty(), "nothing over its limit reached Sinch");
+    let metrics = common::metrics_text(service.admin_addr).await;
+    // Other tests of this process (the 5 MiB rows) count there too: at least these two.
+    let counted: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("capability_grpc_messages_too_large_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no refusal counted:\n{metrics}"));
+    assert!(counted >= 2.0, "{counted}");
 }
 
 #[tokio::test]

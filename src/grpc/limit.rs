@@ -13,6 +13,7 @@ use http_body::{Body, Frame, SizeHint};
 use tonic::Status;
 
 use super::{MAX_BULK_MESSAGE, MAX_MESSAGE, status};
+use crate::telemetry::registered;
 
 /// The one method that takes messages over [`MAX_MESSAGE`].
 const START_BULK_CHECK: &str = "/capability.v1.CapabilityService/StartBulkCheck";
@@ -75,7 +76,9 @@ impl Framing {
 }
 
 /// A request body whose messages are held to a limit: the first announced over it ends the body with
-/// RESOURCE_EXHAUSTED (`MESSAGE_TOO_LARGE`), the error tonic answers the call with.
+/// RESOURCE_EXHAUSTED (`MESSAGE_TOO_LARGE`), the error tonic answers the call with (reflection's stream, which
+/// ends quietly on a request's error, excepted), counted in `capability_grpc_messages_too_large_total`: such a
+/// call never reaches its handler, nor the handler's own counters.
 pub(super) struct Limited<B> {
     inner: B,
     framing: Framing,
@@ -102,7 +105,10 @@ impl<B: Body<Data = Bytes, Error = Status> + Unpin> Body for Limited<B> {
             let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
             let data = frame.as_ref().and_then(|f| f.as_ref().ok()).and_then(Frame::data_ref);
             match data.map(|data| self.framing.follow(data)) {
-                Some(Err(size)) => self.refused = Some(size),
+                Some(Err(size)) => {
+                    registered!(Counter, "capability_grpc_messages_too_large_total").increment(1);
+                    self.refused = Some(size);
+                }
                 _ => return Poll::Ready(frame),
             }
         }
