@@ -671,15 +671,7 @@ async fn joins_in_flight(recipient: pb::Recipient, callback: impl Fn(&str) -> co
         .await
         .unwrap()
         .into_inner();
-    let metric = |name: &'static str| {
-        let admin = replica.admin_addr;
-        async move {
-            let text = common::metrics_text(admin).await;
-            text.lines()
-                .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
-                .unwrap_or(0.0)
-        }
-    };
+    let metric = |name| common::metric(replica.admin_addr, name);
     // Until the job's recipient joined the interactive check's lookup.
     for _ in 0..500 {
         if metric("capability_coalesced_total").await >= 1.0 {
@@ -702,4 +694,86 @@ async fn joins_in_flight(recipient: pb::Recipient, callback: impl Fn(&str) -> co
         0.0,
         "no bulk query went out"
     );
+}
+
+/// A contact whose lookup another check has in flight is not answered from its cache entry while that entry fills:
+/// the job took the channels in so far for the whole answer, for good (a channel answering a moment later was
+/// missing from its results).
+#[tokio::test]
+async fn a_contact_whose_lookup_is_in_flight_is_not_answered_from_its_filling_entry() {
+    filling_entry(None).await;
+}
+
+/// The same with Redis, the lookup in flight on another replica.
+#[tokio::test]
+async fn a_contact_whose_lookup_is_in_flight_elsewhere_is_not_answered_from_its_filling_entry() {
+    let redis = RedisServer::start().await;
+    filling_entry(Some(&redis)).await;
+}
+
+/// [`a_contact_whose_lookup_is_in_flight_is_not_answered_from_its_filling_entry`]; with `redis`, the job runs on
+/// a second replica.
+async fn filling_entry(redis: Option<&RedisServer>) {
+    let fake = Arc::new(FakeSinch::start().await);
+    let mut env = common::binary_env(&fake);
+    env.push(("SINCH_CALLBACK_RATE", "1000".into()));
+    if let Some(redis) = redis {
+        env.push(("CAPABILITY_REDIS_URL", redis.url()));
+    }
+    let checking = common::Binary::spawn(&env).await;
+    let second = match redis {
+        Some(_) => Some(common::Binary::spawn(&env).await),
+        None => None,
+    };
+    let replica = second.as_ref().unwrap_or(&checking);
+    let mut client = CapabilityServiceClient::connect(replica.url()).await.unwrap();
+    let seconds = |seconds| Some(prost_types::Duration { seconds, nanos: 0 });
+    let interactive = {
+        let mut client = CapabilityServiceClient::connect(checking.url()).await.unwrap();
+        tokio::spawn(async move {
+            let check = pb::CheckCapabilityRequest {
+                app_id: APP.into(),
+                recipient: Some(contact("CONTACT-1")),
+                wait: seconds(5),
+                ..Default::default()
+            };
+            client.check_capability(check).await.unwrap().into_inner()
+        })
+    };
+    let body = fake.until_queries(1).await[0].json();
+    let request_id = body["request_id"].as_str().unwrap();
+    let answer = |channel| {
+        common::CapabilityCallback::new(request_id, channel, "46700000000", "CAPABILITY_FULL")
+            .contact_id("CONTACT-1")
+            .body()
+    };
+    assert_eq!(common::deliver(replica.webhook_addr, answer("WHATSAPP")).await, 200);
+    let mut request = start(vec![contact("CONTACT-1")], "");
+    request.wait = seconds(3);
+    let job = client.start_bulk_check(request).await.unwrap().into_inner();
+    // Until the job's recipient joined the lookup in flight, or the job ended without it.
+    for _ in 0..500 {
+        let joined = common::metric(replica.admin_addr, "capability_coalesced_total").await >= 1.0;
+        if joined || get(&mut client, &job.job_id).await.state() != BulkCheckState::Running {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(common::deliver(replica.webhook_addr, answer("SMS")).await, 200);
+    let (results, _) = watch(&mut client, &job.job_id, 0).await;
+    let channels = |results: &[pb::ChannelResult]| {
+        let mut channels: Vec<String> = results
+            .iter()
+            .map(|r| r.notification.as_ref().unwrap().channel_raw.clone())
+            .collect();
+        channels.sort();
+        channels
+    };
+    assert_eq!(
+        channels(&results[0].answer.as_ref().unwrap().results),
+        ["SMS", "WHATSAPP"],
+        "{results:?}"
+    );
+    assert_eq!(channels(&interactive.await.unwrap().results), ["SMS", "WHATSAPP"]);
+    assert_eq!(fake.queries().len(), 1, "the job asked Sinch nothing itself");
 }

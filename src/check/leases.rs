@@ -129,6 +129,14 @@ impl Flights {
         Ok(flight)
     }
 
+    /// Whether this process holds the lease of `key`, pending or sent.
+    fn holds(&self, key: &EntryKey) -> bool {
+        let held = self.held.lock().expect("flights lock poisoned");
+        held.flights
+            .get(key)
+            .is_some_and(|flight| !flight.lapsed(Instant::now()))
+    }
+
     fn give_back(&self, key: &EntryKey, flight: &Arc<Flight>) {
         flight.state.send_modify(|state| {
             *state = match state {
@@ -139,6 +147,25 @@ impl Flights {
         let mut held = self.held.lock().expect("flights lock poisoned");
         if held.flights.get(key).is_some_and(|f| Arc::ptr_eq(f, flight)) {
             held.flights.remove(key);
+        }
+    }
+}
+
+/// Whether a lookup of `key` is in flight — its lease held, pending or sent, by this process or, with Redis, by
+/// any replica — without taking it. A contact's entry fills while its lookup is in flight: it is not whole yet.
+/// Redis failing to answer counts as no.
+pub(super) async fn in_flight(flights: &Flights, redis: Option<&Arc<EventLog>>, key: &EntryKey) -> bool {
+    if flights.holds(key) {
+        return true;
+    }
+    let Some(cache) = redis.and_then(|log| log.shared_cache()) else {
+        return false;
+    };
+    match cache.holder(key).await {
+        Ok(holder) => holder.is_some_and(|holder| holder.done().is_none()),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not look whether a contact's lookup is in flight");
+            false
         }
     }
 }

@@ -542,10 +542,17 @@ impl Checker {
             }
         };
         // Gated (a bulk job): the cache, then the budget, the cache again, then the lease — a job's lease is never pending while it
-        // waits for its turn. Otherwise the lease first: a contact's entry fills while its query is in flight, and
-        // is whole only once the query that started it returns.
+        // waits for its turn; the cache only while no lookup of the contact is in flight. Otherwise the lease
+        // first. Either way because a contact's entry fills while its query is in flight, and is whole only once
+        // the query that started it returns.
+        let whole = || async {
+            if leases::in_flight(&self.flights, self.redis(), &key).await {
+                return None;
+            }
+            fresh().await
+        };
         if call.gate.is_some()
-            && let Some(answer) = fresh().await
+            && let Some(answer) = whole().await
         {
             return Ok(answer);
         }
@@ -556,7 +563,7 @@ impl Checker {
                 Proceed::Sent(request_id) => Some(request_id),
                 Proceed::Send => {
                     // Its turn came: a contact a check that went first answered meanwhile is not asked again.
-                    if let Some(answer) = fresh().await {
+                    if let Some(answer) = whole().await {
                         return Ok(answer);
                     }
                     None

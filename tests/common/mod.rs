@@ -230,6 +230,15 @@ pub async fn metrics_text(admin: SocketAddr) -> String {
         .unwrap()
 }
 
+/// The value of the unlabelled series `name` on the replica whose admin port is `admin` (0 before it exists).
+pub async fn metric(admin: SocketAddr, name: &str) -> f64 {
+    metrics_text(admin)
+        .await
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
 pub fn reqwest_client() -> reqwest::Client {
     capability_facade::upstream::install_crypto_provider();
     reqwest::Client::new()
