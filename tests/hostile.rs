@@ -500,6 +500,17 @@ async fn raw_call(
     tonic::Status::from_header_map(&trailers.expect("trailers")).expect("a grpc-status")
 }
 
+/// [`raw_call`] with one whole message, `message` as encoded.
+async fn whole_call(channel: &GrpcChannel, method: &str, message: &[u8]) -> tonic::Status {
+    let (sending, frames) = tokio::sync::mpsc::channel(1);
+    sending
+        .send(Ok(http_body::Frame::data(framed(message).into())))
+        .await
+        .unwrap();
+    drop(sending);
+    raw_call(channel, method, frames).await
+}
+
 /// A gRPC message as it travels: uncompressed, its length first.
 fn framed(message: &[u8]) -> Vec<u8> {
     let mut framed = vec![0];
@@ -540,28 +551,14 @@ async fn a_message_over_its_methods_limit_is_refused_from_its_length_prefix() {
 
     let mut padded = prost::Message::encode_to_vec(&query(identities(&[(Channel::Sms, "1")]), ""));
     let padding = vec![b'x'; 5 << 20];
-    prost::encoding::encode_key(1000, prost::encoding::WireType::LengthDelimited, &mut padded);
-    prost::encoding::encode_varint(padding.len() as u64, &mut padded);
-    padded.extend_from_slice(&padding);
-    let (sending, frames) = tokio::sync::mpsc::channel(1);
-    sending
-        .send(Ok(http_body::Frame::data(framed(&padded).into())))
-        .await
-        .unwrap();
-    drop(sending);
-    assert_too_large(&raw_call(&channel, "QueryCapability", frames).await, padded.len());
+    prost::encoding::bytes::encode(1000, &padding, &mut padded);
+    assert_too_large(&whole_call(&channel, "QueryCapability", &padded).await, padded.len());
 
     // StartBulkCheck takes 24 MiB: a 5 MiB one naming no recipient is read whole, and refused for that.
     let mut bulk = Vec::new();
     prost::encoding::string::encode(1, &"app".to_owned(), &mut bulk);
     prost::encoding::bytes::encode(1000, &padding, &mut bulk);
-    let (sending, frames) = tokio::sync::mpsc::channel(1);
-    sending
-        .send(Ok(http_body::Frame::data(framed(&bulk).into())))
-        .await
-        .unwrap();
-    drop(sending);
-    let read_whole = raw_call(&channel, "StartBulkCheck", frames).await;
+    let read_whole = whole_call(&channel, "StartBulkCheck", &bulk).await;
     assert_eq!(read_whole.code(), Code::InvalidArgument, "{read_whole:?}");
 
     still_serving(&service, &channel, "messages over their limit").await;
