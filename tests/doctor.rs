@@ -254,8 +254,26 @@ async fn the_start_up_check_asks_again_only_when_sinch_was_busy() {
 /// A deletion Sinch answers without a body (204) succeeded: the command says so.
 #[tokio::test]
 async fn a_deletion_answered_without_a_body_succeeded() {
+    let (code, text) = delete_answered([common::Canned::new(204, "")]).await;
+    assert_eq!(code, Some(0), "{text}");
+}
+
+/// A deletion tried again after Sinch was busy, which then says the webhook is not there, succeeded: the first try
+/// may have been taken, its answer lost. A first 404 is still a failure (the id is wrong).
+#[tokio::test]
+async fn a_deletion_found_gone_when_tried_again_succeeded() {
+    let gone = || common::Canned::sinch_error(404, "NOT_FOUND", "Webhook not found");
+    let (code, text) = delete_answered([busy(), gone()]).await;
+    assert_eq!(code, Some(0), "{text}");
+    let (code, text) = delete_answered([gone()]).await;
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("404"), "{text}");
+}
+
+/// Runs `webhook delete --id W1` against a fake Sinch that gives the API's `answers`; its exit code and output.
+async fn delete_answered(answers: impl IntoIterator<Item = common::Canned>) -> (Option<i32>, String) {
     let fake = common::FakeSinch::start().await;
-    fake.script_api([common::Canned::new(204, "")]);
+    fake.script_api(answers);
     let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_capability-facade"))
         .env_clear()
         .envs(common::binary_env(&fake))
@@ -264,11 +282,11 @@ async fn a_deletion_answered_without_a_body_succeeded() {
         .await
         .unwrap();
     let text = String::from_utf8_lossy(&output.stderr).into_owned() + &String::from_utf8_lossy(&output.stdout);
-    assert_eq!(output.status.code(), Some(0), "{text}");
     assert_eq!(
         fake.requests().last().unwrap().path,
         format!("/v1/projects/{}/webhooks/W1", common::PROJECT)
     );
+    (output.status.code(), text)
 }
 
 /// With HTTP Basic there is no token to obtain: the doctor proves the credentials with its first call, and a wrong

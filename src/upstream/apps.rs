@@ -1,6 +1,7 @@
 //! Sinch's Webhooks and Apps APIs, for the doctor, the `webhook` commands and the start-up check: each call
 //! within 10 s, tried again as a query would be when Sinch is busy (429, 5xx, a broken connection) — but a
-//! creation only after a 429, which says it was not taken — errors classified as for queries.
+//! creation only after a 429, which says it was not taken, and a deletion that finds the webhook gone after a try
+//! that may have been taken succeeded — errors classified as for queries.
 
 use std::time::Duration;
 
@@ -80,14 +81,28 @@ impl SinchClient {
     ) -> Result<T, Error> {
         let deadline = Instant::now() + CALL_TIMEOUT;
         let mut attempt = 0;
+        // Whether an earlier try may have been carried out, its answer lost (any failure but a 429).
+        let mut maybe_taken = false;
         loop {
             attempt += 1;
             let error = match self.call_once(&method, segments, body, update_mask, deadline).await {
                 Ok(answer) => return Ok(answer),
                 Err(error) => error,
             };
+            let status = match &error {
+                Error::Api(e) => Some(e.http_status),
+                _ => None,
+            };
+            if method == Method::DELETE && maybe_taken && status == Some(404) {
+                // Gone is what a deletion asks for: read as the answer without a body (JSON's null) it would have had.
+                return serde_json::from_value(serde_json::Value::Null).map_err(|e| Error::Malformed {
+                    status: 404,
+                    detail: e.to_string(),
+                });
+            }
+            maybe_taken |= status != Some(429);
             let again = match method {
-                Method::POST => matches!(&error, Error::Api(e) if e.http_status == 429),
+                Method::POST => status == Some(429),
                 _ => error.is_retryable(),
             };
             if !again || attempt >= self.retry.max_attempts {
