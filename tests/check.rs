@@ -925,7 +925,9 @@ async fn a_joined_contact_query_is_not_joined_again_after_the_check_that_joined_
         let body = CapabilityCallback::new(live_id, "WHATSAPP", NUMBER, "CAPABILITY_FULL").contact_id("C-1");
         body.body()
     };
-    let_go_after_joining(check(contact("C-1")), whatsapp, &["--check-settle=100ms"]).await;
+    // B's check must join while A's waits: A's settles 2 s after its result (the default, 1.5 s, would do; 100 ms
+    // was a window a loaded machine could miss).
+    let_go_after_joining(check(contact("C-1")), whatsapp, &["--check-settle=2s"]).await;
 }
 
 /// A check given up (its caller gone) while Redis held its lease script leaves no lease behind: the next identical
