@@ -268,6 +268,13 @@ async fn a_deletion_found_gone_when_tried_again_succeeded() {
     let (code, text) = delete_answered([gone()]).await;
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("404"), "{text}");
+    // A 429 says the first try was not taken: the id was wrong.
+    let (code, text) = delete_answered([
+        common::Canned::sinch_error(429, "RESOURCE_EXHAUSTED", "slow down"),
+        gone(),
+    ])
+    .await;
+    assert_eq!(code, Some(1), "{text}");
 }
 
 /// Runs `webhook delete --id W1` against a fake Sinch that gives the API's `answers`; its exit code and output.

@@ -152,9 +152,10 @@ impl Flights {
 }
 
 /// Whether a lookup of `key` is in flight — its lease held, pending or sent, by this process or, with Redis, by
-/// any replica — without taking it. A contact's entry fills while its lookup is in flight: it is not whole yet.
-/// Redis failing to answer counts as no.
-pub(super) async fn in_flight(flights: &Flights, redis: Option<&Arc<EventLog>>, key: &EntryKey) -> bool {
+/// another check on any replica (one left under `own`, the asking check's request_id, by a run before, is not) —
+/// without taking it. A contact's entry fills while its lookup is in flight: it is not whole yet. Redis failing to
+/// answer counts as no (the cache's own read says so in the log).
+pub(super) async fn in_flight(flights: &Flights, redis: Option<&Arc<EventLog>>, key: &EntryKey, own: &str) -> bool {
     if flights.holds(key) {
         return true;
     }
@@ -162,9 +163,9 @@ pub(super) async fn in_flight(flights: &Flights, redis: Option<&Arc<EventLog>>, 
         return false;
     };
     match cache.holder(key).await {
-        Ok(holder) => holder.is_some_and(|holder| holder.done().is_none()),
+        Ok(holder) => holder.is_some_and(|holder| holder.done().is_none() && !holder.is_ours(own)),
         Err(e) => {
-            tracing::warn!(error = %e, "could not look whether a contact's lookup is in flight");
+            tracing::debug!(error = %e, "could not look whether a contact's lookup is in flight");
             false
         }
     }

@@ -16,7 +16,10 @@ pub mod local;
 
 use std::{
     collections::HashMap,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -545,8 +548,16 @@ impl Checker {
         // waits for its turn; the cache only while no lookup of the contact is in flight. Otherwise the lease
         // first. Either way because a contact's entry fills while its query is in flight, and is whole only once
         // the query that started it returns.
+        let own = call.request_id.clone();
+        // Whether the cache was passed over for a lookup in flight: one that ends before this check takes its
+        // lease leaves the entry whole.
+        let passed_over = AtomicBool::new(false);
         let whole = || async {
-            if leases::in_flight(&self.flights, self.redis(), &key).await {
+            if request.max_age.is_zero() {
+                return None;
+            }
+            if leases::in_flight(&self.flights, self.redis(), &key, &own).await {
+                passed_over.store(true, Ordering::Relaxed);
                 return None;
             }
             fresh().await
@@ -557,7 +568,6 @@ impl Checker {
             return Ok(answer);
         }
         let _permit = self.wait_permit(call)?;
-        let own = call.request_id.clone();
         let resumed = match call.gate {
             Some(gate) => match gate.turn(1).await? {
                 Proceed::Sent(request_id) => Some(request_id),
@@ -588,7 +598,7 @@ impl Checker {
             }
             Decided::TimedOut => return Ok(CheckAnswer::default()),
         }
-        if call.gate.is_none()
+        if (call.gate.is_none() || passed_over.load(Ordering::Relaxed))
             && let Some(answer) = fresh().await
         {
             leases.give_back(&[key]);

@@ -81,11 +81,16 @@ impl SinchClient {
     ) -> Result<T, Error> {
         let deadline = Instant::now() + CALL_TIMEOUT;
         let mut attempt = 0;
-        // Whether an earlier try may have been carried out, its answer lost (any failure but a 429).
+        // Whether an earlier try may have been carried out, its answer lost: it reached Sinch, which did not answer
+        // 429.
         let mut maybe_taken = false;
         loop {
             attempt += 1;
-            let error = match self.call_once(&method, segments, body, update_mask, deadline).await {
+            let mut sent = false;
+            let error = match self
+                .call_once(&method, segments, body, update_mask, deadline, &mut sent)
+                .await
+            {
                 Ok(answer) => return Ok(answer),
                 Err(error) => error,
             };
@@ -100,7 +105,7 @@ impl SinchClient {
                     detail: e.to_string(),
                 });
             }
-            maybe_taken |= status != Some(429);
+            maybe_taken |= sent && status != Some(429);
             let again = match method {
                 Method::POST => status == Some(429),
                 _ => error.is_retryable(),
@@ -124,6 +129,7 @@ impl SinchClient {
         body: Option<&impl Serialize>,
         update_mask: Option<&str>,
         deadline: Instant,
+        sent: &mut bool,
     ) -> Result<T, Error> {
         let call = async {
             self.admit(deadline).await?;
@@ -144,7 +150,12 @@ impl SinchClient {
                 let json = serde_json::to_vec(body).expect("JSON always serialises");
                 request = request.header(CONTENT_TYPE, "application/json").body(json);
             }
-            let response = request.send().await.map_err(|e| Error::Connect(error_chain(&e)))?;
+            // Sent, unless the connection could not be made (a token's failure came before).
+            *sent = true;
+            let response = request.send().await.map_err(|e| {
+                *sent = !e.is_connect();
+                Error::Connect(error_chain(&e))
+            })?;
             let status = response.status().as_u16();
             let wait = retry_after(response.headers());
             let bytes = read_capped(response, MAX_ANSWER).await.map_err(Error::Connect)?;
