@@ -887,6 +887,19 @@ fn raw_rows() -> Vec<RawRow> {
         body.len(),
         String::from_utf8(body.clone()).unwrap()
     );
+    // Its own callback: each row's signature is claimed once.
+    let three = capability_body("in-three", "SMS", "46700000001", "CAPABILITY_FULL");
+    let in_three: String = signed_headers(WEBHOOK_SECRET, &three)
+        .iter()
+        .map(|(name, value)| format!("{name}: {value}\r\n"))
+        .chain(["transfer-encoding: chunked\r\n\r\n".to_owned()])
+        .chain(
+            three
+                .chunks(three.len().div_ceil(3))
+                .map(|part| format!("{:x}\r\n{}\r\n", part.len(), String::from_utf8_lossy(part))),
+        )
+        .chain(["0\r\n\r\n".to_owned()])
+        .collect();
     let head = "POST /webhooks/sinch HTTP/1.1\r\nhost: x\r\n";
     let row = |name, request, expect| RawRow { name, request, expect };
     let ambiguous = format!(
@@ -929,6 +942,11 @@ fn raw_rows() -> Vec<RawRow> {
         row(
             "a genuine chunked callback (Transfer-Encoding alone)",
             format!("{head}{signed}transfer-encoding: chunked\r\n\r\n{chunked}"),
+            &["HTTP/1.1 200"],
+        ),
+        row(
+            "a genuine callback in three chunks (its body read whole, joined as it arrived)",
+            format!("{head}{in_three}"),
             &["HTTP/1.1 200"],
         ),
     ]
