@@ -110,15 +110,9 @@ impl SinchClient {
                 Method::POST => status == Some(429),
                 _ => error.is_retryable(),
             };
-            if !again || attempt >= self.retry.max_attempts {
+            if !again || !self.pause_before_retry(&error, attempt, deadline).await {
                 return Err(error);
             }
-            let pause = error.retry_after().unwrap_or_else(|| self.retry.backoff(attempt));
-            if Instant::now() + pause >= deadline {
-                return Err(error);
-            }
-            tracing::debug!(attempt, ?pause, error = %error, "retrying a call of Sinch's API");
-            tokio::time::sleep(pause).await;
         }
     }
 

@@ -156,17 +156,26 @@ impl SinchClient {
                 Attempt::NoToken(error) => return Err(error),
                 Attempt::Failed(error) => error,
             };
-            if !error.is_retryable() || attempt >= self.retry.max_attempts {
+            if !error.is_retryable() || !self.pause_before_retry(&error, attempt, deadline).await {
                 return Err(error);
             }
-            let pause = error.retry_after().unwrap_or_else(|| self.retry.backoff(attempt));
-            if Instant::now() + pause >= deadline {
-                return Err(error);
-            }
-            tracing::debug!(attempt, ?pause, error = %error, "retrying the Sinch query");
             metrics::counter!("capability_upstream_retries_total").increment(1);
-            tokio::time::sleep(pause).await;
         }
+    }
+
+    /// Waits before try `attempt + 1` after `error` (Sinch's `Retry-After`, else the back-off); false, at once,
+    /// when no try is left or the wait would pass `deadline`.
+    async fn pause_before_retry(&self, error: &Error, attempt: u32, deadline: Instant) -> bool {
+        if attempt >= self.retry.max_attempts {
+            return false;
+        }
+        let pause = error.retry_after().unwrap_or_else(|| self.retry.backoff(attempt));
+        if Instant::now() + pause >= deadline {
+            return false;
+        }
+        tracing::debug!(attempt, ?pause, error = %error, "retrying a call to Sinch");
+        tokio::time::sleep(pause).await;
+        true
     }
 
     /// Waits for this replica's rate limit to admit one more send, or fails at once if that wait would pass the
