@@ -2,7 +2,13 @@
 //! caller-chosen request_id makes the call idempotent for a window, the query's record is appended to the event
 //! log, and the query is forwarded to Sinch.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::{
     sync::{OnceCell, OwnedSemaphorePermit},
@@ -245,7 +251,7 @@ impl Queries {
         };
         let entry = self.idempotency.claim(&query)?;
         // Counted at once, before anything is awaited: a failed attempt ending meanwhile sees this call.
-        entry.callers.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        entry.callers.fetch_add(1, Ordering::SeqCst);
         // In a task of its own: a caller that goes away while its query is being sent does not take the sending
         // (and the claim's settling) with it, so that its retry finds the answer rather than ask Sinch again.
         let (queries, trace) = (self.clone(), trace.cloned());
@@ -260,7 +266,7 @@ impl Queries {
                     Ok::<_, QueryError>(answer)
                 })
                 .await;
-            let others = entry.callers.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) - 1;
+            let others = entry.callers.fetch_sub(1, Ordering::SeqCst) - 1;
             match answer {
                 Ok(answer) => Ok((answer.clone(), sent_now)),
                 Err(e) => {
@@ -290,7 +296,7 @@ struct Entry {
     /// repeat waiting on it tries again, and releases the request_id (for another question too) when none does.
     answer: OnceCell<QueryAccepted>,
     /// The calls attempting or waiting on it now.
-    callers: std::sync::atomic::AtomicUsize,
+    callers: AtomicUsize,
 }
 
 impl Idempotency {
@@ -309,7 +315,7 @@ impl Idempotency {
             Arc::new(Entry {
                 query: query.clone(),
                 answer: OnceCell::new(),
-                callers: std::sync::atomic::AtomicUsize::new(0),
+                callers: AtomicUsize::new(0),
             })
         });
         if entry.query.same_question(query) {

@@ -82,13 +82,12 @@ impl HeldList {
     }
 
     /// Drops the notifications whose log time is at or before `cutoff_ms` (they lead: the log's time ascends);
-    /// the last offset dropped, if any was.
-    pub fn drop_until(&mut self, cutoff_ms: u64) -> Option<u64> {
+    /// whether any was.
+    pub fn drop_until(&mut self, cutoff_ms: u64) -> bool {
         let kept = self.heads.partition_point(|head| head.time_ms <= cutoff_ms);
         if kept == 0 {
-            return None;
+            return false;
         }
-        let through = u64::from(self.heads[kept - 1].offset);
         let cut = self.heads[kept - 1].end & !SOURCED;
         self.heads.drain(..kept);
         self.bodies.drain(..cut as usize);
@@ -97,7 +96,7 @@ impl HeldList {
         }
         self.heads.shrink_to_fit();
         self.bodies.shrink_to_fit();
-        Some(through)
+        true
     }
 
     fn read(&self, i: usize) -> Held<'_> {

@@ -159,7 +159,7 @@ impl Record {
             .take_while(|held| held.time_ms <= cutoff_ms)
             .filter_map(|held| channel_of(self, &held))
             .collect();
-        if self.notifications.drop_until(cutoff_ms).is_none() {
+        if !self.notifications.drop_until(cutoff_ms) {
             return;
         }
         let held: Vec<Channel> = (self.notifications.after(0))
