@@ -521,11 +521,19 @@ fn framed(message: &[u8]) -> Vec<u8> {
 
 /// Asserts RESOURCE_EXHAUSTED naming the message's size, with the reason a program reads.
 fn assert_too_large(status: &tonic::Status, size: usize) {
+    assert_exhausted(status, &format!("{size} bytes"), "MESSAGE_TOO_LARGE");
+}
+
+/// Asserts RESOURCE_EXHAUSTED whose message names `named` and whose `ErrorInfo` reason (for a program) starts
+/// with `reason`.
+fn assert_exhausted(status: &tonic::Status, named: &str, reason: &str) {
     use tonic_types::StatusExt;
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert!(status.message().contains(&format!("{size} bytes")), "{status:?}");
-    let info = status.get_details_error_info().expect("ErrorInfo");
-    assert_eq!(info.reason, "MESSAGE_TOO_LARGE", "{info:?}");
+    assert!(status.message().contains(named), "{status:?}");
+    let info = status
+        .get_details_error_info()
+        .expect("ErrorInfo: which limit, for a program");
+    assert!(info.reason.starts_with(reason), "{info:?}");
 }
 
 /// A message's length prefix is enough to refuse it: one that says 20 MiB to a method that takes 4 is refused
@@ -1013,13 +1021,7 @@ fn assert_refused<T>(result: Result<T, tonic::Status>, limit: &str) {
     let status = result
         .err()
         .unwrap_or_else(|| panic!("a watch past {limit} was accepted"));
-    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
-    assert!(status.message().contains(limit), "{status:?}");
-    use tonic_types::StatusExt;
-    let info = status
-        .get_details_error_info()
-        .expect("ErrorInfo: which limit, for a program");
-    assert!(info.reason.starts_with("TOO_MANY_WATCHES"), "{info:?}");
+    assert_exhausted(&status, limit, "TOO_MANY_WATCHES");
 }
 
 #[tokio::test]
