@@ -307,14 +307,11 @@ async fn read_body(receiver: &Receiver, body: Body) -> Result<(Bytes, Option<Sem
     use futures::StreamExt;
     let max_body = receiver.config.max_body;
     let mut held: Option<SemaphorePermit<'_>> = None;
-    // A body that arrives in one chunk, as a callback almost always does, is kept as it came, not copied.
-    let mut first = Bytes::new();
-    let mut more: Option<bytes::BytesMut> = None;
+    let mut read = bytes::BytesMut::new();
     let mut chunks = body.into_data_stream();
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk.map_err(|e| WebhookError::Unreadable(e.to_string()))?;
-        let read = more.as_ref().map_or(first.len(), bytes::BytesMut::len);
-        if read + chunk.len() > max_body {
+        if read.len() + chunk.len() > max_body {
             return Err(WebhookError::TooLarge(max_body));
         }
         let Ok(share) = receiver.arriving.try_acquire_many(chunk.len() as u32) else {
@@ -325,17 +322,9 @@ async fn read_body(receiver: &Receiver, body: Body) -> Result<(Bytes, Option<Sem
             Some(held) => held.merge(share),
             None => held = Some(share),
         }
-        match &mut more {
-            Some(more) => more.extend_from_slice(&chunk),
-            None if first.is_empty() => first = chunk,
-            None => {
-                let mut joined = bytes::BytesMut::from(&first[..]);
-                joined.extend_from_slice(&chunk);
-                more = Some(joined);
-            }
-        }
+        read.extend_from_slice(&chunk);
     }
-    Ok((more.map_or(first, bytes::BytesMut::freeze), held))
+    Ok((read.freeze(), held))
 }
 
 /// A callback being handled, counted in `capability_webhooks_pending` until its handling ends, however it ends
