@@ -387,11 +387,13 @@ impl Hub {
             let mut woken = Vec::new();
             let mut shard = shard.lock().expect("hub shard poisoned");
             shard.records.retain(|_, record| {
-                if let Some(cutoff) = now.checked_sub(self.retention_ms) {
-                    record.expire_until(cutoff);
-                }
                 let expired = record.last_ms.saturating_add(self.retention_ms) <= now;
                 if !expired || record.watchers > 0 {
+                    // Only a record that stays has its expired notifications looked at (decoded, under the
+                    // shard's lock, which publishing takes too); one that goes takes them with it.
+                    if let Some(cutoff) = now.checked_sub(self.retention_ms) {
+                        record.expire_until(cutoff);
+                    }
                     return true;
                 }
                 if record.real {
