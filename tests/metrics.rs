@@ -38,6 +38,14 @@ async fn metrics_after_real_traffic_carry_every_series() {
     let bad = capability_body("metrics", "SMS", "46700000001", "CAPABILITY_FULL");
     let headers = [("content-type", "application/json".to_owned())];
     assert_eq!(post_webhook(service.webhook_addr, bad, &headers).await, 401);
+    // A registration with a mistyped path, and a probe with the wrong method: refused, and counted.
+    let http = reqwest_client();
+    let webhook = |path: &str| format!("http://{}{path}", service.webhook_addr);
+    let misrouted = http.post(webhook("/webhooks/sinhc")).body("{}").send().await.unwrap();
+    assert_eq!(misrouted.status(), 404);
+    let wrong_method = http.get(webhook("/webhooks/sinch")).send().await.unwrap();
+    assert_eq!(wrong_method.status(), 405);
+    assert_eq!(wrong_method.headers()["allow"], "POST");
 
     // Checks: the callback above is cached; RCS is not, and two checks of WhatsApp at once share one lookup.
     let check = |channel: Channel, wait_ms: u64| pb::CheckCapabilityRequest {
@@ -112,7 +120,6 @@ async fn metrics_after_real_traffic_carry_every_series() {
         (pb::BulkCheckState::Succeeded, 2, 1)
     );
 
-    let http = reqwest_client();
     let admin = |path: &str| format!("http://{}{path}", service.admin_addr);
     let metrics = http.get(admin("/metrics")).send().await.unwrap().text().await.unwrap();
     // Nothing else in this process writes to the recorder, so every count is this test's traffic, exactly.
@@ -123,6 +130,8 @@ async fn metrics_after_real_traffic_carry_every_series() {
         (r#"capability_token_refreshes_total{result="ok"}"#, 1),
         (r#"capability_webhooks_total{result="accepted"}"#, 3),
         (r#"capability_webhooks_total{result="missing_signature"}"#, 1),
+        (r#"capability_webhooks_total{result="not_found"}"#, 1),
+        (r#"capability_webhooks_total{result="method_not_allowed"}"#, 1),
         ("capability_notifications_delivered_total", 1),
         ("capability_delivery_latency_seconds_count", 1),
         ("capability_cache_hits_total", 2),

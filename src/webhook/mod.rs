@@ -189,23 +189,39 @@ impl IntoResponse for WebhookError {
     /// The answer, counted under its `result` label.
     fn into_response(self) -> Response {
         let (result, status, message) = self.answer();
-        metrics::counter!("capability_webhooks_total", "result" => result).increment(1);
-        let body = axum::Json(serde_json::json!({ "error": message }));
+        let mut response = refused(result, status, message);
         if status == StatusCode::SERVICE_UNAVAILABLE {
-            return (status, [(header::RETRY_AFTER, "1")], body).into_response();
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
         }
-        (status, body).into_response()
+        response
     }
 }
 
 /// The receiver's routes: `POST /webhooks/sinch` (with or without a trailing `/`: the registration takes both for
-/// the service's) and `GET /healthz`; 404 elsewhere, 405 for a wrong method.
+/// the service's) and `GET /healthz`; 404 elsewhere, 405 for a wrong method — counted, for a webhook registered
+/// with a mistyped path is otherwise invisible.
 pub fn router(receiver: Arc<Receiver>) -> Router {
     Router::new()
         .route(PATH, post(receive))
         .route(&format!("{PATH}/"), post(receive))
         .route("/healthz", get(|| async { "ok" }))
+        .fallback(|| async { refused("not_found", StatusCode::NOT_FOUND, "no such path") })
+        .method_not_allowed_fallback(|| async {
+            refused(
+                "method_not_allowed",
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method not allowed",
+            )
+        })
         .with_state(receiver)
+}
+
+/// A refusal of a request that is no callback, counted under `result`.
+fn refused(result: &'static str, status: StatusCode, message: &'static str) -> Response {
+    metrics::counter!("capability_webhooks_total", "result" => result).increment(1);
+    (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
 }
 
 /// Serves `router` on `listener` until `shutdown`, then lets requests in flight finish (the caller bounds that);
@@ -484,11 +500,10 @@ fn verify<'h>(
     static TIMESTAMP: HeaderName = HeaderName::from_static(signature::TIMESTAMP);
     static NONCE: HeaderName = HeaderName::from_static(signature::NONCE);
     static ALGORITHM: HeaderName = HeaderName::from_static(signature::ALGORITHM);
-    let get = |name: &'static HeaderName| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .ok_or(WebhookError::MissingSignature(name.as_str()))
+    // A header that is there but not text cannot verify: a bad signature, not a missing one.
+    let get = |name: &'static HeaderName| match headers.get(name) {
+        Some(value) => value.to_str().map_err(|_| WebhookError::BadSignature),
+        None => Err(WebhookError::MissingSignature(name.as_str())),
     };
     let signature = get(&SIGNATURE)?;
     let timestamp = get(&TIMESTAMP)?;
@@ -545,5 +560,32 @@ mod tests {
         let remembered = checked.nonce.unwrap().remember_for;
         // The other replica takes it until `sent + 300 s` by its clock: `sent + 360 s` by this one's.
         assert!(remembered >= Duration::from_secs(360 - 30), "{remembered:?}");
+    }
+
+    /// A signature header that is there but not text is a bad signature, not a missing one: the operator reading
+    /// `capability_webhooks_total` or the log looks for a forger, not for a sender that signs nothing.
+    #[test]
+    fn a_signature_header_that_is_not_text_is_a_bad_signature() {
+        let config = WebhookConfig {
+            secrets: vec![Secret::new("s")],
+            tolerance: Duration::from_secs(300),
+            max_body: 1 << 20,
+            request_timeout: Duration::from_secs(10),
+            max_pending: 1,
+        };
+        let body = br#"{"app_id": "A", "unsupported_callback": {}}"#;
+        for garbled in [signature::SIGNATURE, signature::TIMESTAMP, signature::NONCE] {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+            for (name, value) in signature::headers("s", body) {
+                headers.insert(name, value.parse().unwrap());
+            }
+            headers.insert(garbled, axum::http::HeaderValue::from_bytes(b"\xe9t\xe9").unwrap());
+            let refused = check(&config, &headers, body, SystemTime::now()).err();
+            assert!(
+                matches!(refused, Some(WebhookError::BadSignature)),
+                "{garbled}: {refused:?}"
+            );
+        }
     }
 }
