@@ -386,3 +386,30 @@ async fn a_tls_misconfiguration_names_its_variable_before_anything_starts() {
         assert_eq!(error.variable, variable, "{row}: {}", error.problem);
     }
 }
+
+/// In sandbox mode a service serving TLS registers its webhook with the in-process sandbox as `https://`; the
+/// doctor, run with the same configuration, checks that URL and finds it registered.
+#[tokio::test]
+async fn in_sandbox_mode_over_tls_the_doctor_checks_the_https_webhook() {
+    let pki = Pki::new();
+    let free = || format!("127.0.0.1:{}", testkit::free_port());
+    let env = [
+        ("CAPABILITY_SANDBOX_ADDR", free()),
+        ("CAPABILITY_WEBHOOK_ADDR", free()),
+        ("CAPABILITY_SANDBOX_APPS", "APP-1".to_owned()),
+        ("SINCH_WEBHOOK_SECRETS", common::WEBHOOK_SECRET.to_owned()),
+        (config::TLS_CERT, pki.path("server.pem")),
+        (config::TLS_KEY, pki.path("server.key")),
+    ];
+    let _service = common::Binary::spawn(&env).await;
+    let doctor = tokio::process::Command::new(env!("CARGO_BIN_EXE_capability-facade"))
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .args(["doctor", "--app-id", "APP-1"])
+        .output()
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&doctor.stdout);
+    assert!(doctor.status.success(), "the doctor failed:\n{out}");
+    assert!(out.contains("targets https://127.0.0.1:"), "{out}");
+}
