@@ -65,8 +65,9 @@ fn target(args: &RegistrationArgs) -> Result<String, ExitCode> {
         return Ok(url.as_str().to_owned());
     }
     if args.serve.upstream() == Ok(Upstream::Sandbox) {
+        let scheme = if own_tls_listener(args) { "https" } else { "http" };
         return Ok(format!(
-            "http://{}{}",
+            "{scheme}://{}{}",
             loopback(args.serve.listen.webhook),
             webhook::PATH
         ));
@@ -76,6 +77,15 @@ fn target(args: &RegistrationArgs) -> Result<String, ExitCode> {
         config::PUBLIC_WEBHOOK_URL
     );
     Err(ExitCode::from(2))
+}
+
+/// Whether the URL checked is this machine's own webhook port in sandbox mode, serving TLS: the in-process
+/// sandbox registered it as `https://`, and posts to it whatever its certificate.
+fn own_tls_listener(args: &RegistrationArgs) -> bool {
+    args.target.is_none()
+        && args.serve.registration.public_webhook_url.is_none()
+        && args.serve.upstream() == Ok(Upstream::Sandbox)
+        && args.serve.tls.cert.is_some()
 }
 
 /// Prints one check as ✓ or ✗ (with its fix); returns whether it passed.
@@ -228,7 +238,12 @@ pub async fn doctor(args: DoctorArgs) -> ExitCode {
     let body = serde_json::to_vec(&body).expect("JSON serialises");
     // To the URL Sinch will post to: the registered one, when there is one.
     let target = ours.map_or(target.as_str(), |w| w.target.as_str());
-    let passed = match ctx.client.post_signed_callback(target, &secret, body).await {
+    let own_listener = own_tls_listener(&args.registration);
+    let passed = match ctx
+        .client
+        .post_signed_callback(target, &secret, body, own_listener)
+        .await
+    {
         Ok(200) => report(true, &format!("a signed test callback to {target} was accepted"), ""),
         Ok(401) => report(
             false,
