@@ -537,23 +537,35 @@ fn verify<'h>(
 mod tests {
     use super::*;
 
-    /// A replica whose clock is a minute behind this one's takes a callback's timestamp a minute longer: its
-    /// nonce is remembered that long, so that a replay to that replica is refused.
-    #[test]
-    fn a_nonce_is_remembered_while_a_replica_a_minute_behind_takes_its_timestamp() {
-        let config = WebhookConfig {
+    const BODY: &[u8] = br#"{"app_id": "A", "unsupported_callback": {}}"#;
+
+    /// A receiver's configuration with the secret `s`.
+    fn config() -> WebhookConfig {
+        WebhookConfig {
             secrets: vec![Secret::new("s")],
             tolerance: Duration::from_secs(300),
             max_body: 1 << 20,
             request_timeout: Duration::from_secs(10),
             max_pending: 1,
-        };
-        let body = br#"{"app_id": "A", "unsupported_callback": {}}"#;
+        }
+    }
+
+    /// The headers of `body` signed now with `s`, as JSON.
+    fn signed(body: &[u8]) -> HeaderMap {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
         for (name, value) in signature::headers("s", body) {
             headers.insert(name, value.parse().unwrap());
         }
+        headers
+    }
+
+    /// A replica whose clock is a minute behind this one's takes a callback's timestamp a minute longer: its
+    /// nonce is remembered that long, so that a replay to that replica is refused.
+    #[test]
+    fn a_nonce_is_remembered_while_a_replica_a_minute_behind_takes_its_timestamp() {
+        let (config, body) = (config(), BODY);
+        let headers = signed(body);
         // Received here 30 s after it was signed (by this replica's clock).
         let now = SystemTime::now() + Duration::from_secs(30);
         let checked = check(&config, &headers, body, now).unwrap();
@@ -566,20 +578,9 @@ mod tests {
     /// `capability_webhooks_total` or the log looks for a forger, not for a sender that signs nothing.
     #[test]
     fn a_signature_header_that_is_not_text_is_a_bad_signature() {
-        let config = WebhookConfig {
-            secrets: vec![Secret::new("s")],
-            tolerance: Duration::from_secs(300),
-            max_body: 1 << 20,
-            request_timeout: Duration::from_secs(10),
-            max_pending: 1,
-        };
-        let body = br#"{"app_id": "A", "unsupported_callback": {}}"#;
+        let (config, body) = (config(), BODY);
         for garbled in [signature::SIGNATURE, signature::TIMESTAMP, signature::NONCE] {
-            let mut headers = HeaderMap::new();
-            headers.insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
-            for (name, value) in signature::headers("s", body) {
-                headers.insert(name, value.parse().unwrap());
-            }
+            let mut headers = signed(body);
             headers.insert(garbled, axum::http::HeaderValue::from_bytes(b"\xe9t\xe9").unwrap());
             let refused = check(&config, &headers, body, SystemTime::now()).err();
             assert!(
