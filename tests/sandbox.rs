@@ -301,3 +301,45 @@ async fn past_the_projects_rate_limit_calls_get_429() {
             .all(|(status, _)| [200, 429].contains(status))
     );
 }
+
+/// A token past its lifetime is refused as expired — what tells a client to fetch a new one — even after the
+/// sandbox issued others (to another replica, say) meanwhile; one it never issued is refused as unknown.
+#[tokio::test]
+async fn an_expired_token_is_told_expired_after_others_were_issued() {
+    let mut config = sandbox::SandboxConfig::new(Sandbox::knobs(&["--sandbox-apps=APP-1"]), None);
+    config.token_lifetime = Duration::ZERO;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(sandbox::serve(listener, config, stop.clone()));
+    let _stop = stop.drop_guard();
+    let http = common::reqwest_client();
+    let token = || async {
+        let answer = http
+            .post(format!("{url}/oauth2/token"))
+            .basic_auth(sandbox::KEY_ID, Some(sandbox::KEY_SECRET))
+            .form(&[("grant_type", "client_credentials")])
+            .send()
+            .await
+            .unwrap();
+        answer.json::<Value>().await.unwrap()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let challenge = |token: String| {
+        let http = http.clone();
+        let url = format!("{url}/v1/projects/{}/apps/APP-1/webhooks", sandbox::PROJECT_ID);
+        async move {
+            let answer = http.get(url).bearer_auth(token).send().await.unwrap();
+            assert_eq!(answer.status(), 401);
+            answer.headers()["www-authenticate"].to_str().unwrap().to_owned()
+        }
+    };
+    let first = token().await;
+    let _second = token().await;
+    let told = challenge(first).await;
+    assert!(told.contains("expired"), "{told}");
+    let told = challenge("never-issued".into()).await;
+    assert!(!told.contains("expired"), "{told}");
+}

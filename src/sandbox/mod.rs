@@ -44,6 +44,9 @@ use webhooks::{Destination, Registry};
 pub const PROJECT_ID: &str = "sandbox-project";
 pub const KEY_ID: &str = "sandbox-key";
 pub const KEY_SECRET: &str = "sandbox-secret";
+/// How long a token is still told apart as expired after it expired: at the token bucket's 10 a second, at most
+/// 36,000 expired tokens are remembered.
+const EXPIRED_TOKENS_KNOWN: Duration = Duration::from_secs(3600);
 
 /// What the sandbox accepts and how it behaves.
 #[derive(Debug, Clone)]
@@ -94,7 +97,7 @@ struct Sandbox {
     config: SandboxConfig,
     /// `Basic …` as a client must present it.
     basic: String,
-    /// Issued tokens and when each expires.
+    /// Issued tokens and when each expires (or expired, for [`EXPIRED_TOKENS_KNOWN`]).
     tokens: Mutex<HashMap<String, Instant>>,
     /// Sinch's token endpoint is a token bucket: capacity 30, refilled at 10/s.
     token_bucket: DefaultDirectRateLimiter,
@@ -303,7 +306,9 @@ async fn token(State(sandbox): State<Arc<Sandbox>>, headers: HeaderMap, body: By
     {
         let mut tokens = sandbox.tokens.lock().expect("sandbox lock poisoned");
         let now = Instant::now();
-        tokens.retain(|_, expires| *expires > now);
+        // An expired token stays known for a while, to be refused as expired rather than unknown (a client
+        // fetches a new one on hearing it expired); the token bucket bounds how many are remembered.
+        tokens.retain(|_, expires| *expires + EXPIRED_TOKENS_KNOWN > now);
         tokens.insert(token.clone(), now + lifetime);
     }
     axum::Json(TokenJson {

@@ -414,9 +414,15 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    pub async fn start(flags: &[&str], default_webhook: Option<Destination>) -> Sandbox {
+    /// The knobs these flags set.
+    pub fn knobs(flags: &[&str]) -> capability_facade::config::SandboxSettings {
         let knobs = SandboxKnobs::parse_from(std::iter::once("sandbox").chain(flags.iter().copied())).knobs;
         knobs.check().expect("valid knobs");
+        knobs
+    }
+
+    pub async fn start(flags: &[&str], default_webhook: Option<Destination>) -> Sandbox {
+        let knobs = Sandbox::knobs(flags);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let stop = CancellationToken::new();
