@@ -780,3 +780,37 @@ async fn filling_entry(redis: Option<&RedisServer>) {
     assert_eq!(channels(&interactive.await.unwrap().results), ["SMS", "WHATSAPP"]);
     assert_eq!(fake.queries().len(), 1, "the job asked Sinch nothing itself");
 }
+
+/// Without Redis a replica holds 64 jobs, running or ended; a start refused because 16 are running makes no room:
+/// the ended job it would have pushed out keeps its results (it was answered NOT_FOUND, its results gone).
+#[tokio::test]
+async fn a_start_refused_for_too_many_running_jobs_pushes_no_ended_job_out() {
+    let fake = Arc::new(FakeSinch::start().await);
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    // Cached, so that a job of it ends at once.
+    let cached = common::CapabilityCallback::new("warm", "SMS", "46700000000", "CAPABILITY_FULL");
+    assert_eq!(common::deliver(service.webhook_addr, cached.body()).await, 200);
+    let mut ended = Vec::new();
+    for _ in 0..48 {
+        let job = client.start_bulk_check(start(vec![recipient(0)], "")).await.unwrap();
+        let job_id = job.into_inner().job_id;
+        let (_, progress) = watch(&mut client, &job_id, 0).await;
+        assert_eq!(progress.last().unwrap().state(), BulkCheckState::Succeeded);
+        ended.push(job_id);
+    }
+    // Sixteen that run on: Sinch accepts their queries and never calls back within their wait.
+    for i in 1..=16 {
+        client.start_bulk_check(start(vec![recipient(i)], "")).await.unwrap();
+    }
+    let refused = client
+        .start_bulk_check(start(vec![recipient(17)], ""))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    for job_id in &ended {
+        let request = pb::GetBulkCheckRequest { job_id: job_id.clone() };
+        let held = client.get_bulk_check(request).await;
+        assert!(held.is_ok(), "job {job_id}: {held:?}");
+    }
+}

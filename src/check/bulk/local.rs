@@ -41,13 +41,15 @@ impl LocalJobs {
         }
     }
 
-    /// Creates the job, or returns the one `spec.request_id` created (`false`: nothing new to run).
+    /// Creates the job, or returns the one `spec.request_id` created (`false`: nothing new to run). Without
+    /// `room` to run another, a new job is refused before an ended one is pushed out for it.
     pub fn create(
         &self,
         job_id: &str,
         spec: &JobSpec,
         fingerprint: &str,
         now_ms: u64,
+        room: bool,
     ) -> Result<(JobStatus, bool), JobError> {
         let mut jobs = self.jobs.lock().expect("jobs lock poisoned");
         let retention_ms = self.retention.as_millis() as u64;
@@ -59,6 +61,9 @@ impl LocalJobs {
                 return Err(JobError::Conflict(request_id.clone()));
             }
             return Ok((job.status.clone(), false));
+        }
+        if !room {
+            return Err(JobError::TooMany);
         }
         if jobs.len() >= MAX_HELD {
             let oldest = jobs

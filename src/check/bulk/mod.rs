@@ -232,7 +232,10 @@ impl Jobs {
         let fingerprint = spec.fingerprint();
         let now = wall_clock_ms();
         let (status, created) = match &self.store {
-            Store::Local(local) => local.create(&job_id, &spec, &fingerprint, now)?,
+            Store::Local(local) => {
+                let room = self.running.lock().expect("jobs lock poisoned").len() < MAX_RUNNING;
+                local.create(&job_id, &spec, &fingerprint, now, room)?
+            }
             Store::Redis(log) => Self::redis(log)
                 .create(&job_id, &spec, &fingerprint, now, self.retention)
                 .await
