@@ -814,3 +814,32 @@ async fn a_start_refused_for_too_many_running_jobs_pushes_no_ended_job_out() {
         assert!(held.is_ok(), "job {job_id}: {held:?}");
     }
 }
+
+/// Without Redis a job lives in its replica's process: one started while that replica shuts down could never
+/// run (its recipients' turns no longer come) and would be gone with it, so the start is refused, to be tried on
+/// another replica. It was answered OK and RUNNING, and stayed so until the process ended.
+#[tokio::test]
+async fn without_redis_a_start_on_a_replica_shutting_down_is_told_to_retry() {
+    let fake = Arc::new(FakeSinch::start().await);
+    let service = Service::against(&fake, &["--drain-delay=1m", "--shutdown-grace=2m"]).await;
+    let mut client = service.client().await;
+    let callback = common::CapabilityCallback::new("leaving", "SMS", "46700000000", "CAPABILITY_FULL");
+    assert_eq!(common::deliver(service.webhook_addr, callback.body()).await, 200);
+    let mut watch = client
+        .watch_capability(common::watch_request("leaving", 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(watch.message().await.unwrap().is_some());
+    service.shutdown.cancel();
+    // Its watches end once it drains.
+    assert_eq!(watch.message().await.unwrap_err().code(), Code::Unavailable);
+    let refused = client
+        .start_bulk_check(start(vec![recipient(1)], ""))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    use tonic_types::StatusExt;
+    assert_eq!(refused.get_details_error_info().unwrap().reason, "SHUTTING_DOWN");
+    assert!(fake.queries().is_empty());
+}

@@ -162,6 +162,7 @@ impl From<JobError> for Status {
             JobError::Conflict(_) => (Code::AlreadyExists, "REQUEST_ID_REUSED"),
             JobError::TooMany => (Code::ResourceExhausted, "TOO_MANY_BULK_CHECKS"),
             JobError::Unavailable(_) => (Code::Unavailable, "JOB_STORE_UNAVAILABLE"),
+            JobError::ShuttingDown => (Code::Unavailable, "SHUTTING_DOWN"),
         };
         let details = ErrorDetails::with_error_info(reason, DOMAIN, HashMap::new());
         Status::with_error_details(code, error.to_string(), details)

@@ -41,15 +41,15 @@ impl LocalJobs {
         }
     }
 
-    /// Creates the job, or returns the one `spec.request_id` created (`false`: nothing new to run). Without
-    /// `room` to run another, a new job is refused before an ended one is pushed out for it.
+    /// Creates the job, or returns the one `spec.request_id` created (`false`: nothing new to run). A new job
+    /// that cannot run here (`room` says why) is refused before an ended one is pushed out for it.
     pub fn create(
         &self,
         job_id: &str,
         spec: &JobSpec,
         fingerprint: &str,
         now_ms: u64,
-        room: bool,
+        room: Result<(), JobError>,
     ) -> Result<(JobStatus, bool), JobError> {
         let mut jobs = self.jobs.lock().expect("jobs lock poisoned");
         let retention_ms = self.retention.as_millis() as u64;
@@ -62,9 +62,7 @@ impl LocalJobs {
             }
             return Ok((job.status.clone(), false));
         }
-        if !room {
-            return Err(JobError::TooMany);
-        }
+        room?;
         if jobs.len() >= MAX_HELD {
             let oldest = jobs
                 .iter()

@@ -157,6 +157,8 @@ pub enum JobError {
     TooMany,
     #[error("the job store is unavailable: {0}")]
     Unavailable(String),
+    #[error("this replica is shutting down and keeps no bulk check past it; retry (another replica runs it)")]
+    ShuttingDown,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> JobError {
@@ -233,7 +235,14 @@ impl Jobs {
         let now = wall_clock_ms();
         let (status, created) = match &self.store {
             Store::Local(local) => {
-                let room = self.running.lock().expect("jobs lock poisoned").len() < MAX_RUNNING;
+                // A job that lives in this process cannot outlive it: none is started once it shuts down.
+                let room = if self.draining.is_cancelled() {
+                    Err(JobError::ShuttingDown)
+                } else if self.running.lock().expect("jobs lock poisoned").len() >= MAX_RUNNING {
+                    Err(JobError::TooMany)
+                } else {
+                    Ok(())
+                };
                 local.create(&job_id, &spec, &fingerprint, now, room)?
             }
             Store::Redis(log) => Self::redis(log)
