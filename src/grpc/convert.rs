@@ -269,13 +269,22 @@ pub fn check_response(answer: CheckAnswer) -> pb::CheckCapabilityResponse {
     }
 }
 
-/// A non-negative duration of field `field`; `None` (with a violation) otherwise.
+/// The longest `google.protobuf.Duration`: 10,000 years.
+const MAX_DURATION_SECONDS: i64 = 315_576_000_000;
+
+/// A non-negative duration of field `field` within protobuf's range; `None` (with a violation) otherwise.
 fn duration(violations: &mut Vec<FieldViolation>, field: &str, d: prost_types::Duration) -> Option<Duration> {
     if d.seconds < 0 || d.nanos < 0 {
         violations.push(violation(field, "must not be negative"));
         None
     } else if d.nanos >= 1_000_000_000 {
         violations.push(violation(field, "nanos must be below one second"));
+        None
+    } else if d.seconds > MAX_DURATION_SECONDS {
+        violations.push(violation(
+            field,
+            format!("must be at most {MAX_DURATION_SECONDS} seconds (10,000 years, protobuf's Duration range)"),
+        ));
         None
     } else {
         Some(Duration::new(d.seconds as u64, d.nanos as u32))
@@ -529,6 +538,39 @@ mod tests {
             violations.iter().any(|v| v.field == "channel_preference"),
             "{violations:?}"
         );
+    }
+
+    /// A duration past protobuf's range (10,000 years) is refused by name: read as milliseconds it overflowed,
+    /// so a max_age meant as "any age" became a few hundred milliseconds — and a bulk job's, stored, changed.
+    #[test]
+    fn a_duration_past_protobufs_range_is_refused() {
+        let defaults = CheckDefaults {
+            max_age: Duration::from_secs(60),
+            wait: Duration::from_secs(10),
+            max_wait: Duration::from_secs(60),
+        };
+        for field in ["max_age", "wait"] {
+            let huge = Some(prost_types::Duration {
+                seconds: 18_446_744_073_709_552,
+                nanos: 0,
+            });
+            let mut request = pb::CheckCapabilityRequest {
+                app_id: "a".into(),
+                recipient: by(vec![identity(pb::Channel::Sms, "", "1")]).recipient,
+                ..Default::default()
+            };
+            match field {
+                "max_age" => request.max_age = huge,
+                _ => request.wait = huge,
+            }
+            let violations = check_request(request, &defaults).unwrap_err();
+            assert!(
+                violations
+                    .iter()
+                    .any(|v| v.field == field && v.description.contains("10,000 years")),
+                "{violations:?}"
+            );
+        }
     }
 
     fn by(ids: Vec<pb::ChannelIdentity>) -> pb::QueryCapabilityRequest {
