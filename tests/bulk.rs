@@ -843,3 +843,31 @@ async fn without_redis_a_start_on_a_replica_shutting_down_is_told_to_retry() {
     assert_eq!(refused.get_details_error_info().unwrap().reason, "SHUTTING_DOWN");
     assert!(fake.queries().is_empty());
 }
+
+/// With Redis, a job cancelled while Sinch is slow to accept its first recipient's query: that recipient's check
+/// may run until its query's deadline (30 s) and its wait after the cancel, and the stream ends only once its
+/// result is in. It ended wait + 10 s after the cancel, before that result landed.
+#[tokio::test]
+async fn with_redis_a_cancel_while_sinch_is_slow_keeps_the_result_still_coming() {
+    use common::Canned;
+    let redis = RedisServer::start().await;
+    let fake = Arc::new(FakeSinch::start().await);
+    // Accepted 12 s after it is sent: past the cancel, its wait (1 s) and 10 s more.
+    fake.script_queries([Canned::new(200, r#"{"request_id":"SLOW"}"#).delayed(Duration::from_secs(12))]);
+    let service = Service::against(&fake, &[&format!("--redis-url={}", redis.url())]).await;
+    let mut client = service.client().await;
+    let request = pb::StartBulkCheckRequest {
+        wait: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+        ..start(vec![recipient(0)], "")
+    };
+    let job = client.start_bulk_check(request).await.unwrap().into_inner();
+    fake.until_queries(1).await;
+    cancel(&mut client, &job.job_id).await;
+    let (results, progress) = watch(&mut client, &job.job_id, 0).await;
+    assert_eq!(progress.last().unwrap().state(), BulkCheckState::Cancelled);
+    assert_eq!(
+        results.len(),
+        1,
+        "the recipient sent before the cancel was answered on the stream"
+    );
+}

@@ -43,6 +43,9 @@ pub const MAX_RUNNING: usize = 16;
 const LEASE_RENEWAL: Duration = Duration::from_secs(2);
 /// How long a lease lasts without renewal: a job whose replica died is taken over after this.
 const LEASE: Duration = Duration::from_secs(6);
+/// How long a recipient's query may take to be sent (its wait comes after): with the wait and the time its turn
+/// was queued, its check's deadline.
+pub const SEND_DEADLINE: Duration = Duration::from_secs(30);
 /// When a recipient whose query Sinch refused for a while (through every retry) is asked again, after its
 /// first attempt: then it is answered with every identity pending.
 const ASKED_AGAIN_AFTER: [Duration; 4] = [
@@ -539,7 +542,7 @@ impl Jobs {
                 token,
                 marked: Mutex::new(None),
             };
-            let deadline = Instant::now() + wait + crate::query::MAX_DEADLINE.min(Duration::from_secs(30));
+            let deadline = Instant::now() + wait + crate::query::MAX_DEADLINE.min(SEND_DEADLINE);
             let error = match self.checker.check_gated(request, deadline, None, Some(&gate)).await {
                 Ok(answer) => break answer,
                 Err(e) => e,

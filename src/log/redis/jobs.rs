@@ -25,7 +25,7 @@ use std::{
 use redis::Script;
 
 use super::{Connection, hashed, ttl_ms};
-use crate::check::bulk::{JobError, JobResult, JobSpec, JobState, JobStatus, Resumable, stored};
+use crate::check::bulk::{JobError, JobResult, JobSpec, JobState, JobStatus, Resumable, SEND_DEADLINE, stored};
 
 /// How old a request_id's record naming a job never written must be before a repeat starts the job itself: the
 /// start that wrote it may still be writing the job until then.
@@ -91,12 +91,13 @@ redis.call('PEXPIRE', KEYS[3], ARGV[5])
 return n
 ";
 
-/// Cancels a running job; its recipients already sent may answer until a wait (and a lease's lapse) from now.
-/// KEYS: meta. ARGV: now.
+/// Cancels a running job; its recipients already sent may answer until their sending's deadline, a wait and a
+/// lease's lapse from now (`settle_by`: a job whose runner died says so then).
+/// KEYS: meta. ARGV: now, the sending's deadline and a lease's lapse (ms).
 const CANCEL: &str = r"
 if redis.call('HGET', KEYS[1], 'state') == 'RUNNING' then
   local wait = tonumber(redis.call('HGET', KEYS[1], 'wait') or '0')
-  redis.call('HSET', KEYS[1], 'state', 'CANCELLED', 'update', ARGV[1], 'settle_by', tonumber(ARGV[1]) + wait + 10000)
+  redis.call('HSET', KEYS[1], 'state', 'CANCELLED', 'update', ARGV[1], 'settle_by', tonumber(ARGV[1]) + wait + tonumber(ARGV[2]))
 end
 return 1
 ";
@@ -384,7 +385,11 @@ impl RedisJobs {
 
     pub async fn cancel(&self, job_id: &str, now_ms: u64) -> redis::RedisResult<Option<JobStatus>> {
         let mut invocation = self.cancel.prepare_invoke();
-        invocation.key(self.key(job_id, "meta")).arg(now_ms);
+        let settling = SEND_DEADLINE + Duration::from_secs(10);
+        invocation
+            .key(self.key(job_id, "meta"))
+            .arg(now_ms)
+            .arg(settling.as_millis() as u64);
         invocation.invoke_async::<i64>(&mut self.commands.clone()).await?;
         self.status(job_id).await
     }
