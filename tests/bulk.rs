@@ -871,3 +871,39 @@ async fn with_redis_a_cancel_while_sinch_is_slow_keeps_the_result_still_coming()
         "the recipient sent before the cancel was answered on the stream"
     );
 }
+
+/// Interactive calls go first in the callback budget but do not stop the jobs: a recipient of the whole budget
+/// (four identities at 4 a second) never found the window empty while a QueryCapability came every 500 ms (on any
+/// replica: with Redis the budget is shared), and its job never ended.
+#[tokio::test]
+async fn with_redis_a_trickle_of_queries_does_not_stop_a_job() {
+    use capability_facade::grpc::pb::Channel;
+    let redis = RedisServer::start().await;
+    let fake = Arc::new(FakeSinch::start().await);
+    let url = format!("--redis-url={}", redis.url());
+    let service = Service::against(&fake, &[&url, "--sinch-callback-rate=4"]).await;
+    let _sinch = play_sinch(fake.clone(), service.webhook_addr, 1);
+    let mut client = service.client().await;
+    let trickle = tokio::spawn({
+        let mut client = client.clone();
+        async move {
+            loop {
+                let asked = common::query(common::identities(&[(Channel::Sms, "46711111111")]), "");
+                client.query_capability(asked).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    });
+    let number = "46722222222";
+    let all = [Channel::Sms, Channel::Rcs, Channel::Whatsapp, Channel::Viberbm].map(|channel| (channel, number));
+    let job = client
+        .start_bulk_check(start(vec![common::identities(&all)], ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let ended = tokio::time::timeout(Duration::from_secs(60), watch(&mut client, &job.job_id, 0)).await;
+    trickle.abort();
+    let (results, progress) = ended.expect("the job never ended");
+    assert_eq!(progress.last().unwrap().state(), BulkCheckState::Succeeded);
+    assert_eq!(results.len(), 1);
+}

@@ -26,6 +26,11 @@ const MAX_RECORDING: usize = 1024;
 /// How far ahead of its even place an identity may go (a timer's tick is a millisecond).
 const SPREAD_SLACK: Duration = Duration::from_millis(5);
 
+/// How long interactive calls may keep a job's query from fitting in the window: past it, the query goes anyway,
+/// over the budget by what they took in that second (Sinch queues callbacks past the app's rate), so that they
+/// slow the jobs down but never stop them.
+const STARVED_AFTER: Duration = Duration::from_secs(3);
+
 /// See the module documentation.
 pub struct Pacer {
     limit: u32,
@@ -39,8 +44,27 @@ pub struct Pacer {
 
 enum Window {
     /// The identities sent in the last second, by when.
-    Local(Mutex<VecDeque<(Instant, u32)>>),
+    Local(Mutex<VecDeque<Sent>>),
     Redis(Arc<EventLog>),
+}
+
+/// Identities counted in the window.
+struct Sent {
+    at: Instant,
+    identities: u32,
+    interactive: bool,
+}
+
+/// Who asks the window for room, and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// An interactive call: counted, whether or not it fits.
+    Interactive,
+    /// A job's query: counted if it fits, else told how long until it would.
+    Job,
+    /// A job's query that interactive calls kept out for [`STARVED_AFTER`]: counted if it fits beside the jobs'
+    /// own identities alone.
+    Starved,
 }
 
 impl Pacer {
@@ -70,10 +94,14 @@ impl Pacer {
                 let mut window = window.lock().expect("pacer lock poisoned");
                 let now = Instant::now();
                 // What left the window goes now, whether or not a job asks: the window holds one second.
-                while window.front().is_some_and(|(at, _)| now.duration_since(*at) >= WINDOW) {
+                while window.front().is_some_and(|sent| now.duration_since(sent.at) >= WINDOW) {
                     window.pop_front();
                 }
-                window.push_back((now, identities));
+                window.push_back(Sent {
+                    at: now,
+                    identities,
+                    interactive: true,
+                });
             }
             Window::Redis(log) => {
                 // At most so many counts in flight: while Redis is slow, the excess goes uncounted.
@@ -84,7 +112,7 @@ impl Pacer {
                 tokio::spawn(async move {
                     let _permit = permit;
                     if let Some(jobs) = log.shared_jobs()
-                        && let Err(e) = jobs.pace(limit, identities, true).await
+                        && let Err(e) = jobs.pace(limit, identities, Pace::Interactive).await
                     {
                         tracing::debug!(error = %e, "an interactive query could not be counted in the shared callback budget");
                     }
@@ -107,15 +135,24 @@ impl Pacer {
         let earliest = Instant::now().checked_sub(SPREAD_SLACK).unwrap_or_else(Instant::now);
         let spacing = WINDOW.mul_f64(f64::from(identities) / f64::from(self.limit));
         *next = (*next).max(earliest) + spacing;
+        let starved_at = Instant::now() + STARVED_AFTER;
         loop {
+            let pace = if Instant::now() >= starved_at {
+                Pace::Starved
+            } else {
+                Pace::Job
+            };
             let wait = match &self.window {
-                Window::Local(window) => {
-                    local_admit(&mut window.lock().expect("pacer lock poisoned"), self.limit, counted)
-                }
+                Window::Local(window) => local_admit(
+                    &mut window.lock().expect("pacer lock poisoned"),
+                    self.limit,
+                    counted,
+                    pace,
+                ),
                 Window::Redis(log) => match log
                     .shared_jobs()
                     .expect("a Redis log")
-                    .pace(self.limit, counted, false)
+                    .pace(self.limit, counted, pace)
                     .await
                 {
                     Ok(wait) => wait,
@@ -129,11 +166,14 @@ impl Pacer {
             match wait {
                 None => {
                     metrics::counter!("capability_bulk_identities_paced_total").increment(u64::from(identities));
+                    if pace == Pace::Starved {
+                        metrics::counter!("capability_bulk_pacing_overruns_total").increment(1);
+                    }
                     return;
                 }
                 Some(wait) => {
                     metrics::counter!("capability_bulk_pacing_waits_total").increment(1);
-                    tokio::time::sleep(wait).await;
+                    tokio::time::sleep_until((Instant::now() + wait).min(starved_at)).await;
                     // The window held this one back: the next keeps its distance from it rather than catching up
                     // with the schedule in a burst (which Sinch, seeing the queries a little later, could count
                     // in one second).
@@ -144,28 +184,34 @@ impl Pacer {
     }
 }
 
-/// Counts `n` in `window` if they fit under `limit` in the last second; else how long until they would.
-fn local_admit(window: &mut VecDeque<(Instant, u32)>, limit: u32, n: u32) -> Option<Duration> {
+/// Counts a job's `n` in `window` if they fit under `limit` in the last second (a starved job's, beside the jobs'
+/// own identities alone); else how long until they would.
+fn local_admit(window: &mut VecDeque<Sent>, limit: u32, n: u32, pace: Pace) -> Option<Duration> {
     let now = Instant::now();
-    while window.front().is_some_and(|(at, _)| now.duration_since(*at) >= WINDOW) {
+    while window.front().is_some_and(|sent| now.duration_since(sent.at) >= WINDOW) {
         window.pop_front();
     }
-    let used: u32 = window.iter().map(|(_, k)| k).sum();
+    let counted = |sent: &&Sent| pace != Pace::Starved || !sent.interactive;
+    let used: u32 = window.iter().filter(counted).map(|sent| sent.identities).sum();
     if used + n <= limit {
-        window.push_back((now, n));
+        window.push_back(Sent {
+            at: now,
+            identities: n,
+            interactive: false,
+        });
         return None;
     }
     // The oldest entries must leave until `n` fit.
     let mut excess = used + n - limit;
-    for (at, k) in window.iter() {
-        if *k >= excess {
+    for sent in window.iter().filter(counted) {
+        if sent.identities >= excess {
             return Some(
-                (*at + WINDOW)
+                (sent.at + WINDOW)
                     .saturating_duration_since(now)
                     .max(Duration::from_millis(1)),
             );
         }
-        excess -= k;
+        excess -= sent.identities;
     }
     Some(Duration::from_millis(1))
 }
@@ -233,6 +279,31 @@ mod tests {
             "{:?}",
             before.elapsed()
         );
+    }
+
+    /// Interactive calls go first, but do not stop the jobs: a recipient of the whole budget never finds the
+    /// window empty while they trickle in (one every 500 ms here), and neither do the jobs queued behind it. It
+    /// waited for ever, and every job with it.
+    #[tokio::test(start_paused = true)]
+    async fn a_trickle_of_interactive_calls_does_not_stop_the_jobs() {
+        let pacer = Arc::new(local_pacer(4));
+        let trickle = tokio::spawn({
+            let pacer = pacer.clone();
+            async move {
+                loop {
+                    pacer.record(1);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        });
+        tokio::time::advance(Duration::from_millis(10)).await;
+        let jobs = async {
+            pacer.admit(4).await;
+            pacer.admit(1).await;
+        };
+        let admitted = tokio::time::timeout(Duration::from_secs(600), jobs).await;
+        trickle.abort();
+        assert!(admitted.is_ok(), "the jobs waited for ever");
     }
 
     #[tokio::test(start_paused = true)]

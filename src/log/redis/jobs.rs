@@ -25,7 +25,9 @@ use std::{
 use redis::Script;
 
 use super::{Connection, hashed, ttl_ms};
-use crate::check::bulk::{JobError, JobResult, JobSpec, JobState, JobStatus, Resumable, SEND_DEADLINE, stored};
+use crate::check::bulk::{
+    JobError, JobResult, JobSpec, JobState, JobStatus, Resumable, SEND_DEADLINE, pacer::Pace, stored,
+};
 
 /// How old a request_id's record naming a job never written must be before a repeat starts the job itself: the
 /// start that wrote it may still be writing the job until then.
@@ -155,19 +157,34 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
-/// Counts `n` identities in the window (a second and a 25 ms guard, as the in-process pacer's) if they fit (or
-/// always, when forced); else how long until they would, in ms. KEYS: window. ARGV: limit, n, unique id, forced.
+/// Counts `n` identities in the window (a second and a 25 ms guard, as the in-process pacer's) if they fit
+/// (always, for an interactive call; beside the jobs' own identities alone, for a starved job's query); else how
+/// long until they would, in ms. Interactive identities are members `i:…` (a replica of an earlier version wrote
+/// them unmarked: counted as a job's). KEYS: window. ARGV: limit, n, unique id, pace (1 interactive, 0 a job's,
+/// 2 a starved job's).
 const PACE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 1025)
 local used = redis.call('ZCARD', KEYS[1])
-local limit, n = tonumber(ARGV[1]), tonumber(ARGV[2])
-if ARGV[4] == '1' or used + n <= limit then
-  for i = 1, n do redis.call('ZADD', KEYS[1], now, ARGV[3] .. ':' .. i) end
+local limit, n, pace = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[4]
+local fits = pace == '1' or used + n <= limit
+local jobs
+if not fits and pace == '2' then
+  jobs = {}
+  local counted = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+  for i = 1, #counted, 2 do
+    if string.sub(counted[i], 1, 2) ~= 'i:' then jobs[#jobs + 1] = tonumber(counted[i + 1]) end
+  end
+  fits = #jobs + n <= limit
+end
+if fits then
+  local kind = pace == '1' and 'i:' or 'j:'
+  for i = 1, n do redis.call('ZADD', KEYS[1], now, kind .. ARGV[3] .. ':' .. i) end
   redis.call('PEXPIRE', KEYS[1], 2000)
   return 0
 end
+if jobs then return math.max(1, jobs[#jobs + n - limit] + 1025 - now) end
 local oldest = redis.call('ZRANGE', KEYS[1], used + n - limit - 1, used + n - limit - 1, 'WITHSCORES')
 return math.max(1, tonumber(oldest[2]) + 1025 - now)
 ";
@@ -627,14 +644,18 @@ impl RedisJobs {
 
     /// The shared callback budget: counts `n` identities if they fit in the window of `limit` (always when
     /// `forced`); else how long until they would.
-    pub async fn pace(&self, limit: u32, n: u32, forced: bool) -> redis::RedisResult<Option<Duration>> {
+    pub async fn pace(&self, limit: u32, n: u32, pace: Pace) -> redis::RedisResult<Option<Duration>> {
         let mut invocation = self.pace.prepare_invoke();
         invocation
             .key(format!("{}:pace", self.prefix))
             .arg(limit)
             .arg(n)
             .arg(ulid::Ulid::new().to_string())
-            .arg(if forced { "1" } else { "0" });
+            .arg(match pace {
+                Pace::Job => "0",
+                Pace::Interactive => "1",
+                Pace::Starved => "2",
+            });
         let wait: i64 = invocation.invoke_async(&mut self.commands.clone()).await?;
         Ok((wait > 0).then(|| Duration::from_millis(wait as u64)))
     }
