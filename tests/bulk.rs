@@ -907,3 +907,18 @@ async fn with_redis_a_trickle_of_queries_does_not_stop_a_job() {
     assert_eq!(progress.last().unwrap().state(), BulkCheckState::Succeeded);
     assert_eq!(results.len(), 1);
 }
+
+/// With Redis the callback budget is shared by every replica: a query of more identities than one window's budget
+/// holds every replica's next query back for as many windows as it needs. It counted one window's worth, so other
+/// replicas went on a second later while Sinch still called back the rest.
+#[tokio::test]
+async fn a_query_larger_than_the_budget_holds_every_replica_back() {
+    use capability_facade::check::bulk::pacer::Pace;
+    let redis = RedisServer::start().await;
+    let log = common::redis_log(&redis, "pace", Some("pace-key")).await;
+    let jobs = log.jobs();
+    assert_eq!(jobs.pace(25, 100, Pace::Job).await.unwrap(), None);
+    // Another replica's next query: 100 at 25 a window take four windows, the next goes in the fifth.
+    let wait = jobs.pace(25, 1, Pace::Job).await.unwrap().expect("held back");
+    assert!(wait > Duration::from_millis(2 * 1025), "{wait:?}");
+}

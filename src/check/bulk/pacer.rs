@@ -149,10 +149,11 @@ impl Pacer {
                     counted,
                     pace,
                 ),
+                // Redis counts them all, in as many windows as they need: every replica is held back.
                 Window::Redis(log) => match log
                     .shared_jobs()
                     .expect("a Redis log")
-                    .pace(self.limit, counted, pace)
+                    .pace(self.limit, identities, pace)
                     .await
                 {
                     Ok(wait) => wait,

@@ -159,7 +159,8 @@ return 0
 
 /// Counts `n` identities in the window (a second and a 25 ms guard, as the in-process pacer's) if they fit
 /// (always, for an interactive call; beside the jobs' own identities alone, for a starved job's query); else how
-/// long until they would, in ms. Interactive identities are members `i:…` (a replica of an earlier version wrote
+/// long until they would, in ms. More than `limit` need the window empty, and fill the windows after it too (`limit`
+/// in each, scored ahead), holding every replica back. Interactive identities are members `i:…` (a replica of an earlier version wrote
 /// them unmarked: counted as a job's). KEYS: window. ARGV: limit, n, unique id, pace (1 interactive, 0 a job's,
 /// 2 a starved job's).
 const PACE: &str = r"
@@ -168,7 +169,8 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 1025)
 local used = redis.call('ZCARD', KEYS[1])
 local limit, n, pace = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[4]
-local fits = pace == '1' or used + n <= limit
+local first = math.min(n, limit)
+local fits = pace == '1' or used + first <= limit
 local jobs
 if not fits and pace == '2' then
   jobs = {}
@@ -176,16 +178,19 @@ if not fits and pace == '2' then
   for i = 1, #counted, 2 do
     if string.sub(counted[i], 1, 2) ~= 'i:' then jobs[#jobs + 1] = tonumber(counted[i + 1]) end
   end
-  fits = #jobs + n <= limit
+  fits = #jobs + first <= limit
 end
 if fits then
   local kind = pace == '1' and 'i:' or 'j:'
-  for i = 1, n do redis.call('ZADD', KEYS[1], now, kind .. ARGV[3] .. ':' .. i) end
-  redis.call('PEXPIRE', KEYS[1], 2000)
+  for i = 1, n do
+    redis.call('ZADD', KEYS[1], now + math.floor((i - 1) / limit) * 1025, kind .. ARGV[3] .. ':' .. i)
+  end
+  local ttl = 2000 + math.floor((n - 1) / limit) * 1025
+  if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
   return 0
 end
-if jobs then return math.max(1, jobs[#jobs + n - limit] + 1025 - now) end
-local oldest = redis.call('ZRANGE', KEYS[1], used + n - limit - 1, used + n - limit - 1, 'WITHSCORES')
+if jobs then return math.max(1, jobs[#jobs + first - limit] + 1025 - now) end
+local oldest = redis.call('ZRANGE', KEYS[1], used + first - limit - 1, used + first - limit - 1, 'WITHSCORES')
 return math.max(1, tonumber(oldest[2]) + 1025 - now)
 ";
 
