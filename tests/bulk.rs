@@ -922,3 +922,39 @@ async fn a_query_larger_than_the_budget_holds_every_replica_back() {
     let wait = jobs.pace(25, 1, Pace::Job).await.unwrap().expect("held back");
     assert!(wait > Duration::from_millis(2 * 1025), "{wait:?}");
 }
+
+/// A job's query kept out of the shared budget for 3 s, and still kept out by other replicas' jobs, asks Redis
+/// again when the window says it may fit, not at once: it asked again and again without a pause (a busy loop of
+/// round trips) until the other jobs' identities left.
+#[tokio::test]
+async fn a_starved_query_still_kept_out_by_other_jobs_waits_between_its_asks() {
+    use capability_facade::{
+        check::bulk::pacer::{Pace, Pacer},
+        log::EventLog,
+    };
+    let redis = RedisServer::start().await;
+    let other = common::redis_log(&redis, "starved", Some("starved-key")).await;
+    let log = Arc::new(EventLog::redis(
+        common::redis_log(&redis, "starved", Some("starved-key")).await,
+    ));
+    let pacer = Pacer::new(4, &log);
+    // Another replica's query of 24 identities at 4 a window: six windows full of its job's identities.
+    assert_eq!(other.jobs().pace(4, 24, Pace::Job).await.unwrap(), None);
+    let scripts_run = || {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string(), "INFO", "commandstats"])
+            .output()
+            .unwrap();
+        let stats = String::from_utf8_lossy(&out.stdout).into_owned();
+        let calls = |line: &str| line.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok();
+        stats
+            .lines()
+            .filter(|l| l.starts_with("cmdstat_evalsha") || l.starts_with("cmdstat_eval:"))
+            .filter_map(calls)
+            .sum::<u64>()
+    };
+    let before = scripts_run();
+    pacer.admit(1).await;
+    let asked = scripts_run() - before;
+    assert!(asked < 50, "the window was asked {asked} times");
+}

@@ -174,7 +174,13 @@ impl Pacer {
                 }
                 Some(wait) => {
                     metrics::counter!("capability_bulk_pacing_waits_total").increment(1);
-                    tokio::time::sleep_until((Instant::now() + wait).min(starved_at)).await;
+                    // Not past the moment it counts as starved, and asked again only when it may fit.
+                    let until = Instant::now() + wait;
+                    let until = match pace {
+                        Pace::Job => until.min(starved_at),
+                        _ => until,
+                    };
+                    tokio::time::sleep_until(until).await;
                     // The window held this one back: the next keeps its distance from it rather than catching up
                     // with the schedule in a burst (which Sinch, seeing the queries a little later, could count
                     // in one second).
