@@ -100,11 +100,6 @@ impl LocalJobs {
         Ok((status, true))
     }
 
-    /// Forgets a job (one created but refused).
-    pub fn remove(&self, job_id: &str) {
-        self.jobs.lock().expect("jobs lock poisoned").remove(job_id);
-    }
-
     pub fn status(&self, job_id: &str) -> Option<JobStatus> {
         let jobs = self.jobs.lock().expect("jobs lock poisoned");
         jobs.get(job_id).map(|j| j.status.clone())

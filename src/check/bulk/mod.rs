@@ -238,33 +238,36 @@ impl Jobs {
         let now = wall_clock_ms();
         let (status, created) = match &self.store {
             Store::Local(local) => {
-                // A job that lives in this process cannot outlive it: none is started once it shuts down.
+                // Its place among the running is taken under the lock, so that two starts at once cannot both
+                // push an ended job out for one place. A job that lives in this process cannot outlive it: none
+                // is started once it shuts down.
+                let mut running = self.running.lock().expect("jobs lock poisoned");
                 let room = if self.draining.is_cancelled() {
                     Err(JobError::ShuttingDown)
-                } else if self.running.lock().expect("jobs lock poisoned").len() >= MAX_RUNNING {
+                } else if running.len() >= MAX_RUNNING {
                     Err(JobError::TooMany)
                 } else {
                     Ok(())
                 };
-                local.create(&job_id, &spec, &fingerprint, now, room)?
+                let (status, created) = local.create(&job_id, &spec, &fingerprint, now, room)?;
+                if created {
+                    // Held until it is launched.
+                    running.insert(job_id.clone(), CancellationToken::new());
+                }
+                (status, created)
             }
             Store::Redis(log) => Self::redis(log)
                 .create(&job_id, &spec, &fingerprint, now, self.retention)
                 .await
                 .map_err(unavailable)??,
         };
-        if created && self.running.lock().expect("jobs lock poisoned").len() >= MAX_RUNNING {
-            match &self.store {
-                Store::Local(local) => {
-                    local.remove(&status.job_id);
-                    return Err(JobError::TooMany);
-                }
-                Store::Redis(_) => {
-                    // Another replica takes it over (a repeat of its request_id finds it meanwhile).
-                    tracing::info!(job_id = %status.job_id, "this replica runs {MAX_RUNNING} bulk checks: another takes this one");
-                    return Ok(status);
-                }
-            }
+        if created
+            && matches!(self.store, Store::Redis(_))
+            && self.running.lock().expect("jobs lock poisoned").len() >= MAX_RUNNING
+        {
+            // Another replica takes it over (a repeat of its request_id finds it meanwhile).
+            tracing::info!(job_id = %status.job_id, "this replica runs {MAX_RUNNING} bulk checks: another takes this one");
+            return Ok(status);
         }
         if created {
             if matches!(self.store, Store::Local(_)) {
