@@ -852,8 +852,8 @@ async fn with_redis_a_cancel_while_sinch_is_slow_keeps_the_result_still_coming()
     use common::Canned;
     let redis = RedisServer::start().await;
     let fake = Arc::new(FakeSinch::start().await);
-    // Accepted 12 s after it is sent: past the cancel, its wait (1 s) and 10 s more.
-    fake.script_queries([Canned::new(200, r#"{"request_id":"SLOW"}"#).delayed(Duration::from_secs(12))]);
+    // Accepted 15 s after it is sent: well past the cancel, its wait (1 s) and 10 s more, however late the cancel.
+    fake.script_queries([Canned::new(200, r#"{"request_id":"SLOW"}"#).delayed(Duration::from_secs(15))]);
     let service = Service::against(&fake, &[&format!("--redis-url={}", redis.url())]).await;
     let mut client = service.client().await;
     let request = pb::StartBulkCheckRequest {

@@ -392,16 +392,19 @@ async fn a_tls_misconfiguration_names_its_variable_before_anything_starts() {
 #[tokio::test]
 async fn in_sandbox_mode_over_tls_the_doctor_checks_the_https_webhook() {
     let pki = Pki::new();
-    let free = || format!("127.0.0.1:{}", testkit::free_port());
-    let env = [
-        ("CAPABILITY_SANDBOX_ADDR", free()),
-        ("CAPABILITY_WEBHOOK_ADDR", free()),
+    let mut env = vec![
         ("CAPABILITY_SANDBOX_APPS", "APP-1".to_owned()),
         ("SINCH_WEBHOOK_SECRETS", common::WEBHOOK_SECRET.to_owned()),
         (config::TLS_CERT, pki.path("server.pem")),
         (config::TLS_KEY, pki.path("server.key")),
     ];
-    let _service = common::Binary::spawn(&env).await;
+    let service = common::Binary::spawn(&env).await;
+    // The doctor reads the same configuration: the ports the service bound.
+    let said = |line: &str| line.contains("in-process Sinch sandbox listening");
+    let line = service.until_logged(1, said).await.remove(0);
+    let sandbox: serde_json::Value = serde_json::from_str(&line).unwrap();
+    env.push(("CAPABILITY_SANDBOX_ADDR", sandbox["addr"].as_str().unwrap().to_owned()));
+    env.push(("CAPABILITY_WEBHOOK_ADDR", service.webhook_addr.to_string()));
     let doctor = tokio::process::Command::new(env!("CARGO_BIN_EXE_capability-facade"))
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))

@@ -45,7 +45,7 @@ pub const PROJECT_ID: &str = "sandbox-project";
 pub const KEY_ID: &str = "sandbox-key";
 pub const KEY_SECRET: &str = "sandbox-secret";
 /// How long a token is still told apart as expired after it expired: at the token bucket's 10 a second, at most
-/// 36,000 expired tokens are remembered.
+/// 36,000 expired tokens are remembered beside the live ones (as many again over the default hour's lifetime).
 const EXPIRED_TOKENS_KNOWN: Duration = Duration::from_secs(3600);
 
 /// What the sandbox accepts and how it behaves.
