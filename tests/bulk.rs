@@ -913,13 +913,15 @@ async fn with_redis_a_trickle_of_queries_does_not_stop_a_job() {
 /// replicas went on a second later while Sinch still called back the rest.
 #[tokio::test]
 async fn a_query_larger_than_the_budget_holds_every_replica_back() {
-    use capability_facade::check::bulk::pacer::Pace;
+    use capability_facade::check::bulk::pacer::{Admission, Pace};
     let redis = RedisServer::start().await;
     let log = common::redis_log(&redis, "pace", Some("pace-key")).await;
     let jobs = log.jobs();
-    assert_eq!(jobs.pace(25, 100, Pace::Job).await.unwrap(), None);
+    assert_eq!(jobs.pace(25, 100, Pace::Job).await.unwrap(), Admission::Counted);
     // Another replica's next query: 100 at 25 a window take four windows, the next goes in the fifth.
-    let wait = jobs.pace(25, 1, Pace::Job).await.unwrap().expect("held back");
+    let Admission::Wait(wait) = jobs.pace(25, 1, Pace::Job).await.unwrap() else {
+        panic!("not held back")
+    };
     assert!(wait > Duration::from_millis(2 * 1025), "{wait:?}");
 }
 
@@ -929,7 +931,7 @@ async fn a_query_larger_than_the_budget_holds_every_replica_back() {
 #[tokio::test]
 async fn a_starved_query_still_kept_out_by_other_jobs_waits_between_its_asks() {
     use capability_facade::{
-        check::bulk::pacer::{Pace, Pacer},
+        check::bulk::pacer::{Admission, Pace, Pacer},
         log::EventLog,
     };
     let redis = RedisServer::start().await;
@@ -939,7 +941,7 @@ async fn a_starved_query_still_kept_out_by_other_jobs_waits_between_its_asks() {
     ));
     let pacer = Pacer::new(4, &log);
     // Another replica's query of 24 identities at 4 a window: six windows full of its job's identities.
-    assert_eq!(other.jobs().pace(4, 24, Pace::Job).await.unwrap(), None);
+    assert_eq!(other.jobs().pace(4, 24, Pace::Job).await.unwrap(), Admission::Counted);
     let scripts_run = || {
         let out = std::process::Command::new("redis-cli")
             .args(["-p", &redis.port.to_string(), "INFO", "commandstats"])

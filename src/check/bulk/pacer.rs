@@ -55,6 +55,17 @@ struct Sent {
     interactive: bool,
 }
 
+/// What the window answered a job's query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Counted, within the budget.
+    Counted,
+    /// Counted beside the jobs' own identities alone: over the budget by what interactive calls took.
+    Overran,
+    /// Not counted: it may fit after this long.
+    Wait(Duration),
+}
+
 /// Who asks the window for room, and how.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pace {
@@ -142,7 +153,7 @@ impl Pacer {
             } else {
                 Pace::Job
             };
-            let wait = match &self.window {
+            let admission = match &self.window {
                 Window::Local(window) => local_admit(
                     &mut window.lock().expect("pacer lock poisoned"),
                     self.limit,
@@ -156,23 +167,23 @@ impl Pacer {
                     .pace(self.limit, identities, pace)
                     .await
                 {
-                    Ok(wait) => wait,
+                    Ok(admission) => admission,
                     Err(e) => {
                         // Without Redis nothing is sent anyway (the log refuses callbacks): ask again shortly.
                         tracing::debug!(error = %e, "the shared callback budget is unavailable");
-                        Some(Duration::from_millis(250))
+                        Admission::Wait(Duration::from_millis(250))
                     }
                 },
             };
-            match wait {
-                None => {
+            match admission {
+                Admission::Counted | Admission::Overran => {
                     metrics::counter!("capability_bulk_identities_paced_total").increment(u64::from(identities));
-                    if pace == Pace::Starved {
+                    if admission == Admission::Overran {
                         metrics::counter!("capability_bulk_pacing_overruns_total").increment(1);
                     }
                     return;
                 }
-                Some(wait) => {
+                Admission::Wait(wait) => {
                     metrics::counter!("capability_bulk_pacing_waits_total").increment(1);
                     // Not past the moment it counts as starved, and asked again only when it may fit.
                     let until = Instant::now() + wait;
@@ -193,11 +204,12 @@ impl Pacer {
 
 /// Counts a job's `n` in `window` if they fit under `limit` in the last second (a starved job's, beside the jobs'
 /// own identities alone); else how long until they would.
-fn local_admit(window: &mut VecDeque<Sent>, limit: u32, n: u32, pace: Pace) -> Option<Duration> {
+fn local_admit(window: &mut VecDeque<Sent>, limit: u32, n: u32, pace: Pace) -> Admission {
     let now = Instant::now();
     while window.front().is_some_and(|sent| now.duration_since(sent.at) >= WINDOW) {
         window.pop_front();
     }
+    let all: u32 = window.iter().map(|sent| sent.identities).sum();
     let counted = |sent: &&Sent| pace != Pace::Starved || !sent.interactive;
     let used: u32 = window.iter().filter(counted).map(|sent| sent.identities).sum();
     if used + n <= limit {
@@ -206,13 +218,16 @@ fn local_admit(window: &mut VecDeque<Sent>, limit: u32, n: u32, pace: Pace) -> O
             identities: n,
             interactive: false,
         });
-        return None;
+        return match all + n <= limit {
+            true => Admission::Counted,
+            false => Admission::Overran,
+        };
     }
     // The oldest entries must leave until `n` fit.
     let mut excess = used + n - limit;
     for sent in window.iter().filter(counted) {
         if sent.identities >= excess {
-            return Some(
+            return Admission::Wait(
                 (sent.at + WINDOW)
                     .saturating_duration_since(now)
                     .max(Duration::from_millis(1)),
@@ -220,7 +235,7 @@ fn local_admit(window: &mut VecDeque<Sent>, limit: u32, n: u32, pace: Pace) -> O
         }
         excess -= sent.identities;
     }
-    Some(Duration::from_millis(1))
+    Admission::Wait(Duration::from_millis(1))
 }
 
 #[cfg(test)]
@@ -311,6 +326,26 @@ mod tests {
         let admitted = tokio::time::timeout(Duration::from_secs(600), jobs).await;
         trickle.abort();
         assert!(admitted.is_ok(), "the jobs waited for ever");
+    }
+
+    /// A starved query goes over the budget only by what interactive calls took, and says so (an overrun is
+    /// counted in `capability_bulk_pacing_overruns_total`); the jobs' own identities still hold it back.
+    #[tokio::test(start_paused = true)]
+    async fn a_starved_query_overruns_only_by_what_interactive_calls_took() {
+        let sent = |identities, interactive| Sent {
+            at: Instant::now(),
+            identities,
+            interactive,
+        };
+        let mut window = VecDeque::from([sent(3, true)]);
+        assert_eq!(local_admit(&mut window, 4, 1, Pace::Starved), Admission::Counted);
+        assert_eq!(local_admit(&mut window, 4, 1, Pace::Starved), Admission::Overran);
+        assert!(matches!(local_admit(&mut window, 4, 1, Pace::Job), Admission::Wait(_)));
+        let mut window = VecDeque::from([sent(4, false)]);
+        assert!(matches!(
+            local_admit(&mut window, 4, 1, Pace::Starved),
+            Admission::Wait(_)
+        ));
     }
 
     #[tokio::test(start_paused = true)]

@@ -26,7 +26,9 @@ use redis::Script;
 
 use super::{Connection, hashed, ttl_ms};
 use crate::check::bulk::{
-    JobError, JobResult, JobSpec, JobState, JobStatus, Resumable, SEND_DEADLINE, pacer::Pace, stored,
+    JobError, JobResult, JobSpec, JobState, JobStatus, Resumable, SEND_DEADLINE,
+    pacer::{Admission, Pace},
+    stored,
 };
 
 /// How old a request_id's record naming a job never written must be before a repeat starts the job itself: the
@@ -159,7 +161,8 @@ return 0
 
 /// Counts `n` identities in the window (a second and a 25 ms guard, as the in-process pacer's) if they fit
 /// (always, for an interactive call; beside the jobs' own identities alone, for a starved job's query); else how
-/// long until they would, in ms. More than `limit` need the window empty, and fill the windows after it too (`limit`
+/// long until they would, in ms (0: counted; -1: counted beside the jobs' alone, over the budget). More than `limit`
+/// need the window empty, and fill the windows after it too (`limit`
 /// in each, scored ahead), holding every replica back. Interactive identities are members `i:…` (a replica of an earlier version wrote
 /// them unmarked: counted as a job's). KEYS: window. ARGV: limit, n, unique id, pace (1 interactive, 0 a job's,
 /// 2 a starved job's).
@@ -187,6 +190,7 @@ if fits then
   end
   local ttl = 2000 + math.floor((n - 1) / limit) * 1025
   if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+  if jobs then return -1 end
   return 0
 end
 if jobs then return math.max(1, jobs[#jobs + first - limit] + 1025 - now) end
@@ -649,7 +653,7 @@ impl RedisJobs {
 
     /// The shared callback budget: counts `n` identities if they fit in the window of `limit` (always when
     /// `forced`); else how long until they would.
-    pub async fn pace(&self, limit: u32, n: u32, pace: Pace) -> redis::RedisResult<Option<Duration>> {
+    pub async fn pace(&self, limit: u32, n: u32, pace: Pace) -> redis::RedisResult<Admission> {
         let mut invocation = self.pace.prepare_invoke();
         invocation
             .key(format!("{}:pace", self.prefix))
@@ -661,7 +665,11 @@ impl RedisJobs {
                 Pace::Interactive => "1",
                 Pace::Starved => "2",
             });
-        let wait: i64 = invocation.invoke_async(&mut self.commands.clone()).await?;
-        Ok((wait > 0).then(|| Duration::from_millis(wait as u64)))
+        let answer: i64 = invocation.invoke_async(&mut self.commands.clone()).await?;
+        Ok(match answer {
+            0 => Admission::Counted,
+            wait if wait > 0 => Admission::Wait(Duration::from_millis(wait as u64)),
+            _ => Admission::Overran,
+        })
     }
 }
