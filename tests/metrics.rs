@@ -43,6 +43,8 @@ async fn metrics_after_real_traffic_carry_every_series() {
     let webhook = |path: &str| format!("http://{}{path}", service.webhook_addr);
     let misrouted = http.post(webhook("/webhooks/sinhc")).body("{}").send().await.unwrap();
     assert_eq!(misrouted.status(), 404);
+    let stray = http.get(webhook("/favicon.ico")).send().await.unwrap();
+    assert_eq!(stray.status(), 404);
     let wrong_method = http.get(webhook("/webhooks/sinch")).send().await.unwrap();
     assert_eq!(wrong_method.status(), 405);
     assert_eq!(wrong_method.headers()["allow"], "POST");
@@ -131,6 +133,7 @@ async fn metrics_after_real_traffic_carry_every_series() {
         (r#"capability_webhooks_total{result="accepted"}"#, 3),
         (r#"capability_webhooks_total{result="missing_signature"}"#, 1),
         (r#"capability_webhooks_total{result="not_found"}"#, 1),
+        (r#"capability_webhooks_total{result="stray"}"#, 1),
         (r#"capability_webhooks_total{result="method_not_allowed"}"#, 1),
         ("capability_notifications_delivered_total", 1),
         ("capability_delivery_latency_seconds_count", 1),

@@ -207,7 +207,15 @@ pub fn router(receiver: Arc<Receiver>) -> Router {
         .route(PATH, post(receive))
         .route(&format!("{PATH}/"), post(receive))
         .route("/healthz", get(|| async { "ok" }))
-        .fallback(|| async { refused("not_found", StatusCode::NOT_FOUND, "no such path") })
+        .fallback(|method: axum::http::Method| async move {
+            // A POST elsewhere is a callback to a mistyped target; anything else, a stray (a scanner, a probe).
+            let result = if method == axum::http::Method::POST {
+                "not_found"
+            } else {
+                "stray"
+            };
+            refused(result, StatusCode::NOT_FOUND, "no such path")
+        })
         .method_not_allowed_fallback(|| async {
             refused(
                 "method_not_allowed",
