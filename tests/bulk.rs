@@ -917,9 +917,9 @@ async fn a_query_larger_than_the_budget_holds_every_replica_back() {
     let redis = RedisServer::start().await;
     let log = common::redis_log(&redis, "pace", Some("pace-key")).await;
     let jobs = log.jobs();
-    assert_eq!(jobs.pace(25, 100, Pace::Job).await.unwrap(), Admission::Counted);
+    assert_eq!(jobs.pace(25, 100, Pace::Job, "01A").await.unwrap(), Admission::Counted);
     // Another replica's next query: 100 at 25 a window take four windows, the next goes in the fifth.
-    let Admission::Wait(wait) = jobs.pace(25, 1, Pace::Job).await.unwrap() else {
+    let Admission::Wait(wait) = jobs.pace(25, 1, Pace::Job, "01B").await.unwrap() else {
         panic!("not held back")
     };
     assert!(wait > Duration::from_millis(2 * 1025), "{wait:?}");
@@ -941,7 +941,10 @@ async fn a_starved_query_still_kept_out_by_other_jobs_waits_between_its_asks() {
     ));
     let pacer = Pacer::new(4, &log);
     // Another replica's query of 24 identities at 4 a window: six windows full of its job's identities.
-    assert_eq!(other.jobs().pace(4, 24, Pace::Job).await.unwrap(), Admission::Counted);
+    assert_eq!(
+        other.jobs().pace(4, 24, Pace::Job, "01A").await.unwrap(),
+        Admission::Counted
+    );
     let scripts_run = || {
         let out = std::process::Command::new("redis-cli")
             .args(["-p", &redis.port.to_string(), "INFO", "commandstats"])
@@ -959,4 +962,38 @@ async fn a_starved_query_still_kept_out_by_other_jobs_waits_between_its_asks() {
     pacer.admit(1).await;
     let asked = scripts_run() - before;
     assert!(asked < 50, "the window was asked {asked} times");
+}
+
+/// With Redis one replica's job does not keep another's larger query out for good: a query of two identities never
+/// found two places free while another replica's job of one-identity recipients took each place as it freed up.
+/// Once starved it reserves room, and the other replica holds back until it fits.
+#[tokio::test]
+async fn with_redis_another_replicas_job_does_not_keep_a_larger_query_out() {
+    use capability_facade::{check::bulk::pacer::Pacer, log::EventLog};
+    let redis = RedisServer::start().await;
+    let replica = || async {
+        let log = common::redis_log(&redis, "fair", Some("fair-key")).await;
+        Pacer::new(4, &Arc::new(EventLog::redis(log)))
+    };
+    let (larger, other) = (replica().await, replica().await);
+    let (admitted, mut others) = tokio::sync::watch::channel(0);
+    let others_job = async {
+        loop {
+            other.admit(1).await;
+            admitted.send_modify(|n| *n += 1);
+        }
+    };
+    let larger_query = async {
+        // Once the other job fills the window.
+        others.wait_for(|n| *n >= 4).await.unwrap();
+        larger.admit(2).await;
+    };
+    let got_in = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::select! {
+            () = larger_query => {}
+            () = others_job => {}
+        }
+    })
+    .await;
+    assert!(got_in.is_ok(), "the larger query never got in");
 }

@@ -73,8 +73,8 @@ pub enum Pace {
     Interactive,
     /// A job's query: counted if it fits, else told how long until it would.
     Job,
-    /// A job's query that interactive calls kept out for [`STARVED_AFTER`]: counted if it fits beside the jobs'
-    /// own identities alone.
+    /// A job's query kept out for [`STARVED_AFTER`]: counted if it fits beside the jobs' own identities alone
+    /// (with Redis, reserving room until it does, ahead of queries starved after it).
     Starved,
 }
 
@@ -123,7 +123,9 @@ impl Pacer {
                 tokio::spawn(async move {
                     let _permit = permit;
                     if let Some(jobs) = log.shared_jobs()
-                        && let Err(e) = jobs.pace(limit, identities, Pace::Interactive).await
+                        && let Err(e) = jobs
+                            .pace(limit, identities, Pace::Interactive, &ulid::Ulid::new().to_string())
+                            .await
                     {
                         tracing::debug!(error = %e, "an interactive query could not be counted in the shared callback budget");
                     }
@@ -147,6 +149,8 @@ impl Pacer {
         let spacing = WINDOW.mul_f64(f64::from(identities) / f64::from(self.limit));
         *next = (*next).max(earliest) + spacing;
         let starved_at = Instant::now() + STARVED_AFTER;
+        // With Redis, the same each time it asks: its reservation once starved is refreshed, not made again.
+        let ticket = ulid::Ulid::new().to_string();
         loop {
             let pace = if Instant::now() >= starved_at {
                 Pace::Starved
@@ -164,7 +168,7 @@ impl Pacer {
                 Window::Redis(log) => match log
                     .shared_jobs()
                     .expect("a Redis log")
-                    .pace(self.limit, identities, pace)
+                    .pace(self.limit, identities, pace, &ticket)
                     .await
                 {
                     Ok(admission) => admission,
@@ -185,8 +189,13 @@ impl Pacer {
                 }
                 Admission::Wait(wait) => {
                     metrics::counter!("capability_bulk_pacing_waits_total").increment(1);
-                    // Not past the moment it counts as starved, and asked again only when it may fit.
-                    let until = Instant::now() + wait;
+                    // Not past the moment it counts as starved, and asked again only when it may fit — once
+                    // starved, within half a window: its reservation lasts one.
+                    let until = Instant::now()
+                        + match pace {
+                            Pace::Job => wait,
+                            _ => wait.min(WINDOW / 2),
+                        };
                     let until = match pace {
                         Pace::Job => until.min(starved_at),
                         _ => until,

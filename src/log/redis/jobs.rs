@@ -159,41 +159,59 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
-/// Counts `n` identities in the window (a second and a 25 ms guard, as the in-process pacer's) if they fit
-/// (always, for an interactive call; beside the jobs' own identities alone, for a starved job's query); else how
-/// long until they would, in ms (0: counted; -1: counted beside the jobs' alone, over the budget). More than `limit`
-/// need the window empty, and fill the windows after it too (`limit`
-/// in each, scored ahead), holding every replica back. Interactive identities are members `i:…` (a replica of an earlier version wrote
-/// them unmarked: counted as a job's). KEYS: window. ARGV: limit, n, unique id, pace (1 interactive, 0 a job's,
-/// 2 a starved job's).
+/// Counts `n` identities in the window (a second and a 25 ms guard, as the in-process pacer's) if they fit; else how
+/// long until they would, in ms (0: counted; -1: counted over the budget, by what interactive calls took). An
+/// interactive call's are counted whether or not (members `i:…`). A job's (`j:…`) fit if the window has room; a
+/// starved job's, beside the jobs' own identities alone, the reservations of queries starved before it included:
+/// until they fit, it reserves room (members `r:<ticket>:…`, refreshed at each ask, gone a window after the last),
+/// so that other replicas' jobs hold back rather than take each place as it frees up. More than `limit` need the
+/// window empty, and fill the windows after it too (`limit` in each, scored ahead), holding every replica back. A
+/// replica of an earlier version wrote its members unmarked: counted as a job's.
+/// KEYS: window. ARGV: limit, n, ticket (a ULID, unique to the query), pace (1 interactive, 0 a job's, 2 starved).
 const PACE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 1025)
 local used = redis.call('ZCARD', KEYS[1])
-local limit, n, pace = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[4]
+local limit, n, ticket, pace = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local first = math.min(n, limit)
 local fits = pace == '1' or used + first <= limit
-local jobs
+local over = false
+local held
 if not fits and pace == '2' then
-  jobs = {}
-  local counted = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
-  for i = 1, #counted, 2 do
-    if string.sub(counted[i], 1, 2) ~= 'i:' then jobs[#jobs + 1] = tonumber(counted[i + 1]) end
+  held = {}
+  local all = 0
+  local members = redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')
+  for i = 1, #members, 2 do
+    local member = members[i]
+    local kind = string.sub(member, 1, 2)
+    -- Its own reservation, and those of queries starved after it, do not hold it back.
+    if kind ~= 'r:' or string.sub(member, 3, 2 + #ticket) < ticket then
+      all = all + 1
+      if kind ~= 'i:' then held[#held + 1] = tonumber(members[i + 1]) end
+    end
   end
-  fits = #jobs + first <= limit
+  fits = #held + first <= limit
+  over = all + first > limit
+  if not fits then
+    for i = 1, first do redis.call('ZADD', KEYS[1], now, 'r:' .. ticket .. ':' .. i) end
+    if redis.call('PTTL', KEYS[1]) < 2000 then redis.call('PEXPIRE', KEYS[1], 2000) end
+  end
 end
 if fits then
+  if pace == '2' then
+    for i = 1, first do redis.call('ZREM', KEYS[1], 'r:' .. ticket .. ':' .. i) end
+  end
   local kind = pace == '1' and 'i:' or 'j:'
   for i = 1, n do
-    redis.call('ZADD', KEYS[1], now + math.floor((i - 1) / limit) * 1025, kind .. ARGV[3] .. ':' .. i)
+    redis.call('ZADD', KEYS[1], now + math.floor((i - 1) / limit) * 1025, kind .. ticket .. ':' .. i)
   end
   local ttl = 2000 + math.floor((n - 1) / limit) * 1025
   if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
-  if jobs then return -1 end
+  if over then return -1 end
   return 0
 end
-if jobs then return math.max(1, jobs[#jobs + first - limit] + 1025 - now) end
+if held then return math.max(1, held[#held + first - limit] + 1025 - now) end
 local oldest = redis.call('ZRANGE', KEYS[1], used + first - limit - 1, used + first - limit - 1, 'WITHSCORES')
 return math.max(1, tonumber(oldest[2]) + 1025 - now)
 ";
@@ -651,15 +669,15 @@ impl RedisJobs {
         Ok(Some(Resumable { spec, sent, done }))
     }
 
-    /// The shared callback budget: counts `n` identities if they fit in the window of `limit` (always when
-    /// `forced`); else how long until they would.
-    pub async fn pace(&self, limit: u32, n: u32, pace: Pace) -> redis::RedisResult<Admission> {
+    /// The shared callback budget: counts `n` identities as `pace` says (see [`PACE`]) in the window of `limit`;
+    /// else how long until they would. `ticket` is unique to the query, the same each time it asks.
+    pub async fn pace(&self, limit: u32, n: u32, pace: Pace, ticket: &str) -> redis::RedisResult<Admission> {
         let mut invocation = self.pace.prepare_invoke();
         invocation
             .key(format!("{}:pace", self.prefix))
             .arg(limit)
             .arg(n)
-            .arg(ulid::Ulid::new().to_string())
+            .arg(ticket)
             .arg(match pace {
                 Pace::Job => "0",
                 Pace::Interactive => "1",
