@@ -997,3 +997,26 @@ async fn with_redis_another_replicas_job_does_not_keep_a_larger_query_out() {
     .await;
     assert!(got_in.is_ok(), "the larger query never got in");
 }
+
+/// During a rolling upgrade, a replica of an earlier version writes the shared window's members unmarked, its
+/// interactive calls among them: a starved query does not wait on them (it goes, as over interactive calls), or
+/// it would reserve room — holding every replica's jobs back — for as long as that replica kept calling.
+#[tokio::test]
+async fn a_starved_query_is_not_held_by_an_earlier_versions_unmarked_calls() {
+    use capability_facade::check::bulk::pacer::{Admission, Pace};
+    let redis = RedisServer::start().await;
+    let log = common::redis_log(&redis, "upgrade", Some("upgrade-key")).await;
+    let jobs = log.jobs();
+    // A call makes the window: its key, then its member taken out.
+    assert_eq!(
+        jobs.pace(4, 1, Pace::Interactive, "01A").await.unwrap(),
+        Admission::Counted
+    );
+    let [window] = &redis.keys("*pace*")[..] else {
+        panic!("one window")
+    };
+    // An earlier version's interactive call, still in the window (scored ahead, so that it stays there).
+    redis.command(&["ZADD", window, "99999999999999", "01OLDERVERSION:1"]);
+    redis.command(&["ZREM", window, "i:01A:1"]);
+    assert_eq!(jobs.pace(4, 4, Pace::Starved, "01B").await.unwrap(), Admission::Overran);
+}

@@ -166,7 +166,8 @@ return 0
 /// until they fit, it reserves room (members `r:<ticket>:…`, refreshed at each ask, gone a window after the last),
 /// so that other replicas' jobs hold back rather than take each place as it frees up. More than `limit` need the
 /// window empty, and fill the windows after it too (`limit` in each, scored ahead), holding every replica back. A
-/// replica of an earlier version wrote its members unmarked: counted as a job's.
+/// replica of an earlier version wrote its members unmarked: counted as a job's, but not by a starved query (they may
+/// be interactive calls, which would keep it reserving for as long as that replica runs).
 /// KEYS: window. ARGV: limit, n, ticket (a ULID, unique to the query), pace (1 interactive, 0 a job's, 2 starved).
 const PACE: &str = r"
 local t = redis.call('TIME')
@@ -188,7 +189,8 @@ if not fits and pace == '2' then
     -- Its own reservation, and those of queries starved after it, do not hold it back.
     if kind ~= 'r:' or string.sub(member, 3, 2 + #ticket) < ticket then
       all = all + 1
-      if kind ~= 'i:' then held[#held + 1] = tonumber(members[i + 1]) end
+      -- A replica of an earlier version marked none: its interactive calls must not hold a reservation for ever.
+      if kind == 'j:' or kind == 'r:' then held[#held + 1] = tonumber(members[i + 1]) end
     end
   end
   fits = #held + first <= limit
