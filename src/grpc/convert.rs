@@ -78,7 +78,7 @@ pub fn check_request(
     let mut violations = Vec::new();
     let max_age = match request.max_age {
         None => Some(defaults.max_age),
-        Some(d) => duration(&mut violations, "max_age", d),
+        Some(d) => max_age(&mut violations, d),
     };
     let wait = wait(request.wait, defaults.wait, defaults.max_wait)
         .map_err(|v| violations.push(v))
@@ -272,7 +272,7 @@ pub fn check_response(answer: CheckAnswer) -> pb::CheckCapabilityResponse {
 /// The longest `google.protobuf.Duration`: 10,000 years.
 const MAX_DURATION_SECONDS: i64 = 315_576_000_000;
 
-/// A non-negative duration of field `field` within protobuf's range; `None` (with a violation) otherwise.
+/// A non-negative duration of field `field`; `None` (with a violation) otherwise.
 fn duration(violations: &mut Vec<FieldViolation>, field: &str, d: prost_types::Duration) -> Option<Duration> {
     if d.seconds < 0 || d.nanos < 0 {
         violations.push(violation(field, "must not be negative"));
@@ -280,15 +280,22 @@ fn duration(violations: &mut Vec<FieldViolation>, field: &str, d: prost_types::D
     } else if d.nanos >= 1_000_000_000 {
         violations.push(violation(field, "nanos must be below one second"));
         None
-    } else if d.seconds > MAX_DURATION_SECONDS {
-        violations.push(violation(
-            field,
-            format!("must be at most {MAX_DURATION_SECONDS} seconds (10,000 years, protobuf's Duration range)"),
-        ));
-        None
     } else {
         Some(Duration::new(d.seconds as u64, d.nanos as u32))
     }
+}
+
+/// A check's `max_age`: a [`duration`] within protobuf's range (read as milliseconds, one past it overflowed). A
+/// wait has no such bound: it is capped, however long.
+fn max_age(violations: &mut Vec<FieldViolation>, d: prost_types::Duration) -> Option<Duration> {
+    if d.seconds > MAX_DURATION_SECONDS {
+        violations.push(violation(
+            "max_age",
+            format!("must be at most {MAX_DURATION_SECONDS} seconds (10,000 years, protobuf's Duration range)"),
+        ));
+        return None;
+    }
+    duration(violations, "max_age", d)
 }
 
 /// A WatchCapability's wait: `default` when absent, never above `max`; negative or malformed durations refused.
@@ -540,37 +547,36 @@ mod tests {
         );
     }
 
-    /// A duration past protobuf's range (10,000 years) is refused by name: read as milliseconds it overflowed,
-    /// so a max_age meant as "any age" became a few hundred milliseconds — and a bulk job's, stored, changed.
+    /// A max_age past protobuf's range (10,000 years) is refused by name: read as milliseconds it overflowed, so
+    /// one meant as "any age" became a few hundred milliseconds — and a bulk job's, stored, changed. A wait that
+    /// long is capped, as any wait is.
     #[test]
-    fn a_duration_past_protobufs_range_is_refused() {
+    fn a_max_age_past_protobufs_range_is_refused() {
         let defaults = CheckDefaults {
             max_age: Duration::from_secs(60),
             wait: Duration::from_secs(10),
             max_wait: Duration::from_secs(60),
         };
-        for field in ["max_age", "wait"] {
-            let huge = Some(prost_types::Duration {
-                seconds: 18_446_744_073_709_552,
-                nanos: 0,
-            });
-            let mut request = pb::CheckCapabilityRequest {
-                app_id: "a".into(),
-                recipient: by(vec![identity(pb::Channel::Sms, "", "1")]).recipient,
-                ..Default::default()
-            };
-            match field {
-                "max_age" => request.max_age = huge,
-                _ => request.wait = huge,
-            }
-            let violations = check_request(request, &defaults).unwrap_err();
-            assert!(
-                violations
-                    .iter()
-                    .any(|v| v.field == field && v.description.contains("10,000 years")),
-                "{violations:?}"
-            );
-        }
+        let huge = Some(prost_types::Duration {
+            seconds: 18_446_744_073_709_552,
+            nanos: 0,
+        });
+        let request = |max_age, wait| pb::CheckCapabilityRequest {
+            app_id: "a".into(),
+            recipient: by(vec![identity(pb::Channel::Sms, "", "1")]).recipient,
+            max_age,
+            wait,
+            ..Default::default()
+        };
+        let violations = check_request(request(huge, None), &defaults).unwrap_err();
+        assert!(
+            violations
+                .iter()
+                .any(|v| v.field == "max_age" && v.description.contains("10,000 years")),
+            "{violations:?}"
+        );
+        let capped = check_request(request(None, huge), &defaults).unwrap();
+        assert_eq!(capped.wait, defaults.max_wait);
     }
 
     fn by(ids: Vec<pb::ChannelIdentity>) -> pb::QueryCapabilityRequest {
