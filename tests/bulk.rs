@@ -1020,3 +1020,28 @@ async fn a_starved_query_is_not_held_by_an_earlier_versions_unmarked_calls() {
     redis.command(&["ZREM", window, "i:01A:1"]);
     assert_eq!(jobs.pace(4, 4, Pace::Starved, "01B").await.unwrap(), Admission::Overran);
 }
+
+/// During a rolling upgrade a replica of an earlier version sets the shared window's expiry back to 2 s at each of
+/// its calls; a query of more identities than the budget has filled windows ahead, which the next call of this
+/// version keeps: the window lasts until its last member leaves. They were forgotten once calls paused for 2 s.
+#[tokio::test]
+async fn the_windows_a_large_query_filled_ahead_outlast_an_earlier_versions_expiry() {
+    use capability_facade::check::bulk::pacer::{Admission, Pace};
+    let redis = RedisServer::start().await;
+    let log = common::redis_log(&redis, "ahead", Some("ahead-key")).await;
+    let jobs = log.jobs();
+    // 24 identities at 4 a window: six windows, the last from 5,125 ms on.
+    assert_eq!(jobs.pace(4, 24, Pace::Job, "01A").await.unwrap(), Admission::Counted);
+    let [window] = &redis.keys("*pace*")[..] else {
+        panic!("one window")
+    };
+    // An earlier version's call: `PEXPIRE window 2000`.
+    redis.command(&["PEXPIRE", window, "2000"]);
+    jobs.pace(4, 1, Pace::Interactive, "01B").await.unwrap();
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "PTTL", window])
+        .output()
+        .unwrap();
+    let ttl: i64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    assert!(ttl > 5_125, "the window expires in {ttl} ms");
+}

@@ -208,7 +208,9 @@ if fits then
   for i = 1, n do
     redis.call('ZADD', KEYS[1], now + math.floor((i - 1) / limit) * 1025, kind .. ticket .. ':' .. i)
   end
-  local ttl = 2000 + math.floor((n - 1) / limit) * 1025
+  -- Until its last member leaves (a replica of an earlier version sets 2 s at each call).
+  local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+  local ttl = math.max(2000, tonumber(last[2]) - now + 2000)
   if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
   if over then return -1 end
   return 0
