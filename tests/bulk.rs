@@ -5,6 +5,7 @@ mod common;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 
+use capability_facade::check::bulk::pacer::{Admission, Pace};
 use capability_facade::grpc::pb::{self, BulkCheckState, capability_service_client::CapabilityServiceClient};
 use common::{
     FakeSinch, Service,
@@ -913,11 +914,9 @@ async fn with_redis_a_trickle_of_queries_does_not_stop_a_job() {
 /// replicas went on a second later while Sinch still called back the rest.
 #[tokio::test]
 async fn a_query_larger_than_the_budget_holds_every_replica_back() {
-    use capability_facade::check::bulk::pacer::{Admission, Pace};
     let redis = RedisServer::start().await;
-    let log = common::redis_log(&redis, "pace", Some("pace-key")).await;
+    let (log, _) = window_made_by(&redis, 25, 100, Pace::Job).await;
     let jobs = log.jobs();
-    assert_eq!(jobs.pace(25, 100, Pace::Job, "01A").await.unwrap(), Admission::Counted);
     // Another replica's next query: 100 at 25 a window take four windows, the next goes in the fifth.
     let Admission::Wait(wait) = jobs.pace(25, 1, Pace::Job, "01B").await.unwrap() else {
         panic!("not held back")
@@ -930,10 +929,7 @@ async fn a_query_larger_than_the_budget_holds_every_replica_back() {
 /// round trips) until the other jobs' identities left.
 #[tokio::test]
 async fn a_starved_query_still_kept_out_by_other_jobs_waits_between_its_asks() {
-    use capability_facade::{
-        check::bulk::pacer::{Admission, Pace, Pacer},
-        log::EventLog,
-    };
+    use capability_facade::{check::bulk::pacer::Pacer, log::EventLog};
     let redis = RedisServer::start().await;
     let other = common::redis_log(&redis, "starved", Some("starved-key")).await;
     let log = Arc::new(EventLog::redis(
@@ -1003,21 +999,13 @@ async fn with_redis_another_replicas_job_does_not_keep_a_larger_query_out() {
 /// it would reserve room — holding every replica's jobs back — for as long as that replica kept calling.
 #[tokio::test]
 async fn a_starved_query_is_not_held_by_an_earlier_versions_unmarked_calls() {
-    use capability_facade::check::bulk::pacer::{Admission, Pace};
     let redis = RedisServer::start().await;
-    let log = common::redis_log(&redis, "upgrade", Some("upgrade-key")).await;
+    // A call makes the window; its member is taken out.
+    let (log, window) = window_made_by(&redis, 4, 1, Pace::Interactive).await;
     let jobs = log.jobs();
-    // A call makes the window: its key, then its member taken out.
-    assert_eq!(
-        jobs.pace(4, 1, Pace::Interactive, "01A").await.unwrap(),
-        Admission::Counted
-    );
-    let [window] = &redis.keys("*pace*")[..] else {
-        panic!("one window")
-    };
     // An earlier version's interactive call, still in the window (scored ahead, so that it stays there).
-    redis.command(&["ZADD", window, "99999999999999", "01OLDERVERSION:1"]);
-    redis.command(&["ZREM", window, "i:01A:1"]);
+    redis.command(&["ZADD", &window, "99999999999999", "01OLDERVERSION:1"]);
+    redis.command(&["ZREM", &window, "i:01A:1"]);
     assert_eq!(jobs.pace(4, 4, Pace::Starved, "01B").await.unwrap(), Admission::Overran);
 }
 
@@ -1026,22 +1014,35 @@ async fn a_starved_query_is_not_held_by_an_earlier_versions_unmarked_calls() {
 /// version keeps: the window lasts until its last member leaves. They were forgotten once calls paused for 2 s.
 #[tokio::test]
 async fn the_windows_a_large_query_filled_ahead_outlast_an_earlier_versions_expiry() {
-    use capability_facade::check::bulk::pacer::{Admission, Pace};
     let redis = RedisServer::start().await;
-    let log = common::redis_log(&redis, "ahead", Some("ahead-key")).await;
-    let jobs = log.jobs();
     // 24 identities at 4 a window: six windows, the last from 5,125 ms on.
-    assert_eq!(jobs.pace(4, 24, Pace::Job, "01A").await.unwrap(), Admission::Counted);
-    let [window] = &redis.keys("*pace*")[..] else {
-        panic!("one window")
-    };
+    let (log, window) = window_made_by(&redis, 4, 24, Pace::Job).await;
     // An earlier version's call: `PEXPIRE window 2000`.
-    redis.command(&["PEXPIRE", window, "2000"]);
-    jobs.pace(4, 1, Pace::Interactive, "01B").await.unwrap();
+    redis.command(&["PEXPIRE", &window, "2000"]);
+    log.jobs().pace(4, 1, Pace::Interactive, "01B").await.unwrap();
     let out = std::process::Command::new("redis-cli")
-        .args(["-p", &redis.port.to_string(), "PTTL", window])
+        .args(["-p", &redis.port.to_string(), "PTTL", &window])
         .output()
         .unwrap();
     let ttl: i64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     assert!(ttl > 5_125, "the window expires in {ttl} ms");
+}
+
+/// A replica's log on `redis`, and the key of the shared callback budget's window its first call made: `pace` of
+/// `n` identities under `limit`, counted.
+async fn window_made_by(
+    redis: &RedisServer,
+    limit: u32,
+    n: u32,
+    pace: Pace,
+) -> (capability_facade::log::redis::RedisLog, String) {
+    let log = common::redis_log(redis, "pace", Some("pace-key")).await;
+    assert_eq!(
+        log.jobs().pace(limit, n, pace, "01A").await.unwrap(),
+        Admission::Counted
+    );
+    let [window] = &redis.keys("*pace*")[..] else {
+        panic!("one window")
+    };
+    (log, window.clone())
 }
