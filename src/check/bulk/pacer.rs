@@ -191,14 +191,9 @@ impl Pacer {
                     metrics::counter!("capability_bulk_pacing_waits_total").increment(1);
                     // Not past the moment it counts as starved, and asked again only when it may fit — once
                     // starved, within half a window: its reservation lasts one.
-                    let until = Instant::now()
-                        + match pace {
-                            Pace::Job => wait,
-                            _ => wait.min(WINDOW / 2),
-                        };
                     let until = match pace {
-                        Pace::Job => until.min(starved_at),
-                        _ => until,
+                        Pace::Job => (Instant::now() + wait).min(starved_at),
+                        _ => Instant::now() + wait.min(WINDOW / 2),
                     };
                     tokio::time::sleep_until(until).await;
                     // The window held this one back: the next keeps its distance from it rather than catching up
