@@ -173,6 +173,12 @@ const PACE: &str = r"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - 1025)
+-- The window is kept until its last member leaves (a replica of an earlier version sets 2 s at each call).
+local function keep()
+  local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
+  local ttl = math.max(2000, tonumber(last[2]) - now + 2000)
+  if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+end
 local used = redis.call('ZCARD', KEYS[1])
 local limit, n, ticket, pace = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4]
 local first = math.min(n, limit)
@@ -197,7 +203,7 @@ if not fits and pace == '2' then
   over = all + first > limit
   if not fits then
     for i = 1, first do redis.call('ZADD', KEYS[1], now, 'r:' .. ticket .. ':' .. i) end
-    if redis.call('PTTL', KEYS[1]) < 2000 then redis.call('PEXPIRE', KEYS[1], 2000) end
+    keep()
   end
 end
 if fits then
@@ -208,10 +214,7 @@ if fits then
   for i = 1, n do
     redis.call('ZADD', KEYS[1], now + math.floor((i - 1) / limit) * 1025, kind .. ticket .. ':' .. i)
   end
-  -- Until its last member leaves (a replica of an earlier version sets 2 s at each call).
-  local last = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
-  local ttl = math.max(2000, tonumber(last[2]) - now + 2000)
-  if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+  keep()
   if over then return -1 end
   return 0
 end
