@@ -226,7 +226,7 @@ pub fn router(receiver: Arc<Receiver>) -> Router {
         .with_state(receiver)
 }
 
-/// A refusal of a request that is no callback, counted under `result`.
+/// A refusal, as JSON `{"error": message}`, counted in `capability_webhooks_total` under `result`.
 fn refused(result: &'static str, status: StatusCode, message: &'static str) -> Response {
     metrics::counter!("capability_webhooks_total", "result" => result).increment(1);
     (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
