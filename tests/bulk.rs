@@ -942,11 +942,7 @@ async fn a_starved_query_still_kept_out_by_other_jobs_waits_between_its_asks() {
         Admission::Counted
     );
     let scripts_run = || {
-        let out = std::process::Command::new("redis-cli")
-            .args(["-p", &redis.port.to_string(), "INFO", "commandstats"])
-            .output()
-            .unwrap();
-        let stats = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stats = redis.command(&["INFO", "commandstats"]);
         let calls = |line: &str| line.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok();
         stats
             .lines()
@@ -1020,11 +1016,7 @@ async fn the_windows_a_large_query_filled_ahead_outlast_an_earlier_versions_expi
     // An earlier version's call: `PEXPIRE window 2000`.
     redis.command(&["PEXPIRE", &window, "2000"]);
     log.jobs().pace(4, 1, Pace::Interactive, "01B").await.unwrap();
-    let out = std::process::Command::new("redis-cli")
-        .args(["-p", &redis.port.to_string(), "PTTL", &window])
-        .output()
-        .unwrap();
-    let ttl: i64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let ttl: i64 = redis.command(&["PTTL", &window]).parse().unwrap();
     assert!(ttl > 5_125, "the window expires in {ttl} ms");
 }
 

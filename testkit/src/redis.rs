@@ -58,7 +58,8 @@ impl RedisServer {
     }
 
     /// Runs one command with redis-cli, as an operator would (`CLIENT PAUSE 1000 WRITE`, …); fails if it fails.
-    pub fn command(&self, args: &[&str]) {
+    /// Returns what it printed, trimmed.
+    pub fn command(&self, args: &[&str]) -> String {
         let out = std::process::Command::new("redis-cli")
             .args(["-p", &self.port.to_string()])
             .args(args)
@@ -68,15 +69,12 @@ impl RedisServer {
             out.status.success() && !out.stdout.starts_with(b"ERR"),
             "{args:?}: {out:?}"
         );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
     /// The value of string key `key` (empty when there is none), as `redis-cli GET` prints it.
     pub fn value(&self, key: &str) -> String {
-        let out = std::process::Command::new("redis-cli")
-            .args(["-p", &self.port.to_string(), "GET", key])
-            .output()
-            .expect("redis-cli runs");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        self.command(&["GET", key])
     }
 
     /// Waits until `count` clients are blocked (by a `CLIENT PAUSE`, a blocking command): what a test holds still.
