@@ -355,10 +355,8 @@ write_through!(HeadCheck<I>, inner, I);
 /// its `Content-Length` or its chunks — and finds a head holding both a `Content-Length` and a
 /// `Transfer-Encoding` line. A body is skipped, never read as lines: whatever it imitates, it is not the next
 /// request's head. A line read whole is looked at where it lies; of a line split across reads only its first bytes
-/// are kept (a length's up to [`HeadScan::KEPT_LENGTH`]). A connection that opens with the HTTP/2 preface, or whose
-/// framing hyper would refuse (and close it for), is not followed further; nor is one whose `Content-Length`, split
-/// across reads, is padded past what is kept (hyper would take it; the scan loses the body's end — a request with
-/// both headers after it on that connection is still served by hyper as chunked, and the connection closed).
+/// are kept, a length's without what pads it. A connection that opens with the HTTP/2 preface, or whose framing
+/// hyper would refuse (and close it for), is not followed further.
 #[derive(Debug, Default)]
 struct HeadScan {
     at: Framing,
@@ -413,10 +411,9 @@ enum Framing {
 impl HeadScan {
     const CONTENT_LENGTH: &'static [u8] = b"content-length:";
     const TRANSFER_ENCODING: &'static [u8] = b"transfer-encoding:";
-    /// The bytes kept of a line split across reads: a header's name.
+    /// The bytes kept of a line split across reads: a header's name, or a length as [`HeadScan::push_length`]
+    /// keeps it (a length hyper takes is at most 20 digits).
     const KEPT: usize = 64;
-    /// The bytes kept of a `Content-Length` or chunk-size line split across reads: spaces and zeros may pad it.
-    const KEPT_LENGTH: usize = 8 << 10;
 
     /// Scans `bytes`; the number (from 1) of the request whose head has both headers, when it ended in them.
     fn scan(&mut self, mut bytes: &[u8]) -> Option<u64> {
@@ -469,20 +466,40 @@ impl HeadScan {
 
     /// Takes more of the current line.
     fn extend_line(&mut self, part: &[u8]) {
-        let length = self.at == Framing::ChunkSize || Self::named(&self.line, Self::CONTENT_LENGTH).is_some();
-        let kept = if length { Self::KEPT_LENGTH } else { Self::KEPT };
         if let Some(&last) = part.last() {
             self.cr_last = last == b'\r';
         }
-        let mut bytes = part.iter().copied().filter(|&byte| byte != b'\r');
-        self.line
-            .extend(bytes.by_ref().take(kept.saturating_sub(self.line.len())));
-        // A name read in pieces: past it, a length's line keeps more.
-        if !length && Self::named(&self.line, Self::CONTENT_LENGTH).is_some() {
-            self.line
-                .extend(bytes.by_ref().take(Self::KEPT_LENGTH - self.line.len()));
+        for byte in part.iter().copied().filter(|&byte| byte != b'\r') {
+            let length = match self.at {
+                Framing::ChunkSize => Some(0),
+                _ => Self::named(&self.line, Self::CONTENT_LENGTH).map(|_| Self::CONTENT_LENGTH.len()),
+            };
+            match length {
+                // Nothing of a chunk's extension is kept (a length with a `;` is no number either way).
+                Some(start) if memchr::memchr(b';', &self.line[start..]).is_some() => return,
+                _ if self.line.len() >= Self::KEPT => {
+                    self.cut = true;
+                    return;
+                }
+                Some(start) => self.push_length(start, byte),
+                None => self.line.push(byte),
+            }
         }
-        self.cut |= bytes.next().is_some();
+    }
+
+    /// Keeps `byte` of a length's line, whose length starts at `start`, in a few bytes however it is padded,
+    /// read as hyper reads it: a run of spaces and tabs as one, the zeros before a length's first other digit
+    /// left out.
+    fn push_length(&mut self, start: usize, byte: u8) {
+        let blank = |byte: u8| byte == b' ' || byte == b'\t';
+        let length = &self.line[start..];
+        if blank(byte) && length.last().is_some_and(|&last| blank(last)) {
+            return;
+        }
+        if byte.is_ascii_hexdigit() && length.trim_ascii_start() == b"0" {
+            self.line.pop();
+        }
+        self.line.push(byte);
     }
 
     /// What follows `name` in `line`, when `line` starts with it (in any case).
@@ -687,6 +704,40 @@ mod tests {
         ];
         for connection in connections {
             found_however_split(connection.as_bytes(), 2);
+        }
+    }
+
+    /// Asserts that the scan of `connection` finds request number `ambiguous` when its bytes come in reads of
+    /// `size` bytes, for each of `sizes`.
+    fn found_in_reads_of(connection: &[u8], ambiguous: u64, sizes: &[usize]) {
+        for &size in sizes {
+            let mut scan = HeadScan::default();
+            let found = connection
+                .chunks(size)
+                .fold(None, |found, read| found.or(scan.scan(read)));
+            assert_eq!(found, Some(ambiguous), "reads of {size} bytes");
+        }
+    }
+
+    /// A length padded far past any line the scan keeps (hyper takes 400 KiB of head, and any run of zeros or
+    /// spaces around a chunk's size), its line split across reads, still leaves the scan where hyper is.
+    #[test]
+    fn lengths_padded_past_what_a_line_keeps_are_read_as_hyper_reads_them() {
+        let spaces = " ".repeat(20_000);
+        let zeros = "0".repeat(20_000);
+        let both = "POST / HTTP/1.1\r\ncontent-length: 1\r\ntransfer-encoding: chunked\r\n\r\n";
+        let connections = [
+            format!("POST / HTTP/1.1\r\nContent-Length:{spaces}2\r\n\r\n{{}}{both}"),
+            format!("POST / HTTP/1.1\r\nContent-Length: 2{spaces}\r\n\r\n{{}}{both}"),
+            format!("POST / HTTP/1.1\r\nContent-Length: {zeros}2\r\n\r\n{{}}{both}"),
+            format!("POST / HTTP/1.1\r\nContent-Length: {zeros}\r\n\r\n{both}"),
+            format!("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{zeros}2{spaces}\r\n{{}}\r\n0\r\n\r\n{both}"),
+            format!(
+                "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{zeros}2{spaces};e=1\r\n{{}}\r\n0\r\n\r\n{both}"
+            ),
+        ];
+        for connection in connections {
+            found_in_reads_of(connection.as_bytes(), 2, &[1, 2, 7, 64, 1000, 8191, 16_384]);
         }
     }
 
