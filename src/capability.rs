@@ -11,6 +11,8 @@ use std::{
 
 /// The longest `request_id` a caller may choose (AIP-155 allows any string; we bound it).
 pub const MAX_REQUEST_ID_LEN: usize = 128;
+/// The most channel identities one query may carry: Sinch calls back once for each.
+pub const MAX_IDENTITIES: usize = 100;
 
 /// Declares a Sinch enumeration: the variants, Sinch's spelling of each and its number in the contract.
 macro_rules! sinch_enum {

@@ -116,18 +116,18 @@ async fn the_same_outcome_in_other_bytes_is_delivered_once_and_a_new_outcome_is_
 }
 
 #[tokio::test]
-async fn a_request_takes_at_most_64_notifications_and_the_excess_is_acknowledged() {
+async fn a_request_takes_at_most_its_cap_of_notifications_and_the_excess_is_acknowledged() {
     let fake = FakeSinch::start().await;
-    let service = Service::against(&fake, &[]).await;
-    for i in 0..70 {
+    let service = Service::against(&fake, &["--max-notifications-per-request=100"]).await;
+    for i in 0..106 {
         let body = callback("flood", &format!("CHANNEL{i}"), "CAPABILITY_FULL", 0);
         assert_eq!(deliver(service.webhook_addr, body).await, 200, "notification {i}");
     }
     let kept = held(&service, "flood", 0).await;
-    assert_eq!(kept.len(), 64);
+    assert_eq!(kept.len(), 100);
     assert_eq!(
         kept.last().unwrap(),
-        &(64, "CHANNEL63".into(), "CAPABILITY_FULL".into())
+        &(100, "CHANNEL99".into(), "CAPABILITY_FULL".into())
     );
 }
 

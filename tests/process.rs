@@ -78,6 +78,8 @@ fn a_bad_value_stops_the_process_before_it_binds_naming_the_variable() {
         ("SINCH_KEY_SECRET", "TOP\u{1}SECRET"),
         ("CAPABILITY_RETENTION", "10000000000h"),
         ("CAPABILITY_HEARTBEAT", "-5s"),
+        // Fewer than a query's results: the rest would be dropped.
+        ("CAPABILITY_MAX_NOTIFICATIONS_PER_REQUEST", "64"),
         // Set, but naming no token: calls would be taken without one.
         ("CAPABILITY_GRPC_TOKENS", ","),
         ("CAPABILITY_GRPC_TOKENS", " \n"),

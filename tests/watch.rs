@@ -78,6 +78,32 @@ async fn a_channel_listed_with_two_identities_does_not_complete_the_watch_at_its
     }
 }
 
+/// A query of as many identities as QueryCapability takes: each one's result is kept and delivered (with the
+/// default settings).
+#[tokio::test]
+async fn a_query_of_the_most_identities_gets_every_result() {
+    use capability_facade::capability::MAX_IDENTITIES;
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let numbers: Vec<String> = (0..MAX_IDENTITIES).map(|i| format!("467000{i:05}")).collect();
+    let pairs: Vec<(Channel, &str)> = numbers.iter().map(|n| (Channel::Sms, n.as_str())).collect();
+    client
+        .query_capability(query(identities(&pairs), "most"))
+        .await
+        .unwrap();
+    for number in &numbers {
+        let body = capability_body("most", "SMS", number, "CAPABILITY_FULL");
+        assert_eq!(deliver(service.webhook_addr, body).await, 200);
+    }
+    let delivered: Vec<String> = common::held(&service, "most", 0)
+        .await
+        .into_iter()
+        .map(|(_, _, status)| status)
+        .collect();
+    assert_eq!(delivered, vec!["CAPABILITY_FULL"; MAX_IDENTITIES]);
+}
+
 #[tokio::test]
 async fn callbacks_that_arrive_before_the_query_answer_are_replayed_to_a_later_watch() {
     let sandbox = Sandbox::start(&[], None).await;

@@ -11,7 +11,7 @@ use std::{net::SocketAddr, num::NonZeroU32, path::PathBuf, time::Duration};
 use clap::{Args, ValueEnum};
 
 use crate::{
-    capability::{CacheTtl, ChannelOrder},
+    capability::{CacheTtl, ChannelOrder, MAX_IDENTITIES},
     secret::Secret,
 };
 use values::{
@@ -200,11 +200,11 @@ pub struct RetentionSettings {
     #[arg(id = "max-requests", long = "max-requests", env = MAX_REQUESTS, default_value = "500000",
           value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub max_requests: u64,
-    /// The most notifications one request takes (Sinch sends one per channel identity); the excess is
-    /// acknowledged, dropped and counted.
+    /// The most notifications one request takes (Sinch sends one per channel identity, and a query carries up to
+    /// 100: no fewer); the excess is acknowledged, dropped and counted.
     #[arg(id = "max-notifications-per-request", long = "max-notifications-per-request",
-          env = MAX_NOTIFICATIONS_PER_REQUEST, default_value = "64",
-          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+          env = MAX_NOTIFICATIONS_PER_REQUEST, default_value = "128",
+          value_parser = clap::value_parser!(u64).range(MAX_IDENTITIES as u64..=1_000_000))]
     pub max_notifications_per_request: u64,
 }
 

@@ -7,7 +7,8 @@ use prost::Message;
 
 use crate::{
     capability::{
-        CapabilityStatus, Channel, ChannelIdentity, ChannelOrder, MAX_REQUEST_ID_LEN, QueryAccepted, Recipient,
+        CapabilityStatus, Channel, ChannelIdentity, ChannelOrder, MAX_IDENTITIES, MAX_REQUEST_ID_LEN, QueryAccepted,
+        Recipient,
     },
     check::{
         CheckAnswer, CheckRequest, Source,
@@ -18,8 +19,6 @@ use crate::{
     query::QueryRequest,
 };
 
-/// The most channel identities one query may carry.
-pub const MAX_IDENTITIES: usize = 100;
 /// The longest app id, contact id or identity accepted.
 pub const MAX_FIELD_LEN: usize = 256;
 

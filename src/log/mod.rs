@@ -7,7 +7,7 @@
 //!   the dedupe check, and travels with the entry, so every replica numbers it the same whenever it reads it;
 //! - **duplicates**: a notification with the same [`Digest`] as one its request already holds is acknowledged
 //!   and dropped, whatever its bytes;
-//! - **the cap**: past `CAPABILITY_MAX_NOTIFICATIONS_PER_REQUEST` notifications (64 by default) a request takes
+//! - **the cap**: past `CAPABILITY_MAX_NOTIFICATIONS_PER_REQUEST` notifications (128 by default) a request takes
 //!   no more (acknowledged, dropped, counted);
 //! - **time**: each entry carries the log's time (Redis's clock with Redis); retention counts from it.
 //!
