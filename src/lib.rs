@@ -336,7 +336,7 @@ impl Service {
             shutdown.clone(),
         );
         let transport = grpc::TransportSettings {
-            tokens: config.grpc.tokens.secrets.clone(),
+            tokens: config.grpc_tokens(),
             max_streams_per_connection: config.grpc.max_streams_per_connection,
             max_connection_age: Some(config.grpc.max_connection_age).filter(|age| !age.is_zero()),
             // A watch lasts at most the retention: open streams may finish on an aged connection.

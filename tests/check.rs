@@ -990,7 +990,7 @@ async fn a_check_given_up_while_taking_its_lease_leaves_no_lease_behind() {
     let redis = RedisServer::start().await;
     let fake = FakeSinch::start().await;
     let url = format!("--redis-url={}", redis.url());
-    let service = Service::against(&fake, &[&url, "--cache-hash-key=given-up-key"]).await;
+    let service = Service::against(&fake, &[&url, "--cache-hash-key=a-key-given-up-on-at-least-32-bytes"]).await;
     let client = service.client().await;
     redis.command(&["CLIENT", "PAUSE", "1000", "WRITE"]);
     let given_up = spawn_check(client.clone(), check(identities(&[(Channel::Sms, NUMBER)]))).await;

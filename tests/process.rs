@@ -83,6 +83,14 @@ fn a_bad_value_stops_the_process_before_it_binds_naming_the_variable() {
         // Set, but naming no token: calls would be taken without one.
         ("CAPABILITY_GRPC_TOKENS", ","),
         ("CAPABILITY_GRPC_TOKENS", " \n"),
+        // Set but empty (a secret whose mount failed): calls would be taken without a token, the replicas would not
+        // share their log, cache entries would be named with a key anyone can guess.
+        ("CAPABILITY_GRPC_TOKENS", ""),
+        ("CAPABILITY_REDIS_URL", ""),
+        ("CAPABILITY_REDIS_URL", "\n"),
+        ("CAPABILITY_CACHE_HASH_KEY", ""),
+        // Shorter than the 32 bytes deploy/k8s/base/secret.example.yaml asks for (it is its placeholder).
+        ("CAPABILITY_CACHE_HASH_KEY", "32-or-more-random-bytes"),
     ];
     for (variable, value) in cases {
         let output = binary()

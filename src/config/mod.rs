@@ -308,9 +308,8 @@ pub struct CheckSettings {
 pub struct GrpcSettings {
     /// Comma-separated bearer tokens; when set, CapabilityService calls must carry `authorization: Bearer <one
     /// of them>` (health and reflection stay open). Off by default: in a mesh, mTLS identifies callers.
-    #[arg(id = "grpc-tokens", long = "grpc-tokens", env = GRPC_TOKENS, hide_env_values = true, value_parser = SecretListParser,
-          default_value = "")]
-    pub tokens: SecretList,
+    #[arg(id = "grpc-tokens", long = "grpc-tokens", env = GRPC_TOKENS, hide_env_values = true, value_parser = SecretListParser)]
+    pub tokens: Option<SecretList>,
     /// HTTP/2 streams one connection may carry at once (a mesh sidecar multiplexes many callers on few).
     #[arg(id = "max-streams-per-connection", long = "max-streams-per-connection", env = MAX_STREAMS_PER_CONNECTION, default_value = "10000",
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
@@ -570,6 +569,8 @@ pub const CHECK_WAIT: &str = "CAPABILITY_CHECK_WAIT";
 pub const CHECK_SETTLE: &str = "CAPABILITY_CHECK_SETTLE";
 pub const CHANNEL_PREFERENCE: &str = "CAPABILITY_CHANNEL_PREFERENCE";
 pub const CACHE_HASH_KEY: &str = "CAPABILITY_CACHE_HASH_KEY";
+/// The fewest bytes `CAPABILITY_CACHE_HASH_KEY` may hold (HMAC-SHA-256's own size).
+pub const MIN_CACHE_HASH_KEY: usize = 32;
 pub const CALLBACK_RATE: &str = "SINCH_CALLBACK_RATE";
 pub const BULK_RETENTION: &str = "CAPABILITY_BULK_RETENTION";
 
@@ -640,6 +641,37 @@ impl Config {
                 format!(
                     "no webhook secret is set, so callbacks could not be verified; set the secret registered with \
                      Sinch, or {INSECURE_WEBHOOKS}=true to accept unsigned callbacks (never in production)"
+                ),
+            ));
+        }
+        // Set to nothing, as a secret whose mount failed is: each would turn something off without a word.
+        let empty = [
+            (
+                GRPC_TOKENS,
+                self.grpc.tokens.as_ref().is_some_and(|t| t.secrets.is_empty()),
+                "calls would be taken without a token",
+            ),
+            (
+                REDIS_URL,
+                self.redis.url.as_ref().is_some_and(|u| u.secret.is_empty()),
+                "the replicas would not share their log",
+            ),
+        ];
+        if let Some((variable, _, what)) = empty.into_iter().find(|(_, empty, _)| *empty) {
+            return Err(invalid(
+                variable,
+                format!("set but empty: {what} (unset it if that is meant)"),
+            ));
+        }
+        if let Some(key) = &self.check.hash_key
+            && key.secret.expose().len() < MIN_CACHE_HASH_KEY
+        {
+            return Err(invalid(
+                CACHE_HASH_KEY,
+                format!(
+                    "{} bytes: set {MIN_CACHE_HASH_KEY} or more random bytes (cache entries' names in Redis are keyed \
+                     hashes of phone numbers: a short key lets whoever reads Redis find the numbers), or unset it",
+                    key.secret.expose().len()
                 ),
             ));
         }
@@ -744,7 +776,7 @@ impl Config {
             (KEY_SECRET, self.sinch.key_secret.as_ref().is_some_and(|v| v.trimmed)),
             (WEBHOOK_SECRETS, self.webhook.secrets.trimmed),
             (REDIS_URL, self.redis.url.as_ref().is_some_and(|v| v.trimmed)),
-            (GRPC_TOKENS, self.grpc.tokens.trimmed),
+            (GRPC_TOKENS, self.grpc.tokens.as_ref().is_some_and(|v| v.trimmed)),
             (CACHE_HASH_KEY, self.check.hash_key.as_ref().is_some_and(|v| v.trimmed)),
         ]
         .into_iter()
@@ -754,7 +786,12 @@ impl Config {
 
     /// The Redis URL, when one is set.
     pub fn redis_url(&self) -> Option<&Secret> {
-        self.redis.url.as_ref().map(|v| &v.secret).filter(|s| !s.is_empty())
+        self.redis.url.as_ref().map(|v| &v.secret)
+    }
+
+    /// The bearer tokens calls must carry one of; none when unset.
+    pub fn grpc_tokens(&self) -> Vec<Secret> {
+        self.grpc.tokens.as_ref().map(|t| t.secrets.clone()).unwrap_or_default()
     }
 
     /// The log format: the configured one, else text on a terminal and JSON otherwise.
