@@ -343,3 +343,56 @@ async fn an_expired_token_is_told_expired_after_others_were_issued() {
     let told = challenge("never-issued".into()).await;
     assert!(!told.contains("expired"), "{told}");
 }
+
+/// The sandbox runs in the service's own process in sandbox mode, so what callers make it hold is bounded: queries
+/// that outrun the callbacks' pace are refused 429 once so many callbacks wait to be sent (each was held until
+/// sent), and a sandbox that takes any app id holds at most so many apps (each new id was kept for good).
+#[tokio::test]
+async fn what_callers_make_the_sandbox_hold_is_bounded() {
+    // Takes connections and never answers: past the first callback, every other one waits.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let destination = sandbox::webhooks::Destination {
+        target: receiver(silent.local_addr().unwrap()),
+        secret: capability_facade::secret::Secret::new("s"),
+    };
+    let paced = Sandbox::start(&["--sandbox-webhook-rate=1"], Some(destination)).await;
+    let identities: Vec<Value> = (0..100)
+        .map(|i| json!({"channel": "SMS", "identity": format!("467000{i:05}")}))
+        .collect();
+    let body = json!({"app_id": "APP-1", "recipient": {"identified_by": {"channel_identities": identities}}});
+    let queries = sandbox::MAX_WAITING_CALLBACKS / 100;
+    for i in 0..queries {
+        let (status, answer) = paced
+            .call(reqwest::Method::POST, "/capability:query", Some(body.clone()))
+            .await;
+        assert_eq!(status, 200, "query {i}: {answer}");
+    }
+    let (status, answer) = paced.call(reqwest::Method::POST, "/capability:query", Some(body)).await;
+    assert_eq!(status, 429, "{}", answer["request_id"]);
+    assert_eq!(answer["error"]["status"], "RESOURCE_EXHAUSTED", "{answer}");
+
+    let any_app = Sandbox::start(&["--sandbox-project-rate=0"], None).await;
+    let query = |app: String| json!({"app_id": app, "recipient": {"contact_id": "C"}});
+    for i in 0..sandbox::MAX_APPS {
+        let (status, answer) = any_app
+            .call(
+                reqwest::Method::POST,
+                "/capability:query",
+                Some(query(format!("APP-{i}"))),
+            )
+            .await;
+        assert_eq!(status, 200, "app {i}: {answer}");
+    }
+    let (status, answer) = any_app
+        .call(
+            reqwest::Method::POST,
+            "/capability:query",
+            Some(query("ONE-MORE".into())),
+        )
+        .await;
+    assert_eq!(status, 404, "{answer}");
+    let (status, _) = any_app
+        .call(reqwest::Method::POST, "/capability:query", Some(query("APP-0".into())))
+        .await;
+    assert_eq!(status, 200, "an app it holds is still answered");
+}

@@ -13,7 +13,10 @@ pub mod webhooks;
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -47,6 +50,11 @@ pub const KEY_SECRET: &str = "sandbox-secret";
 /// How long a token is still told apart as expired after it expired: at the token bucket's 10 a second, at most
 /// 36,000 expired tokens are remembered beside the live ones (as many again over the default hour's lifetime).
 const EXPIRED_TOKENS_KNOWN: Duration = Duration::from_secs(3600);
+/// The most callbacks held waiting to be sent (at the apps' pace); a query past it is refused 429.
+pub const MAX_WAITING_CALLBACKS: usize = 10_000;
+pub use webhooks::MAX_APPS;
+/// How long a callback's post may take (Sinch's own limit is not documented).
+const CALLBACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the sandbox accepts and how it behaves.
 #[derive(Debug, Clone)]
@@ -108,6 +116,36 @@ struct Sandbox {
     registry: Registry,
     /// Posts the callbacks.
     http: reqwest::Client,
+    /// Callbacks held waiting to be sent, at most [`MAX_WAITING_CALLBACKS`].
+    waiting: Arc<AtomicUsize>,
+}
+
+/// A query's callbacks counted among those waiting until its delivery ends.
+struct Waiting {
+    count: Arc<AtomicUsize>,
+    callbacks: usize,
+}
+
+impl Waiting {
+    /// Counts `callbacks` more, unless that would pass [`MAX_WAITING_CALLBACKS`].
+    fn take(count: &Arc<AtomicUsize>, callbacks: usize) -> Option<Waiting> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
+                held.checked_add(callbacks)
+                    .filter(|&after| after <= MAX_WAITING_CALLBACKS)
+            })
+            .ok()?;
+        Some(Waiting {
+            count: count.clone(),
+            callbacks,
+        })
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.count.fetch_sub(self.callbacks, Ordering::AcqRel);
+    }
 }
 
 /// Serves the sandbox on `listener` until `shutdown` is cancelled.
@@ -139,6 +177,8 @@ pub fn router(config: SandboxConfig) -> Router {
         http: {
             crate::upstream::install_crypto_provider();
             reqwest::Client::builder()
+                // A receiver that never answers would hold its callbacks among the waiting ones for good.
+                .timeout(CALLBACK_TIMEOUT)
                 .danger_accept_invalid_certs(config.trust_own_listener)
                 .build()
                 .expect("a client without custom roots always builds")
@@ -150,6 +190,7 @@ pub fn router(config: SandboxConfig) -> Router {
         project_bucket,
         started: Instant::now(),
         registry,
+        waiting: Arc::default(),
     });
     let webhooks_api = Router::new()
         .route("/v1/projects/{project}/webhooks", post(webhooks::create))
@@ -364,13 +405,19 @@ async fn query(
     let knobs = &sandbox.config.knobs;
     let bodies = callbacks::bodies(&sandbox.config.project_id, &query, knobs.silent_unreachable);
     if !destinations.is_empty() && !bodies.is_empty() {
-        tokio::spawn(callbacks::deliver(
-            sandbox.http.clone(),
-            destinations,
-            bodies,
-            knobs.clone(),
-            pacer,
-        ));
+        let Some(waiting) = Waiting::take(&sandbox.waiting, bodies.len()) else {
+            let refused = (
+                StatusCode::TOO_MANY_REQUESTS,
+                "RESOURCE_EXHAUSTED",
+                "Too many callbacks waiting to be sent",
+            );
+            return fault(knobs, refused);
+        };
+        let deliver = callbacks::deliver(sandbox.http.clone(), destinations, bodies, knobs.clone(), pacer);
+        tokio::spawn(async move {
+            deliver.await;
+            drop(waiting);
+        });
     }
     axum::Json(query).into_response()
 }

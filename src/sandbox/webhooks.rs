@@ -48,6 +48,9 @@ const TRIGGERS: &[&str] = &[
     "RECORD_NOTIFICATION",
 ];
 
+/// The most apps a sandbox that takes any app id holds; a new id past it is unknown (404).
+pub const MAX_APPS: usize = 1_000;
+
 /// Where one copy of a callback goes.
 #[derive(Debug, Clone)]
 pub struct Destination {
@@ -112,11 +115,12 @@ impl Registry {
         }
     }
 
-    /// Runs `f` on app `id`, creating it when any app id is accepted; `None` when the app is unknown.
+    /// Runs `f` on app `id`, creating it when any app id is accepted (up to [`MAX_APPS`]); `None` when the app is
+    /// unknown.
     pub fn with_app<T>(&self, id: &str, f: impl FnOnce(&mut App) -> T) -> Option<T> {
         let mut apps = self.apps.lock().expect("sandbox lock poisoned");
         if !apps.contains_key(id) {
-            if self.known_only {
+            if self.known_only || apps.len() >= MAX_APPS {
                 return None;
             }
             apps.insert(id.to_owned(), self.new_app(id));
