@@ -106,6 +106,7 @@ impl Service {
         // The recorder first: a gauge or counter set before it exists (by the log's read-back, by the start-up
         // registration check) would be lost.
         telemetry::metrics();
+        telemetry::zero_alerted_series();
         for variable in config.trimmed_secrets() {
             tracing::info!("{variable}: a trailing line break was trimmed from the value");
         }

@@ -234,6 +234,25 @@ pub fn metrics() -> PrometheusHandle {
         .clone()
 }
 
+/// Makes at 0 the series that the alerts of docs/OPERATIONS.md watch with `increase()` or `rate()`: a series that
+/// first appears at 1 reads as no increase, so a replica's first such event would fire nothing. Each with the
+/// labels its counting site gives it.
+pub fn zero_alerted_series() {
+    for name in ["capability_queries_total", "capability_checks_total"] {
+        metrics::counter!(name, "outcome" => "internal").increment(0);
+    }
+    for result in ["bad_signature", "not_found", "shed", "unavailable"] {
+        metrics::counter!("capability_webhooks_total", "result" => result).increment(0);
+    }
+    for reason in ["malformed", "unknown_version"] {
+        metrics::counter!("capability_log_skipped_total", "reason" => reason).increment(0);
+    }
+    metrics::counter!("capability_requests_evicted_total").increment(0);
+    for listener in ["grpc", "webhook", "admin"] {
+        metrics::counter!("capability_connections_refused_total", "listener" => listener).increment(0);
+    }
+}
+
 /// `metrics::counter!` (or `gauge!`, `histogram!`, as `$kind`) for a metric whose name and labels are literals,
 /// its handle registered on first use and kept: the macro alone looks its key up in the recorder's registry
 /// (hashing its name and labels) on every call, several times per callback. First used only once

@@ -185,3 +185,28 @@ async fn until_metric(service: &common::Service, line: &str) {
     }
     panic!("/metrics never carried {line:?}");
 }
+
+/// The series the alerts of docs/OPERATIONS.md watch with `increase()` or `rate()` are there at 0 from the start:
+/// a series that first appears at 1 reads as no increase, so the first credentials refusal, bad signature, skipped
+/// entry, eviction or refused connection of a replica would fire nothing.
+#[tokio::test]
+async fn the_series_alerts_count_on_are_there_at_zero_from_the_start() {
+    let replica = common::Binary::spawn(&[]).await;
+    let text = common::metrics_text(replica.admin_addr).await;
+    for series in [
+        "capability_queries_total{outcome=\"internal\"} 0",
+        "capability_checks_total{outcome=\"internal\"} 0",
+        "capability_webhooks_total{result=\"bad_signature\"} 0",
+        "capability_webhooks_total{result=\"not_found\"} 0",
+        "capability_webhooks_total{result=\"shed\"} 0",
+        "capability_webhooks_total{result=\"unavailable\"} 0",
+        "capability_log_skipped_total{reason=\"malformed\"} 0",
+        "capability_log_skipped_total{reason=\"unknown_version\"} 0",
+        "capability_requests_evicted_total 0",
+        "capability_connections_refused_total{listener=\"grpc\"} 0",
+        "capability_connections_refused_total{listener=\"webhook\"} 0",
+        "capability_connections_refused_total{listener=\"admin\"} 0",
+    ] {
+        assert!(text.lines().any(|line| line == series), "no {series:?} in\n{text}");
+    }
+}
