@@ -210,3 +210,41 @@ async fn the_series_alerts_count_on_are_there_at_zero_from_the_start() {
         assert!(text.lines().any(|line| line == series), "no {series:?} in\n{text}");
     }
 }
+
+/// The delivery latency counts a notification delivered as it arrives, not one a watch replays: a watch opened a
+/// minute after its callbacks would record a minute, and the "slow delivery" alert would fire on normal use.
+#[tokio::test]
+async fn delivery_latency_counts_live_deliveries_not_replays() {
+    let replica = common::Binary::spawn(&[("SINCH_WEBHOOK_SECRETS", common::WEBHOOK_SECRET.into())]).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", replica.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = pb::capability_service_client::CapabilityServiceClient::new(channel);
+    let recorded = || async {
+        let text = common::metrics_text(replica.admin_addr).await;
+        text.lines()
+            .find_map(|line| line.strip_prefix("capability_delivery_latency_seconds_count "))
+            .map_or(0, |count| count.parse::<u64>().unwrap())
+    };
+    let body = |request_id: &str| capability_body(request_id, "SMS", "46700000001", "CAPABILITY_FULL");
+
+    assert_eq!(deliver(replica.webhook_addr, body("earlier")).await, 200);
+    let replay = client
+        .watch_capability(watch_request("earlier", 0, Some(std::time::Duration::ZERO)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(drain(replay).await.0.len(), 1, "the replay");
+    assert_eq!(recorded().await, 0, "a replay's latency was recorded");
+
+    let mut live = client
+        .watch_capability(watch_request("later", 0, Some(std::time::Duration::from_secs(30))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(deliver(replica.webhook_addr, body("later")).await, 200);
+    live.message().await.unwrap().expect("the live notification");
+    assert_eq!(recorded().await, 1, "the live delivery's latency");
+}

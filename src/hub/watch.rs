@@ -58,6 +58,8 @@ pub enum WatchEvent {
         offset: u64,
         request_id: Arc<str>,
         body: Vec<u8>,
+        /// Held when the watch opened (a replay), rather than delivered as it arrived.
+        replayed: bool,
     },
     Heartbeat {
         last_offset: u64,
@@ -152,12 +154,13 @@ impl Stream for Watch {
                 return finish(WatchEvent::ShuttingDown { last_offset });
             }
             let pending = match this.subscription.take() {
-                Snapshot::Notification(offset, body) => {
+                Snapshot::Notification { offset, body, replayed } => {
                     *this.next_heartbeat = heartbeat_from_now();
                     return Poll::Ready(Some(WatchEvent::Notification {
                         offset,
                         request_id: this.subscription.request_id.clone(),
                         body,
+                        replayed,
                     }));
                 }
                 Snapshot::Gone => return finish(WatchEvent::Evicted { last_offset }),
