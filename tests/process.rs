@@ -89,8 +89,8 @@ fn a_bad_value_stops_the_process_before_it_binds_naming_the_variable() {
         ("CAPABILITY_REDIS_URL", ""),
         ("CAPABILITY_REDIS_URL", "\n"),
         ("CAPABILITY_CACHE_HASH_KEY", ""),
-        // Shorter than the 32 bytes deploy/k8s/base/secret.example.yaml asks for (it is its placeholder).
-        ("CAPABILITY_CACHE_HASH_KEY", "32-or-more-random-bytes"),
+        // Shorter than 32 bytes: deploy/k8s/base/secret.example.yaml's placeholder, applied as it is.
+        ("CAPABILITY_CACHE_HASH_KEY", "openssl-rand-hex-32"),
     ];
     for (variable, value) in cases {
         let output = binary()
