@@ -215,7 +215,12 @@ async fn the_series_alerts_count_on_are_there_at_zero_from_the_start() {
 /// minute after its callbacks would record a minute, and the "slow delivery" alert would fire on normal use.
 #[tokio::test]
 async fn delivery_latency_counts_live_deliveries_not_replays() {
-    let replica = common::Binary::spawn(&[("SINCH_WEBHOOK_SECRETS", common::WEBHOOK_SECRET.into())]).await;
+    let replica = common::Binary::spawn(&[
+        ("SINCH_WEBHOOK_SECRETS", common::WEBHOOK_SECRET.into()),
+        // A heartbeat says the live watch below has looked and found nothing held.
+        ("CAPABILITY_HEARTBEAT", "10ms".into()),
+    ])
+    .await;
     let channel = tonic::transport::Channel::from_shared(format!("http://{}", replica.grpc_addr))
         .unwrap()
         .connect()
@@ -244,7 +249,15 @@ async fn delivery_latency_counts_live_deliveries_not_replays() {
         .await
         .unwrap()
         .into_inner();
+    let event = |message: Option<pb::WatchCapabilityResponse>| message.expect("the stream ended").event.unwrap();
+    assert!(matches!(
+        event(live.message().await.unwrap()),
+        pb::watch_capability_response::Event::Heartbeat(_)
+    ));
     assert_eq!(deliver(replica.webhook_addr, body("later")).await, 200);
-    live.message().await.unwrap().expect("the live notification");
+    while !matches!(
+        event(live.message().await.unwrap()),
+        pb::watch_capability_response::Event::Notification(_)
+    ) {}
     assert_eq!(recorded().await, 1, "the live delivery's latency");
 }

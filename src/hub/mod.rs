@@ -356,14 +356,13 @@ impl Hub {
     /// Opens a watch of `request_id` that first replays what is past `after_offset`.
     pub fn watch(self: &Arc<Self>, request_id: &str, after_offset: u64, limits: WatchLimits) -> Watch {
         let key = self.keys.of(request_id);
-        let (generation, changed, replay_to) = {
+        let (generation, changed) = {
             let mut shard = self.shard(key);
             let now = self.now_ms.load(Ordering::Relaxed);
             let record = shard.records.entry(key).or_insert_with(|| self.new_record(false, now));
             record.watchers += 1;
             let changed = record.changed.get_or_insert_with(|| Arc::new(Notify::new())).clone();
-            let replay_to = record.notifications.last_offset().unwrap_or(0);
-            (record.generation, changed, replay_to)
+            (record.generation, changed)
         };
         Watch::new(
             Subscription {
@@ -374,7 +373,6 @@ impl Hub {
                 changed,
                 cursor: after_offset,
                 skipped: (0, 0),
-                replay_to,
             },
             limits,
         )
@@ -510,15 +508,12 @@ pub(crate) struct Subscription {
     cursor: u64,
     /// The offsets it passed without reading them (they had expired), first and last (0, 0: none).
     skipped: (u32, u32),
-    /// The last offset held when it opened: up to it, what it takes is a replay.
-    replay_to: u64,
 }
 
 /// What a subscription found past its cursor.
 pub(crate) enum Snapshot {
-    /// The next notification, its compact encoding, and whether it was held when the watch opened: the cursor
-    /// has moved to it.
-    Notification { offset: u64, body: Vec<u8>, replayed: bool },
+    /// The next notification, (offset, compact encoding): the cursor has moved to it.
+    Notification(u64, Vec<u8>),
     /// Nothing past the cursor. `Some(pending)` when the expected channels are known; complete when `pending` is
     /// empty.
     Quiet { pending: Option<Vec<Channel>> },
@@ -545,8 +540,7 @@ impl Subscription {
                 self.skipped = (narrow(first), narrow(last));
             }
             self.cursor = offset;
-            let replayed = offset <= self.replay_to;
-            return Snapshot::Notification { offset, body, replayed };
+            return Snapshot::Notification(offset, body);
         }
         // The channels whose last result expired before this watch read it: past its cursor, or passed by it.
         let (first, last) = (u64::from(self.skipped.0), u64::from(self.skipped.1));

@@ -58,7 +58,8 @@ pub enum WatchEvent {
         offset: u64,
         request_id: Arc<str>,
         body: Vec<u8>,
-        /// Held when the watch opened (a replay), rather than delivered as it arrived.
+        /// Handed out before the watch first caught up with what its request held: a replay, rather than a
+        /// notification delivered as it arrived.
         replayed: bool,
     },
     Heartbeat {
@@ -100,6 +101,8 @@ pin_project! {
         heartbeat: u32,
         finished: bool,
         ends_at_shutdown: bool,
+        // Whether it found nothing past its cursor once: what it hands out before is a replay.
+        caught_up: bool,
         // Whether `changed` is registered and has not fired since: it must be before the record is read.
         armed: bool,
         #[pin]
@@ -122,6 +125,7 @@ impl Watch {
             heartbeat,
             finished: false,
             ends_at_shutdown: limits.ends_at_shutdown,
+            caught_up: false,
             armed: false,
             timer: None,
         }
@@ -154,17 +158,20 @@ impl Stream for Watch {
                 return finish(WatchEvent::ShuttingDown { last_offset });
             }
             let pending = match this.subscription.take() {
-                Snapshot::Notification { offset, body, replayed } => {
+                Snapshot::Notification(offset, body) => {
                     *this.next_heartbeat = heartbeat_from_now();
                     return Poll::Ready(Some(WatchEvent::Notification {
                         offset,
                         request_id: this.subscription.request_id.clone(),
                         body,
-                        replayed,
+                        replayed: !*this.caught_up,
                     }));
                 }
                 Snapshot::Gone => return finish(WatchEvent::Evicted { last_offset }),
-                Snapshot::Quiet { pending } => pending,
+                Snapshot::Quiet { pending } => {
+                    *this.caught_up = true;
+                    pending
+                }
             };
             if pending.as_ref().is_some_and(Vec::is_empty) {
                 return finish(WatchEvent::Completed {
