@@ -8,9 +8,9 @@
 use std::time::Duration;
 
 use capability_facade::{
-    capability::{MAX_REQUEST_ID_LEN, Query, Recipient},
+    capability::{MAX_IDENTITIES, MAX_REQUEST_ID_LEN, Query, Recipient},
     grpc::{
-        convert::{self, MAX_FIELD_LEN, MAX_IDENTITIES},
+        convert::{self, MAX_FIELD_LEN},
         pb,
     },
     upstream::wire::{QueryJson, RecipientJson},
