@@ -395,4 +395,13 @@ async fn what_callers_make_the_sandbox_hold_is_bounded() {
         .call(reqwest::Method::POST, "/capability:query", Some(query("APP-0".into())))
         .await;
     assert_eq!(status, 200, "an app it holds is still answered");
+    // Nor does moving a webhook to a new app id make one past the bound.
+    let webhook = json!({"app_id": "APP-0", "target": "https://example.com/hook", "triggers": ["CAPABILITY"]});
+    let (status, created) = any_app.call(reqwest::Method::POST, "/webhooks", Some(webhook)).await;
+    assert_eq!(status, 200, "{created}");
+    let path = format!("/webhooks/{}?update_mask=app_id", created["id"].as_str().unwrap());
+    let (status, moved) = any_app
+        .call(reqwest::Method::PATCH, &path, Some(json!({"app_id": "MOVED-TO"})))
+        .await;
+    assert_eq!(status, 404, "{moved}");
 }

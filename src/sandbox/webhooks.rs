@@ -390,7 +390,7 @@ pub(super) async fn update(
         return bad_request(message);
     }
     if !apps.contains_key(&updated.app_id) {
-        if sandbox.registry.known_only {
+        if sandbox.registry.known_only || apps.len() >= MAX_APPS {
             return app_not_found(&updated.app_id);
         }
         apps.insert(updated.app_id.clone(), sandbox.registry.new_app(&updated.app_id));
