@@ -248,6 +248,7 @@ pub fn zero_alerted_series() {
         metrics::counter!("capability_log_skipped_total", "reason" => reason).increment(0);
     }
     metrics::counter!("capability_requests_evicted_total").increment(0);
+    metrics::counter!("capability_bulk_jobs_ended_total", "state" => "failed").increment(0);
     for listener in ["grpc", "webhook", "admin"] {
         metrics::counter!("capability_connections_refused_total", "listener" => listener).increment(0);
     }

@@ -406,6 +406,13 @@ async fn a_job_whose_app_sinch_refuses_fails_without_sending_the_rest() {
     let (results, progress) = watch(&mut client, &job.job_id, 0).await;
     assert_eq!(progress.last().unwrap().state(), BulkCheckState::Failed);
     assert!(results.is_empty(), "{results:?}");
+    // Counted, for the alert on failing jobs (the recorder is this test binary's: other tests' jobs add to it).
+    let failed = common::metrics_text(service.admin_addr)
+        .await
+        .lines()
+        .find_map(|line| line.strip_prefix("capability_bulk_jobs_ended_total{state=\"failed\"} "))
+        .map(|count| count.parse::<u64>().unwrap());
+    assert!(failed.is_some_and(|count| count >= 1), "{failed:?}");
     // The first query, and at most one whose turn came while the first was refused.
     assert!(fake.queries().len() <= 2, "{} queries", fake.queries().len());
 }

@@ -203,6 +203,7 @@ async fn the_series_alerts_count_on_are_there_at_zero_from_the_start() {
         "capability_log_skipped_total{reason=\"malformed\"} 0",
         "capability_log_skipped_total{reason=\"unknown_version\"} 0",
         "capability_requests_evicted_total 0",
+        "capability_bulk_jobs_ended_total{state=\"failed\"} 0",
         "capability_connections_refused_total{listener=\"grpc\"} 0",
         "capability_connections_refused_total{listener=\"webhook\"} 0",
         "capability_connections_refused_total{listener=\"admin\"} 0",

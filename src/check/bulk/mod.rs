@@ -90,6 +90,17 @@ pub enum JobState {
 }
 
 impl JobState {
+    /// Counts a job that ended in this state, in `capability_bulk_jobs_ended_total{state}`.
+    fn count_ended(self) {
+        let state = match self {
+            JobState::Running => return,
+            JobState::Succeeded => "succeeded",
+            JobState::Cancelled => "cancelled",
+            JobState::Failed => "failed",
+        };
+        metrics::counter!("capability_bulk_jobs_ended_total", "state" => state).increment(1);
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             JobState::Running => "RUNNING",
@@ -411,13 +422,19 @@ impl Jobs {
         let now = wall_clock_ms();
         let result = match &self.store {
             Store::Local(local) => {
+                // Counted first: whoever sees the end sees it counted.
+                state.count_ended();
                 local.finish(job_id, state, now);
                 Ok(true)
             }
             Store::Redis(log) => {
-                Self::redis(log)
+                let finished = Self::redis(log)
                     .finish(job_id, &self.owner, state, now, self.retention, request_id)
-                    .await
+                    .await;
+                if matches!(finished, Ok(true)) {
+                    state.count_ended();
+                }
+                finished
             }
         };
         match result {
