@@ -298,17 +298,34 @@ impl Service {
         if webhook_secrets.is_empty() {
             tracing::warn!("INSECURE: no webhook secret is set, so callbacks are accepted without a signature");
         }
-        if let Some(target) = config.registration.public_webhook_url.clone()
-            && !config.registration.app_ids.is_empty()
-        {
-            let (apps, secrets) = (config.registration.app_ids.clone(), webhook_secrets.clone());
-            let stop = background.clone();
-            tasks.spawn(async move {
-                tokio::select! {
-                    () = registration::check_at_start(&upstream, target.as_str(), &apps, &secrets) => {}
-                    () = stop.cancelled() => {}
-                }
-            });
+        match (
+            config.registration.public_webhook_url.clone(),
+            config.registration.app_ids.is_empty(),
+        ) {
+            (Some(target), false) => {
+                let (apps, secrets) = (config.registration.app_ids.clone(), webhook_secrets.clone());
+                let stop = background.clone();
+                tasks.spawn(async move {
+                    tokio::select! {
+                        () = registration::check_at_start(&upstream, target.as_str(), &apps, &secrets) => {}
+                        () = stop.cancelled() => {}
+                    }
+                });
+            }
+            // Half of what the check needs: said, since the operator meant it to run.
+            (Some(_), true) | (None, false) => {
+                let missing = if config.registration.app_ids.is_empty() {
+                    config::APP_IDS
+                } else {
+                    config::PUBLIC_WEBHOOK_URL
+                };
+                tracing::warn!(
+                    "{missing} is not set: the webhook registration is not checked at start (it needs {} and {})",
+                    config::PUBLIC_WEBHOOK_URL,
+                    config::APP_IDS
+                );
+            }
+            (None, true) => {}
         }
 
         // Not once the replica drains: it would take back the jobs it leaves.

@@ -407,3 +407,25 @@ async fn a_sigterm_right_after_listening_is_a_graceful_shutdown() {
         assert_eq!(status.code(), Some(0), "{status:?}: {}", replica.log_text());
     }
 }
+
+/// The start-up check of the webhook registration needs both its variables: with one, the service says which is
+/// missing, rather than leave an operator who set it to think the registration was checked.
+#[tokio::test]
+async fn half_of_the_registration_checks_settings_is_said() {
+    for (set, value, missing) in [
+        ("CAPABILITY_APP_IDS", "APP-1", "CAPABILITY_PUBLIC_WEBHOOK_URL"),
+        (
+            "CAPABILITY_PUBLIC_WEBHOOK_URL",
+            "https://hooks.example.com/webhooks/sinch",
+            "CAPABILITY_APP_IDS",
+        ),
+    ] {
+        let replica = common::Binary::spawn(&[(set, value.to_owned())]).await;
+        let said = replica.until_logged(1, |line| {
+            line.contains("WARN") && line.contains(&format!("{missing} is not set"))
+        });
+        // A bound on the wait, not a timing target: the line comes at start or never.
+        let said = tokio::time::timeout(Duration::from_secs(30), said).await;
+        assert!(said.is_ok(), "{set} alone: nothing said of {missing}");
+    }
+}
