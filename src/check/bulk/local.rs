@@ -159,13 +159,16 @@ impl LocalJobs {
     }
 
     /// Ends the job: its runner returned, every answer that will come is in.
-    pub fn finish(&self, job_id: &str, state: JobState, now_ms: u64) {
+    /// Ends a job in `state`, unless it was cancelled meanwhile; `ended` is told the state it ended in before
+    /// anyone watching it is.
+    pub fn finish(&self, job_id: &str, state: JobState, now_ms: u64, ended: impl FnOnce(JobState)) {
         self.update(job_id, |job| {
             if job.status.state == JobState::Running {
                 job.status.state = state;
             }
             job.status.update_ms = now_ms;
             job.status.settled = true;
+            ended(job.status.state);
         });
     }
 

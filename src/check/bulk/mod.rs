@@ -420,26 +420,30 @@ impl Jobs {
 
     async fn finish(&self, job_id: &str, request_id: Option<&str>, state: JobState) {
         let now = wall_clock_ms();
+        // Counted in the state it ended in (a cancel meanwhile keeps CANCELLED), once: by the one run that ends it.
         let result = match &self.store {
             Store::Local(local) => {
-                // Counted first: whoever sees the end sees it counted.
-                state.count_ended();
-                local.finish(job_id, state, now);
-                Ok(true)
+                let mut ended = state;
+                local.finish(job_id, state, now, |state| {
+                    // Before anyone watching sees the end.
+                    state.count_ended();
+                    ended = state;
+                });
+                Ok(Some(ended))
             }
             Store::Redis(log) => {
                 let finished = Self::redis(log)
                     .finish(job_id, &self.owner, state, now, self.retention, request_id)
                     .await;
-                if matches!(finished, Ok(true)) {
-                    state.count_ended();
+                if let Ok(Some(ended)) = finished {
+                    ended.count_ended();
                 }
                 finished
             }
         };
         match result {
-            Ok(true) => tracing::info!(job_id = %job_id, state = state.as_str(), "bulk check ended"),
-            Ok(false) => tracing::warn!(job_id = %job_id,
+            Ok(Some(ended)) => tracing::info!(job_id = %job_id, state = ended.as_str(), "bulk check ended"),
+            Ok(None) => tracing::warn!(job_id = %job_id,
                 "a bulk check is left running for another replica: recipients are missing, or this replica lost it"),
             Err(e) => tracing::warn!(job_id = %job_id, error = %e, "the end of a bulk check could not be recorded"),
         }

@@ -109,7 +109,8 @@ return 1
 /// Ends a job run by the replica holding its lease: its state (unless cancelled meanwhile; `SUCCEEDED` only when
 /// every recipient has its answer), its keys' expiry from now, its request (no longer needed) gone.
 /// KEYS: meta, spec, sent, done, results, lease. ARGV: state, now, retention (ms), owner.
-/// Returns 1 ended, 0 this replica does not hold the job, -1 recipients are missing (left running, for a takeover).
+/// Returns 1 ended in ARGV's state, 2 ended cancelled (it was, meanwhile), 0 this replica does not hold the job, -1
+/// recipients are missing (left running, for a takeover).
 const FINISH: &str = r"
 if redis.call('GET', KEYS[6]) ~= ARGV[4] then return 0 end
 local state = redis.call('HGET', KEYS[1], 'state')
@@ -123,7 +124,8 @@ redis.call('HSET', KEYS[1], 'update', ARGV[2], 'settled', 1)
 redis.call('DEL', KEYS[2], KEYS[6])
 for i = 3, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
+if state == 'RUNNING' then return 1 end
+return 2
 ";
 
 /// Renews the lease if this replica holds it, and the job's keys with it (a job may outlive the retention).
@@ -552,7 +554,7 @@ impl RedisJobs {
         now_ms: u64,
         retention: Duration,
         request_id: Option<&str>,
-    ) -> redis::RedisResult<bool> {
+    ) -> redis::RedisResult<Option<JobState>> {
         let mut invocation = self.finish.prepare_invoke();
         for part in ["meta", "spec", "sent", "done", "results", "lease"] {
             invocation.key(self.key(job_id, part));
@@ -562,14 +564,25 @@ impl RedisJobs {
             .arg(now_ms)
             .arg(ttl_ms(retention))
             .arg(owner);
-        let ended = invocation.invoke_async::<i64>(&mut self.commands.clone()).await? == 1;
-        if ended {
-            self.keep_request(request_id, retention).await?;
-            redis::cmd("SREM")
-                .arg(self.running_set())
-                .arg(job_id)
-                .query_async::<i64>(&mut self.commands.clone())
-                .await?;
+        let ended = match invocation.invoke_async::<i64>(&mut self.commands.clone()).await? {
+            1 => Some(state),
+            2 => Some(JobState::Cancelled),
+            _ => None,
+        };
+        if ended.is_some() {
+            // The job has ended whatever comes of this: its request's record and the set of running jobs are
+            // housekeeping (a takeover skips an ended job still in the set).
+            let kept = async {
+                self.keep_request(request_id, retention).await?;
+                redis::cmd("SREM")
+                    .arg(self.running_set())
+                    .arg(job_id)
+                    .query_async::<i64>(&mut self.commands.clone())
+                    .await
+            };
+            if let Err(e) = kept.await {
+                tracing::warn!(job_id = %job_id, error = %e, "an ended bulk check's request and place could not be tidied");
+            }
         }
         Ok(ended)
     }
