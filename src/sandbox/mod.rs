@@ -13,10 +13,7 @@ pub mod webhooks;
 
 use std::{
     collections::HashMap,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicUsize, Ordering},
-    },
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -32,7 +29,7 @@ use base64::Engine;
 use governor::{DefaultDirectRateLimiter, Quota};
 use rand::Rng;
 use serde_json::json;
-use tokio::{net::TcpListener, time::Instant};
+use tokio::{net::TcpListener, sync::Semaphore, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -116,36 +113,8 @@ struct Sandbox {
     registry: Registry,
     /// Posts the callbacks.
     http: reqwest::Client,
-    /// Callbacks held waiting to be sent, at most [`MAX_WAITING_CALLBACKS`].
-    waiting: Arc<AtomicUsize>,
-}
-
-/// A query's callbacks counted among those waiting until its delivery ends.
-struct Waiting {
-    count: Arc<AtomicUsize>,
-    callbacks: usize,
-}
-
-impl Waiting {
-    /// Counts `callbacks` more, unless that would pass [`MAX_WAITING_CALLBACKS`].
-    fn take(count: &Arc<AtomicUsize>, callbacks: usize) -> Option<Waiting> {
-        count
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |held| {
-                held.checked_add(callbacks)
-                    .filter(|&after| after <= MAX_WAITING_CALLBACKS)
-            })
-            .ok()?;
-        Some(Waiting {
-            count: count.clone(),
-            callbacks,
-        })
-    }
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        self.count.fetch_sub(self.callbacks, Ordering::AcqRel);
-    }
+    /// A permit per callback held waiting to be sent, [`MAX_WAITING_CALLBACKS`] in all.
+    waiting: Arc<Semaphore>,
 }
 
 /// Serves the sandbox on `listener` until `shutdown` is cancelled.
@@ -190,7 +159,7 @@ pub fn router(config: SandboxConfig) -> Router {
         project_bucket,
         started: Instant::now(),
         registry,
-        waiting: Arc::default(),
+        waiting: Arc::new(Semaphore::new(MAX_WAITING_CALLBACKS)),
     });
     let webhooks_api = Router::new()
         .route("/v1/projects/{project}/webhooks", post(webhooks::create))
@@ -405,7 +374,10 @@ async fn query(
     let knobs = &sandbox.config.knobs;
     let bodies = callbacks::bodies(&sandbox.config.project_id, &query, knobs.silent_unreachable);
     if !destinations.is_empty() && !bodies.is_empty() {
-        let Some(waiting) = Waiting::take(&sandbox.waiting, bodies.len()) else {
+        let waiting = u32::try_from(bodies.len())
+            .ok()
+            .and_then(|callbacks| sandbox.waiting.clone().try_acquire_many_owned(callbacks).ok());
+        let Some(waiting) = waiting else {
             let refused = (
                 StatusCode::TOO_MANY_REQUESTS,
                 "RESOURCE_EXHAUSTED",
