@@ -115,17 +115,21 @@ impl Registry {
         }
     }
 
-    /// Runs `f` on app `id`, creating it when any app id is accepted (up to [`MAX_APPS`]); `None` when the app is
-    /// unknown.
+    /// Runs `f` on app `id`, as [`Registry::app`] finds it.
     pub fn with_app<T>(&self, id: &str, f: impl FnOnce(&mut App) -> T) -> Option<T> {
-        let mut apps = self.apps.lock().expect("sandbox lock poisoned");
+        self.app(&mut self.apps.lock().expect("sandbox lock poisoned"), id)
+            .map(f)
+    }
+
+    /// App `id` among `apps`, created when any app id is accepted (up to [`MAX_APPS`]); `None` when it is unknown.
+    fn app<'a>(&self, apps: &'a mut BTreeMap<String, App>, id: &str) -> Option<&'a mut App> {
         if !apps.contains_key(id) {
             if self.known_only || apps.len() >= MAX_APPS {
                 return None;
             }
             apps.insert(id.to_owned(), self.new_app(id));
         }
-        apps.get_mut(id).map(f)
+        apps.get_mut(id)
     }
 
     /// Where app `id`'s CAPABILITY callbacks go, and their pacer; `None` for an unknown app.
@@ -389,13 +393,10 @@ pub(super) async fn update(
     if let Err(message) = validate(&updated) {
         return bad_request(message);
     }
-    if !apps.contains_key(&updated.app_id) {
-        if sandbox.registry.known_only || apps.len() >= MAX_APPS {
-            return app_not_found(&updated.app_id);
-        }
-        apps.insert(updated.app_id.clone(), sandbox.registry.new_app(&updated.app_id));
-    }
-    if let Err(message) = room_for(&apps[&updated.app_id], &updated) {
+    let Some(destination) = sandbox.registry.app(&mut apps, &updated.app_id) else {
+        return app_not_found(&updated.app_id);
+    };
+    if let Err(message) = room_for(destination, &updated) {
         return bad_request(message);
     }
     apps.get_mut(&app_id).expect("located").webhooks.remove(index);
