@@ -159,9 +159,9 @@ impl LocalJobs {
     }
 
     /// Ends the job: its runner returned, every answer that will come is in.
-    /// Ends a job in `state`, unless it was cancelled meanwhile; `ended` is told the state it ended in before
-    /// anyone watching it is.
-    pub fn finish(&self, job_id: &str, state: JobState, now_ms: u64, ended: impl FnOnce(JobState)) {
+    /// Ends a job in `state`, unless it was cancelled meanwhile: the state it ended in, which `ended` is told
+    /// before anyone watching the job is.
+    pub fn finish(&self, job_id: &str, state: JobState, now_ms: u64, ended: impl FnOnce(JobState)) -> JobState {
         self.update(job_id, |job| {
             if job.status.state == JobState::Running {
                 job.status.state = state;
@@ -169,7 +169,8 @@ impl LocalJobs {
             job.status.update_ms = now_ms;
             job.status.settled = true;
             ended(job.status.state);
-        });
+        })
+        .map_or(state, |status| status.state)
     }
 
     pub fn results_after(&self, job_id: &str, after: u64, max: usize) -> Vec<JobResult> {

@@ -422,15 +422,7 @@ impl Jobs {
         let now = wall_clock_ms();
         // Counted in the state it ended in (a cancel meanwhile keeps CANCELLED), once: by the one run that ends it.
         let result = match &self.store {
-            Store::Local(local) => {
-                let mut ended = state;
-                local.finish(job_id, state, now, |state| {
-                    // Before anyone watching sees the end.
-                    state.count_ended();
-                    ended = state;
-                });
-                Ok(Some(ended))
-            }
+            Store::Local(local) => Ok(Some(local.finish(job_id, state, now, JobState::count_ended))),
             Store::Redis(log) => {
                 let finished = Self::redis(log)
                     .finish(job_id, &self.owner, state, now, self.retention, request_id)
