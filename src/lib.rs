@@ -298,7 +298,8 @@ impl Service {
         if webhook_secrets.is_empty() {
             tracing::warn!("INSECURE: no webhook secret is set, so callbacks are accepted without a signature");
         }
-        match (
+        // Half of what the check needs is said, since the operator meant it to run.
+        let missing = match (
             config.registration.public_webhook_url.clone(),
             config.registration.app_ids.is_empty(),
         ) {
@@ -311,21 +312,18 @@ impl Service {
                         () = stop.cancelled() => {}
                     }
                 });
+                None
             }
-            // Half of what the check needs: said, since the operator meant it to run.
-            (Some(_), true) | (None, false) => {
-                let missing = if config.registration.app_ids.is_empty() {
-                    config::APP_IDS
-                } else {
-                    config::PUBLIC_WEBHOOK_URL
-                };
-                tracing::warn!(
-                    "{missing} is not set: the webhook registration is not checked at start (it needs {} and {})",
-                    config::PUBLIC_WEBHOOK_URL,
-                    config::APP_IDS
-                );
-            }
-            (None, true) => {}
+            (Some(_), true) => Some(config::APP_IDS),
+            (None, false) => Some(config::PUBLIC_WEBHOOK_URL),
+            (None, true) => None,
+        };
+        if let Some(missing) = missing {
+            tracing::warn!(
+                "{missing} is not set: the webhook registration is not checked at start (it needs {} and {})",
+                config::PUBLIC_WEBHOOK_URL,
+                config::APP_IDS
+            );
         }
 
         // Not once the replica drains: it would take back the jobs it leaves.
