@@ -462,11 +462,7 @@ fn watch_message(event: WatchEvent) -> Result<pb::WatchCapabilityResponse, Statu
             let n = convert::notification(offset, &request_id, &body);
             registered!(Counter, "capability_notifications_delivered_total").increment(1);
             // A replay's age is how late the watch came, not how slow the delivery was.
-            if let Some(received) = n
-                .receive_time
-                .and_then(|t| SystemTime::try_from(t).ok())
-                .filter(|_| !replayed)
-            {
+            if !replayed && let Some(received) = n.receive_time.and_then(|t| SystemTime::try_from(t).ok()) {
                 let latency = SystemTime::now().duration_since(received).unwrap_or_default();
                 registered!(Histogram, "capability_delivery_latency_seconds").record(latency);
             }
