@@ -645,7 +645,7 @@ impl Config {
             ));
         }
         // Set to nothing, as a secret whose mount failed is: each would turn something off without a word.
-        let empty = [
+        for (variable, empty, what) in [
             (
                 GRPC_TOKENS,
                 self.grpc.tokens.as_ref().is_some_and(|t| t.secrets.is_empty()),
@@ -656,12 +656,13 @@ impl Config {
                 self.redis.url.as_ref().is_some_and(|u| u.secret.is_empty()),
                 "the replicas would not share their log",
             ),
-        ];
-        if let Some((variable, _, what)) = empty.into_iter().find(|(_, empty, _)| *empty) {
-            return Err(invalid(
-                variable,
-                format!("set but empty: {what} (unset it if that is meant)"),
-            ));
+        ] {
+            if empty {
+                return Err(invalid(
+                    variable,
+                    format!("set but empty: {what} (unset it if that is meant)"),
+                ));
+            }
         }
         if let Some(key) = &self.check.hash_key
             && key.secret.expose().len() < MIN_CACHE_HASH_KEY
