@@ -103,11 +103,8 @@ impl Pacer {
         match &self.window {
             Window::Local(window) => {
                 let mut window = window.lock().expect("pacer lock poisoned");
-                let now = Instant::now();
-                // What left the window goes now, whether or not a job asks: the window holds one second.
-                while window.front().is_some_and(|sent| now.duration_since(sent.at) >= WINDOW) {
-                    window.pop_front();
-                }
+                // What left the window goes now, whether or not a job asks.
+                let now = expire(&mut window);
                 window.push_back(Sent {
                     at: now,
                     identities,
@@ -206,13 +203,19 @@ impl Pacer {
     }
 }
 
-/// Counts a job's `n` in `window` if they fit under `limit` in the last second (a starved job's, beside the jobs'
-/// own identities alone); else how long until they would.
-fn local_admit(window: &mut VecDeque<Sent>, limit: u32, n: u32, pace: Pace) -> Admission {
+/// Drops from `window` what left it (it holds one second); now.
+fn expire(window: &mut VecDeque<Sent>) -> Instant {
     let now = Instant::now();
     while window.front().is_some_and(|sent| now.duration_since(sent.at) >= WINDOW) {
         window.pop_front();
     }
+    now
+}
+
+/// Counts a job's `n` in `window` if they fit under `limit` in the last second (a starved job's, beside the jobs'
+/// own identities alone); else how long until they would.
+fn local_admit(window: &mut VecDeque<Sent>, limit: u32, n: u32, pace: Pace) -> Admission {
+    let now = expire(window);
     let all: u32 = window.iter().map(|sent| sent.identities).sum();
     let counted = |sent: &&Sent| pace != Pace::Starved || !sent.interactive;
     let used: u32 = window.iter().filter(counted).map(|sent| sent.identities).sum();
