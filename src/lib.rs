@@ -146,7 +146,7 @@ impl Service {
                     retention,
                     max_per_request: config.retention.max_notifications_per_request,
                     idempotency_window: config.query.idempotency_window,
-                    pending_claim: query::PENDING_CLAIM,
+                    longest_check: query::LONGEST_CHECK,
                     cache_ttl: config.check.ttl,
                     cache_hash_key: config.check.hash_key.as_ref().map(|v| v.secret.clone()),
                 };

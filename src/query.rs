@@ -62,9 +62,9 @@ pub struct Queries {
 /// `CAPABILITY_QUERY_TIMEOUT` too).
 pub const MAX_DEADLINE: Duration = Duration::from_secs(600);
 
-/// How long a replica's claim on a caller-chosen request_id stays pending before another replica may send the
-/// query itself: longer than any query may take, so that a slow query is never sent twice.
-pub const PENDING_CLAIM: Duration = MAX_DEADLINE.saturating_add(Duration::from_secs(30));
+/// The longest a query (a check's live query too) runs, with a margin: what it may still read back is kept this
+/// long.
+pub const LONGEST_CHECK: Duration = MAX_DEADLINE.saturating_add(Duration::from_secs(30));
 
 /// The longest pause between two looks at a request_id another replica is sending.
 const PENDING_POLL_MAX: Duration = Duration::from_millis(200);
@@ -132,7 +132,10 @@ impl Queries {
         loop {
             match self.log.claim_request_id(&query.request_id, &fingerprint).await {
                 IdempotencyClaim::Owner => {
-                    let result = self.forward(sent, deadline, trace).await;
+                    let result = tokio::select! {
+                        result = self.forward(sent, deadline, trace) => result,
+                        never = self.log.hold_request_id(&query.request_id, &fingerprint) => match never {},
+                    };
                     let answer = result
                         .as_ref()
                         .ok()

@@ -521,3 +521,58 @@ async fn rolled_back() -> (RedisServer, FakeSinch, Service) {
     redis.restart().await;
     (redis, fake, a)
 }
+
+/// A caller-chosen request_id is claimed for as long as its query is being sent, however long that is, and no
+/// longer: a repeat on another replica meanwhile waits for the first attempt's answer (the query is sent once),
+/// and a repeat after the first attempt's replica was killed mid-send sends the query itself — where it waited
+/// 10½ minutes for a claim nobody would settle, and got DEADLINE_EXCEEDED.
+#[tokio::test]
+async fn a_request_id_is_claimed_while_its_query_is_sent_and_freed_when_the_sender_dies() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let mut env = common::binary_env(&fake);
+    env.push(("CAPABILITY_REDIS_URL", redis.url()));
+    let mut a = common::Binary::spawn(&env).await;
+    let b = replica(&fake, &redis).await;
+    let with_deadline = |request_id: &str| {
+        let mut request = tonic::Request::new(query(identities(&[(Channel::Sms, "46700000001")]), request_id));
+        request.set_timeout(Duration::from_secs(60));
+        request
+    };
+
+    // Longer than a claim's lease lasts unrenewed.
+    fake.set_echo_delay(Duration::from_secs(15));
+    let slow = tokio::spawn({
+        let (url, request) = (a.url(), with_deadline("slow"));
+        async move { tonic_client(&url).await.query_capability(request).await }
+    });
+    fake.until_queries(1).await;
+    let repeat = b.client().await.query_capability(with_deadline("slow")).await;
+    assert_eq!(repeat.unwrap().into_inner().request_id, "slow");
+    assert_eq!(slow.await.unwrap().unwrap().into_inner().request_id, "slow");
+    assert_eq!(
+        fake.queries().len(),
+        1,
+        "the repeat waited for the slow attempt's answer"
+    );
+
+    fake.set_echo_delay(Duration::from_secs(3600));
+    let orphaned = tokio::spawn({
+        let (url, request) = (a.url(), with_deadline("orphaned"));
+        async move { tonic_client(&url).await.query_capability(request).await }
+    });
+    fake.until_queries(2).await;
+    a.child.kill().await.unwrap();
+    assert!(
+        orphaned.await.unwrap().is_err(),
+        "the killed replica's caller gets no answer"
+    );
+    fake.set_echo_delay(Duration::ZERO);
+    let repeat = b.client().await.query_capability(with_deadline("orphaned")).await;
+    assert_eq!(repeat.unwrap().into_inner().request_id, "orphaned");
+    assert_eq!(
+        fake.queries().len(),
+        3,
+        "the repeat sent the query the killed replica could not finish"
+    );
+}

@@ -725,11 +725,11 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_query_deadline_never_outlives_the_request_id_claim() {
+    async fn a_query_deadline_never_outlives_what_is_kept_for_its_check() {
         let mut metadata = MetadataMap::new();
         metadata.insert("grpc-timeout", "2H".parse().unwrap());
         let longest = deadline(&metadata, Duration::from_secs(10)) - Instant::now();
         assert_eq!(longest, crate::query::MAX_DEADLINE);
-        assert!(crate::query::PENDING_CLAIM >= longest + Duration::from_secs(30));
+        assert!(crate::query::LONGEST_CHECK >= longest + Duration::from_secs(30));
     }
 }

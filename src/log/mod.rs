@@ -21,6 +21,7 @@ pub mod redis;
 
 use std::{
     collections::{HashMap, HashSet},
+    convert::Infallible,
     hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState},
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -275,6 +276,16 @@ impl EventLog {
                 tracing::warn!(request_id = %mask_digits(request_id), error = %e, "idempotency holds within this replica only while Redis is down");
                 IdempotencyClaim::Owner
             }
+        }
+    }
+
+    /// Keeps this replica's claim on `request_id` while the caller sends its query (`fingerprint`); never ends.
+    /// A claim lapses a few seconds after its owner stops renewing it, so that a repeat after the owner stopped
+    /// mid-send is sent by another replica rather than wait for an answer nobody will record.
+    pub async fn hold_request_id(&self, request_id: &str, fingerprint: &str) -> Infallible {
+        match self {
+            EventLog::Local(_) => std::future::pending().await,
+            EventLog::Redis(redis) => redis.hold_request_id(request_id, fingerprint).await,
         }
     }
 

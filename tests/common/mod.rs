@@ -485,7 +485,7 @@ pub async fn redis_log(
         retention: Duration::from_secs(60),
         max_per_request: 64,
         idempotency_window: Duration::from_secs(60),
-        pending_claim: Duration::from_secs(60),
+        longest_check: Duration::from_secs(60),
         cache_ttl: CacheTtl::default(),
         cache_hash_key: cache_hash_key.map(Secret::new),
     };

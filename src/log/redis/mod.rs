@@ -25,6 +25,7 @@ pub mod jobs;
 
 use std::{
     collections::VecDeque,
+    convert::Infallible,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU8, Ordering},
@@ -41,7 +42,10 @@ use super::{
     Accepted, Consumer, Entry, Health, IdempotencyClaim, Nonce, NotificationReceived, QueryRecorded, Unavailable,
     codec, skipped, wall_clock_ms,
 };
-use crate::{capability::CacheTtl, secret::Secret};
+use crate::{
+    capability::{CacheTtl, mask_digits},
+    secret::Secret,
+};
 use cache::RedisCache;
 use connection::{Connection, Connector, Target};
 pub use connection::{MIN_VERSION, UrlError};
@@ -104,6 +108,20 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
 return 0
 ";
 
+/// Renews a claim on a request_id for a lease if it is still pending for the same query. KEYS: claim.
+/// ARGV: the pending record, lease (ms). Returns 1 when renewed, 0 when the claim is settled or lapsed.
+const RENEW_CLAIM: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+";
+
+/// How long a claim on a request_id lasts unless its owner renews it: a replica that stops while sending frees
+/// the request_id this long after its last renewal.
+const CLAIM_LEASE: Duration = Duration::from_secs(10);
+
+/// How often the owner of a claim renews it: a lease outlives a few missed renewals.
+const CLAIM_RENEWAL: Duration = Duration::from_millis(2_500);
+
 /// Appends again, at its original offset, a notification that Redis lost. KEYS: stream, request state.
 /// ARGV: retention (ms), offset, digest (hex), encoded event. Returns 1 when appended, 0 when Redis has it.
 const RESTORE: &str = r"
@@ -137,8 +155,8 @@ pub struct RedisSettings {
     pub max_per_request: u64,
     /// How long a request_id is remembered once answered.
     pub idempotency_window: Duration,
-    /// How long a claim on a request_id lasts while its query is in flight.
-    pub pending_claim: Duration,
+    /// The longest a query or a check runs (a check's results are kept for its readers this long and more).
+    pub longest_check: Duration,
     /// How long cached results of each status live.
     pub cache_ttl: CacheTtl,
     /// The key that names cache entries; `None`: one kept in Redis.
@@ -206,6 +224,7 @@ pub struct RedisLog {
     consumers: Vec<Arc<dyn Consumer>>,
     append: Script,
     claim_nonce: Script,
+    renew_claim: Script,
     restore: Script,
     /// The capability cache and coalescing leases.
     cache: RedisCache,
@@ -265,13 +284,13 @@ impl RedisLog {
                 }
             })
             .collect();
-        // A hub replays a result for a retention, to a check that runs at most as long as a claim lasts, or (a bulk
+        // A hub replays a result for a retention, to a check that runs at most `longest_check`, or (a bulk
         // job's, whose wait may be as long as the retention) a retention more.
         let cache = RedisCache::new(
             commands.clone(),
             settings.prefix.clone(),
             settings.cache_ttl,
-            settings.retention + settings.pending_claim.max(settings.retention + CHECK_MARGIN),
+            settings.retention + settings.longest_check.max(settings.retention + CHECK_MARGIN),
             settings.cache_hash_key.clone(),
         );
         if settings.cache_hash_key.is_none() {
@@ -293,6 +312,7 @@ impl RedisLog {
             consumers,
             append: Script::new(APPEND),
             claim_nonce: Script::new(CLAIM_NONCE),
+            renew_claim: Script::new(RENEW_CLAIM),
             restore: Script::new(RESTORE),
             up: AtomicU8::new(0),
         })
@@ -725,13 +745,12 @@ impl RedisLog {
     ) -> redis::RedisResult<IdempotencyClaim> {
         let key = self.idempotency_key(request_id);
         let mut conn = self.commands.clone();
-        let pending = serde_json::json!({ "q": fingerprint }).to_string();
         let set: Option<String> = redis::cmd("SET")
             .arg(&key)
-            .arg(&pending)
+            .arg(pending_record(fingerprint))
             .arg("NX")
             .arg("PX")
-            .arg(self.settings.pending_claim.as_millis() as u64)
+            .arg(ttl_ms(CLAIM_LEASE))
             .query_async(&mut conn)
             .await?;
         if set.is_some() {
@@ -753,6 +772,32 @@ impl RedisLog {
             Some(answer) => IdempotencyClaim::Answered(answer.to_owned()),
             None => IdempotencyClaim::Pending,
         })
+    }
+
+    /// Renews this replica's claim on `request_id` (for the query `fingerprint`) every few seconds; never ends.
+    pub(super) async fn hold_request_id(&self, request_id: &str, fingerprint: &str) -> Infallible {
+        let mut invocation = self.renew_claim.prepare_invoke();
+        invocation
+            .key(self.idempotency_key(request_id))
+            .arg(pending_record(fingerprint))
+            .arg(ttl_ms(CLAIM_LEASE));
+        let mut renewals = tokio::time::interval_at(tokio::time::Instant::now() + CLAIM_RENEWAL, CLAIM_RENEWAL);
+        renewals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            renewals.tick().await;
+            match invoke::<i64>(&invocation, &self.commands).await {
+                Ok(1) => {}
+                Ok(_) => {
+                    tracing::warn!(request_id = %mask_digits(request_id), "the claim on a request_id lapsed while \
+                    its query was being sent (Redis unreachable for longer than the claim's lease?): another replica \
+                    may send a repeat of it too")
+                }
+                Err(e) => {
+                    tracing::warn!(request_id = %mask_digits(request_id), error = %e, "could not renew the claim \
+                    on a request_id whose query is being sent; trying again")
+                }
+            }
+        }
     }
 
     pub(super) async fn settle_request_id(
@@ -783,6 +828,11 @@ impl RedisLog {
                 .map(drop),
         }
     }
+}
+
+/// What a claim on a request_id holds while its query (`fingerprint`) is being sent.
+fn pending_record(fingerprint: &str) -> String {
+    serde_json::json!({ "q": fingerprint }).to_string()
 }
 
 /// Appends a query record (`event`) to `stream`, trimming what is older than `minid` (ms).
