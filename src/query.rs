@@ -5,7 +5,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -261,14 +261,26 @@ impl Queries {
         let task = tokio::spawn(tracing::Instrument::in_current_span(async move {
             let _in_flight = in_flight;
             let mut sent_now = false;
-            let answer = entry
-                .answer
-                .get_or_try_init(|| async {
+            let sending = AtomicBool::new(false);
+            // A repeat waits for the attempt in progress within its own deadline; the attempt itself ends by its
+            // own deadline, where it settles its claim.
+            let answer = {
+                let answer = entry.answer.get_or_try_init(|| async {
+                    sending.store(true, Ordering::Relaxed);
                     let (answer, sent) = queries.forward_once(&query, &sent, deadline, trace.as_ref()).await?;
                     sent_now = sent;
                     Ok::<_, QueryError>(answer)
-                })
-                .await;
+                });
+                tokio::pin!(answer);
+                tokio::select! {
+                    answer = &mut answer => answer,
+                    () = tokio::time::sleep_until(deadline) => if sending.load(Ordering::Relaxed) {
+                        answer.await
+                    } else {
+                        Err(upstream::Error::DeadlineExceeded.into())
+                    },
+                }
+            };
             let others = entry.callers.fetch_sub(1, Ordering::SeqCst) - 1;
             match answer {
                 Ok(answer) => Ok((answer.clone(), sent_now)),

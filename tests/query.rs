@@ -191,6 +191,40 @@ async fn a_query_whose_caller_went_away_completes_and_its_retry_gets_the_answer(
     }
 }
 
+/// A repeat of a request_id whose first attempt is still being sent waits for it within its own deadline, not
+/// the first attempt's, and gives back its place among the queries in flight when it gives up: repeats of a stuck
+/// request_id do not fill the replica. They waited for the first attempt whatever their deadline, each holding a
+/// place, so that a new query was refused OVERLOADED.
+#[tokio::test]
+async fn a_repeat_waits_for_the_first_attempt_within_its_own_deadline() {
+    let fake = FakeSinch::start().await;
+    fake.set_echo_delay(Duration::from_secs(30));
+    let service = Service::against(&fake, &["--query-timeout=500ms", "--max-inflight-queries=2"]).await;
+    let client = service.client().await;
+    let first = tokio::spawn({
+        let mut client = client.clone();
+        let mut request = Request::new(query(contact("C"), "stuck"));
+        request.set_timeout(Duration::from_secs(60));
+        async move { client.query_capability(request).await }
+    });
+    fake.until_queries(1).await;
+    for _ in 0..3 {
+        // No grpc-timeout: the service's own budget, 500 ms, is the repeat's deadline.
+        let status = client
+            .clone()
+            .query_capability(query(contact("C"), "stuck"))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    }
+    assert!(!first.is_finished(), "the first attempt is still being sent");
+    fake.set_echo_delay(Duration::ZERO);
+    let other = client.clone().query_capability(query(contact("C"), "other")).await;
+    assert_eq!(other.unwrap().into_inner().request_id, "other");
+    assert_eq!(fake.queries().len(), 2, "the repeats sent nothing");
+    first.abort();
+}
+
 #[tokio::test]
 async fn a_failed_attempt_is_not_remembered_so_a_retry_reaches_sinch() {
     let fake = FakeSinch::start().await;
