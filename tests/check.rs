@@ -636,21 +636,34 @@ async fn invalidating_an_identity_also_drops_the_contact_answer_that_held_it() {
 #[tokio::test]
 async fn checks_waiting_for_sinch_do_not_keep_cache_hits_out() {
     let fake = FakeSinch::start().await;
-    let service = Service::against(&fake, &["--max-inflight-queries=2"]).await;
+    let service = Service::against(&fake, &["--max-inflight-queries=2", "--check-settle=100ms"]).await;
     let mut client = service.client().await;
     let warm = spawn_check(client.clone(), check(identities(&[(Channel::Sms, NUMBER)]))).await;
     let (warm_id, _) = nth_query(&fake, 1).await;
     deliver(service.webhook_addr, callback(&warm_id, "SMS", "CAPABILITY_FULL")).await;
     warm.await.unwrap().unwrap();
+    let warm = spawn_check(client.clone(), check(contact("C-1"))).await;
+    let (warm_id, _) = nth_query(&fake, 2).await;
+    let body = CapabilityCallback::new(&warm_id, "WHATSAPP", NUMBER, "CAPABILITY_FULL").contact_id("C-1");
+    deliver(service.webhook_addr, body.body()).await;
+    warm.await.unwrap().unwrap();
     let waiting = [
         spawn_check(client.clone(), check(identities(&[(Channel::Rcs, NUMBER)]))).await,
-        spawn_check(client.clone(), check(identities(&[(Channel::Whatsapp, NUMBER)]))).await,
+        spawn_check(client.clone(), check(identities(&[(Channel::Viber, NUMBER)]))).await,
     ];
-    fake.until_queries(3).await;
+    fake.until_queries(4).await;
     let hit = client
         .check_capability(check(identities(&[(Channel::Sms, NUMBER)])))
         .await;
     assert!(hit.is_ok(), "{hit:?}");
+    // A contact's, too: it was refused OVERLOADED.
+    let hit = client
+        .check_capability(check(contact("C-1")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hit.results.len(), 1, "{hit:?}");
+    assert_eq!(hit.results[0].source(), ResultSource::Cache, "{hit:?}");
     // A third check that must wait is shed at once.
     let shed = client
         .check_capability(check(identities(&[(Channel::Viberbm, NUMBER)])))
@@ -965,7 +978,8 @@ async fn a_lookup_sinch_renamed_is_let_go_when_its_check_returns() {
 }
 
 /// A Redis that holds writes when a check returns does not cost the caller its answer: the check gives its lease
-/// back there within its caller's deadline, or leaves it to lapse.
+/// back there within a moment, or leaves it to lapse. (Giving it until the caller's deadline, as seen here, was
+/// too late: the caller's clock started before the call reached the service.)
 #[tokio::test]
 async fn a_check_answers_in_time_while_redis_holds_the_giving_back_of_its_lease() {
     let redis = RedisServer::start().await;
@@ -983,6 +997,35 @@ async fn a_check_answers_in_time_while_redis_holds_the_giving_back_of_its_lease(
     redis.command(&["CLIENT", "PAUSE", "6000", "WRITE"]);
     let answer = silent.await.unwrap().expect("an answer, not DEADLINE_EXCEEDED");
     assert_eq!(answer.into_inner().pending.len(), 1);
+}
+
+/// A contact's check too: its results are in, and a Redis holding writes while it caches them does not keep them
+/// past its caller's deadline (the caller got DEADLINE_EXCEEDED).
+#[tokio::test]
+async fn a_contact_check_answers_in_time_while_redis_holds_the_caching_of_its_results() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let url = format!("--redis-url={}", redis.url());
+    let flags = [
+        &url,
+        "--cache-hash-key=a-key-held-up-by-redis-at-least-32-bytes",
+        "--check-settle=200ms",
+    ];
+    let service = Service::against(&fake, &flags).await;
+    let mut request = tonic::Request::new(pb::CheckCapabilityRequest {
+        wait: duration(Duration::from_secs(1)),
+        ..check(contact("C-1"))
+    });
+    request.set_timeout(Duration::from_secs(3));
+    let mut client = service.client().await;
+    let answered = tokio::spawn(async move { client.check_capability(request).await });
+    let (live_id, _) = nth_query(&fake, 1).await;
+    let body = CapabilityCallback::new(&live_id, "WHATSAPP", NUMBER, "CAPABILITY_FULL").contact_id("C-1");
+    assert_eq!(deliver(service.webhook_addr, body.body()).await, 200);
+    // Before the check's settle ends and it caches what it got.
+    redis.command(&["CLIENT", "PAUSE", "8000", "WRITE"]);
+    let answer = answered.await.unwrap().expect("an answer, not DEADLINE_EXCEEDED");
+    assert_eq!(answer.into_inner().results.len(), 1);
 }
 
 #[tokio::test]

@@ -387,8 +387,8 @@ impl<'a> Leases<'a> {
     }
 
     /// The check returns (its results complete, or its wait over): every lease goes, in Redis too before it
-    /// returns (so that no later check joins its finished lookup) unless that takes past `by`, the caller's
-    /// deadline. In a task of its own: a caller that goes away meanwhile leaves no lease behind.
+    /// returns (so that no later check joins its finished lookup) unless that takes past `by`. In a task of its
+    /// own: a caller that goes away meanwhile leaves no lease behind.
     pub(super) async fn finish(mut self, by: Instant) {
         let all = std::mem::take(&mut self.held);
         if let Some(release) = self.release(all) {

@@ -497,7 +497,7 @@ impl Checker {
         };
         self.wait_for(&mut slots, &waiting, live.as_deref(), call.until, matches, received)
             .await?;
-        leases.finish(call.deadline).await;
+        leases.finish(call.settled_by()).await;
         let pending: Vec<ChannelIdentity> = ids
             .iter()
             .zip(&slots)
@@ -544,10 +544,10 @@ impl Checker {
                 })
             }
         };
-        // Gated (a bulk job): the cache, then the budget, the cache again, then the lease — a job's lease is never pending while it
-        // waits for its turn; the cache only while no lookup of the contact is in flight. Otherwise the lease
-        // first. Either way because a contact's entry fills while its query is in flight, and is whole only once
-        // the query that started it returns.
+        // The cache first, before a place among the waiting checks (a hit waits for nothing), but only while no
+        // lookup of the contact is in flight: a contact's entry fills while its query is in flight, and is whole
+        // only once the query that started it returns. Then, gated (a bulk job), the budget and the cache again — a
+        // job's lease is never pending while it waits for its turn; then the lease.
         let own = call.request_id.clone();
         // Whether the cache was passed over for a lookup in flight: one that ends before this check takes its
         // lease leaves the entry whole.
@@ -562,9 +562,7 @@ impl Checker {
             }
             fresh().await
         };
-        if call.gate.is_some()
-            && let Some(answer) = whole().await
-        {
+        if let Some(answer) = whole().await {
             return Ok(answer);
         }
         let _permit = self.wait_permit(call)?;
@@ -593,12 +591,12 @@ impl Checker {
                 let live = *holder == *own;
                 let answer = self.collect_contact(&holder, live, call.until).await;
                 // A lease joined from Redis is held here until now: let it go, as a query of its own is.
-                leases.finish(call.deadline).await;
+                leases.finish(call.settled_by()).await;
                 return answer;
             }
             Decided::TimedOut => return Ok(CheckAnswer::default()),
         }
-        if (call.gate.is_none() || passed_over.load(Ordering::Relaxed))
+        if passed_over.load(Ordering::Relaxed)
             && let Some(answer) = fresh().await
         {
             leases.give_back(&[key]);
@@ -616,8 +614,14 @@ impl Checker {
         let in_flight = leases.launch(&[key]);
         let (accepted, sent) = self.send_live(call, &own, send, 1, in_flight).await?;
         let answer = self.collect_contact(&accepted, true, call.until).await?;
-        self.remember(&request.app_id, answer.results.iter()).await;
-        leases.finish(call.deadline).await;
+        // In a task of its own, as the leases' giving back: a Redis holding writes does not hold the answer up.
+        let remember = {
+            let (checks, app_id, results) = (self.clone(), request.app_id.clone(), answer.results.clone());
+            async move { checks.remember(&app_id, results.iter()).await }
+        };
+        let by = call.settled_by();
+        let _ = tokio::time::timeout_at(by, tokio::spawn(remember)).await;
+        leases.finish(by).await;
         Ok(CheckAnswer { asked: sent, ..answer })
     }
 
@@ -857,7 +861,17 @@ struct Call<'a> {
     gate: Option<&'a dyn Gate>,
 }
 
+/// The longest a check whose answer is ready spends caching its results and giving its leases back in Redis before
+/// it answers: a Redis holding writes does not hold an answer up (the rest goes on in the background). The
+/// caller's deadline alone was too late: the caller's clock started before the call reached this replica.
+const SETTLING: Duration = Duration::from_millis(250);
+
 impl Call<'_> {
+    /// When a check whose answer is ready answers, whatever is left to tidy (see [`SETTLING`]).
+    fn settled_by(&self) -> Instant {
+        self.deadline.min(Instant::now() + SETTLING)
+    }
+
     /// The bounds once the gate let the query through: a bulk job's recipient waits in the budget's queue before
     /// its time starts; an interactive check's time is its caller's.
     fn after_gate(&self) -> Self {
