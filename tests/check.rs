@@ -551,6 +551,36 @@ async fn a_lookup_stays_joinable_when_the_caller_that_started_it_goes_away() {
     assert_eq!(hit.results[0].source(), ResultSource::Cache);
 }
 
+/// An invalidated identity is asked again, even while a lookup whose caller went away still holds its lease: the
+/// lookup's result, in before the invalidation, is not served again as SHARED — in process, and across replicas.
+#[tokio::test]
+async fn an_invalidated_identity_is_asked_again_not_joined_to_the_lookup_that_answered_it() {
+    let redis = RedisServer::start().await;
+    let in_process = FakeSinch::start().await;
+    let service = Service::against(&in_process, &[]).await;
+    let shared = FakeSinch::start().await;
+    let (a, b) = two_replicas(&shared, &redis).await;
+    for (fake, starts, follows) in [(&in_process, &service, &service), (&shared, &a, &b)] {
+        let mut starter_request = check(identities(&[(Channel::Sms, NUMBER)]));
+        starter_request.wait = duration(Duration::from_secs(60));
+        let starter = spawn_check(starts.client().await, starter_request).await;
+        let (live_id, _) = nth_query(fake, 1).await;
+        starter.abort();
+        let _ = starter.await;
+        assert_eq!(
+            deliver(starts.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await,
+            200
+        );
+        let mut client = follows.client().await;
+        assert_eq!(invalidate(&mut client, identities(&[(Channel::Sms, NUMBER)])).await, 1);
+        let mut again = check(identities(&[(Channel::Sms, NUMBER)]));
+        again.wait = duration(Duration::from_millis(200));
+        let again = client.check_capability(again).await.unwrap().into_inner();
+        assert!(again.results.is_empty(), "the invalidated result was served: {again:?}");
+        assert_eq!(nth_query(fake, 2).await.1, ["SMS"], "asked again");
+    }
+}
+
 #[tokio::test]
 async fn a_repeated_request_id_sends_nothing_and_leaves_nobody_waiting_on_it() {
     let fake = FakeSinch::start().await;

@@ -137,6 +137,15 @@ impl Flights {
             .is_some_and(|flight| !flight.lapsed(Instant::now()))
     }
 
+    /// Forgets the lookups of `keys` (their cached results were invalidated): a later check asks Sinch rather
+    /// than join one and be served what it got before. Their checks still hold them, and give back none but theirs.
+    pub(super) fn forget(&self, keys: &[EntryKey]) {
+        let mut held = self.held.lock().expect("flights lock poisoned");
+        for key in keys {
+            held.flights.remove(key);
+        }
+    }
+
     fn give_back(&self, key: &EntryKey, flight: &Arc<Flight>) {
         flight.state.send_modify(|state| {
             *state = match state {

@@ -825,6 +825,8 @@ impl Checker {
         }
         contacts.sort_unstable();
         contacts.dedup();
+        self.flights.forget(&keys);
+        self.flights.forget(&contacts);
         match &self.store {
             Store::Local(local) => Ok(local.remove(&keys, &contacts)),
             Store::Redis(log) => log
