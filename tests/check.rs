@@ -552,7 +552,8 @@ async fn a_lookup_stays_joinable_when_the_caller_that_started_it_goes_away() {
 }
 
 /// An invalidated identity is asked again, even while a lookup whose caller went away still holds its lease: the
-/// lookup's result, in before the invalidation, is not served again as SHARED — in process, and across replicas.
+/// lookup's result, in before the invalidation, is not served again as SHARED — in process, across replicas, and
+/// on the replica that started the lookup when another one took the invalidation.
 #[tokio::test]
 async fn an_invalidated_identity_is_asked_again_not_joined_to_the_lookup_that_answered_it() {
     let redis = RedisServer::start().await;
@@ -560,24 +561,41 @@ async fn an_invalidated_identity_is_asked_again_not_joined_to_the_lookup_that_an
     let service = Service::against(&in_process, &[]).await;
     let shared = FakeSinch::start().await;
     let (a, b) = two_replicas(&shared, &redis).await;
-    for (fake, starts, follows) in [(&in_process, &service, &service), (&shared, &a, &b)] {
-        let mut starter_request = check(identities(&[(Channel::Sms, NUMBER)]));
+    let rounds = [
+        (&in_process, &service, &service, &service, "46700000011"),
+        (&shared, &a, &b, &b, "46700000012"),
+        (&shared, &a, &b, &a, "46700000013"),
+    ];
+    for (round, (fake, starts, invalidates, checks, number)) in rounds.into_iter().enumerate() {
+        let asked = fake.queries().len();
+        let mut starter_request = check(identities(&[(Channel::Sms, number)]));
         starter_request.wait = duration(Duration::from_secs(60));
         let starter = spawn_check(starts.client().await, starter_request).await;
-        let (live_id, _) = nth_query(fake, 1).await;
+        let (live_id, _) = nth_query(fake, asked + 1).await;
         starter.abort();
         let _ = starter.await;
-        assert_eq!(
-            deliver(starts.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await,
-            200
-        );
-        let mut client = follows.client().await;
-        assert_eq!(invalidate(&mut client, identities(&[(Channel::Sms, NUMBER)])).await, 1);
-        let mut again = check(identities(&[(Channel::Sms, NUMBER)]));
+        let body = CapabilityCallback::new(&live_id, "SMS", number, "CAPABILITY_FULL").body();
+        assert_eq!(deliver(starts.webhook_addr, body).await, 200);
+        let removed = invalidate(&mut invalidates.client().await, identities(&[(Channel::Sms, number)])).await;
+        assert_eq!(removed, 1, "round {round}");
+        let mut again = check(identities(&[(Channel::Sms, number)]));
         again.wait = duration(Duration::from_millis(200));
-        let again = client.check_capability(again).await.unwrap().into_inner();
-        assert!(again.results.is_empty(), "the invalidated result was served: {again:?}");
-        assert_eq!(nth_query(fake, 2).await.1, ["SMS"], "asked again");
+        let again = checks
+            .client()
+            .await
+            .check_capability(again)
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            again.results.is_empty(),
+            "round {round}: the invalidated result was served: {again:?}"
+        );
+        assert_eq!(
+            nth_query(fake, asked + 2).await.1,
+            ["SMS"],
+            "round {round}: asked again"
+        );
     }
 }
 

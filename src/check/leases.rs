@@ -4,7 +4,8 @@
 //! that finds a pending lease waits for it to be sent or given back (then takes it itself). A lease is given
 //! back when its query fails or was not sent, when its identity's result is in, and when the check that took it
 //! returns; if that check's caller
-//! goes away after the query was sent, the lease stays until the check's wait would have ended. While pending, a
+//! goes away after the query was sent, the lease stays until the check's wait would have ended, or until an
+//! invalidation of what it looks up (on any replica) forgets it. While pending, a
 //! lease lasts until the caller's deadline, which bounds the sending, even for a check that does not wait; once
 //! sent, it stays in Redis a moment ([`LINGER`]) after it is given back, for the checks that wait for it there.
 
@@ -146,6 +147,18 @@ impl Flights {
         }
     }
 
+    /// Forgets the lookup of `key` if it is the one sent under `request_id` (forgotten in Redis).
+    fn forget_sent(&self, key: &EntryKey, request_id: &str) {
+        let mut held = self.held.lock().expect("flights lock poisoned");
+        if held
+            .flights
+            .get(key)
+            .is_some_and(|f| matches!(&*f.state.borrow(), State::Sent(sent) if **sent == *request_id))
+        {
+            held.flights.remove(key);
+        }
+    }
+
     fn give_back(&self, key: &EntryKey, flight: &Arc<Flight>) {
         flight.state.send_modify(|state| {
             *state = match state {
@@ -259,14 +272,18 @@ impl<'a> Leases<'a> {
 
     /// Takes the lease of `key`, or finds who holds it.
     async fn take(&mut self, key: EntryKey) -> Taken {
-        let flight = match self.flights.take(key, self.deadline, self.until) {
-            Ok(flight) => flight,
-            Err(state) => {
-                let current = state.borrow().clone();
-                return match current {
-                    State::Sent(request_id) => Taken::Sent(request_id),
-                    _ => Taken::Pending(Pending::Local(state)),
-                };
+        let flight = loop {
+            let state = match self.flights.take(key, self.deadline, self.until) {
+                Ok(flight) => break flight,
+                Err(state) => state,
+            };
+            let current = state.borrow().clone();
+            match current {
+                State::Sent(request_id) if self.forgotten_in_redis(&key, &request_id).await => {
+                    self.flights.forget_sent(&key, &request_id);
+                }
+                State::Sent(request_id) => return Taken::Sent(request_id),
+                _ => return Taken::Pending(Pending::Local(state)),
             }
         };
         let Some(cache) = self.redis.and_then(|log| log.shared_cache()) else {
@@ -328,6 +345,16 @@ impl<'a> Leases<'a> {
                 Taken::Started
             }
         }
+    }
+
+    /// Whether the lookup sent under `request_id` that this process would join for `key` was forgotten in Redis
+    /// (an invalidation on another replica deleted its lease, or another lookup took it since): its results may
+    /// predate the invalidation. A Redis that does not answer forgets nothing.
+    async fn forgotten_in_redis(&self, key: &EntryKey, request_id: &str) -> bool {
+        let Some(cache) = self.redis.and_then(|log| log.shared_cache()) else {
+            return false;
+        };
+        matches!(cache.holder(key).await, Ok(holder) if !holder.as_ref().is_some_and(|h| h.is_ours(request_id)))
     }
 
     /// Waits until a pending lease is sent or given back, at most until `by`: the caller's deadline, not its wait

@@ -108,9 +108,10 @@ impl LocalCache {
     }
 
     /// Removes identity entries `keys` and contacts' entries `contacts` with the identity entries they list.
-    /// Returns how many entries went. A contact's entry goes under its stripe's lock, so that a result arriving
-    /// for the contact meanwhile cannot put the entry's older results back.
-    pub fn remove(&self, keys: &[EntryKey], contacts: &[EntryKey]) -> u64 {
+    /// Returns how many entries went, and every identity whose entry was to go. A contact's entry goes under its
+    /// stripe's lock, so that a result arriving for the contact meanwhile cannot put the entry's older results
+    /// back.
+    pub fn remove(&self, keys: &[EntryKey], contacts: &[EntryKey]) -> (u64, Vec<EntryKey>) {
         let mut gone: Vec<EntryKey> = keys.to_vec();
         let mut removed = 0;
         for contact in contacts {
@@ -124,7 +125,8 @@ impl LocalCache {
         }
         gone.sort_unstable();
         gone.dedup();
-        removed + gone.iter().filter(|key| self.entries.remove(*key).is_some()).count() as u64
+        let removed = removed + gone.iter().filter(|key| self.entries.remove(*key).is_some()).count() as u64;
+        (removed, gone)
     }
 
     /// The lock an entry is read then written under.
@@ -317,7 +319,7 @@ mod tests {
             panic!("no contact entry")
         };
         assert_eq!(results.len(), 2);
-        assert_eq!(cache.remove(&[], &[contact]), 3);
+        assert_eq!(cache.remove(&[], &[contact]).0, 3);
         assert!(held(&cache, "46700000001").is_none());
     }
 

@@ -825,10 +825,16 @@ impl Checker {
         }
         contacts.sort_unstable();
         contacts.dedup();
+        // The lookups of what goes are not joined again: the next check asks Sinch. (With Redis, the removal
+        // deletes their leases there, and a lookup of this replica's is looked up there before it is joined.)
         self.flights.forget(&keys);
         self.flights.forget(&contacts);
         match &self.store {
-            Store::Local(local) => Ok(local.remove(&keys, &contacts)),
+            Store::Local(local) => {
+                let (removed, identities) = local.remove(&keys, &contacts);
+                self.flights.forget(&identities);
+                Ok(removed)
+            }
             Store::Redis(log) => log
                 .shared_cache()
                 .expect("a Redis store")

@@ -358,6 +358,7 @@ impl RedisCache {
         let at = wall_clock_ms().to_be_bytes();
         let kept = ttl_ms(self.marks_kept);
         let mut names: Vec<String> = keys.iter().map(|k| self.entry(k)).collect();
+        let mut leases: Vec<String> = keys.iter().chain(contacts).map(|k| self.lease_key(k)).collect();
         let mut removed = 0;
         for contact in contacts {
             let mut invocation = self.take_contact.prepare_invoke();
@@ -365,6 +366,7 @@ impl RedisCache {
             let listed: Vec<String> = invoke(&invocation, &self.commands).await?;
             removed += u64::from(!listed.is_empty());
             names.extend(listed.iter().map(|field| format!("{}:c:{field}", self.prefix)));
+            leases.extend(listed.iter().map(|field| format!("{}:lease:{field}", self.prefix)));
         }
         names.sort();
         names.dedup();
@@ -376,14 +378,13 @@ impl RedisCache {
         });
         // The lookups of what was invalidated are not joined again: a later check asks Sinch, rather than be
         // served what they got before (their checks give back none but their own leases).
-        let forgotten = keys.iter().chain(contacts).map(|key| {
-            let lease = self.lease_key(key);
-            async move {
-                redis::cmd("DEL")
-                    .arg(lease)
-                    .query_async::<u64>(&mut self.commands.clone())
-                    .await
-            }
+        leases.sort();
+        leases.dedup();
+        let forgotten = leases.into_iter().map(|lease| async move {
+            redis::cmd("DEL")
+                .arg(lease)
+                .query_async::<u64>(&mut self.commands.clone())
+                .await
         });
         let (emptied, _) = futures::future::try_join(
             futures::future::try_join_all(emptied),
