@@ -273,6 +273,8 @@ impl Queries {
                 });
                 tokio::pin!(answer);
                 tokio::select! {
+                    // An answer ready at the deadline is taken.
+                    biased;
                     answer = &mut answer => answer,
                     () = tokio::time::sleep_until(deadline) => if sending.load(Ordering::Relaxed) {
                         answer.await
@@ -285,9 +287,9 @@ impl Queries {
             match answer {
                 Ok(answer) => Ok((answer.clone(), sent_now)),
                 Err(e) => {
-                    // Released only when no repeat waits on it: one that does tries again itself, and its answer
-                    // must stay the request_id's.
-                    if others == 0 {
+                    // Released only when no repeat waits on it (one that does tries again itself, and its answer
+                    // must stay the request_id's), and not when another attempt answered it meanwhile.
+                    if others == 0 && !entry.answer.initialized() {
                         queries.idempotency.release(&entry);
                     }
                     Err(e)

@@ -497,7 +497,7 @@ impl Checker {
         };
         self.wait_for(&mut slots, &waiting, live.as_deref(), call.until, matches, received)
             .await?;
-        leases.finish(call.settled_by()).await;
+        leases.finish(call.tidy_until()).await;
         let pending: Vec<ChannelIdentity> = ids
             .iter()
             .zip(&slots)
@@ -591,7 +591,7 @@ impl Checker {
                 let live = *holder == *own;
                 let answer = self.collect_contact(&holder, live, call.until).await;
                 // A lease joined from Redis is held here until now: let it go, as a query of its own is.
-                leases.finish(call.settled_by()).await;
+                leases.finish(call.tidy_until()).await;
                 return answer;
             }
             Decided::TimedOut => return Ok(CheckAnswer::default()),
@@ -619,7 +619,7 @@ impl Checker {
             let (checks, app_id, results) = (self.clone(), request.app_id.clone(), answer.results.clone());
             async move { checks.remember(&app_id, results.iter()).await }
         };
-        let by = call.settled_by();
+        let by = call.tidy_until();
         let _ = tokio::time::timeout_at(by, tokio::spawn(remember)).await;
         leases.finish(by).await;
         Ok(CheckAnswer { asked: sent, ..answer })
@@ -781,9 +781,9 @@ impl Checker {
                 continue;
             };
             if let Some(&i) = positions.iter().find(|&&i| slots[i].is_none() && matches(i, &result)) {
-                // Within the wait: a Redis holding writes does not hold the answer up past it.
+                // A Redis holding writes does not hold the answer up (see [`TIDYING`]).
                 let remember = self.remember(received.app_id, std::iter::once(&result));
-                let _ = tokio::time::timeout_at(until, remember).await;
+                let _ = tokio::time::timeout_at(until.min(Instant::now() + TIDYING), remember).await;
                 received.leases.give_back(&[received.keys[i]]);
                 slots[i] = Some(result);
                 awaited -= 1;
@@ -872,12 +872,12 @@ struct Call<'a> {
 /// The longest a check whose answer is ready spends caching its results and giving its leases back in Redis before
 /// it answers: a Redis holding writes does not hold an answer up (the rest goes on in the background). The
 /// caller's deadline alone was too late: the caller's clock started before the call reached this replica.
-const SETTLING: Duration = Duration::from_millis(250);
+const TIDYING: Duration = Duration::from_millis(250);
 
 impl Call<'_> {
-    /// When a check whose answer is ready answers, whatever is left to tidy (see [`SETTLING`]).
-    fn settled_by(&self) -> Instant {
-        self.deadline.min(Instant::now() + SETTLING)
+    /// When a check whose answer is ready answers, whatever is left to tidy (see [`TIDYING`]).
+    fn tidy_until(&self) -> Instant {
+        self.deadline.min(Instant::now() + TIDYING)
     }
 
     /// The bounds once the gate let the query through: a bulk job's recipient waits in the budget's queue before
