@@ -131,17 +131,17 @@ impl Queries {
         let mut pause = Duration::from_millis(10);
         loop {
             match self.log.claim_request_id(&query.request_id, &fingerprint).await {
-                IdempotencyClaim::Owner => {
+                IdempotencyClaim::Owner(claim) => {
                     let result = tokio::select! {
                         result = self.forward(sent, deadline, trace) => result,
-                        never = self.log.hold_request_id(&query.request_id, &fingerprint) => match never {},
+                        never = self.log.hold_request_id(&query.request_id, &fingerprint, &claim) => match never {},
                     };
                     let answer = result
                         .as_ref()
                         .ok()
                         .map(|a| serde_json::to_string(&QueryJson::from(a)).expect("query JSON always serialises"));
                     self.log
-                        .settle_request_id(&query.request_id, &fingerprint, answer.as_deref())
+                        .settle_request_id(&query.request_id, &fingerprint, &claim, answer.as_deref())
                         .await;
                     return Ok((result?, true));
                 }

@@ -476,3 +476,33 @@ async fn a_redis_that_refuses_the_password_is_refused_at_start() {
     assert_eq!(error.variable, "CAPABILITY_REDIS_URL");
     assert!(!error.problem.contains("wrong-one"), "{}", error.problem);
 }
+
+/// A replica whose claim on a request_id lapsed while it was sending (cut off from Redis longer than the claim's
+/// lease), and that another replica claimed since, settles only its own claim: its failure does not free the
+/// other's, and its renewal does not take it over.
+#[tokio::test]
+async fn a_lapsed_claim_on_a_request_id_settles_only_its_own() {
+    use capability_facade::log::{EventLog, IdempotencyClaim};
+    let redis = RedisServer::start().await;
+    let replica = async || EventLog::Redis(std::sync::Arc::new(common::redis_log(&redis, "claims", None).await));
+    let (a, b) = (replica().await, replica().await);
+    let IdempotencyClaim::Owner(on_a) = a.claim_request_id("r", "q").await else {
+        panic!("a claims it first")
+    };
+    let claim = redis.keys("claims:idem:*").pop().expect("a's claim");
+    redis.command(&["DEL", &claim]);
+    let IdempotencyClaim::Owner(on_b) = b.claim_request_id("r", "q").await else {
+        panic!("b claims it once a's lapsed")
+    };
+    a.settle_request_id("r", "q", &on_a, None).await;
+    assert_eq!(
+        a.claim_request_id("r", "q").await,
+        IdempotencyClaim::Pending,
+        "b is sending it"
+    );
+    b.settle_request_id("r", "q", &on_b, Some("answer")).await;
+    assert_eq!(
+        a.claim_request_id("r", "q").await,
+        IdempotencyClaim::Answered("answer".into())
+    );
+}

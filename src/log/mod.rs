@@ -175,7 +175,7 @@ pub struct Unavailable(pub String);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdempotencyClaim {
     /// Nobody has sent this query: the caller sends it, then records the answer (or releases the claim).
-    Owner,
+    Owner(Claim),
     /// Another replica is sending it now.
     Pending,
     /// Already answered, with this answer.
@@ -183,6 +183,11 @@ pub enum IdempotencyClaim {
     /// The request_id was used for a different query.
     Conflict,
 }
+
+/// A replica's own claim on a request_id: its token in Redis, so that it renews and settles its own claim and no
+/// other replica's, even after its own lapsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim(String);
 
 /// How the log is doing, for probes and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,32 +272,34 @@ impl EventLog {
     /// Claims a caller-chosen request_id across replicas. In process, or when Redis is down, every claim is
     /// `Owner`: idempotency then holds within this replica only.
     pub async fn claim_request_id(&self, request_id: &str, fingerprint: &str) -> IdempotencyClaim {
+        let claim = Claim(ulid::Ulid::new().to_string());
         let EventLog::Redis(redis) = self else {
-            return IdempotencyClaim::Owner;
+            return IdempotencyClaim::Owner(claim);
         };
-        match redis.claim_request_id(request_id, fingerprint).await {
-            Ok(claim) => claim,
+        match redis.claim_request_id(request_id, fingerprint, &claim).await {
+            Ok(claimed) => claimed,
             Err(e) => {
                 tracing::warn!(request_id = %mask_digits(request_id), error = %e, "idempotency holds within this replica only while Redis is down");
-                IdempotencyClaim::Owner
+                IdempotencyClaim::Owner(claim)
             }
         }
     }
 
-    /// Keeps this replica's claim on `request_id` while the caller sends its query (`fingerprint`); never ends.
+    /// Keeps this replica's `claim` on `request_id` while the caller sends its query (`fingerprint`); never ends.
     /// A claim lapses a few seconds after its owner stops renewing it, so that a repeat after the owner stopped
     /// mid-send is sent by another replica rather than wait for an answer nobody will record.
-    pub async fn hold_request_id(&self, request_id: &str, fingerprint: &str) -> Infallible {
+    pub async fn hold_request_id(&self, request_id: &str, fingerprint: &str, claim: &Claim) -> Infallible {
         match self {
             EventLog::Local(_) => std::future::pending().await,
-            EventLog::Redis(redis) => redis.hold_request_id(request_id, fingerprint).await,
+            EventLog::Redis(redis) => redis.hold_request_id(request_id, fingerprint, claim).await,
         }
     }
 
-    /// Records the answer of a claimed request_id, or releases the claim when the query failed.
-    pub async fn settle_request_id(&self, request_id: &str, fingerprint: &str, answer: Option<&str>) {
+    /// Records the answer of a claimed request_id, or releases the claim when the query failed — this replica's
+    /// `claim` only, not another's that took the request_id after this one lapsed.
+    pub async fn settle_request_id(&self, request_id: &str, fingerprint: &str, claim: &Claim, answer: Option<&str>) {
         if let EventLog::Redis(redis) = self
-            && let Err(e) = redis.settle_request_id(request_id, fingerprint, answer).await
+            && let Err(e) = redis.settle_request_id(request_id, fingerprint, claim, answer).await
         {
             tracing::warn!(request_id = %mask_digits(request_id), error = %e, "could not record the idempotency answer in Redis");
         }

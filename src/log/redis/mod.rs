@@ -39,8 +39,8 @@ use sha2::{Digest as _, Sha256};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use super::{
-    Accepted, Consumer, Entry, Health, IdempotencyClaim, Nonce, NotificationReceived, QueryRecorded, Unavailable,
-    codec, skipped, wall_clock_ms,
+    Accepted, Claim, Consumer, Entry, Health, IdempotencyClaim, Nonce, NotificationReceived, QueryRecorded,
+    Unavailable, codec, skipped, wall_clock_ms,
 };
 use crate::{
     capability::{CacheTtl, mask_digits},
@@ -108,11 +108,24 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
 return 0
 ";
 
-/// Renews a claim on a request_id for a lease if it is still pending for the same query. KEYS: claim.
-/// ARGV: the pending record, lease (ms). Returns 1 when renewed, 0 when the claim is settled or lapsed.
+/// Renews our claim on a request_id (its pending record) for a lease, or takes it again if it lapsed and nobody
+/// took it since. KEYS: claim. ARGV: our pending record, lease (ms). Returns 1 when renewed, 2 when taken again,
+/// 0 when it is another's (or answered).
 const RENEW_CLAIM: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if held then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 2
+";
+
+/// Settles our claim on a request_id: records the answer (ARGV[2], for ARGV[3] ms; none: releases the claim) if
+/// the claim is ours (ARGV[1], our pending record) or lapsed with nobody's since. KEYS: claim.
+const SETTLE_CLAIM: &str = r"
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] then return 0 end
+if ARGV[2] == '' then redis.call('DEL', KEYS[1]) else redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+return 1
 ";
 
 /// How long a claim on a request_id lasts unless its owner renews it: a replica that stops while sending frees
@@ -225,6 +238,7 @@ pub struct RedisLog {
     append: Script,
     claim_nonce: Script,
     renew_claim: Script,
+    settle_claim: Script,
     restore: Script,
     /// The capability cache and coalescing leases.
     cache: RedisCache,
@@ -313,6 +327,7 @@ impl RedisLog {
             append: Script::new(APPEND),
             claim_nonce: Script::new(CLAIM_NONCE),
             renew_claim: Script::new(RENEW_CLAIM),
+            settle_claim: Script::new(SETTLE_CLAIM),
             restore: Script::new(RESTORE),
             up: AtomicU8::new(0),
         })
@@ -742,19 +757,20 @@ impl RedisLog {
         &self,
         request_id: &str,
         fingerprint: &str,
+        claim: &Claim,
     ) -> redis::RedisResult<IdempotencyClaim> {
         let key = self.idempotency_key(request_id);
         let mut conn = self.commands.clone();
         let set: Option<String> = redis::cmd("SET")
             .arg(&key)
-            .arg(pending_record(fingerprint))
+            .arg(pending_record(fingerprint, claim))
             .arg("NX")
             .arg("PX")
             .arg(ttl_ms(CLAIM_LEASE))
             .query_async(&mut conn)
             .await?;
         if set.is_some() {
-            return Ok(IdempotencyClaim::Owner);
+            return Ok(IdempotencyClaim::Owner(claim.clone()));
         }
         let Some(stored) = redis::cmd("GET")
             .arg(&key)
@@ -774,12 +790,13 @@ impl RedisLog {
         })
     }
 
-    /// Renews this replica's claim on `request_id` (for the query `fingerprint`) every few seconds; never ends.
-    pub(super) async fn hold_request_id(&self, request_id: &str, fingerprint: &str) -> Infallible {
+    /// Renews this replica's `claim` on `request_id` (for the query `fingerprint`) every few seconds, taking it
+    /// again if it lapsed and nobody took it since; never ends.
+    pub(super) async fn hold_request_id(&self, request_id: &str, fingerprint: &str, claim: &Claim) -> Infallible {
         let mut invocation = self.renew_claim.prepare_invoke();
         invocation
             .key(self.idempotency_key(request_id))
-            .arg(pending_record(fingerprint))
+            .arg(pending_record(fingerprint, claim))
             .arg(ttl_ms(CLAIM_LEASE));
         let mut renewals = tokio::time::interval_at(tokio::time::Instant::now() + CLAIM_RENEWAL, CLAIM_RENEWAL);
         renewals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -787,15 +804,16 @@ impl RedisLog {
             renewals.tick().await;
             match invoke::<i64>(&invocation, &self.commands).await {
                 Ok(1) => {}
+                Ok(2) => tracing::warn!(request_id = %mask_digits(request_id), "the claim on a request_id whose \
+                    query is being sent had lapsed (Redis unreachable for longer than its lease?): taken again"),
                 Ok(_) => {
                     tracing::warn!(request_id = %mask_digits(request_id), "the claim on a request_id lapsed while \
-                    its query was being sent (Redis unreachable for longer than the claim's lease?): another replica \
-                    may send a repeat of it too")
+                        its query was being sent (Redis unreachable for longer than its lease?), and another replica \
+                        took it: that one sends the query too");
+                    return std::future::pending().await;
                 }
-                Err(e) => {
-                    tracing::warn!(request_id = %mask_digits(request_id), error = %e, "could not renew the claim \
-                    on a request_id whose query is being sent; trying again")
-                }
+                Err(e) => tracing::warn!(request_id = %mask_digits(request_id), error = %e, "could not renew the \
+                    claim on a request_id whose query is being sent; trying again"),
             }
         }
     }
@@ -804,35 +822,24 @@ impl RedisLog {
         &self,
         request_id: &str,
         fingerprint: &str,
+        claim: &Claim,
         answer: Option<&str>,
     ) -> redis::RedisResult<()> {
-        let key = self.idempotency_key(request_id);
-        let mut conn = self.commands.clone();
-        match answer {
-            Some(answer) => {
-                let stored = serde_json::json!({ "q": fingerprint, "a": answer }).to_string();
-                redis::cmd("SET")
-                    .arg(&key)
-                    .arg(stored)
-                    .arg("XX")
-                    .arg("PX")
-                    .arg(self.settings.idempotency_window.as_millis() as u64)
-                    .query_async::<Option<String>>(&mut conn)
-                    .await
-                    .map(drop)
-            }
-            None => redis::cmd("DEL")
-                .arg(&key)
-                .query_async::<i64>(&mut conn)
-                .await
-                .map(drop),
-        }
+        let answered = answer.map(|answer| serde_json::json!({ "q": fingerprint, "a": answer }).to_string());
+        let mut invocation = self.settle_claim.prepare_invoke();
+        invocation
+            .key(self.idempotency_key(request_id))
+            .arg(pending_record(fingerprint, claim))
+            .arg(answered.unwrap_or_default())
+            .arg(ttl_ms(self.settings.idempotency_window));
+        invoke::<i64>(&invocation, &self.commands).await.map(drop)
     }
 }
 
-/// What a claim on a request_id holds while its query (`fingerprint`) is being sent.
-fn pending_record(fingerprint: &str) -> String {
-    serde_json::json!({ "q": fingerprint }).to_string()
+/// What `claim` on a request_id holds while its query (`fingerprint`) is being sent. Replicas of earlier
+/// versions read `q` (and `a`, the answer) alone.
+fn pending_record(fingerprint: &str, claim: &Claim) -> String {
+    serde_json::json!({ "q": fingerprint, "o": claim.0 }).to_string()
 }
 
 /// Appends a query record (`event`) to `stream`, trimming what is older than `minid` (ms).
