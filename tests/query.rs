@@ -419,6 +419,21 @@ async fn refused_credentials_are_reported_as_ours_not_the_callers() {
     );
 }
 
+/// A token endpoint asking for an hour's pause does not hold the one refresh every call waits on for that hour:
+/// the pause is at most the retry policy's, and the next try's token serves the call (which waited out its
+/// deadline, every later call too, until the hour was over).
+#[tokio::test]
+async fn a_token_endpoints_long_retry_after_does_not_hold_the_refresh_for_as_long() {
+    let fake = FakeSinch::start().await;
+    fake.script_tokens([Canned::new(429, r#"{"error":"slow_down"}"#).header("retry-after", "3600")]);
+    let service = Service::against(&fake, &[]).await;
+    let mut request = Request::new(query(contact("C"), ""));
+    request.set_timeout(Duration::from_secs(20));
+    let answer = service.client().await.query_capability(request).await;
+    assert!(answer.is_ok(), "{answer:?}");
+    assert_eq!(fake.queries().len(), 1);
+}
+
 #[tokio::test]
 async fn basic_mode_sends_the_key_on_every_call_and_never_asks_for_a_token() {
     let fake = FakeSinch::start().await;

@@ -32,7 +32,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_ANSWER: usize = 64 * 1024;
 
 /// How a refused token request is retried: at most `tries` requests in all, the pause before request `n + 1`
-/// drawn uniformly from `[0, base·4^(n-1))` (full jitter). Sinch's SDKs use 3 tries from 1 s. After a refresh
+/// drawn uniformly from `[0, base·4^(n-1))` (full jitter; a `Retry-After` is kept within the same bound). Sinch's SDKs use 3 tries from 1 s. After a refresh
 /// that failed while the token was still valid, the next waits `base·4^(tries-1)`.
 #[derive(Debug, Clone, Copy)]
 pub struct TokenRetry {
@@ -228,7 +228,12 @@ impl TokenCache {
                 done => return done,
             };
             *self.failure.write().expect("token lock poisoned") = Some(error.clone());
-            let pause = error.retry_after().unwrap_or_else(|| self.retry.pause(attempt));
+            // The token endpoint's own pause, within the policy's: every call without a token waits on this one
+            // refresh, and the bucket behind the endpoint refills within a second.
+            let pause = error.retry_after().map_or_else(
+                || self.retry.pause(attempt),
+                |after| after.min(self.retry.ceiling(attempt)),
+            );
             tracing::debug!(attempt, ?pause, error = %error, "retrying the token request");
             tokio::time::sleep(pause).await;
             attempt += 1;
