@@ -599,6 +599,40 @@ async fn an_invalidated_identity_is_asked_again_not_joined_to_the_lookup_that_an
     }
 }
 
+/// Invalidating an identity takes it out of the contact answers that hold it even when its latest result names no
+/// contact (an `identified_by` check asked about it since): the contact is asked again, not served from the cache
+/// with the invalidated channel — in process and with Redis.
+#[tokio::test]
+async fn an_invalidated_identity_is_not_served_in_a_contact_answer_its_latest_result_does_not_name() {
+    let redis = RedisServer::start().await;
+    let url = format!("--redis-url={}", redis.url());
+    for flags in [&["--check-settle=100ms"][..], &["--check-settle=100ms", &url][..]] {
+        let fake = FakeSinch::start().await;
+        let service = Service::against(&fake, flags).await;
+        let mut client = service.client().await;
+        let first = spawn_check(client.clone(), check(contact("C-1"))).await;
+        let (live_id, _) = nth_query(&fake, 1).await;
+        let body = CapabilityCallback::new(&live_id, "WHATSAPP", NUMBER, "CAPABILITY_FULL").contact_id("C-1");
+        deliver(service.webhook_addr, body.body()).await;
+        first.await.unwrap().unwrap();
+        let mut by_identity = check(identities(&[(Channel::Whatsapp, NUMBER)]));
+        by_identity.max_age = duration(Duration::ZERO);
+        let second = spawn_check(client.clone(), by_identity).await;
+        let (live_id, _) = nth_query(&fake, 2).await;
+        deliver(service.webhook_addr, callback(&live_id, "WHATSAPP", "CAPABILITY_FULL")).await;
+        second.await.unwrap().unwrap();
+        invalidate(&mut client, identities(&[(Channel::Whatsapp, NUMBER)])).await;
+        let mut again = check(contact("C-1"));
+        again.wait = duration(Duration::from_millis(50));
+        let again = client.check_capability(again).await.unwrap().into_inner();
+        assert!(
+            again.results.is_empty(),
+            "{flags:?}: served with the invalidated channel: {again:?}"
+        );
+        assert_eq!(fake.until_queries(3).await.len(), 3, "{flags:?}: asked again");
+    }
+}
+
 #[tokio::test]
 async fn a_repeated_request_id_sends_nothing_and_leaves_nobody_waiting_on_it() {
     let fake = FakeSinch::start().await;

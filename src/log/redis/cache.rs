@@ -343,13 +343,34 @@ impl RedisCache {
             .collect())
     }
 
-    /// The results held under a contact's entry.
+    /// The results held under a contact's entry; none unless each identity's own entry holds a result too.
     pub async fn get_contact(&self, key: &EntryKey) -> redis::RedisResult<Vec<CachedResult>> {
-        let values: Vec<Vec<u8>> = redis::cmd("HVALS")
+        let fields: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
             .arg(self.contact_entry(key))
             .query_async(&mut self.commands.clone())
             .await?;
-        Ok(values.iter().filter_map(|v| CachedResult::decode(v)).collect())
+        let held: Vec<(String, CachedResult)> = fields
+            .into_iter()
+            .filter_map(|(field, value)| Some((field, CachedResult::decode(&value)?)))
+            .collect();
+        // One read per identity, all at once: in a cluster each may live on another slot.
+        let own = held.iter().map(|(field, _)| {
+            let name = format!("{}:c:{field}", self.prefix);
+            async move {
+                redis::cmd("GET")
+                    .arg(name)
+                    .query_async::<Option<Vec<u8>>>(&mut self.commands.clone())
+                    .await
+            }
+        });
+        let own = futures::future::try_join_all(own).await?;
+        if !own
+            .iter()
+            .all(|v| v.as_deref().and_then(CachedResult::decode).is_some())
+        {
+            return Ok(Vec::new());
+        }
+        Ok(held.into_iter().map(|(_, result)| result).collect())
     }
 
     /// Empties identity entries `keys` and contacts' entries `contacts` with the identity entries they list,
