@@ -70,6 +70,16 @@ async fn invalidate(client: &mut CapabilityServiceClient<Transport>, recipient: 
         .removed
 }
 
+/// Checks contact C-1 on `service`, answered by one callback (WHATSAPP FULL) to the `n`-th query `fake` gets, so
+/// that the contact's entry and its identity's are cached.
+async fn cache_contact(service: &Service, fake: &FakeSinch, n: usize) {
+    let first = spawn_check(service.client().await, check(contact("C-1"))).await;
+    let (live_id, _) = nth_query(fake, n).await;
+    let body = CapabilityCallback::new(&live_id, "WHATSAPP", NUMBER, "CAPABILITY_FULL").contact_id("C-1");
+    deliver(service.webhook_addr, body.body()).await;
+    first.await.unwrap().unwrap();
+}
+
 async fn spawn_check(
     mut client: CapabilityServiceClient<Transport>,
     request: pb::CheckCapabilityRequest,
@@ -610,11 +620,7 @@ async fn an_invalidated_identity_is_not_served_in_a_contact_answer_its_latest_re
         let fake = FakeSinch::start().await;
         let service = Service::against(&fake, flags).await;
         let mut client = service.client().await;
-        let first = spawn_check(client.clone(), check(contact("C-1"))).await;
-        let (live_id, _) = nth_query(&fake, 1).await;
-        let body = CapabilityCallback::new(&live_id, "WHATSAPP", NUMBER, "CAPABILITY_FULL").contact_id("C-1");
-        deliver(service.webhook_addr, body.body()).await;
-        first.await.unwrap().unwrap();
+        cache_contact(&service, &fake, 1).await;
         let mut by_identity = check(identities(&[(Channel::Whatsapp, NUMBER)]));
         by_identity.max_age = duration(Duration::ZERO);
         let second = spawn_check(client.clone(), by_identity).await;
@@ -701,11 +707,7 @@ async fn invalidating_an_identity_also_drops_the_contact_answer_that_held_it() {
     let fake = FakeSinch::start().await;
     let service = Service::against(&fake, &["--check-settle=100ms"]).await;
     let mut client = service.client().await;
-    let first = spawn_check(client.clone(), check(contact("C-1"))).await;
-    let (live_id, _) = nth_query(&fake, 1).await;
-    let body = CapabilityCallback::new(&live_id, "WHATSAPP", NUMBER, "CAPABILITY_FULL").contact_id("C-1");
-    deliver(service.webhook_addr, body.body()).await;
-    first.await.unwrap().unwrap();
+    cache_contact(&service, &fake, 1).await;
     let removed = invalidate(&mut client, identities(&[(Channel::Whatsapp, NUMBER)])).await;
     assert_eq!(removed, 2, "the identity's entry and the contact's");
     let mut again = check(contact("C-1"));
@@ -724,11 +726,7 @@ async fn checks_waiting_for_sinch_do_not_keep_cache_hits_out() {
     let (warm_id, _) = nth_query(&fake, 1).await;
     deliver(service.webhook_addr, callback(&warm_id, "SMS", "CAPABILITY_FULL")).await;
     warm.await.unwrap().unwrap();
-    let warm = spawn_check(client.clone(), check(contact("C-1"))).await;
-    let (warm_id, _) = nth_query(&fake, 2).await;
-    let body = CapabilityCallback::new(&warm_id, "WHATSAPP", NUMBER, "CAPABILITY_FULL").contact_id("C-1");
-    deliver(service.webhook_addr, body.body()).await;
-    warm.await.unwrap().unwrap();
+    cache_contact(&service, &fake, 2).await;
     let waiting = [
         spawn_check(client.clone(), check(identities(&[(Channel::Rcs, NUMBER)]))).await,
         spawn_check(client.clone(), check(identities(&[(Channel::Viber, NUMBER)]))).await,
