@@ -639,6 +639,43 @@ async fn an_invalidated_identity_is_not_served_in_a_contact_answer_its_latest_re
     }
 }
 
+/// A check whose identities wait on different lookups (one it joined, one it started) says under which request_id
+/// each pending identity's late result will come: watching only its own request_id missed the joined one's.
+#[tokio::test]
+async fn each_pending_identity_is_named_with_the_lookup_its_late_result_comes_under() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[]).await;
+    let client = service.client().await;
+    let mut first = check(identities(&[(Channel::Sms, NUMBER)]));
+    first.wait = duration(Duration::from_secs(30));
+    let first = spawn_check(client.clone(), first).await;
+    let (joined_id, _) = nth_query(&fake, 1).await;
+    let mut both = check(identities(&[(Channel::Sms, NUMBER), (Channel::Rcs, NUMBER)]));
+    both.wait = duration(Duration::from_millis(100));
+    let both = client.clone().check_capability(both).await.unwrap().into_inner();
+    let (own_id, _) = nth_query(&fake, 2).await;
+    let lookups: Vec<(i32, String)> = both
+        .pending_lookups
+        .iter()
+        .map(|p| (p.identity.as_ref().unwrap().channel, p.request_id.clone()))
+        .collect();
+    assert_eq!(
+        lookups,
+        [
+            (Channel::Sms as i32, joined_id.clone()),
+            (Channel::Rcs as i32, own_id.clone())
+        ]
+    );
+    assert_eq!(both.request_id, own_id);
+    deliver(service.webhook_addr, callback(&joined_id, "SMS", "CAPABILITY_FULL")).await;
+    assert_eq!(
+        common::held(&service, &joined_id, 0).await.len(),
+        1,
+        "SMS's late result, under the joined lookup"
+    );
+    first.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn a_repeated_request_id_sends_nothing_and_leaves_nobody_waiting_on_it() {
     let fake = FakeSinch::start().await;

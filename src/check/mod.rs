@@ -89,6 +89,8 @@ pub struct CheckAnswer {
     pub results: Vec<CheckResult>,
     pub complete: bool,
     pub pending: Vec<ChannelIdentity>,
+    /// For each of `pending`, the request_id of the live query its result will come under.
+    pub pending_lookups: Vec<(ChannelIdentity, Arc<str>)>,
     pub recommended: Vec<ChannelIdentity>,
     /// The live query's request_id; empty when every result came from the cache.
     pub request_id: String,
@@ -513,6 +515,14 @@ impl Checker {
             .filter(|(_, slot)| slot.is_none())
             .map(|(id, _)| id.clone())
             .collect();
+        let pending_lookups = waiting
+            .iter()
+            .flat_map(|(request_id, at)| at.iter().map(move |&i| (i, request_id)))
+            .filter(|&(i, _)| slots[i].is_none())
+            .collect::<std::collections::BTreeMap<_, _>>()
+            .into_iter()
+            .map(|(i, request_id)| (ids[i].clone(), request_id.clone()))
+            .collect();
         // The live query's request_id, else the one the first identity that needed a live result joined.
         let request_id = live.or_else(|| {
             missing
@@ -522,6 +532,7 @@ impl Checker {
         Ok(CheckAnswer {
             complete: pending.is_empty(),
             pending,
+            pending_lookups,
             results: slots.into_iter().flatten().collect(),
             request_id: request_id.map(|id| id.to_string()).unwrap_or_default(),
             recommended: Vec::new(),

@@ -263,6 +263,14 @@ pub fn check_response(answer: CheckAnswer) -> pb::CheckCapabilityResponse {
             .collect(),
         complete: answer.complete,
         pending: answer.pending.into_iter().map(channel_identity).collect(),
+        pending_lookups: answer
+            .pending_lookups
+            .into_iter()
+            .map(|(identity, request_id)| pb::PendingLookup {
+                identity: Some(channel_identity(identity)),
+                request_id: request_id.to_string(),
+            })
+            .collect(),
         recommended: answer.recommended.into_iter().map(channel_identity).collect(),
         request_id: answer.request_id,
     }
