@@ -636,6 +636,29 @@ async fn an_invalidated_identity_is_not_served_in_a_contact_answer_its_latest_re
             "{flags:?}: served with the invalidated channel: {again:?}"
         );
         assert_eq!(fake.until_queries(3).await.len(), 3, "{flags:?}: asked again");
+        // Asked about again by identity (PARTIAL now): the contact's answer has the new result, not its old copy.
+        let mut by_identity = check(identities(&[(Channel::Whatsapp, NUMBER)]));
+        by_identity.max_age = duration(Duration::ZERO);
+        let fourth = spawn_check(client.clone(), by_identity).await;
+        let (live_id, _) = nth_query(&fake, 4).await;
+        deliver(
+            service.webhook_addr,
+            callback(&live_id, "WHATSAPP", "CAPABILITY_PARTIAL"),
+        )
+        .await;
+        fourth.await.unwrap().unwrap();
+        let again = client
+            .check_capability(check(contact("C-1")))
+            .await
+            .unwrap()
+            .into_inner();
+        let statuses: Vec<_> = again
+            .results
+            .iter()
+            .map(|r| r.notification.as_ref().unwrap().capability_status())
+            .collect();
+        assert_eq!(statuses, [CapabilityStatus::Partial], "{flags:?}: {again:?}");
+        assert_eq!(again.results[0].source(), ResultSource::Cache, "{flags:?}");
     }
 }
 

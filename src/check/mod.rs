@@ -299,19 +299,21 @@ impl Checker {
         }
     }
 
-    /// A contact's cached results, none unless each identity's own entry still holds one: an invalidation of an
-    /// identity empties its entry but may not find every contact entry that holds it (its latest result may name
-    /// no contact, or another).
+    /// A contact's cached results, none unless each identity's own entry still holds one, and for each the newer
+    /// of the contact's copy and the identity's own: an invalidation of an identity empties its entry but may not
+    /// find every contact entry that holds it (its latest result may name no contact, or another), and a result
+    /// stored under the identity since is newer than the copy.
     async fn cached_contact(&self, key: &EntryKey) -> Vec<CachedResult> {
         match &self.store {
             Store::Local(local) => match local.get(key).as_deref() {
-                Some(Cached::Contact(results))
-                    if results
-                        .iter()
-                        .all(|(identity, _)| matches!(local.get(identity).as_deref(), Some(Cached::One(_)))) =>
-                {
-                    results.iter().map(|(_, r)| r.clone()).collect()
-                }
+                Some(Cached::Contact(results)) => results
+                    .iter()
+                    .map(|(identity, copy)| match local.get(identity).as_deref() {
+                        Some(Cached::One(own)) => Some(copy.clone().or_newer(own.clone())),
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<_>>>()
+                    .unwrap_or_default(),
                 _ => Vec::new(),
             },
             Store::Redis(log) => {

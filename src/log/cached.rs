@@ -31,6 +31,15 @@ pub struct CachedResult {
 const HEAD: usize = 26;
 
 impl CachedResult {
+    /// The newer of two results of one identity (this one when as new).
+    pub fn or_newer(self, other: CachedResult) -> CachedResult {
+        if other.checked_at_ms > self.checked_at_ms {
+            other
+        } else {
+            self
+        }
+    }
+
     /// The cache's form of `notification`, appended to the log at `offset` and `time_ms` with `body` (as a hub
     /// keeps it, without receive time); `None` when results of its status are not cached.
     pub fn of(

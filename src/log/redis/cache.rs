@@ -343,7 +343,8 @@ impl RedisCache {
             .collect())
     }
 
-    /// The results held under a contact's entry; none unless each identity's own entry holds a result too.
+    /// The results held under a contact's entry; none unless each identity's own entry holds a result too, and
+    /// for each the newer of the two.
     pub async fn get_contact(&self, key: &EntryKey) -> redis::RedisResult<Vec<CachedResult>> {
         let fields: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
             .arg(self.contact_entry(key))
@@ -364,13 +365,12 @@ impl RedisCache {
             }
         });
         let own = futures::future::try_join_all(own).await?;
-        if !own
-            .iter()
-            .all(|v| v.as_deref().and_then(CachedResult::decode).is_some())
-        {
-            return Ok(Vec::new());
-        }
-        Ok(held.into_iter().map(|(_, result)| result).collect())
+        Ok(held
+            .into_iter()
+            .zip(own)
+            .map(|((_, copy), own)| Some(copy.or_newer(CachedResult::decode(own.as_deref()?)?)))
+            .collect::<Option<Vec<_>>>()
+            .unwrap_or_default())
     }
 
     /// Empties identity entries `keys` and contacts' entries `contacts` with the identity entries they list,
