@@ -32,7 +32,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_ANSWER: usize = 64 * 1024;
 
 /// How a refused token request is retried: at most `tries` requests in all, the pause before request `n + 1`
-/// drawn uniformly from `[0, base·4^(n-1))` (full jitter; a `Retry-After` is kept within the same bound). Sinch's SDKs use 3 tries from 1 s. After a refresh
+/// drawn uniformly from `[0, base·4^(n-1))` (full jitter; a `Retry-After` below that bound is kept). Sinch's SDKs use 3 tries from 1 s. After a refresh
 /// that failed while the token was still valid, the next waits `base·4^(tries-1)`.
 #[derive(Debug, Clone, Copy)]
 pub struct TokenRetry {
@@ -228,12 +228,13 @@ impl TokenCache {
                 done => return done,
             };
             *self.failure.write().expect("token lock poisoned") = Some(error.clone());
-            // The token endpoint's own pause, within the policy's: every call without a token waits on this one
-            // refresh, and the bucket behind the endpoint refills within a second.
-            let pause = error.retry_after().map_or_else(
-                || self.retry.pause(attempt),
-                |after| after.min(self.retry.ceiling(attempt)),
-            );
+            // The token endpoint's own pause only within the policy's (every call without a token waits on this
+            // one refresh, and the bucket behind the endpoint refills within a second); past it, drawn as without
+            // one, so that replicas refused together do not retry in step.
+            let pause = match error.retry_after() {
+                Some(after) if after < self.retry.ceiling(attempt) => after,
+                _ => self.retry.pause(attempt),
+            };
             tracing::debug!(attempt, ?pause, error = %error, "retrying the token request");
             tokio::time::sleep(pause).await;
             attempt += 1;

@@ -59,6 +59,17 @@ pub struct StoredAnswer {
     pub recommended: Vec<StoredIdentity>,
     #[prost(string, tag = "5")]
     pub request_id: String,
+    #[prost(message, repeated, tag = "6")]
+    pub pending_lookups: Vec<StoredLookup>,
+}
+
+/// A pending identity and the request_id its late result comes under.
+#[derive(Clone, PartialEq, Message)]
+pub struct StoredLookup {
+    #[prost(message, optional, tag = "1")]
+    pub identity: Option<StoredIdentity>,
+    #[prost(string, tag = "2")]
+    pub request_id: String,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -162,6 +173,14 @@ pub fn encode_answer(answer: &CheckAnswer) -> Vec<u8> {
         pending: answer.pending.iter().map(identity).collect(),
         recommended: answer.recommended.iter().map(identity).collect(),
         request_id: answer.request_id.clone(),
+        pending_lookups: answer
+            .pending_lookups
+            .iter()
+            .map(|(id, request_id)| StoredLookup {
+                identity: Some(identity(id)),
+                request_id: request_id.to_string(),
+            })
+            .collect(),
     }
     .encode_to_vec()
 }
@@ -186,6 +205,34 @@ pub fn decode_answer(bytes: &[u8]) -> Result<CheckAnswer, prost::DecodeError> {
         pending: stored.pending.into_iter().map(channel_identity).collect(),
         recommended: stored.recommended.into_iter().map(channel_identity).collect(),
         request_id: stored.request_id,
+        pending_lookups: stored
+            .pending_lookups
+            .into_iter()
+            .filter_map(|l| Some((channel_identity(l.identity?), l.request_id.into())))
+            .collect(),
         ..CheckAnswer::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_answer_reads_back_with_its_pending_identities_lookups() {
+        let sms = ChannelIdentity {
+            channel: Channel::Sms,
+            identity: "46700000001".into(),
+            app_id: String::new(),
+        };
+        let answer = CheckAnswer {
+            pending: vec![sms.clone()],
+            pending_lookups: vec![(sms, "joined".into())],
+            request_id: "own".into(),
+            ..CheckAnswer::default()
+        };
+        let read = decode_answer(&encode_answer(&answer)).unwrap();
+        assert_eq!(read.pending, answer.pending);
+        assert_eq!(read.pending_lookups, answer.pending_lookups);
+    }
 }
