@@ -323,12 +323,16 @@ impl RedisCache {
         Ok(())
     }
 
-    /// The results held under identity entries `keys`, in their order. One GET per key, all at once: in a
-    /// cluster each may live on another slot.
+    /// The results held under identity entries `keys`, in their order.
     pub async fn get(&self, keys: &[EntryKey]) -> redis::RedisResult<Vec<Option<CachedResult>>> {
-        let reads = keys.iter().map(|key| {
+        self.read(keys.iter().map(|key| self.entry(key))).await
+    }
+
+    /// The results held under the entries `names`, in their order. One GET per entry, all at once: in a cluster
+    /// each may live on another slot.
+    async fn read(&self, names: impl Iterator<Item = String>) -> redis::RedisResult<Vec<Option<CachedResult>>> {
+        let reads = names.map(|name| {
             let mut conn = self.commands.clone();
-            let name = self.entry(key);
             async move {
                 redis::cmd("GET")
                     .arg(name)
@@ -354,21 +358,13 @@ impl RedisCache {
             .into_iter()
             .filter_map(|(field, value)| Some((field, CachedResult::decode(&value)?)))
             .collect();
-        // One read per identity, all at once: in a cluster each may live on another slot.
-        let own = held.iter().map(|(field, _)| {
-            let name = format!("{}:c:{field}", self.prefix);
-            async move {
-                redis::cmd("GET")
-                    .arg(name)
-                    .query_async::<Option<Vec<u8>>>(&mut self.commands.clone())
-                    .await
-            }
-        });
-        let own = futures::future::try_join_all(own).await?;
+        let own = self
+            .read(held.iter().map(|(field, _)| format!("{}:c:{field}", self.prefix)))
+            .await?;
         Ok(held
             .into_iter()
             .zip(own)
-            .map(|((_, copy), own)| Some(copy.or_newer(CachedResult::decode(own.as_deref()?)?)))
+            .map(|((_, copy), own)| Some(copy.or_newer(own?)))
             .collect::<Option<Vec<_>>>()
             .unwrap_or_default())
     }
