@@ -849,20 +849,22 @@ impl Checker {
         contacts.dedup();
         // The lookups of what goes are not joined again: the next check asks Sinch. (With Redis, the removal
         // deletes their leases there, and a lookup of this replica's is looked up there before it is joined.)
-        self.flights.forget(&keys);
         self.flights.forget(&contacts);
         match &self.store {
             Store::Local(local) => {
+                // `keys` and the identities the contacts listed.
                 let (removed, identities) = local.remove(&keys, &contacts);
                 self.flights.forget(&identities);
                 Ok(removed)
             }
-            Store::Redis(log) => log
-                .shared_cache()
-                .expect("a Redis store")
-                .remove(&keys, &contacts)
-                .await
-                .map_err(|e| CheckError::Unavailable(e.to_string())),
+            Store::Redis(log) => {
+                self.flights.forget(&keys);
+                log.shared_cache()
+                    .expect("a Redis store")
+                    .remove(&keys, &contacts)
+                    .await
+                    .map_err(|e| CheckError::Unavailable(e.to_string()))
+            }
         }
     }
 }
