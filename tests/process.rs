@@ -368,7 +368,7 @@ async fn with_tokens_configured_only_callers_presenting_one_are_served() {
 #[tokio::test]
 async fn a_client_command_ends_when_the_service_stops_answering() {
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = format!("http://{}", silent.local_addr().unwrap());
+    let addr = &format!("http://{}", silent.local_addr().unwrap());
     // Accepts and holds every connection, reading nothing.
     let _held = tokio::spawn(async move {
         let mut held = Vec::new();
@@ -376,14 +376,16 @@ async fn a_client_command_ends_when_the_service_stops_answering() {
             held.push(socket);
         }
     });
-    for args in [
+    // Both at once: each waits out its keepalive's unanswered ping.
+    let commands = [
         &["check", "--identity", "SMS:46700000001"][..],
         &["watch", "some-request"][..],
-    ] {
+    ]
+    .map(|args| async move {
         let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_capability-facade"))
             .env_clear()
             .args(args)
-            .args(["--addr", &addr])
+            .args(["--addr", addr])
             .kill_on_drop(true)
             .output();
         // A bound for a hang, not a timing target: the client gives up after its keepalive's ping goes unanswered.
@@ -392,7 +394,8 @@ async fn a_client_command_ends_when_the_service_stops_answering() {
             .unwrap_or_else(|_| panic!("{args:?} still waits"))
             .unwrap();
         assert_ne!(output.status.code(), Some(0), "{args:?}");
-    }
+    });
+    futures::future::join_all(commands).await;
 }
 
 /// A SIGTERM as soon as the process says it listens (an orchestrator that stops a pod just started) drains and
