@@ -66,6 +66,11 @@ pub const MAX_DEADLINE: Duration = Duration::from_secs(600);
 /// long.
 pub const LONGEST_CHECK: Duration = MAX_DEADLINE.saturating_add(Duration::from_secs(30));
 
+/// How long a query sent under a caller-chosen request_id may wait for Sinch's answer past its caller's deadline:
+/// the caller is told DEADLINE_EXCEEDED at the deadline, and its retry gets the answer rather than ask Sinch again
+/// (a second query to Sinch, whose callbacks the app's budget pays for again). Within [`LONGEST_CHECK`]'s margin.
+const LATE_ANSWER: Duration = Duration::from_secs(10);
+
 /// The longest pause between two looks at a request_id another replica is sending.
 const PENDING_POLL_MAX: Duration = Duration::from_millis(200);
 
@@ -86,10 +91,12 @@ impl Queries {
         }
     }
 
+    /// Sends `query` (see [`SinchClient::query`] for `deadline` and `answer_by`) with its record.
     async fn forward(
         &self,
         query: &Query,
         deadline: Instant,
+        answer_by: Instant,
         trace: Option<&TraceParent>,
     ) -> Result<QueryAccepted, upstream::Error> {
         let record = QueryRecorded {
@@ -101,7 +108,10 @@ impl Queries {
                 until it is, its watches do not know its expected channels");
         }
         let traceparent = telemetry::outgoing_traceparent(trace);
-        let accepted = self.upstream.query(query, deadline, traceparent.as_deref()).await?;
+        let accepted = self
+            .upstream
+            .query(query, deadline, answer_by, traceparent.as_deref())
+            .await?;
         if accepted.request_id != query.request_id {
             // Sinch's callbacks will carry its request_id: the caller gets it, and the record follows it.
             tracing::warn!(sent = %mask_digits(&query.request_id), answered = %mask_digits(&accepted.request_id),
@@ -133,7 +143,7 @@ impl Queries {
             match self.log.claim_request_id(&query.request_id, &fingerprint).await {
                 IdempotencyClaim::Owner(claim) => {
                     let result = tokio::select! {
-                        result = self.forward(sent, deadline, trace) => result,
+                        result = self.forward(sent, deadline, deadline + LATE_ANSWER, trace) => result,
                         never = self.log.hold_request_id(&query.request_id, &fingerprint, &claim) => match never {},
                     };
                     let answer = result
@@ -151,7 +161,7 @@ impl Queries {
                         // serde's message may quote the record's values: only where it broke is logged.
                         tracing::warn!(request_id = %mask_digits(&query.request_id), category = ?e.classify(),
                             line = e.line(), column = e.column(), "an unreadable idempotency record in Redis: sending the query");
-                        return Ok((self.forward(sent, deadline, trace).await?, true));
+                        return Ok((self.forward(sent, deadline, deadline, trace).await?, true));
                     }
                 },
                 IdempotencyClaim::Conflict => {
@@ -219,7 +229,7 @@ impl Queries {
             recipient: send,
             request_id: request.request_id.unwrap_or_else(|| ulid::Ulid::new().to_string()),
         };
-        Ok(self.forward(&query, deadline, trace).await?)
+        Ok(self.forward(&query, deadline, deadline, trace).await?)
     }
 
     /// Sends (or finds the answer of) a query; says whether it was sent now. `in_flight`, if any, is held until
@@ -240,7 +250,7 @@ impl Queries {
                 recipient: send,
                 request_id: ulid::Ulid::new().to_string(),
             };
-            return Ok((self.forward(&query, deadline, trace).await?, true));
+            return Ok((self.forward(&query, deadline, deadline, trace).await?, true));
         };
         let sent = Query {
             app_id: request.app_id.clone(),
@@ -263,7 +273,7 @@ impl Queries {
             let mut sent_now = false;
             let sending = AtomicBool::new(false);
             // A repeat waits for the attempt in progress within its own deadline; the attempt itself ends by its
-            // own deadline, where it settles its claim.
+            // own deadline, or [`LATE_ANSWER`] after it while Sinch answers what was sent, and settles its claim.
             let answer = {
                 let answer = entry.answer.get_or_try_init(|| async {
                     sending.store(true, Ordering::Relaxed);
@@ -296,7 +306,11 @@ impl Queries {
                 }
             }
         }));
-        task.await.unwrap_or_else(|e| Err(upstream::Error::from(e).into()))
+        // The caller is answered at its deadline; an attempt still waiting for Sinch goes on in the task.
+        match tokio::time::timeout_at(deadline, task).await {
+            Ok(joined) => joined.unwrap_or_else(|e| Err(upstream::Error::from(e).into())),
+            Err(_) => Err(upstream::Error::DeadlineExceeded.into()),
+        }
     }
 }
 

@@ -225,6 +225,35 @@ async fn a_repeat_waits_for_the_first_attempt_within_its_own_deadline() {
     first.abort();
 }
 
+/// A query whose caller's deadline passes while Sinch is still answering it goes on (for a while) holding its
+/// request_id: the caller's retry gets Sinch's answer instead of asking a second time, which Sinch would take as a
+/// second query (its callbacks paid for again from the app's budget) — in process, and with Redis on another
+/// replica. The send was cut at the deadline and the request_id freed, so the retry sent the query again.
+#[tokio::test]
+async fn a_retry_after_a_send_cut_by_its_deadline_gets_its_answer_without_asking_again() {
+    let redis = common::redis::RedisServer::start().await;
+    let url = format!("--redis-url={}", redis.url());
+    for (n, args) in [&[][..], &[url.as_str()][..]].into_iter().enumerate() {
+        let fake = FakeSinch::start().await;
+        fake.set_echo_delay(Duration::from_secs(2));
+        let args = [args, &["--query-timeout=500ms"]].concat();
+        let first = Service::against(&fake, &args).await;
+        let other = Service::against(&fake, &args).await;
+        // In process the retry comes to the same replica; with Redis, to another.
+        let retried = if n == 0 { &first } else { &other };
+        let request_id = format!("late-{n}");
+        // No grpc-timeout: the service's own budget, 500 ms, is its deadline.
+        let cut = query(contact("C"), &request_id);
+        let status = first.client().await.query_capability(cut).await.unwrap_err();
+        assert_eq!(status.code(), Code::DeadlineExceeded, "round {n}: {status:?}");
+        let mut retry = Request::new(query(contact("C"), &request_id));
+        retry.set_timeout(Duration::from_secs(30));
+        let answer = retried.client().await.query_capability(retry).await;
+        assert_eq!(answer.unwrap().into_inner().request_id, request_id);
+        assert_eq!(fake.queries().len(), 1, "round {n}: the retry sent nothing");
+    }
+}
+
 #[tokio::test]
 async fn a_failed_attempt_is_not_remembered_so_a_retry_reaches_sinch() {
     let fake = FakeSinch::start().await;

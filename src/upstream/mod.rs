@@ -120,13 +120,15 @@ impl SinchClient {
         })
     }
 
-    /// Sends `query` to Sinch, retrying what may succeed on a second try, and gives up at `deadline`.
-    /// The caller has [`admit`](Self::admit)ted the first send; each retry is admitted here.
+    /// Sends `query` to Sinch, retrying what may succeed on a second try, and gives up at `deadline`, except that
+    /// an attempt sent by then may wait for Sinch's answer until `answer_by` (from `deadline` on, no attempt
+    /// starts). The caller has [`admit`](Self::admit)ted the first send; each retry is admitted here.
     /// `traceparent`, when given, is sent with every attempt (W3C trace context).
     pub async fn query(
         &self,
         query: &Query,
         deadline: Instant,
+        answer_by: Instant,
         traceparent: Option<&str>,
     ) -> Result<QueryAccepted, Error> {
         let body = Bytes::from(serde_json::to_vec(&QueryJson::from(query)).expect("query JSON always serialises"));
@@ -137,7 +139,9 @@ impl SinchClient {
             if attempt > 1 {
                 self.admit(deadline).await?;
             }
-            let outcome = tokio::time::timeout_at(deadline, self.send(query, body.clone(), traceparent, deadline))
+            // The token is waited for until `deadline` at most (`send` gives up then).
+            let outcome = self.send(query, body.clone(), traceparent, deadline);
+            let outcome = tokio::time::timeout_at(answer_by.max(deadline), outcome)
                 .await
                 .map_err(|_| Error::DeadlineExceeded)?;
             let error = match outcome {
