@@ -329,7 +329,7 @@ impl Service {
         // Not once the replica drains: it would take back the jobs it leaves.
         tasks.spawn(jobs.clone().take_over(draining.clone()));
         let api = grpc::CapabilityApi::new(
-            queries,
+            queries.clone(),
             checker,
             jobs.clone(),
             grpc::convert::CheckDefaults {
@@ -446,9 +446,10 @@ impl Service {
         background.cancel();
         tasks.close();
         jobs.tasks().close();
+        queries.sends().close();
         if !hard_deadline.is_terminated() {
             tokio::select! {
-                () = async { tokio::join!(tasks.wait(), jobs.tasks().wait()); } => {}
+                () = async { tokio::join!(tasks.wait(), jobs.tasks().wait(), queries.sends().wait()); } => {}
                 () = &mut hard_deadline => {}
             }
         }

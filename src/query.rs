@@ -14,6 +14,7 @@ use tokio::{
     sync::{OnceCell, OwnedSemaphorePermit},
     time::Instant,
 };
+use tokio_util::task::TaskTracker;
 
 use crate::{
     capability::{Query, QueryAccepted, Recipient, mask_digits},
@@ -56,6 +57,8 @@ pub struct Queries {
     log: Arc<EventLog>,
     /// Counts what QueryCapability sends in the app's callback budget, before any bulk check's.
     pacer: Arc<Pacer>,
+    /// The sending tasks, which may outlive their callers: the drain waits for them.
+    sends: TaskTracker,
 }
 
 /// The longest deadline a QueryCapability gets, whatever the caller asks for (the longest
@@ -88,7 +91,14 @@ impl Queries {
             idempotency: Idempotency::new(idempotency_window, max_entries),
             log,
             pacer,
+            sends: TaskTracker::new(),
         }
+    }
+
+    /// The tasks sending queries (an attempt waits for Sinch's answer up to [`LATE_ANSWER`] past its caller's
+    /// deadline): at shutdown, the drain waits for them, so that their request_ids' claims are settled.
+    pub fn sends(&self) -> &TaskTracker {
+        &self.sends
     }
 
     /// Sends `query` (see [`SinchClient::query`] for `deadline` and `answer_by`) with its record.
@@ -183,8 +193,9 @@ impl Queries {
     /// Sends the query to Sinch unless the same request_id already did (or is doing) so. `trace` is the caller's
     /// trace context, continued on the call to Sinch.
     ///
-    /// `in_flight` (the caller's place among the queries in flight) is held until the query is sent, even when the
-    /// caller goes away first: the sending goes on, and still counts.
+    /// `in_flight` (the caller's place among the queries in flight) is held until the query is sent (an attempt
+    /// under a caller-chosen request_id: until Sinch answers it, up to [`LATE_ANSWER`] past the deadline), even when
+    /// the caller goes away first: the sending goes on, and still counts.
     pub async fn query(
         self: &Arc<Self>,
         request: QueryRequest,
@@ -268,7 +279,7 @@ impl Queries {
         // In a task of its own: a caller that goes away while its query is being sent does not take the sending
         // (and the claim's settling) with it, so that its retry finds the answer rather than ask Sinch again.
         let (queries, trace) = (self.clone(), trace.cloned());
-        let task = tokio::spawn(tracing::Instrument::in_current_span(async move {
+        let task = self.sends.spawn(tracing::Instrument::in_current_span(async move {
             let _in_flight = in_flight;
             let mut sent_now = false;
             let sending = AtomicBool::new(false);
@@ -283,7 +294,8 @@ impl Queries {
                 });
                 tokio::pin!(answer);
                 tokio::select! {
-                    // An answer ready at the deadline is taken.
+                    // An answer ready at the deadline is taken (by a repeat waiting on it; the caller is told
+                    // DEADLINE_EXCEEDED at its deadline whatever the task does then).
                     biased;
                     answer = &mut answer => answer,
                     () = tokio::time::sleep_until(deadline) => if sending.load(Ordering::Relaxed) {

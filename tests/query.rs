@@ -235,17 +235,18 @@ async fn a_retry_after_a_send_cut_by_its_deadline_gets_its_answer_without_asking
     let url = format!("--redis-url={}", redis.url());
     for (n, args) in [&[][..], &[url.as_str()][..]].into_iter().enumerate() {
         let fake = FakeSinch::start().await;
-        fake.set_echo_delay(Duration::from_secs(2));
-        let args = [args, &["--query-timeout=500ms"]].concat();
+        fake.set_echo_delay(Duration::from_secs(3));
+        let args = [args, &["--query-timeout=1s"]].concat();
         let first = Service::against(&fake, &args).await;
         let other = Service::against(&fake, &args).await;
         // In process the retry comes to the same replica; with Redis, to another.
         let retried = if n == 0 { &first } else { &other };
         let request_id = format!("late-{n}");
-        // No grpc-timeout: the service's own budget, 500 ms, is its deadline.
+        // No grpc-timeout: the service's own budget, 1 s, is its deadline.
         let cut = query(contact("C"), &request_id);
         let status = first.client().await.query_capability(cut).await.unwrap_err();
         assert_eq!(status.code(), Code::DeadlineExceeded, "round {n}: {status:?}");
+        assert_eq!(fake.queries().len(), 1, "round {n}: sent before its deadline");
         let mut retry = Request::new(query(contact("C"), &request_id));
         retry.set_timeout(Duration::from_secs(30));
         let answer = retried.client().await.query_capability(retry).await;

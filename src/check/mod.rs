@@ -691,7 +691,9 @@ impl Checker {
 
     /// Sends the live query for `send` (part of the request's recipient, `identities` channel identities) under
     /// `request_id`, in a task of its own: if the caller goes away meanwhile, the query still completes and its
-    /// leases are marked sent (or given back if it failed). Returns the request_id Sinch accepted, and whether
+    /// leases are marked sent (or given back if it failed, or if its attempt under the caller's request_id still
+    /// waits for Sinch's answer at the deadline: that attempt goes on, and its results reach the cache as any
+    /// callback's). Returns the request_id Sinch accepted, and whether
     /// it was sent now (not a repeat of the caller's request_id).
     async fn send_live(
         self: &Arc<Self>,

@@ -135,6 +135,10 @@ impl SinchClient {
         let mut attempt = 0;
         let mut token_retried = false;
         loop {
+            // No attempt starts from the deadline on (the one sent by then may be answered until `answer_by`).
+            if Instant::now() >= deadline {
+                return Err(Error::DeadlineExceeded);
+            }
             attempt += 1;
             if attempt > 1 {
                 self.admit(deadline).await?;
