@@ -609,6 +609,60 @@ async fn an_invalidated_identity_is_asked_again_not_joined_to_the_lookup_that_an
     }
 }
 
+/// A check that accepts no cached result (`max_age` 0: "ask Sinch whatever is cached") is not served, as SHARED,
+/// the result a lookup whose caller went away already had before it came: that lookup keeps its lease until its
+/// wait would have ended, and joining it served its old result — in process and across replicas, by identity and
+/// by contact.
+#[tokio::test]
+async fn a_check_accepting_no_cached_result_asks_sinch_rather_than_join_a_lookup_already_answered() {
+    let redis = RedisServer::start().await;
+    let in_process = FakeSinch::start().await;
+    let service = Service::against(&in_process, &[]).await;
+    let shared = FakeSinch::start().await;
+    let (a, b) = two_replicas(&shared, &redis).await;
+    let rounds = [
+        (&in_process, &service, &service, "46700000021"),
+        (&shared, &a, &b, "46700000022"),
+    ];
+    for (round, (fake, starts, checks, number)) in rounds.into_iter().enumerate() {
+        let contact_id = format!("C-{number}");
+        for by_contact in [false, true] {
+            let recipient = || match by_contact {
+                true => contact(&contact_id),
+                false => identities(&[(Channel::Sms, number)]),
+            };
+            let asked = fake.queries().len();
+            let mut starter_request = check(recipient());
+            starter_request.wait = duration(Duration::from_secs(60));
+            let starter = spawn_check(starts.client().await, starter_request).await;
+            let (live_id, _) = nth_query(fake, asked + 1).await;
+            starter.abort();
+            let _ = starter.await;
+            let mut body = CapabilityCallback::new(&live_id, "SMS", number, "CAPABILITY_FULL");
+            if by_contact {
+                body = body.contact_id(&contact_id);
+            }
+            assert_eq!(deliver(starts.webhook_addr, body.body()).await, 200);
+            let mut fresh = check(recipient());
+            fresh.max_age = duration(Duration::ZERO);
+            fresh.wait = duration(Duration::from_millis(200));
+            let fresh = checks
+                .client()
+                .await
+                .check_capability(fresh)
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(
+                fresh.results.is_empty(),
+                "round {round}, by contact {by_contact}: the lookup's earlier result was served: {fresh:?}"
+            );
+            let (again, _) = nth_query(fake, asked + 2).await;
+            assert_ne!(again, live_id, "round {round}, by contact {by_contact}: asked again");
+        }
+    }
+}
+
 /// Invalidating an identity takes it out of the contact answers that hold it even when its latest result names no
 /// contact (an `identified_by` check asked about it since): the contact is asked again, not served from the cache
 /// with the invalidated channel — in process and with Redis.

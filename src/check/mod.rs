@@ -260,6 +260,37 @@ impl Checker {
             .collect()
     }
 
+    /// For each identity joined to a lookup in flight (its position in `keys`, the lookup's request_id), whether
+    /// that lookup answered it already with a result older than `max_age` accepts: a lookup whose caller went away
+    /// keeps its lease until its wait would have ended, and joining it would serve that result again, as SHARED.
+    async fn answered_too_long_ago(
+        &self,
+        keys: &[EntryKey],
+        joined: &[(usize, Arc<str>)],
+        max_age: Duration,
+    ) -> Vec<bool> {
+        if joined.is_empty() {
+            return Vec::new();
+        }
+        let looked: Vec<EntryKey> = joined.iter().map(|(i, _)| keys[*i]).collect();
+        let now = wall_clock_ms();
+        self.cached(&looked)
+            .await
+            .into_iter()
+            .zip(joined)
+            .map(|(cached, (_, holder))| cached.is_some_and(|c| *c.request_id == **holder && !c.fresh(now, max_age)))
+            .collect()
+    }
+
+    /// As [`Checker::answered_too_long_ago`], for a contact joined to the lookup `holder`.
+    async fn contact_answered_too_long_ago(&self, key: &EntryKey, holder: &str, max_age: Duration) -> bool {
+        let now = wall_clock_ms();
+        self.cached_contact(key)
+            .await
+            .iter()
+            .any(|c| c.request_id == holder && !c.fresh(now, max_age))
+    }
+
     /// Fills the empty `slots` at `at` whose entry (in `keys`) holds a fresh result now; returns those entries.
     async fn fill(
         &self,
@@ -451,14 +482,22 @@ impl Checker {
             // lookups it needs, and names them.
             let wanted: Vec<(usize, EntryKey)> = missing.iter().map(|&i| (i, keys[i])).collect();
             let mut timed_out = false;
+            let mut joined = Vec::new();
             for (i, decided) in leases.decide_in_order(wanted, call.deadline).await {
                 match decided {
                     Decided::Started => to_send.push(i),
-                    Decided::Joined(holder) => {
-                        metrics::counter!("capability_coalesced_total").increment(1);
-                        waiting.entry(holder).or_default().push(i);
-                    }
+                    Decided::Joined(holder) => joined.push((i, holder)),
                     Decided::TimedOut => timed_out = true,
+                }
+            }
+            let answered = self.answered_too_long_ago(&keys, &joined, request.max_age).await;
+            for ((i, holder), answered) in joined.into_iter().zip(answered) {
+                if answered {
+                    // Asked again, without its lease (the lookup keeps it).
+                    to_send.push(i);
+                } else {
+                    metrics::counter!("capability_coalesced_total").increment(1);
+                    waiting.entry(holder).or_default().push(i);
                 }
             }
             if timed_out {
@@ -608,6 +647,9 @@ impl Checker {
         let mut leases = Leases::new(&self.flights, self.redis(), own.clone(), call.deadline, call.until);
         match leases.decide(key, call.deadline).await {
             Decided::Started => {}
+            // Its lookup answered it already, with results older than this check accepts (see
+            // [`Checker::answered_too_long_ago`]): asked again, without the lease (the lookup keeps it).
+            Decided::Joined(holder) if self.contact_answered_too_long_ago(&key, &holder, request.max_age).await => {}
             Decided::Joined(holder) => {
                 metrics::counter!("capability_coalesced_total").increment(1);
                 let live = *holder == *own;
