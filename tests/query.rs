@@ -516,19 +516,28 @@ async fn a_503_is_retried_with_the_same_request_id() {
     );
 }
 
+/// In seconds (Sinch's) and as an HTTP date (HTTP's other form, which was ignored: the back-off's 250 ms or so).
 #[tokio::test]
 async fn a_429_is_retried_after_the_time_sinch_asks_for() {
-    let fake = FakeSinch::start().await;
-    fake.script_queries([Canned::sinch_error(429, "RESOURCE_EXHAUSTED", "slow down").header("retry-after", "1")]);
-    let service = Service::against(&fake, &[]).await;
-    let mut client = service.client().await;
-    client.query_capability(query(contact("C"), "")).await.unwrap();
-    let sent = fake.queries();
-    assert_eq!(sent.len(), 2);
-    // A lower bound on the pause the service made, measured where it shows: between the two arrivals at Sinch. A
-    // slow machine only lengthens it; it is short only if Retry-After was not honoured.
-    let pause = sent[1].at - sent[0].at;
-    assert!(pause >= Duration::from_secs(1), "Retry-After was honoured: {pause:?}");
+    // Whole seconds: at least 2 s from now, the second it is written in having begun.
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(3));
+    for retry_after in ["1", date.as_str()] {
+        let fake = FakeSinch::start().await;
+        let refused = Canned::sinch_error(429, "RESOURCE_EXHAUSTED", "slow down").header("retry-after", retry_after);
+        fake.script_queries([refused]);
+        let service = Service::against(&fake, &[]).await;
+        let mut client = service.client().await;
+        client.query_capability(query(contact("C"), "")).await.unwrap();
+        let sent = fake.queries();
+        assert_eq!(sent.len(), 2, "{retry_after}");
+        // A lower bound on the pause the service made, measured where it shows: between the two arrivals at Sinch.
+        // A slow machine only lengthens it; it is short only if Retry-After was not honoured.
+        let pause = sent[1].at - sent[0].at;
+        assert!(
+            pause >= Duration::from_secs(1),
+            "Retry-After {retry_after} was honoured: {pause:?}"
+        );
+    }
 }
 
 #[tokio::test]

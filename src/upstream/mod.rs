@@ -377,14 +377,23 @@ fn status_label(status: u16) -> &'static str {
     }
 }
 
-/// `Retry-After` in seconds (Sinch sends seconds; an HTTP date is ignored).
+/// `Retry-After` in seconds (what Sinch sends) or as an HTTP date (a past one: no wait); an hour at most.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(RETRY_AFTER)?.to_str().ok()?;
-    let seconds: f64 = value.trim().parse().ok()?;
-    (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds.min(3600.0)))
+    const LONGEST: Duration = Duration::from_secs(3600);
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let wait = match value.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds >= 0.0 => {
+            Duration::from_secs_f64(seconds.min(LONGEST.as_secs_f64()))
+        }
+        Ok(_) => return None,
+        Err(_) => httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(wait.min(LONGEST))
 }
 
-/// The start of a body, for error messages; never the whole of it.
 /// The start of a body, for an error that is logged: its digits masked (Sinch may echo the recipient's number).
 fn preview(body: &[u8]) -> String {
     mask_digits(&String::from_utf8_lossy(&body[..body.len().min(120)])).into_owned()
@@ -405,6 +414,36 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_is_read_in_seconds_or_as_an_http_date() {
+        let read = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(RETRY_AFTER, value.parse().unwrap());
+            retry_after(&headers)
+        };
+        let date_in = |seconds| httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(seconds));
+        assert_eq!(read("2"), Some(Duration::from_secs(2)));
+        assert_eq!(read(" 0.5 "), Some(Duration::from_millis(500)));
+        assert_eq!(
+            read("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(Duration::ZERO),
+            "a date past"
+        );
+        let ahead = read(&date_in(120)).unwrap();
+        assert!(
+            ahead > Duration::from_secs(100) && ahead <= Duration::from_secs(120),
+            "{ahead:?}"
+        );
+        assert_eq!(
+            read(&date_in(86_400)),
+            Some(Duration::from_secs(3600)),
+            "an hour at most"
+        );
+        assert_eq!(read("1e9"), Some(Duration::from_secs(3600)), "an hour at most");
+        assert_eq!(read("-1"), None);
+        assert_eq!(read("soon"), None);
+    }
 
     #[test]
     fn backoff_grows_and_stays_within_its_cap() {
