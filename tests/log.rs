@@ -477,6 +477,44 @@ async fn a_redis_that_refuses_the_password_is_refused_at_start() {
     assert!(!error.problem.contains("wrong-one"), "{}", error.problem);
 }
 
+/// A claim that lapsed while its owner still sends (Redis out of reach for longer than a lease) is taken again by
+/// the owner's next renewal when nobody took it since: a repeat elsewhere then waits for the owner's answer rather
+/// than send the query a second time.
+#[tokio::test]
+async fn a_lapsed_claim_nobody_took_is_taken_again_by_its_owner() {
+    use capability_facade::log::{EventLog, IdempotencyClaim};
+    let redis = RedisServer::start().await;
+    let replica = async || EventLog::Redis(std::sync::Arc::new(common::redis_log(&redis, "retaken", None).await));
+    let (a, b) = (std::sync::Arc::new(replica().await), replica().await);
+    let IdempotencyClaim::Owner(on_a) = a.claim_request_id("r", "q").await else {
+        panic!("a claims it")
+    };
+    let claim = redis.keys("retaken:idem:*").pop().expect("a's claim");
+    redis.command(&["DEL", &claim]);
+    let holding = tokio::spawn({
+        let (a, on_a) = (a.clone(), on_a.clone());
+        async move { a.hold_request_id("r", "q", &on_a).await }
+    });
+    // A state in Redis, looked at until it shows (a renewal comes every 2.5 s): 20 s at most.
+    let mut looks = 0;
+    while redis.keys("retaken:idem:*").is_empty() {
+        looks += 1;
+        assert!(looks < 400, "the lapsed claim was never taken again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        b.claim_request_id("r", "q").await,
+        IdempotencyClaim::Pending,
+        "a holds it again"
+    );
+    holding.abort();
+    a.settle_request_id("r", "q", &on_a, Some("answer")).await;
+    assert_eq!(
+        b.claim_request_id("r", "q").await,
+        IdempotencyClaim::Answered("answer".into())
+    );
+}
+
 /// A replica whose claim on a request_id lapsed while it was sending (cut off from Redis longer than the claim's
 /// lease), and that another replica claimed since, settles only its own claim: its failure does not free the
 /// other's, and its renewal does not take it over.
