@@ -80,6 +80,41 @@ async fn cache_contact(service: &Service, fake: &FakeSinch, n: usize) {
     first.await.unwrap().unwrap();
 }
 
+/// Starts a check of `recipient` on `starts` (a 60 s wait), lets its caller go once its query is sent, then
+/// delivers that query's result for `number`'s SMS (naming `contact_id`, if any): a lookup that keeps its lease,
+/// its answer in. Returns its request_id.
+async fn abandoned_lookup(
+    fake: &FakeSinch,
+    starts: &Service,
+    recipient: pb::Recipient,
+    number: &str,
+    contact_id: Option<&str>,
+) -> String {
+    let asked = fake.queries().len();
+    let mut request = check(recipient);
+    request.wait = duration(Duration::from_secs(60));
+    let starter = spawn_check(starts.client().await, request).await;
+    let (live_id, _) = nth_query(fake, asked + 1).await;
+    starter.abort();
+    let _ = starter.await;
+    let mut body = CapabilityCallback::new(&live_id, "SMS", number, "CAPABILITY_FULL");
+    if let Some(contact_id) = contact_id {
+        body = body.contact_id(contact_id);
+    }
+    assert_eq!(deliver(starts.webhook_addr, body.body()).await, 200);
+    live_id
+}
+
+async fn answer(service: &Service, request: pb::CheckCapabilityRequest) -> pb::CheckCapabilityResponse {
+    service
+        .client()
+        .await
+        .check_capability(request)
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 async fn spawn_check(
     mut client: CapabilityServiceClient<Transport>,
     request: pb::CheckCapabilityRequest,
@@ -566,37 +601,27 @@ async fn a_lookup_stays_joinable_when_the_caller_that_started_it_goes_away() {
 /// on the replica that started the lookup when another one took the invalidation.
 #[tokio::test]
 async fn an_invalidated_identity_is_asked_again_not_joined_to_the_lookup_that_answered_it() {
-    let redis = RedisServer::start().await;
-    let in_process = FakeSinch::start().await;
-    let service = Service::against(&in_process, &[]).await;
-    let shared = FakeSinch::start().await;
-    let (a, b) = two_replicas(&shared, &redis).await;
+    let Setups {
+        alone,
+        service,
+        shared,
+        a,
+        b,
+        ..
+    } = &Setups::start().await;
     let rounds = [
-        (&in_process, &service, &service, &service, "46700000011"),
-        (&shared, &a, &b, &b, "46700000012"),
-        (&shared, &a, &b, &a, "46700000013"),
+        (alone, service, service, service, "46700000011"),
+        (shared, a, b, b, "46700000012"),
+        (shared, a, b, a, "46700000013"),
     ];
     for (round, (fake, starts, invalidates, checks, number)) in rounds.into_iter().enumerate() {
         let asked = fake.queries().len();
-        let mut starter_request = check(identities(&[(Channel::Sms, number)]));
-        starter_request.wait = duration(Duration::from_secs(60));
-        let starter = spawn_check(starts.client().await, starter_request).await;
-        let (live_id, _) = nth_query(fake, asked + 1).await;
-        starter.abort();
-        let _ = starter.await;
-        let body = CapabilityCallback::new(&live_id, "SMS", number, "CAPABILITY_FULL").body();
-        assert_eq!(deliver(starts.webhook_addr, body).await, 200);
+        abandoned_lookup(fake, starts, identities(&[(Channel::Sms, number)]), number, None).await;
         let removed = invalidate(&mut invalidates.client().await, identities(&[(Channel::Sms, number)])).await;
         assert_eq!(removed, 1, "round {round}");
         let mut again = check(identities(&[(Channel::Sms, number)]));
         again.wait = duration(Duration::from_millis(200));
-        let again = checks
-            .client()
-            .await
-            .check_capability(again)
-            .await
-            .unwrap()
-            .into_inner();
+        let again = answer(checks, again).await;
         assert!(
             again.results.is_empty(),
             "round {round}: the invalidated result was served: {again:?}"
@@ -615,15 +640,15 @@ async fn an_invalidated_identity_is_asked_again_not_joined_to_the_lookup_that_an
 /// by contact.
 #[tokio::test]
 async fn a_check_accepting_no_cached_result_asks_sinch_rather_than_join_a_lookup_already_answered() {
-    let redis = RedisServer::start().await;
-    let in_process = FakeSinch::start().await;
-    let service = Service::against(&in_process, &[]).await;
-    let shared = FakeSinch::start().await;
-    let (a, b) = two_replicas(&shared, &redis).await;
-    let rounds = [
-        (&in_process, &service, &service, "46700000021"),
-        (&shared, &a, &b, "46700000022"),
-    ];
+    let Setups {
+        alone,
+        service,
+        shared,
+        a,
+        b,
+        ..
+    } = &Setups::start().await;
+    let rounds = [(alone, service, service, "46700000021"), (shared, a, b, "46700000022")];
     for (round, (fake, starts, checks, number)) in rounds.into_iter().enumerate() {
         let contact_id = format!("C-{number}");
         for by_contact in [false, true] {
@@ -632,27 +657,12 @@ async fn a_check_accepting_no_cached_result_asks_sinch_rather_than_join_a_lookup
                 false => identities(&[(Channel::Sms, number)]),
             };
             let asked = fake.queries().len();
-            let mut starter_request = check(recipient());
-            starter_request.wait = duration(Duration::from_secs(60));
-            let starter = spawn_check(starts.client().await, starter_request).await;
-            let (live_id, _) = nth_query(fake, asked + 1).await;
-            starter.abort();
-            let _ = starter.await;
-            let mut body = CapabilityCallback::new(&live_id, "SMS", number, "CAPABILITY_FULL");
-            if by_contact {
-                body = body.contact_id(&contact_id);
-            }
-            assert_eq!(deliver(starts.webhook_addr, body.body()).await, 200);
+            let named = by_contact.then_some(contact_id.as_str());
+            let live_id = abandoned_lookup(fake, starts, recipient(), number, named).await;
             let mut fresh = check(recipient());
             fresh.max_age = duration(Duration::ZERO);
             fresh.wait = duration(Duration::from_millis(200));
-            let fresh = checks
-                .client()
-                .await
-                .check_capability(fresh)
-                .await
-                .unwrap()
-                .into_inner();
+            let fresh = answer(checks, fresh).await;
             assert!(
                 fresh.results.is_empty(),
                 "round {round}, by contact {by_contact}: the lookup's earlier result was served: {fresh:?}"
@@ -1245,6 +1255,34 @@ async fn a_check_given_up_while_taking_its_lease_leaves_no_lease_behind() {
 }
 
 /// Two replicas sharing `redis`, both asking `fake`.
+/// A replica on its own, and two sharing a Redis, each with its fake Sinch.
+struct Setups {
+    alone: FakeSinch,
+    service: Service,
+    shared: FakeSinch,
+    a: Service,
+    b: Service,
+    _redis: RedisServer,
+}
+
+impl Setups {
+    async fn start() -> Setups {
+        let redis = RedisServer::start().await;
+        let alone = FakeSinch::start().await;
+        let service = Service::against(&alone, &[]).await;
+        let shared = FakeSinch::start().await;
+        let (a, b) = two_replicas(&shared, &redis).await;
+        Setups {
+            alone,
+            service,
+            shared,
+            a,
+            b,
+            _redis: redis,
+        }
+    }
+}
+
 async fn two_replicas(fake: &FakeSinch, redis: &RedisServer) -> (Service, Service) {
     let url = format!("--redis-url={}", redis.url());
     (
