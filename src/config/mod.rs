@@ -702,10 +702,14 @@ impl Config {
                 ));
             }
         }
-        if self.shutdown.drain_delay > self.shutdown.grace {
+        // As long as the grace, the listeners would take new work until the hard stop, and cut all of it there.
+        let (delay, grace) = (self.shutdown.drain_delay, self.shutdown.grace);
+        if delay > grace || (delay == grace && !grace.is_zero()) {
             return Err(invalid(
                 DRAIN_DELAY,
-                format!("must not be longer than {SHUTDOWN_GRACE} (the drain is part of it)"),
+                format!(
+                    "must be shorter than {SHUTDOWN_GRACE} (the drain is part of it, and what is in flight ends in the rest)"
+                ),
             ));
         }
         match (&self.tls.cert, &self.tls.key, &self.tls.client_ca) {
@@ -1038,6 +1042,7 @@ mod tests {
             ("--redis-shards=0", REDIS_SHARDS),
             ("--redis-prefix={x}", REDIS_PREFIX),
             ("--drain-delay=1m", DRAIN_DELAY),
+            ("--drain-delay=20s", DRAIN_DELAY),
             ("--max-connection-age=100000d", MAX_CONNECTION_AGE),
             ("--sandbox-error-429=1.5", SANDBOX_ERROR_429),
             ("--sandbox-retry-hint=maybe", SANDBOX_RETRY_HINT),
