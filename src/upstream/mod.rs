@@ -156,6 +156,9 @@ impl SinchClient {
                         return Err(error);
                     }
                     token_retried = true;
+                    if Instant::now() >= deadline {
+                        return Err(Error::DeadlineExceeded);
+                    }
                     // Not counted as an attempt, but sent as any: under the rate limit.
                     self.admit(deadline).await?;
                     attempt -= 1;
@@ -377,7 +380,8 @@ fn status_label(status: u16) -> &'static str {
     }
 }
 
-/// `Retry-After` in seconds (what Sinch sends) or as an HTTP date (a past one: no wait); an hour at most.
+/// `Retry-After` in seconds (what Sinch sends) or as an HTTP date (one past, or now, says nothing: the back-off and
+/// its jitter apply, not a retry at once by every replica); an hour at most.
 fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     const LONGEST: Duration = Duration::from_secs(3600);
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
@@ -389,7 +393,8 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         Err(_) => httpdate::parse_http_date(value)
             .ok()?
             .duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO),
+            .ok()
+            .filter(|wait| !wait.is_zero())?,
     };
     Some(wait.min(LONGEST))
 }
@@ -425,11 +430,7 @@ mod tests {
         let date_in = |seconds| httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(seconds));
         assert_eq!(read("2"), Some(Duration::from_secs(2)));
         assert_eq!(read(" 0.5 "), Some(Duration::from_millis(500)));
-        assert_eq!(
-            read("Wed, 21 Oct 2015 07:28:00 GMT"),
-            Some(Duration::ZERO),
-            "a date past"
-        );
+        assert_eq!(read("Wed, 21 Oct 2015 07:28:00 GMT"), None, "a date past");
         let ahead = read(&date_in(120)).unwrap();
         assert!(
             ahead > Duration::from_secs(100) && ahead <= Duration::from_secs(120),
