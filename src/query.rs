@@ -57,7 +57,8 @@ pub struct Queries {
     log: Arc<EventLog>,
     /// Counts what QueryCapability sends in the app's callback budget, before any bulk check's.
     pacer: Arc<Pacer>,
-    /// The sending tasks, which may outlive their callers: the drain waits for them.
+    /// The tasks sending queries (not the repeats waiting for them), which may outlive their callers: the drain
+    /// waits for them.
     sends: TaskTracker,
 }
 
@@ -279,7 +280,7 @@ impl Queries {
         // In a task of its own: a caller that goes away while its query is being sent does not take the sending
         // (and the claim's settling) with it, so that its retry finds the answer rather than ask Sinch again.
         let (queries, trace) = (self.clone(), trace.cloned());
-        let task = self.sends.spawn(tracing::Instrument::in_current_span(async move {
+        let task = tokio::spawn(tracing::Instrument::in_current_span(async move {
             let _in_flight = in_flight;
             let mut sent_now = false;
             let sending = AtomicBool::new(false);
@@ -288,7 +289,14 @@ impl Queries {
             let answer = {
                 let answer = entry.answer.get_or_try_init(|| async {
                     sending.store(true, Ordering::Relaxed);
-                    let (answer, sent) = queries.forward_once(&query, &sent, deadline, trace.as_ref()).await?;
+                    // Tracked, unlike the repeats' waiting: the drain waits for a query being sent.
+                    let send = {
+                        let (sender, query, sent, trace) =
+                            (queries.clone(), query.clone(), sent.clone(), trace.clone());
+                        let send = async move { sender.forward_once(&query, &sent, deadline, trace.as_ref()).await };
+                        queries.sends.spawn(tracing::Instrument::in_current_span(send))
+                    };
+                    let (answer, sent) = send.await.unwrap_or_else(|e| Err(upstream::Error::from(e).into()))?;
                     sent_now = sent;
                     Ok::<_, QueryError>(answer)
                 });
