@@ -403,7 +403,8 @@ impl<'a> Leases<'a> {
     /// becomes of this check's caller.
     pub(super) fn launch(&mut self, keys: &[EntryKey]) -> InFlight {
         let mut leases = Vec::new();
-        for lease in self.held.iter_mut().filter(|l| keys.contains(&l.key)) {
+        // Not another replica's lookup joined here (a key asked again without its lease): it stays that one's.
+        for lease in self.held.iter_mut().filter(|l| keys.contains(&l.key) && !l.joined) {
             lease.sent = true;
             leases.push((lease.key, lease.flight.clone(), lease.shared));
         }
