@@ -139,10 +139,11 @@ impl SinchClient {
             if Instant::now() >= deadline {
                 return Err(Error::DeadlineExceeded);
             }
-            attempt += 1;
-            if attempt > 1 {
+            // The caller admitted the first send; a retry, or a resend with a new token, is admitted here.
+            if attempt > 0 || token_retried {
                 self.admit(deadline).await?;
             }
+            attempt += 1;
             // The token is waited for until `deadline` at most (`send` gives up then).
             let outcome = self.send(query, body.clone(), traceparent, deadline);
             let outcome = tokio::time::timeout_at(answer_by.max(deadline), outcome)
@@ -156,11 +157,7 @@ impl SinchClient {
                         return Err(error);
                     }
                     token_retried = true;
-                    if Instant::now() >= deadline {
-                        return Err(Error::DeadlineExceeded);
-                    }
                     // Not counted as an attempt, but sent as any: under the rate limit.
-                    self.admit(deadline).await?;
                     attempt -= 1;
                     continue;
                 }
