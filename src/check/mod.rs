@@ -278,7 +278,7 @@ impl Checker {
             .await
             .into_iter()
             .zip(joined)
-            .map(|(cached, (_, holder))| cached.is_some_and(|c| *c.request_id == **holder && !c.fresh(now, max_age)))
+            .map(|(cached, (_, holder))| cached.is_some_and(|c| c.stale_answer_of(holder, now, max_age)))
             .collect()
     }
 
@@ -288,7 +288,7 @@ impl Checker {
         self.cached_contact(key)
             .await
             .iter()
-            .any(|c| c.request_id == holder && !c.fresh(now, max_age))
+            .any(|c| c.stale_answer_of(holder, now, max_age))
     }
 
     /// Fills the empty `slots` at `at` whose entry (in `keys`) holds a fresh result now; returns those entries.

@@ -68,6 +68,12 @@ impl CachedResult {
             && now_ms.saturating_sub(self.checked_at_ms) <= max_age.as_millis() as u64
     }
 
+    /// Whether it is the answer of the query `request_id` and too old for a check accepting `max_age`: joining
+    /// that query would serve it again.
+    pub fn stale_answer_of(&self, request_id: &str, now_ms: u64, max_age: Duration) -> bool {
+        self.request_id == request_id && !self.fresh(now_ms, max_age)
+    }
+
     /// How long it is kept from `now_ms`; `None` once expired.
     pub fn remaining(&self, now_ms: u64) -> Option<Duration> {
         Some(Duration::from_millis(self.expires_at_ms.checked_sub(now_ms)?)).filter(|d| !d.is_zero())
