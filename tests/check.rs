@@ -81,14 +81,14 @@ async fn cache_contact(service: &Service, fake: &FakeSinch, n: usize) {
 }
 
 /// Starts a check of `recipient` on `starts` (a 60 s wait), lets its caller go once its query is sent, then
-/// delivers that query's result for `number`'s SMS (naming `contact_id`, if any): a lookup that keeps its lease,
-/// its answer in. Returns its request_id.
+/// delivers that query's result for `number`'s SMS (naming `contact_id`, if any) with `status`: a lookup that
+/// keeps its lease, its answer in. Returns its request_id.
 async fn abandoned_lookup(
     fake: &FakeSinch,
     starts: &Service,
     recipient: pb::Recipient,
-    number: &str,
-    contact_id: Option<&str>,
+    (number, contact_id): (&str, Option<&str>),
+    status: &str,
 ) -> String {
     let asked = fake.queries().len();
     let mut request = check(recipient);
@@ -97,12 +97,29 @@ async fn abandoned_lookup(
     let (live_id, _) = nth_query(fake, asked + 1).await;
     starter.abort();
     let _ = starter.await;
-    let mut body = CapabilityCallback::new(&live_id, "SMS", number, "CAPABILITY_FULL");
+    let mut body = CapabilityCallback::new(&live_id, "SMS", number, status);
     if let Some(contact_id) = contact_id {
         body = body.contact_id(contact_id);
     }
     assert_eq!(deliver(starts.webhook_addr, body.body()).await, 200);
     live_id
+}
+
+/// Waits until `service` has a result of `request_id` (with Redis, the log brought it from the replica it was
+/// delivered to).
+async fn until_held(service: &Service, request_id: &str) {
+    let mut watch = service
+        .client()
+        .await
+        .watch_capability(common::watch_request(request_id, 0, None))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().and_then(|m| m.event);
+    assert!(
+        matches!(first, Some(pb::watch_capability_response::Event::Notification(_))),
+        "{first:?}"
+    );
 }
 
 async fn answer(service: &Service, request: pb::CheckCapabilityRequest) -> pb::CheckCapabilityResponse {
@@ -616,7 +633,8 @@ async fn an_invalidated_identity_is_asked_again_not_joined_to_the_lookup_that_an
     ];
     for (round, (fake, starts, invalidates, checks, number)) in rounds.into_iter().enumerate() {
         let asked = fake.queries().len();
-        abandoned_lookup(fake, starts, identities(&[(Channel::Sms, number)]), number, None).await;
+        let recipient = identities(&[(Channel::Sms, number)]);
+        abandoned_lookup(fake, starts, recipient, (number, None), "CAPABILITY_FULL").await;
         let removed = invalidate(&mut invalidates.client().await, identities(&[(Channel::Sms, number)])).await;
         assert_eq!(removed, 1, "round {round}");
         let mut again = check(identities(&[(Channel::Sms, number)]));
@@ -637,7 +655,8 @@ async fn an_invalidated_identity_is_asked_again_not_joined_to_the_lookup_that_an
 /// A check that accepts no cached result (`max_age` 0: "ask Sinch whatever is cached") is not served, as SHARED,
 /// the result a lookup whose caller went away already had before it came: that lookup keeps its lease until its
 /// wait would have ended, and joining it served its old result — in process and across replicas, by identity and
-/// by contact.
+/// by contact, whether or not that result is cached (`CAPABILITY_UNKNOWN` is not, by default: the guard read the
+/// cache, and served it).
 #[tokio::test]
 async fn a_check_accepting_no_cached_result_asks_sinch_rather_than_join_a_lookup_already_answered() {
     let Setups {
@@ -648,27 +667,34 @@ async fn a_check_accepting_no_cached_result_asks_sinch_rather_than_join_a_lookup
         b,
         ..
     } = &Setups::start().await;
-    let rounds = [(alone, service, service, "46700000021"), (shared, a, b, "46700000022")];
-    for (round, (fake, starts, checks, number)) in rounds.into_iter().enumerate() {
-        let contact_id = format!("C-{number}");
-        for by_contact in [false, true] {
+    let rounds = [(alone, service, service, "4670000002"), (shared, a, b, "4670000003")];
+    for (round, (fake, starts, checks, prefix)) in rounds.into_iter().enumerate() {
+        for (variant, (by_contact, status)) in [false, true]
+            .into_iter()
+            .flat_map(|by_contact| [(by_contact, "CAPABILITY_FULL"), (by_contact, "CAPABILITY_UNKNOWN")])
+            .enumerate()
+        {
+            let number = format!("{prefix}{variant}");
+            let contact_id = format!("C-{number}");
             let recipient = || match by_contact {
                 true => contact(&contact_id),
-                false => identities(&[(Channel::Sms, number)]),
+                false => identities(&[(Channel::Sms, &number)]),
             };
             let asked = fake.queries().len();
             let named = by_contact.then_some(contact_id.as_str());
-            let live_id = abandoned_lookup(fake, starts, recipient(), number, named).await;
+            let live_id = abandoned_lookup(fake, starts, recipient(), (&number, named), status).await;
+            until_held(checks, &live_id).await;
             let mut fresh = check(recipient());
             fresh.max_age = duration(Duration::ZERO);
             fresh.wait = duration(Duration::from_millis(200));
             let fresh = answer(checks, fresh).await;
+            let case = format!("round {round}, by contact {by_contact}, {status}");
             assert!(
                 fresh.results.is_empty(),
-                "round {round}, by contact {by_contact}: the lookup's earlier result was served: {fresh:?}"
+                "{case}: the lookup's earlier result was served: {fresh:?}"
             );
             let (again, _) = nth_query(fake, asked + 2).await;
-            assert_ne!(again, live_id, "round {round}, by contact {by_contact}: asked again");
+            assert_ne!(again, live_id, "{case}: asked again");
         }
     }
 }

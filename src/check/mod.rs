@@ -31,11 +31,11 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    capability::{CapabilityStatus, Channel, ChannelIdentity, ChannelOrder, Recipient, mask_digits},
+    capability::{CapabilityStatus, Channel, ChannelIdentity, ChannelOrder, Notification, Recipient, mask_digits},
     hub::{Hub, WatchEvent, WatchLimits},
     log::{
         EventLog,
-        cached::{CachedResult, EntryKey, KeyHasher},
+        cached::{CachedResult, EntryKey, KeyHasher, young_enough},
         codec, wall_clock_ms,
     },
     query::{Queries, QueryError, QueryRequest},
@@ -260,35 +260,14 @@ impl Checker {
             .collect()
     }
 
-    /// For each identity joined to a lookup in flight (its position in `keys`, the lookup's request_id), whether
-    /// that lookup answered it already with a result older than `max_age` accepts: a lookup whose caller went away
-    /// keeps its lease until its wait would have ended, and joining it would serve that result again, as SHARED.
-    async fn answered_too_long_ago(
-        &self,
-        keys: &[EntryKey],
-        joined: &[(usize, Arc<str>)],
-        max_age: Duration,
-    ) -> Vec<bool> {
-        if joined.is_empty() {
-            return Vec::new();
-        }
-        let looked: Vec<EntryKey> = joined.iter().map(|(i, _)| keys[*i]).collect();
+    /// Whether the lookup `holder` a check joins answered already, with a result older than `max_age` accepts,
+    /// about what `about` picks: a lookup whose caller went away keeps its lease until its wait would have ended,
+    /// and joining it would serve that result again, as SHARED. Read from the hub, which replays it to a check
+    /// that joins (the cache may not hold it: a status not cached, an entry expired, or replaced by a newer one).
+    fn answered_too_long_ago(&self, holder: &str, max_age: Duration, about: impl Fn(&Notification) -> bool) -> bool {
         let now = wall_clock_ms();
-        self.cached(&looked)
-            .await
-            .into_iter()
-            .zip(joined)
-            .map(|(cached, (_, holder))| cached.is_some_and(|c| c.stale_answer_of(holder, now, max_age)))
-            .collect()
-    }
-
-    /// As [`Checker::answered_too_long_ago`], for a contact joined to the lookup `holder`.
-    async fn contact_answered_too_long_ago(&self, key: &EntryKey, holder: &str, max_age: Duration) -> bool {
-        let now = wall_clock_ms();
-        self.cached_contact(key)
-            .await
-            .iter()
-            .any(|c| c.stale_answer_of(holder, now, max_age))
+        self.hub
+            .answered(holder, |n, time_ms| about(n) && !young_enough(time_ms, now, max_age))
     }
 
     /// Fills the empty `slots` at `at` whose entry (in `keys`) holds a fresh result now; returns those entries.
@@ -490,9 +469,9 @@ impl Checker {
                     Decided::TimedOut => timed_out = true,
                 }
             }
-            let answered = self.answered_too_long_ago(&keys, &joined, request.max_age).await;
-            for ((i, holder), answered) in joined.into_iter().zip(answered) {
-                if answered {
+            for (i, holder) in joined {
+                let about = |n: &Notification| n.channel == ids[i].channel && n.identity == ids[i].identity;
+                if self.answered_too_long_ago(&holder, request.max_age, about) {
                     // Asked again, without its lease (the lookup keeps it).
                     to_send.push(i);
                 } else {
@@ -649,7 +628,7 @@ impl Checker {
             Decided::Started => {}
             // Its lookup answered it already, with results older than this check accepts (see
             // [`Checker::answered_too_long_ago`]): asked again, without the lease (the lookup keeps it).
-            Decided::Joined(holder) if self.contact_answered_too_long_ago(&key, &holder, request.max_age).await => {}
+            Decided::Joined(holder) if self.answered_too_long_ago(&holder, request.max_age, |_| true) => {}
             Decided::Joined(holder) => {
                 metrics::counter!("capability_coalesced_total").increment(1);
                 let live = *holder == *own;

@@ -378,6 +378,20 @@ impl Hub {
         )
     }
 
+    /// Whether `request_id` holds a notification `answers` picks, given with its time in the log: what a check
+    /// joining that request would be served.
+    pub fn answered(&self, request_id: &str, answers: impl Fn(&Notification, u64) -> bool) -> bool {
+        let key = self.keys.of(request_id);
+        let shard = self.shard(key);
+        let Some(record) = shard.records.get(&key) else {
+            return false;
+        };
+        record.notifications.after(0).any(|held| {
+            codec::decode_body(request_id.to_owned(), &record.body_of(&held, 0))
+                .is_ok_and(|notification| answers(&notification, held.time_ms))
+        })
+    }
+
     /// Removes what the log's clock says has expired: notifications older than the retention, and records with
     /// nothing left that nobody watches. Returns how many records went.
     pub fn purge(&self) -> usize {
@@ -650,6 +664,22 @@ mod tests {
             "a replica that started late holds the log's offsets"
         );
         assert_eq!(hub.len(), 2);
+    }
+
+    #[test]
+    fn what_a_request_answered_is_told_with_its_time_in_the_log() {
+        let hub = hub(600, 10);
+        hub.apply(&notification("r", Channel::Sms, 1, 1_000));
+        // From another app than the record's first: kept with its own source, decoded the same.
+        hub.apply(&from_app("r", Channel::Rcs, 2, 2_000, "OTHER"));
+        let answered = |channel: Channel, before_ms: u64| {
+            hub.answered("r", |n, time_ms| n.channel == channel && time_ms < before_ms)
+        };
+        assert!(answered(Channel::Sms, 1_001));
+        assert!(!answered(Channel::Sms, 1_000));
+        assert!(answered(Channel::Rcs, 2_001));
+        assert!(!answered(Channel::Whatsapp, u64::MAX));
+        assert!(!hub.answered("unknown", |_, _| true));
     }
 
     #[test]
