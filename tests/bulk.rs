@@ -876,7 +876,52 @@ async fn with_redis_a_cancel_while_sinch_is_slow_keeps_the_result_still_coming()
     assert_eq!(
         results.len(),
         1,
-        "the recipient sent before the cancel was answered on the stream"
+        "the recipient sent before the cancel was answered on the stream; the job as it ended: {:?}",
+        progress.last()
+    );
+}
+
+/// With Redis, a cancelled job whose lease lapses while a recipient's query is still in flight (its replica stalled
+/// past the lease, or its clock stepped): that recipient's answer still lands on the stream. The run was dropped
+/// with the lease, and nobody takes a cancelled job over: the answer never came, and the stream ended at the
+/// cancel's settling time without it.
+#[tokio::test]
+async fn with_redis_a_cancelled_job_that_loses_its_lease_still_records_the_answer_in_flight() {
+    use common::Canned;
+    let redis = RedisServer::start().await;
+    let fake = Arc::new(FakeSinch::start().await);
+    // Accepted well after the lease's next renewal (every 2 s) finds it gone.
+    fake.script_queries([Canned::new(200, r#"{"request_id":"SLOW"}"#).delayed(Duration::from_secs(8))]);
+    let service = Service::against(&fake, &[&format!("--redis-url={}", redis.url())]).await;
+    let mut client = service.client().await;
+    let request = pb::StartBulkCheckRequest {
+        wait: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+        ..start(vec![recipient(0)], "")
+    };
+    let job = client.start_bulk_check(request).await.unwrap().into_inner();
+    fake.until_queries(1).await;
+    cancel(&mut client, &job.job_id).await;
+    let lease = redis.keys("*:job:*}:lease");
+    assert_eq!(lease.len(), 1, "{lease:?}");
+    redis.command(&["DEL", &lease[0]]);
+    let mut stream = client
+        .watch_bulk_check(pb::WatchBulkCheckRequest {
+            job_id: job.job_id.clone(),
+            after_offset: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut answered = false;
+    while let Some(message) = stream.message().await.unwrap() {
+        if let Some(pb::watch_bulk_check_response::Event::Result(_)) = message.event {
+            answered = true;
+            break;
+        }
+    }
+    assert!(
+        answered,
+        "the recipient sent before the lease lapsed was never answered"
     );
 }
 

@@ -374,7 +374,15 @@ impl Jobs {
                     None => jobs.leave(&job_id).await,
                 },
                 () = keeper => {
-                    tracing::warn!(job_id = %job_id, "the lease of a bulk check was lost: another replica runs it");
+                    // No recipient's turn comes any more; those already sent are answered here all the same (a
+                    // replica that takes the job over waits for them too, and an answer is recorded once): a
+                    // cancelled job is taken over by none.
+                    tracing::warn!(job_id = %job_id, "the lease of a bulk check was lost: another replica runs it, if it still runs");
+                    token.cancel();
+                    tokio::select! {
+                        _ = &mut run => {}
+                        () = jobs.stop.cancelled() => {}
+                    }
                 }
                 () = jobs.stop.cancelled() => jobs.leave(&job_id).await,
             }
