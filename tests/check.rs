@@ -107,7 +107,7 @@ async fn abandoned_lookup(
 
 /// Waits until `service` has a result of `request_id` (with Redis, the log brought it from the replica it was
 /// delivered to).
-async fn until_held(service: &Service, request_id: &str) {
+async fn until_received(service: &Service, request_id: &str) {
     let mut watch = service
         .client()
         .await
@@ -683,7 +683,7 @@ async fn a_check_accepting_no_cached_result_asks_sinch_rather_than_join_a_lookup
             let asked = fake.queries().len();
             let named = by_contact.then_some(contact_id.as_str());
             let live_id = abandoned_lookup(fake, starts, recipient(), (&number, named), status).await;
-            until_held(checks, &live_id).await;
+            until_received(checks, &live_id).await;
             let mut fresh = check(recipient());
             fresh.max_age = duration(Duration::ZERO);
             fresh.wait = duration(Duration::from_millis(200));
@@ -1215,6 +1215,8 @@ async fn a_check_answers_in_time_while_redis_holds_the_giving_back_of_its_lease(
     let redis = RedisServer::start().await;
     let fake = FakeSinch::start().await;
     let service = Service::against(&fake, &[&format!("--redis-url={}", redis.url())]).await;
+    // Its log reader's first writes done: the only writes held below are the check's.
+    common::ready(&service).await;
     let mut request = tonic::Request::new(pb::CheckCapabilityRequest {
         wait: duration(Duration::from_secs(1)),
         ..check(identities(&[(Channel::Sms, NUMBER)]))
@@ -1227,6 +1229,10 @@ async fn a_check_answers_in_time_while_redis_holds_the_giving_back_of_its_lease(
     redis.command(&["CLIENT", "PAUSE", "6000", "WRITE"]);
     let answer = silent.await.unwrap().expect("an answer, not DEADLINE_EXCEEDED");
     assert_eq!(answer.into_inner().pending.len(), 1);
+    assert!(
+        redis.held() >= 1,
+        "the giving back of the lease was not held: nothing was tested"
+    );
 }
 
 /// A contact's check too: its results are in, and a Redis holding writes while it caches them does not keep them
@@ -1239,9 +1245,11 @@ async fn a_contact_check_answers_in_time_while_redis_holds_the_caching_of_its_re
     let flags = [
         &url,
         "--cache-hash-key=a-key-held-up-by-redis-at-least-32-bytes",
-        "--check-settle=200ms",
+        "--check-settle=500ms",
     ];
     let service = Service::against(&fake, &flags).await;
+    // Its log reader's first writes done: the only writes held below are the check's.
+    common::ready(&service).await;
     let mut request = tonic::Request::new(pb::CheckCapabilityRequest {
         wait: duration(Duration::from_secs(1)),
         ..check(contact("C-1"))
@@ -1256,6 +1264,10 @@ async fn a_contact_check_answers_in_time_while_redis_holds_the_caching_of_its_re
     redis.command(&["CLIENT", "PAUSE", "8000", "WRITE"]);
     let answer = answered.await.unwrap().expect("an answer, not DEADLINE_EXCEEDED");
     assert_eq!(answer.into_inner().results.len(), 1);
+    assert!(
+        redis.held() >= 1,
+        "the caching of the results was not held: nothing was tested"
+    );
 }
 
 #[tokio::test]
@@ -1265,9 +1277,11 @@ async fn a_check_given_up_while_taking_its_lease_leaves_no_lease_behind() {
     let url = format!("--redis-url={}", redis.url());
     let service = Service::against(&fake, &[&url, "--cache-hash-key=a-key-given-up-on-at-least-32-bytes"]).await;
     let client = service.client().await;
+    // Its log reader's first writes done: the only write held below is the check's lease.
+    common::ready(&service).await;
     redis.command(&["CLIENT", "PAUSE", "1000", "WRITE"]);
     let given_up = spawn_check(client.clone(), check(identities(&[(Channel::Sms, NUMBER)]))).await;
-    redis.until_blocked(1).await;
+    redis.until_held(1).await;
     given_up.abort();
     assert!(given_up.await.unwrap_err().is_cancelled());
     // Returns once the pause is over.
