@@ -852,26 +852,49 @@ async fn without_redis_a_start_on_a_replica_shutting_down_is_told_to_retry() {
     assert!(fake.queries().is_empty());
 }
 
+/// A job of one recipient (its wait 1 s) on a replica with Redis, cancelled once that recipient's query reached
+/// Sinch, which accepts it `accepted_after` it was sent.
+struct CancelledWhileSinchIsSlow {
+    redis: RedisServer,
+    client: CapabilityServiceClient<tonic::transport::Channel>,
+    job_id: String,
+    _fake: Arc<FakeSinch>,
+    _service: Service,
+}
+
+impl CancelledWhileSinchIsSlow {
+    async fn start(accepted_after: Duration) -> CancelledWhileSinchIsSlow {
+        use common::Canned;
+        let redis = RedisServer::start().await;
+        let fake = Arc::new(FakeSinch::start().await);
+        fake.script_queries([Canned::new(200, r#"{"request_id":"SLOW"}"#).delayed(accepted_after)]);
+        let service = Service::against(&fake, &[&format!("--redis-url={}", redis.url())]).await;
+        let mut client = service.client().await;
+        let request = pb::StartBulkCheckRequest {
+            wait: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+            ..start(vec![recipient(0)], "")
+        };
+        let job_id = client.start_bulk_check(request).await.unwrap().into_inner().job_id;
+        fake.until_queries(1).await;
+        cancel(&mut client, &job_id).await;
+        CancelledWhileSinchIsSlow {
+            redis,
+            client,
+            job_id,
+            _fake: fake,
+            _service: service,
+        }
+    }
+}
+
 /// With Redis, a job cancelled while Sinch is slow to accept its first recipient's query: that recipient's check
 /// may run until its query's deadline (30 s) and its wait after the cancel, and the stream ends only once its
 /// result is in. It ended wait + 10 s after the cancel, before that result landed.
 #[tokio::test]
 async fn with_redis_a_cancel_while_sinch_is_slow_keeps_the_result_still_coming() {
-    use common::Canned;
-    let redis = RedisServer::start().await;
-    let fake = Arc::new(FakeSinch::start().await);
     // Accepted 15 s after it is sent: well past the cancel, its wait (1 s) and 10 s more, however late the cancel.
-    fake.script_queries([Canned::new(200, r#"{"request_id":"SLOW"}"#).delayed(Duration::from_secs(15))]);
-    let service = Service::against(&fake, &[&format!("--redis-url={}", redis.url())]).await;
-    let mut client = service.client().await;
-    let request = pb::StartBulkCheckRequest {
-        wait: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
-        ..start(vec![recipient(0)], "")
-    };
-    let job = client.start_bulk_check(request).await.unwrap().into_inner();
-    fake.until_queries(1).await;
-    cancel(&mut client, &job.job_id).await;
-    let (results, progress) = watch(&mut client, &job.job_id, 0).await;
+    let mut job = CancelledWhileSinchIsSlow::start(Duration::from_secs(15)).await;
+    let (results, progress) = watch(&mut job.client, &job.job_id, 0).await;
     assert_eq!(progress.last().unwrap().state(), BulkCheckState::Cancelled);
     assert_eq!(
         results.len(),
@@ -887,31 +910,16 @@ async fn with_redis_a_cancel_while_sinch_is_slow_keeps_the_result_still_coming()
 /// cancel's settling time without it.
 #[tokio::test]
 async fn with_redis_a_cancelled_job_that_loses_its_lease_still_records_the_answer_in_flight() {
-    use common::Canned;
-    let redis = RedisServer::start().await;
-    let fake = Arc::new(FakeSinch::start().await);
     // Accepted well after the lease's next renewal (every 2 s) finds it gone.
-    fake.script_queries([Canned::new(200, r#"{"request_id":"SLOW"}"#).delayed(Duration::from_secs(8))]);
-    let service = Service::against(&fake, &[&format!("--redis-url={}", redis.url())]).await;
-    let mut client = service.client().await;
-    let request = pb::StartBulkCheckRequest {
-        wait: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
-        ..start(vec![recipient(0)], "")
-    };
-    let job = client.start_bulk_check(request).await.unwrap().into_inner();
-    fake.until_queries(1).await;
-    cancel(&mut client, &job.job_id).await;
-    let lease = redis.keys("*:job:*}:lease");
+    let mut job = CancelledWhileSinchIsSlow::start(Duration::from_secs(8)).await;
+    let lease = job.redis.keys("*:job:*}:lease");
     assert_eq!(lease.len(), 1, "{lease:?}");
-    redis.command(&["DEL", &lease[0]]);
-    let mut stream = client
-        .watch_bulk_check(pb::WatchBulkCheckRequest {
-            job_id: job.job_id.clone(),
-            after_offset: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    job.redis.command(&["DEL", &lease[0]]);
+    let request = pb::WatchBulkCheckRequest {
+        job_id: job.job_id.clone(),
+        after_offset: 0,
+    };
+    let mut stream = job.client.watch_bulk_check(request).await.unwrap().into_inner();
     let mut answered = false;
     while let Some(message) = stream.message().await.unwrap() {
         if let Some(pb::watch_bulk_check_response::Event::Result(_)) = message.event {
