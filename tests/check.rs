@@ -684,11 +684,19 @@ async fn a_check_accepting_no_cached_result_asks_sinch_rather_than_join_a_lookup
             let named = by_contact.then_some(contact_id.as_str());
             let live_id = abandoned_lookup(fake, starts, recipient(), (&number, named), status).await;
             until_received(checks, &live_id).await;
+            let case = format!("round {round}, by contact {by_contact}, {status}");
+            if status == "CAPABILITY_UNKNOWN" {
+                // Not cached: a check that accepts it is served it by joining the lookup, which is there to join.
+                let mut older = check(recipient());
+                older.wait = duration(Duration::from_millis(200));
+                let older = answer(checks, older).await;
+                let sources: Vec<_> = older.results.iter().map(|r| r.source()).collect();
+                assert_eq!(sources, [ResultSource::Shared], "{case}: {older:?}");
+            }
             let mut fresh = check(recipient());
             fresh.max_age = duration(Duration::ZERO);
             fresh.wait = duration(Duration::from_millis(200));
             let fresh = answer(checks, fresh).await;
-            let case = format!("round {round}, by contact {by_contact}, {status}");
             assert!(
                 fresh.results.is_empty(),
                 "{case}: the lookup's earlier result was served: {fresh:?}"
@@ -697,6 +705,30 @@ async fn a_check_accepting_no_cached_result_asks_sinch_rather_than_join_a_lookup
             assert_ne!(again, live_id, "{case}: asked again");
         }
     }
+}
+
+/// The same when the replica the check comes to no longer holds the lookup's record (pushed out of its hub by
+/// newer requests, past `CAPABILITY_MAX_REQUESTS`): the cache tells what the lookup answered. Joined, the check
+/// waited for a result that would not come, and was answered nothing.
+#[tokio::test]
+async fn a_check_accepting_no_cached_result_asks_sinch_when_the_lookup_left_this_replicas_hub() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let url = format!("--redis-url={}", redis.url());
+    let a = Service::against(&fake, &[&url]).await;
+    let b = Service::against(&fake, &[&url, "--max-requests=1"]).await;
+    let recipient = || identities(&[(Channel::Sms, NUMBER)]);
+    let live_id = abandoned_lookup(&fake, &a, recipient(), (NUMBER, None), "CAPABILITY_FULL").await;
+    until_received(&b, &live_id).await;
+    let newer = CapabilityCallback::new("newer", "SMS", "46700000099", "CAPABILITY_FULL");
+    assert_eq!(deliver(a.webhook_addr, newer.body()).await, 200);
+    until_received(&b, "newer").await;
+    let mut fresh = check(recipient());
+    fresh.max_age = duration(Duration::ZERO);
+    fresh.wait = duration(Duration::from_millis(200));
+    answer(&b, fresh).await;
+    let asked = tokio::time::timeout(Duration::from_secs(10), nth_query(&fake, 2)).await;
+    assert_ne!(asked.expect("not asked again").0, live_id, "asked again");
 }
 
 /// Invalidating an identity takes it out of the contact answers that hold it even when its latest result names no

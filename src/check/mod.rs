@@ -35,7 +35,7 @@ use crate::{
     hub::{Hub, WatchEvent, WatchLimits},
     log::{
         EventLog,
-        cached::{CachedResult, EntryKey, KeyHasher, young_enough},
+        cached::{CachedResult, EntryKey, KeyHasher},
         codec, wall_clock_ms,
     },
     query::{Queries, QueryError, QueryRequest},
@@ -263,11 +263,25 @@ impl Checker {
     /// Whether the lookup `holder` a check joins answered already, with a result older than `max_age` accepts,
     /// about what `about` picks: a lookup whose caller went away keeps its lease until its wait would have ended,
     /// and joining it would serve that result again, as SHARED. Read from the hub, which replays it to a check
-    /// that joins (the cache may not hold it: a status not cached, an entry expired, or replaced by a newer one).
-    fn answered_too_long_ago(&self, holder: &str, max_age: Duration, about: impl Fn(&Notification) -> bool) -> bool {
+    /// that joins (the cache may not hold it: a status not cached, an entry expired, or replaced by a newer
+    /// one); from the `cached` results when the hub holds no record of the lookup (evicted, or not read from the
+    /// log yet).
+    async fn answered_too_long_ago(
+        &self,
+        holder: &str,
+        max_age: Duration,
+        about: impl Fn(&Notification) -> bool,
+        cached: impl Future<Output = Vec<CachedResult>>,
+    ) -> bool {
         let now = wall_clock_ms();
-        self.hub
-            .answered(holder, |n, time_ms| about(n) && !young_enough(time_ms, now, max_age))
+        let before_ms = match max_age.is_zero() {
+            true => u64::MAX,
+            false => now.saturating_sub(max_age.as_millis() as u64),
+        };
+        match self.hub.answered_before(holder, before_ms, about) {
+            Some(answered) => answered,
+            None => cached.await.iter().any(|c| c.stale_answer_of(holder, now, max_age)),
+        }
     }
 
     /// Fills the empty `slots` at `at` whose entry (in `keys`) holds a fresh result now; returns those entries.
@@ -471,7 +485,11 @@ impl Checker {
             }
             for (i, holder) in joined {
                 let about = |n: &Notification| n.channel == ids[i].channel && n.identity == ids[i].identity;
-                if self.answered_too_long_ago(&holder, request.max_age, about) {
+                let cached = async { self.cached(&keys[i..=i]).await.into_iter().flatten().collect() };
+                if self
+                    .answered_too_long_ago(&holder, request.max_age, about, cached)
+                    .await
+                {
                     // Asked again, without its lease (the lookup keeps it).
                     to_send.push(i);
                 } else {
@@ -628,7 +646,10 @@ impl Checker {
             Decided::Started => {}
             // Its lookup answered it already, with results older than this check accepts (see
             // [`Checker::answered_too_long_ago`]): asked again, without the lease (the lookup keeps it).
-            Decided::Joined(holder) if self.answered_too_long_ago(&holder, request.max_age, |_| true) => {}
+            Decided::Joined(holder)
+                if self
+                    .answered_too_long_ago(&holder, request.max_age, |_| true, self.cached_contact(&key))
+                    .await => {}
             Decided::Joined(holder) => {
                 metrics::counter!("capability_coalesced_total").increment(1);
                 let live = *holder == *own;

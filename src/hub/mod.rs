@@ -378,18 +378,26 @@ impl Hub {
         )
     }
 
-    /// Whether `request_id` holds a notification `answers` picks, given with its time in the log: what a check
-    /// joining that request would be served.
-    pub fn answered(&self, request_id: &str, answers: impl Fn(&Notification, u64) -> bool) -> bool {
+    /// Whether `request_id` holds a notification the log received before `before_ms` that `about` picks: what a
+    /// check joining that request would be served again. `None` when the hub holds no record of it (never heard
+    /// of here yet, or gone: expired or evicted).
+    pub fn answered_before(
+        &self,
+        request_id: &str,
+        before_ms: u64,
+        about: impl Fn(&Notification) -> bool,
+    ) -> Option<bool> {
         let key = self.keys.of(request_id);
         let shard = self.shard(key);
-        let Some(record) = shard.records.get(&key) else {
-            return false;
-        };
-        record.notifications.after(0).any(|held| {
-            codec::decode_body(request_id.to_owned(), &record.body_of(&held, 0))
-                .is_ok_and(|notification| answers(&notification, held.time_ms))
-        })
+        let record = shard.records.get(&key).filter(|record| record.real)?;
+        // Held in log order: the old ones lead, and only they are decoded.
+        let answered = (record.notifications.after(0))
+            .take_while(|held| held.time_ms < before_ms)
+            .any(|held| {
+                codec::decode_body(request_id.to_owned(), &record.body_of(&held, 0))
+                    .is_ok_and(|notification| about(&notification))
+            });
+        Some(answered)
     }
 
     /// Removes what the log's clock says has expired: notifications older than the retention, and records with
@@ -667,19 +675,25 @@ mod tests {
     }
 
     #[test]
-    fn what_a_request_answered_is_told_with_its_time_in_the_log() {
+    fn what_a_request_answered_before_a_time_is_told() {
         let hub = hub(600, 10);
+        hub.apply(&query("r", &[Channel::Sms, Channel::Rcs], 500));
+        assert_eq!(hub.answered_before("r", u64::MAX, |_| true), Some(false), "nothing yet");
         hub.apply(&notification("r", Channel::Sms, 1, 1_000));
         // From another app than the record's first: kept with its own source, decoded the same.
         hub.apply(&from_app("r", Channel::Rcs, 2, 2_000, "OTHER"));
-        let answered = |channel: Channel, before_ms: u64| {
-            hub.answered("r", |n, time_ms| n.channel == channel && time_ms < before_ms)
-        };
-        assert!(answered(Channel::Sms, 1_001));
-        assert!(!answered(Channel::Sms, 1_000));
-        assert!(answered(Channel::Rcs, 2_001));
-        assert!(!answered(Channel::Whatsapp, u64::MAX));
-        assert!(!hub.answered("unknown", |_, _| true));
+        let answered = |channel: Channel, before_ms: u64| hub.answered_before("r", before_ms, |n| n.channel == channel);
+        assert_eq!(answered(Channel::Sms, 1_001), Some(true));
+        assert_eq!(answered(Channel::Sms, 1_000), Some(false));
+        assert_eq!(answered(Channel::Rcs, 2_001), Some(true));
+        assert_eq!(answered(Channel::Whatsapp, u64::MAX), Some(false));
+        assert_eq!(hub.answered_before("unknown", u64::MAX, |_| true), None);
+        let _watch = hub.watch("shell", 0, WatchLimits::for_tests());
+        assert_eq!(
+            hub.answered_before("shell", u64::MAX, |_| true),
+            None,
+            "a watch's shell is no record"
+        );
     }
 
     #[test]

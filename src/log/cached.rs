@@ -30,12 +30,6 @@ pub struct CachedResult {
 /// comparing the first 8 bytes of two encodings compares their `checked_at_ms`), then the request_id's length.
 const HEAD: usize = 26;
 
-/// Whether a result received at `checked_at_ms` may answer a check made at `now_ms` that accepts results up to
-/// `max_age` old (none, at 0).
-pub fn young_enough(checked_at_ms: u64, now_ms: u64, max_age: Duration) -> bool {
-    !max_age.is_zero() && now_ms.saturating_sub(checked_at_ms) <= max_age.as_millis() as u64
-}
-
 impl CachedResult {
     /// The newer of two results of one identity (this one when as new).
     pub fn or_newer(self, other: CachedResult) -> CachedResult {
@@ -69,7 +63,15 @@ impl CachedResult {
 
     /// Whether it may answer a check made at `now_ms` that accepts results up to `max_age` old.
     pub fn fresh(&self, now_ms: u64, max_age: Duration) -> bool {
-        self.expires_at_ms > now_ms && young_enough(self.checked_at_ms, now_ms, max_age)
+        self.expires_at_ms > now_ms
+            && !max_age.is_zero()
+            && now_ms.saturating_sub(self.checked_at_ms) <= max_age.as_millis() as u64
+    }
+
+    /// Whether it is the answer of the query `request_id` and too old for a check accepting `max_age`: joining
+    /// that query would serve it again.
+    pub fn stale_answer_of(&self, request_id: &str, now_ms: u64, max_age: Duration) -> bool {
+        self.request_id == request_id && !self.fresh(now_ms, max_age)
     }
 
     /// How long it is kept from `now_ms`; `None` once expired.
