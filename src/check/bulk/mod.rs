@@ -374,14 +374,17 @@ impl Jobs {
                     None => jobs.leave(&job_id).await,
                 },
                 () = keeper => {
-                    // No recipient's turn comes any more; those already sent are answered here all the same (a
-                    // replica that takes the job over waits for them too, and an answer is recorded once): a
-                    // cancelled job is taken over by none.
                     tracing::warn!(job_id = %job_id, "the lease of a bulk check was lost: another replica runs it, if it still runs");
+                    // A job still running is taken over, and its new runner waits for the recipients already sent;
+                    // a cancelled one is taken over by none: those recipients are answered here (an answer is
+                    // recorded once, whoever records it), and no other recipient's turn comes.
                     token.cancel();
-                    tokio::select! {
-                        _ = &mut run => {}
-                        () = jobs.stop.cancelled() => {}
+                    let running = jobs.status(&job_id).await.is_ok_and(|job| job.state == JobState::Running);
+                    if !running {
+                        tokio::select! {
+                            _ = &mut run => {}
+                            () = jobs.stop.cancelled() => {}
+                        }
                     }
                 }
                 () = jobs.stop.cancelled() => jobs.leave(&job_id).await,
