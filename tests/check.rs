@@ -723,6 +723,20 @@ async fn a_check_accepting_no_cached_result_asks_sinch_when_the_lookup_left_this
     let newer = CapabilityCallback::new("newer", "SMS", "46700000099", "CAPABILITY_FULL");
     assert_eq!(deliver(a.webhook_addr, newer.body()).await, 200);
     until_received(&b, "newer").await;
+    let mut gone = b
+        .client()
+        .await
+        .watch_capability(common::watch_request(&live_id, 0, Some(Duration::ZERO)))
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(message) = gone.message().await.unwrap() {
+        let event = message.event;
+        assert!(
+            !matches!(event, Some(pb::watch_capability_response::Event::Notification(_))),
+            "B still holds the lookup: {event:?}"
+        );
+    }
     let mut fresh = check(recipient());
     fresh.max_age = duration(Duration::ZERO);
     fresh.wait = duration(Duration::from_millis(200));

@@ -390,9 +390,10 @@ impl Hub {
         let key = self.keys.of(request_id);
         let shard = self.shard(key);
         let record = shard.records.get(&key).filter(|record| record.real)?;
-        // Held in log order: the old ones lead, and only they are decoded.
+        // Only the old ones are decoded (by offset, which follows the log's time but for one numbered again after
+        // Redis lost its data).
         let answered = (record.notifications.after(0))
-            .take_while(|held| held.time_ms < before_ms)
+            .filter(|held| held.time_ms < before_ms)
             .any(|held| {
                 codec::decode_body(request_id.to_owned(), &record.body_of(&held, 0))
                     .is_ok_and(|notification| about(&notification))
