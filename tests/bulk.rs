@@ -933,6 +933,38 @@ async fn with_redis_a_cancelled_job_that_loses_its_lease_still_records_the_answe
     );
 }
 
+/// With Redis, a job cancelled while a recipient's query is still in flight, and then left by its replica (it shuts
+/// down): another replica takes it over to answer that recipient, and its stream ends once that answer is in. A
+/// cancelled job was taken over by none: its stream ended at the cancel's settling time, without that answer.
+#[tokio::test]
+async fn with_redis_a_cancelled_job_its_replica_leaves_is_taken_over_for_the_recipient_sent() {
+    use common::Canned;
+    let redis = RedisServer::start().await;
+    let fake = Arc::new(FakeSinch::start().await);
+    fake.script_queries([Canned::new(200, r#"{"request_id":"SLOW"}"#).delayed(Duration::from_secs(8))]);
+    let url = format!("--redis-url={}", redis.url());
+    let mut leaving = Service::against(&fake, &[&url]).await;
+    let staying = Service::against(&fake, &[&url]).await;
+    let mut on_leaving = leaving.client().await;
+    let request = pb::StartBulkCheckRequest {
+        wait: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+        ..start(vec![recipient(0)], "")
+    };
+    let job = on_leaving.start_bulk_check(request).await.unwrap().into_inner();
+    fake.until_queries(1).await;
+    cancel(&mut on_leaving, &job.job_id).await;
+    leaving.shutdown.cancel();
+    (&mut leaving.task).await.unwrap().unwrap();
+    let (results, progress) = watch(&mut staying.client().await, &job.job_id, 0).await;
+    assert_eq!(progress.last().unwrap().state(), BulkCheckState::Cancelled);
+    assert_eq!(
+        results.len(),
+        1,
+        "the recipient sent before the cancel was not answered"
+    );
+    assert_eq!(fake.queries().len(), 1, "the replica that took it over sent nothing");
+}
+
 /// Interactive calls go first in the callback budget but do not stop the jobs: a recipient of the whole budget
 /// (four identities at 4 a second) never found the window empty while a QueryCapability came every 500 ms (on any
 /// replica: with Redis the budget is shared), and its job never ended.

@@ -6,7 +6,7 @@
 //! ([`local`]). With Redis ([`crate::log::redis::jobs`]) the job, its progress and its results live there: the
 //! replica running it holds a lease it renews, and when that replica dies another takes the job over — it waits
 //! for the callbacks of the recipients already sent (they reach every replica through the log) until their wait
-//! elapses, and sends the rest.
+//! elapses, and sends the rest (nothing, when the job was cancelled).
 
 pub mod local;
 pub mod pacer;
@@ -192,6 +192,8 @@ pub struct Resumable {
     pub sent: HashMap<u32, (String, u64)>,
     /// Recipients with their answer.
     pub done: std::collections::HashSet<u32>,
+    /// Cancelled already: only the recipients sent before are answered.
+    pub cancelled: bool,
 }
 
 /// Runs and serves bulk checks on this replica.
@@ -292,6 +294,7 @@ impl Jobs {
                     spec,
                     sent: HashMap::new(),
                     done: Default::default(),
+                    cancelled: false,
                 }),
                 // The first lease, as a takeover takes it. Listed as running already: if this fails, another
                 // replica takes it over (a repeat of its request_id finds it meanwhile).
@@ -356,6 +359,9 @@ impl Jobs {
     /// Starts running a job on this replica.
     fn launch(self: &Arc<Self>, job_id: String, resumable: Resumable) {
         let token = CancellationToken::new();
+        if resumable.cancelled {
+            token.cancel();
+        }
         self.running
             .lock()
             .expect("jobs lock poisoned")
@@ -374,18 +380,8 @@ impl Jobs {
                     None => jobs.leave(&job_id).await,
                 },
                 () = keeper => {
-                    tracing::warn!(job_id = %job_id, "the lease of a bulk check was lost: another replica runs it, if it still runs");
-                    // A job still running is taken over, and its new runner waits for the recipients already sent;
-                    // a cancelled one is taken over by none: those recipients are answered here (an answer is
-                    // recorded once, whoever records it), and no other recipient's turn comes.
-                    token.cancel();
-                    let running = jobs.status(&job_id).await.is_ok_and(|job| job.state == JobState::Running);
-                    if !running {
-                        tokio::select! {
-                            _ = &mut run => {}
-                            () = jobs.stop.cancelled() => {}
-                        }
-                    }
+                    // Taken over (running or cancelled), the new runner waits for the recipients already sent.
+                    tracing::warn!(job_id = %job_id, "the lease of a bulk check was lost: another replica runs it");
                 }
                 () = jobs.stop.cancelled() => jobs.leave(&job_id).await,
             }
@@ -455,7 +451,7 @@ impl Jobs {
     /// Checks every recipient not answered yet; returns the state the job ends in, or `None` when it is left to
     /// another replica because this one shuts down.
     async fn run(self: &Arc<Self>, job_id: &str, resumable: Resumable, token: &CancellationToken) -> Option<JobState> {
-        let Resumable { spec, sent, done } = resumable;
+        let Resumable { spec, sent, done, .. } = resumable;
         // Identical recipients are asked once: each group answers all its indexes.
         let mut groups: Vec<Vec<u32>> = Vec::new();
         let mut by_recipient: HashMap<String, usize> = HashMap::new();
@@ -484,7 +480,9 @@ impl Jobs {
             .for_each_concurrent(concurrency, |group| {
                 let (spec, sent, failed, halt, leaving) = (spec.clone(), sent.clone(), &failed, &halt, &leaving);
                 async move {
-                    if halt.is_cancelled() {
+                    // Cancelled, failed or left, no recipient's turn comes; one sent before (by the replica that ran
+                    // the job until it was taken over) is still answered, unless this replica shuts down.
+                    if halt.is_cancelled() && (self.draining.is_cancelled() || !sent.contains_key(&group[0])) {
                         return;
                     }
                     match self.check_one(job_id, &spec, &group, sent.get(&group[0]), halt).await {

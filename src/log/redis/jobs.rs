@@ -139,13 +139,17 @@ redis.call('PEXPIRE', KEYS[3], ARGV[3])
 return redis.call('HGET', KEYS[2], 'state') or 'FAILED'
 ";
 
-/// Takes a job whose lease lapsed. KEYS: lease, meta. ARGV: owner, ttl (ms).
-/// Returns 1 taken, 0 another replica runs it, -1 the job ended or expired (to drop from the running set).
+/// Takes a job whose lease lapsed: one running, or one cancelled whose end was not recorded (its recipients sent
+/// before the cancel are still to be answered). KEYS: lease, meta. ARGV: owner, ttl (ms).
+/// Returns 1 taken, 2 taken cancelled, 0 another replica runs it, -1 the job ended or expired (to drop from the
+/// running set).
 const CLAIM: &str = r"
 local state = redis.call('HGET', KEYS[2], 'state')
-if state ~= 'RUNNING' then return -1 end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
-return 0
+local cancelled = state == 'CANCELLED' and redis.call('HGET', KEYS[2], 'settled') ~= '1'
+if state ~= 'RUNNING' and not cancelled then return -1 end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+if cancelled then return 2 end
+return 1
 ";
 
 /// Points a request_id's record at a new job, if it still names `old`. KEYS: record. ARGV: old, new, ttl (ms).
@@ -418,7 +422,8 @@ impl RedisJobs {
         }
         let number = |name: &str| fields.get(name).and_then(|v| v.parse().ok()).unwrap_or(0);
         let state = JobState::parse(fields.get("state").map_or("", String::as_str));
-        // A cancelled job whose runner died never says it settled: its sent recipients' wait tells.
+        // A cancelled job that no replica runs any more (none left to take it over) never says it settled: its
+        // sent recipients' wait tells.
         let settled = state.ended()
             && (number("settled") == 1
                 || state != JobState::Cancelled
@@ -650,8 +655,9 @@ impl RedisJobs {
             .key(self.key(job_id, "meta"))
             .arg(owner)
             .arg(ttl_ms(ttl));
-        match invocation.invoke_async::<i64>(&mut self.commands.clone()).await? {
-            1 => {}
+        let cancelled = match invocation.invoke_async::<i64>(&mut self.commands.clone()).await? {
+            1 => false,
+            2 => true,
             -1 => {
                 // Ended, or expired: nothing to take over.
                 redis::cmd("SREM")
@@ -662,7 +668,7 @@ impl RedisJobs {
                 return Ok(None);
             }
             _ => return Ok(None),
-        }
+        };
         let mut conn = self.commands.clone();
         let spec: Option<Vec<u8>> = redis::cmd("GET")
             .arg(self.key(job_id, "spec"))
@@ -686,7 +692,12 @@ impl RedisJobs {
             .iter()
             .filter_map(|d| Some(u32::from_be_bytes(d.as_slice().try_into().ok()?)))
             .collect();
-        Ok(Some(Resumable { spec, sent, done }))
+        Ok(Some(Resumable {
+            spec,
+            sent,
+            done,
+            cancelled,
+        }))
     }
 
     /// The shared callback budget: counts `n` identities as `pace` says (see [`PACE`]) in the window of `limit`;
