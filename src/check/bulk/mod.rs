@@ -481,8 +481,9 @@ impl Jobs {
                 let (spec, sent, failed, halt, leaving) = (spec.clone(), sent.clone(), &failed, &halt, &leaving);
                 async move {
                     // Cancelled, failed or left, no recipient's turn comes; one sent before (by the replica that ran
-                    // the job until it was taken over) is still answered, unless this replica shuts down.
-                    if halt.is_cancelled() && (self.draining.is_cancelled() || !sent.contains_key(&group[0])) {
+                    // the job until it was taken over) is still waited for, as long as this replica may wait (its
+                    // drain ends the wait, and the job is left to another).
+                    if halt.is_cancelled() && !sent.contains_key(&group[0]) {
                         return;
                     }
                     match self.check_one(job_id, &spec, &group, sent.get(&group[0]), halt).await {
