@@ -858,7 +858,7 @@ struct CancelledWhileSinchIsSlow {
     redis: RedisServer,
     client: CapabilityServiceClient<tonic::transport::Channel>,
     job_id: String,
-    _fake: Arc<FakeSinch>,
+    fake: Arc<FakeSinch>,
     _service: Service,
 }
 
@@ -881,7 +881,7 @@ impl CancelledWhileSinchIsSlow {
             redis,
             client,
             job_id,
-            _fake: fake,
+            fake,
             _service: service,
         }
     }
@@ -931,37 +931,81 @@ async fn with_redis_a_cancelled_job_that_loses_its_lease_still_records_the_answe
         answered,
         "the recipient sent before the lease lapsed was never answered"
     );
+    assert_eq!(
+        job.fake.queries().len(),
+        1,
+        "the replica that took it over sent nothing"
+    );
 }
 
-/// With Redis, a job cancelled while a recipient's query is still in flight, and then left by its replica (it shuts
-/// down): another replica takes it over to answer that recipient, and its stream ends once that answer is in. A
-/// cancelled job was taken over by none: its stream ended at the cancel's settling time, without that answer.
+/// With Redis, a cancelled job past its settling time, which says it settled (its stream ended), is not taken over:
+/// what a takeover recorded then would come after the stream's final progress. It was.
+#[tokio::test]
+async fn with_redis_a_cancelled_job_past_its_settling_time_is_not_taken_over() {
+    let mut job = CancelledWhileSinchIsSlow::start(Duration::from_secs(3)).await;
+    let meta = job.redis.keys("*:job:*}:meta");
+    job.redis.command(&["HSET", &meta[0], "settle_by", "1"]);
+    job.redis.command(&["DEL", &job.redis.keys("*:job:*}:lease")[0]]);
+    let (results, progress) = watch(&mut job.client, &job.job_id, 0).await;
+    assert_eq!(progress.last().unwrap().state(), BulkCheckState::Cancelled);
+    assert!(results.is_empty(), "{results:?}");
+    // A look for jobs to take over found it and dropped it from the running jobs (a takeover would have too, once
+    // it recorded the job's end): nothing was recorded.
+    // A state in Redis, not an event: read every 100 ms, for at most 20 s (the look comes every 2 s).
+    for _ in 0..200 {
+        if job.redis.keys("*:jobs").is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(job.redis.keys("*:jobs").is_empty(), "still listed as running");
+    assert_eq!(get(&mut job.client, &job.job_id).await.done, 0);
+}
+
+/// With Redis, a job cancelled while a recipient waits for its callbacks, and then left by its replica (it shuts
+/// down): another replica takes it over, waits for that recipient, is answered by the callback that comes, and ends
+/// the job's stream then. A cancelled job was taken over by none: its stream ended at the cancel's settling time,
+/// without that answer.
 #[tokio::test]
 async fn with_redis_a_cancelled_job_its_replica_leaves_is_taken_over_for_the_recipient_sent() {
-    use common::Canned;
     let redis = RedisServer::start().await;
     let fake = Arc::new(FakeSinch::start().await);
-    fake.script_queries([Canned::new(200, r#"{"request_id":"SLOW"}"#).delayed(Duration::from_secs(8))]);
     let url = format!("--redis-url={}", redis.url());
     let mut leaving = Service::against(&fake, &[&url]).await;
     let staying = Service::against(&fake, &[&url]).await;
     let mut on_leaving = leaving.client().await;
     let request = pb::StartBulkCheckRequest {
-        wait: Some(prost_types::Duration { seconds: 1, nanos: 0 }),
+        wait: Some(prost_types::Duration { seconds: 30, nanos: 0 }),
         ..start(vec![recipient(0)], "")
     };
     let job = on_leaving.start_bulk_check(request).await.unwrap().into_inner();
-    fake.until_queries(1).await;
+    let sent = fake.until_queries(1).await[0].json()["request_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     cancel(&mut on_leaving, &job.job_id).await;
+    // Dropped from the running jobs, as a replica of an earlier version drops a cancelled job it looks at.
+    for key in redis.keys("*:jobs") {
+        redis.command(&["SREM", &key, &job.job_id]);
+    }
     leaving.shutdown.cancel();
     (&mut leaving.task).await.unwrap().unwrap();
-    let (results, progress) = watch(&mut staying.client().await, &job.job_id, 0).await;
+    let mut on_staying = staying.client().await;
+    assert_eq!(
+        get(&mut on_staying, &job.job_id).await.done,
+        0,
+        "answered before its replica left"
+    );
+    let body = common::CapabilityCallback::new(&sent, "SMS", "46700000000", "CAPABILITY_FULL").body();
+    assert_eq!(common::deliver(staying.webhook_addr, body).await, 200);
+    let (results, progress) = watch(&mut on_staying, &job.job_id, 0).await;
     assert_eq!(progress.last().unwrap().state(), BulkCheckState::Cancelled);
     assert_eq!(
         results.len(),
         1,
         "the recipient sent before the cancel was not answered"
     );
+    assert!(results[0].answer.as_ref().unwrap().complete, "{results:?}");
     assert_eq!(fake.queries().len(), 1, "the replica that took it over sent nothing");
 }
 

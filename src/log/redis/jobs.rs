@@ -145,7 +145,13 @@ return redis.call('HGET', KEYS[2], 'state') or 'FAILED'
 /// running set).
 const CLAIM: &str = r"
 local state = redis.call('HGET', KEYS[2], 'state')
-local cancelled = state == 'CANCELLED' and redis.call('HGET', KEYS[2], 'settled') ~= '1'
+local cancelled = false
+if state == 'CANCELLED' and redis.call('HGET', KEYS[2], 'settled') ~= '1' then
+  -- Past its settling time the job says it settled (`status`): its stream has ended.
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  cancelled = now <= tonumber(redis.call('HGET', KEYS[2], 'settle_by') or '0')
+end
 if state ~= 'RUNNING' and not cancelled then return -1 end
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
 if cancelled then return 2 end
@@ -630,6 +636,13 @@ impl RedisJobs {
 
     /// Gives `owner`'s lease back, so that another replica takes the job over at once.
     pub async fn release(&self, job_id: &str, owner: &str) -> redis::RedisResult<()> {
+        // Listed again first: a replica of an earlier version drops a cancelled job from the set, which it never
+        // takes over.
+        redis::cmd("SADD")
+            .arg(self.running_set())
+            .arg(job_id)
+            .query_async::<i64>(&mut self.commands.clone())
+            .await?;
         let mut invocation = self.release.prepare_invoke();
         invocation.key(self.key(job_id, "lease")).arg(owner);
         invocation
