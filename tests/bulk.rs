@@ -905,11 +905,11 @@ async fn with_redis_a_cancel_while_sinch_is_slow_keeps_the_result_still_coming()
 }
 
 /// With Redis, a cancelled job whose lease lapses while a recipient's query is still in flight (its replica stalled
-/// past the lease, or its clock stepped): that recipient's answer still lands on the stream. The run was dropped
-/// with the lease, and nobody takes a cancelled job over: the answer never came, and the stream ended at the
-/// cancel's settling time without it.
+/// past the lease, or its clock stepped): that recipient is still answered on the stream (here with every identity
+/// pending: no callback comes, and its wait is over when Sinch accepts). The run was dropped with the lease, and
+/// nobody took a cancelled job over: no answer came, and the stream ended at the cancel's settling time without it.
 #[tokio::test]
-async fn with_redis_a_cancelled_job_that_loses_its_lease_still_records_the_answer_in_flight() {
+async fn with_redis_a_cancelled_job_that_loses_its_lease_still_answers_the_recipient_sent() {
     // Accepted well after the lease's next renewal (every 2 s) finds it gone.
     let mut job = CancelledWhileSinchIsSlow::start(Duration::from_secs(8)).await;
     let lease = job.redis.keys("*:job:*}:lease");
@@ -942,7 +942,8 @@ async fn with_redis_a_cancelled_job_that_loses_its_lease_still_records_the_answe
 /// what a takeover recorded then would come after the stream's final progress. It was.
 #[tokio::test]
 async fn with_redis_a_cancelled_job_past_its_settling_time_is_not_taken_over() {
-    let mut job = CancelledWhileSinchIsSlow::start(Duration::from_secs(3)).await;
+    // Accepted well after the lease's next renewal finds it gone and drops the run, which would record its answer.
+    let mut job = CancelledWhileSinchIsSlow::start(Duration::from_secs(8)).await;
     let meta = job.redis.keys("*:job:*}:meta");
     job.redis.command(&["HSET", &meta[0], "settle_by", "1"]);
     job.redis.command(&["DEL", &job.redis.keys("*:job:*}:lease")[0]]);

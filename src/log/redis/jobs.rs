@@ -5,7 +5,7 @@
 //!
 //! | key | what |
 //! |---|---|
-//! | `{…}:meta` | hash: `state`, `total`, `done`, `from_cache`, `reachable`, `create`, `update` (ms) |
+//! | `{…}:meta` | hash: `state`, `total`, `done`, `from_cache`, `reachable`, `create`, `update` (ms), `wait` (a recipient's, ms), `settle_by` (a cancelled job's settling time, ms), `settled` (1 once its end is recorded) |
 //! | `{…}:spec` | the job's request ([`crate::check::bulk::stored`]) |
 //! | `{…}:sent` | hash: recipient index → `<ms sent>:<request_id>`, written before the query goes out, taken back if Sinch refuses it |
 //! | `{…}:done` | hash: recipient index → its offset |
@@ -147,10 +147,11 @@ const CLAIM: &str = r"
 local state = redis.call('HGET', KEYS[2], 'state')
 local cancelled = false
 if state == 'CANCELLED' and redis.call('HGET', KEYS[2], 'settled') ~= '1' then
-  -- Past its settling time the job says it settled (`status`): its stream has ended.
+  -- Past its settling time the job says it settled (`status`): its stream has ended. Not taken over in the last 10 s
+  -- before it either, so that what the takeover records lands before (whatever the replicas' clocks against Redis's).
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  cancelled = now <= tonumber(redis.call('HGET', KEYS[2], 'settle_by') or '0')
+  cancelled = now + 10000 <= tonumber(redis.call('HGET', KEYS[2], 'settle_by') or '0')
 end
 if state ~= 'RUNNING' and not cancelled then return -1 end
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
