@@ -105,23 +105,6 @@ async fn abandoned_lookup(
     live_id
 }
 
-/// Waits until `service` has a result of `request_id` (with Redis, the log brought it from the replica it was
-/// delivered to).
-async fn until_received(service: &Service, request_id: &str) {
-    let mut watch = service
-        .client()
-        .await
-        .watch_capability(common::watch_request(request_id, 0, None))
-        .await
-        .unwrap()
-        .into_inner();
-    let first = watch.message().await.unwrap().and_then(|m| m.event);
-    assert!(
-        matches!(first, Some(pb::watch_capability_response::Event::Notification(_))),
-        "{first:?}"
-    );
-}
-
 async fn answer(service: &Service, request: pb::CheckCapabilityRequest) -> pb::CheckCapabilityResponse {
     service
         .client()
@@ -618,18 +601,11 @@ async fn a_lookup_stays_joinable_when_the_caller_that_started_it_goes_away() {
 /// on the replica that started the lookup when another one took the invalidation.
 #[tokio::test]
 async fn an_invalidated_identity_is_asked_again_not_joined_to_the_lookup_that_answered_it() {
-    let Setups {
-        alone,
-        service,
-        shared,
-        a,
-        b,
-        ..
-    } = &Setups::start().await;
+    let s = &Setups::start().await;
     let rounds = [
-        (alone, service, service, service, "46700000011"),
-        (shared, a, b, b, "46700000012"),
-        (shared, a, b, a, "46700000013"),
+        (&s.alone, &s.service, &s.service, &s.service, "46700000011"),
+        (&s.shared, &s.a, &s.b, &s.b, "46700000012"),
+        (&s.shared, &s.a, &s.b, &s.a, "46700000013"),
     ];
     for (round, (fake, starts, invalidates, checks, number)) in rounds.into_iter().enumerate() {
         let asked = fake.queries().len();
@@ -659,15 +635,11 @@ async fn an_invalidated_identity_is_asked_again_not_joined_to_the_lookup_that_an
 /// cache, and served it).
 #[tokio::test]
 async fn a_check_accepting_no_cached_result_asks_sinch_rather_than_join_a_lookup_already_answered() {
-    let Setups {
-        alone,
-        service,
-        shared,
-        a,
-        b,
-        ..
-    } = &Setups::start().await;
-    let rounds = [(alone, service, service, "4670000002"), (shared, a, b, "4670000003")];
+    let s = &Setups::start().await;
+    let rounds = [
+        (&s.alone, &s.service, &s.service, "4670000002"),
+        (&s.shared, &s.a, &s.b, "4670000003"),
+    ];
     for (round, (fake, starts, checks, prefix)) in rounds.into_iter().enumerate() {
         for (variant, (by_contact, status)) in [false, true]
             .into_iter()
@@ -683,7 +655,8 @@ async fn a_check_accepting_no_cached_result_asks_sinch_rather_than_join_a_lookup
             let asked = fake.queries().len();
             let named = by_contact.then_some(contact_id.as_str());
             let live_id = abandoned_lookup(fake, starts, recipient(), (&number, named), status).await;
-            until_received(checks, &live_id).await;
+            // With Redis, the log brought it from the replica it was delivered to.
+            common::first_notification(checks, &live_id).await;
             let case = format!("round {round}, by contact {by_contact}, {status}");
             if status == "CAPABILITY_UNKNOWN" {
                 // Not cached: a check that accepts it is served it by joining the lookup, which is there to join.
@@ -719,24 +692,12 @@ async fn a_check_accepting_no_cached_result_asks_sinch_when_the_lookup_left_this
     let b = Service::against(&fake, &[&url, "--max-requests=1"]).await;
     let recipient = || identities(&[(Channel::Sms, NUMBER)]);
     let live_id = abandoned_lookup(&fake, &a, recipient(), (NUMBER, None), "CAPABILITY_FULL").await;
-    until_received(&b, &live_id).await;
+    common::first_notification(&b, &live_id).await;
     let newer = CapabilityCallback::new("newer", "SMS", "46700000099", "CAPABILITY_FULL");
     assert_eq!(deliver(a.webhook_addr, newer.body()).await, 200);
-    until_received(&b, "newer").await;
-    let mut gone = b
-        .client()
-        .await
-        .watch_capability(common::watch_request(&live_id, 0, Some(Duration::ZERO)))
-        .await
-        .unwrap()
-        .into_inner();
-    while let Some(message) = gone.message().await.unwrap() {
-        let event = message.event;
-        assert!(
-            !matches!(event, Some(pb::watch_capability_response::Event::Notification(_))),
-            "B still holds the lookup: {event:?}"
-        );
-    }
+    common::first_notification(&b, "newer").await;
+    let held = common::held(&b, &live_id, 0).await;
+    assert!(held.is_empty(), "B still holds the lookup: {held:?}");
     let mut fresh = check(recipient());
     fresh.max_age = duration(Duration::ZERO);
     fresh.wait = duration(Duration::from_millis(200));
@@ -1340,7 +1301,6 @@ async fn a_check_given_up_while_taking_its_lease_leaves_no_lease_behind() {
     assert!(asked.is_ok(), "nobody asked Sinch: a lease was left behind");
 }
 
-/// Two replicas sharing `redis`, both asking `fake`.
 /// A replica on its own, and two sharing a Redis, each with its fake Sinch.
 struct Setups {
     alone: FakeSinch,
@@ -1369,6 +1329,7 @@ impl Setups {
     }
 }
 
+/// Two replicas sharing `redis`, both asking `fake`.
 async fn two_replicas(fake: &FakeSinch, redis: &RedisServer) -> (Service, Service) {
     let url = format!("--redis-url={}", redis.url());
     (
