@@ -12,6 +12,8 @@ use common::{Canned, CapabilityCallback, FakeSinch, Service, contact, deliver, i
 use tonic::{Code, transport::Channel as Transport};
 
 const NUMBER: &str = "46700000001";
+/// How long a state in Redis is waited for.
+const FIVE_SECONDS: Duration = Duration::from_secs(5);
 
 fn check(recipient: pb::Recipient) -> pb::CheckCapabilityRequest {
     pb::CheckCapabilityRequest {
@@ -1120,7 +1122,7 @@ async fn let_go_after_joining(request: pb::CheckCapabilityRequest, answer: impl 
     let joined = joined.await.unwrap().unwrap();
     assert_eq!(joined.request_id, live_id, "{joined:?}");
     // A gives its lease back in Redis in the background: what is left to join then is only what B kept.
-    until(|| redis.keys("*lease*").is_empty()).await;
+    common::until(FIVE_SECONDS, || redis.keys("*lease*").is_empty()).await;
     let mut fresh_only = request;
     fresh_only.max_age = duration(Duration::ZERO);
     fresh_only.wait = duration(Duration::ZERO);
@@ -1150,7 +1152,7 @@ async fn an_identity_whose_result_is_in_is_let_go_while_its_lookup_waits_for_the
     until_a_lease(&redis, |lease| lease.starts_with("s:")).await;
     deliver(a.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await;
     // SMS's lease goes; RCS's stays while A waits for it.
-    until(|| {
+    common::until(FIVE_SECONDS, || {
         let leases = redis.keys("*lease*");
         leases.iter().filter(|key| redis.value(key).starts_with("s:")).count() == 1
     })
@@ -1200,7 +1202,7 @@ async fn a_lookup_sinch_renamed_is_let_go_when_its_check_returns() {
     let answer = first.await.unwrap().unwrap();
     assert!(answer.complete, "{answer:?}");
     assert_eq!(answer.request_id, "SINCH-CHOSE");
-    until(|| {
+    common::until(FIVE_SECONDS, || {
         redis
             .keys("*lease*")
             .iter()
@@ -1340,18 +1342,10 @@ async fn two_replicas(fake: &FakeSinch, redis: &RedisServer) -> (Service, Servic
 
 /// Waits until a lease in Redis reads as `holds` wants.
 async fn until_a_lease(redis: &RedisServer, holds: impl Fn(&str) -> bool) {
-    until(|| redis.keys("*lease*").iter().any(|key| holds(&redis.value(key)))).await;
-}
-
-/// Waits until `holds` (what Redis shows, read every 10 ms); fails after 5 s.
-async fn until(holds: impl Fn() -> bool) {
-    for _ in 0..500 {
-        if holds() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("never came to hold within 5 s");
+    common::until(FIVE_SECONDS, || {
+        redis.keys("*lease*").iter().any(|key| holds(&redis.value(key)))
+    })
+    .await;
 }
 
 /// A result of SMS for `identity` in app `app`, naming `contact_id`, as the webhook reads Sinch's callback

@@ -495,13 +495,8 @@ async fn a_lapsed_claim_nobody_took_is_taken_again_by_its_owner() {
         let (a, on_a) = (a.clone(), on_a.clone());
         async move { a.hold_request_id("r", "q", &on_a).await }
     });
-    // A state in Redis, looked at until it shows (a renewal comes every 2.5 s): 20 s at most.
-    let mut looks = 0;
-    while redis.keys("retaken:idem:*").is_empty() {
-        looks += 1;
-        assert!(looks < 400, "the lapsed claim was never taken again");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The lapsed claim taken again (a renewal comes every 2.5 s).
+    common::until(Duration::from_secs(20), || !redis.keys("retaken:idem:*").is_empty()).await;
     assert_eq!(
         b.claim_request_id("r", "q").await,
         IdempotencyClaim::Pending,

@@ -384,6 +384,18 @@ pub async fn until_marker(service: &Service, request_id: &str, after: u64, marke
         .expect("the marker did not arrive within 10 s")
 }
 
+/// Waits until `holds` — a state no event announces (what Redis shows, read every 20 ms); fails after `within`.
+pub async fn until(within: Duration, holds: impl Fn() -> bool) {
+    let polls = within.as_millis().div_ceil(20);
+    for _ in 0..polls {
+        if holds() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(holds(), "never came to hold within {within:?}");
+}
+
 /// Waits until `/readyz` says the replica has read the log back.
 pub async fn ready(service: &Service) {
     let http = reqwest_client();
