@@ -148,11 +148,16 @@ impl Record {
         body
     }
 
+    /// A held notification, decoded under `request_id`; `None` when it does not decode.
+    fn decode(&self, request_id: String, held: &Held<'_>) -> Option<Notification> {
+        codec::decode_body(request_id, &self.body_of(held, 0)).ok()
+    }
+
     /// Drops its notifications received before `cutoff_ms`; a channel none of whose results is held any more is
     /// lost to the watches that had not read it.
     fn expire_until(&mut self, cutoff_ms: u64) {
         let channel_of = |record: &Record, held: &Held<'_>| {
-            let notification = codec::decode_body(String::new(), &record.body_of(held, 0)).ok()?;
+            let notification = record.decode(String::new(), held)?;
             Some((notification.channel, held.offset))
         };
         let expiring: Vec<(Channel, u64)> = (self.notifications.after(0))
@@ -180,8 +185,8 @@ impl Record {
     fn holds(&self, n: &Notification) -> bool {
         let digest = Digest::of(n);
         self.notifications.after(0).any(|held| {
-            codec::decode_body(n.request_id.clone(), &self.body_of(&held, 0))
-                .is_ok_and(|held| Digest::of(&held) == digest)
+            self.decode(n.request_id.clone(), &held)
+                .is_some_and(|held| Digest::of(&held) == digest)
         })
     }
 }
@@ -395,8 +400,9 @@ impl Hub {
         let answered = (record.notifications.after(0))
             .filter(|held| held.time_ms < before_ms)
             .any(|held| {
-                codec::decode_body(request_id.to_owned(), &record.body_of(&held, 0))
-                    .is_ok_and(|notification| about(&notification))
+                record
+                    .decode(request_id.to_owned(), &held)
+                    .is_some_and(|notification| about(&notification))
             });
         Some(answered)
     }
