@@ -45,8 +45,11 @@ fn histogram() -> Histogram<u64> {
 }
 
 /// Runs `workers` copies of `op` for `duration` (or until `op` says `None`), each timing its own calls, and
-/// merges what they measured.
-async fn closed_loop<F, Fut>(workers: usize, duration: Duration, op: F) -> Load
+/// merges what they measured. With an `interval`, each worker keeps its own schedule (its call k is due at the
+/// start + k·interval, shifted by its share of one interval), and a call made late because the one before it was
+/// slow counts from when it was due, so that a server that falls behind is charged for the wait it causes;
+/// without, the calls follow one another.
+async fn closed_loop<F, Fut>(workers: usize, duration: Duration, interval: Option<Duration>, op: F) -> Load
 where
     F: Fn(usize) -> Fut + Clone + Send + 'static,
     Fut: std::future::Future<Output = Option<bool>> + Send,
@@ -58,8 +61,20 @@ where
             let op = op.clone();
             tokio::spawn(async move {
                 let (mut latency, mut ok, mut errors) = (histogram(), 0u64, 0u64);
-                while Instant::now() < end {
-                    let t = Instant::now();
+                for k in 0u32.. {
+                    let due =
+                        interval.map_or_else(Instant::now, |i| started + i * k + i.mul_f64(w as f64 / workers as f64));
+                    if due >= end {
+                        break;
+                    }
+                    // Behind schedule (the last call ran past this one's time), a call is charged from when it was
+                    // due; on time, from when the timer let it go, whose lateness (up to a millisecond: the
+                    // timer's tick) is the generator's own.
+                    let behind = Instant::now() > due;
+                    if interval.is_some() {
+                        tokio::time::sleep_until(due.into()).await;
+                    }
+                    let t = if behind { due } else { Instant::now() };
                     match op(w).await {
                         Some(true) => {
                             ok += 1;
@@ -127,7 +142,7 @@ fn query_request() -> pb::QueryCapabilityRequest {
 /// QueryCapability in a closed loop against a gRPC server (the facade or the echo baseline).
 pub async fn grpc_queries(addr: SocketAddr, workers: usize, connections: usize, duration: Duration) -> Load {
     let channels = channels(addr, connections).await;
-    closed_loop(workers, duration, move |w| {
+    closed_loop(workers, duration, None, move |w| {
         let mut client = CapabilityServiceClient::new(channels[w % channels.len()].clone());
         async move { Some(client.query_capability(query_request()).await.is_ok()) }
     })
@@ -159,7 +174,7 @@ pub async fn http_queries(sandbox: SocketAddr, workers: usize, duration: Duratio
     let http = http_client(workers);
     let url = format!("http://{sandbox}/v1/projects/sandbox-project/capability:query");
     let auth = testkit::basic_auth("sandbox-key", "sandbox-secret");
-    closed_loop(workers, duration, move |_| {
+    closed_loop(workers, duration, None, move |_| {
         let body = serde_json::json!({"app_id": "bench-app", "request_id": ulid::Ulid::new().to_string(),
             "recipient": {"identified_by": {"channel_identities": [{"channel": "SMS", "identity": "46700000001"}]}}});
         let request = http
@@ -322,24 +337,15 @@ where
         duration,
     } = posting;
     let seq = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    // At a fixed rate each poster keeps its own schedule: call k of poster w is due at start + k·posters/rate.
+    // At a fixed rate each poster keeps its own schedule: a call every posters/rate seconds.
     let interval = rate.map(|r| Duration::from_secs_f64(posters as f64 / r as f64));
-    let counters: Vec<Arc<AtomicU64>> = (0..posters).map(|_| Arc::new(AtomicU64::new(0))).collect();
-    closed_loop(posters, duration, move |w| {
+    closed_loop(posters, duration, interval, move |_| {
         let n = seq.fetch_add(1, Ordering::Relaxed);
         let done = limit.is_some_and(|l| n >= l);
-        let due = interval.map(|i| {
-            let k = counters[w].fetch_add(1, Ordering::Relaxed);
-            started + i * k as u32 + i.mul_f64(w as f64 / posters as f64)
-        });
         let post = post.clone();
         async move {
             if done {
                 return None;
-            }
-            if let Some(due) = due {
-                tokio::time::sleep_until(due.into()).await;
             }
             Some(post(n).await)
         }
@@ -435,7 +441,7 @@ pub async fn grpc_checks(
 ) -> Load {
     let channels = channels(addr, connections).await;
     let next = Arc::new(AtomicU64::new(0));
-    closed_loop(workers, duration, move |w| {
+    closed_loop(workers, duration, None, move |w| {
         let mut client = CapabilityServiceClient::new(channels[w % channels.len()].clone());
         let i = next.fetch_add(1, Ordering::Relaxed) as usize % identities.len();
         let request = check_request(&identities[i], Duration::from_secs(10));
@@ -447,8 +453,8 @@ pub async fn grpc_checks(
 }
 
 /// CheckCapability at a fixed `rate` in all for `duration` (an open loop: each of `workers` keeps its own
-/// schedule), cycling through `identities`. A call's latency counts from when it was due, so that a server that
-/// falls behind is charged for the wait it causes; an answer not whole from the cache counts as an error.
+/// schedule; a call late because the one before was slow counts from when it was due), cycling through
+/// `identities`; an answer not whole from the cache counts as an error.
 pub async fn paced_checks(
     addr: SocketAddr,
     workers: usize,
@@ -459,35 +465,16 @@ pub async fn paced_checks(
 ) -> Load {
     let channels = channels(addr, connections).await;
     let interval = Duration::from_secs_f64(workers as f64 / rate as f64);
-    let started = Instant::now() + Duration::from_millis(20);
-    let end = started + duration;
-    let tasks: Vec<_> = (0..workers)
-        .map(|w| {
-            let mut client = CapabilityServiceClient::new(channels[w % channels.len()].clone());
-            let identities = identities.clone();
-            tokio::spawn(async move {
-                let (mut latency, mut ok, mut errors) = (histogram(), 0u64, 0u64);
-                for k in 0u32.. {
-                    let due = started + interval * k + interval.mul_f64(w as f64 / workers as f64);
-                    if due >= end {
-                        break;
-                    }
-                    tokio::time::sleep_until(due.into()).await;
-                    let i = (k as usize * workers + w) % identities.len();
-                    let request = check_request(&identities[i], Duration::from_secs(10));
-                    match client.check_capability(request).await {
-                        Ok(answer) if from_cache(answer.get_ref()) => {
-                            ok += 1;
-                            latency.saturating_record(due.elapsed().as_micros() as u64);
-                        }
-                        _ => errors += 1,
-                    }
-                }
-                (latency, ok, errors)
-            })
-        })
-        .collect();
-    gather(tasks, started).await
+    let next = Arc::new(AtomicU64::new(0));
+    closed_loop(workers, duration, Some(interval), move |w| {
+        let mut client = CapabilityServiceClient::new(channels[w % channels.len()].clone());
+        let i = next.fetch_add(1, Ordering::Relaxed) as usize % identities.len();
+        let request = check_request(&identities[i], Duration::from_secs(10));
+        async move {
+            Some(matches!(client.check_capability(request).await, Ok(answer) if from_cache(answer.get_ref())))
+        }
+    })
+    .await
 }
 
 /// How the answers of many checks of one identity were made.
