@@ -61,8 +61,11 @@ async fn serve(config: Config, huge_pages: Result<(), String>) -> ExitCode {
     if let Err(e) = config.check() {
         return invalid(&e);
     }
-    let otlp = config.telemetry.otlp_endpoint.as_ref().map(url::Url::as_str);
-    let _telemetry = match telemetry::init(config.log_format(), otlp) {
+    let otlp = match telemetry::Otlp::from_settings(&config.telemetry) {
+        Ok(otlp) => otlp,
+        Err(e) => return invalid(&e),
+    };
+    let _telemetry = match telemetry::init(config.log_format(), otlp.as_ref()) {
         Ok(t) => t,
         Err(e) => return invalid(&e),
     };

@@ -22,7 +22,9 @@ use tracing_subscriber::{
     util::SubscriberInitExt,
 };
 
-use crate::config::LogFormat;
+use rustls::pki_types::{CertificateDer, pem::PemObject};
+
+use crate::config::{ConfigError, LogFormat, OTLP_CERTIFICATE, OTLP_ENDPOINT, TelemetrySettings, invalid};
 
 /// Flushes exported spans when dropped: keep it until the process ends.
 pub struct Telemetry {
@@ -39,9 +41,43 @@ impl Drop for Telemetry {
     }
 }
 
+/// Where spans are exported: an OTLP/gRPC collector and, for an https one, the CA certificates (PEM) its
+/// certificate is checked against instead of the public CAs.
+pub struct Otlp {
+    pub endpoint: String,
+    pub ca: Option<Vec<u8>>,
+}
+
+impl Otlp {
+    /// From `settings`, its CA file read and checked; `None` when no endpoint is set.
+    pub fn from_settings(settings: &TelemetrySettings) -> Result<Option<Otlp>, ConfigError> {
+        let Some(endpoint) = &settings.otlp_endpoint else {
+            return Ok(None);
+        };
+        let ca = match &settings.otlp_certificate {
+            None => None,
+            Some(path) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| invalid(OTLP_CERTIFICATE, format!("cannot read {}: {e}", path.display())))?;
+                let certificates = CertificateDer::pem_slice_iter(&pem)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| invalid(OTLP_CERTIFICATE, format!("not PEM: {e}")))?;
+                if certificates.is_empty() {
+                    return Err(invalid(OTLP_CERTIFICATE, "no CERTIFICATE block found"));
+                }
+                Some(pem)
+            }
+        };
+        Ok(Some(Otlp {
+            endpoint: endpoint.to_string(),
+            ca,
+        }))
+    }
+}
+
 /// Installs the global subscriber; call once, first thing in the process, inside the Tokio runtime.
-/// With `otlp_endpoint`, spans are also exported over OTLP/gRPC.
-pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> Result<Telemetry, String> {
+/// With `otlp`, spans are also exported over OTLP/gRPC.
+pub fn init(format: LogFormat, otlp: Option<&Otlp>) -> Result<Telemetry, String> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = match format {
         LogFormat::Text => fmt::layer().with_writer(std::io::stderr).boxed(),
@@ -53,7 +89,7 @@ pub fn init(format: LogFormat, otlp_endpoint: Option<&str>) -> Result<Telemetry,
             .with_writer(std::io::stderr)
             .boxed(),
     };
-    let provider = otlp_endpoint.map(otlp).transpose()?;
+    let provider = otlp.map(exporting).transpose()?;
     let traces = provider
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("capability-facade")));
@@ -199,13 +235,25 @@ impl<W: Write> Write for Escaping<'_, W> {
     }
 }
 
-fn otlp(endpoint: &str) -> Result<SdkTracerProvider, String> {
-    use opentelemetry_otlp::WithExportConfig;
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
+fn exporting(otlp: &Otlp) -> Result<SdkTracerProvider, String> {
+    use opentelemetry_otlp::{
+        WithExportConfig, WithTonicConfig,
+        tonic_types::transport::{Certificate, ClientTlsConfig},
+    };
+    let endpoint = &otlp.endpoint;
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
-        .with_endpoint(endpoint)
+        .with_endpoint(endpoint);
+    if endpoint.starts_with("https:") {
+        let tls = match &otlp.ca {
+            Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
+            None => ClientTlsConfig::new().with_webpki_roots(),
+        };
+        exporter = exporter.with_tls_config(tls);
+    }
+    let exporter = exporter
         .build()
-        .map_err(|e| format!("OTEL_EXPORTER_OTLP_ENDPOINT: cannot export to {endpoint}: {e}"))?;
+        .map_err(|e| format!("{OTLP_ENDPOINT}: cannot export to {endpoint}: {e}"))?;
     let resource = opentelemetry_sdk::Resource::builder()
         .with_service_name("capability-facade")
         .build();

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use capability_facade::grpc::pb::{Channel, capability_service_client::CapabilityServiceClient};
 use common::{
-    Binary, FakeSinch, KEY_SECRET, Service, WEBHOOK_SECRET, capability_body, deliver, drain, identities, query,
-    watch_request,
+    Binary, Collector, FakeSinch, KEY_SECRET, Service, WEBHOOK_SECRET, capability_body, deliver, drain, identities,
+    query, watch_request,
 };
 use tonic::{Code, Request};
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
@@ -160,29 +160,10 @@ async fn sigterm_ends_watches_refuses_new_ones_and_exits_in_time_even_with_a_stu
 
 #[tokio::test]
 async fn with_an_otlp_endpoint_spans_are_exported_in_the_callers_trace() {
-    use std::sync::{Arc, Mutex};
-
-    use axum::{Router, body::Bytes, routing::post};
-    // A collector stand-in: records the body of every OTLP/gRPC export and answers OK.
-    let exports: Arc<Mutex<Vec<Bytes>>> = Arc::default();
-    let recorded = exports.clone();
-    let router = Router::new().route(
-        "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
-        post(move |body: Bytes| async move {
-            recorded.lock().unwrap().push(body);
-            (
-                [("content-type", "application/grpc"), ("grpc-status", "0")],
-                vec![0u8; 5],
-            )
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let collector = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
-
+    let collector = Collector::start(None).await;
     let fake = FakeSinch::start().await;
     let mut env = common::binary_env(&fake);
-    env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}")));
+    env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{}", collector.addr)));
     let mut process = Binary::spawn(&env).await;
     let mut client = CapabilityServiceClient::connect(process.url()).await.unwrap();
     let mut request = Request::new(query(identities(&[(Channel::Sms, "46700000001")]), ""));
@@ -198,7 +179,7 @@ async fn with_an_otlp_endpoint_spans_are_exported_in_the_callers_trace() {
 
     let sent = fake.queries()[0].header("traceparent").to_owned();
     assert!(sent.starts_with(&format!("00-{trace_id}-")), "{sent}");
-    let exported: Vec<u8> = exports.lock().unwrap().concat();
+    let exported = collector.exported();
     let raw_trace_id: Vec<u8> = (0..16)
         .map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).unwrap())
         .collect();

@@ -112,6 +112,35 @@ fn a_bad_value_stops_the_process_before_it_binds_naming_the_variable() {
     }
 }
 
+/// The CA file for an https collector is read and checked at start: one missing, or holding no certificate, or
+/// set without an https endpoint, stops the process naming it before it binds.
+#[test]
+fn a_bad_otlp_certificate_stops_the_process_before_it_binds_naming_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = std::env::temp_dir().join(format!("capability-otlp-{}", ulid::Ulid::new()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let garbage = dir.join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate").unwrap();
+    let missing = dir.join("missing.pem");
+    let cases = [
+        ("https://collector:4317", &missing),
+        ("https://collector:4317", &garbage),
+        ("http://collector:4317", &garbage),
+    ];
+    for (endpoint, certificate) in cases {
+        let output = binary()
+            .env("CAPABILITY_ADMIN_ADDR", taken.local_addr().unwrap().to_string())
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)
+            .env("OTEL_EXPORTER_OTLP_CERTIFICATE", certificate)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{endpoint} {certificate:?}: {stderr}");
+        assert!(stderr.contains("OTEL_EXPORTER_OTLP_CERTIFICATE"), "{stderr}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn help_lists_every_variable_and_no_secret() {
     let output = binary()

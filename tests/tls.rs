@@ -2,7 +2,7 @@
 //! Certificates come from a throw-away CA generated per test.
 mod common;
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use rustls::pki_types::pem::PemObject;
 
@@ -80,6 +80,21 @@ impl Pki {
             .connect()
             .await?;
         Ok(CapabilityServiceClient::new(channel))
+    }
+
+    /// A TLS server configuration with the server's certificate.
+    fn server_config(&self) -> rustls::ServerConfig {
+        let certs = rustls::pki_types::CertificateDer::pem_file_iter(self.dir.join("server.pem"))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(self.dir.join("server.key")).unwrap();
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap()
     }
 
     /// An HTTPS client that trusts the CA.
@@ -415,4 +430,35 @@ async fn in_sandbox_mode_over_tls_the_doctor_checks_the_https_webhook() {
     let out = String::from_utf8_lossy(&doctor.stdout);
     assert!(doctor.status.success(), "the doctor failed:\n{out}");
     assert!(out.contains("targets https://127.0.0.1:"), "{out}");
+}
+
+/// Spans go to an https collector whose certificate `OTEL_EXPORTER_OTLP_CERTIFICATE`'s CA signed; without that
+/// file only the public CAs are trusted, and none goes to it. An https endpoint was refused at start (the exporter
+/// had no TLS).
+#[tokio::test]
+async fn spans_are_exported_over_tls_to_a_collector_the_configured_ca_vouches_for() {
+    let pki = Pki::new();
+    let collector = common::Collector::start(Some(pki.server_config())).await;
+    let endpoint = format!("https://localhost:{}", collector.addr.port());
+    for trusted in [true, false] {
+        let fake = FakeSinch::start().await;
+        let mut env = common::binary_env(&fake);
+        env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()));
+        if trusted {
+            env.push(("OTEL_EXPORTER_OTLP_CERTIFICATE", pki.path("ca.pem")));
+        }
+        let before = collector.exported().len();
+        let mut process = common::Binary::spawn(&env).await;
+        let mut client = CapabilityServiceClient::connect(process.url()).await.unwrap();
+        ask(&mut client).await.unwrap();
+        drop(client);
+        process.signal("TERM");
+        assert!(process.wait_exit(Duration::from_secs(10)).await.unwrap().success());
+        let exported = collector.exported()[before..].to_vec();
+        let found = exported.windows(16).any(|w| w == b"query_capability");
+        assert_eq!(
+            found, trusted,
+            "the RPC span reached the collector: {found}, its CA trusted: {trusted}"
+        );
+    }
 }

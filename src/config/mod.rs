@@ -374,6 +374,10 @@ pub struct TelemetrySettings {
     /// Export traces over OTLP/gRPC to this collector (for example http://otel-collector:4317); off when unset.
     #[arg(id = "otlp-endpoint", long = "otlp-endpoint", env = OTLP_ENDPOINT, value_parser = HttpUrl::ANY)]
     pub otlp_endpoint: Option<url::Url>,
+    /// For an https OTLP endpoint: a PEM file of the CA certificates its certificate is checked against, instead
+    /// of the public CAs.
+    #[arg(id = "otlp-certificate", long = "otlp-certificate", env = OTLP_CERTIFICATE)]
+    pub otlp_certificate: Option<PathBuf>,
     /// Log format. Default: text on a terminal, json otherwise.
     #[arg(id = "log-format", long = "log-format", env = LOG_FORMAT, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -517,6 +521,7 @@ pub const SHUTDOWN_GRACE: &str = "CAPABILITY_SHUTDOWN_GRACE";
 pub const LOG_FORMAT: &str = "CAPABILITY_LOG_FORMAT";
 pub const DRAIN_DELAY: &str = "CAPABILITY_DRAIN_DELAY";
 pub const OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+pub const OTLP_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_CERTIFICATE";
 pub const GRPC_TOKENS: &str = "CAPABILITY_GRPC_TOKENS";
 pub const TLS_CERT: &str = "CAPABILITY_TLS_CERT";
 pub const TLS_KEY: &str = "CAPABILITY_TLS_KEY";
@@ -712,6 +717,13 @@ impl Config {
                 ),
             ));
         }
+        let https = |url: &url::Url| url.scheme() == "https";
+        if self.telemetry.otlp_certificate.is_some() && !self.telemetry.otlp_endpoint.as_ref().is_some_and(https) {
+            return Err(invalid(
+                OTLP_CERTIFICATE,
+                format!("checks an https collector's certificate: set an https {OTLP_ENDPOINT}"),
+            ));
+        }
         match (&self.tls.cert, &self.tls.key, &self.tls.client_ca) {
             (None, None, Some(_)) => Err(invalid(
                 TLS_CLIENT_CA,
@@ -872,6 +884,7 @@ pub const ALL_VARIABLES: &[&str] = &[
     LOG_FORMAT,
     DRAIN_DELAY,
     OTLP_ENDPOINT,
+    OTLP_CERTIFICATE,
     GRPC_TOKENS,
     TLS_CERT,
     TLS_KEY,
@@ -1197,6 +1210,16 @@ mod tests {
         assert_eq!(parse(&["--tls-cert=c.pem"]).unwrap_err().variable, TLS_KEY);
         assert_eq!(parse(&["--tls-key=k.pem"]).unwrap_err().variable, TLS_CERT);
         assert_eq!(parse(&["--tls-client-ca=ca.pem"]).unwrap_err().variable, TLS_CLIENT_CA);
+    }
+
+    #[test]
+    fn an_otlp_certificate_goes_with_an_https_endpoint() {
+        let certificate = "--otlp-certificate=ca.pem";
+        for endpoint in [None, Some("--otlp-endpoint=http://collector:4317")] {
+            let flags: Vec<&str> = endpoint.into_iter().chain([certificate]).collect();
+            assert_eq!(parse(&flags).unwrap_err().variable, OTLP_CERTIFICATE, "{flags:?}");
+        }
+        assert!(parse(&["--otlp-endpoint=https://collector:4317", certificate]).is_ok());
     }
 
     #[test]

@@ -507,3 +507,71 @@ pub async fn redis_log(
         .await
         .unwrap()
 }
+
+/// An OTLP/gRPC collector stand-in: records the body of every trace export and answers OK; over TLS (HTTP/2 by
+/// ALPN) when given a server configuration.
+pub struct Collector {
+    pub addr: SocketAddr,
+    exports: std::sync::Arc<std::sync::Mutex<Vec<axum::body::Bytes>>>,
+    _serving: DropGuard,
+}
+
+impl Collector {
+    pub async fn start(tls: Option<rustls::ServerConfig>) -> Collector {
+        use axum::{Router, body::Bytes, routing::post};
+        let exports: std::sync::Arc<std::sync::Mutex<Vec<Bytes>>> = Default::default();
+        let recorded = exports.clone();
+        let router = Router::new().route(
+            "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+            post(move |body: Bytes| async move {
+                recorded.lock().unwrap().push(body);
+                (
+                    [("content-type", "application/grpc"), ("grpc-status", "0")],
+                    vec![0u8; 5],
+                )
+            }),
+        );
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        match tls {
+            None => {
+                tokio::spawn(async move {
+                    let serving = axum::serve(listener, router).with_graceful_shutdown(stopped.cancelled_owned());
+                    serving.await.unwrap()
+                });
+            }
+            Some(mut config) => {
+                config.alpn_protocols = vec![b"h2".to_vec()];
+                let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+                tokio::spawn(async move {
+                    loop {
+                        let (tcp, _) = tokio::select! {
+                            accepted = listener.accept() => accepted.unwrap(),
+                            () = stopped.cancelled() => return,
+                        };
+                        let (acceptor, router) = (acceptor.clone(), router.clone());
+                        tokio::spawn(async move {
+                            let Ok(tls) = acceptor.accept(tcp).await else { return };
+                            let service = hyper_util::service::TowerToHyperService::new(router);
+                            let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                                .await;
+                        });
+                    }
+                });
+            }
+        }
+        Collector {
+            addr,
+            exports,
+            _serving: stop.drop_guard(),
+        }
+    }
+
+    /// Every export's body so far, one after the other.
+    pub fn exported(&self) -> Vec<u8> {
+        self.exports.lock().unwrap().concat()
+    }
+}
