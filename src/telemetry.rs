@@ -22,8 +22,6 @@ use tracing_subscriber::{
     util::SubscriberInitExt,
 };
 
-use rustls::pki_types::{CertificateDer, pem::PemObject};
-
 use crate::config::{ConfigError, LogFormat, OTLP_CERTIFICATE, OTLP_ENDPOINT, TelemetrySettings, invalid};
 
 /// Flushes exported spans when dropped: keep it until the process ends.
@@ -59,12 +57,7 @@ impl Otlp {
             Some(path) => {
                 let pem = std::fs::read(path)
                     .map_err(|e| invalid(OTLP_CERTIFICATE, format!("cannot read {}: {e}", path.display())))?;
-                let certificates = CertificateDer::pem_slice_iter(&pem)
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| invalid(OTLP_CERTIFICATE, format!("not PEM: {e}")))?;
-                if certificates.is_empty() {
-                    return Err(invalid(OTLP_CERTIFICATE, "no CERTIFICATE block found"));
-                }
+                crate::tls::trust_anchors(&pem).map_err(|e| invalid(OTLP_CERTIFICATE, e))?;
                 Some(pem)
             }
         };

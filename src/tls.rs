@@ -116,18 +116,25 @@ fn webhook_config(cert_chain: &[u8], key: &Secret) -> Result<Arc<ServerConfig>, 
     Ok(Arc::new(config))
 }
 
-/// Checks that `ca` holds at least one CA certificate a client certificate can be verified against.
-fn client_verifier(ca: &[u8]) -> Result<(), TlsError> {
+/// The CA certificates of the PEM text `pem`, each checked usable as a trust anchor, at least one; an error
+/// says what is wrong.
+pub fn trust_anchors(pem: &[u8]) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(ca) {
-        let cert = cert.map_err(|e| TlsError::ClientCa(format!("not PEM: {e}")))?;
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| format!("not PEM: {e}"))?;
         roots
             .add(cert)
-            .map_err(|e| TlsError::ClientCa(format!("not a usable CA certificate: {e}")))?;
+            .map_err(|e| format!("not a usable CA certificate: {e}"))?;
     }
     if roots.is_empty() {
-        return Err(TlsError::ClientCa("no CERTIFICATE block found".into()));
+        return Err("no CERTIFICATE block found".into());
     }
+    Ok(roots)
+}
+
+/// Checks that `ca` holds at least one CA certificate a client certificate can be verified against.
+fn client_verifier(ca: &[u8]) -> Result<(), TlsError> {
+    let roots = trust_anchors(ca).map_err(TlsError::ClientCa)?;
     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::new(rustls::crypto::ring::default_provider()))
         .build()
         .map_err(|e| TlsError::ClientCa(e.to_string()))?;

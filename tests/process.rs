@@ -119,12 +119,27 @@ fn a_bad_otlp_certificate_stops_the_process_before_it_binds_naming_it() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let dir = std::env::temp_dir().join(format!("capability-otlp-{}", ulid::Ulid::new()));
     std::fs::create_dir_all(&dir).unwrap();
-    let garbage = dir.join("garbage.pem");
-    std::fs::write(&garbage, "not a certificate").unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let garbage = file("garbage.pem", "not a certificate");
+    let not_base64 = file(
+        "not-base64.pem",
+        "-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n",
+    );
+    // A block that decodes, but to no certificate: tonic would drop it unsaid and trust nothing.
+    let not_der = file(
+        "not-der.pem",
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    );
     let missing = dir.join("missing.pem");
     let cases = [
         ("https://collector:4317", &missing),
         ("https://collector:4317", &garbage),
+        ("https://collector:4317", &not_base64),
+        ("https://collector:4317", &not_der),
         ("http://collector:4317", &garbage),
     ];
     for (endpoint, certificate) in cases {
