@@ -46,15 +46,15 @@ fn histogram() -> Histogram<u64> {
 
 /// Runs `workers` copies of `op` for `duration` (or until `op` says `None`), each timing its own calls, and
 /// merges what they measured. With an `interval`, each worker keeps its own schedule (its call k is due at the
-/// start + k·interval, shifted by its share of one interval), and a call made late because the one before it was
-/// slow counts from when it was due, so that a server that falls behind is charged for the wait it causes;
-/// without, the calls follow one another.
+/// start + k·interval, shifted by its share of one interval; the start 20 ms away, once the workers run), and a
+/// call made late because the one before it was slow counts from when it was due, so that a server that falls
+/// behind is charged for the wait it causes; without, the calls follow one another.
 async fn closed_loop<F, Fut>(workers: usize, duration: Duration, interval: Option<Duration>, op: F) -> Load
 where
-    F: Fn(usize) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = Option<bool>> + Send,
+    F: Fn(usize) -> Option<Fut> + Clone + Send + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
 {
-    let started = Instant::now();
+    let started = Instant::now() + interval.map_or(Duration::ZERO, |_| Duration::from_millis(20));
     let end = started + duration;
     let tasks: Vec<_> = (0..workers)
         .map(|w| {
@@ -67,6 +67,7 @@ where
                     if due >= end {
                         break;
                     }
+                    let Some(call) = op(w) else { break };
                     // Behind schedule (the last call ran past this one's time), a call is charged from when it was
                     // due; on time, from when the timer let it go, whose lateness (up to a millisecond: the
                     // timer's tick) is the generator's own.
@@ -75,13 +76,11 @@ where
                         tokio::time::sleep_until(due.into()).await;
                     }
                     let t = if behind { due } else { Instant::now() };
-                    match op(w).await {
-                        Some(true) => {
-                            ok += 1;
-                            latency.saturating_record(t.elapsed().as_micros() as u64);
-                        }
-                        Some(false) => errors += 1,
-                        None => break,
+                    if call.await {
+                        ok += 1;
+                        latency.saturating_record(t.elapsed().as_micros() as u64);
+                    } else {
+                        errors += 1;
                     }
                 }
                 (latency, ok, errors)
@@ -144,7 +143,7 @@ pub async fn grpc_queries(addr: SocketAddr, workers: usize, connections: usize, 
     let channels = channels(addr, connections).await;
     closed_loop(workers, duration, None, move |w| {
         let mut client = CapabilityServiceClient::new(channels[w % channels.len()].clone());
-        async move { Some(client.query_capability(query_request()).await.is_ok()) }
+        Some(async move { client.query_capability(query_request()).await.is_ok() })
     })
     .await
 }
@@ -182,7 +181,7 @@ pub async fn http_queries(sandbox: SocketAddr, workers: usize, duration: Duratio
             .header("authorization", &auth)
             .header("content-type", "application/json")
             .body(body.to_string());
-        async move { Some(matches!(request.send().await, Ok(r) if r.status().is_success())) }
+        Some(async move { matches!(request.send().await, Ok(r) if r.status().is_success()) })
     })
     .await
 }
@@ -341,14 +340,11 @@ where
     let interval = rate.map(|r| Duration::from_secs_f64(posters as f64 / r as f64));
     closed_loop(posters, duration, interval, move |_| {
         let n = seq.fetch_add(1, Ordering::Relaxed);
-        let done = limit.is_some_and(|l| n >= l);
-        let post = post.clone();
-        async move {
-            if done {
-                return None;
-            }
-            Some(post(n).await)
+        if limit.is_some_and(|l| n >= l) {
+            return None;
         }
+        let post = post.clone();
+        Some(async move { post(n).await })
     })
     .await
 }
@@ -445,9 +441,9 @@ pub async fn grpc_checks(
         let mut client = CapabilityServiceClient::new(channels[w % channels.len()].clone());
         let i = next.fetch_add(1, Ordering::Relaxed) as usize % identities.len();
         let request = check_request(&identities[i], Duration::from_secs(10));
-        async move {
-            Some(matches!(client.check_capability(request).await, Ok(answer) if from_cache(answer.get_ref())))
-        }
+        Some(
+            async move { matches!(client.check_capability(request).await, Ok(answer) if from_cache(answer.get_ref())) },
+        )
     })
     .await
 }
@@ -470,9 +466,9 @@ pub async fn paced_checks(
         let mut client = CapabilityServiceClient::new(channels[w % channels.len()].clone());
         let i = next.fetch_add(1, Ordering::Relaxed) as usize % identities.len();
         let request = check_request(&identities[i], Duration::from_secs(10));
-        async move {
-            Some(matches!(client.check_capability(request).await, Ok(answer) if from_cache(answer.get_ref())))
-        }
+        Some(
+            async move { matches!(client.check_capability(request).await, Ok(answer) if from_cache(answer.get_ref())) },
+        )
     })
     .await
 }
