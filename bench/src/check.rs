@@ -244,12 +244,12 @@ pub async fn run(plan: &Plan, report: &mut Report) {
         scenarios::grpc_queries(echo.ready, workers, 4, warmup).await;
         let load = scenarios::grpc_queries(echo.ready, workers, 4, plan.duration).await;
         report.load("check echo", &load);
-        scenarios::grpc_checks(facade, workers, 4, warmup, identities.clone()).await;
-        let load = scenarios::grpc_checks(facade, workers, 4, plan.duration, identities.clone()).await;
+        scenarios::grpc_checks(facade, workers, 4, None, warmup, identities.clone()).await;
+        let load = scenarios::grpc_checks(facade, workers, 4, None, plan.duration, identities.clone()).await;
         report.load("check cache hit", &load);
         let load = scenarios::grpc_queries(echo.ready, 1, 1, plan.duration / 2).await;
         report.load("check echo, 1 worker", &load);
-        let load = scenarios::grpc_checks(facade, 1, 1, plan.duration / 2, identities.clone()).await;
+        let load = scenarios::grpc_checks(facade, 1, 1, None, plan.duration / 2, identities.clone()).await;
         report.load("check cache hit, 1 worker", &load);
         drop(echo);
         // 3a. Coalescing within the replica.
@@ -265,11 +265,18 @@ pub async fn run(plan: &Plan, report: &mut Report) {
         let setup = Setup::start(3, Some(redis.url())).await;
         setup.warm(&identities).await;
         let facade = setup.replicas[0].grpc_addr;
-        scenarios::grpc_checks(facade, workers, 4, warmup, identities.clone()).await;
-        let load =
-            scenarios::paced_checks(facade, workers, 4, plan.check_rate, plan.duration, identities.clone()).await;
+        scenarios::grpc_checks(facade, workers, 4, None, warmup, identities.clone()).await;
+        let load = scenarios::grpc_checks(
+            facade,
+            workers,
+            4,
+            Some(plan.check_rate),
+            plan.duration,
+            identities.clone(),
+        )
+        .await;
         report.load(&format!("check cache hit with Redis at {}/s", plan.check_rate), &load);
-        let load = scenarios::grpc_checks(facade, 1, 1, plan.duration / 2, identities.clone()).await;
+        let load = scenarios::grpc_checks(facade, 1, 1, None, plan.duration / 2, identities.clone()).await;
         report.load("check cache hit with Redis, 1 worker", &load);
         let identity = scenarios::check_identity(round, 1);
         setup

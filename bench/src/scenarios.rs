@@ -426,43 +426,22 @@ fn from_cache(answer: &pb::CheckCapabilityResponse) -> bool {
             .all(|r| r.source == pb::ResultSource::Cache as i32)
 }
 
-/// CheckCapability in a closed loop, cycling through `identities` (cached ones): an answer that is not whole from
-/// the cache counts as an error.
+/// CheckCapability from `workers` callers for `duration`, cycling through `identities` (cached ones): one call
+/// after another, or at a fixed `rate` in all (an open loop: each caller keeps its own schedule; a call late
+/// because the one before was slow counts from when it was due). An answer not whole from the cache counts as an
+/// error.
 pub async fn grpc_checks(
     addr: SocketAddr,
     workers: usize,
     connections: usize,
+    rate: Option<u64>,
     duration: Duration,
     identities: Arc<Vec<String>>,
 ) -> Load {
     let channels = channels(addr, connections).await;
+    let interval = rate.map(|rate| Duration::from_secs_f64(workers as f64 / rate as f64));
     let next = Arc::new(AtomicU64::new(0));
-    closed_loop(workers, duration, None, move |w| {
-        let mut client = CapabilityServiceClient::new(channels[w % channels.len()].clone());
-        let i = next.fetch_add(1, Ordering::Relaxed) as usize % identities.len();
-        let request = check_request(&identities[i], Duration::from_secs(10));
-        Some(
-            async move { matches!(client.check_capability(request).await, Ok(answer) if from_cache(answer.get_ref())) },
-        )
-    })
-    .await
-}
-
-/// CheckCapability at a fixed `rate` in all for `duration` (an open loop: each of `workers` keeps its own
-/// schedule; a call late because the one before was slow counts from when it was due), cycling through
-/// `identities`; an answer not whole from the cache counts as an error.
-pub async fn paced_checks(
-    addr: SocketAddr,
-    workers: usize,
-    connections: usize,
-    rate: u64,
-    duration: Duration,
-    identities: Arc<Vec<String>>,
-) -> Load {
-    let channels = channels(addr, connections).await;
-    let interval = Duration::from_secs_f64(workers as f64 / rate as f64);
-    let next = Arc::new(AtomicU64::new(0));
-    closed_loop(workers, duration, Some(interval), move |w| {
+    closed_loop(workers, duration, interval, move |w| {
         let mut client = CapabilityServiceClient::new(channels[w % channels.len()].clone());
         let i = next.fetch_add(1, Ordering::Relaxed) as usize % identities.len();
         let request = check_request(&identities[i], Duration::from_secs(10));
