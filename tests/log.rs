@@ -76,6 +76,48 @@ async fn offsets_are_the_logs_whatever_each_replica_purged_or_when_it_started() 
     }
 }
 
+/// A request lives as long as its last event, its query's records included, with Redis as without: a query
+/// record appended after the request's results (here the same request_id asked again once the idempotency window
+/// passed; also a replica's recent records appended again after a reconnect) kept the replicas' record of the
+/// request, but not Redis's numbering, which started again at 1 once the results' time had passed — the next
+/// result was held at the offset the first had had, and a watch past it ended complete without it.
+#[tokio::test]
+async fn a_query_recorded_after_the_results_keeps_the_requests_numbering_with_redis_as_without() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let flags = ["--retention=3s", "--idempotency-window=1s"];
+    let single = Service::against(&fake, &flags).await;
+    let replica = redis_replica(&fake, &redis.url(), &flags).await;
+    for (setup, service) in [("without Redis", &single), ("with Redis", &replica)] {
+        let mut client = service.client().await;
+        let asked = common::query(
+            common::identities(&[(pb::Channel::Sms, "46700000001"), (pb::Channel::Rcs, "46700000001")]),
+            "asked-again",
+        );
+        client.query_capability(asked.clone()).await.unwrap();
+        assert_eq!(deliver(service.webhook_addr, full("asked-again", "SMS")).await, 200);
+        assert_eq!(until_marker(service, "asked-again", 0, "SMS").await[0].0, 1, "{setup}");
+        // Past the idempotency window: sent again, and recorded again.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        client.query_capability(asked).await.unwrap();
+        // The first result's time passes (a retention after it), and the replica lets it go.
+        let purged = async {
+            while !held(service, "asked-again", 0).await.is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), purged)
+            .await
+            .expect("the replica let the first result go");
+        assert_eq!(deliver(service.webhook_addr, full("asked-again", "RCS")).await, 200);
+        assert_eq!(
+            until_marker(service, "asked-again", 1, "RCS").await,
+            [(2, "RCS".into(), "CAPABILITY_FULL".into())],
+            "{setup}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn the_same_outcome_in_other_bytes_is_delivered_once_and_a_new_outcome_is_news() {
     let redis = RedisServer::start().await;

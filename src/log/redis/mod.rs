@@ -210,15 +210,21 @@ struct Unrecorded {
     /// Its place among those of its shard, to take it from the queue once appended.
     seq: u64,
     at: Instant,
+    record: QueryRecord,
+}
+
+/// A query record as it is appended: the encoded event, and the key of its request's state, which the append
+/// renews.
+#[derive(Clone)]
+struct QueryRecord {
     event: Vec<u8>,
+    request_key: String,
 }
 
 /// An event this replica appended, as it must be appended again after a loss.
 #[derive(Clone)]
 enum Recent {
-    Query {
-        event: Vec<u8>,
-    },
+    Query(QueryRecord),
     Notification {
         event: Vec<u8>,
         offset: u64,
@@ -453,9 +459,12 @@ impl RedisLog {
     /// answers again, so that its watches learn the channels it expects.
     pub(super) async fn record_query(&self, query: QueryRecorded) -> Result<(), Unavailable> {
         let shard = &self.shards[self.shard_of(&query.request_id)];
-        let event = codec::encode(&codec::Event::QueryRecorded(query));
-        if let Err(e) = self.append_queries(shard, std::slice::from_ref(&event)).await {
-            shard.keep_unrecorded(event);
+        let record = QueryRecord {
+            request_key: format!("{}:r:{}", shard.tag, hashed(&query.request_id)),
+            event: codec::encode(&codec::Event::QueryRecorded(query)),
+        };
+        if let Err(e) = self.append_queries(shard, std::slice::from_ref(&record)).await {
+            shard.keep_unrecorded(record);
             return Err(Unavailable(format!("{e}; it is appended when Redis answers again")));
         }
         Ok(())
@@ -468,7 +477,7 @@ impl RedisLog {
         let mut appended = 0;
         // A few batches at a time: the reader calls it between two reads, which must go on.
         for _ in 0..UNRECORDED_BATCHES {
-            let batch: Vec<(u64, Vec<u8>)> = {
+            let batch: Vec<(u64, QueryRecord)> = {
                 let mut unrecorded = shard.unrecorded.lock().expect("unrecorded lock poisoned");
                 while unrecorded
                     .front()
@@ -479,12 +488,12 @@ impl RedisLog {
                 unrecorded
                     .iter()
                     .take(UNRECORDED_BATCH)
-                    .map(|u| (u.seq, u.event.clone()))
+                    .map(|u| (u.seq, u.record.clone()))
                     .collect()
             };
             let Some(&(last, _)) = batch.last() else { break };
-            let events: Vec<Vec<u8>> = batch.into_iter().map(|(_, event)| event).collect();
-            if let Err(e) = self.append_queries(shard, &events).await {
+            let records: Vec<QueryRecord> = batch.into_iter().map(|(_, record)| record).collect();
+            if let Err(e) = self.append_queries(shard, &records).await {
                 tracing::debug!(error = %e, "query records kept while Redis was down are still not appended");
                 break;
             }
@@ -492,19 +501,18 @@ impl RedisLog {
             while unrecorded.front().is_some_and(|u| u.seq <= last) {
                 unrecorded.pop_front();
             }
-            appended += events.len();
+            appended += records.len();
         }
         if appended > 0 {
             tracing::info!(appended, "query records kept while Redis was down were appended");
         }
     }
 
-    /// Appends query records (`events`) to `shard`'s stream, in one round trip.
-    async fn append_queries(&self, shard: &Shard, events: &[Vec<u8>]) -> redis::RedisResult<()> {
-        let minid = wall_clock_ms().saturating_sub(self.settings.retention.as_millis() as u64);
+    /// Appends query records to `shard`'s stream, in one round trip.
+    async fn append_queries(&self, shard: &Shard, records: &[QueryRecord]) -> redis::RedisResult<()> {
         let mut pipe = redis::pipe();
-        for event in events {
-            pipe.add_command(query_xadd(&shard.stream, minid, event));
+        for record in records {
+            self.add_query(&mut pipe, shard, record);
         }
         retried(
             |mut conn| {
@@ -514,10 +522,28 @@ impl RedisLog {
             &self.commands,
         )
         .await?;
-        for event in events {
-            shard.remember(Recent::Query { event: event.clone() });
+        for record in records {
+            shard.remember(Recent::Query(record.clone()));
         }
         Ok(())
+    }
+
+    /// Adds to `pipe` the appending of `record` to `shard`'s stream (trimmed by the retention) and the renewal of
+    /// its request's state for the retention, when the request has one: a request's numbering lives as long as its
+    /// last event, query records included, as the replicas' records of the request do. Without, a query recorded
+    /// after the results let the numbering start again at 1 while the replicas still held the request.
+    fn add_query(&self, pipe: &mut redis::Pipeline, shard: &Shard, record: &QueryRecord) {
+        let retention = self.settings.retention.as_millis() as u64;
+        let minid = wall_clock_ms().saturating_sub(retention);
+        pipe.cmd("XADD")
+            .arg(&shard.stream)
+            .arg("MINID")
+            .arg("~")
+            .arg(minid)
+            .arg("*")
+            .arg("e")
+            .arg(&record.event);
+        pipe.cmd("PEXPIRE").arg(&record.request_key).arg(retention).ignore();
     }
 
     fn known_epoch(&self, shard: usize) -> Option<String> {
@@ -580,11 +606,10 @@ impl RedisLog {
         let retention = self.settings.retention.as_millis() as u64;
         for event in &events {
             match event {
-                Recent::Query { event } => {
-                    let minid = wall_clock_ms().saturating_sub(retention);
-                    query_xadd(&shard.stream, minid, event)
-                        .query_async::<String>(conn)
-                        .await?;
+                Recent::Query(record) => {
+                    let mut pipe = redis::pipe();
+                    self.add_query(&mut pipe, shard, record);
+                    pipe.query_async::<Vec<String>>(conn).await?;
                 }
                 Recent::Notification {
                     event,
@@ -842,29 +867,15 @@ fn pending_record(fingerprint: &str, claim: &Claim) -> String {
     serde_json::json!({ "q": fingerprint, "o": claim.0 }).to_string()
 }
 
-/// Appends a query record (`event`) to `stream`, trimming what is older than `minid` (ms).
-fn query_xadd(stream: &str, minid: u64, event: &[u8]) -> redis::Cmd {
-    let mut command = redis::cmd("XADD");
-    command
-        .arg(stream)
-        .arg("MINID")
-        .arg("~")
-        .arg(minid)
-        .arg("*")
-        .arg("e")
-        .arg(event);
-    command
-}
-
 impl Shard {
     /// Keeps a query record Redis could not take, forgetting the oldest past [`MAX_UNRECORDED`].
-    fn keep_unrecorded(&self, event: Vec<u8>) {
+    fn keep_unrecorded(&self, record: QueryRecord) {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let mut unrecorded = self.unrecorded.lock().expect("unrecorded lock poisoned");
         unrecorded.push_back(Unrecorded {
             seq: NEXT.fetch_add(1, Ordering::Relaxed),
             at: Instant::now(),
-            event,
+            record,
         });
         while unrecorded.len() > MAX_UNRECORDED {
             unrecorded.pop_front();
