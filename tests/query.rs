@@ -561,6 +561,29 @@ async fn a_400_is_not_retried_and_carries_sinchs_words() {
     assert_eq!(fake.queries().len(), 1);
 }
 
+/// Sinch's words are passed on, but not without a bound: a 64 KiB message (Sinch's, or a proxy's before it) went
+/// whole into the status message and its details, a trailer far past what gRPC clients take (a few KiB).
+#[tokio::test]
+async fn sinchs_words_are_passed_on_within_a_bound() {
+    let long = format!("Invalid value for channel {}", "x".repeat(64 * 1024));
+    let (_fake, status) = failing_query([Canned::sinch_error(400, "INVALID_ARGUMENT", &long)]).await;
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("Invalid value for channel"),
+        "{}",
+        status.message()
+    );
+    assert!(
+        status.message().len() <= 1024,
+        "{} bytes of message",
+        status.message().len()
+    );
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    let passed = &info.metadata["sinch_message"];
+    assert!(passed.starts_with("Invalid value for channel xxx"), "{passed}");
+    assert!(passed.len() <= 1024, "{} bytes of Sinch's message", passed.len());
+}
+
 #[tokio::test]
 async fn each_upstream_failure_maps_to_its_code() {
     let retry_forever = |canned: Canned| std::iter::repeat_n(canned, 10);

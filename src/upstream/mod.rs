@@ -342,6 +342,7 @@ fn classify(status: u16, body: &[u8], retry_after: Option<Duration>, token_endpo
             _ => (String::new(), format!("body starts {:?}", preview(body)), Vec::new()),
         },
     };
+    let (sinch_status, message) = (bounded(sinch_status), bounded(message));
     let billing = sinch_status == BILLING_REFUSAL
         || message.contains(BILLING_REFUSAL)
         || details
@@ -396,6 +397,20 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     Some(wait.min(LONGEST))
 }
 
+/// The most of Sinch's words (an error's status or message) passed on: a caller gets them in a status, whose
+/// trailers gRPC clients take only up to a few KiB.
+const MOST_WORDS: usize = 512;
+
+/// `text`, cut to [`MOST_WORDS`] bytes (at a character's boundary, marked with "…") when longer.
+fn bounded(mut text: String) -> String {
+    if text.len() > MOST_WORDS {
+        let cut = (0..=MOST_WORDS).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
+}
+
 /// The start of a body, for an error that is logged: its digits masked (Sinch may echo the recipient's number).
 fn preview(body: &[u8]) -> String {
     mask_digits(&String::from_utf8_lossy(&body[..body.len().min(120)])).into_owned()
@@ -416,6 +431,15 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sinchs_long_words_are_cut_between_characters() {
+        let short = "Invalid value for channel".to_owned();
+        assert_eq!(bounded(short.clone()), short);
+        // Three bytes a character: the bound falls inside one.
+        let cut = bounded("€".repeat(300));
+        assert_eq!(cut, format!("{}…", "€".repeat(MOST_WORDS / 3)));
+    }
 
     #[test]
     fn retry_after_is_read_in_seconds_or_as_an_http_date() {
