@@ -914,6 +914,29 @@ async fn checks_waiting_for_sinch_do_not_keep_cache_hits_out() {
     }
 }
 
+/// A check whose caller goes away while its query is being sent keeps its place among the checks waiting for Sinch
+/// until the sending ends (it goes on, so that its result reaches the cache), as a QueryCapability does: the place
+/// went with the caller, and a replica whose callers gave up on a slow Sinch sent more queries at once than
+/// `CAPABILITY_MAX_INFLIGHT_QUERIES`.
+#[tokio::test]
+async fn a_check_whose_caller_went_away_still_counts_until_its_query_is_sent() {
+    let fake = FakeSinch::start().await;
+    fake.set_echo_delay(Duration::from_secs(2));
+    let service = Service::against(&fake, &["--max-inflight-queries=1"]).await;
+    let client = service.client().await;
+    let gone = spawn_check(client.clone(), check(identities(&[(Channel::Sms, NUMBER)]))).await;
+    fake.until_queries(1).await;
+    gone.abort();
+    let _ = gone.await;
+    let status = client
+        .clone()
+        .check_capability(check(identities(&[(Channel::Rcs, NUMBER)])))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(fake.queries().len(), 1);
+}
+
 #[tokio::test]
 async fn replicas_started_on_either_side_of_a_redis_data_loss_name_entries_alike() {
     let mut redis = RedisServer::start().await;

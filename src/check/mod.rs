@@ -462,7 +462,8 @@ impl Checker {
                 ..CheckAnswer::default()
             });
         }
-        let _permit = self.wait_permit(call)?;
+        // Shared with the live query's task: a check whose caller goes away counts until its query is sent.
+        let place = self.wait_permit(call)?.map(Arc::new);
         let mut waiting = Waiting::new();
         let mut to_send = Vec::new();
         let call = &call.after_gate();
@@ -530,7 +531,7 @@ impl Checker {
             // A repeat of the caller's request_id sends nothing: its first query answers what it asked, and its
             // leases went back so that nobody else waits on it for the rest.
             let (accepted, _) = self
-                .send_live(call, &own, send, to_send.len() as u32, in_flight)
+                .send_live(call, &own, send, to_send.len() as u32, (in_flight, place.clone()))
                 .await?;
             waiting
                 .entry(accepted.clone())
@@ -623,7 +624,7 @@ impl Checker {
         if let Some(answer) = whole().await {
             return Ok(answer);
         }
-        let _permit = self.wait_permit(call)?;
+        let place = self.wait_permit(call)?.map(Arc::new);
         let resumed = match call.gate {
             Some(gate) => match gate.turn(1).await? {
                 Proceed::Sent(request_id) => Some(request_id),
@@ -676,7 +677,7 @@ impl Checker {
         metrics::counter!("capability_cache_misses_total").increment(1);
         let send = Recipient::ContactId(contact.to_owned());
         let in_flight = leases.launch(&[key]);
-        let (accepted, sent) = self.send_live(call, &own, send, 1, in_flight).await?;
+        let (accepted, sent) = self.send_live(call, &own, send, 1, (in_flight, place.clone())).await?;
         let answer = self.collect_contact(&accepted, true, call.until).await?;
         // In a task of its own, as the leases' giving back: a Redis holding writes does not hold the answer up.
         let remember = {
@@ -732,18 +733,18 @@ impl Checker {
     }
 
     /// Sends the live query for `send` (part of the request's recipient, `identities` channel identities) under
-    /// `request_id`, in a task of its own: if the caller goes away meanwhile, the query still completes and its
-    /// leases are marked sent (or given back if it failed, or if its attempt under the caller's request_id still
-    /// waits for Sinch's answer at the deadline: that attempt goes on, and its results reach the cache as any
-    /// callback's). Returns the request_id Sinch accepted, and whether
-    /// it was sent now (not a repeat of the caller's request_id).
+    /// `request_id`, in a task of its own: if the caller goes away meanwhile, the query still completes, keeping
+    /// the check's `place` among those waiting for Sinch until then, and its leases are marked sent (or given back
+    /// if it failed, or if its attempt under the caller's request_id still waits for Sinch's answer at the
+    /// deadline: that attempt goes on, and its results reach the cache as any callback's). Returns the request_id
+    /// Sinch accepted, and whether it was sent now (not a repeat of the caller's request_id).
     async fn send_live(
         self: &Arc<Self>,
         call: &Call<'_>,
         request_id: &Arc<str>,
         send: Recipient,
         identities: u32,
-        in_flight: InFlight,
+        (in_flight, place): (InFlight, Option<Arc<OwnedSemaphorePermit>>),
     ) -> Result<(Arc<str>, bool), CheckError> {
         if call.gate.is_none() {
             self.pacer.record(identities);
@@ -759,6 +760,7 @@ impl Checker {
         let remembered = request.request_id.is_some();
         let (deadline, trace) = (call.deadline, call.trace.cloned());
         let task = tokio::spawn(async move {
+            let _place = place;
             let sent = match remembered {
                 true => checker.queries.query_part(query, send, deadline, trace.as_ref()).await,
                 false => checker
