@@ -646,6 +646,18 @@ async fn each_upstream_failure_maps_to_its_code() {
     }
 }
 
+/// A 503 whose `Retry-After` is past the caller's deadline is not waited for: the caller is told Sinch's wait in a
+/// `RetryInfo`, as on a 429. It got UNAVAILABLE without it, and a retry policy came back at once.
+#[tokio::test]
+async fn sinchs_wait_on_an_unavailable_answer_is_passed_on() {
+    let (fake, status) =
+        failing_query([Canned::sinch_error(503, "UNAVAILABLE", "busy").header("retry-after", "30")]).await;
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let retry = status.get_details_retry_info().expect("RetryInfo").retry_delay.unwrap();
+    assert_eq!(retry, Duration::from_secs(30));
+    assert_eq!(fake.queries().len(), 1, "not retried before the wait Sinch asked for");
+}
+
 #[tokio::test]
 async fn an_unreachable_sinch_is_unavailable() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

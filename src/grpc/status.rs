@@ -189,8 +189,14 @@ fn upstream_status(error: upstream::Error) -> Status {
                 408 | 500..=599 => Code::Unavailable,
                 _ => Code::FailedPrecondition,
             };
-            if code == Code::ResourceExhausted {
-                details.set_retry_info(Some(api.retry_after.unwrap_or(Duration::from_secs(1))));
+            // Sinch's wait when it gave one (a 429's, or a 5xx's that came past the deadline, not waited for),
+            // and a second on a 429 without.
+            let wait = match code {
+                Code::ResourceExhausted => Some(api.retry_after.unwrap_or(Duration::from_secs(1))),
+                _ => api.retry_after,
+            };
+            if let Some(wait) = wait {
+                details.set_retry_info(Some(wait));
             }
             (code, "UPSTREAM_ERROR")
         }
