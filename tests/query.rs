@@ -658,6 +658,24 @@ async fn sinchs_wait_on_an_unavailable_answer_is_passed_on() {
     assert_eq!(fake.queries().len(), 1, "not retried before the wait Sinch asked for");
 }
 
+/// A retry this replica's rate limit cannot admit before the deadline fails with what Sinch answered, the cause,
+/// not with the rate limit: RESOURCE_EXHAUSTED `RATE_LIMITED` hid Sinch's 503.
+#[tokio::test]
+async fn a_retry_kept_out_by_the_rate_limit_fails_with_sinchs_answer() {
+    let fake = FakeSinch::start().await;
+    fake.script_queries([Canned::sinch_error(503, "UNAVAILABLE", "down")]);
+    let service = Service::against(&fake, &["--sinch-rate-limit=1"]).await;
+    let mut client = service.client().await;
+    let status = client
+        .query_capability(query_within(Duration::from_millis(500)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let info = status.get_details_error_info().expect("ErrorInfo");
+    assert_eq!(info.metadata["http_status"], "503", "{status:?}");
+    assert_eq!(fake.queries().len(), 1, "the retry was not admitted");
+}
+
 #[tokio::test]
 async fn an_unreachable_sinch_is_unavailable() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -134,14 +134,19 @@ impl SinchClient {
         let body = Bytes::from(serde_json::to_vec(&QueryJson::from(query)).expect("query JSON always serialises"));
         let mut attempt = 0;
         let mut token_retried = false;
+        // What Sinch answered the last attempt, when it is retried: told rather than this replica's rate limit,
+        // should the retry not be admitted in time (the cause is Sinch's answer).
+        let mut retried: Option<Error> = None;
         loop {
             // No attempt starts from the deadline on (the one sent by then may be answered until `answer_by`).
             if Instant::now() >= deadline {
                 return Err(Error::DeadlineExceeded);
             }
             // The caller admitted the first send; a retry, or a resend with a new token, is admitted here.
-            if attempt > 0 || token_retried {
-                self.admit(deadline).await?;
+            if (attempt > 0 || token_retried)
+                && let Err(limited) = self.admit(deadline).await
+            {
+                return Err(retried.take().unwrap_or(limited));
             }
             attempt += 1;
             // The token is waited for until `deadline` at most (`send` gives up then).
@@ -167,6 +172,7 @@ impl SinchClient {
             if !error.is_retryable() || !self.pause_before_retry(&error, attempt, deadline).await {
                 return Err(error);
             }
+            retried = Some(error);
             metrics::counter!("capability_upstream_retries_total").increment(1);
         }
     }
