@@ -207,7 +207,7 @@ impl Queries {
         let send = request.recipient.clone();
         self.pacer.record(send.identities());
         Ok(self
-            .query_once(request, send, deadline, trace, Some(in_flight))
+            .query_once(request, send, deadline, trace, Some(Arc::new(in_flight)))
             .await?
             .0)
     }
@@ -215,15 +215,17 @@ impl Queries {
     /// As [`Queries::query`], but asks Sinch only about `send`, a part of the request's recipient (the rest is
     /// known already); a caller-chosen request_id stands for the whole request, so that a repeat sends nothing
     /// whatever part it would have sent. Also says whether the query was sent now (`false`: the answer of an
-    /// earlier call with the same request_id).
+    /// earlier call with the same request_id). `place`, the caller's among the calls waiting for Sinch, is kept
+    /// as long as the attempt goes on, past the deadline too.
     pub async fn query_part(
         self: &Arc<Self>,
         request: QueryRequest,
         send: Recipient,
         deadline: Instant,
         trace: Option<&TraceParent>,
+        place: Option<Arc<OwnedSemaphorePermit>>,
     ) -> Result<(QueryAccepted, bool), QueryError> {
-        self.query_once(request, send, deadline, trace, None).await
+        self.query_once(request, send, deadline, trace, place).await
     }
 
     /// Sends `send` under the request's request_id (one this service made: nobody repeats it), with the
@@ -252,7 +254,7 @@ impl Queries {
         send: Recipient,
         deadline: Instant,
         trace: Option<&TraceParent>,
-        in_flight: Option<OwnedSemaphorePermit>,
+        in_flight: Option<Arc<OwnedSemaphorePermit>>,
     ) -> Result<(QueryAccepted, bool), QueryError> {
         // The rate limit first: a caller cannot fill the idempotency records faster than it may query.
         self.upstream.admit(deadline).await?;

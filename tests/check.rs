@@ -937,6 +937,30 @@ async fn a_check_whose_caller_went_away_still_counts_until_its_query_is_sent() {
     assert_eq!(fake.queries().len(), 1);
 }
 
+/// The same for a check under a caller-chosen request_id whose deadline comes while Sinch has not answered: its
+/// attempt goes on waiting for Sinch's answer past the deadline (a repeat finds it), and keeps the check's place
+/// meanwhile, as a QueryCapability's does. It gave the place back at the deadline.
+#[tokio::test]
+async fn a_check_past_its_deadline_still_counts_while_its_attempt_waits_for_sinch() {
+    let fake = FakeSinch::start().await;
+    fake.set_echo_delay(Duration::from_secs(5));
+    let service = Service::against(&fake, &["--max-inflight-queries=1"]).await;
+    let mut client = service.client().await;
+    let mut chosen = check(identities(&[(Channel::Sms, NUMBER)]));
+    chosen.request_id = "CHOSEN-1".into();
+    let mut request = tonic::Request::new(chosen);
+    request.set_timeout(Duration::from_millis(300));
+    // Whatever the caller is told at its deadline, Sinch has not answered yet.
+    let _ = client.check_capability(request).await;
+    assert_eq!(fake.queries().len(), 1);
+    let status = client
+        .check_capability(check(identities(&[(Channel::Rcs, NUMBER)])))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(fake.queries().len(), 1);
+}
+
 #[tokio::test]
 async fn replicas_started_on_either_side_of_a_redis_data_loss_name_entries_alike() {
     let mut redis = RedisServer::start().await;

@@ -760,15 +760,23 @@ impl Checker {
         let remembered = request.request_id.is_some();
         let (deadline, trace) = (call.deadline, call.trace.cloned());
         let task = tokio::spawn(async move {
-            let _place = place;
             let sent = match remembered {
-                true => checker.queries.query_part(query, send, deadline, trace.as_ref()).await,
+                // The attempt under a caller's request_id keeps a copy of the place while it goes on, past the
+                // deadline too.
+                true => {
+                    let place = place.clone();
+                    checker
+                        .queries
+                        .query_part(query, send, deadline, trace.as_ref(), place)
+                        .await
+                }
                 false => checker
                     .queries
                     .send(query, send, deadline, trace.as_ref())
                     .await
                     .map(|accepted| (accepted, true)),
             };
+            drop(place);
             match sent {
                 Ok((accepted, true)) => {
                     let accepted: Arc<str> = accepted.request_id.into();
