@@ -673,6 +673,9 @@ async fn a_retry_kept_out_by_the_rate_limit_fails_with_sinchs_answer() {
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     let info = status.get_details_error_info().expect("ErrorInfo");
     assert_eq!(info.metadata["http_status"], "503", "{status:?}");
+    // When the limit would have let the retry go, not a wait Sinch asked for (it gave none).
+    let retry = status.get_details_retry_info().expect("RetryInfo").retry_delay.unwrap();
+    assert!(retry > Duration::ZERO && retry <= Duration::from_secs(1), "{retry:?}");
     assert_eq!(fake.queries().len(), 1, "the retry was not admitted");
 }
 

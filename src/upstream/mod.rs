@@ -135,7 +135,8 @@ impl SinchClient {
         let mut attempt = 0;
         let mut token_retried = false;
         // What Sinch answered the last attempt, when it is retried: told rather than this replica's rate limit,
-        // should the retry not be admitted in time (the cause is Sinch's answer).
+        // should the retry not be admitted in time (the cause is Sinch's answer), with the limit's wait (Sinch's
+        // own was waited already).
         let mut retried: Option<Error> = None;
         loop {
             // No attempt starts from the deadline on (the one sent by then may be answered until `answer_by`).
@@ -146,7 +147,14 @@ impl SinchClient {
             if (attempt > 0 || token_retried)
                 && let Err(limited) = self.admit(deadline).await
             {
-                return Err(retried.take().unwrap_or(limited));
+                return Err(match (retried.take(), limited) {
+                    (Some(Error::Api(api)), Error::RateLimited { retry_after }) => Error::Api(ApiError {
+                        retry_after: Some(retry_after),
+                        ..api
+                    }),
+                    (Some(error), _) => error,
+                    (None, limited) => limited,
+                });
             }
             attempt += 1;
             // The token is waited for until `deadline` at most (`send` gives up then).
@@ -162,6 +170,8 @@ impl SinchClient {
                         return Err(error);
                     }
                     token_retried = true;
+                    // Sinch's last answer is not why the resend waits.
+                    retried = None;
                     // Not counted as an attempt, but sent as any: under the rate limit.
                     attempt -= 1;
                     continue;
@@ -348,12 +358,12 @@ fn classify(status: u16, body: &[u8], retry_after: Option<Duration>, token_endpo
             _ => (String::new(), format!("body starts {:?}", preview(body)), Vec::new()),
         },
     };
-    let (sinch_status, message) = (bounded(sinch_status), bounded(message));
     let billing = sinch_status == BILLING_REFUSAL
         || message.contains(BILLING_REFUSAL)
         || details
             .iter()
             .any(|d| d.get("reason").and_then(serde_json::Value::as_str) == Some(BILLING_REFUSAL));
+    let (sinch_status, message) = (bounded(sinch_status), bounded(message));
     let api = ApiError {
         http_status: status,
         status: sinch_status,
@@ -541,6 +551,12 @@ mod tests {
         let billing = br#"{"error":{"code":403,"message":"Forbidden","status":"PERMISSION_DENIED","details":[
             {"@type":"type.googleapis.com/google.rpc.ErrorInfo","reason":"BILLING_CREDIT_LIMIT_BREACHED"}]}}"#;
         assert!(matches!(classify(403, billing, None, false), Error::Billing(_)));
+        // Told late in a long message: seen before the message is cut.
+        let late = format!(
+            r#"{{"error":{{"code":403,"message":"{} BILLING_CREDIT_LIMIT_BREACHED","status":"PERMISSION_DENIED"}}}}"#,
+            "x".repeat(MOST_WORDS)
+        );
+        assert!(matches!(classify(403, late.as_bytes(), None, false), Error::Billing(_)));
         assert!(classify(503, b"<html>", None, false).is_retryable());
         assert!(classify(501, b"", None, false).is_retryable());
         let throttled = br#"{"error":{"code":429,"message":"slow","status":"RESOURCE_EXHAUSTED","details":[
