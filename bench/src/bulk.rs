@@ -10,7 +10,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -18,7 +18,6 @@ use std::{
 use capability_facade::grpc::pb::{
     self, capability_service_client::CapabilityServiceClient, watch_bulk_check_response::Event,
 };
-use hdrhistogram::Histogram;
 use testkit::free_port;
 use tonic::transport::Channel;
 
@@ -213,7 +212,8 @@ struct Interactive {
 }
 
 /// Cache hits of `hits` at `plan.hit_rate` and live checks of fresh identities of `live_set` at
-/// `plan.live_rate`, together, for `duration`; open loops, each call's latency counted from when it was due.
+/// `plan.live_rate`, together, for `duration`; open loops, a call late because the one before was slow counted
+/// from when it was due.
 async fn interactive(
     channels: &[Channel],
     plan: &BulkPlan,
@@ -237,13 +237,10 @@ async fn interactive(
     }
 }
 
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
-}
-
-/// `rate` CheckCapability calls a second for `duration`, spread over `workers` with a schedule each; the k-th
-/// call asks `request(k)`. A call counts when its answer is complete (and whole from the cache with `cached`);
-/// also returns how many answers held a result of their own live query.
+/// `rate` CheckCapability calls a second for `duration`, spread over `workers` with a schedule each (the harness's
+/// paced loop: a call late because the one before was slow counts from when it was due); the k-th call asks
+/// `request(k)`. A call counts when its answer is complete (and whole from the cache with `cached`); also returns
+/// how many answers held a result of their own live query.
 async fn paced<F>(
     channels: &[Channel],
     workers: usize,
@@ -253,63 +250,33 @@ async fn paced<F>(
     request: F,
 ) -> (Load, u64)
 where
-    F: Fn(usize) -> pb::CheckCapabilityRequest + Clone + Send + 'static,
+    F: Fn(usize) -> pb::CheckCapabilityRequest + Clone + Send + Sync + 'static,
 {
     let interval = Duration::from_secs_f64(workers as f64 / rate as f64);
-    let started = Instant::now() + Duration::from_millis(20);
-    let end = started + duration;
-    let tasks: Vec<_> = (0..workers)
-        .map(|w| {
-            let mut client = CapabilityServiceClient::new(channels[w % channels.len()].clone());
-            let request = request.clone();
-            tokio::spawn(async move {
-                let (mut latency, mut ok, mut errors, mut live) = (histogram(), 0u64, 0u64, 0u64);
-                for k in 0u32.. {
-                    let due = started + interval * k + interval.mul_f64(w as f64 / workers as f64);
-                    if due >= end {
-                        break;
-                    }
-                    tokio::time::sleep_until(due.into()).await;
-                    match client.check_capability(request(k as usize * workers + w)).await {
-                        Ok(answer) => {
-                            let answer = answer.into_inner();
-                            let own = |s: pb::ResultSource| answer.results.iter().any(|r| r.source == s as i32);
-                            live += u64::from(own(pb::ResultSource::Live));
-                            let whole_cache = !answer.results.is_empty()
-                                && answer
-                                    .results
-                                    .iter()
-                                    .all(|r| r.source == pb::ResultSource::Cache as i32);
-                            if answer.complete && (!cached || whole_cache) {
-                                ok += 1;
-                                latency.saturating_record(due.elapsed().as_micros() as u64);
-                            } else {
-                                errors += 1;
-                            }
-                        }
-                        Err(_) => errors += 1,
-                    }
-                }
-                (latency, ok, errors, live)
-            })
+    let (next, live) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let counted = live.clone();
+    let channels = channels.to_vec();
+    let load = scenarios::closed_loop(workers, duration, Some(interval), move |w| {
+        let mut client = CapabilityServiceClient::new(channels[w % channels.len()].clone());
+        let asked = request(next.fetch_add(1, Ordering::Relaxed) as usize);
+        let live = counted.clone();
+        Some(async move {
+            let Ok(answer) = client.check_capability(asked).await else {
+                return false;
+            };
+            let answer = answer.into_inner();
+            let own = |s: pb::ResultSource| answer.results.iter().any(|r| r.source == s as i32);
+            live.fetch_add(u64::from(own(pb::ResultSource::Live)), Ordering::Relaxed);
+            let whole_cache = !answer.results.is_empty()
+                && answer
+                    .results
+                    .iter()
+                    .all(|r| r.source == pb::ResultSource::Cache as i32);
+            answer.complete && (!cached || whole_cache)
         })
-        .collect();
-    let mut load = Load {
-        ok: 0,
-        errors: 0,
-        seconds: 0.0,
-        latency: histogram(),
-    };
-    let mut live = 0;
-    for task in tasks {
-        let (latency, ok, errors, own) = task.await.expect("a worker panicked");
-        load.latency.add(latency).expect("same bounds");
-        load.ok += ok;
-        load.errors += errors;
-        live += own;
-    }
-    load.seconds = started.elapsed().as_secs_f64();
-    (load, live)
+    })
+    .await;
+    (load, live.load(Ordering::Relaxed))
 }
 
 /// The slope of `value` over time through `samples` (least squares), per second: the pacer admits its budget

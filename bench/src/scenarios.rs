@@ -49,7 +49,7 @@ fn histogram() -> Histogram<u64> {
 /// start + k·interval, shifted by its share of one interval; the start 20 ms away, once the workers run), and a
 /// call made late because the one before it was slow counts from when it was due, so that a server that falls
 /// behind is charged for the wait it causes; without, the calls follow one another.
-async fn closed_loop<F, Fut>(workers: usize, duration: Duration, interval: Option<Duration>, op: F) -> Load
+pub async fn closed_loop<F, Fut>(workers: usize, duration: Duration, interval: Option<Duration>, op: F) -> Load
 where
     F: Fn(usize) -> Option<Fut> + Clone + Send + 'static,
     Fut: std::future::Future<Output = bool> + Send,
