@@ -232,6 +232,12 @@ fn refused(result: &'static str, status: StatusCode, message: &'static str) -> R
     (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
 }
 
+/// The largest header block an HTTP/1.1 request may send (hyper's read buffer; 431 beyond). An HTTP/2 request's
+/// stays at hyper's 16 KiB.
+const MAX_HEADERS: usize = 64 * 1024;
+/// Requests at once on one HTTP/2 connection to the webhook.
+const MAX_STREAMS: u32 = 16;
+
 /// Serves `router` on `listener` until `shutdown`, then lets requests in flight finish (the caller bounds that);
 /// over TLS when `tls` is set (the handshake, too, must finish within `header_timeout`). The admin port is
 /// served by it too, without TLS.
@@ -248,11 +254,18 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let mut builder = Builder::new(TokioExecutor::new());
+    // A request's headers are held while its body is awaited, before it takes a place among the callbacks in hand
+    // or a share of their bytes: bounded here, per connection (Sinch's are a few hundred bytes). At the connection
+    // cap that is 64 MiB over HTTP/1.1 and 256 MiB over HTTP/2, where hyper's defaults allowed 400 MiB and 3 GiB.
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
-    builder.http2().timer(TokioTimer::new());
+        .header_read_timeout(header_timeout)
+        .max_buf_size(MAX_HEADERS);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS);
     let builder = Arc::new(builder);
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
     let graceful = GracefulShutdown::new();
