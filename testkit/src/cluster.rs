@@ -11,7 +11,7 @@ use tokio::{
 
 use crate::{
     process::{free_port, kill_now},
-    redis::ready,
+    redis::{on_a_free_port, ready},
 };
 
 /// How long the cluster may take to be formed, or to be whole again after a restart. A master that was marked
@@ -40,12 +40,14 @@ impl RedisCluster {
         let dir = std::env::temp_dir().join(format!("testkit-cluster-{}", ulid::Ulid::new()));
         std::fs::create_dir_all(&dir).expect("the cluster directory can be made");
         let mut cluster = RedisCluster {
-            ports: (0..masters).map(|_| cluster_port()).collect(),
+            ports: vec![0; masters],
             nodes: (0..masters).map(|_| None).collect(),
             dir,
         };
         for i in 0..masters {
-            cluster.nodes[i] = Some(ready(cluster.node_command(i)).await);
+            let mut port = cluster.ports[i];
+            let node = on_a_free_port(&mut port, cluster_port, |port| cluster.node_command(port)).await;
+            (cluster.ports[i], cluster.nodes[i]) = (port, Some(node));
         }
         let mut create = Command::new("redis-cli");
         create
@@ -89,12 +91,12 @@ impl RedisCluster {
     /// returns once every node reports `cluster_state:ok`.
     pub async fn restart(&mut self, i: usize) {
         self.kill(i).await;
-        self.nodes[i] = Some(ready(self.node_command(i)).await);
+        self.nodes[i] = Some(ready(self.node_command(self.ports[i])).await);
         self.wait_ok().await;
     }
 
-    fn node_command(&self, i: usize) -> Command {
-        let port = self.ports[i].to_string();
+    fn node_command(&self, port: u16) -> Command {
+        let port = port.to_string();
         let mut command = Command::new("redis-server");
         command
             .args(["--port", &port, "--bind", "127.0.0.1", "--cluster-enabled", "yes"])

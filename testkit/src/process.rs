@@ -46,7 +46,19 @@ pub struct Spawned<T> {
 /// Spawns `command` (stdin closed, killed on drop) and reads its stdout and stderr until `ready` takes something
 /// from a line; keeps reading them to the end, into the log, so that the process never blocks on a full pipe.
 /// Panics, with the log, when the process ends or stays silent for 30 s before it is ready.
-pub async fn spawn_until<T, F>(mut command: Command, mut ready: F) -> Spawned<T>
+pub async fn spawn_until<T, F>(command: Command, ready: F) -> Spawned<T>
+where
+    T: Send + 'static,
+    F: FnMut(&str) -> Option<T> + Send + 'static,
+{
+    let program = command.as_std().get_program().to_owned();
+    try_spawn_until(command, ready)
+        .await
+        .unwrap_or_else(|log| panic!("{program:?} ended before it was ready: {log:?}"))
+}
+
+/// As [`spawn_until`], but a process that ends before it is ready is an error: its log.
+pub async fn try_spawn_until<T, F>(mut command: Command, mut ready: F) -> Result<Spawned<T>, Vec<String>>
 where
     T: Send + 'static,
     F: FnMut(&str) -> Option<T> + Send + 'static,
@@ -88,14 +100,15 @@ where
         let _ = complete_tx.send(true);
     });
     match tokio::time::timeout(READY_WITHIN, rx).await {
-        Ok(Ok(ready)) => Spawned {
+        Ok(Ok(ready)) => Ok(Spawned {
             child,
             ready,
             log,
             grew,
             log_complete,
-        },
-        Ok(Err(_)) => panic!("{program:?} ended before it was ready: {:?}", log.lock().unwrap()),
+        }),
+        // Its output ended (the reader let the sender go): the log holds every line.
+        Ok(Err(_)) => Err(log.lock().unwrap().clone()),
         Err(_) => panic!(
             "{program:?} was not ready within {READY_WITHIN:?}: {:?}",
             log.lock().unwrap()
