@@ -389,7 +389,7 @@ impl RedisLog {
         };
         let index = self.shard_of(&received.notification.request_id);
         let shard = &self.shards[index];
-        let request_key = format!("{}:r:{}", shard.tag, hashed(&received.notification.request_id));
+        let request_key = shard.request_key(&received.notification.request_id);
         let digest = received.digest.hex();
         let cached = self
             .cache
@@ -460,7 +460,7 @@ impl RedisLog {
     pub(super) async fn record_query(&self, query: QueryRecorded) -> Result<(), Unavailable> {
         let shard = &self.shards[self.shard_of(&query.request_id)];
         let record = QueryRecord {
-            request_key: format!("{}:r:{}", shard.tag, hashed(&query.request_id)),
+            request_key: shard.request_key(&query.request_id),
             event: codec::encode(&codec::Event::QueryRecorded(query)),
         };
         if let Err(e) = self.append_queries(shard, std::slice::from_ref(&record)).await {
@@ -868,6 +868,11 @@ fn pending_record(fingerprint: &str, claim: &Claim) -> String {
 }
 
 impl Shard {
+    /// The key of a request's state: its offsets and digests.
+    fn request_key(&self, request_id: &str) -> String {
+        format!("{}:r:{}", self.tag, hashed(request_id))
+    }
+
     /// Keeps a query record Redis could not take, forgetting the oldest past [`MAX_UNRECORDED`].
     fn keep_unrecorded(&self, record: QueryRecord) {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
