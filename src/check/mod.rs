@@ -531,7 +531,7 @@ impl Checker {
             // A repeat of the caller's request_id sends nothing: its first query answers what it asked, and its
             // leases went back so that nobody else waits on it for the rest.
             let (accepted, _) = self
-                .send_live(call, &own, send, to_send.len() as u32, (in_flight, place.clone()))
+                .send_live(call, &own, send, to_send.len() as u32, in_flight, place.clone())
                 .await?;
             waiting
                 .entry(accepted.clone())
@@ -677,7 +677,7 @@ impl Checker {
         metrics::counter!("capability_cache_misses_total").increment(1);
         let send = Recipient::ContactId(contact.to_owned());
         let in_flight = leases.launch(&[key]);
-        let (accepted, sent) = self.send_live(call, &own, send, 1, (in_flight, place.clone())).await?;
+        let (accepted, sent) = self.send_live(call, &own, send, 1, in_flight, place.clone()).await?;
         let answer = self.collect_contact(&accepted, true, call.until).await?;
         // In a task of its own, as the leases' giving back: a Redis holding writes does not hold the answer up.
         let remember = {
@@ -744,7 +744,8 @@ impl Checker {
         request_id: &Arc<str>,
         send: Recipient,
         identities: u32,
-        (in_flight, place): (InFlight, Option<Arc<OwnedSemaphorePermit>>),
+        in_flight: InFlight,
+        place: Option<Arc<OwnedSemaphorePermit>>,
     ) -> Result<(Arc<str>, bool), CheckError> {
         if call.gate.is_none() {
             self.pacer.record(identities);
@@ -761,22 +762,17 @@ impl Checker {
         let (deadline, trace) = (call.deadline, call.trace.cloned());
         let task = tokio::spawn(async move {
             let sent = match remembered {
-                // The attempt under a caller's request_id keeps a copy of the place while it goes on, past the
-                // deadline too.
+                // The attempt under a caller's request_id keeps the place while it goes on, past the deadline too.
                 true => {
-                    let place = place.clone();
-                    checker
-                        .queries
-                        .query_part(query, send, deadline, trace.as_ref(), place)
-                        .await
+                    let queries = &checker.queries;
+                    queries.query_part(query, send, deadline, trace.as_ref(), place).await
                 }
-                false => checker
-                    .queries
-                    .send(query, send, deadline, trace.as_ref())
-                    .await
-                    .map(|accepted| (accepted, true)),
+                false => {
+                    let _place = place;
+                    let sent = checker.queries.send(query, send, deadline, trace.as_ref()).await;
+                    sent.map(|accepted| (accepted, true))
+                }
             };
-            drop(place);
             match sent {
                 Ok((accepted, true)) => {
                     let accepted: Arc<str> = accepted.request_id.into();
