@@ -42,7 +42,7 @@ impl Drop for Telemetry {
 /// Where spans are exported: an OTLP/gRPC collector and, for an https one, the CA certificates (PEM) its
 /// certificate is checked against instead of the public CAs.
 pub struct Otlp {
-    pub endpoint: String,
+    pub endpoint: url::Url,
     pub ca: Option<Vec<u8>>,
 }
 
@@ -62,7 +62,7 @@ impl Otlp {
             }
         };
         Ok(Some(Otlp {
-            endpoint: endpoint.to_string(),
+            endpoint: endpoint.clone(),
             ca,
         }))
     }
@@ -233,11 +233,11 @@ fn exporting(otlp: &Otlp) -> Result<SdkTracerProvider, String> {
         WithExportConfig, WithTonicConfig,
         tonic_types::transport::{Certificate, ClientTlsConfig},
     };
-    let endpoint = &otlp.endpoint;
+    let endpoint = otlp.endpoint.as_str();
     let mut exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
         .with_endpoint(endpoint);
-    if endpoint.starts_with("https:") {
+    if otlp.endpoint.scheme() == "https" {
         let tls = match &otlp.ca {
             Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
             None => ClientTlsConfig::new().with_webpki_roots(),
