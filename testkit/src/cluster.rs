@@ -45,8 +45,7 @@ impl RedisCluster {
             dir,
         };
         for i in 0..masters {
-            let mut port = cluster.ports[i];
-            let node = on_a_free_port(&mut port, cluster_port, |port| cluster.node_command(port)).await;
+            let (port, node) = on_a_free_port(cluster_port, |port| cluster.node_command(port)).await;
             (cluster.ports[i], cluster.nodes[i]) = (port, Some(node));
         }
         let mut create = Command::new("redis-cli");

@@ -31,8 +31,7 @@ impl RedisServer {
     }
 
     async fn start_with(durable: Option<PathBuf>) -> RedisServer {
-        let mut port = 0;
-        let child = on_a_free_port(&mut port, free_port, |port| server_command(port, durable.as_deref())).await;
+        let (port, child) = on_a_free_port(free_port, |port| server_command(port, durable.as_deref())).await;
         RedisServer {
             port,
             child: Some(child),
@@ -155,15 +154,15 @@ fn accepting(line: &str) -> Option<()> {
 }
 
 /// Starts the redis-server `command(port)` makes on a port `pick` finds free, and waits until it accepts
-/// connections; sets `port`. A free port may be taken before redis-server binds it (by another test's server, or
-/// as the ephemeral port of a connection): another is picked then, a few times.
-pub(crate) async fn on_a_free_port(port: &mut u16, pick: fn() -> u16, command: impl Fn(u16) -> Command) -> Child {
+/// connections: the port, and the server. A free port may be taken before redis-server binds it (by another
+/// test's server, or as the ephemeral port of a connection): another is picked then, a few times.
+pub(crate) async fn on_a_free_port(pick: fn() -> u16, command: impl Fn(u16) -> Command) -> (u16, Child) {
     let mut taken = Vec::new();
     for _ in 0..5 {
-        *port = pick();
-        match try_spawn_until(command(*port), accepting).await {
-            Ok(spawned) => return spawned.child,
-            Err(log) if log.iter().any(|line| line.contains("Address already in use")) => taken.push(*port),
+        let port = pick();
+        match try_spawn_until(command(port), accepting).await {
+            Ok(spawned) => return (port, spawned.child),
+            Err(log) if log.iter().any(|line| line.contains("Address already in use")) => taken.push(port),
             Err(log) => panic!("redis-server ended before it was ready: {log:?}"),
         }
     }
@@ -190,8 +189,7 @@ mod tests {
                 port => port,
             }
         }
-        let mut port = 0;
-        let mut child = on_a_free_port(&mut port, pick, |port| server_command(port, None)).await;
+        let (port, mut child) = on_a_free_port(pick, |port| server_command(port, None)).await;
         assert_ne!(port, taken.local_addr().unwrap().port());
         assert!(
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
