@@ -252,11 +252,10 @@ async fn paced<F>(
 where
     F: Fn(usize) -> pb::CheckCapabilityRequest + Clone + Send + Sync + 'static,
 {
-    let interval = Duration::from_secs_f64(workers as f64 / rate as f64);
     let (next, live) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let counted = live.clone();
     let channels = channels.to_vec();
-    let load = scenarios::closed_loop(workers, duration, Some(interval), move |w| {
+    let load = scenarios::closed_loop(workers, duration, Some(rate), move |w| {
         let mut client = CapabilityServiceClient::new(channels[w % channels.len()].clone());
         let asked = request(next.fetch_add(1, Ordering::Relaxed) as usize);
         let live = counted.clone();

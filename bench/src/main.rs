@@ -773,7 +773,7 @@ async fn idle(plan: &Plan, report: &mut Report) {
 
 /// `count` replicas sharing a Redis: callbacks into the first, watchers on the others (on the first when it is
 /// alone: the baseline, every notification still read back from Redis). Also how long the posts took to be
-/// acknowledged, from when they were due.
+/// acknowledged.
 async fn cross_replica(plan: &Plan, report: &mut Report, count: usize) {
     let redis = testkit::RedisServer::start().await;
     let mut env = delivery_env();

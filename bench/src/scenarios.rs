@@ -45,15 +45,16 @@ fn histogram() -> Histogram<u64> {
 }
 
 /// Runs `workers` copies of `op` for `duration` (or until `op` says `None`), each timing its own calls, and
-/// merges what they measured. With an `interval`, each worker keeps its own schedule (its call k is due at the
-/// start + k·interval, shifted by its share of one interval; the start 20 ms away, once the workers run), and a
-/// call made late because the one before it was slow counts from when it was due, so that a server that falls
-/// behind is charged for the wait it causes; without, the calls follow one another.
-pub async fn closed_loop<F, Fut>(workers: usize, duration: Duration, interval: Option<Duration>, op: F) -> Load
+/// merges what they measured. At a `rate` (calls a second in all), each worker keeps its own schedule (a call
+/// every workers/rate seconds, shifted by its share of one interval; the start 20 ms away, once the workers run),
+/// and a call made late because the one before it was slow counts from when it was due, so that a server that
+/// falls behind is charged for the wait it causes; without, the calls follow one another.
+pub async fn closed_loop<F, Fut>(workers: usize, duration: Duration, rate: Option<u64>, op: F) -> Load
 where
     F: Fn(usize) -> Option<Fut> + Clone + Send + 'static,
     Fut: std::future::Future<Output = bool> + Send,
 {
+    let interval = rate.map(|rate| Duration::from_secs_f64(workers as f64 / rate as f64));
     let started = Instant::now() + interval.map_or(Duration::ZERO, |_| Duration::from_millis(20));
     let end = started + duration;
     let tasks: Vec<_> = (0..workers)
@@ -336,9 +337,7 @@ where
         duration,
     } = posting;
     let seq = Arc::new(AtomicU64::new(0));
-    // At a fixed rate each poster keeps its own schedule: a call every posters/rate seconds.
-    let interval = rate.map(|r| Duration::from_secs_f64(posters as f64 / r as f64));
-    closed_loop(posters, duration, interval, move |_| {
+    closed_loop(posters, duration, rate, move |_| {
         let n = seq.fetch_add(1, Ordering::Relaxed);
         if limit.is_some_and(|l| n >= l) {
             return None;
@@ -439,9 +438,8 @@ pub async fn grpc_checks(
     identities: Arc<Vec<String>>,
 ) -> Load {
     let channels = channels(addr, connections).await;
-    let interval = rate.map(|rate| Duration::from_secs_f64(workers as f64 / rate as f64));
     let next = Arc::new(AtomicU64::new(0));
-    closed_loop(workers, duration, interval, move |w| {
+    closed_loop(workers, duration, rate, move |w| {
         let mut client = CapabilityServiceClient::new(channels[w % channels.len()].clone());
         let i = next.fetch_add(1, Ordering::Relaxed) as usize % identities.len();
         let request = check_request(&identities[i], Duration::from_secs(10));
