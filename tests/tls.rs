@@ -82,19 +82,12 @@ impl Pki {
         Ok(CapabilityServiceClient::new(channel))
     }
 
-    /// A TLS server configuration with the server's certificate.
+    /// A TLS server configuration with the server's certificate, as the service builds its webhook's.
     fn server_config(&self) -> rustls::ServerConfig {
-        let certs = rustls::pki_types::CertificateDer::pem_file_iter(self.dir.join("server.pem"))
-            .unwrap()
-            .collect::<Result<Vec<_>, _>>()
-            .unwrap();
-        let key = rustls::pki_types::PrivateKeyDer::from_pem_file(self.dir.join("server.key")).unwrap();
-        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .unwrap()
+        let key = capability_facade::secret::Secret::new(std::fs::read_to_string(self.dir.join("server.key")).unwrap());
+        let files =
+            capability_facade::tls::TlsFiles::load(std::fs::read(self.dir.join("server.pem")).unwrap(), key, None);
+        (*files.unwrap().webhook).clone()
     }
 
     /// An HTTPS client that trusts the CA.
