@@ -959,7 +959,7 @@ async fn with_redis_a_cancelled_job_past_or_near_its_settling_time_is_not_taken_
         job.redis.command(&["DEL", &job.redis.keys("*:job:*}:lease")[0]]);
         // A look for jobs to take over finds it and drops it from the running jobs (a takeover would too, once it
         // recorded the job's end); the look comes every 2 s.
-        common::until(Duration::from_secs(20), || job.redis.keys("*:jobs").is_empty()).await;
+        common::until(Duration::from_secs(20), async || job.redis.keys("*:jobs").is_empty()).await;
         let (results, progress) = watch(&mut job.client, &job.job_id, 0).await;
         assert_eq!(progress.last().unwrap().state(), BulkCheckState::Cancelled, "{case}");
         assert!(results.is_empty(), "{case}: answered by a takeover: {results:?}");

@@ -1171,7 +1171,7 @@ async fn let_go_after_joining(request: pb::CheckCapabilityRequest, answer: impl 
     let joined = joined.await.unwrap().unwrap();
     assert_eq!(joined.request_id, live_id, "{joined:?}");
     // A gives its lease back in Redis in the background: what is left to join then is only what B kept.
-    common::until(FIVE_SECONDS, || redis.keys("*lease*").is_empty()).await;
+    common::until(FIVE_SECONDS, async || redis.keys("*lease*").is_empty()).await;
     let mut fresh_only = request;
     fresh_only.max_age = duration(Duration::ZERO);
     fresh_only.wait = duration(Duration::ZERO);
@@ -1201,7 +1201,7 @@ async fn an_identity_whose_result_is_in_is_let_go_while_its_lookup_waits_for_the
     until_a_lease(&redis, |lease| lease.starts_with("s:")).await;
     deliver(a.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await;
     // SMS's lease goes; RCS's stays while A waits for it.
-    common::until(FIVE_SECONDS, || {
+    common::until(FIVE_SECONDS, async || {
         let leases = redis.keys("*lease*");
         leases.iter().filter(|key| redis.value(key).starts_with("s:")).count() == 1
     })
@@ -1251,7 +1251,7 @@ async fn a_lookup_sinch_renamed_is_let_go_when_its_check_returns() {
     let answer = first.await.unwrap().unwrap();
     assert!(answer.complete, "{answer:?}");
     assert_eq!(answer.request_id, "SINCH-CHOSE");
-    common::until(FIVE_SECONDS, || {
+    common::until(FIVE_SECONDS, async || {
         redis
             .keys("*lease*")
             .iter()
@@ -1391,7 +1391,7 @@ async fn two_replicas(fake: &FakeSinch, redis: &RedisServer) -> (Service, Servic
 
 /// Waits until a lease in Redis reads as `holds` wants.
 async fn until_a_lease(redis: &RedisServer, holds: impl Fn(&str) -> bool) {
-    common::until(FIVE_SECONDS, || {
+    common::until(FIVE_SECONDS, async || {
         redis.keys("*lease*").iter().any(|key| holds(&redis.value(key)))
     })
     .await;

@@ -58,14 +58,11 @@ async fn offsets_are_the_logs_whatever_each_replica_purged_or_when_it_started() 
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(deliver(b.webhook_addr, full("late", "RCS")).await, 200);
     assert_eq!(until_marker(&a, "late", 1, "RCS").await[0].0, 2);
-    let purged = async {
-        while held(&a, "late", 0).await.first().is_some_and(|n| n.0 == 1) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(10), purged)
-        .await
-        .expect("A let the first notification go at its own time");
+    // A let the first notification go at its own time.
+    common::until(Duration::from_secs(10), async || {
+        held(&a, "late", 0).await.first().is_none_or(|n| n.0 != 1)
+    })
+    .await;
     // A replica started now reads back only the second, and numbers it as the others do.
     let c = redis_replica(&fake, &redis.url(), &retention).await;
     assert_eq!(held(&c, "late", 0).await.iter().map(|n| n.0).collect::<Vec<_>>(), [2]);
@@ -104,14 +101,10 @@ async fn a_query_recorded_after_the_results_keeps_the_requests_numbering_with_re
         tokio::time::sleep(Duration::from_secs(4)).await;
         client.query_capability(asked).await.unwrap();
         // The first result's time passes (a retention after it), and the replica lets it go.
-        let purged = async {
-            while !held(service, "asked-again", 0).await.is_empty() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), purged)
-            .await
-            .expect("the replica let the first result go");
+        common::until(Duration::from_secs(10), async || {
+            held(service, "asked-again", 0).await.is_empty()
+        })
+        .await;
         assert_eq!(deliver(webhook, full("asked-again", "RCS")).await, 200);
         assert_eq!(
             until_marker(service, "asked-again", 1, "RCS").await,
@@ -545,7 +538,10 @@ async fn a_lapsed_claim_nobody_took_is_taken_again_by_its_owner() {
         async move { a.hold_request_id("r", "q", &on_a).await }
     });
     // The lapsed claim taken again (a renewal comes every 2.5 s).
-    common::until(Duration::from_secs(20), || !redis.keys("retaken:idem:*").is_empty()).await;
+    common::until(Duration::from_secs(20), async || {
+        !redis.keys("retaken:idem:*").is_empty()
+    })
+    .await;
     assert_eq!(
         b.claim_request_id("r", "q").await,
         IdempotencyClaim::Pending,

@@ -384,16 +384,17 @@ pub async fn until_marker(service: &Service, request_id: &str, after: u64, marke
         .expect("the marker did not arrive within 10 s")
 }
 
-/// Waits until `holds` — a state no event announces (what Redis shows, read every 20 ms); fails after `within`.
-pub async fn until(within: Duration, holds: impl Fn() -> bool) {
+/// Waits until `holds` — a state no event announces (what Redis shows, what a replica holds; looked at every
+/// 20 ms); fails after `within`.
+pub async fn until(within: Duration, holds: impl AsyncFn() -> bool) {
     let polls = within.as_millis().div_ceil(20);
     for _ in 0..polls {
-        if holds() {
+        if holds().await {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(holds(), "never came to hold within {within:?}");
+    assert!(holds().await, "never came to hold within {within:?}");
 }
 
 /// Waits until `/readyz` says the replica has read the log back.
