@@ -861,6 +861,52 @@ async fn an_invalidation_made_while_a_check_waits_is_not_undone_when_the_check_r
     }
 }
 
+/// A result received before an invalidation and replayed afterwards to a check that repeats its request_id is
+/// not cached again, in process or with Redis — also when the log's clock runs ahead of the replicas' (a stream
+/// entry ten minutes ahead makes Redis time every later entry so).
+#[tokio::test]
+async fn a_result_replayed_after_an_invalidation_is_not_cached_again() {
+    let fake = FakeSinch::start().await;
+    let redis = RedisServer::start().await;
+    let url = format!("--redis-url={}", redis.url());
+    let ahead = (std::time::SystemTime::now() + Duration::from_secs(600))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    redis.command(&["XADD", "{ahead:0}:events", &format!("{ahead}-0"), "e", "x"]);
+    let rounds = [
+        &[][..],
+        &[url.as_str()][..],
+        &[url.as_str(), "--redis-prefix=ahead"][..],
+    ];
+    for (n, args) in rounds.into_iter().enumerate() {
+        let service = Service::against(&fake, args).await;
+        let mut client = service.client().await;
+        let mut repeated = check(identities(&[(Channel::Sms, NUMBER), (Channel::Rcs, NUMBER)]));
+        repeated.request_id = format!("R-{n}");
+        repeated.wait = duration(Duration::from_millis(300));
+        let first = spawn_check(client.clone(), repeated.clone()).await;
+        nth_query(&fake, 2 * n + 1).await;
+        deliver(
+            service.webhook_addr,
+            callback(&repeated.request_id, "SMS", "CAPABILITY_FULL"),
+        )
+        .await;
+        first.await.unwrap().unwrap();
+        invalidate(&mut client, identities(&[(Channel::Sms, NUMBER)])).await;
+        // The repeat sends nothing and is answered with what its request received, SMS replayed.
+        let again = client.check_capability(repeated).await.unwrap().into_inner();
+        assert_eq!(again.results.len(), 1, "round {n}: {again:?}");
+        let quick = pb::CheckCapabilityRequest {
+            wait: duration(Duration::ZERO),
+            ..check(identities(&[(Channel::Sms, NUMBER)]))
+        };
+        let after = client.check_capability(quick).await.unwrap().into_inner();
+        assert!(after.results.is_empty(), "round {n}: SMS was invalidated: {after:?}");
+        assert_eq!(nth_query(&fake, 2 * n + 2).await.1, ["SMS"], "round {n}");
+    }
+}
+
 #[tokio::test]
 async fn invalidating_an_identity_also_drops_the_contact_answer_that_held_it() {
     let fake = FakeSinch::start().await;
@@ -1525,6 +1571,47 @@ async fn in_redis_a_result_from_before_an_invalidation_is_not_stored_after_it() 
     cache.store(&before, 1).await.unwrap();
     assert!(cache.get(&never).await.unwrap()[0].is_none());
     assert!(cache.get_contact(&nobody[0]).await.unwrap().is_empty());
+}
+
+/// In Redis, a result is cached at its time in the log whichever replica stores it, and whenever: a check that
+/// received an older result and stores it again late does not replace a newer one — also when the log's clock runs
+/// ahead of the replicas' (stream entries in the future make Redis time every later entry so).
+#[tokio::test]
+async fn in_redis_a_late_store_of_an_older_result_does_not_replace_a_newer_one() {
+    use capability_facade::log::{Accepted, EventLog, codec::log_time};
+    let redis = RedisServer::start().await;
+    let log = EventLog::redis(common::redis_log(&redis, "late", Some("late-key")).await);
+    let cache = log.shared_cache().unwrap();
+    let key = [cache
+        .hasher()
+        .await
+        .unwrap()
+        .identity("app", &capability_facade::capability::Channel::Sms, NUMBER)];
+    let now = std::time::SystemTime::now();
+    let ahead = |minutes: u64| {
+        let at = now + Duration::from_secs(60 * minutes);
+        at.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+    };
+    redis.command(&["XADD", "{late:0}:events", &format!("{}-0", ahead(10)), "e", "x"]);
+    let older = sms_result("r-1", NUMBER, "C-1", now);
+    assert!(matches!(
+        log.accept(None, Some(older.clone())).await,
+        Ok(Accepted::Appended { .. })
+    ));
+    redis.command(&["XADD", "{late:0}:events", &format!("{}-0", ahead(11)), "e", "x"]);
+    let newer = sms_result("r-2", NUMBER, "C-1", now);
+    assert!(matches!(
+        log.accept(None, Some(newer)).await,
+        Ok(Accepted::Appended { .. })
+    ));
+    // The older result as every replica's hub hands it out: at its time in the log.
+    let handed_out = capability_facade::capability::Notification {
+        received_time: log_time(ahead(10)),
+        ..older
+    };
+    cache.store(&handed_out, 1).await.unwrap();
+    let held = cache.get(&key).await.unwrap().remove(0).map(|r| r.request_id);
+    assert_eq!(held.as_deref(), Some("r-2"), "the older result replaced the newer");
 }
 
 /// A check waiting for live results when its replica begins to shut down is told to retry elsewhere: without

@@ -9,12 +9,15 @@
 //!
 //! No key has a hash tag: entries spread over a cluster's slots, and every script touches one key.
 //!
-//! An invalidation leaves its time in the entries it names, held or not (a result's append-time store may have
-//! failed, or Redis lost it), for as long as a result received before it may still be stored by a replica: a
-//! retention (a hub replays it to a check) plus the longest check, or the longest time to live of any status if
-//! shorter. Such a result (a check that waited for it stores it again as it returns) is refused there. Its first
-//! 8 bytes read as a result's time, so a replica that predates the mark refuses such results under an identity
-//! too; a mark reads as no result. A mark costs about what a cached result does, for minutes.
+//! A result's time is its time in the log: the stream entry's, Redis's clock at its append (on a Cluster, its
+//! shard's node's), whichever replica stores it — the one that appended it, or a check that received it from its
+//! hub, maybe much later — so that replicas' clocks never order two results. An invalidation leaves its time in
+//! the entries it names, held or not (a result's append-time store may have failed, or Redis lost it): Redis's
+//! clock too (the entry's node's), or past the time of what it removed if that is later (a log running ahead), for
+//! as long as a result appended before it may still be stored by a replica: a retention (a hub replays it to a
+//! check) plus the longest check, or the longest time to live of any status if shorter. Such a result is refused
+//! there. Its first 8 bytes read as a result's time, so a replica that predates the mark refuses such results
+//! under an identity too; a mark reads as no result. A mark costs about what a cached result does, for minutes.
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
@@ -51,6 +54,30 @@ local function newer(a, b)
 end
 ";
 
+/// An invalidation's time, in ms: Redis's clock now, or past the time of a result it removes (or of a mark) if
+/// that is later (`past`), so that the result is refused however far ahead its time was. `mark` encodes it as
+/// the 8 bytes an entry holds.
+const MARK: &str = r"
+local function now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function past(at, held)
+  if not held or #held < 8 then return at end
+  local ms = 0
+  for i = 1, 8 do ms = ms * 256 + string.byte(held, i) end
+  return math.max(at, ms + 1)
+end
+local function mark(ms)
+  local bytes = {}
+  for i = 8, 1, -1 do
+    bytes[i] = string.char(ms % 256)
+    ms = math.floor(ms / 256)
+  end
+  return table.concat(bytes)
+end
+";
+
 /// What a store script answers: stored, kept out by a newer result, or kept out by a later invalidation.
 const STORED: i64 = 1;
 const INVALIDATED: i64 = 2;
@@ -73,12 +100,10 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
-/// Empties an identity's entry, leaving the invalidation's time (unless a later one's is there). KEYS: entry.
-/// ARGV: time (8 bytes), how long it is kept (ms). Returns 1 when a result went.
+/// Empties an identity's entry, leaving the invalidation's time (see [`MARK`]). KEYS: entry. ARGV: how long it is kept (ms). Returns 1 when a result went.
 const INVALIDATE: &str = r"
 local cur = redis.call('GET', KEYS[1])
-if cur and #cur == 8 and newer(cur, ARGV[1]) then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[1], mark(past(now(), cur)), 'PX', ARGV[1])
 if cur and #cur > 8 then return 1 end
 return 0
 ";
@@ -99,21 +124,20 @@ if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KE
 return 1
 ";
 
-/// Empties a contact's entry, leaving the invalidation's time (unless a later one's is there), and returns the
-/// identities it listed, in one step: a result stored in it between a read of its fields and their deletion
-/// would be deleted unlisted, its identity entry left behind. KEYS: contact entry. ARGV: time (8 bytes), how
-/// long it is kept (ms).
+/// Empties a contact's entry, leaving the invalidation's time (see [`MARK`]), and returns the identities it listed, in one step: a result stored in it between a read of its fields and
+/// their deletion would be deleted unlisted, its identity entry left behind. KEYS: contact entry. ARGV: how long
+/// the mark is kept (ms).
 const TAKE_CONTACT: &str = r"
-local fields = redis.call('HKEYS', KEYS[1])
-local mark = redis.call('HGET', KEYS[1], 't')
-if not (mark and newer(mark, ARGV[1])) then mark = ARGV[1] end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 't', mark)
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local held = redis.call('HGETALL', KEYS[1])
+local at = now()
 local listed = {}
-for _, field in ipairs(fields) do
-  if field ~= 't' then table.insert(listed, field) end
+for i = 1, #held, 2 do
+  at = past(at, held[i + 1])
+  if held[i] ~= 't' then table.insert(listed, held[i]) end
 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 't', mark(at))
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return listed
 ";
 
@@ -213,8 +237,8 @@ impl RedisCache {
             store: Script::new(&format!("{NEWER}{STORE}")),
             store_contact: Script::new(&format!("{NEWER}{STORE_CONTACT}")),
             unstore: Script::new(UNSTORE),
-            invalidate: Script::new(&format!("{NEWER}{INVALIDATE}")),
-            take_contact: Script::new(&format!("{NEWER}{TAKE_CONTACT}")),
+            invalidate: Script::new(&format!("{MARK}{INVALIDATE}")),
+            take_contact: Script::new(&format!("{MARK}{TAKE_CONTACT}")),
             lease: Script::new(LEASE),
             lease_sent: Script::new(LEASE_SENT),
             release: Script::new(RELEASE),
@@ -279,17 +303,18 @@ impl RedisCache {
     }
 
     /// Stores the result of `notification`, appended at `offset`, under its identity and, when it names one, its
-    /// contact. The time of the result is when it reached the service (its receive time, when it has one; never
-    /// later than now): a result stored again later, by a check that received it, is not made younger. The
-    /// identity's entry is written first, so that a contact's invalidation that lists the result finds it there;
-    /// one that came before it refuses the result in the contact's entry, and the result goes from the identity's.
+    /// contact. The time of the result is its receive time: its time in the log (Redis's clock at its append),
+    /// whichever replica stores it and whenever — the replica that appended it, or a check that received it —
+    /// the clock invalidations are timed by too (now, when it has none). The identity's entry is written first, so
+    /// that a contact's invalidation that lists the result finds it there; one that came before it refuses the
+    /// result in the contact's entry, and the result goes from the identity's.
     pub async fn store(&self, notification: &Notification, offset: u64) -> redis::RedisResult<()> {
         let now = wall_clock_ms();
-        let received = notification
+        let at = notification
             .received_time
             .duration_since(UNIX_EPOCH)
             .map_or(0, |since| since.as_millis() as u64);
-        let at = if received == 0 { now } else { received.min(now) };
+        let at = if at == 0 { now } else { at };
         let Some(result) = CachedResult::of(notification, offset, at, &codec::encode_body(notification), &self.ttl)
         else {
             return Ok(());
@@ -372,14 +397,13 @@ impl RedisCache {
     /// Empties identity entries `keys` and contacts' entries `contacts` with the identity entries they list,
     /// leaving the invalidation's time in each (see the module documentation). Returns how many entries went.
     pub async fn remove(&self, keys: &[EntryKey], contacts: &[EntryKey]) -> redis::RedisResult<u64> {
-        let at = wall_clock_ms().to_be_bytes();
         let kept = ttl_ms(self.marks_kept);
         let mut names: Vec<String> = keys.iter().map(|k| self.entry(k)).collect();
         let mut leases: Vec<String> = keys.iter().chain(contacts).map(|k| self.lease_key(k)).collect();
         let mut removed = 0;
         for contact in contacts {
             let mut invocation = self.take_contact.prepare_invoke();
-            invocation.key(self.contact_entry(contact)).arg(at.as_slice()).arg(kept);
+            invocation.key(self.contact_entry(contact)).arg(kept);
             let listed: Vec<String> = invoke(&invocation, &self.commands).await?;
             removed += u64::from(!listed.is_empty());
             names.extend(listed.iter().map(|field| format!("{}:c:{field}", self.prefix)));
@@ -390,7 +414,7 @@ impl RedisCache {
         // One command per key, all at once: in a cluster each may live on another slot.
         let emptied = names.into_iter().map(|name| {
             let mut invocation = self.invalidate.prepare_invoke();
-            invocation.key(name).arg(at.as_slice()).arg(kept);
+            invocation.key(name).arg(kept);
             async move { invoke::<u64>(&invocation, &self.commands).await }
         });
         // The lookups of what was invalidated are not joined again: a later check asks Sinch, rather than be

@@ -68,11 +68,12 @@ const UNRECORDED_BATCHES: usize = 16;
 
 /// Appends a notification. KEYS: epoch, stream, request state, [nonce]. ARGV: the epoch this replica knows,
 /// this attempt's token, the nonce's time to live (ms), the retention (ms), the cap, the digest (hex), the
-/// encoded event. Returns {1, offset} appended, {0, offset} a duplicate of the result at that offset, {2, n}
-/// over the cap for the n-th time, {-1} the nonce was used by another callback, {-3} the epoch differs.
+/// encoded event. Returns {1, offset, time} appended at that time (the entry's, in ms: Redis's clock), {0,
+/// offset} a duplicate of the result at that offset, {2, n} over the cap for the n-th time, {-1} the nonce was
+/// used by another callback, {-3} the epoch differs.
 /// A retry of an attempt whose answer was lost finds its own token on the nonce and its digest: it answers
-/// {1, offset}, as the first run did when it appended (when the first run found a copy instead, the replica then
-/// keeps among its recent events, and caches, a result Redis holds already: both harmless).
+/// {1, offset} without the time, as the first run did when it appended (when the first run found a copy instead,
+/// the replica then keeps among its recent events a result Redis holds already: harmless).
 const APPEND: &str = r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-3} end
 local again = false
@@ -96,8 +97,8 @@ redis.call('HSET', KEYS[3], 'n', n, field, n)
 redis.call('PEXPIRE', KEYS[3], ARGV[4])
 local t = redis.call('TIME')
 local minid = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[4]))
-redis.call('XADD', KEYS[2], 'MINID', '~', minid, '*', 'e', ARGV[7], 'o', n)
-return {1, n}
+local id = redis.call('XADD', KEYS[2], 'MINID', '~', minid, '*', 'e', ARGV[7], 'o', n)
+return {1, n, tonumber(string.match(id, '^%d+'))}
 ";
 
 /// Claims a nonce alone (a callback with nothing to append). KEYS: nonce. ARGV: token, time to live (ms).
@@ -421,7 +422,7 @@ impl RedisLog {
                 .await
                 .map_err(|e| Unavailable(e.to_string()))?;
             match answer.as_slice() {
-                [1, offset] => {
+                [1, offset, time @ ..] => {
                     let offset = *offset as u64;
                     shard.remember(Recent::Notification {
                         event,
@@ -429,11 +430,14 @@ impl RedisLog {
                         digest,
                         request_key,
                     });
-                    if let Some(notification) = cached
-                        && let Err(e) = self.cache.store(&notification, offset).await
-                    {
-                        // The callback is in the log: a result missing from the cache only costs a query.
-                        tracing::warn!(error = %e, "a result could not be cached in Redis");
+                    // Cached at its time in the log, as every replica's hub hands it out (a retry whose first answer
+                    // was lost does not know it, and leaves the result to the checks that receive it).
+                    if let (Some(mut notification), [time]) = (cached, time) {
+                        notification.received_time = codec::log_time(*time as u64);
+                        if let Err(e) = self.cache.store(&notification, offset).await {
+                            // The callback is in the log: a result missing from the cache only costs a query.
+                            tracing::warn!(error = %e, "a result could not be cached in Redis");
+                        }
                     }
                     return Ok(Accepted::Appended { offset });
                 }
