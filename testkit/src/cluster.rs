@@ -94,6 +94,25 @@ impl RedisCluster {
         self.wait_ok().await;
     }
 
+    /// Runs one command on node `i` (`CLIENT PAUSE 3000 WRITE`, …) and returns its reply; fails if it fails.
+    pub async fn command(&self, i: usize, args: &[&str]) -> String {
+        command(self.ports[i], args)
+            .await
+            .unwrap_or_else(|e| panic!("{args:?} on node {i}: {e}"))
+    }
+
+    /// The node (in creation order) that serves `key`'s slot: the others answer a command on it with `MOVED`.
+    pub async fn node_of(&self, key: &str) -> usize {
+        for (i, &port) in self.ports.iter().enumerate() {
+            match command(port, &["EXISTS", key]).await {
+                Ok(_) => return i,
+                Err(e) if e.to_string().starts_with("MOVED") => {}
+                Err(e) => panic!("EXISTS {key} on node {i}: {e}"),
+            }
+        }
+        panic!("no node serves {key}");
+    }
+
     fn node_command(&self, port: u16) -> Command {
         let port = port.to_string();
         let mut command = Command::new("redis-server");
