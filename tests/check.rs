@@ -416,6 +416,50 @@ async fn replicas_share_the_cache_on_a_redis_cluster() {
     assert_eq!(fake.queries().len(), 1);
 }
 
+/// On a Redis Cluster, a stalled node that holds a result's cache entry does not hold up the acknowledgement of
+/// the callback once the stream's node has taken it: 200, and the result is delivered. It was answered 503 at
+/// the webhook timeout (Sinch's redelivery then a duplicate, the result never cached).
+#[tokio::test]
+async fn a_stalled_cache_node_does_not_hold_up_a_callback_the_log_took() {
+    use capability_facade::log::cached::{KeyHasher, hex};
+    let cluster = testkit::RedisCluster::start(3).await;
+    let fake = FakeSinch::start().await;
+    let url = format!("--redis-url={}", cluster.urls().join(","));
+    let key = "a cache key of thirty-two bytes or more";
+    let service = Service::against(
+        &fake,
+        &[&url, &format!("--cache-hash-key={key}"), "--webhook-timeout=1s"],
+    )
+    .await;
+    let hasher = KeyHasher::new(key.as_bytes());
+    let stream = cluster.node_of("{capability:0}:events").await;
+    let mut numbers = (1..100).map(|n| format!("467{n:08}"));
+    let (number, cache_node) = loop {
+        let number = numbers
+            .next()
+            .expect("a number cached on another node than the stream's");
+        let entry = format!(
+            "capability:c:{}",
+            hex(&hasher.identity("APP-1", &capability_facade::capability::Channel::Sms, &number))
+        );
+        let node = cluster.node_of(&entry).await;
+        if node != stream {
+            break (number, node);
+        }
+    };
+    let mut client = service.client().await;
+    let watch = pb::WatchCapabilityRequest {
+        request_id: "R-STALL".into(),
+        ..Default::default()
+    };
+    let mut watching = client.watch_capability(watch).await.unwrap().into_inner();
+    cluster.command(cache_node, &["CLIENT", "PAUSE", "3000", "WRITE"]).await;
+    let body = CapabilityCallback::new("R-STALL", "SMS", &number, "CAPABILITY_FULL").body();
+    assert_eq!(deliver(service.webhook_addr, body).await, 200);
+    let delivered = watching.message().await.unwrap().unwrap();
+    assert!(format!("{delivered:?}").contains("CAPABILITY_FULL"), "{delivered:?}");
+}
+
 /// Two replicas on the Redis at `redis_url`: a check on one joins the other's query, both read the result one of
 /// them cached, and an invalidation on one is seen by the other.
 async fn replicas_share(redis_url: &str) {

@@ -37,6 +37,7 @@ use rand::Rng;
 use redis::{Script, streams::StreamReadReply};
 use sha2::{Digest as _, Sha256};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tracing::Instrument;
 
 use super::{
     Accepted, Claim, Consumer, Entry, Health, IdempotencyClaim, Nonce, NotificationReceived, QueryRecorded,
@@ -59,6 +60,11 @@ const BATCH: usize = 1024;
 const RECENT: Duration = Duration::from_secs(10);
 /// The most events kept for that, per shard, whatever the rate.
 const MAX_RECENT: usize = 100_000;
+/// The longest an appended callback's acknowledgement waits for its result's caching, which goes on in the
+/// background past it (its few commands whole, each bounded by the connection's response timeout): a cache that
+/// stalls (on a Cluster, a node other than the stream's) delays the 200 of a callback the log took by this much,
+/// where it was answered 503 at the webhook timeout (Sinch's redelivery then a duplicate, the result never cached).
+const CACHING: Duration = Duration::from_millis(250);
 /// The most query records kept per shard while Redis cannot take them (a minute of queries at Sinch's rate).
 const MAX_UNRECORDED: usize = 50_000;
 /// How many of them go to Redis in one round trip once it answers again.
@@ -248,7 +254,7 @@ pub struct RedisLog {
     settle_claim: Script,
     restore: Script,
     /// The capability cache and coalescing leases.
-    cache: RedisCache,
+    cache: Arc<RedisCache>,
     /// Bulk check jobs and the callback budget.
     jobs: jobs::RedisJobs,
     /// The readers' last view of Redis, for logs, probes and the `capability_backplane_up` gauge: 0 not yet
@@ -324,7 +330,7 @@ impl RedisLog {
         }
         let jobs = jobs::RedisJobs::new(commands.clone(), settings.prefix.clone());
         Ok(RedisLog {
-            cache,
+            cache: Arc::new(cache),
             jobs,
             connector,
             commands,
@@ -434,9 +440,18 @@ impl RedisLog {
                     // was lost does not know it, and leaves the result to the checks that receive it).
                     if let (Some(mut notification), [time]) = (cached, time) {
                         notification.received_time = codec::log_time(*time as u64);
-                        if let Err(e) = self.cache.store(&notification, offset).await {
-                            // The callback is in the log: a result missing from the cache only costs a query.
-                            tracing::warn!(error = %e, "a result could not be cached in Redis");
+                        // The callback is in the log: a result missing from the cache only costs a query.
+                        let cache = self.cache.clone();
+                        let caching = tokio::spawn(
+                            async move {
+                                if let Err(e) = cache.store(&notification, offset).await {
+                                    tracing::warn!(error = %e, "a result could not be cached in Redis");
+                                }
+                            }
+                            .in_current_span(),
+                        );
+                        if tokio::time::timeout(CACHING, caching).await.is_err() {
+                            tracing::warn!("a result's caching took Redis over {CACHING:?}: acknowledged meanwhile");
                         }
                     }
                     return Ok(Accepted::Appended { offset });
