@@ -344,7 +344,7 @@ async fn read_body(receiver: &Receiver, body: Body) -> Result<(Bytes, Option<Sem
     use futures::StreamExt;
     let max_body = receiver.config.max_body;
     let mut held: Option<SemaphorePermit<'_>> = None;
-    let mut read = bytes::BytesMut::new();
+    let mut read = Vec::new();
     let mut chunks = body.into_data_stream();
     while let Some(chunk) = chunks.next().await {
         let chunk = chunk.map_err(|e| WebhookError::Unreadable(e.to_string()))?;
@@ -359,9 +359,20 @@ async fn read_body(receiver: &Receiver, body: Body) -> Result<(Bytes, Option<Sem
             Some(held) => held.merge(share),
             None => held = Some(share),
         }
-        read.extend_from_slice(&chunk);
+        extend_within(&mut read, &chunk, max_body);
     }
-    Ok((read.freeze(), held))
+    Ok((read.into(), held))
+}
+
+/// Appends `chunk` to `read`, growing it as a `Vec` does (doubling) but never past `max_body` bytes: the budget of
+/// bytes arriving counts whole bodies, and doubling alone would let a body's buffer reach twice that.
+fn extend_within(read: &mut Vec<u8>, chunk: &[u8], max_body: usize) {
+    let needed = read.len() + chunk.len();
+    if needed > read.capacity() {
+        let grown = (read.capacity() * 2).clamp(needed, max_body.max(needed));
+        read.reserve_exact(grown - read.len());
+    }
+    read.extend_from_slice(chunk);
 }
 
 /// A callback being handled, counted in `capability_webhooks_pending` until its handling ends, however it ends
@@ -593,6 +604,24 @@ mod tests {
         let remembered = checked.nonce.unwrap().remember_for;
         // The other replica takes it until `sent + 300 s` by its clock: `sent + 360 s` by this one's.
         assert!(remembered >= Duration::from_secs(360 - 30), "{remembered:?}");
+    }
+
+    /// A body's buffer grows by doubling, but never past the largest body: the bytes budget counts whole bodies.
+    #[test]
+    fn a_bodys_buffer_never_grows_past_the_largest_body() {
+        let max_body = 1 << 20;
+        let mut read = Vec::new();
+        let chunk = [7; 1000];
+        while read.len() + chunk.len() <= max_body {
+            extend_within(&mut read, &chunk, max_body);
+            assert!(
+                read.capacity() <= max_body,
+                "{} bytes held for {}",
+                read.capacity(),
+                read.len()
+            );
+        }
+        assert_eq!(read.len(), max_body / 1000 * 1000);
     }
 
     /// A signature header that is there but not text is a bad signature, not a missing one: the operator reading
