@@ -328,6 +328,51 @@ async fn a_contact_check_settles_after_its_last_result_and_is_then_answered_from
     assert_eq!(fake.queries().len(), 2);
 }
 
+/// A contact one of whose identities Sinch no longer answers for is answered from the cache again once Sinch has
+/// answered for the others: the identity's result, expired, is not kept in the contact's entry, in process or with
+/// Redis. It was kept, its own entry gone, and every later check of the contact asked Sinch.
+#[tokio::test]
+async fn a_contacts_expired_result_leaves_its_entry_when_sinch_answers_again() {
+    let fake = FakeSinch::start().await;
+    let redis = RedisServer::start().await;
+    let url = format!("--redis-url={}", redis.url());
+    let short = ["--check-settle=100ms", "--cache-ttl=NO_CAPABILITY=1s"];
+    for (n, with) in [&[][..], &[url.as_str()][..]].into_iter().enumerate() {
+        let service = Service::against(&fake, &[&short[..], with].concat()).await;
+        let mut client = service.client().await;
+        let contact_id = format!("C-{n}");
+        let answered = |channels: &'static [(&'static str, &'static str)]| {
+            let (service, fake, contact_id) = (&service, &fake, contact_id.clone());
+            async move {
+                let asked = fake.queries().len();
+                let checking = spawn_check(service.client().await, check(contact(&contact_id))).await;
+                let (live_id, _) = nth_query(fake, asked + 1).await;
+                for (channel, status) in channels {
+                    let body = CapabilityCallback::new(&live_id, channel, NUMBER, status).contact_id(&contact_id);
+                    deliver(service.webhook_addr, body.body()).await;
+                }
+                checking.await.unwrap().unwrap()
+            }
+        };
+        answered(&[("WHATSAPP", "CAPABILITY_FULL"), ("SMS", "NO_CAPABILITY")]).await;
+        // Waits out SMS's time to live (a second, on the wall clock the cache's expiry reads).
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        let again = answered(&[("WHATSAPP", "CAPABILITY_FULL")]).await;
+        assert_eq!(again.results.len(), 1, "round {n}: {again:?}");
+        let cached = client
+            .check_capability(check(contact(&contact_id)))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            summary(&cached),
+            [(Channel::Whatsapp, CapabilityStatus::Full, ResultSource::Cache)],
+            "round {n}"
+        );
+        assert_eq!(fake.queries().len(), 2 * n + 2, "round {n}");
+    }
+}
+
 #[tokio::test]
 async fn bad_checks_and_invalidations_are_refused_naming_the_field() {
     let fake = FakeSinch::start().await;

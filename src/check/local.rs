@@ -185,6 +185,10 @@ impl LocalCache {
             Some(Cached::Contact(results)) => results.clone(),
             _ => Vec::new(),
         };
+        // An expired result goes, as its identity's own entry did: kept, it would empty every later answer of the
+        // contact, Sinch's next answers not naming an identity the contact no longer has.
+        let now = crate::log::wall_clock_ms();
+        results.retain(|(_, held)| held.expires_at_ms > now);
         let full = results.len() >= MAX_CONTACT_RESULTS;
         match results.iter_mut().find(|(key, _)| *key == identity) {
             Some((_, held)) if newer(held) => *held = result,

@@ -54,9 +54,9 @@ local function newer(a, b)
 end
 ";
 
-/// An invalidation's time, in ms: Redis's clock now, or past the time of a result it removes (or of a mark) if
-/// that is later (`past`), so that the result is refused however far ahead its time was. `mark` encodes it as
-/// the 8 bytes an entry holds.
+/// Redis's clock in ms (`now`); an invalidation's time: now, or past the time of a result it removes (or of a
+/// mark) if that is later (`past`), so that the result is refused however far ahead its time was; `mark` encodes
+/// it as the 8 bytes an entry holds.
 const MARK: &str = r"
 local function now()
   local t = redis.call('TIME')
@@ -109,9 +109,21 @@ return 0
 ";
 
 /// Stores a result in a contact's entry unless it holds a newer one for the identity, or the contact was
-/// invalidated after it; the entry lives as long as its longest-lived result. KEYS: contact entry. ARGV: field,
-/// encoded result, time to live (ms), most results.
+/// invalidated after it; the entry lives as long as its longest-lived result. Results whose time to live has
+/// passed go first, as their identities' own entries did: kept, they would empty every later answer of the
+/// contact, Sinch's next answers not naming an identity the contact no longer has. KEYS: contact entry. ARGV:
+/// field, encoded result, time to live (ms), most results.
 const STORE_CONTACT: &str = r"
+local held = redis.call('HGETALL', KEYS[1])
+local at = now()
+for i = 1, #held, 2 do
+  local value = held[i + 1]
+  if held[i] ~= 't' and #value >= 16 then
+    local expires = 0
+    for j = 9, 16 do expires = expires * 256 + string.byte(value, j) end
+    if expires <= at then redis.call('HDEL', KEYS[1], held[i]) end
+  end
+end
 local mark = redis.call('HGET', KEYS[1], 't')
 if mark and newer(mark, ARGV[2]) then return 2 end
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
@@ -235,7 +247,7 @@ impl RedisCache {
             refreshing: AtomicBool::new(false),
             hasher: std::sync::Mutex::new(None),
             store: Script::new(&format!("{NEWER}{STORE}")),
-            store_contact: Script::new(&format!("{NEWER}{STORE_CONTACT}")),
+            store_contact: Script::new(&format!("{NEWER}{MARK}{STORE_CONTACT}")),
             unstore: Script::new(UNSTORE),
             invalidate: Script::new(&format!("{MARK}{INVALIDATE}")),
             take_contact: Script::new(&format!("{MARK}{TAKE_CONTACT}")),
