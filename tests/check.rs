@@ -479,7 +479,7 @@ async fn a_stalled_cache_node_does_not_hold_up_a_callback_the_log_took() {
     let hasher = KeyHasher::new(key.as_bytes());
     let stream = cluster.node_of("{capability:0}:events").await;
     let mut numbers = (1..100).map(|n| format!("467{n:08}"));
-    let (number, cache_node) = loop {
+    let (number, entry, cache_node) = loop {
         let number = numbers
             .next()
             .expect("a number cached on another node than the stream's");
@@ -489,7 +489,7 @@ async fn a_stalled_cache_node_does_not_hold_up_a_callback_the_log_took() {
         );
         let node = cluster.node_of(&entry).await;
         if node != stream {
-            break (number, node);
+            break (number, entry, node);
         }
     };
     let mut client = service.client().await;
@@ -503,6 +503,11 @@ async fn a_stalled_cache_node_does_not_hold_up_a_callback_the_log_took() {
     assert_eq!(deliver(service.webhook_addr, body).await, 200);
     let delivered = watching.message().await.unwrap().unwrap();
     assert!(format!("{delivered:?}").contains("CAPABILITY_FULL"), "{delivered:?}");
+    // The write went on, and lands once the node answers again.
+    common::until(FIVE_SECONDS, async || {
+        cluster.command(cache_node, &["EXISTS", &entry]).await == "1"
+    })
+    .await;
 }
 
 /// Two replicas on the Redis at `redis_url`: a check on one joins the other's query, both read the result one of
@@ -951,8 +956,9 @@ async fn an_invalidation_made_while_a_check_waits_is_not_undone_when_the_check_r
 }
 
 /// A result received before an invalidation and replayed afterwards to a check that repeats its request_id is
-/// not cached again, in process or with Redis — also when the log's clock runs ahead of the replicas' (a stream
-/// entry ten minutes ahead makes Redis time every later entry so).
+/// not cached again, in process or with Redis — also when the log's clock runs ahead of Redis's own (a stream entry
+/// ten minutes ahead makes Redis time every later entry so), and when the cache had lost the result by the time
+/// of the invalidation (its write failed or was still on its way, or Redis lost it).
 #[tokio::test]
 async fn a_result_replayed_after_an_invalidation_is_not_cached_again() {
     let fake = FakeSinch::start().await;
@@ -962,11 +968,20 @@ async fn a_result_replayed_after_an_invalidation_is_not_cached_again() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis();
-    redis.command(&["XADD", "{ahead:0}:events", &format!("{ahead}-0"), "e", "x"]);
+    for prefix in ["ahead", "lost"] {
+        redis.command(&[
+            "XADD",
+            &format!("{{{prefix}:0}}:events"),
+            &format!("{ahead}-0"),
+            "e",
+            "x",
+        ]);
+    }
     let rounds = [
         &[][..],
         &[url.as_str()][..],
         &[url.as_str(), "--redis-prefix=ahead"][..],
+        &[url.as_str(), "--redis-prefix=lost"][..],
     ];
     for (n, args) in rounds.into_iter().enumerate() {
         let service = Service::against(&fake, args).await;
@@ -982,6 +997,9 @@ async fn a_result_replayed_after_an_invalidation_is_not_cached_again() {
         )
         .await;
         first.await.unwrap().unwrap();
+        for lost in redis.keys("lost:c:*") {
+            redis.command(&["DEL", &lost]);
+        }
         invalidate(&mut client, identities(&[(Channel::Sms, NUMBER)])).await;
         // The repeat sends nothing and is answered with what its request received, SMS replayed.
         let again = client.check_capability(repeated).await.unwrap().into_inner();
@@ -994,6 +1012,42 @@ async fn a_result_replayed_after_an_invalidation_is_not_cached_again() {
         assert!(after.results.is_empty(), "round {n}: SMS was invalidated: {after:?}");
         assert_eq!(nth_query(&fake, 2 * n + 2).await.1, ["SMS"], "round {n}");
     }
+}
+
+/// A result's age is judged by the log's clock when it runs ahead of the replica's: a result the log timed two
+/// minutes ago is not served to a check accepting results up to a minute old, though by the replica's own clock
+/// it is not yet (a stream entry ten minutes ahead makes Redis time every later entry so).
+#[tokio::test]
+async fn with_the_log_ahead_a_results_age_is_the_logs() {
+    let fake = FakeSinch::start().await;
+    let redis = RedisServer::start().await;
+    let ahead = (std::time::SystemTime::now() + Duration::from_secs(600))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    redis.command(&["XADD", "{aged:0}:events", &format!("{ahead}-0"), "e", "x"]);
+    let url = format!("--redis-url={}", redis.url());
+    let service = Service::against(&fake, &[&url, "--redis-prefix=aged"]).await;
+    let mut client = service.client().await;
+    let first = spawn_check(client.clone(), check(identities(&[(Channel::Sms, NUMBER)]))).await;
+    let (live_id, _) = nth_query(&fake, 1).await;
+    deliver(service.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await;
+    first.await.unwrap().unwrap();
+    // Two minutes pass by the log: an entry then, and after it a result of another request, watched until here.
+    redis.command(&["XADD", "{aged:0}:events", &format!("{}-0", ahead + 120_000), "e", "x"]);
+    let later = pb::WatchCapabilityRequest {
+        request_id: "LATER".into(),
+        ..Default::default()
+    };
+    let mut watching = client.watch_capability(later).await.unwrap().into_inner();
+    deliver(service.webhook_addr, callback("LATER", "RCS", "CAPABILITY_FULL")).await;
+    watching.message().await.unwrap().unwrap();
+    let mut within_a_minute = check(identities(&[(Channel::Sms, NUMBER)]));
+    within_a_minute.max_age = duration(Duration::from_secs(60));
+    within_a_minute.wait = duration(Duration::ZERO);
+    let answer = client.check_capability(within_a_minute).await.unwrap().into_inner();
+    assert!(answer.results.is_empty(), "served as a minute old at most: {answer:?}");
+    assert_eq!(nth_query(&fake, 2).await.1, ["SMS"]);
 }
 
 #[tokio::test]
@@ -1579,7 +1633,7 @@ async fn in_redis_a_contact_invalidated_while_a_result_is_stored_leaves_no_resul
             for _ in 0..round % 16 {
                 tokio::task::yield_now().await;
             }
-            cache.remove(&[], &contact).await
+            cache.remove(&[], &contact, 0).await
         };
         let (stored, removed) = tokio::join!(cache.store(&arriving, 1), later);
         stored.unwrap();
@@ -1633,8 +1687,8 @@ async fn in_redis_a_result_from_before_an_invalidation_is_not_stored_after_it() 
         assert_eq!(held().await, (true, 1));
         // By identity, InvalidateCapability names the contact the cached result names too.
         let removed = match by_contact {
-            true => cache.remove(&[], &contact).await.unwrap(),
-            false => cache.remove(&keys, &contact).await.unwrap(),
+            true => cache.remove(&[], &contact, 0).await.unwrap(),
+            false => cache.remove(&keys, &contact, 0).await.unwrap(),
         };
         assert_eq!(
             removed, 2,
@@ -1656,7 +1710,7 @@ async fn in_redis_a_result_from_before_an_invalidation_is_not_stored_after_it() 
         [hasher.contact("app", &format!("C-{late}"))],
     );
     let before = result(late, std::time::SystemTime::now() - Duration::from_secs(1));
-    assert_eq!(cache.remove(&never, &nobody).await.unwrap(), 0, "nothing was cached");
+    assert_eq!(cache.remove(&never, &nobody, 0).await.unwrap(), 0, "nothing was cached");
     cache.store(&before, 1).await.unwrap();
     assert!(cache.get(&never).await.unwrap()[0].is_none());
     assert!(cache.get_contact(&nobody[0]).await.unwrap().is_empty());

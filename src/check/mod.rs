@@ -242,13 +242,20 @@ impl Checker {
         }
     }
 
+    /// Now, for judging a result's age: the later of this replica's clock and the log's as last read. A result is
+    /// timed by the log (with Redis, Redis's clock at its append): a log running ahead of this replica must not
+    /// make results look younger than they are.
+    fn now_ms(&self) -> u64 {
+        wall_clock_ms().max(self.hub.now_ms())
+    }
+
     /// The cached results of `keys` that may answer a check accepting results up to `max_age` old (none when
     /// `max_age` is zero: the check asks Sinch).
     async fn fresh(&self, keys: &[EntryKey], max_age: Duration) -> Vec<Option<CheckResult>> {
         if max_age.is_zero() {
             return vec![None; keys.len()];
         }
-        let now = wall_clock_ms();
+        let now = self.now_ms();
         self.cached(keys)
             .await
             .into_iter()
@@ -273,7 +280,7 @@ impl Checker {
         about: impl Fn(&Notification) -> bool,
         cached: impl Future<Output = Vec<CachedResult>>,
     ) -> bool {
-        let now = wall_clock_ms();
+        let now = self.now_ms();
         let before_ms = match max_age.is_zero() {
             true => u64::MAX,
             false => now.saturating_sub(max_age.as_millis() as u64),
@@ -587,7 +594,7 @@ impl Checker {
                 if request.max_age.is_zero() {
                     return None;
                 }
-                let now = wall_clock_ms();
+                let now = self.now_ms();
                 let cached = self.cached_contact(&key).await;
                 // Every result the entry holds must be fresh: one expired means a channel would be missing.
                 (!cached.is_empty() && cached.iter().all(|c| c.fresh(now, request.max_age))).then(|| {
@@ -911,7 +918,7 @@ impl Checker {
                 self.flights.forget(&keys);
                 log.shared_cache()
                     .expect("a Redis store")
-                    .remove(&keys, &contacts)
+                    .remove(&keys, &contacts, self.hub.now_ms())
                     .await
                     .map_err(|e| CheckError::Unavailable(e.to_string()))
             }

@@ -508,6 +508,13 @@ impl Hub {
     }
 }
 
+impl Hub {
+    /// The log's clock as this replica last read it, in milliseconds since the Unix epoch (0 before any reading).
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms.load(Ordering::Relaxed)
+    }
+}
+
 impl Consumer for Hub {
     fn apply(&self, entry: &Entry) {
         match entry {

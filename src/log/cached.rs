@@ -14,7 +14,8 @@ use crate::capability::{CacheTtl, Channel, Notification};
 /// A cached result: the notification as a hub sends it, and when it arrived and stops being trusted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CachedResult {
-    /// When the result reached this service from Sinch, in milliseconds since the Unix epoch.
+    /// When the result reached this service from Sinch, by the log's clock (its entry's time: with Redis, Redis's
+    /// clock at its append), in milliseconds since the Unix epoch.
     pub checked_at_ms: u64,
     /// When the result stops being trusted (its status's time to live after `checked_at_ms`).
     pub expires_at_ms: u64,

@@ -337,9 +337,10 @@ fn admit(receiver: &Receiver) -> Result<Pending<'_>, WebhookError> {
     })
 }
 
-/// Reads a body as it arrives, each chunk taken from the budget of bytes arriving at once (a 503 past it) and
-/// the whole within `max_body` (a 413 once past it: answered earlier, a client still sending would see its
-/// connection reset rather than the answer); the budget's share is given back when the returned guard is dropped.
+/// Reads a body as it arrives, the memory it holds taken from the budget of bytes arriving at once (a 503 past
+/// it: what its buffer grows by, [`grown_capacity`]) and the whole within `max_body` (a 413 once past it:
+/// answered earlier, a client still sending would see its connection reset rather than the answer); the budget's
+/// share is given back when the returned guard is dropped.
 async fn read_body(receiver: &Receiver, body: Body) -> Result<(Bytes, Option<SemaphorePermit<'_>>), WebhookError> {
     use futures::StreamExt;
     let max_body = receiver.config.max_body;
@@ -351,28 +352,32 @@ async fn read_body(receiver: &Receiver, body: Body) -> Result<(Bytes, Option<Sem
         if read.len() + chunk.len() > max_body {
             return Err(WebhookError::TooLarge(max_body));
         }
-        let Ok(share) = receiver.arriving.try_acquire_many(chunk.len() as u32) else {
-            tracing::debug!("callback shed: too many bytes arriving at once");
-            return Err(WebhookError::BodiesOverBudget(arriving_budget(&receiver.config)));
-        };
-        match &mut held {
-            Some(held) => held.merge(share),
-            None => held = Some(share),
+        let capacity = grown_capacity((read.len(), read.capacity()), chunk.len(), max_body);
+        if capacity > read.capacity() {
+            let Ok(share) = receiver.arriving.try_acquire_many((capacity - read.capacity()) as u32) else {
+                tracing::debug!("callback shed: too many bytes arriving at once");
+                return Err(WebhookError::BodiesOverBudget(arriving_budget(&receiver.config)));
+            };
+            match &mut held {
+                Some(held) => held.merge(share),
+                None => held = Some(share),
+            }
+            read.reserve_exact(capacity - read.len());
         }
-        extend_within(&mut read, &chunk, max_body);
+        read.extend_from_slice(&chunk);
     }
     Ok((read.into(), held))
 }
 
-/// Appends `chunk` to `read`, growing it as a `Vec` does (doubling) but never past `max_body` bytes: the budget of
-/// bytes arriving counts whole bodies, and doubling alone would let a body's buffer reach twice that.
-fn extend_within(read: &mut Vec<u8>, chunk: &[u8], max_body: usize) {
-    let needed = read.len() + chunk.len();
-    if needed > read.capacity() {
-        let grown = (read.capacity() * 2).clamp(needed, max_body.max(needed));
-        read.reserve_exact(grown - read.len());
+/// The capacity a buffer (its length and capacity) needs to take `more` bytes: its own when they fit, else twice it (as a `Vec` grows, so that
+/// a body in many chunks is not copied for each), at least what they need and at most `max_body`. The budget of
+/// bytes arriving is charged by capacity: it bounds what the buffers hold, not only what they were sent.
+fn grown_capacity((len, capacity): (usize, usize), more: usize, max_body: usize) -> usize {
+    let needed = len + more;
+    if needed <= capacity {
+        return capacity;
     }
-    read.extend_from_slice(chunk);
+    (capacity * 2).clamp(needed, max_body.max(needed))
 }
 
 /// A callback being handled, counted in `capability_webhooks_pending` until its handling ends, however it ends
@@ -606,20 +611,25 @@ mod tests {
         assert!(remembered >= Duration::from_secs(360 - 30), "{remembered:?}");
     }
 
-    /// A body's buffer grows by doubling, but never past the largest body: the bytes budget counts whole bodies.
+    /// A body's buffer grows by doubling, but never past the largest body, and what it holds is what the budget
+    /// of bytes arriving was charged.
     #[test]
-    fn a_bodys_buffer_never_grows_past_the_largest_body() {
+    fn a_bodys_buffer_never_grows_past_the_largest_body_nor_past_its_charge() {
         let max_body = 1 << 20;
-        let mut read = Vec::new();
+        let (mut read, mut charged) = (Vec::new(), 0);
         let chunk = [7; 1000];
         while read.len() + chunk.len() <= max_body {
-            extend_within(&mut read, &chunk, max_body);
+            let capacity = grown_capacity((read.len(), read.capacity()), chunk.len(), max_body);
+            charged += capacity - read.capacity();
+            read.reserve_exact(capacity - read.len());
+            read.extend_from_slice(&chunk);
             assert!(
                 read.capacity() <= max_body,
                 "{} bytes held for {}",
                 read.capacity(),
                 read.len()
             );
+            assert_eq!(read.capacity(), charged, "held beyond the charge");
         }
         assert_eq!(read.len(), max_body / 1000 * 1000);
     }

@@ -12,11 +12,11 @@
 //! A result's time is its time in the log: the stream entry's, Redis's clock at its append (on a Cluster, its
 //! shard's node's), whichever replica stores it — the one that appended it, or a check that received it from its
 //! hub, maybe much later — so that replicas' clocks never order two results. An invalidation leaves its time in
-//! the entries it names, held or not (a result's append-time store may have failed, or Redis lost it): Redis's
-//! clock too (the entry's node's), or past the time of what it removed if that is later (a log running ahead), for
-//! as long as a result appended before it may still be stored by a replica: a retention (a hub replays it to a
-//! check) plus the longest check, or the longest time to live of any status if shorter. Such a result is refused
-//! there. Its first 8 bytes read as a result's time, so a replica that predates the mark refuses such results
+//! the entries it names, held or not (a result's append-time store may have failed, be on its way still, or Redis
+//! lost it): Redis's clock too (the entry's node's), or past the log's time as the invalidating replica last read
+//! it, or past the time of what it removed, whichever is latest (a log running ahead of Redis's clock), for as long
+//! as a result appended before it may still be stored by a replica: a retention (a hub replays it to a check) plus
+//! the longest check, or the longest time to live of any status if shorter. Such a result is refused there. Its first 8 bytes read as a result's time, so a replica that predates the mark refuses such results
 //! under an identity too; a mark reads as no result. A mark costs about what a cached result does, for minutes.
 
 use std::{
@@ -54,9 +54,10 @@ local function newer(a, b)
 end
 ";
 
-/// Redis's clock in ms (`now`); an invalidation's time: now, or past the time of a result it removes (or of a
-/// mark) if that is later (`past`), so that the result is refused however far ahead its time was; `mark` encodes
-/// it as the 8 bytes an entry holds.
+/// Redis's clock in ms (`now`); an invalidation's time: now, or past the log's time as the invalidating replica
+/// last read it, or past the time of a result it removes (or of a mark), whichever is latest (`past`), so that a
+/// result appended before it is refused however far ahead of Redis's clock the log ran, held in the entry or not;
+/// `mark` encodes it as the 8 bytes an entry holds.
 const MARK: &str = r"
 local function now()
   local t = redis.call('TIME')
@@ -100,10 +101,12 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
-/// Empties an identity's entry, leaving the invalidation's time (see [`MARK`]). KEYS: entry. ARGV: how long it is kept (ms). Returns 1 when a result went.
+/// Empties an identity's entry, leaving the invalidation's time (see [`MARK`]). KEYS: entry. ARGV: how long it is
+/// kept (ms), the log's time as the invalidating replica last read it (ms). Returns 1 when a result went.
 const INVALIDATE: &str = r"
 local cur = redis.call('GET', KEYS[1])
-redis.call('SET', KEYS[1], mark(past(now(), cur)), 'PX', ARGV[1])
+local at = math.max(now(), tonumber(ARGV[2]) + 1)
+redis.call('SET', KEYS[1], mark(past(at, cur)), 'PX', ARGV[1])
 if cur and #cur > 8 then return 1 end
 return 0
 ";
@@ -138,10 +141,10 @@ return 1
 
 /// Empties a contact's entry, leaving the invalidation's time (see [`MARK`]), and returns the identities it listed, in one step: a result stored in it between a read of its fields and
 /// their deletion would be deleted unlisted, its identity entry left behind. KEYS: contact entry. ARGV: how long
-/// the mark is kept (ms).
+/// the mark is kept (ms), the log's time as the invalidating replica last read it (ms).
 const TAKE_CONTACT: &str = r"
 local held = redis.call('HGETALL', KEYS[1])
-local at = now()
+local at = math.max(now(), tonumber(ARGV[2]) + 1)
 local listed = {}
 for i = 1, #held, 2 do
   at = past(at, held[i + 1])
@@ -407,15 +410,16 @@ impl RedisCache {
     }
 
     /// Empties identity entries `keys` and contacts' entries `contacts` with the identity entries they list,
-    /// leaving the invalidation's time in each (see the module documentation). Returns how many entries went.
-    pub async fn remove(&self, keys: &[EntryKey], contacts: &[EntryKey]) -> redis::RedisResult<u64> {
+    /// leaving the invalidation's time in each (see the module documentation; `log_ms`: the log's time as this
+    /// replica last read it). Returns how many entries went.
+    pub async fn remove(&self, keys: &[EntryKey], contacts: &[EntryKey], log_ms: u64) -> redis::RedisResult<u64> {
         let kept = ttl_ms(self.marks_kept);
         let mut names: Vec<String> = keys.iter().map(|k| self.entry(k)).collect();
         let mut leases: Vec<String> = keys.iter().chain(contacts).map(|k| self.lease_key(k)).collect();
         let mut removed = 0;
         for contact in contacts {
             let mut invocation = self.take_contact.prepare_invoke();
-            invocation.key(self.contact_entry(contact)).arg(kept);
+            invocation.key(self.contact_entry(contact)).arg(kept).arg(log_ms);
             let listed: Vec<String> = invoke(&invocation, &self.commands).await?;
             removed += u64::from(!listed.is_empty());
             names.extend(listed.iter().map(|field| format!("{}:c:{field}", self.prefix)));
@@ -426,7 +430,7 @@ impl RedisCache {
         // One command per key, all at once: in a cluster each may live on another slot.
         let emptied = names.into_iter().map(|name| {
             let mut invocation = self.invalidate.prepare_invoke();
-            invocation.key(name).arg(kept);
+            invocation.key(name).arg(kept).arg(log_ms);
             async move { invoke::<u64>(&invocation, &self.commands).await }
         });
         // The lookups of what was invalidated are not joined again: a later check asks Sinch, rather than be

@@ -44,7 +44,7 @@ use super::{
     Unavailable, codec, skipped, wall_clock_ms,
 };
 use crate::{
-    capability::{CacheTtl, mask_digits},
+    capability::{CacheTtl, Notification, mask_digits},
     secret::Secret,
 };
 use cache::RedisCache;
@@ -61,10 +61,14 @@ const RECENT: Duration = Duration::from_secs(10);
 /// The most events kept for that, per shard, whatever the rate.
 const MAX_RECENT: usize = 100_000;
 /// The longest an appended callback's acknowledgement waits for its result's caching, which goes on in the
-/// background past it (its few commands whole, each bounded by the connection's response timeout): a cache that
-/// stalls (on a Cluster, a node other than the stream's) delays the 200 of a callback the log took by this much,
-/// where it was answered 503 at the webhook timeout (Sinch's redelivery then a duplicate, the result never cached).
+/// background past it (its few commands whole): a cache that stalls (on a Cluster, a node other than the
+/// stream's) delays the 200 of a callback the log took by this much, where it was answered 503 at the webhook
+/// timeout (Sinch's redelivery then a duplicate, the result never cached).
 const CACHING: Duration = Duration::from_millis(250);
+/// The most cache writes of appended results on their way at once (a few in normal running: each takes a round
+/// trip or three). Past it a result is not cached (a later check asks Sinch) and its callback is acknowledged at
+/// once: a stalled cache neither grows the tasks without bound nor holds every callback for [`CACHING`].
+const MAX_CACHING: usize = 1024;
 /// The most query records kept per shard while Redis cannot take them (a minute of queries at Sinch's rate).
 const MAX_UNRECORDED: usize = 50_000;
 /// How many of them go to Redis in one round trip once it answers again.
@@ -255,6 +259,8 @@ pub struct RedisLog {
     restore: Script,
     /// The capability cache and coalescing leases.
     cache: Arc<RedisCache>,
+    /// One permit per cache write of an appended result on its way ([`MAX_CACHING`]).
+    caching: Arc<tokio::sync::Semaphore>,
     /// Bulk check jobs and the callback budget.
     jobs: jobs::RedisJobs,
     /// The readers' last view of Redis, for logs, probes and the `capability_backplane_up` gauge: 0 not yet
@@ -331,6 +337,7 @@ impl RedisLog {
         let jobs = jobs::RedisJobs::new(commands.clone(), settings.prefix.clone());
         Ok(RedisLog {
             cache: Arc::new(cache),
+            caching: Arc::new(tokio::sync::Semaphore::new(MAX_CACHING)),
             jobs,
             connector,
             commands,
@@ -440,19 +447,7 @@ impl RedisLog {
                     // was lost does not know it, and leaves the result to the checks that receive it).
                     if let (Some(mut notification), [time]) = (cached, time) {
                         notification.received_time = codec::log_time(*time as u64);
-                        // The callback is in the log: a result missing from the cache only costs a query.
-                        let cache = self.cache.clone();
-                        let caching = tokio::spawn(
-                            async move {
-                                if let Err(e) = cache.store(&notification, offset).await {
-                                    tracing::warn!(error = %e, "a result could not be cached in Redis");
-                                }
-                            }
-                            .in_current_span(),
-                        );
-                        if tokio::time::timeout(CACHING, caching).await.is_err() {
-                            tracing::warn!("a result's caching took Redis over {CACHING:?}: acknowledged meanwhile");
-                        }
+                        self.cache_appended(notification, offset).await;
                     }
                     return Ok(Accepted::Appended { offset });
                 }
@@ -472,6 +467,28 @@ impl RedisLog {
             }
         }
         Err(Unavailable("Redis changed its dataset twice during one append".into()))
+    }
+
+    /// Caches an appended result (see [`CACHING`] and [`MAX_CACHING`]). The callback is in the log: a result
+    /// missing from the cache only costs a query.
+    async fn cache_appended(&self, notification: Notification, offset: u64) {
+        let Ok(permit) = self.caching.clone().try_acquire_owned() else {
+            tracing::debug!("a result was not cached: {MAX_CACHING} cache writes are on their way already");
+            return;
+        };
+        let cache = self.cache.clone();
+        let caching = tokio::spawn(
+            async move {
+                let _permit = permit;
+                if let Err(e) = cache.store(&notification, offset).await {
+                    tracing::warn!(error = %e, "a result could not be cached in Redis");
+                }
+            }
+            .in_current_span(),
+        );
+        if tokio::time::timeout(CACHING, caching).await.is_err() {
+            tracing::warn!("a result's caching took Redis over {CACHING:?}: acknowledged meanwhile");
+        }
     }
 
     /// Appends a query's record; when Redis cannot take it, keeps it for the shard's reader to append once Redis
