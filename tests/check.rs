@@ -1747,14 +1747,20 @@ async fn in_redis_a_late_store_of_an_older_result_does_not_replace_a_newer_one()
         log.accept(None, Some(newer)).await,
         Ok(Accepted::Appended { .. })
     ));
+    let held = async || cache.get(&key).await.unwrap().remove(0).map(|r| r.request_id);
+    // The appending replica's write may go on past the acknowledgement.
+    common::until(FIVE_SECONDS, async || held().await.as_deref() == Some("r-2")).await;
     // The older result as every replica's hub hands it out: at its time in the log.
     let handed_out = capability_facade::capability::Notification {
         received_time: log_time(ahead(10)),
         ..older
     };
     cache.store(&handed_out, 1).await.unwrap();
-    let held = cache.get(&key).await.unwrap().remove(0).map(|r| r.request_id);
-    assert_eq!(held.as_deref(), Some("r-2"), "the older result replaced the newer");
+    assert_eq!(
+        held().await.as_deref(),
+        Some("r-2"),
+        "the older result replaced the newer"
+    );
 }
 
 /// A check waiting for live results when its replica begins to shut down is told to retry elsewhere: without

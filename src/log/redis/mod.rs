@@ -473,6 +473,7 @@ impl RedisLog {
     /// missing from the cache only costs a query.
     async fn cache_appended(&self, notification: Notification, offset: u64) {
         let Ok(permit) = self.caching.clone().try_acquire_owned() else {
+            metrics::counter!("capability_cache_writes_failed_total", "reason" => "busy").increment(1);
             tracing::debug!("a result was not cached: {MAX_CACHING} cache writes are on their way already");
             return;
         };
@@ -481,6 +482,7 @@ impl RedisLog {
             async move {
                 let _permit = permit;
                 if let Err(e) = cache.store(&notification, offset).await {
+                    metrics::counter!("capability_cache_writes_failed_total", "reason" => "error").increment(1);
                     tracing::warn!(error = %e, "a result could not be cached in Redis");
                 }
             }
