@@ -478,7 +478,9 @@ impl RedisLog {
             return;
         };
         let cache = self.cache.clone();
-        let caching = tokio::spawn(
+        // Written here while it is quick (no task of its own: a hop between threads costs the acknowledgement
+        // tens of microseconds); past [`CACHING`] the rest goes on in a task.
+        let mut caching = Box::pin(
             async move {
                 let _permit = permit;
                 if let Err(e) = cache.store(&notification, offset).await {
@@ -488,8 +490,9 @@ impl RedisLog {
             }
             .in_current_span(),
         );
-        if tokio::time::timeout(CACHING, caching).await.is_err() {
+        if tokio::time::timeout(CACHING, &mut caching).await.is_err() {
             tracing::warn!("a result's caching took Redis over {CACHING:?}: acknowledged meanwhile");
+            tokio::spawn(caching);
         }
     }
 
