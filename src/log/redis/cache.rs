@@ -16,8 +16,9 @@
 //! lost it): Redis's clock too (the entry's node's), or past the log's time as the invalidating replica last read
 //! it, or past the time of what it removed, whichever is latest (a log running ahead of Redis's clock), for as long
 //! as a result appended before it may still be stored by a replica: a retention (a hub replays it to a check) plus
-//! the longest check, or the longest time to live of any status if shorter. Such a result is refused there. Its first 8 bytes read as a result's time, so a replica that predates the mark refuses such results
-//! under an identity too; a mark reads as no result. A mark costs about what a cached result does, for minutes.
+//! the longest check, or the longest time to live of any status if shorter. Such a result is refused there. Its
+//! first 8 bytes read as a result's time, so a replica that predates the mark refuses such results under an
+//! identity too; a mark reads as no result. A mark costs about what a cached result does, for minutes.
 
 use std::{
     sync::atomic::{AtomicBool, Ordering},
@@ -54,22 +55,29 @@ local function newer(a, b)
 end
 ";
 
-/// Redis's clock in ms (`now`); an invalidation's time: now, or past the log's time as the invalidating replica
-/// last read it, or past the time of a result it removes (or of a mark), whichever is latest (`past`), so that a
-/// result appended before it is refused however far ahead of Redis's clock the log ran, held in the entry or not;
-/// `mark` encodes it as the 8 bytes an entry holds.
+/// Times in the scripts, in ms: Redis's clock (`now`); the 8 big-endian bytes of a value from a position
+/// (`ms_at`: 1, a result's or mark's time; 9, a result's expiry); an invalidation's time: now, or just past the
+/// log's time as the invalidating replica last read it (`invalidated_at`), or past the time of a result it removes
+/// (or of a mark) (`past`), whichever is latest, so that a result appended before it is refused however far ahead
+/// of Redis's clock the log ran, held in the entry or not; `as_mark` encodes it as the 8 bytes an entry holds.
 const MARK: &str = r"
 local function now()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+local function ms_at(value, from)
+  local ms = 0
+  for i = from, from + 7 do ms = ms * 256 + string.byte(value, i) end
+  return ms
+end
+local function invalidated_at(log_ms)
+  return math.max(now(), tonumber(log_ms) + 1)
+end
 local function past(at, held)
   if not held or #held < 8 then return at end
-  local ms = 0
-  for i = 1, 8 do ms = ms * 256 + string.byte(held, i) end
-  return math.max(at, ms + 1)
+  return math.max(at, ms_at(held, 1) + 1)
 end
-local function mark(ms)
+local function as_mark(ms)
   local bytes = {}
   for i = 8, 1, -1 do
     bytes[i] = string.char(ms % 256)
@@ -105,8 +113,7 @@ return 0
 /// kept (ms), the log's time as the invalidating replica last read it (ms). Returns 1 when a result went.
 const INVALIDATE: &str = r"
 local cur = redis.call('GET', KEYS[1])
-local at = math.max(now(), tonumber(ARGV[2]) + 1)
-redis.call('SET', KEYS[1], mark(past(at, cur)), 'PX', ARGV[1])
+redis.call('SET', KEYS[1], as_mark(past(invalidated_at(ARGV[2]), cur)), 'PX', ARGV[1])
 if cur and #cur > 8 then return 1 end
 return 0
 ";
@@ -121,11 +128,7 @@ local held = redis.call('HGETALL', KEYS[1])
 local at = now()
 for i = 1, #held, 2 do
   local value = held[i + 1]
-  if held[i] ~= 't' and #value >= 16 then
-    local expires = 0
-    for j = 9, 16 do expires = expires * 256 + string.byte(value, j) end
-    if expires <= at then redis.call('HDEL', KEYS[1], held[i]) end
-  end
+  if held[i] ~= 't' and #value >= 16 and ms_at(value, 9) <= at then redis.call('HDEL', KEYS[1], held[i]) end
 end
 local mark = redis.call('HGET', KEYS[1], 't')
 if mark and newer(mark, ARGV[2]) then return 2 end
@@ -139,19 +142,20 @@ if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KE
 return 1
 ";
 
-/// Empties a contact's entry, leaving the invalidation's time (see [`MARK`]), and returns the identities it listed, in one step: a result stored in it between a read of its fields and
-/// their deletion would be deleted unlisted, its identity entry left behind. KEYS: contact entry. ARGV: how long
-/// the mark is kept (ms), the log's time as the invalidating replica last read it (ms).
+/// Empties a contact's entry, leaving the invalidation's time (see [`MARK`]), and returns the identities it
+/// listed, in one step: a result stored in it between a read of its fields and their deletion would be deleted
+/// unlisted, its identity entry left behind. KEYS: contact entry. ARGV: how long the mark is kept (ms), the log's
+/// time as the invalidating replica last read it (ms).
 const TAKE_CONTACT: &str = r"
 local held = redis.call('HGETALL', KEYS[1])
-local at = math.max(now(), tonumber(ARGV[2]) + 1)
+local at = invalidated_at(ARGV[2])
 local listed = {}
 for i = 1, #held, 2 do
   at = past(at, held[i + 1])
   if held[i] ~= 't' then table.insert(listed, held[i]) end
 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 't', mark(at))
+redis.call('HSET', KEYS[1], 't', as_mark(at))
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return listed
 ";
