@@ -338,7 +338,7 @@ fn admit(receiver: &Receiver) -> Result<Pending<'_>, WebhookError> {
 }
 
 /// Reads a body as it arrives, the memory it holds taken from the budget of bytes arriving at once (a 503 past
-/// it: what its buffer grows by, [`grown_capacity`]) and the whole within `max_body` (a 413 once past it:
+/// it: what its buffer grows by, [`append_charged`]) and the whole within `max_body` (a 413 once past it:
 /// answered earlier, a client still sending would see its connection reset rather than the answer); the budget's
 /// share is given back when the returned guard is dropped.
 async fn read_body(receiver: &Receiver, body: Body) -> Result<(Bytes, Option<SemaphorePermit<'_>>), WebhookError> {
@@ -352,9 +352,8 @@ async fn read_body(receiver: &Receiver, body: Body) -> Result<(Bytes, Option<Sem
         if read.len() + chunk.len() > max_body {
             return Err(WebhookError::TooLarge(max_body));
         }
-        let capacity = grown_capacity((read.len(), read.capacity()), chunk.len(), max_body);
-        if capacity > read.capacity() {
-            let Ok(share) = receiver.arriving.try_acquire_many((capacity - read.capacity()) as u32) else {
+        append_charged(&mut read, &chunk, max_body, |grown| {
+            let Ok(share) = receiver.arriving.try_acquire_many(grown as u32) else {
                 tracing::debug!("callback shed: too many bytes arriving at once");
                 return Err(WebhookError::BodiesOverBudget(arriving_budget(&receiver.config)));
             };
@@ -362,22 +361,30 @@ async fn read_body(receiver: &Receiver, body: Body) -> Result<(Bytes, Option<Sem
                 Some(held) => held.merge(share),
                 None => held = Some(share),
             }
-            read.reserve_exact(capacity - read.len());
-        }
-        read.extend_from_slice(&chunk);
+            Ok(())
+        })?;
     }
     Ok((read.into(), held))
 }
 
-/// The capacity a buffer (its length and capacity) needs to take `more` bytes: its own when they fit, else twice it (as a `Vec` grows, so that
-/// a body in many chunks is not copied for each), at least what they need and at most `max_body`. The budget of
-/// bytes arriving is charged by capacity: it bounds what the buffers hold, not only what they were sent.
-fn grown_capacity((len, capacity): (usize, usize), more: usize, max_body: usize) -> usize {
-    let needed = len + more;
-    if needed <= capacity {
-        return capacity;
+/// Appends `chunk` to `read`, first charging `charge` what the buffer grows by: it grows to twice its capacity
+/// (as a `Vec` does, so that a body in many chunks is not copied for each), at least what it needs and at most
+/// `max_body`. Charged by capacity, the budget of bytes arriving bounds what the buffers hold, not only what they
+/// were sent.
+fn append_charged<E>(
+    read: &mut Vec<u8>,
+    chunk: &[u8],
+    max_body: usize,
+    charge: impl FnOnce(usize) -> Result<(), E>,
+) -> Result<(), E> {
+    let needed = read.len() + chunk.len();
+    if needed > read.capacity() {
+        let capacity = (read.capacity() * 2).clamp(needed, max_body.max(needed));
+        charge(capacity - read.capacity())?;
+        read.reserve_exact(capacity - read.len());
     }
-    (capacity * 2).clamp(needed, max_body.max(needed))
+    read.extend_from_slice(chunk);
+    Ok(())
 }
 
 /// A callback being handled, counted in `capability_webhooks_pending` until its handling ends, however it ends
@@ -619,10 +626,11 @@ mod tests {
         let (mut read, mut charged) = (Vec::new(), 0);
         let chunk = [7; 1000];
         while read.len() + chunk.len() <= max_body {
-            let capacity = grown_capacity((read.len(), read.capacity()), chunk.len(), max_body);
-            charged += capacity - read.capacity();
-            read.reserve_exact(capacity - read.len());
-            read.extend_from_slice(&chunk);
+            append_charged(&mut read, &chunk, max_body, |grown| {
+                charged += grown;
+                Ok::<_, ()>(())
+            })
+            .unwrap();
             assert!(
                 read.capacity() <= max_body,
                 "{} bytes held for {}",
