@@ -224,6 +224,11 @@ impl Hub {
         }
     }
 
+    /// The log's clock as this replica last read it, in milliseconds since the Unix epoch (0 before any reading).
+    pub fn now_ms(&self) -> u64 {
+        self.now_ms.load(Ordering::Relaxed)
+    }
+
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
     }
@@ -505,13 +510,6 @@ impl Hub {
             order.retain(live);
             order.shrink_to_fit();
         }
-    }
-}
-
-impl Hub {
-    /// The log's clock as this replica last read it, in milliseconds since the Unix epoch (0 before any reading).
-    pub fn now_ms(&self) -> u64 {
-        self.now_ms.load(Ordering::Relaxed)
     }
 }
 
