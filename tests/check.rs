@@ -955,6 +955,24 @@ async fn an_invalidation_made_while_a_check_waits_is_not_undone_when_the_check_r
     }
 }
 
+/// `after` from now, in milliseconds since the Unix epoch.
+fn ms_from_now(after: Duration) -> u64 {
+    let at = std::time::SystemTime::now() + after;
+    at.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// Makes the log of `prefix` (its shard 0) run at `at_ms` at least: a stream entry then (one no replica can read,
+/// skipped) makes Redis time every later entry of the stream at it.
+fn log_at(redis: &RedisServer, prefix: &str, at_ms: u64) {
+    redis.command(&[
+        "XADD",
+        &format!("{{{prefix}:0}}:events"),
+        &format!("{at_ms}-0"),
+        "e",
+        "x",
+    ]);
+}
+
 /// A result received before an invalidation and replayed afterwards to a check that repeats its request_id is
 /// not cached again, in process or with Redis — also when the log's clock runs ahead of Redis's own (a stream entry
 /// ten minutes ahead makes Redis time every later entry so), and when the cache had lost the result by the time
@@ -964,18 +982,9 @@ async fn a_result_replayed_after_an_invalidation_is_not_cached_again() {
     let fake = FakeSinch::start().await;
     let redis = RedisServer::start().await;
     let url = format!("--redis-url={}", redis.url());
-    let ahead = (std::time::SystemTime::now() + Duration::from_secs(600))
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
+    let ahead = ms_from_now(Duration::from_secs(600));
     for prefix in ["ahead", "lost"] {
-        redis.command(&[
-            "XADD",
-            &format!("{{{prefix}:0}}:events"),
-            &format!("{ahead}-0"),
-            "e",
-            "x",
-        ]);
+        log_at(&redis, prefix, ahead);
     }
     let rounds = [
         &[][..],
@@ -1021,11 +1030,8 @@ async fn a_result_replayed_after_an_invalidation_is_not_cached_again() {
 async fn with_the_log_ahead_a_results_age_is_the_logs() {
     let fake = FakeSinch::start().await;
     let redis = RedisServer::start().await;
-    let ahead = (std::time::SystemTime::now() + Duration::from_secs(600))
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
-    redis.command(&["XADD", "{aged:0}:events", &format!("{ahead}-0"), "e", "x"]);
+    let ahead = ms_from_now(Duration::from_secs(600));
+    log_at(&redis, "aged", ahead);
     let url = format!("--redis-url={}", redis.url());
     let service = Service::against(&fake, &[&url, "--redis-prefix=aged"]).await;
     let mut client = service.client().await;
@@ -1034,7 +1040,7 @@ async fn with_the_log_ahead_a_results_age_is_the_logs() {
     deliver(service.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await;
     first.await.unwrap().unwrap();
     // Two minutes pass by the log: an entry then, and after it a result of another request, watched until here.
-    redis.command(&["XADD", "{aged:0}:events", &format!("{}-0", ahead + 120_000), "e", "x"]);
+    log_at(&redis, "aged", ahead + 120_000);
     let later = pb::WatchCapabilityRequest {
         request_id: "LATER".into(),
         ..Default::default()
@@ -1731,17 +1737,14 @@ async fn in_redis_a_late_store_of_an_older_result_does_not_replace_a_newer_one()
         .unwrap()
         .identity("app", &capability_facade::capability::Channel::Sms, NUMBER)];
     let now = std::time::SystemTime::now();
-    let ahead = |minutes: u64| {
-        let at = now + Duration::from_secs(60 * minutes);
-        at.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
-    };
-    redis.command(&["XADD", "{late:0}:events", &format!("{}-0", ahead(10)), "e", "x"]);
+    let ahead = ms_from_now(Duration::from_secs(600));
+    log_at(&redis, "late", ahead);
     let older = sms_result("r-1", NUMBER, "C-1", now);
     assert!(matches!(
         log.accept(None, Some(older.clone())).await,
         Ok(Accepted::Appended { .. })
     ));
-    redis.command(&["XADD", "{late:0}:events", &format!("{}-0", ahead(11)), "e", "x"]);
+    log_at(&redis, "late", ahead + 60_000);
     let newer = sms_result("r-2", NUMBER, "C-1", now);
     assert!(matches!(
         log.accept(None, Some(newer)).await,
@@ -1752,7 +1755,7 @@ async fn in_redis_a_late_store_of_an_older_result_does_not_replace_a_newer_one()
     common::until(FIVE_SECONDS, async || held().await.as_deref() == Some("r-2")).await;
     // The older result as every replica's hub hands it out: at its time in the log.
     let handed_out = capability_facade::capability::Notification {
-        received_time: log_time(ahead(10)),
+        received_time: log_time(ahead),
         ..older
     };
     cache.store(&handed_out, 1).await.unwrap();
