@@ -516,10 +516,10 @@ impl Hub {
 impl Consumer for Hub {
     fn apply(&self, entry: &Entry) {
         match entry {
+            // The latest question asked under the request_id says which channels will report, also when they are
+            // not known in advance: a question Sinch refused may be asked again, corrected, under the same one.
             Entry::Query { time_ms, query } => self.apply_to(&query.request_id, *time_ms, |record| {
-                if let Some(expected) = &query.expected {
-                    record.expected = Some(expected.iter().collect());
-                }
+                record.expected = query.expected.as_ref().map(|expected| expected.iter().collect());
             }),
             Entry::Notification(n) => self.apply_notification(n),
         }

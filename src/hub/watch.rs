@@ -222,7 +222,7 @@ mod tests {
     use futures::StreamExt;
 
     use super::*;
-    use crate::log::Consumer;
+    use crate::log::{Consumer, Entry, QueryRecorded};
 
     /// The test limits with a wait of `wait`.
     fn waiting(wait: Duration) -> WatchLimits {
@@ -261,6 +261,28 @@ mod tests {
             })
         ));
         assert!(watch.next().await.is_none());
+    }
+
+    /// A question asked again under the same request_id (Sinch refused the first) replaces the channels the watch
+    /// waits for, also by "not known in advance": a channel listed with two identities may report twice.
+    #[tokio::test(start_paused = true)]
+    async fn a_corrected_question_whose_channels_are_not_known_does_not_complete_at_the_first_result() {
+        let hub = hub(600, 100);
+        hub.apply(&query("r", &[Channel::Sms], 1));
+        hub.apply(&Entry::Query {
+            time_ms: 2,
+            query: QueryRecorded {
+                request_id: "r".into(),
+                expected: None,
+            },
+        });
+        hub.apply(&notification("r", Channel::Sms, 1, 3));
+        let mut watch = pin!(hub.watch("r", 0, waiting(Duration::from_secs(1))));
+        assert_eq!(offset(watch.next().await), 1);
+        let Some(WatchEvent::Completed { reason, .. }) = watch.next().await else {
+            panic!("completion")
+        };
+        assert_eq!(reason, CompletionReason::WaitElapsed);
     }
 
     /// A result gone with the retention is no longer reported: a watch that replays the rest is not told the
