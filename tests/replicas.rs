@@ -422,6 +422,30 @@ async fn events_past_the_retention_are_not_appended_again_after_redis_restarts_e
     );
 }
 
+/// The log ran ahead of the clock of the Redis that came back empty (a stream entry ten minutes ahead here; a
+/// Redis started again on a host whose clock is behind does the same): every entry appended afterwards is timed
+/// before the last one the replicas read. Each replica must read them all the same, its own callbacks and another's.
+#[tokio::test]
+async fn after_redis_restarts_empty_with_an_earlier_clock_every_replica_reads_what_is_appended() {
+    let mut redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let ahead = std::time::SystemTime::now() + Duration::from_secs(600);
+    let ahead_ms = ahead.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    // An entry no replica can read (skipped), which makes Redis time every later entry of the stream at it.
+    redis.command(&["XADD", "{capability:0}:events", &format!("{ahead_ms}-0"), "e", "x"]);
+    let (a, b) = (replica(&fake, &redis).await, replica(&fake, &redis).await);
+    assert_eq!(deliver(a.webhook_addr, body("before", "SMS")).await, 200);
+    for replica in [&a, &b] {
+        assert_eq!(until_marker(replica, "before", 0, "SMS").await.len(), 1);
+    }
+    redis.kill().await;
+    redis.restart().await;
+    deliver_until_acknowledged(a.webhook_addr, body("after", "SMS")).await;
+    for replica in [&a, &b] {
+        assert_eq!(until_marker(replica, "after", 0, "SMS").await.len(), 1);
+    }
+}
+
 /// Two replica processes sharing `redis`, with the environment they were started with: both readers have
 /// connected (and learnt the epoch) once each delivers what the other accepted.
 async fn two_binaries(

@@ -674,17 +674,24 @@ impl RedisLog {
     }
 
     /// Feeds the consumers with every entry of one shard, from `now − retention` on, until `stop`. Reconnects
-    /// with jittered back-off after an outage and resumes after the last entry it saw: no gap, no repeat.
+    /// with jittered back-off after an outage and resumes after the last entry it saw: no gap, no repeat; after a
+    /// Redis that came back without its data, from `now − retention` again (the consumers drop what they hold).
     async fn read(self: Arc<Self>, index: usize, stop: CancellationToken) {
         let shard = &self.shards[index];
         let mut last_id: Option<String> = None;
+        // The epoch of the stream `last_id` is in: a Redis that came back without its data holds another stream,
+        // whose entries may be timed before `last_id` (its clock behind the log's): read it from the start.
+        let mut read_epoch: Option<String> = None;
         let mut pause = Duration::from_millis(50);
         // Whether this connection follows a lost one: Redis may have lost its last writes meanwhile.
         let mut outage = false;
         loop {
             let connected = async {
                 let mut conn = self.connector.dedicated(BLOCK).await?;
-                self.recover(index, outage).await?;
+                let epoch = self.recover(index, outage).await?;
+                if read_epoch.replace(epoch.clone()).is_some_and(|read| read != epoch) {
+                    last_id = None;
+                }
                 self.append_unrecorded(shard).await;
                 if last_id.is_none() {
                     let start = redis_time_ms(&mut conn)
