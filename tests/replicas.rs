@@ -446,6 +446,43 @@ async fn after_redis_restarts_empty_with_an_earlier_clock_every_replica_reads_wh
     }
 }
 
+/// The log is trimmed by Redis's clock: a replica whose own runs ahead must not trim what is still within the
+/// retention, which a replica started later reads back (and others may not have read yet). Here B's clock runs a
+/// minute ahead with a retention of 30 s: by its clock, its query record's trim took every entry Redis held.
+#[tokio::test]
+async fn a_replica_whose_clock_runs_ahead_trims_nothing_within_the_retention() {
+    let redis = RedisServer::start().await;
+    // One entry per node of the stream: trimmed exactly (with `~` Redis trims whole nodes only).
+    redis.command(&["CONFIG", "SET", "stream-node-max-entries", "1"]);
+    let fake = FakeSinch::start().await;
+    let mut env = common::binary_env(&fake);
+    env.push(("CAPABILITY_REDIS_URL", redis.url()));
+    env.push(("CAPABILITY_RETENTION", "30s".to_owned()));
+    let a = common::Binary::spawn(&env).await;
+    assert_eq!(deliver(a.webhook_addr, body("kept", "SMS")).await, 200);
+    let ahead = [env.clone(), testkit::clock_offset("+60s")].concat();
+    let b = common::Binary::spawn(&ahead).await;
+    tonic_client(&b.url())
+        .await
+        .query_capability(query(identities(&[(Channel::Sms, "46700000001")]), "asked-ahead"))
+        .await
+        .unwrap();
+    assert_eq!(deliver(a.webhook_addr, body("marker", "SMS")).await, 200);
+    let c = common::Binary::spawn(&env).await;
+    assert_eq!(first_notifications(&c, "marker", 1).await.len(), 1);
+    let replay = tonic_client(&c.url())
+        .await
+        .watch_capability(watch_request("kept", 0, Some(Duration::ZERO)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        drain(replay).await.0.len(),
+        1,
+        "a replica started later does not read it back"
+    );
+}
+
 /// Two replica processes sharing `redis`, with the environment they were started with: both readers have
 /// connected (and learnt the epoch) once each delivers what the other accepted.
 async fn two_binaries(

@@ -27,5 +27,5 @@ pub use callback::{
 };
 pub use cluster::RedisCluster;
 pub use fake_sinch::{Canned, FakeSinch, KEY_ID, KEY_SECRET, PROJECT, Recorded, basic_auth};
-pub use process::{Binary, Log, Spawned, free_port, spawn_until};
+pub use process::{Binary, Log, Spawned, clock_offset, free_port, spawn_until};
 pub use redis::RedisServer;

@@ -144,6 +144,24 @@ pub struct Binary {
     log_complete: watch::Receiver<bool>,
 }
 
+/// The environment that runs a process's wall clock `offset` ahead of (or, with a `-`, behind) this machine's, as
+/// libfaketime reads it (`+60s`); its monotonic clock, which timers use, is left alone. Panics when libfaketime is
+/// not installed (Debian's package `faketime`).
+pub fn clock_offset(offset: &str) -> Vec<(&'static str, String)> {
+    let library = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|dir| dir.path().join("faketime/libfaketime.so.1"))
+        .find(|library| library.exists())
+        .expect("libfaketime is not installed (Debian: apt-get install faketime)");
+    vec![
+        ("LD_PRELOAD", library.display().to_string()),
+        ("FAKETIME", offset.to_owned()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1".to_owned()),
+    ]
+}
+
 impl Binary {
     /// Starts `program`, the service's binary, with an empty environment but for `PATH`, its three listeners on
     /// free ports of 127.0.0.1 and JSON logs, then `env` on top; returns once it logged where it listens.

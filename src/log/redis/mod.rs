@@ -41,7 +41,7 @@ use tracing::Instrument;
 
 use super::{
     Accepted, Claim, Consumer, Entry, Health, IdempotencyClaim, Nonce, NotificationReceived, QueryRecorded,
-    Unavailable, codec, skipped, wall_clock_ms,
+    Unavailable, codec, skipped,
 };
 use crate::{
     capability::{CacheTtl, Notification, mask_digits},
@@ -76,6 +76,15 @@ const UNRECORDED_BATCH: usize = 256;
 /// How many such round trips the reader makes between two reads.
 const UNRECORDED_BATCHES: usize = 16;
 
+/// Lua: `minid(retention)`, the stream id below which an entry is older than `retention` (ms) by Redis's clock,
+/// the log's one clock: a replica's own, ahead of it, would trim entries other replicas have yet to read.
+const MINID: &str = r"
+local function minid(retention)
+  local t = redis.call('TIME')
+  return string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(retention))
+end
+";
+
 /// Appends a notification. KEYS: epoch, stream, request state, [nonce]. ARGV: the epoch this replica knows,
 /// this attempt's token, the nonce's time to live (ms), the retention (ms), the cap, the digest (hex), the
 /// encoded event. Returns {1, offset, time} appended at that time (the entry's, in ms: Redis's clock), {0,
@@ -105,9 +114,7 @@ end
 n = n + 1
 redis.call('HSET', KEYS[3], 'n', n, field, n)
 redis.call('PEXPIRE', KEYS[3], ARGV[4])
-local t = redis.call('TIME')
-local minid = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[4]))
-local id = redis.call('XADD', KEYS[2], 'MINID', '~', minid, '*', 'e', ARGV[7], 'o', n)
+local id = redis.call('XADD', KEYS[2], 'MINID', '~', minid(ARGV[4]), '*', 'e', ARGV[7], 'o', n)
 return {1, n, tonumber(string.match(id, '^%d+'))}
 ";
 
@@ -156,10 +163,22 @@ if tonumber(ARGV[2]) > tonumber(redis.call('HGET', KEYS[2], 'n') or '0') then
   redis.call('HSET', KEYS[2], 'n', ARGV[2])
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[1])
-local t = redis.call('TIME')
-local minid = string.format('%.0f', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[1]))
-redis.call('XADD', KEYS[1], 'MINID', '~', minid, '*', 'e', ARGV[4], 'o', ARGV[2])
+redis.call('XADD', KEYS[1], 'MINID', '~', minid(ARGV[1]), '*', 'e', ARGV[4], 'o', ARGV[2])
 return 1
+";
+
+/// Appends query records to a stream and renews each one's request state for the retention (a request's
+/// numbering lives as long as its last event, query records included, as the replicas' records of the request
+/// do: without, a query recorded after the results let the numbering start again at 1 while the replicas still
+/// held the request). KEYS: stream, each record's request state. ARGV: retention (ms), each record's encoded event.
+/// Run again (its answer lost), it appends the records again: harmless, the same questions.
+const RECORD_QUERIES: &str = r"
+local from = minid(ARGV[1])
+for i = 2, #KEYS do
+  redis.call('XADD', KEYS[1], 'MINID', '~', from, '*', 'e', ARGV[i])
+  redis.call('PEXPIRE', KEYS[i], ARGV[1])
+end
+return #KEYS - 1
 ";
 
 /// What a bulk check may run past its wait (its live query's time).
@@ -257,6 +276,7 @@ pub struct RedisLog {
     renew_claim: Script,
     settle_claim: Script,
     restore: Script,
+    record_queries: Script,
     /// The capability cache and coalescing leases.
     cache: Arc<RedisCache>,
     /// One permit per cache write of an appended result on its way ([`MAX_CACHING`]).
@@ -344,11 +364,12 @@ impl RedisLog {
             settings,
             shards,
             consumers,
-            append: Script::new(APPEND),
+            append: Script::new(&format!("{MINID}{APPEND}")),
             claim_nonce: Script::new(CLAIM_NONCE),
             renew_claim: Script::new(RENEW_CLAIM),
             settle_claim: Script::new(SETTLE_CLAIM),
-            restore: Script::new(RESTORE),
+            restore: Script::new(&format!("{MINID}{RESTORE}")),
+            record_queries: Script::new(&format!("{MINID}{RECORD_QUERIES}")),
             up: AtomicU8::new(0),
         })
     }
@@ -551,40 +572,25 @@ impl RedisLog {
 
     /// Appends query records to `shard`'s stream, in one round trip.
     async fn append_queries(&self, shard: &Shard, records: &[QueryRecord]) -> redis::RedisResult<()> {
-        let mut pipe = redis::pipe();
-        for record in records {
-            self.add_query(&mut pipe, shard, record);
-        }
-        retried(
-            |mut conn| {
-                let pipe = &pipe;
-                async move { pipe.query_async::<Vec<String>>(&mut conn).await }
-            },
-            &self.commands,
-        )
-        .await?;
+        invoke::<i64>(&self.recording(shard, records), &self.commands).await?;
         for record in records {
             shard.remember(Recent::Query(record.clone()));
         }
         Ok(())
     }
 
-    /// Adds to `pipe` the appending of `record` to `shard`'s stream (trimmed by the retention) and the renewal of
-    /// its request's state for the retention, when the request has one: a request's numbering lives as long as its
-    /// last event, query records included, as the replicas' records of the request do. Without, a query recorded
-    /// after the results let the numbering start again at 1 while the replicas still held the request.
-    fn add_query(&self, pipe: &mut redis::Pipeline, shard: &Shard, record: &QueryRecord) {
-        let retention = self.settings.retention.as_millis() as u64;
-        let minid = wall_clock_ms().saturating_sub(retention);
-        pipe.cmd("XADD")
-            .arg(&shard.stream)
-            .arg("MINID")
-            .arg("~")
-            .arg(minid)
-            .arg("*")
-            .arg("e")
-            .arg(&record.event);
-        pipe.cmd("PEXPIRE").arg(&record.request_key).arg(retention).ignore();
+    /// The appending of `records` to `shard`'s stream ([`RECORD_QUERIES`]).
+    fn recording(&self, shard: &Shard, records: &[QueryRecord]) -> redis::ScriptInvocation<'_> {
+        let mut invocation = self.record_queries.prepare_invoke();
+        invocation.key(&shard.stream);
+        for record in records {
+            invocation.key(&record.request_key);
+        }
+        invocation.arg(self.settings.retention.as_millis() as u64);
+        for record in records {
+            invocation.arg(record.event.as_slice());
+        }
+        invocation
     }
 
     fn known_epoch(&self, shard: usize) -> Option<String> {
@@ -648,9 +654,9 @@ impl RedisLog {
         for event in &events {
             match event {
                 Recent::Query(record) => {
-                    let mut pipe = redis::pipe();
-                    self.add_query(&mut pipe, shard, record);
-                    pipe.query_async::<Vec<String>>(conn).await?;
+                    self.recording(shard, std::slice::from_ref(record))
+                        .invoke_async::<i64>(conn)
+                        .await?;
                 }
                 Recent::Notification {
                     event,
