@@ -1056,6 +1056,35 @@ async fn with_the_log_ahead_a_results_age_is_the_logs() {
     assert_eq!(nth_query(&fake, 2).await.1, ["SMS"]);
 }
 
+/// A result's age and its time to live are counted by the log's clock when it runs behind the replica's too: on a
+/// replica whose clock runs a minute ahead of Redis's, a result Sinch gave a moment ago, cached for 61 s, answers a
+/// check accepting results up to 30 s old two seconds later (by the replica's clock it was a minute old, and Redis
+/// kept it one second).
+#[tokio::test]
+async fn on_a_replica_whose_clock_runs_ahead_of_the_logs_a_result_just_received_is_fresh() {
+    let fake = FakeSinch::start().await;
+    let redis = RedisServer::start().await;
+    let mut env = common::binary_env(&fake);
+    env.push(("CAPABILITY_REDIS_URL", redis.url()));
+    env.push(("CAPABILITY_CACHE_TTL", "CAPABILITY_FULL=61s".to_owned()));
+    env.extend(testkit::clock_offset("+60s"));
+    let replica = common::Binary::spawn(&env).await;
+    let mut client = CapabilityServiceClient::connect(replica.url()).await.unwrap();
+    let first = spawn_check(client.clone(), check(identities(&[(Channel::Sms, NUMBER)]))).await;
+    let (live_id, _) = nth_query(&fake, 1).await;
+    deliver(replica.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await;
+    first.await.unwrap().unwrap();
+    // Real time, not a synchronisation: Redis expires the entry by its own clock.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut within_30_s = check(identities(&[(Channel::Sms, NUMBER)]));
+    within_30_s.max_age = duration(Duration::from_secs(30));
+    within_30_s.wait = duration(Duration::ZERO);
+    let answer = client.check_capability(within_30_s).await.unwrap().into_inner();
+    let sources: Vec<ResultSource> = answer.results.iter().map(|r| r.source()).collect();
+    assert_eq!(sources, [ResultSource::Cache], "{answer:?}");
+    assert_eq!(fake.queries().len(), 1, "asked Sinch again");
+}
+
 #[tokio::test]
 async fn invalidating_an_identity_also_drops_the_contact_answer_that_held_it() {
     let fake = FakeSinch::start().await;

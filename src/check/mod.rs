@@ -242,11 +242,11 @@ impl Checker {
         }
     }
 
-    /// Now, for judging a result's age: the later of this replica's clock and the log's as last read. A result is
-    /// timed by the log (with Redis, Redis's clock at its append): a log running ahead of this replica must not
-    /// make results look younger than they are.
+    /// Now, for judging a result's age: the log's clock (this replica's before it read the log). A result is timed
+    /// by the log (with Redis, Redis's clock at its append): a log running ahead of this replica must not make
+    /// results look younger than they are, nor one running behind make them look older.
     fn now_ms(&self) -> u64 {
-        wall_clock_ms().max(self.hub.now_ms())
+        self.hub.log_now_ms().unwrap_or_else(wall_clock_ms)
     }
 
     /// The cached results of `keys` that may answer a check accepting results up to `max_age` old (none when

@@ -28,9 +28,9 @@ use std::{
     collections::{HashMap, VecDeque},
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::sync::Notify;
@@ -74,6 +74,11 @@ pub struct Hub {
     count: AtomicUsize,
     /// The log's clock: the latest time it reported, in milliseconds since the Unix epoch.
     now_ms: AtomicU64,
+    /// The log's clock against this process's steady one: the greatest `time − ms since started` a reading of it
+    /// gave (an event's time, or the log's own clock; each at most the log's time when read), [`i64::MIN`] before
+    /// the first. See [`Hub::log_now_ms`].
+    log_offset: AtomicI64,
+    started: Instant,
     retention_ms: u64,
     max_requests: usize,
     /// The encoded (app_id, project_id) of the records' notifications, each kept once ([`codec::encode_source`]).
@@ -200,6 +205,8 @@ impl Hub {
             next_generation: AtomicU64::new(1),
             count: AtomicUsize::new(0),
             now_ms: AtomicU64::new(0),
+            log_offset: AtomicI64::new(i64::MIN),
+            started: Instant::now(),
             retention_ms: config.retention.as_millis() as u64,
             max_requests: config.max_requests,
             sources: Mutex::default(),
@@ -227,6 +234,25 @@ impl Hub {
     /// The log's clock as this replica last read it, in milliseconds since the Unix epoch (0 before any reading).
     pub fn now_ms(&self) -> u64 {
         self.now_ms.load(Ordering::Relaxed)
+    }
+
+    /// The log's clock now, in milliseconds since the Unix epoch, whether it runs ahead of this replica's or
+    /// behind: its latest reading plus the time since, on this process's steady clock (`None` before the first).
+    /// Read soon after the log's own clock (the reader reads it on connecting, and when idle), and from every
+    /// event: at most a round trip behind it.
+    pub fn log_now_ms(&self) -> Option<u64> {
+        let offset = self.log_offset.load(Ordering::Relaxed);
+        (offset != i64::MIN).then(|| offset.saturating_add(self.steady_ms()).max(0) as u64)
+    }
+
+    fn steady_ms(&self) -> i64 {
+        self.started.elapsed().as_millis() as i64
+    }
+
+    fn read_clock(&self, log_ms: u64) {
+        self.now_ms.fetch_max(log_ms, Ordering::Relaxed);
+        let offset = (log_ms as i64).saturating_sub(self.steady_ms());
+        self.log_offset.fetch_max(offset, Ordering::Relaxed);
     }
 
     pub fn is_closed(&self) -> bool {
@@ -523,11 +549,11 @@ impl Consumer for Hub {
             }),
             Entry::Notification(n) => self.apply_notification(n),
         }
-        self.now_ms.fetch_max(entry.time_ms(), Ordering::Relaxed);
+        self.read_clock(entry.time_ms());
     }
 
     fn advance(&self, now_ms: u64) {
-        self.now_ms.fetch_max(now_ms, Ordering::Relaxed);
+        self.read_clock(now_ms);
     }
 }
 

@@ -91,15 +91,18 @@ end
 const STORED: i64 = 1;
 const INVALIDATED: i64 = 2;
 
-/// Stores a result unless the entry holds a newer one, or was invalidated after it. KEYS: entry. ARGV: encoded
-/// result, time to live (ms).
+/// Stores a result unless the entry holds a newer one, or was invalidated after it, until it expires by Redis's
+/// clock (the log's: a replica's own, ahead of it, would shorten every result's stay). KEYS: entry. ARGV: encoded
+/// result. Returns 0 for a result expired already.
 const STORE: &str = r"
+local left = ms_at(ARGV[1], 9) - now()
+if left <= 0 then return 0 end
 local cur = redis.call('GET', KEYS[1])
 if cur and newer(cur, ARGV[1]) then
   if #cur == 8 then return 2 end
   return 0
 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', left)
 return 1
 ";
 
@@ -122,10 +125,12 @@ return 0
 /// invalidated after it; the entry lives as long as its longest-lived result. Results whose time to live has
 /// passed go first, as their identities' own entries did: kept, they would empty every later answer of the
 /// contact, Sinch's next answers not naming an identity the contact no longer has. KEYS: contact entry. ARGV:
-/// field, encoded result, time to live (ms), most results.
+/// field, encoded result, most results. Returns 0 for a result expired already (as [`STORE`]).
 const STORE_CONTACT: &str = r"
-local held = redis.call('HGETALL', KEYS[1])
 local at = now()
+local left = ms_at(ARGV[2], 9) - at
+if left <= 0 then return 0 end
+local held = redis.call('HGETALL', KEYS[1])
 for i = 1, #held, 2 do
   local value = held[i + 1]
   if held[i] ~= 't' and #value >= 16 and ms_at(value, 9) <= at then redis.call('HDEL', KEYS[1], held[i]) end
@@ -136,9 +141,9 @@ local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur and newer(cur, ARGV[2]) then return 0 end
 local results = redis.call('HLEN', KEYS[1])
 if mark then results = results - 1 end
-if not cur and results >= tonumber(ARGV[4]) then return 0 end
+if not cur and results >= tonumber(ARGV[3]) then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+if redis.call('PTTL', KEYS[1]) < left then redis.call('PEXPIRE', KEYS[1], left) end
 return 1
 ";
 
@@ -253,7 +258,7 @@ impl RedisCache {
             configured: key.map(|key| KeyHasher::new(key.expose().as_bytes())),
             refreshing: AtomicBool::new(false),
             hasher: std::sync::Mutex::new(None),
-            store: Script::new(&format!("{NEWER}{STORE}")),
+            store: Script::new(&format!("{NEWER}{MARK}{STORE}")),
             store_contact: Script::new(&format!("{NEWER}{MARK}{STORE_CONTACT}")),
             unstore: Script::new(UNSTORE),
             invalidate: Script::new(&format!("{MARK}{INVALIDATE}")),
@@ -328,26 +333,21 @@ impl RedisCache {
     /// that a contact's invalidation that lists the result finds it there; one that came before it refuses the
     /// result in the contact's entry, and the result goes from the identity's.
     pub async fn store(&self, notification: &Notification, offset: u64) -> redis::RedisResult<()> {
-        let now = wall_clock_ms();
         let at = notification
             .received_time
             .duration_since(UNIX_EPOCH)
             .map_or(0, |since| since.as_millis() as u64);
-        let at = if at == 0 { now } else { at };
+        let at = if at == 0 { wall_clock_ms() } else { at };
         let Some(result) = CachedResult::of(notification, offset, at, &codec::encode_body(notification), &self.ttl)
         else {
             return Ok(());
         };
-        let Some(left) = result.expires_at_ms.checked_sub(now).filter(|left| *left > 0) else {
-            return Ok(());
-        };
-        let ttl = ttl_ms(Duration::from_millis(left));
         let hasher = self.hasher().await?;
         let (app, channel) = (&notification.app_id, &notification.channel);
         let identity = hasher.identity(app, channel, &notification.identity);
         let value = result.encode();
         let mut invocation = self.store.prepare_invoke();
-        invocation.key(self.entry(&identity)).arg(value.as_slice()).arg(ttl);
+        invocation.key(self.entry(&identity)).arg(value.as_slice());
         let stored = invoke::<i64>(&invocation, &self.commands).await?;
         if stored == INVALIDATED || notification.contact_id.is_empty() {
             return Ok(());
@@ -357,7 +357,6 @@ impl RedisCache {
             .key(self.contact_entry(&hasher.contact(app, &notification.contact_id)))
             .arg(hex(&identity))
             .arg(value.as_slice())
-            .arg(ttl)
             .arg(MAX_CONTACT_RESULTS);
         if invoke::<i64>(&invocation, &self.commands).await? == INVALIDATED && stored == STORED {
             let mut invocation = self.unstore.prepare_invoke();

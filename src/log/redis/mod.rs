@@ -699,10 +699,11 @@ impl RedisLog {
                     last_id = None;
                 }
                 self.append_unrecorded(shard).await;
+                // The log's clock, read before its events (a replica's checks judge results' ages by it).
+                let now = redis_time_ms(&mut conn).await?;
+                self.consumers.iter().for_each(|c| c.advance(now));
                 if last_id.is_none() {
-                    let start = redis_time_ms(&mut conn)
-                        .await?
-                        .saturating_sub(self.settings.retention.as_millis() as u64);
+                    let start = now.saturating_sub(self.settings.retention.as_millis() as u64);
                     last_id = Some(format!("{start}-0"));
                 }
                 Ok::<_, redis::RedisError>(conn)
