@@ -393,6 +393,28 @@ async fn an_append_whose_answer_timed_out_is_appended_again_after_redis_restarts
     assert_eq!(on_c.len(), 1, "a new replica reads it back: {on_c:?}");
 }
 
+/// Redis paused writes past both tries of an append (the callback answered 503): the script ran once Redis went
+/// on, and Sinch's redelivery found the result there (a duplicate, acknowledged). The replica that acknowledged it
+/// must count it among the events it accepted, and append it again when Redis comes back empty.
+#[tokio::test]
+async fn a_redelivery_acknowledged_as_a_duplicate_is_appended_again_after_redis_restarts_empty() {
+    let mut redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let a = replica(&fake, &redis).await;
+    assert_eq!(deliver(a.webhook_addr, body("warm-up", "SMS")).await, 200);
+    redis.command(&["CLIENT", "PAUSE", "5000", "WRITE"]);
+    assert_eq!(deliver(a.webhook_addr, body("timed-out", "SMS")).await, 503);
+    deliver_until_acknowledged(a.webhook_addr, body("timed-out", "SMS")).await;
+    redis.kill().await;
+    redis.restart().await;
+    // Acknowledged once the replica found Redis empty and appended its recent events again.
+    deliver_until_acknowledged(a.webhook_addr, body("marker", "SMS")).await;
+    let c = replica(&fake, &redis).await;
+    ready(&c).await;
+    let on_c = held(&c, "timed-out", 0).await;
+    assert_eq!(on_c.len(), 1, "a new replica reads it back: {on_c:?}");
+}
+
 /// What a replica appended longer ago than the retention has expired: a Redis restarted empty must not bring it
 /// back (appended again with a new time, it would live a whole retention more).
 #[tokio::test]

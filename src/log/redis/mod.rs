@@ -472,7 +472,17 @@ impl RedisLog {
                     }
                     return Ok(Accepted::Appended { offset });
                 }
-                [0, _] => return Ok(Accepted::Duplicate),
+                // Redis holds it (appended by another replica, or by an attempt of this callback's whose answer
+                // was lost): acknowledged, it counts among this replica's recent events as an appended one does.
+                [0, offset] => {
+                    shard.remember(Recent::Notification {
+                        event,
+                        offset: *offset as u64,
+                        digest,
+                        request_key,
+                    });
+                    return Ok(Accepted::Duplicate);
+                }
                 [2, n] => return Ok(Accepted::Capped { first: *n == 1 }),
                 [-1] => return Ok(Accepted::Replayed),
                 [-3] if attempt == 0 => {
