@@ -242,11 +242,14 @@ impl Checker {
         }
     }
 
-    /// Now, for judging a result's age: the log's clock (this replica's before it read the log). A result is timed
-    /// by the log (with Redis, Redis's clock at its append): a log running ahead of this replica must not make
-    /// results look younger than they are, nor one running behind make them look older.
+    /// Now, for judging a result's age: the log's clock ([`Hub::log_now_ms`]; before the log's clock was read,
+    /// the later of this replica's and the log's latest time). A result is timed by the log (with Redis, Redis's
+    /// clock at its append): a log running ahead of this replica must not make results look younger than they
+    /// are, nor one running behind make them look older.
     fn now_ms(&self) -> u64 {
-        self.hub.log_now_ms().unwrap_or_else(wall_clock_ms)
+        self.hub
+            .log_now_ms()
+            .unwrap_or_else(|| wall_clock_ms().max(self.hub.now_ms()))
     }
 
     /// The cached results of `keys` that may answer a check accepting results up to `max_age` old (none when

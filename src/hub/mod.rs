@@ -74,9 +74,8 @@ pub struct Hub {
     count: AtomicUsize,
     /// The log's clock: the latest time it reported, in milliseconds since the Unix epoch.
     now_ms: AtomicU64,
-    /// The log's clock against this process's steady one: the greatest `time − ms since started` a reading of it
-    /// gave (an event's time, or the log's own clock; each at most the log's time when read), [`i64::MIN`] before
-    /// the first. See [`Hub::log_now_ms`].
+    /// The log's clock against this process's steady one: `time − ms since started` of its latest reading
+    /// ([`Consumer::read_clock`]), [`i64::MIN`] before the first. See [`Hub::log_now_ms`].
     log_offset: AtomicI64,
     started: Instant,
     retention_ms: u64,
@@ -237,22 +236,17 @@ impl Hub {
     }
 
     /// The log's clock now, in milliseconds since the Unix epoch, whether it runs ahead of this replica's or
-    /// behind: its latest reading plus the time since, on this process's steady clock (`None` before the first).
-    /// Read soon after the log's own clock (the reader reads it on connecting, and when idle), and from every
-    /// event: at most a round trip behind it.
+    /// behind (`None` before the log's clock was first read): its latest reading plus the time since, on this
+    /// process's steady clock — or the latest time the log gave an event, when later (a stream whose entries run
+    /// ahead of Redis's clock). The reader reads Redis's clock on connecting and whenever it is idle; a clock
+    /// stepped back is followed from its next reading.
     pub fn log_now_ms(&self) -> Option<u64> {
         let offset = self.log_offset.load(Ordering::Relaxed);
-        (offset != i64::MIN).then(|| offset.saturating_add(self.steady_ms()).max(0) as u64)
+        (offset != i64::MIN).then(|| (offset.saturating_add(self.steady_ms()).max(0) as u64).max(self.now_ms()))
     }
 
     fn steady_ms(&self) -> i64 {
         self.started.elapsed().as_millis() as i64
-    }
-
-    fn read_clock(&self, log_ms: u64) {
-        self.now_ms.fetch_max(log_ms, Ordering::Relaxed);
-        let offset = (log_ms as i64).saturating_sub(self.steady_ms());
-        self.log_offset.fetch_max(offset, Ordering::Relaxed);
     }
 
     pub fn is_closed(&self) -> bool {
@@ -549,11 +543,17 @@ impl Consumer for Hub {
             }),
             Entry::Notification(n) => self.apply_notification(n),
         }
-        self.read_clock(entry.time_ms());
+        self.now_ms.fetch_max(entry.time_ms(), Ordering::Relaxed);
     }
 
     fn advance(&self, now_ms: u64) {
-        self.read_clock(now_ms);
+        self.now_ms.fetch_max(now_ms, Ordering::Relaxed);
+    }
+
+    fn read_clock(&self, now_ms: u64) {
+        self.advance(now_ms);
+        let offset = (now_ms as i64).saturating_sub(self.steady_ms());
+        self.log_offset.store(offset, Ordering::Relaxed);
     }
 }
 

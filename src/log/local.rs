@@ -141,7 +141,7 @@ impl LocalLog {
                 tokio::select! {
                     _ = tick.tick() => {
                         let now = clock();
-                        consumers.iter().for_each(|c| c.advance(now));
+                        consumers.iter().for_each(|c| c.read_clock(now));
                     }
                     () = stop.cancelled() => return,
                 }

@@ -98,6 +98,11 @@ pub trait Consumer: Send + Sync {
     fn apply(&self, entry: &Entry);
     /// The log's clock reached `now_ms`: what is older than the retention before it may go.
     fn advance(&self, now_ms: u64);
+    /// The log's clock read: it is `now_ms` (as [`Consumer::advance`], and not later: an entry's time is at most
+    /// the log's, a reading of its clock is the time).
+    fn read_clock(&self, now_ms: u64) {
+        self.advance(now_ms);
+    }
 }
 
 /// A keyed 128-bit hash of a string (a request_id, a nonce), as two halves: SipHash under two keys drawn at

@@ -711,7 +711,7 @@ impl RedisLog {
                 self.append_unrecorded(shard).await;
                 // The log's clock, read before its events (a replica's checks judge results' ages by it).
                 let now = redis_time_ms(&mut conn).await?;
-                self.consumers.iter().for_each(|c| c.advance(now));
+                self.consumers.iter().for_each(|c| c.read_clock(now));
                 if last_id.is_none() {
                     let start = now.saturating_sub(self.settings.retention.as_millis() as u64);
                     last_id = Some(format!("{start}-0"));
@@ -753,13 +753,16 @@ impl RedisLog {
                             self.set_up(true, None);
                             pause = Duration::from_millis(50);
                             let full = ids.len() >= BATCH;
-                            let mut latest = now;
+                            let mut latest = None;
                             for id in ids {
                                 latest = Some(self.apply(&id));
                                 last_id = Some(id.id);
                             }
-                            if let Some(now) = latest {
-                                self.consumers.iter().for_each(|c| c.advance(now));
+                            if let Some(at) = latest {
+                                self.consumers.iter().for_each(|c| c.advance(at));
+                            }
+                            if let Some(now) = now {
+                                self.consumers.iter().for_each(|c| c.read_clock(now));
                             }
                             if !full {
                                 shard.caught_up.store(true, Ordering::Relaxed);
