@@ -335,6 +335,45 @@ async fn a_replica_is_ready_only_once_it_read_the_log_back() {
     }
 }
 
+/// While a Redis Cluster moves the slot of a shard's stream (a reshard), Redis refuses a script that touches several
+/// of the slot's keys when one is missing (`TRYAGAIN`), and the Cluster client does not follow a pipeline (nor,
+/// always, a command) on a missing key to the slot's new node (`ASK`): a query's record, which renews its request's
+/// state (not there yet), must still be appended, once (or its watches do not learn the channels it expects; a
+/// record appended again on every retry fills the stream).
+#[tokio::test]
+async fn a_querys_record_is_appended_while_its_shards_slot_moves() {
+    let cluster = RedisCluster::start(3).await;
+    let fake = FakeSinch::start().await;
+    let replica = redis_replica(&fake, &cluster.urls().join(","), &[]).await;
+    let stream = "{capability:0}:events";
+    assert_eq!(deliver(replica.webhook_addr, full("before-moving", "SMS")).await, 200);
+    let owner = cluster.node_of(stream).await;
+    let target = (owner + 1) % 3;
+    let slot = cluster.command(owner, &["CLUSTER", "KEYSLOT", stream]).await;
+    let owner_id = cluster.command(owner, &["CLUSTER", "MYID"]).await;
+    let target_id = cluster.command(target, &["CLUSTER", "MYID"]).await;
+    cluster
+        .command(target, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &owner_id])
+        .await;
+    cluster
+        .command(owner, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &target_id])
+        .await;
+    let before = cluster.command(owner, &["XLEN", stream]).await;
+    let recipient = common::identities(&[(pb::Channel::Sms, "46700000001")]);
+    replica
+        .client()
+        .await
+        .query_capability(common::query(recipient, "while-moving"))
+        .await
+        .unwrap();
+    let after = cluster.command(owner, &["XLEN", stream]).await;
+    assert_eq!(
+        after.parse::<u64>().unwrap(),
+        before.parse::<u64>().unwrap() + 1,
+        "the query's record was not appended"
+    );
+}
+
 #[tokio::test]
 async fn replicas_share_one_log_on_a_redis_cluster_sharded_by_request_id() {
     let cluster = RedisCluster::start(3).await;

@@ -167,18 +167,17 @@ redis.call('XADD', KEYS[1], 'MINID', '~', minid(ARGV[1]), '*', 'e', ARGV[4], 'o'
 return 1
 ";
 
-/// Appends query records to a stream and renews each one's request state for the retention (a request's
-/// numbering lives as long as its last event, query records included, as the replicas' records of the request
-/// do: without, a query recorded after the results let the numbering start again at 1 while the replicas still
-/// held the request). KEYS: stream, each record's request state. ARGV: retention (ms), each record's encoded event.
-/// Run again (its answer lost), it appends the records again: harmless, the same questions.
+/// Appends query records to a stream. KEYS: stream. ARGV: retention (ms), each record's encoded event. Run again
+/// (its answer lost), it appends the records again: harmless, the same questions. One key only: a script touching
+/// several keys of a slot, one of them missing, is refused while a Redis Cluster moves the slot (`TRYAGAIN`), and
+/// the requests' states are renewed by commands of their own, which may fail then (`ASK`, which the Cluster client
+/// does not follow) without the records being appended again.
 const RECORD_QUERIES: &str = r"
 local from = minid(ARGV[1])
-for i = 2, #KEYS do
+for i = 2, #ARGV do
   redis.call('XADD', KEYS[1], 'MINID', '~', from, '*', 'e', ARGV[i])
-  redis.call('PEXPIRE', KEYS[i], ARGV[1])
 end
-return #KEYS - 1
+return #ARGV - 1
 ";
 
 /// What a bulk check may run past its wait (its live query's time).
@@ -582,25 +581,44 @@ impl RedisLog {
 
     /// Appends query records to `shard`'s stream, in one round trip.
     async fn append_queries(&self, shard: &Shard, records: &[QueryRecord]) -> redis::RedisResult<()> {
-        invoke::<i64>(&self.recording(shard, records), &self.commands).await?;
+        let (append, renewals) = self.recording(shard, records);
+        let renewed = renewals.iter().map(|renew| {
+            retried(
+                move |mut conn| async move { renew.query_async::<()>(&mut conn).await },
+                &self.commands,
+            )
+        });
+        let (appended, renewed) = tokio::join!(
+            invoke::<i64>(&append, &self.commands),
+            futures::future::try_join_all(renewed)
+        );
+        appended?;
+        // Appended: not appended again for a renewal that failed (a request's state on a slot a Redis Cluster is
+        // moving, which its client does not follow), whose request then keeps its state's own expiry.
+        if let Err(e) = renewed {
+            tracing::debug!(error = %e, "a query's request state could not be renewed");
+        }
         for record in records {
             shard.remember(Recent::Query(record.clone()));
         }
         Ok(())
     }
 
-    /// The appending of `records` to `shard`'s stream ([`RECORD_QUERIES`]).
-    fn recording(&self, shard: &Shard, records: &[QueryRecord]) -> redis::ScriptInvocation<'_> {
-        let mut invocation = self.record_queries.prepare_invoke();
-        invocation.key(&shard.stream);
+    /// The appending of `records` to `shard`'s stream ([`RECORD_QUERIES`]), and the renewal of each one's request
+    /// state for the retention, each a command of its own (see [`RECORD_QUERIES`]): a request's numbering lives as
+    /// long as its last event, query records included, as the replicas' records of the request do (without, a
+    /// query recorded after the results let the numbering start again at 1 while the replicas still held the
+    /// request).
+    fn recording(&self, shard: &Shard, records: &[QueryRecord]) -> (redis::ScriptInvocation<'_>, Vec<redis::Cmd>) {
+        let retention = self.settings.retention.as_millis() as u64;
+        let mut append = self.record_queries.prepare_invoke();
+        append.key(&shard.stream).arg(retention);
+        let mut renewals = Vec::with_capacity(records.len());
         for record in records {
-            invocation.key(&record.request_key);
+            append.arg(record.event.as_slice());
+            renewals.push(redis::cmd("PEXPIRE").arg(&record.request_key).arg(retention).take());
         }
-        invocation.arg(self.settings.retention.as_millis() as u64);
-        for record in records {
-            invocation.arg(record.event.as_slice());
-        }
-        invocation
+        (append, renewals)
     }
 
     fn known_epoch(&self, shard: usize) -> Option<String> {
@@ -664,9 +682,12 @@ impl RedisLog {
         for event in &events {
             match event {
                 Recent::Query(record) => {
-                    self.recording(shard, std::slice::from_ref(record))
-                        .invoke_async::<i64>(conn)
-                        .await?;
+                    let (append, renewals) = self.recording(shard, std::slice::from_ref(record));
+                    append.invoke_async::<i64>(conn).await?;
+                    for renew in renewals {
+                        // Not fatal, as in `append_queries`.
+                        renew.query_async::<()>(conn).await.ok();
+                    }
                 }
                 Recent::Notification {
                     event,
@@ -691,7 +712,7 @@ impl RedisLog {
 
     /// Feeds the consumers with every entry of one shard, from `now − retention` on, until `stop`. Reconnects
     /// with jittered back-off after an outage and resumes after the last entry it saw: no gap, no repeat; after a
-    /// Redis that came back without its data, from `now − retention` again (the consumers drop what they hold).
+    /// Redis that came back without its data, from `now − retention` again (the hub drops what it holds already).
     async fn read(self: Arc<Self>, index: usize, stop: CancellationToken) {
         let shard = &self.shards[index];
         let mut last_id: Option<String> = None;
