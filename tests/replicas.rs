@@ -402,7 +402,8 @@ async fn a_redelivery_acknowledged_as_a_duplicate_is_appended_again_after_redis_
     let fake = FakeSinch::start().await;
     let a = replica(&fake, &redis).await;
     assert_eq!(deliver(a.webhook_addr, body("warm-up", "SMS")).await, 200);
-    redis.command(&["CLIENT", "PAUSE", "5000", "WRITE"]);
+    // Past both tries of 2 s, with room to spare for a slow start of the first.
+    redis.command(&["CLIENT", "PAUSE", "7000", "WRITE"]);
     assert_eq!(deliver(a.webhook_addr, body("timed-out", "SMS")).await, 503);
     deliver_until_acknowledged(a.webhook_addr, body("timed-out", "SMS")).await;
     redis.kill().await;
@@ -469,8 +470,8 @@ async fn after_redis_restarts_empty_with_an_earlier_clock_every_replica_reads_wh
 }
 
 /// The log is trimmed by Redis's clock: a replica whose own runs ahead must not trim what is still within the
-/// retention, which a replica started later reads back (and others may not have read yet). Here B's clock runs a
-/// minute ahead with a retention of 30 s: by its clock, its query record's trim took every entry Redis held.
+/// retention, which a replica started later reads back (and others may not have read yet). Here B's clock runs ten
+/// minutes ahead with a retention of two: by its clock, its query record's trim took every entry Redis held.
 #[tokio::test]
 async fn a_replica_whose_clock_runs_ahead_trims_nothing_within_the_retention() {
     let redis = RedisServer::start().await;
@@ -479,10 +480,10 @@ async fn a_replica_whose_clock_runs_ahead_trims_nothing_within_the_retention() {
     let fake = FakeSinch::start().await;
     let mut env = common::binary_env(&fake);
     env.push(("CAPABILITY_REDIS_URL", redis.url()));
-    env.push(("CAPABILITY_RETENTION", "30s".to_owned()));
+    env.push(("CAPABILITY_RETENTION", "2m".to_owned()));
     let a = common::Binary::spawn(&env).await;
     assert_eq!(deliver(a.webhook_addr, body("kept", "SMS")).await, 200);
-    let ahead = [env.clone(), testkit::clock_offset("+60s")].concat();
+    let ahead = [env.clone(), testkit::clock_offset("+600s")].concat();
     let b = common::Binary::spawn(&ahead).await;
     tonic_client(&b.url())
         .await

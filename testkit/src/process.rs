@@ -146,13 +146,16 @@ pub struct Binary {
 
 /// The environment that runs a process's wall clock `offset` ahead of (or, with a `-`, behind) this machine's, as
 /// libfaketime reads it (`+60s`); its monotonic clock, which timers use, is left alone. Panics when libfaketime is
-/// not installed (Debian's package `faketime`).
+/// not installed (Debian's package `faketime`; found where Debian, Fedora or Arch put it).
 pub fn clock_offset(offset: &str) -> Vec<(&'static str, String)> {
-    let library = std::fs::read_dir("/usr/lib")
+    let multiarch = std::fs::read_dir("/usr/lib")
         .into_iter()
         .flatten()
         .flatten()
-        .map(|dir| dir.path().join("faketime/libfaketime.so.1"))
+        .map(|dir| dir.path());
+    let library = multiarch
+        .chain(["/usr/lib", "/usr/lib64"].map(std::path::PathBuf::from))
+        .map(|dir| dir.join("faketime/libfaketime.so.1"))
         .find(|library| library.exists())
         .expect("libfaketime is not installed (Debian: apt-get install faketime)");
     vec![
