@@ -30,10 +30,10 @@ use std::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use tokio::sync::Notify;
+use tokio::{sync::Notify, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -74,6 +74,8 @@ pub struct Hub {
     count: AtomicUsize,
     /// The log's clock: the latest time it reported, in milliseconds since the Unix epoch.
     now_ms: AtomicU64,
+    /// When `now_ms` last rose, in steady ms since started.
+    rose_at: AtomicI64,
     /// The log's clock against this process's steady one: `time − ms since started` of its latest reading
     /// ([`Consumer::read_clock`]), [`i64::MIN`] before the first. See [`Hub::log_now_ms`].
     log_offset: AtomicI64,
@@ -204,6 +206,7 @@ impl Hub {
             next_generation: AtomicU64::new(1),
             count: AtomicUsize::new(0),
             now_ms: AtomicU64::new(0),
+            rose_at: AtomicI64::new(0),
             log_offset: AtomicI64::new(i64::MIN),
             started: Instant::now(),
             retention_ms: config.retention.as_millis() as u64,
@@ -237,12 +240,24 @@ impl Hub {
 
     /// The log's clock now, in milliseconds since the Unix epoch, whether it runs ahead of this replica's or
     /// behind (`None` before the log's clock was first read): its latest reading plus the time since, on this
-    /// process's steady clock — or the latest time the log gave an event, when later (a stream whose entries run
-    /// ahead of Redis's clock). The reader reads Redis's clock on connecting and whenever it is idle; a clock
-    /// stepped back is followed from its next reading.
+    /// process's steady clock — or the latest time the log gave an event plus the time since, when later (a
+    /// stream whose entries run ahead of Redis's clock, which times them all at its last while Redis's clock
+    /// catches up). The reader reads Redis's clock on connecting and whenever it is idle; a clock stepped back is
+    /// followed from its next reading, and from the next event timed later.
     pub fn log_now_ms(&self) -> Option<u64> {
         let offset = self.log_offset.load(Ordering::Relaxed);
-        (offset != i64::MIN).then(|| (offset.saturating_add(self.steady_ms()).max(0) as u64).max(self.now_ms()))
+        let since = |at: i64| self.steady_ms().saturating_sub(at).max(0) as u64;
+        let events = self
+            .now_ms()
+            .saturating_add(since(self.rose_at.load(Ordering::Relaxed)));
+        (offset != i64::MIN).then(|| (offset.saturating_add(self.steady_ms()).max(0) as u64).max(events))
+    }
+
+    /// Raises the log's clock to `log_ms` (see [`Hub::now_ms`]).
+    fn raise_clock(&self, log_ms: u64) {
+        if self.now_ms.fetch_max(log_ms, Ordering::Relaxed) < log_ms {
+            self.rose_at.store(self.steady_ms(), Ordering::Relaxed);
+        }
     }
 
     fn steady_ms(&self) -> i64 {
@@ -543,11 +558,11 @@ impl Consumer for Hub {
             }),
             Entry::Notification(n) => self.apply_notification(n),
         }
-        self.now_ms.fetch_max(entry.time_ms(), Ordering::Relaxed);
+        self.raise_clock(entry.time_ms());
     }
 
     fn advance(&self, now_ms: u64) {
-        self.now_ms.fetch_max(now_ms, Ordering::Relaxed);
+        self.raise_clock(now_ms);
     }
 
     fn read_clock(&self, now_ms: u64) {
@@ -694,6 +709,21 @@ mod tests {
             .get(&key)
             .map(|r| r.notifications.offsets())
             .unwrap_or_default()
+    }
+
+    /// The log's clock runs on from its latest reading, and from its latest event when later: a stream whose
+    /// entries run ahead of Redis's clock times them all at its last one until Redis's clock catches up, and a
+    /// result timed then must age meanwhile (judged younger, it would be served past a caller's max_age).
+    #[tokio::test(start_paused = true)]
+    async fn the_logs_clock_runs_on_from_its_latest_event_ahead_of_its_reading() {
+        let hub = hub(600, 10);
+        assert_eq!(hub.log_now_ms(), None, "not read yet");
+        hub.read_clock(1_000_000);
+        hub.apply(&notification("r", Channel::Sms, 1, 1_500_000));
+        tokio::time::advance(Duration::from_secs(30)).await;
+        hub.read_clock(1_000_100);
+        hub.apply(&notification("r", Channel::Rcs, 2, 1_500_000));
+        assert_eq!(hub.log_now_ms(), Some(1_530_000));
     }
 
     #[test]
