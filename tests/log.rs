@@ -366,11 +366,25 @@ async fn a_querys_record_is_appended_while_its_shards_slot_moves() {
         .query_capability(common::query(recipient, "while-moving"))
         .await
         .unwrap();
+    let appended = cluster.command(owner, &["XLEN", stream]).await;
+    assert_eq!(
+        appended.parse::<u64>().unwrap(),
+        before.parse::<u64>().unwrap() + 1,
+        "not appended"
+    );
+    // The slot stays: a record kept to be appended again would be, after the reader's next read.
+    for node in [owner, target] {
+        cluster.command(node, &["CLUSTER", "SETSLOT", &slot, "STABLE"]).await;
+    }
+    for marker in ["marker-1", "marker-2"] {
+        assert_eq!(deliver(replica.webhook_addr, full(marker, "SMS")).await, 200);
+        until_marker(&replica, marker, 0, "SMS").await;
+    }
     let after = cluster.command(owner, &["XLEN", stream]).await;
     assert_eq!(
         after.parse::<u64>().unwrap(),
-        before.parse::<u64>().unwrap() + 1,
-        "the query's record was not appended"
+        before.parse::<u64>().unwrap() + 3,
+        "appended again"
     );
 }
 

@@ -34,7 +34,7 @@ use std::{
 };
 
 use rand::Rng;
-use redis::{Script, streams::StreamReadReply};
+use redis::{ErrorKind, Script, ServerErrorKind, streams::StreamReadReply};
 use sha2::{Digest as _, Sha256};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tracing::Instrument;
@@ -579,7 +579,9 @@ impl RedisLog {
         }
     }
 
-    /// Appends query records to `shard`'s stream, in one round trip.
+    /// Appends query records to `shard`'s stream, all at once. A renewal that failed fails them (they are appended
+    /// again later, renewals included: a record twice is harmless), but for one refused while a Redis Cluster moves
+    /// the slot, which would fail again on every try: its request keeps its state's own expiry.
     async fn append_queries(&self, shard: &Shard, records: &[QueryRecord]) -> redis::RedisResult<()> {
         let (append, renewals) = self.recording(shard, records);
         let renewed = renewals.iter().map(|renew| {
@@ -590,13 +592,18 @@ impl RedisLog {
         });
         let (appended, renewed) = tokio::join!(
             invoke::<i64>(&append, &self.commands),
-            futures::future::try_join_all(renewed)
+            futures::future::join_all(renewed)
         );
         appended?;
-        // Appended: not appended again for a renewal that failed (a request's state on a slot a Redis Cluster is
-        // moving, which its client does not follow), whose request then keeps its state's own expiry.
-        if let Err(e) = renewed {
-            tracing::debug!(error = %e, "a query's request state could not be renewed");
+        let (moving, failed): (Vec<_>, Vec<_>) = renewed.into_iter().filter_map(Result::err).partition(slot_moving);
+        if let Some(e) = failed.into_iter().next() {
+            return Err(e);
+        }
+        if !moving.is_empty() {
+            tracing::debug!(
+                count = moving.len(),
+                "query records' request states not renewed: their slot is moving"
+            );
         }
         for record in records {
             shard.remember(Recent::Query(record.clone()));
@@ -685,8 +692,12 @@ impl RedisLog {
                     let (append, renewals) = self.recording(shard, std::slice::from_ref(record));
                     append.invoke_async::<i64>(conn).await?;
                     for renew in renewals {
-                        // Not fatal, as in `append_queries`.
-                        renew.query_async::<()>(conn).await.ok();
+                        // As in `append_queries`.
+                        if let Err(e) = renew.query_async::<()>(conn).await
+                            && !slot_moving(&e)
+                        {
+                            return Err(e);
+                        }
                     }
                 }
                 Recent::Notification {
@@ -1002,6 +1013,11 @@ where
         Err(e) if e.is_io_error() || e.is_connection_dropped() => command(connection.clone()).await,
         result => result,
     }
+}
+
+/// Whether `e` refused a command on a slot a Redis Cluster is moving (`ASK`, `MOVED`, `TRYAGAIN`).
+fn slot_moving(e: &redis::RedisError) -> bool {
+    e.redirect_node().is_some() || e.kind() == ErrorKind::Server(ServerErrorKind::TryAgain)
 }
 
 /// Runs a script invocation on the shared connection, [`retried`] once on a connection found broken (every
