@@ -183,8 +183,7 @@ async fn a_job_on_one_replica_is_watched_and_resumed_on_another() {
 async fn a_job_whose_replica_is_killed_is_finished_by_another_without_asking_twice() {
     let redis = RedisServer::start().await;
     let fake = Arc::new(FakeSinch::start().await);
-    let mut env = common::binary_env(&fake);
-    env.push(("CAPABILITY_REDIS_URL", redis.url()));
+    let mut env = common::redis_binary_env(&fake, &redis);
     env.push(("SINCH_CALLBACK_RATE", "4".into()));
     let mut runner = common::Binary::spawn(&env).await;
     let survivor = common::Binary::spawn(&env).await;

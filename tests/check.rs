@@ -1064,8 +1064,7 @@ async fn with_the_log_ahead_a_results_age_is_the_logs() {
 async fn on_a_replica_whose_clock_runs_ahead_of_the_logs_a_result_just_received_is_fresh() {
     let fake = FakeSinch::start().await;
     let redis = RedisServer::start().await;
-    let mut env = common::binary_env(&fake);
-    env.push(("CAPABILITY_REDIS_URL", redis.url()));
+    let mut env = common::redis_binary_env(&fake, &redis);
     env.push(("CAPABILITY_CACHE_TTL", "CAPABILITY_FULL=61s".to_owned()));
     env.extend(testkit::clock_offset("+60s"));
     let replica = common::Binary::spawn(&env).await;

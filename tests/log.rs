@@ -549,8 +549,7 @@ async fn a_redis_that_may_evict_keys_is_named_in_a_warning_at_start() {
     let fake = FakeSinch::start().await;
     let redis = RedisServer::start().await;
     redis.config_set("maxmemory-policy", "allkeys-lru");
-    let mut env = common::binary_env(&fake);
-    env.push(("CAPABILITY_REDIS_URL", redis.url()));
+    let env = common::redis_binary_env(&fake, &redis);
     let binary = common::Binary::spawn(&env).await;
     let warned = binary.until_logged(1, |l| l.contains("REDIS_MAY_EVICT"));
     let warnings = tokio::time::timeout(Duration::from_secs(30), warned)

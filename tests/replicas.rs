@@ -184,8 +184,7 @@ async fn a_new_replica_rebuilds_the_retained_events_from_redis() {
 async fn a_watcher_whose_replica_is_sigkilled_resumes_on_another_and_misses_nothing() {
     let redis = RedisServer::start().await;
     let fake = FakeSinch::start().await;
-    let mut env = common::binary_env(&fake);
-    env.push(("CAPABILITY_REDIS_URL", redis.url()));
+    let env = common::redis_binary_env(&fake, &redis);
     let mut a = common::Binary::spawn(&env).await;
     let b = common::Binary::spawn(&env).await;
     let mut on_b = tonic_client(&b.url()).await;
@@ -283,13 +282,7 @@ async fn events_lost_by_a_redis_restarted_empty_are_appended_again_by_the_replic
     assert_eq!(deliver(a.webhook_addr, body("marker", "SMS")).await, 200);
     for (name, replica) in [("A", &a), ("B", &b)] {
         assert_eq!(first_notifications(replica, "marker", 1).await.len(), 1);
-        let replay = tonic_client(&replica.url())
-            .await
-            .watch_capability(watch_request("emptied", 0, Some(Duration::ZERO)))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(drain(replay).await.0.len(), 3, "{name} dropped the copies");
+        assert_eq!(replayed(replica, "emptied").await.len(), 3, "{name} dropped the copies");
     }
 }
 
@@ -377,20 +370,10 @@ async fn events_appended_again_out_of_order_by_two_replicas_all_reach_a_new_repl
 /// append it again when Redis comes back empty.
 #[tokio::test]
 async fn an_append_whose_answer_timed_out_is_appended_again_after_redis_restarts_empty() {
-    let mut redis = RedisServer::start().await;
-    let fake = FakeSinch::start().await;
-    let a = replica(&fake, &redis).await;
-    assert_eq!(deliver(a.webhook_addr, body("warm-up", "SMS")).await, 200);
+    let (mut redis, fake, a) = warmed_up().await;
     redis.command(&["CLIENT", "PAUSE", "3000", "WRITE"]);
     assert_eq!(deliver(a.webhook_addr, body("timed-out", "SMS")).await, 200);
-    redis.kill().await;
-    redis.restart().await;
-    // Acknowledged once the replica found Redis empty and appended its recent events again.
-    deliver_until_acknowledged(a.webhook_addr, body("marker", "SMS")).await;
-    let c = replica(&fake, &redis).await;
-    ready(&c).await;
-    let on_c = held(&c, "timed-out", 0).await;
-    assert_eq!(on_c.len(), 1, "a new replica reads it back: {on_c:?}");
+    read_back_after_an_empty_restart(&mut redis, &fake, &a, "timed-out").await;
 }
 
 /// Redis paused writes past both tries of an append (the callback answered 503): the script ran once Redis went
@@ -398,21 +381,33 @@ async fn an_append_whose_answer_timed_out_is_appended_again_after_redis_restarts
 /// must count it among the events it accepted, and append it again when Redis comes back empty.
 #[tokio::test]
 async fn a_redelivery_acknowledged_as_a_duplicate_is_appended_again_after_redis_restarts_empty() {
-    let mut redis = RedisServer::start().await;
-    let fake = FakeSinch::start().await;
-    let a = replica(&fake, &redis).await;
-    assert_eq!(deliver(a.webhook_addr, body("warm-up", "SMS")).await, 200);
+    let (mut redis, fake, a) = warmed_up().await;
     // Past both tries of 2 s, with room to spare for a slow start of the first.
     redis.command(&["CLIENT", "PAUSE", "7000", "WRITE"]);
     assert_eq!(deliver(a.webhook_addr, body("timed-out", "SMS")).await, 503);
     deliver_until_acknowledged(a.webhook_addr, body("timed-out", "SMS")).await;
+    read_back_after_an_empty_restart(&mut redis, &fake, &a, "timed-out").await;
+}
+
+/// Redis, the fake Sinch and a replica on them that has appended a first callback.
+async fn warmed_up() -> (RedisServer, FakeSinch, Service) {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let a = replica(&fake, &redis).await;
+    assert_eq!(deliver(a.webhook_addr, body("warm-up", "SMS")).await, 200);
+    (redis, fake, a)
+}
+
+/// Restarts `redis` empty; a replica started afterwards must read `request_id`'s one notification back, which
+/// replica `a` accepted and appended again.
+async fn read_back_after_an_empty_restart(redis: &mut RedisServer, fake: &FakeSinch, a: &Service, request_id: &str) {
     redis.kill().await;
     redis.restart().await;
     // Acknowledged once the replica found Redis empty and appended its recent events again.
     deliver_until_acknowledged(a.webhook_addr, body("marker", "SMS")).await;
-    let c = replica(&fake, &redis).await;
+    let c = replica(fake, redis).await;
     ready(&c).await;
-    let on_c = held(&c, "timed-out", 0).await;
+    let on_c = held(&c, request_id, 0).await;
     assert_eq!(on_c.len(), 1, "a new replica reads it back: {on_c:?}");
 }
 
@@ -478,8 +473,7 @@ async fn a_replica_whose_clock_runs_ahead_trims_nothing_within_the_retention() {
     // One entry per node of the stream: trimmed exactly (with `~` Redis trims whole nodes only).
     redis.command(&["CONFIG", "SET", "stream-node-max-entries", "1"]);
     let fake = FakeSinch::start().await;
-    let mut env = common::binary_env(&fake);
-    env.push(("CAPABILITY_REDIS_URL", redis.url()));
+    let mut env = common::redis_binary_env(&fake, &redis);
     env.push(("CAPABILITY_RETENTION", "2m".to_owned()));
     let a = common::Binary::spawn(&env).await;
     assert_eq!(deliver(a.webhook_addr, body("kept", "SMS")).await, 200);
@@ -493,14 +487,8 @@ async fn a_replica_whose_clock_runs_ahead_trims_nothing_within_the_retention() {
     assert_eq!(deliver(a.webhook_addr, body("marker", "SMS")).await, 200);
     let c = common::Binary::spawn(&env).await;
     assert_eq!(first_notifications(&c, "marker", 1).await.len(), 1);
-    let replay = tonic_client(&c.url())
-        .await
-        .watch_capability(watch_request("kept", 0, Some(Duration::ZERO)))
-        .await
-        .unwrap()
-        .into_inner();
     assert_eq!(
-        drain(replay).await.0.len(),
+        replayed(&c, "kept").await.len(),
         1,
         "a replica started later does not read it back"
     );
@@ -521,6 +509,17 @@ async fn two_binaries(
         assert_eq!(first_notifications(replica, "warm-up", 1).await.len(), 1);
     }
     (env, a, b)
+}
+
+/// Every notification of `request_id` `binary` holds now (a watch that replays and ends at once).
+async fn replayed(binary: &common::Binary, request_id: &str) -> Vec<(u64, String, String)> {
+    let replay = tonic_client(&binary.url())
+        .await
+        .watch_capability(watch_request(request_id, 0, Some(Duration::ZERO)))
+        .await
+        .unwrap()
+        .into_inner();
+    drain(replay).await.0
 }
 
 /// Watches `request_id` on `binary` until `count` notifications arrived (or a 20 s wait ended); returns them.
@@ -614,8 +613,7 @@ async fn rolled_back() -> (RedisServer, FakeSinch, Service) {
 async fn a_request_id_is_claimed_while_its_query_is_sent_and_freed_when_the_sender_dies() {
     let redis = RedisServer::start().await;
     let fake = FakeSinch::start().await;
-    let mut env = common::binary_env(&fake);
-    env.push(("CAPABILITY_REDIS_URL", redis.url()));
+    let env = common::redis_binary_env(&fake, &redis);
     let mut a = common::Binary::spawn(&env).await;
     let b = replica(&fake, &redis).await;
     let with_deadline = |request_id: &str| {

@@ -328,6 +328,13 @@ pub fn binary_env(fake: &FakeSinch) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// [`binary_env`] with the replica on `redis`.
+pub fn redis_binary_env(fake: &FakeSinch, redis: &redis::RedisServer) -> Vec<(&'static str, String)> {
+    let mut env = binary_env(fake);
+    env.push(("CAPABILITY_REDIS_URL", redis.url()));
+    env
+}
+
 /// Watches `request_id` and returns the first notification.
 pub async fn first_notification(service: &Service, request_id: &str) -> pb::CapabilityNotification {
     let mut client = service.client().await;
