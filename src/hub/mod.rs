@@ -74,11 +74,11 @@ pub struct Hub {
     count: AtomicUsize,
     /// The log's clock: the latest time it reported, in milliseconds since the Unix epoch.
     now_ms: AtomicU64,
-    /// When `now_ms` last rose, in steady ms since started.
-    rose_at: AtomicI64,
-    /// The log's clock against this process's steady one: `time − ms since started` of its latest reading
-    /// ([`Consumer::read_clock`]), [`i64::MIN`] before the first. See [`Hub::log_now_ms`].
-    log_offset: AtomicI64,
+    /// The log's clock against this process's steady one, `time − ms since started`: of its latest reading
+    /// ([`Consumer::read_clock`]; [`i64::MIN`] before the first), and of `now_ms` when it last rose. See
+    /// [`Hub::log_now_ms`].
+    read_offset: AtomicI64,
+    rose_offset: AtomicI64,
     started: Instant,
     retention_ms: u64,
     max_requests: usize,
@@ -206,8 +206,8 @@ impl Hub {
             next_generation: AtomicU64::new(1),
             count: AtomicUsize::new(0),
             now_ms: AtomicU64::new(0),
-            rose_at: AtomicI64::new(0),
-            log_offset: AtomicI64::new(i64::MIN),
+            read_offset: AtomicI64::new(i64::MIN),
+            rose_offset: AtomicI64::new(i64::MIN),
             started: Instant::now(),
             retention_ms: config.retention.as_millis() as u64,
             max_requests: config.max_requests,
@@ -245,19 +245,21 @@ impl Hub {
     /// catches up). The reader reads Redis's clock on connecting and whenever it is idle; a clock stepped back is
     /// followed from its next reading, and from the next event timed later.
     pub fn log_now_ms(&self) -> Option<u64> {
-        let offset = self.log_offset.load(Ordering::Relaxed);
-        let since = |at: i64| self.steady_ms().saturating_sub(at).max(0) as u64;
-        let events = self
-            .now_ms()
-            .saturating_add(since(self.rose_at.load(Ordering::Relaxed)));
-        (offset != i64::MIN).then(|| (offset.saturating_add(self.steady_ms()).max(0) as u64).max(events))
+        let read = self.read_offset.load(Ordering::Relaxed);
+        let offset = read.max(self.rose_offset.load(Ordering::Relaxed));
+        (read != i64::MIN).then(|| offset.saturating_add(self.steady_ms()).max(0) as u64)
     }
 
     /// Raises the log's clock to `log_ms` (see [`Hub::now_ms`]).
     fn raise_clock(&self, log_ms: u64) {
         if self.now_ms.fetch_max(log_ms, Ordering::Relaxed) < log_ms {
-            self.rose_at.store(self.steady_ms(), Ordering::Relaxed);
+            self.rose_offset.store(self.offset_of(log_ms), Ordering::Relaxed);
         }
+    }
+
+    /// `log_ms` against this process's steady clock now.
+    fn offset_of(&self, log_ms: u64) -> i64 {
+        (log_ms as i64).saturating_sub(self.steady_ms())
     }
 
     fn steady_ms(&self) -> i64 {
@@ -567,8 +569,7 @@ impl Consumer for Hub {
 
     fn read_clock(&self, now_ms: u64) {
         self.advance(now_ms);
-        let offset = (now_ms as i64).saturating_sub(self.steady_ms());
-        self.log_offset.store(offset, Ordering::Relaxed);
+        self.read_offset.store(self.offset_of(now_ms), Ordering::Relaxed);
     }
 }
 
