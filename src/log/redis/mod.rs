@@ -579,11 +579,32 @@ impl RedisLog {
         }
     }
 
-    /// Appends query records to `shard`'s stream, all at once. A renewal that failed fails them (they are appended
-    /// again later, renewals included: a record twice is harmless), but for one refused while a Redis Cluster moves
-    /// the slot, which would fail again on every try: its request keeps its state's own expiry.
+    /// Appends query records to `shard`'s stream ([`RedisLog::write_queries`]), and keeps them among the shard's
+    /// recent events.
     async fn append_queries(&self, shard: &Shard, records: &[QueryRecord]) -> redis::RedisResult<()> {
-        let (append, renewals) = self.recording(shard, records);
+        self.write_queries(shard, records).await?;
+        for record in records {
+            shard.remember(Recent::Query(record.clone()));
+        }
+        Ok(())
+    }
+
+    /// Appends query records to `shard`'s stream ([`RECORD_QUERIES`]) and renews each one's request state for the
+    /// retention, each by a command of its own, all at once: a request's numbering lives as long as its last
+    /// event, query records included, as the replicas' records of the request do (without, a query recorded after
+    /// the results let the numbering start again at 1 while the replicas still held the request). A renewal that
+    /// failed fails them (they are appended again later, renewals included: a record twice is harmless), but for
+    /// one refused while a Redis Cluster moves the slot, which would fail again on every try: its request keeps
+    /// its state's own expiry.
+    async fn write_queries(&self, shard: &Shard, records: &[QueryRecord]) -> redis::RedisResult<()> {
+        let retention = self.settings.retention.as_millis() as u64;
+        let mut append = self.record_queries.prepare_invoke();
+        append.key(&shard.stream).arg(retention);
+        let mut renewals = Vec::with_capacity(records.len());
+        for record in records {
+            append.arg(record.event.as_slice());
+            renewals.push(redis::cmd("PEXPIRE").arg(&record.request_key).arg(retention).take());
+        }
         let renewed = renewals.iter().map(|renew| {
             retried(
                 move |mut conn| async move { renew.query_async::<()>(&mut conn).await },
@@ -605,27 +626,7 @@ impl RedisLog {
                 "query records' request states not renewed: their slot is moving"
             );
         }
-        for record in records {
-            shard.remember(Recent::Query(record.clone()));
-        }
         Ok(())
-    }
-
-    /// The appending of `records` to `shard`'s stream ([`RECORD_QUERIES`]), and the renewal of each one's request
-    /// state for the retention, each a command of its own (see [`RECORD_QUERIES`]): a request's numbering lives as
-    /// long as its last event, query records included, as the replicas' records of the request do (without, a
-    /// query recorded after the results let the numbering start again at 1 while the replicas still held the
-    /// request).
-    fn recording(&self, shard: &Shard, records: &[QueryRecord]) -> (redis::ScriptInvocation<'_>, Vec<redis::Cmd>) {
-        let retention = self.settings.retention.as_millis() as u64;
-        let mut append = self.record_queries.prepare_invoke();
-        append.key(&shard.stream).arg(retention);
-        let mut renewals = Vec::with_capacity(records.len());
-        for record in records {
-            append.arg(record.event.as_slice());
-            renewals.push(redis::cmd("PEXPIRE").arg(&record.request_key).arg(retention).take());
-        }
-        (append, renewals)
     }
 
     fn known_epoch(&self, shard: usize) -> Option<String> {
@@ -688,18 +689,7 @@ impl RedisLog {
         let retention = self.settings.retention.as_millis() as u64;
         for event in &events {
             match event {
-                Recent::Query(record) => {
-                    let (append, renewals) = self.recording(shard, std::slice::from_ref(record));
-                    append.invoke_async::<i64>(conn).await?;
-                    for renew in renewals {
-                        // As in `append_queries`.
-                        if let Err(e) = renew.query_async::<()>(conn).await
-                            && !slot_moving(&e)
-                        {
-                            return Err(e);
-                        }
-                    }
-                }
+                Recent::Query(record) => self.write_queries(shard, std::slice::from_ref(record)).await?,
                 Recent::Notification {
                     event,
                     offset,
