@@ -532,7 +532,11 @@ async fn a_redis_too_old_or_an_unusable_url_is_refused_before_any_port_and_an_ab
         let error = common::start_error(&fake.url(), &[&format!("--redis-url={url}")]).await;
         assert_eq!(error.variable, "CAPABILITY_REDIS_URL", "{url}");
     }
-    let nobody = testkit::free_port();
+    // Bound, not listening: connections are refused, and no other test's server can take the port meanwhile (a
+    // port only found free could become a Redis Cluster node's bus port, which the replica would wait for).
+    let refusing = tokio::net::TcpSocket::new_v4().unwrap();
+    refusing.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let nobody = refusing.local_addr().unwrap().port();
     let degraded = Service::against(&fake, &[&format!("--redis-url=redis://127.0.0.1:{nobody}")]).await;
     ready(&degraded).await;
     let answer = degraded
