@@ -225,6 +225,43 @@ async fn a_job_whose_replica_is_killed_is_finished_by_another_without_asking_twi
     );
 }
 
+/// With Redis, a recipient another runner of the job recorded first (a runner whose lease lapsed goes on recording
+/// what it waits for until its next renewal finds the lease gone) is not counted again in the replica's
+/// `capability_bulk_recipients_done_total`: the counters of every replica add up to the recipients answered. The
+/// replica counted it: a dashboard showed more recipients done than jobs had.
+#[tokio::test]
+async fn with_redis_a_recipient_another_runner_recorded_first_is_not_counted_again() {
+    let redis = RedisServer::start().await;
+    let fake = Arc::new(FakeSinch::start().await);
+    let replica = common::Binary::spawn(&common::redis_binary_env(&fake, &redis)).await;
+    let mut client = CapabilityServiceClient::connect(replica.url()).await.unwrap();
+    let job = client
+        .start_bulk_check(start(vec![recipient(0)], ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let sent = fake.until_queries(1).await[0].json()["request_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // What the other runner's record leaves: index 0 (4 bytes, big-endian) answered, the job's `done` counting it.
+    let meta = redis.keys("*:job:*}:meta").remove(0);
+    let done = meta.replace("}:meta", "}:done");
+    let recorded_elsewhere = "redis.call('HSET', KEYS[2], string.char(0, 0, 0, 0), 1) \
+                              return redis.call('HINCRBY', KEYS[1], 'done', 1)";
+    redis.command(&["EVAL", recorded_elsewhere, "2", &meta, &done]);
+    let body = common::CapabilityCallback::new(&sent, "SMS", "46700000000", "CAPABILITY_FULL").body();
+    assert_eq!(common::deliver(replica.webhook_addr, body).await, 200);
+    // The job ends once its runner recorded (or not) the answer it waited for.
+    let (_, progress) = watch(&mut client, &job.job_id, 0).await;
+    assert_eq!(progress.last().unwrap().done, 1);
+    assert_eq!(
+        common::metric(replica.admin_addr, "capability_bulk_recipients_done_total").await,
+        0.0,
+        "counted again by the replica that found it answered"
+    );
+}
+
 #[tokio::test]
 async fn a_recipient_waits_its_whole_wait_after_its_turn_in_the_budget_came() {
     let fake = Arc::new(FakeSinch::start().await);

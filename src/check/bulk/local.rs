@@ -130,7 +130,7 @@ impl LocalJobs {
         }
     }
 
-    /// Records `answer` for each of `indexes` not answered yet, at the next offsets.
+    /// Records `answer` for each of `indexes` not answered yet, at the next offsets: how many that was.
     pub fn record(
         &self,
         job_id: &str,
@@ -139,7 +139,8 @@ impl LocalJobs {
         from_cache: bool,
         reachable: bool,
         now_ms: u64,
-    ) {
+    ) -> u64 {
+        let mut recorded = 0;
         self.update(job_id, |job| {
             for &index in indexes {
                 if !job.done.insert(index) {
@@ -153,9 +154,11 @@ impl LocalJobs {
                 job.status.done += 1;
                 job.status.from_cache += u64::from(from_cache);
                 job.status.reachable += u64::from(reachable);
+                recorded += 1;
             }
             job.status.update_ms = now_ms;
         });
+        recorded
     }
 
     /// Ends the job: its runner returned, every answer that will come is in.

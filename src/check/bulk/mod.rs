@@ -606,17 +606,15 @@ impl Jobs {
         }
     }
 
-    /// Records `answer` for every index of `group`.
+    /// Records `answer` for every index of `group` not answered yet (another runner of the job may have answered
+    /// it: one whose lease lapsed, until it sees that); only those count as done.
     async fn record(&self, job_id: &str, group: &[u32], answer: &CheckAnswer) -> Result<(), CheckError> {
         let from_cache = !answer.results.is_empty()
             && answer.pending.is_empty()
             && answer.results.iter().all(|r| r.source == Source::Cache);
         let reachable = !answer.recommended.is_empty();
-        let result = match &self.store {
-            Store::Local(local) => {
-                local.record(job_id, group, answer, from_cache, reachable, wall_clock_ms());
-                Ok(())
-            }
+        let recorded = match &self.store {
+            Store::Local(local) => Ok(local.record(job_id, group, answer, from_cache, reachable, wall_clock_ms())),
             Store::Redis(log) => Self::redis(log)
                 .record(
                     job_id,
@@ -628,9 +626,9 @@ impl Jobs {
                 )
                 .await
                 .map_err(|e| CheckError::Unavailable(e.to_string())),
-        };
-        metrics::counter!("capability_bulk_recipients_done_total").increment(group.len() as u64);
-        result
+        }?;
+        metrics::counter!("capability_bulk_recipients_done_total").increment(recorded);
+        Ok(())
     }
 
     /// Looks for jobs nobody runs (their replica died) and takes them over, until stopped.

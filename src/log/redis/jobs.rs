@@ -506,7 +506,7 @@ impl RedisJobs {
             .map(drop)
     }
 
-    /// Records `answer` (encoded) for each of `indexes` not answered yet, at the next offsets.
+    /// Records `answer` (encoded) for each of `indexes` not answered yet, at the next offsets: how many that was.
     pub async fn record(
         &self,
         job_id: &str,
@@ -515,7 +515,7 @@ impl RedisJobs {
         from_cache: bool,
         reachable: bool,
         now_ms: u64,
-    ) -> redis::RedisResult<()> {
+    ) -> redis::RedisResult<u64> {
         let mut invocation = self.record.prepare_invoke();
         invocation
             .key(self.key(job_id, "meta"))
@@ -529,10 +529,7 @@ impl RedisJobs {
         for index in indexes {
             invocation.arg(&index.to_be_bytes()[..]);
         }
-        invocation
-            .invoke_async::<i64>(&mut self.commands.clone())
-            .await
-            .map(drop)
+        invocation.invoke_async(&mut self.commands.clone()).await
     }
 
     pub async fn results_after(&self, job_id: &str, after: u64, max: usize) -> redis::RedisResult<Vec<JobResult>> {
