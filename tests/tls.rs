@@ -455,3 +455,55 @@ async fn spans_are_exported_over_tls_to_a_collector_the_configured_ca_vouches_fo
         );
     }
 }
+
+/// A `rediss://` URL (a managed Redis over TLS, as deploy/k8s's example secret has it): the replica reaches Redis
+/// over TLS, trusting the system's roots or, for a private CA, the file `SSL_CERT_FILE` names, and keeps its log
+/// there. Every replica given one exited 2 at start (the Redis client was built without TLS).
+#[tokio::test]
+async fn a_rediss_url_keeps_the_log_in_a_redis_reached_over_tls() {
+    let pki = Pki::new();
+    let port = testkit::process::free_port();
+    let mut command = tokio::process::Command::new("redis-server");
+    command.args(["--port", "0", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+    command.args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"]);
+    command.args([
+        "--tls-cert-file",
+        &pki.path("server.pem"),
+        "--tls-key-file",
+        &pki.path("server.key"),
+    ]);
+    let _redis = testkit::process::spawn_until(command, |line| {
+        line.contains("Ready to accept connections").then_some(())
+    })
+    .await;
+    let fake = FakeSinch::start().await;
+    let mut env = common::binary_env(&fake);
+    env.push(("CAPABILITY_REDIS_URL", format!("rediss://localhost:{port}")));
+    env.push(("SSL_CERT_FILE", pki.path("ca.pem")));
+    let replica = common::Binary::spawn(&env).await;
+    let mut client = CapabilityServiceClient::connect(replica.url()).await.unwrap();
+    let request_id = ask(&mut client).await.unwrap();
+    // The query's record, in Redis's stream of the request.
+    let keys = || {
+        let out = std::process::Command::new("redis-cli")
+            .args([
+                "--tls",
+                "--cacert",
+                &pki.path("ca.pem"),
+                "-h",
+                "localhost",
+                "-p",
+                &port.to_string(),
+            ])
+            .args(["--scan", "--pattern", "*"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    common::until(Duration::from_secs(10), async || keys() > 0).await;
+    assert!(
+        !replica.log_text().contains("degraded"),
+        "{request_id}: {}",
+        replica.log_text()
+    );
+}

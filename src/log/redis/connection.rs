@@ -30,7 +30,7 @@ pub enum UrlError {
 /// Where Redis is.
 #[derive(Debug, Clone)]
 pub enum Target {
-    Single(ConnectionInfo),
+    Single(Box<ConnectionInfo>),
     Cluster(Vec<ConnectionInfo>),
 }
 
@@ -75,14 +75,14 @@ impl Target {
         Ok(if cluster {
             Target::Cluster(nodes)
         } else {
-            Target::Single(nodes.pop().expect("one node"))
+            Target::Single(Box::new(nodes.pop().expect("one node")))
         })
     }
 
     /// Every node named in the URL.
     fn nodes(&self) -> Vec<ConnectionInfo> {
         match self {
-            Target::Single(node) => vec![node.clone()],
+            Target::Single(node) => vec![(**node).clone()],
             Target::Cluster(nodes) => nodes.clone(),
         }
     }
@@ -156,7 +156,7 @@ impl Connector {
                 .map_err(unusable)
         };
         let (single, cluster) = match &target {
-            Target::Single(info) => (Some(Client::open(info.clone()).map_err(unusable)?), None),
+            Target::Single(info) => (Some(Client::open((**info).clone()).map_err(unusable)?), None),
             Target::Cluster(nodes) => (
                 None,
                 Some((
