@@ -299,12 +299,10 @@ impl Service {
             tracing::warn!("INSECURE: no webhook secret is set, so callbacks are accepted without a signature");
         }
         // Half of what the check needs is said, since the operator meant it to run.
-        let missing = match (
-            config.registration.public_webhook_url.clone(),
-            config.registration.app_ids.is_empty(),
-        ) {
+        let apps = config.registration.apps();
+        let missing = match (config.registration.public_webhook_url.clone(), apps.is_empty()) {
             (Some(target), false) => {
-                let (apps, secrets) = (config.registration.app_ids.clone(), webhook_secrets.clone());
+                let secrets = webhook_secrets.clone();
                 let stop = background.clone();
                 tasks.spawn(async move {
                     tokio::select! {

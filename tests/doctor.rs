@@ -151,7 +151,8 @@ async fn the_service_warns_at_start_when_its_public_url_is_not_registered() {
         "CAPABILITY_PUBLIC_WEBHOOK_URL",
         "https://facade.example.com/webhooks/sinch".into(),
     ));
-    env.push(("CAPABILITY_APP_IDS", "APP-1,APP-2".into()));
+    // Stray commas name no app: each made an app "" whose gauge said 0, and a warning, for as long as it ran.
+    env.push(("CAPABILITY_APP_IDS", "APP-1,,APP-2,".into()));
     let binary = common::Binary::spawn(&env).await;
     // One line per app: a warning for APP-1, whose URL is not registered; APP-2 is registered as it must be.
     let outcomes = binary
@@ -177,6 +178,7 @@ async fn the_service_warns_at_start_when_its_public_url_is_not_registered() {
         metrics.contains(r#"capability_webhook_registered{app_id="APP-2"} 1"#),
         "{metrics}"
     );
+    assert!(!metrics.contains(r#"app_id="""#), "{metrics}");
 }
 
 /// The URL the start-up check tests look for.

@@ -67,6 +67,13 @@ pub struct RegistrationSettings {
     pub app_ids: Vec<String>,
 }
 
+impl RegistrationSettings {
+    /// The apps named: a stray comma (`A,,B,`) names none.
+    pub fn apps(&self) -> Vec<String> {
+        self.app_ids.iter().filter(|id| !id.is_empty()).cloned().collect()
+    }
+}
+
 /// Where the three listeners listen.
 #[derive(Debug, Clone, Args)]
 pub struct ListenSettings {
