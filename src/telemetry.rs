@@ -68,10 +68,26 @@ impl Otlp {
     }
 }
 
+/// `RUST_LOG`'s filter: `info` when it is unset or blank (a filter of nothing would turn every line off); one that
+/// does not parse is refused, naming it, rather than dropped for `info` without a word.
+fn log_filter() -> Result<EnvFilter, String> {
+    let text = match std::env::var(EnvFilter::DEFAULT_ENV) {
+        Ok(text) => text,
+        Err(std::env::VarError::NotPresent) => String::new(),
+        Err(std::env::VarError::NotUnicode(_)) => return Err(format!("{}: not UTF-8", EnvFilter::DEFAULT_ENV)),
+    };
+    if text.trim().is_empty() {
+        return Ok(EnvFilter::new("info"));
+    }
+    EnvFilter::builder()
+        .parse(&text)
+        .map_err(|e| format!("{}: {e}", EnvFilter::DEFAULT_ENV))
+}
+
 /// Installs the global subscriber; call once, first thing in the process, inside the Tokio runtime.
 /// With `otlp`, spans are also exported over OTLP/gRPC.
 pub fn init(format: LogFormat, otlp: Option<&Otlp>) -> Result<Telemetry, String> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = log_filter()?;
     let logs = match format {
         LogFormat::Text => fmt::layer().with_writer(std::io::stderr).boxed(),
         LogFormat::Json => fmt::layer()

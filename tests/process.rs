@@ -91,6 +91,8 @@ fn a_bad_value_stops_the_process_before_it_binds_naming_the_variable() {
         ("CAPABILITY_CACHE_HASH_KEY", ""),
         // Shorter than 32 bytes: deploy/k8s/base/secret.example.yaml's placeholder, applied as it is.
         ("CAPABILITY_CACHE_HASH_KEY", "openssl-rand-hex-32"),
+        // A misspelt level: the whole filter was dropped for `info` without a word.
+        ("RUST_LOG", "warn,capability_facade=dbug"),
     ];
     for (variable, value) in cases {
         let output = binary()
@@ -297,6 +299,15 @@ async fn the_service_runs_without_transparent_huge_pages() {
     let status = std::fs::read_to_string(format!("/proc/{}/status", process.pid())).unwrap();
     let line = status.lines().find(|l| l.starts_with("THP_enabled:"));
     assert_eq!(line.and_then(|l| l.split_whitespace().nth(1)), Some("0"), "{line:?}");
+}
+
+/// `RUST_LOG` set but empty (a template's blank) logs at `info`, as unset does: it turned every line off, errors and
+/// the sandbox's warning included, and the spans exported with them.
+#[tokio::test]
+async fn an_empty_rust_log_logs_at_info() {
+    let process = Binary::spawn(&[("RUST_LOG", String::new())]).await;
+    let first = process.log.lock().unwrap()[0].clone();
+    assert!(first.contains("SANDBOX"), "{first}");
 }
 
 #[tokio::test]
