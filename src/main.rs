@@ -45,10 +45,13 @@ async fn main() -> ExitCode {
         Some(Command::BulkCheck(args)) => cli::bulk_check(args).await,
         Some(Command::Doctor(args)) => cli::doctor(args).await,
         Some(Command::Webhook(args)) => cli::webhook(args).await,
-        Some(Command::Sandbox(args)) => {
-            let _telemetry = telemetry::init(config::LogFormat::Text, None);
-            cli::sandbox(args, shutdown_on_signal()).await
-        }
+        Some(Command::Sandbox(args)) => match telemetry::init(config::LogFormat::Text, None) {
+            Ok(_telemetry) => cli::sandbox(args, shutdown_on_signal()).await,
+            Err(e) => {
+                eprintln!("capability-facade sandbox: {e}");
+                ExitCode::from(2)
+            }
+        },
     }
 }
 

@@ -301,6 +301,28 @@ async fn the_service_runs_without_transparent_huge_pages() {
     assert_eq!(line.and_then(|l| l.split_whitespace().nth(1)), Some("0"), "{line:?}");
 }
 
+/// The stand-alone sandbox refuses a `RUST_LOG` that does not parse too, naming it: it ran without a log.
+#[tokio::test]
+async fn the_sandbox_command_refuses_a_bad_rust_log() {
+    let mut command = tokio::process::Command::from(binary());
+    command
+        .env("RUST_LOG", "warn,capability_facade=dbug")
+        .args([
+            "sandbox",
+            "--callback-url=http://127.0.0.1:1/",
+            "--webhook-secret=w",
+            "--sandbox-addr=127.0.0.1:0",
+        ])
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(Duration::from_secs(30), command.output())
+        .await
+        .expect("it stops")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("RUST_LOG"), "{stderr}");
+}
+
 /// `RUST_LOG` set but empty (a template's blank) logs at `info`, as unset does: it turned every line off, errors and
 /// the sandbox's warning included, and the spans exported with them.
 #[tokio::test]
