@@ -16,23 +16,42 @@ pub const NOT_REGISTERED: &str = "WEBHOOK_NOT_REGISTERED";
 /// Where the webhook of `target` stands among an app's webhooks.
 #[derive(Debug)]
 pub enum Registration<'a> {
-    /// A webhook targets it and receives CAPABILITY callbacks.
+    /// One webhook targets it and receives CAPABILITY callbacks.
     Registered(&'a WebhookJson),
-    /// A webhook targets it but receives no CAPABILITY callbacks (the trigger is missing, or it is DISMISS).
+    /// Several webhooks target it and receive CAPABILITY callbacks: Sinch sends each callback to each of them.
+    Several(Vec<&'a WebhookJson>),
+    /// A webhook targets it but receives no CAPABILITY callbacks (the trigger is missing, or it is not `HTTP`).
     WithoutCapability(&'a WebhookJson),
     /// No webhook targets it; `full` when the app already has the most webhooks Sinch allows.
     Missing { full: bool },
 }
 
-/// Finds the webhook of `target` (a trailing `/` does not count).
+/// Finds the webhooks of `target` among all the app's: each that targets the same URL (see [`same_url`]) is
+/// judged, not only the first listed.
 pub fn find<'a>(webhooks: &'a [WebhookJson], target: &str) -> Registration<'a> {
-    let same = |w: &&WebhookJson| w.target.trim_end_matches('/') == target.trim_end_matches('/');
-    match webhooks.iter().find(same) {
-        Some(w) if w.wants_capability() => Registration::Registered(w),
-        Some(w) => Registration::WithoutCapability(w),
-        None => Registration::Missing {
+    let ours: Vec<&WebhookJson> = webhooks.iter().filter(|w| same_url(&w.target, target)).collect();
+    let mut delivering: Vec<&WebhookJson> = ours.iter().copied().filter(|w| w.wants_capability()).collect();
+    match (delivering.len(), ours.first()) {
+        (0, Some(w)) => Registration::WithoutCapability(w),
+        (0, None) => Registration::Missing {
             full: webhooks.len() >= MAX_WEBHOOKS_PER_APP,
         },
+        (1, _) => Registration::Registered(delivering.remove(0)),
+        _ => Registration::Several(delivering),
+    }
+}
+
+/// Whether two webhook targets name the same URL: compared parsed (the scheme and host in any case, a port the
+/// scheme has by default written or not), a trailing `/` not counting; as text when one does not parse.
+pub fn same_url(a: &str, b: &str) -> bool {
+    let (a, b) = (a.trim().trim_end_matches('/'), b.trim().trim_end_matches('/'));
+    match (url::Url::parse(a), url::Url::parse(b)) {
+        (Ok(a), Ok(b)) => {
+            let path = |u: &url::Url| u.path().trim_end_matches('/').to_owned();
+            (a.scheme(), a.host_str(), a.port_or_known_default(), path(&a), a.query())
+                == (b.scheme(), b.host_str(), b.port_or_known_default(), path(&b), b.query())
+        }
+        _ => a == b,
     }
 }
 
@@ -100,12 +119,22 @@ fn registration_problem(webhooks: &[WebhookJson], target: &str, secrets: &[Secre
              refused with 401",
             w.id
         )),
+        Registration::Several(ws) => Some(format!(
+            "webhooks {} all target it with the CAPABILITY trigger: Sinch sends each callback to each of them, \
+             spending the app's callback rate as many times",
+            ids(&ws)
+        )),
         Registration::WithoutCapability(w) => Some(format!(
             "webhook {} targets it without the CAPABILITY trigger: no capability callback will arrive",
             w.id
         )),
         Registration::Missing { .. } => Some("no webhook targets it: no callback will arrive".to_owned()),
     }
+}
+
+/// The ids of `webhooks`, comma-separated.
+pub fn ids(webhooks: &[&WebhookJson]) -> String {
+    webhooks.iter().map(|w| w.id.as_str()).collect::<Vec<_>>().join(", ")
 }
 
 /// Sets the app's gauge and logs what was found.
@@ -151,6 +180,10 @@ mod tests {
         assert!(!secret_known(&list[1], &[Secret::new("s2")]));
         let wrong_trigger = [webhook(ours, &["MESSAGE_DELIVERY"], "s1")];
         assert!(matches!(find(&wrong_trigger, ours), Registration::WithoutCapability(_)));
+        // Only `HTTP` is known to deliver (an older spec listed `GRPC`): `webhook ensure` sets it.
+        let mut other_type = webhook(ours, &["CAPABILITY"], "s1");
+        other_type.target_type = "GRPC".into();
+        assert!(matches!(find(&[other_type], ours), Registration::WithoutCapability(_)));
         let full: Vec<_> = (0..5)
             .map(|n| webhook(&format!("https://h/{n}"), &["CAPABILITY"], ""))
             .collect();

@@ -349,3 +349,71 @@ async fn the_webhook_commands_ask_only_for_the_settings_they_use() {
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("SINCH_WEBHOOK_SECRETS"), "{out}");
 }
+
+/// Registers a webhook of APP-1 in `sandbox` by Sinch's API: its id.
+async fn register(sandbox: &Sandbox, target: &str, triggers: &[&str], secret: &str) -> String {
+    let webhook = json!({"app_id": "APP-1", "target": target, "target_type": "HTTP", "secret": secret,
+        "triggers": triggers});
+    let (status, created) = sandbox.call(reqwest::Method::POST, "/webhooks", Some(webhook)).await;
+    assert_eq!(status, 200, "{created}");
+    created["id"].as_str().unwrap().to_owned()
+}
+
+/// How many of APP-1's webhooks send CAPABILITY callbacks.
+async fn capability_webhooks(sandbox: &Sandbox) -> usize {
+    let wants = |w: &&Value| w["triggers"].as_array().unwrap().iter().any(|t| t == "CAPABILITY");
+    webhooks(sandbox).await.iter().filter(wants).count()
+}
+
+/// Every webhook of the app that targets the service is judged, not the first listed: with one (`…/sinch/`) for
+/// delivery reports and one (`…/sinch`) for CAPABILITY with the service's secret, the doctor said the first
+/// received no CAPABILITY callbacks, and `ensure` added the trigger to it, so that Sinch sent every callback
+/// twice. Two that both send CAPABILITY are named, and `ensure` adds none.
+#[tokio::test]
+async fn every_webhook_targeting_the_service_is_judged_and_ensure_never_makes_a_second_one_deliver() {
+    let sandbox = Sandbox::start(&["--sandbox-apps=APP-1"], None).await;
+    let service = sandbox.service(&[&format!("--sinch-webhook-secrets={SECRET}")]).await;
+    let target = format!("http://{}/webhooks/sinch", service.webhook_addr);
+    let reports = register(&sandbox, &format!("{target}/"), &["MESSAGE_DELIVERY"], "").await;
+    register(&sandbox, &target, &["CAPABILITY"], SECRET).await;
+    let (code, out) = run(&sandbox, &["doctor", "--target", &target]).await;
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = run(&sandbox, &["webhook", "ensure", "--target", &target]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(capability_webhooks(&sandbox).await, 1, "{out}");
+
+    let (code, _) = run(
+        &sandbox,
+        &["webhook", "update", "--id", &reports, "--triggers", "CAPABILITY"],
+    )
+    .await;
+    assert_eq!(code, Some(0));
+    let (code, out) = run(&sandbox, &["doctor", "--target", &target]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains(&reports) && out.contains("each callback"), "{out}");
+    let (code, out) = run(&sandbox, &["webhook", "ensure", "--target", &target]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("webhook delete --id"), "{out}");
+}
+
+/// A webhook's target is compared as a URL: a host written in capitals, or a port the scheme has by default, is
+/// the same target. The doctor said none targeted the service, and `ensure` registered a second one.
+#[tokio::test]
+async fn a_target_written_otherwise_is_the_same_url() {
+    let sandbox = Sandbox::start(&["--sandbox-apps=APP-1"], None).await;
+    let service = sandbox.service(&[&format!("--sinch-webhook-secrets={SECRET}")]).await;
+    let port = service.webhook_addr.port();
+    register(
+        &sandbox,
+        &format!("HTTP://LOCALHOST:{port}/webhooks/sinch"),
+        &["CAPABILITY"],
+        SECRET,
+    )
+    .await;
+    let target = format!("http://localhost:{port}/webhooks/sinch");
+    let (code, out) = run(&sandbox, &["doctor", "--target", &target]).await;
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = run(&sandbox, &["webhook", "ensure", "--target", &target]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(webhooks(&sandbox).await.len(), 1, "{out}");
+}

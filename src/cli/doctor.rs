@@ -171,6 +171,17 @@ pub async fn doctor(args: DoctorArgs) -> ExitCode {
             );
             Some(w)
         }
+        Registration::Several(ws) => {
+            all &= report(
+                false,
+                &format!(
+                    "webhooks {} all target {target} with trigger CAPABILITY: Sinch sends each callback to each of them",
+                    registration::ids(&ws)
+                ),
+                "delete all but one (capability-facade webhook delete --id ID)",
+            );
+            Some(ws[0])
+        }
         Registration::WithoutCapability(w) => {
             all &= report(
                 false,
@@ -327,7 +338,7 @@ async fn ensure(args: RegistrationArgs) -> ExitCode {
         Err(e) => return failed(&format!("the webhooks of app {app} cannot be listed"), &e),
     };
     let existing = match registration::find(&webhooks, &target) {
-        Registration::Registered(w) if registration::secret_known(w, &ctx.secrets) && w.target_type == "HTTP" => {
+        Registration::Registered(w) if registration::secret_known(w, &ctx.secrets) => {
             println!(
                 "webhook {} already targets {target} with trigger CAPABILITY and the service's secret",
                 w.id
@@ -335,6 +346,14 @@ async fn ensure(args: RegistrationArgs) -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Registration::Registered(w) | Registration::WithoutCapability(w) => Some(w.clone()),
+        Registration::Several(ws) => {
+            eprintln!(
+                "webhooks {} of app {app} all target {target} with trigger CAPABILITY, so Sinch sends each callback \
+                 to each of them: delete all but one (capability-facade webhook delete --id ID), then run this again",
+                registration::ids(&ws)
+            );
+            return ExitCode::FAILURE;
+        }
         Registration::Missing { full: true } => {
             eprintln!(
                 "app {app} already has {MAX_WEBHOOKS_PER_APP} webhooks, the most Sinch allows, and none targets {target}: \

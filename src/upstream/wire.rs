@@ -97,9 +97,10 @@ impl std::fmt::Debug for WebhookJson {
 }
 
 impl WebhookJson {
-    /// Whether this webhook receives CAPABILITY callbacks.
+    /// Whether this webhook receives CAPABILITY callbacks: it has the trigger and posts them over `HTTP` (`DISMISS`
+    /// sends nothing; another or no type is not known to deliver, and `webhook ensure` sets `HTTP`).
     pub fn wants_capability(&self) -> bool {
-        self.target_type != "DISMISS" && self.triggers.iter().any(|t| t == "CAPABILITY")
+        self.target_type == "HTTP" && self.triggers.iter().any(|t| t == "CAPABILITY")
     }
 }
 
