@@ -243,6 +243,23 @@ async fn the_start_up_check_is_repeated_until_sinch_answers() {
     assert_registered(&binary).await;
 }
 
+/// Sinch may send a key it has no value for as `null` (its SDKs read `secret`, `target_type` and
+/// `client_credentials` without checking them): one other webhook listed so made the whole list unreadable, and
+/// the app counted as not registered, checked again every 5 minutes for ever.
+#[tokio::test]
+async fn a_webhook_listed_with_nulls_is_read_as_empty() {
+    let fake = common::FakeSinch::start().await;
+    let listed = json!({"webhooks": [
+        {"id": "W0", "app_id": "APP-1", "target": "https://other.example.com/hook", "target_type": null,
+            "secret": null, "triggers": null, "client_credentials": null},
+        {"id": "W1", "app_id": "APP-1", "target": PUBLIC_URL, "target_type": "HTTP",
+            "secret": common::WEBHOOK_SECRET, "triggers": ["CAPABILITY"], "client_credentials": null}]});
+    fake.script_api([common::Canned::new(200, listed.to_string())]);
+    let (binary, outcome) = checked_at_start(&fake, "APP-1", 1).await;
+    assert!(outcome[0].contains("webhook is registered"), "{outcome:?}");
+    assert_registered(&binary).await;
+}
+
 /// An answer that will not change (Sinch does not know the app) is reported once, not asked again for ever.
 #[tokio::test]
 async fn the_start_up_check_asks_again_only_when_sinch_was_busy() {

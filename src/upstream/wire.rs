@@ -64,20 +64,21 @@ pub struct ErrorJson {
 }
 
 /// A webhook of Sinch's Webhooks API. Sinch sends every key (`secret` and `client_credentials` may be empty or
-/// null); the secret comes back in clear text, so a value of this type is never logged.
+/// null; any that is null is read as empty); the secret comes back in clear text, so a value of this type is never
+/// logged.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct WebhookJson {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub app_id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub target: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub target_type: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub secret: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_default")]
     pub triggers: Vec<String>,
     #[serde(default)]
     pub client_credentials: Option<Value>,
@@ -94,6 +95,15 @@ impl std::fmt::Debug for WebhookJson {
             .field("triggers", &self.triggers)
             .finish_non_exhaustive()
     }
+}
+
+/// A key sent as `null` (Sinch's webhooks may carry one where there is no value): read as the type's default.
+fn null_as_default<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    Ok(Option::<T>::deserialize(deserializer)?.unwrap_or_default())
 }
 
 impl WebhookJson {
