@@ -434,3 +434,25 @@ async fn a_target_written_otherwise_is_the_same_url() {
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(webhooks(&sandbox).await.len(), 1, "{out}");
 }
+
+/// The test callback goes where Sinch would post, and no further: a target that redirects (an ingress sending
+/// plain HTTP on to HTTPS) is named with where it redirects to, since Sinch is not known to follow redirects (and
+/// a 301 or 302 turns a POST into a GET). The doctor followed it and said the callback was accepted.
+#[tokio::test]
+async fn a_target_that_redirects_is_named_with_where_it_redirects_to() {
+    let sandbox = Sandbox::start(&["--sandbox-apps=APP-1"], None).await;
+    let service = sandbox.service(&[&format!("--sinch-webhook-secrets={SECRET}")]).await;
+    let onward = format!("http://{}/webhooks/sinch", service.webhook_addr);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let redirecting = format!("http://{}/webhooks/sinch", listener.local_addr().unwrap());
+    let redirect = axum::Router::new().fallback({
+        let onward = onward.clone();
+        async move || axum::response::Redirect::permanent(&onward)
+    });
+    let server = tokio::spawn(async move { axum::serve(listener, redirect).await });
+    register(&sandbox, &redirecting, &["CAPABILITY"], SECRET).await;
+    let (code, out) = run(&sandbox, &["doctor", "--target", &redirecting]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("308") && out.contains(&onward), "{out}");
+    server.abort();
+}

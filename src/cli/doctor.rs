@@ -255,13 +255,21 @@ pub async fn doctor(args: DoctorArgs) -> ExitCode {
         .post_signed_callback(target, &secret, body, own_listener)
         .await
     {
-        Ok(200) => report(true, &format!("a signed test callback to {target} was accepted"), ""),
-        Ok(401) => report(
+        Ok((200, _)) => report(true, &format!("a signed test callback to {target} was accepted"), ""),
+        Ok((status @ 300..=399, location)) => report(
+            false,
+            &format!(
+                "a signed test callback to {target} was redirected ({status}) to {}",
+                location.as_deref().unwrap_or("nowhere said")
+            ),
+            "register the URL it redirects to: Sinch posts to the registered URL and is not known to follow redirects",
+        ),
+        Ok((401, _)) => report(
             false,
             &format!("a signed test callback to {target} was refused (401): the receiver does not know the secret"),
             "the SINCH_WEBHOOK_SECRETS of the service at the target must include the webhook's secret",
         ),
-        Ok(status) => report(
+        Ok((status, _)) => report(
             false,
             &format!("a signed test callback to {target} was answered {status}"),
             "check that the target is this service's /webhooks/sinch, through the ingress",

@@ -176,7 +176,8 @@ impl SinchClient {
             .map_err(|_| Error::DeadlineExceeded)?
     }
 
-    /// Posts `body` to `target` signed with `secret` as Sinch signs a callback; returns the HTTP status. With
+    /// Posts `body` to `target` signed with `secret` as Sinch signs a callback; returns the HTTP status, and where a
+    /// redirect points (it is not followed: Sinch posts to the target, and is not known to follow one). With
     /// `own_listener`, the target is this machine's webhook port in sandbox mode, serving TLS with the operator's
     /// certificate: any certificate is accepted there, as the in-process sandbox accepts it.
     pub async fn post_signed_callback(
@@ -185,14 +186,12 @@ impl SinchClient {
         secret: &str,
         body: Vec<u8>,
         own_listener: bool,
-    ) -> Result<u16, Error> {
-        let http = match own_listener {
-            true => reqwest::Client::builder()
-                .danger_accept_invalid_certs(true)
-                .build()
-                .map_err(|e| Error::Connect(error_chain(&e)))?,
-            false => self.http.clone(),
-        };
+    ) -> Result<(u16, Option<String>), Error> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .danger_accept_invalid_certs(own_listener)
+            .build()
+            .map_err(|e| Error::Connect(error_chain(&e)))?;
         let request = signature::headers(secret, &body)
             .into_iter()
             .fold(http.post(target), |request, (name, value)| request.header(name, value));
@@ -203,6 +202,8 @@ impl SinchClient {
             .send()
             .await
             .map_err(|e| Error::Connect(error_chain(&e)))?;
-        Ok(response.status().as_u16())
+        let location = response.headers().get(reqwest::header::LOCATION);
+        let location = location.map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned());
+        Ok((response.status().as_u16(), location))
     }
 }
