@@ -274,6 +274,45 @@ async fn a_resume_with_job_appends_only_the_missing_rows_and_the_same_command_fi
     assert_eq!(wrong.status.code(), Some(2), "{}", text(&wrong.stderr));
 }
 
+/// Results on stdout, with stdout and the progress bar on one terminal (the command as a person types it): each
+/// row starts a line of its own. The bar was left on the line a row then began on, so rows came glued to it.
+#[tokio::test]
+async fn on_a_terminal_the_rows_on_stdout_never_share_a_line_with_the_bar() {
+    let service = service(20).await;
+    let dir = folder("terminal");
+    let input = dir.join("numbers.csv");
+    let numbers: String = (0..40).map(|i| format!("SMS,467100000{i:02}\n")).collect();
+    std::fs::write(&input, format!("channel,identity\n{numbers}")).unwrap();
+    let command = format!(
+        "{} bulk-check --addr {} --in {}",
+        env!("CARGO_BIN_EXE_capability-facade"),
+        service.url(),
+        input.display()
+    );
+    // `script` runs the command on a pseudo-terminal, as its stdout and stderr both.
+    let mut script = tokio::process::Command::new("script");
+    script.args(["-qec", &command, "/dev/null"]).kill_on_drop(true);
+    let run = tokio::time::timeout(Duration::from_secs(60), script.output());
+    let output = run.await.expect("bulk-check ends within a minute").unwrap();
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let mut screen = text(&output.stdout);
+    // Escape sequences (the bar's clearing of its line) left out; what remains is split at line and carriage
+    // returns, where the terminal starts a line again.
+    while let Some(start) = screen.find('\x1b') {
+        let end = screen[start + 1..]
+            .find(|c: char| c.is_ascii_alphabetic() && c != '[')
+            .map_or(screen.len(), |at| start + 1 + at + 1);
+        screen.replace_range(start..end, "");
+    }
+    let rows: Vec<&str> = screen
+        .split(['\r', '\n'])
+        .filter(|l| l.contains("{\"index\""))
+        .collect();
+    assert_eq!(rows.len(), 40, "{screen}");
+    let glued: Vec<&&str> = rows.iter().filter(|l| !l.starts_with("{\"index\"")).collect();
+    assert!(glued.is_empty(), "rows after the bar on its line: {glued:?}");
+}
+
 #[tokio::test]
 async fn ctrl_c_leaves_the_job_running_and_prints_how_to_resume_or_cancel_it() {
     // 40 identities at 4 a second: about ten seconds of job, interrupted after the first.

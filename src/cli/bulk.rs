@@ -178,6 +178,7 @@ async fn run(args: &BulkCheckArgs) -> Result<ExitCode, Failure> {
     let mut interrupt =
         signal(SignalKind::interrupt()).map_err(|e| Failure::Service(format!("cannot listen for Ctrl-C: {e}")))?;
     let mut display = Display::new(&job);
+    out.share_terminal(&display);
     let mut last = job;
     let mut retries = 0;
     'watch: loop {
@@ -778,6 +779,8 @@ struct Output {
     path: Option<PathBuf>,
     /// How messages name it.
     name: String,
+    /// The progress bar on the same terminal, if any (see [`Output::share_terminal`]).
+    bar: Option<ProgressBar>,
 }
 
 enum Sink {
@@ -795,6 +798,7 @@ impl Output {
                 sink: Sink::JsonLines(BufWriter::new(stdout)),
                 path: None,
                 name: "stdout".into(),
+                bar: None,
             };
             return Ok((output, 0));
         };
@@ -830,18 +834,45 @@ impl Output {
             sink,
             path: Some(path.to_owned()),
             name,
+            bar: None,
         };
         Ok((output, held))
     }
 
     /// One recipient's row.
     fn write(&mut self, row: &Row, answer: &pb::CheckCapabilityResponse) -> io::Result<()> {
+        let Output { sink, bar, .. } = self;
+        match bar {
+            Some(bar) => bar.suspend(|| sink.write(row, answer)),
+            None => sink.write(row, answer),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let Output { sink, bar, .. } = self;
+        match bar {
+            Some(bar) => bar.suspend(|| sink.flush()),
+            None => sink.flush(),
+        }
+    }
+
+    /// Rows written to the terminal that shows `display`'s bar are written with the bar lifted, so that each
+    /// starts a line of its own rather than after the bar, on its line.
+    fn share_terminal(&mut self, display: &Display) {
+        if self.path.is_none() && io::stdout().is_terminal() {
+            self.bar = display.bar().cloned();
+        }
+    }
+}
+
+impl Sink {
+    fn write(&mut self, row: &Row, answer: &pb::CheckCapabilityResponse) -> io::Result<()> {
         let ids = |ids: &[pb::ChannelIdentity]| -> Vec<String> { ids.iter().map(identity_text).collect() };
         let results = answer
             .results
             .iter()
             .filter_map(|r| Some((r.notification.as_ref()?, source_name(r))));
-        match &mut self.sink {
+        match self {
             Sink::JsonLines(out) => {
                 let results = results
                     .map(|(n, source)| JsonResult {
@@ -892,7 +923,7 @@ impl Output {
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        match &mut self.sink {
+        match self {
             Sink::Csv(out) => out.flush(),
             Sink::JsonLines(out) => out.flush(),
         }
@@ -997,6 +1028,13 @@ impl Display {
                     eprintln!("bulk-check {job_id}: {}/{} done, {}", job.done, job.total, counts(job));
                 }
             }
+        }
+    }
+
+    fn bar(&self) -> Option<&ProgressBar> {
+        match self {
+            Display::Bar(bar) => Some(bar),
+            Display::Plain { .. } => None,
         }
     }
 
