@@ -274,6 +274,45 @@ async fn a_resume_with_job_appends_only_the_missing_rows_and_the_same_command_fi
     assert_eq!(wrong.status.code(), Some(2), "{}", text(&wrong.stderr));
 }
 
+/// An output that cannot be written (a folder that does not exist) is refused before the job starts: the job ran
+/// to its end in the service, spending Sinch's budget, and the command, exiting 2, never named it.
+#[tokio::test]
+async fn an_output_that_cannot_be_written_starts_no_job() {
+    use capability_facade::grpc::pb::{self, capability_service_client::CapabilityServiceClient};
+    let service = service(500).await;
+    let dir = folder("unwritable");
+    let input = dir.join("numbers.csv");
+    std::fs::write(&input, "channel,identity\nSMS,46710000001\nSMS,46710000002\n").unwrap();
+    let nowhere = dir.join("missing").join("results.csv");
+    let refused = bulk_check(
+        &service,
+        &["--in", input.to_str().unwrap(), "--out", nowhere.to_str().unwrap()],
+    )
+    .await;
+    let stderr = text(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cannot write to"), "{stderr}");
+    // In whole milliseconds, as the job's creation time is.
+    let millis = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    let between = millis(std::time::SystemTime::now());
+    // The same command with an output that can be written finds the job the first started, if it started one.
+    let out = dir.join("results.csv");
+    let done = bulk_check(
+        &service,
+        &["--in", input.to_str().unwrap(), "--out", out.to_str().unwrap()],
+    )
+    .await;
+    let stderr = text(&done.stderr);
+    assert!(done.status.success(), "{stderr}");
+    let mut client = CapabilityServiceClient::connect(service.url()).await.unwrap();
+    let request = pb::GetBulkCheckRequest {
+        job_id: job_id(&stderr),
+    };
+    let job = client.get_bulk_check(request).await.unwrap().into_inner();
+    let created = millis(std::time::SystemTime::try_from(job.create_time.unwrap()).unwrap());
+    assert!(created >= between, "the job was started by the refused command");
+}
+
 /// Results on stdout, with stdout and the progress bar on one terminal (the command as a person types it): each
 /// row starts a line of its own. The bar was left on the line a row then began on, so rows came glued to it.
 #[tokio::test]

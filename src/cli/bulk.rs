@@ -101,6 +101,13 @@ async fn run(args: &BulkCheckArgs) -> Result<ExitCode, Failure> {
     let in_format = Format::of(in_path).map_err(Failure::Usage)?;
     if let Some(out) = &args.output {
         Format::of(out).map_err(Failure::Usage)?;
+        // Before any job starts (an output that cannot be written would leave one running unnamed), and without
+        // emptying a file the job's results would replace.
+        OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(out)
+            .map_err(|e| Failure::Usage(format!("cannot write to {}: {e}", out.display())))?;
     }
     let bytes = fs::read(in_path).map_err(|e| Failure::Usage(format!("cannot read {}: {e}", in_path.display())))?;
     let shown = in_path.display().to_string();
