@@ -431,4 +431,15 @@ async fn ctrl_c_leaves_the_job_running_and_prints_how_to_resume_or_cancel_it() {
     indexes.dedup();
     assert_eq!(indexes.len(), rows.len(), "no row twice");
     assert!(rows.len() >= written && rows.len() < 40, "{} rows", rows.len());
+
+    // The first command again finds the same job, ended: said, with how to check the file again. It gave the
+    // cancelled job's results as if they were new.
+    let again = bulk_check(&service, &args).await;
+    let stderr = text(&again.stderr);
+    assert_eq!(again.status.code(), Some(1), "{stderr}");
+    assert_eq!(job_id(&stderr), job, "{stderr}");
+    assert!(
+        stderr.contains("had ended CANCELLED") && stderr.contains("--request-id"),
+        "{stderr}"
+    );
 }

@@ -176,6 +176,14 @@ async fn run(args: &BulkCheckArgs) -> Result<ExitCode, Failure> {
                 job.total,
                 bad_rows(input.bad)
             );
+            if job.state() != pb::BulkCheckState::Running {
+                eprintln!(
+                    "bulk-check: job {} was started before under this request_id and had ended {}: its results \
+                     follow, as they were then; to check the file again, give --request-id a new value",
+                    job.job_id,
+                    state_name(&job)
+                );
+            }
             (job, out, written)
         }
     };
