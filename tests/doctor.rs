@@ -260,6 +260,30 @@ async fn a_webhook_listed_with_nulls_is_read_as_empty() {
     assert_registered(&binary).await;
 }
 
+/// Run with `CAPABILITY_INSECURE_WEBHOOKS` and no secret, the service accepts every callback: a webhook with the
+/// CAPABILITY trigger is registered as it must be, whatever its secret. The start-up check warned that its
+/// callbacks would be refused with 401, and its gauge said 0 for as long as the replica ran.
+#[tokio::test]
+async fn without_secrets_in_insecure_mode_a_webhook_with_any_secret_is_registered() {
+    let fake = common::FakeSinch::start().await;
+    fake.script_api([listing()]);
+    let mut env: Vec<(&str, String)> = common::binary_env(&fake)
+        .into_iter()
+        .filter(|(name, _)| *name != "SINCH_WEBHOOK_SECRETS")
+        .collect();
+    env.push(("CAPABILITY_INSECURE_WEBHOOKS", "true".into()));
+    env.push(("CAPABILITY_PUBLIC_WEBHOOK_URL", PUBLIC_URL.into()));
+    env.push(("CAPABILITY_APP_IDS", "APP-1".into()));
+    let binary = common::Binary::spawn(&env).await;
+    let outcome = binary
+        .until_logged(1, |l| {
+            l.contains("WEBHOOK_NOT_REGISTERED") || l.contains("webhook is registered")
+        })
+        .await;
+    assert!(outcome[0].contains("webhook is registered"), "{outcome:?}");
+    assert_registered(&binary).await;
+}
+
 /// An answer that will not change (Sinch does not know the app) is reported once, not asked again for ever.
 #[tokio::test]
 async fn the_start_up_check_asks_again_only_when_sinch_was_busy() {
