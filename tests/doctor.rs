@@ -360,6 +360,18 @@ async fn with_basic_credentials_the_doctor_proves_them_with_a_call() {
     );
 }
 
+/// Sinch's token endpoint down (503): the credentials' ✗ says Sinch did not answer, and its fix is to try again,
+/// not to check the credentials, which may well be right.
+#[tokio::test]
+async fn a_token_endpoint_outage_is_not_told_as_wrong_credentials() {
+    let sandbox = Sandbox::start(&["--sandbox-apps=APP-1", "--sandbox-token-outage-for=1h"], None).await;
+    let (code, out) = run(&sandbox, &["doctor", "--target", "http://127.0.0.1:9/webhooks/sinch"]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("✗ credentials"), "{out}");
+    assert!(!out.contains("fix: check SINCH_PROJECT_ID"), "{out}");
+    assert!(out.contains("fix: run the doctor again"), "{out}");
+}
+
 /// The `webhook` commands and the doctor need only what they use: listing, updating or deleting webhooks works
 /// with no webhook secret set, and with the service's listeners on one port (they bind none). They refused both
 /// as the server does.

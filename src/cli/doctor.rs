@@ -99,6 +99,10 @@ fn report(passed: bool, what: &str, fix: &str) -> bool {
     passed
 }
 
+/// The fix when Sinch was busy or did not answer: nothing named in the settings is wrong for all it shows.
+const AGAIN: &str = "run the doctor again in a while: Sinch was busy or did not answer (from a cluster, check that \
+                     its egress reaches the URL)";
+
 /// `capability-facade doctor`: every check, ✓ or ✗ with the fix; exits 0 only when all pass.
 pub async fn doctor(args: DoctorArgs) -> ExitCode {
     let (ctx, target) = match (Context::new(&args.registration.serve), target(&args.registration)) {
@@ -124,14 +128,11 @@ pub async fn doctor(args: DoctorArgs) -> ExitCode {
         Ok(()) => "credentials: Sinch accepts them".to_owned(),
         Err(e) => format!("credentials: {e}"),
     };
-    let (true, Some(app_call)) = (
-        report(
-            credentials.is_ok(),
-            &what,
-            "check SINCH_PROJECT_ID, SINCH_KEY_ID, SINCH_KEY_SECRET and SINCH_AUTH",
-        ),
-        app_call,
-    ) else {
+    let fix = match &credentials {
+        Err(e) if registration::busy(e) => AGAIN,
+        _ => "check SINCH_PROJECT_ID, SINCH_KEY_ID, SINCH_KEY_SECRET and SINCH_AUTH",
+    };
+    let (true, Some(app_call)) = (report(credentials.is_ok(), &what, fix), app_call) else {
         return ExitCode::FAILURE;
     };
     let rate = match app_call {
@@ -140,11 +141,11 @@ pub async fn doctor(args: DoctorArgs) -> ExitCode {
             rate
         }
         Err(e) => {
-            report(
-                false,
-                &format!("app {app}: {e}"),
-                "check the app id, and SINCH_REGION: the app must be in the region of the API URL above",
-            );
+            let fix = match registration::busy(&e) {
+                true => AGAIN,
+                false => "check the app id, and SINCH_REGION: the app must be in the region of the API URL above",
+            };
+            report(false, &format!("app {app}: {e}"), fix);
             return ExitCode::FAILURE;
         }
     };
