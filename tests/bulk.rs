@@ -113,6 +113,10 @@ async fn a_repeated_request_id_is_the_same_job_and_bad_requests_are_refused() {
         .unwrap()
         .into_inner();
     assert_eq!(first.job_id, again.job_id);
+    assert_eq!(
+        (first.request_id.as_str(), again.request_id.as_str()),
+        ("job-req-1", "job-req-1")
+    );
     let other = client
         .start_bulk_check(start(vec![recipient(2)], "job-req-1"))
         .await
@@ -176,6 +180,7 @@ async fn a_job_on_one_replica_is_watched_and_resumed_on_another() {
         .unwrap()
         .into_inner();
     assert_eq!(again.job_id, job.job_id);
+    assert_eq!(get(&mut on_b, &job.job_id).await.request_id, "shared-job");
     assert_eq!(fake.queries().len(), 12);
 }
 

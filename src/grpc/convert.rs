@@ -207,6 +207,7 @@ pub fn bulk_check(status: &JobStatus, now_ms: u64) -> pb::BulkCheck {
         estimated_remaining: status
             .estimated_remaining(now_ms)
             .and_then(|d| prost_types::Duration::try_from(d).ok()),
+        request_id: status.request_id.clone(),
     }
 }
 

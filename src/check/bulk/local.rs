@@ -83,6 +83,7 @@ impl LocalJobs {
             reachable: 0,
             create_ms: now_ms,
             update_ms: now_ms,
+            request_id: spec.request_id.clone().unwrap_or_default(),
             settled: false,
         };
         jobs.insert(

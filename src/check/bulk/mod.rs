@@ -135,6 +135,8 @@ pub struct JobStatus {
     pub reachable: u64,
     pub create_ms: u64,
     pub update_ms: u64,
+    /// The request_id it was started with; empty without one.
+    pub request_id: String,
     /// No result will come any more: the job ended and, if cancelled, its recipients already sent have their
     /// answers (or their wait is over).
     pub settled: bool,

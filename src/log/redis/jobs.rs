@@ -5,7 +5,7 @@
 //!
 //! | key | what |
 //! |---|---|
-//! | `{…}:meta` | hash: `state`, `total`, `done`, `from_cache`, `reachable`, `create`, `update` (ms), `wait` (a recipient's, ms), `settle_by` (a cancelled job's settling time, ms), `settled` (1 once its end is recorded) |
+//! | `{…}:meta` | hash: `state`, `total`, `done`, `from_cache`, `reachable`, `create`, `update` (ms), `wait` (a recipient's, ms), `request_id` (the one it was started with, or empty), `settle_by` (a cancelled job's settling time, ms), `settled` (1 once its end is recorded) |
 //! | `{…}:spec` | the job's request ([`crate::check::bulk::stored`]) |
 //! | `{…}:sent` | hash: recipient index → `<ms sent>:<request_id>`, written before the query goes out, taken back if Sinch refuses it |
 //! | `{…}:done` | hash: recipient index → its offset |
@@ -39,10 +39,11 @@ const ABANDONED_AFTER: Duration = Duration::from_secs(30);
 /// than any job runs.
 const PROGRESS_TTL: Duration = Duration::from_secs(7 * 86_400);
 
-/// Creates a job. KEYS: meta, spec. ARGV: total, now, retention (ms), spec bytes, a recipient's wait (ms).
+/// Creates a job. KEYS: meta, spec. ARGV: total, now, retention (ms), spec bytes, a recipient's wait (ms), the
+/// request_id it was started with (empty without one).
 const CREATE: &str = r"
 redis.call('HSET', KEYS[1], 'state', 'RUNNING', 'total', ARGV[1], 'done', 0, 'from_cache', 0, 'reachable', 0,
-  'create', ARGV[2], 'update', ARGV[2], 'wait', ARGV[5])
+  'create', ARGV[2], 'update', ARGV[2], 'wait', ARGV[5], 'request_id', ARGV[6])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('SET', KEYS[2], ARGV[4], 'PX', ARGV[3])
 return 1
@@ -387,7 +388,8 @@ impl RedisJobs {
             .arg(now_ms)
             .arg(ttl_ms(retention))
             .arg(stored::encode_spec(spec))
-            .arg(spec.wait.as_millis() as u64);
+            .arg(spec.wait.as_millis() as u64)
+            .arg(spec.request_id.as_deref().unwrap_or_default());
         invocation.invoke_async::<i64>(&mut conn).await?;
         if let Some(request_id) = &spec.request_id {
             // A start this slow may have been taken for failed by a repeat, which started the job itself.
@@ -445,6 +447,7 @@ impl RedisJobs {
             reachable: number("reachable"),
             create_ms: number("create"),
             update_ms: number("update"),
+            request_id: fields.get("request_id").cloned().unwrap_or_default(),
         }))
     }
 
