@@ -256,6 +256,33 @@ async fn a_resume_with_job_appends_only_the_missing_rows_and_the_same_command_fi
     assert_eq!(job_id(&stderr), job, "{stderr}");
     assert_eq!(std::fs::read_to_string(&out).unwrap(), complete);
 
+    // Another file of as many rows (the same numbers, sorted otherwise) is not this job's: each result would be
+    // written against another row's line.
+    let reversed = dir.join("reversed.csv");
+    let numbers: String = (0..20).rev().map(|i| format!("SMS,467100000{i:02}\n")).collect();
+    std::fs::write(&reversed, format!("channel,identity\n{numbers}")).unwrap();
+    std::fs::write(&out, kept.join("\n") + "\n").unwrap();
+    let wrong = bulk_check(
+        &service,
+        &[
+            "--in",
+            reversed.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--job",
+            &job,
+        ],
+    )
+    .await;
+    let stderr = text(&wrong.stderr);
+    assert_eq!(wrong.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("started from another file"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        kept.join("\n") + "\n",
+        "nothing written"
+    );
+
     // Another input is not this job's.
     let other = dir.join("other.csv");
     std::fs::write(&other, "channel,identity\nSMS,46710000099\n").unwrap();
@@ -363,7 +390,14 @@ async fn ctrl_c_leaves_the_job_running_and_prints_how_to_resume_or_cancel_it() {
         .collect();
     std::fs::write(&input, lines).unwrap();
     let out = dir.join("results.ndjson");
-    let args = ["--in", input.to_str().unwrap(), "--out", out.to_str().unwrap()];
+    let args = [
+        "--in",
+        input.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--wait",
+        "30s",
+    ];
     let child = client(&service, &args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -398,8 +432,9 @@ async fn ctrl_c_leaves_the_job_running_and_prints_how_to_resume_or_cancel_it() {
         "{stderr}"
     );
     let addr = service.url();
+    // With the options the job's request_id was derived from, which a resume checks.
     let resume = format!(
-        "capability-facade bulk-check --addr {addr} --app-id sandbox-app --in {} --out {} --job {job}",
+        "capability-facade bulk-check --addr {addr} --app-id sandbox-app --in {} --out {} --wait 30s --job {job}",
         args[1], args[3]
     );
     assert!(stderr.contains(&resume), "{stderr}");

@@ -138,6 +138,18 @@ async fn run(args: &BulkCheckArgs) -> Result<ExitCode, Failure> {
     let (job, mut out, mut written) = match &args.job {
         Some(job_id) => {
             let job = client.get_bulk_check(job_id).await.map_err(service)?;
+            // A job this command started is named by a hash of the file and the options (a request_id of the
+            // caller's own cannot be told from the file): another file of as many rows would write each result
+            // against another row's line.
+            let made = start_request(args, &bytes, &input).request_id;
+            if job.request_id.starts_with(DERIVED) && job.request_id != made {
+                return Err(Failure::Usage(format!(
+                    "job {job_id} was started from another file, or with other options (its request_id is {}, this \
+                     command's {made}): give the --in, --app-id, --max-age (or --refresh) and --wait it was started \
+                     with",
+                    job.request_id
+                )));
+            }
             if job.total != input.rows.len() as u64 {
                 return Err(Failure::Usage(format!(
                     "job {job_id} has {} recipients but {shown} has {}: give the --in (and --app-id) it was started \
@@ -369,6 +381,16 @@ impl Hint<'_> {
         if let Some(output) = &args.output {
             resume.extend(["--out".to_owned(), quote(&output.display().to_string())]);
         }
+        // The options the job's request_id was derived from, which a resume checks.
+        let duration = |d: Duration| quote(&humantime::format_duration(d).to_string());
+        if args.refresh {
+            resume.push("--refresh".to_owned());
+        } else if let Some(max_age) = args.max_age {
+            resume.extend(["--max-age".to_owned(), duration(max_age)]);
+        }
+        if let Some(wait) = args.wait {
+            resume.extend(["--wait".to_owned(), duration(wait)]);
+        }
         resume.extend(["--job".to_owned(), quote(self.job_id)]);
         let mut cancel = common;
         cancel.extend(["--job".to_owned(), quote(self.job_id), "--cancel".to_owned()]);
@@ -404,6 +426,9 @@ fn quote(text: &str) -> String {
 }
 
 /// The job's request: the good rows, the options, and a request_id that the same command gets again.
+/// How the request_id this command derives from the file and the options begins.
+const DERIVED: &str = "bulk-";
+
 fn start_request(args: &BulkCheckArgs, bytes: &[u8], input: &Input) -> pb::StartBulkCheckRequest {
     let max_age = if args.refresh {
         Some(Duration::ZERO)
@@ -418,7 +443,7 @@ fn start_request(args: &BulkCheckArgs, bytes: &[u8], input: &Input) -> pb::Start
         hash.update(bytes);
         let digest = hash.finalize();
         let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        format!("bulk-{hex}")
+        format!("{DERIVED}{hex}")
     });
     pb::StartBulkCheckRequest {
         app_id: args.app_id.clone(),
