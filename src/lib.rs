@@ -149,6 +149,7 @@ impl Service {
                     longest_check: query::LONGEST_CHECK,
                     cache_ttl: config.check.ttl,
                     cache_hash_key: config.check.hash_key.as_ref().map(|v| v.secret.clone()),
+                    ca: config.redis_ca()?,
                 };
                 let redis = RedisLog::prepare(settings, consumers)
                     .await

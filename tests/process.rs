@@ -91,6 +91,9 @@ fn a_bad_value_stops_the_process_before_it_binds_naming_the_variable() {
         ("CAPABILITY_CACHE_HASH_KEY", ""),
         // Shorter than 32 bytes: deploy/k8s/base/secret.example.yaml's placeholder, applied as it is.
         ("CAPABILITY_CACHE_HASH_KEY", "openssl-rand-hex-32"),
+        // A CA for Redis's certificate, and a Redis reached without TLS, or a file that is not there.
+        ("CAPABILITY_REDIS_CA_FILE", "Cargo.toml"),
+        ("CAPABILITY_REDIS_CA_FILE", "/nonexistent/ca.pem"),
         // A misspelt level: the whole filter was dropped for `info` without a word.
         ("RUST_LOG", "warn,capability_facade=dbug"),
     ];

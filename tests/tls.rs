@@ -457,29 +457,16 @@ async fn spans_are_exported_over_tls_to_a_collector_the_configured_ca_vouches_fo
 }
 
 /// A `rediss://` URL (a managed Redis over TLS, as deploy/k8s's example secret has it): the replica reaches Redis
-/// over TLS, trusting the system's roots or, for a private CA, the file `SSL_CERT_FILE` names, and keeps its log
-/// there. Every replica given one exited 2 at start (the Redis client was built without TLS).
+/// over TLS, trusting the system's roots or, for a private CA, the file `CAPABILITY_REDIS_CA_FILE` names, and keeps
+/// its log there. Every replica given one exited 2 at start (the Redis client was built without TLS).
 #[tokio::test]
 async fn a_rediss_url_keeps_the_log_in_a_redis_reached_over_tls() {
     let pki = Pki::new();
-    let port = testkit::process::free_port();
-    let mut command = tokio::process::Command::new("redis-server");
-    command.args(["--port", "0", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
-    command.args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"]);
-    command.args([
-        "--tls-cert-file",
-        &pki.path("server.pem"),
-        "--tls-key-file",
-        &pki.path("server.key"),
-    ]);
-    let _redis = testkit::process::spawn_until(command, |line| {
-        line.contains("Ready to accept connections").then_some(())
-    })
-    .await;
+    let (port, _redis) = tls_redis(&pki).await;
     let fake = FakeSinch::start().await;
     let mut env = common::binary_env(&fake);
     env.push(("CAPABILITY_REDIS_URL", format!("rediss://localhost:{port}")));
-    env.push(("SSL_CERT_FILE", pki.path("ca.pem")));
+    env.push(("CAPABILITY_REDIS_CA_FILE", pki.path("ca.pem")));
     let replica = common::Binary::spawn(&env).await;
     let mut client = CapabilityServiceClient::connect(replica.url()).await.unwrap();
     let request_id = ask(&mut client).await.unwrap();
@@ -506,4 +493,38 @@ async fn a_rediss_url_keeps_the_log_in_a_redis_reached_over_tls() {
         "{request_id}: {}",
         replica.log_text()
     );
+}
+
+/// A redis-server serving TLS only, with the certificate `pki` issued for localhost: its port, and the server.
+async fn tls_redis(pki: &Pki) -> (u16, tokio::process::Child) {
+    let tls_only = |port: u16| {
+        let mut command = tokio::process::Command::new("redis-server");
+        command.args(["--port", "0", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        command.args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"]);
+        command.args(["--tls-cert-file", &pki.path("server.pem")]);
+        command.args(["--tls-key-file", &pki.path("server.key")]);
+        command
+    };
+    testkit::redis::on_a_free_port(testkit::free_port, tls_only).await
+}
+
+/// A Redis whose certificate nothing trusted vouches for (a private CA, `CAPABILITY_REDIS_CA_FILE` not set, or set
+/// to another CA) is refused at start, naming the variable: waiting would not mend it. The replica started
+/// degraded and tried again for ever.
+#[tokio::test]
+async fn a_redis_certificate_no_trusted_ca_vouches_for_is_refused_at_start() {
+    let pki = Pki::new();
+    let (port, _redis) = tls_redis(&pki).await;
+    let fake = FakeSinch::start().await;
+    let url = format!("--redis-url=rediss://localhost:{port}");
+    let error = common::start_error(&fake.url(), &[&url]).await;
+    assert_eq!(error.variable, "CAPABILITY_REDIS_URL");
+    assert!(error.problem.contains("certificate"), "{}", error.problem);
+    let stranger = ca("stranger CA").pem();
+    let path = pki.dir.join("stranger.pem");
+    std::fs::write(&path, stranger).unwrap();
+    let ca_file = format!("--redis-ca-file={}", path.display());
+    let error = common::start_error(&fake.url(), &[&url, &ca_file]).await;
+    assert_eq!(error.variable, "CAPABILITY_REDIS_URL");
+    assert!(error.problem.contains("certificate"), "{}", error.problem);
 }

@@ -195,6 +195,10 @@ pub struct RedisSettings {
     #[arg(id = "redis-shards", long = "redis-shards", env = REDIS_SHARDS, default_value = "1",
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub shards: u16,
+    /// A PEM file of the CA certificates that vouch for a `rediss://` Redis (a private CA); without it, the
+    /// system's roots.
+    #[arg(id = "redis-ca-file", long = "redis-ca-file", env = REDIS_CA_FILE)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// How long results are kept, and how many.
@@ -523,6 +527,7 @@ pub const RATE_LIMIT: &str = "SINCH_RATE_LIMIT";
 pub const REDIS_URL: &str = "CAPABILITY_REDIS_URL";
 pub const REDIS_PREFIX: &str = "CAPABILITY_REDIS_PREFIX";
 pub const REDIS_SHARDS: &str = "CAPABILITY_REDIS_SHARDS";
+pub const REDIS_CA_FILE: &str = "CAPABILITY_REDIS_CA_FILE";
 pub const RETENTION: &str = "CAPABILITY_RETENTION";
 pub const SHUTDOWN_GRACE: &str = "CAPABILITY_SHUTDOWN_GRACE";
 pub const LOG_FORMAT: &str = "CAPABILITY_LOG_FORMAT";
@@ -724,6 +729,7 @@ impl Config {
                 ),
             ));
         }
+        self.redis_ca()?;
         let https = |url: &url::Url| url.scheme() == "https";
         if self.telemetry.otlp_certificate.is_some() && !self.telemetry.otlp_endpoint.as_ref().is_some_and(https) {
             return Err(invalid(
@@ -813,6 +819,31 @@ impl Config {
         self.redis.url.as_ref().map(|v| &v.secret)
     }
 
+    /// The CA certificates `CAPABILITY_REDIS_CA_FILE` holds (PEM), read and checked: they vouch for Redis's
+    /// certificate, so every node the URL names must be reached over TLS.
+    pub fn redis_ca(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        let Some(path) = &self.redis.ca_file else {
+            return Ok(None);
+        };
+        let tls = |url: &Secret| {
+            url.expose()
+                .split(',')
+                .map(str::trim)
+                .filter(|node| !node.is_empty())
+                .all(|node| node.starts_with("rediss://") || node.starts_with("rediss+cluster://"))
+        };
+        if !self.redis_url().is_some_and(tls) {
+            return Err(invalid(
+                REDIS_CA_FILE,
+                format!("vouches for Redis over TLS: set {REDIS_URL} to rediss:// node URLs"),
+            ));
+        }
+        let pem =
+            std::fs::read(path).map_err(|e| invalid(REDIS_CA_FILE, format!("cannot read {}: {e}", path.display())))?;
+        crate::tls::trust_anchors(&pem).map_err(|e| invalid(REDIS_CA_FILE, e))?;
+        Ok(Some(pem))
+    }
+
     /// The bearer tokens calls must carry one of; none when unset.
     pub fn grpc_tokens(&self) -> Vec<Secret> {
         self.grpc.tokens.as_ref().map(|t| t.secrets.clone()).unwrap_or_default()
@@ -886,6 +917,7 @@ pub const ALL_VARIABLES: &[&str] = &[
     REDIS_URL,
     REDIS_PREFIX,
     REDIS_SHARDS,
+    REDIS_CA_FILE,
     RETENTION,
     SHUTDOWN_GRACE,
     LOG_FORMAT,
@@ -1217,6 +1249,25 @@ mod tests {
         assert_eq!(parse(&["--tls-cert=c.pem"]).unwrap_err().variable, TLS_KEY);
         assert_eq!(parse(&["--tls-key=k.pem"]).unwrap_err().variable, TLS_CERT);
         assert_eq!(parse(&["--tls-client-ca=ca.pem"]).unwrap_err().variable, TLS_CLIENT_CA);
+    }
+
+    #[test]
+    fn a_redis_ca_file_goes_with_rediss_urls_and_holds_a_certificate() {
+        for flags in [
+            &["--redis-ca-file=Cargo.toml"][..],
+            &["--redis-url=redis://h:6379", "--redis-ca-file=Cargo.toml"],
+            &[
+                "--redis-url=rediss://a:6379,redis://b:6379",
+                "--redis-ca-file=Cargo.toml",
+            ],
+        ] {
+            let error = parse(flags).unwrap_err();
+            assert_eq!(error.variable, REDIS_CA_FILE, "{flags:?}");
+            assert!(error.problem.contains("rediss://"), "{flags:?}: {}", error.problem);
+        }
+        let error = parse(&["--redis-url=rediss://h:6380", "--redis-ca-file=Cargo.toml"]).unwrap_err();
+        assert_eq!(error.variable, REDIS_CA_FILE);
+        assert!(error.problem.contains("CERTIFICATE"), "{}", error.problem);
     }
 
     #[test]

@@ -156,7 +156,7 @@ fn accepting(line: &str) -> Option<()> {
 /// Starts the redis-server `command(port)` makes on a port `pick` finds free, and waits until it accepts
 /// connections: the port, and the server. A free port may be taken before redis-server binds it (by another
 /// test's server, or as the ephemeral port of a connection): another is picked then, a few times.
-pub(crate) async fn on_a_free_port(pick: fn() -> u16, command: impl Fn(u16) -> Command) -> (u16, Child) {
+pub async fn on_a_free_port(pick: fn() -> u16, command: impl Fn(u16) -> Command) -> (u16, Child) {
     let mut taken = Vec::new();
     for _ in 0..5 {
         let port = pick();

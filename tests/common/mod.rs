@@ -510,6 +510,7 @@ pub async fn redis_log(
         longest_check: Duration::from_secs(60),
         cache_ttl: CacheTtl::default(),
         cache_hash_key: cache_hash_key.map(Secret::new),
+        ca: None,
     };
     capability_facade::log::redis::RedisLog::prepare(settings, Vec::new())
         .await

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use redis::{
-    AsyncConnectionConfig, Client, ConnectionInfo, IntoConnectionInfo, RedisFuture, Value,
+    AsyncConnectionConfig, Client, ConnectionInfo, IntoConnectionInfo, RedisFuture, TlsCertificates, Value,
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
     cluster::{ClusterClient, ClusterConfig},
     cluster_async::ClusterConnection,
@@ -132,6 +132,8 @@ impl ConnectionLike for Connection {
 /// How to open connections to the target.
 pub struct Connector {
     target: Target,
+    /// The CA certificates (PEM) that vouch for the nodes, rather than the system's roots.
+    ca: Option<Vec<u8>>,
     single: Option<Client>,
     /// For commands, and for blocking reads (whose response timeout must outlast the block: a cluster client
     /// applies its own to every connection it makes).
@@ -144,29 +146,36 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Connector {
-    /// Prepares clients for `target`, whose blocking reads block up to `block`; nothing is connected yet.
-    pub fn new(target: Target, block: Duration) -> Result<Connector, UrlError> {
+    /// Prepares clients for `target`, whose blocking reads block up to `block`, trusting the CA certificates `ca`
+    /// (PEM) rather than the system's roots when given; nothing is connected yet.
+    pub fn new(target: Target, block: Duration, ca: Option<&[u8]>) -> Result<Connector, UrlError> {
         let unusable = |e: redis::RedisError| UrlError::Unusable(1, format!("{:?}", e.kind()));
         let cluster = |nodes: &[ConnectionInfo], response: Duration| {
-            ClusterClient::builder(nodes.to_vec())
+            let builder = ClusterClient::builder(nodes.to_vec())
                 .connection_timeout(CONNECT_TIMEOUT)
                 .response_timeout(response)
-                .retries(2)
-                .build()
-                .map_err(unusable)
+                .retries(2);
+            match ca {
+                Some(pem) => builder.certs(certificates(pem)),
+                None => builder,
+            }
+            .build()
+            .map_err(unusable)
         };
-        let (single, cluster) = match &target {
-            Target::Single(info) => (Some(Client::open((**info).clone()).map_err(unusable)?), None),
-            Target::Cluster(nodes) => (
-                None,
-                Some((
-                    cluster(nodes, RESPONSE_TIMEOUT)?,
-                    cluster(nodes, block + RESPONSE_TIMEOUT)?,
-                )),
-            ),
+        let single = match &target {
+            Target::Single(info) => Some(client(info, ca).map_err(unusable)?),
+            Target::Cluster(_) => None,
+        };
+        let cluster = match &target {
+            Target::Single(_) => None,
+            Target::Cluster(nodes) => Some((
+                cluster(nodes, RESPONSE_TIMEOUT)?,
+                cluster(nodes, block + RESPONSE_TIMEOUT)?,
+            )),
         };
         Ok(Connector {
             target,
+            ca: ca.map(<[u8]>::to_vec),
             single,
             cluster,
         })
@@ -219,7 +228,7 @@ impl Connector {
             let config = AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(CONNECT_TIMEOUT))
                 .set_response_timeout(Some(RESPONSE_TIMEOUT));
-            let Ok(mut conn) = Client::open(node)
+            let Ok(mut conn) = client(&node, self.ca.as_deref())
                 .ok()?
                 .get_multiplexed_async_connection_with_config(&config)
                 .await
@@ -244,7 +253,7 @@ impl Connector {
             let config = AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(CONNECT_TIMEOUT))
                 .set_response_timeout(Some(RESPONSE_TIMEOUT));
-            let mut conn = match Client::open(node)?
+            let mut conn = match client(&node, self.ca.as_deref())?
                 .get_multiplexed_async_connection_with_config(&config)
                 .await
             {
@@ -273,8 +282,32 @@ fn parse_version(text: &str) -> Option<(u32, u32)> {
 
 /// The error says Redis could not be reached (down, refusing connections, too slow), rather than that it
 /// answered with a refusal.
+/// A client of one node, trusting the CA certificates `ca` (PEM) rather than the system's roots when given.
+fn client(node: &ConnectionInfo, ca: Option<&[u8]>) -> redis::RedisResult<Client> {
+    match ca {
+        Some(pem) => Client::build_with_tls(node.clone(), certificates(pem)),
+        None => Client::open(node.clone()),
+    }
+}
+
+fn certificates(ca: &[u8]) -> TlsCertificates {
+    TlsCertificates {
+        client_tls: None,
+        root_cert: Some(ca.to_vec()),
+    }
+}
+
+/// Whether no node could be reached: down, refusing connections, or not answering in time. A TLS handshake that
+/// failed (nothing trusted vouches for the node's certificate, or it names another host) is not: the node
+/// answered, and asking again would not mend it.
 pub fn unreachable(e: &redis::RedisError) -> bool {
-    e.is_io_error() || e.is_connection_refusal() || e.is_timeout() || e.is_connection_dropped()
+    // redis-rs keeps the I/O error behind an `Arc`; rustls's own error is the I/O error's payload.
+    let untrusted = std::error::Error::source(e)
+        .and_then(|cause| cause.downcast_ref::<std::sync::Arc<dyn std::error::Error + Send + Sync>>())
+        .and_then(|cause| cause.downcast_ref::<std::io::Error>())
+        .and_then(std::io::Error::get_ref)
+        .is_some_and(|payload| payload.is::<rustls::Error>());
+    !untrusted && (e.is_io_error() || e.is_connection_refusal() || e.is_timeout() || e.is_connection_dropped())
 }
 
 #[cfg(test)]

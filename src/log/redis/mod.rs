@@ -203,6 +203,8 @@ pub struct RedisSettings {
     pub cache_ttl: CacheTtl,
     /// The key that names cache entries; `None`: one kept in Redis.
     pub cache_hash_key: Option<Secret>,
+    /// The CA certificates (PEM) that vouch for a `rediss://` Redis; `None`: the system's roots.
+    pub ca: Option<Vec<u8>>,
 }
 
 /// Why Redis cannot be used; found before any port is bound.
@@ -297,7 +299,7 @@ impl RedisLog {
     /// starts (degraded) and is connected to when it comes.
     pub async fn prepare(settings: RedisSettings, consumers: Vec<Arc<dyn Consumer>>) -> Result<RedisLog, PrepareError> {
         let target = Target::parse(settings.url.expose())?;
-        let connector = Connector::new(target, BLOCK)?;
+        let connector = Connector::new(target, BLOCK, settings.ca.as_deref())?;
         match connector.server_version().await {
             Ok(Some((major, minor))) if (major, minor) < MIN_VERSION => {
                 return Err(PrepareError::TooOld {
