@@ -64,7 +64,8 @@ pub fn secret_known(webhook: &WebhookJson, secrets: &[Secret]) -> bool {
 }
 
 /// Checks each app's registration of `target`: logs [`NOT_REGISTERED`] for each app whose webhook is missing,
-/// lacks the CAPABILITY trigger or has a secret the service does not know, and sets the gauge
+/// sends no CAPABILITY callbacks (no trigger, or a type other than HTTP), has a secret the service does not know
+/// (when it knows any), or is one of several that send them, and sets the gauge
 /// `capability_webhook_registered{app_id}` to 1 (registered as it must be) or 0. An app whose webhooks could not
 /// be listed because Sinch was busy (past the client's retries) or unreachable counts 0 and is checked again 5 s
 /// later, then at twice the interval each time, up to 5 min, until Sinch answers; a refusal (an unknown app,
@@ -120,22 +121,35 @@ fn registration_problem(webhooks: &[WebhookJson], target: &str, secrets: &[Secre
              refused with 401",
             w.id
         )),
-        Registration::Several(ws) => Some(format!(
-            "webhooks {} all target it with the CAPABILITY trigger: Sinch sends each callback to each of them, \
-             spending the app's callback rate as many times",
-            ids(&ws)
-        )),
+        Registration::Several(ws) => Some(several(&ws, "it")),
         Registration::WithoutCapability(w) => Some(format!(
-            "webhook {} targets it without the CAPABILITY trigger: no capability callback will arrive",
-            w.id
+            "webhook {} targets it {}: no capability callback will arrive",
+            w.id,
+            not_delivering(w)
         )),
         Registration::Missing { .. } => Some("no webhook targets it: no callback will arrive".to_owned()),
     }
 }
 
-/// The ids of `webhooks`, comma-separated.
-pub fn ids(webhooks: &[&WebhookJson]) -> String {
-    webhooks.iter().map(|w| w.id.as_str()).collect::<Vec<_>>().join(", ")
+/// What is wrong with several webhooks of `target` that all send CAPABILITY callbacks.
+pub fn several(webhooks: &[&WebhookJson], target: &str) -> String {
+    let ids: Vec<&str> = webhooks.iter().map(|w| w.id.as_str()).collect();
+    format!(
+        "webhooks {} all target {target} with the CAPABILITY trigger: Sinch sends each callback to each of them, \
+         spending the app's callback rate as many times",
+        ids.join(", ")
+    )
+}
+
+/// Why a webhook sends no CAPABILITY callbacks: its trigger missing, or its type.
+pub fn not_delivering(webhook: &WebhookJson) -> String {
+    match webhook.triggers.iter().any(|t| t == "CAPABILITY") {
+        false => "without the CAPABILITY trigger".to_owned(),
+        true => format!(
+            "with target_type {}, which sends nothing (HTTP does)",
+            webhook.target_type
+        ),
+    }
 }
 
 /// Sets the app's gauge and logs what was found.
@@ -181,10 +195,14 @@ mod tests {
         assert!(!secret_known(&list[1], &[Secret::new("s2")]));
         let wrong_trigger = [webhook(ours, &["MESSAGE_DELIVERY"], "s1")];
         assert!(matches!(find(&wrong_trigger, ours), Registration::WithoutCapability(_)));
-        // Only `HTTP` is known to deliver (an older spec listed `GRPC`): `webhook ensure` sets it.
+        // Only `HTTP` is known to deliver (an older spec listed `GRPC`), or no type said (Sinch's default: the
+        // sandbox's too): `webhook ensure` sets `HTTP`.
         let mut other_type = webhook(ours, &["CAPABILITY"], "s1");
         other_type.target_type = "GRPC".into();
         assert!(matches!(find(&[other_type], ours), Registration::WithoutCapability(_)));
+        let mut no_type = webhook(ours, &["CAPABILITY"], "s1");
+        no_type.target_type = String::new();
+        assert!(matches!(find(&[no_type], ours), Registration::Registered(_)));
         let full: Vec<_> = (0..5)
             .map(|n| webhook(&format!("https://h/{n}"), &["CAPABILITY"], ""))
             .collect();

@@ -175,10 +175,7 @@ pub async fn doctor(args: DoctorArgs) -> ExitCode {
         Registration::Several(ws) => {
             all &= report(
                 false,
-                &format!(
-                    "webhooks {} all target {target} with trigger CAPABILITY: Sinch sends each callback to each of them",
-                    registration::ids(&ws)
-                ),
+                &registration::several(&ws, &target),
                 "delete all but one (capability-facade webhook delete --id ID)",
             );
             Some(ws[0])
@@ -187,8 +184,9 @@ pub async fn doctor(args: DoctorArgs) -> ExitCode {
             all &= report(
                 false,
                 &format!(
-                    "webhook {} targets {target} but receives no CAPABILITY callbacks (triggers {:?}, target_type {})",
-                    w.id, w.triggers, w.target_type
+                    "webhook {} targets {target} {}: it receives no CAPABILITY callbacks",
+                    w.id,
+                    registration::not_delivering(w)
                 ),
                 &ensure,
             );
@@ -357,9 +355,8 @@ async fn ensure(args: RegistrationArgs) -> ExitCode {
         Registration::Registered(w) | Registration::WithoutCapability(w) => Some(w.clone()),
         Registration::Several(ws) => {
             eprintln!(
-                "webhooks {} of app {app} all target {target} with trigger CAPABILITY, so Sinch sends each callback \
-                 to each of them: delete all but one (capability-facade webhook delete --id ID), then run this again",
-                registration::ids(&ws)
+                "app {app}: {}: delete all but one (capability-facade webhook delete --id ID), then run this again",
+                registration::several(&ws, &target)
             );
             return ExitCode::FAILURE;
         }

@@ -107,10 +107,11 @@ where
 }
 
 impl WebhookJson {
-    /// Whether this webhook receives CAPABILITY callbacks: it has the trigger and posts them over `HTTP` (`DISMISS`
-    /// sends nothing; another or no type is not known to deliver, and `webhook ensure` sets `HTTP`).
+    /// Whether this webhook receives CAPABILITY callbacks: it has the trigger and posts them over `HTTP`, or says
+    /// no type (Sinch's default, as the sandbox takes it; `DISMISS` sends nothing, and another type is not known to
+    /// deliver: `webhook ensure` sets `HTTP`).
     pub fn wants_capability(&self) -> bool {
-        self.target_type == "HTTP" && self.triggers.iter().any(|t| t == "CAPABILITY")
+        matches!(self.target_type.as_str(), "HTTP" | "") && self.triggers.iter().any(|t| t == "CAPABILITY")
     }
 }
 
