@@ -103,7 +103,7 @@ pub async fn check_at_start(client: &SinchClient, target: &str, apps: &[String],
 
 /// Whether `error` may pass when asked again: Sinch busy or unreachable (any 5xx, a proxy's 52x too), or no answer
 /// in time.
-pub fn busy(error: &upstream::Error) -> bool {
+fn busy(error: &upstream::Error) -> bool {
     use upstream::Error as E;
     let server_side = matches!(error, E::Api(e) if e.http_status >= 500);
     server_side

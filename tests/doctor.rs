@@ -370,6 +370,26 @@ async fn a_token_endpoint_outage_is_not_told_as_wrong_credentials() {
     assert!(out.contains("✗ credentials"), "{out}");
     assert!(!out.contains("fix: check SINCH_PROJECT_ID"), "{out}");
     assert!(out.contains("fix: run the doctor again"), "{out}");
+
+    // Nothing listening where the tokens are asked for (a wrong address, a network that does not reach it): the
+    // address and the network are the fix, and trying again alone would not help.
+    // A port held bound and not listening: refused for the test's length.
+    let held = tokio::net::TcpSocket::new_v4().unwrap();
+    held.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let closed = held.local_addr().unwrap();
+    let nowhere = format!("http://{closed}/oauth2/token");
+    let (code, out) = run_with(
+        &sandbox,
+        &[("SINCH_AUTH_URL", &nowhere)],
+        &["doctor", "--target", "http://127.0.0.1:9/webhooks/sinch"],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("✗ credentials") && out.contains("could not be reached"),
+        "{out}"
+    );
+    assert!(out.contains("fix: check the URL above"), "{out}");
 }
 
 /// The `webhook` commands and the doctor need only what they use: listing, updating or deleting webhooks works

@@ -99,9 +99,23 @@ fn report(passed: bool, what: &str, fix: &str) -> bool {
     passed
 }
 
-/// The fix when Sinch was busy or did not answer: nothing named in the settings is wrong for all it shows.
-const AGAIN: &str = "run the doctor again in a while: Sinch was busy or did not answer (from a cluster, check that \
-                     its egress reaches the URL)";
+/// The fix for an error that says nothing of the credentials or the app: Sinch busy or slow (try again), or not
+/// reached (the address, the network); `None` for an answer about them.
+fn not_settings(error: &upstream::Error) -> Option<&'static str> {
+    use upstream::Error as E;
+    match error {
+        E::Api(e) if e.http_status >= 500 || matches!(e.http_status, 408 | 429) => Some(AGAIN),
+        E::DeadlineExceeded | E::RateLimited { .. } => Some(AGAIN),
+        E::Connect(_) | E::Malformed { .. } => Some(
+            "check the URL above (SINCH_REGION, or SINCH_API_URL and SINCH_AUTH_URL), DNS, and that the network \
+             (a cluster's egress, a proxy) reaches it",
+        ),
+        _ => None,
+    }
+}
+
+/// The fix when Sinch was busy or did not answer in time.
+const AGAIN: &str = "run the doctor again in a while: Sinch was busy or did not answer in time";
 
 /// `capability-facade doctor`: every check, ✓ or ✗ with the fix; exits 0 only when all pass.
 pub async fn doctor(args: DoctorArgs) -> ExitCode {
@@ -129,8 +143,8 @@ pub async fn doctor(args: DoctorArgs) -> ExitCode {
         Err(e) => format!("credentials: {e}"),
     };
     let fix = match &credentials {
-        Err(e) if registration::busy(e) => AGAIN,
-        _ => "check SINCH_PROJECT_ID, SINCH_KEY_ID, SINCH_KEY_SECRET and SINCH_AUTH",
+        Err(e) => not_settings(e).unwrap_or("check SINCH_PROJECT_ID, SINCH_KEY_ID, SINCH_KEY_SECRET and SINCH_AUTH"),
+        Ok(()) => "",
     };
     let (true, Some(app_call)) = (report(credentials.is_ok(), &what, fix), app_call) else {
         return ExitCode::FAILURE;
@@ -141,10 +155,8 @@ pub async fn doctor(args: DoctorArgs) -> ExitCode {
             rate
         }
         Err(e) => {
-            let fix = match registration::busy(&e) {
-                true => AGAIN,
-                false => "check the app id, and SINCH_REGION: the app must be in the region of the API URL above",
-            };
+            let fix = not_settings(&e)
+                .unwrap_or("check the app id, and SINCH_REGION: the app must be in the region of the API URL above");
             report(false, &format!("app {app}: {e}"), fix);
             return ExitCode::FAILURE;
         }
