@@ -349,15 +349,22 @@ async fn on_a_terminal_the_rows_on_stdout_never_share_a_line_with_the_bar() {
     let input = dir.join("numbers.csv");
     let numbers: String = (0..40).map(|i| format!("SMS,467100000{i:02}\n")).collect();
     std::fs::write(&input, format!("channel,identity\n{numbers}")).unwrap();
+    // One shell word each.
+    let word = |text: &str| format!("'{}'", text.replace('\'', r"'\''"));
     let command = format!(
         "{} bulk-check --addr {} --in {}",
-        env!("CARGO_BIN_EXE_capability-facade"),
-        service.url(),
-        input.display()
+        word(env!("CARGO_BIN_EXE_capability-facade")),
+        word(&service.url()),
+        word(&input.display().to_string())
     );
-    // `script` runs the command on a pseudo-terminal, as its stdout and stderr both.
+    // `script` runs the command on a pseudo-terminal, as its stdout and stderr both; a terminal that draws bars.
     let mut script = tokio::process::Command::new("script");
-    script.args(["-qec", &command, "/dev/null"]).kill_on_drop(true);
+    script
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("TERM", "xterm-256color")
+        .args(["-qec", &command, "/dev/null"])
+        .kill_on_drop(true);
     let run = tokio::time::timeout(Duration::from_secs(60), script.output());
     let output = run.await.expect("bulk-check ends within a minute").unwrap();
     assert!(output.status.success(), "{}", text(&output.stderr));
@@ -375,6 +382,7 @@ async fn on_a_terminal_the_rows_on_stdout_never_share_a_line_with_the_bar() {
         .filter(|l| l.contains("{\"index\""))
         .collect();
     assert_eq!(rows.len(), 40, "{screen}");
+    assert!(screen.contains("/40 "), "the bar was drawn: {screen}");
     let glued: Vec<&&str> = rows.iter().filter(|l| !l.starts_with("{\"index\"")).collect();
     assert!(glued.is_empty(), "rows after the bar on its line: {glued:?}");
 }

@@ -10,7 +10,7 @@
 use std::{
     collections::HashSet,
     fs::{self, File, OpenOptions},
-    io::{self, BufWriter, IsTerminal, Write},
+    io::{self, BufWriter, IsTerminal, LineWriter, Write},
     path::{Path, PathBuf},
     process::ExitCode,
     time::{Duration, Instant},
@@ -819,8 +819,6 @@ struct Output {
     path: Option<PathBuf>,
     /// How messages name it.
     name: String,
-    /// The progress bar on the same terminal, if any (see [`Output::share_terminal`]).
-    bar: Option<ProgressBar>,
 }
 
 enum Sink {
@@ -838,7 +836,6 @@ impl Output {
                 sink: Sink::JsonLines(BufWriter::new(stdout)),
                 path: None,
                 name: "stdout".into(),
-                bar: None,
             };
             return Ok((output, 0));
         };
@@ -874,34 +871,41 @@ impl Output {
             sink,
             path: Some(path.to_owned()),
             name,
-            bar: None,
         };
         Ok((output, held))
     }
 
     /// One recipient's row.
     fn write(&mut self, row: &Row, answer: &pb::CheckCapabilityResponse) -> io::Result<()> {
-        let Output { sink, bar, .. } = self;
-        match bar {
-            Some(bar) => bar.suspend(|| sink.write(row, answer)),
-            None => sink.write(row, answer),
-        }
+        self.sink.write(row, answer)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        let Output { sink, bar, .. } = self;
-        match bar {
-            Some(bar) => bar.suspend(|| sink.flush()),
-            None => sink.flush(),
-        }
+        self.sink.flush()
     }
 
-    /// Rows written to the terminal that shows `display`'s bar are written with the bar lifted, so that each
-    /// starts a line of its own rather than after the bar, on its line.
+    /// Rows written to the terminal that shows `display`'s bar are written with the bar lifted, whole lines at a
+    /// time, so that each starts a line of its own rather than after the bar, on its line. Called before any row.
     fn share_terminal(&mut self, display: &Display) {
-        if self.path.is_none() && io::stdout().is_terminal() {
-            self.bar = display.bar().cloned();
+        if let (None, true, Some(bar)) = (&self.path, io::stdout().is_terminal(), display.bar()) {
+            let lifted: Box<dyn Write> = Box::new(LineWriter::new(Lifted(bar.clone())));
+            self.sink = Sink::JsonLines(BufWriter::new(lifted));
         }
+    }
+}
+
+/// Stdout below a progress bar on the same terminal: what is written (whole lines, as a [`LineWriter`] hands them
+/// on) is written with the bar lifted, and the bar drawn again below.
+struct Lifted(ProgressBar);
+
+impl Write for Lifted {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.suspend(|| io::stdout().write_all(buf))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        io::stdout().flush()
     }
 }
 
