@@ -338,6 +338,18 @@ async fn an_output_that_cannot_be_written_starts_no_job() {
     let job = client.get_bulk_check(request).await.unwrap().into_inner();
     let created = millis(std::time::SystemTime::try_from(job.create_time.unwrap()).unwrap());
     assert!(created >= between, "the job was started by the refused command");
+
+    // A start the service refuses (this request_id names another file's job) leaves no output made for it.
+    let named = ["--request-id", "named-once"];
+    let first = bulk_check(&service, &[&["--in", input.to_str().unwrap()][..], &named].concat()).await;
+    assert!(first.status.success(), "{}", text(&first.stderr));
+    let other = dir.join("other.csv");
+    std::fs::write(&other, "channel,identity\nSMS,46710000009\n").unwrap();
+    let unmade = dir.join("unmade.csv");
+    let args = ["--in", other.to_str().unwrap(), "--out", unmade.to_str().unwrap()];
+    let refused = bulk_check(&service, &[&args[..], &named].concat()).await;
+    assert_eq!(refused.status.code(), Some(1), "{}", text(&refused.stderr));
+    assert!(!unmade.exists(), "{}", text(&refused.stderr));
 }
 
 /// Results on stdout, with stdout and the progress bar on one terminal (the command as a person types it): each

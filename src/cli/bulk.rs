@@ -92,6 +92,18 @@ async fn cancel(args: &BulkCheckArgs) -> Result<ExitCode, Failure> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Whether `path` can be written, checked by opening it without emptying it (the job's results replace what it
+/// holds only once the job started): whether this made it.
+fn writable(path: &Path) -> Result<bool, Failure> {
+    let existed = path.exists();
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(|e| Failure::Usage(format!("cannot write to {}: {e}", path.display())))?;
+    Ok(!existed)
+}
+
 fn service(e: BulkError) -> Failure {
     Failure::Service(e.message)
 }
@@ -101,13 +113,6 @@ async fn run(args: &BulkCheckArgs) -> Result<ExitCode, Failure> {
     let in_format = Format::of(in_path).map_err(Failure::Usage)?;
     if let Some(out) = &args.output {
         Format::of(out).map_err(Failure::Usage)?;
-        // Before any job starts (an output that cannot be written would leave one running unnamed), and without
-        // emptying a file the job's results would replace.
-        OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(out)
-            .map_err(|e| Failure::Usage(format!("cannot write to {}: {e}", out.display())))?;
     }
     let bytes = fs::read(in_path).map_err(|e| Failure::Usage(format!("cannot read {}: {e}", in_path.display())))?;
     let shown = in_path.display().to_string();
@@ -180,7 +185,20 @@ async fn run(args: &BulkCheckArgs) -> Result<ExitCode, Failure> {
                 )));
             }
             let request_id = request.request_id.clone();
-            let job = client.start_bulk_check(request).await.map_err(service)?;
+            // Before the job starts: an output that cannot be written would leave it running unnamed.
+            let created = match &args.output {
+                Some(path) => writable(path)?,
+                None => false,
+            };
+            let job = match client.start_bulk_check(request).await {
+                Ok(job) => job,
+                Err(e) => {
+                    if let (Some(path), true) = (&args.output, created) {
+                        let _ = fs::remove_file(path);
+                    }
+                    return Err(service(e));
+                }
+            };
             let (out, written) = Output::open(args.output.as_deref(), false).map_err(Failure::Usage)?;
             eprintln!(
                 "bulk-check: job {} (request_id {request_id}): {} recipients, {} skipped",
