@@ -511,4 +511,16 @@ async fn a_target_that_redirects_is_named_with_where_it_redirects_to() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("308") && out.contains(&onward), "{out}");
     server.abort();
+
+    // A redirect written relative to the target is named whole.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relative = format!("http://{}/webhooks/sinch", listener.local_addr().unwrap());
+    let moved = format!("http://{}/moved/sinch", listener.local_addr().unwrap());
+    let redirect = axum::Router::new().fallback(async || axum::response::Redirect::permanent("/moved/sinch"));
+    let server = tokio::spawn(async move { axum::serve(listener, redirect).await });
+    register(&sandbox, &relative, &["CAPABILITY"], SECRET).await;
+    let (code, out) = run(&sandbox, &["doctor", "--target", &relative]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains(&format!("to {moved}")), "{out}");
+    server.abort();
 }

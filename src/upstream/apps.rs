@@ -13,8 +13,8 @@ use serde::{Serialize, de::DeserializeOwned};
 use tokio::time::Instant;
 
 use super::{
-    Error, MAX_ANSWER, SinchClient, classify, error_chain, read_capped, retry_after, wire::WebhookJson,
-    wire::WebhookListJson,
+    CONNECT_TIMEOUT, Error, MAX_ANSWER, SinchClient, USER_AGENT, classify, error_chain, read_capped, retry_after,
+    wire::WebhookJson, wire::WebhookListJson,
 };
 use crate::webhook::signature;
 
@@ -188,6 +188,8 @@ impl SinchClient {
         own_listener: bool,
     ) -> Result<(u16, Option<String>), Error> {
         let http = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .connect_timeout(CONNECT_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
             .danger_accept_invalid_certs(own_listener)
             .build()
@@ -202,8 +204,11 @@ impl SinchClient {
             .send()
             .await
             .map_err(|e| Error::Connect(error_chain(&e)))?;
-        let location = response.headers().get(reqwest::header::LOCATION);
-        let location = location.map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned());
+        // Where it points, relative to the target when written so.
+        let location = response.headers().get(reqwest::header::LOCATION).map(|l| {
+            let written = String::from_utf8_lossy(l.as_bytes()).into_owned();
+            response.url().join(&written).map_or(written, String::from)
+        });
         Ok((response.status().as_u16(), location))
     }
 }

@@ -92,14 +92,19 @@ pub enum BuildError {
     Url(String),
 }
 
+/// How this service names itself to Sinch (and to the targets the doctor posts a test callback to).
+const USER_AGENT: &str = concat!("capability-facade/", env!("CARGO_PKG_VERSION"));
+/// How long a connection to Sinch (or a test callback's target) may take to open.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl SinchClient {
     /// `retry` paces retried queries; `token_retry` paces retried token requests (Sinch's token endpoint is a
     /// token bucket that wants a slower back-off than queries).
     pub fn new(config: &SinchConfig, retry: RetryPolicy, token_retry: TokenRetry) -> Result<SinchClient, BuildError> {
         install_crypto_provider();
         let http = reqwest::Client::builder()
-            .user_agent(concat!("capability-facade/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(Duration::from_secs(5))
+            .user_agent(USER_AGENT)
+            .connect_timeout(CONNECT_TIMEOUT)
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
