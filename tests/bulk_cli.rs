@@ -262,18 +262,18 @@ async fn a_resume_with_job_appends_only_the_missing_rows_and_the_same_command_fi
     let numbers: String = (0..20).rev().map(|i| format!("SMS,467100000{i:02}\n")).collect();
     std::fs::write(&reversed, format!("channel,identity\n{numbers}")).unwrap();
     std::fs::write(&out, kept.join("\n") + "\n").unwrap();
-    let wrong = bulk_check(
-        &service,
-        &[
+    let resume_from = async |input: &Path| {
+        let args = [
             "--in",
-            reversed.to_str().unwrap(),
+            input.to_str().unwrap(),
             "--out",
             out.to_str().unwrap(),
             "--job",
             &job,
-        ],
-    )
-    .await;
+        ];
+        bulk_check(&service, &args).await
+    };
+    let wrong = resume_from(&reversed).await;
     let stderr = text(&wrong.stderr);
     assert_eq!(wrong.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("started from another file"), "{stderr}");
@@ -286,18 +286,7 @@ async fn a_resume_with_job_appends_only_the_missing_rows_and_the_same_command_fi
     // Another input is not this job's.
     let other = dir.join("other.csv");
     std::fs::write(&other, "channel,identity\nSMS,46710000099\n").unwrap();
-    let wrong = bulk_check(
-        &service,
-        &[
-            "--in",
-            other.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--job",
-            &job,
-        ],
-    )
-    .await;
+    let wrong = resume_from(&other).await;
     assert_eq!(wrong.status.code(), Some(2), "{}", text(&wrong.stderr));
 }
 

@@ -139,7 +139,7 @@ async fn the_service_warns_at_start_when_its_public_url_is_not_registered() {
             .0,
         200
     );
-    let mut env = vec![
+    let env = vec![
         ("SINCH_PROJECT_ID", sandbox::PROJECT_ID.to_owned()),
         ("SINCH_KEY_ID", sandbox::KEY_ID.to_owned()),
         ("SINCH_KEY_SECRET", sandbox::KEY_SECRET.to_owned()),
@@ -147,19 +147,9 @@ async fn the_service_warns_at_start_when_its_public_url_is_not_registered() {
         ("SINCH_AUTH_URL", format!("{}/oauth2/token", sandbox.url)),
         ("SINCH_WEBHOOK_SECRETS", SECRET.to_owned()),
     ];
-    env.push((
-        "CAPABILITY_PUBLIC_WEBHOOK_URL",
-        "https://facade.example.com/webhooks/sinch".into(),
-    ));
     // Stray commas name no app: each made an app "" whose gauge said 0, and a warning, for as long as it ran.
-    env.push(("CAPABILITY_APP_IDS", "APP-1,,APP-2,".into()));
-    let binary = common::Binary::spawn(&env).await;
     // One line per app: a warning for APP-1, whose URL is not registered; APP-2 is registered as it must be.
-    let outcomes = binary
-        .until_logged(2, |l| {
-            l.contains("WEBHOOK_NOT_REGISTERED") || l.contains("webhook is registered")
-        })
-        .await;
+    let (binary, outcomes) = checked_in(env, "APP-1,,APP-2,", 2).await;
     let warnings: Vec<&String> = outcomes
         .iter()
         .filter(|l| l.contains("WEBHOOK_NOT_REGISTERED"))
@@ -199,7 +189,11 @@ fn listing() -> common::Canned {
 /// The service against `fake`, checking at start that `app` registered [`PUBLIC_URL`]; the first `n` outcomes of
 /// that check it logged.
 async fn checked_at_start(fake: &common::FakeSinch, app: &str, n: usize) -> (common::Binary, Vec<String>) {
-    let mut env = common::binary_env(fake);
+    checked_in(common::binary_env(fake), app, n).await
+}
+
+/// [`checked_at_start`], the service run with `env`.
+async fn checked_in(mut env: Vec<(&str, String)>, app: &str, n: usize) -> (common::Binary, Vec<String>) {
     env.push(("CAPABILITY_PUBLIC_WEBHOOK_URL", PUBLIC_URL.into()));
     env.push(("CAPABILITY_APP_IDS", app.into()));
     let binary = common::Binary::spawn(&env).await;
@@ -209,6 +203,13 @@ async fn checked_at_start(fake: &common::FakeSinch, app: &str, n: usize) -> (com
         })
         .await;
     (binary, outcomes)
+}
+
+/// The service against `fake` finds APP-1's webhook registered at start, and its gauge says so.
+async fn registered_at_start(fake: &common::FakeSinch) {
+    let (binary, outcome) = checked_at_start(fake, "APP-1", 1).await;
+    assert!(outcome[0].contains("webhook is registered"), "{outcome:?}");
+    assert_registered(&binary).await;
 }
 
 /// APP-1's gauge says registered.
@@ -226,9 +227,7 @@ async fn assert_registered(binary: &common::Binary) {
 async fn the_start_up_check_outlasts_a_busy_sinch() {
     let fake = common::FakeSinch::start().await;
     fake.script_api([busy(), listing()]);
-    let (binary, outcome) = checked_at_start(&fake, "APP-1", 1).await;
-    assert!(outcome[0].contains("webhook is registered"), "{outcome:?}");
-    assert_registered(&binary).await;
+    registered_at_start(&fake).await;
 }
 
 /// Sinch busy past the client's retries at start: the app counts as not registered, and is checked again until
@@ -255,9 +254,7 @@ async fn a_webhook_listed_with_nulls_is_read_as_empty() {
         {"id": "W1", "app_id": "APP-1", "target": PUBLIC_URL, "target_type": "HTTP",
             "secret": common::WEBHOOK_SECRET, "triggers": ["CAPABILITY"], "client_credentials": null}]});
     fake.script_api([common::Canned::new(200, listed.to_string())]);
-    let (binary, outcome) = checked_at_start(&fake, "APP-1", 1).await;
-    assert!(outcome[0].contains("webhook is registered"), "{outcome:?}");
-    assert_registered(&binary).await;
+    registered_at_start(&fake).await;
 }
 
 /// Run with `CAPABILITY_INSECURE_WEBHOOKS` and no secret, the service accepts every callback: a webhook with the
@@ -272,14 +269,7 @@ async fn without_secrets_in_insecure_mode_a_webhook_with_any_secret_is_registere
         .filter(|(name, _)| *name != "SINCH_WEBHOOK_SECRETS")
         .collect();
     env.push(("CAPABILITY_INSECURE_WEBHOOKS", "true".into()));
-    env.push(("CAPABILITY_PUBLIC_WEBHOOK_URL", PUBLIC_URL.into()));
-    env.push(("CAPABILITY_APP_IDS", "APP-1".into()));
-    let binary = common::Binary::spawn(&env).await;
-    let outcome = binary
-        .until_logged(1, |l| {
-            l.contains("WEBHOOK_NOT_REGISTERED") || l.contains("webhook is registered")
-        })
-        .await;
+    let (binary, outcome) = checked_in(env, "APP-1", 1).await;
     assert!(outcome[0].contains("webhook is registered"), "{outcome:?}");
     assert_registered(&binary).await;
 }
