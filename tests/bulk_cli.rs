@@ -288,6 +288,14 @@ async fn a_resume_with_job_appends_only_the_missing_rows_and_the_same_command_fi
     std::fs::write(&other, "channel,identity\nSMS,46710000099\n").unwrap();
     let wrong = resume_from(&other).await;
     assert_eq!(wrong.status.code(), Some(2), "{}", text(&wrong.stderr));
+
+    // A job whose request_id was chosen (one that looks like the command's own too) resumes: nothing tells the
+    // file it was started from.
+    let chosen = bulk_check(&service, &[&args[..], &["--request-id", "bulk-june"]].concat()).await;
+    let stderr = text(&chosen.stderr);
+    assert!(chosen.status.success(), "{stderr}");
+    let resumed = bulk_check(&service, &[&args[..], &["--job", &job_id(&stderr)]].concat()).await;
+    assert!(resumed.status.success(), "{}", text(&resumed.stderr));
 }
 
 /// An output that cannot be written (a folder that does not exist) is refused before the job starts: the job ran
@@ -345,11 +353,19 @@ async fn an_output_that_cannot_be_written_starts_no_job() {
 /// row starts a line of its own. The bar was left on the line a row then began on, so rows came glued to it.
 #[tokio::test]
 async fn on_a_terminal_the_rows_on_stdout_never_share_a_line_with_the_bar() {
-    let service = service(20).await;
+    let service = service(200).await;
     let dir = folder("terminal");
-    let input = dir.join("numbers.csv");
-    let numbers: String = (0..40).map(|i| format!("SMS,467100000{i:02}\n")).collect();
-    std::fs::write(&input, format!("channel,identity\n{numbers}")).unwrap();
+    // Ten identities a recipient: rows longer than a line buffer (1 KiB), which a first fix let out in pieces.
+    let input = dir.join("numbers.jsonl");
+    let rows: String = (0..40)
+        .map(|i| {
+            let ids: Vec<String> = (0..10)
+                .map(|n| format!(r#"{{"channel": "SMS", "identity": "4671{i:02}0000{n:02}"}}"#))
+                .collect();
+            format!("{{\"identities\": [{}]}}\n", ids.join(", "))
+        })
+        .collect();
+    std::fs::write(&input, rows).unwrap();
     // One shell word each.
     let word = |text: &str| format!("'{}'", text.replace('\'', r"'\''"));
     let command = format!(

@@ -10,7 +10,7 @@
 use std::{
     collections::HashSet,
     fs::{self, File, OpenOptions},
-    io::{self, BufWriter, IsTerminal, LineWriter, Write},
+    io::{self, BufWriter, IsTerminal, Write},
     path::{Path, PathBuf},
     process::ExitCode,
     time::{Duration, Instant},
@@ -95,13 +95,15 @@ async fn cancel(args: &BulkCheckArgs) -> Result<ExitCode, Failure> {
 /// Whether `path` can be written, checked by opening it without emptying it (the job's results replace what it
 /// holds only once the job started): whether this made it.
 fn writable(path: &Path) -> Result<bool, Failure> {
-    let existed = path.exists();
-    OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(path)
-        .map_err(|e| Failure::Usage(format!("cannot write to {}: {e}", path.display())))?;
-    Ok(!existed)
+    let cannot = |e: io::Error| Failure::Usage(format!("cannot write to {}: {e}", path.display()));
+    match OpenOptions::new().write(true).create_new(true).open(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            OpenOptions::new().append(true).open(path).map_err(cannot)?;
+            Ok(false)
+        }
+        Err(e) => Err(cannot(e)),
+    }
 }
 
 fn service(e: BulkError) -> Failure {
@@ -147,7 +149,7 @@ async fn run(args: &BulkCheckArgs) -> Result<ExitCode, Failure> {
             // caller's own cannot be told from the file): another file of as many rows would write each result
             // against another row's line.
             let made = start_request(args, &bytes, &input).request_id;
-            if job.request_id.starts_with(DERIVED) && job.request_id != made {
+            if derived(&job.request_id) && job.request_id != made {
                 return Err(Failure::Usage(format!(
                     "job {job_id} was started from another file, or with other options (its request_id is {}, this \
                      command's {made}): give the --in, --app-id, --max-age (or --refresh) and --wait it was started \
@@ -193,7 +195,10 @@ async fn run(args: &BulkCheckArgs) -> Result<ExitCode, Failure> {
             let job = match client.start_bulk_check(request).await {
                 Ok(job) => job,
                 Err(e) => {
-                    if let (Some(path), true) = (&args.output, created) {
+                    // Made by this command, and still empty: nobody else's.
+                    if let (Some(path), true) = (&args.output, created)
+                        && fs::metadata(path).is_ok_and(|m| m.len() == 0)
+                    {
                         let _ = fs::remove_file(path);
                     }
                     return Err(service(e));
@@ -443,10 +448,17 @@ fn quote(text: &str) -> String {
     }
 }
 
-/// The job's request: the good rows, the options, and a request_id that the same command gets again.
-/// How the request_id this command derives from the file and the options begins.
+/// How the request_id this command derives from the file and the options begins; 32 hex digits follow.
 const DERIVED: &str = "bulk-";
 
+/// Whether `request_id` is one this command derives (see [`start_request`]), not one a caller chose.
+fn derived(request_id: &str) -> bool {
+    request_id
+        .strip_prefix(DERIVED)
+        .is_some_and(|hex| hex.len() == 32 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+}
+
+/// The job's request: the good rows, the options, and a request_id that the same command gets again.
 fn start_request(args: &BulkCheckArgs, bytes: &[u8], input: &Input) -> pb::StartBulkCheckRequest {
     let max_age = if args.refresh {
         Some(Duration::ZERO)
@@ -903,27 +915,54 @@ impl Output {
     }
 
     /// Rows written to the terminal that shows `display`'s bar are written with the bar lifted, whole lines at a
-    /// time, so that each starts a line of its own rather than after the bar, on its line. Called before any row.
+    /// time (a buffer's worth), so that each starts a line of its own rather than after the bar, on its line.
+    /// Called before any row.
     fn share_terminal(&mut self, display: &Display) {
         if let (None, true, Some(bar)) = (&self.path, io::stdout().is_terminal(), display.bar()) {
-            let lifted: Box<dyn Write> = Box::new(LineWriter::new(Lifted(bar.clone())));
+            let lifted: Box<dyn Write> = Box::new(Lifted {
+                bar: bar.clone(),
+                partial: Vec::new(),
+            });
             self.sink = Sink::JsonLines(BufWriter::new(lifted));
         }
     }
 }
 
-/// Stdout below a progress bar on the same terminal: what is written (whole lines, as a [`LineWriter`] hands them
-/// on) is written with the bar lifted, and the bar drawn again below.
-struct Lifted(ProgressBar);
+/// Stdout below a progress bar on the same terminal: whole lines, however long, are written with the bar lifted
+/// and drawn again below; the rest of a line waits for its end (or a flush).
+struct Lifted {
+    bar: ProgressBar,
+    partial: Vec<u8>,
+}
+
+impl Lifted {
+    /// Writes out the first `len` bytes held, the bar lifted.
+    fn write_out(&mut self, len: usize) -> io::Result<()> {
+        let lines = &self.partial[..len];
+        self.bar.suspend(|| {
+            let mut stdout = io::stdout().lock();
+            stdout.write_all(lines)?;
+            stdout.flush()
+        })?;
+        self.partial.drain(..len);
+        Ok(())
+    }
+}
 
 impl Write for Lifted {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.suspend(|| io::stdout().write_all(buf))?;
+        self.partial.extend_from_slice(buf);
+        if let Some(last) = self.partial.iter().rposition(|&b| b == b'\n') {
+            self.write_out(last + 1)?;
+        }
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        io::stdout().flush()
+        match self.partial.len() {
+            0 => Ok(()),
+            len => self.write_out(len),
+        }
     }
 }
 
