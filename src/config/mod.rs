@@ -1268,6 +1268,9 @@ mod tests {
         let error = parse(&["--redis-url=rediss://h:6380", "--redis-ca-file=Cargo.toml"]).unwrap_err();
         assert_eq!(error.variable, REDIS_CA_FILE);
         assert!(error.problem.contains("CERTIFICATE"), "{}", error.problem);
+        let error = parse(&["--redis-url=rediss://h:6380", "--redis-ca-file=/nonexistent/ca.pem"]).unwrap_err();
+        assert_eq!(error.variable, REDIS_CA_FILE);
+        assert!(error.problem.contains("cannot read"), "{}", error.problem);
     }
 
     #[test]

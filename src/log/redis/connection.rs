@@ -280,8 +280,6 @@ fn parse_version(text: &str) -> Option<(u32, u32)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
-/// The error says Redis could not be reached (down, refusing connections, too slow), rather than that it
-/// answered with a refusal.
 /// A client of one node, trusting the CA certificates `ca` (PEM) rather than the system's roots when given.
 fn client(node: &ConnectionInfo, ca: Option<&[u8]>) -> redis::RedisResult<Client> {
     match ca {
