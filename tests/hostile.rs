@@ -27,6 +27,16 @@ struct WebhookRow {
     expect: u16,
 }
 
+impl WebhookRow {
+    /// Whether `status` (0: no answer) is what this row expects. A header block far past the bound may meet a
+    /// reset rather than its 431: the server answers and closes while the client is still writing it, and the
+    /// kernel answers the rest with RST, discarding the answer unread (a full test run under load showed it).
+    fn answered_by(&self, status: u16) -> bool {
+        let header_bytes: usize = self.headers.iter().map(|(name, value)| name.len() + value.len()).sum();
+        status == self.expect || (status == 0 && self.expect == 431 && header_bytes > 512 << 10)
+    }
+}
+
 fn post(name: &'static str, body: Vec<u8>, headers: Headers, expect: u16) -> WebhookRow {
     WebhookRow {
         name,
@@ -263,12 +273,12 @@ async fn hostile_webhook_requests_get_their_status_and_harm_nothing() {
                 row.method.clone(),
                 format!("http://{}{}", service.webhook_addr, row.path),
             )
-            .body(row.body);
+            .body(row.body.clone());
         for (name, value) in &row.headers {
             request = request.header(*name, value);
         }
         let status = request.send().await.map(|r| r.status().as_u16()).unwrap_or(0);
-        assert_eq!(status, row.expect, "{}", row.name);
+        assert!(row.answered_by(status), "{}: {status}, not {}", row.name, row.expect);
         still_serving(&service, &channel, row.name).await;
     }
     // Nothing hostile was delivered under its request_id.
@@ -1211,13 +1221,16 @@ async fn no_phone_number_reaches_the_logs() {
     for row in webhook_rows() {
         // A client per row: a connection the server closed after an early answer (413) is not reused.
         let mut request = reqwest_client()
-            .request(row.method, format!("http://{}{}", binary.webhook_addr, row.path))
-            .body(row.body);
+            .request(
+                row.method.clone(),
+                format!("http://{}{}", binary.webhook_addr, row.path),
+            )
+            .body(row.body.clone());
         for (name, value) in &row.headers {
             request = request.header(*name, value);
         }
         let status = request.send().await.map(|r| r.status().as_u16()).unwrap_or(0);
-        assert_eq!(status, row.expect, "{}", row.name);
+        assert!(row.answered_by(status), "{}: {status}, not {}", row.name, row.expect);
     }
     for body in bodies_full_of_numbers() {
         let status = common::deliver(binary.webhook_addr, body).await;
