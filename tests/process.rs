@@ -444,11 +444,18 @@ async fn with_tokens_configured_only_callers_presenting_one_are_served() {
 }
 
 /// A client command against a service that stopped answering (frozen, or a path that drops everything after the
-/// connection) ends with an error instead of waiting for ever: it had no bound at all.
+/// connection) ends with an error instead of waiting for ever: it had no bound at all, and over TLS none for the
+/// handshake (the keepalive starts after it).
 #[tokio::test]
 async fn a_client_command_ends_when_the_service_stops_answering() {
+    for scheme in ["http", "https"] {
+        commands_end_against_a_silent_service(scheme).await;
+    }
+}
+
+async fn commands_end_against_a_silent_service(scheme: &str) {
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = &format!("http://{}", silent.local_addr().unwrap());
+    let addr = &format!("{scheme}://{}", silent.local_addr().unwrap());
     // Accepts and holds every connection, reading nothing.
     let _held = tokio::spawn(async move {
         let mut held = Vec::new();
@@ -471,7 +478,7 @@ async fn a_client_command_ends_when_the_service_stops_answering() {
         // A bound for a hang, not a timing target: the client gives up after its keepalive's ping goes unanswered.
         let output = tokio::time::timeout(Duration::from_secs(120), child)
             .await
-            .unwrap_or_else(|_| panic!("{args:?} still waits"))
+            .unwrap_or_else(|_| panic!("{args:?} still waits on {addr}"))
             .unwrap();
         assert_ne!(output.status.code(), Some(0), "{args:?}");
     });

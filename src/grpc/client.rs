@@ -13,6 +13,8 @@ use crate::secret::Secret;
 
 /// How often a client pings the service, and how long it waits for the answer.
 const KEEPALIVE: Duration = Duration::from_secs(5);
+/// How long a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the service is and how to present ourselves to it.
 pub struct Connection {
@@ -44,10 +46,12 @@ impl Client {
             .keep_alive_timeout(KEEPALIVE)
             .keep_alive_while_idle(true);
         if addr.starts_with("https://") {
-            let mut tls = match &connection.ca {
+            let tls = match &connection.ca {
                 Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
                 None => ClientTlsConfig::new().with_webpki_roots(),
             };
+            // The keepalive starts after the handshake: a service that accepts and answers nothing holds it.
+            let mut tls = tls.timeout(HANDSHAKE_TIMEOUT);
             if let Some((cert, key)) = &connection.identity {
                 tls = tls.identity(Identity::from_pem(cert, key));
             }
