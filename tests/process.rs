@@ -421,21 +421,24 @@ async fn with_tokens_configured_only_callers_presenting_one_are_served() {
     let fake = FakeSinch::start().await;
     let service = Service::against(&fake, &["--grpc-tokens=old-token, new-token"]).await;
     let channel = service.channel().await;
-    let call = |token: Option<&str>| {
+    let call = |authorization: Option<&str>| {
         let mut client = CapabilityServiceClient::new(channel.clone());
         let mut request = tonic::Request::new(query(contact("C"), ""));
-        if let Some(token) = token {
+        if let Some(authorization) = authorization {
             request
                 .metadata_mut()
-                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+                .insert("authorization", authorization.parse().unwrap());
         }
         async move { client.query_capability(request).await.map(|_| ()).map_err(|s| s.code()) }
     };
     assert_eq!(call(None).await, Err(tonic::Code::Unauthenticated));
-    assert_eq!(call(Some("guess")).await, Err(tonic::Code::Unauthenticated));
-    assert_eq!(call(Some("new-token")).await, Ok(()));
-    assert_eq!(call(Some("old-token")).await, Ok(()));
-    assert_eq!(fake.queries().len(), 2, "refused calls never reached Sinch");
+    assert_eq!(call(Some("Bearer guess")).await, Err(tonic::Code::Unauthenticated));
+    assert_eq!(call(Some("Basic new-token")).await, Err(tonic::Code::Unauthenticated));
+    assert_eq!(call(Some("Bearer new-token")).await, Ok(()));
+    assert_eq!(call(Some("Bearer old-token")).await, Ok(()));
+    // The scheme's name in any case (RFC 7235): `bearer` was refused.
+    assert_eq!(call(Some("bearer new-token")).await, Ok(()));
+    assert_eq!(fake.queries().len(), 3, "refused calls never reached Sinch");
     let health = HealthClient::new(channel)
         .check(HealthCheckRequest { service: String::new() })
         .await

@@ -669,6 +669,12 @@ where
     }
 }
 
+/// The token of an `authorization` value `Bearer <token>`, the scheme's name in any case (RFC 7235).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
+}
+
 /// Lets a call through when caller authentication is off, or when it carries one of the tokens (compared in
 /// constant time).
 fn authenticate(tokens: &[Secret], request: Request<()>) -> Result<Request<()>, Status> {
@@ -679,7 +685,7 @@ fn authenticate(tokens: &[Secret], request: Request<()>) -> Result<Request<()>, 
         .metadata()
         .get("authorization")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(bearer)
         .ok_or_else(|| status::unauthenticated(false))?;
     // Every token is compared, without a branch, so that the time taken does not tell which one matched; `found`
     // is one past the index of the match, 0 for none.
