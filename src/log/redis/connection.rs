@@ -162,16 +162,15 @@ impl Connector {
             .build()
             .map_err(unusable)
         };
-        let single = match &target {
-            Target::Single(info) => Some(client(info, ca).map_err(unusable)?),
-            Target::Cluster(_) => None,
-        };
-        let cluster = match &target {
-            Target::Single(_) => None,
-            Target::Cluster(nodes) => Some((
-                cluster(nodes, RESPONSE_TIMEOUT)?,
-                cluster(nodes, block + RESPONSE_TIMEOUT)?,
-            )),
+        let (single, cluster) = match &target {
+            Target::Single(info) => (Some(client(info, ca).map_err(unusable)?), None),
+            Target::Cluster(nodes) => (
+                None,
+                Some((
+                    cluster(nodes, RESPONSE_TIMEOUT)?,
+                    cluster(nodes, block + RESPONSE_TIMEOUT)?,
+                )),
+            ),
         };
         Ok(Connector {
             target,
