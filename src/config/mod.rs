@@ -729,7 +729,20 @@ impl Config {
                 ),
             ));
         }
-        self.redis_ca()?;
+        // The CA vouches for Redis's certificate: every node the URL names is reached over TLS.
+        let tls = |url: &Secret| {
+            url.expose()
+                .split(',')
+                .map(str::trim)
+                .filter(|node| !node.is_empty())
+                .all(|node| node.starts_with("rediss://") || node.starts_with("rediss+cluster://"))
+        };
+        if self.redis.ca_file.is_some() && !self.redis_url().is_some_and(tls) {
+            return Err(invalid(
+                REDIS_CA_FILE,
+                format!("vouches for Redis over TLS: set {REDIS_URL} to rediss:// node URLs"),
+            ));
+        }
         let https = |url: &url::Url| url.scheme() == "https";
         if self.telemetry.otlp_certificate.is_some() && !self.telemetry.otlp_endpoint.as_ref().is_some_and(https) {
             return Err(invalid(
@@ -819,25 +832,12 @@ impl Config {
         self.redis.url.as_ref().map(|v| &v.secret)
     }
 
-    /// The CA certificates `CAPABILITY_REDIS_CA_FILE` holds (PEM), read and checked: they vouch for Redis's
-    /// certificate, so every node the URL names must be reached over TLS.
+    /// The CA certificates `CAPABILITY_REDIS_CA_FILE` holds (PEM), read and checked (at start, before any port
+    /// is bound); [`Config::check`] saw that they go with a Redis reached over TLS.
     pub fn redis_ca(&self) -> Result<Option<Vec<u8>>, ConfigError> {
         let Some(path) = &self.redis.ca_file else {
             return Ok(None);
         };
-        let tls = |url: &Secret| {
-            url.expose()
-                .split(',')
-                .map(str::trim)
-                .filter(|node| !node.is_empty())
-                .all(|node| node.starts_with("rediss://") || node.starts_with("rediss+cluster://"))
-        };
-        if !self.redis_url().is_some_and(tls) {
-            return Err(invalid(
-                REDIS_CA_FILE,
-                format!("vouches for Redis over TLS: set {REDIS_URL} to rediss:// node URLs"),
-            ));
-        }
         let pem =
             std::fs::read(path).map_err(|e| invalid(REDIS_CA_FILE, format!("cannot read {}: {e}", path.display())))?;
         crate::tls::trust_anchors(&pem).map_err(|e| invalid(REDIS_CA_FILE, e))?;
@@ -1265,10 +1265,14 @@ mod tests {
             assert_eq!(error.variable, REDIS_CA_FILE, "{flags:?}");
             assert!(error.problem.contains("rediss://"), "{flags:?}: {}", error.problem);
         }
-        let error = parse(&["--redis-url=rediss://h:6380", "--redis-ca-file=Cargo.toml"]).unwrap_err();
+        let ca = |file: &str| {
+            let flags = ["--redis-url=rediss://h:6380", file];
+            parse(&flags).expect("a TLS Redis").redis_ca().unwrap_err()
+        };
+        let error = ca("--redis-ca-file=Cargo.toml");
         assert_eq!(error.variable, REDIS_CA_FILE);
         assert!(error.problem.contains("CERTIFICATE"), "{}", error.problem);
-        let error = parse(&["--redis-url=rediss://h:6380", "--redis-ca-file=/nonexistent/ca.pem"]).unwrap_err();
+        let error = ca("--redis-ca-file=/nonexistent/ca.pem");
         assert_eq!(error.variable, REDIS_CA_FILE);
         assert!(error.problem.contains("cannot read"), "{}", error.problem);
     }
