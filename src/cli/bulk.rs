@@ -148,7 +148,7 @@ async fn run(args: &BulkCheckArgs) -> Result<ExitCode, Failure> {
             // A job this command started is named by a hash of the file and the options (a request_id of the
             // caller's own cannot be told from the file): another file of as many rows would write each result
             // against another row's line.
-            let made = start_request(args, &bytes, &input).request_id;
+            let made = derived_request_id(args, &bytes);
             if derived(&job.request_id) && job.request_id != made {
                 return Err(Failure::Usage(format!(
                     "job {job_id} was started from another file, or with other options (its request_id is {}, this \
@@ -451,7 +451,7 @@ fn quote(text: &str) -> String {
 /// How the request_id this command derives from the file and the options begins; 32 hex digits follow.
 const DERIVED: &str = "bulk-";
 
-/// Whether `request_id` is one this command derives (see [`start_request`]), not one a caller chose.
+/// Whether `request_id` is one this command derives ([`derived_request_id`]), not one a caller chose.
 fn derived(request_id: &str) -> bool {
     request_id
         .strip_prefix(DERIVED)
@@ -460,29 +460,38 @@ fn derived(request_id: &str) -> bool {
 
 /// The job's request: the good rows, the options, and a request_id that the same command gets again.
 fn start_request(args: &BulkCheckArgs, bytes: &[u8], input: &Input) -> pb::StartBulkCheckRequest {
-    let max_age = if args.refresh {
-        Some(Duration::ZERO)
-    } else {
-        args.max_age
-    };
-    let request_id = args.request_id.clone().unwrap_or_else(|| {
-        let mut hash = Sha256::new();
-        hash.update(b"capability-facade bulk-check 1\0");
-        hash.update(args.app_id.as_bytes());
-        hash.update(format!("\0{max_age:?}\0{:?}\0", args.wait).as_bytes());
-        hash.update(bytes);
-        let digest = hash.finalize();
-        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
-        format!("{DERIVED}{hex}")
-    });
     pb::StartBulkCheckRequest {
         app_id: args.app_id.clone(),
         recipients: input.rows.iter().map(|row| row.recipient.clone()).collect(),
-        max_age: max_age.map(prost_duration),
+        max_age: max_age(args).map(prost_duration),
         channel_preference: Vec::new(),
-        request_id,
+        request_id: args
+            .request_id
+            .clone()
+            .unwrap_or_else(|| derived_request_id(args, bytes)),
         wait: args.wait.map(prost_duration),
     }
+}
+
+/// The oldest cached result the job accepts: none with `--refresh`.
+fn max_age(args: &BulkCheckArgs) -> Option<Duration> {
+    if args.refresh {
+        Some(Duration::ZERO)
+    } else {
+        args.max_age
+    }
+}
+
+/// The request_id this command derives from the app, the options and the file's bytes.
+fn derived_request_id(args: &BulkCheckArgs, bytes: &[u8]) -> String {
+    let mut hash = Sha256::new();
+    hash.update(b"capability-facade bulk-check 1\0");
+    hash.update(args.app_id.as_bytes());
+    hash.update(format!("\0{:?}\0{:?}\0", max_age(args), args.wait).as_bytes());
+    hash.update(bytes);
+    let digest = hash.finalize();
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    format!("{DERIVED}{hex}")
 }
 
 /// A file's format, by its extension.
