@@ -153,8 +153,13 @@ impl Queries {
         loop {
             match self.log.claim_request_id(&query.request_id, &fingerprint).await {
                 IdempotencyClaim::Owner(claim) => {
+                    // The rate limit is for what is sent: a repeat answered above waits for none of it.
+                    let admitted_then_sent = async {
+                        self.upstream.admit(deadline).await?;
+                        self.forward(sent, deadline, deadline + LATE_ANSWER, trace).await
+                    };
                     let result = tokio::select! {
-                        result = self.forward(sent, deadline, deadline + LATE_ANSWER, trace) => result,
+                        result = admitted_then_sent => result,
                         never = self.log.hold_request_id(&query.request_id, &fingerprint, &claim) => match never {},
                     };
                     let answer = result
@@ -172,6 +177,7 @@ impl Queries {
                         // serde's message may quote the record's values: only where it broke is logged.
                         tracing::warn!(request_id = %mask_digits(&query.request_id), category = ?e.classify(),
                             line = e.line(), column = e.column(), "an unreadable idempotency record in Redis: sending the query");
+                        self.upstream.admit(deadline).await?;
                         return Ok((self.forward(sent, deadline, deadline, trace).await?, true));
                     }
                 },
@@ -256,9 +262,8 @@ impl Queries {
         trace: Option<&TraceParent>,
         in_flight: Option<Arc<OwnedSemaphorePermit>>,
     ) -> Result<(QueryAccepted, bool), QueryError> {
-        // The rate limit first: a caller cannot fill the idempotency records faster than it may query.
-        self.upstream.admit(deadline).await?;
         let Some(request_id) = request.request_id else {
+            self.upstream.admit(deadline).await?;
             let query = Query {
                 app_id: request.app_id,
                 recipient: send,

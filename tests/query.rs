@@ -1053,3 +1053,50 @@ async fn a_query_whose_caller_went_away_still_counts_in_flight_until_it_is_sent(
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert_eq!(fake.queries().len(), 1);
 }
+
+/// A repeat of an answered request_id sends nothing, so the rate limit does not keep it out: it gets the stored
+/// answer (or ALREADY_EXISTS for another question) at once, on the replica that answered and on another one, even
+/// when that replica has used its budget. It was told RESOURCE_EXHAUSTED, to retry what was already done.
+#[tokio::test]
+async fn a_repeat_of_an_answered_request_id_is_answered_whatever_the_rate_limit() {
+    let redis = common::redis::RedisServer::start().await;
+    let url = format!("--redis-url={}", redis.url());
+    for (n, args) in [&[][..], &[url.as_str()][..]].into_iter().enumerate() {
+        let fake = FakeSinch::start().await;
+        let mut args = args.to_vec();
+        args.push("--sinch-rate-limit=1");
+        let first = Service::against(&fake, &args).await;
+        let request_id = format!("rate-{n}");
+        let answer = first
+            .client()
+            .await
+            .query_capability(query(contact("C"), &request_id))
+            .await
+            .unwrap()
+            .into_inner();
+        // In process, the repeat comes to the same replica; with Redis, to another one whose budget is spent too.
+        let other;
+        let repeat_to = if n == 0 {
+            &first
+        } else {
+            other = Service::against(&fake, &args).await;
+            other
+                .client()
+                .await
+                .query_capability(query(contact("D"), ""))
+                .await
+                .unwrap();
+            &other
+        };
+        let mut client = repeat_to.client().await;
+        let mut repeat = Request::new(query(contact("C"), &request_id));
+        repeat.set_timeout(Duration::from_millis(200));
+        let repeated = client.query_capability(repeat).await;
+        assert_eq!(repeated.unwrap().into_inner(), answer, "round {n}");
+        let mut changed = Request::new(query(contact("E"), &request_id));
+        changed.set_timeout(Duration::from_millis(200));
+        let status = client.query_capability(changed).await.unwrap_err();
+        assert_eq!(status.code(), Code::AlreadyExists, "round {n}: {status:?}");
+        assert_eq!(fake.queries().len(), n + 1, "round {n}: nothing sent again");
+    }
+}
