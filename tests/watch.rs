@@ -447,3 +447,34 @@ async fn many_watchers_of_one_request_each_get_every_notification_once() {
         assert_eq!(seen.iter().map(|s| s.0).collect::<Vec<_>>(), [1, 2, 3]);
     }
 }
+
+/// The client commands piped into a reader that stops reading (`| head -1`, a closed pager) end quietly with the
+/// status of a process killed by SIGPIPE, 141, as Unix tools do. They panicked: "failed printing to stdout".
+#[tokio::test]
+async fn the_client_commands_end_quietly_when_their_reader_goes_away() {
+    let process = common::Binary::spawn(&[]).await;
+    let addr = process.url();
+    let request_id = "closed-pipe";
+    for args in [
+        &["query", "--identity", "SMS:46700000006", "--request-id", request_id][..],
+        &["watch", "--json", "--wait", "5s", request_id],
+        &["watch", "--wait", "5s", request_id],
+        &["check", "--identity", "SMS:46700000006"],
+    ] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_capability-facade"))
+            .args(args)
+            .args(["--addr", &addr])
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+            .wait_with_output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(141), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+}

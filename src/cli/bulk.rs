@@ -80,7 +80,7 @@ async fn cancel(args: &BulkCheckArgs) -> Result<ExitCode, Failure> {
         pb::BulkCheckState::Cancelled => "",
         _ => " (it had ended already)",
     };
-    println!(
+    out!(
         "job {}: {}{ended} ({}/{} done, {} from cache, {} reachable)",
         job.job_id,
         state_name(&job),

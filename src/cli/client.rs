@@ -15,14 +15,14 @@ pub async fn query(args: QueryArgs) -> ExitCode {
     .await;
     match result {
         Ok(answer) if args.json => {
-            println!(
+            out!(
                 "{}",
                 serde_json::json!({"request_id": answer.request_id, "app_id": answer.app_id})
             );
             ExitCode::SUCCESS
         }
         Ok(answer) => {
-            println!("{}", answer.request_id);
+            out!("{}", answer.request_id);
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -66,12 +66,16 @@ pub async fn check(args: CheckArgs) -> ExitCode {
     };
     let request_id = Some(answer.request_id.as_str()).filter(|id| !id.is_empty());
     if json {
-        println!("{}", serde_json::json!({ "request_id": answer.request_id }));
+        out!("{}", serde_json::json!({ "request_id": answer.request_id }));
     } else {
-        println!("request_id {}", request_id.unwrap_or("- (every result from the cache)"));
-        println!(
+        out!("request_id {}", request_id.unwrap_or("- (every result from the cache)"));
+        out!(
             "{:<12} {:<16} {:<20} {:<8} {:<8} DETAIL",
-            "CHANNEL", "IDENTITY", "STATUS", "SOURCE", "AGE"
+            "CHANNEL",
+            "IDENTITY",
+            "STATUS",
+            "SOURCE",
+            "AGE"
         );
     }
     let now = std::time::SystemTime::now();
@@ -101,7 +105,7 @@ pub async fn check(args: CheckArgs) -> ExitCode {
         } else {
             "WAIT_ELAPSED"
         };
-        println!(
+        out!(
             "{}",
             serde_json::json!({"completion": completion, "complete": answer.complete, "pending": pending,
                 "recommended": recommended})
@@ -109,15 +113,15 @@ pub async fn check(args: CheckArgs) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     if answer.complete {
-        println!("-- complete");
+        out!("-- complete");
     } else if pending.is_empty() {
-        println!("-- the results that came within the wait (a contact's channels are not known in advance)");
+        out!("-- the results that came within the wait (a contact's channels are not known in advance)");
     } else {
-        println!("-- wait elapsed; no answer yet from {}", pending.join(", "));
+        out!("-- wait elapsed; no answer yet from {}", pending.join(", "));
     }
     match recommended.is_empty() {
-        true => println!("-- no reachable channel"),
-        false => println!("-- recommended: {}", recommended.join(", ")),
+        true => out!("-- no reachable channel"),
+        false => out!("-- recommended: {}", recommended.join(", ")),
     }
     ExitCode::SUCCESS
 }
@@ -128,14 +132,19 @@ fn print_result(n: &pb::CapabilityNotification, source: &str, age: Duration, jso
         let mut line = notification_json(n);
         line["source"] = source.into();
         line["age_ms"] = (age.as_millis() as u64).into();
-        println!("{line}");
+        out!("{line}");
         return;
     }
     let (status, detail) = status_and_detail(n);
     let age = humantime::format_duration(Duration::from_secs(age.as_secs())).to_string();
-    println!(
+    out!(
         "{:<12} {:<16} {:<20} {:<8} {:<8} {}",
-        n.channel_raw, n.identity, status, source, age, detail
+        n.channel_raw,
+        n.identity,
+        status,
+        source,
+        age,
+        detail
     );
 }
 
@@ -157,7 +166,7 @@ async fn print_watch(client: &mut Client, request: pb::WatchCapabilityRequest, j
         }
     };
     if !json {
-        println!("{:<12} {:<16} {:<20} DETAIL", "CHANNEL", "IDENTITY", "STATUS");
+        out!("{:<12} {:<16} {:<20} DETAIL", "CHANNEL", "IDENTITY", "STATUS");
     }
     while let Some(item) = stream.next().await {
         match item {
@@ -173,15 +182,15 @@ async fn print_watch(client: &mut Client, request: pb::WatchCapabilityRequest, j
                     .trim_start_matches("COMPLETION_REASON_")
                     .to_owned();
                 if json {
-                    println!(
+                    out!(
                         "{}",
                         serde_json::json!({"completion": reason, "last_offset": c.last_offset,
                             "pending_channels": c.pending_channels})
                     );
                 } else if c.pending_channels.is_empty() {
-                    println!("-- complete ({})", reason.to_ascii_lowercase().replace('_', " "));
+                    out!("-- complete ({})", reason.to_ascii_lowercase().replace('_', " "));
                 } else {
-                    println!("-- wait elapsed; no answer yet from {}", c.pending_channels.join(", "));
+                    out!("-- wait elapsed; no answer yet from {}", c.pending_channels.join(", "));
                 }
                 return ExitCode::SUCCESS;
             }
@@ -197,11 +206,11 @@ async fn print_watch(client: &mut Client, request: pb::WatchCapabilityRequest, j
 
 fn print_notification(n: &pb::CapabilityNotification, json: bool) {
     if json {
-        println!("{}", notification_json(n));
+        out!("{}", notification_json(n));
         return;
     }
     let (status, detail) = status_and_detail(n);
-    println!("{:<12} {:<16} {:<20} {}", n.channel_raw, n.identity, status, detail);
+    out!("{:<12} {:<16} {:<20} {}", n.channel_raw, n.identity, status, detail);
 }
 
 fn notification_json(n: &pb::CapabilityNotification) -> serde_json::Value {

@@ -91,10 +91,10 @@ fn own_tls_listener(args: &RegistrationArgs) -> bool {
 /// Prints one check as ✓ or ✗ (with its fix); returns whether it passed.
 fn report(passed: bool, what: &str, fix: &str) -> bool {
     if passed {
-        println!("✓ {what}");
+        out!("✓ {what}");
     } else {
-        println!("✗ {what}");
-        println!("    fix: {fix}");
+        out!("✗ {what}");
+        out!("    fix: {fix}");
     }
     passed
 }
@@ -124,7 +124,7 @@ pub async fn doctor(args: DoctorArgs) -> ExitCode {
         (Err(code), _) | (_, Err(code)) => return code,
     };
     let app = &args.registration.app_id;
-    println!("Checking app {app} and webhook {target} at {}", ctx.api_url);
+    out!("Checking app {app} and webhook {target} at {}", ctx.api_url);
     let ensure = format!("capability-facade webhook ensure --app-id {app} --target {target}");
     let mut all = true;
 
@@ -317,14 +317,14 @@ async fn list(args: RegistrationArgs) -> ExitCode {
     };
     match ctx.client.list_webhooks(&args.app_id).await {
         Ok(webhooks) => {
-            println!("{:<28} {:<10} {:<8} {:<40} TARGET", "ID", "TYPE", "SECRET", "TRIGGERS");
+            out!("{:<28} {:<10} {:<8} {:<40} TARGET", "ID", "TYPE", "SECRET", "TRIGGERS");
             for w in &webhooks {
                 let secret = match (w.secret.is_empty(), registration::secret_known(w, &ctx.secrets)) {
                     (true, _) => "none",
                     (false, true) => "ours",
                     (false, false) => "other",
                 };
-                println!(
+                out!(
                     "{:<28} {:<10} {:<8} {:<40} {}",
                     w.id,
                     w.target_type,
@@ -358,7 +358,7 @@ async fn ensure(args: RegistrationArgs) -> ExitCode {
     };
     let existing = match registration::find(&webhooks, &target) {
         Registration::Registered(w) if registration::secret_known(w, &ctx.secrets) => {
-            println!(
+            out!(
                 "webhook {} already targets {target} with trigger CAPABILITY and the service's secret",
                 w.id
             );
@@ -395,7 +395,7 @@ async fn ensure(args: RegistrationArgs) -> ExitCode {
                 .await
             {
                 Ok(w) => {
-                    println!(
+                    out!(
                         "updated webhook {}: trigger CAPABILITY, the service's secret, target {target}",
                         w.id
                     );
@@ -416,7 +416,7 @@ async fn ensure(args: RegistrationArgs) -> ExitCode {
             };
             match ctx.client.create_webhook(&webhook).await {
                 Ok(w) => {
-                    println!(
+                    out!(
                         "created webhook {}: trigger CAPABILITY, the service's secret, target {target}",
                         w.id
                     );
@@ -461,7 +461,7 @@ async fn update(args: super::UpdateArgs) -> ExitCode {
     }
     match ctx.client.update_webhook(&args.id, &webhook, &fields).await {
         Ok(w) => {
-            println!("updated webhook {}: {}", w.id, fields.join(", "));
+            out!("updated webhook {}: {}", w.id, fields.join(", "));
             ExitCode::SUCCESS
         }
         Err(e) => failed(&format!("webhook {} cannot be updated", args.id), &e),
@@ -475,7 +475,7 @@ async fn delete(args: super::DeleteArgs) -> ExitCode {
     };
     match ctx.client.delete_webhook(&args.id).await {
         Ok(()) => {
-            println!("deleted webhook {}", args.id);
+            out!("deleted webhook {}", args.id);
             ExitCode::SUCCESS
         }
         Err(e) => failed(&format!("webhook {} cannot be deleted", args.id), &e),

@@ -2,6 +2,13 @@
 //! the binary, not of the library: the library exports what these commands use (`config::Config`, the gRPC
 //! client, the sandbox).
 
+/// `println!` for the commands' output: when stdout's reader went away (`| head -1`), the command ends quietly with
+/// the status of a process killed by SIGPIPE (141), as Unix tools do, rather than panic as `println!` does; any
+/// other failure to write (a full disk) is said on stderr, status 1.
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::cli::print_line(format_args!($($arg)*)) };
+}
+
 mod bulk;
 mod client;
 mod doctor;
@@ -21,6 +28,18 @@ use capability_facade::{
 use clap::{Args, Parser, Subcommand};
 
 pub use bulk::bulk_check;
+
+/// See [`out!`].
+fn print_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(e) = writeln!(std::io::stdout().lock(), "{line}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(141);
+        }
+        eprintln!("capability-facade: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
 pub use client::{check, query, watch};
 pub use doctor::{doctor, webhook};
 pub use sandbox::sandbox;
