@@ -93,22 +93,28 @@ pub async fn check(args: CheckArgs) -> ExitCode {
             .unwrap_or_default();
         print_result(n, &source, age, json);
     }
-    let identities = |ids: &[pb::ChannelIdentity]| -> Vec<String> {
-        ids.iter()
-            .map(|id| format!("{}:{}", id.channel_raw, id.identity))
-            .collect()
-    };
-    let (pending, recommended) = (identities(&answer.pending), identities(&answer.recommended));
+    let identity = |id: &pb::ChannelIdentity| format!("{}:{}", id.channel_raw, id.identity);
+    let pending: Vec<String> = answer.pending.iter().map(identity).collect();
+    let recommended: Vec<String> = answer.recommended.iter().map(identity).collect();
+    let lookups: Vec<(String, &str)> = answer
+        .pending_lookups
+        .iter()
+        .filter_map(|l| Some((identity(l.identity.as_ref()?), l.request_id.as_str())))
+        .collect();
     if json {
         let completion = if answer.complete {
             "ALL_CHANNELS_REPORTED"
         } else {
             "WAIT_ELAPSED"
         };
+        let lookups: Vec<_> = lookups
+            .iter()
+            .map(|(identity, request_id)| serde_json::json!({"identity": identity, "request_id": request_id}))
+            .collect();
         out!(
             "{}",
             serde_json::json!({"completion": completion, "complete": answer.complete, "pending": pending,
-                "recommended": recommended})
+                "pending_lookups": lookups, "recommended": recommended})
         );
         return ExitCode::SUCCESS;
     }
@@ -118,12 +124,42 @@ pub async fn check(args: CheckArgs) -> ExitCode {
         out!("-- the results that came within the wait (a contact's channels are not known in advance)");
     } else {
         out!("-- wait elapsed; no answer yet from {}", pending.join(", "));
+        for line in elsewhere(&lookups, &answer.request_id) {
+            out!("{line}");
+        }
     }
     match recommended.is_empty() {
         true => out!("-- no reachable channel"),
         false => out!("-- recommended: {}", recommended.join(", ")),
     }
     ExitCode::SUCCESS
+}
+
+/// Where the late results of pending identities will come when it is not under the check's own request_id (they
+/// joined lookups other checks started): one line per request_id to watch, with its identities.
+fn elsewhere(lookups: &[(String, &str)], own: &str) -> Vec<String> {
+    let mut by_request: Vec<(&str, Vec<&str>)> = Vec::new();
+    for (identity, request_id) in lookups.iter().filter(|(_, id)| *id != own) {
+        match by_request.iter_mut().find(|(id, _)| id == request_id) {
+            Some((_, identities)) => identities.push(identity),
+            None => by_request.push((request_id, vec![identity])),
+        }
+    }
+    by_request
+        .into_iter()
+        .map(|(request_id, identities)| format!("-- watch {request_id} for {}", identities.join(", ")))
+        .collect()
+}
+
+/// The last line of a watch: complete, or what the wait ended without.
+fn completion_line(reason: pb::CompletionReason, pending_channels: &[String]) -> String {
+    match reason {
+        pb::CompletionReason::AllChannelsReported => "-- complete (all channels reported)".to_owned(),
+        _ if pending_channels.is_empty() => {
+            "-- wait elapsed (the channels to expect are not known: these are the results that came)".to_owned()
+        }
+        _ => format!("-- wait elapsed; no answer yet from {}", pending_channels.join(", ")),
+    }
 }
 
 /// One result of a check, with where it came from and how old it is.
@@ -187,10 +223,8 @@ async fn print_watch(client: &mut Client, request: pb::WatchCapabilityRequest, j
                         serde_json::json!({"completion": reason, "last_offset": c.last_offset,
                             "pending_channels": c.pending_channels})
                     );
-                } else if c.pending_channels.is_empty() {
-                    out!("-- complete ({})", reason.to_ascii_lowercase().replace('_', " "));
                 } else {
-                    out!("-- wait elapsed; no answer yet from {}", c.pending_channels.join(", "));
+                    out!("{}", completion_line(c.reason(), &c.pending_channels));
                 }
                 return ExitCode::SUCCESS;
             }
@@ -235,4 +269,37 @@ fn status_and_detail(n: &pb::CapabilityNotification) -> (String, String) {
         .unwrap_or(status)
         .replace("NO_CAPABILITY", "NONE");
     (status, detail)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_watch_ended_by_its_wait_is_never_called_complete() {
+        let reported = completion_line(pb::CompletionReason::AllChannelsReported, &[]);
+        assert_eq!(reported, "-- complete (all channels reported)");
+        let unknown = completion_line(pb::CompletionReason::WaitElapsed, &[]);
+        assert!(
+            unknown.starts_with("-- wait elapsed") && !unknown.contains("complete"),
+            "{unknown}"
+        );
+        let pending = completion_line(pb::CompletionReason::WaitElapsed, &["SMS".into(), "RCS".into()]);
+        assert_eq!(pending, "-- wait elapsed; no answer yet from SMS, RCS");
+    }
+
+    #[test]
+    fn pending_identities_that_joined_another_lookup_say_which_request_to_watch() {
+        let lookups = [
+            ("SMS:1".to_owned(), "own"),
+            ("RCS:1".to_owned(), "other"),
+            ("WHATSAPP:1".to_owned(), "third"),
+            ("VIBER:1".to_owned(), "other"),
+        ];
+        assert_eq!(
+            elsewhere(&lookups, "own"),
+            ["-- watch other for RCS:1, VIBER:1", "-- watch third for WHATSAPP:1"]
+        );
+        assert!(elsewhere(&lookups[..1], "own").is_empty());
+    }
 }
