@@ -5,7 +5,10 @@ mod common;
 
 use std::{path::PathBuf, process::Command, time::Duration};
 
-use capability_facade::grpc::pb::{self, capability_service_client::CapabilityServiceClient};
+use capability_facade::{
+    config::{DRAIN_DELAY, SHUTDOWN_GRACE},
+    grpc::pb::{self, capability_service_client::CapabilityServiceClient},
+};
 use common::{Binary, FakeSinch, Service, contact, query};
 use tokio_stream::StreamExt;
 use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
@@ -290,6 +293,41 @@ async fn sigterm_drains_the_real_binary_and_exits_zero() {
     assert_eq!(answer.into_inner().request_id, "drained");
     let status = process.wait_exit(Duration::from_secs(10)).await.expect("exited");
     assert!(status.success(), "{status:?}: {}", process.log_text());
+}
+
+/// An open Health/Watch stream (a mesh's or a load balancer's health checker watching, as gRPC's health protocol
+/// offers) does not hold the drain: it is told NOT_SERVING, then ends, and the process exits without waiting out
+/// the shutdown grace. Its connection stayed open until the grace ran out, so that every restart of a replica
+/// watched that way took the whole grace, then cut the calls still in flight.
+#[tokio::test]
+async fn an_open_health_watch_ends_at_shutdown_rather_than_hold_the_drain() {
+    let env = [(SHUTDOWN_GRACE, "20s".to_owned()), (DRAIN_DELAY, "0s".to_owned())];
+    let mut process = Binary::spawn(&env).await;
+    let channel = tonic::transport::Endpoint::from_shared(process.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut watches = Vec::new();
+    for service in ["", SERVICE_NAME] {
+        let mut health = HealthClient::new(channel.clone());
+        let request = HealthCheckRequest {
+            service: service.into(),
+        };
+        let mut watch = health.watch(request).await.unwrap().into_inner();
+        assert_eq!(watch.next().await.unwrap().unwrap().status(), ServingStatus::Serving);
+        watches.push(watch);
+    }
+    process.signal("TERM");
+    for mut watch in watches {
+        assert_eq!(watch.next().await.unwrap().unwrap().status(), ServingStatus::NotServing);
+        let end = watch.next().await;
+        assert!(end.is_none(), "the stream ended, rather than be cut: {end:?}");
+    }
+    let status = process.wait_exit(Duration::from_secs(30)).await.expect("exited");
+    assert!(status.success(), "{status:?}");
+    let log = process.log_text();
+    assert!(!log.contains("longer than the shutdown grace"), "{log}");
 }
 
 /// A transparent huge page is zeroed whole (2 MiB) by the first write that touches it: while the service's memory

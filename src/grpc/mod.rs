@@ -3,6 +3,7 @@
 pub mod client;
 pub mod codec;
 pub mod convert;
+mod health;
 mod limit;
 mod quota;
 mod status;
@@ -542,7 +543,8 @@ pub async fn serve(
     shutdown: CancellationToken,
     stop: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let health = tonic_health::server::HealthReporter::new();
+    let health_service = health::Health::new(health.clone(), shutdown.clone());
     health.set_not_serving::<CapabilityServiceServer<CapabilityApi>>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
