@@ -328,6 +328,41 @@ async fn a_contact_check_settles_after_its_last_result_and_is_then_answered_from
     assert_eq!(fake.queries().len(), 2);
 }
 
+/// A contact's entry that only identity checks filled (Sinch's results for an identity may name its contact) is
+/// not the contact's answer: a contact check asks Sinch, which knows the contact's other channels, in process and
+/// with Redis. It was answered from the cache with the one channel an identity check had asked about, as if that
+/// were all the contact had.
+#[tokio::test]
+async fn a_contact_named_only_by_identity_checks_results_is_asked_about() {
+    let redis = RedisServer::start().await;
+    let url = format!("--redis-url={}", redis.url());
+    for (n, args) in [&[][..], &[url.as_str()][..]].into_iter().enumerate() {
+        let fake = FakeSinch::start().await;
+        let service = Service::against(&fake, args).await;
+        let contact_id = format!("C-named-{n}");
+        let asking = spawn_check(service.client().await, check(identities(&[(Channel::Sms, NUMBER)]))).await;
+        let (live_id, _) = nth_query(&fake, 1).await;
+        let body = CapabilityCallback::new(&live_id, "SMS", NUMBER, "CAPABILITY_FULL").contact_id(&contact_id);
+        assert_eq!(deliver(service.webhook_addr, body.body()).await, 200);
+        asking.await.unwrap().unwrap();
+        let again = answer(&service, check(identities(&[(Channel::Sms, NUMBER)]))).await;
+        assert_eq!(
+            summary(&again)[0].2,
+            ResultSource::Cache,
+            "round {n}: the identity's result is cached"
+        );
+
+        let mut contact_check = check(contact(&contact_id));
+        contact_check.wait = duration(Duration::from_millis(100));
+        let answered = answer(&service, contact_check).await;
+        assert!(
+            answered.results.iter().all(|r| r.source() != ResultSource::Cache),
+            "round {n}: {answered:?}"
+        );
+        assert_eq!(fake.queries().len(), 2, "round {n}: the contact was asked about");
+    }
+}
+
 /// A contact one of whose identities Sinch no longer answers for is answered from the cache again once Sinch has
 /// answered for the others: the identity's result, expired, is not kept in the contact's entry, in process or with
 /// Redis. It was kept, its own entry gone, and every later check of the contact asked Sinch.
@@ -1639,6 +1674,56 @@ fn sms_result(
     }
 }
 
+/// In Redis, a contact's entry is its answer only once a lookup of the contact noted which identities it answered
+/// for, and while it holds each of them; the note goes with an invalidation, and is not taken by an entry that
+/// only an invalidation's mark is. Results of identity queries naming the contact fill the entry, and do not make
+/// it whole.
+#[tokio::test]
+async fn in_redis_a_contacts_entry_is_whole_only_once_its_lookup_said_what_it_answered_for() {
+    use capability_facade::capability::Channel::Sms;
+    let redis = RedisServer::start().await;
+    let log = common::redis_log(&redis, "whole", Some("whole-key")).await;
+    let cache = log.cache();
+    let hasher = cache.hasher().await.unwrap();
+    let (a, b) = ("46700000021", "46700000022");
+    let (key_a, key_b) = (hasher.identity("app", &Sms, a), hasher.identity("app", &Sms, b));
+    let contact = hasher.contact("app", "C-whole");
+    let now = std::time::SystemTime::now;
+    let held = || async {
+        let held = cache.get_contact(&contact).await.unwrap();
+        (held.results.len(), held.whole)
+    };
+    cache.store(&sms_result("r-a", a, "C-whole", now()), 1).await.unwrap();
+    assert_eq!(held().await, (1, false), "named by an identity query's result");
+    cache.answered(&contact, &[key_a, key_b]).await.unwrap();
+    assert_eq!(held().await, (1, false), "B is not held yet");
+    cache.store(&sms_result("r-b", b, "C-whole", now()), 2).await.unwrap();
+    assert_eq!(held().await, (2, true));
+    cache.answered(&contact, &[key_a]).await.unwrap();
+    assert_eq!(
+        held().await,
+        (2, true),
+        "what the entry holds beyond the lookup's answer is kept"
+    );
+
+    assert_eq!(
+        cache.remove(&[], &[contact], 0).await.unwrap(),
+        3,
+        "the contact's entry and its two identities'"
+    );
+    assert_eq!(held().await, (0, false));
+    cache.answered(&contact, &[key_a]).await.unwrap();
+    cache
+        .store(&sms_result("r-a2", a, "C-whole", now() + Duration::from_secs(1)), 3)
+        .await
+        .unwrap();
+    assert_eq!(
+        held().await,
+        (1, false),
+        "the note came to an entry only a mark was: not taken"
+    );
+}
+
 /// The Redis cache, as the in-process one (src/check/local.rs): a contact invalidated while a result for another
 /// of its identities is stored keeps nothing from before, and the newcomer, if it stays cached under its identity,
 /// stays listed in the contact's entry, so that the next invalidation reaches it.
@@ -1676,6 +1761,7 @@ async fn in_redis_a_contact_invalidated_while_a_result_is_stored_leaves_no_resul
             .get_contact(&contact[0])
             .await
             .unwrap()
+            .results
             .into_iter()
             .map(|r| r.request_id)
             .collect();
@@ -1713,7 +1799,7 @@ async fn in_redis_a_result_from_before_an_invalidation_is_not_stored_after_it() 
         let contact = [hasher.contact("app", &format!("C-{identity}"))];
         let held = || async {
             let one = cache.get(&keys).await.unwrap()[0].is_some();
-            let in_contact = cache.get_contact(&contact[0]).await.unwrap().len();
+            let in_contact = cache.get_contact(&contact[0]).await.unwrap().results.len();
             (one, in_contact)
         };
         let early = result(identity, std::time::SystemTime::now() - Duration::from_secs(1));
@@ -1747,7 +1833,7 @@ async fn in_redis_a_result_from_before_an_invalidation_is_not_stored_after_it() 
     assert_eq!(cache.remove(&never, &nobody, 0).await.unwrap(), 0, "nothing was cached");
     cache.store(&before, 1).await.unwrap();
     assert!(cache.get(&never).await.unwrap()[0].is_none());
-    assert!(cache.get_contact(&nobody[0]).await.unwrap().is_empty());
+    assert!(cache.get_contact(&nobody[0]).await.unwrap().results.is_empty());
 }
 
 /// In Redis, a result is cached at its time in the log whichever replica stores it, and whenever: a check that

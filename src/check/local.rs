@@ -24,7 +24,28 @@ const MAX_CONTACT_RESULTS: usize = 64;
 #[derive(Debug, Clone)]
 pub enum Cached {
     One(CachedResult),
-    Contact(Vec<(EntryKey, CachedResult)>),
+    Contact(ContactEntry),
+}
+
+/// A contact's results: those of every query that named the contact, by identity.
+#[derive(Debug, Clone, Default)]
+pub struct ContactEntry {
+    pub results: Vec<(EntryKey, CachedResult)>,
+    /// The identities the contact's last lookup (a contact_id query) answered for, once it ended: the entry is the
+    /// contact's answer only while it holds each of them. Results of identity queries that name the contact join
+    /// the entry, but are not alone the contact's channels.
+    pub answered: Vec<EntryKey>,
+}
+
+impl ContactEntry {
+    /// Whether it holds a result for every identity its last lookup answered for (none: no lookup ended).
+    pub fn whole(&self) -> bool {
+        !self.answered.is_empty()
+            && self
+                .answered
+                .iter()
+                .all(|key| self.results.iter().any(|(held, _)| held == key))
+    }
 }
 
 impl Cached {
@@ -32,7 +53,7 @@ impl Cached {
     fn expires_at_ms(&self) -> u64 {
         match self {
             Cached::One(r) => r.expires_at_ms,
-            Cached::Contact(results) => results.iter().map(|(_, r)| r.expires_at_ms).max().unwrap_or(0),
+            Cached::Contact(contact) => contact.results.iter().map(|(_, r)| r.expires_at_ms).max().unwrap_or(0),
         }
     }
 }
@@ -83,7 +104,7 @@ impl LocalCache {
                 .max_capacity(max_entries)
                 .weigher(|_, value: &Arc<Cached>| match &**value {
                     Cached::One(_) => 1,
-                    Cached::Contact(results) => results.len().max(1) as u32,
+                    Cached::Contact(contact) => contact.results.len().max(1) as u32,
                 })
                 .expire_after(UntilExpired)
                 .eviction_listener(|_, _, cause| {
@@ -118,8 +139,8 @@ impl LocalCache {
             let _stripe = self.stripe(contact);
             if let Some(entry) = self.entries.remove(contact) {
                 removed += 1;
-                if let Cached::Contact(results) = &*entry {
-                    gone.extend(results.iter().map(|(key, _)| *key));
+                if let Cached::Contact(contact) = &*entry {
+                    gone.extend(contact.results.iter().map(|(key, _)| *key));
                 }
             }
         }
@@ -181,22 +202,37 @@ impl LocalCache {
         newer: impl Fn(&CachedResult) -> bool,
     ) {
         let _stripe = self.stripe(&contact);
-        let mut results = match self.entries.get(&contact).as_deref() {
-            Some(Cached::Contact(results)) => results.clone(),
-            _ => Vec::new(),
+        let mut entry = match self.entries.get(&contact).as_deref() {
+            Some(Cached::Contact(entry)) => entry.clone(),
+            _ => ContactEntry::default(),
         };
         // An expired result goes, as its identity's own entry did: kept, it would empty every later answer of the
         // contact, Sinch's next answers not naming an identity the contact no longer has.
         let now = crate::log::wall_clock_ms();
-        results.retain(|(_, held)| held.expires_at_ms > now);
-        let full = results.len() >= MAX_CONTACT_RESULTS;
-        match results.iter_mut().find(|(key, _)| *key == identity) {
+        entry.results.retain(|(_, held)| held.expires_at_ms > now);
+        let full = entry.results.len() >= MAX_CONTACT_RESULTS;
+        match entry.results.iter_mut().find(|(key, _)| *key == identity) {
             Some((_, held)) if newer(held) => *held = result,
             Some(_) => return,
             None if full => return,
-            None => results.push((identity, result)),
+            None => entry.results.push((identity, result)),
         }
-        self.entries.insert(contact, Arc::new(Cached::Contact(results)));
+        self.entries.insert(contact, Arc::new(Cached::Contact(entry)));
+    }
+
+    /// Notes that the lookup of `contact` ended, having answered for `identities`: the entry is the contact's answer
+    /// while it holds each of them (until then — an invalidation came, or the log has not brought a result yet — a
+    /// check of the contact asks Sinch). Nothing is noted without an entry.
+    pub fn answered(&self, contact: &EntryKey, identities: &[EntryKey]) {
+        let _stripe = self.stripe(contact);
+        let Some(Cached::Contact(entry)) = self.entries.get(contact).as_deref().cloned() else {
+            return;
+        };
+        let entry = ContactEntry {
+            answered: identities.to_vec(),
+            ..entry
+        };
+        self.entries.insert(*contact, Arc::new(Cached::Contact(entry)));
     }
 }
 
@@ -319,10 +355,19 @@ mod tests {
         cache.apply(&entry("46700000001", "C1", CapabilityStatus::Full, now));
         cache.apply(&entry("46700000002", "C1", CapabilityStatus::Full, now));
         let contact = cache.hasher().contact("app", "C1");
-        let Some(Cached::Contact(results)) = cache.get(&contact).as_deref().cloned() else {
+        let Some(Cached::Contact(held_then)) = cache.get(&contact).as_deref().cloned() else {
             panic!("no contact entry")
         };
-        assert_eq!(results.len(), 2);
+        assert_eq!(held_then.results.len(), 2);
+        assert!(!held_then.whole(), "no lookup of the contact ended");
+        let identities: Vec<EntryKey> = held_then.results.iter().map(|(key, _)| *key).collect();
+        cache.answered(&contact, &identities);
+        assert!(matches!(cache.get(&contact).as_deref(), Some(Cached::Contact(c)) if c.whole()));
+        cache.answered(&contact, &[identities[0], cache.hasher().contact("app", "not held")]);
+        assert!(
+            matches!(cache.get(&contact).as_deref(), Some(Cached::Contact(c)) if !c.whole()),
+            "the last lookup answered for what the entry lacks"
+        );
         assert_eq!(cache.remove(&[], &[contact]).0, 3);
         assert!(held(&cache, "46700000001").is_none());
     }
@@ -349,7 +394,7 @@ mod tests {
             );
             let key = |identity: &str| cache.hasher().identity("app", &Channel::Sms, identity);
             let listed = match cache.get(&contact).as_deref() {
-                Some(Cached::Contact(results)) => results.iter().map(|(k, _)| *k).collect(),
+                Some(Cached::Contact(held)) => held.results.iter().map(|(k, _)| *k).collect(),
                 _ => Vec::new(),
             };
             assert!(

@@ -35,7 +35,7 @@ use crate::{
     hub::{Hub, WatchEvent, WatchLimits},
     log::{
         EventLog,
-        cached::{CachedResult, EntryKey, KeyHasher},
+        cached::{CachedResult, ContactResults, EntryKey, KeyHasher},
         codec, wall_clock_ms,
     },
     query::{Queries, QueryError, QueryRequest},
@@ -336,26 +336,54 @@ impl Checker {
     /// A contact's cached results, none unless each identity's own entry still holds one, and for each the newer
     /// of the contact's copy and the identity's own: an invalidation of an identity empties its entry but may not
     /// find every contact entry that holds it (its latest result may name no contact, or another), and a result
-    /// stored under the identity since is newer than the copy.
-    async fn cached_contact(&self, key: &EntryKey) -> Vec<CachedResult> {
+    /// stored under the identity since is newer than the copy. Whole only as [`ContactResults::whole`] says.
+    async fn cached_contact(&self, key: &EntryKey) -> ContactResults {
         match &self.store {
             Store::Local(local) => match local.get(key).as_deref() {
-                Some(Cached::Contact(results)) => results
-                    .iter()
-                    .map(|(identity, copy)| match local.get(identity).as_deref() {
-                        Some(Cached::One(own)) => Some(copy.clone().or_newer(own.clone())),
-                        _ => None,
-                    })
-                    .collect::<Option<Vec<_>>>()
-                    .unwrap_or_default(),
-                _ => Vec::new(),
+                Some(Cached::Contact(entry)) => {
+                    let results = entry
+                        .results
+                        .iter()
+                        .map(|(identity, copy)| match local.get(identity).as_deref() {
+                            Some(Cached::One(own)) => Some(copy.clone().or_newer(own.clone())),
+                            _ => None,
+                        })
+                        .collect::<Option<Vec<_>>>()
+                        .unwrap_or_default();
+                    ContactResults {
+                        results,
+                        whole: entry.whole(),
+                    }
+                }
+                _ => ContactResults::default(),
             },
             Store::Redis(log) => {
                 let cache = log.shared_cache().expect("a Redis store");
                 cache.get_contact(key).await.unwrap_or_else(|e| {
                     tracing::warn!(error = %e, "the shared cache could not be read: asking Sinch");
-                    Vec::new()
+                    ContactResults::default()
                 })
+            }
+        }
+    }
+
+    /// Notes that the lookup of contact `key` ended with `results`: the contact's entry answers the next checks
+    /// while it holds each of their identities. A Redis that fails to take the note costs a query to Sinch later.
+    async fn contact_answered(&self, app_id: &str, key: &EntryKey, results: &[CheckResult], hasher: &KeyHasher) {
+        let identities: Vec<EntryKey> = results
+            .iter()
+            .map(|r| hasher.identity(app_id, &r.channel, &r.identity))
+            .collect();
+        if identities.is_empty() {
+            return;
+        }
+        match &self.store {
+            Store::Local(local) => local.answered(key, &identities),
+            Store::Redis(log) => {
+                let cache = log.shared_cache().expect("a Redis store");
+                if let Err(e) = cache.answered(key, &identities).await {
+                    tracing::debug!(error = %e, "what a contact's lookup answered for could not be noted");
+                }
             }
         }
     }
@@ -600,8 +628,10 @@ impl Checker {
                 let now = self.now_ms();
                 let cached = self.cached_contact(&key).await;
                 // Every result the entry holds must be fresh: one expired means a channel would be missing.
-                (!cached.is_empty() && cached.iter().all(|c| c.fresh(now, request.max_age))).then(|| {
+                let fresh = !cached.results.is_empty() && cached.results.iter().all(|c| c.fresh(now, request.max_age));
+                (cached.whole && fresh).then(|| {
                     let mut results: Vec<CheckResult> = cached
+                        .results
                         .into_iter()
                         .filter_map(|c| answered(Source::Cache, c.offset, c.request_id, c.body))
                         .collect();
@@ -659,7 +689,9 @@ impl Checker {
             // [`Checker::answered_too_long_ago`]): asked again, without the lease (the lookup keeps it).
             Decided::Joined(holder)
                 if self
-                    .answered_too_long_ago(&holder, request.max_age, |_| true, self.cached_contact(&key))
+                    .answered_too_long_ago(&holder, request.max_age, |_| true, async {
+                        self.cached_contact(&key).await.results
+                    })
                     .await => {}
             Decided::Joined(holder) => {
                 metrics::counter!("capability_coalesced_total").increment(1);
@@ -692,7 +724,11 @@ impl Checker {
         // In a task of its own, as the leases' giving back: a Redis holding writes does not hold the answer up.
         let remember = {
             let (checks, app_id, results) = (self.clone(), request.app_id.clone(), answer.results.clone());
-            async move { checks.remember(&app_id, results.iter()).await }
+            let hasher = call.hasher.clone();
+            async move {
+                checks.remember(&app_id, results.iter()).await;
+                checks.contact_answered(&app_id, &key, &results, &hasher).await;
+            }
         };
         let by = call.tidy_until();
         let _ = tokio::time::timeout_at(by, tokio::spawn(remember)).await;

@@ -117,6 +117,16 @@ impl CachedResult {
     }
 }
 
+/// A contact's cached results.
+#[derive(Debug, Clone, Default)]
+pub struct ContactResults {
+    pub results: Vec<CachedResult>,
+    /// They are the contact's answer: its last lookup (a contact_id query) ended, and each identity it answered for
+    /// is among them. Results of identity queries that name the contact are among them too, but are not alone the
+    /// contact's channels.
+    pub whole: bool,
+}
+
 /// The name of a cache entry or lease: a keyed hash of what it is about.
 pub type EntryKey = [u8; 16];
 

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `prefix:cache-key` | the key of the keyed hash that names the others, when `CAPABILITY_CACHE_HASH_KEY` is unset |
 //! | `prefix:c:<hash>` | a channel identity's latest result, expiring with its status's time to live; or, once invalidated, when (8 bytes) |
-//! | `prefix:cc:<hash>` | a contact's results: field = the identity's `<hash>`, value = its result; expires with the last. Field `t`: when it was last invalidated |
+//! | `prefix:cc:<hash>` | a contact's results: field = the identity's `<hash>`, value = its result; expires with the last. Field `t`: when it was last invalidated. Field `a`: the identities the contact's last lookup answered for (16 zero bytes, then their `<hash>`es, comma-separated): the entry is the contact's answer only while it holds each |
 //! | `prefix:lease:<hash>` | the request_id of the live query in flight for an identity or contact (`p:` pending, `s:` sent; `d:` given back after it was sent, a moment, for the checks that waited for it) |
 //!
 //! No key has a hash tag: entries spread over a cluster's slots, and every script touches one key.
@@ -31,7 +31,7 @@ use super::{Connection, invoke, ttl_ms};
 use crate::{
     capability::{CacheTtl, Notification},
     log::{
-        cached::{CachedResult, EntryKey, KeyHasher, hex},
+        cached::{CachedResult, ContactResults, EntryKey, KeyHasher, hex},
         codec, wall_clock_ms,
     },
     secret::Secret,
@@ -133,7 +133,9 @@ if left <= 0 then return 0 end
 local held = redis.call('HGETALL', KEYS[1])
 for i = 1, #held, 2 do
   local value = held[i + 1]
-  if held[i] ~= 't' and #value >= 16 and ms_at(value, 9) <= at then redis.call('HDEL', KEYS[1], held[i]) end
+  if held[i] ~= 't' and held[i] ~= 'a' and #value >= 16 and ms_at(value, 9) <= at then
+    redis.call('HDEL', KEYS[1], held[i])
+  end
 end
 local mark = redis.call('HGET', KEYS[1], 't')
 if mark and newer(mark, ARGV[2]) then return 2 end
@@ -141,6 +143,7 @@ local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur and newer(cur, ARGV[2]) then return 0 end
 local results = redis.call('HLEN', KEYS[1])
 if mark then results = results - 1 end
+if redis.call('HEXISTS', KEYS[1], 'a') == 1 then results = results - 1 end
 if not cur and results >= tonumber(ARGV[3]) then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 if redis.call('PTTL', KEYS[1]) < left then redis.call('PEXPIRE', KEYS[1], left) end
@@ -156,13 +159,24 @@ local held = redis.call('HGETALL', KEYS[1])
 local at = invalidated_at(ARGV[2])
 local listed = {}
 for i = 1, #held, 2 do
-  at = past(at, held[i + 1])
-  if held[i] ~= 't' then table.insert(listed, held[i]) end
+  if held[i] ~= 'a' then at = past(at, held[i + 1]) end
+  if held[i] ~= 't' and held[i] ~= 'a' then table.insert(listed, held[i]) end
 end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 't', as_mark(at))
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return listed
+";
+
+/// Notes which identities a contact's lookup answered for, in its entry if it has one (its results were stored;
+/// an entry only an invalidation's mark is, is left so). Its value reads as a result of time and expiry zero to a
+/// replica that predates it, which drops it when it stores the contact's next result. KEYS: contact entry. ARGV:
+/// the value.
+const ANSWERED: &str = r"
+local held = redis.call('HLEN', KEYS[1])
+if held == 0 or (held == 1 and redis.call('HEXISTS', KEYS[1], 't') == 1) then return 0 end
+redis.call('HSET', KEYS[1], 'a', ARGV[1])
+return 1
 ";
 
 /// Takes a lease (pending: `p:<request_id>`) unless someone holds it (one given back, `d:`, is free). KEYS: lease.
@@ -215,6 +229,7 @@ pub struct RedisCache {
     unstore: Script,
     invalidate: Script,
     take_contact: Script,
+    answered: Script,
     lease: Script,
     lease_sent: Script,
     release: Script,
@@ -263,6 +278,7 @@ impl RedisCache {
             unstore: Script::new(UNSTORE),
             invalidate: Script::new(&format!("{MARK}{INVALIDATE}")),
             take_contact: Script::new(&format!("{MARK}{TAKE_CONTACT}")),
+            answered: Script::new(ANSWERED),
             lease: Script::new(LEASE),
             lease_sent: Script::new(LEASE_SENT),
             release: Script::new(RELEASE),
@@ -391,25 +407,57 @@ impl RedisCache {
     }
 
     /// The results held under a contact's entry; none unless each identity's own entry holds a result too, and
-    /// for each the newer of the two.
-    pub async fn get_contact(&self, key: &EntryKey) -> redis::RedisResult<Vec<CachedResult>> {
+    /// for each the newer of the two; and whether they are the contact's answer.
+    pub async fn get_contact(&self, key: &EntryKey) -> redis::RedisResult<ContactResults> {
         let fields: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
             .arg(self.contact_entry(key))
             .query_async(&mut self.commands.clone())
             .await?;
+        let answered: Option<Vec<String>> = fields.iter().find(|(field, _)| field == "a").map(|(_, value)| {
+            String::from_utf8_lossy(value.get(16..).unwrap_or_default())
+                .split(',')
+                .filter(|identity| !identity.is_empty())
+                .map(str::to_owned)
+                .collect()
+        });
         let held: Vec<(String, CachedResult)> = fields
             .into_iter()
+            .filter(|(field, _)| field != "a")
             .filter_map(|(field, value)| Some((field, CachedResult::decode(&value)?)))
             .collect();
+        let whole = answered.is_some_and(|answered| {
+            !answered.is_empty()
+                && answered
+                    .iter()
+                    .all(|identity| held.iter().any(|(field, _)| field == identity))
+        });
         let own = self
             .read(held.iter().map(|(field, _)| format!("{}:c:{field}", self.prefix)))
             .await?;
-        Ok(held
+        let results = held
             .into_iter()
             .zip(own)
             .map(|((_, copy), own)| Some(copy.or_newer(own?)))
             .collect::<Option<Vec<_>>>()
-            .unwrap_or_default())
+            .unwrap_or_default();
+        Ok(ContactResults { results, whole })
+    }
+
+    /// Notes that the lookup of `contact` ended, having answered for `identities`: its entry is the contact's answer
+    /// while it holds each of them.
+    pub async fn answered(&self, contact: &EntryKey, identities: &[EntryKey]) -> redis::RedisResult<()> {
+        let mut value = vec![0; 16];
+        value.extend(
+            identities
+                .iter()
+                .map(hex)
+                .collect::<Vec<_>>()
+                .join(",")
+                .into_bytes(),
+        );
+        let mut invocation = self.answered.prepare_invoke();
+        invocation.key(self.contact_entry(contact)).arg(value);
+        invoke::<i64>(&invocation, &self.commands).await.map(drop)
     }
 
     /// Empties identity entries `keys` and contacts' entries `contacts` with the identity entries they list,
