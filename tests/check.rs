@@ -1401,6 +1401,37 @@ async fn a_result_a_check_stores_again_keeps_its_own_age() {
     );
 }
 
+/// A repeat of a check's request_id on another replica (the caller's retry, or a poll with no wait) while the first
+/// check still waits for Sinch's answer joins that lookup and leaves it its lease: a third check of the identity
+/// joins it too. The repeat took the lease for its own (same request_id), and gave it back as it returned, so that
+/// the third check asked Sinch again — and so would every check after each poll.
+#[tokio::test]
+async fn a_repeat_of_a_checks_request_id_on_another_replica_leaves_the_lookup_its_lease() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let url = format!("--redis-url={}", redis.url());
+    let (a, b) = (
+        Service::against(&fake, &[&url]).await,
+        Service::against(&fake, &[&url]).await,
+    );
+    let mut request = check(identities(&[(Channel::Sms, NUMBER)]));
+    request.request_id = "polled".into();
+    let first = spawn_check(a.client().await, request.clone()).await;
+    nth_query(&fake, 1).await;
+    until_a_lease(&redis, |lease| lease == "s:polled").await;
+    let mut poll = request;
+    poll.wait = duration(Duration::ZERO);
+    let polled = answer(&b, poll).await;
+    assert_eq!(polled.pending.len(), 1, "{polled:?}");
+    let mut third = check(identities(&[(Channel::Sms, NUMBER)]));
+    third.wait = duration(Duration::ZERO);
+    let third = answer(&b, third).await;
+    assert_eq!(third.pending_lookups[0].request_id, "polled", "{third:?}");
+    assert_eq!(fake.queries().len(), 1, "one lookup, joined");
+    deliver(a.webhook_addr, callback("polled", "SMS", "CAPABILITY_FULL")).await;
+    assert_eq!(summary(&first.await.unwrap().unwrap())[0].2, ResultSource::Live);
+}
+
 /// A replica whose check joined another replica's query lets it go when that check returns: a later check there
 /// that accepts no cached result (`max_age` 0) asks Sinch again instead of joining the finished query.
 #[tokio::test]

@@ -307,14 +307,14 @@ impl<'a> Leases<'a> {
             joined: false,
         });
         let taken = cache.lease(&key, &self.request_id, ttl).await;
-        if !matches!(&taken, Ok(holder) if holder.is_ours(&self.request_id)) {
+        if !matches!(&taken, Ok(None)) {
             self.held.pop();
         }
         match taken {
-            Ok(holder) if holder.is_ours(&self.request_id) => Taken::Started,
-            Ok(holder) => match holder.sent() {
+            Ok(None) => Taken::Started,
+            Ok(Some(holder)) => match holder.sent() {
                 Some(request_id) => {
-                    // Another replica's query: this replica's checks join it here, without asking Redis, until
+                    // Another replica's query (or another call's of this request_id): this replica's checks join it here, without asking Redis, until
                     // this check returns (or, its caller gone, its wait ends), as with a query of its own.
                     let request_id: Arc<str> = request_id.into();
                     flight.state.send_replace(State::Sent(request_id.clone()));

@@ -180,12 +180,12 @@ return 1
 ";
 
 /// Takes a lease (pending: `p:<request_id>`) unless someone holds it (one given back, `d:`, is free). KEYS: lease.
-/// ARGV: request_id, time to live (ms). Returns the holder's value (ours when taken).
+/// ARGV: request_id, time to live (ms). Returns the holder's value, or nothing when taken.
 const LEASE: &str = r"
 local held = redis.call('GET', KEYS[1])
 if held and string.sub(held, 1, 2) ~= 'd:' then return held end
 redis.call('SET', KEYS[1], 'p:' .. ARGV[1], 'PX', ARGV[2])
-return 'p:' .. ARGV[1]
+return false
 ";
 
 /// Marks our pending lease sent (`s:<accepted request_id>`). KEYS: lease. ARGV: request_id, accepted, ttl (ms).
@@ -447,14 +447,7 @@ impl RedisCache {
     /// while it holds each of them.
     pub async fn answered(&self, contact: &EntryKey, identities: &[EntryKey]) -> redis::RedisResult<()> {
         let mut value = vec![0; 16];
-        value.extend(
-            identities
-                .iter()
-                .map(hex)
-                .collect::<Vec<_>>()
-                .join(",")
-                .into_bytes(),
-        );
+        value.extend(identities.iter().map(hex).collect::<Vec<_>>().join(",").into_bytes());
         let mut invocation = self.answered.prepare_invoke();
         invocation.key(self.contact_entry(contact)).arg(value);
         invoke::<i64>(&invocation, &self.commands).await.map(drop)
@@ -502,12 +495,14 @@ impl RedisCache {
         Ok(removed + emptied.iter().sum::<u64>())
     }
 
-    /// Takes the lease of `key` for `request_id` for `ttl` unless someone holds it; returns the holder (ours when
-    /// taken).
-    pub async fn lease(&self, key: &EntryKey, request_id: &str, ttl: Duration) -> redis::RedisResult<Holder> {
+    /// Takes the lease of `key` for `request_id` for `ttl` unless someone holds it; returns the holder, none when
+    /// this call took it. A holder under `request_id` is another call's (a repeat of the check's request_id, or a
+    /// run of it before): taking it for this one's would let this one give it back while that one waits on it.
+    pub async fn lease(&self, key: &EntryKey, request_id: &str, ttl: Duration) -> redis::RedisResult<Option<Holder>> {
         let mut invocation = self.lease.prepare_invoke();
         invocation.key(self.lease_key(key)).arg(request_id).arg(ttl_ms(ttl));
-        Ok(Holder(invocation.invoke_async(&mut self.commands.clone()).await?))
+        let held: Option<String> = invocation.invoke_async(&mut self.commands.clone()).await?;
+        Ok(held.map(Holder))
     }
 
     /// Who holds the lease of `key`, if anyone.
