@@ -153,13 +153,8 @@ impl Queries {
         loop {
             match self.log.claim_request_id(&query.request_id, &fingerprint).await {
                 IdempotencyClaim::Owner(claim) => {
-                    // The rate limit is for what is sent: a repeat answered above waits for none of it.
-                    let admitted_then_sent = async {
-                        self.upstream.admit(deadline).await?;
-                        self.forward(sent, deadline, deadline + LATE_ANSWER, trace).await
-                    };
                     let result = tokio::select! {
-                        result = admitted_then_sent => result,
+                        result = self.forward(sent, deadline, deadline + LATE_ANSWER, trace) => result,
                         never = self.log.hold_request_id(&query.request_id, &fingerprint, &claim) => match never {},
                     };
                     let answer = result
@@ -177,7 +172,6 @@ impl Queries {
                         // serde's message may quote the record's values: only where it broke is logged.
                         tracing::warn!(request_id = %mask_digits(&query.request_id), category = ?e.classify(),
                             line = e.line(), column = e.column(), "an unreadable idempotency record in Redis: sending the query");
-                        self.upstream.admit(deadline).await?;
                         return Ok((self.forward(sent, deadline, deadline, trace).await?, true));
                     }
                 },
@@ -252,6 +246,30 @@ impl Queries {
         Ok(self.forward(&query, deadline, deadline, trace).await?)
     }
 
+    /// The answer recorded for `query`'s request_id, in this process or in Redis, without claiming it; a conflict if
+    /// the request_id was used for another question.
+    async fn recorded(&self, query: &Query) -> Result<Option<QueryAccepted>, QueryError> {
+        let conflict = || QueryError::Conflict {
+            request_id: query.request_id.clone(),
+        };
+        if let Some(entry) = self.idempotency.entries.get(&query.request_id) {
+            if !entry.query.same_question(query) {
+                return Err(conflict());
+            }
+            if let Some(answer) = entry.answer.get() {
+                return Ok(Some(answer.clone()));
+            }
+        }
+        let fingerprint = serde_json::to_string(&QueryJson::from(query)).expect("query JSON always serialises");
+        match self.log.recorded_request_id(&query.request_id, &fingerprint).await {
+            Some(IdempotencyClaim::Conflict) => Err(conflict()),
+            Some(IdempotencyClaim::Answered(answer)) => {
+                Ok(serde_json::from_str::<QueryJson>(&answer).ok().map(Into::into))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Sends (or finds the answer of) a query; says whether it was sent now. `in_flight`, if any, is held until
     /// the sending ends, whatever becomes of the caller.
     async fn query_once(
@@ -281,6 +299,15 @@ impl Queries {
             recipient: request.recipient,
             request_id,
         };
+        // The rate limit first: a caller cannot fill the idempotency records faster than it may query. But a
+        // repeat of an answered request_id sends nothing: refused by the limit, it is given the answer recorded
+        // (one read, no claim), or ALREADY_EXISTS.
+        if let Err(limited) = self.upstream.admit(deadline).await {
+            return match self.recorded(&query).await? {
+                Some(answer) => Ok((answer, false)),
+                None => Err(limited.into()),
+            };
+        }
         let entry = self.idempotency.claim(&query)?;
         // Counted at once, before anything is awaited: a failed attempt ending meanwhile sees this call.
         entry.callers.fetch_add(1, Ordering::SeqCst);

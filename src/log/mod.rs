@@ -290,6 +290,21 @@ impl EventLog {
         }
     }
 
+    /// What Redis holds for a caller-chosen request_id (`fingerprint`: its query), read without claiming it:
+    /// `Answered`, `Conflict` or `Pending`; nothing when it is free, in process, or when Redis does not answer.
+    pub async fn recorded_request_id(&self, request_id: &str, fingerprint: &str) -> Option<IdempotencyClaim> {
+        let EventLog::Redis(redis) = self else {
+            return None;
+        };
+        redis
+            .recorded_request_id(request_id, fingerprint)
+            .await
+            .unwrap_or_else(|e| {
+                tracing::debug!(request_id = %mask_digits(request_id), error = %e, "an idempotency record could not be read");
+                None
+            })
+    }
+
     /// Keeps this replica's `claim` on `request_id` while the caller sends its query (`fingerprint`); never ends.
     /// A claim lapses a few seconds after its owner stops renewing it, so that a repeat after the owner stopped
     /// mid-send is sent by another replica rather than wait for an answer nobody will record.

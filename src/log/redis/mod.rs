@@ -876,35 +876,45 @@ impl RedisLog {
         fingerprint: &str,
         claim: &Claim,
     ) -> redis::RedisResult<IdempotencyClaim> {
-        let key = self.idempotency_key(request_id);
-        let mut conn = self.commands.clone();
         let set: Option<String> = redis::cmd("SET")
-            .arg(&key)
+            .arg(self.idempotency_key(request_id))
             .arg(pending_record(fingerprint, claim))
             .arg("NX")
             .arg("PX")
             .arg(ttl_ms(CLAIM_LEASE))
-            .query_async(&mut conn)
+            .query_async(&mut self.commands.clone())
             .await?;
         if set.is_some() {
             return Ok(IdempotencyClaim::Owner(claim.clone()));
         }
+        // None: the other claim was released between our SET and GET; ask again.
+        Ok(self
+            .recorded_request_id(request_id, fingerprint)
+            .await?
+            .unwrap_or(IdempotencyClaim::Pending))
+    }
+
+    /// What the record of `request_id` says, if there is one: answered, pending, or another question's.
+    pub(super) async fn recorded_request_id(
+        &self,
+        request_id: &str,
+        fingerprint: &str,
+    ) -> redis::RedisResult<Option<IdempotencyClaim>> {
         let Some(stored) = redis::cmd("GET")
-            .arg(&key)
-            .query_async::<Option<String>>(&mut conn)
+            .arg(self.idempotency_key(request_id))
+            .query_async::<Option<String>>(&mut self.commands.clone())
             .await?
         else {
-            // The other claim was released between our SET and GET: ask again.
-            return Ok(IdempotencyClaim::Pending);
+            return Ok(None);
         };
         let stored: serde_json::Value = serde_json::from_str(&stored).unwrap_or_default();
         if stored["q"] != fingerprint {
-            return Ok(IdempotencyClaim::Conflict);
+            return Ok(Some(IdempotencyClaim::Conflict));
         }
-        Ok(match stored["a"].as_str() {
+        Ok(Some(match stored["a"].as_str() {
             Some(answer) => IdempotencyClaim::Answered(answer.to_owned()),
             None => IdempotencyClaim::Pending,
-        })
+        }))
     }
 
     /// Renews this replica's `claim` on `request_id` (for the query `fingerprint`) every few seconds, taking it
