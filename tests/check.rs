@@ -363,6 +363,25 @@ async fn a_contact_named_only_by_identity_checks_results_is_asked_about() {
     }
 }
 
+/// A contact check whose deadline comes while another check's lookup of the contact is still being sent (Sinch
+/// slow to accept it) is told DEADLINE_EXCEEDED, naming why: it had no lookup to wait on, nor results. It answered
+/// OK with no results and no request_id, as if nothing had come for the contact within the wait.
+#[tokio::test]
+async fn a_contact_check_that_could_not_join_a_lookup_before_its_deadline_says_so() {
+    let fake = FakeSinch::start().await;
+    fake.set_echo_delay(Duration::from_secs(3));
+    let service = Service::against(&fake, &[]).await;
+    let first = spawn_check(service.client().await, check(contact("C-slow"))).await;
+    fake.until_queries(1).await;
+    let mut second = tonic::Request::new(check(contact("C-slow")));
+    second.set_timeout(Duration::from_secs(1));
+    let status = service.client().await.check_capability(second).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(status.message().contains("another check"), "{status:?}");
+    assert_eq!(fake.queries().len(), 1);
+    first.abort();
+}
+
 /// A contact one of whose identities Sinch no longer answers for is answered from the cache again once Sinch has
 /// answered for the others: the identity's result, expired, is not kept in the contact's entry, in process or with
 /// Redis. It was kept, its own entry gone, and every later check of the contact asked Sinch.

@@ -112,6 +112,12 @@ pub enum CheckError {
     /// This replica is shutting down and nothing more reaches its checks (it has no Redis).
     #[error("this replica is shutting down; retry the check (another replica answers)")]
     ShuttingDown,
+    /// The caller's deadline came while another check's lookup of the same contact was still being sent: this
+    /// one has neither results nor a lookup to name.
+    #[error(
+        "the deadline came while another check's lookup of this contact was still being sent to Sinch; retry: the retry joins it"
+    )]
+    NoLookupYet,
     /// Too many checks wait for live results on this replica.
     #[error("this replica has too many checks waiting for live results; retry shortly (another replica may answer)")]
     Overloaded,
@@ -701,7 +707,7 @@ impl Checker {
                 leases.finish(call.tidy_until()).await;
                 return answer;
             }
-            Decided::TimedOut => return Ok(CheckAnswer::default()),
+            Decided::TimedOut => return Err(CheckError::NoLookupYet),
         }
         if passed_over.load(Ordering::Relaxed)
             && let Some(answer) = fresh().await

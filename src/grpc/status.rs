@@ -144,6 +144,7 @@ impl From<CheckError> for Status {
             CheckError::Query(e) => e.into(),
             CheckError::Cancelled => Status::cancelled(error.to_string()),
             CheckError::Overloaded => overloaded(),
+            CheckError::NoLookupYet => Status::deadline_exceeded(error.to_string()),
             CheckError::ShuttingDown => with_reason(Code::Unavailable, error.to_string(), "SHUTTING_DOWN", &[]),
             CheckError::Unavailable(_) => {
                 let mut details = ErrorDetails::new();
