@@ -544,7 +544,7 @@ pub async fn serve(
     stop: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let health = tonic_health::server::HealthReporter::new();
-    let health_service = health::Health::new(health.clone(), shutdown.clone());
+    let health_service = health::Health::new(health.clone(), stop.clone());
     health.set_not_serving::<CapabilityServiceServer<CapabilityApi>>().await;
     let reflection = || {
         tonic_reflection::server::Builder::configure()
