@@ -1724,37 +1724,40 @@ fn sms_result(
     }
 }
 
-/// In Redis, a contact's entry is its answer only once a lookup of the contact noted which identities it answered
-/// for, and while it holds each of them; the note goes with an invalidation, and is not taken by an entry that
-/// only an invalidation's mark is. Results of identity queries naming the contact fill the entry, and do not make
-/// it whole.
+/// In Redis, a contact's entry is its answer once it holds a result of a lookup of the contact itself (noted before
+/// or after the result came), not for results of identity queries naming the contact; an invalidation forgets the
+/// lookups, and only the latest few are remembered.
 #[tokio::test]
-async fn in_redis_a_contacts_entry_is_whole_only_once_its_lookup_said_what_it_answered_for() {
-    use capability_facade::capability::Channel::Sms;
+async fn in_redis_a_contacts_entry_answers_once_it_holds_a_result_of_a_lookup_of_the_contact() {
     let redis = RedisServer::start().await;
     let log = common::redis_log(&redis, "whole", Some("whole-key")).await;
     let cache = log.cache();
     let hasher = cache.hasher().await.unwrap();
-    let (a, b) = ("46700000021", "46700000022");
-    let (key_a, key_b) = (hasher.identity("app", &Sms, a), hasher.identity("app", &Sms, b));
     let contact = hasher.contact("app", "C-whole");
     let now = std::time::SystemTime::now;
     let held = || async {
         let held = cache.get_contact(&contact).await.unwrap();
         (held.results.len(), held.whole)
     };
-    cache.store(&sms_result("r-a", a, "C-whole", now()), 1).await.unwrap();
+    // sms_result's first argument is the result's request_id.
+    cache
+        .store(&sms_result("identity-query", "46700000021", "C-whole", now()), 1)
+        .await
+        .unwrap();
     assert_eq!(held().await, (1, false), "named by an identity query's result");
-    cache.answered(&contact, &[key_a, key_b]).await.unwrap();
-    assert_eq!(held().await, (1, false), "B is not held yet");
-    cache.store(&sms_result("r-b", b, "C-whole", now()), 2).await.unwrap();
+    cache.looked_up(&contact, "contact-lookup").await.unwrap();
+    assert_eq!(held().await, (1, false), "the lookup's result has not come");
+    cache
+        .store(&sms_result("contact-lookup", "46700000022", "C-whole", now()), 2)
+        .await
+        .unwrap();
     assert_eq!(held().await, (2, true));
-    cache.answered(&contact, &[key_a]).await.unwrap();
-    assert_eq!(
-        held().await,
-        (2, true),
-        "what the entry holds beyond the lookup's answer is kept"
-    );
+    for n in 0..4 {
+        cache.looked_up(&contact, &format!("later-{n}")).await.unwrap();
+    }
+    assert_eq!(held().await, (2, false), "only the latest lookups are remembered");
+    cache.looked_up(&contact, "contact-lookup").await.unwrap();
+    assert_eq!(held().await, (2, true));
 
     assert_eq!(
         cache.remove(&[], &[contact], 0).await.unwrap(),
@@ -1762,16 +1765,23 @@ async fn in_redis_a_contacts_entry_is_whole_only_once_its_lookup_said_what_it_an
         "the contact's entry and its two identities'"
     );
     assert_eq!(held().await, (0, false));
-    cache.answered(&contact, &[key_a]).await.unwrap();
+    let later = now() + Duration::from_secs(1);
     cache
-        .store(&sms_result("r-a2", a, "C-whole", now() + Duration::from_secs(1)), 3)
+        .store(&sms_result("contact-lookup", "46700000022", "C-whole", later), 3)
         .await
         .unwrap();
-    assert_eq!(
-        held().await,
-        (1, false),
-        "the note came to an entry only a mark was: not taken"
-    );
+    assert_eq!(held().await, (1, false), "the invalidation forgot the lookups");
+
+    let noted_first = hasher.contact("app", "C-noted-first");
+    cache.looked_up(&noted_first, "early").await.unwrap();
+    let entry = format!("whole:cc:{}", capability_facade::log::cached::hex(&noted_first));
+    let ttl: i64 = redis.command(&["PTTL", &entry]).parse().unwrap();
+    assert!(ttl > 0, "an entry made for a lookup expires: {ttl}");
+    cache
+        .store(&sms_result("early", "46700000023", "C-noted-first", now()), 4)
+        .await
+        .unwrap();
+    assert!(cache.get_contact(&noted_first).await.unwrap().whole);
 }
 
 /// The Redis cache, as the in-process one (src/check/local.rs): a contact invalidated while a result for another

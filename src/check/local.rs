@@ -31,20 +31,23 @@ pub enum Cached {
 #[derive(Debug, Clone, Default)]
 pub struct ContactEntry {
     pub results: Vec<(EntryKey, CachedResult)>,
-    /// The identities the contact's last lookup (a contact_id query) answered for, once it ended: the entry is the
-    /// contact's answer only while it holds each of them. Results of identity queries that name the contact join
-    /// the entry, but are not alone the contact's channels.
-    pub answered: Vec<EntryKey>,
+    /// The request_ids of the latest lookups of the contact itself (contact_id queries), at most
+    /// [`MAX_CONTACT_LOOKUPS`]: the entry is the contact's answer only while it holds a result of one. Results of
+    /// identity queries that name the contact join the entry, but are not alone the contact's channels.
+    pub lookups: Vec<Arc<str>>,
+    /// Until when the entry is kept for its lookups while it holds no result, in milliseconds since the Unix epoch.
+    kept_until_ms: u64,
 }
 
+/// How many lookups of a contact its entry remembers.
+pub const MAX_CONTACT_LOOKUPS: usize = 4;
+
 impl ContactEntry {
-    /// Whether it holds a result for every identity its last lookup answered for (none: no lookup ended).
+    /// Whether it is the contact's answer: it holds a result of a lookup of the contact.
     pub fn whole(&self) -> bool {
-        !self.answered.is_empty()
-            && self
-                .answered
-                .iter()
-                .all(|key| self.results.iter().any(|(held, _)| held == key))
+        self.results
+            .iter()
+            .any(|(_, held)| self.lookups.iter().any(|lookup| **lookup == *held.request_id))
     }
 }
 
@@ -53,7 +56,12 @@ impl Cached {
     fn expires_at_ms(&self) -> u64 {
         match self {
             Cached::One(r) => r.expires_at_ms,
-            Cached::Contact(contact) => contact.results.iter().map(|(_, r)| r.expires_at_ms).max().unwrap_or(0),
+            Cached::Contact(contact) => contact
+                .results
+                .iter()
+                .map(|(_, r)| r.expires_at_ms)
+                .max()
+                .unwrap_or(contact.kept_until_ms),
         }
     }
 }
@@ -220,18 +228,22 @@ impl LocalCache {
         self.entries.insert(contact, Arc::new(Cached::Contact(entry)));
     }
 
-    /// Notes that the lookup of `contact` ended, having answered for `identities`: the entry is the contact's answer
-    /// while it holds each of them (until then — an invalidation came, or the log has not brought a result yet — a
-    /// check of the contact asks Sinch). Nothing is noted without an entry.
-    pub fn answered(&self, contact: &EntryKey, identities: &[EntryKey]) {
+    /// Notes that `request_id` is a lookup of `contact` itself: the contact's entry answers once it holds one of
+    /// its results (until then, a check of the contact asks Sinch, or joins the lookup while it is in flight).
+    pub fn looked_up(&self, contact: &EntryKey, request_id: &str) {
         let _stripe = self.stripe(contact);
-        let Some(Cached::Contact(entry)) = self.entries.get(contact).as_deref().cloned() else {
+        let mut entry = match self.entries.get(contact).as_deref() {
+            Some(Cached::Contact(entry)) => entry.clone(),
+            _ => ContactEntry::default(),
+        };
+        if entry.lookups.iter().any(|lookup| **lookup == *request_id) {
             return;
-        };
-        let entry = ContactEntry {
-            answered: identities.to_vec(),
-            ..entry
-        };
+        }
+        if entry.lookups.len() >= MAX_CONTACT_LOOKUPS {
+            entry.lookups.remove(0);
+        }
+        entry.lookups.push(request_id.into());
+        entry.kept_until_ms = crate::log::wall_clock_ms() + self.ttl.longest().as_millis() as u64;
         self.entries.insert(*contact, Arc::new(Cached::Contact(entry)));
     }
 }
@@ -359,16 +371,36 @@ mod tests {
             panic!("no contact entry")
         };
         assert_eq!(held_then.results.len(), 2);
-        assert!(!held_then.whole(), "no lookup of the contact ended");
-        let identities: Vec<EntryKey> = held_then.results.iter().map(|(key, _)| *key).collect();
-        cache.answered(&contact, &identities);
-        assert!(matches!(cache.get(&contact).as_deref(), Some(Cached::Contact(c)) if c.whole()));
-        cache.answered(&contact, &[identities[0], cache.hasher().contact("app", "not held")]);
-        assert!(
-            matches!(cache.get(&contact).as_deref(), Some(Cached::Contact(c)) if !c.whole()),
-            "the last lookup answered for what the entry lacks"
-        );
         assert_eq!(cache.remove(&[], &[contact]).0, 3);
+        assert!(held(&cache, "46700000001").is_none());
+    }
+
+    /// A contact's entry answers once it holds a result of a lookup of the contact itself, whichever came first:
+    /// the note of the lookup, or its result; results of identity queries naming the contact do not make it so.
+    #[test]
+    fn a_contact_entry_answers_once_it_holds_a_result_of_a_lookup_of_the_contact() {
+        let cache = LocalCache::new(CacheTtl::default(), 100);
+        let now = crate::log::wall_clock_ms();
+        let whole = |contact: &EntryKey| matches!(cache.get(contact).as_deref(), Some(Cached::Contact(c)) if c.whole());
+        // entry() names its result's request_id r<time>.
+        cache.apply(&entry("46700000001", "C1", CapabilityStatus::Full, now));
+        let c1 = cache.hasher().contact("app", "C1");
+        assert!(!whole(&c1), "an identity query's result");
+        cache.looked_up(&c1, &format!("r{}", now + 1));
+        assert!(!whole(&c1), "the lookup's result has not come");
+        cache.apply(&entry("46700000002", "C1", CapabilityStatus::Full, now + 1));
+        assert!(whole(&c1));
+
+        let c2 = cache.hasher().contact("app", "C2");
+        cache.looked_up(&c2, &format!("r{}", now + 2));
+        assert!(cache.get(&c2).is_some(), "kept for its lookup, with no result yet");
+        cache.apply(&entry("46700000003", "C2", CapabilityStatus::Full, now + 2));
+        assert!(whole(&c2));
+        for n in 0..MAX_CONTACT_LOOKUPS {
+            cache.looked_up(&c2, &format!("later-{n}"));
+        }
+        assert!(!whole(&c2), "only the latest lookups are remembered");
+        assert_eq!(cache.remove(&[], &[c1]).0, 3);
         assert!(held(&cache, "46700000001").is_none());
     }
 

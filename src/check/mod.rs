@@ -373,22 +373,15 @@ impl Checker {
         }
     }
 
-    /// Notes that the lookup of contact `key` ended with `results`: the contact's entry answers the next checks
-    /// while it holds each of their identities. A Redis that fails to take the note costs a query to Sinch later.
-    async fn contact_answered(&self, app_id: &str, key: &EntryKey, results: &[CheckResult], hasher: &KeyHasher) {
-        let identities: Vec<EntryKey> = results
-            .iter()
-            .map(|r| hasher.identity(app_id, &r.channel, &r.identity))
-            .collect();
-        if identities.is_empty() {
-            return;
-        }
+    /// Notes that `request_id` is a lookup of contact `key` itself: the contact's entry answers the next checks
+    /// once it holds one of its results. A Redis that fails to take the note costs a query to Sinch later.
+    async fn contact_looked_up(&self, key: &EntryKey, request_id: &str) {
         match &self.store {
-            Store::Local(local) => local.answered(key, &identities),
+            Store::Local(local) => local.looked_up(key, request_id),
             Store::Redis(log) => {
                 let cache = log.shared_cache().expect("a Redis store");
-                if let Err(e) = cache.answered(key, &identities).await {
-                    tracing::debug!(error = %e, "what a contact's lookup answered for could not be noted");
+                if let Err(e) = cache.looked_up(key, request_id).await {
+                    tracing::debug!(error = %e, "a lookup of a contact could not be noted in its cache entry");
                 }
             }
         }
@@ -726,15 +719,12 @@ impl Checker {
         let send = Recipient::ContactId(contact.to_owned());
         let in_flight = leases.launch(&[key]);
         let (accepted, sent) = self.send_live(call, &own, send, 1, in_flight, place.clone()).await?;
+        self.contact_looked_up(&key, &accepted).await;
         let answer = self.collect_contact(&accepted, true, call.until).await?;
         // In a task of its own, as the leases' giving back: a Redis holding writes does not hold the answer up.
         let remember = {
             let (checks, app_id, results) = (self.clone(), request.app_id.clone(), answer.results.clone());
-            let hasher = call.hasher.clone();
-            async move {
-                checks.remember(&app_id, results.iter()).await;
-                checks.contact_answered(&app_id, &key, &results, &hasher).await;
-            }
+            async move { checks.remember(&app_id, results.iter()).await }
         };
         let by = call.tidy_until();
         let _ = tokio::time::timeout_at(by, tokio::spawn(remember)).await;

@@ -121,9 +121,9 @@ impl CachedResult {
 #[derive(Debug, Clone, Default)]
 pub struct ContactResults {
     pub results: Vec<CachedResult>,
-    /// They are the contact's answer: its last lookup (a contact_id query) ended, and each identity it answered for
-    /// is among them. Results of identity queries that name the contact are among them too, but are not alone the
-    /// contact's channels.
+    /// They are the contact's answer: a result of one of the latest lookups of the contact itself (contact_id
+    /// queries) is among them. Results of identity queries that name the contact are among them too, but are not
+    /// alone the contact's channels.
     pub whole: bool,
 }
 

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `prefix:cache-key` | the key of the keyed hash that names the others, when `CAPABILITY_CACHE_HASH_KEY` is unset |
 //! | `prefix:c:<hash>` | a channel identity's latest result, expiring with its status's time to live; or, once invalidated, when (8 bytes) |
-//! | `prefix:cc:<hash>` | a contact's results: field = the identity's `<hash>`, value = its result; expires with the last. Field `t`: when it was last invalidated. Field `a`: the identities the contact's last lookup answered for (16 zero bytes, then their `<hash>`es, comma-separated): the entry is the contact's answer only while it holds each |
+//! | `prefix:cc:<hash>` | a contact's results: field = the identity's `<hash>`, value = its result; expires with the last. Field `t`: when it was last invalidated. Field `a`: the request_ids of the latest lookups of the contact itself (16 zero bytes, then the request_ids, one per line): the entry is the contact's answer only while it holds a result of one |
 //! | `prefix:lease:<hash>` | the request_id of the live query in flight for an identity or contact (`p:` pending, `s:` sent; `d:` given back after it was sent, a moment, for the checks that waited for it) |
 //!
 //! No key has a hash tag: entries spread over a cluster's slots, and every script touches one key.
@@ -42,6 +42,9 @@ const KEY_REFRESH: Duration = Duration::from_secs(1);
 
 /// The most results one contact entry holds (a contact has a few channel identities).
 const MAX_CONTACT_RESULTS: u32 = 64;
+
+/// How many lookups of a contact its entry remembers.
+const MAX_CONTACT_LOOKUPS: u32 = 4;
 
 /// Whether encoded result `a` is newer than `b`: their first 8 bytes (big-endian times) compared byte by byte,
 /// whatever the server's collation.
@@ -168,14 +171,23 @@ redis.call('PEXPIRE', KEYS[1], ARGV[1])
 return listed
 ";
 
-/// Notes which identities a contact's lookup answered for, in its entry if it has one (its results were stored;
-/// an entry only an invalidation's mark is, is left so). Its value reads as a result of time and expiry zero to a
-/// replica that predates it, which drops it when it stores the contact's next result. KEYS: contact entry. ARGV:
-/// the value.
-const ANSWERED: &str = r"
-local held = redis.call('HLEN', KEYS[1])
-if held == 0 or (held == 1 and redis.call('HEXISTS', KEYS[1], 't') == 1) then return 0 end
-redis.call('HSET', KEYS[1], 'a', ARGV[1])
+/// Notes a lookup of a contact itself in its entry (created if none, kept at least as long as a result would be),
+/// with the latest others. Its value reads as a result of time and expiry zero to a replica that predates it, which
+/// drops it when it stores the contact's next result. KEYS: contact entry. ARGV: request_id, how long the entry is
+/// kept at least (ms), the most lookups kept.
+const LOOKED_UP: &str = r"
+local lookups = {}
+local held = redis.call('HGET', KEYS[1], 'a')
+if held then
+  for lookup in string.gmatch(string.sub(held, 17), '[^\n]+') do
+    if lookup == ARGV[1] then return 0 end
+    table.insert(lookups, lookup)
+  end
+end
+table.insert(lookups, ARGV[1])
+while #lookups > tonumber(ARGV[3]) do table.remove(lookups, 1) end
+redis.call('HSET', KEYS[1], 'a', string.rep('\0', 16) .. table.concat(lookups, '\n'))
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 1
 ";
 
@@ -229,7 +241,7 @@ pub struct RedisCache {
     unstore: Script,
     invalidate: Script,
     take_contact: Script,
-    answered: Script,
+    looked_up: Script,
     lease: Script,
     lease_sent: Script,
     release: Script,
@@ -278,7 +290,7 @@ impl RedisCache {
             unstore: Script::new(UNSTORE),
             invalidate: Script::new(&format!("{MARK}{INVALIDATE}")),
             take_contact: Script::new(&format!("{MARK}{TAKE_CONTACT}")),
-            answered: Script::new(ANSWERED),
+            looked_up: Script::new(LOOKED_UP),
             lease: Script::new(LEASE),
             lease_sent: Script::new(LEASE_SENT),
             release: Script::new(RELEASE),
@@ -413,24 +425,22 @@ impl RedisCache {
             .arg(self.contact_entry(key))
             .query_async(&mut self.commands.clone())
             .await?;
-        let answered: Option<Vec<String>> = fields.iter().find(|(field, _)| field == "a").map(|(_, value)| {
-            String::from_utf8_lossy(value.get(16..).unwrap_or_default())
-                .split(',')
-                .filter(|identity| !identity.is_empty())
-                .map(str::to_owned)
-                .collect()
-        });
+        let lookups: Vec<String> = fields
+            .iter()
+            .find(|(field, _)| field == "a")
+            .map(|(_, value)| {
+                String::from_utf8_lossy(value.get(16..).unwrap_or_default())
+                    .lines()
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
         let held: Vec<(String, CachedResult)> = fields
             .into_iter()
             .filter(|(field, _)| field != "a")
             .filter_map(|(field, value)| Some((field, CachedResult::decode(&value)?)))
             .collect();
-        let whole = answered.is_some_and(|answered| {
-            !answered.is_empty()
-                && answered
-                    .iter()
-                    .all(|identity| held.iter().any(|(field, _)| field == identity))
-        });
+        let whole = held.iter().any(|(_, copy)| lookups.contains(&copy.request_id));
         let own = self
             .read(held.iter().map(|(field, _)| format!("{}:c:{field}", self.prefix)))
             .await?;
@@ -443,13 +453,14 @@ impl RedisCache {
         Ok(ContactResults { results, whole })
     }
 
-    /// Notes that the lookup of `contact` ended, having answered for `identities`: its entry is the contact's answer
-    /// while it holds each of them.
-    pub async fn answered(&self, contact: &EntryKey, identities: &[EntryKey]) -> redis::RedisResult<()> {
-        let mut value = vec![0; 16];
-        value.extend(identities.iter().map(hex).collect::<Vec<_>>().join(",").into_bytes());
-        let mut invocation = self.answered.prepare_invoke();
-        invocation.key(self.contact_entry(contact)).arg(value);
+    /// Notes that `request_id` is a lookup of `contact` itself: its entry answers once it holds one of its results.
+    pub async fn looked_up(&self, contact: &EntryKey, request_id: &str) -> redis::RedisResult<()> {
+        let mut invocation = self.looked_up.prepare_invoke();
+        invocation
+            .key(self.contact_entry(contact))
+            .arg(request_id)
+            .arg(ttl_ms(self.ttl.longest()))
+            .arg(MAX_CONTACT_LOOKUPS);
         invoke::<i64>(&invocation, &self.commands).await.map(drop)
     }
 
