@@ -1451,6 +1451,49 @@ async fn a_repeat_of_a_checks_request_id_on_another_replica_leaves_the_lookup_it
     assert_eq!(summary(&first.await.unwrap().unwrap())[0].2, ResultSource::Live);
 }
 
+/// A check whose request_id names a lease left pending in Redis (its first run's replica stopped while Sinch was
+/// accepting the query) asks under that request_id at once rather than wait for the lease to lapse, the first
+/// caller's deadline, which left the retry nothing but its own deadline.
+#[tokio::test]
+async fn a_retry_after_its_first_run_stopped_mid_send_asks_at_once() {
+    use capability_facade::{
+        capability::Channel::Sms,
+        log::cached::{KeyHasher, hex},
+    };
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    let service = Service::against(
+        &fake,
+        &[
+            &format!("--redis-url={}", redis.url()),
+            "--cache-hash-key=a-key-of-thirty-two-bytes-or-more",
+        ],
+    )
+    .await;
+    let key = KeyHasher::new(b"a-key-of-thirty-two-bytes-or-more").identity("APP-1", &Sms, NUMBER);
+    redis.command(&[
+        "SET",
+        &format!("capability:lease:{}", hex(&key)),
+        "p:left-pending",
+        "PX",
+        "60000",
+    ]);
+    let mut retry = check(identities(&[(Channel::Sms, NUMBER)]));
+    retry.request_id = "left-pending".into();
+    retry.wait = duration(Duration::ZERO);
+    let mut retry = tonic::Request::new(retry);
+    retry.set_timeout(Duration::from_secs(2));
+    let answered = service
+        .client()
+        .await
+        .check_capability(retry)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answered.pending_lookups[0].request_id, "left-pending", "{answered:?}");
+    assert_eq!(fake.queries().len(), 1, "asked");
+}
+
 /// A replica whose check joined another replica's query lets it go when that check returns: a later check there
 /// that accepts no cached result (`max_age` 0) asks Sinch again instead of joining the finished query.
 #[tokio::test]

@@ -312,6 +312,19 @@ impl<'a> Leases<'a> {
         }
         match taken {
             Ok(None) => Taken::Started,
+            Ok(Some(holder)) if holder.sent().is_none() && holder.is_ours(&self.request_id) => {
+                // Pending under this check's own request_id: a repeat's (or a run's before that stopped). This one
+                // asks under the same request_id, which sends nothing twice (and, that run gone, sends it once its
+                // claim lapsed), and leaves the lease in Redis to its holder.
+                self.held.push(Lease {
+                    key,
+                    flight,
+                    shared: false,
+                    sent: false,
+                    joined: false,
+                });
+                Taken::Started
+            }
             Ok(Some(holder)) => match holder.sent() {
                 Some(request_id) => {
                     // Another replica's query (or another call's of this request_id): this replica's checks join it here, without asking Redis, until

@@ -197,7 +197,7 @@ const LEASE: &str = r"
 local held = redis.call('GET', KEYS[1])
 if held and string.sub(held, 1, 2) ~= 'd:' then return held end
 redis.call('SET', KEYS[1], 'p:' .. ARGV[1], 'PX', ARGV[2])
-return false
+return nil
 ";
 
 /// Marks our pending lease sent (`s:<accepted request_id>`). KEYS: lease. ARGV: request_id, accepted, ttl (ms).
