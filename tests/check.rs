@@ -1452,25 +1452,28 @@ async fn a_repeat_of_a_checks_request_id_on_another_replica_leaves_the_lookup_it
 }
 
 /// A check whose request_id names a lease left pending in Redis (its first run's replica stopped while Sinch was
-/// accepting the query) asks under that request_id at once rather than wait for the lease to lapse, the first
-/// caller's deadline, which left the retry nothing but its own deadline.
+/// accepting the query) asks under that request_id at once rather than wait for the lease to lapse (the first
+/// caller's deadline, which left the retry nothing but its own deadline), and marks it sent, so that checks on
+/// every replica join its lookup rather than wait for the lease too.
 #[tokio::test]
-async fn a_retry_after_its_first_run_stopped_mid_send_asks_at_once() {
+async fn a_retry_after_its_first_run_stopped_mid_send_asks_at_once_and_is_joined() {
     use capability_facade::{
         capability::Channel::Sms,
         log::cached::{KeyHasher, hex},
     };
+    const HASH_KEY: &str = "a-key-of-thirty-two-bytes-or-more";
     let redis = RedisServer::start().await;
     let fake = FakeSinch::start().await;
-    let service = Service::against(
-        &fake,
-        &[
-            &format!("--redis-url={}", redis.url()),
-            "--cache-hash-key=a-key-of-thirty-two-bytes-or-more",
-        ],
-    )
-    .await;
-    let key = KeyHasher::new(b"a-key-of-thirty-two-bytes-or-more").identity("APP-1", &Sms, NUMBER);
+    let flags = [
+        format!("--redis-url={}", redis.url()),
+        format!("--cache-hash-key={HASH_KEY}"),
+    ];
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (a, b) = (
+        Service::against(&fake, &flags).await,
+        Service::against(&fake, &flags).await,
+    );
+    let key = KeyHasher::new(HASH_KEY.as_bytes()).identity("APP-1", &Sms, NUMBER);
     redis.command(&[
         "SET",
         &format!("capability:lease:{}", hex(&key)),
@@ -1480,18 +1483,16 @@ async fn a_retry_after_its_first_run_stopped_mid_send_asks_at_once() {
     ]);
     let mut retry = check(identities(&[(Channel::Sms, NUMBER)]));
     retry.request_id = "left-pending".into();
-    retry.wait = duration(Duration::ZERO);
-    let mut retry = tonic::Request::new(retry);
-    retry.set_timeout(Duration::from_secs(2));
-    let answered = service
-        .client()
-        .await
-        .check_capability(retry)
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(answered.pending_lookups[0].request_id, "left-pending", "{answered:?}");
-    assert_eq!(fake.queries().len(), 1, "asked");
+    let retry = spawn_check(a.client().await, retry).await;
+    nth_query(&fake, 1).await;
+    until_a_lease(&redis, |lease| lease == "s:left-pending").await;
+    let mut other = check(identities(&[(Channel::Sms, NUMBER)]));
+    other.wait = duration(Duration::ZERO);
+    let other = answer(&b, other).await;
+    assert_eq!(other.pending_lookups[0].request_id, "left-pending", "{other:?}");
+    assert_eq!(fake.queries().len(), 1, "one lookup, joined");
+    deliver(a.webhook_addr, callback("left-pending", "SMS", "CAPABILITY_FULL")).await;
+    assert_eq!(summary(&retry.await.unwrap().unwrap())[0].2, ResultSource::Live);
 }
 
 /// A replica whose check joined another replica's query lets it go when that check returns: a later check there

@@ -314,12 +314,13 @@ impl<'a> Leases<'a> {
             Ok(None) => Taken::Started,
             Ok(Some(holder)) if holder.sent().is_none() && holder.is_ours(&self.request_id) => {
                 // Pending under this check's own request_id: a repeat's (or a run's before that stopped). This one
-                // asks under the same request_id, which sends nothing twice (and, that run gone, sends it once its
-                // claim lapsed), and leaves the lease in Redis to its holder.
+                // holds it too and asks under the same request_id, which sends nothing twice (that run gone, it
+                // sends once the claim lapsed): whichever sends marks it sent; the other gives back only a lease
+                // still pending.
                 self.held.push(Lease {
                     key,
                     flight,
-                    shared: false,
+                    shared: true,
                     sent: false,
                     joined: false,
                 });
@@ -451,10 +452,11 @@ impl<'a> Leases<'a> {
         let mut shared = Vec::new();
         for lease in leases {
             if lease.shared {
-                // Sent under the request_id Sinch answered with, which may not be ours.
+                // Sent under the request_id Sinch answered with, which may not be ours; not sent by this check,
+                // only a lease still pending goes (another call of the same request_id may have sent it).
                 let sent = match &*lease.flight.state.borrow() {
-                    State::Sent(accepted) => accepted.clone(),
-                    _ => self.request_id.clone(),
+                    State::Sent(accepted) | State::Done(accepted) => accepted.clone(),
+                    State::Pending | State::Gone => NOT_SENT.into(),
                 };
                 shared.push((lease.key, sent));
             }
@@ -489,18 +491,23 @@ impl InFlight {
         }
     }
 
-    /// The query failed, or was not sent now: whoever waits takes the leases.
+    /// The query failed, or was not sent now: whoever waits takes the leases (in Redis, those still pending: a
+    /// lease another call of the same request_id marked sent stays its own).
     pub(super) fn give_back(self, flights: &Flights) {
         let mut shared = Vec::new();
         for (key, flight, in_redis) in &self.leases {
             flights.give_back(key, flight);
             if *in_redis {
-                shared.push((*key, self.request_id.clone()));
+                shared.push((*key, NOT_SENT.into()));
             }
         }
         in_background(release_shared(self.redis, shared, self.request_id));
     }
 }
+
+/// What a lease given back was sent under when this check did not send it: no sent lease is named so, so only a
+/// pending one goes.
+const NOT_SENT: &str = "";
 
 /// Giving leases back in Redis.
 type Release = futures::future::BoxFuture<'static, ()>;

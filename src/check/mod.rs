@@ -719,7 +719,12 @@ impl Checker {
         let send = Recipient::ContactId(contact.to_owned());
         let in_flight = leases.launch(&[key]);
         let (accepted, sent) = self.send_live(call, &own, send, 1, in_flight, place.clone()).await?;
-        self.contact_looked_up(&key, &accepted).await;
+        // In a task of its own: a caller that goes away now does not take the note with it.
+        let note = {
+            let (checks, accepted) = (self.clone(), accepted.clone());
+            async move { checks.contact_looked_up(&key, &accepted).await }
+        };
+        tokio::spawn(note);
         let answer = self.collect_contact(&accepted, true, call.until).await?;
         // In a task of its own, as the leases' giving back: a Redis holding writes does not hold the answer up.
         let remember = {
