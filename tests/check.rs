@@ -1442,12 +1442,23 @@ async fn a_repeat_of_a_checks_request_id_on_another_replica_leaves_the_lookup_it
     poll.wait = duration(Duration::ZERO);
     let polled = answer(&b, poll).await;
     assert_eq!(polled.pending.len(), 1, "{polled:?}");
-    let mut third = check(identities(&[(Channel::Sms, NUMBER)]));
-    third.wait = duration(Duration::ZERO);
-    let third = answer(&b, third).await;
-    assert_eq!(third.pending_lookups[0].request_id, "polled", "{third:?}");
+    joined_on_another_replica(&fake, (&a, &b), "polled", first).await;
+}
+
+/// A check of the identity on `b` that does not wait joins lookup `request_id`, which `first` started on `a`, the
+/// only query Sinch got; then its result comes, live to `first`.
+async fn joined_on_another_replica(
+    fake: &FakeSinch,
+    (a, b): (&Service, &Service),
+    request_id: &str,
+    first: tokio::task::JoinHandle<Result<pb::CheckCapabilityResponse, tonic::Status>>,
+) {
+    let mut other = check(identities(&[(Channel::Sms, NUMBER)]));
+    other.wait = duration(Duration::ZERO);
+    let other = answer(b, other).await;
+    assert_eq!(other.pending_lookups[0].request_id, request_id, "{other:?}");
     assert_eq!(fake.queries().len(), 1, "one lookup, joined");
-    deliver(a.webhook_addr, callback("polled", "SMS", "CAPABILITY_FULL")).await;
+    deliver(a.webhook_addr, callback(request_id, "SMS", "CAPABILITY_FULL")).await;
     assert_eq!(summary(&first.await.unwrap().unwrap())[0].2, ResultSource::Live);
 }
 
@@ -1486,13 +1497,7 @@ async fn a_retry_after_its_first_run_stopped_mid_send_asks_at_once_and_is_joined
     let retry = spawn_check(a.client().await, retry).await;
     nth_query(&fake, 1).await;
     until_a_lease(&redis, |lease| lease == "s:left-pending").await;
-    let mut other = check(identities(&[(Channel::Sms, NUMBER)]));
-    other.wait = duration(Duration::ZERO);
-    let other = answer(&b, other).await;
-    assert_eq!(other.pending_lookups[0].request_id, "left-pending", "{other:?}");
-    assert_eq!(fake.queries().len(), 1, "one lookup, joined");
-    deliver(a.webhook_addr, callback("left-pending", "SMS", "CAPABILITY_FULL")).await;
-    assert_eq!(summary(&retry.await.unwrap().unwrap())[0].2, ResultSource::Live);
+    joined_on_another_replica(&fake, (&a, &b), "left-pending", retry).await;
 }
 
 /// A replica whose check joined another replica's query lets it go when that check returns: a later check there
