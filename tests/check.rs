@@ -1445,6 +1445,30 @@ async fn a_repeat_of_a_checks_request_id_on_another_replica_leaves_the_lookup_it
     joined_on_another_replica(&fake, (&a, &b), "polled", first).await;
 }
 
+/// Two calls of one request_id at once on two replicas (a hedged or retried call): the second, given up before the
+/// first sent its query, leaves the first its lease, which it cannot tell from its own; a third check joins the
+/// first's lookup. The second deleted the lease, and the third asked Sinch again.
+#[tokio::test]
+async fn a_second_call_of_a_request_id_given_up_leaves_the_first_its_lease() {
+    let redis = RedisServer::start().await;
+    let fake = FakeSinch::start().await;
+    fake.set_echo_delay(Duration::from_secs(1));
+    let url = format!("--redis-url={}", redis.url());
+    let (a, b) = (
+        Service::against(&fake, &[&url]).await,
+        Service::against(&fake, &[&url]).await,
+    );
+    let mut request = check(identities(&[(Channel::Sms, NUMBER)]));
+    request.request_id = "hedged".into();
+    let first = spawn_check(a.client().await, request.clone()).await;
+    until_a_lease(&redis, |lease| lease == "p:hedged").await;
+    let mut second = tonic::Request::new(request);
+    second.set_timeout(Duration::from_millis(300));
+    let second = b.client().await.check_capability(second).await;
+    assert_eq!(second.unwrap_err().code(), Code::DeadlineExceeded);
+    joined_on_another_replica(&fake, (&a, &b), "hedged", first).await;
+}
+
 /// A check of the identity on `b` that does not wait joins lookup `request_id`, which `first` started on `a`, the
 /// only query Sinch got; then its result comes, live to `first`.
 async fn joined_on_another_replica(

@@ -193,12 +193,24 @@ pub(super) async fn in_flight(flights: &Flights, redis: Option<&Arc<EventLog>>, 
     }
 }
 
+/// Whether, and how, a lease is held in Redis too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InRedis {
+    /// Only in this process.
+    No,
+    /// This check's call took it there.
+    Taken,
+    /// Found there pending under this check's own request_id (another call of it, or a run before that stopped):
+    /// this check marks it sent if it sends it, and otherwise leaves it to its holder, whose value it cannot tell
+    /// from its own.
+    Adopted,
+}
+
 /// One lease this check holds.
 struct Lease {
     key: EntryKey,
     flight: Arc<Flight>,
-    /// Held in Redis too.
-    shared: bool,
+    in_redis: InRedis,
     sent: bool,
     /// Another replica's query, joined here: no task of this check's owns it.
     joined: bool,
@@ -290,7 +302,7 @@ impl<'a> Leases<'a> {
             self.held.push(Lease {
                 key,
                 flight,
-                shared: false,
+                in_redis: InRedis::No,
                 sent: false,
                 joined: false,
             });
@@ -302,7 +314,7 @@ impl<'a> Leases<'a> {
         self.held.push(Lease {
             key,
             flight: flight.clone(),
-            shared: true,
+            in_redis: InRedis::Taken,
             sent: false,
             joined: false,
         });
@@ -320,7 +332,7 @@ impl<'a> Leases<'a> {
                 self.held.push(Lease {
                     key,
                     flight,
-                    shared: true,
+                    in_redis: InRedis::Adopted,
                     sent: false,
                     joined: false,
                 });
@@ -335,7 +347,7 @@ impl<'a> Leases<'a> {
                     self.held.push(Lease {
                         key,
                         flight,
-                        shared: false,
+                        in_redis: InRedis::No,
                         sent: true,
                         joined: true,
                     });
@@ -352,7 +364,7 @@ impl<'a> Leases<'a> {
                 self.held.push(Lease {
                     key,
                     flight,
-                    shared: false,
+                    in_redis: InRedis::No,
                     sent: false,
                     joined: false,
                 });
@@ -420,7 +432,7 @@ impl<'a> Leases<'a> {
         // Not another replica's lookup joined here (a key asked again without its lease): it stays that one's.
         for lease in self.held.iter_mut().filter(|l| keys.contains(&l.key) && !l.joined) {
             lease.sent = true;
-            leases.push((lease.key, lease.flight.clone(), lease.shared));
+            leases.push((lease.key, lease.flight.clone(), lease.in_redis));
         }
         InFlight {
             leases,
@@ -451,14 +463,17 @@ impl<'a> Leases<'a> {
     fn release(&self, leases: Vec<Lease>) -> Option<Release> {
         let mut shared = Vec::new();
         for lease in leases {
-            if lease.shared {
-                // Sent under the request_id Sinch answered with, which may not be ours; not sent by this check,
-                // only a lease still pending goes (another call of the same request_id may have sent it).
-                let sent = match &*lease.flight.state.borrow() {
-                    State::Sent(accepted) | State::Done(accepted) => accepted.clone(),
-                    State::Pending | State::Gone => NOT_SENT.into(),
-                };
-                shared.push((lease.key, sent));
+            // Sent under the request_id Sinch answered with, which may not be ours. Not sent by this check, a
+            // lease it took goes only while still pending (another call of the same request_id may have sent it),
+            // and one it adopted stays its holder's.
+            let sent = match &*lease.flight.state.borrow() {
+                State::Sent(accepted) | State::Done(accepted) => Some(accepted.clone()),
+                State::Pending | State::Gone => None,
+            };
+            match (lease.in_redis, sent) {
+                (InRedis::No, _) | (InRedis::Adopted, None) => {}
+                (InRedis::Taken | InRedis::Adopted, Some(sent)) => shared.push((lease.key, sent)),
+                (InRedis::Taken, None) => shared.push((lease.key, NOT_SENT.into())),
             }
             self.flights.give_back(&lease.key, &lease.flight);
         }
@@ -468,7 +483,7 @@ impl<'a> Leases<'a> {
 
 /// Leases whose query is going out, owned by the task that sends it.
 pub(super) struct InFlight {
-    leases: Vec<(EntryKey, Arc<Flight>, bool)>,
+    leases: Vec<(EntryKey, Arc<Flight>, InRedis)>,
     redis: Option<Arc<EventLog>>,
     request_id: Arc<str>,
     until: Instant,
@@ -480,9 +495,9 @@ impl InFlight {
     pub(super) async fn sent(self, accepted: &Arc<str>) {
         let ttl = self.until.saturating_duration_since(Instant::now()).max(LINGER);
         let cache = self.redis.as_ref().and_then(|log| log.shared_cache());
-        for (key, flight, shared) in &self.leases {
+        for (key, flight, in_redis) in &self.leases {
             flight.state.send_replace(State::Sent(accepted.clone()));
-            if *shared
+            if *in_redis != InRedis::No
                 && let Some(cache) = cache
                 && let Err(e) = cache.lease_sent(key, &self.request_id, accepted, ttl).await
             {
@@ -491,13 +506,13 @@ impl InFlight {
         }
     }
 
-    /// The query failed, or was not sent now: whoever waits takes the leases (in Redis, those still pending: a
-    /// lease another call of the same request_id marked sent stays its own).
+    /// The query failed, or was not sent now: whoever waits takes the leases (in Redis, those this check took and
+    /// still pending: a lease another call of the same request_id marked sent, or one adopted, stays its holder's).
     pub(super) fn give_back(self, flights: &Flights) {
         let mut shared = Vec::new();
         for (key, flight, in_redis) in &self.leases {
             flights.give_back(key, flight);
-            if *in_redis {
+            if *in_redis == InRedis::Taken {
                 shared.push((*key, NOT_SENT.into()));
             }
         }
