@@ -382,6 +382,40 @@ async fn a_contact_check_that_could_not_join_a_lookup_before_its_deadline_says_s
     first.abort();
 }
 
+/// A check some of whose identities the cache answers is answered with them, the rest pending, when Sinch has not
+/// accepted the query about the rest by the caller's deadline. It failed DEADLINE_EXCEEDED, the cached results
+/// thrown away.
+#[tokio::test]
+async fn a_sinch_slow_to_accept_leaves_the_cached_results_answered() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &[]).await;
+    let mut client = service.client().await;
+    let first = spawn_check(client.clone(), check(identities(&[(Channel::Sms, NUMBER)]))).await;
+    let (live_id, _) = nth_query(&fake, 1).await;
+    deliver(service.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await;
+    first.await.unwrap().unwrap();
+    fake.set_echo_delay(Duration::from_secs(3));
+    let mut both = tonic::Request::new(check(identities(&[(Channel::Sms, NUMBER), (Channel::Rcs, NUMBER)])));
+    both.set_timeout(Duration::from_secs(2));
+    let answer = client.check_capability(both).await.unwrap().into_inner();
+    use CapabilityStatus::Full;
+    assert_eq!(summary(&answer), [(Channel::Sms, Full, ResultSource::Cache)]);
+    assert_eq!(
+        answer.pending.iter().map(|p| p.channel()).collect::<Vec<_>>(),
+        [Channel::Rcs]
+    );
+    assert!(
+        answer.pending_lookups.is_empty(),
+        "no lookup was accepted to watch: {answer:?}"
+    );
+    assert_eq!(fake.queries().len(), 2);
+    // Nothing answers at all: the deadline is said as it is.
+    let mut alone = tonic::Request::new(check(identities(&[(Channel::Viber, NUMBER)])));
+    alone.set_timeout(Duration::from_secs(2));
+    let status = client.check_capability(alone).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+}
+
 /// A contact one of whose identities Sinch no longer answers for is answered from the cache again once Sinch has
 /// answered for the others: the identity's result, expired, is not kept in the contact's entry, in process or with
 /// Redis. It was kept, its own entry gone, and every later check of the contact asked Sinch.

@@ -40,6 +40,7 @@ use crate::{
     },
     query::{Queries, QueryError, QueryRequest},
     telemetry::TraceParent,
+    upstream,
 };
 use leases::{Decided, Flights, InFlight, Leases};
 use local::{Cached, LocalCache};
@@ -567,14 +568,23 @@ impl Checker {
             let in_flight = leases.launch(&sending);
             // A repeat of the caller's request_id sends nothing: its first query answers what it asked, and its
             // leases went back so that nobody else waits on it for the rest.
-            let (accepted, _) = self
+            match self
                 .send_live(call, &own, send, to_send.len() as u32, in_flight, place.clone())
-                .await?;
-            waiting
-                .entry(accepted.clone())
-                .or_default()
-                .extend(to_send.iter().copied());
-            live = Some(accepted);
+                .await
+            {
+                Ok((accepted, _)) => {
+                    waiting
+                        .entry(accepted.clone())
+                        .or_default()
+                        .extend(to_send.iter().copied());
+                    live = Some(accepted);
+                }
+                // Sinch had not accepted the query by the caller's deadline: what the cache and the lookups joined
+                // have is the answer, the rest pending with no lookup to name — unless nothing else answers.
+                Err(CheckError::Query(QueryError::Upstream(upstream::Error::DeadlineExceeded)))
+                    if slots.iter().any(Option::is_some) || !waiting.is_empty() => {}
+                Err(e) => return Err(e),
+            }
         }
         let matches = |i: usize, n: &CheckResult| ids[i].channel == n.channel && ids[i].identity == n.identity;
         let received = Received {
