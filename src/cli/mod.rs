@@ -28,6 +28,9 @@ use capability_facade::{
 use clap::{Args, Parser, Subcommand};
 
 pub use bulk::bulk_check;
+pub use client::{check, query, watch};
+pub use doctor::{doctor, webhook};
+pub use sandbox::sandbox;
 
 /// See [`out!`].
 fn print_line(line: std::fmt::Arguments<'_>) {
@@ -40,9 +43,6 @@ fn print_line(line: std::fmt::Arguments<'_>) {
         std::process::exit(1);
     }
 }
-pub use client::{check, query, watch};
-pub use doctor::{doctor, webhook};
-pub use sandbox::sandbox;
 
 /// capability-facade: ask Sinch on which channels a contact can be reached, over gRPC.
 ///
