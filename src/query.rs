@@ -148,7 +148,7 @@ impl Queries {
         deadline: Instant,
         trace: Option<&TraceParent>,
     ) -> Result<(QueryAccepted, bool), QueryError> {
-        let fingerprint = serde_json::to_string(&QueryJson::from(query)).expect("query JSON always serialises");
+        let fingerprint = recorded_json(query);
         let mut pause = Duration::from_millis(10);
         loop {
             match self.log.claim_request_id(&query.request_id, &fingerprint).await {
@@ -160,7 +160,7 @@ impl Queries {
                     let answer = result
                         .as_ref()
                         .ok()
-                        .map(|a| serde_json::to_string(&QueryJson::from(a)).expect("query JSON always serialises"));
+                        .map(recorded_json);
                     self.log
                         .settle_request_id(&query.request_id, &fingerprint, &claim, answer.as_deref())
                         .await;
@@ -260,7 +260,7 @@ impl Queries {
                 return Ok(Some(answer.clone()));
             }
         }
-        let fingerprint = serde_json::to_string(&QueryJson::from(query)).expect("query JSON always serialises");
+        let fingerprint = recorded_json(query);
         match self.log.recorded_request_id(&query.request_id, &fingerprint).await {
             Some(IdempotencyClaim::Conflict) => Err(conflict()),
             Some(IdempotencyClaim::Answered(answer)) => {
@@ -371,6 +371,14 @@ impl Queries {
             Err(_) => Err(upstream::Error::DeadlineExceeded.into()),
         }
     }
+}
+
+/// The JSON a query, or Sinch's answer to it, is recorded as for idempotency (in Redis: its fingerprint, its answer).
+fn recorded_json<'a, T>(value: &'a T) -> String
+where
+    QueryJson: From<&'a T>,
+{
+    serde_json::to_string(&QueryJson::from(value)).expect("query JSON always serialises")
 }
 
 /// Remembers caller-chosen request_ids for a window, at most `max_entries` of them (the least recently used go
