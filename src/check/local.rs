@@ -13,7 +13,7 @@ use crate::{
     capability::CacheTtl,
     log::{
         Consumer, Entry, KeyFold,
-        cached::{CachedResult, EntryKey, KeyHasher},
+        cached::{CachedResult, EntryKey, KeyHasher, MAX_CONTACT_LOOKUPS, answers_contact},
     },
 };
 
@@ -39,15 +39,10 @@ pub struct ContactEntry {
     kept_until_ms: u64,
 }
 
-/// How many lookups of a contact its entry remembers.
-pub const MAX_CONTACT_LOOKUPS: usize = 4;
-
 impl ContactEntry {
     /// Whether it is the contact's answer: it holds a result of a lookup of the contact.
     pub fn whole(&self) -> bool {
-        self.results
-            .iter()
-            .any(|(_, held)| self.lookups.iter().any(|lookup| **lookup == *held.request_id))
+        answers_contact(self.results.iter().map(|(_, held)| held), &self.lookups)
     }
 }
 
@@ -210,10 +205,7 @@ impl LocalCache {
         newer: impl Fn(&CachedResult) -> bool,
     ) {
         let _stripe = self.stripe(&contact);
-        let mut entry = match self.entries.get(&contact).as_deref() {
-            Some(Cached::Contact(entry)) => entry.clone(),
-            _ => ContactEntry::default(),
-        };
+        let mut entry = self.contact_entry(&contact);
         // An expired result goes, as its identity's own entry did: kept, it would empty every later answer of the
         // contact, Sinch's next answers not naming an identity the contact no longer has.
         let now = crate::log::wall_clock_ms();
@@ -228,14 +220,19 @@ impl LocalCache {
         self.entries.insert(contact, Arc::new(Cached::Contact(entry)));
     }
 
+    /// A copy of `contact`'s entry to change (an empty one if there is none), under its stripe's lock.
+    fn contact_entry(&self, contact: &EntryKey) -> ContactEntry {
+        match self.entries.get(contact).as_deref() {
+            Some(Cached::Contact(entry)) => entry.clone(),
+            _ => ContactEntry::default(),
+        }
+    }
+
     /// Notes that `request_id` is a lookup of `contact` itself: the contact's entry answers once it holds one of
     /// its results (until then, a check of the contact asks Sinch, or joins the lookup while it is in flight).
     pub fn looked_up(&self, contact: &EntryKey, request_id: &str) {
         let _stripe = self.stripe(contact);
-        let mut entry = match self.entries.get(contact).as_deref() {
-            Some(Cached::Contact(entry)) => entry.clone(),
-            _ => ContactEntry::default(),
-        };
+        let mut entry = self.contact_entry(contact);
         if entry.lookups.iter().any(|lookup| **lookup == *request_id) {
             return;
         }

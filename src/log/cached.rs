@@ -117,6 +117,15 @@ impl CachedResult {
     }
 }
 
+/// How many lookups of a contact (contact_id queries) its cache entry remembers.
+pub const MAX_CONTACT_LOOKUPS: usize = 4;
+
+/// Whether a contact's entry holding `held` is the contact's answer: one of them is a result of one of the latest
+/// `lookups` of the contact itself (see [`ContactResults::whole`]).
+pub fn answers_contact<'a, L: AsRef<str>>(mut held: impl Iterator<Item = &'a CachedResult>, lookups: &[L]) -> bool {
+    held.any(|result| lookups.iter().any(|lookup| lookup.as_ref() == result.request_id))
+}
+
 /// A contact's cached results.
 #[derive(Debug, Clone, Default)]
 pub struct ContactResults {

@@ -31,7 +31,7 @@ use super::{Connection, invoke, ttl_ms};
 use crate::{
     capability::{CacheTtl, Notification},
     log::{
-        cached::{CachedResult, ContactResults, EntryKey, KeyHasher, hex},
+        cached::{CachedResult, ContactResults, EntryKey, KeyHasher, MAX_CONTACT_LOOKUPS, answers_contact, hex},
         codec, wall_clock_ms,
     },
     secret::Secret,
@@ -42,9 +42,6 @@ const KEY_REFRESH: Duration = Duration::from_secs(1);
 
 /// The most results one contact entry holds (a contact has a few channel identities).
 const MAX_CONTACT_RESULTS: u32 = 64;
-
-/// How many lookups of a contact its entry remembers.
-const MAX_CONTACT_LOOKUPS: u32 = 4;
 
 /// Whether encoded result `a` is newer than `b`: their first 8 bytes (big-endian times) compared byte by byte,
 /// whatever the server's collation.
@@ -440,7 +437,7 @@ impl RedisCache {
             .filter(|(field, _)| field != "a")
             .filter_map(|(field, value)| Some((field, CachedResult::decode(&value)?)))
             .collect();
-        let whole = held.iter().any(|(_, copy)| lookups.contains(&copy.request_id));
+        let whole = answers_contact(held.iter().map(|(_, copy)| copy), &lookups);
         let own = self
             .read(held.iter().map(|(field, _)| format!("{}:c:{field}", self.prefix)))
             .await?;
