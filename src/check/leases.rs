@@ -340,8 +340,9 @@ impl<'a> Leases<'a> {
             }
             Ok(Some(holder)) => match holder.sent() {
                 Some(request_id) => {
-                    // Another replica's query (or another call's of this request_id): this replica's checks join it here, without asking Redis, until
-                    // this check returns (or, its caller gone, its wait ends), as with a query of its own.
+                    // Another replica's query (or another call's of this request_id): this replica's checks join
+                    // it here, without asking Redis, until this check returns (or, its caller gone, its wait ends),
+                    // as with a query of its own.
                     let request_id: Arc<str> = request_id.into();
                     flight.state.send_replace(State::Sent(request_id.clone()));
                     self.held.push(Lease {
