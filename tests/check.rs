@@ -72,6 +72,20 @@ async fn invalidate(client: &mut CapabilityServiceClient<Transport>, recipient: 
         .removed
 }
 
+/// Checks SMS `NUMBER` through `client`, answered FULL by a callback to `webhook` for the `n`-th query `fake` gets, so
+/// that its result is cached.
+async fn cache_sms(
+    client: CapabilityServiceClient<Transport>,
+    webhook: std::net::SocketAddr,
+    fake: &FakeSinch,
+    n: usize,
+) {
+    let first = spawn_check(client, check(identities(&[(Channel::Sms, NUMBER)]))).await;
+    let (live_id, _) = nth_query(fake, n).await;
+    deliver(webhook, callback(&live_id, "SMS", "CAPABILITY_FULL")).await;
+    first.await.unwrap().unwrap();
+}
+
 /// Checks contact C-1 on `service`, answered by one callback (WHATSAPP FULL) to the `n`-th query `fake` gets, so
 /// that the contact's entry and its identity's are cached.
 async fn cache_contact(service: &Service, fake: &FakeSinch, n: usize) {
@@ -390,10 +404,7 @@ async fn a_sinch_slow_to_accept_leaves_the_cached_results_answered() {
     let fake = FakeSinch::start().await;
     let service = Service::against(&fake, &[]).await;
     let mut client = service.client().await;
-    let first = spawn_check(client.clone(), check(identities(&[(Channel::Sms, NUMBER)]))).await;
-    let (live_id, _) = nth_query(&fake, 1).await;
-    deliver(service.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await;
-    first.await.unwrap().unwrap();
+    cache_sms(client.clone(), service.webhook_addr, &fake, 1).await;
     fake.set_echo_delay(Duration::from_secs(3));
     let mut both = tonic::Request::new(check(identities(&[(Channel::Sms, NUMBER), (Channel::Rcs, NUMBER)])));
     both.set_timeout(Duration::from_secs(2));
@@ -986,10 +997,7 @@ async fn a_repeated_request_id_sends_nothing_and_leaves_nobody_waiting_on_it() {
     let service = Service::against(&fake, &[]).await;
     let mut client = service.client().await;
     // SMS is known; R asks about SMS (cached) and RCS (sent).
-    let warm = spawn_check(client.clone(), check(identities(&[(Channel::Sms, NUMBER)]))).await;
-    let (warm_id, _) = nth_query(&fake, 1).await;
-    deliver(service.webhook_addr, callback(&warm_id, "SMS", "CAPABILITY_FULL")).await;
-    warm.await.unwrap().unwrap();
+    cache_sms(client.clone(), service.webhook_addr, &fake, 1).await;
     let mut repeated = check(identities(&[(Channel::Sms, NUMBER), (Channel::Rcs, NUMBER)]));
     repeated.request_id = "R-1".into();
     repeated.wait = duration(Duration::from_millis(100));
@@ -1123,10 +1131,7 @@ async fn with_the_log_ahead_a_results_age_is_the_logs() {
     let url = format!("--redis-url={}", redis.url());
     let service = Service::against(&fake, &[&url, "--redis-prefix=aged"]).await;
     let mut client = service.client().await;
-    let first = spawn_check(client.clone(), check(identities(&[(Channel::Sms, NUMBER)]))).await;
-    let (live_id, _) = nth_query(&fake, 1).await;
-    deliver(service.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await;
-    first.await.unwrap().unwrap();
+    cache_sms(client.clone(), service.webhook_addr, &fake, 1).await;
     // Two minutes pass by the log: an entry then, and after it a result of another request, watched until here.
     log_at(&redis, "aged", ahead + 120_000);
     let later = pb::WatchCapabilityRequest {
@@ -1157,10 +1162,7 @@ async fn on_a_replica_whose_clock_runs_ahead_of_the_logs_a_result_just_received_
     env.extend(testkit::clock_offset("+60s"));
     let replica = common::Binary::spawn(&env).await;
     let mut client = CapabilityServiceClient::connect(replica.url()).await.unwrap();
-    let first = spawn_check(client.clone(), check(identities(&[(Channel::Sms, NUMBER)]))).await;
-    let (live_id, _) = nth_query(&fake, 1).await;
-    deliver(replica.webhook_addr, callback(&live_id, "SMS", "CAPABILITY_FULL")).await;
-    first.await.unwrap().unwrap();
+    cache_sms(client.clone(), replica.webhook_addr, &fake, 1).await;
     // Real time, not a synchronisation: Redis expires the entry by its own clock.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut within_30_s = check(identities(&[(Channel::Sms, NUMBER)]));
@@ -1192,10 +1194,7 @@ async fn checks_waiting_for_sinch_do_not_keep_cache_hits_out() {
     let fake = FakeSinch::start().await;
     let service = Service::against(&fake, &["--max-inflight-queries=2", "--check-settle=100ms"]).await;
     let mut client = service.client().await;
-    let warm = spawn_check(client.clone(), check(identities(&[(Channel::Sms, NUMBER)]))).await;
-    let (warm_id, _) = nth_query(&fake, 1).await;
-    deliver(service.webhook_addr, callback(&warm_id, "SMS", "CAPABILITY_FULL")).await;
-    warm.await.unwrap().unwrap();
+    cache_sms(client.clone(), service.webhook_addr, &fake, 1).await;
     cache_contact(&service, &fake, 2).await;
     let waiting = [
         spawn_check(client.clone(), check(identities(&[(Channel::Rcs, NUMBER)]))).await,
