@@ -157,10 +157,7 @@ impl Queries {
                         result = self.forward(sent, deadline, deadline + LATE_ANSWER, trace) => result,
                         never = self.log.hold_request_id(&query.request_id, &fingerprint, &claim) => match never {},
                     };
-                    let answer = result
-                        .as_ref()
-                        .ok()
-                        .map(recorded_json);
+                    let answer = result.as_ref().ok().map(recorded_json);
                     self.log
                         .settle_request_id(&query.request_id, &fingerprint, &claim, answer.as_deref())
                         .await;
