@@ -1890,6 +1890,28 @@ async fn in_redis_a_contacts_entry_answers_once_it_holds_a_result_of_a_lookup_of
     assert!(cache.get_contact(&noted_first).await.unwrap().whole);
 }
 
+/// In Redis, a contact's entry holds at most 64 results, its lookups' note and an invalidation's mark not counted
+/// among them.
+#[tokio::test]
+async fn in_redis_a_contacts_entry_holds_at_most_64_results() {
+    let redis = RedisServer::start().await;
+    let log = common::redis_log(&redis, "many", Some("many-key")).await;
+    let cache = log.cache();
+    let contact = cache.hasher().await.unwrap().contact("app", "C-many");
+    cache.remove(&[], &[contact], 0).await.unwrap();
+    cache.looked_up(&contact, "lookup").await.unwrap();
+    let later = std::time::SystemTime::now() + Duration::from_secs(1);
+    for n in 0..65 {
+        let identity = format!("4670000{n:04}");
+        cache
+            .store(&sms_result("lookup", &identity, "C-many", later), n + 1)
+            .await
+            .unwrap();
+    }
+    let held = cache.get_contact(&contact).await.unwrap();
+    assert_eq!((held.results.len(), held.whole), (64, true));
+}
+
 /// The Redis cache, as the in-process one (src/check/local.rs): a contact invalidated while a result for another
 /// of its identities is stored keeps nothing from before, and the newcomer, if it stays cached under its identity,
 /// stays listed in the contact's entry, so that the next invalidation reaches it.

@@ -131,19 +131,21 @@ local at = now()
 local left = ms_at(ARGV[2], 9) - at
 if left <= 0 then return 0 end
 local held = redis.call('HGETALL', KEYS[1])
+local results = 0
 for i = 1, #held, 2 do
   local value = held[i + 1]
-  if held[i] ~= 't' and held[i] ~= 'a' and #value >= 16 and ms_at(value, 9) <= at then
-    redis.call('HDEL', KEYS[1], held[i])
+  if held[i] ~= 't' and held[i] ~= 'a' then
+    if #value >= 16 and ms_at(value, 9) <= at then
+      redis.call('HDEL', KEYS[1], held[i])
+    else
+      results = results + 1
+    end
   end
 end
 local mark = redis.call('HGET', KEYS[1], 't')
 if mark and newer(mark, ARGV[2]) then return 2 end
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 if cur and newer(cur, ARGV[2]) then return 0 end
-local results = redis.call('HLEN', KEYS[1])
-if mark then results = results - 1 end
-if redis.call('HEXISTS', KEYS[1], 'a') == 1 then results = results - 1 end
 if not cur and results >= tonumber(ARGV[3]) then return 0 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 if redis.call('PTTL', KEYS[1]) < left then redis.call('PEXPIRE', KEYS[1], left) end
