@@ -80,11 +80,7 @@ async fn sigterm_ends_watches_refuses_new_ones_and_exits_in_time_even_with_a_stu
     env.push(("CAPABILITY_SHUTDOWN_GRACE", "3s".into()));
     env.push(("CAPABILITY_DRAIN_DELAY", "1s".into()));
     let mut process = Binary::spawn(&env).await;
-    let channel = tonic::transport::Channel::from_shared(process.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = process.channel().await;
     let mut client = CapabilityServiceClient::new(channel.clone());
 
     // A stuck reader: its stream holds far more than HTTP/2 flow control lets through, and it never reads.

@@ -303,11 +303,7 @@ async fn sigterm_drains_the_real_binary_and_exits_zero() {
 async fn an_open_health_watch_ends_at_shutdown_rather_than_hold_the_drain() {
     let env = [(SHUTDOWN_GRACE, "20s".to_owned()), (DRAIN_DELAY, "0s".to_owned())];
     let mut process = Binary::spawn(&env).await;
-    let channel = tonic::transport::Endpoint::from_shared(process.url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = process.channel().await;
     let mut watches = Vec::new();
     for service in ["", SERVICE_NAME] {
         let mut health = HealthClient::new(channel.clone());

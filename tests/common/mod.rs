@@ -170,6 +170,11 @@ impl Binary {
     pub async fn spawn(env: &[(&str, String)]) -> Binary {
         Binary(testkit::Binary::spawn(env!("CARGO_BIN_EXE_capability-facade"), env).await)
     }
+
+    /// A connection to its gRPC port.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url()).unwrap().connect().await.unwrap()
+    }
 }
 
 // Only this package's tests know where its binary is (`CARGO_BIN_EXE_…`), so they wrap the kit's `Binary`, whose
