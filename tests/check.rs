@@ -86,6 +86,16 @@ async fn cache_sms(
     first.await.unwrap().unwrap();
 }
 
+/// Two replicas against `fake` sharing the Redis at `redis_url`, each with `extra` flags too.
+async fn two_replicas_on(fake: &FakeSinch, redis_url: &str, extra: &[&str]) -> (Service, Service) {
+    let url = format!("--redis-url={redis_url}");
+    let flags: Vec<&str> = std::iter::once(url.as_str()).chain(extra.iter().copied()).collect();
+    (
+        Service::against(fake, &flags).await,
+        Service::against(fake, &flags).await,
+    )
+}
+
 /// Checks contact C-1 on `service`, answered by one callback (WHATSAPP FULL) to the `n`-th query `fake` gets, so
 /// that the contact's entry and its identity's are cached.
 async fn cache_contact(service: &Service, fake: &FakeSinch, n: usize) {
@@ -613,11 +623,7 @@ async fn a_stalled_cache_node_does_not_hold_up_a_callback_the_log_took() {
 /// them cached, and an invalidation on one is seen by the other.
 async fn replicas_share(redis_url: &str) {
     let fake = FakeSinch::start().await;
-    let url = format!("--redis-url={redis_url}");
-    let (a, b) = (
-        Service::against(&fake, &[&url]).await,
-        Service::against(&fake, &[&url]).await,
-    );
+    let (a, b) = two_replicas_on(&fake, redis_url, &[]).await;
     let (mut on_a, mut on_b) = (a.client().await, b.client().await);
 
     // A check on A sends the query; a check on B meanwhile joins it instead of asking again.
@@ -1461,11 +1467,7 @@ async fn a_result_a_check_stores_again_keeps_its_own_age() {
 async fn a_repeat_of_a_checks_request_id_on_another_replica_leaves_the_lookup_its_lease() {
     let redis = RedisServer::start().await;
     let fake = FakeSinch::start().await;
-    let url = format!("--redis-url={}", redis.url());
-    let (a, b) = (
-        Service::against(&fake, &[&url]).await,
-        Service::against(&fake, &[&url]).await,
-    );
+    let (a, b) = two_replicas(&fake, &redis).await;
     let mut request = check(identities(&[(Channel::Sms, NUMBER)]));
     request.request_id = "polled".into();
     let first = spawn_check(a.client().await, request.clone()).await;
@@ -1486,11 +1488,7 @@ async fn a_second_call_of_a_request_id_given_up_leaves_the_first_its_lease() {
     let redis = RedisServer::start().await;
     let fake = FakeSinch::start().await;
     fake.set_echo_delay(Duration::from_secs(1));
-    let url = format!("--redis-url={}", redis.url());
-    let (a, b) = (
-        Service::against(&fake, &[&url]).await,
-        Service::against(&fake, &[&url]).await,
-    );
+    let (a, b) = two_replicas(&fake, &redis).await;
     let mut request = check(identities(&[(Channel::Sms, NUMBER)]));
     request.request_id = "hedged".into();
     let first = spawn_check(a.client().await, request.clone()).await;
@@ -1532,15 +1530,8 @@ async fn a_retry_after_its_first_run_stopped_mid_send_asks_at_once_and_is_joined
     const HASH_KEY: &str = "a-key-of-thirty-two-bytes-or-more";
     let redis = RedisServer::start().await;
     let fake = FakeSinch::start().await;
-    let flags = [
-        format!("--redis-url={}", redis.url()),
-        format!("--cache-hash-key={HASH_KEY}"),
-    ];
-    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let (a, b) = (
-        Service::against(&fake, &flags).await,
-        Service::against(&fake, &flags).await,
-    );
+    let hash_key = format!("--cache-hash-key={HASH_KEY}");
+    let (a, b) = two_replicas_on(&fake, &redis.url(), &[&hash_key]).await;
     let key = KeyHasher::new(HASH_KEY.as_bytes()).identity("APP-1", &Sms, NUMBER);
     redis.command(&[
         "SET",
@@ -1570,10 +1561,7 @@ async fn a_joined_query_is_not_joined_again_after_the_check_that_joined_it_retur
 async fn let_go_after_joining(request: pb::CheckCapabilityRequest, answer: impl Fn(&str) -> Vec<u8>, flags: &[&str]) {
     let redis = RedisServer::start().await;
     let fake = FakeSinch::start().await;
-    let url = format!("--redis-url={}", redis.url());
-    let flags: Vec<&str> = std::iter::once(url.as_str()).chain(flags.iter().copied()).collect();
-    let a = Service::against(&fake, &flags).await;
-    let b = Service::against(&fake, &flags).await;
+    let (a, b) = two_replicas_on(&fake, &redis.url(), flags).await;
     let (on_a, mut on_b) = (a.client().await, b.client().await);
     let first = spawn_check(on_a, request.clone()).await;
     let (live_id, _) = nth_query(&fake, 1).await;
@@ -1796,11 +1784,7 @@ impl Setups {
 
 /// Two replicas sharing `redis`, both asking `fake`.
 async fn two_replicas(fake: &FakeSinch, redis: &RedisServer) -> (Service, Service) {
-    let url = format!("--redis-url={}", redis.url());
-    (
-        Service::against(fake, &[&url]).await,
-        Service::against(fake, &[&url]).await,
-    )
+    two_replicas_on(fake, &redis.url(), &[]).await
 }
 
 /// Waits until a lease in Redis reads as `holds` wants.
