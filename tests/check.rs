@@ -86,16 +86,6 @@ async fn cache_sms(
     first.await.unwrap().unwrap();
 }
 
-/// Two replicas against `fake` sharing the Redis at `redis_url`, each with `extra` flags too.
-async fn two_replicas_on(fake: &FakeSinch, redis_url: &str, extra: &[&str]) -> (Service, Service) {
-    let url = format!("--redis-url={redis_url}");
-    let flags: Vec<&str> = std::iter::once(url.as_str()).chain(extra.iter().copied()).collect();
-    (
-        Service::against(fake, &flags).await,
-        Service::against(fake, &flags).await,
-    )
-}
-
 /// Checks contact C-1 on `service`, answered by one callback (WHATSAPP FULL) to the `n`-th query `fake` gets, so
 /// that the contact's entry and its identity's are cached.
 async fn cache_contact(service: &Service, fake: &FakeSinch, n: usize) {
@@ -1780,6 +1770,16 @@ impl Setups {
             _redis: redis,
         }
     }
+}
+
+/// Two replicas against `fake` sharing the Redis at `redis_url`, each with `extra` flags too.
+async fn two_replicas_on(fake: &FakeSinch, redis_url: &str, extra: &[&str]) -> (Service, Service) {
+    let url = format!("--redis-url={redis_url}");
+    let flags: Vec<&str> = std::iter::once(url.as_str()).chain(extra.iter().copied()).collect();
+    (
+        Service::against(fake, &flags).await,
+        Service::against(fake, &flags).await,
+    )
 }
 
 /// Two replicas sharing `redis`, both asking `fake`.
