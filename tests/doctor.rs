@@ -274,6 +274,33 @@ async fn without_secrets_in_insecure_mode_a_webhook_with_any_secret_is_registere
     assert_registered(&binary).await;
 }
 
+/// Run in insecure mode (no secret, `CAPABILITY_INSECURE_WEBHOOKS=true`) the service accepts every callback, so a
+/// webhook with the CAPABILITY trigger works whatever its secret, and with none. The doctor failed it ("its secret
+/// cannot be compared"), and for a webhook without a secret had no secret to sign its test callback with.
+#[tokio::test]
+async fn in_insecure_mode_the_doctor_passes_a_webhook_whatever_its_secret() {
+    let sandbox = Sandbox::start(&["--sandbox-apps=APP-1"], None).await;
+    let service = sandbox
+        .service(&["--sinch-webhook-secrets=", "--insecure-webhooks=true"])
+        .await;
+    let target = format!("http://{}/webhooks/sinch", service.webhook_addr);
+    let insecure = [("SINCH_WEBHOOK_SECRETS", ""), ("CAPABILITY_INSECURE_WEBHOOKS", "true")];
+    for secret in ["any-secret", ""] {
+        let id = register(&sandbox, &target, &["CAPABILITY"], secret).await;
+        let (code, out) = run_with(&sandbox, &insecure, &["doctor", "--target", &target]).await;
+        assert_eq!(code, Some(0), "secret {secret:?}: {out}");
+        assert!(out.contains("✓ its secret is not checked"), "{out}");
+        assert!(out.contains("was accepted"), "{out}");
+        assert_eq!(run(&sandbox, &["webhook", "delete", "--id", &id]).await.0, Some(0));
+    }
+
+    // Without the insecure flag the service would not start: the doctor says so rather than pass.
+    register(&sandbox, &target, &["CAPABILITY"], "any-secret").await;
+    let (code, out) = run_with(&sandbox, &insecure[..1], &["doctor", "--target", &target]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("SINCH_WEBHOOK_SECRETS is not set"), "{out}");
+}
+
 /// An answer that will not change (Sinch does not know the app) is reported once, not asked again for ever.
 #[tokio::test]
 async fn the_start_up_check_asks_again_only_when_sinch_was_busy() {

@@ -22,6 +22,8 @@ struct Context {
     project_id: String,
     api_url: String,
     secrets: Vec<Secret>,
+    /// No secret is set and CAPABILITY_INSECURE_WEBHOOKS is: the service accepts unsigned callbacks.
+    unsigned_accepted: bool,
 }
 
 impl Context {
@@ -51,6 +53,7 @@ impl Context {
             project_id: sinch.project_id,
             api_url: sinch.api_url,
             secrets: config.webhook.secrets.secrets.clone(),
+            unsigned_accepted: config.webhook.secrets.secrets.is_empty() && config.webhook.insecure,
         })
     }
 }
@@ -221,7 +224,17 @@ pub async fn doctor(args: DoctorArgs) -> ExitCode {
             None
         }
     };
-    if let Some(w) = ours {
+    if ours.is_some() && ctx.unsigned_accepted {
+        report(
+            true,
+            &format!(
+                "its secret is not checked: with {} and no SINCH_WEBHOOK_SECRETS the service accepts unsigned \
+                 callbacks (never in production)",
+                config::INSECURE_WEBHOOKS
+            ),
+            "",
+        );
+    } else if let Some(w) = ours {
         let known = registration::secret_known(w, &ctx.secrets);
         let what = if ctx.secrets.is_empty() {
             "its secret cannot be compared: SINCH_WEBHOOK_SECRETS is not set".to_owned()
@@ -239,19 +252,20 @@ pub async fn doctor(args: DoctorArgs) -> ExitCode {
         );
     }
 
-    // Signed as Sinch would sign it: with the registered secret, else with the service's.
+    // Signed as Sinch would sign it: with the registered secret, else with the service's; unsigned when the
+    // service accepts that.
     let secret = ours
         .map(|w| w.secret.clone())
         .filter(|s| !s.is_empty())
         .or_else(|| ctx.secrets.first().map(|s| s.expose().to_owned()));
-    let Some(secret) = secret else {
+    if secret.is_none() && !ctx.unsigned_accepted {
         report(
             false,
             "no secret to sign a test callback with",
             "set SINCH_WEBHOOK_SECRETS",
         );
         return ExitCode::FAILURE;
-    };
+    }
     let now = humantime::format_rfc3339_micros(std::time::SystemTime::now()).to_string();
     let body = serde_json::json!({"app_id": app, "accepted_time": now, "event_time": now,
         "project_id": ctx.project_id, "message_metadata": "", "correlation_id": "",
@@ -261,28 +275,40 @@ pub async fn doctor(args: DoctorArgs) -> ExitCode {
     // To the URL Sinch will post to: the registered one, when there is one.
     let target = ours.map_or(target.as_str(), |w| w.target.as_str());
     let own_listener = own_tls_listener(&args.registration);
+    let callback = if secret.is_some() {
+        "a signed test callback"
+    } else {
+        "an unsigned test callback"
+    };
     let passed = match ctx
         .client
-        .post_signed_callback(target, &secret, body, own_listener)
+        .post_signed_callback(target, secret.as_deref(), body, own_listener)
         .await
     {
-        Ok((200, _)) => report(true, &format!("a signed test callback to {target} was accepted"), ""),
+        Ok((200, _)) => report(true, &format!("{callback} to {target} was accepted"), ""),
         Ok((status @ 300..=399, location)) => report(
             false,
             &format!(
-                "a signed test callback to {target} was redirected ({status}) to {}",
+                "{callback} to {target} was redirected ({status}) to {}",
                 location.as_deref().unwrap_or("nowhere said")
             ),
             "register the URL it redirects to: Sinch posts to the registered URL and is not known to follow redirects",
         ),
         Ok((401, _)) => report(
             false,
-            &format!("a signed test callback to {target} was refused (401): the receiver does not know the secret"),
+            &format!(
+                "{callback} to {target} was refused (401): the receiver {}",
+                if secret.is_some() {
+                    "does not know the secret"
+                } else {
+                    "checks signatures"
+                }
+            ),
             "the SINCH_WEBHOOK_SECRETS of the service at the target must include the webhook's secret",
         ),
         Ok((status, _)) => report(
             false,
-            &format!("a signed test callback to {target} was answered {status}"),
+            &format!("{callback} to {target} was answered {status}"),
             "check that the target is this service's /webhooks/sinch, through the ingress",
         ),
         Err(e) => report(
