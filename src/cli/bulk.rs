@@ -697,7 +697,13 @@ impl LineCounter<'_> {
             start += 1;
         }
         if start >= self.at {
-            self.line += self.bytes[self.at..start].iter().filter(|b| **b == b'\n').count() as u64;
+            // A line ends at LF, or at a CR not followed by one (as the reader takes it).
+            let ends = (self.at..start).filter(|&i| match self.bytes[i] {
+                b'\n' => true,
+                b'\r' => self.bytes.get(i + 1) != Some(&b'\n'),
+                _ => false,
+            });
+            self.line += ends.count() as u64;
             self.at = start;
         }
         self.line
@@ -1223,6 +1229,22 @@ mod tests {
         );
         assert_eq!(bad.iter().map(|(line, _)| *line).collect::<Vec<_>>(), [4, 5]);
         assert!(read_input(b"who,what\n1,2\n", Format::Csv, &mut |_, _| {}).is_err());
+    }
+
+    /// Lines ended as old Mac editors end them (CR alone) or as Windows ones do (CR LF) are numbered as lines: with
+    /// CR alone every row was said to be on line 1.
+    #[test]
+    fn csv_lines_are_numbered_whatever_ends_them() {
+        let text = "name,WhatsApp,RCS,sms\nann,4671,4671,\n\nbob,,,\ncid,4672,\"46\n73\",\n";
+        for end in ["\r", "\r\n"] {
+            let (input, bad) = read(&text.replace('\n', end), Format::Csv);
+            assert_eq!((input.rows[0].index, input.rows[0].line), (0, 2), "{end:?}");
+            assert_eq!(
+                bad.iter().map(|(line, _)| *line).collect::<Vec<_>>(),
+                [4, 5],
+                "{end:?}: {bad:?}"
+            );
+        }
     }
 
     #[test]
