@@ -243,23 +243,14 @@ impl Queries {
         Ok(self.forward(&query, deadline, deadline, trace).await?)
     }
 
-    /// The answer recorded for `query`'s request_id, in this process or in Redis, without claiming it; a conflict if
-    /// the request_id was used for another question.
+    /// The answer recorded in Redis for `query`'s request_id (by any replica), without claiming it; a conflict if the
+    /// request_id was used for another question.
     async fn recorded(&self, query: &Query) -> Result<Option<QueryAccepted>, QueryError> {
-        let conflict = || QueryError::Conflict {
-            request_id: query.request_id.clone(),
-        };
-        if let Some(entry) = self.idempotency.entries.get(&query.request_id) {
-            if !entry.query.same_question(query) {
-                return Err(conflict());
-            }
-            if let Some(answer) = entry.answer.get() {
-                return Ok(Some(answer.clone()));
-            }
-        }
         let fingerprint = recorded_json(query);
         match self.log.recorded_request_id(&query.request_id, &fingerprint).await {
-            Some(IdempotencyClaim::Conflict) => Err(conflict()),
+            Some(IdempotencyClaim::Conflict) => Err(QueryError::Conflict {
+                request_id: query.request_id.clone(),
+            }),
             Some(IdempotencyClaim::Answered(answer)) => {
                 Ok(serde_json::from_str::<QueryJson>(&answer).ok().map(Into::into))
             }
@@ -297,13 +288,17 @@ impl Queries {
             request_id,
         };
         // The rate limit first: a caller cannot fill the idempotency records faster than it may query. But a
-        // repeat of an answered request_id sends nothing: refused by the limit, it is given the answer recorded
-        // (one read, no claim), or ALREADY_EXISTS.
-        if let Err(limited) = self.upstream.admit(deadline).await {
-            return match self.recorded(&query).await? {
-                Some(answer) => Ok((answer, false)),
-                None => Err(limited.into()),
-            };
+        // repeat of an answered request_id sends nothing: one this replica answered spends none of the budget, and
+        // one the limit would make wait is given the answer recorded (one read, no claim) at once; or
+        // ALREADY_EXISTS.
+        if let Some(answer) = self.idempotency.answered(&query)? {
+            return Ok((answer, false));
+        }
+        if !self.upstream.admits_now() {
+            if let Some(answer) = self.recorded(&query).await? {
+                return Ok((answer, false));
+            }
+            self.upstream.admit(deadline).await?;
         }
         let entry = self.idempotency.claim(&query)?;
         // Counted at once, before anything is awaited: a failed attempt ending meanwhile sees this call.
@@ -419,6 +414,18 @@ impl Idempotency {
             Err(QueryError::Conflict {
                 request_id: query.request_id.clone(),
             })
+        }
+    }
+
+    /// The answer this process holds for `query`'s request_id, if any; a conflict if it was used for another
+    /// question.
+    fn answered(&self, query: &Query) -> Result<Option<QueryAccepted>, QueryError> {
+        match self.entries.get(&query.request_id) {
+            Some(entry) if !entry.query.same_question(query) => Err(QueryError::Conflict {
+                request_id: query.request_id.clone(),
+            }),
+            Some(entry) => Ok(entry.answer.get().cloned()),
+            None => Ok(None),
         }
     }
 

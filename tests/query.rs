@@ -1054,6 +1054,35 @@ async fn a_query_whose_caller_went_away_still_counts_in_flight_until_it_is_sent(
     assert_eq!(fake.queries().len(), 1);
 }
 
+/// Nor does a repeat of an answered request_id spend the budget: a client's retry after a lost answer took the
+/// token a new query then lacked (and waited for one, when the budget was spent, for an answer already there).
+#[tokio::test]
+async fn a_repeat_of_an_answered_request_id_leaves_the_rate_budget_to_new_queries() {
+    let redis = common::redis::RedisServer::start().await;
+    let url = format!("--redis-url={}", redis.url());
+    for (n, args) in [&[][..], &[url.as_str()][..]].into_iter().enumerate() {
+        let fake = FakeSinch::start().await;
+        let mut args = args.to_vec();
+        // Two queries at once, then one every half second.
+        args.push("--sinch-rate-limit=2");
+        let service = Service::against(&fake, &args).await;
+        let mut client = service.client().await;
+        let request_id = format!("budget-{n}");
+        let answer = client
+            .query_capability(query(contact("C"), &request_id))
+            .await
+            .unwrap()
+            .into_inner();
+        let repeated = client.query_capability(query(contact("C"), &request_id)).await.unwrap();
+        assert_eq!(repeated.into_inner(), answer, "round {n}");
+        let mut new = Request::new(query(contact("D"), ""));
+        new.set_timeout(Duration::from_millis(100));
+        let admitted = client.query_capability(new).await;
+        assert!(admitted.is_ok(), "round {n}: {admitted:?}");
+        assert_eq!(fake.queries().len(), 2, "round {n}");
+    }
+}
+
 /// A repeat of an answered request_id sends nothing, so the rate limit does not keep it out: it gets the stored
 /// answer (or ALREADY_EXISTS for another question) at once, on the replica that answered and on another one, even
 /// when that replica has used its budget. It was told RESOURCE_EXHAUSTED, to retry what was already done.

@@ -207,6 +207,11 @@ impl SinchClient {
         true
     }
 
+    /// Whether this replica's rate limit admits one more send now (then it counts as sent), without waiting.
+    pub fn admits_now(&self) -> bool {
+        self.limiter.check().is_ok()
+    }
+
     /// Waits for this replica's rate limit to admit one more send, or fails at once if that wait would pass the
     /// deadline.
     pub async fn admit(&self, deadline: Instant) -> Result<(), Error> {
