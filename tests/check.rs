@@ -377,6 +377,49 @@ async fn a_contact_named_only_by_identity_checks_results_is_asked_about() {
     }
 }
 
+/// A contact's entry filling from a lookup that no check waits for any more is not the contact's answer until the
+/// lookup settles (no result for the settle time): a check meanwhile joins the lookup, in process and with Redis.
+/// One that does not wait is told the results come so far and the lookup's request_id, to watch for the rest; one
+/// that waits gets every channel that comes within its wait. Both were answered from the cache with the channels
+/// come so far, as if they were all the contact had.
+#[tokio::test]
+async fn a_contact_check_during_a_lookup_nobody_waits_for_joins_it() {
+    let redis = RedisServer::start().await;
+    let url = format!("--redis-url={}", redis.url());
+    for (n, args) in [&[][..], &[url.as_str()][..]].into_iter().enumerate() {
+        let fake = FakeSinch::start().await;
+        let service = Service::against(&fake, args).await;
+        let contact_id = format!("C-settling-{n}");
+        let now_only = |mut request: pb::CheckCapabilityRequest| {
+            request.wait = duration(Duration::ZERO);
+            request
+        };
+        let started = answer(&service, now_only(check(contact(&contact_id)))).await;
+        let live_id = started.request_id.clone();
+        assert_eq!(nth_query(&fake, 1).await.0, live_id, "round {n}");
+        let result =
+            |channel| CapabilityCallback::new(&live_id, channel, NUMBER, "CAPABILITY_FULL").contact_id(&contact_id);
+        assert_eq!(deliver(service.webhook_addr, result("SMS").body()).await, 200);
+        // The result is in the cache once its identity is answered from it.
+        let sms = answer(&service, check(identities(&[(Channel::Sms, NUMBER)]))).await;
+        assert_eq!(summary(&sms)[0].2, ResultSource::Cache, "round {n}");
+
+        let so_far = answer(&service, now_only(check(contact(&contact_id)))).await;
+        assert_eq!(so_far.request_id, live_id, "round {n}: {so_far:?}");
+        assert!(
+            so_far.results.iter().all(|r| r.source() != ResultSource::Cache),
+            "round {n}: {so_far:?}"
+        );
+        let waiting = spawn_check(service.client().await, check(contact(&contact_id))).await;
+        assert_eq!(deliver(service.webhook_addr, result("RCS").body()).await, 200);
+        let every = waiting.await.unwrap().unwrap();
+        let mut channels: Vec<Channel> = summary(&every).into_iter().map(|(channel, ..)| channel).collect();
+        channels.sort();
+        assert_eq!(channels, [Channel::Rcs, Channel::Sms], "round {n}: {every:?}");
+        assert_eq!(fake.queries().len(), 1, "round {n}: nothing asked again");
+    }
+}
+
 /// A contact check whose deadline comes while another check's lookup of the contact is still being sent (Sinch
 /// slow to accept it) is told DEADLINE_EXCEEDED, naming why: it had no lookup to wait on, nor results. It answered
 /// OK with no results and no request_id, as if nothing had come for the contact within the wait.
@@ -1827,7 +1870,7 @@ async fn in_redis_a_contacts_entry_answers_once_it_holds_a_result_of_a_lookup_of
     let now = std::time::SystemTime::now;
     let held = || async {
         let held = cache.get_contact(&contact).await.unwrap();
-        (held.results.len(), held.whole)
+        (held.results.len(), held.lookup.is_some())
     };
     // sms_result's first argument is the result's request_id.
     cache
@@ -1871,7 +1914,7 @@ async fn in_redis_a_contacts_entry_answers_once_it_holds_a_result_of_a_lookup_of
         .store(&sms_result("early", "46700000023", "C-noted-first", now()), 4)
         .await
         .unwrap();
-    assert!(cache.get_contact(&noted_first).await.unwrap().whole);
+    assert!(cache.get_contact(&noted_first).await.unwrap().lookup.is_some());
 }
 
 /// In Redis, a contact's entry holds at most 64 results, its lookups' note and an invalidation's mark not counted
@@ -1893,7 +1936,7 @@ async fn in_redis_a_contacts_entry_holds_at_most_64_results() {
             .unwrap();
     }
     let held = cache.get_contact(&contact).await.unwrap();
-    assert_eq!((held.results.len(), held.whole), (64, true));
+    assert_eq!((held.results.len(), held.lookup.is_some()), (64, true));
 }
 
 /// The Redis cache, as the in-process one (src/check/local.rs): a contact invalidated while a result for another

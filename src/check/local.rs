@@ -13,7 +13,7 @@ use crate::{
     capability::CacheTtl,
     log::{
         Consumer, Entry, KeyFold,
-        cached::{CachedResult, EntryKey, KeyHasher, MAX_CONTACT_LOOKUPS, answers_contact},
+        cached::{CachedResult, EntryKey, KeyHasher, Lookup, MAX_CONTACT_LOOKUPS, latest_lookup},
     },
 };
 
@@ -40,9 +40,9 @@ pub struct ContactEntry {
 }
 
 impl ContactEntry {
-    /// Whether it is the contact's answer: it holds a result of a lookup of the contact.
-    pub fn whole(&self) -> bool {
-        answers_contact(self.results.iter().map(|(_, held)| held), &self.lookups)
+    /// The latest lookup of the contact among its results (see [`crate::log::cached::ContactResults::lookup`]).
+    pub fn lookup(&self) -> Option<Lookup> {
+        latest_lookup(self.results.iter().map(|(_, held)| held), &self.lookups)
     }
 }
 
@@ -378,7 +378,7 @@ mod tests {
     fn a_contact_entry_answers_once_it_holds_a_result_of_a_lookup_of_the_contact() {
         let cache = LocalCache::new(CacheTtl::default(), 100);
         let now = crate::log::wall_clock_ms();
-        let whole = |contact: &EntryKey| matches!(cache.get(contact).as_deref(), Some(Cached::Contact(c)) if c.whole());
+        let whole = |contact: &EntryKey| matches!(cache.get(contact).as_deref(), Some(Cached::Contact(c)) if c.lookup().is_some());
         // entry() names its result's request_id r<time>.
         cache.apply(&entry("46700000001", "C1", CapabilityStatus::Full, now));
         let c1 = cache.hasher().contact("app", "C1");

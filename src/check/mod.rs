@@ -99,6 +99,16 @@ pub struct CheckAnswer {
     asked: bool,
 }
 
+/// What a contact's cache entry says to a check.
+enum InCache {
+    /// The contact's answer.
+    Answer(CheckAnswer),
+    /// The results of this lookup of the contact are still coming (its latest came within the settle time).
+    Settling(Arc<str>),
+    /// Nothing that answers the contact.
+    Miss,
+}
+
 /// Why a check failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CheckError {
@@ -343,7 +353,7 @@ impl Checker {
     /// A contact's cached results, none unless each identity's own entry still holds one, and for each the newer
     /// of the contact's copy and the identity's own: an invalidation of an identity empties its entry but may not
     /// find every contact entry that holds it (its latest result may name no contact, or another), and a result
-    /// stored under the identity since is newer than the copy. Whole only as [`ContactResults::whole`] says.
+    /// stored under the identity since is newer than the copy; and the latest lookup of the contact among them.
     async fn cached_contact(&self, key: &EntryKey) -> ContactResults {
         match &self.store {
             Store::Local(local) => match local.get(key).as_deref() {
@@ -359,7 +369,7 @@ impl Checker {
                         .unwrap_or_default();
                     ContactResults {
                         results,
-                        whole: entry.whole(),
+                        lookup: entry.lookup(),
                     }
                 }
                 _ => ContactResults::default(),
@@ -632,33 +642,42 @@ impl Checker {
         let fresh = || {
             async {
                 if request.max_age.is_zero() {
-                    return None;
+                    return InCache::Miss;
                 }
                 let now = self.now_ms();
                 let cached = self.cached_contact(&key).await;
                 // Every result the entry holds must be fresh: one expired means a channel would be missing.
                 let fresh = !cached.results.is_empty() && cached.results.iter().all(|c| c.fresh(now, request.max_age));
-                (cached.whole && fresh).then(|| {
-                    let mut results: Vec<CheckResult> = cached
-                        .results
-                        .into_iter()
-                        .filter_map(|c| answered(Source::Cache, c.offset, c.request_id, c.body))
-                        .collect();
-                    results.sort_by(|a, b| (&a.channel, &a.identity).cmp(&(&b.channel, &b.identity)));
-                    CheckAnswer {
-                        results,
-                        ..CheckAnswer::default()
-                    }
+                let Some(lookup) = cached.lookup.filter(|_| fresh) else {
+                    return InCache::Miss;
+                };
+                if now
+                    < lookup
+                        .last_result_ms
+                        .saturating_add(self.settings.settle.as_millis() as u64)
+                {
+                    return InCache::Settling(lookup.request_id.into());
+                }
+                let mut results: Vec<CheckResult> = cached
+                    .results
+                    .into_iter()
+                    .filter_map(|c| answered(Source::Cache, c.offset, c.request_id, c.body))
+                    .collect();
+                results.sort_by(|a, b| (&a.channel, &a.identity).cmp(&(&b.channel, &b.identity)));
+                InCache::Answer(CheckAnswer {
+                    results,
+                    ..CheckAnswer::default()
                 })
             }
         };
         // The cache first, before a place among the waiting checks (a hit waits for nothing), but only while no
-        // lookup of the contact is in flight: a contact's entry fills while its query is in flight, and is whole
-        // only once the query that started it returns. Then, gated (a bulk job), the budget and the cache again — a
-        // job's lease is never pending while it waits for its turn; then the lease.
+        // lookup of the contact is in flight, and the latest has settled: a contact's entry fills while its query
+        // is in flight, and for the settle time after each result (a lookup no check waits for any more fills it
+        // too). Then, gated (a bulk job), the budget and the cache again — a job's lease is never pending while it
+        // waits for its turn; then the lease.
         let own = call.request_id.clone();
-        // Whether the cache was passed over for a lookup in flight: one that ends before this check takes its
-        // lease leaves the entry whole.
+        // Whether the cache was passed over for a lookup in flight or settling: one that ends before this check
+        // takes its lease leaves the entry whole; one still settling then is joined.
         let passed_over = AtomicBool::new(false);
         let whole = || async {
             if request.max_age.is_zero() {
@@ -668,7 +687,14 @@ impl Checker {
                 passed_over.store(true, Ordering::Relaxed);
                 return None;
             }
-            fresh().await
+            match fresh().await {
+                InCache::Answer(answer) => Some(answer),
+                InCache::Settling(_) => {
+                    passed_over.store(true, Ordering::Relaxed);
+                    None
+                }
+                InCache::Miss => None,
+            }
         };
         if let Some(answer) = whole().await {
             return Ok(answer);
@@ -712,11 +738,19 @@ impl Checker {
             }
             Decided::TimedOut => return Err(CheckError::NoLookupYet),
         }
-        if passed_over.load(Ordering::Relaxed)
-            && let Some(answer) = fresh().await
-        {
-            leases.give_back(&[key]);
-            return Ok(answer);
+        if passed_over.load(Ordering::Relaxed) {
+            match fresh().await {
+                InCache::Answer(answer) => {
+                    leases.give_back(&[key]);
+                    return Ok(answer);
+                }
+                InCache::Settling(lookup) => {
+                    leases.give_back(&[key]);
+                    metrics::counter!("capability_coalesced_total").increment(1);
+                    return self.collect_contact(&lookup, *lookup == *own, call.until).await;
+                }
+                InCache::Miss => {}
+            }
         }
         // Recorded as sent only when it goes out: a contact that joined a lookup in flight was not.
         if let Some(gate) = call.gate

@@ -120,20 +120,34 @@ impl CachedResult {
 /// How many lookups of a contact (contact_id queries) its cache entry remembers.
 pub const MAX_CONTACT_LOOKUPS: usize = 4;
 
-/// Whether a contact's entry holding `held` is the contact's answer: one of them is a result of one of the latest
-/// `lookups` of the contact itself (see [`ContactResults::whole`]).
-pub fn answers_contact<'a, L: AsRef<str>>(mut held: impl Iterator<Item = &'a CachedResult>, lookups: &[L]) -> bool {
-    held.any(|result| lookups.iter().any(|lookup| lookup.as_ref() == result.request_id))
+/// The lookup of the contact itself (one of its latest `lookups`) whose result is the newest among `held`, if any:
+/// see [`ContactResults::lookup`].
+pub fn latest_lookup<'a, L: AsRef<str>>(held: impl Iterator<Item = &'a CachedResult>, lookups: &[L]) -> Option<Lookup> {
+    held.filter(|result| lookups.iter().any(|lookup| lookup.as_ref() == result.request_id))
+        .max_by_key(|result| result.checked_at_ms)
+        .map(|result| Lookup {
+            request_id: result.request_id.clone(),
+            last_result_ms: result.checked_at_ms,
+        })
+}
+
+/// A lookup of a contact itself (a contact_id query), as its entry knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lookup {
+    pub request_id: String,
+    /// When its newest result in the entry came, in milliseconds since the Unix epoch (by the log's clock).
+    pub last_result_ms: u64,
 }
 
 /// A contact's cached results.
 #[derive(Debug, Clone, Default)]
 pub struct ContactResults {
     pub results: Vec<CachedResult>,
-    /// They are the contact's answer: a result of one of the latest lookups of the contact itself (contact_id
-    /// queries) is among them. Results of identity queries that name the contact are among them too, but are not
-    /// alone the contact's channels.
-    pub whole: bool,
+    /// The lookup of the contact itself (one of its latest contact_id queries) whose result is the newest among
+    /// them. Without one they are not the contact's answer: results of identity queries that name the contact are
+    /// among them too, but are not alone the contact's channels. With one, they are once it has settled (no result
+    /// for the checks' settle time): until then more of its channels may come.
+    pub lookup: Option<Lookup>,
 }
 
 /// The name of a cache entry or lease: a keyed hash of what it is about.

@@ -31,7 +31,7 @@ use super::{Connection, invoke, ttl_ms};
 use crate::{
     capability::{CacheTtl, Notification},
     log::{
-        cached::{CachedResult, ContactResults, EntryKey, KeyHasher, MAX_CONTACT_LOOKUPS, answers_contact, hex},
+        cached::{CachedResult, ContactResults, EntryKey, KeyHasher, MAX_CONTACT_LOOKUPS, hex, latest_lookup},
         codec, wall_clock_ms,
     },
     secret::Secret,
@@ -418,7 +418,7 @@ impl RedisCache {
     }
 
     /// The results held under a contact's entry; none unless each identity's own entry holds a result too, and
-    /// for each the newer of the two; and whether they are the contact's answer.
+    /// for each the newer of the two; and the latest lookup of the contact among them.
     pub async fn get_contact(&self, key: &EntryKey) -> redis::RedisResult<ContactResults> {
         let fields: Vec<(String, Vec<u8>)> = redis::cmd("HGETALL")
             .arg(self.contact_entry(key))
@@ -439,7 +439,7 @@ impl RedisCache {
             .filter(|(field, _)| field != "a")
             .filter_map(|(field, value)| Some((field, CachedResult::decode(&value)?)))
             .collect();
-        let whole = answers_contact(held.iter().map(|(_, copy)| copy), &lookups);
+        let lookup = latest_lookup(held.iter().map(|(_, copy)| copy), &lookups);
         let own = self
             .read(held.iter().map(|(field, _)| format!("{}:c:{field}", self.prefix)))
             .await?;
@@ -449,7 +449,7 @@ impl RedisCache {
             .map(|((_, copy), own)| Some(copy.or_newer(own?)))
             .collect::<Option<Vec<_>>>()
             .unwrap_or_default();
-        Ok(ContactResults { results, whole })
+        Ok(ContactResults { results, lookup })
     }
 
     /// Notes that `request_id` is a lookup of `contact` itself: its entry answers once it holds one of its results.
