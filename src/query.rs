@@ -110,9 +110,11 @@ impl Queries {
         answer_by: Instant,
         trace: Option<&TraceParent>,
     ) -> Result<QueryAccepted, upstream::Error> {
+        let asked_ms = crate::log::wall_clock_ms();
         let record = QueryRecorded {
             request_id: query.request_id.clone(),
             expected: query.expected_channels(),
+            asked_ms,
         };
         if let Err(e) = self.log.record_query(record).await {
             tracing::warn!(request_id = %mask_digits(&query.request_id), error = %e, "the query's record could not be logged: \
@@ -130,6 +132,7 @@ impl Queries {
             let record = QueryRecorded {
                 request_id: accepted.request_id.clone(),
                 expected: query.expected_channels(),
+                asked_ms,
             };
             if let Err(e) = self.log.record_query(record).await {
                 tracing::warn!(request_id = %mask_digits(&accepted.request_id), error = %e, "the query's record could not be logged \

@@ -658,3 +658,66 @@ async fn a_request_id_is_claimed_while_its_query_is_sent_and_freed_when_the_send
         "the repeat sent the query the killed replica could not finish"
     );
 }
+
+/// The question a request_id was asked last says which channels its watches wait for, whatever order the log
+/// holds the records in. A replica that lost its connection to Redis appends its recent events again: a question
+/// Sinch refused there, corrected under the same request_id on another replica, came after the correction, and
+/// every hub then expected the refused question's channels — a watch completed on SMS alone.
+#[tokio::test]
+async fn an_earlier_question_appended_again_does_not_replace_its_correction() {
+    let redis = RedisServer::start().await;
+    // Replica A connects as a user of its own, so that its connections alone can be cut.
+    redis.command(&["ACL", "SETUSER", "replica-a", "on", ">a-password", "~*", "&*", "+@all"]);
+    let fake = FakeSinch::start().await;
+    let a_url = format!("--redis-url=redis://replica-a:a-password@127.0.0.1:{}", redis.port);
+    let a = Service::against(&fake, &[&a_url]).await;
+    let b = replica(&fake, &redis).await;
+    fake.script_queries([common::Canned::sinch_error(400, "INVALID_ARGUMENT", "refused")]);
+    let sms = [(Channel::Sms, "46700000001")];
+    let refused = a
+        .client()
+        .await
+        .query_capability(query(identities(&sms), "corrected"))
+        .await;
+    assert_eq!(refused.unwrap_err().code(), Code::InvalidArgument);
+    let both = [(Channel::Sms, "46700000001"), (Channel::Rcs, "46700000001")];
+    b.client()
+        .await
+        .query_capability(query(identities(&both), "corrected"))
+        .await
+        .unwrap();
+
+    redis.command(&["CLIENT", "KILL", "USER", "replica-a"]);
+    // Until A appended its refused question again: the stream holds three records of "corrected".
+    let stream = redis.keys("*:events").pop().expect("the log's stream");
+    let records = || {
+        redis
+            .command(&["XRANGE", &stream, "-", "+"])
+            .matches("corrected")
+            .count()
+    };
+    for _ in 0..1_000 {
+        if records() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(records(), 3);
+
+    assert_eq!(deliver(b.webhook_addr, body("corrected", "SMS")).await, 200);
+    for replica in [&a, &b] {
+        let mut client = replica.client().await;
+        let watch = client
+            .watch_capability(watch_request("corrected", 0, Some(Duration::from_secs(2))))
+            .await
+            .unwrap()
+            .into_inner();
+        let (seen, end) = drain(watch).await;
+        assert_eq!(seen.len(), 1);
+        assert_eq!(
+            end.unwrap().reason(),
+            CompletionReason::WaitElapsed,
+            "RCS is still to come"
+        );
+    }
+}

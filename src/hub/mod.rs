@@ -26,9 +26,10 @@ mod watch;
 
 use std::{
     collections::{HashMap, VecDeque},
+    num::NonZeroU32,
     sync::{
         Arc, Mutex, MutexGuard,
-        atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -68,8 +69,8 @@ pub struct Hub {
     keys: KeyedHash,
     /// Records with events in the order the log created them (generation, key), to evict the oldest at the
     /// cap. Entries of records already gone are skipped when met.
-    order: Mutex<VecDeque<(u64, Key)>>,
-    next_generation: AtomicU64,
+    order: Mutex<VecDeque<(Generation, Key)>>,
+    next_generation: AtomicU32,
     /// How many records with events exist.
     count: AtomicUsize,
     /// The log's clock: the latest time it reported, in milliseconds since the Unix epoch.
@@ -108,15 +109,23 @@ struct Lost {
     channels: Vec<(Channel, u64)>,
 }
 
+/// Tells a watch that the record it reads is the one it subscribed to (not a later one of the same id), and the
+/// eviction order that an entry is the record's. 32 bits, counted round: a record of the same id made 2³² records
+/// later, within one watch's life or one record's, would be taken for the earlier.
+type Generation = u32;
+
 struct Record {
-    /// Tells a watch that the record it reads is the one it subscribed to (not a later one of the same id).
-    generation: u64,
+    generation: Generation,
     /// Whether the log has given this record an event (else it is a watch's shell).
     real: bool,
     /// The log time of its latest event.
     last_ms: u64,
     /// The channels its query will report; `None` when unknown.
     expected: Option<ChannelSet>,
+    /// When the question `expected` comes from was asked (see [`crate::log::QueryRecorded::asked_ms`]), in
+    /// milliseconds since the Unix epoch modulo 2³² (0 read as 1), compared as serial numbers (RFC 1982): two
+    /// questions of one request_id are asked well within 24 days of each other. `None` before its first question.
+    asked: Option<NonZeroU32>,
     /// The channels that reported.
     reported: ChannelSet,
     /// The channels that reported but whose results all expired, each with its last result's offset: a watch
@@ -203,7 +212,7 @@ impl Hub {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             keys: KeyedHash::default(),
             order: Mutex::new(VecDeque::new()),
-            next_generation: AtomicU64::new(1),
+            next_generation: AtomicU32::new(1),
             count: AtomicUsize::new(0),
             now_ms: AtomicU64::new(0),
             read_offset: AtomicI64::new(i64::MIN),
@@ -291,6 +300,7 @@ impl Hub {
             real,
             last_ms,
             expected: None,
+            asked: None,
             reported: ChannelSet::default(),
             lost: None,
             notifications: HeldList::default(),
@@ -533,7 +543,7 @@ impl Hub {
     /// and all through once gone ones outnumber live ones (a watched record that outlives its events keeps the
     /// front live while later ones come and go).
     fn trim_order(&self) {
-        let live = |&(generation, key): &(u64, Key)| {
+        let live = |&(generation, key): &(Generation, Key)| {
             self.shard(key)
                 .records
                 .get(&key)
@@ -555,9 +565,21 @@ impl Consumer for Hub {
         match entry {
             // The latest question asked under the request_id says which channels will report, also when they are
             // not known in advance: a question Sinch refused may be asked again, corrected, under the same one.
-            Entry::Query { time_ms, query } => self.apply_to(&query.request_id, *time_ms, |record| {
-                record.expected = query.expected.as_ref().map(|expected| expected.iter().collect());
-            }),
+            // Latest by when it was asked, not by its place in the log: a replica appends its recent records again
+            // after an outage (a build before says nothing of when: its time in the log stands for it).
+            Entry::Query { time_ms, query } => {
+                let asked = if query.asked_ms == 0 { *time_ms } else { query.asked_ms } as u32;
+                let asked = NonZeroU32::new(asked).unwrap_or(NonZeroU32::MIN);
+                self.apply_to(&query.request_id, *time_ms, |record| {
+                    if record
+                        .asked
+                        .is_none_or(|held| asked.get().wrapping_sub(held.get()) as i32 >= 0)
+                    {
+                        record.asked = Some(asked);
+                        record.expected = query.expected.as_ref().map(|expected| expected.iter().collect());
+                    }
+                })
+            }
             Entry::Notification(n) => self.apply_notification(n),
         }
         self.raise_clock(entry.time_ms());
@@ -578,7 +600,7 @@ pub(crate) struct Subscription {
     hub: Arc<Hub>,
     key: Key,
     request_id: Arc<str>,
-    generation: u64,
+    generation: Generation,
     changed: Arc<Notify>,
     /// The offset of the last notification taken.
     cursor: u64,
@@ -692,6 +714,7 @@ mod tests {
             query: QueryRecorded {
                 request_id: request_id.into(),
                 expected: Some(expected.to_vec()),
+                asked_ms: 0,
             },
         }
     }

@@ -274,6 +274,7 @@ mod tests {
             query: QueryRecorded {
                 request_id: "r".into(),
                 expected: None,
+                asked_ms: 0,
             },
         });
         hub.apply(&notification("r", Channel::Sms, 1, 3));
@@ -283,6 +284,37 @@ mod tests {
             panic!("completion")
         };
         assert_eq!(reason, CompletionReason::WaitElapsed);
+    }
+
+    /// Of two questions of a request_id, the one asked later says its channels, whichever the log holds last (a
+    /// replica appends its recent records again after an outage), also where the hub's 32-bit copy of the time
+    /// wraps round.
+    #[tokio::test(start_paused = true)]
+    async fn the_question_asked_last_says_the_channels_whatever_the_log_order() {
+        for corrected_ms in [1_796_685_666_772, 418 << 32] {
+            let hub = hub(600, 100);
+            let asked = |asked_ms: u64, expected: &[Channel]| Entry::Query {
+                time_ms: 5,
+                query: QueryRecorded {
+                    request_id: "r".into(),
+                    expected: Some(expected.to_vec()),
+                    asked_ms,
+                },
+            };
+            hub.apply(&asked(corrected_ms, &[Channel::Sms, Channel::Rcs]));
+            hub.apply(&asked(corrected_ms - 2, &[Channel::Sms]));
+            hub.apply(&notification("r", Channel::Sms, 1, 6));
+            let mut watch = pin!(hub.watch("r", 0, waiting(Duration::from_secs(1))));
+            assert_eq!(offset(watch.next().await), 1);
+            let Some(WatchEvent::Completed { reason, .. }) = watch.next().await else {
+                panic!("completion")
+            };
+            assert_eq!(
+                reason,
+                CompletionReason::WaitElapsed,
+                "RCS is still to come ({corrected_ms})"
+            );
+        }
     }
 
     /// A result gone with the retention is no longer reported: a watch that replays the rest is not told the

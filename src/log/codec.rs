@@ -36,6 +36,11 @@ pub struct QueryRecorded {
     pub request_id: String,
     /// `None` for contact_id queries: their channels are not known in advance.
     pub expected: Option<Vec<Channel>>,
+    /// When the question was asked, by the wall clock of the replica that recorded it, in milliseconds since the
+    /// Unix epoch (0 from a build before): of two records of a request_id, the later question is the one its
+    /// channels come from, whichever the log holds last (a replica appends its recent records again after an
+    /// outage).
+    pub asked_ms: u64,
 }
 
 /// See [`Event::NotificationReceived`].
@@ -110,6 +115,7 @@ pub fn encode(event: &Event) -> Vec<u8> {
                 request_id: q.request_id.clone(),
                 expected_known: q.expected.is_some(),
                 expected: q.expected.iter().flatten().map(|c| c.as_sinch().to_owned()).collect(),
+                asked_ms: q.asked_ms,
             })),
         },
         Event::NotificationReceived(n) => EventV1 {
@@ -149,6 +155,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
                 expected: q
                     .expected_known
                     .then(|| q.expected.iter().map(|c| Channel::from_sinch(c)).collect()),
+                asked_ms: q.asked_ms,
             }),
             body: None,
         }),
@@ -338,6 +345,8 @@ struct QueryV1 {
     /// Sinch's spellings.
     #[prost(string, repeated, tag = "3")]
     expected: Vec<String>,
+    #[prost(uint64, tag = "4")]
+    asked_ms: u64,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -470,6 +479,7 @@ pub(crate) mod tests {
             let query = Event::QueryRecorded(QueryRecorded {
                 request_id: "r2".into(),
                 expected,
+                asked_ms: 1_796_685_666_772,
             });
             assert_eq!(decode(&encode(&query)).unwrap().event, query);
         }
@@ -480,6 +490,7 @@ pub(crate) mod tests {
         let mut bytes = encode(&Event::QueryRecorded(QueryRecorded {
             request_id: "r".into(),
             expected: None,
+            asked_ms: 0,
         }));
         bytes[0] = 2;
         assert_eq!(decode(&bytes), Err(DecodeError::UnknownVersion(2)));
