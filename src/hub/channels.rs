@@ -49,6 +49,13 @@ impl ChannelSet {
         }
     }
 
+    pub(super) fn contains(&self, channel: &Channel) -> bool {
+        match channel {
+            Channel::Other(raw) => self.others().contains(raw),
+            known => self.bits() & (1 << known.number()) != 0,
+        }
+    }
+
     /// The channels of `self` that are not in `other`, as a set.
     pub(super) fn minus(&self, other: &ChannelSet) -> ChannelSet {
         self.without(other).iter().collect()

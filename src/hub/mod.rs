@@ -429,7 +429,7 @@ impl Hub {
                 generation,
                 changed,
                 cursor: after_offset,
-                skipped: (0, 0),
+                gaps: None,
             },
             limits,
         )
@@ -604,8 +604,18 @@ pub(crate) struct Subscription {
     changed: Arc<Notify>,
     /// The offset of the last notification taken.
     cursor: u64,
-    /// The offsets it passed without reading them (they had expired), first and last (0, 0: none).
-    skipped: (u32, u32),
+    /// The offsets it passed without reading them (they had expired); made at the first such gap.
+    gaps: Option<Box<Gaps>>,
+}
+
+/// The offsets a watch passed without reading them.
+struct Gaps {
+    /// The latest gap's first and last offsets.
+    latest: (u64, u64),
+    /// The channels lost in the gaps before it (their last result among the offsets passed): named, so that what
+    /// the watch read between two gaps does not count as passed. Lost again later (a channel reported anew leaves
+    /// the record's lost ones), a channel named here counts as passed.
+    before: ChannelSet,
 }
 
 /// What a subscription found past its cursor.
@@ -629,22 +639,39 @@ impl Subscription {
         };
         if let Some((offset, body)) = record.next_after(self.cursor) {
             if offset > self.cursor + 1 {
-                let (first, last) = (self.cursor + 1, offset - 1);
-                let first = if self.skipped.0 == 0 {
-                    first
-                } else {
-                    first.min(self.skipped.0.into())
-                };
-                self.skipped = (narrow(first), narrow(last));
+                let latest = (self.cursor + 1, offset - 1);
+                match &mut self.gaps {
+                    Some(gaps) => {
+                        let (first, last) = gaps.latest;
+                        let lost = record.lost.as_deref().map_or(&[][..], |lost| &lost.channels[..]);
+                        for (channel, _) in lost.iter().filter(|(_, at)| (first..=last).contains(at)) {
+                            gaps.before.insert(channel);
+                        }
+                        gaps.latest = latest;
+                    }
+                    None => {
+                        self.gaps = Some(Box::new(Gaps {
+                            latest,
+                            before: ChannelSet::default(),
+                        }))
+                    }
+                }
             }
             self.cursor = offset;
             return Snapshot::Notification(offset, body);
         }
         // The channels whose last result expired before this watch read it: past its cursor, or passed by it.
-        let (first, last) = (u64::from(self.skipped.0), u64::from(self.skipped.1));
-        let passed = |offset: u64| offset > self.cursor || (first > 0 && (first..=last).contains(&offset));
+        let passed = |channel: &Channel, offset: u64| {
+            offset > self.cursor
+                || self.gaps.as_deref().is_some_and(|gaps| {
+                    (gaps.latest.0..=gaps.latest.1).contains(&offset) || gaps.before.contains(channel)
+                })
+        };
         let lost: Option<ChannelSet> = record.lost.as_deref().map(|lost| {
-            let unread = lost.channels.iter().filter(|(_, offset)| passed(*offset));
+            let unread = lost
+                .channels
+                .iter()
+                .filter(|(channel, offset)| passed(channel, *offset));
             unread.map(|(channel, _)| channel).collect()
         });
         Snapshot::Quiet {
@@ -655,11 +682,6 @@ impl Subscription {
             }),
         }
     }
-}
-
-/// An offset as a watch keeps the ones it passed: offsets are at most the per-request cap (≤ 1,000,000).
-fn narrow(offset: u64) -> u32 {
-    u32::try_from(offset).unwrap_or(u32::MAX)
 }
 
 impl Drop for Subscription {

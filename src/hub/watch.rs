@@ -335,6 +335,35 @@ mod tests {
         assert_eq!((reason, pending), (CompletionReason::WaitElapsed, vec![Channel::Sms]));
     }
 
+    /// A watch that passed expired results twice, reading one between, does not count the channel it read as
+    /// lost when that result expires too: its two gaps were kept as one range, over the offset it read.
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_that_passed_two_gaps_counts_what_it_read_between_as_read() {
+        let hub = hub(60, 100);
+        hub.apply(&query("r", &[Channel::Sms, Channel::Mms], 0));
+        hub.apply(&notification("r", Channel::Sms, 1, 0));
+        hub.apply(&notification("r", Channel::Mms, 2, 30_000));
+        hub.apply(&notification("r", Channel::Whatsapp, 3, 40_000));
+        hub.apply(&notification("r", Channel::Sms, 4, 50_000));
+        hub.advance(61_000);
+        hub.purge();
+        let mut watch = pin!(hub.watch("r", 0, waiting(Duration::from_secs(20))));
+        assert_eq!(offset(watch.next().await), 2);
+        hub.advance(101_000);
+        hub.purge();
+        assert_eq!(offset(watch.next().await), 4);
+        let ended = loop {
+            match watch.next().await {
+                Some(WatchEvent::Heartbeat { .. }) => continue,
+                other => break other,
+            }
+        };
+        let Some(WatchEvent::Completed { reason, pending, .. }) = ended else {
+            panic!("completion, got {ended:?}")
+        };
+        assert_eq!((reason, pending), (CompletionReason::AllChannelsReported, vec![]));
+    }
+
     /// A watch that passed an expired result but read the next one counts only the first as pending when the
     /// second expires too.
     #[tokio::test(start_paused = true)]
