@@ -388,7 +388,8 @@ async fn a_contact_check_during_a_lookup_nobody_waits_for_joins_it() {
     let url = format!("--redis-url={}", redis.url());
     for (n, args) in [&[][..], &[url.as_str()][..]].into_iter().enumerate() {
         let fake = FakeSinch::start().await;
-        let service = Service::against(&fake, args).await;
+        // A settle longer than any step here takes, however loaded the machine.
+        let service = Service::against(&fake, &[args, &["--check-settle=10s"]].concat()).await;
         let contact_id = format!("C-settling-{n}");
         let now_only = |mut request: pb::CheckCapabilityRequest| {
             request.wait = duration(Duration::ZERO);
@@ -406,11 +407,14 @@ async fn a_contact_check_during_a_lookup_nobody_waits_for_joins_it() {
 
         let so_far = answer(&service, now_only(check(contact(&contact_id)))).await;
         assert_eq!(so_far.request_id, live_id, "round {n}: {so_far:?}");
-        assert!(
-            so_far.results.iter().all(|r| r.source() != ResultSource::Cache),
-            "round {n}: {so_far:?}"
+        assert_eq!(
+            summary(&so_far),
+            [(Channel::Sms, CapabilityStatus::Full, ResultSource::Shared)],
+            "round {n}"
         );
-        let waiting = spawn_check(service.client().await, check(contact(&contact_id))).await;
+        let mut waits = check(contact(&contact_id));
+        waits.wait = duration(Duration::from_secs(2));
+        let waiting = spawn_check(service.client().await, waits).await;
         assert_eq!(deliver(service.webhook_addr, result("RCS").body()).await, 200);
         let every = waiting.await.unwrap().unwrap();
         let mut channels: Vec<Channel> = summary(&every).into_iter().map(|(channel, ..)| channel).collect();
@@ -418,6 +422,95 @@ async fn a_contact_check_during_a_lookup_nobody_waits_for_joins_it() {
         assert_eq!(channels, [Channel::Rcs, Channel::Sms], "round {n}: {every:?}");
         assert_eq!(fake.queries().len(), 1, "round {n}: nothing asked again");
     }
+}
+
+/// A check that joins a contact's lookup still settling is answered with the entry's other fresh results too: a
+/// channel an earlier lookup reported, which this one has not (yet), was left out, where the cache had it.
+#[tokio::test]
+async fn a_contact_check_joining_a_settling_lookup_keeps_the_channels_cached_before() {
+    let redis = RedisServer::start().await;
+    let url = format!("--redis-url={}", redis.url());
+    for (n, args) in [&[][..], &[url.as_str()][..]].into_iter().enumerate() {
+        let fake = FakeSinch::start().await;
+        let service = Service::against(&fake, &[args, &["--check-settle=10s"]].concat()).await;
+        let contact_id = format!("C-before-{n}");
+        let results = |live_id: &str, channels: &[&str]| {
+            let bodies: Vec<Vec<u8>> = channels
+                .iter()
+                .map(|channel| {
+                    CapabilityCallback::new(live_id, channel, NUMBER, "CAPABILITY_FULL")
+                        .contact_id(&contact_id)
+                        .body()
+                })
+                .collect();
+            let webhook = service.webhook_addr;
+            async move {
+                for body in bodies {
+                    assert_eq!(deliver(webhook, body).await, 200);
+                }
+            }
+        };
+        let mut first = check(contact(&contact_id));
+        first.wait = duration(Duration::from_secs(1));
+        let first = spawn_check(service.client().await, first).await;
+        let (earlier, _) = nth_query(&fake, 1).await;
+        results(&earlier, &["SMS", "RCS", "WHATSAPP"]).await;
+        assert_eq!(first.await.unwrap().unwrap().results.len(), 3, "round {n}");
+
+        // Asked again, its cached results refused, without waiting: WHATSAPP has not come again yet.
+        let mut again = check(contact(&contact_id));
+        again.max_age = duration(Duration::ZERO);
+        again.wait = duration(Duration::ZERO);
+        let latest = answer(&service, again).await.request_id;
+        results(&latest, &["SMS", "RCS"]).await;
+        let rcs = answer(&service, check(identities(&[(Channel::Rcs, NUMBER)]))).await;
+        assert_eq!(summary(&rcs)[0].2, ResultSource::Cache, "round {n}");
+
+        let mut now_only = check(contact(&contact_id));
+        now_only.wait = duration(Duration::ZERO);
+        let answered = answer(&service, now_only).await;
+        assert_eq!(answered.request_id, latest, "round {n}: {answered:?}");
+        use CapabilityStatus::Full;
+        assert_eq!(
+            summary(&answered),
+            [
+                (Channel::Sms, Full, ResultSource::Shared),
+                (Channel::Rcs, Full, ResultSource::Shared),
+                (Channel::Whatsapp, Full, ResultSource::Cache)
+            ],
+            "round {n}"
+        );
+        assert_eq!(fake.queries().len(), 2, "round {n}");
+    }
+}
+
+/// A contact check that finds its contact's lookup settling, and no place among the checks waiting for Sinch, is
+/// answered from the cache as it stands, as before the settle was looked at: it was refused RESOURCE_EXHAUSTED.
+#[tokio::test]
+async fn a_contact_check_with_no_place_to_wait_for_a_settling_lookup_is_answered_from_the_cache() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &["--check-settle=10s", "--max-inflight-queries=1"]).await;
+    let mut started = check(contact("C-no-place"));
+    started.wait = duration(Duration::ZERO);
+    let live_id = answer(&service, started).await.request_id;
+    let sms = CapabilityCallback::new(&live_id, "SMS", NUMBER, "CAPABILITY_FULL").contact_id("C-no-place");
+    assert_eq!(deliver(service.webhook_addr, sms.body()).await, 200);
+    let cached = answer(&service, check(identities(&[(Channel::Sms, NUMBER)]))).await;
+    assert_eq!(summary(&cached)[0].2, ResultSource::Cache);
+    // The one place taken by a check waiting for another number.
+    let parked = spawn_check(
+        service.client().await,
+        check(identities(&[(Channel::Sms, "46700000002")])),
+    )
+    .await;
+    fake.until_queries(2).await;
+
+    let answered = answer(&service, check(contact("C-no-place"))).await;
+    assert_eq!(
+        summary(&answered),
+        [(Channel::Sms, CapabilityStatus::Full, ResultSource::Cache)]
+    );
+    parked.abort();
 }
 
 /// A contact check whose deadline comes while another check's lookup of the contact is still being sent (Sinch

@@ -103,10 +103,26 @@ pub struct CheckAnswer {
 enum InCache {
     /// The contact's answer.
     Answer(CheckAnswer),
-    /// The results of this lookup of the contact are still coming (its latest came within the settle time).
-    Settling(Arc<str>),
+    /// The results of `lookup` of the contact are still coming (its latest came within the settle time); `cached`
+    /// are the entry's fresh results meanwhile.
+    Settling { lookup: Arc<str>, cached: Vec<CheckResult> },
     /// Nothing that answers the contact.
     Miss,
+}
+
+impl CheckAnswer {
+    /// This answer with the `cached` results of identities it has none of, or an older one of.
+    fn with_cached(mut self, cached: Vec<CheckResult>) -> CheckAnswer {
+        for result in cached {
+            let same = |r: &&mut CheckResult| r.channel == result.channel && r.identity == result.identity;
+            match self.results.iter_mut().find(same) {
+                Some(held) if held.checked_at < result.checked_at => *held = result,
+                Some(_) => {}
+                None => self.results.push(result),
+            }
+        }
+        self
+    }
 }
 
 /// Why a check failed.
@@ -651,19 +667,19 @@ impl Checker {
                 let Some(lookup) = cached.lookup.filter(|_| fresh) else {
                     return InCache::Miss;
                 };
-                if now
-                    < lookup
-                        .last_result_ms
-                        .saturating_add(self.settings.settle.as_millis() as u64)
-                {
-                    return InCache::Settling(lookup.request_id.into());
-                }
                 let mut results: Vec<CheckResult> = cached
                     .results
                     .into_iter()
                     .filter_map(|c| answered(Source::Cache, c.offset, c.request_id, c.body))
                     .collect();
                 results.sort_by(|a, b| (&a.channel, &a.identity).cmp(&(&b.channel, &b.identity)));
+                let settle = self.settings.settle.as_millis() as u64;
+                if now < lookup.last_result_ms.saturating_add(settle) {
+                    return InCache::Settling {
+                        lookup: lookup.request_id.into(),
+                        cached: results,
+                    };
+                }
                 InCache::Answer(CheckAnswer {
                     results,
                     ..CheckAnswer::default()
@@ -681,31 +697,38 @@ impl Checker {
         let passed_over = AtomicBool::new(false);
         let whole = || async {
             if request.max_age.is_zero() {
-                return None;
+                return InCache::Miss;
             }
             if leases::in_flight(&self.flights, self.redis(), &key, &own).await {
                 passed_over.store(true, Ordering::Relaxed);
-                return None;
+                return InCache::Miss;
             }
-            match fresh().await {
-                InCache::Answer(answer) => Some(answer),
-                InCache::Settling(_) => {
-                    passed_over.store(true, Ordering::Relaxed);
-                    None
-                }
-                InCache::Miss => None,
+            let found = fresh().await;
+            if matches!(found, InCache::Settling { .. }) {
+                passed_over.store(true, Ordering::Relaxed);
             }
+            found
         };
-        if let Some(answer) = whole().await {
-            return Ok(answer);
-        }
-        let place = self.wait_permit(call)?.map(Arc::new);
+        // While its latest lookup settles, the cache's answer as it stands is what a check that finds no place to
+        // wait is told.
+        let settling = match whole().await {
+            InCache::Answer(answer) => return Ok(answer),
+            InCache::Settling { cached, .. } => Some(CheckAnswer {
+                results: cached,
+                ..CheckAnswer::default()
+            }),
+            InCache::Miss => None,
+        };
+        let place = match self.wait_permit(call) {
+            Ok(place) => place.map(Arc::new),
+            Err(e) => return settling.ok_or(e),
+        };
         let resumed = match call.gate {
             Some(gate) => match gate.turn(1).await? {
                 Proceed::Sent(request_id) => Some(request_id),
                 Proceed::Send => {
                     // Its turn came: a contact a check that went first answered meanwhile is not asked again.
-                    if let Some(answer) = whole().await {
+                    if let InCache::Answer(answer) = whole().await {
                         return Ok(answer);
                     }
                     None
@@ -744,10 +767,13 @@ impl Checker {
                     leases.give_back(&[key]);
                     return Ok(answer);
                 }
-                InCache::Settling(lookup) => {
+                InCache::Settling { lookup, cached } => {
                     leases.give_back(&[key]);
                     metrics::counter!("capability_coalesced_total").increment(1);
-                    return self.collect_contact(&lookup, *lookup == *own, call.until).await;
+                    let joined = self.collect_contact(&lookup, *lookup == *own, call.until).await?;
+                    // The entry's other fresh results (of earlier lookups, of identity checks) are still the
+                    // contact's: the lookup's own come first, and replace older ones.
+                    return Ok(joined.with_cached(cached));
                 }
                 InCache::Miss => {}
             }
