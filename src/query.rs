@@ -115,6 +115,7 @@ impl Queries {
             request_id: query.request_id.clone(),
             expected: query.expected_channels(),
             asked_ms,
+            late: false,
         };
         if let Err(e) = self.log.record_query(record).await {
             tracing::warn!(request_id = %mask_digits(&query.request_id), error = %e, "the query's record could not be logged: \
@@ -133,6 +134,7 @@ impl Queries {
                 request_id: accepted.request_id.clone(),
                 expected: query.expected_channels(),
                 asked_ms,
+                late: false,
             };
             if let Err(e) = self.log.record_query(record).await {
                 tracing::warn!(request_id = %mask_digits(&accepted.request_id), error = %e, "the query's record could not be logged \

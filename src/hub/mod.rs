@@ -565,16 +565,15 @@ impl Consumer for Hub {
         match entry {
             // The latest question asked under the request_id says which channels will report, also when they are
             // not known in advance: a question Sinch refused may be asked again, corrected, under the same one.
-            // Latest by when it was asked, not by its place in the log: a replica appends its recent records again
-            // after an outage (a build before says nothing of when: its time in the log stands for it).
+            // Latest by its place in the log, but for a record appended late (again after an outage, or once Redis
+            // took it after refusing it): by when it was asked (a build before says nothing of when: its time in
+            // the log stands for it).
             Entry::Query { time_ms, query } => {
                 let asked = if query.asked_ms == 0 { *time_ms } else { query.asked_ms } as u32;
                 let asked = NonZeroU32::new(asked).unwrap_or(NonZeroU32::MIN);
                 self.apply_to(&query.request_id, *time_ms, |record| {
-                    if record
-                        .asked
-                        .is_none_or(|held| asked.get().wrapping_sub(held.get()) as i32 >= 0)
-                    {
+                    let later = |held: NonZeroU32| asked.get().wrapping_sub(held.get()) as i32 >= 0;
+                    if !query.late || record.asked.is_none_or(later) {
                         record.asked = Some(asked);
                         record.expected = query.expected.as_ref().map(|expected| expected.iter().collect());
                     }
@@ -737,6 +736,7 @@ mod tests {
                 request_id: request_id.into(),
                 expected: Some(expected.to_vec()),
                 asked_ms: 0,
+                late: false,
             },
         }
     }

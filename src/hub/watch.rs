@@ -275,6 +275,7 @@ mod tests {
                 request_id: "r".into(),
                 expected: None,
                 asked_ms: 0,
+                late: false,
             },
         });
         hub.apply(&notification("r", Channel::Sms, 1, 3));
@@ -286,34 +287,50 @@ mod tests {
         assert_eq!(reason, CompletionReason::WaitElapsed);
     }
 
-    /// Of two questions of a request_id, the one asked later says its channels, whichever the log holds last (a
-    /// replica appends its recent records again after an outage), also where the hub's 32-bit copy of the time
-    /// wraps round.
+    /// Of two questions of a request_id, the one asked later says its channels: the one the log holds last, but
+    /// for one appended late (again after an outage, or once Redis took it after refusing it), which is placed by
+    /// when it was asked — also where the hub's 32-bit copy of that time wraps round. One appended at once is
+    /// placed by the log, whatever the replicas' clocks say.
     #[tokio::test(start_paused = true)]
-    async fn the_question_asked_last_says_the_channels_whatever_the_log_order() {
+    async fn the_question_asked_last_says_the_channels() {
+        let both = [Channel::Sms, Channel::Rcs];
+        let question = |asked_ms: u64, late: bool, expected: &[Channel]| Entry::Query {
+            time_ms: 5,
+            query: QueryRecorded {
+                request_id: "r".into(),
+                expected: Some(expected.to_vec()),
+                asked_ms,
+                late,
+            },
+        };
         for corrected_ms in [1_796_685_666_772, 418 << 32] {
-            let hub = hub(600, 100);
-            let asked = |asked_ms: u64, expected: &[Channel]| Entry::Query {
-                time_ms: 5,
-                query: QueryRecorded {
-                    request_id: "r".into(),
-                    expected: Some(expected.to_vec()),
-                    asked_ms,
-                },
-            };
-            hub.apply(&asked(corrected_ms, &[Channel::Sms, Channel::Rcs]));
-            hub.apply(&asked(corrected_ms - 2, &[Channel::Sms]));
-            hub.apply(&notification("r", Channel::Sms, 1, 6));
-            let mut watch = pin!(hub.watch("r", 0, waiting(Duration::from_secs(1))));
-            assert_eq!(offset(watch.next().await), 1);
-            let Some(WatchEvent::Completed { reason, .. }) = watch.next().await else {
-                panic!("completion")
-            };
-            assert_eq!(
-                reason,
-                CompletionReason::WaitElapsed,
-                "RCS is still to come ({corrected_ms})"
-            );
+            for (first, then) in [
+                // The correction, then the refused question appended again.
+                (
+                    question(corrected_ms, false, &both),
+                    question(corrected_ms - 2, true, &[Channel::Sms]),
+                ),
+                // The refused question, then its correction, on a replica whose clock is behind.
+                (
+                    question(corrected_ms, false, &[Channel::Sms]),
+                    question(corrected_ms - 2, false, &both),
+                ),
+            ] {
+                let hub = hub(600, 100);
+                hub.apply(&first);
+                hub.apply(&then);
+                hub.apply(&notification("r", Channel::Sms, 1, 6));
+                let mut watch = pin!(hub.watch("r", 0, waiting(Duration::from_secs(1))));
+                assert_eq!(offset(watch.next().await), 1);
+                let Some(WatchEvent::Completed { reason, .. }) = watch.next().await else {
+                    panic!("completion")
+                };
+                assert_eq!(
+                    reason,
+                    CompletionReason::WaitElapsed,
+                    "RCS is still to come ({corrected_ms})"
+                );
+            }
         }
     }
 

@@ -41,6 +41,10 @@ pub struct QueryRecorded {
     /// channels come from, whichever the log holds last (a replica appends its recent records again after an
     /// outage).
     pub asked_ms: u64,
+    /// Appended again (after an outage), or only once Redis took it after refusing it at first: its place in the
+    /// log may follow a later question's, so `asked_ms` says which came last. (The place of one appended at once
+    /// says it, whatever the replicas' clocks.)
+    pub late: bool,
 }
 
 /// See [`Event::NotificationReceived`].
@@ -116,6 +120,7 @@ pub fn encode(event: &Event) -> Vec<u8> {
                 expected_known: q.expected.is_some(),
                 expected: q.expected.iter().flatten().map(|c| c.as_sinch().to_owned()).collect(),
                 asked_ms: q.asked_ms,
+                late: q.late,
             })),
         },
         Event::NotificationReceived(n) => EventV1 {
@@ -156,6 +161,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded, DecodeError> {
                     .expected_known
                     .then(|| q.expected.iter().map(|c| Channel::from_sinch(c)).collect()),
                 asked_ms: q.asked_ms,
+                late: q.late,
             }),
             body: None,
         }),
@@ -347,6 +353,8 @@ struct QueryV1 {
     expected: Vec<String>,
     #[prost(uint64, tag = "4")]
     asked_ms: u64,
+    #[prost(bool, tag = "5")]
+    late: bool,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -480,6 +488,7 @@ pub(crate) mod tests {
                 request_id: "r2".into(),
                 expected,
                 asked_ms: 1_796_685_666_772,
+                late: true,
             });
             assert_eq!(decode(&encode(&query)).unwrap().event, query);
         }
@@ -491,6 +500,7 @@ pub(crate) mod tests {
             request_id: "r".into(),
             expected: None,
             asked_ms: 0,
+            late: false,
         }));
         bytes[0] = 2;
         assert_eq!(decode(&bytes), Err(DecodeError::UnknownVersion(2)));

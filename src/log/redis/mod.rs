@@ -248,8 +248,19 @@ struct Unrecorded {
 /// renews.
 #[derive(Clone)]
 struct QueryRecord {
-    event: Vec<u8>,
+    query: QueryRecorded,
     request_key: String,
+}
+
+impl QueryRecord {
+    /// Its encoded event; `late` when it is appended again, or only after Redis refused it at first (see
+    /// [`QueryRecorded::late`]).
+    fn event(&self, late: bool) -> Vec<u8> {
+        codec::encode(&codec::Event::QueryRecorded(QueryRecorded {
+            late,
+            ..self.query.clone()
+        }))
+    }
 }
 
 /// An event this replica appended, as it must be appended again after a loss.
@@ -534,9 +545,9 @@ impl RedisLog {
         let shard = &self.shards[self.shard_of(&query.request_id)];
         let record = QueryRecord {
             request_key: shard.request_key(&query.request_id),
-            event: codec::encode(&codec::Event::QueryRecorded(query)),
+            query,
         };
-        if let Err(e) = self.append_queries(shard, std::slice::from_ref(&record)).await {
+        if let Err(e) = self.append_queries(shard, std::slice::from_ref(&record), false).await {
             shard.keep_unrecorded(record);
             return Err(Unavailable(format!("{e}; it is appended when Redis answers again")));
         }
@@ -566,7 +577,7 @@ impl RedisLog {
             };
             let Some(&(last, _)) = batch.last() else { break };
             let records: Vec<QueryRecord> = batch.into_iter().map(|(_, record)| record).collect();
-            if let Err(e) = self.append_queries(shard, &records).await {
+            if let Err(e) = self.append_queries(shard, &records, true).await {
                 tracing::debug!(error = %e, "query records kept while Redis was down are still not appended");
                 break;
             }
@@ -583,8 +594,8 @@ impl RedisLog {
 
     /// Appends query records to `shard`'s stream ([`RedisLog::write_queries`]), and keeps them among the shard's
     /// recent events.
-    async fn append_queries(&self, shard: &Shard, records: &[QueryRecord]) -> redis::RedisResult<()> {
-        self.write_queries(shard, records).await?;
+    async fn append_queries(&self, shard: &Shard, records: &[QueryRecord], late: bool) -> redis::RedisResult<()> {
+        self.write_queries(shard, records, late).await?;
         for record in records {
             shard.remember(Recent::Query(record.clone()));
         }
@@ -598,13 +609,13 @@ impl RedisLog {
     /// failed fails them (they are appended again later, renewals included: a record twice is harmless), but for
     /// one refused while a Redis Cluster moves the slot, which would fail again on every try: its request keeps
     /// its state's own expiry.
-    async fn write_queries(&self, shard: &Shard, records: &[QueryRecord]) -> redis::RedisResult<()> {
+    async fn write_queries(&self, shard: &Shard, records: &[QueryRecord], late: bool) -> redis::RedisResult<()> {
         let retention = self.settings.retention.as_millis() as u64;
         let mut append = self.record_queries.prepare_invoke();
         append.key(&shard.stream).arg(retention);
         let mut renewals = Vec::with_capacity(records.len());
         for record in records {
-            append.arg(record.event.as_slice());
+            append.arg(record.event(late));
             renewals.push(redis::cmd("PEXPIRE").arg(&record.request_key).arg(retention).take());
         }
         let renewed = renewals.iter().map(|renew| {
@@ -691,7 +702,7 @@ impl RedisLog {
         let retention = self.settings.retention.as_millis() as u64;
         for event in &events {
             match event {
-                Recent::Query(record) => self.write_queries(shard, std::slice::from_ref(record)).await?,
+                Recent::Query(record) => self.write_queries(shard, std::slice::from_ref(record), true).await?,
                 Recent::Notification {
                     event,
                     offset,
