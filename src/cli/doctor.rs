@@ -304,7 +304,12 @@ pub async fn doctor(args: DoctorArgs) -> ExitCode {
                     "checks signatures"
                 }
             ),
-            "the SINCH_WEBHOOK_SECRETS of the service at the target must include the webhook's secret",
+            if secret.is_some() {
+                "the SINCH_WEBHOOK_SECRETS of the service at the target must include the webhook's secret"
+            } else {
+                "the service at the target checks signatures: register the webhook with its secret (webhook ensure, \
+                 with its SINCH_WEBHOOK_SECRETS)"
+            },
         ),
         Ok((status, _)) => report(
             false,
