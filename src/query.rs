@@ -293,18 +293,22 @@ impl Queries {
             request_id,
         };
         // The rate limit first: a caller cannot fill the idempotency records faster than it may query. But a
-        // repeat of an answered request_id sends nothing: one this replica answered spends none of the budget, and
-        // one the limit would make wait is given the answer recorded (one read, no claim) at once; or
-        // ALREADY_EXISTS.
-        if let Some(answer) = self.idempotency.answered(&query)? {
-            return Ok((answer, false));
-        }
-        if !self.upstream.admits_now() {
-            if let Some(answer) = self.recorded(&query).await? {
-                return Ok((answer, false));
+        // repeat sends nothing: one of a request_id this replica answered, or is asking Sinch about, spends none of
+        // the budget (one that takes over from a failed attempt passes the limit then), and one the limit would
+        // make wait is given the answer recorded (one read, no claim) at once; or ALREADY_EXISTS.
+        let admitted = match self.idempotency.held(&query)? {
+            Held::Answered(answer) => return Ok((answer, false)),
+            Held::Asking => false,
+            Held::Nothing => {
+                if !self.upstream.admits_now() {
+                    if let Some(answer) = self.recorded(&query).await? {
+                        return Ok((answer, false));
+                    }
+                    self.upstream.admit(deadline).await?;
+                }
+                true
             }
-            self.upstream.admit(deadline).await?;
-        }
+        };
         let entry = self.idempotency.claim(&query)?;
         // Counted at once, before anything is awaited: a failed attempt ending meanwhile sees this call.
         entry.callers.fetch_add(1, Ordering::SeqCst);
@@ -323,6 +327,9 @@ impl Queries {
                     // over from a failed attempt): nothing would wait for it.
                     if queries.sends.is_closed() {
                         return Err(upstream::Error::Connect("not sent: this replica is shutting down".into()).into());
+                    }
+                    if !admitted {
+                        queries.upstream.admit(deadline).await?;
                     }
                     sending.store(true, Ordering::Relaxed);
                     // Tracked, unlike the repeats' waiting: the drain waits for a query being sent.
@@ -384,6 +391,14 @@ struct Idempotency {
     entries: moka::sync::Cache<String, Arc<Entry>>,
 }
 
+/// What this process holds for a request_id.
+enum Held {
+    Nothing,
+    /// An attempt is asking Sinch (or failed, and a repeat waiting on it will try again).
+    Asking,
+    Answered(QueryAccepted),
+}
+
 struct Entry {
     /// The query first sent under this request_id.
     query: Query,
@@ -422,15 +437,14 @@ impl Idempotency {
         }
     }
 
-    /// The answer this process holds for `query`'s request_id, if any; a conflict if it was used for another
-    /// question.
-    fn answered(&self, query: &Query) -> Result<Option<QueryAccepted>, QueryError> {
+    /// What this process holds for `query`'s request_id; a conflict if it was used for another question.
+    fn held(&self, query: &Query) -> Result<Held, QueryError> {
         match self.entries.get(&query.request_id) {
             Some(entry) if !entry.query.same_question(query) => Err(QueryError::Conflict {
                 request_id: query.request_id.clone(),
             }),
-            Some(entry) => Ok(entry.answer.get().cloned()),
-            None => Ok(None),
+            Some(entry) => Ok(entry.answer.get().cloned().map_or(Held::Asking, Held::Answered)),
+            None => Ok(Held::Nothing),
         }
     }
 

@@ -1054,6 +1054,28 @@ async fn a_query_whose_caller_went_away_still_counts_in_flight_until_it_is_sent(
     assert_eq!(fake.queries().len(), 1);
 }
 
+/// A repeat of a request_id whose first call is still waiting for Sinch on this replica waits for that answer: it
+/// sends nothing, so the rate limit does not keep it out. It was refused RESOURCE_EXHAUSTED when the budget was
+/// spent, to retry what was being done.
+#[tokio::test]
+async fn a_repeat_of_a_request_id_being_asked_waits_for_its_answer_whatever_the_rate_limit() {
+    let fake = FakeSinch::start().await;
+    let service = Service::against(&fake, &["--sinch-rate-limit=1"]).await;
+    fake.set_echo_delay(Duration::from_millis(200));
+    let first = tokio::spawn({
+        let mut client = service.client().await;
+        async move { client.query_capability(query(contact("C"), "asking")).await }
+    });
+    fake.until_queries(1).await;
+    let mut repeat = Request::new(query(contact("C"), "asking"));
+    // Shorter than the wait for the budget's next query (a second after the first), longer than Sinch's answer.
+    repeat.set_timeout(Duration::from_millis(900));
+    let repeated = service.client().await.query_capability(repeat).await;
+    let answer = first.await.unwrap().unwrap().into_inner();
+    assert_eq!(repeated.unwrap().into_inner(), answer);
+    assert_eq!(fake.queries().len(), 1);
+}
+
 /// Nor does a repeat of an answered request_id spend the budget: a client's retry after a lost answer took the
 /// token a new query then lacked (and waited for one, when the budget was spent, for an answer already there).
 #[tokio::test]
