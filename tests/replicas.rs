@@ -660,22 +660,28 @@ async fn a_request_id_is_claimed_while_its_query_is_sent_and_freed_when_the_send
 }
 
 /// The question a request_id was asked last says which channels its watches wait for, whatever order the log
-/// holds the records in. A replica that lost its connection to Redis appends its recent events again: a question
-/// Sinch refused there, corrected under the same request_id on another replica, came after the correction, and
-/// every hub then expected the refused question's channels — a watch completed on SMS alone.
+/// holds the records in and whatever the replicas' clocks. A replica that lost its connection to Redis appends its
+/// recent events again: a question Sinch refused there, corrected under the same request_id on another replica,
+/// came after the correction, and every hub then expected the refused question's channels — a watch completed on
+/// SMS alone. (Placed by the refusing replica's clock, ten minutes ahead here, it still won.)
 #[tokio::test]
 async fn an_earlier_question_appended_again_does_not_replace_its_correction() {
     let redis = RedisServer::start().await;
     // Replica A connects as a user of its own, so that its connections alone can be cut.
     redis.command(&["ACL", "SETUSER", "replica-a", "on", ">a-password", "~*", "&*", "+@all"]);
     let fake = FakeSinch::start().await;
-    let a_url = format!("--redis-url=redis://replica-a:a-password@127.0.0.1:{}", redis.port);
-    let a = Service::against(&fake, &[&a_url]).await;
+    let a_url = format!("redis://replica-a:a-password@127.0.0.1:{}", redis.port);
+    let a_env = [
+        common::binary_env(&fake),
+        vec![("CAPABILITY_REDIS_URL", a_url)],
+        testkit::clock_offset("+600s"),
+    ]
+    .concat();
+    let a = common::Binary::spawn(&a_env).await;
     let b = replica(&fake, &redis).await;
     fake.script_queries([common::Canned::sinch_error(400, "INVALID_ARGUMENT", "refused")]);
     let sms = [(Channel::Sms, "46700000001")];
-    let refused = a
-        .client()
+    let refused = tonic_client(&a.url())
         .await
         .query_capability(query(identities(&sms), "corrected"))
         .await;
@@ -705,19 +711,19 @@ async fn an_earlier_question_appended_again_does_not_replace_its_correction() {
     assert_eq!(records(), 3);
 
     assert_eq!(deliver(b.webhook_addr, body("corrected", "SMS")).await, 200);
-    for replica in [&a, &b] {
-        let mut client = replica.client().await;
-        let watch = client
+    for url in [a.url(), format!("http://{}", b.grpc_addr)] {
+        let watch = tonic_client(&url)
+            .await
             .watch_capability(watch_request("corrected", 0, Some(Duration::from_secs(2))))
             .await
             .unwrap()
             .into_inner();
         let (seen, end) = drain(watch).await;
-        assert_eq!(seen.len(), 1);
+        assert_eq!(seen.len(), 1, "{url}");
         assert_eq!(
             end.unwrap().reason(),
             CompletionReason::WaitElapsed,
-            "RCS is still to come"
+            "{url}: RCS is still to come"
         );
     }
 }

@@ -122,9 +122,10 @@ struct Record {
     last_ms: u64,
     /// The channels its query will report; `None` when unknown.
     expected: Option<ChannelSet>,
-    /// When the question `expected` comes from was asked (see [`crate::log::QueryRecorded::asked_ms`]), in
-    /// milliseconds since the Unix epoch modulo 2³² (0 read as 1), compared as serial numbers (RFC 1982): two
-    /// questions of one request_id are asked well within 24 days of each other. `None` before its first question.
+    /// Where the question `expected` comes from stands (its time in the log, or for a late record the time it says:
+    /// see [`crate::log::QueryRecorded::asked_ms`]), in milliseconds since the Unix epoch modulo 2³² (0 read as 1),
+    /// compared as serial numbers (RFC 1982): two questions of one request_id are asked well within 24 days of each
+    /// other. `None` before its first question.
     asked: Option<NonZeroU32>,
     /// The channels that reported.
     reported: ChannelSet,
@@ -566,14 +567,15 @@ impl Consumer for Hub {
             // The latest question asked under the request_id says which channels will report, also when they are
             // not known in advance: a question Sinch refused may be asked again, corrected, under the same one.
             // Latest by its place in the log, but for a record appended late (again after an outage, or once Redis
-            // took it after refusing it): by when it was asked (a build before says nothing of when: its time in
-            // the log stands for it).
+            // took it after refusing it): by where it says it stands (see `QueryRecorded::asked_ms`), and only
+            // past the question held (the same place is the same question).
             Entry::Query { time_ms, query } => {
-                let asked = if query.asked_ms == 0 { *time_ms } else { query.asked_ms } as u32;
+                let late = query.late && query.asked_ms != 0;
+                let asked = if late { query.asked_ms } else { *time_ms } as u32;
                 let asked = NonZeroU32::new(asked).unwrap_or(NonZeroU32::MIN);
                 self.apply_to(&query.request_id, *time_ms, |record| {
-                    let later = |held: NonZeroU32| asked.get().wrapping_sub(held.get()) as i32 >= 0;
-                    if !query.late || record.asked.is_none_or(later) {
+                    let later = |held: NonZeroU32| asked.get().wrapping_sub(held.get()) as i32 > 0;
+                    if !late || record.asked.is_none_or(later) {
                         record.asked = Some(asked);
                         record.expected = query.expected.as_ref().map(|expected| expected.iter().collect());
                     }

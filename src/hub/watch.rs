@@ -288,14 +288,13 @@ mod tests {
     }
 
     /// Of two questions of a request_id, the one asked later says its channels: the one the log holds last, but
-    /// for one appended late (again after an outage, or once Redis took it after refusing it), which is placed by
-    /// when it was asked — also where the hub's 32-bit copy of that time wraps round. One appended at once is
-    /// placed by the log, whatever the replicas' clocks say.
+    /// for a copy appended late (again after an outage, or once Redis took it after refusing it), which stands where
+    /// it says — also where the hub's 32-bit copy of the time wraps round. The replicas' clocks never decide.
     #[tokio::test(start_paused = true)]
     async fn the_question_asked_last_says_the_channels() {
-        let both = [Channel::Sms, Channel::Rcs];
-        let question = |asked_ms: u64, late: bool, expected: &[Channel]| Entry::Query {
-            time_ms: 5,
+        let (sms, both) = (&[Channel::Sms][..], &[Channel::Sms, Channel::Rcs][..]);
+        let question = |time_ms: u64, asked_ms: u64, late: bool, expected: &[Channel]| Entry::Query {
+            time_ms,
             query: QueryRecorded {
                 request_id: "r".into(),
                 expected: Some(expected.to_vec()),
@@ -303,23 +302,36 @@ mod tests {
                 late,
             },
         };
-        for corrected_ms in [1_796_685_666_772, 418 << 32] {
-            for (first, then) in [
-                // The correction, then the refused question appended again.
+        for t in [1_796_685_666_772, (418 << 32) - 1] {
+            let ahead = t + 600_000;
+            for (case, questions) in [
+                // The refused question, then its correction asked on a replica whose clock is behind.
                 (
-                    question(corrected_ms, false, &both),
-                    question(corrected_ms - 2, true, &[Channel::Sms]),
+                    "in order",
+                    vec![question(t, ahead, false, sms), question(t + 1, t - 1_000, false, both)],
                 ),
-                // The refused question, then its correction, on a replica whose clock is behind.
+                // The correction, then the refused question appended again, saying where it stood first.
                 (
-                    question(corrected_ms, false, &[Channel::Sms]),
-                    question(corrected_ms - 2, false, &both),
+                    "appended again",
+                    vec![question(t, t - 1, false, both), question(t + 1, t - 1, true, sms)],
+                ),
+                (
+                    "both, then one again",
+                    vec![
+                        question(t, ahead, false, sms),
+                        question(t + 1, t - 1_000, false, both),
+                        question(t + 2, t, true, sms),
+                    ],
+                ),
+                // Both appended again after Redis lost them, the later first.
+                (
+                    "lost",
+                    vec![question(t + 5, t + 1, true, both), question(t + 6, t, true, sms)],
                 ),
             ] {
                 let hub = hub(600, 100);
-                hub.apply(&first);
-                hub.apply(&then);
-                hub.apply(&notification("r", Channel::Sms, 1, 6));
+                questions.iter().for_each(|q| hub.apply(q));
+                hub.apply(&notification("r", Channel::Sms, 1, t + 7));
                 let mut watch = pin!(hub.watch("r", 0, waiting(Duration::from_secs(1))));
                 assert_eq!(offset(watch.next().await), 1);
                 let Some(WatchEvent::Completed { reason, .. }) = watch.next().await else {
@@ -328,7 +340,7 @@ mod tests {
                 assert_eq!(
                     reason,
                     CompletionReason::WaitElapsed,
-                    "RCS is still to come ({corrected_ms})"
+                    "{case} ({t}): RCS is still to come"
                 );
             }
         }

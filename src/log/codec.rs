@@ -36,14 +36,13 @@ pub struct QueryRecorded {
     pub request_id: String,
     /// `None` for contact_id queries: their channels are not known in advance.
     pub expected: Option<Vec<Channel>>,
-    /// When the question was asked, by the wall clock of the replica that recorded it, in milliseconds since the
-    /// Unix epoch (0 from a build before): of two records of a request_id, the later question is the one its
-    /// channels come from, whichever the log holds last (a replica appends its recent records again after an
-    /// outage).
+    /// For a `late` record, where its question stands among the request_id's others, in milliseconds since the
+    /// Unix epoch: its first append's time in the log (one clock for a request_id's records, its stream's), or,
+    /// never appended before, when the recording replica asked it (its wall clock). 0 from a build before.
     pub asked_ms: u64,
     /// Appended again (after an outage), or only once Redis took it after refusing it at first: its place in the
-    /// log may follow a later question's, so `asked_ms` says which came last. (The place of one appended at once
-    /// says it, whatever the replicas' clocks.)
+    /// log may follow a later question's, and `asked_ms` says where it stands. A record appended at once stands
+    /// where the log holds it, whatever the replicas' clocks.
     pub late: bool,
 }
 

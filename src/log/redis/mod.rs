@@ -167,17 +167,18 @@ redis.call('XADD', KEYS[1], 'MINID', '~', minid(ARGV[1]), '*', 'e', ARGV[4], 'o'
 return 1
 ";
 
-/// Appends query records to a stream. KEYS: stream. ARGV: retention (ms), each record's encoded event. Run again
-/// (its answer lost), it appends the records again: harmless, the same questions. One key only: a script touching
+/// Appends query records to a stream. KEYS: stream. ARGV: retention (ms), each record's encoded event. Returns
+/// their entries' ids. Run again (its answer lost), it appends the records again: harmless, the same questions. One key only: a script touching
 /// several keys of a slot, one of them missing, is refused while a Redis Cluster moves the slot (`TRYAGAIN`), and
 /// the requests' states are renewed by commands of their own, which may fail then (`ASK`, which the Cluster client
 /// does not follow) without the records being appended again.
 const RECORD_QUERIES: &str = r"
 local from = minid(ARGV[1])
+local ids = {}
 for i = 2, #ARGV do
-  redis.call('XADD', KEYS[1], 'MINID', '~', from, '*', 'e', ARGV[i])
+  ids[#ids + 1] = redis.call('XADD', KEYS[1], 'MINID', '~', from, '*', 'e', ARGV[i])
 end
-return #ARGV - 1
+return ids
 ";
 
 /// What a bulk check may run past its wait (its live query's time).
@@ -595,9 +596,14 @@ impl RedisLog {
     /// Appends query records to `shard`'s stream ([`RedisLog::write_queries`]), and keeps them among the shard's
     /// recent events.
     async fn append_queries(&self, shard: &Shard, records: &[QueryRecord], late: bool) -> redis::RedisResult<()> {
-        self.write_queries(shard, records, late).await?;
-        for record in records {
-            shard.remember(Recent::Query(record.clone()));
+        let placed = self.write_queries(shard, records, late).await?;
+        for (record, at_ms) in records.iter().zip(placed) {
+            let mut record = record.clone();
+            // Appended again after an outage, it says where it was placed first (see `QueryRecorded::asked_ms`).
+            if !late {
+                record.query.asked_ms = at_ms;
+            }
+            shard.remember(Recent::Query(record));
         }
         Ok(())
     }
@@ -609,7 +615,7 @@ impl RedisLog {
     /// failed fails them (they are appended again later, renewals included: a record twice is harmless), but for
     /// one refused while a Redis Cluster moves the slot, which would fail again on every try: its request keeps
     /// its state's own expiry.
-    async fn write_queries(&self, shard: &Shard, records: &[QueryRecord], late: bool) -> redis::RedisResult<()> {
+    async fn write_queries(&self, shard: &Shard, records: &[QueryRecord], late: bool) -> redis::RedisResult<Vec<u64>> {
         let retention = self.settings.retention.as_millis() as u64;
         let mut append = self.record_queries.prepare_invoke();
         append.key(&shard.stream).arg(retention);
@@ -625,10 +631,10 @@ impl RedisLog {
             )
         });
         let (appended, renewed) = tokio::join!(
-            invoke::<i64>(&append, &self.commands),
+            invoke::<Vec<String>>(&append, &self.commands),
             futures::future::join_all(renewed)
         );
-        appended?;
+        let appended = appended?;
         let (moving, failed): (Vec<_>, Vec<_>) = renewed.into_iter().filter_map(Result::err).partition(slot_moving);
         if let Some(e) = failed.into_iter().next() {
             return Err(e);
@@ -639,7 +645,7 @@ impl RedisLog {
                 "query records' request states not renewed: their slot is moving"
             );
         }
-        Ok(())
+        Ok(appended.iter().map(|id| entry_ms(id)).collect())
     }
 
     fn known_epoch(&self, shard: usize) -> Option<String> {
@@ -702,7 +708,9 @@ impl RedisLog {
         let retention = self.settings.retention.as_millis() as u64;
         for event in &events {
             match event {
-                Recent::Query(record) => self.write_queries(shard, std::slice::from_ref(record), true).await?,
+                Recent::Query(record) => {
+                    self.write_queries(shard, std::slice::from_ref(record), true).await?;
+                }
                 Recent::Notification {
                     event,
                     offset,
@@ -831,11 +839,7 @@ impl RedisLog {
 
     /// Decodes one stream entry and feeds it to the consumers; returns its time.
     fn apply(&self, id: &redis::streams::StreamId) -> u64 {
-        let time_ms = id
-            .id
-            .split_once('-')
-            .and_then(|(ms, _)| ms.parse().ok())
-            .unwrap_or_default();
+        let time_ms = entry_ms(&id.id);
         let decoded = id
             .get::<Vec<u8>>("e")
             .ok_or(codec::DecodeError::Empty)
@@ -1044,6 +1048,13 @@ async fn invoke<T: redis::FromRedisValue>(
         connection,
     )
     .await
+}
+
+/// The time of a stream entry: its id's first part, in milliseconds since the Unix epoch (0 for no id).
+fn entry_ms(id: &str) -> u64 {
+    id.split_once('-')
+        .and_then(|(ms, _)| ms.parse().ok())
+        .unwrap_or_default()
 }
 
 /// Redis's clock, in milliseconds since the Unix epoch.
