@@ -424,13 +424,18 @@ async fn a_contact_check_during_a_lookup_nobody_waits_for_joins_it() {
     }
 }
 
-/// A check that joins a contact's lookup still settling is answered with the entry's other fresh results too: a
-/// channel an earlier lookup reported, which this one has not (yet), was left out, where the cache had it.
+/// A check that joins a contact's lookup, in flight (its check still waits) or settling, is answered with the
+/// entry's other fresh results too: a channel an earlier lookup reported, which this one has not (yet), was left
+/// out, where the cache had it.
 #[tokio::test]
-async fn a_contact_check_joining_a_settling_lookup_keeps_the_channels_cached_before() {
+async fn a_contact_check_joining_a_lookup_keeps_the_channels_cached_before() {
     let redis = RedisServer::start().await;
     let url = format!("--redis-url={}", redis.url());
-    for (n, args) in [&[][..], &[url.as_str()][..]].into_iter().enumerate() {
+    let with_redis = [url.as_str()];
+    let rounds = [&[][..], &with_redis[..]]
+        .into_iter()
+        .flat_map(|args| [(args, false), (args, true)]);
+    for (n, (args, in_flight)) in rounds.enumerate() {
         let fake = FakeSinch::start().await;
         let service = Service::against(&fake, &[args, &["--check-settle=10s"]].concat()).await;
         let contact_id = format!("C-before-{n}");
@@ -457,11 +462,20 @@ async fn a_contact_check_joining_a_settling_lookup_keeps_the_channels_cached_bef
         results(&earlier, &["SMS", "RCS", "WHATSAPP"]).await;
         assert_eq!(first.await.unwrap().unwrap().results.len(), 3, "round {n}");
 
-        // Asked again, its cached results refused, without waiting: WHATSAPP has not come again yet.
+        // Asked again, its cached results refused, by a check that waits (its lookup in flight) or does not (its
+        // lookup settling): WHATSAPP has not come again yet.
         let mut again = check(contact(&contact_id));
         again.max_age = duration(Duration::ZERO);
-        again.wait = duration(Duration::ZERO);
-        let latest = answer(&service, again).await.request_id;
+        again.wait = duration(if in_flight {
+            Duration::from_secs(5)
+        } else {
+            Duration::ZERO
+        });
+        let again = spawn_check(service.client().await, again).await;
+        let (latest, _) = nth_query(&fake, 2).await;
+        if !in_flight {
+            again.await.unwrap().unwrap();
+        }
         results(&latest, &["SMS", "RCS"]).await;
         let rcs = answer(&service, check(identities(&[(Channel::Rcs, NUMBER)]))).await;
         assert_eq!(summary(&rcs)[0].2, ResultSource::Cache, "round {n}");
@@ -485,7 +499,8 @@ async fn a_contact_check_joining_a_settling_lookup_keeps_the_channels_cached_bef
 }
 
 /// A contact check that finds its contact's lookup settling, and no place among the checks waiting for Sinch, is
-/// answered from the cache as it stands, as before the settle was looked at: it was refused RESOURCE_EXHAUSTED.
+/// answered with what the cache holds, as it is: the lookup's results so far, and its request_id to watch for the
+/// rest. It was refused RESOURCE_EXHAUSTED.
 #[tokio::test]
 async fn a_contact_check_with_no_place_to_wait_for_a_settling_lookup_is_answered_from_the_cache() {
     let fake = FakeSinch::start().await;
@@ -508,8 +523,9 @@ async fn a_contact_check_with_no_place_to_wait_for_a_settling_lookup_is_answered
     let answered = answer(&service, check(contact("C-no-place"))).await;
     assert_eq!(
         summary(&answered),
-        [(Channel::Sms, CapabilityStatus::Full, ResultSource::Cache)]
+        [(Channel::Sms, CapabilityStatus::Full, ResultSource::Shared)]
     );
+    assert_eq!(answered.request_id, live_id);
     parked.abort();
 }
 

@@ -709,14 +709,25 @@ impl Checker {
             }
             found
         };
-        // While its latest lookup settles, the cache's answer as it stands is what a check that finds no place to
-        // wait is told.
+        // While its latest lookup settles, what the cache holds is what a check that finds no place to wait is told,
+        // as it is: that lookup's results so far (with the request_id to watch for the rest), and the others.
         let settling = match whole().await {
             InCache::Answer(answer) => return Ok(answer),
-            InCache::Settling { cached, .. } => Some(CheckAnswer {
-                results: cached,
-                ..CheckAnswer::default()
-            }),
+            InCache::Settling { lookup, cached } => {
+                let source = if *lookup == *own { Source::Live } else { Source::Shared };
+                let results = cached
+                    .into_iter()
+                    .map(|result| match *result.request_id == *lookup {
+                        true => CheckResult { source, ..result },
+                        false => result,
+                    })
+                    .collect();
+                Some(CheckAnswer {
+                    results,
+                    request_id: lookup.to_string(),
+                    ..CheckAnswer::default()
+                })
+            }
             InCache::Miss => None,
         };
         let place = match self.wait_permit(call) {
@@ -757,7 +768,13 @@ impl Checker {
                 let answer = self.collect_contact(&holder, live, call.until).await;
                 // A lease joined from Redis is held here until now: let it go, as a query of its own is.
                 leases.finish(call.tidy_until()).await;
-                return answer;
+                // The entry's other fresh results are still the contact's (see below).
+                let answer = answer?;
+                return Ok(match fresh().await {
+                    InCache::Answer(cached) => answer.with_cached(cached.results),
+                    InCache::Settling { cached, .. } => answer.with_cached(cached),
+                    InCache::Miss => answer,
+                });
             }
             Decided::TimedOut => return Err(CheckError::NoLookupYet),
         }
