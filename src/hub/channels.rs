@@ -49,6 +49,21 @@ impl ChannelSet {
         }
     }
 
+    pub(super) fn is_empty(&self) -> bool {
+        self.bits() == 0 && self.others().is_empty()
+    }
+
+    pub(super) fn remove(&mut self, channel: &Channel) {
+        match channel {
+            Channel::Other(raw) => {
+                if let Some(other) = &mut self.other {
+                    other.retain(|o| o != raw);
+                }
+            }
+            known => self.known = NonZeroU32::new(self.known.get() & !(1 << known.number())).expect("the mark stays"),
+        }
+    }
+
     pub(super) fn contains(&self, channel: &Channel) -> bool {
         match channel {
             Channel::Other(raw) => self.others().contains(raw),

@@ -613,9 +613,8 @@ pub(crate) struct Subscription {
 struct Gaps {
     /// The latest gap's first and last offsets.
     latest: (u64, u64),
-    /// The channels lost in the gaps before it (their last result among the offsets passed): named, so that what
-    /// the watch read between two gaps does not count as passed. Lost again later (a channel reported anew leaves
-    /// the record's lost ones), a channel named here counts as passed.
+    /// The channels lost in the gaps before it (their last result among the offsets passed), until the watch reads
+    /// one of theirs: named, so that what the watch read between two gaps does not count as passed.
     before: ChannelSet,
 }
 
@@ -657,6 +656,13 @@ impl Subscription {
                         }))
                     }
                 }
+            }
+            // A channel lost in an earlier gap and read now is read (decoded only then: rare).
+            if let Some(gaps) = self.gaps.as_deref_mut()
+                && !gaps.before.is_empty()
+                && let Ok(read) = codec::decode_body(String::new(), &body)
+            {
+                gaps.before.remove(&read.channel);
             }
             self.cursor = offset;
             return Snapshot::Notification(offset, body);

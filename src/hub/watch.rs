@@ -393,6 +393,39 @@ mod tests {
         assert_eq!((reason, pending), (CompletionReason::AllChannelsReported, vec![]));
     }
 
+    /// A channel lost in a watch's earlier gap, reported again and read by the watch, is read: it does not count as
+    /// passed when that result expires too.
+    #[tokio::test(start_paused = true)]
+    async fn a_channel_lost_in_an_earlier_gap_and_read_since_is_read() {
+        let hub = hub(60, 100);
+        hub.apply(&query("r", &[Channel::Sms, Channel::Mms], 0));
+        hub.apply(&notification("r", Channel::Sms, 1, 0));
+        hub.apply(&notification("r", Channel::Mms, 2, 30_000));
+        hub.apply(&notification("r", Channel::Whatsapp, 3, 40_000));
+        hub.apply(&notification("r", Channel::Rcs, 4, 50_000));
+        hub.advance(61_000);
+        hub.purge();
+        let mut watch = pin!(hub.watch("r", 0, waiting(Duration::from_secs(20))));
+        assert_eq!(offset(watch.next().await), 2);
+        hub.advance(101_000);
+        hub.purge();
+        assert_eq!(offset(watch.next().await), 4);
+        hub.apply(&notification("r", Channel::Sms, 5, 102_000));
+        assert_eq!(offset(watch.next().await), 5);
+        hub.advance(163_000);
+        hub.purge();
+        let ended = loop {
+            match watch.next().await {
+                Some(WatchEvent::Heartbeat { .. }) => continue,
+                other => break other,
+            }
+        };
+        let Some(WatchEvent::Completed { reason, pending, .. }) = ended else {
+            panic!("completion, got {ended:?}")
+        };
+        assert_eq!((reason, pending), (CompletionReason::AllChannelsReported, vec![]));
+    }
+
     /// A watch that passed an expired result but read the next one counts only the first as pending when the
     /// second expires too.
     #[tokio::test(start_paused = true)]
