@@ -110,11 +110,10 @@ impl Queries {
         answer_by: Instant,
         trace: Option<&TraceParent>,
     ) -> Result<QueryAccepted, upstream::Error> {
-        let asked_ms = crate::log::wall_clock_ms();
         let record = QueryRecorded {
             request_id: query.request_id.clone(),
             expected: query.expected_channels(),
-            asked_ms,
+            asked_ms: 0,
             late: false,
         };
         if let Err(e) = self.log.record_query(record).await {
@@ -133,7 +132,7 @@ impl Queries {
             let record = QueryRecorded {
                 request_id: accepted.request_id.clone(),
                 expected: query.expected_channels(),
-                asked_ms,
+                asked_ms: 0,
                 late: false,
             };
             if let Err(e) = self.log.record_query(record).await {

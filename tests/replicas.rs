@@ -666,26 +666,10 @@ async fn a_request_id_is_claimed_while_its_query_is_sent_and_freed_when_the_send
 /// SMS alone. (Placed by the refusing replica's clock, ten minutes ahead here, it still won.)
 #[tokio::test]
 async fn an_earlier_question_appended_again_does_not_replace_its_correction() {
-    let redis = RedisServer::start().await;
-    // Replica A connects as a user of its own, so that its connections alone can be cut.
-    redis.command(&["ACL", "SETUSER", "replica-a", "on", ">a-password", "~*", "&*", "+@all"]);
-    let fake = FakeSinch::start().await;
-    let a_url = format!("redis://replica-a:a-password@127.0.0.1:{}", redis.port);
-    let a_env = [
-        common::binary_env(&fake),
-        vec![("CAPABILITY_REDIS_URL", a_url)],
-        testkit::clock_offset("+600s"),
-    ]
-    .concat();
-    let a = common::Binary::spawn(&a_env).await;
+    let (redis, fake) = (RedisServer::start().await, FakeSinch::start().await);
+    let a = replica_of_its_own(&fake, &redis, "+600s").await;
     let b = replica(&fake, &redis).await;
-    fake.script_queries([common::Canned::sinch_error(400, "INVALID_ARGUMENT", "refused")]);
-    let sms = [(Channel::Sms, "46700000001")];
-    let refused = tonic_client(&a.url())
-        .await
-        .query_capability(query(identities(&sms), "corrected"))
-        .await;
-    assert_eq!(refused.unwrap_err().code(), Code::InvalidArgument);
+    ask_refused(&fake, &a).await;
     let both = [(Channel::Sms, "46700000001"), (Channel::Rcs, "46700000001")];
     b.client()
         .await
@@ -694,7 +678,63 @@ async fn an_earlier_question_appended_again_does_not_replace_its_correction() {
         .unwrap();
 
     redis.command(&["CLIENT", "KILL", "USER", "replica-a"]);
-    // Until A appended its refused question again: the stream holds three records of "corrected".
+    // Until A appended its refused question again.
+    until_records_of_corrected(&redis, 3).await;
+    expects_rcs_still(&fake, &[a.url(), format!("http://{}", b.grpc_addr)], &b).await;
+}
+
+/// A correction that Redis could not take at first (the replica's connection was down) is placed where it was
+/// asked, by the log's clock: it came after the question it corrected, but was placed by its replica's clock, a
+/// minute behind here, and every hub kept the refused question's channels.
+#[tokio::test]
+async fn a_correction_recorded_only_once_redis_answers_again_replaces_the_question() {
+    let (redis, fake) = (RedisServer::start().await, FakeSinch::start().await);
+    let a = replica_of_its_own(&fake, &redis, "-60s").await;
+    let b = replica(&fake, &redis).await;
+    ready(&b).await;
+    ask_refused(&fake, &a).await;
+    // A's commands refused (its connections stay up), its reader's connection cut.
+    redis.command(&["ACL", "SETUSER", "replica-a", "-@all"]);
+    redis.command(&["CLIENT", "KILL", "USER", "replica-a"]);
+    let both = [(Channel::Sms, "46700000001"), (Channel::Rcs, "46700000001")];
+    tonic_client(&a.url())
+        .await
+        .query_capability(query(identities(&both), "corrected"))
+        .await
+        .unwrap();
+    redis.command(&["ACL", "SETUSER", "replica-a", "+@all"]);
+    // Until A appended the correction, and its refused question again.
+    until_records_of_corrected(&redis, 3).await;
+    expects_rcs_still(&fake, &[a.url(), format!("http://{}", b.grpc_addr)], &b).await;
+}
+
+/// A replica process connecting to `redis` as a Redis user of its own (`replica-a`), so that its connections alone
+/// can be cut, its clock `offset` from this machine's.
+async fn replica_of_its_own(fake: &FakeSinch, redis: &RedisServer, offset: &str) -> common::Binary {
+    redis.command(&["ACL", "SETUSER", "replica-a", "on", ">a-password", "~*", "&*", "+@all"]);
+    let url = format!("redis://replica-a:a-password@127.0.0.1:{}", redis.port);
+    let env = [
+        common::binary_env(fake),
+        vec![("CAPABILITY_REDIS_URL", url)],
+        testkit::clock_offset(offset),
+    ]
+    .concat();
+    common::Binary::spawn(&env).await
+}
+
+/// Asks `a` about SMS under "corrected", which Sinch refuses.
+async fn ask_refused(fake: &FakeSinch, a: &common::Binary) {
+    fake.script_queries([common::Canned::sinch_error(400, "INVALID_ARGUMENT", "refused")]);
+    let sms = [(Channel::Sms, "46700000001")];
+    let refused = tonic_client(&a.url())
+        .await
+        .query_capability(query(identities(&sms), "corrected"))
+        .await;
+    assert_eq!(refused.unwrap_err().code(), Code::InvalidArgument);
+}
+
+/// Waits until the log's stream holds `count` records of "corrected".
+async fn until_records_of_corrected(redis: &RedisServer, count: usize) {
     let stream = redis.keys("*:events").pop().expect("the log's stream");
     let records = || {
         redis
@@ -702,17 +742,22 @@ async fn an_earlier_question_appended_again_does_not_replace_its_correction() {
             .matches("corrected")
             .count()
     };
-    for _ in 0..1_000 {
-        if records() >= 3 {
+    for _ in 0..3_000 {
+        if records() >= count {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(records(), 3);
+    assert_eq!(records(), count);
+}
 
+/// Delivers SMS for "corrected" through `b`: a watch on each of `urls` gets it, and waits for RCS until its wait
+/// ends rather than complete.
+async fn expects_rcs_still(fake: &FakeSinch, urls: &[String], b: &Service) {
+    assert_eq!(fake.queries().len(), 2, "the refused question and its correction");
     assert_eq!(deliver(b.webhook_addr, body("corrected", "SMS")).await, 200);
-    for url in [a.url(), format!("http://{}", b.grpc_addr)] {
-        let watch = tonic_client(&url)
+    for url in urls {
+        let watch = tonic_client(url)
             .await
             .watch_capability(watch_request("corrected", 0, Some(Duration::from_secs(2))))
             .await

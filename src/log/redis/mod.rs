@@ -28,7 +28,7 @@ use std::{
     convert::Infallible,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicU8, Ordering},
+        atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -41,7 +41,7 @@ use tracing::Instrument;
 
 use super::{
     Accepted, Claim, Consumer, Entry, Health, IdempotencyClaim, Nonce, NotificationReceived, QueryRecorded,
-    Unavailable, codec, skipped,
+    Unavailable, codec, skipped, wall_clock_ms,
 };
 use crate::{
     capability::{CacheTtl, Notification, mask_digits},
@@ -299,6 +299,8 @@ pub struct RedisLog {
     /// The readers' last view of Redis, for logs, probes and the `capability_backplane_up` gauge: 0 not yet
     /// known, 1 up, 2 down.
     up: AtomicU8,
+    /// Redis's clock less this replica's, in milliseconds, as the readers last read it (0 before).
+    clock_offset_ms: AtomicI64,
 }
 
 /// The warning logged at start when Redis may evict the log's keys.
@@ -384,6 +386,7 @@ impl RedisLog {
             restore: Script::new(&format!("{MINID}{RESTORE}")),
             record_queries: Script::new(&format!("{MINID}{RECORD_QUERIES}")),
             up: AtomicU8::new(0),
+            clock_offset_ms: AtomicI64::new(0),
         })
     }
 
@@ -549,6 +552,9 @@ impl RedisLog {
             query,
         };
         if let Err(e) = self.append_queries(shard, std::slice::from_ref(&record), false).await {
+            // Where it stands among the request_id's records, by the log's clock (see `QueryRecorded::asked_ms`).
+            let mut record = record;
+            record.query.asked_ms = self.log_now_ms();
             shard.keep_unrecorded(record);
             return Err(Unavailable(format!("{e}; it is appended when Redis answers again")));
         }
@@ -754,7 +760,7 @@ impl RedisLog {
                 self.append_unrecorded(shard).await;
                 // The log's clock, read before its events (a replica's checks judge results' ages by it).
                 let now = redis_time_ms(&mut conn).await?;
-                self.consumers.iter().for_each(|c| c.read_clock(now));
+                self.read_clock(now);
                 if last_id.is_none() {
                     let start = now.saturating_sub(self.settings.retention.as_millis() as u64);
                     last_id = Some(format!("{start}-0"));
@@ -805,7 +811,7 @@ impl RedisLog {
                                 self.consumers.iter().for_each(|c| c.advance(at));
                             }
                             if let Some(now) = now {
-                                self.consumers.iter().for_each(|c| c.read_clock(now));
+                                self.read_clock(now);
                             }
                             if !full {
                                 shard.caught_up.store(true, Ordering::Relaxed);
@@ -1048,6 +1054,22 @@ async fn invoke<T: redis::FromRedisValue>(
         connection,
     )
     .await
+}
+
+impl RedisLog {
+    /// Redis's clock was `now_ms`: the consumers learn it, and so does this replica's estimate of it.
+    fn read_clock(&self, now_ms: u64) {
+        let offset = (now_ms as i64).saturating_sub(wall_clock_ms() as i64);
+        self.clock_offset_ms.store(offset, Ordering::Relaxed);
+        self.consumers.iter().for_each(|c| c.read_clock(now_ms));
+    }
+
+    /// Redis's clock now, as this replica last read it and its own clock since.
+    fn log_now_ms(&self) -> u64 {
+        (wall_clock_ms() as i64)
+            .saturating_add(self.clock_offset_ms.load(Ordering::Relaxed))
+            .max(0) as u64
+    }
 }
 
 /// The time of a stream entry: its id's first part, in milliseconds since the Unix epoch (0 for no id).
