@@ -324,11 +324,11 @@ impl Queries {
                 let answer = entry.answer.get_or_try_init(|| async {
                     // Once the drain waits for the sends, none starts (a repeat whose caller went away, taking
                     // over from a failed attempt): nothing would wait for it.
-                    if queries.sends.is_closed() {
-                        return Err(upstream::Error::Connect("not sent: this replica is shutting down".into()).into());
-                    }
                     if !admitted {
                         queries.upstream.admit(deadline).await?;
+                    }
+                    if queries.sends.is_closed() {
+                        return Err(upstream::Error::Connect("not sent: this replica is shutting down".into()).into());
                     }
                     sending.store(true, Ordering::Relaxed);
                     // Tracked, unlike the repeats' waiting: the drain waits for a query being sent.
