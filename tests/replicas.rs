@@ -708,6 +708,39 @@ async fn a_correction_recorded_only_once_redis_answers_again_replaces_the_questi
     expects_rcs_still(&fake, &[a.url(), format!("http://{}", b.grpc_addr)], &b).await;
 }
 
+/// A replica whose Redis refused its credentials for a moment (a password rotated, a user switched off and on)
+/// connects again once they are accepted: its shared connection kept the refusal and never tried again, so that
+/// every callback it took was answered 503 and its watches heard nothing until it was restarted.
+#[tokio::test]
+async fn a_replica_whose_credentials_were_refused_for_a_moment_connects_again() {
+    let (redis, fake) = (RedisServer::start().await, FakeSinch::start().await);
+    let a = replica_of_its_own(&fake, &redis, "+0s").await;
+    assert_eq!(deliver(a.webhook_addr, body("before", "SMS")).await, 200);
+    redis.command(&["ACL", "SETUSER", "replica-a", "off"]);
+    redis.command(&["CLIENT", "KILL", "USER", "replica-a"]);
+    // Refused while its user is off: until it tried to connect again.
+    for _ in 0..500 {
+        if deliver(a.webhook_addr, body("refused", "SMS")).await == 503 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    redis.command(&["ACL", "SETUSER", "replica-a", "on"]);
+    let mut acknowledged = false;
+    for _ in 0..100 {
+        if deliver(a.webhook_addr, body("after", "SMS")).await == 200 {
+            acknowledged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        acknowledged,
+        "callbacks are still refused 10 s after its credentials were accepted again"
+    );
+    assert_eq!(first_notifications(&a, "after", 1).await.len(), 1, "its watches hear of it");
+}
+
 /// A replica process connecting to `redis` as a Redis user of its own (`replica-a`), so that its connections alone
 /// can be cut, its clock `offset` from this machine's.
 async fn replica_of_its_own(fake: &FakeSinch, redis: &RedisServer, offset: &str) -> common::Binary {

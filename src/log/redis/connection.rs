@@ -4,10 +4,14 @@
 //! node URLs (`redis://a:6379,redis://b:6379`), or one seed node with the `redis+cluster://` (or
 //! `rediss+cluster://`) scheme. A cluster client learns every other node from the seeds.
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
+use arc_swap::ArcSwap;
 use redis::{
-    AsyncConnectionConfig, Client, ConnectionInfo, IntoConnectionInfo, RedisFuture, TlsCertificates, Value,
+    AsyncConnectionConfig, Client, ConnectionInfo, ErrorKind, IntoConnectionInfo, RedisFuture, TlsCertificates, Value,
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
     cluster::{ClusterClient, ClusterConfig},
     cluster_async::ClusterConnection,
@@ -92,16 +96,77 @@ impl Target {
 /// connection (which routes by key) for a cluster. Both reconnect by themselves.
 #[derive(Clone)]
 pub enum Connection {
-    Single(ConnectionManager),
+    Single(Single),
     Cluster(ClusterConnection),
     /// A connection of its own, for a blocking reader.
     Dedicated(MultiplexedConnection),
 }
 
+/// The connection manager of one node, made anew when Redis refused its credentials: redis-rs's manager keeps a
+/// connection error other than an I/O one as its connection, and never connects again
+/// (<https://github.com/redis-rs/redis-rs/issues/984>), so that a replica whose credentials were refused once
+/// (a password rotated, a user switched off a moment) stayed without Redis until restarted.
+#[derive(Clone)]
+pub struct Single(Arc<SingleNode>);
+
+struct SingleNode {
+    client: Client,
+    manager: ArcSwap<ConnectionManager>,
+    /// When the manager was last made anew: at most once per [`REMAKE_PAUSE`], whatever the commands failing.
+    remade: Mutex<Instant>,
+}
+
+/// The least time between two managers made anew.
+const REMAKE_PAUSE: Duration = Duration::from_secs(1);
+
+impl Single {
+    fn new(client: Client) -> Result<Single, redis::RedisError> {
+        let manager = Single::manager(&client)?;
+        Ok(Single(Arc::new(SingleNode {
+            client,
+            manager: ArcSwap::from_pointee(manager),
+            remade: Mutex::new(Instant::now()),
+        })))
+    }
+
+    fn manager(client: &Client) -> Result<ConnectionManager, redis::RedisError> {
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(2));
+        ConnectionManager::new_lazy_with_config(client.clone(), config)
+    }
+
+    /// Makes the manager anew after `error`, when it is Redis refusing the credentials.
+    fn after(&self, error: &redis::RedisError) {
+        if error.kind() != ErrorKind::AuthenticationFailed {
+            return;
+        }
+        let mut remade = self.0.remade.lock().expect("remade lock poisoned");
+        if remade.elapsed() < REMAKE_PAUSE {
+            return;
+        }
+        if let Ok(manager) = Single::manager(&self.0.client) {
+            self.0.manager.store(Arc::new(manager));
+            *remade = Instant::now();
+        }
+    }
+}
+
 impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Connection::Single(c) => c.req_packed_command(cmd),
+            Connection::Single(single) => {
+                let mut manager = ConnectionManager::clone(&single.0.manager.load());
+                Box::pin(async move {
+                    let result = manager.req_packed_command(cmd).await;
+                    if let Err(e) = &result {
+                        single.after(e);
+                    }
+                    result
+                })
+            }
             Connection::Cluster(c) => c.req_packed_command(cmd),
             Connection::Dedicated(c) => c.req_packed_command(cmd),
         }
@@ -114,7 +179,16 @@ impl ConnectionLike for Connection {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Connection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Connection::Single(single) => {
+                let mut manager = ConnectionManager::clone(&single.0.manager.load());
+                Box::pin(async move {
+                    let result = manager.req_packed_commands(pipeline, offset, count).await;
+                    if let Err(e) = &result {
+                        single.after(e);
+                    }
+                    result
+                })
+            }
             Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
             Connection::Dedicated(c) => c.req_packed_commands(pipeline, offset, count),
         }
@@ -122,7 +196,7 @@ impl ConnectionLike for Connection {
 
     fn get_db(&self) -> i64 {
         match self {
-            Connection::Single(c) => c.get_db(),
+            Connection::Single(single) => single.0.manager.load().get_db(),
             Connection::Cluster(c) => c.get_db(),
             Connection::Dedicated(c) => c.get_db(),
         }
@@ -183,12 +257,7 @@ impl Connector {
     /// The shared connection for commands; connects lazily, so a replica starts while Redis is down.
     pub fn commands(&self) -> Result<Connection, redis::RedisError> {
         if let Some(client) = &self.single {
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                .set_response_timeout(Some(RESPONSE_TIMEOUT))
-                .set_number_of_retries(1)
-                .set_max_delay(Duration::from_secs(2));
-            return ConnectionManager::new_lazy_with_config(client.clone(), config).map(Connection::Single);
+            return Single::new(client.clone()).map(Connection::Single);
         }
         let (cluster, _) = self.cluster.as_ref().expect("single or cluster");
         let config = ClusterConfig::new()
