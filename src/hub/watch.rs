@@ -232,6 +232,38 @@ mod tests {
         }
     }
 
+    /// How `watch` ends, past its heartbeats: its completion's reason and pending channels.
+    async fn ending(mut watch: Pin<&mut Watch>) -> (CompletionReason, Vec<Channel>) {
+        let ended = loop {
+            match watch.next().await {
+                Some(WatchEvent::Heartbeat { .. }) => continue,
+                other => break other,
+            }
+        };
+        let Some(WatchEvent::Completed { reason, pending, .. }) = ended else {
+            panic!("completion, got {ended:?}")
+        };
+        (reason, pending)
+    }
+
+    /// A watch of "r" (SMS and MMS expected; SMS, MMS, WHATSAPP and `fourth` at 0, 30, 40 and 50 s, a retention of
+    /// 60 s) that read offset 2 once the first result had expired, and offset 4 once the next two had.
+    async fn past_two_gaps(hub: &Arc<super::super::Hub>, fourth: Channel) -> Pin<Box<Watch>> {
+        hub.apply(&query("r", &[Channel::Sms, Channel::Mms], 0));
+        hub.apply(&notification("r", Channel::Sms, 1, 0));
+        hub.apply(&notification("r", Channel::Mms, 2, 30_000));
+        hub.apply(&notification("r", Channel::Whatsapp, 3, 40_000));
+        hub.apply(&notification("r", fourth, 4, 50_000));
+        hub.advance(61_000);
+        hub.purge();
+        let mut watch = Box::pin(hub.watch("r", 0, waiting(Duration::from_secs(20))));
+        assert_eq!(offset(watch.next().await), 2);
+        hub.advance(101_000);
+        hub.purge();
+        assert_eq!(offset(watch.next().await), 4);
+        watch
+    }
+
     fn offset(event: Option<WatchEvent>) -> u64 {
         match event {
             Some(WatchEvent::Notification { offset, .. }) => offset,
@@ -369,28 +401,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_watch_that_passed_two_gaps_counts_what_it_read_between_as_read() {
         let hub = hub(60, 100);
-        hub.apply(&query("r", &[Channel::Sms, Channel::Mms], 0));
-        hub.apply(&notification("r", Channel::Sms, 1, 0));
-        hub.apply(&notification("r", Channel::Mms, 2, 30_000));
-        hub.apply(&notification("r", Channel::Whatsapp, 3, 40_000));
-        hub.apply(&notification("r", Channel::Sms, 4, 50_000));
-        hub.advance(61_000);
-        hub.purge();
-        let mut watch = pin!(hub.watch("r", 0, waiting(Duration::from_secs(20))));
-        assert_eq!(offset(watch.next().await), 2);
-        hub.advance(101_000);
-        hub.purge();
-        assert_eq!(offset(watch.next().await), 4);
-        let ended = loop {
-            match watch.next().await {
-                Some(WatchEvent::Heartbeat { .. }) => continue,
-                other => break other,
-            }
-        };
-        let Some(WatchEvent::Completed { reason, pending, .. }) = ended else {
-            panic!("completion, got {ended:?}")
-        };
-        assert_eq!((reason, pending), (CompletionReason::AllChannelsReported, vec![]));
+        let mut watch = past_two_gaps(&hub, Channel::Sms).await;
+        assert_eq!(
+            ending(watch.as_mut()).await,
+            (CompletionReason::AllChannelsReported, vec![])
+        );
     }
 
     /// A channel lost in a watch's earlier gap, reported again and read by the watch, is read: it does not count as
@@ -398,32 +413,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_channel_lost_in_an_earlier_gap_and_read_since_is_read() {
         let hub = hub(60, 100);
-        hub.apply(&query("r", &[Channel::Sms, Channel::Mms], 0));
-        hub.apply(&notification("r", Channel::Sms, 1, 0));
-        hub.apply(&notification("r", Channel::Mms, 2, 30_000));
-        hub.apply(&notification("r", Channel::Whatsapp, 3, 40_000));
-        hub.apply(&notification("r", Channel::Rcs, 4, 50_000));
-        hub.advance(61_000);
-        hub.purge();
-        let mut watch = pin!(hub.watch("r", 0, waiting(Duration::from_secs(20))));
-        assert_eq!(offset(watch.next().await), 2);
-        hub.advance(101_000);
-        hub.purge();
-        assert_eq!(offset(watch.next().await), 4);
+        let mut watch = past_two_gaps(&hub, Channel::Rcs).await;
         hub.apply(&notification("r", Channel::Sms, 5, 102_000));
         assert_eq!(offset(watch.next().await), 5);
         hub.advance(163_000);
         hub.purge();
-        let ended = loop {
-            match watch.next().await {
-                Some(WatchEvent::Heartbeat { .. }) => continue,
-                other => break other,
-            }
-        };
-        let Some(WatchEvent::Completed { reason, pending, .. }) = ended else {
-            panic!("completion, got {ended:?}")
-        };
-        assert_eq!((reason, pending), (CompletionReason::AllChannelsReported, vec![]));
+        assert_eq!(
+            ending(watch.as_mut()).await,
+            (CompletionReason::AllChannelsReported, vec![])
+        );
     }
 
     /// A watch that passed an expired result but read the next one counts only the first as pending when the
@@ -444,17 +442,8 @@ mod tests {
         assert_eq!(offset(watch.next().await), 3);
         hub.advance(91_000);
         hub.purge();
-        let ended = loop {
-            match watch.next().await {
-                Some(WatchEvent::Heartbeat { .. }) => continue,
-                other => break other,
-            }
-        };
-        let Some(WatchEvent::Completed { reason, pending, .. }) = ended else {
-            panic!("completion, got {ended:?}")
-        };
         assert_eq!(
-            (reason, pending),
+            ending(watch).await,
             (CompletionReason::WaitElapsed, vec![Channel::Rcs, Channel::Sms])
         );
     }
