@@ -738,7 +738,11 @@ async fn a_replica_whose_credentials_were_refused_for_a_moment_connects_again() 
         acknowledged,
         "callbacks are still refused 10 s after its credentials were accepted again"
     );
-    assert_eq!(first_notifications(&a, "after", 1).await.len(), 1, "its watches hear of it");
+    assert_eq!(
+        first_notifications(&a, "after", 1).await.len(),
+        1,
+        "its watches hear of it"
+    );
 }
 
 /// A replica process connecting to `redis` as a Redis user of its own (`replica-a`), so that its connections alone
