@@ -38,8 +38,8 @@ pub struct QueryRecorded {
     pub expected: Option<Vec<Channel>>,
     /// For a `late` record, where its question stands among the request_id's others, in milliseconds since the
     /// Unix epoch, by the log's clock (one clock for a request_id's records, its stream's): its first append's time
-    /// in the log, or, never appended before, when Redis refused it (the log's clock as this replica last read
-    /// it, and its own since). Set by the log; 0 from a build before.
+    /// in the log, or, never appended before, when Redis refused it (Redis's clock when it is appended, less the
+    /// time since, by this replica's steady clock). Set by the log; 0 from a build before.
     pub asked_ms: u64,
     /// Appended again (after an outage), or only once Redis took it after refusing it at first: its place in the
     /// log may follow a later question's, and `asked_ms` says where it stands. A record appended at once stands

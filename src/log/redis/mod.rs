@@ -28,7 +28,7 @@ use std::{
     convert::Infallible,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicI64, AtomicU8, Ordering},
+        atomic::{AtomicBool, AtomicU8, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -41,7 +41,7 @@ use tracing::Instrument;
 
 use super::{
     Accepted, Claim, Consumer, Entry, Health, IdempotencyClaim, Nonce, NotificationReceived, QueryRecorded,
-    Unavailable, codec, skipped, wall_clock_ms,
+    Unavailable, codec, skipped,
 };
 use crate::{
     capability::{CacheTtl, Notification, mask_digits},
@@ -299,8 +299,6 @@ pub struct RedisLog {
     /// The readers' last view of Redis, for logs, probes and the `capability_backplane_up` gauge: 0 not yet
     /// known, 1 up, 2 down.
     up: AtomicU8,
-    /// Redis's clock less this replica's, in milliseconds, as the readers last read it (0 before).
-    clock_offset_ms: AtomicI64,
 }
 
 /// The warning logged at start when Redis may evict the log's keys.
@@ -386,7 +384,6 @@ impl RedisLog {
             restore: Script::new(&format!("{MINID}{RESTORE}")),
             record_queries: Script::new(&format!("{MINID}{RECORD_QUERIES}")),
             up: AtomicU8::new(0),
-            clock_offset_ms: AtomicI64::new(0),
         })
     }
 
@@ -552,9 +549,6 @@ impl RedisLog {
             query,
         };
         if let Err(e) = self.append_queries(shard, std::slice::from_ref(&record), false).await {
-            // Where it stands among the request_id's records, by the log's clock (see `QueryRecorded::asked_ms`).
-            let mut record = record;
-            record.query.asked_ms = self.log_now_ms();
             shard.keep_unrecorded(record);
             return Err(Unavailable(format!("{e}; it is appended when Redis answers again")));
         }
@@ -568,7 +562,7 @@ impl RedisLog {
         let mut appended = 0;
         // A few batches at a time: the reader calls it between two reads, which must go on.
         for _ in 0..UNRECORDED_BATCHES {
-            let batch: Vec<(u64, QueryRecord)> = {
+            let batch: Vec<(u64, Instant, QueryRecord)> = {
                 let mut unrecorded = shard.unrecorded.lock().expect("unrecorded lock poisoned");
                 while unrecorded
                     .front()
@@ -579,11 +573,26 @@ impl RedisLog {
                 unrecorded
                     .iter()
                     .take(UNRECORDED_BATCH)
-                    .map(|u| (u.seq, u.record.clone()))
+                    .map(|u| (u.seq, u.at, u.record.clone()))
                     .collect()
             };
-            let Some(&(last, _)) = batch.last() else { break };
-            let records: Vec<QueryRecord> = batch.into_iter().map(|(_, record)| record).collect();
+            let Some(&(last, _, _)) = batch.last() else { break };
+            // Where each stands among its request_id's records, by the log's clock (see `QueryRecorded::asked_ms`):
+            // Redis's clock now, less the time since Redis refused it.
+            let now = match redis_time_ms(&mut self.commands.clone()).await {
+                Ok(now) => now,
+                Err(e) => {
+                    tracing::debug!(error = %e, "query records kept while Redis was down are still not appended");
+                    break;
+                }
+            };
+            let records: Vec<QueryRecord> = batch
+                .into_iter()
+                .map(|(_, refused, mut record)| {
+                    record.query.asked_ms = now.saturating_sub(refused.elapsed().as_millis() as u64);
+                    record
+                })
+                .collect();
             if let Err(e) = self.append_queries(shard, &records, true).await {
                 tracing::debug!(error = %e, "query records kept while Redis was down are still not appended");
                 break;
@@ -760,7 +769,7 @@ impl RedisLog {
                 self.append_unrecorded(shard).await;
                 // The log's clock, read before its events (a replica's checks judge results' ages by it).
                 let now = redis_time_ms(&mut conn).await?;
-                self.read_clock(now);
+                self.consumers.iter().for_each(|c| c.read_clock(now));
                 if last_id.is_none() {
                     let start = now.saturating_sub(self.settings.retention.as_millis() as u64);
                     last_id = Some(format!("{start}-0"));
@@ -811,7 +820,7 @@ impl RedisLog {
                                 self.consumers.iter().for_each(|c| c.advance(at));
                             }
                             if let Some(now) = now {
-                                self.read_clock(now);
+                                self.consumers.iter().for_each(|c| c.read_clock(now));
                             }
                             if !full {
                                 shard.caught_up.store(true, Ordering::Relaxed);
@@ -1054,22 +1063,6 @@ async fn invoke<T: redis::FromRedisValue>(
         connection,
     )
     .await
-}
-
-impl RedisLog {
-    /// Redis's clock was `now_ms`: the consumers learn it, and so does this replica's estimate of it.
-    fn read_clock(&self, now_ms: u64) {
-        let offset = (now_ms as i64).saturating_sub(wall_clock_ms() as i64);
-        self.clock_offset_ms.store(offset, Ordering::Relaxed);
-        self.consumers.iter().for_each(|c| c.read_clock(now_ms));
-    }
-
-    /// Redis's clock now, as this replica last read it and its own clock since.
-    fn log_now_ms(&self) -> u64 {
-        (wall_clock_ms() as i64)
-            .saturating_add(self.clock_offset_ms.load(Ordering::Relaxed))
-            .max(0) as u64
-    }
 }
 
 /// The time of a stream entry: its id's first part, in milliseconds since the Unix epoch (0 for no id).
