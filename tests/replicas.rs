@@ -667,7 +667,7 @@ async fn a_request_id_is_claimed_while_its_query_is_sent_and_freed_when_the_send
 #[tokio::test]
 async fn an_earlier_question_appended_again_does_not_replace_its_correction() {
     let (redis, fake) = (RedisServer::start().await, FakeSinch::start().await);
-    let a = replica_of_its_own(&fake, &redis, "+600s").await;
+    let a = replica_of_its_own(&fake, &redis, "+600s", 0).await;
     let b = replica(&fake, &redis).await;
     ask_refused(&fake, &a).await;
     let both = [(Channel::Sms, "46700000001"), (Channel::Rcs, "46700000001")];
@@ -689,7 +689,7 @@ async fn an_earlier_question_appended_again_does_not_replace_its_correction() {
 #[tokio::test]
 async fn a_correction_recorded_only_once_redis_answers_again_replaces_the_question() {
     let (redis, fake) = (RedisServer::start().await, FakeSinch::start().await);
-    let a = replica_of_its_own(&fake, &redis, "-60s").await;
+    let a = replica_of_its_own(&fake, &redis, "-60s", 0).await;
     let b = replica(&fake, &redis).await;
     ready(&b).await;
     ask_refused(&fake, &a).await;
@@ -708,48 +708,54 @@ async fn a_correction_recorded_only_once_redis_answers_again_replaces_the_questi
     expects_rcs_still(&fake, &[a.url(), format!("http://{}", b.grpc_addr)], &b).await;
 }
 
-/// A replica whose Redis refused its credentials for a moment (a password rotated, a user switched off and on)
-/// connects again once they are accepted: its shared connection kept the refusal and never tried again, so that
-/// every callback it took was answered 503 and its watches heard nothing until it was restarted.
+/// A replica whose Redis refused it for a moment as it connected — its credentials (a password rotated, its user
+/// switched off), or its `SELECT` of a database other than 0 (its user's commands revoked) — connects again once
+/// it is accepted: its shared connection kept the refusal and never tried again, so that every callback it took was
+/// answered 503 and its watches heard nothing until it was restarted.
 #[tokio::test]
-async fn a_replica_whose_credentials_were_refused_for_a_moment_connects_again() {
-    let (redis, fake) = (RedisServer::start().await, FakeSinch::start().await);
-    let a = replica_of_its_own(&fake, &redis, "+0s").await;
-    assert_eq!(deliver(a.webhook_addr, body("before", "SMS")).await, 200);
-    redis.command(&["ACL", "SETUSER", "replica-a", "off"]);
-    redis.command(&["CLIENT", "KILL", "USER", "replica-a"]);
-    // Refused while its user is off: until it tried to connect again.
-    for _ in 0..500 {
-        if deliver(a.webhook_addr, body("refused", "SMS")).await == 503 {
-            break;
+async fn a_replica_refused_for_a_moment_as_it_connected_connects_again() {
+    for (refuse, accept, database) in [("off", "on", 0), ("-@all", "+@all", 1)] {
+        let (redis, fake) = (RedisServer::start().await, FakeSinch::start().await);
+        let a = replica_of_its_own(&fake, &redis, "+0s", database).await;
+        assert_eq!(deliver(a.webhook_addr, body("before", "SMS")).await, 200);
+        redis.command(&["ACL", "SETUSER", "replica-a", refuse]);
+        redis.command(&["CLIENT", "KILL", "USER", "replica-a"]);
+        // Refused meanwhile: until it tried to connect again.
+        let mut refused = false;
+        for _ in 0..500 {
+            if deliver(a.webhook_addr, body("refused", "SMS")).await == 503 {
+                refused = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    redis.command(&["ACL", "SETUSER", "replica-a", "on"]);
-    let mut acknowledged = false;
-    for _ in 0..100 {
-        if deliver(a.webhook_addr, body("after", "SMS")).await == 200 {
-            acknowledged = true;
-            break;
+        assert!(refused, "{refuse}: callbacks were never refused");
+        redis.command(&["ACL", "SETUSER", "replica-a", accept]);
+        let mut acknowledged = false;
+        for _ in 0..100 {
+            if deliver(a.webhook_addr, body("after", "SMS")).await == 200 {
+                acknowledged = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            acknowledged,
+            "{refuse}: callbacks are still refused 10 s after it was accepted again"
+        );
+        assert_eq!(
+            first_notifications(&a, "after", 1).await.len(),
+            1,
+            "{refuse}: its watches hear of it"
+        );
     }
-    assert!(
-        acknowledged,
-        "callbacks are still refused 10 s after its credentials were accepted again"
-    );
-    assert_eq!(
-        first_notifications(&a, "after", 1).await.len(),
-        1,
-        "its watches hear of it"
-    );
 }
 
 /// A replica process connecting to `redis` as a Redis user of its own (`replica-a`), so that its connections alone
-/// can be cut, its clock `offset` from this machine's.
-async fn replica_of_its_own(fake: &FakeSinch, redis: &RedisServer, offset: &str) -> common::Binary {
+/// can be cut, its clock `offset` from this machine's, on `database`.
+async fn replica_of_its_own(fake: &FakeSinch, redis: &RedisServer, offset: &str, database: u8) -> common::Binary {
     redis.command(&["ACL", "SETUSER", "replica-a", "on", ">a-password", "~*", "&*", "+@all"]);
-    let url = format!("redis://replica-a:a-password@127.0.0.1:{}", redis.port);
+    let url = format!("redis://replica-a:a-password@127.0.0.1:{}/{database}", redis.port);
     let env = [
         common::binary_env(fake),
         vec![("CAPABILITY_REDIS_URL", url)],

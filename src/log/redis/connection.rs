@@ -11,7 +11,7 @@ use std::{
 
 use arc_swap::ArcSwap;
 use redis::{
-    AsyncConnectionConfig, Client, ConnectionInfo, ErrorKind, IntoConnectionInfo, RedisFuture, TlsCertificates, Value,
+    AsyncConnectionConfig, Client, ConnectionInfo, IntoConnectionInfo, RedisFuture, TlsCertificates, Value,
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
     cluster::{ClusterClient, ClusterConfig},
     cluster_async::ClusterConnection,
@@ -102,10 +102,12 @@ pub enum Connection {
     Dedicated(MultiplexedConnection),
 }
 
-/// The connection manager of one node, made anew when Redis refused its credentials: redis-rs's manager keeps a
-/// connection error other than an I/O one as its connection, and never connects again
-/// (<https://github.com/redis-rs/redis-rs/issues/984>), so that a replica whose credentials were refused once
-/// (a password rotated, a user switched off a moment) stayed without Redis until restarted.
+/// The connection manager of one node, made anew after an error other than an I/O one: redis-rs's manager keeps
+/// such an error, met while it connects (Redis refusing the credentials, `HELLO` or `SELECT`), as its connection,
+/// and never connects again (<https://github.com/redis-rs/redis-rs/issues/984>), so that a replica whose
+/// credentials were refused once (a password rotated, a user switched off a moment) stayed without Redis until
+/// restarted. Which error came from connecting cannot be told from one a command met, hence any (the commands
+/// this service sends meet none in the ordinary course), at most once per [`REMAKE_PAUSE`].
 #[derive(Clone)]
 pub struct Single(Arc<SingleNode>);
 
@@ -138,9 +140,9 @@ impl Single {
         ConnectionManager::new_lazy_with_config(client.clone(), config)
     }
 
-    /// Makes the manager anew after `error`, when it is Redis refusing the credentials.
+    /// Makes the manager anew after `error`, unless it is an I/O one (the manager connects again by itself).
     fn after(&self, error: &redis::RedisError) {
-        if error.kind() != ErrorKind::AuthenticationFailed {
+        if error.is_io_error() {
             return;
         }
         let mut remade = self.0.remade.lock().expect("remade lock poisoned");
