@@ -11,7 +11,8 @@ use std::{
 
 use arc_swap::ArcSwap;
 use redis::{
-    AsyncConnectionConfig, Client, ConnectionInfo, IntoConnectionInfo, RedisFuture, TlsCertificates, Value,
+    AsyncConnectionConfig, Client, ConnectionInfo, ErrorKind, IntoConnectionInfo, RedisFuture, ServerErrorKind,
+    TlsCertificates, Value,
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
     cluster::{ClusterClient, ClusterConfig},
     cluster_async::ClusterConnection,
@@ -106,8 +107,9 @@ pub enum Connection {
 /// such an error, met while it connects (Redis refusing the credentials, `HELLO` or `SELECT`), as its connection,
 /// and never connects again (<https://github.com/redis-rs/redis-rs/issues/984>), so that a replica whose
 /// credentials were refused once (a password rotated, a user switched off a moment) stayed without Redis until
-/// restarted. Which error came from connecting cannot be told from one a command met, hence any (the commands
-/// this service sends meet none in the ordinary course), at most once per [`REMAKE_PAUSE`].
+/// restarted. Which error came from connecting cannot be told from one a command met, hence any but a script
+/// not loaded yet (which redis-rs loads, and the only one this service's commands meet in the ordinary course), at
+/// most once per [`REMAKE_PAUSE`].
 #[derive(Clone)]
 pub struct Single(Arc<SingleNode>);
 
@@ -140,9 +142,23 @@ impl Single {
         ConnectionManager::new_lazy_with_config(client.clone(), config)
     }
 
-    /// Makes the manager anew after `error`, unless it is an I/O one (the manager connects again by itself).
+    /// The manager now.
+    fn current(&self) -> ConnectionManager {
+        ConnectionManager::clone(&self.0.manager.load())
+    }
+
+    /// `result`, the manager made anew first if it says so (see [`Single`]).
+    fn checked<T>(&self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
+        if let Err(e) = &result {
+            self.after(e);
+        }
+        result
+    }
+
+    /// Makes the manager anew after `error`, unless it is an I/O one (the manager connects again by itself) or a
+    /// script not loaded yet.
     fn after(&self, error: &redis::RedisError) {
-        if error.is_io_error() {
+        if error.is_io_error() || error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) {
             return;
         }
         let mut remade = self.0.remade.lock().expect("remade lock poisoned");
@@ -160,14 +176,8 @@ impl ConnectionLike for Connection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
         match self {
             Connection::Single(single) => {
-                let mut manager = ConnectionManager::clone(&single.0.manager.load());
-                Box::pin(async move {
-                    let result = manager.req_packed_command(cmd).await;
-                    if let Err(e) = &result {
-                        single.after(e);
-                    }
-                    result
-                })
+                let mut manager = single.current();
+                Box::pin(async move { single.checked(manager.req_packed_command(cmd).await) })
             }
             Connection::Cluster(c) => c.req_packed_command(cmd),
             Connection::Dedicated(c) => c.req_packed_command(cmd),
@@ -182,14 +192,8 @@ impl ConnectionLike for Connection {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Connection::Single(single) => {
-                let mut manager = ConnectionManager::clone(&single.0.manager.load());
-                Box::pin(async move {
-                    let result = manager.req_packed_commands(pipeline, offset, count).await;
-                    if let Err(e) = &result {
-                        single.after(e);
-                    }
-                    result
-                })
+                let mut manager = single.current();
+                Box::pin(async move { single.checked(manager.req_packed_commands(pipeline, offset, count).await) })
             }
             Connection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
             Connection::Dedicated(c) => c.req_packed_commands(pipeline, offset, count),
