@@ -618,6 +618,22 @@ struct Gaps {
     before: ChannelSet,
 }
 
+impl Gaps {
+    /// The watch passed the offsets `latest` too: the channels `lost` in the gap before, by name.
+    fn passed(&mut self, latest: (u64, u64), lost: &[(Channel, u64)]) {
+        let (first, last) = self.latest;
+        for (channel, _) in lost.iter().filter(|(_, at)| (first..=last).contains(at)) {
+            self.before.insert(channel);
+        }
+        self.latest = latest;
+    }
+
+    /// Whether the watch passed `channel`'s result at `offset` without reading it.
+    fn passed_over(&self, channel: &Channel, offset: u64) -> bool {
+        (self.latest.0..=self.latest.1).contains(&offset) || self.before.contains(channel)
+    }
+}
+
 /// What a subscription found past its cursor.
 pub(crate) enum Snapshot {
     /// The next notification, (offset, compact encoding): the cursor has moved to it.
@@ -641,14 +657,7 @@ impl Subscription {
             if offset > self.cursor + 1 {
                 let latest = (self.cursor + 1, offset - 1);
                 match &mut self.gaps {
-                    Some(gaps) => {
-                        let (first, last) = gaps.latest;
-                        let lost = record.lost.as_deref().map_or(&[][..], |lost| &lost.channels[..]);
-                        for (channel, _) in lost.iter().filter(|(_, at)| (first..=last).contains(at)) {
-                            gaps.before.insert(channel);
-                        }
-                        gaps.latest = latest;
-                    }
+                    Some(gaps) => gaps.passed(latest, record.lost.as_deref().map_or(&[], |lost| &lost.channels)),
                     None => {
                         self.gaps = Some(Box::new(Gaps {
                             latest,
@@ -670,9 +679,10 @@ impl Subscription {
         // The channels whose last result expired before this watch read it: past its cursor, or passed by it.
         let passed = |channel: &Channel, offset: u64| {
             offset > self.cursor
-                || self.gaps.as_deref().is_some_and(|gaps| {
-                    (gaps.latest.0..=gaps.latest.1).contains(&offset) || gaps.before.contains(channel)
-                })
+                || self
+                    .gaps
+                    .as_deref()
+                    .is_some_and(|gaps| gaps.passed_over(channel, offset))
         };
         let lost: Option<ChannelSet> = record.lost.as_deref().map(|lost| {
             let unread = lost
