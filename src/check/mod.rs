@@ -110,6 +110,17 @@ enum InCache {
     Miss,
 }
 
+impl InCache {
+    /// The entry's fresh results it holds, whether or not they answer the contact.
+    fn results(self) -> Vec<CheckResult> {
+        match self {
+            InCache::Answer(answer) => answer.results,
+            InCache::Settling { cached, .. } => cached,
+            InCache::Miss => Vec::new(),
+        }
+    }
+}
+
 impl CheckAnswer {
     /// This answer with the `cached` results of identities it has none of, or an older one of.
     fn with_cached(mut self, cached: Vec<CheckResult>) -> CheckAnswer {
@@ -717,9 +728,12 @@ impl Checker {
                 let source = if *lookup == *own { Source::Live } else { Source::Shared };
                 let results = cached
                     .into_iter()
-                    .map(|result| match *result.request_id == *lookup {
-                        true => CheckResult { source, ..result },
-                        false => result,
+                    .map(|result| {
+                        if *result.request_id == *lookup {
+                            CheckResult { source, ..result }
+                        } else {
+                            result
+                        }
                     })
                     .collect();
                 Some(CheckAnswer {
@@ -770,11 +784,7 @@ impl Checker {
                 leases.finish(call.tidy_until()).await;
                 // The entry's other fresh results are still the contact's (see below).
                 let answer = answer?;
-                return Ok(match fresh().await {
-                    InCache::Answer(cached) => answer.with_cached(cached.results),
-                    InCache::Settling { cached, .. } => answer.with_cached(cached),
-                    InCache::Miss => answer,
-                });
+                return Ok(answer.with_cached(fresh().await.results()));
             }
             Decided::TimedOut => return Err(CheckError::NoLookupYet),
         }
