@@ -275,10 +275,19 @@ pub async fn doctor(args: DoctorArgs) -> ExitCode {
     // To the URL Sinch will post to: the registered one, when there is one.
     let target = ours.map_or(target.as_str(), |w| w.target.as_str());
     let own_listener = own_tls_listener(&args.registration);
-    let callback = if secret.is_some() {
-        "a signed test callback"
-    } else {
-        "an unsigned test callback"
+    // What the callback is, and why and what to do when the receiver refuses it (401).
+    let (callback, refused, fix_refused) = match secret {
+        Some(_) => (
+            "a signed test callback",
+            "does not know the secret",
+            "the SINCH_WEBHOOK_SECRETS of the service at the target must include the webhook's secret",
+        ),
+        None => (
+            "an unsigned test callback",
+            "checks signatures",
+            "the service at the target checks signatures: register the webhook with its secret (webhook ensure, with \
+             its SINCH_WEBHOOK_SECRETS)",
+        ),
     };
     let passed = match ctx
         .client
@@ -296,20 +305,8 @@ pub async fn doctor(args: DoctorArgs) -> ExitCode {
         ),
         Ok((401, _)) => report(
             false,
-            &format!(
-                "{callback} to {target} was refused (401): the receiver {}",
-                if secret.is_some() {
-                    "does not know the secret"
-                } else {
-                    "checks signatures"
-                }
-            ),
-            if secret.is_some() {
-                "the SINCH_WEBHOOK_SECRETS of the service at the target must include the webhook's secret"
-            } else {
-                "the service at the target checks signatures: register the webhook with its secret (webhook ensure, \
-                 with its SINCH_WEBHOOK_SECRETS)"
-            },
+            &format!("{callback} to {target} was refused (401): the receiver {refused}"),
+            fix_refused,
         ),
         Ok((status, _)) => report(
             false,
