@@ -322,11 +322,12 @@ impl Queries {
             // own deadline, or [`LATE_ANSWER`] after it while Sinch answers what was sent, and settles its claim.
             let answer = {
                 let answer = entry.answer.get_or_try_init(|| async {
-                    // Once the drain waits for the sends, none starts (a repeat whose caller went away, taking
-                    // over from a failed attempt): nothing would wait for it.
+                    // A repeat taking over from a failed attempt passes the rate limit it skipped.
                     if !admitted {
                         queries.upstream.admit(deadline).await?;
                     }
+                    // Once the drain waits for the sends, none starts (a repeat whose caller went away, taking
+                    // over from a failed attempt): nothing would wait for it.
                     if queries.sends.is_closed() {
                         return Err(upstream::Error::Connect("not sent: this replica is shutting down".into()).into());
                     }

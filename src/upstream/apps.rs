@@ -177,9 +177,9 @@ impl SinchClient {
     }
 
     /// Posts `body` to `target` signed with `secret` as Sinch signs a callback (unsigned without one); returns the
-    /// HTTP status, and where a redirect points (it is not followed: Sinch posts to the target, and is not known to follow one). With
-    /// `own_listener`, the target is this machine's webhook port in sandbox mode, serving TLS with the operator's
-    /// certificate: any certificate is accepted there, as the in-process sandbox accepts it.
+    /// HTTP status, and where a redirect points (it is not followed: Sinch posts to the target, and is not known to
+    /// follow one). With `own_listener`, the target is this machine's webhook port in sandbox mode, serving TLS with
+    /// the operator's certificate: any certificate is accepted there, as the in-process sandbox accepts it.
     pub async fn post_signed_callback(
         &self,
         target: &str,

@@ -168,10 +168,10 @@ return 1
 ";
 
 /// Appends query records to a stream. KEYS: stream. ARGV: retention (ms), each record's encoded event. Returns
-/// their entries' ids. Run again (its answer lost), it appends the records again: harmless, the same questions. One key only: a script touching
-/// several keys of a slot, one of them missing, is refused while a Redis Cluster moves the slot (`TRYAGAIN`), and
-/// the requests' states are renewed by commands of their own, which may fail then (`ASK`, which the Cluster client
-/// does not follow) without the records being appended again.
+/// their entries' ids. Run again (its answer lost), it appends the records again: harmless, the same questions.
+/// One key only: a script touching several keys of a slot, one of them missing, is refused while a Redis Cluster
+/// moves the slot (`TRYAGAIN`), and the requests' states are renewed by commands of their own, which may fail then
+/// (`ASK`, which the Cluster client does not follow) without the records being appended again.
 const RECORD_QUERIES: &str = r"
 local from = minid(ARGV[1])
 local ids = {}
