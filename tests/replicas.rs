@@ -721,28 +721,12 @@ async fn a_replica_refused_for_a_moment_as_it_connected_connects_again() {
         redis.command(&["ACL", "SETUSER", "replica-a", refuse]);
         redis.command(&["CLIENT", "KILL", "USER", "replica-a"]);
         // Refused meanwhile: until it tried to connect again.
-        let mut refused = false;
-        for _ in 0..500 {
-            if deliver(a.webhook_addr, body("refused", "SMS")).await == 503 {
-                refused = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(refused, "{refuse}: callbacks were never refused");
+        common::until(Duration::from_secs(5), async || {
+            deliver(a.webhook_addr, body("refused", "SMS")).await == 503
+        })
+        .await;
         redis.command(&["ACL", "SETUSER", "replica-a", accept]);
-        let mut acknowledged = false;
-        for _ in 0..100 {
-            if deliver(a.webhook_addr, body("after", "SMS")).await == 200 {
-                acknowledged = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(
-            acknowledged,
-            "{refuse}: callbacks are still refused 10 s after it was accepted again"
-        );
+        deliver_until_acknowledged(a.webhook_addr, body("after", "SMS")).await;
         assert_eq!(
             first_notifications(&a, "after", 1).await.len(),
             1,
@@ -785,12 +769,7 @@ async fn until_records_of_corrected(redis: &RedisServer, count: usize) {
             .matches("corrected")
             .count()
     };
-    for _ in 0..3_000 {
-        if records() >= count {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    common::until(Duration::from_secs(30), async || records() >= count).await;
     assert_eq!(records(), count);
 }
 
